@@ -1,0 +1,260 @@
+"""Configuration: frozen dataclasses built once by :func:`load_config`.
+
+Nothing else in the project reads TOML or the configuration environment.
+Every error names the offending key (``audit.part_max_events``), so an
+operator can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+CONFIG_ENV = "SESSION_AUDIT_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: str = "data"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    token_ttl_seconds: int = 3600
+    bcrypt_rounds: int = 12
+    login_max_failures: int = 5
+    login_window_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    ack: Literal["durable", "fast"] = "durable"
+    synchronous: Literal["full", "normal"] = "full"
+    idle_timeout_seconds: float = 1800
+    max_session_seconds: float = 43200
+    part_max_events: int = 500
+    part_max_bytes: int = 1048576
+    checkpoint_seconds: float = 900
+    spool_max_bytes: int = 1073741824
+    on_spool_full: Literal["reject", "accept"] = "reject"
+    keep_stored_seconds: float = 0
+    capture_ai_content: bool = False
+
+
+@dataclass(frozen=True)
+class FlushConfig:
+    max_writes_per_second: float = 5.0
+    burst: int = 5
+    backoff_base_seconds: float = 0.5
+    backoff_max_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class SqliteSinkConfig:
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class MongoSinkConfig:
+    uri_env: str = "SESSION_AUDIT_MONGODB_URI"
+    database: str = "audit"
+    sessions_collection: str = "session_audit"
+    security_collection: str = "security_audit"
+
+
+@dataclass(frozen=True)
+class JsonlSinkConfig:
+    dir: str = ""
+
+
+@dataclass(frozen=True)
+class HttpSinkConfig:
+    url: str = ""
+    token_env: str = "SESSION_AUDIT_HTTP_TOKEN"
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    type: Literal["sqlite", "mongodb", "jsonl", "http"] = "sqlite"
+    sqlite: SqliteSinkConfig = field(default_factory=SqliteSinkConfig)
+    mongodb: MongoSinkConfig = field(default_factory=MongoSinkConfig)
+    jsonl: JsonlSinkConfig = field(default_factory=JsonlSinkConfig)
+    http: HttpSinkConfig = field(default_factory=HttpSinkConfig)
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class AIConfig:
+    provider: Literal["extractive", "openai"] = "extractive"
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    flush: FlushConfig = field(default_factory=FlushConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    ai: AIConfig = field(default_factory=AIConfig)
+    # Where relative paths are resolved; not a TOML key.
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    @property
+    def data_dir(self) -> Path:
+        return (Path(self.base_dir) / self.server.data_dir).resolve()
+
+    @property
+    def spool_path(self) -> Path:
+        return self.data_dir / "spool.db"
+
+    @property
+    def sqlite_sink_path(self) -> Path:
+        p = self.sink.sqlite.path
+        return (Path(self.base_dir) / p).resolve() if p else self.data_dir / "audit.db"
+
+    @property
+    def jsonl_dir(self) -> Path:
+        d = self.sink.jsonl.dir
+        return (Path(self.base_dir) / d).resolve() if d else self.data_dir / "audit-jsonl"
+
+
+# Range checks: key -> (predicate, message).
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "server.port": (lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
+    "server.data_dir": (lambda v: v != "", "must not be empty"),
+    "auth.token_ttl_seconds": (lambda v: v >= 1, "must be at least 1"),
+    "auth.bcrypt_rounds": (lambda v: 4 <= v <= 31, "must be between 4 and 31"),
+    "auth.login_max_failures": (lambda v: v >= 1, "must be at least 1"),
+    "auth.login_window_seconds": (lambda v: v >= 1, "must be at least 1"),
+    "audit.idle_timeout_seconds": (lambda v: v > 0, "must be positive"),
+    "audit.max_session_seconds": (lambda v: v > 0, "must be positive"),
+    "audit.part_max_events": (lambda v: v >= 1, "must be at least 1"),
+    "audit.part_max_bytes": (lambda v: v >= 4096, "must be at least 4096"),
+    "audit.checkpoint_seconds": (lambda v: v > 0, "must be positive"),
+    "audit.spool_max_bytes": (lambda v: v >= 65536, "must be at least 65536"),
+    "audit.keep_stored_seconds": (lambda v: v >= 0, "must not be negative"),
+    "flush.max_writes_per_second": (lambda v: v > 0, "must be positive"),
+    "flush.burst": (lambda v: v >= 1, "must be at least 1"),
+    "flush.backoff_base_seconds": (lambda v: v > 0, "must be positive"),
+    "flush.backoff_max_seconds": (lambda v: v > 0, "must be positive"),
+    "sink.http.timeout_seconds": (lambda v: v > 0, "must be positive"),
+    "ai.openai.timeout_seconds": (lambda v: v > 0, "must be positive"),
+}
+
+
+def _convert(key: str, hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported setting")  # pragma: no cover - schema bug
+
+
+def _build(cls: type[Any], data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a table")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+    for name in data:
+        if name not in known:
+            full = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{full}: unknown key")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _convert(key, hint, value)
+            check = _CHECKS.get(key)
+            if check and not check[0](kwargs[name]):
+                raise ConfigError(f"{key}: {check[1]} (got {value!r})")
+    return cls(**kwargs)
+
+
+def _validate(config: Config) -> None:
+    if config.flush.backoff_max_seconds < config.flush.backoff_base_seconds:
+        raise ConfigError("flush.backoff_max_seconds: must not be below backoff_base_seconds")
+    if config.sink.type == "http":
+        url = config.sink.http.url
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError("sink.http.url: an http:// or https:// URL is required")
+    if config.ai.provider == "openai":
+        base = config.ai.openai.base_url
+        if not base.startswith(("http://", "https://")):
+            raise ConfigError("ai.openai.base_url: an http:// or https:// URL is required")
+
+
+def parse_config(data: dict[str, Any], base_dir: str = ".") -> Config:
+    """Build a validated :class:`Config` from a parsed TOML document."""
+    config: Config = _build(Config, data, "")
+    config = dataclasses.replace(config, base_dir=base_dir)
+    _validate(config)
+    return config
+
+
+def resolve_config_path(path: str | None) -> Path:
+    if path:
+        return Path(path)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else Path("config.toml")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the configuration file; a missing default file means all defaults.
+
+    Relative paths inside it (``data_dir``, sink paths) are relative to the
+    working directory, as API.md says.
+    """
+    explicit = path is not None or CONFIG_ENV in os.environ
+    p = resolve_config_path(os.fspath(path) if path is not None else None)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {p} does not exist") from None
+        return parse_config({}, base_dir=os.getcwd())
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(data, base_dir=os.getcwd())

@@ -1,0 +1,148 @@
+"""The sink interface: where sealed session parts and security events end up.
+
+A sink write is idempotent by ``_id``: writing the same document twice is a
+success; writing a different document (another ``hash``) under an ``_id``
+that is already stored raises :class:`SinkConflict`, which the flusher
+treats as a permanent rejection (dead letter, alarm).
+
+Errors are classified into three kinds, and only these may escape a sink:
+
+* :class:`SinkRateLimited` (``retry_after`` seconds, or ``None``): the sink
+  asked us to slow down; the flusher pauses *all* sending.
+* :class:`SinkUnavailable`: may or may not have landed; retried forever with
+  the same ``_id``.
+* :class:`SinkRejected`: permanent for this document; dead letter.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from abc import ABC, abstractmethod
+from typing import Any
+
+Doc = dict[str, Any]
+
+
+class SinkError(Exception):
+    """Base of the three classified sink errors."""
+
+
+class SinkRateLimited(SinkError):
+    def __init__(self, message: str = "rate limited", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SinkUnavailable(SinkError):
+    pass
+
+
+class SinkRejected(SinkError):
+    pass
+
+
+class SinkConflict(SinkRejected):
+    """The ``_id`` is stored already with a different ``hash``."""
+
+
+class QueryNotSupported(SinkError):
+    pass
+
+
+def summarize_parts(parts: list[Doc]) -> Doc:
+    """A session summary (API.md) from the stored parts of one session.
+
+    ``state`` is ``stored`` when the final part is among them; a session
+    whose only stored parts are checkpoints is still open or pending in the
+    spool, and the admin API merges that in.
+    """
+    parts = sorted(parts, key=lambda p: p["part"])
+    first, last = parts[0], parts[-1]
+    final = last.get("final", False)
+    return {
+        "session_id": first["session_id"],
+        "user": first.get("user"),
+        "state": "stored" if final else "pending",
+        "session_start_time": first.get("session_start_time"),
+        "session_end_time": last.get("session_end_time") if final else None,
+        "session_duration_seconds": last.get("session_duration_seconds") if final else None,
+        "event_count": sum(int(p.get("event_count", 0)) for p in parts),
+        "seal_reason": last.get("seal_reason") if final else None,
+        "parts": len(parts),
+    }
+
+
+def encode_cursor(*values: Any) -> str:
+    raw = json.dumps(list(values), separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> list[Any]:
+    """Decode a cursor from :func:`encode_cursor`; ``ValueError`` if malformed."""
+    try:
+        pad = "=" * (-len(cursor) % 4)
+        values = json.loads(base64.urlsafe_b64decode(cursor + pad))
+    except (ValueError, TypeError) as exc:
+        raise ValueError("malformed cursor") from exc
+    if not isinstance(values, list):
+        raise ValueError("malformed cursor")
+    return values
+
+
+class Sink(ABC):
+    """One destination for audit records.
+
+    ``write_part`` gets a part document (API.md "A part") with its ``_id``;
+    ``write_security_events`` a list of security event documents, each with
+    ``_id`` = ``event_id``. Both must be idempotent.
+
+    Queries are optional (``queryable = False`` raises
+    :class:`QueryNotSupported`). Times in filters are RFC 3339 strings, which
+    compare correctly as text because they are all UTC with milliseconds.
+    """
+
+    type: str = "base"
+    queryable: bool = False
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect; raise a sink error if the sink cannot be reached."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; safe to call twice and after a failed open."""
+
+    @abstractmethod
+    async def write_part(self, part: Doc) -> None: ...
+
+    @abstractmethod
+    async def write_security_events(self, events: list[Doc]) -> None: ...
+
+    async def list_sessions(
+        self,
+        *,
+        user: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Doc], str | None]:
+        """Session summaries, newest ``session_start_time`` first.
+
+        ``since``/``until`` bound ``session_start_time``; the cursor is opaque.
+        """
+        raise QueryNotSupported(f"the {self.type} sink cannot be queried")
+
+    async def get_session_parts(self, session_id: str) -> list[Doc]:
+        """Every stored part of one session, by ``part``; ``[]`` if none."""
+        raise QueryNotSupported(f"the {self.type} sink cannot be queried")
+
+    async def list_security_events(
+        self,
+        *,
+        since: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Doc], str | None]:
+        """Security events, newest ``ts`` first; ``kind`` filters on ``action``."""
+        raise QueryNotSupported(f"the {self.type} sink cannot be queried")

@@ -1,0 +1,239 @@
+"""The embedded default sink: a separate SQLite file, idempotent and queryable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .base import (
+    Doc,
+    Sink,
+    SinkConflict,
+    SinkRejected,
+    SinkUnavailable,
+    decode_cursor,
+    encode_cursor,
+    summarize_parts,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS parts (
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    part INTEGER NOT NULL,
+    user TEXT,
+    session_start_time TEXT,
+    final INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS parts_session ON parts (session_id, part);
+CREATE INDEX IF NOT EXISTS parts_start ON parts (session_start_time, session_id);
+CREATE INDEX IF NOT EXISTS parts_user ON parts (user, session_start_time);
+CREATE TABLE IF NOT EXISTS security_events (
+    id TEXT PRIMARY KEY,
+    ts TEXT NOT NULL,
+    action TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS security_ts ON security_events (ts, id);
+"""
+
+
+class SqliteSink(Sink):
+    type = "sqlite"
+    queryable = True
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+        # One connection: writes must not interleave inside a transaction.
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+            try:
+                await db.execute("PRAGMA journal_mode=WAL")
+                await db.execute("PRAGMA synchronous=FULL")
+                await db.execute("PRAGMA busy_timeout=5000")
+                await db.executescript(_SCHEMA)
+            except BaseException:
+                await db.close()
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            raise SinkUnavailable(f"cannot open {self.path.name}: {exc}") from exc
+        self._db = db
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await db.close()
+
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise SinkUnavailable("sqlite sink is not open")
+        return self._db
+
+    async def write_part(self, part: Doc) -> None:
+        db = self._conn()
+        doc = json.dumps(part, separators=(",", ":"), ensure_ascii=False)
+        async with self._lock:
+            await self._insert_part(db, part, doc)
+
+    async def _insert_part(self, db: aiosqlite.Connection, part: Doc, doc: str) -> None:
+        try:
+            cur = await db.execute(
+                "INSERT INTO parts (id, session_id, part, user, session_start_time, final, hash, doc)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (
+                    part["_id"],
+                    part["session_id"],
+                    part["part"],
+                    part.get("user"),
+                    part.get("session_start_time"),
+                    1 if part.get("final") else 0,
+                    part["hash"],
+                    doc,
+                ),
+            )
+            inserted = cur.rowcount
+            await cur.close()
+            if inserted == 0:
+                await self._check_same(db, "parts", part["_id"], part["hash"])
+        except sqlite3.OperationalError as exc:
+            raise SinkUnavailable(f"sqlite sink: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise SinkRejected(f"sqlite sink: {exc}") from exc
+
+    async def write_security_events(self, events: list[Doc]) -> None:
+        db = self._conn()
+        async with self._lock:
+            await self._insert_security(db, events)
+
+    async def _insert_security(self, db: aiosqlite.Connection, events: list[Doc]) -> None:
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                conflicts = []
+                for ev in events:
+                    cur = await db.execute(
+                        "INSERT INTO security_events (id, ts, action, hash, doc)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                        (
+                            ev["_id"],
+                            ev["ts"],
+                            ev["action"],
+                            ev["hash"],
+                            json.dumps(ev, separators=(",", ":"), ensure_ascii=False),
+                        ),
+                    )
+                    if cur.rowcount == 0:
+                        conflicts.append(ev)
+                    await cur.close()
+                for ev in conflicts:
+                    await self._check_same(db, "security_events", ev["_id"], ev["hash"])
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise SinkUnavailable(f"sqlite sink: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise SinkRejected(f"sqlite sink: {exc}") from exc
+
+    @staticmethod
+    async def _check_same(db: aiosqlite.Connection, table: str, doc_id: str, h: str) -> None:
+        async with db.execute(f"SELECT hash FROM {table} WHERE id = ?", (doc_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] != h:
+            raise SinkConflict(f"{doc_id} is stored with a different hash")
+
+    async def list_sessions(
+        self,
+        *,
+        user: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Doc], str | None]:
+        db = self._conn()
+        where = ["part = 0"]
+        args: list[Any] = []
+        if user is not None:
+            where.append("user = ?")
+            args.append(user)
+        if since is not None:
+            where.append("session_start_time >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("session_start_time <= ?")
+            args.append(until)
+        if cursor is not None:
+            start, sid = decode_cursor(cursor)
+            where.append("(session_start_time < ? OR (session_start_time = ? AND session_id < ?))")
+            args += [start, start, sid]
+        sql = (
+            "SELECT session_id FROM parts WHERE " + " AND ".join(where) +
+            " ORDER BY session_start_time DESC, session_id DESC LIMIT ?"
+        )
+        async with db.execute(sql, (*args, limit + 1)) as cur:
+            ids = [r[0] for r in await cur.fetchall()]
+        more = len(ids) > limit
+        ids = ids[:limit]
+        out = []
+        for sid in ids:
+            parts = await self.get_session_parts(sid)
+            out.append(summarize_parts(parts))
+        next_cursor = None
+        if more and out:
+            last = out[-1]
+            next_cursor = encode_cursor(last["session_start_time"], last["session_id"])
+        return out, next_cursor
+
+    async def get_session_parts(self, session_id: str) -> list[Doc]:
+        db = self._conn()
+        async with db.execute(
+            "SELECT doc FROM parts WHERE session_id = ? ORDER BY part", (session_id,)
+        ) as cur:
+            return [json.loads(r[0]) for r in await cur.fetchall()]
+
+    async def list_security_events(
+        self,
+        *,
+        since: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Doc], str | None]:
+        db = self._conn()
+        where = ["1 = 1"]
+        args: list[Any] = []
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if kind is not None:
+            where.append("action = ?")
+            args.append(kind)
+        if cursor is not None:
+            ts, eid = decode_cursor(cursor)
+            where.append("(ts < ? OR (ts = ? AND id < ?))")
+            args += [ts, ts, eid]
+        sql = (
+            "SELECT doc FROM security_events WHERE " + " AND ".join(where) +
+            " ORDER BY ts DESC, id DESC LIMIT ?"
+        )
+        async with db.execute(sql, (*args, limit + 1)) as cur:
+            docs = [json.loads(r[0]) for r in await cur.fetchall()]
+        more = len(docs) > limit
+        docs = docs[:limit]
+        next_cursor = encode_cursor(docs[-1]["ts"], docs[-1]["_id"]) if more and docs else None
+        return docs, next_cursor
