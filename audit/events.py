@@ -66,7 +66,7 @@ def new_id() -> str:
 
 def format_ts(epoch: float) -> str:
     """RFC 3339 UTC with milliseconds: ``2026-11-26T14:31:07.123Z``."""
-    ms = int(round(epoch * 1000))
+    ms = round(epoch * 1000)
     dt = datetime.fromtimestamp(ms // 1000, tz=UTC)
     return f"{dt:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
 

@@ -32,7 +32,8 @@ def create_sink(config: Config) -> Sink:
     if kind == "sqlite":
         from .sqlite import SqliteSink
 
-        return SqliteSink(config.sqlite_sink_path)
+        sink: Sink = SqliteSink(config.sqlite_sink_path)
+        return sink
     if kind == "jsonl":
         from .jsonl import JsonlSink
 

@@ -91,7 +91,8 @@ class SqliteSink(Sink):
     async def _insert_part(self, db: aiosqlite.Connection, part: Doc, doc: str) -> None:
         try:
             cur = await db.execute(
-                "INSERT INTO parts (id, session_id, part, user, session_start_time, final, hash, doc)"
+                "INSERT INTO parts"
+                " (id, session_id, part, user, session_start_time, final, hash, doc)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 (
                     part["_id"],

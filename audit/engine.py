@@ -1,0 +1,340 @@
+"""The audit engine: spool + sessions + reaper + flusher behind one small API.
+
+The server (handlers, middleware, CLI) talks only to :class:`AuditEngine`;
+it is usable and tested without HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from sinks.base import Sink
+
+from . import queries
+from .config import Config
+from .events import Draft, Source, format_ts
+from .flusher import Flusher
+from .metrics import Stats
+from .spool import Spool
+from .store import ActionError, Change, Limits, OpenSession, SessionNotOpen, Writer
+
+log = logging.getLogger("session_audit.engine")
+
+REAPER_INTERVAL = 1.0
+
+
+class AuditEngine:
+    def __init__(
+        self,
+        config: Config,
+        sink: Sink,
+        key: bytes,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        reaper_interval: float = REAPER_INTERVAL,
+    ) -> None:
+        a = config.audit
+        self.config = config
+        self.sink = sink
+        self.clock = clock
+        self.stats = Stats()
+        self.spool = Spool(
+            config.spool_path,
+            key,
+            limits=Limits(a.part_max_events, a.part_max_bytes),
+            synchronous=a.synchronous,
+            max_bytes=a.spool_max_bytes,
+            on_full=a.on_spool_full,
+            clock=clock,
+            stats=self.stats,
+        )
+        self.flusher = Flusher(
+            self.spool,
+            sink,
+            config.flush,
+            keep_stored_seconds=a.keep_stored_seconds,
+            stats=self.stats,
+            clock=monotonic,
+        )
+        self.reaper_interval = reaper_interval
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self.task_failure: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self, *, background: bool = True) -> None:
+        """Open the spool; with ``background``, start the flusher and reaper."""
+        await self.spool.open()
+        self.spool.on_commit = self.flusher.wake
+        if background:
+            self._start("flusher", self.flusher.run())
+            self._start("reaper", self._reaper())
+
+    def _start(self, name: str, coro: Any) -> None:
+        task = asyncio.create_task(coro, name=f"audit-{name}")
+        self._tasks[name] = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.task_failure = f"{task.get_name()}: {type(exc).__name__}"
+            log.error("background task %s crashed", task.get_name(), exc_info=exc)
+
+    async def close(self, flush_window: float = 2.0) -> None:
+        """Stop the reaper, let the flusher work up to ``flush_window`` s, close.
+
+        Open sessions stay open in the spool for the next start.
+        """
+        reaper = self._tasks.pop("reaper", None)
+        if reaper is not None:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        flusher = self._tasks.pop("flusher", None)
+        if flusher is not None:
+            deadline = time.monotonic() + flush_window
+            while not flusher.done() and time.monotonic() < deadline:
+                if self.flusher._idle.is_set() and not await self._has_pending():
+                    break
+                await asyncio.sleep(0.05)
+            self.flusher.stop()
+            try:
+                await asyncio.wait_for(flusher, timeout=max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                pass  # cancelled by wait_for; what it was writing stays pending
+            except Exception:  # already logged by the done-callback
+                pass
+        with contextlib.suppress(Exception):
+            await self.sink.close()
+        await self.spool.close()
+
+    async def _has_pending(self) -> bool:
+        c = await self.spool.read(lambda conn: queries.counts(conn, self.clock()))
+        return bool(c["pending_parts"] or c["pending_security_events"])
+
+    @property
+    def ready(self) -> bool:
+        return self.spool.accepting and self.task_failure is None
+
+    # -- sessions ----------------------------------------------------------
+
+    def session(self, session_id: str) -> OpenSession | None:
+        """The open session, or None when it is sealed, unknown or past a deadline."""
+        s = self.spool.open_session(session_id)
+        if s is None or self._end_reason(s, self.clock()) is not None:
+            return None
+        return s
+
+    def _end_reason(self, s: OpenSession, now: float) -> str | None:
+        a = self.config.audit
+        if now >= s.expires_at:
+            return "token_expired"
+        if now - s.start_ts >= a.max_session_seconds:
+            return "max_duration"
+        if now - s.last_activity >= a.idle_timeout_seconds:
+            return "idle_timeout"
+        return None
+
+    def touch(self, session_id: str) -> None:
+        """Count a request that records no event as activity (memory only)."""
+        s = self.spool.open_session(session_id)
+        if s is not None:
+            s.last_activity = max(s.last_activity, self.clock())
+
+    async def start_session(
+        self, user: str, role: str, source: Source, ttl_seconds: float
+    ) -> OpenSession:
+        """Start a session: ``session.start`` and ``token.issue`` in one commit."""
+        expires_at = self.clock() + ttl_seconds
+        src = replace(source, user=user, role=role)
+        drafts = [
+            Draft("session.start", source=src),
+            Draft("token.issue", source=src, details={"expires_at": format_ts(expires_at)}),
+        ]
+        session: OpenSession = await self.spool.submit(
+            lambda w: w.start_session(user, role, expires_at, drafts)
+        )
+        return session
+
+    async def record(
+        self, session_id: str, draft: Draft, change: Change | None = None
+    ) -> Any:
+        """Record an event in the caller's session, atomically with ``change``.
+
+        ``change(conn, draft)`` runs on the writer thread inside the same
+        transaction. If it raises :class:`ActionError`, the change is rolled
+        back, the event is recorded with that outcome and reason (plus a
+        security event ``access.denied`` when denied), and the error is
+        raised here after the commit.
+        """
+
+        def job(w: Writer) -> Any:
+            if change is None:
+                return w.append(session_id, draft)
+            w.session(session_id)  # fail before the change if the session is gone
+            w.conn.execute("SAVEPOINT change")
+            try:
+                result = change(w.conn, draft)
+            except ActionError as err:
+                w.conn.execute("ROLLBACK TO change")
+                w.conn.execute("RELEASE change")
+                _record_failure(w, session_id, draft, err)
+                return err
+            w.conn.execute("RELEASE change")
+            w.append(session_id, draft)
+            return result
+
+        if change is None and self.config.audit.ack == "fast":
+            fut = self.spool.submit_nowait(job)
+            self._inflight.add(fut)
+            fut.add_done_callback(self._fast_done)
+            return None
+        result = await self.spool.submit(job)
+        if isinstance(result, ActionError):
+            raise result
+        return result
+
+    def _fast_done(self, fut: asyncio.Future[Any]) -> None:
+        self._inflight.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("event not recorded (ack=fast): %s", fut.exception())
+
+    async def record_security(self, draft: Draft, session_id: str | None = None) -> None:
+        await self.spool.submit(lambda w: w.append_security(draft, session_id))
+
+    async def end_session(self, session_id: str, source: Source, reason: str = "logout") -> int:
+        """Record ``session.end`` and seal; returns the session's event count."""
+        end = Draft("session.end", source=source, details={"reason": reason})
+        s: OpenSession = await self.spool.submit(
+            lambda w: w.seal(session_id, reason, end), needs_space=False
+        )
+        return s.event_count
+
+    async def reap_once(self) -> int:
+        """Seal idle, expired and over-long sessions; cut time checkpoints."""
+        now = self.clock()
+        futs = []
+        for s in self.spool.open_sessions():
+            reason = self._end_reason(s, now)
+            sid = s.session_id
+            if reason is not None:
+                src = Source(user=s.user, role=s.role)
+                end = Draft("session.end", source=src, details={"reason": reason})
+                futs.append(self.spool.submit_nowait(_sealer(sid, reason, end), needs_space=False))
+            elif (
+                s.uncut_first_ts is not None
+                and now - s.uncut_first_ts >= self.config.audit.checkpoint_seconds
+            ):
+                futs.append(self.spool.submit_nowait(_checkpointer(sid), needs_space=False))
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        done = 0
+        for r in results:
+            if isinstance(r, SessionNotOpen):
+                continue  # sealed meanwhile by logout
+            if isinstance(r, BaseException):
+                log.error("reaper job failed: %s", r)
+            else:
+                done += 1
+        return done
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.reaper_interval)
+            try:
+                await self.reap_once()
+                await self._save_sink_status()
+            except (sqlite3.Error, OSError) as exc:  # keep reaping; the spool reports itself
+                log.error("reaper: %s", exc)
+
+    # -- admin -------------------------------------------------------------
+
+    async def retry_dead_letters(self) -> int:
+        n: int = await self.spool.submit(lambda w: w.retry_dead(), needs_space=False)
+        self.flusher.wake()
+        return n
+
+    def sink_status(self) -> dict[str, Any]:
+        f = self.flusher
+        remaining = f.backoff.remaining()
+        return {
+            "type": self.sink.type,
+            "healthy": f.healthy and f.sink_open,
+            "last_error": f.last_error,
+            "writes_ok": self.stats.writes_ok,
+            "writes_failed": self.stats.writes_failed,
+            "rate_limited": self.stats.rate_limited,
+            "backoff_until": format_ts(time.time() + remaining) if remaining > 0 else None,
+        }
+
+    async def _save_sink_status(self) -> None:
+        """Keep the sink's state in the spool so ``server.py status`` can show it."""
+        text = json.dumps({**self.sink_status(), "saved_at": format_ts(time.time())})
+
+        def save(w: Writer) -> None:
+            w.conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('sink_status', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (text,),
+            )
+
+        await self.spool.submit(save, needs_space=False)
+
+    async def status(self) -> dict[str, Any]:
+        counts = await self.spool.read(lambda c: queries.counts(c, self.clock()))
+        st = self.stats
+        return {
+            **counts,
+            "spool_bytes": self.spool.spool_bytes,
+            "spool_max_bytes": self.spool.max_bytes,
+            "accepting": self.spool.accepting,
+            "events_recorded": st.events_recorded,
+            "security_events_recorded": st.security_events_recorded,
+            "group_commit": {
+                "commits": st.commits,
+                "mean_batch": round(st.batch_sizes.total / st.commits, 2) if st.commits else 0,
+                "mean_latency_ms": (
+                    round(1000 * st.commit_seconds.total / st.commits, 3) if st.commits else 0
+                ),
+            },
+            "sink": self.sink_status(),
+        }
+
+
+def _sealer(session_id: str, reason: str, end: Draft) -> Callable[[Writer], OpenSession]:
+    return lambda w: w.seal(session_id, reason, end)
+
+
+def _checkpointer(session_id: str) -> Callable[[Writer], bool]:
+    return lambda w: w.checkpoint(session_id)
+
+
+def _record_failure(w: Writer, session_id: str, draft: Draft, err: ActionError) -> None:
+    draft.outcome = err.outcome
+    draft.details = {**draft.details, "reason": err.reason}
+    w.append(session_id, draft)
+    if err.outcome == "denied":
+        w.append_security(
+            Draft(
+                "access.denied",
+                outcome="denied",
+                target=draft.target,
+                details={"action": draft.action, "reason": err.reason},
+                source=draft.source,
+            ),
+            session_id,
+        )

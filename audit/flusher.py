@@ -1,0 +1,226 @@
+"""The flusher: moves sealed parts and security events from the spool to the sink.
+
+Security events go first (batched), then parts, oldest first, one sink write
+each. Every write takes a token from the bucket; a rate-limit answer pauses
+*all* sending for max(hint, jittered backoff); other retryable errors back
+off and retry forever with the same ``_id``; a rejection dead-letters the
+document. Only one part (at most ``part_max_bytes``) or one security batch
+is in memory at a time, whatever the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sinks.base import Sink, SinkError, SinkRateLimited, SinkRejected, SinkUnavailable
+
+from . import queries
+from .config import FlushConfig
+from .metrics import Stats
+from .ratelimit import Backoff, TokenBucket
+from .spool import Spool
+from .store import Writer
+
+log = logging.getLogger("session_audit.flusher")
+
+SECURITY_BATCH = 100
+
+
+class Flusher:
+    def __init__(
+        self,
+        spool: Spool,
+        sink: Sink,
+        config: FlushConfig,
+        *,
+        keep_stored_seconds: float = 0.0,
+        stats: Stats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spool = spool
+        self.sink = sink
+        self.keep = keep_stored_seconds
+        self.stats = stats or spool.stats
+        self.clock = clock
+        self.bucket = TokenBucket(config.max_writes_per_second, config.burst, clock)
+        self.backoff = Backoff(config.backoff_base_seconds, config.backoff_max_seconds, clock)
+        self.sink_open = False
+        self.healthy = True
+        self.last_error: str | None = None
+        self.last_ok_wall: float | None = None
+        self._single_security = 0  # after a rejected batch: send one by one
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._stopping = False
+
+    # -- control -------------------------------------------------------------
+
+    def wake(self, *_: Any) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    @property
+    def backoff_until(self) -> float:
+        """The pause deadline on this process's monotonic clock (0 if none)."""
+        return self.backoff.until if self.backoff.remaining() > 0 else 0.0
+
+    # -- the loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Flush until :meth:`stop`; never gives up on a document."""
+        while not self._stopping:
+            # Cleared before the step: a wake-up that arrives during it is kept.
+            self._wake.clear()
+            delay = await self.step()
+            if delay is None:  # nothing pending: sleep until woken
+                self._idle.set()
+                await self._wait(None)
+                self._idle.clear()
+            elif delay > 0:
+                await self._wait(delay)
+
+    async def _wait(self, seconds: float | None) -> None:
+        """Sleep up to ``seconds`` (forever if None) or until woken."""
+        if self._stopping:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def drain(self, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Flush until nothing is pending (the ``drain`` command)."""
+        while True:
+            delay = await self.step()
+            if progress is not None:
+                progress(await self.spool.read(lambda c: queries.counts(c, time.time())))
+            if delay is None:
+                return
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def step(self) -> float | None:
+        """One unit of work. Returns None when idle, else seconds to wait first."""
+        pause = self.backoff.remaining()
+        if pause > 0:
+            return pause
+        if not self.sink_open:
+            try:
+                await self.sink.open()
+            except Exception as exc:
+                return self._retryable(exc)
+            self.sink_open = True
+            log.info("sink %s open", self.sink.type)
+        security = await self.spool.read(
+            lambda c: queries.pending_security(c, 1 if self._single_security else SECURITY_BATCH)
+        )
+        if security:
+            wait = self.bucket.delay()
+            if wait > 0:
+                return wait
+            self.bucket.try_take()
+            return await self._write_security(security)
+        part = await self.spool.read(queries.load_part)
+        if part is None:
+            if self.keep > 0:
+                await self._purge()
+            return None
+        wait = self.bucket.delay()
+        if wait > 0:
+            return wait
+        self.bucket.try_take()
+        return await self._write_part(part)
+
+    async def _write_security(self, batch: list[tuple[int, dict[str, Any]]]) -> float:
+        ids = [rid for rid, _ in batch]
+        try:
+            await self.sink.write_security_events([doc for _, doc in batch])
+        except SinkRejected as exc:
+            self.stats.writes_failed += 1
+            if len(batch) > 1:
+                # Find the culprit: send this batch's events one at a time.
+                self._single_security = len(batch)
+                return 0.0
+            self.stats.dead_lettered += 1
+            self._note_error(exc)
+            log.error("security event %s dead-lettered: %s", batch[0][1]["_id"], exc)
+            msg = str(exc)
+            await self.spool.submit(lambda w: w.mark_security_dead(ids, msg), needs_space=False)
+            self._single_security = max(0, self._single_security - 1)
+            return 0.0
+        except Exception as exc:
+            return self._retryable(exc)
+        keep = self.keep
+        await self.spool.submit(lambda w: w.mark_security_stored(ids, keep), needs_space=False)
+        self._single_security = max(0, self._single_security - len(batch))
+        self.stats.security_written += len(batch)
+        self._ok()
+        return 0.0
+
+    async def _write_part(self, doc: dict[str, Any]) -> float:
+        sid, part = doc["session_id"], doc["part"]
+        try:
+            await self.sink.write_part(doc)
+        except SinkRejected as exc:
+            self.stats.writes_failed += 1
+            self.stats.dead_lettered += 1
+            self._note_error(exc)
+            log.error("part %s dead-lettered: %s", doc["_id"], exc)
+            msg = str(exc)
+            await self.spool.submit(
+                lambda w: w.mark_part_failed(sid, part, msg, dead=True), needs_space=False
+            )
+            return 0.0
+        except Exception as exc:
+            return self._retryable(exc)
+        keep = self.keep
+
+        def stored(w: Writer) -> None:
+            w.mark_part_stored(sid, part, keep)
+
+        await self.spool.submit(stored, needs_space=False)
+        self.stats.parts_written += 1
+        self._ok()
+        return 0.0
+
+    async def _purge(self) -> None:
+        cutoff = time.time() - self.keep
+
+        def purge(w: Writer) -> int:
+            return w.purge_stored(cutoff) + w.purge_stored_security(cutoff)
+
+        await self.spool.submit(purge, needs_space=False)
+
+    # -- outcomes ------------------------------------------------------------
+
+    def _ok(self) -> None:
+        self.stats.writes_ok += 1
+        self.backoff.succeeded()
+        self.healthy = True
+        self.last_ok_wall = time.time()
+
+    def _note_error(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+
+    def _retryable(self, exc: BaseException) -> float:
+        """Back off after a write that may be retried; returns the pause."""
+        hint = None
+        if isinstance(exc, SinkRateLimited):
+            self.stats.rate_limited += 1
+            hint = exc.retry_after
+        else:
+            self.stats.writes_failed += 1
+            if not isinstance(exc, (SinkUnavailable, SinkError)):
+                # A sink bug must not lose anything either: log it and retry.
+                log.error("unexpected sink error", exc_info=exc)
+        self.healthy = isinstance(exc, SinkRateLimited)
+        self._note_error(exc)
+        pause = self.backoff.failed(hint)
+        log.warning("sink %s: %s; pausing %.2fs", self.sink.type, self.last_error, pause)
+        return pause

@@ -1,0 +1,200 @@
+"""Read-side queries on the spool, as plain functions of a sqlite3 connection.
+
+They run on the spool's reader thread in the server, and directly in the
+CLI (``status`` works against the file of a running server).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from .events import format_ts
+from .store import part_document
+
+Row = dict[str, Any]
+
+
+def pending_security(conn: sqlite3.Connection, limit: int) -> list[tuple[int, Row]]:
+    rows = conn.execute(
+        "SELECT id, json FROM security_events WHERE state = 'pending' ORDER BY id LIMIT ?",
+        (limit,),
+    ).fetchall()
+    out = []
+    for rid, text in rows:
+        doc = json.loads(text)
+        doc["_id"] = doc["event_id"]
+        out.append((rid, doc))
+    return out
+
+
+_PART_COLS = (
+    "p.session_id, p.part, p.first_seq, p.last_seq, p.final, p.seal_reason, p.end_ts,"
+    " p.prev_hash, p.hash, s.user, s.start_ts"
+)
+_PART_KEYS = (
+    "session_id", "part", "first_seq", "last_seq", "final", "seal_reason", "end_ts",
+    "prev_hash", "hash", "user", "start_ts",
+)
+
+
+def next_pending_part(conn: sqlite3.Connection) -> Row | None:
+    """The oldest pending part's row, joined with its session."""
+    row = conn.execute(
+        f"SELECT {_PART_COLS} FROM parts p JOIN sessions s USING (session_id)"
+        " WHERE p.state = 'pending' ORDER BY p.created_ts, p.session_id, p.part LIMIT 1"
+    ).fetchone()
+    return dict(zip(_PART_KEYS, row, strict=True)) if row is not None else None
+
+
+def part_events(conn: sqlite3.Connection, meta: Row) -> list[Row]:
+    rows = conn.execute(
+        "SELECT json FROM events WHERE session_id = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+        (meta["session_id"], meta["first_seq"], meta["last_seq"]),
+    ).fetchall()
+    return [json.loads(r[0]) for r in rows]
+
+
+def load_part(conn: sqlite3.Connection) -> Row | None:
+    """The oldest pending part as its sink document."""
+    meta = next_pending_part(conn)
+    if meta is None:
+        return None
+    return part_document(meta, part_events(conn, meta))
+
+
+def counts(conn: sqlite3.Connection, now: float) -> Row:
+    """The spool half of the status object."""
+    pending_parts, oldest_part = conn.execute(
+        "SELECT COUNT(*), MIN(created_ts) FROM parts WHERE state = 'pending'"
+    ).fetchone()
+    pending_sec, oldest_sec = conn.execute(
+        "SELECT COUNT(*), MIN(ts) FROM security_events WHERE state = 'pending'"
+    ).fetchone()
+    dead_parts = conn.execute("SELECT COUNT(*) FROM parts WHERE state = 'dead'").fetchone()[0]
+    dead_sec = conn.execute(
+        "SELECT COUNT(*) FROM security_events WHERE state = 'dead'"
+    ).fetchone()[0]
+    active = conn.execute("SELECT COUNT(*) FROM sessions WHERE state = 'open'").fetchone()[0]
+    oldest = min((t for t in (oldest_part, oldest_sec) if t is not None), default=None)
+    pending_events = conn.execute(
+        "SELECT COALESCE(SUM(last_seq - first_seq + 1), 0) FROM parts WHERE state = 'pending'"
+    ).fetchone()[0]
+    return {
+        "active_sessions": active,
+        "pending_parts": pending_parts,
+        "pending_part_events": pending_events,
+        "pending_security_events": pending_sec,
+        "oldest_pending_age_seconds": round(max(0.0, now - oldest), 3) if oldest else 0.0,
+        "dead_letter": dead_parts + dead_sec,
+        "dead_letter_parts": dead_parts,
+        "dead_letter_security_events": dead_sec,
+    }
+
+
+# -- the admin API's view of sessions still in the spool ---------------------
+
+_SESSION_COLS = (
+    "session_id, user, state, start_ts, end_ts, seal_reason, next_part, cut_events, cut_seq"
+)
+
+
+def _summary(conn: sqlite3.Connection, row: tuple[Any, ...]) -> Row:
+    sid, user, state, start, end, reason, next_part, cut_events, cut_seq = row
+    uncut = 0
+    if state == "open":
+        uncut = conn.execute(
+            "SELECT COUNT(*) FROM events WHERE session_id = ? AND seq > ?", (sid, cut_seq)
+        ).fetchone()[0]
+        shown = "open"
+    else:
+        left = conn.execute(
+            "SELECT COUNT(*) FROM parts WHERE session_id = ? AND state != 'stored'", (sid,)
+        ).fetchone()[0]
+        shown = "pending" if left else "stored"
+    return {
+        "session_id": sid,
+        "user": user,
+        "state": shown,
+        "session_start_time": format_ts(start),
+        "session_end_time": format_ts(end) if end is not None else None,
+        "session_duration_seconds": round(end - start, 3) if end is not None else None,
+        "event_count": cut_events + uncut,
+        "seal_reason": reason,
+        "parts": next_part + (1 if uncut else 0),
+    }
+
+
+def list_sessions(
+    conn: sqlite3.Connection,
+    *,
+    user: str | None,
+    since: float | None,
+    until: float | None,
+    before: tuple[float, str] | None,
+    limit: int,
+) -> list[Row]:
+    """Spool sessions newest first; ``before`` = (start_ts, session_id) for paging."""
+    where: list[str] = ["1 = 1"]
+    args: list[Any] = []
+    if user is not None:
+        where.append("user = ?")
+        args.append(user)
+    if since is not None:
+        where.append("start_ts >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("start_ts <= ?")
+        args.append(until)
+    if before is not None:
+        where.append("(start_ts < ? OR (start_ts = ? AND session_id < ?))")
+        args += [before[0], before[0], before[1]]
+    rows = conn.execute(
+        f"SELECT {_SESSION_COLS} FROM sessions WHERE {' AND '.join(where)}"
+        " ORDER BY start_ts DESC, session_id DESC LIMIT ?",
+        (*args, limit),
+    ).fetchall()
+    return [_summary(conn, r) for r in rows]
+
+
+def get_session(conn: sqlite3.Connection, session_id: str) -> Row | None:
+    """A spool session's summary plus the events the spool still holds."""
+    row = conn.execute(
+        f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    summary = _summary(conn, row)
+    events = [
+        json.loads(r[0])
+        for r in conn.execute(
+            "SELECT json FROM events WHERE session_id = ? ORDER BY seq", (session_id,)
+        ).fetchall()
+    ]
+    summary["events"] = events
+    return summary
+
+
+def list_security(
+    conn: sqlite3.Connection, *, since: float | None, kind: str | None, limit: int
+) -> list[Row]:
+    """Security events still in the spool (pending, dead or kept), newest first."""
+    where: list[str] = ["1 = 1"]
+    args: list[Any] = []
+    if since is not None:
+        where.append("ts >= ?")
+        args.append(since)
+    if kind is not None:
+        where.append("action = ?")
+        args.append(kind)
+    rows = conn.execute(
+        f"SELECT json FROM security_events WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        (*args, limit),
+    ).fetchall()
+    out = []
+    for (text,) in rows:
+        ev = json.loads(text)
+        ev["_id"] = ev["event_id"]
+        out.append(ev)
+    return out

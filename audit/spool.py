@@ -1,0 +1,270 @@
+"""The durable local spool: one SQLite file in WAL mode, one writer, group commit.
+
+Everything that writes goes through :meth:`Spool.submit`: the job is queued,
+the writer takes *every* job waiting and runs them in one transaction
+(``BEGIN IMMEDIATE`` … ``COMMIT``, each job in its own savepoint), and each
+caller is resolved only after that commit. With the queue empty the writer
+sleeps on an event, not a timer, so a lone request pays one commit and no
+wait. Reads use a second connection on a thread of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .metrics import Stats
+from .store import SCHEMA, Limits, OpenSession, Writer
+
+log = logging.getLogger("session_audit.spool")
+
+T = TypeVar("T")
+Job = Callable[[Writer], Any]
+
+
+class SpoolClosed(RuntimeError):
+    """The spool is closed (or was never opened)."""
+
+
+class SpoolFull(Exception):
+    """The spool is at ``spool_max_bytes`` under ``on_spool_full = "reject"``."""
+
+
+class SpoolUnavailable(Exception):
+    """The spool could not commit (disk full, I/O error); nothing was recorded."""
+
+
+def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.Connection:
+    """A spool connection with the pragmas every user of the file needs."""
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+    return conn
+
+
+class Spool:
+    def __init__(
+        self,
+        path: str | Path,
+        key: bytes,
+        *,
+        limits: Limits,
+        synchronous: str = "full",
+        max_bytes: int = 1 << 30,
+        on_full: str = "reject",
+        clock: Callable[[], float] = time.time,
+        stats: Stats | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.limits = limits
+        self.synchronous = synchronous
+        self.max_bytes = max_bytes
+        self.on_full = on_full
+        self.clock = clock
+        self.stats = stats or Stats()
+        self.spool_bytes = 0
+        self.on_commit: Callable[[int, int], None] | None = None
+        self._writer: Writer | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._wexec: ThreadPoolExecutor | None = None
+        self._rexec: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[Job, asyncio.Future[Any]]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._state = "new"  # new | open | closing | closed
+        self.failure: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open"
+
+    @property
+    def accepting(self) -> bool:
+        """Open, healthy, and not full under ``reject``."""
+        return self.is_open and self.failure is None and not self.full
+
+    @property
+    def full(self) -> bool:
+        return self.on_full == "reject" and self.spool_bytes >= self.max_bytes
+
+    async def open(self) -> None:
+        if self._state != "new":
+            raise SpoolClosed("a spool can be opened once")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self._wexec = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
+        self._rexec = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
+        try:
+            await loop.run_in_executor(self._wexec, self._open_writer)
+            self._rconn = await loop.run_in_executor(
+                self._rexec, lambda: connect(self.path, self.synchronous)
+            )
+        except BaseException:
+            await self._shutdown_threads()
+            self._state = "closed"
+            raise
+        self._wake = asyncio.Event()
+        self._state = "open"
+        self._task = asyncio.create_task(self._run(), name="spool-writer")
+        self._task.add_done_callback(self._writer_done)
+
+    def _open_writer(self) -> None:
+        conn = connect(self.path, self.synchronous)
+        try:
+            conn.executescript(SCHEMA)
+            writer = Writer(conn, self.key, self.limits, self.clock)
+            writer.load()
+        except BaseException:
+            conn.close()
+            raise
+        self._wconn, self._writer = conn, writer
+        self.spool_bytes = self._measure(conn)
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.failure = exc
+            log.error("spool writer stopped", exc_info=exc)
+
+    async def close(self) -> None:
+        """Commit what is queued, then close; safe to call twice."""
+        if self._state in ("closing", "closed"):
+            if self._task is not None and self._state == "closing":
+                await asyncio.shield(self._task)
+            return
+        if self._state == "new":
+            self._state = "closed"
+            return
+        self._state = "closing"
+        assert self._wake is not None
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):  # already logged by the done-callback
+                await self._task
+        self._state = "closed"
+        await self._shutdown_threads()
+
+    async def _shutdown_threads(self) -> None:
+        loop = asyncio.get_running_loop()
+        for executor, attr in ((self._wexec, "_wconn"), (self._rexec, "_rconn")):
+            if executor is None:
+                continue
+            conn = getattr(self, attr)
+            if conn is not None:
+                await loop.run_in_executor(executor, conn.close)
+                setattr(self, attr, None)
+            executor.shutdown(wait=True)
+        self._wexec = self._rexec = None
+
+    # -- writing -----------------------------------------------------------
+
+    def submit_nowait(self, job: Job, *, needs_space: bool = True) -> asyncio.Future[Any]:
+        """Queue a job; the future resolves after its commit."""
+        if self._state != "open":
+            raise SpoolClosed("the spool is closed")
+        if self.failure is not None:
+            raise SpoolUnavailable("the spool writer has failed")
+        if needs_space and self.full:
+            raise SpoolFull("the audit spool is full")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((job, fut))
+        if len(self._pending) == 1:
+            assert self._wake is not None
+            self._wake.set()
+        return fut
+
+    async def submit(self, job: Job, *, needs_space: bool = True) -> Any:
+        return await self.submit_nowait(job, needs_space=needs_space)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        wake = self._wake
+        assert wake is not None and self._wexec is not None
+        while True:
+            if not self._pending:
+                if self._state != "open":
+                    return
+                wake.clear()
+                await wake.wait()
+                continue
+            batch, self._pending = self._pending, []
+            jobs = [job for job, _ in batch]
+            started = time.perf_counter()
+            try:
+                results, nbytes, new_parts, new_sec, appended = await loop.run_in_executor(
+                    self._wexec, self._commit, jobs
+                )
+            except sqlite3.Error as exc:
+                log.error("spool commit failed: %s", exc)
+                self.stats.commit_failures += 1
+                err = SpoolUnavailable("the audit spool could not commit")
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            self.stats.observe_commit(len(batch), time.perf_counter() - started)
+            self.stats.events_recorded += appended
+            self.stats.security_events_recorded += new_sec
+            self.spool_bytes = nbytes
+            for (_, fut), (ok, value) in zip(batch, results, strict=True):
+                if fut.done():  # cancelled by its caller; the commit stands
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+            if (new_parts or new_sec) and self.on_commit is not None:
+                self.on_commit(new_parts, new_sec)
+
+    def _commit(self, jobs: list[Job]) -> tuple[list[tuple[bool, Any]], int, int, int, int]:
+        w = self._writer
+        assert w is not None and self._wconn is not None
+        w.new_parts = w.new_security = w.appended = 0
+        results = w.run_batch(jobs)
+        nbytes = self._measure(self._wconn)
+        return results, nbytes, w.new_parts, w.new_security, w.appended
+
+    @staticmethod
+    def _measure(conn: sqlite3.Connection) -> int:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    # -- reading -----------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` with the read connection on the reader thread."""
+        if self._state not in ("open", "closing") or self._rconn is None:
+            raise SpoolClosed("the spool is closed")
+        conn = self._rconn
+        return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, conn)
+
+    def open_session(self, session_id: str) -> OpenSession | None:
+        """The committed state of an open session (a cache read, no I/O)."""
+        w = self._writer
+        return w.sessions.get(session_id) if w is not None else None
+
+    def open_sessions(self) -> list[OpenSession]:
+        w = self._writer
+        return list(w.sessions.values()) if w is not None else []

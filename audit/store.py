@@ -1,0 +1,539 @@
+"""The spool's write side: schema and every write, run on the writer thread.
+
+:class:`Writer` owns the one write connection. The spool hands it batches of
+jobs; each job runs inside a savepoint of the batch's transaction, so a job
+that fails leaves no trace while the others commit. The session heads kept in
+memory (next ``seq``, chain head, uncut counts) are a cache of committed
+state: a failed job or a failed commit puts them back as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .events import Draft, canonical_json, format_ts, genesis, new_id, seal_event
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS users (
+    username TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    content TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS documents_owner ON documents (owner, updated_at);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    role TEXT NOT NULL,
+    state TEXT NOT NULL,             -- open | sealed
+    start_ts REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    last_ts REAL NOT NULL,           -- last activity known at the last cut
+    end_ts REAL,
+    seal_reason TEXT,
+    next_part INTEGER NOT NULL DEFAULT 0,
+    cut_seq INTEGER NOT NULL DEFAULT 0,   -- last seq inside a cut part
+    cut_hash TEXT NOT NULL,               -- chain head at that cut
+    cut_events INTEGER NOT NULL DEFAULT 0 -- events inside cut parts
+);
+CREATE INDEX IF NOT EXISTS sessions_state ON sessions (state, start_ts);
+CREATE TABLE IF NOT EXISTS events (
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS parts (
+    session_id TEXT NOT NULL,
+    part INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    final INTEGER NOT NULL,
+    seal_reason TEXT NOT NULL,
+    end_ts REAL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    state TEXT NOT NULL,             -- pending | stored | dead
+    created_ts REAL NOT NULL,
+    stored_ts REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    PRIMARY KEY (session_id, part)
+);
+CREATE INDEX IF NOT EXISTS parts_state ON parts (state, created_ts);
+CREATE TABLE IF NOT EXISTS security_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    ts REAL NOT NULL,
+    action TEXT NOT NULL,
+    json TEXT NOT NULL,
+    state TEXT NOT NULL,             -- pending | stored | dead
+    stored_ts REAL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS security_state ON security_events (state, id);
+"""
+
+SECURITY_STREAM = "security"
+
+
+class SessionNotOpen(Exception):
+    """The session is sealed, unknown or was never started."""
+
+    def __init__(self, session_id: str | None) -> None:
+        super().__init__(f"session {session_id} is not open")
+        self.session_id = session_id
+
+
+class ActionError(Exception):
+    """An audited action that did not happen; its event is still recorded.
+
+    Raised by a job's ``change``: the change is rolled back and the event is
+    committed with ``outcome`` and ``details.reason``; then the caller gets
+    this exception back.
+    """
+
+    def __init__(self, reason: str, outcome: str = "failure", message: str | None = None) -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+        self.outcome = outcome
+        self.message = message or reason
+
+
+@dataclass(slots=True)
+class OpenSession:
+    """The writer's view of one open session (a cache of committed state)."""
+
+    session_id: str
+    user: str
+    role: str
+    start_ts: float
+    expires_at: float
+    last_activity: float
+    next_seq: int
+    head: str
+    cut_seq: int
+    cut_hash: str
+    cut_events: int
+    next_part: int
+    uncut_count: int = 0
+    uncut_bytes: int = 0
+    uncut_first_ts: float | None = None
+
+    @property
+    def event_count(self) -> int:
+        return self.cut_events + self.uncut_count
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    part_max_events: int
+    part_max_bytes: int
+
+
+Change = Callable[[sqlite3.Connection, Draft], Any]
+
+_MISSING = object()
+
+
+class Writer:
+    """All writes of the spool; only ever called from the writer thread."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        key: bytes,
+        limits: Limits,
+        clock: Callable[[], float],
+    ) -> None:
+        self.conn = conn
+        self.key = key
+        self.limits = limits
+        self.clock = clock
+        self.sessions: dict[str, OpenSession] = {}
+        self.security_head = genesis(key, SECURITY_STREAM)
+        # Undo logs: the first snapshot of anything a job / the batch changes.
+        self._job_undo: dict[str, Any] = {}
+        self._batch_undo: dict[str, Any] = {}
+        self.new_parts = 0
+        self.new_security = 0
+        self.appended = 0
+
+    # -- loading -----------------------------------------------------------
+
+    def load(self) -> None:
+        """Rebuild the cache of open sessions and the security head from disk."""
+        c = self.conn
+        row = c.execute("SELECT value FROM meta WHERE key = 'security_head'").fetchone()
+        if row:
+            self.security_head = row[0]
+        self.sessions.clear()
+        rows = c.execute(
+            "SELECT session_id, user, role, start_ts, expires_at, last_ts, next_part,"
+            " cut_seq, cut_hash, cut_events FROM sessions WHERE state = 'open'"
+        ).fetchall()
+        for sid, user, role, start, exp, last_ts, next_part, cut_seq, cut_hash, cut_events in rows:
+            s = OpenSession(
+                session_id=sid,
+                user=user,
+                role=role,
+                start_ts=start,
+                expires_at=exp,
+                last_activity=last_ts,
+                next_seq=cut_seq + 1,
+                head=cut_hash,
+                cut_seq=cut_seq,
+                cut_hash=cut_hash,
+                cut_events=cut_events,
+                next_part=next_part,
+            )
+            agg = c.execute(
+                "SELECT COUNT(*), SUM(LENGTH(CAST(json AS BLOB))), MIN(ts), MAX(ts), MAX(seq)"
+                " FROM events WHERE session_id = ? AND seq > ?",
+                (sid, cut_seq),
+            ).fetchone()
+            count, nbytes, first_ts, last_ts2, max_seq = agg
+            if count:
+                last = c.execute(
+                    "SELECT json FROM events WHERE session_id = ? AND seq = ?", (sid, max_seq)
+                ).fetchone()
+                s.head = json.loads(last[0])["hash"]
+                s.next_seq = max_seq + 1
+                s.uncut_count = count
+                s.uncut_bytes = nbytes or 0
+                s.uncut_first_ts = first_ts
+                s.last_activity = max(s.last_activity, last_ts2)
+            self.sessions[sid] = s
+
+    # -- undo --------------------------------------------------------------
+
+    def _remember(self, name: str, value: Any) -> None:
+        if name not in self._job_undo:
+            self._job_undo[name] = value
+        if name not in self._batch_undo:
+            self._batch_undo[name] = value
+
+    def _touch(self, s: OpenSession) -> None:
+        self._remember("s:" + s.session_id, replace(s))
+
+    def _restore(self, undo: dict[str, Any]) -> None:
+        for name, value in undo.items():
+            if name == "security_head":
+                self.security_head = value
+            elif name.startswith("s:"):
+                sid = name[2:]
+                if value is _MISSING:
+                    self.sessions.pop(sid, None)
+                else:
+                    self.sessions[sid] = value
+            elif name == "counters":
+                self.new_parts, self.new_security, self.appended = value
+
+    def run_batch(self, jobs: list[Callable[[Writer], Any]]) -> list[tuple[bool, Any]]:
+        """Run jobs in one transaction; each job's result or exception."""
+        c = self.conn
+        results: list[tuple[bool, Any]] = []
+        self._batch_undo = {}
+        self._remember("counters", (self.new_parts, self.new_security, self.appended))
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for job in jobs:
+                self._job_undo = {}
+                self._remember("counters", (self.new_parts, self.new_security, self.appended))
+                c.execute("SAVEPOINT job")
+                try:
+                    value = job(self)
+                except Exception as exc:  # one job's failure is only its own
+                    c.execute("ROLLBACK TO job")
+                    c.execute("RELEASE job")
+                    self._restore(self._job_undo)
+                    results.append((False, exc))
+                else:
+                    c.execute("RELEASE job")
+                    results.append((True, value))
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            self._restore(self._batch_undo)
+            raise
+        finally:
+            self._job_undo = {}
+            self._batch_undo = {}
+        return results
+
+    # -- sessions ----------------------------------------------------------
+
+    def start_session(
+        self, user: str, role: str, expires_at: float, drafts: list[Draft], session_id: str = ""
+    ) -> OpenSession:
+        sid = session_id or new_id()
+        now = self.clock()
+        head = genesis(self.key, sid)
+        self.conn.execute(
+            "INSERT INTO sessions (session_id, user, role, state, start_ts, expires_at, last_ts,"
+            " cut_hash) VALUES (?, ?, ?, 'open', ?, ?, ?, ?)",
+            (sid, user, role, now, expires_at, now, head),
+        )
+        self._remember("s:" + sid, _MISSING)
+        s = OpenSession(
+            session_id=sid,
+            user=user,
+            role=role,
+            start_ts=now,
+            expires_at=expires_at,
+            last_activity=now,
+            next_seq=1,
+            head=head,
+            cut_seq=0,
+            cut_hash=head,
+            cut_events=0,
+            next_part=0,
+        )
+        self.sessions[sid] = s
+        for d in drafts:
+            self.append(sid, d)
+        return replace(s)
+
+    def session(self, session_id: str | None) -> OpenSession:
+        s = self.sessions.get(session_id) if session_id else None
+        if s is None:
+            raise SessionNotOpen(session_id)
+        return s
+
+    def append(self, session_id: str, draft: Draft) -> dict[str, Any]:
+        """Give the draft its ``seq``, time and hash and store it."""
+        s = self.session(session_id)
+        self._touch(s)
+        now = self.clock()
+        event, text = seal_event(self.key, s.head, draft, session_id, s.next_seq, now)
+        size = len(text.encode("utf-8"))
+        lim = self.limits
+        if s.uncut_count and (
+            s.uncut_count >= lim.part_max_events or s.uncut_bytes + size > lim.part_max_bytes
+        ):
+            self._cut(s, final=False, reason="checkpoint", end_ts=None)
+        self.conn.execute(
+            "INSERT INTO events (session_id, seq, ts, json) VALUES (?, ?, ?, ?)",
+            (session_id, s.next_seq, now, text),
+        )
+        s.head = event["hash"]
+        s.next_seq += 1
+        s.uncut_count += 1
+        s.uncut_bytes += size
+        if s.uncut_first_ts is None:
+            s.uncut_first_ts = now
+        s.last_activity = now
+        self.appended += 1
+        return event
+
+    def touch(self, session_id: str) -> None:
+        s = self.sessions.get(session_id)
+        if s is not None:
+            s.last_activity = max(s.last_activity, self.clock())
+
+    def _cut(self, s: OpenSession, *, final: bool, reason: str, end_ts: float | None) -> None:
+        first, last = s.cut_seq + 1, s.next_seq - 1
+        now = self.clock()
+        self.conn.execute(
+            "INSERT INTO parts (session_id, part, first_seq, last_seq, final, seal_reason, end_ts,"
+            " prev_hash, hash, state, created_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+            (s.session_id, s.next_part, first, last, int(final), reason, end_ts,
+             s.cut_hash, s.head, now),
+        )
+        s.cut_events += s.uncut_count
+        s.cut_seq, s.cut_hash = last, s.head
+        s.next_part += 1
+        s.uncut_count, s.uncut_bytes, s.uncut_first_ts = 0, 0, None
+        self.conn.execute(
+            "UPDATE sessions SET next_part = ?, cut_seq = ?, cut_hash = ?, cut_events = ?,"
+            " last_ts = ? WHERE session_id = ?",
+            (s.next_part, s.cut_seq, s.cut_hash, s.cut_events, s.last_activity, s.session_id),
+        )
+        self.new_parts += 1
+
+    def checkpoint(self, session_id: str) -> bool:
+        """Cut the session's uncut events into a non-final part, if any."""
+        s = self.session(session_id)
+        if not s.uncut_count:
+            return False
+        self._touch(s)
+        self._cut(s, final=False, reason="checkpoint", end_ts=None)
+        return True
+
+    def seal(self, session_id: str, reason: str, end: Draft) -> OpenSession:
+        """Record ``session.end`` and cut the final part; the session closes."""
+        s = self.session(session_id)
+        self.append(session_id, end)
+        self._touch(s)
+        now = self.clock()
+        self._cut(s, final=True, reason=reason, end_ts=now)
+        self.conn.execute(
+            "UPDATE sessions SET state = 'sealed', end_ts = ?, seal_reason = ?"
+            " WHERE session_id = ?",
+            (now, reason, session_id),
+        )
+        del self.sessions[session_id]
+        return s
+
+    # -- security events ---------------------------------------------------
+
+    def append_security(self, draft: Draft, session_id: str | None) -> dict[str, Any]:
+        self._remember("security_head", self.security_head)
+        now = self.clock()
+        event, text = seal_event(self.key, self.security_head, draft, session_id, None, now)
+        self.conn.execute(
+            "INSERT INTO security_events (event_id, ts, action, json, state)"
+            " VALUES (?, ?, ?, ?, 'pending')",
+            (event["event_id"], now, draft.action, text),
+        )
+        self.security_head = event["hash"]
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('security_head', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (self.security_head,),
+        )
+        self.new_security += 1
+        return event
+
+    # -- the flusher's side ------------------------------------------------
+
+    def mark_part_stored(self, session_id: str, part: int, keep_seconds: float) -> None:
+        now = self.clock()
+        if keep_seconds > 0:
+            self.conn.execute(
+                "UPDATE parts SET state = 'stored', stored_ts = ?, last_error = NULL"
+                " WHERE session_id = ? AND part = ?",
+                (now, session_id, part),
+            )
+            return
+        self._delete_part(session_id, part)
+
+    def _delete_part(self, session_id: str, part: int) -> None:
+        c = self.conn
+        row = c.execute(
+            "SELECT first_seq, last_seq FROM parts WHERE session_id = ? AND part = ?",
+            (session_id, part),
+        ).fetchone()
+        if row is None:
+            return
+        c.execute(
+            "DELETE FROM events WHERE session_id = ? AND seq BETWEEN ? AND ?",
+            (session_id, row[0], row[1]),
+        )
+        c.execute("DELETE FROM parts WHERE session_id = ? AND part = ?", (session_id, part))
+        c.execute(
+            "DELETE FROM sessions WHERE session_id = ? AND state = 'sealed'"
+            " AND NOT EXISTS (SELECT 1 FROM parts WHERE session_id = ?)",
+            (session_id, session_id),
+        )
+
+    def purge_stored(self, older_than: float, limit: int = 500) -> int:
+        """Delete stored parts acknowledged before ``older_than``."""
+        rows = self.conn.execute(
+            "SELECT session_id, part FROM parts WHERE state = 'stored' AND stored_ts < ?"
+            " LIMIT ?",
+            (older_than, limit),
+        ).fetchall()
+        for sid, part in rows:
+            self._delete_part(sid, part)
+        return len(rows)
+
+    def mark_part_failed(self, session_id: str, part: int, error: str, dead: bool) -> None:
+        self.conn.execute(
+            "UPDATE parts SET attempts = attempts + 1, last_error = ?,"
+            " state = CASE WHEN ? THEN 'dead' ELSE state END"
+            " WHERE session_id = ? AND part = ? AND state = 'pending'",
+            (error[:500], int(dead), session_id, part),
+        )
+
+    def mark_security_stored(self, ids: list[int], keep_seconds: float) -> None:
+        q = ",".join("?" * len(ids))
+        if keep_seconds > 0:
+            self.conn.execute(
+                f"UPDATE security_events SET state = 'stored', stored_ts = ? WHERE id IN ({q})",
+                (self.clock(), *ids),
+            )
+        else:
+            self.conn.execute(f"DELETE FROM security_events WHERE id IN ({q})", ids)
+
+    def mark_security_dead(self, ids: list[int], error: str) -> None:
+        q = ",".join("?" * len(ids))
+        self.conn.execute(
+            f"UPDATE security_events SET state = 'dead', last_error = ? WHERE id IN ({q})",
+            (error[:500], *ids),
+        )
+
+    def purge_stored_security(self, older_than: float) -> int:
+        cur = self.conn.execute(
+            "DELETE FROM security_events WHERE state = 'stored' AND stored_ts < ?", (older_than,)
+        )
+        return cur.rowcount
+
+    def retry_dead(self) -> int:
+        a = self.conn.execute(
+            "UPDATE parts SET state = 'pending', last_error = NULL WHERE state = 'dead'"
+        ).rowcount
+        b = self.conn.execute(
+            "UPDATE security_events SET state = 'pending', last_error = NULL WHERE state = 'dead'"
+        ).rowcount
+        return a + b
+
+
+def part_document(
+    meta: dict[str, Any], events: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The sink document of a part (API.md "A part")."""
+    sid, part = meta["session_id"], meta["part"]
+    final = bool(meta["final"])
+    end_ts = meta["end_ts"]
+    return {
+        "_id": f"{sid}:{part}",
+        "session_id": sid,
+        "part": part,
+        "final": final,
+        "user": meta["user"],
+        "session_start_time": format_ts(meta["start_ts"]),
+        "session_end_time": format_ts(end_ts) if final and end_ts is not None else None,
+        "session_duration_seconds": (
+            round(end_ts - meta["start_ts"], 3) if final and end_ts is not None else None
+        ),
+        "event_count": meta["last_seq"] - meta["first_seq"] + 1,
+        "seal_reason": meta["seal_reason"],
+        "first_seq": meta["first_seq"],
+        "last_seq": meta["last_seq"],
+        "prev_hash": meta["prev_hash"],
+        "hash": meta["hash"],
+        "events": events,
+    }
+
+
+__all__ = [
+    "SCHEMA",
+    "ActionError",
+    "Change",
+    "Limits",
+    "OpenSession",
+    "SessionNotOpen",
+    "Writer",
+    "canonical_json",
+    "part_document",
+]
