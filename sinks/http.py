@@ -1,0 +1,175 @@
+"""The HTTP sink: POST each part as JSON to a receiver, idempotent by ``_id``.
+
+* one part per ``POST {url}/sessions`` with ``Idempotency-Key: <_id>`` and the
+  part as the JSON body;
+* security events as ``POST {url}/security-events`` with ``{"events": [...]}``
+  (each event carries its ``_id``);
+* ``Authorization: Bearer <token>`` when the variable named by ``token_env``
+  is set (read at :meth:`HttpSink.open`; never logged, never in a message).
+
+Answers: 2xx and 409 (duplicate ``_id``) are success. 422 is the answer the
+IETF Idempotency-Key draft gives for a key reused with a different body, so
+it is :class:`~sinks.base.SinkConflict`. 429, and 503 with ``Retry-After``,
+are :class:`~sinks.base.SinkRateLimited`; 503 without it, other 5xx,
+connection errors and timeouts are :class:`~sinks.base.SinkUnavailable`;
+other 4xx are :class:`~sinks.base.SinkRejected`.
+
+The receiver cannot be queried through this sink (``queryable = False``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from audit.config import HttpSinkConfig
+
+from .base import (
+    Doc,
+    Sink,
+    SinkConflict,
+    SinkError,
+    SinkRateLimited,
+    SinkRejected,
+    SinkUnavailable,
+)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header, or ``None``.
+
+    ``value`` is delta-seconds (``"120"``; a decimal is tolerated) or an
+    HTTP-date (``"Wed, 21 Oct 2015 07:28:00 GMT"``), compared with ``now``
+    (epoch seconds, ``time.time()`` in production). A date in the past gives
+    ``0.0``; a missing, empty or unparsable value gives ``None``.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
+            return None
+        return seconds
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" means UTC per RFC 5322
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _strip_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+class HttpSink(Sink):
+    type = "http"
+    queryable = False
+
+    def __init__(self, cfg: HttpSinkConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.url = cfg.url.rstrip("/")
+        self._display = _strip_userinfo(self.url)
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+
+    async def open(self) -> None:
+        if self._session is not None:
+            return
+        token = os.environ.get(self.cfg.token_env) if self.cfg.token_env else None
+        self._token = token or None
+        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_seconds)
+        self._session = aiohttp.ClientSession(timeout=timeout)
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        self._token = None
+        if session is not None:
+            await session.close()
+
+    def _redact(self, text: str) -> str:
+        if self._token:
+            text = text.replace(self._token, "***")
+        parts = urlsplit(self.url)
+        for secret in (parts.password, parts.username):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    async def write_part(self, part: Doc) -> None:
+        await self._post("/sessions", part, {"Idempotency-Key": str(part["_id"])})
+
+    async def write_security_events(self, events: list[Doc]) -> None:
+        if not events:
+            return
+        await self._post("/security-events", {"events": events}, {})
+
+    async def _post(self, path: str, body: Any, headers: dict[str, str]) -> None:
+        session = self._session
+        if session is None:
+            raise SinkUnavailable("http sink is not open")
+        try:
+            data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise SinkRejected(f"http sink: not JSON serialisable: {exc}") from None
+        headers = {"Content-Type": "application/json; charset=utf-8", **headers}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        where = f"POST {self._display}{path}"
+        try:
+            async with session.post(
+                self.url + path, data=data, headers=headers, allow_redirects=False
+            ) as resp:
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+                text = (await resp.text(errors="replace"))[:200] if status >= 300 else ""
+        except TimeoutError:
+            raise SinkUnavailable(
+                f"http sink: {where}: no answer within {self.cfg.timeout_seconds:g} s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            msg = self._redact(f"http sink: {where}: {type(exc).__name__}: {exc}")
+            raise SinkUnavailable(msg) from None
+        err = self._classify(status, retry_after, text, where)
+        if err is not None:
+            raise err
+
+    def _classify(
+        self, status: int, retry_after: str | None, text: str, where: str
+    ) -> SinkError | None:
+        if 200 <= status < 300 or status == 409:
+            return None
+        detail = self._redact(" ".join(text.split()))
+        msg = f"http sink: {where}: HTTP {status}" + (f": {detail}" if detail else "")
+        wait = parse_retry_after(retry_after, self._clock())
+        if status == 429 or (status == 503 and wait is not None):
+            return SinkRateLimited(msg, retry_after=wait)
+        if status >= 500:
+            return SinkUnavailable(msg)
+        if status == 422:
+            return SinkConflict(msg)
+        if status == 408:  # request timeout: may or may not have landed
+            return SinkUnavailable(msg)
+        return SinkRejected(msg)

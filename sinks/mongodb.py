@@ -1,0 +1,457 @@
+"""The MongoDB sink, on PyMongo's native asyncio client (``AsyncMongoClient``).
+
+Works with MongoDB (standalone, replica set, sharded, Atlas) and with
+MongoDB-compatible services such as Azure Cosmos DB for MongoDB.
+
+* A part is inserted with its deterministic ``_id`` (``insert_one``); a
+  security event batch with ``insert_many(ordered=False)``.
+* Duplicate key (11000): the stored document's ``hash`` is fetched; equal is
+  success (the earlier write landed), different is :class:`SinkConflict`.
+* 16500 / 429 / ``TooManyRequests`` (Cosmos DB): :class:`SinkRateLimited`
+  with ``RetryAfterMs=NNN`` from the message, in seconds.
+* 463 (Atlas), errors labelled ``RetryableError``/``RetryableWriteError``,
+  network errors, server selection timeouts, not-primary and interrupted
+  errors, 50 (``ExceededTimeLimit``) and other "may or may not have landed"
+  errors: :class:`SinkUnavailable`. The flusher retries with the same
+  ``_id``s, so a partly applied write retried is a success.
+* ``DocumentTooLarge`` and other write errors: :class:`SinkRejected`.
+
+The URI comes from the environment variable named by ``uri_env``, read at
+:meth:`MongoSink.open`. Neither it nor its credentials appear in any message:
+errors are rebuilt from their class, code and a redacted, shortened message,
+and raised ``from None``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import unquote
+
+from bson.errors import BSONError
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import (
+    BulkWriteError,
+    ConfigurationError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    ExecutionTimeout,
+    OperationFailure,
+    PyMongoError,
+    WaitQueueTimeoutError,
+    WriteConcernError,
+    WriteError,
+)
+
+from audit.config import MongoSinkConfig
+
+from .base import (
+    Doc,
+    Sink,
+    SinkConflict,
+    SinkError,
+    SinkRateLimited,
+    SinkRejected,
+    SinkUnavailable,
+    decode_cursor,
+    encode_cursor,
+    summarize_parts,
+)
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_KEY = 11000
+RATE_LIMITED = frozenset({16500, 429})
+# "May or may not have landed; try again": network, elections, shutdowns,
+# time limits, Atlas 463, write concern failures.
+RETRYABLE = frozenset(
+    {
+        6,  # HostUnreachable
+        7,  # HostNotFound
+        50,  # MaxTimeMSExpired / ExceededTimeLimit (Cosmos DB)
+        64,  # WriteConcernFailed
+        89,  # NetworkTimeout
+        91,  # ShutdownInProgress
+        112,  # WriteConflict
+        134,  # ReadConcernMajorityNotAvailableYet
+        189,  # PrimarySteppedDown
+        262,  # ExceededTimeLimit
+        463,  # Atlas: too many operations / cluster busy
+        9001,  # SocketException
+        10058,  # LegacyNotPrimary
+        10107,  # NotWritablePrimary
+        11600,  # InterruptedAtShutdown
+        11602,  # InterruptedDueToReplStateChange
+        13435,  # NotPrimaryNoSecondaryOk
+        13436,  # NotPrimaryOrSecondary
+    }
+)
+# Not about the document: the operator must fix it; retry meanwhile.
+CONFIGURATION = frozenset({13, 18, 8000})  # Unauthorized, AuthenticationFailed, AtlasError
+RETRY_LABELS = ("RetryableError", "RetryableWriteError", "SystemOverloadedError")
+
+_RETRY_AFTER_MS = re.compile(r"RetryAfterMs=(\d+)", re.IGNORECASE)
+_MAX_MESSAGE = 300
+
+
+def retry_after_from(message: str) -> float | None:
+    """Seconds from a Cosmos DB ``RetryAfterMs=NNN`` in an error message."""
+    m = _RETRY_AFTER_MS.search(message)
+    return int(m.group(1)) / 1000.0 if m else None
+
+
+def _uri_secrets(uri: str) -> list[str]:
+    """The URI itself and its user name and password, raw and decoded."""
+    secrets = [uri]
+    rest = uri.split("://", 1)[-1]
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    if "@" in authority:
+        userinfo = authority.rsplit("@", 1)[0]
+        for piece in userinfo.split(":", 1):
+            if piece:
+                secrets += [piece, unquote(piece)]
+    # Longest first, so the URI is replaced before its pieces.
+    return sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True)
+
+
+def _errmsg(exc: PyMongoError) -> str:
+    details = getattr(exc, "details", None)
+    if isinstance(details, dict) and isinstance(details.get("errmsg"), str):
+        return str(details["errmsg"])
+    return str(exc)
+
+
+def _code(exc: PyMongoError) -> int | None:
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) else None
+
+
+def _labels(exc: PyMongoError) -> bool:
+    return any(exc.has_error_label(label) for label in RETRY_LABELS)
+
+
+class MongoSink(Sink):
+    type = "mongodb"
+    queryable = True
+
+    def __init__(
+        self,
+        cfg: MongoSinkConfig,
+        *,
+        server_selection_timeout_ms: int = 5000,
+        connect_timeout_ms: int = 5000,
+        socket_timeout_ms: int = 30000,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._options: dict[str, Any] = {
+            "serverSelectionTimeoutMS": server_selection_timeout_ms,
+            "connectTimeoutMS": connect_timeout_ms,
+            "socketTimeoutMS": socket_timeout_ms,
+            "appname": "session-audit",
+            **(client_options or {}),
+        }
+        self._client: AsyncMongoClient[Doc] | None = None
+        self._sessions: AsyncCollection[Doc] | None = None
+        self._security: AsyncCollection[Doc] | None = None
+        self._secrets: list[str] = []
+
+    # -- errors --------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        if len(text) > _MAX_MESSAGE:
+            text = text[:_MAX_MESSAGE] + "..."
+        return text
+
+    def _message(self, what: str, exc: BaseException, errmsg: str | None = None) -> str:
+        code = getattr(exc, "code", None)
+        text = errmsg if errmsg is not None else str(exc)
+        head = f"mongodb sink: {what}: {type(exc).__name__}"
+        if isinstance(code, int):
+            head += f" (code {code})"
+        return self._redact(f"{head}: {text}")
+
+    def _classify(self, what: str, exc: PyMongoError) -> SinkError:
+        """Map one PyMongo error (not a bulk error) to a sink error."""
+        code = _code(exc)
+        errmsg = _errmsg(exc)
+        msg = self._message(what, exc, errmsg)
+        if code in RATE_LIMITED or "TooManyRequests" in errmsg or "Request rate is large" in errmsg:
+            return SinkRateLimited(msg, retry_after=retry_after_from(errmsg))
+        if (
+            isinstance(
+                exc,
+                (ConnectionFailure, ExecutionTimeout, WaitQueueTimeoutError, WriteConcernError),
+            )
+            or code in RETRYABLE
+            or code in CONFIGURATION
+            or _labels(exc)
+        ):
+            return SinkUnavailable(msg)
+        if isinstance(exc, (WriteError, OperationFailure)):
+            return SinkRejected(msg)
+        # ConfigurationError, InvalidOperation, anything else: not the document.
+        return SinkUnavailable(msg)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        uri = os.environ.get(self.cfg.uri_env, "")
+        if not uri:
+            raise SinkUnavailable(
+                f"mongodb sink: environment variable {self.cfg.uri_env} is not set"
+            )
+        self._secrets = _uri_secrets(uri)
+        try:
+            client: AsyncMongoClient[Doc] = AsyncMongoClient(uri, **self._options)
+        except (ConfigurationError, ValueError, TypeError) as exc:
+            raise SinkUnavailable(
+                self._redact(
+                    f"mongodb sink: the URI in {self.cfg.uri_env} is not usable: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+            ) from None
+        try:
+            db = client[self.cfg.database]
+            sessions = db[self.cfg.sessions_collection]
+            security = db[self.cfg.security_collection]
+            await sessions.create_index(
+                [("session_start_time", DESCENDING), ("session_id", DESCENDING)],
+                name="session_start_time",
+            )
+            await sessions.create_index(
+                [("user", ASCENDING), ("session_start_time", DESCENDING)], name="user"
+            )
+            await sessions.create_index(
+                [("session_id", ASCENDING), ("part", ASCENDING)], name="session_id_part"
+            )
+            await security.create_index([("ts", DESCENDING), ("_id", DESCENDING)], name="ts")
+            await security.create_index(
+                [("action", ASCENDING), ("ts", DESCENDING)], name="action_ts"
+            )
+        except PyMongoError as exc:
+            await client.close()
+            err = self._classify("open", exc)
+            # Opening never fails for good: the engine calls open() again.
+            if not isinstance(err, SinkUnavailable):
+                err = SinkUnavailable(str(err))
+            raise err from None
+        except BaseException:
+            await client.close()
+            raise
+        self._client, self._sessions, self._security = client, sessions, security
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        self._sessions = self._security = None
+        if client is not None:
+            await client.close()
+
+    def _colls(self) -> tuple[AsyncCollection[Doc], AsyncCollection[Doc]]:
+        if self._sessions is None or self._security is None:
+            raise SinkUnavailable("mongodb sink is not open")
+        return self._sessions, self._security
+
+    # -- writing -------------------------------------------------------------
+
+    async def _stored_hashes(
+        self, coll: AsyncCollection[Doc], ids: Iterable[str]
+    ) -> dict[str, Any]:
+        try:
+            cursor = coll.find({"_id": {"$in": list(ids)}}, {"hash": 1})
+            return {str(d["_id"]): d.get("hash") for d in await cursor.to_list(None)}
+        except PyMongoError as exc:
+            raise self._classify("reading stored hashes", exc) from None
+
+    async def write_part(self, part: Doc) -> None:
+        sessions, _ = self._colls()
+        doc_id = str(part["_id"])
+        try:
+            await sessions.insert_one(part)
+        except DuplicateKeyError:
+            stored = await self._stored_hashes(sessions, [doc_id])
+            if doc_id not in stored:
+                raise SinkConflict(
+                    f"mongodb sink: duplicate key for {doc_id} but no document with that _id"
+                ) from None
+            if stored[doc_id] != part["hash"]:
+                raise SinkConflict(f"{doc_id} is stored with a different hash") from None
+        except (BSONError, OverflowError) as exc:  # DocumentTooLarge, InvalidDocument, big ints
+            raise SinkRejected(self._message(f"insert {doc_id}", exc)) from None
+        except PyMongoError as exc:
+            raise self._classify(f"insert {doc_id}", exc) from None
+
+    async def write_security_events(self, events: list[Doc]) -> None:
+        if not events:
+            return
+        _, security = self._colls()
+        try:
+            await security.insert_many(events, ordered=False)
+            return
+        except BulkWriteError as exc:
+            duplicates = self._bulk_errors(exc)
+        except (BSONError, OverflowError) as exc:
+            raise SinkRejected(self._message("insert_many", exc)) from None
+        except PyMongoError as exc:
+            raise self._classify("insert_many", exc) from None
+        want = {str(ev["_id"]): ev["hash"] for ev in events}
+        stored = await self._stored_hashes(security, duplicates)
+        for doc_id in duplicates:
+            if doc_id not in stored:
+                raise SinkConflict(
+                    f"mongodb sink: duplicate key for {doc_id} but no document with that _id"
+                )
+            if stored[doc_id] != want.get(doc_id):
+                raise SinkConflict(f"{doc_id} is stored with a different hash")
+
+    def _bulk_errors(self, exc: BulkWriteError) -> list[str]:
+        """The ``_id``s that failed as duplicates; raise for any other error.
+
+        Priority: rate limited, then unavailable (the whole batch is retried,
+        which is idempotent), then rejected.
+        """
+        details: dict[str, Any] = dict(exc.details or {})
+        write_errors: list[dict[str, Any]] = list(details.get("writeErrors") or [])
+        concern_errors: list[dict[str, Any]] = list(details.get("writeConcernErrors") or [])
+        duplicates: list[str] = []
+        rate_limited: SinkRateLimited | None = None
+        unavailable: SinkUnavailable | None = None
+        rejected: SinkRejected | None = None
+        for err in write_errors:
+            code = err.get("code")
+            errmsg = str(err.get("errmsg", ""))
+            labels = err.get("errorLabels") or []
+            text = self._redact(
+                f"mongodb sink: insert_many: write error (code {code}) "
+                f"at index {err.get('index')}: {errmsg}"
+            )
+            if code == DUPLICATE_KEY:
+                op = err.get("op") or {}
+                if "_id" in op:
+                    duplicates.append(str(op["_id"]))
+                else:
+                    unavailable = unavailable or SinkUnavailable(text)
+            elif code in RATE_LIMITED or "TooManyRequests" in errmsg:
+                retry = retry_after_from(errmsg)
+                if rate_limited is None or (retry or 0) > (rate_limited.retry_after or 0):
+                    rate_limited = SinkRateLimited(text, retry_after=retry)
+            elif code in RETRYABLE or code in CONFIGURATION or any(
+                label in labels for label in RETRY_LABELS
+            ):
+                unavailable = unavailable or SinkUnavailable(text)
+            else:
+                rejected = rejected or SinkRejected(text)
+        for err in concern_errors:
+            unavailable = unavailable or SinkUnavailable(
+                self._redact(
+                    f"mongodb sink: insert_many: write concern error (code {err.get('code')}): "
+                    f"{err.get('errmsg', '')}"
+                )
+            )
+        if not write_errors and not concern_errors:
+            unavailable = SinkUnavailable(self._message("insert_many", exc))
+        for found in (rate_limited, unavailable, rejected):
+            if found is not None:
+                raise found from None
+        return duplicates
+
+    # -- queries -------------------------------------------------------------
+
+    async def list_sessions(
+        self,
+        *,
+        user: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Doc], str | None]:
+        sessions, _ = self._colls()
+        query: dict[str, Any] = {"part": 0}
+        start_range: dict[str, Any] = {}
+        if user is not None:
+            query["user"] = user
+        if since is not None:
+            start_range["$gte"] = since
+        if until is not None:
+            start_range["$lte"] = until
+        if start_range:
+            query["session_start_time"] = start_range
+        if cursor is not None:
+            start, sid = decode_cursor(cursor)
+            query["$or"] = [
+                {"session_start_time": {"$lt": start}},
+                {"session_start_time": start, "session_id": {"$lt": sid}},
+            ]
+        try:
+            heads = await (
+                sessions.find(query, {"session_id": 1})
+                .sort([("session_start_time", DESCENDING), ("session_id", DESCENDING)])
+                .limit(limit + 1)
+                .to_list(None)
+            )
+            more = len(heads) > limit
+            ids = [str(h["session_id"]) for h in heads[:limit]]
+            parts: dict[str, list[Doc]] = {sid: [] for sid in ids}
+            if ids:
+                found = await sessions.find(
+                    {"session_id": {"$in": ids}}, {"events": 0}
+                ).to_list(None)
+                for p in found:
+                    parts[str(p["session_id"])].append(p)
+        except PyMongoError as exc:
+            raise self._classify("list sessions", exc) from None
+        out = [summarize_parts(parts[sid]) for sid in ids]
+        next_cursor = None
+        if more and out:
+            last = out[-1]
+            next_cursor = encode_cursor(last["session_start_time"], last["session_id"])
+        return out, next_cursor
+
+    async def get_session_parts(self, session_id: str) -> list[Doc]:
+        sessions, _ = self._colls()
+        try:
+            return await (
+                sessions.find({"session_id": session_id}).sort("part", ASCENDING).to_list(None)
+            )
+        except PyMongoError as exc:
+            raise self._classify("get session parts", exc) from None
+
+    async def list_security_events(
+        self,
+        *,
+        since: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Doc], str | None]:
+        _, security = self._colls()
+        query: dict[str, Any] = {}
+        if since is not None:
+            query["ts"] = {"$gte": since}
+        if kind is not None:
+            query["action"] = kind
+        if cursor is not None:
+            ts, eid = decode_cursor(cursor)
+            query["$or"] = [{"ts": {"$lt": ts}}, {"ts": ts, "_id": {"$lt": eid}}]
+        try:
+            docs = await (
+                security.find(query)
+                .sort([("ts", DESCENDING), ("_id", DESCENDING)])
+                .limit(limit + 1)
+                .to_list(None)
+            )
+        except PyMongoError as exc:
+            raise self._classify("list security events", exc) from None
+        more = len(docs) > limit
+        docs = docs[:limit]
+        next_cursor = encode_cursor(docs[-1]["ts"], docs[-1]["_id"]) if more and docs else None
+        return docs, next_cursor
