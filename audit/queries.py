@@ -177,7 +177,12 @@ def get_session(conn: sqlite3.Connection, session_id: str) -> Row | None:
 
 
 def list_security(
-    conn: sqlite3.Connection, *, since: float | None, kind: str | None, limit: int
+    conn: sqlite3.Connection,
+    *,
+    since: float | None,
+    kind: str | None,
+    limit: int,
+    before: float | None = None,
 ) -> list[Row]:
     """Security events still in the spool (pending, dead or kept), newest first."""
     where: list[str] = ["1 = 1"]
@@ -188,6 +193,9 @@ def list_security(
     if kind is not None:
         where.append("action = ?")
         args.append(kind)
+    if before is not None:
+        where.append("ts <= ?")
+        args.append(before)
     rows = conn.execute(
         f"SELECT json FROM security_events WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
         (*args, limit),

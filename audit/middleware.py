@@ -1,0 +1,145 @@
+"""The aiohttp middleware that attaches the audit session context.
+
+For every route that needs a caller: authenticate the bearer token, load the
+open session (401 ``session_ended`` after logout, idle timeout or expiry),
+check ``X-Audit-Session-ID``, and attach a :class:`RequestContext` under a
+typed key. Every authentication failure is recorded as a security event
+before the answer goes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from .engine import AuditEngine
+from .events import Draft, Source
+from .tokens import TokenExpired, TokenInvalid, TokenService
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AuthError(Exception):
+    """An authentication or session failure with its API status and code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who is calling, from where, in which audit session."""
+
+    user: str
+    role: str
+    session_id: str
+    ip: str | None
+    user_agent: str | None
+    request_id: str
+    session_start: float = 0.0
+    expires_at: float = 0.0
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def source(self) -> Source:
+        return Source(self.user, self.role, self.ip, self.user_agent, self.request_id)
+
+
+REQUEST_ID = web.RequestKey("request_id", str)
+CTX = web.RequestKey("ctx", RequestContext)
+PUBLIC = web.AppKey("public_routes", frozenset)
+
+
+def client_ip(request: web.Request) -> str | None:
+    return request.remote
+
+
+def anonymous_source(request: web.Request) -> Source:
+    ua = request.headers.get("User-Agent")
+    return Source(None, None, client_ip(request), ua[:512] if ua else None, request[REQUEST_ID])
+
+
+def session_middleware(engine: AuditEngine, tokens: TokenService) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route
+        name = route.name if route is not None else None
+        if name is None or name in request.app[PUBLIC]:
+            return await handler(request)
+        request[CTX] = await authenticate(request, engine, tokens)
+        return await handler(request)
+
+    return middleware
+
+
+async def _deny(
+    request: web.Request,
+    engine: AuditEngine,
+    action: str,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    reason: str | None = None,
+    session_id: str | None = None,
+    user: str | None = None,
+    role: str | None = None,
+) -> AuthError:
+    src = anonymous_source(request)
+    src.user, src.role = user, role
+    details = {"reason": reason or code, "method": request.method, "path": request.path[:256]}
+    await engine.record_security(
+        Draft(action, outcome="denied", details=details, source=src), session_id
+    )
+    return AuthError(status, code, message)
+
+
+async def authenticate(
+    request: web.Request, engine: AuditEngine, tokens: TokenService
+) -> RequestContext:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise await _deny(request, engine, "auth.invalid_token", 401, "missing_token",
+                          "a bearer token is required")
+    try:
+        claims = tokens.decode(token)
+    except TokenExpired as exc:
+        c = exc.claims
+        raise await _deny(request, engine, "auth.token_expired", 401, "token_expired",
+                          "the token has expired", session_id=c.get("sid"),
+                          user=c.get("sub"), role=c.get("role")) from None
+    except TokenInvalid as exc:
+        raise await _deny(request, engine, "auth.invalid_token", 401, "invalid_token",
+                          "the token is not valid", reason=exc.reason) from None
+    session = engine.session(claims.sid)
+    if session is None or session.user != claims.sub:
+        raise await _deny(request, engine, "auth.session_ended", 401, "session_ended",
+                          "the session has ended", session_id=claims.sid,
+                          user=claims.sub, role=claims.role)
+    claimed = request.headers.get("X-Audit-Session-ID")
+    if claimed is not None and claimed != claims.sid:
+        raise await _deny(request, engine, "auth.session_mismatch", 403, "session_mismatch",
+                          "X-Audit-Session-ID does not match the token's session",
+                          session_id=claims.sid, user=claims.sub, role=session.role)
+    engine.touch(claims.sid)
+    ua = request.headers.get("User-Agent")
+    return RequestContext(
+        user=session.user,
+        role=session.role,
+        session_id=claims.sid,
+        ip=client_ip(request),
+        user_agent=ua[:512] if ua else None,
+        request_id=request[REQUEST_ID],
+        session_start=session.start_ts,
+        expires_at=session.expires_at,
+    )

@@ -1,0 +1,206 @@
+"""Audit administration (role ``admin``): sessions, security events, status, flush.
+
+Open and pending sessions come from the spool, stored ones from the sink
+where it can be queried; the two are merged newest first with one cursor.
+Reading the audit API is itself audited (``audit.query``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from audit import queries
+from audit.events import Draft, format_ts, parse_ts
+from sinks.base import (
+    Doc,
+    QueryNotSupported,
+    SinkError,
+    decode_cursor,
+    encode_cursor,
+    summarize_parts,
+)
+
+from .errors import ApiError, bad_request, json_response, not_found
+from .keys import CTX, ENGINE
+
+MAX_LIMIT = 500
+STATES = ("open", "pending", "stored")
+
+
+async def _authorise(request: web.Request, query: dict[str, Any]) -> None:
+    """403 + ``admin.denied`` for non-admins; ``audit.query`` for admins."""
+    ctx = request[CTX]
+    engine = request.app[ENGINE]
+    details = {"endpoint": request.path[:256], "query": query}
+    if not ctx.is_admin:
+        await engine.record_security(
+            Draft("admin.denied", outcome="denied", details={**details, "reason": "not_admin"},
+                  source=ctx.source()),
+            ctx.session_id,
+        )
+        raise ApiError(403, "forbidden", "this endpoint needs the admin role")
+    await engine.record(ctx.session_id, Draft("audit.query", details=details,
+                                              source=ctx.source()))
+
+
+def _time_param(request: web.Request, name: str) -> tuple[str | None, float | None]:
+    value = request.query.get(name)
+    if value is None or value == "":
+        return None, None
+    try:
+        epoch = parse_ts(value)
+    except ValueError:
+        raise bad_request(f"{name} must be an RFC 3339 time") from None
+    return format_ts(epoch), epoch
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise bad_request(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _cursor(request: web.Request) -> tuple[str, str] | None:
+    raw = request.query.get("cursor")
+    if not raw:
+        return None
+    try:
+        ts, key = decode_cursor(raw)
+        parse_ts(ts)
+        if not isinstance(key, str):
+            raise ValueError
+    except (ValueError, TypeError):
+        raise bad_request("cursor is not valid") from None
+    return ts, key
+
+
+def _params(request: web.Request, allowed: set[str]) -> dict[str, str]:
+    unknown = set(request.query) - allowed
+    if unknown:
+        raise bad_request(f"unknown parameters: {', '.join(sorted(unknown))[:200]}")
+    return {k: v[:200] for k, v in request.query.items()}
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    params = _params(request, {"user", "since", "until", "state", "limit", "cursor"})
+    since, since_ts = _time_param(request, "since")
+    until, until_ts = _time_param(request, "until")
+    limit = _limit(request)
+    cursor = _cursor(request)
+    state = request.query.get("state") or None
+    if state is not None and state not in STATES:
+        raise bad_request("state must be open, pending or stored")
+    user = request.query.get("user") or None
+    await _authorise(request, params)
+    engine = request.app[ENGINE]
+    before = (parse_ts(cursor[0]), cursor[1]) if cursor else None
+    from_spool = await engine.spool.read(
+        lambda c: queries.list_sessions(c, user=user, since=since_ts, until=until_ts,
+                                        before=before, limit=limit + 1)
+    )
+    from_sink: list[Doc] = []
+    sink_more = False
+    if state in (None, "stored"):
+        try:
+            sink_cursor = encode_cursor(*cursor) if cursor else None
+            from_sink, nxt = await engine.sink.list_sessions(
+                user=user, since=since, until=until, limit=limit + 1, cursor=sink_cursor)
+            sink_more = nxt is not None or len(from_sink) > limit
+        except QueryNotSupported:
+            pass
+        except SinkError as exc:
+            raise ApiError(503, "sink_unavailable", f"the sink cannot be queried: {exc}"[:300]) \
+                from None
+    merged: dict[str, Doc] = {s["session_id"]: s for s in from_sink}
+    merged.update({s["session_id"]: s for s in from_spool})  # the spool knows more
+    ordered = sorted(merged.values(),
+                     key=lambda s: (s["session_start_time"], s["session_id"]), reverse=True)
+    page = ordered[:limit]
+    more = len(ordered) > limit or len(from_spool) > limit or sink_more
+    next_cursor = None
+    if more and page:
+        last = page[-1]
+        next_cursor = encode_cursor(last["session_start_time"], last["session_id"])
+    if state is not None:
+        page = [s for s in page if s["state"] == state]
+    return json_response({"sessions": page, "next_cursor": next_cursor})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    sid = request.match_info["session_id"]
+    await _authorise(request, {"session_id": sid[:64]})
+    engine = request.app[ENGINE]
+    spooled = await engine.spool.read(lambda c: queries.get_session(c, sid))
+    parts: list[Doc] = []
+    try:
+        parts = await engine.sink.get_session_parts(sid)
+    except QueryNotSupported:
+        pass
+    except SinkError as exc:
+        if spooled is None:
+            raise ApiError(503, "sink_unavailable",
+                           f"the sink cannot be queried: {exc}"[:300]) from None
+    if spooled is None and not parts:
+        raise not_found("no such session")
+    events: dict[int, Doc] = {}
+    for part in parts:
+        for e in part.get("events") or []:
+            events[e["seq"]] = e
+    if spooled is not None:
+        for e in spooled.pop("events"):
+            events[e["seq"]] = e
+        summary = spooled
+    else:
+        summary = summarize_parts(parts)
+    summary["events"] = [events[k] for k in sorted(events)]
+    return json_response(summary)
+
+
+async def security_events(request: web.Request) -> web.Response:
+    params = _params(request, {"since", "kind", "limit", "cursor"})
+    since, since_ts = _time_param(request, "since")
+    limit = _limit(request)
+    cursor = _cursor(request)
+    kind = request.query.get("kind") or None
+    await _authorise(request, params)
+    engine = request.app[ENGINE]
+    before = parse_ts(cursor[0]) + 0.001 if cursor else None
+    spooled = await engine.spool.read(
+        lambda c: queries.list_security(c, since=since_ts, kind=kind, before=before,
+                                        limit=2 * limit + 10))
+    if cursor is not None:
+        spooled = [e for e in spooled if (e["ts"], e["_id"]) < cursor]
+    from_sink: list[Doc] = []
+    sink_more = False
+    try:
+        from_sink, nxt = await engine.sink.list_security_events(
+            since=since, kind=kind, limit=limit + 1,
+            cursor=encode_cursor(*cursor) if cursor else None)
+        sink_more = nxt is not None
+    except QueryNotSupported:
+        pass
+    except SinkError as exc:
+        raise ApiError(503, "sink_unavailable", f"the sink cannot be queried: {exc}"[:300]) \
+            from None
+    merged = {e["_id"]: e for e in from_sink}
+    merged.update({e["_id"]: e for e in spooled})
+    ordered = sorted(merged.values(), key=lambda e: (e["ts"], e["_id"]), reverse=True)
+    page = ordered[:limit]
+    next_cursor = None
+    if (len(ordered) > limit or sink_more) and page:
+        next_cursor = encode_cursor(page[-1]["ts"], page[-1]["_id"])
+    return json_response({"events": page, "next_cursor": next_cursor})
+
+
+async def status(request: web.Request) -> web.Response:
+    await _authorise(request, {})
+    return json_response(await request.app[ENGINE].status())
+
+
+async def flush(request: web.Request) -> web.Response:
+    await _authorise(request, {})
+    request.app[ENGINE].flusher.wake()
+    return json_response({"message": "flush requested"}, status=202)

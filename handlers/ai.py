@@ -1,0 +1,118 @@
+"""AI providers for document chat: offline ``extractive`` and OpenAI-compatible."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+
+from audit.config import Config, OpenAIConfig
+
+from .keys import CLIENT
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n{2,}")
+
+
+class AIUnavailable(Exception):
+    """The provider failed or answered something unusable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    reply: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Provider(Protocol):
+    model: str
+
+    async def answer(self, document_title: str, document: str, message: str) -> Answer: ...
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+class ExtractiveProvider:
+    """Offline: quotes the passages of the document that best match the question."""
+
+    model = "extractive-1"
+    MAX_PASSAGES = 3
+
+    async def answer(self, document_title: str, document: str, message: str) -> Answer:
+        query = set(_words(message))
+        passages = [p.strip() for p in _SENTENCE.split(document) if p.strip()]
+        scored = []
+        for i, p in enumerate(passages):
+            words = _words(p)
+            overlap = len(query & set(words))
+            if overlap:
+                scored.append((-overlap, i, p))
+        scored.sort()
+        best = sorted(scored[: self.MAX_PASSAGES], key=lambda t: t[1])
+        if best:
+            reply = "From \u201c" + document_title + "\u201d:\n" + "\n".join(
+                f"> {p[:500]}" for _, _, p in best
+            )
+        else:
+            reply = f"\u201c{document_title}\u201d has no passage matching the question."
+        prompt_tokens = len(_words(message)) + len(_words(document))
+        return Answer(reply, self.model, prompt_tokens, len(_words(reply)))
+
+
+class OpenAIProvider:
+    """Any server speaking the OpenAI chat-completions protocol."""
+
+    def __init__(self, cfg: OpenAIConfig, app: web.Application) -> None:
+        self.cfg = cfg
+        self.model = cfg.model
+        self._app = app
+        self._url = cfg.base_url.rstrip("/") + "/chat/completions"
+
+    async def answer(self, document_title: str, document: str, message: str) -> Answer:
+        key = os.environ.get(self.cfg.api_key_env, "")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        payload = {
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": "Answer questions about the document below, "
+                 "using only its content.\n\nTitle: " + document_title + "\n\n" + document},
+                {"role": "user", "content": message},
+            ],
+        }
+        client: aiohttp.ClientSession = self._app[CLIENT]
+        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_seconds)
+        try:
+            async with client.post(self._url, json=payload, headers=headers,
+                                   timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise AIUnavailable(f"provider answered HTTP {resp.status}")
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise AIUnavailable(f"provider request failed: {type(exc).__name__}") from None
+        try:
+            reply = data["choices"][0]["message"]["content"]
+            usage = data.get("usage") or {}
+            if not isinstance(reply, str):
+                raise TypeError("content is not a string")
+            return Answer(
+                reply,
+                str(data.get("model") or self.model),
+                int(usage.get("prompt_tokens", 0)),
+                int(usage.get("completion_tokens", 0)),
+            )
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            raise AIUnavailable("provider answered an unexpected body") from None
+
+
+def create_provider(config: Config, app: web.Application) -> Provider:
+    if config.ai.provider == "openai":
+        return OpenAIProvider(config.ai.openai, app)
+    return ExtractiveProvider()

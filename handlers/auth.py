@@ -1,0 +1,261 @@
+"""Login, logout and ``/me``: accounts, bcrypt off the event loop, throttling."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import re
+import sqlite3
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+import bcrypt
+from aiohttp import web
+
+from audit.engine import AuditEngine
+from audit.events import Draft, format_ts
+from audit.middleware import anonymous_source
+
+from .errors import ApiError, bad_request, json_response
+from .keys import ACCOUNTS, CONFIG, CTX, ENGINE, TOKENS
+from .requests import read_json
+
+USERNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+MAX_PASSWORD_CHARS = 1024
+PREFIX = "bcrypt-sha256$"
+ROLES = ("user", "admin")
+
+
+def _prehash(password: str) -> bytes:
+    # bcrypt reads at most 72 bytes (bcrypt 5 raises beyond that) and stops at
+    # NUL: hashing first gives every password, however long, its full weight.
+    return base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
+
+
+def hash_password(password: str, rounds: int) -> str:
+    digest = bcrypt.hashpw(_prehash(password), bcrypt.gensalt(rounds))
+    return PREFIX + digest.decode("ascii")
+
+
+def check_password(password: str, stored: str) -> bool:
+    if not stored.startswith(PREFIX):
+        return False
+    return bcrypt.checkpw(_prehash(password), stored[len(PREFIX):].encode("ascii"))
+
+
+def valid_username(name: str) -> bool:
+    return bool(USERNAME_RE.match(name))
+
+
+class Accounts:
+    """Users in the spool database; password checks on worker threads."""
+
+    def __init__(self, engine: AuditEngine, rounds: int, concurrency: int = 2) -> None:
+        self.engine = engine
+        self.rounds = rounds
+        self._slots = asyncio.Semaphore(concurrency)
+        self._dummy: str | None = None
+
+    async def _hash_check(self, password: str, stored: str) -> bool:
+        async with self._slots:
+            return await asyncio.to_thread(check_password, password, stored)
+
+    async def verify(self, username: str, password: str) -> tuple[str, str] | None:
+        """(user, role) when the password is right; same cost for unknown users."""
+        row = None
+        if valid_username(username):
+            row = await self.engine.spool.read(
+                lambda c: c.execute(
+                    "SELECT username, password_hash, role FROM users WHERE username = ?",
+                    (username,),
+                ).fetchone()
+            )
+        if row is None:
+            if self._dummy is None:
+                self._dummy = await asyncio.to_thread(hash_password, "dummy", self.rounds)
+            await self._hash_check(password, self._dummy)
+            return None
+        ok = await self._hash_check(password, row[1])
+        return (row[0], row[2]) if ok else None
+
+    async def create(self, username: str, password: str, role: str) -> None:
+        stored = await asyncio.to_thread(hash_password, password, self.rounds)
+        now = format_ts(time.time())
+
+        def insert(w: Any) -> None:
+            w.conn.execute(
+                "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?)",
+                (username, stored, role, now),
+            )
+
+        await self.engine.spool.submit(insert, needs_space=False)
+
+    async def has_admin(self) -> bool:
+        row = await self.engine.spool.read(
+            lambda c: c.execute("SELECT 1 FROM users WHERE role = 'admin' LIMIT 1").fetchone()
+        )
+        return row is not None
+
+
+def add_user_sync(conn: sqlite3.Connection, username: str, password: str, role: str,
+                  rounds: int) -> None:
+    """For the CLI: works on the spool file while the server runs."""
+    conn.execute(
+        "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?)",
+        (username, hash_password(password, rounds), role, format_ts(time.time())),
+    )
+
+
+class LoginThrottle:
+    """Failed logins per (username, client IP) and per client IP, in a window."""
+
+    MAX_KEYS = 100_000
+
+    def __init__(self, max_failures: int, window: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.clock = clock
+        self._fails: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+        q = self._fails.get(key)
+        if q is None:
+            return deque()
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if not q:
+            del self._fails[key]
+        return q
+
+    def retry_after(self, username: str, ip: str) -> int | None:
+        """Seconds until another attempt is allowed, or None when allowed now."""
+        now = self.clock()
+        waits = []
+        for key, limit in (((username, ip), self.max_failures),
+                           (("", ip), 4 * self.max_failures)):
+            q = self._recent(key, now)
+            if len(q) >= limit:
+                waits.append(q[len(q) - limit] + self.window - now)
+        if not waits:
+            return None
+        return max(1, int(max(waits) + 0.999))
+
+    def failed(self, username: str, ip: str) -> None:
+        now = self.clock()
+        for key in ((username, ip), ("", ip)):
+            q = self._fails.setdefault(key, deque())
+            q.append(now)
+            self._fails.move_to_end(key)
+            if len(q) > 8 * self.max_failures:
+                q.popleft()
+        while len(self._fails) > self.MAX_KEYS:
+            self._fails.popitem(last=False)
+
+    def succeeded(self, username: str, ip: str) -> None:
+        self._fails.pop((username, ip), None)
+
+
+THROTTLE = web.AppKey("login_throttle", LoginThrottle)
+
+
+async def _credentials(request: web.Request) -> tuple[str, str]:
+    ctype = request.content_type
+    if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        form = await request.post()
+        data: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
+    else:
+        data = await read_json(request)
+        if not isinstance(data, dict):
+            raise bad_request("the body must be an object with username and password")
+    username, password = data.get("username"), data.get("password")
+    grant = data.get("grant_type")
+    if grant is not None and grant != "password":
+        raise bad_request("grant_type must be 'password'")
+    if not isinstance(username, str) or not isinstance(password, str):
+        raise bad_request("username and password are required strings")
+    if not username or not password:
+        raise bad_request("username and password must not be empty")
+    if len(username) > 256 or len(password) > MAX_PASSWORD_CHARS:
+        raise bad_request("username or password too long")
+    return username, password
+
+
+async def login(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    username, password = await _credentials(request)
+    ip = request.remote or "-"
+    throttle = request.app[THROTTLE]
+    src = anonymous_source(request)
+    attempted = {"username": username[:64]}
+    wait = throttle.retry_after(username, ip)
+    if wait is not None:
+        await engine.record_security(
+            Draft("auth.login_throttled", outcome="denied",
+                  details={**attempted, "reason": "too_many_attempts", "retry_after": wait},
+                  source=src)
+        )
+        raise ApiError(429, "too_many_attempts", "too many failed logins; try again later",
+                       {"Retry-After": str(wait)})
+    found = await request.app[ACCOUNTS].verify(username, password)
+    if found is None:
+        throttle.failed(username, ip)
+        await engine.record_security(
+            Draft("auth.login_failed", outcome="denied",
+                  details={**attempted, "reason": "invalid_credentials"}, source=src)
+        )
+        raise ApiError(401, "invalid_credentials", "invalid username or password")
+    user, role = found
+    throttle.succeeded(username, ip)
+    config = request.app[CONFIG]
+    session = await engine.start_session(user, role, src, config.auth.token_ttl_seconds)
+    token = request.app[TOKENS].issue(user, session.session_id, role, session.expires_at)
+    return json_response({
+        "access_token": token,
+        "token_type": "bearer",
+        "expires_in": int(session.expires_at - time.time()),
+        "session_id": session.session_id,
+    })
+
+
+async def logout(request: web.Request) -> web.Response:
+    ctx = request[CTX]
+    engine = request.app[ENGINE]
+    if request.can_read_body:
+        body = await read_json(request, allow_empty=True)
+        if body is not None:
+            if not isinstance(body, dict):
+                raise bad_request("the body must be an object")
+            claimed = body.get("session_id")
+            if claimed is not None and (
+                not isinstance(claimed, str)
+                or not hmac.compare_digest(claimed.encode(), ctx.session_id.encode())
+            ):
+                src = ctx.source()
+                await engine.record_security(
+                    Draft("auth.session_mismatch", outcome="denied",
+                          details={"reason": "logout_session_id"}, source=src),
+                    ctx.session_id,
+                )
+                raise ApiError(403, "session_mismatch", "session_id does not match the token")
+    count = await engine.end_session(ctx.session_id, ctx.source())
+    return json_response({
+        "message": "Successfully logged out",
+        "session_id": ctx.session_id,
+        "event_count": count,
+    })
+
+
+async def me(request: web.Request) -> web.Response:
+    ctx = request[CTX]
+    return json_response({
+        "user": ctx.user,
+        "role": ctx.role,
+        "session_id": ctx.session_id,
+        "session_start_time": format_ts(ctx.session_start),
+        "expires_at": format_ts(ctx.expires_at),
+    })

@@ -1,0 +1,90 @@
+"""Chat about a document through the configured AI provider, audited as ``ai.interaction``."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from typing import Any
+
+from aiohttp import web
+
+from audit.events import Draft
+from audit.store import ActionError
+
+from .ai import AIUnavailable
+from .documents import DOC_ID_MAX, _valid_id, audited_input, fetch_visible, refuse_action
+from .errors import ApiError, bad_request, json_response
+from .keys import AI, CONFIG, CTX, ENGINE
+from .requests import json_object
+
+MESSAGE_MAX_BYTES = 16 * 1024
+
+
+def _digest(text: str) -> dict[str, Any]:
+    data = text.encode("utf-8")
+    return {"sha256": hashlib.sha256(data).hexdigest(), "length": len(text)}
+
+
+def _message(body: Any) -> str:
+    body = json_object(body)
+    unknown = set(body) - {"message"}
+    if unknown:
+        raise bad_request(f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+    message = body.get("message")
+    if not isinstance(message, str) or not message.strip():
+        raise bad_request("message must be a non-empty string")
+    if len(message.encode("utf-8")) > MESSAGE_MAX_BYTES:
+        raise ApiError(413, "too_large", "message is larger than 16 KiB")
+    return message
+
+
+async def chat(request: web.Request) -> web.Response:
+    ctx = request[CTX]
+    engine = request.app[ENGINE]
+    doc_id = request.match_info["doc_id"]
+    draft = Draft("ai.interaction", target={"type": "document", "id": doc_id[:DOC_ID_MAX * 2]},
+                  source=ctx.source())
+    message = await audited_input(request, draft, _message)
+    try:
+        row = await engine.spool.read(lambda c: _visible(c, ctx, doc_id))
+    except ActionError as err:
+        raise await refuse_action(request, draft, err) from None
+    provider = request.app[AI]
+    capture = request.app[CONFIG].audit.capture_ai_content
+    details: dict[str, Any] = {"model": provider.model, "prompt": _digest(message)}
+    if capture:
+        details["prompt_text"] = message
+    started = time.perf_counter()
+    try:
+        answer = await provider.answer(row[1], row[2], message)
+    except AIUnavailable as exc:
+        details["latency_ms"] = round(1000 * (time.perf_counter() - started), 1)
+        details["error"] = str(exc)[:200]
+        draft.outcome = "failure"
+        draft.details = {**details, "reason": "ai_unavailable"}
+        await engine.record(ctx.session_id, draft)
+        raise ApiError(502, "ai_unavailable", "the AI provider is unavailable") from None
+    details.update({
+        "model": answer.model,
+        "latency_ms": round(1000 * (time.perf_counter() - started), 1),
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "reply": _digest(answer.reply),
+    })
+    if capture:
+        details["reply_text"] = answer.reply
+    draft.details = details
+    await engine.record(ctx.session_id, draft)
+    return json_response({
+        "reply": answer.reply,
+        "model": answer.model,
+        "usage": {"prompt_tokens": answer.prompt_tokens,
+                  "completion_tokens": answer.completion_tokens},
+    })
+
+
+def _visible(conn: sqlite3.Connection, ctx: Any, doc_id: str) -> tuple[Any, ...]:
+    if not _valid_id(doc_id):
+        raise ActionError("not_found", message="no such document")
+    return fetch_visible(conn, ctx, doc_id)

@@ -1,0 +1,243 @@
+"""Documents: CRUD with owner checks (admins see all) and optimistic ``version``.
+
+Every action records its event through the engine before the response; the
+SQL of a change runs on the spool's writer thread in the same transaction as
+its event, so a document and its audit record commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from audit.events import Draft, format_ts, new_id
+from audit.middleware import RequestContext
+from audit.store import ActionError
+
+from .errors import ApiError, bad_request, json_response
+from .keys import CTX, ENGINE
+from .requests import json_object, read_json
+
+TITLE_MAX_CHARS = 200
+CONTENT_MAX_BYTES = 1024 * 1024
+DOC_ID_MAX = 64
+T = TypeVar("T")
+_COLS = "id, title, content, owner, version, created_at, updated_at"
+
+
+def document_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    keys = ("id", "title", "content", "owner", "version", "created_at", "updated_at")
+    return dict(zip(keys, row, strict=True))
+
+
+def _target(doc_id: str) -> dict[str, str]:
+    return {"type": "document", "id": doc_id}
+
+
+def fetch_visible(conn: sqlite3.Connection, ctx: RequestContext, doc_id: str) -> tuple[Any, ...]:
+    """The document row if the caller may see it; ActionError otherwise."""
+    row = conn.execute(f"SELECT {_COLS} FROM documents WHERE id = ?", (doc_id,)).fetchone()
+    if row is None:
+        raise ActionError("not_found", message="no such document")
+    if row[3] != ctx.user and not ctx.is_admin:
+        raise ActionError("not_owner", outcome="denied", message="no such document")
+    return tuple(row)
+
+
+def _map(err: ActionError) -> ApiError:
+    if err.reason in ("not_found", "not_owner"):
+        return ApiError(404, "not_found", "no such document")
+    if err.reason == "version_conflict":
+        return ApiError(409, "version_conflict", err.message)
+    return ApiError(400, "invalid_request", err.message)
+
+
+async def _record(request: web.Request, draft: Draft, change: Any = None) -> Any:
+    ctx = request[CTX]
+    try:
+        return await request.app[ENGINE].record(ctx.session_id, draft, change)
+    except ActionError as err:
+        raise _map(err) from None
+
+
+async def _refuse(request: web.Request, draft: Draft, error: ApiError) -> ApiError:
+    """Record a failed attempt (bad input) and return the error to raise."""
+    draft.outcome = "failure"
+    draft.details = {**draft.details, "reason": error.code}
+    await request.app[ENGINE].record(request[CTX].session_id, draft)
+    return error
+
+
+def _draft(request: web.Request, action: str, doc_id: str | None = None) -> Draft:
+    return Draft(action, target=_target(doc_id) if doc_id else None,
+                 source=request[CTX].source())
+
+
+def _doc_id(request: web.Request) -> str:
+    return request.match_info["doc_id"]
+
+
+def _valid_id(doc_id: str) -> bool:
+    return 0 < len(doc_id) <= DOC_ID_MAX and doc_id.isascii() and doc_id.isalnum()
+
+
+def _check_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
+    allowed = {"title", "content"} | ({"version"} if partial else set())
+    unknown = set(body) - allowed
+    if unknown:
+        raise bad_request(f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+    out: dict[str, Any] = {}
+    for name in ("title", "content"):
+        if name not in body:
+            if not partial:
+                raise bad_request(f"{name} is required")
+            continue
+        if not isinstance(body[name], str):
+            raise bad_request(f"{name} must be a string")
+        out[name] = body[name]
+    if "title" in out:
+        if not out["title"].strip():
+            raise bad_request("title must not be empty")
+        if len(out["title"]) > TITLE_MAX_CHARS:
+            raise bad_request(f"title is longer than {TITLE_MAX_CHARS} characters")
+    if "content" in out and len(out["content"].encode("utf-8")) > CONTENT_MAX_BYTES:
+        raise ApiError(413, "too_large", "content is larger than 1 MiB")
+    if partial and "version" in body:
+        v = body["version"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad_request("version must be a positive integer")
+        out["version"] = v
+    return out
+
+
+async def audited_input(request: web.Request, draft: Draft, parse: Callable[[Any], T]) -> T:
+    """The parsed body; bad input is recorded as a failed attempt, then refused."""
+    try:
+        return parse(await read_json(request))
+    except ApiError as err:
+        raise await _refuse(request, draft, err) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise await _refuse(request, draft,
+                            ApiError(413, "too_large", "the request body is too large")) from None
+
+
+async def refuse_action(request: web.Request, draft: Draft, err: ActionError) -> ApiError:
+    """Record an action refused by a check made outside the writer (e.g. chat)."""
+
+    def refuse(conn: sqlite3.Connection, d: Draft) -> None:
+        raise err
+
+    try:
+        await request.app[ENGINE].record(request[CTX].session_id, draft, refuse)
+    except ActionError as recorded:
+        return _map(recorded)
+    raise AssertionError("a refused change always raises")  # pragma: no cover
+
+
+async def _body(request: web.Request, draft: Draft, *, partial: bool) -> dict[str, Any]:
+    return await audited_input(
+        request, draft, lambda b: _check_fields(json_object(b), partial=partial)
+    )
+
+
+async def create(request: web.Request) -> web.Response:
+    draft = _draft(request, "document.create")
+    fields = await _body(request, draft, partial=False)
+    ctx = request[CTX]
+    doc_id = new_id()
+    draft.target = _target(doc_id)
+    draft.details = {"title_length": len(fields["title"]),
+                     "content_bytes": len(fields["content"].encode("utf-8"))}
+    now = format_ts(time.time())
+    row = (doc_id, fields["title"], fields["content"], ctx.user, 1, now, now)
+
+    def change(conn: sqlite3.Connection, d: Draft) -> tuple[Any, ...]:
+        conn.execute(f"INSERT INTO documents ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        return row
+
+    await _record(request, draft, change)
+    return json_response(document_json(row), status=201)
+
+
+async def list_documents(request: web.Request) -> web.Response:
+    ctx = request[CTX]
+    draft = _draft(request, "document.list")
+
+    def change(conn: sqlite3.Connection, d: Draft) -> list[dict[str, Any]]:
+        sql = "SELECT id, title, owner, version, updated_at FROM documents"
+        args: tuple[Any, ...] = ()
+        if not ctx.is_admin:
+            sql += " WHERE owner = ?"
+            args = (ctx.user,)
+        rows = conn.execute(sql + " ORDER BY updated_at DESC, id", args).fetchall()
+        d.details = {"count": len(rows)}
+        keys = ("id", "title", "owner", "version", "updated_at")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    docs = await _record(request, draft, change)
+    return json_response({"documents": docs})
+
+
+async def get_document(request: web.Request) -> web.Response:
+    ctx = request[CTX]
+    doc_id = _doc_id(request)
+    draft = _draft(request, "document.access", doc_id[:DOC_ID_MAX * 2])
+
+    def change(conn: sqlite3.Connection, d: Draft) -> tuple[Any, ...]:
+        if not _valid_id(doc_id):
+            raise ActionError("not_found", message="no such document")
+        return fetch_visible(conn, ctx, doc_id)
+
+    row = await _record(request, draft, change)
+    return json_response(document_json(row))
+
+
+async def update_document(request: web.Request) -> web.Response:
+    ctx = request[CTX]
+    doc_id = _doc_id(request)
+    draft = _draft(request, "document.update", doc_id[:DOC_ID_MAX * 2])
+    fields = await _body(request, draft, partial=True)
+    now = format_ts(time.time())
+
+    def change(conn: sqlite3.Connection, d: Draft) -> tuple[Any, ...]:
+        if not _valid_id(doc_id):
+            raise ActionError("not_found", message="no such document")
+        row = fetch_visible(conn, ctx, doc_id)
+        version = row[4]
+        if "version" in fields and fields["version"] != version:
+            d.details = {"expected_version": fields["version"], "current_version": version}
+            raise ActionError("version_conflict",
+                              message=f"the document is at version {version}")
+        title = fields.get("title", row[1])
+        content = fields.get("content", row[2])
+        conn.execute(
+            "UPDATE documents SET title = ?, content = ?, version = ?, updated_at = ?"
+            " WHERE id = ?",
+            (title, content, version + 1, now, doc_id),
+        )
+        d.details = {"version": version + 1, "fields": sorted(k for k in fields
+                                                             if k != "version")}
+        return (doc_id, title, content, row[3], version + 1, row[5], now)
+
+    row = await _record(request, draft, change)
+    return json_response(document_json(row))
+
+
+async def delete_document(request: web.Request) -> web.Response:
+    ctx = request[CTX]
+    doc_id = _doc_id(request)
+    draft = _draft(request, "document.delete", doc_id[:DOC_ID_MAX * 2])
+
+    def change(conn: sqlite3.Connection, d: Draft) -> None:
+        if not _valid_id(doc_id):
+            raise ActionError("not_found", message="no such document")
+        row = fetch_visible(conn, ctx, doc_id)
+        conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+        d.details = {"version": row[4]}
+
+    await _record(request, draft, change)
+    return web.Response(status=204)

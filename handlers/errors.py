@@ -1,0 +1,131 @@
+"""API errors and the middleware that turns every failure into API.md's format.
+
+``{"error": {"code", "message", "request_id"}}`` for every error, including
+aiohttp's own 404/405/413 and unexpected exceptions (500 ``internal_error``,
+logged with the request id, never detailed to the client). Every response
+carries ``X-Request-ID``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from audit.events import new_id
+from audit.middleware import AuthError
+from audit.spool import SpoolClosed, SpoolFull, SpoolUnavailable
+from audit.store import SessionNotOpen
+
+from .keys import REQUEST_ID
+
+log = logging.getLogger("session_audit.http")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message)
+
+
+def not_found(message: str = "not found") -> ApiError:
+    return ApiError(404, "not_found", message)
+
+
+def raise_api(status: int, code: str, message: str) -> NoReturn:
+    raise ApiError(status, code, message)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, ensure_ascii=False, separators=(",", ":")),
+        status=status,
+        content_type="application/json",
+        charset="utf-8",
+    )
+
+
+def error_response(
+    request: web.Request, status: int, code: str, message: str,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {"error": {"code": code, "message": message, "request_id": request[REQUEST_ID]}}
+    resp = json_response(body, status)
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def request_id_of(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    return given if _REQUEST_ID_RE.match(given) else new_id()
+
+
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "missing_token",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "invalid_request",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[REQUEST_ID] = request_id_of(request)
+    try:
+        resp = await handler(request)
+    except ApiError as exc:
+        resp = error_response(request, exc.status, exc.code, exc.message, exc.headers)
+    except AuthError as exc:
+        resp = error_response(request, exc.status, exc.code, exc.message)
+    except (SpoolFull, SpoolUnavailable, SpoolClosed) as exc:
+        log.warning("audit unavailable rid=%s: %s", request[REQUEST_ID], exc)
+        resp = error_response(
+            request, 503, "audit_unavailable",
+            "the audit trail cannot record this action now; nothing was done",
+            {"Retry-After": "5"},
+        )
+    except SessionNotOpen:
+        resp = error_response(request, 401, "session_ended", "the session has ended")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        fallback = "invalid_request" if exc.status < 500 else "internal_error"
+        code = _HTTP_CODES.get(exc.status, fallback)
+        message = {
+            404: "no such resource",
+            405: "method not allowed",
+            413: "the request body is too large",
+        }.get(exc.status, exc.reason)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        resp = error_response(request, exc.status, code, message, headers)
+    except Exception:
+        log.exception("unhandled error rid=%s %s %s", request[REQUEST_ID], request.method,
+                      request.path)
+        resp = error_response(request, 500, "internal_error", "internal server error")
+    resp.headers["X-Request-ID"] = request[REQUEST_ID]
+    return resp

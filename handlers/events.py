@@ -1,0 +1,69 @@
+"""Client events: ``POST /audit/events`` joins them to the caller's own session."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+
+from audit.events import Draft, canonical_json
+from audit.store import Writer
+
+from .errors import bad_request, json_response
+from .keys import CTX, ENGINE
+from .requests import read_json
+
+ACTION_RE = re.compile(r"^client\.[a-z0-9_.:-]{1,64}$")
+MAX_EVENTS = 100
+MAX_DETAILS_BYTES = 4096
+MAX_TARGET_CHARS = 128
+
+
+def _parse_one(item: Any, i: int) -> tuple[str, dict[str, str] | None, dict[str, Any]]:
+    where = f"event {i}: "
+    if not isinstance(item, dict):
+        raise bad_request(where + "must be an object")
+    unknown = set(item) - {"action", "target", "details"}
+    if unknown:
+        raise bad_request(where + f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+    action = item.get("action")
+    if not isinstance(action, str) or not ACTION_RE.match(action):
+        raise bad_request(where + "action must match ^client\\.[a-z0-9_.:-]{1,64}$")
+    target = item.get("target")
+    if target is not None and (
+        not isinstance(target, dict)
+        or set(target) != {"type", "id"}
+        or not all(isinstance(v, str) and 0 < len(v) <= MAX_TARGET_CHARS
+                   for v in target.values())
+    ):
+        raise bad_request(where + "target must be {\"type\": str, \"id\": str}")
+    details = item.get("details", {})
+    if details is None:
+        details = {}
+    if not isinstance(details, dict):
+        raise bad_request(where + "details must be an object")
+    if len(canonical_json(details).encode("utf-8")) > MAX_DETAILS_BYTES:
+        raise bad_request(where + "details are larger than 4 KiB as JSON")
+    return action, target, details
+
+
+async def post_events(request: web.Request) -> web.Response:
+    ctx = request[CTX]
+    body = await read_json(request)
+    items = body if isinstance(body, list) else [body]
+    if not items:
+        raise bad_request("no events")
+    if len(items) > MAX_EVENTS:
+        raise bad_request(f"at most {MAX_EVENTS} events per request")
+    parsed = [_parse_one(item, i) for i, item in enumerate(items)]
+    drafts = [Draft(a, target=t, details=d, source=ctx.source()) for a, t, d in parsed]
+    sid = ctx.session_id
+
+    def job(w: Writer) -> int:
+        for d in drafts:
+            w.append(sid, d)
+        return len(drafts)
+
+    n = await request.app[ENGINE].spool.submit(job)
+    return json_response({"accepted": n}, status=202)

@@ -1,0 +1,29 @@
+"""Every shared object of the app under a typed key, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from audit.config import Config
+from audit.engine import AuditEngine
+from audit.middleware import CTX, PUBLIC, REQUEST_ID
+from audit.tokens import TokenService
+
+if TYPE_CHECKING:
+    from .ai import Provider
+    from .auth import Accounts
+
+CONFIG = web.AppKey("config", Config)
+ENGINE = web.AppKey("engine", AuditEngine)
+TOKENS = web.AppKey("tokens", TokenService)
+ACCOUNTS: web.AppKey[Accounts] = web.AppKey("accounts")
+AI: web.AppKey[Provider] = web.AppKey("ai")
+CLIENT = web.AppKey("client", aiohttp.ClientSession)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+__all__ = ["ACCOUNTS", "AI", "CLIENT", "CONFIG", "CTX", "ENGINE", "PUBLIC", "REGISTRY",
+           "REQUEST_ID", "TOKENS"]

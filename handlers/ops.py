@@ -1,0 +1,126 @@
+"""Operations endpoints: ``/healthz``, ``/readyz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from audit import queries
+from audit.engine import AuditEngine
+from audit.metrics import Histogram
+
+from .errors import json_response
+from .keys import ENGINE, REGISTRY
+
+REQUESTS = web.AppKey("requests_total", Counter)
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    if engine.ready:
+        return json_response({"status": "ready"})
+    reason = "spool full" if engine.spool.full else "spool unavailable"
+    if engine.task_failure:
+        reason = f"background task failed: {engine.task_failure}"
+    return json_response({"status": "not_ready", "reason": reason}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    collector = EngineCollector(engine)
+    await collector.refresh()
+    registry = request.app[REGISTRY]
+    registry.register(collector)
+    try:
+        body = generate_latest(registry)
+    finally:
+        registry.unregister(collector)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    if not OPENAPI_PATH.exists():
+        return json_response({"error": {"code": "not_found", "message": "no OpenAPI document",
+                                        "request_id": ""}}, status=404)
+    return web.Response(body=OPENAPI_PATH.read_bytes(),
+                        headers={"Content-Type": "application/yaml; charset=utf-8"})
+
+
+def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, buckets=h.cumulative(), sum_value=h.total)
+
+
+class EngineCollector(Collector):
+    """Engine counters and spool gauges, read at scrape time."""
+
+    def __init__(self, engine: AuditEngine) -> None:
+        self.engine = engine
+        self.counts: dict[str, float] = {}
+
+    async def refresh(self) -> None:
+        self.counts = await self.engine.spool.read(lambda c: queries.counts(c, time.time()))
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.engine
+        st = e.stats
+        ev = CounterMetricFamily("session_audit_events_recorded", "Audit events committed",
+                                 labels=["kind"])
+        ev.add_metric(["session"], st.events_recorded)
+        ev.add_metric(["security"], st.security_events_recorded)
+        yield ev
+        w = CounterMetricFamily("session_audit_sink_writes", "Sink writes by outcome",
+                                labels=["outcome"])
+        w.add_metric(["ok"], st.writes_ok)
+        w.add_metric(["failed"], st.writes_failed)
+        w.add_metric(["rate_limited"], st.rate_limited)
+        w.add_metric(["dead_lettered"], st.dead_lettered)
+        yield w
+        yield CounterMetricFamily("session_audit_parts_written", "Session parts stored",
+                                  value=st.parts_written)
+        yield CounterMetricFamily("session_audit_spool_commit_failures", "Failed spool commits",
+                                  value=st.commit_failures)
+        for name, doc, key in (
+            ("session_audit_active_sessions", "Open sessions", "active_sessions"),
+            ("session_audit_pending_parts", "Parts waiting for the sink", "pending_parts"),
+            ("session_audit_pending_security_events", "Security events waiting",
+             "pending_security_events"),
+            ("session_audit_dead_letter", "Dead-lettered parts and events", "dead_letter"),
+            ("session_audit_oldest_pending_age_seconds", "Age of the oldest pending item",
+             "oldest_pending_age_seconds"),
+        ):
+            yield GaugeMetricFamily(name, doc, value=self.counts.get(key, 0))
+        yield GaugeMetricFamily("session_audit_spool_bytes", "Bytes used in the spool",
+                                value=e.spool.spool_bytes)
+        yield GaugeMetricFamily("session_audit_sink_healthy", "1 when the sink accepts writes",
+                                value=1 if e.flusher.healthy and e.flusher.sink_open else 0)
+        yield GaugeMetricFamily("session_audit_backoff_seconds", "Remaining sink pause",
+                                value=e.flusher.backoff.remaining())
+        yield GaugeMetricFamily("session_audit_ready", "1 when accepting audited actions",
+                                value=1 if e.ready else 0)
+        yield _histogram("session_audit_group_commit_batch_size", "Jobs per spool commit",
+                         st.batch_sizes)
+        yield _histogram("session_audit_group_commit_seconds", "Spool commit latency",
+                         st.commit_seconds)
+
+
+def new_registry() -> tuple[CollectorRegistry, Counter]:
+    registry = CollectorRegistry(auto_describe=False)
+    requests = Counter("session_audit_http_requests", "HTTP requests by route and status",
+                       ["method", "route", "status"], registry=registry)
+    return registry, requests

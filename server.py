@@ -1,0 +1,371 @@
+"""session-audit: the entry point, the CLI and the app factory.
+
+    python server.py [serve] [--config PATH]
+    python server.py adduser NAME [--admin] [--password-stdin]
+    python server.py status | verify | drain | retry-dead
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from audit import queries
+from audit.config import Config, ConfigError, load_config
+from audit.engine import AuditEngine
+from audit.middleware import PUBLIC, session_middleware
+from audit.spool import connect
+from audit.store import SCHEMA
+from audit.tokens import MIN_KEY_BYTES, TokenService
+from audit.verify import verify_sink
+from handlers import routes
+from handlers.ai import create_provider
+from handlers.auth import THROTTLE, Accounts, LoginThrottle, add_user_sync, valid_username
+from handlers.errors import error_middleware
+from handlers.keys import ACCOUNTS, AI, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
+from handlers.ops import REQUESTS, new_registry
+from handlers.requests import CLIENT_MAX_SIZE
+from sinks import Sink, create_sink
+
+log = logging.getLogger("session_audit")
+
+JWT_SECRET_ENV = "SESSION_AUDIT_JWT_SECRET"
+AUDIT_KEY_ENV = "SESSION_AUDIT_AUDIT_KEY"
+ADMIN_PASSWORD_ENV = "SESSION_AUDIT_ADMIN_PASSWORD"
+SHUTDOWN_FLUSH_SECONDS = 2.0
+
+
+class StartupError(Exception):
+    """A problem an operator must fix before the server can start."""
+
+
+# -- secrets -------------------------------------------------------------------
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create ``path`` with mode 0600; never overwrite an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_secret(env: str, path: Path) -> bytes:
+    """A key from the environment, else from ``path`` (created, 0600)."""
+    value = os.environ.get(env)
+    if value:
+        key = value.encode("utf-8")
+    else:
+        if not path.exists():
+            with contextlib.suppress(FileExistsError):  # another process was first
+                _write_private(path, secrets.token_urlsafe(48) + "\n")
+        key = path.read_text(encoding="utf-8").strip().encode("utf-8")
+    if len(key) < MIN_KEY_BYTES:
+        raise StartupError(f"{env} (or {path.name}) must be at least {MIN_KEY_BYTES} bytes")
+    return key
+
+
+def jwt_key(config: Config) -> bytes:
+    return load_secret(JWT_SECRET_ENV, config.data_dir / "jwt.key")
+
+
+def audit_key(config: Config) -> bytes:
+    return load_secret(AUDIT_KEY_ENV, config.data_dir / "audit.key")
+
+
+# -- the app -------------------------------------------------------------------
+
+
+async def _ensure_admin(app: web.Application) -> None:
+    accounts = app[ACCOUNTS]
+    if await accounts.has_admin():
+        return
+    password = os.environ.get(ADMIN_PASSWORD_ENV)
+    if password:
+        await accounts.create("admin", password, "admin")
+        log.info("created user 'admin' with the password from %s", ADMIN_PASSWORD_ENV)
+        return
+    password = secrets.token_urlsafe(18)
+    path = app[CONFIG].data_dir / "initial_admin_password"
+    path.unlink(missing_ok=True)
+    _write_private(path, password + "\n")
+    await accounts.create("admin", password, "admin")
+    log.info("created user 'admin'; its password is in %s (mode 0600)", path)
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    engine = app[ENGINE]
+    await engine.open()
+    try:
+        await _ensure_admin(app)
+        yield
+    finally:
+        await engine.close(flush_window=SHUTDOWN_FLUSH_SECONDS)
+
+
+async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
+    client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    app[CLIENT] = client
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+def _metrics_middleware(app: web.Application) -> Middleware:
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        resp = await handler(request)
+        route = request.match_info.route
+        name = (route.name if route is not None else None) or "unmatched"
+        app[REQUESTS].labels(request.method, name, str(resp.status)).inc()
+        return resp
+
+    return middleware
+
+
+def create_app(
+    config: Config,
+    *,
+    sink: Sink | None = None,
+    engine: AuditEngine | None = None,
+) -> web.Application:
+    """The whole server as an aiohttp app; nothing is opened until it starts."""
+    if engine is None:
+        engine = AuditEngine(config, sink or create_sink(config), audit_key(config))
+    tokens = TokenService(jwt_key(config), config.auth.token_ttl_seconds)
+    app = web.Application(client_max_size=CLIENT_MAX_SIZE)
+    app[CONFIG] = config
+    app[ENGINE] = engine
+    app[TOKENS] = tokens
+    app[ACCOUNTS] = Accounts(engine, config.auth.bcrypt_rounds)
+    app[THROTTLE] = LoginThrottle(config.auth.login_max_failures,
+                                  config.auth.login_window_seconds)
+    app[REGISTRY], app[REQUESTS] = new_registry()
+    app[PUBLIC] = routes.PUBLIC_ROUTES
+    app[AI] = create_provider(config, app)
+    app.middlewares.extend(
+        [_metrics_middleware(app), error_middleware, session_middleware(engine, tokens)]
+    )
+    routes.setup(app)
+    app.cleanup_ctx.append(_client_ctx)
+    app.cleanup_ctx.append(_engine_ctx)
+    return app
+
+
+# -- logging -------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; messages never carry secrets or tokens."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(os.environ.get("SESSION_AUDIT_LOG_LEVEL", "INFO").upper())
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    import uvloop
+
+    app = create_app(config)
+    log.info("serving on http://%s:%d with the %s sink", config.server.host,
+             config.server.port, config.sink.type)
+    web.run_app(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        loop=uvloop.new_event_loop(),
+        access_log_format='%a "%r" %s %b %Tf',
+        print=None,
+        shutdown_timeout=10.0,
+    )
+    return 0
+
+
+def _spool_conn(config: Config) -> sqlite3.Connection:
+    path = config.spool_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(path, config.audit.synchronous)
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def cmd_adduser(config: Config, args: argparse.Namespace) -> int:
+    name = args.name
+    if not valid_username(name):
+        print("adduser: names are 1-64 characters of A-Z a-z 0-9 . _ @ -", file=sys.stderr)
+        return 2
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("again: ") != password:
+            print("adduser: the passwords differ", file=sys.stderr)
+            return 2
+    if not password:
+        print("adduser: the password must not be empty", file=sys.stderr)
+        return 2
+    conn = _spool_conn(config)
+    try:
+        add_user_sync(conn, name, password, "admin" if args.admin else "user",
+                      config.auth.bcrypt_rounds)
+    except sqlite3.IntegrityError:
+        print(f"adduser: user {name!r} exists already", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    print(f"added {'admin' if args.admin else 'user'} {name}")
+    return 0
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    if not config.spool_path.exists():
+        print(json.dumps({"spool": "absent", "path": str(config.spool_path)}))
+        return 1
+    conn = connect(config.spool_path, config.audit.synchronous, readonly=True)
+    try:
+        out = queries.counts(conn, time.time())
+        pages, free, size = (conn.execute(f"PRAGMA {p}").fetchone()[0]
+                             for p in ("page_count", "freelist_count", "page_size"))
+        out["spool_bytes"] = (pages - free) * size
+        row = conn.execute("SELECT value FROM meta WHERE key = 'sink_status'").fetchone()
+        out["sink"] = json.loads(row[0]) if row else {"type": config.sink.type}
+    finally:
+        conn.close()
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+async def _verify(config: Config) -> int:
+    sink = create_sink(config)
+    await sink.open()
+    try:
+        report = await verify_sink(sink, audit_key(config))
+    finally:
+        await sink.close()
+    for p in report.problems:
+        print(f"{p.session_id}: {p.kind}: {p.detail}")
+    print(f"verified {report.sessions} sessions, {report.parts} parts, {report.events} events:"
+          f" {'OK' if report.ok else f'{len(report.problems)} problems'}")
+    return 0 if report.ok else 1
+
+
+def _progress(total: list[int]) -> Callable[[dict[str, Any]], None]:
+    def show(c: dict[str, Any]) -> None:
+        left = c["pending_parts"] + c["pending_security_events"]
+        total[0] = max(total[0], left)
+        done = total[0] - left
+        width = 30
+        filled = width * done // total[0] if total[0] else width
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total[0]}"
+                         f" written, {c['dead_letter']} dead-lettered ")
+        sys.stderr.flush()
+
+    return show
+
+
+async def _drain(config: Config) -> int:
+    engine = AuditEngine(config, create_sink(config), audit_key(config))
+    await engine.open(background=False)
+    try:
+        await engine.flusher.drain(_progress([0]))
+        status = await engine.status()
+    finally:
+        await engine.close(flush_window=0)
+    sys.stderr.write("\n")
+    print(f"drained; {status['dead_letter']} dead-lettered, "
+          f"{status['active_sessions']} sessions still open")
+    return 0 if status["dead_letter"] == 0 else 1
+
+
+async def _retry_dead(config: Config) -> int:
+    engine = AuditEngine(config, create_sink(config), audit_key(config))
+    await engine.open(background=False)
+    try:
+        n = await engine.retry_dead_letters()
+    finally:
+        await engine.close(flush_window=0)
+    print(f"{n} dead-lettered items are pending again")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="server.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: $SESSION_AUDIT_CONFIG"
+                        " or ./config.toml)")
+    sub.add_parser("serve", parents=[common], help="serve the API (default)")
+    add = sub.add_parser("adduser", parents=[common], help="add a user")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="give the user the admin role")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
+    sub.add_parser("status", parents=[common], help="spool and sink state")
+    sub.add_parser("verify", parents=[common], help="check every stored session's chain")
+    sub.add_parser("drain", parents=[common], help="flush everything pending, then exit")
+    sub.add_parser("retry-dead", parents=[common], help="make dead-lettered items pending")
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    command = args.command or "serve"
+    setup_logging()
+    try:
+        config = load_config(args.config)
+        if command == "serve":
+            return cmd_serve(config, args)
+        if command == "adduser":
+            return cmd_adduser(config, args)
+        if command == "status":
+            return cmd_status(config, args)
+        if command == "verify":
+            return asyncio.run(_verify(config))
+        if command == "drain":
+            return asyncio.run(_drain(config))
+        return asyncio.run(_retry_dead(config))
+    except (ConfigError, StartupError) as exc:
+        print(f"session-audit: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
