@@ -1,0 +1,159 @@
+"""Shared, generic fixtures: configs in tmp_path, fake clocks, condition waits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit.config import Config, parse_config
+
+AUDIT_KEY = b"test-audit-key-0123456789abcdef!"
+
+
+class FakeClock:
+    """A clock that moves only when told to; use for ``clock=`` / ``monotonic=``."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+
+
+@pytest.fixture
+def audit_key() -> bytes:
+    return AUDIT_KEY
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    """A wall clock (epoch seconds) under the test's control."""
+    return FakeClock()
+
+
+@pytest.fixture
+def fake_monotonic() -> FakeClock:
+    return FakeClock(start=1000.0)
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    """``make_config(audit={...}, flush={...})``: a Config whose data lives in tmp_path."""
+
+    def make(**sections: dict[str, Any]) -> Config:
+        data: dict[str, Any] = {k: dict(v) for k, v in sections.items()}
+        data.setdefault("server", {}).setdefault("data_dir", str(tmp_path / "data"))
+        return parse_config(data, base_dir=str(tmp_path))
+
+    return make
+
+
+async def _wait_until(
+    predicate: Callable[[], Any | Awaitable[Any]],
+    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline, not a cancellation scope
+    interval: float = 0.01,
+    message: str = "condition",
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., Awaitable[Any]]:
+    """``await wait_until(pred, timeout=10)``: poll a (sync or async) predicate
+    until it is truthy, failing the test at the deadline."""
+    return _wait_until
+
+
+class Engines:
+    """Opens AuditEngines for a test and closes (or cleans up) them afterwards."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self._open: list[Any] = []
+        self._abandoned: list[Any] = []
+
+    async def open(
+        self, config: Config, sink: Any = None, *, background: bool = False, **kwargs: Any
+    ) -> Any:
+        from audit.engine import AuditEngine
+        from sinks.sqlite import SqliteSink
+
+        if sink is None:
+            sink = SqliteSink(config.sqlite_sink_path)
+        engine = AuditEngine(config, sink, self.key, **kwargs)
+        await engine.open(background=background)
+        self._open.append(engine)
+        return engine
+
+    async def abandon(self, engine: Any) -> None:
+        """Simulate a crash: the engine stops where it is, without closing.
+
+        Background tasks and the writer loop are cancelled; a batch already
+        on the writer thread runs to its end (as it would have before the
+        process died), queued jobs never run, and nothing is closed: its
+        connections stay open until the test ends, as a dead process's
+        files would be until the OS reclaims them.
+        """
+        self._open.remove(engine)
+        self._abandoned.append(engine)
+        tasks = [*engine._tasks.values(), engine.spool._task]
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+        if engine.spool._wexec is not None:
+            await asyncio.to_thread(engine.spool._wexec.shutdown, True)
+            engine.spool._wexec = None
+
+    async def drain(
+        self, engine: Any, monotonic: FakeClock | None = None, steps: int = 100_000
+    ) -> None:
+        """Run the flusher until idle; waits are skipped on a fake monotonic clock."""
+        for _ in range(steps):
+            delay = await engine.flusher.step()
+            if delay is None:
+                return
+            if delay > 0:
+                if monotonic is not None:
+                    monotonic.advance(delay)
+                else:
+                    await asyncio.sleep(delay)
+        raise AssertionError("the flusher did not become idle")
+
+    async def aclose(self) -> None:
+        for engine in reversed(self._open):
+            await engine.close(flush_window=0.5)
+        for engine in self._abandoned:
+            spool = engine.spool
+            for conn in (spool._wconn, spool._rconn):
+                if conn is not None:
+                    conn.close()
+            if spool._rexec is not None:
+                spool._rexec.shutdown(wait=True)
+            await engine.sink.close()
+
+
+@pytest.fixture
+async def engines(audit_key: bytes) -> Any:
+    """``await engines.open(config, sink=None, background=False, clock=..., monotonic=...)``."""
+    e = Engines(audit_key)
+    yield e
+    await e.aclose()
