@@ -41,7 +41,7 @@ from handlers.errors import error_middleware
 from handlers.keys import ACCOUNTS, AI, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
 from handlers.ops import REQUESTS, new_registry
 from handlers.requests import CLIENT_MAX_SIZE
-from sinks import Sink, create_sink
+from sinks import QueryNotSupported, Sink, SinkError, create_sink
 
 log = logging.getLogger("session_audit")
 
@@ -277,9 +277,16 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 async def _verify(config: Config) -> int:
     sink = create_sink(config)
-    await sink.open()
     try:
+        await sink.open()
         report = await verify_sink(sink, audit_key(config))
+    except QueryNotSupported:
+        print(f"verify: the {config.sink.type} sink cannot be read back; verify the"
+              " receiver's copy with audit.verify.check_session", file=sys.stderr)
+        return 2
+    except SinkError as exc:
+        print(f"verify: the sink is unavailable: {exc}", file=sys.stderr)
+        return 2
     finally:
         await sink.close()
     for p in report.problems:
