@@ -83,6 +83,13 @@ def load_secret(env: str, path: Path) -> bytes:
     return key
 
 
+def ensure_data_dir(config: Config) -> None:
+    """The data directory holds keys, hashes and the audit trail: owner only."""
+    path = config.data_dir
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True)
+
+
 def jwt_key(config: Config) -> bytes:
     return load_secret(JWT_SECRET_ENV, config.data_dir / "jwt.key")
 
@@ -151,6 +158,7 @@ def create_app(
     engine: AuditEngine | None = None,
 ) -> web.Application:
     """The whole server as an aiohttp app; nothing is opened until it starts."""
+    ensure_data_dir(config)
     if engine is None:
         engine = AuditEngine(config, sink or create_sink(config), audit_key(config))
     tokens = TokenService(jwt_key(config), config.auth.token_ttl_seconds)
