@@ -214,14 +214,17 @@ class Spool:
                 results, nbytes, new_parts, new_sec, appended = await loop.run_in_executor(
                     self._wexec, self._commit, jobs
                 )
-            except sqlite3.Error as exc:
-                log.error("spool commit failed: %s", exc)
+            except Exception as exc:
+                # Nothing of the batch was committed: every caller hears so.
                 self.stats.commit_failures += 1
                 err = SpoolUnavailable("the audit spool could not commit")
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(err)
-                continue
+                if isinstance(exc, sqlite3.Error):  # disk full, I/O error: may pass
+                    log.error("spool commit failed: %s", exc)
+                    continue
+                raise  # a bug: the done-callback marks the spool failed
             self.stats.observe_commit(len(batch), time.perf_counter() - started)
             self.stats.events_recorded += appended
             self.stats.security_events_recorded += new_sec
