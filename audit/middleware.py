@@ -9,6 +9,7 @@ before the answer goes out.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -127,7 +128,7 @@ async def authenticate(
                           "the session has ended", session_id=claims.sid,
                           user=claims.sub, role=claims.role)
     claimed = request.headers.get("X-Audit-Session-ID")
-    if claimed is not None and claimed != claims.sid:
+    if claimed is not None and not hmac.compare_digest(claimed.encode(), claims.sid.encode()):
         raise await _deny(request, engine, "auth.session_mismatch", 403, "session_mismatch",
                           "X-Audit-Session-ID does not match the token's session",
                           session_id=claims.sid, user=claims.sub, role=session.role)
