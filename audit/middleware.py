@@ -128,7 +128,9 @@ async def authenticate(
                           "the session has ended", session_id=claims.sid,
                           user=claims.sub, role=claims.role)
     claimed = request.headers.get("X-Audit-Session-ID")
-    if claimed is not None and not hmac.compare_digest(claimed.encode(), claims.sid.encode()):
+    if claimed is not None and not hmac.compare_digest(
+        claimed.encode("utf-8", "surrogateescape"), claims.sid.encode()
+    ):
         raise await _deny(request, engine, "auth.session_mismatch", 403, "session_mismatch",
                           "X-Audit-Session-ID does not match the token's session",
                           session_id=claims.sid, user=claims.sub, role=session.role)
