@@ -85,6 +85,17 @@ def now() -> float:
     return time.time()
 
 
+def scrub(value: Any) -> Any:
+    """``value`` with every string made valid UTF-8 (lone surrogates -> "?")."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {scrub(k): scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
 def genesis(key: bytes, stream: str) -> str:
     """The chain's starting value for a session id or the security stream."""
     return hmac.new(key, b"genesis:" + stream.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -147,5 +158,13 @@ def seal_event(
     """Complete a draft: returns the full event and its canonical JSON."""
     body = draft.body(session_id, seq, ts)
     body_json = canonical_json(body)
+    if not body_json.isascii():
+        try:
+            body_json.encode("utf-8")
+        except UnicodeEncodeError:
+            # Lone surrogates (from odd headers or paths) cannot be stored as
+            # UTF-8: they become "?", and the record is kept.
+            body = scrub(body)
+            body_json = canonical_json(body)
     body["hash"] = chain_hash(key, prev_hash, body_json)
     return body, canonical_json(body)
