@@ -1,0 +1,237 @@
+"""Fixtures and helpers for the API tests: the real app factory, real SQLite files.
+
+Import the fixtures a test module needs (``from api_fixtures import api, make_api``);
+pytest finds them as module attributes. Audit records are read from where they
+are at the moment: the spool first, then the sink file (the flusher moves them
+in that order, so reading in this order never misses one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+import server
+from audit.config import Config, parse_config
+from audit.engine import AuditEngine
+from handlers.keys import ACCOUNTS, ENGINE
+
+ADMIN_PASSWORD = "admin-password-for-tests"
+USER_PASSWORD = "user-password-for-tests"
+ERROR_KEYS = {"code", "message", "request_id"}
+TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+EVENT_KEYS = {
+    "event_id", "session_id", "seq", "ts", "action", "outcome", "actor", "target",
+    "source", "request_id", "details", "hash",
+}
+
+
+def api_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    """A Config in ``tmp_path`` with fast bcrypt and a fast flusher; sections override."""
+    data: dict[str, Any] = {
+        "server": {"data_dir": str(tmp_path / "data")},
+        "auth": {"bcrypt_rounds": 4},
+        "flush": {"max_writes_per_second": 1000.0, "burst": 1000},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_config(data, base_dir=str(tmp_path))
+
+
+async def wait_for(
+    predicate: Callable[[], Any | Awaitable[Any]],
+    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline
+    message: str = "condition",
+) -> Any:
+    """Poll ``predicate`` until truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Login:
+    user: str
+    token: str
+    session_id: str
+    body: dict[str, Any]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+class Api:
+    """A test client on an app built by ``server.create_app`` plus audit readers."""
+
+    def __init__(self, client: TestClient, config: Config) -> None:
+        self.client = client
+        self.config = config
+
+    @property
+    def app(self) -> web.Application:
+        return self.client.server.app  # type: ignore[return-value]
+
+    @property
+    def engine(self) -> AuditEngine:
+        return self.app[ENGINE]
+
+    # -- users and sessions --------------------------------------------------
+
+    async def add_user(self, name: str, role: str = "user",
+                       password: str = USER_PASSWORD) -> None:
+        await self.app[ACCOUNTS].create(name, password, role)
+
+    async def login(self, name: str, password: str = USER_PASSWORD) -> Login:
+        resp = await self.client.post("/token", json={"username": name, "password": password})
+        body = await resp.json()
+        assert resp.status == 200, body
+        return Login(name, body["access_token"], body["session_id"], body)
+
+    async def user(self, name: str, role: str = "user") -> Login:
+        await self.add_user(name, role)
+        return await self.login(name)
+
+    async def admin(self) -> Login:
+        return await self.login("admin", ADMIN_PASSWORD)
+
+    async def create_doc(
+        self, who: Login, title: str = "Doc",
+        content: str = "The cat sat on the mat. Dogs bark loudly.",
+    ) -> dict[str, Any]:
+        resp = await self.client.post("/documents", json={"title": title, "content": content},
+                                      headers=who.headers)
+        body = await resp.json()
+        assert resp.status == 201, body
+        return body
+
+    # -- audit records -------------------------------------------------------
+
+    def _sink(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        path = self.config.sqlite_sink_path
+        if not path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return conn.execute(sql, args).fetchall()
+        except sqlite3.OperationalError:  # the sink has not made its tables yet
+            return []
+        finally:
+            conn.close()
+
+    async def events(self, session_id: str) -> list[dict[str, Any]]:
+        """Every event of a session, wherever it is now, in ``seq`` order."""
+        spooled = await self.engine.spool.read(lambda c: c.execute(
+            "SELECT json FROM events WHERE session_id = ?", (session_id,)).fetchall())
+        found = {e["seq"]: e for e in (json.loads(r[0]) for r in spooled)}
+        for (doc,) in self._sink("SELECT doc FROM parts WHERE session_id = ?", (session_id,)):
+            for e in json.loads(doc)["events"]:
+                found.setdefault(e["seq"], e)
+        return [found[k] for k in sorted(found)]
+
+    async def actions(self, session_id: str) -> list[str]:
+        return [e["action"] for e in await self.events(session_id)]
+
+    async def security(self, action: str | None = None) -> list[dict[str, Any]]:
+        """Security events (spool and sink), oldest first, optionally of one kind."""
+        spooled = await self.engine.spool.read(lambda c: c.execute(
+            "SELECT json FROM security_events ORDER BY id").fetchall())
+        found = {e["event_id"]: e for e in (json.loads(r[0]) for r in spooled)}
+        for (doc,) in self._sink("SELECT doc FROM security_events"):
+            e = json.loads(doc)
+            found.setdefault(e["event_id"], e)
+        out = sorted(found.values(), key=lambda e: e["ts"])
+        return [e for e in out if action is None or e["action"] == action]
+
+    async def wait_security(self, action: str, count: int = 1) -> list[dict[str, Any]]:
+        async def enough() -> list[dict[str, Any]] | None:
+            found = await self.security(action)
+            return found if len(found) >= count else None
+
+        result: list[dict[str, Any]] = await wait_for(enough, message=f"{count} x {action}")
+        return result
+
+    def documents_in_db(self) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(f"file:{self.config.spool_path}?mode=ro", uri=True)
+        try:
+            return conn.execute(
+                "SELECT id, title, content, owner, version FROM documents ORDER BY id"
+            ).fetchall()
+        finally:
+            conn.close()
+
+
+MakeApi = Callable[..., Awaitable[Api]]
+
+
+@pytest.fixture
+def make_api(aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MakeApi:
+    """``await make_api(audit={...}, setup=fn)``: a client on ``server.create_app``.
+
+    ``setup(app)`` may add routes before the app starts. Each call gets its own
+    data directory.
+    """
+    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
+    monkeypatch.delenv(server.JWT_SECRET_ENV, raising=False)
+    monkeypatch.delenv(server.AUDIT_KEY_ENV, raising=False)
+    counter = [0]
+
+    async def make(setup: Callable[[web.Application], None] | None = None,
+                   **sections: dict[str, Any]) -> Api:
+        counter[0] += 1
+        config = api_config(tmp_path / f"app{counter[0]}", **sections)
+        app = server.create_app(config)
+        if setup is not None:
+            setup(app)
+        client = await aiohttp_client(app)
+        return Api(client, config)
+
+    return make
+
+
+@pytest.fixture
+async def api(make_api: MakeApi) -> Api:
+    return await make_api()
+
+
+def assert_error(status: int, body: Any, headers: Any, expected_status: int,
+                 code: str) -> None:
+    """API.md's error format, with no stack traces or paths in it."""
+    assert status == expected_status, body
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == ERROR_KEYS, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["request_id"] == headers["X-Request-ID"]
+    assert_clean(json.dumps(body))
+
+
+def assert_clean(text: str) -> None:
+    """No traceback, source path, SQL or exception class names in a client-visible text."""
+    for bad in ("Traceback", ".py", "/work", "/tmp", "File \"", "sqlite", "SELECT ",
+                "INSERT ", "Error:", "Exception"):
+        assert bad not in text, f"{bad!r} leaked in {text[:500]}"
+
+
+async def expect_error(resp: Any, status: int, code: str) -> dict[str, Any]:
+    body = await resp.json()
+    assert_error(resp.status, body, resp.headers, status, code)
+    assert resp.content_type == "application/json"
+    return body

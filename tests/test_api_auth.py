@@ -1,0 +1,424 @@
+"""POST /token, POST /logout, GET /me, bearer tokens and X-Audit-Session-ID (API.md)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from api_fixtures import (
+    ADMIN_PASSWORD,
+    TS_RE,
+    USER_PASSWORD,
+    Api,
+    MakeApi,
+    api,
+    expect_error,
+    make_api,
+    wait_for,
+)
+
+import server
+
+__all__ = ["api", "make_api"]
+
+
+# -- POST /token -----------------------------------------------------------------
+
+
+async def test_login_json_starts_a_session_with_two_events(api: Api) -> None:
+    await api.add_user("alice")
+    resp = await api.client.post(
+        "/token", json={"username": "alice", "password": USER_PASSWORD},
+        headers={"X-Request-ID": "login-rid-1", "User-Agent": "pytest-agent/1"},
+    )
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert resp.headers["X-Request-ID"] == "login-rid-1"
+    assert set(body) == {"access_token", "token_type", "expires_in", "session_id"}
+    assert body["token_type"] == "bearer"
+    assert 3590 <= body["expires_in"] <= 3600
+    claims = jwt.decode(body["access_token"], server.jwt_key(api.config), algorithms=["HS256"])
+    assert set(claims) == {"sub", "sid", "role", "iat", "exp", "jti"}
+    assert claims["sub"] == "alice" and claims["role"] == "user"
+    assert claims["sid"] == body["session_id"]
+    events = await api.events(body["session_id"])
+    assert [e["action"] for e in events] == ["session.start", "token.issue"]
+    for e in events:
+        assert e["request_id"] == "login-rid-1"
+        assert e["outcome"] == "success"
+        assert e["actor"] == {"user": "alice", "role": "user"}
+        assert e["source"]["user_agent"] == "pytest-agent/1"
+        assert e["source"]["ip"] == "127.0.0.1"
+        assert TS_RE.match(e["ts"])
+    assert [e["seq"] for e in events] == [1, 2]
+
+
+async def test_login_form_encoded_with_grant_type(api: Api) -> None:
+    resp = await api.client.post(
+        "/token",
+        data={"username": "admin", "password": ADMIN_PASSWORD, "grant_type": "password"},
+    )
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["token_type"] == "bearer"
+    me = await api.client.get("/me", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert (await me.json())["role"] == "admin"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"json": {"username": "admin"}}, "invalid_request"),
+        ({"json": {"password": "x"}}, "invalid_request"),
+        ({"json": {"username": 5, "password": "x"}}, "invalid_request"),
+        ({"json": {"username": "admin", "password": ["x"]}}, "invalid_request"),
+        ({"json": {"username": "", "password": "x"}}, "invalid_request"),
+        ({"json": ["admin", "pw"]}, "invalid_request"),
+        ({"json": {"username": "admin", "password": ADMIN_PASSWORD,
+                   "grant_type": "client_credentials"}}, "invalid_request"),
+        ({"data": {"username": "admin", "password": ADMIN_PASSWORD,
+                   "grant_type": "authorization_code"}}, "invalid_request"),
+        ({"data": {"username": "admin"}}, "invalid_request"),
+        ({"data": b"{not json", "headers": {"Content-Type": "application/json"}},
+         "invalid_json"),
+        ({"data": b"", "headers": {"Content-Type": "application/json"}}, "invalid_json"),
+        ({"data": b"\xff\xfe", "headers": {"Content-Type": "application/json"}},
+         "invalid_json"),
+    ],
+)
+async def test_login_bad_request(api: Api, kwargs: dict[str, Any], code: str) -> None:
+    resp = await api.client.post("/token", **kwargs)
+    await expect_error(resp, 400, code)
+
+
+async def test_invalid_credentials_same_answer_for_unknown_user_and_wrong_password(
+    api: Api,
+) -> None:
+    await api.add_user("alice")
+    r1 = await api.client.post("/token", json={"username": "alice", "password": "wrong"})
+    b1 = await expect_error(r1, 401, "invalid_credentials")
+    r2 = await api.client.post("/token", json={"username": "nobody", "password": "wrong"})
+    b2 = await expect_error(r2, 401, "invalid_credentials")
+    b1["error"].pop("request_id")
+    b2["error"].pop("request_id")
+    assert b1 == b2
+    assert set(r1.headers) - {"Date", "X-Request-ID"} == set(r2.headers) - {"Date",
+                                                                              "X-Request-ID"}
+    failed = await api.wait_security("auth.login_failed", 2)
+    assert {e["details"]["username"] for e in failed} == {"alice", "nobody"}
+    for e in failed:
+        assert e["outcome"] == "denied"
+        assert e["details"]["reason"] == "invalid_credentials"
+        assert e["session_id"] is None and e["seq"] is None
+        assert "wrong" not in json.dumps(e)  # the attempted password is never recorded
+
+
+async def test_throttle_per_username_and_ip(make_api: MakeApi) -> None:
+    api = await make_api(auth={"login_max_failures": 3, "login_window_seconds": 60})
+    await api.add_user("alice")
+    for _ in range(3):
+        resp = await api.client.post("/token", json={"username": "alice", "password": "bad"})
+        await expect_error(resp, 401, "invalid_credentials")
+    # Throttled now: even the right password is refused.
+    resp = await api.client.post("/token", json={"username": "alice", "password": USER_PASSWORD})
+    await expect_error(resp, 429, "too_many_attempts")
+    retry_after = int(resp.headers["Retry-After"])
+    assert 1 <= retry_after <= 60
+    resp = await api.client.post("/token", data={"username": "alice", "password": "bad"})
+    await expect_error(resp, 429, "too_many_attempts")
+    throttled = await api.wait_security("auth.login_throttled", 2)
+    assert throttled[0]["details"]["username"] == "alice"
+    assert throttled[0]["details"]["reason"] == "too_many_attempts"
+    assert throttled[0]["outcome"] == "denied"
+    # Another user from the same address is not affected by alice's failures.
+    resp = await api.client.post("/token", json={"username": "admin", "password": ADMIN_PASSWORD})
+    assert resp.status == 200
+    assert len(await api.security("auth.login_failed")) == 3
+
+
+async def test_throttle_per_ip_across_usernames(make_api: MakeApi) -> None:
+    api = await make_api(auth={"login_max_failures": 2, "login_window_seconds": 60})
+    await api.add_user("alice")
+    for i in range(8):  # 4 x login_max_failures, never twice the same username
+        resp = await api.client.post("/token", json={"username": f"u{i}", "password": "bad"})
+        await expect_error(resp, 401, "invalid_credentials")
+    resp = await api.client.post("/token", json={"username": "alice", "password": USER_PASSWORD})
+    await expect_error(resp, 429, "too_many_attempts")
+    assert int(resp.headers["Retry-After"]) >= 1
+    ev = (await api.wait_security("auth.login_throttled"))[0]
+    assert ev["details"]["username"] == "alice"
+
+
+async def test_successful_login_below_the_limit_resets_the_user_count(make_api: MakeApi) -> None:
+    api = await make_api(auth={"login_max_failures": 3})
+    await api.add_user("alice")
+    for _ in range(2):
+        await api.client.post("/token", json={"username": "alice", "password": "bad"})
+    await api.login("alice")
+    for _ in range(2):
+        await api.client.post("/token", json={"username": "alice", "password": "bad"})
+    await api.login("alice")
+
+
+# -- POST /logout, GET /me ---------------------------------------------------------
+
+
+async def test_me(api: Api) -> None:
+    alice = await api.user("alice")
+    resp = await api.client.get("/me", headers=alice.headers)
+    body = await resp.json()
+    assert resp.status == 200
+    assert set(body) == {"user", "role", "session_id", "session_start_time", "expires_at"}
+    assert body["user"] == "alice" and body["role"] == "user"
+    assert body["session_id"] == alice.session_id
+    assert TS_RE.match(body["session_start_time"]) and TS_RE.match(body["expires_at"])
+    assert body["expires_at"] > body["session_start_time"]
+
+
+async def test_logout_ends_the_session_and_the_token(api: Api) -> None:
+    alice = await api.user("alice")
+    await api.client.get("/documents", headers=alice.headers)
+    resp = await api.client.post("/logout", headers={**alice.headers, "X-Request-ID": "bye-1"})
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body == {"message": "Successfully logged out", "session_id": alice.session_id,
+                    "event_count": 4}
+    events = await api.events(alice.session_id)
+    assert [e["action"] for e in events] == ["session.start", "token.issue", "document.list",
+                                             "session.end"]
+    assert events[-1]["request_id"] == "bye-1"
+    assert events[-1]["details"]["reason"] == "logout"
+    for path in ("/me", "/documents"):
+        r = await api.client.get(path, headers=alice.headers)
+        await expect_error(r, 401, "session_ended")
+    r = await api.client.post("/logout", headers=alice.headers)
+    await expect_error(r, 401, "session_ended")
+    ended = await api.wait_security("auth.session_ended", 3)
+    assert all(e["session_id"] == alice.session_id for e in ended)
+    assert all(e["actor"]["user"] == "alice" for e in ended)
+    # No event was added to the sealed session by the refused requests.
+    assert len(await api.events(alice.session_id)) == 4
+
+
+async def test_logout_with_matching_session_id_body(api: Api) -> None:
+    alice = await api.user("alice")
+    resp = await api.client.post("/logout", json={"session_id": alice.session_id},
+                                 headers=alice.headers)
+    assert resp.status == 200
+    assert (await resp.json())["event_count"] == 3
+
+
+@pytest.mark.parametrize("claimed", ["0123456789abcdef0123456789abcdef", 42])
+async def test_logout_with_another_session_id_is_refused(api: Api, claimed: Any) -> None:
+    alice = await api.user("alice")
+    bob = await api.user("bob")
+    if claimed == 42:
+        claimed_value: Any = 42
+    else:
+        claimed_value = bob.session_id
+    resp = await api.client.post("/logout", json={"session_id": claimed_value},
+                                 headers=alice.headers)
+    await expect_error(resp, 403, "session_mismatch")
+    ev = (await api.wait_security("auth.session_mismatch"))[0]
+    assert ev["session_id"] == alice.session_id
+    # Neither session ended.
+    for who in (alice, bob):
+        r = await api.client.get("/me", headers=who.headers)
+        assert r.status == 200
+    assert await api.actions(bob.session_id) == ["session.start", "token.issue"]
+
+
+# -- X-Audit-Session-ID ----------------------------------------------------------------
+
+
+async def test_audit_session_header_of_another_session(api: Api) -> None:
+    alice = await api.user("alice")
+    bob = await api.user("bob")
+    headers = {**alice.headers, "X-Audit-Session-ID": bob.session_id}
+    for method, path in (("GET", "/documents"), ("POST", "/audit/events"), ("GET", "/me")):
+        kwargs: dict[str, Any] = {"json": {"action": "client.x"}} if method == "POST" else {}
+        resp = await api.client.request(method, path, headers=headers, **kwargs)
+        await expect_error(resp, 403, "session_mismatch")
+    events = await api.wait_security("auth.session_mismatch", 3)
+    for e in events:
+        assert e["session_id"] == alice.session_id
+        assert e["actor"]["user"] == "alice"
+        assert e["outcome"] == "denied"
+    # Nothing was written into either session.
+    assert await api.actions(bob.session_id) == ["session.start", "token.issue"]
+    assert await api.actions(alice.session_id) == ["session.start", "token.issue"]
+
+
+async def test_audit_session_header_matching_is_fine(api: Api) -> None:
+    alice = await api.user("alice")
+    headers = {**alice.headers, "X-Audit-Session-ID": alice.session_id}
+    resp = await api.client.get("/documents", headers=headers)
+    assert resp.status == 200
+    resp = await api.client.post("/audit/events", json={"action": "client.ok"}, headers=headers)
+    assert resp.status == 202
+    assert await api.actions(alice.session_id) == [
+        "session.start", "token.issue", "document.list", "client.ok"]
+    assert await api.security("auth.session_mismatch") == []
+
+
+# -- bad tokens --------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unsigned(header: dict[str, Any], claims: dict[str, Any], sig: bytes = b"") -> str:
+    return ".".join((_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()),
+                     _b64(sig)))
+
+
+def _claims(session_id: str, drop: str | None = None, **changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    c: dict[str, Any] = {"sub": "alice", "sid": session_id, "role": "user", "iat": now,
+                         "exp": now + 600, "jti": "j" * 32}
+    if drop is not None:
+        c.pop(drop)
+    for k, v in changes.items():
+        if v is None:
+            c.pop(k)
+        else:
+            c[k] = v
+    return c
+
+
+BAD_TOKENS = [
+    # name, code, security action, details.reason
+    ("no_header", "missing_token", "auth.invalid_token", "missing_token"),
+    ("basic_scheme", "missing_token", "auth.invalid_token", "missing_token"),
+    ("empty_bearer", "missing_token", "auth.invalid_token", "missing_token"),
+    ("garbage", "invalid_token", "auth.invalid_token", "malformed"),
+    ("three_garbage_parts", "invalid_token", "auth.invalid_token", "malformed"),
+    ("alg_none", "invalid_token", "auth.invalid_token", "wrong_algorithm"),
+    ("alg_none_signed", "invalid_token", "auth.invalid_token", "wrong_algorithm"),
+    ("wrong_key", "invalid_token", "auth.invalid_token", "bad_signature"),
+    ("tampered_payload", "invalid_token", "auth.invalid_token", "bad_signature"),
+    ("hs512", "invalid_token", "auth.invalid_token", "wrong_algorithm"),
+    ("rs256_header", "invalid_token", "auth.invalid_token", "wrong_algorithm"),
+    ("missing_sub", "invalid_token", "auth.invalid_token", "missing_claim"),
+    ("missing_sid", "invalid_token", "auth.invalid_token", "missing_claim"),
+    ("missing_role", "invalid_token", "auth.invalid_token", "missing_claim"),
+    ("missing_iat", "invalid_token", "auth.invalid_token", "missing_claim"),
+    ("missing_exp", "invalid_token", "auth.invalid_token", "missing_claim"),
+    ("missing_jti", "invalid_token", "auth.invalid_token", "missing_claim"),
+    ("iat_in_future", "invalid_token", "auth.invalid_token", "not_yet_valid"),
+    ("expired", "token_expired", "auth.token_expired", "token_expired"),
+]
+
+
+def _make_bad(name: str, key: bytes, sid: str) -> dict[str, str]:
+    def bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    good = _claims(sid)
+    if name == "no_header":
+        return {}
+    if name == "basic_scheme":
+        return {"Authorization": "Basic YWxpY2U6cHc="}
+    if name == "empty_bearer":
+        return {"Authorization": "Bearer "}
+    if name == "garbage":
+        return bearer("not-a-jwt")
+    if name == "three_garbage_parts":
+        return bearer("abc.def.ghi")
+    if name == "alg_none":
+        return bearer(_unsigned({"alg": "none", "typ": "JWT"}, good))
+    if name == "alg_none_signed":
+        return bearer(_unsigned({"alg": "none", "typ": "JWT"}, good, b"sig"))
+    if name == "wrong_key":
+        return bearer(jwt.encode(good, b"k" * 48, algorithm="HS256"))
+    if name == "tampered_payload":
+        token = jwt.encode(good, key, algorithm="HS256")
+        h, _, s = token.split(".")
+        forged = _b64(json.dumps({**good, "role": "admin"}).encode())
+        return bearer(f"{h}.{forged}.{s}")
+    if name == "hs512":
+        return bearer(jwt.encode(good, key, algorithm="HS512"))
+    if name == "rs256_header":
+        return bearer(_unsigned({"alg": "RS256", "typ": "JWT"}, good, b"x" * 256))
+    if name.startswith("missing_"):
+        return bearer(jwt.encode(_claims(sid, drop=name[8:]), key, algorithm="HS256"))
+    if name == "iat_in_future":
+        now = int(time.time())
+        return bearer(jwt.encode(_claims(sid, iat=now + 3600, exp=now + 7200), key,
+                                 algorithm="HS256"))
+    if name == "expired":
+        now = int(time.time())
+        return bearer(jwt.encode(_claims(sid, iat=now - 7200, exp=now - 3600), key,
+                                 algorithm="HS256"))
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(("name", "code", "action", "reason"), BAD_TOKENS,
+                         ids=[t[0] for t in BAD_TOKENS])
+async def test_bad_token(api: Api, name: str, code: str, action: str, reason: str) -> None:
+    alice = await api.user("alice")
+    headers = _make_bad(name, server.jwt_key(api.config), alice.session_id)
+    resp = await api.client.get("/documents", headers={**headers, "X-Request-ID": f"bad-{name}"})
+    await expect_error(resp, 401, code)
+    ev = (await api.wait_security(action))[0]
+    assert ev["details"]["reason"] == reason
+    assert ev["outcome"] == "denied"
+    assert ev["request_id"] == f"bad-{name}"
+    assert ev["seq"] is None
+    if name == "expired":
+        # Validly signed: the session and user are known.
+        assert ev["session_id"] == alice.session_id
+        assert ev["actor"]["user"] == "alice"
+    else:
+        assert ev["session_id"] is None
+    # The refused request did not act: no document.list in alice's session.
+    assert await api.actions(alice.session_id) == ["session.start", "token.issue"]
+
+
+async def test_token_expires_and_the_reaper_seals_the_session(make_api: MakeApi) -> None:
+    api = await make_api(auth={"token_ttl_seconds": 1})
+    alice = await api.user("alice")
+    assert (await api.client.get("/me", headers=alice.headers)).status == 200
+
+    async def expired() -> bool:
+        r = await api.client.get("/me", headers=alice.headers)
+        return r.status == 401 and (await r.json())["error"]["code"] == "token_expired"
+
+    await wait_for(expired, timeout=10, message="token_expired")
+    ev = (await api.wait_security("auth.token_expired"))[0]
+    assert ev["session_id"] == alice.session_id
+
+    async def sealed() -> bool:
+        return (await api.actions(alice.session_id))[-1:] == ["session.end"]
+
+    await wait_for(sealed, message="the reaper sealing the session")
+    end = (await api.events(alice.session_id))[-1]
+    assert end["details"]["reason"] == "token_expired"
+
+
+async def test_idle_timeout_ends_the_session(make_api: MakeApi) -> None:
+    api = await make_api(audit={"idle_timeout_seconds": 1.0})
+    alice = await api.user("alice")
+    bob = await api.user("bob")
+    await wait_for(lambda: api.engine.session(alice.session_id) is None, timeout=10,
+                   message="alice idle")
+    resp = await api.client.get("/me", headers=alice.headers)
+    await expect_error(resp, 401, "session_ended")
+    ev = (await api.wait_security("auth.session_ended"))[0]
+    assert ev["session_id"] == alice.session_id
+
+    async def sealed() -> bool:
+        return (await api.actions(alice.session_id))[-1:] == ["session.end"]
+
+    await wait_for(sealed, message="the reaper sealing the idle session")
+    end = (await api.events(alice.session_id))[-1]
+    assert end["details"]["reason"] == "idle_timeout"
+    # bob was idle as well; a fresh login works.
+    assert api.engine.session(bob.session_id) is None
+    again = await api.login("alice")
+    assert (await api.client.get("/me", headers=again.headers)).status == 200
