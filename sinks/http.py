@@ -19,6 +19,7 @@ The receiver cannot be queried through this sink (``queryable = False``).
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -90,7 +91,13 @@ class HttpSink(Sink):
     def __init__(self, cfg: HttpSinkConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.url = cfg.url.rstrip("/")
-        self._display = _strip_userinfo(self.url)
+        # Credentials in the URL become Basic auth, unless a bearer token is set.
+        self._target = _strip_userinfo(self.url)
+        parts = urlsplit(self.url)
+        self._basic: str | None = None
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self._basic = "Basic " + base64.b64encode(pair.encode()).decode()
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
@@ -115,7 +122,7 @@ class HttpSink(Sink):
         parts = urlsplit(self.url)
         for secret in (parts.password, parts.username):
             if secret:
-                text = text.replace(secret, "***")
+                text = text.replace(secret, "***").replace(unquote(secret), "***")
         return text
 
     async def write_part(self, part: Doc) -> None:
@@ -137,10 +144,15 @@ class HttpSink(Sink):
         headers = {"Content-Type": "application/json; charset=utf-8", **headers}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
-        where = f"POST {self._display}{path}"
+        elif self._basic:
+            headers["Authorization"] = self._basic
+        where = f"POST {self._target}{path}"
         try:
             async with session.post(
-                self.url + path, data=data, headers=headers, allow_redirects=False
+                self._target + path,
+                data=data,
+                headers=headers,
+                allow_redirects=False,
             ) as resp:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
@@ -149,7 +161,7 @@ class HttpSink(Sink):
             raise SinkUnavailable(
                 f"http sink: {where}: no answer within {self.cfg.timeout_seconds:g} s"
             ) from None
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, ValueError) as exc:
             msg = self._redact(f"http sink: {where}: {type(exc).__name__}: {exc}")
             raise SinkUnavailable(msg) from None
         err = self._classify(status, retry_after, text, where)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote
@@ -211,7 +212,12 @@ class MongoSink(Sink):
             )
         self._secrets = _uri_secrets(uri)
         try:
-            client: AsyncMongoClient[Doc] = AsyncMongoClient(uri, **self._options)
+            # PyMongo warns about unknown URI options; log them, redacted.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                client: AsyncMongoClient[Doc] = AsyncMongoClient(uri, **self._options)
+            for w in caught:
+                log.warning("%s", self._redact(f"mongodb sink: {w.message}"))
         except (ConfigurationError, ValueError, TypeError) as exc:
             raise SinkUnavailable(
                 self._redact(
@@ -343,8 +349,10 @@ class MongoSink(Sink):
                 retry = retry_after_from(errmsg)
                 if rate_limited is None or (retry or 0) > (rate_limited.retry_after or 0):
                     rate_limited = SinkRateLimited(text, retry_after=retry)
-            elif code in RETRYABLE or code in CONFIGURATION or any(
-                label in labels for label in RETRY_LABELS
+            elif (
+                code in RETRYABLE
+                or code in CONFIGURATION
+                or any(label in labels for label in RETRY_LABELS)
             ):
                 unavailable = unavailable or SinkUnavailable(text)
             else:
@@ -402,9 +410,9 @@ class MongoSink(Sink):
             ids = [str(h["session_id"]) for h in heads[:limit]]
             parts: dict[str, list[Doc]] = {sid: [] for sid in ids}
             if ids:
-                found = await sessions.find(
-                    {"session_id": {"$in": ids}}, {"events": 0}
-                ).to_list(None)
+                found = await sessions.find({"session_id": {"$in": ids}}, {"events": 0}).to_list(
+                    None
+                )
                 for p in found:
                     parts[str(p["session_id"])].append(p)
         except PyMongoError as exc:

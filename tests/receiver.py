@@ -222,9 +222,7 @@ class Receiver:
             return self._answer(429, {"error": "rate_limited"}, {"Retry-After": str(retry)})
         return body, self._pick_fault()
 
-    async def _finish(
-        self, fault: Fault | None, apply: Callable[[], web.Response]
-    ) -> web.Response:
+    async def _finish(self, fault: Fault | None, apply: Callable[[], web.Response]) -> web.Response:
         if fault is None:
             return apply()
         if fault.hang:

@@ -1,0 +1,307 @@
+"""The http sink's fault handling, against the real receiver in tests/receiver.py."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+import pytest
+from aiohttp import web
+from receiver import Fault, Receiver, ReceiverOptions, sample_part, sample_security_event, serve
+
+from audit.config import HttpSinkConfig
+from sinks.base import (
+    SinkConflict,
+    SinkError,
+    SinkRateLimited,
+    SinkRejected,
+    SinkUnavailable,
+)
+from sinks.http import HttpSink, parse_retry_after
+
+TOKEN = "tok-9f8e7d6c5b4a-secret"
+TOKEN_ENV = "SESSION_AUDIT_TEST_HTTP_TOKEN"
+NOW = 1_764_167_467.0  # 2025-11-26T14:31:07Z
+
+Start = Callable[..., Awaitable[tuple[Receiver, str]]]
+
+
+@pytest.fixture
+async def start_receiver() -> AsyncIterator[Start]:
+    started: list[tuple[Receiver, web.AppRunner]] = []
+
+    async def start(**options: object) -> tuple[Receiver, str]:
+        receiver = Receiver(ReceiverOptions(**options))  # type: ignore[arg-type]
+        runner, port = await serve(receiver, "127.0.0.1", 0)
+        started.append((receiver, runner))
+        return receiver, f"http://127.0.0.1:{port}"
+
+    try:
+        yield start
+    finally:
+        for receiver, runner in started:
+            receiver.close()
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def make_sink() -> AsyncIterator[Callable[..., Awaitable[HttpSink]]]:
+    sinks: list[HttpSink] = []
+
+    async def make(url: str, timeout_seconds: float = 5.0, **kwargs: object) -> HttpSink:
+        sink = HttpSink(
+            HttpSinkConfig(url=url, token_env=TOKEN_ENV, timeout_seconds=timeout_seconds),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        await sink.open()
+        sinks.append(sink)
+        return sink
+
+    try:
+        yield make
+    finally:
+        for sink in sinks:
+            await sink.close()
+
+
+# -- parse_retry_after ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("   ", None),
+        ("120", 120.0),
+        (" 5 ", 5.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("-3", None),
+        ("nan", None),
+        ("inf", None),
+        ("soon", None),
+        ("Wed, 26 Nov 2025 14:31:49 GMT", 42.0),  # NOW + 42 s
+        ("Wed, 26 Nov 2025 14:31:07 GMT", 0.0),  # exactly now
+        ("Wed, 26 Nov 2025 14:00:00 GMT", 0.0),  # in the past
+        ("Wednesday, 26-Nov-25 14:32:07 GMT", 60.0),  # RFC 850, obsolete but allowed
+        ("Wed Nov 26 14:31:17 2025", None),  # asctime has no zone: not trusted
+        ("Wed, 32 Nov 2025 14:31:49 GMT", None),
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value, NOW) == expected
+
+
+def test_parse_retry_after_uses_the_given_clock() -> None:
+    date = "Wed, 26 Nov 2025 14:31:49 GMT"
+    assert parse_retry_after(date, NOW + 40) == pytest.approx(2.0)
+    assert parse_retry_after(date, NOW - 8) == pytest.approx(50.0)
+
+
+# -- answers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "retry_after"),
+    [
+        (Fault(429, {"Retry-After": "7"}), SinkRateLimited, 7.0),
+        (Fault(429), SinkRateLimited, None),
+        (Fault(429, {"Retry-After": "garbage"}), SinkRateLimited, None),
+        (Fault(503, {"Retry-After": "3"}), SinkRateLimited, 3.0),
+        (Fault(503), SinkUnavailable, None),
+        (Fault(500), SinkUnavailable, None),
+        (Fault(502), SinkUnavailable, None),
+        (Fault(504), SinkUnavailable, None),
+        (Fault(408), SinkUnavailable, None),
+        (Fault(400), SinkRejected, None),
+        (Fault(401), SinkRejected, None),
+        (Fault(404), SinkRejected, None),
+        (Fault(413), SinkRejected, None),
+        (Fault(422), SinkConflict, None),
+    ],
+)
+async def test_status_mapping(
+    start_receiver: Start,
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    fault: Fault,
+    error: type[SinkError],
+    retry_after: float | None,
+) -> None:
+    receiver, url = await start_receiver()
+    sink = await make_sink(url)
+    for write in (
+        lambda: sink.write_part(sample_part("s1")),
+        lambda: sink.write_security_events([sample_security_event("e1")]),
+    ):
+        receiver.script(fault)
+        with pytest.raises(error) as info:
+            await write()
+        assert type(info.value) is error
+        assert f"HTTP {fault.status}" in str(info.value)
+        if isinstance(info.value, SinkRateLimited):
+            assert info.value.retry_after == retry_after
+    assert receiver.parts == {} and receiver.security_events == {}
+
+
+async def test_429_with_http_date(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    receiver, url = await start_receiver()
+    sink = await make_sink(url, clock=lambda: NOW)
+    date = format_datetime(datetime.fromtimestamp(NOW + 90, tz=UTC), usegmt=True)
+    receiver.script(Fault(429, {"Retry-After": date}), Fault(503, {"Retry-After": date}))
+    for _ in range(2):
+        with pytest.raises(SinkRateLimited) as info:
+            await sink.write_part(sample_part("s1"))
+        assert info.value.retry_after == 90.0
+
+
+async def test_token_bucket_answers_429_with_retry_after(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    receiver, url = await start_receiver(rate=0.5, burst=2)
+    sink = await make_sink(url)
+    await sink.write_part(sample_part("a"))
+    await sink.write_part(sample_part("b"))
+    with pytest.raises(SinkRateLimited) as info:
+        await sink.write_part(sample_part("c"))
+    assert info.value.retry_after is not None and 1.0 <= info.value.retry_after <= 2.0
+    assert sorted(receiver.parts) == ["a:0", "b:0"]
+
+
+async def test_duplicates_are_success_with_409_and_200(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    for dup_status in (409, 200):
+        receiver, url = await start_receiver(dup_status=dup_status)
+        sink = await make_sink(url)
+        part = sample_part("dup")
+        await sink.write_part(part)
+        await sink.write_part(part)
+        assert receiver.stats[f"status_{dup_status}"] == 1
+        assert receiver.parts == {"dup:0": part}
+    receiver.script(Fault(409))  # a bare 409 from anywhere is success too
+    await sink.write_part(sample_part("other"))
+
+
+async def test_request_shape(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    receiver, url = await start_receiver()
+    sink = await make_sink(url + "/")  # a trailing slash is dropped
+    part = sample_part("shape")
+    events = [sample_security_event("x1"), sample_security_event("x2")]
+    await sink.write_part(part)
+    await sink.write_security_events(events)
+    assert receiver.parts == {"shape:0": part}
+    assert receiver.security_events == {"x1": events[0], "x2": events[1]}
+    part_headers, event_headers = receiver.headers_seen
+    assert part_headers["Idempotency-Key"] == "shape:0"
+    assert part_headers["Content-Type"].startswith("application/json")
+    assert "Idempotency-Key" not in event_headers
+    assert "Authorization" not in part_headers  # the token variable is not set
+
+
+async def test_timeout_is_unavailable_and_the_retry_is_idempotent(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    receiver, url = await start_receiver(hang_seconds=30.0)
+    sink = await make_sink(url, timeout_seconds=0.3)
+    part = sample_part("slow")
+    receiver.script(Fault(hang=True, apply=True))
+    started = time.monotonic()
+    with pytest.raises(SinkUnavailable, match=r"no answer within 0\.3 s"):
+        await sink.write_part(part)
+    assert time.monotonic() - started < 5
+    assert receiver.parts == {"slow:0": part}  # it landed although we timed out
+    await sink.write_part(part)  # the retry: a duplicate, so success
+    assert receiver.parts == {"slow:0": part}
+    assert receiver.stats["status_409"] == 1
+
+
+async def test_connection_refused_is_unavailable(
+    make_sink: Callable[..., Awaitable[HttpSink]],
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sink = await make_sink(f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(SinkUnavailable, match=r"127\.0\.0\.1"):
+        await sink.write_part(sample_part("nowhere"))
+    assert time.monotonic() - started < 5
+
+
+async def test_not_open_is_unavailable() -> None:
+    sink = HttpSink(HttpSinkConfig(url="http://127.0.0.1:9"))
+    with pytest.raises(SinkUnavailable):
+        await sink.write_part(sample_part("x"))
+    await sink.close()
+    await sink.close()
+
+
+async def test_bearer_token_sent_and_never_in_messages(
+    start_receiver: Start,
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    receiver, url = await start_receiver(token=TOKEN)
+    sink = await make_sink(url.replace("http://", "http://user:pa55word@"), timeout_seconds=0.3)
+    await sink.write_part(sample_part("auth"))
+    assert receiver.headers_seen[-1]["Authorization"] == f"Bearer {TOKEN}"
+    assert "auth:0" in receiver.parts
+    errors: list[SinkError] = []
+    # A receiver that echoes the header back in its error body.
+    for fault in (
+        Fault(400, body={"error": f"bad Authorization: Bearer {TOKEN} for user pa55word"}),
+        Fault(503, body={"echo": TOKEN}),
+        Fault(hang=True),
+    ):
+        receiver.script(fault)
+        with pytest.raises(SinkError) as info:
+            await sink.write_part(sample_part("auth2"))
+        errors.append(info.value)
+    for err in errors:
+        assert TOKEN not in str(err) and TOKEN not in repr(err)
+        assert "pa55word" not in str(err)
+    assert "***" in str(errors[0])
+
+
+async def test_wrong_token_is_rejected_without_leaking_it(
+    start_receiver: Start,
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    _, url = await start_receiver(token="another-token")
+    sink = await make_sink(url)
+    with pytest.raises(SinkRejected, match="HTTP 401") as info:
+        await sink.write_part(sample_part("x"))
+    assert TOKEN not in str(info.value)
+
+
+async def test_random_faults_retried_deliver_everything_once(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    """Like the flusher: retry each write until it succeeds; nothing lost or doubled."""
+    receiver, url = await start_receiver(fail_share=0.5, seed=7, hang_seconds=1.0)
+    sink = await make_sink(url, timeout_seconds=0.2)
+    parts = [sample_part(f"r{i:02d}") for i in range(20)]
+    kinds: set[type[SinkError]] = set()
+    deadline = time.monotonic() + 30
+    for part in parts:
+        while True:
+            assert time.monotonic() < deadline
+            try:
+                await sink.write_part(part)
+                break
+            except (SinkRateLimited, SinkUnavailable) as exc:
+                kinds.add(type(exc))
+    assert receiver.parts == {p["_id"]: p for p in parts}
+    assert receiver.stats["requests"] > len(parts)
+    assert kinds == {SinkRateLimited, SinkUnavailable}

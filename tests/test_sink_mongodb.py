@@ -1,0 +1,516 @@
+"""The mongodb sink through the real PyMongo driver against a scripted server.
+
+MockupDB speaks the MongoDB wire protocol on 127.0.0.1 from its own threads;
+each test starts a sink call as a task, receives the driver's command in a
+worker thread and answers it exactly as a MongoDB, Atlas or Cosmos DB server
+would (errors, write errors, hang-ups). The sink's query semantics are
+covered by tests/test_sink_contract.py against a real server when
+``SESSION_AUDIT_TEST_MONGODB_URI`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from mockupdb import MockupDB, Request
+from receiver import sample_part, sample_security_event
+
+from audit.config import MongoSinkConfig
+from sinks.base import (
+    SinkConflict,
+    SinkRateLimited,
+    SinkRejected,
+    SinkUnavailable,
+    decode_cursor,
+    encode_cursor,
+)
+from sinks.mongodb import MongoSink, retry_after_from
+
+URI_ENV = "SESSION_AUDIT_TEST_MOCK_MONGODB_URI"
+CFG = MongoSinkConfig(uri_env=URI_ENV, database="audit")
+HELLO = {"ismaster": True, "minWireVersion": 0, "maxWireVersion": 21}
+T = TypeVar("T")
+
+
+def start_server(**hello: Any) -> MockupDB:
+    server = MockupDB(auto_ismaster={**HELLO, **hello}, request_timeout=10)
+    server.run()
+    return server
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[MockupDB]:
+    # One server for the module: stopping one takes a second (its accept loop).
+    s = start_server()
+    answer_create_indexes(s)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def server(shared_server: MockupDB) -> Iterator[MockupDB]:
+    yield shared_server
+    # Each test answers every request it caused.
+    assert not shared_server.got(timeout=0), "a request was left unanswered"
+
+
+def uri(server: MockupDB, userinfo: str = "") -> str:
+    return f"mongodb://{userinfo}127.0.0.1:{server.port}/"
+
+
+def new_sink(**kwargs: Any) -> MongoSink:
+    return MongoSink(CFG, server_selection_timeout_ms=2000, connect_timeout_ms=2000, **kwargs)
+
+
+@pytest.fixture
+async def sink(server: MockupDB, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MongoSink]:
+    monkeypatch.setenv(URI_ENV, uri(server))
+    s = new_sink()
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def command_name(request: Request) -> str:
+    return next(iter(request.doc), "")
+
+
+def answer_create_indexes(server: MockupDB) -> None:
+    server.autoresponds(lambda r: command_name(r) == "createIndexes" and r.ok())
+
+
+async def receive(server: MockupDB, name: str) -> Request:
+    """The next request that reached the queue; it must be command ``name``."""
+    request: Request = await asyncio.to_thread(server.receives, timeout=10)
+    assert command_name(request) == name, request
+    return request
+
+
+def start(coro: Awaitable[T]) -> asyncio.Task[T]:
+    async def run() -> T:
+        return await coro
+
+    return asyncio.create_task(run())
+
+
+def dup_key(index: int = 0, doc_id: str = "x") -> dict[str, Any]:
+    return {
+        "index": index,
+        "code": 11000,
+        "errmsg": f"E11000 duplicate key error collection: audit.x index: _id_ dup key: "
+        f'{{ _id: "{doc_id}" }}',
+    }
+
+
+def cursor_reply(ns: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"cursor": {"id": 0, "ns": ns, "firstBatch": docs}, "ok": 1}
+
+
+# -- single parts -------------------------------------------------------------
+
+
+async def test_insert_sends_the_part_with_its_id(server: MockupDB, sink: MongoSink) -> None:
+    part = sample_part("s1")
+    task = start(sink.write_part(part))
+    request = await receive(server, "insert")
+    assert request["insert"] == "session_audit"
+    assert request.docs[0]["documents"] == [part]
+    request.replies({"ok": 1, "n": 1})
+    await task
+
+
+async def test_16500_with_retry_after_ms_is_rate_limited(server: MockupDB, sink: MongoSink) -> None:
+    task = start(sink.write_part(sample_part("s1")))
+    (await receive(server, "insert")).command_err(
+        16500,
+        "Error=16500, RetryAfterMs=123, Details='Response status code does not indicate "
+        "success: TooManyRequests (429)'",
+    )
+    with pytest.raises(SinkRateLimited) as info:
+        await task
+    assert info.value.retry_after == pytest.approx(0.123)
+    # The same as a write error inside the insert's reply.
+    task = start(sink.write_part(sample_part("s1")))
+    (await receive(server, "insert")).replies(
+        {"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 16500, "errmsg": "RetryAfterMs=7"}]}
+    )
+    with pytest.raises(SinkRateLimited) as info:
+        await task
+    assert info.value.retry_after == pytest.approx(0.007)
+    # No RetryAfterMs: rate limited without a hint.
+    task = start(sink.write_part(sample_part("s1")))
+    (await receive(server, "insert")).command_err(429, "TooManyRequests")
+    with pytest.raises(SinkRateLimited) as info:
+        await task
+    assert info.value.retry_after is None
+
+
+@pytest.mark.parametrize(
+    ("message", "seconds"),
+    [
+        ("Error=16500, RetryAfterMs=123, Details=''", 0.123),
+        ("retryafterms=2000", 2.0),
+        ("RetryAfterMs=0", 0.0),
+        ("Request rate is large", None),
+    ],
+)
+def test_retry_after_from(message: str, seconds: float | None) -> None:
+    assert retry_after_from(message) == seconds
+
+
+@pytest.mark.parametrize("stored_same", [True, False])
+async def test_duplicate_key_checks_the_stored_hash(
+    server: MockupDB, sink: MongoSink, stored_same: bool
+) -> None:
+    part = sample_part("s1")
+    task = start(sink.write_part(part))
+    (await receive(server, "insert")).replies(
+        {"ok": 1, "n": 0, "writeErrors": [dup_key(0, "s1:0")]}
+    )
+    find = await receive(server, "find")
+    assert find["find"] == "session_audit"
+    assert find["filter"] == {"_id": {"$in": ["s1:0"]}}
+    stored_hash = part["hash"] if stored_same else "f" * 64
+    find.replies(cursor_reply("audit.session_audit", [{"_id": "s1:0", "hash": stored_hash}]))
+    if stored_same:
+        await task
+    else:
+        with pytest.raises(SinkConflict, match="s1:0"):
+            await task
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        ({"ok": 0, "code": 50, "errmsg": "Request timed out."}, SinkUnavailable),
+        (
+            {"ok": 0, "code": 463, "errmsg": "too many ops", "errorLabels": ["RetryableError"]},
+            SinkUnavailable,
+        ),
+        (
+            {"ok": 0, "code": 1, "errmsg": "x", "errorLabels": ["RetryableWriteError"]},
+            SinkUnavailable,
+        ),
+        ({"ok": 0, "code": 10107, "errmsg": "not writable primary"}, SinkUnavailable),
+        ({"ok": 0, "code": 11602, "errmsg": "interrupted"}, SinkUnavailable),
+        ({"ok": 0, "code": 18, "errmsg": "Authentication failed."}, SinkUnavailable),
+        ({"ok": 1, "n": 0, "writeConcernError": {"code": 64, "errmsg": "wt"}}, SinkUnavailable),
+        ({"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 2, "errmsg": "b"}]}, SinkRejected),
+        (
+            {"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 121, "errmsg": "v"}]},
+            SinkRejected,
+        ),
+        ({"ok": 0, "code": 2, "errmsg": "BadValue"}, SinkRejected),
+    ],
+)
+async def test_error_mapping(
+    server: MockupDB, sink: MongoSink, reply: dict[str, Any], error: type[Exception]
+) -> None:
+    task = start(sink.write_part(sample_part("s1")))
+    (await receive(server, "insert")).replies(reply)
+    with pytest.raises(error) as info:
+        await task
+    assert type(info.value) is error
+    assert str(info.value).startswith("mongodb sink:")
+
+
+async def test_dropped_connection_is_unavailable(server: MockupDB, sink: MongoSink) -> None:
+    task = start(sink.write_part(sample_part("s1")))
+    (await receive(server, "insert")).hangup()
+    with pytest.raises(SinkUnavailable, match="AutoReconnect"):
+        await task
+    # The driver reconnects: the retried write goes through.
+    task = start(sink.write_part(sample_part("s1")))
+    (await receive(server, "insert")).replies({"ok": 1, "n": 1})
+    await task
+
+
+async def test_document_too_large_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = start_server(maxBsonObjectSize=4096)
+    answer_create_indexes(server)
+    try:
+        monkeypatch.setenv(URI_ENV, uri(server))
+        sink = new_sink()
+        await sink.open()
+        try:
+            with pytest.raises(SinkRejected, match="DocumentTooLarge"):
+                await sink.write_part(sample_part("big", events=200))
+        finally:
+            await sink.close()
+    finally:
+        server.stop()
+
+
+# -- security events ----------------------------------------------------------
+
+
+async def test_security_events_unordered_bulk(server: MockupDB, sink: MongoSink) -> None:
+    events = [sample_security_event(f"e{i}") for i in range(3)]
+    task = start(sink.write_security_events(events))
+    request = await receive(server, "insert")
+    assert request["insert"] == "security_audit" and request["ordered"] is False
+    assert request.docs[0]["documents"] == events
+    request.replies({"ok": 1, "n": 3})
+    await task
+
+
+async def test_partly_applied_bulk_retried_is_success(server: MockupDB, sink: MongoSink) -> None:
+    events = [sample_security_event(f"e{i}") for i in range(3)]
+    # First try: e0 and e2 land, e1 times out (Cosmos 50): retry the whole batch.
+    task = start(sink.write_security_events(events))
+    (await receive(server, "insert")).replies(
+        {
+            "ok": 1,
+            "n": 2,
+            "writeErrors": [{"index": 1, "code": 50, "errmsg": "Request timed out."}],
+        }
+    )
+    with pytest.raises(SinkUnavailable, match="code 50"):
+        await task
+    # The retry: e0 and e2 are duplicates, e1 lands now.
+    task = start(sink.write_security_events(events))
+    (await receive(server, "insert")).replies(
+        {"ok": 1, "n": 1, "writeErrors": [dup_key(0, "e0"), dup_key(2, "e2")]}
+    )
+    find = await receive(server, "find")
+    assert find["find"] == "security_audit"
+    assert find["filter"] == {"_id": {"$in": ["e0", "e2"]}}
+    find.replies(
+        cursor_reply(
+            "audit.security_audit",
+            [{"_id": e["_id"], "hash": e["hash"]} for e in (events[0], events[2])],
+        )
+    )
+    await task
+
+
+async def test_bulk_duplicate_with_other_hash_is_conflict(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    events = [sample_security_event(f"e{i}") for i in range(2)]
+    task = start(sink.write_security_events(events))
+    (await receive(server, "insert")).replies({"ok": 1, "n": 1, "writeErrors": [dup_key(1, "e1")]})
+    (await receive(server, "find")).replies(
+        cursor_reply("audit.security_audit", [{"_id": "e1", "hash": "0" * 64}])
+    )
+    with pytest.raises(SinkConflict, match="e1"):
+        await task
+
+
+@pytest.mark.parametrize(
+    ("write_errors", "extra", "error", "retry_after"),
+    [
+        # Rate limited wins over the rest, with the longest hint.
+        (
+            [
+                {"index": 0, "code": 16500, "errmsg": "RetryAfterMs=20"},
+                {"index": 1, "code": 16500, "errmsg": "RetryAfterMs=250"},
+                {"index": 2, "code": 2, "errmsg": "bad"},
+            ],
+            {},
+            SinkRateLimited,
+            0.25,
+        ),
+        (
+            [
+                {"index": 0, "code": 2, "errmsg": "bad"},
+                {"index": 1, "code": 463, "errmsg": "busy", "errorLabels": ["RetryableError"]},
+            ],
+            {},
+            SinkUnavailable,
+            None,
+        ),
+        ([{"index": 0, "code": 2, "errmsg": "bad"}], {}, SinkRejected, None),
+        (
+            [],
+            {"writeConcernError": {"code": 64, "errmsg": "waiting for replication"}},
+            SinkUnavailable,
+            None,
+        ),
+    ],
+)
+async def test_bulk_error_priority(
+    server: MockupDB,
+    sink: MongoSink,
+    write_errors: list[dict[str, Any]],
+    extra: dict[str, Any],
+    error: type[Exception],
+    retry_after: float | None,
+) -> None:
+    events = [sample_security_event(f"e{i}") for i in range(3)]
+    task = start(sink.write_security_events(events))
+    (await receive(server, "insert")).replies(
+        {"ok": 1, "n": 3 - len(write_errors), "writeErrors": write_errors, **extra}
+    )
+    with pytest.raises(error) as info:
+        await task
+    assert type(info.value) is error
+    if isinstance(info.value, SinkRateLimited):
+        assert info.value.retry_after == pytest.approx(retry_after)
+
+
+# -- queries (the commands sent; semantics in the contract suite) ---------------
+
+
+async def test_security_event_query_and_cursor(server: MockupDB, sink: MongoSink) -> None:
+    cursor = encode_cursor("2026-11-26T14:00:05.000Z", "e5")
+    task = start(
+        sink.list_security_events(
+            since="2026-11-26T00:00:00.000Z", kind="access.denied", limit=2, cursor=cursor
+        )
+    )
+    find = await receive(server, "find")
+    assert find["filter"] == {
+        "ts": {"$gte": "2026-11-26T00:00:00.000Z"},
+        "action": "access.denied",
+        "$or": [
+            {"ts": {"$lt": "2026-11-26T14:00:05.000Z"}},
+            {"ts": "2026-11-26T14:00:05.000Z", "_id": {"$lt": "e5"}},
+        ],
+    }
+    assert list(find["sort"].items()) == [("ts", -1), ("_id", -1)]
+    assert find["limit"] == 3
+    docs = [sample_security_event(f"e{i}", ts=f"2026-11-26T14:00:0{i}.000Z") for i in (4, 3, 2)]
+    find.replies(cursor_reply("audit.security_audit", docs))
+    page, next_cursor = await task
+    assert page == docs[:2]
+    assert next_cursor is not None
+    assert decode_cursor(next_cursor) == ["2026-11-26T14:00:03.000Z", "e3"]
+
+
+async def test_list_sessions_queries(server: MockupDB, sink: MongoSink) -> None:
+    task = start(sink.list_sessions(user="alice", limit=1))
+    heads = await receive(server, "find")
+    assert heads["filter"] == {"part": 0, "user": "alice"}
+    assert list(heads["sort"].items()) == [("session_start_time", -1), ("session_id", -1)]
+    assert heads["limit"] == 2
+    heads.replies(cursor_reply("audit.session_audit", [{"session_id": "b"}, {"session_id": "a"}]))
+    parts = await receive(server, "find")
+    assert parts["filter"] == {"session_id": {"$in": ["b"]}}
+    assert parts["projection"] == {"events": 0}
+    p0 = sample_part("b", 0, final=False, start="2026-11-26T14:00:00.000Z")
+    p1 = sample_part("b", 1, final=True, start="2026-11-26T14:00:00.000Z")
+    p0.pop("events")
+    p1.pop("events")
+    parts.replies(cursor_reply("audit.session_audit", [p1, p0]))
+    sessions, next_cursor = await task
+    assert [s["session_id"] for s in sessions] == ["b"]
+    assert sessions[0]["parts"] == 2 and sessions[0]["state"] == "stored"
+    assert next_cursor is not None
+    assert decode_cursor(next_cursor) == ["2026-11-26T14:00:00.000Z", "b"]
+
+
+# -- opening ------------------------------------------------------------------
+
+
+async def test_open_without_the_variable_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(URI_ENV, raising=False)
+    sink = new_sink()
+    with pytest.raises(SinkUnavailable, match=URI_ENV):
+        await sink.open()
+    await sink.close()
+
+
+async def test_open_creates_indexes(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = start_server()
+    try:
+        monkeypatch.setenv(URI_ENV, uri(server))
+        sink = new_sink()
+        task = start(sink.open())
+        # The first try fails (not authorized yet): unavailable, not permanent.
+        (await receive(server, "createIndexes")).command_err(13, "not authorized on audit")
+        with pytest.raises(SinkUnavailable, match="code 13"):
+            await task
+        task = start(sink.open())
+        indexes: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(5):
+            request = await receive(server, "createIndexes")
+            indexes.setdefault(request["createIndexes"], []).extend(request["indexes"])
+            request.replies({"ok": 1})
+        await task
+        keys = {coll: [list(ix["key"].items()) for ix in ixs] for coll, ixs in indexes.items()}
+        assert keys == {
+            "session_audit": [
+                [("session_start_time", -1), ("session_id", -1)],
+                [("user", 1), ("session_start_time", -1)],
+                [("session_id", 1), ("part", 1)],
+            ],
+            "security_audit": [[("ts", -1), ("_id", -1)], [("action", 1), ("ts", -1)]],
+        }
+        await sink.close()
+        await sink.close()
+    finally:
+        server.stop()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_unreachable_server_is_unavailable_quickly_and_hides_the_uri(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    password = "Sup3r-S3cret-pw"
+    secret_uri = f"mongodb://auditor:{password}@127.0.0.1:{_closed_port()}/audit?authSource=admin"
+    monkeypatch.setenv(URI_ENV, secret_uri)
+    sink = MongoSink(CFG, server_selection_timeout_ms=300, connect_timeout_ms=300)
+    started = time.monotonic()
+    with pytest.raises(SinkUnavailable) as info:
+        await sink.open()
+    assert time.monotonic() - started < 5
+    text = "".join(traceback.format_exception(info.value)) + repr(info.value)
+    assert "ServerSelectionTimeoutError" in text
+    for secret in (secret_uri, password, "auditor"):
+        assert secret not in text
+    await sink.close()
+
+
+async def test_bad_uri_is_unavailable_without_the_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret_uri = "mongodb://auditor:Pa55w0rd-xyz@127.0.0.1:99999/audit"
+    monkeypatch.setenv(URI_ENV, secret_uri)
+    sink = new_sink()
+    with pytest.raises(SinkUnavailable, match=URI_ENV) as info:
+        await sink.open()
+    text = "".join(traceback.format_exception(info.value))
+    assert "Pa55w0rd-xyz" not in text and secret_uri not in text
+    await sink.close()
+
+
+async def test_error_messages_never_contain_the_uri(
+    server: MockupDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server that echoes the connection string back in its error message.
+    secret_uri = uri(server) + "?appname=Echo-Me-4242"
+    monkeypatch.setenv(URI_ENV, secret_uri)
+    sink = new_sink()
+    await sink.open()
+    try:
+        task = start(sink.write_part(sample_part("s1")))
+        (await receive(server, "insert")).command_err(2, f"cannot use {secret_uri} here")
+        with pytest.raises(SinkRejected) as info:
+            await task
+        text = "".join(traceback.format_exception(info.value))
+        assert secret_uri not in text and "***" in text
+    finally:
+        await sink.close()
+
+
+async def test_not_open_is_unavailable() -> None:
+    sink = new_sink()
+    with pytest.raises(SinkUnavailable):
+        await sink.write_part(sample_part("x"))
+    with pytest.raises(SinkUnavailable):
+        await sink.write_security_events([sample_security_event("e")])
