@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
 import socket
+import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -305,3 +312,36 @@ async def test_random_faults_retried_deliver_everything_once(
     assert receiver.parts == {p["_id"]: p for p in parts}
     assert receiver.stats["requests"] > len(parts)
     assert kinds == {SinkRateLimited, SinkUnavailable}
+
+
+async def test_receiver_command_line_stores_to_a_file(
+    tmp_path: Path, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    """``python tests/receiver.py ... --store PATH``: what it got is readable after exit."""
+    store = tmp_path / "received.db"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(__file__).with_name("receiver.py")),
+        "--port", "0", "--seed", "3", "--store", str(store),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert line.startswith(b"listening on http://127.0.0.1:"), line
+        sink = await make_sink(line.split()[-1].decode())
+        part = sample_part("cli")
+        await sink.write_part(part)
+        await sink.write_part(part)
+        await sink.write_security_events([sample_security_event("cli-e")])
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    with closing(sqlite3.connect(store)) as db:
+        parts = db.execute("SELECT id, doc FROM parts").fetchall()
+        stats = dict(db.execute("SELECT key, n FROM stats").fetchall())
+        events = db.execute("SELECT id FROM security_events").fetchall()
+    assert [(i, json.loads(d)) for i, d in parts] == [("cli:0", part)]
+    assert events == [("cli-e",)]
+    assert stats["requests"] == 3 and stats["status_409"] == 1
