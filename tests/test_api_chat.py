@@ -1,0 +1,177 @@
+"""POST /documents/{id}/chat: extractive and OpenAI-compatible providers, ai.interaction."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from api_fixtures import Api, MakeApi, api, expect_error, make_api
+from openai_stub import OpenAIStub
+
+__all__ = ["api", "make_api"]
+
+DOC = ("The reactor uses heavy water. Its core temperature stays below 300 degrees. "
+       "Maintenance happens every spring.")
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[OpenAIStub]:
+    s = OpenAIStub(api_key="sk-test-stub-key")
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def _ai_events(api: Api, sid: str) -> list[dict[str, Any]]:
+    return [e for e in await api.events(sid) if e["action"] == "ai.interaction"]
+
+
+async def test_extractive_reply_and_event_without_texts(api: Api) -> None:
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="Reactor", content=DOC)
+    question = "What is the core temperature?"
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": question},
+                                 headers={**alice.headers, "X-Request-ID": "chat-1"})
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert set(body) == {"reply", "model", "usage"}
+    assert "core temperature stays below 300" in body["reply"]
+    assert body["model"] == "extractive-1"
+    assert set(body["usage"]) == {"prompt_tokens", "completion_tokens"}
+    assert body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] > 0
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["outcome"] == "success" and ev["request_id"] == "chat-1"
+    assert ev["target"] == {"type": "document", "id": doc["id"]}
+    d = ev["details"]
+    assert d["model"] == "extractive-1"
+    assert d["prompt"] == {"sha256": sha(question), "length": len(question)}
+    assert d["reply"] == {"sha256": sha(body["reply"]), "length": len(body["reply"])}
+    assert d["prompt_tokens"] == body["usage"]["prompt_tokens"]
+    assert d["completion_tokens"] == body["usage"]["completion_tokens"]
+    assert isinstance(d["latency_ms"], (int, float)) and d["latency_ms"] >= 0
+    assert "prompt_text" not in d and "reply_text" not in d
+    text = json.dumps(ev)
+    assert question not in text and "300 degrees" not in text
+
+
+async def test_capture_ai_content_keeps_the_texts(make_api: MakeApi) -> None:
+    api = await make_api(audit={"capture_ai_content": True})
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    question = "When does maintenance happen?"
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": question},
+                                 headers=alice.headers)
+    body = await resp.json()
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["details"]["prompt_text"] == question
+    assert ev["details"]["reply_text"] == body["reply"]
+    assert ev["details"]["prompt"]["sha256"] == sha(question)
+
+
+async def test_openai_provider_against_a_local_server(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    api = await make_api(ai={"provider": "openai", "openai": {
+        "base_url": stub.base_url + "/", "model": "stub-model-1",
+        "api_key_env": "TEST_OPENAI_KEY", "timeout_seconds": 5.0}})
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="Reactor", content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat",
+                                 json={"message": "What water is used?"}, headers=alice.headers)
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["reply"] == "Stub answer to: What water is used?"
+    assert body["model"] == "stub-model-1"
+    assert body["usage"]["completion_tokens"] == 7
+    assert body["usage"]["prompt_tokens"] > 10
+    (req,) = stub.requests
+    assert req["headers"]["Authorization"] == "Bearer sk-test-stub-key"
+    assert req["body"]["model"] == "stub-model-1"
+    messages = req["body"]["messages"]
+    assert messages[-1] == {"role": "user", "content": "What water is used?"}
+    assert DOC in messages[0]["content"]
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["outcome"] == "success"
+    assert ev["details"]["model"] == "stub-model-1"
+    assert ev["details"]["prompt_tokens"] == body["usage"]["prompt_tokens"]
+    assert "sk-test-stub-key" not in json.dumps(await api.events(alice.session_id))
+
+
+@pytest.mark.parametrize("mode", ["error", "slow", "garbage", "bad_key", "down"])
+async def test_failing_provider_gives_502_and_a_failure_event(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-wrong" if mode == "bad_key" else "sk-test-stub-key")
+    base_url = stub.base_url
+    if mode == "down":
+        await stub.stop()  # nothing listens there any more
+    else:
+        stub.mode = "ok" if mode == "bad_key" else mode
+    api = await make_api(ai={"provider": "openai", "openai": {
+        "base_url": base_url, "api_key_env": "TEST_OPENAI_KEY", "timeout_seconds": 0.5}})
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hello?"},
+                                 headers=alice.headers)
+    body = await expect_error(resp, 502, "ai_unavailable")
+    assert "127.0.0.1" not in json.dumps(body)
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["outcome"] == "failure"
+    assert ev["details"]["reason"] == "ai_unavailable"
+    assert ev["details"]["prompt"]["sha256"] == sha("hello?")
+    assert "latency_ms" in ev["details"]
+    if mode == "slow":
+        assert ev["details"]["latency_ms"] >= 400
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"data": io.BytesIO(json.dumps({"message": "é" * (8 * 1024 + 1)}).encode())},
+         413, "too_large"),
+        ({"json": {"message": "x" * (16 * 1024 + 1)}}, 413, "too_large"),
+        ({"json": {"message": ""}}, 400, "invalid_request"),
+        ({"json": {"message": 5}}, 400, "invalid_request"),
+        ({"json": {}}, 400, "invalid_request"),
+        ({"json": {"message": "hi", "model": "gpt-5"}}, 400, "invalid_request"),
+        ({"json": "hi"}, 400, "invalid_request"),
+        ({"data": b"{no"}, 400, "invalid_json"),
+    ],
+)
+async def test_bad_chat_input(api: Api, kwargs: dict[str, Any], status: int, code: str) -> None:
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat",
+                                 headers={**alice.headers, "Content-Type": "application/json"},
+                                 **kwargs)
+    await expect_error(resp, status, code)
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert (ev["outcome"], ev["details"]["reason"]) == ("failure", code)
+
+
+async def test_message_of_exactly_16_kib_is_fine(api: Api) -> None:
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat",
+                                 json={"message": "core " * (16 * 1024 // 5) + "x"},
+                                 headers=alice.headers)
+    assert resp.status == 200
+
+
+async def test_chat_about_a_missing_document(api: Api) -> None:
+    alice = await api.user("alice")
+    resp = await api.client.post("/documents/" + "0" * 32 + "/chat", json={"message": "hi"},
+                                 headers=alice.headers)
+    await expect_error(resp, 404, "not_found")
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert (ev["outcome"], ev["details"]["reason"]) == ("failure", "not_found")
+    assert await api.security("access.denied") == []
