@@ -1,0 +1,239 @@
+"""Real processes for end-to-end tests: the server and the HTTP receiver.
+
+:class:`Live` starts ``server.py serve`` and ``tests/receiver.py`` as
+subprocesses on loopback ports, kills them with SIGKILL on demand, runs the
+CLI commands against the same configuration, and kills whatever is still
+running when the test ends (``Live.close``, called from fixture teardown even
+after a failure). Every wait is a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = ROOT / "server.py"
+RECEIVER = Path(__file__).resolve().with_name("receiver.py")
+
+ADMIN_PASSWORD = "admin-password-for-tests"
+JWT_SECRET = "jwt-secret-for-tests-0123456789abcdef"
+AUDIT_KEY = "audit-key-for-tests-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A small TOML writer for nested tables of scalars."""
+    lines: list[str] = []
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    if prefix and scalars:
+        lines.append(f"[{prefix}]")
+    for k, v in scalars.items():
+        lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in tables.items():
+        lines.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
+    return "\n".join(lines) + "\n"
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        SESSION_AUDIT_ADMIN_PASSWORD=ADMIN_PASSWORD,
+        SESSION_AUDIT_JWT_SECRET=JWT_SECRET,
+        SESSION_AUDIT_AUDIT_KEY=AUDIT_KEY,
+        SESSION_AUDIT_LOG_LEVEL=env.get("SESSION_AUDIT_LOG_LEVEL", "WARNING"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("SESSION_AUDIT_CONFIG", None)
+    return env
+
+
+class Live:
+    """One test's server (restartable), optional receiver, and CLI runs."""
+
+    def __init__(self, workdir: Path, settings: dict[str, Any] | None = None) -> None:
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        defaults = {
+            "server": {"host": "127.0.0.1", "port": self.port, "data_dir": str(self.data_dir)},
+            "auth": {"bcrypt_rounds": 4},
+        }
+        self.settings = merge(defaults, settings or {})
+        self.config_path = workdir / "config.toml"
+        self.config_path.write_text(to_toml(self.settings), encoding="utf-8")
+        self.log_path = workdir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.receiver: subprocess.Popen[bytes] | None = None
+        self.receiver_log = workdir / "receiver.log"
+        self.starts = 0
+        self.kills = 0
+
+    # -- the server --------------------------------------------------------
+
+    def spawn(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "server already running"
+        with self.log_path.open("ab") as log:
+            log.write(f"--- start {self.starts} ---\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SERVER), "serve", "--config", str(self.config_path)],
+                cwd=self.workdir, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
+            )
+        self.starts += 1
+
+    async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - a deadline
+        self.spawn()
+        await self.wait_healthy(timeout)
+
+    async def wait_healthy(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while True:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"server exited with {self.proc.returncode}:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    async with http.get(self.base + "/healthz",
+                                        timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"server not healthy after {timeout}s:\n"
+                                         f"{self.log_tail()}")
+                await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        """SIGKILL the server and reap it."""
+        proc = self.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.wait, 10)
+        self.kills += 1
+
+    async def stop(self, timeout: float = 20.0) -> int:  # noqa: ASYNC109
+        """SIGTERM (graceful shutdown) and wait; SIGKILL at the deadline."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc is not None else 0
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+            raise AssertionError("the server did not stop on SIGTERM") from None
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except FileNotFoundError:
+            return ""
+
+    # -- the CLI -----------------------------------------------------------
+
+    async def cli(self, *args: str, stdin: str | None = None,
+                  timeout: float = 90.0) -> subprocess.CompletedProcess[str]:  # noqa: ASYNC109
+        cmd = [sys.executable, str(SERVER), *args[:1], "--config", str(self.config_path),
+               *args[1:]]
+        return await asyncio.to_thread(
+            subprocess.run, cmd, cwd=self.workdir, env=server_env(), input=stdin,
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+    async def adduser(self, name: str, password: str, *, admin: bool = False) -> None:
+        args = ["adduser", name, "--password-stdin"] + (["--admin"] if admin else [])
+        r = await self.cli(*args, stdin=password + "\n")
+        assert r.returncode == 0, r.stderr
+
+    # -- the receiver ------------------------------------------------------
+
+    def spawn_receiver(self, port: int, store: Path, *, rate: float = 0.0,
+                       fail_share: float = 0.0, hang_seconds: float = 2.0,
+                       seed: int = 1) -> subprocess.Popen[bytes]:
+        with self.receiver_log.open("ab") as log:
+            self.receiver = subprocess.Popen(
+                [sys.executable, str(RECEIVER), "--port", str(port), "--rate", str(rate),
+                 "--fail-share", str(fail_share), "--hang-seconds", str(hang_seconds),
+                 "--store", str(store), "--seed", str(seed)],
+                cwd=self.workdir, stdout=subprocess.PIPE, stderr=log,
+            )
+        return self.receiver
+
+    async def start_receiver(self, port: int, store: Path, *, rate: float = 0.0,
+                             fail_share: float = 0.0, hang_seconds: float = 2.0,
+                             seed: int = 1, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+        """Start tests/receiver.py on ``port`` and wait for its banner."""
+        proc = self.spawn_receiver(port, store, rate=rate, fail_share=fail_share,
+                                   hang_seconds=hang_seconds, seed=seed)
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(stdout.readline), timeout)
+        except TimeoutError:
+            raise AssertionError("the receiver did not start") from None
+        assert line.startswith(b"listening on http://"), line
+
+    async def stop_receiver(self) -> None:
+        proc, self.receiver = self.receiver, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait, 10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    # -- teardown ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill everything still running (fixture teardown, also after failures)."""
+        for proc in (self.proc, self.receiver):
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
