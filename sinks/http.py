@@ -156,7 +156,9 @@ class HttpSink(Sink):
             ) as resp:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
-                text = (await resp.text(errors="replace"))[:200] if status >= 300 else ""
+                # Read the whole answer, so the connection can be reused.
+                raw = await resp.read()
+                text = raw[:200].decode("utf-8", "replace") if status >= 300 else ""
         except TimeoutError:
             raise SinkUnavailable(
                 f"http sink: {where}: no answer within {self.cfg.timeout_seconds:g} s"

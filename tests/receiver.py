@@ -97,7 +97,8 @@ class Receiver:
         self.parts: dict[str, dict[str, Any]] = {}
         self.security_events: dict[str, dict[str, Any]] = {}
         self.stats: Counter[str] = Counter()
-        self.headers_seen: list[dict[str, str]] = []
+        # The last requests' headers (bounded: benchmarks send many).
+        self.headers_seen: deque[dict[str, str]] = deque(maxlen=1000)
         self._script: deque[Fault] = deque()
         self._tokens = float(self.options.burst)
         self._refilled = clock()

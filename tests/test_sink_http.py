@@ -217,11 +217,11 @@ async def test_timeout_is_unavailable_and_the_retry_is_idempotent(
     start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
 ) -> None:
     receiver, url = await start_receiver(hang_seconds=30.0)
-    sink = await make_sink(url, timeout_seconds=0.3)
+    sink = await make_sink(url, timeout_seconds=1.0)
     part = sample_part("slow")
     receiver.script(Fault(hang=True, apply=True))
     started = time.monotonic()
-    with pytest.raises(SinkUnavailable, match=r"no answer within 0\.3 s"):
+    with pytest.raises(SinkUnavailable, match=r"no answer within 1 s"):
         await sink.write_part(part)
     assert time.monotonic() - started < 5
     assert receiver.parts == {"slow:0": part}  # it landed although we timed out
@@ -258,7 +258,7 @@ async def test_bearer_token_sent_and_never_in_messages(
 ) -> None:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     receiver, url = await start_receiver(token=TOKEN)
-    sink = await make_sink(url.replace("http://", "http://user:pa55word@"), timeout_seconds=0.3)
+    sink = await make_sink(url.replace("http://", "http://user:pa55word@"), timeout_seconds=1.0)
     await sink.write_part(sample_part("auth"))
     assert receiver.headers_seen[-1]["Authorization"] == f"Bearer {TOKEN}"
     assert "auth:0" in receiver.parts
@@ -296,9 +296,9 @@ async def test_random_faults_retried_deliver_everything_once(
     start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
 ) -> None:
     """Like the flusher: retry each write until it succeeds; nothing lost or doubled."""
-    receiver, url = await start_receiver(fail_share=0.5, seed=7, hang_seconds=1.0)
-    sink = await make_sink(url, timeout_seconds=0.2)
-    parts = [sample_part(f"r{i:02d}") for i in range(20)]
+    receiver, url = await start_receiver(fail_share=0.4, seed=7, hang_seconds=2.0)
+    sink = await make_sink(url, timeout_seconds=0.5)
+    parts = [sample_part(f"r{i:02d}") for i in range(15)]
     kinds: set[type[SinkError]] = set()
     deadline = time.monotonic() + 30
     for part in parts:
