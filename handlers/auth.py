@@ -48,7 +48,7 @@ def check_password(password: str, stored: str) -> bool:
 
 
 def valid_username(name: str) -> bool:
-    return bool(USERNAME_RE.match(name))
+    return bool(USERNAME_RE.fullmatch(name))
 
 
 class Accounts:

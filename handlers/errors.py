@@ -79,7 +79,7 @@ def error_response(
 
 def request_id_of(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID", "")
-    return given if _REQUEST_ID_RE.match(given) else new_id()
+    return given if _REQUEST_ID_RE.fullmatch(given) else new_id()
 
 
 _HTTP_CODES = {

@@ -28,7 +28,7 @@ def _parse_one(item: Any, i: int) -> tuple[str, dict[str, str] | None, dict[str,
     if unknown:
         raise bad_request(where + f"unknown fields: {', '.join(sorted(unknown))[:200]}")
     action = item.get("action")
-    if not isinstance(action, str) or not ACTION_RE.match(action):
+    if not isinstance(action, str) or not ACTION_RE.fullmatch(action):
         raise bad_request(where + "action must match ^client\\.[a-z0-9_.:-]{1,64}$")
     target = item.get("target")
     if target is not None and (
