@@ -61,6 +61,9 @@ def backoff_delay(
     return max(base, ceiling * rand())
 
 
+MAX_HINT = 300.0
+
+
 class Backoff:
     """Consecutive-failure state shared by every kind of sink write.
 
@@ -87,7 +90,9 @@ class Backoff:
         self.attempt += 1
         pause = backoff_delay(self.attempt, self.base, self.cap, self.rand)
         if hint is not None and hint > pause:
-            pause = hint
+            # A hint is honoured up to MAX_HINT (or the backoff cap if larger):
+            # a receiver asking for a day's silence must not stall the trail.
+            pause = min(hint, max(self.cap, MAX_HINT))
         self.until = max(self.until, self.clock() + pause)
         return pause
 
