@@ -49,6 +49,7 @@ JWT_SECRET_ENV = "SESSION_AUDIT_JWT_SECRET"
 AUDIT_KEY_ENV = "SESSION_AUDIT_AUDIT_KEY"
 ADMIN_PASSWORD_ENV = "SESSION_AUDIT_ADMIN_PASSWORD"
 SHUTDOWN_FLUSH_SECONDS = 2.0
+SINK_OPEN_WAIT = 5.0
 
 
 class StartupError(Exception):
@@ -118,11 +119,29 @@ async def _ensure_admin(app: web.Application) -> None:
     log.info("created user 'admin'; its password is in %s (mode 0600)", path)
 
 
+async def _first_sink_attempt(engine: AuditEngine, wait: float = SINK_OPEN_WAIT) -> None:
+    """Serve once the flusher has tried to open the sink (bounded).
+
+    The flusher opens the sink on its first step; until then the admin API
+    cannot query it and /audit/status reports it unhealthy. Waiting for that
+    first attempt (success or a recorded error) removes the start-up window;
+    a sink that is down does not hold the server back beyond ``wait`` seconds.
+    """
+    deadline = time.monotonic() + wait
+    flusher = engine.flusher
+    while not (flusher.sink_open or flusher.last_error or engine.task_failure):
+        if time.monotonic() >= deadline:
+            log.warning("the %s sink is not open yet; serving anyway", engine.sink.type)
+            return
+        await asyncio.sleep(0.01)
+
+
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = app[ENGINE]
     await engine.open()
     try:
         await _ensure_admin(app)
+        await _first_sink_attempt(engine)
         yield
     finally:
         await engine.close(flush_window=SHUTDOWN_FLUSH_SECONDS)

@@ -27,6 +27,8 @@ from .keys import CTX, ENGINE
 
 MAX_LIMIT = 500
 STATES = ("open", "pending", "stored")
+_HALF_MS = 0.0005 + 1e-6  # shown times are rounded to the millisecond
+_SLACK = 32
 
 
 async def _authorise(request: web.Request, query: dict[str, Any]) -> None:
@@ -53,7 +55,16 @@ def _time_param(request: web.Request, name: str) -> tuple[str | None, float | No
         epoch = parse_ts(value)
     except ValueError:
         raise bad_request(f"{name} must be an RFC 3339 time") from None
-    return format_ts(epoch), epoch
+    return _shown(epoch), epoch
+
+
+def _shown(epoch: float) -> str:
+    """``format_ts``, clamped to years 1-9999: a valid RFC 3339 time with an offset
+    (``9999-12-31T23:59:59-23:00``) can fall outside them in UTC."""
+    try:
+        return format_ts(epoch)
+    except (ValueError, OverflowError):
+        return "9999-12-31T23:59:59.999Z" if epoch > 0 else "0001-01-01T00:00:00.000Z"
 
 
 def _limit(request: web.Request) -> int:
@@ -69,10 +80,10 @@ def _cursor(request: web.Request) -> tuple[str, str] | None:
         return None
     try:
         ts, key = decode_cursor(raw)
-        parse_ts(ts)
-        if not isinstance(key, str):
+        if not isinstance(ts, str) or not isinstance(key, str):
             raise ValueError
-    except (ValueError, TypeError):
+        format_ts(parse_ts(ts))
+    except (ValueError, TypeError, OverflowError):
         raise bad_request("cursor is not valid") from None
     return ts, key
 
@@ -96,11 +107,28 @@ async def list_sessions(request: web.Request) -> web.Response:
     user = request.query.get("user") or None
     await _authorise(request, params)
     engine = request.app[ENGINE]
-    before = (parse_ts(cursor[0]), cursor[1]) if cursor else None
+    # The spool keeps exact start times; clients see (and send back) times
+    # rounded to the millisecond. Query with bounds half a millisecond wider,
+    # then apply the bounds to the rounded times the client sees, so that
+    # ``since=T`` includes a session shown as starting at T and a cursor never
+    # repeats or skips a session. The slack covers sessions of the same
+    # millisecond that the exact order puts on the other side of the boundary.
+    fetch = limit + 1 + _SLACK
     from_spool = await engine.spool.read(
-        lambda c: queries.list_sessions(c, user=user, since=since_ts, until=until_ts,
-                                        before=before, limit=limit + 1)
+        lambda c: queries.list_sessions(
+            c, user=user,
+            since=since_ts - _HALF_MS if since_ts is not None else None,
+            until=until_ts + _HALF_MS if until_ts is not None else None,
+            before=(parse_ts(cursor[0]) + _HALF_MS, "") if cursor else None,
+            limit=fetch)
     )
+    spool_more = len(from_spool) >= fetch
+    from_spool = [
+        s for s in from_spool
+        if (since is None or s["session_start_time"] >= since)
+        and (until is None or s["session_start_time"] <= until)
+        and (cursor is None or (s["session_start_time"], s["session_id"]) < cursor)
+    ]
     from_sink: list[Doc] = []
     sink_more = False
     if state in (None, "stored"):
@@ -119,7 +147,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     ordered = sorted(merged.values(),
                      key=lambda s: (s["session_start_time"], s["session_id"]), reverse=True)
     page = ordered[:limit]
-    more = len(ordered) > limit or len(from_spool) > limit or sink_more
+    more = len(ordered) > limit or spool_more or sink_more
     next_cursor = None
     if more and page:
         last = page[-1]
@@ -169,8 +197,10 @@ async def security_events(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     before = parse_ts(cursor[0]) + 0.001 if cursor else None
     spooled = await engine.spool.read(
-        lambda c: queries.list_security(c, since=since_ts, kind=kind, before=before,
-                                        limit=2 * limit + 10))
+        lambda c: queries.list_security(
+            c, since=since_ts - _HALF_MS if since_ts is not None else None, kind=kind,
+            before=before, limit=2 * limit + 10))
+    spooled = [e for e in spooled if since is None or e["ts"] >= since]
     if cursor is not None:
         spooled = [e for e in spooled if (e["ts"], e["_id"]) < cursor]
     from_sink: list[Doc] = []

@@ -1,0 +1,314 @@
+"""Audit administration: 403 for non-admins, sessions, security events, status, flush."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from api_fixtures import (
+    EVENT_KEYS,
+    TS_RE,
+    Api,
+    Login,
+    MakeApi,
+    api,
+    expect_error,
+    make_api,
+    wait_for,
+)
+
+from audit.events import format_ts
+
+__all__ = ["api", "make_api"]
+
+SUMMARY_KEYS = {"session_id", "user", "state", "session_start_time", "session_end_time",
+                "session_duration_seconds", "event_count", "seal_reason", "parts"}
+ADMIN_ENDPOINTS = [
+    ("GET", "/audit/sessions"),
+    ("GET", "/audit/sessions/0123456789abcdef0123456789abcdef"),
+    ("GET", "/audit/security-events"),
+    ("GET", "/audit/status"),
+    ("POST", "/audit/flush"),
+]
+
+
+async def _get(api: Api, who: Login, path: str, **params: Any) -> dict[str, Any]:
+    resp = await api.client.get(path, params=params, headers=who.headers)
+    body: dict[str, Any] = await resp.json()
+    assert resp.status == 200, body
+    return body
+
+
+async def _session_state(api: Api, admin: Login, sid: str) -> str:
+    return str((await _get(api, admin, f"/audit/sessions/{sid}"))["state"])
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ENDPOINTS)
+async def test_non_admin_is_forbidden_and_recorded(api: Api, method: str, path: str) -> None:
+    alice = await api.user("alice")
+    resp = await api.client.request(method, path, headers={**alice.headers,
+                                                           "X-Request-ID": "peek"})
+    await expect_error(resp, 403, "forbidden")
+    (ev,) = await api.wait_security("admin.denied")
+    assert ev["session_id"] == alice.session_id
+    assert ev["actor"] == {"user": "alice", "role": "user"}
+    assert ev["outcome"] == "denied" and ev["request_id"] == "peek"
+    assert ev["details"]["reason"] == "not_admin"
+    assert ev["details"]["endpoint"] == path
+    assert "audit.query" not in await api.actions(alice.session_id)
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ENDPOINTS)
+async def test_admin_endpoints_need_a_token(api: Api, method: str, path: str) -> None:
+    resp = await api.client.request(method, path)
+    await expect_error(resp, 401, "missing_token")
+
+
+async def test_sessions_states_open_pending_stored(make_api: MakeApi) -> None:
+    # One sink write per 100 s after the first: the second logout stays pending.
+    api = await make_api(flush={"max_writes_per_second": 0.01, "burst": 1})
+    admin = await api.admin()
+    stored = await api.user("alice")
+    await api.client.post("/logout", headers=stored.headers)
+    await wait_for(lambda: _is(api, admin, stored.session_id, "stored"), message="stored")
+    pending = await api.user("bob")
+    resp = await api.client.post("/logout", headers=pending.headers)
+    assert resp.status == 200
+    still_open = await api.user("carol")
+
+    body = await _get(api, admin, "/audit/sessions")
+    by_id = {s["session_id"]: s for s in body["sessions"]}
+    assert body["next_cursor"] is None
+    for s in body["sessions"]:
+        assert set(s) == SUMMARY_KEYS
+        assert TS_RE.match(s["session_start_time"])
+    assert by_id[stored.session_id]["state"] == "stored"
+    assert by_id[pending.session_id]["state"] == "pending"
+    assert by_id[still_open.session_id]["state"] == "open"
+    assert by_id[admin.session_id]["state"] == "open"
+    s = by_id[stored.session_id]
+    assert s["user"] == "alice" and s["event_count"] == 3 and s["parts"] == 1
+    assert s["seal_reason"] == "logout"
+    assert TS_RE.match(s["session_end_time"])
+    assert s["session_duration_seconds"] >= 0
+    p = by_id[pending.session_id]
+    assert p["seal_reason"] == "logout" and p["event_count"] == 3
+    o = by_id[still_open.session_id]
+    assert o["session_end_time"] is None and o["seal_reason"] is None
+    assert o["session_duration_seconds"] is None and o["event_count"] == 2
+    # Newest first.
+    starts = [x["session_start_time"] for x in body["sessions"]]
+    assert starts == sorted(starts, reverse=True)
+
+    for state, expected in (("open", {still_open.session_id, admin.session_id}),
+                            ("pending", {pending.session_id}),
+                            ("stored", {stored.session_id})):
+        got = await _get(api, admin, "/audit/sessions", state=state)
+        assert {x["session_id"] for x in got["sessions"]} == expected, state
+
+    # Details of each, events in seq order.
+    for who, n in ((stored, 3), (pending, 3), (still_open, 2)):
+        detail = await _get(api, admin, f"/audit/sessions/{who.session_id}")
+        assert set(detail) == SUMMARY_KEYS | {"events"}
+        assert [e["seq"] for e in detail["events"]] == list(range(1, n + 1))
+        assert all(set(e) == EVENT_KEYS for e in detail["events"])
+    status = await _get(api, admin, "/audit/status")
+    assert status["pending_parts"] == 1
+    assert status["oldest_pending_age_seconds"] >= 0
+
+
+async def _is(api: Api, admin: Login, sid: str, state: str) -> bool:
+    resp = await api.client.get(f"/audit/sessions/{sid}", headers=admin.headers)
+    return resp.status == 200 and (await resp.json())["state"] == state
+
+
+async def test_filters_user_since_until_limit(api: Api) -> None:
+    admin = await api.admin()
+    alice = await api.user("alice")
+    bob = await api.user("bob")
+    bob2 = await api.login("bob")
+    got = await _get(api, admin, "/audit/sessions", user="bob")
+    assert {s["session_id"] for s in got["sessions"]} == {bob.session_id, bob2.session_id}
+    got = await _get(api, admin, "/audit/sessions", user="nobody")
+    assert got == {"sessions": [], "next_cursor": None}
+
+    all_sessions = (await _get(api, admin, "/audit/sessions"))["sessions"]
+    times = {s["session_id"]: s["session_start_time"] for s in all_sessions}
+    t_bob = times[bob.session_id]
+    got = await _get(api, admin, "/audit/sessions", since=t_bob)
+    assert {s["session_id"] for s in got["sessions"]} == {
+        sid for sid, t in times.items() if t >= t_bob}
+    assert alice.session_id not in {s["session_id"] for s in got["sessions"]}
+    got = await _get(api, admin, "/audit/sessions", until=times[alice.session_id])
+    assert {s["session_id"] for s in got["sessions"]} == {
+        sid for sid, t in times.items() if t <= times[alice.session_id]}
+    assert bob2.session_id not in {s["session_id"] for s in got["sessions"]}
+    future = format_ts(time.time() + 3600)
+    assert (await _get(api, admin, "/audit/sessions", since=future))["sessions"] == []
+    got = await _get(api, admin, "/audit/sessions", limit="2")
+    assert len(got["sessions"]) == 2 and got["next_cursor"]
+    # An offset form of RFC 3339 works too.
+    got = await _get(api, admin, "/audit/sessions", since="2000-01-01T00:00:00+02:00")
+    assert len(got["sessions"]) == 4
+
+
+async def test_cursor_paging_without_duplicates(api: Api) -> None:
+    admin = await api.admin()
+    for i in range(3):
+        await api.add_user(f"user{i}")
+    # Concurrent logins start several sessions within the same millisecond.
+    logins = await asyncio.gather(*(api.login(f"user{i % 3}") for i in range(12)))
+    # Some of them stored in the sink by now, some open.
+    for who in logins[:6]:
+        await api.client.post("/logout", headers=who.headers)
+    expected = {who.session_id for who in logins} | {admin.session_id}
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": "4"} | ({"cursor": cursor} if cursor else {})
+        body = await _get(api, admin, "/audit/sessions", **params)
+        seen += [s["session_id"] for s in body["sessions"]]
+        keys = [(s["session_start_time"], s["session_id"]) for s in body["sessions"]]
+        assert keys == sorted(keys, reverse=True)
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+        assert pages < 20
+    assert len(seen) == len(set(seen)), "a session appeared on two pages"
+    assert set(seen) == expected
+
+
+async def test_get_session_merges_parts_in_seq_order(make_api: MakeApi) -> None:
+    # Parts of 3 events: the session is cut into checkpoint parts that reach
+    # the sink while it is still open.
+    api = await make_api(audit={"part_max_events": 3, "keep_stored_seconds": 0})
+    admin = await api.admin()
+    alice = await api.user("alice")
+    for i in range(8):
+        r = await api.client.post("/audit/events", json={"action": f"client.n{i}"},
+                                  headers=alice.headers)
+        assert r.status == 202
+
+    async def parts_in_sink() -> bool:
+        rows = api._sink("SELECT COUNT(*) FROM parts WHERE session_id = ?",
+                         (alice.session_id,))
+        return bool(rows) and rows[0][0] >= 3
+
+    await wait_for(parts_in_sink, message="checkpoint parts in the sink")
+    detail = await _get(api, admin, f"/audit/sessions/{alice.session_id}")
+    assert detail["state"] == "open"
+    assert [e["seq"] for e in detail["events"]] == list(range(1, 11))
+    assert detail["event_count"] == 10
+    assert detail["parts"] == 4
+    await api.client.post("/logout", headers=alice.headers)
+    await wait_for(lambda: _is(api, admin, alice.session_id, "stored"), message="stored")
+    detail = await _get(api, admin, f"/audit/sessions/{alice.session_id}")
+    assert [e["seq"] for e in detail["events"]] == list(range(1, 12))
+    assert detail["events"][-1]["action"] == "session.end"
+    assert detail["event_count"] == 11 and detail["seal_reason"] == "logout"
+
+
+async def test_unknown_session_is_404(api: Api) -> None:
+    admin = await api.admin()
+    for sid in ("0" * 32, "nope", "..%2F..", "x" * 3000):
+        resp = await api.client.get(f"/audit/sessions/{sid}", headers=admin.headers)
+        await expect_error(resp, 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/audit/sessions", {"limit": "0"}),
+        ("/audit/sessions", {"limit": "501"}),
+        ("/audit/sessions", {"limit": "ten"}),
+        ("/audit/sessions", {"since": "yesterday"}),
+        ("/audit/sessions", {"until": "2026-13-45T00:00:00Z"}),
+        ("/audit/sessions", {"state": "sealed"}),
+        ("/audit/sessions", {"cursor": "!!!"}),
+        ("/audit/sessions", {"cursor": "e30"}),
+        ("/audit/sessions", {"bogus": "1"}),
+        ("/audit/security-events", {"since": "x"}),
+        ("/audit/security-events", {"limit": "-1"}),
+        ("/audit/security-events", {"cursor": "bm90IGpzb24"}),
+    ],
+)
+async def test_bad_query_parameters(api: Api, path: str, params: dict[str, str]) -> None:
+    admin = await api.admin()
+    resp = await api.client.get(path, params=params, headers=admin.headers)
+    await expect_error(resp, 400, "invalid_request")
+
+
+async def test_security_events_kind_since_and_paging(api: Api) -> None:
+    admin = await api.admin()
+    for i in range(3):
+        await api.client.post("/token", json={"username": f"ghost{i}", "password": "x"})
+    await api.client.get("/me", headers={"Authorization": "Bearer junk"})
+    await api.client.get("/me")
+    await api.wait_security("auth.invalid_token", 2)
+    body = await _get(api, admin, "/audit/security-events")
+    kinds = [e["action"] for e in body["events"]]
+    assert sorted(kinds) == ["auth.invalid_token"] * 2 + ["auth.login_failed"] * 3
+    assert body["next_cursor"] is None
+    for e in body["events"]:
+        assert set(e) >= EVENT_KEYS
+        assert e["_id"] == e["event_id"] and e["seq"] is None
+    ts = [e["ts"] for e in body["events"]]
+    assert ts == sorted(ts, reverse=True)
+
+    body = await _get(api, admin, "/audit/security-events", kind="auth.login_failed")
+    assert [e["details"]["username"] for e in body["events"]] == ["ghost2", "ghost1", "ghost0"]
+    body = await _get(api, admin, "/audit/security-events", kind="admin.denied")
+    assert body["events"] == []
+    newest = (await _get(api, admin, "/audit/security-events", limit="1"))
+    assert len(newest["events"]) == 1 and newest["next_cursor"]
+    since = newest["events"][0]["ts"]
+    body = await _get(api, admin, "/audit/security-events", since=since)
+    assert all(e["ts"] >= since for e in body["events"]) and body["events"]
+
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):
+        params = {"limit": "2"} | ({"cursor": cursor} if cursor else {})
+        page = await _get(api, admin, "/audit/security-events", **params)
+        seen += [e["_id"] for e in page["events"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == 5 and len(set(seen)) == 5
+
+
+async def test_status_object(api: Api) -> None:
+    admin = await api.admin()
+    body = await _get(api, admin, "/audit/status")
+    for key in ("active_sessions", "pending_parts", "pending_security_events", "spool_bytes",
+                "oldest_pending_age_seconds", "dead_letter", "sink"):
+        assert key in body, key
+    assert set(body["sink"]) >= {"type", "healthy", "last_error", "writes_ok", "writes_failed",
+                                 "rate_limited", "backoff_until"}
+    assert body["sink"]["type"] == "sqlite"
+    assert body["sink"]["healthy"] is True
+    assert body["active_sessions"] == 1
+    assert body["spool_bytes"] > 0
+    assert body["dead_letter"] == 0
+
+
+async def test_flush_and_audit_query_events(api: Api) -> None:
+    admin = await api.admin()
+    resp = await api.client.post("/audit/flush", headers={**admin.headers,
+                                                          "X-Request-ID": "flush-1"})
+    assert resp.status == 202
+    for path in ("/audit/sessions", f"/audit/sessions/{admin.session_id}",
+                 "/audit/security-events", "/audit/status"):
+        await _get(api, admin, path)
+    queries = [e for e in await api.events(admin.session_id) if e["action"] == "audit.query"]
+    assert len(queries) == 5
+    assert queries[0]["request_id"] == "flush-1"
+    assert [q["details"]["endpoint"] for q in queries] == [
+        "/audit/flush", "/audit/sessions", f"/audit/sessions/{admin.session_id}",
+        "/audit/security-events", "/audit/status"]
+    assert all(q["outcome"] == "success" and q["actor"]["role"] == "admin" for q in queries)
+    assert await api.security("admin.denied") == []
