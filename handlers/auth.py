@@ -166,7 +166,12 @@ THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 async def _credentials(request: web.Request) -> tuple[str, str]:
     ctype = request.content_type
     if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, LookupError):
+            # A multipart body without or with a wrong boundary, bytes that are not
+            # in the (possibly unknown) charset: aiohttp raises these, not 400.
+            raise bad_request("the form body is malformed") from None
         data: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
     else:
         data = await read_json(request)
