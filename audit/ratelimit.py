@@ -6,6 +6,10 @@ import random
 import time
 from collections.abc import Callable
 
+# Refill arithmetic on float clocks can leave 0.9999999999 of a token and ask
+# for a wait below the clock's resolution; such a token counts as whole.
+_EPSILON = 1e-9
+
 
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up; starts full."""
@@ -30,14 +34,14 @@ class TokenBucket:
     def delay(self) -> float:
         """Seconds until one token is available (0 when one is there now)."""
         self._refill()
-        if self.tokens >= 1.0:
+        if self.tokens >= 1.0 - _EPSILON:
             return 0.0
         return (1.0 - self.tokens) / self.rate
 
     def try_take(self) -> bool:
         self._refill()
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= 1.0 - _EPSILON:
+            self.tokens = max(0.0, self.tokens - 1.0)
             return True
         return False
 
