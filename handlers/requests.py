@@ -17,7 +17,9 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
     """The body as JSON; 400 ``invalid_json`` if it is not JSON (or not UTF-8).
 
     Strings must be valid Unicode: lone surrogates (``"\\ud800"``) are refused
-    with ``invalid_request`` rather than failing later when stored.
+    with ``invalid_request`` rather than failing later when stored; so are
+    numbers too large to be finite (``1e400``), which the audit trail's
+    canonical JSON cannot carry.
     """
     raw = await request.read()
     if not raw.strip():
@@ -29,11 +31,13 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
         raise bad_request("strings must be valid Unicode (no lone surrogates)") from None
-    except (RecursionError, ValueError):
+    except RecursionError:
         raise bad_request("the body is nested too deeply") from None
+    except ValueError:  # 1e400 parses as inf, which no JSON (nor the audit trail) can carry
+        raise bad_request("numbers must be finite") from None
     return value
 
 
