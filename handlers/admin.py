@@ -47,6 +47,13 @@ async def _authorise(request: web.Request, query: dict[str, Any]) -> None:
                                               source=ctx.source()))
 
 
+async def _admins_only(request: web.Request) -> None:
+    """Refuse a non-admin before looking at the query, so that bad parameters
+    never turn their 403 + ``admin.denied`` into an unrecorded 400."""
+    if not request[CTX].is_admin:
+        await _authorise(request, {k: v[:200] for k, v in list(request.query.items())[:20]})
+
+
 def _time_param(request: web.Request, name: str) -> tuple[str | None, float | None]:
     value = request.query.get(name)
     if value is None or value == "":
@@ -97,6 +104,7 @@ def _params(request: web.Request, allowed: set[str]) -> dict[str, str]:
 
 
 async def list_sessions(request: web.Request) -> web.Response:
+    await _admins_only(request)
     params = _params(request, {"user", "since", "until", "state", "limit", "cursor"})
     since, since_ts = _time_param(request, "since")
     until, until_ts = _time_param(request, "until")
@@ -189,6 +197,7 @@ async def get_session(request: web.Request) -> web.Response:
 
 
 async def security_events(request: web.Request) -> web.Response:
+    await _admins_only(request)
     params = _params(request, {"since", "kind", "limit", "cursor"})
     since, since_ts = _time_param(request, "since")
     limit = _limit(request)
