@@ -167,7 +167,9 @@ class SqliteSink(Sink):
         cursor: str | None = None,
     ) -> tuple[list[Doc], str | None]:
         db = self._conn()
-        where = ["part = 0"]
+        # A session is listed by its lowest stored part (not part 0: verify
+        # must see a session whose first part was removed from the sink).
+        where = ["part = (SELECT MIN(p.part) FROM parts p WHERE p.session_id = parts.session_id)"]
         args: list[Any] = []
         if user is not None:
             where.append("user = ?")

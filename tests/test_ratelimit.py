@@ -1,0 +1,194 @@
+"""Token bucket and backoff arithmetic with an injected clock; the global pause."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import pytest
+
+from audit.events import Draft, Source
+from audit.ratelimit import Backoff, TokenBucket, backoff_delay
+from sinks.base import Sink, SinkRateLimited, SinkUnavailable
+
+
+class Clock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# -- token bucket ------------------------------------------------------------
+
+
+def test_bucket_starts_full_and_allows_a_burst():
+    clock = Clock()
+    bucket = TokenBucket(rate=5.0, burst=3, clock=clock)
+    assert [bucket.try_take() for _ in range(4)] == [True, True, True, False]
+    assert bucket.delay() == pytest.approx(0.2)
+
+
+def test_bucket_refills_at_rate_and_caps_at_burst():
+    clock = Clock()
+    bucket = TokenBucket(rate=4.0, burst=2, clock=clock)
+    assert bucket.try_take() and bucket.try_take()
+    clock.t += 0.125  # half a token
+    assert not bucket.try_take()
+    assert bucket.delay() == pytest.approx(0.125)
+    clock.t += 0.125
+    assert bucket.delay() == 0.0 and bucket.try_take()
+    clock.t += 1000.0  # a long idle time saves up only `burst` tokens
+    assert [bucket.try_take() for _ in range(3)] == [True, True, False]
+
+
+def test_bucket_float_rounding_does_not_ask_for_sub_resolution_waits():
+    clock = Clock(1000.0)
+    bucket = TokenBucket(rate=50.0, burst=1, clock=clock)
+    for _ in range(100):
+        assert bucket.try_take()
+        clock.t += bucket.delay() or 0.02  # 1000.02 - 1000.0 is not exactly 0.02
+        assert bucket.delay() == 0.0
+
+
+def test_bucket_clock_going_backwards_adds_nothing():
+    clock = Clock()
+    bucket = TokenBucket(rate=1.0, burst=1, clock=clock)
+    assert bucket.try_take()
+    clock.t -= 10
+    assert not bucket.try_take()
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (1, 0)])
+def test_bucket_rejects_bad_parameters(rate, burst):
+    with pytest.raises(ValueError):
+        TokenBucket(rate, burst)
+
+
+# -- backoff -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "rand", "expected"),
+    [
+        (0, 0.5, 0.0),  # no failure, no wait
+        (1, 1.0, 0.5),  # ceiling = base
+        (2, 1.0, 1.0),
+        (3, 1.0, 2.0),
+        (4, 0.5, 2.0),  # full jitter: uniform below the ceiling of 4
+        (4, 0.0, 0.5),  # ... but never below base
+        (8, 1.0, 60.0),  # 0.5 * 2**7 = 64 -> capped
+        (10_000, 1.0, 60.0),  # no overflow for huge attempt counts
+        (10_000, 0.25, 15.0),
+    ],
+)
+def test_backoff_delay_table(attempt, rand, expected):
+    assert backoff_delay(attempt, 0.5, 60.0, lambda: rand) == pytest.approx(expected)
+
+
+def test_backoff_doubles_resets_and_honours_a_larger_hint():
+    clock = Clock()
+    b = Backoff(1.0, 30.0, clock, rand=lambda: 1.0)
+    assert [b.failed() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert b.remaining() == 30.0
+    clock.t += 30.0
+    assert b.remaining() == 0.0
+    b.succeeded()
+    assert b.failed() == 1.0
+    assert b.failed(hint=7.0) == 7.0  # hint larger than backoff (2.0)
+    assert b.remaining() == pytest.approx(7.0)
+    assert b.failed(hint=0.1) == 4.0  # backoff larger than hint
+
+
+def test_backoff_deadline_never_moves_earlier():
+    clock = Clock()
+    b = Backoff(0.5, 60.0, clock, rand=lambda: 0.0)
+    b.failed(hint=20.0)
+    b.failed()  # 0.5 s would end sooner; the pause stays
+    assert b.remaining() == pytest.approx(20.0)
+
+
+# -- the global pause ----------------------------------------------------------
+
+
+class CountingSink(Sink):
+    """A peer that answers from a script and counts every write attempt."""
+
+    type = "counting"
+
+    def __init__(self) -> None:
+        self.script: deque[BaseException | None] = deque()
+        self.calls: list[str] = []
+
+    def _answer(self, what: str) -> None:
+        self.calls.append(what)
+        exc = self.script.popleft() if self.script else None
+        if exc is not None:
+            raise exc
+
+    async def write_part(self, part: dict[str, Any]) -> None:
+        self._answer("part")
+
+    async def write_security_events(self, events: list[dict[str, Any]]) -> None:
+        self._answer("security")
+
+
+@pytest.fixture
+async def paused_setup(make_config, engines, fake_monotonic):
+    config = make_config(
+        flush={"max_writes_per_second": 100.0, "burst": 10, "backoff_base_seconds": 0.5}
+    )
+    sink = CountingSink()
+    engine = await engines.open(config, sink, monotonic=fake_monotonic)
+    engine.flusher.backoff.rand = lambda: 1.0
+    src = Source(user="alice", role="user")
+    s = await engine.start_session("alice", "user", src, 3600)
+    await engine.end_session(s.session_id, src)  # one pending part
+    return engine, sink
+
+
+async def test_rate_limit_pauses_security_events_and_parts_until_the_hint(
+    paused_setup, fake_monotonic
+):
+    engine, sink = paused_setup
+    await engine.record_security(Draft("auth.login_failed", outcome="denied"))
+    sink.script.append(SinkRateLimited(retry_after=7))
+    assert await engine.flusher.step() == pytest.approx(7.0)  # hint 7 > backoff 0.5
+    assert sink.calls == ["security"]
+    assert engine.stats.rate_limited == 1
+    assert engine.sink_status()["backoff_until"] is not None
+    for waited in (2.0, 4.0, 6.0):  # nothing goes out during the pause, neither kind
+        fake_monotonic.advance(2.0)
+        assert await engine.flusher.step() == pytest.approx(7.0 - waited)
+    assert sink.calls == ["security"]
+    fake_monotonic.advance(1.0)
+    assert await engine.flusher.step() == 0.0  # the security event, first
+    assert await engine.flusher.step() == 0.0  # then the part
+    assert sink.calls == ["security", "security", "part"]
+    assert await engine.flusher.step() is None
+
+
+async def test_pause_is_the_backoff_when_it_is_later_than_the_hint(
+    paused_setup, fake_monotonic
+):
+    engine, sink = paused_setup
+    sink.script.extend([SinkUnavailable("down"), SinkUnavailable("down")])
+    assert await engine.flusher.step() == 0.5  # attempt 1: ceiling 0.5
+    fake_monotonic.advance(0.5)
+    assert await engine.flusher.step() == 1.0  # attempt 2: ceiling 1.0
+    fake_monotonic.advance(1.0)
+    sink.script.append(SinkRateLimited(retry_after=0.25))
+    assert await engine.flusher.step() == 2.0  # attempt 3: backoff 2.0 > hint 0.25
+    # A security event recorded during a part's rate-limit pause waits too.
+    await engine.record_security(Draft("auth.invalid_token", outcome="denied"))
+    fake_monotonic.advance(1.9)
+    assert await engine.flusher.step() == pytest.approx(0.1)
+    assert sink.calls == ["part", "part", "part"]
+    fake_monotonic.advance(0.1)
+    assert await engine.flusher.step() == 0.0
+    assert await engine.flusher.step() == 0.0
+    assert await engine.flusher.step() is None
+    assert sink.calls == ["part", "part", "part", "security", "part"]
+    assert engine.flusher.backoff.attempt == 0
+    assert engine.stats.rate_limited == 1 and engine.stats.writes_failed == 2

@@ -1,0 +1,110 @@
+"""Verify finds tampering in the sink: changed, removed and swapped events, missing parts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+
+import pytest
+
+from audit.events import Draft, Source
+from audit.verify import verify_sink
+from sinks.sqlite import SqliteSink
+
+
+@pytest.fixture
+async def stored(make_config, engines, audit_key):
+    """Six sessions of 8 events (parts of 3, 3, 2) flushed into a SqliteSink."""
+    config = make_config(
+        audit={"part_max_events": 3}, flush={"max_writes_per_second": 1000.0, "burst": 100}
+    )
+    engine = await engines.open(config)
+    src = Source(user="alice", role="user", ip="127.0.0.1")
+    sids = []
+    for _ in range(6):
+        s = await engine.start_session("alice", "user", src, 3600)
+        for i in range(5):
+            await engine.record(
+                s.session_id, Draft("document.access", target={"type": "document", "id": str(i)})
+            )
+        await engine.end_session(s.session_id, src)
+        sids.append(s.session_id)
+    await engines.drain(engine)
+    report = await verify_sink(engine.sink, audit_key)
+    assert report.ok and (report.sessions, report.parts, report.events) == (6, 18, 48)
+    return config, sids
+
+
+def tamper(config, session_id: str, part: int, edit) -> None:
+    """Edit one stored part document directly in the sink's SQLite file."""
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as conn, conn:
+        (text,) = conn.execute(
+            "SELECT doc FROM parts WHERE session_id = ? AND part = ?", (session_id, part)
+        ).fetchone()
+        doc = json.loads(text)
+        edit(doc)
+        conn.execute(
+            "UPDATE parts SET doc = ? WHERE session_id = ? AND part = ?",
+            (json.dumps(doc), session_id, part),
+        )
+
+
+def delete_part(config, session_id: str, part: int) -> None:
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as conn, conn:
+        conn.execute("DELETE FROM parts WHERE session_id = ? AND part = ?", (session_id, part))
+
+
+async def problems(config, key) -> dict[str, set[str]]:
+    sink = SqliteSink(config.sqlite_sink_path)
+    await sink.open()
+    try:
+        report = await verify_sink(sink, key)
+    finally:
+        await sink.close()
+    out: dict[str, set[str]] = {}
+    for p in report.problems:
+        out.setdefault(p.session_id, set()).add(p.kind)
+    return out
+
+
+async def test_verify_detects_each_kind_of_tampering(stored, audit_key):
+    config, sids = stored
+    changed, removed, swapped, gap, head, untouched = sids
+
+    def change_details(doc):
+        doc["events"][1]["details"] = {"note": "edited"}
+
+    def remove_event(doc):
+        del doc["events"][1]
+        doc["event_count"] -= 1  # a careful forger fixes the count, not the chain
+
+    def swap_pair(doc):
+        ev = doc["events"]
+        ev[0], ev[1] = ev[1], ev[0]
+
+    tamper(config, changed, 1, change_details)
+    tamper(config, removed, 1, remove_event)
+    tamper(config, swapped, 0, swap_pair)
+    delete_part(config, gap, 1)  # a middle part
+    delete_part(config, head, 0)  # the first part
+    found = await problems(config, audit_key)
+
+    assert "changed" in found[changed]
+    assert "removed" in found[removed]
+    assert "reordered" in found[swapped]
+    assert "missing_part" in found[gap]
+    assert "missing_part" in found.get(head, set())
+    assert untouched not in found
+
+
+async def test_verify_detects_a_forged_event_with_a_recomputed_count(stored, audit_key):
+    """Changing the actor of the last event of the final part is also caught."""
+    config, sids = stored
+
+    def forge(doc):
+        doc["events"][-1]["actor"]["user"] = "mallory"
+
+    tamper(config, sids[0], 2, forge)
+    found = await problems(config, audit_key)
+    assert found == {sids[0]: {"changed"}}
