@@ -71,9 +71,14 @@ def anonymous_source(request: web.Request) -> Source:
 def session_middleware(engine: AuditEngine, tokens: TokenService) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Unmatched paths (404/405) go on to become API errors; every matched
+        # route needs a caller unless it is named public. An unnamed route is
+        # not public: authentication fails closed.
+        if request.match_info.http_exception is not None:
+            return await handler(request)
         route = request.match_info.route
         name = route.name if route is not None else None
-        if name is None or name in request.app[PUBLIC]:
+        if name is not None and name in request.app[PUBLIC]:
             return await handler(request)
         request[CTX] = await authenticate(request, engine, tokens)
         return await handler(request)

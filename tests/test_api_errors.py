@@ -1,0 +1,124 @@
+"""Errors in API.md's format everywhere: 404, 405, 413, 500, and no details leaking."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+from aiohttp import web
+from api_fixtures import ADMIN_PASSWORD, Api, MakeApi, api, assert_clean, expect_error, make_api
+
+__all__ = ["api", "make_api"]
+
+SECRET_DETAIL = "boom at /srv/secret/path.py with password hunter2"
+
+
+async def _boom(request: web.Request) -> web.Response:
+    raise RuntimeError(SECRET_DETAIL)
+
+
+async def _key_error(request: web.Request) -> web.Response:
+    return web.json_response({}[request.path])  # type: ignore[index]
+
+
+def _add_test_routes(app: web.Application) -> None:
+    app.router.add_get("/test-only/boom", _boom)  # unnamed: needs a token like any route
+    app.router.add_post("/test-only/key-error", _key_error)
+
+
+@pytest.fixture
+async def boom_api(make_api: MakeApi) -> Api:
+    return await make_api(setup=_add_test_routes)
+
+
+async def test_unexpected_exception_is_internal_error_without_details(
+    boom_api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    api = boom_api
+    alice = await api.user("alice")
+    with caplog.at_level(logging.ERROR, logger="session_audit.http"):
+        resp = await api.client.get("/test-only/boom",
+                                    headers={**alice.headers, "X-Request-ID": "boom-1"})
+        body = await expect_error(resp, 500, "internal_error")
+        text = await resp.text()
+    assert "hunter2" not in text and "RuntimeError" not in text and "/srv" not in text
+    assert body["error"]["request_id"] == "boom-1"
+    # Logged for the operator, with the request id.
+    logged = [r for r in caplog.records if "boom-1" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+    resp = await api.client.post("/test-only/key-error", headers=alice.headers)
+    await expect_error(resp, 500, "internal_error")
+    # The server keeps serving.
+    assert (await api.client.get("/healthz")).status == 200
+
+
+async def test_unnamed_routes_are_not_public(boom_api: Api) -> None:
+    resp = await boom_api.client.get("/test-only/boom")
+    await expect_error(resp, 401, "missing_token")
+
+
+@pytest.mark.parametrize("path", ["/nope", "/documents/a/b/c", "/audit", "/%00", "/" + "z" * 4000,
+                                  "/audit/sessions/x/y", "/.env", "/../../etc/passwd"])
+async def test_unknown_paths_are_404_in_api_format(api: Api, path: str) -> None:
+    for method in ("GET", "POST", "DELETE"):
+        resp = await api.client.request(method, path)
+        await expect_error(resp, 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/token"),
+        ("DELETE", "/me"),
+        ("PATCH", "/documents"),
+        ("POST", "/documents/abc"),
+        ("GET", "/documents/abc/chat"),
+        ("GET", "/audit/events"),
+        ("DELETE", "/audit/sessions"),
+        ("GET", "/audit/flush"),
+        ("POST", "/healthz"),
+        ("PUT", "/metrics"),
+        ("GET", "/logout"),
+    ],
+)
+async def test_wrong_method_is_405_in_api_format(api: Api, method: str, path: str) -> None:
+    resp = await api.client.request(method, path)
+    await expect_error(resp, 405, "method_not_allowed")
+    assert resp.headers.get("Allow")
+
+
+async def test_oversized_bodies_are_413_in_api_format(api: Api) -> None:
+    big = 8 * 1024 * 1024 + 1
+    admin = await api.admin()
+    for path, headers in (("/token", {}), ("/audit/events", admin.headers),
+                          ("/logout", admin.headers)):
+        resp = await api.client.post(path, data=io.BytesIO(b"{" + b" " * big + b"}"),
+                                     headers={**headers, "Content-Type": "application/json"})
+        await expect_error(resp, 413, "too_large")
+    # The refused logout did not end the session.
+    resp = await api.client.get("/me", headers=admin.headers)
+    assert resp.status == 200
+
+
+async def test_login_accepts_no_other_content_type_garbage(api: Api) -> None:
+    resp = await api.client.post("/token", data=b"username=admin&password=" +
+                                 ADMIN_PASSWORD.encode(),
+                                 headers={"Content-Type": "text/plain"})
+    await expect_error(resp, 400, "invalid_json")
+
+
+async def test_error_bodies_are_clean(api: Api) -> None:
+    """A sample of every kind of error: none carries a path, trace or SQL."""
+    alice = await api.user("alice")
+    probes = [
+        ("GET", "/documents/" + "' OR 1=1 --", None),
+        ("PUT", "/documents/x", {"version": "1; DROP TABLE documents"}),
+        ("POST", "/documents", {"title": None}),
+        ("GET", "/audit/sessions?limit=-5", None),
+        ("POST", "/audit/events", {"action": "client.x", "details": {"a": [1] * 3000}}),
+    ]
+    for method, path, body in probes:
+        resp = await api.client.request(method, path, json=body, headers=alice.headers)
+        assert resp.status >= 400
+        assert_clean(await resp.text())

@@ -1,0 +1,155 @@
+"""Operations: /healthz, /readyz (and a full spool), /metrics, X-Request-ID."""
+
+from __future__ import annotations
+
+import pytest
+from api_fixtures import Api, Login, MakeApi, api, expect_error, make_api, wait_for
+
+__all__ = ["api", "make_api"]
+
+SPOOL_MAX = 200_000  # an empty spool is about 80 kB
+
+
+async def test_healthz_and_readyz(api: Api) -> None:
+    resp = await api.client.get("/healthz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ok"}
+    assert resp.content_type == "application/json"
+    resp = await api.client.get("/readyz")
+    assert resp.status == 200
+
+
+async def _fill(api: Api, who: Login) -> None:
+    """Client events with 4 kB details until the spool is over its limit."""
+    batch = [{"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(100)]
+    for _ in range(10):
+        if api.engine.spool.full:
+            return
+        resp = await api.client.post("/audit/events", json=batch, headers=who.headers)
+        assert resp.status == 202
+    assert api.engine.spool.full
+
+
+async def test_spool_full_refuses_audited_actions(make_api: MakeApi) -> None:
+    api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content="original")
+    before = api.documents_in_db()
+    events_before = len(await api.events(alice.session_id))
+    assert (await api.client.get("/readyz")).status == 200
+    await _fill(api, alice)
+    events_before = len(await api.events(alice.session_id))
+
+    resp = await api.client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["status"] != "ready"
+    assert (await api.client.get("/healthz")).status == 200  # still serving
+
+    url = f"/documents/{doc['id']}"
+    attempts = [
+        ("POST", "/documents", {"title": "new", "content": "x"}),
+        ("PUT", url, {"content": "changed", "version": 1}),
+        ("DELETE", url, None),
+        ("GET", url, None),
+        ("GET", "/documents", None),
+        ("POST", url + "/chat", {"message": "hi"}),
+        ("POST", "/audit/events", {"action": "client.more"}),
+    ]
+    for method, path, body in attempts:
+        resp = await api.client.request(method, path, json=body, headers=alice.headers)
+        await expect_error(resp, 503, "audit_unavailable")
+    resp = await api.client.post("/token", json={"username": "alice",
+                                                 "password": "user-password-for-tests"})
+    await expect_error(resp, 503, "audit_unavailable")
+    # Nothing happened, and nothing was recorded for the refused actions.
+    assert api.documents_in_db() == before
+    assert len(await api.events(alice.session_id)) == events_before
+    # Logging out still works: sealing the session needs no new space.
+    resp = await api.client.post("/logout", headers=alice.headers)
+    assert resp.status == 200
+    assert (await resp.json())["event_count"] == events_before + 1
+
+
+async def test_spool_full_recovers_when_flushed(make_api: MakeApi) -> None:
+    api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
+    alice = await api.user("alice")
+    await _fill(api, alice)
+    assert (await api.client.get("/readyz")).status == 503
+    await api.client.post("/logout", headers=alice.headers)
+
+    async def ready() -> bool:
+        return (await api.client.get("/readyz")).status == 200
+
+    await wait_for(ready, message="the spool draining to the sink")
+    bob = await api.user("bob")
+    assert (await api.client.get("/documents", headers=bob.headers)).status == 200
+
+
+async def test_metrics(api: Api) -> None:
+    alice = await api.user("alice")
+    await api.client.get("/documents", headers=alice.headers)
+    await api.client.post("/logout", headers=alice.headers)
+    resp = await api.client.get("/metrics")
+    assert resp.status == 200
+    assert resp.content_type == "text/plain"
+    text = await resp.text()
+    for name in (
+        "session_audit_http_requests_total",
+        "session_audit_events_recorded_total",
+        "session_audit_sink_writes_total",
+        "session_audit_pending_parts",
+        "session_audit_spool_bytes",
+        "session_audit_oldest_pending_age_seconds",
+        "session_audit_group_commit_batch_size_bucket",
+        "session_audit_group_commit_batch_size_count",
+        "session_audit_group_commit_seconds_bucket",
+        "session_audit_group_commit_seconds_sum",
+    ):
+        assert f"\n{name}" in text, name
+    assert 'route="document_list",status="200"' in text
+    for line in text.splitlines():
+        assert line.startswith("#") or " " in line
+    # Counts only: no user names, tokens or session ids.
+    assert "alice" not in text and alice.session_id not in text and alice.token not in text
+
+
+@pytest.mark.parametrize(
+    ("sent", "echoed"),
+    [
+        ("abc-123_X.y", True),
+        ("r" * 128, True),
+        ("r" * 129, False),
+        ("has space", False),
+        ("semi;colon", False),
+        ("<script>", False),
+        ("caf\u00e9", False),
+        ("", False),
+    ],
+)
+async def test_request_id_echoed_when_sane(api: Api, sent: str, echoed: bool) -> None:
+    for path in ("/healthz", "/no/such/path", "/me"):
+        resp = await api.client.get(path, headers={"X-Request-ID": sent})
+        rid = resp.headers["X-Request-ID"]
+        if echoed:
+            assert rid == sent
+        else:
+            assert rid != sent and 0 < len(rid) <= 128
+            assert rid.replace("-", "").replace("_", "").replace(".", "").isalnum()
+        if resp.status >= 400:
+            assert (await resp.json())["error"]["request_id"] == rid
+
+
+async def test_request_id_generated_and_unique(api: Api) -> None:
+    ids = set()
+    for _ in range(5):
+        resp = await api.client.get("/healthz")
+        ids.add(resp.headers["X-Request-ID"])
+    assert len(ids) == 5
+
+
+async def test_request_id_reaches_the_events(api: Api) -> None:
+    alice = await api.user("alice")
+    resp = await api.client.get("/documents", headers={**alice.headers,
+                                                       "X-Request-ID": "x" * 129})
+    rid = resp.headers["X-Request-ID"]
+    assert (await api.events(alice.session_id))[-1]["request_id"] == rid
