@@ -42,6 +42,8 @@ def api_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     data: dict[str, Any] = {
         "server": {"data_dir": str(tmp_path / "data")},
         "auth": {"bcrypt_rounds": 4},
+        # No fsync per commit: these tests are about the API, not power loss.
+        "audit": {"synchronous": "normal"},
         "flush": {"max_writes_per_second": 1000.0, "burst": 1000},
     }
     for name, values in sections.items():
