@@ -1,0 +1,196 @@
+"""Configuration: errors name the key; defaults are API.md's."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from audit.config import CONFIG_ENV, Config, ConfigError, load_config, parse_config
+
+# The defaults block of API.md ("Configuration"), verbatim.
+API_DEFAULTS = '''
+[server]
+host = "127.0.0.1"
+port = 8080
+data_dir = "data"
+
+[auth]
+token_ttl_seconds = 3600
+bcrypt_rounds = 12
+login_max_failures = 5
+login_window_seconds = 300
+
+[audit]
+ack = "durable"
+synchronous = "full"
+idle_timeout_seconds = 1800
+max_session_seconds = 43200
+part_max_events = 500
+part_max_bytes = 1048576
+checkpoint_seconds = 900
+spool_max_bytes = 1073741824
+on_spool_full = "reject"
+keep_stored_seconds = 0
+capture_ai_content = false
+
+[flush]
+max_writes_per_second = 5.0
+burst = 5
+backoff_base_seconds = 0.5
+backoff_max_seconds = 60.0
+
+[sink]
+type = "sqlite"
+
+[sink.sqlite]
+path = ""
+
+[sink.mongodb]
+uri_env = "SESSION_AUDIT_MONGODB_URI"
+database = "audit"
+sessions_collection = "session_audit"
+security_collection = "security_audit"
+
+[sink.jsonl]
+dir = ""
+
+[sink.http]
+url = ""
+token_env = "SESSION_AUDIT_HTTP_TOKEN"
+timeout_seconds = 10.0
+
+[ai]
+provider = "extractive"
+
+[ai.openai]
+base_url = "https://api.openai.com/v1"
+model = "gpt-4o-mini"
+api_key_env = "OPENAI_API_KEY"
+timeout_seconds = 60.0
+'''
+
+
+def as_toml_dict(config: Config) -> dict:
+    d = dataclasses.asdict(config)
+    d.pop("base_dir")
+    return d
+
+
+def test_defaults_equal_api_md():
+    api = tomllib.loads(API_DEFAULTS)
+    assert as_toml_dict(parse_config({})) == api
+    assert parse_config(api) == parse_config({})
+
+
+def test_defaults_cover_every_key():
+    """Every key of the dataclasses appears in API.md's block, and vice versa."""
+    api = tomllib.loads(API_DEFAULTS)
+
+    def keys(d, prefix=""):
+        out = set()
+        for k, v in d.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        return out
+
+    assert keys(as_toml_dict(parse_config({}))) == keys(api)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"bogus": {}}, "bogus"),
+        ({"audit": {"part_max_event": 5}}, "audit.part_max_event"),
+        ({"sink": {"mongodb": {"url": "x"}}}, "sink.mongodb.url"),
+        ({"ai": {"openai": {"temperature": 1}}}, "ai.openai.temperature"),
+    ],
+)
+def test_unknown_key_is_named(data, key):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert str(info.value) == f"{key}: unknown key"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"server": {"port": "8080"}}, "server.port"),
+        ({"server": {"port": 70000}}, "server.port"),
+        ({"server": {"port": True}}, "server.port"),
+        ({"server": {"data_dir": ""}}, "server.data_dir"),
+        ({"auth": {"bcrypt_rounds": 3}}, "auth.bcrypt_rounds"),
+        ({"audit": {"ack": "eventually"}}, "audit.ack"),
+        ({"audit": {"synchronous": "off"}}, "audit.synchronous"),
+        ({"audit": {"part_max_events": 0}}, "audit.part_max_events"),
+        ({"audit": {"part_max_events": 2.5}}, "audit.part_max_events"),
+        ({"audit": {"part_max_bytes": 100}}, "audit.part_max_bytes"),
+        ({"audit": {"checkpoint_seconds": 0}}, "audit.checkpoint_seconds"),
+        ({"audit": {"spool_max_bytes": 10}}, "audit.spool_max_bytes"),
+        ({"audit": {"on_spool_full": "drop"}}, "audit.on_spool_full"),
+        ({"audit": {"keep_stored_seconds": -1}}, "audit.keep_stored_seconds"),
+        ({"audit": {"capture_ai_content": "yes"}}, "audit.capture_ai_content"),
+        ({"flush": {"max_writes_per_second": 0}}, "flush.max_writes_per_second"),
+        ({"flush": {"burst": 0}}, "flush.burst"),
+        ({"flush": {"backoff_base_seconds": 2, "backoff_max_seconds": 1}},
+         "flush.backoff_max_seconds"),
+        ({"sink": {"type": "kafka"}}, "sink.type"),
+        ({"sink": {"type": "http"}}, "sink.http.url"),
+        ({"sink": {"http": {"timeout_seconds": 0}}}, "sink.http.timeout_seconds"),
+        ({"ai": {"provider": "openai", "openai": {"base_url": "ftp://x"}}},
+         "ai.openai.base_url"),
+        ({"audit": 5}, "audit"),
+    ],
+)
+def test_bad_value_is_named(data, key):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert str(info.value).startswith(key + ":"), str(info.value)
+
+
+def test_ints_are_accepted_for_floats():
+    c = parse_config({"flush": {"max_writes_per_second": 10}})
+    assert c.flush.max_writes_per_second == 10.0
+    assert isinstance(c.flush.max_writes_per_second, float)
+
+
+def test_load_config_paths(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    # No config.toml in the working directory: all defaults.
+    c = load_config()
+    assert c.audit == parse_config({}).audit
+    assert c.spool_path == tmp_path / "data" / "spool.db"
+    assert c.sqlite_sink_path == tmp_path / "data" / "audit.db"
+
+    (tmp_path / "my.toml").write_text(
+        '[audit]\npart_max_events = 7\n[sink.sqlite]\npath = "x/a.db"\n'
+    )
+    c = load_config(tmp_path / "my.toml")
+    assert c.audit.part_max_events == 7
+    assert c.sqlite_sink_path == tmp_path / "x" / "a.db"
+
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "my.toml"))
+    assert load_config().audit.part_max_events == 7
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config()
+
+
+def test_load_config_bad_toml_and_bad_key(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[audit\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    bad.write_text("[flush]\nburst = -1\n")
+    with pytest.raises(ConfigError, match=r"^flush\.burst:"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_config_is_frozen():
+    c = parse_config({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.audit.part_max_events = 1  # type: ignore[misc]

@@ -1,0 +1,144 @@
+"""Parts: size/count checkpoints, and the reaper's seals and time checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+
+from audit.events import Draft, Source, canonical_json
+from audit.verify import verify_sink
+
+SRC = Source(user="alice", role="user", ip="127.0.0.1")
+FAST = {"max_writes_per_second": 1000.0, "burst": 100}
+
+
+async def parts_of(engines, engine, session_id: str) -> list[dict]:
+    await engines.drain(engine)
+    return await engine.sink.get_session_parts(session_id)
+
+
+async def test_part_max_events_cuts_checkpoint_parts(make_config, engines, audit_key):
+    engine = await engines.open(make_config(audit={"part_max_events": 4}, flush=FAST))
+    s = await engine.start_session("alice", "user", SRC, 3600)
+    for _ in range(7):
+        await engine.record(s.session_id, Draft("document.list"))
+    assert await engine.end_session(s.session_id, SRC) == 10
+    parts = await parts_of(engines, engine, s.session_id)
+    assert [(p["part"], p["event_count"], p["final"], p["seal_reason"]) for p in parts] == [
+        (0, 4, False, "checkpoint"),
+        (1, 4, False, "checkpoint"),
+        (2, 2, True, "logout"),
+    ]
+    assert [p["session_end_time"] for p in parts[:2]] == [None, None]
+    assert parts[2]["session_end_time"] is not None
+    assert [(p["first_seq"], p["last_seq"]) for p in parts] == [(1, 4), (5, 8), (9, 10)]
+    assert parts[1]["prev_hash"] == parts[0]["hash"] == parts[0]["events"][-1]["hash"]
+    assert len({p["_id"] for p in parts}) == 3 == engine.stats.parts_written
+
+
+async def test_exactly_one_part_at_the_limit(make_config, engines):
+    engine = await engines.open(make_config(audit={"part_max_events": 5}, flush=FAST))
+    s = await engine.start_session("alice", "user", SRC, 3600)
+    for _ in range(2):
+        await engine.record(s.session_id, Draft("document.list"))
+    await engine.end_session(s.session_id, SRC)  # 5 events
+    parts = await parts_of(engines, engine, s.session_id)
+    assert [(p["event_count"], p["final"]) for p in parts] == [(5, True)]
+
+
+async def test_part_max_bytes_cuts_checkpoint_parts(make_config, engines):
+    engine = await engines.open(make_config(audit={"part_max_bytes": 4096}, flush=FAST))
+    s = await engine.start_session("alice", "user", SRC, 3600)
+    for _ in range(6):
+        await engine.record(s.session_id, Draft("document.list", details={"b": "x" * 1500}))
+    await engine.end_session(s.session_id, SRC)
+    parts = await parts_of(engines, engine, s.session_id)
+    assert len(parts) >= 3
+    for p in parts[:-1]:
+        assert p["seal_reason"] == "checkpoint" and not p["final"]
+        size = sum(len(engine_json(e)) for e in p["events"])
+        assert size <= 4096
+    assert parts[-1]["final"] and parts[-1]["seal_reason"] == "logout"
+    assert sum(p["event_count"] for p in parts) == 9
+
+
+def engine_json(event: dict) -> bytes:
+    return canonical_json(event).encode()
+
+
+@pytest.mark.parametrize(
+    ("audit", "ttl", "steps", "reason"),
+    [
+        # idle: no activity for idle_timeout_seconds
+        ({"idle_timeout_seconds": 60}, 3600, [59, "record", 59.5, 0.5], "idle_timeout"),
+        # token expiry comes first even when also idle
+        ({"idle_timeout_seconds": 60}, 30, [29, 1], "token_expired"),
+        # active all along, but over max_session_seconds
+        ({"idle_timeout_seconds": 60, "max_session_seconds": 100}, 3600,
+         [50, "record", 49, "record", 1], "max_duration"),
+    ],
+)
+async def test_reaper_seals_with_the_right_reason(
+    make_config, engines, fake_clock, audit, ttl, steps, reason
+):
+    engine = await engines.open(make_config(audit=audit, flush=FAST), clock=fake_clock)
+    s = await engine.start_session("alice", "user", SRC, ttl)
+    for step in steps[:-1]:
+        if step == "record":
+            await engine.record(s.session_id, Draft("document.list"))
+        else:
+            fake_clock.advance(step)
+            assert await engine.reap_once() == 0, f"sealed too early at +{step}"
+            assert engine.session(s.session_id) is not None
+    fake_clock.advance(steps[-1])
+    assert engine.session(s.session_id) is None  # past its deadline already
+    assert await engine.reap_once() == 1
+    assert engine.spool.open_session(s.session_id) is None
+    parts = await parts_of(engines, engine, s.session_id)
+    assert [(p["final"], p["seal_reason"]) for p in parts] == [(True, reason)]
+    end = parts[0]["events"][-1]
+    assert end["action"] == "session.end" and end["details"] == {"reason": reason}
+    assert end["actor"] == {"user": "alice", "role": "user"}
+    assert await engine.reap_once() == 0
+
+
+async def test_reaper_cuts_a_time_checkpoint(make_config, engines, fake_clock):
+    config = make_config(audit={"checkpoint_seconds": 900}, flush=FAST)
+    engine = await engines.open(config, clock=fake_clock)
+    s = await engine.start_session("alice", "user", SRC, 7200)
+    fake_clock.advance(600)
+    await engine.record(s.session_id, Draft("document.list"))
+    fake_clock.advance(299)
+    assert await engine.reap_once() == 0  # the oldest uncut event is 899 s old
+    fake_clock.advance(1)
+    assert await engine.reap_once() == 1
+    assert engine.session(s.session_id) is not None  # still open
+    assert await engine.reap_once() == 0  # nothing uncut: no empty part
+    fake_clock.advance(100)
+    await engine.record(s.session_id, Draft("document.list"))
+    await engine.end_session(s.session_id, SRC)
+    parts = await parts_of(engines, engine, s.session_id)
+    assert [(p["event_count"], p["final"], p["seal_reason"]) for p in parts] == [
+        (3, False, "checkpoint"),
+        (2, True, "logout"),
+    ]
+    assert parts[0]["session_end_time"] is None
+
+
+async def test_open_session_checkpoint_reaches_the_sink_and_survives_restart(
+    make_config, engines, fake_clock, audit_key
+):
+    """A checkpointed open session continues in a new process with the next part."""
+    config = make_config(audit={"checkpoint_seconds": 10}, flush=FAST)
+    e1 = await engines.open(config, clock=fake_clock)
+    s = await e1.start_session("alice", "user", SRC, 7200)
+    fake_clock.advance(10)
+    assert await e1.reap_once() == 1
+    await engines.drain(e1)
+    await e1.close()
+    e2 = await engines.open(config, clock=fake_clock)
+    ev = await e2.record(s.session_id, Draft("document.list"))
+    assert ev["seq"] == 3
+    await e2.end_session(s.session_id, SRC)
+    parts = await parts_of(engines, e2, s.session_id)
+    assert [p["part"] for p in parts] == [0, 1]
+    assert (await verify_sink(e2.sink, audit_key)).ok

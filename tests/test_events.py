@@ -1,0 +1,94 @@
+"""Event records: canonical JSON, times, ids and the hash chain."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+
+import pytest
+
+from audit.events import (
+    EVENT_KEYS,
+    Draft,
+    Source,
+    canonical_json,
+    chain_hash,
+    event_hash,
+    format_ts,
+    genesis,
+    new_id,
+    parse_ts,
+    seal_event,
+)
+
+KEY = b"k" * 32
+
+
+def test_canonical_json_is_sorted_compact_utf8():
+    assert canonical_json({"b": 1, "a": [1, {"d": None, "c": "é"}]}) == (
+        '{"a":[1,{"c":"é","d":null}],"b":1}'
+    )
+    with pytest.raises(ValueError):
+        canonical_json({"x": float("nan")})
+
+
+@pytest.mark.parametrize(
+    ("epoch", "text"),
+    [
+        (0, "1970-01-01T00:00:00.000Z"),
+        (1_795_000_267.1234, "2026-11-18T11:11:07.123Z"),
+        (1.9996, "1970-01-01T00:00:02.000Z"),  # rounding carries into the second
+        (59.9995, "1970-01-01T00:01:00.000Z"),
+    ],
+)
+def test_format_ts(epoch, text):
+    assert format_ts(epoch) == text
+    assert parse_ts(text) == pytest.approx(epoch, abs=0.0006)
+
+
+def test_parse_ts_accepts_offsets():
+    assert parse_ts("1970-01-01T01:00:00.000+01:00") == 0.0
+    assert parse_ts("1970-01-01T00:00:01") == 1.0
+
+
+def test_new_id_is_128_random_bits():
+    ids = {new_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_genesis_depends_on_key_and_stream():
+    assert genesis(KEY, "s1") == genesis(KEY, "s1")
+    assert genesis(KEY, "s1") != genesis(KEY, "s2")
+    assert genesis(KEY, "s1") != genesis(b"x" * 32, "s1")
+    assert genesis(KEY, "s1") == hmac.new(KEY, b"genesis:s1", hashlib.sha256).hexdigest()
+
+
+def test_sealed_event_has_every_key_and_chains():
+    src = Source(user="alice", role="user", ip="1.2.3.4", user_agent="ua", request_id="r1")
+    d1 = Draft("document.access", target={"type": "document", "id": "d"}, source=src)
+    d2 = Draft("document.list", source=src)
+    head = genesis(KEY, "sid")
+    e1, text1 = seal_event(KEY, head, d1, "sid", 1, 0.5)
+    e2, _ = seal_event(KEY, e1["hash"], d2, "sid", 2, 1.0)
+    assert tuple(sorted(e1)) == tuple(sorted(EVENT_KEYS))
+    assert json.loads(text1) == e1 and text1 == canonical_json(e1)
+    assert e1["actor"] == {"user": "alice", "role": "user"}
+    assert e1["source"] == {"ip": "1.2.3.4", "user_agent": "ua"}
+    assert e1["request_id"] == "r1" and e1["details"] == {} and e1["ts"].endswith(".500Z")
+    assert e2["target"] is None
+    # hash = HMAC(key, prev hash + canonical JSON without hash)
+    body = {k: v for k, v in e1.items() if k != "hash"}
+    assert e1["hash"] == chain_hash(KEY, head, canonical_json(body))
+    assert event_hash(KEY, head, e1) == e1["hash"]
+    assert event_hash(KEY, e1["hash"], e2) == e2["hash"]
+    # Any change breaks it.
+    assert event_hash(KEY, head, {**e1, "outcome": "failure"}) != e1["hash"]
+    assert event_hash(KEY, e1["hash"], e1) != e1["hash"]
+
+
+def test_security_event_shape():
+    e, _ = seal_event(KEY, genesis(KEY, "security"), Draft("auth.login_failed", "denied"), None,
+                      None, 0)
+    assert e["session_id"] is None and e["seq"] is None and e["outcome"] == "denied"

@@ -1,0 +1,147 @@
+"""The spool on its own: lifecycle, job isolation in a batch, spool full."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+
+import pytest
+
+from audit.events import Draft, Source
+from audit.spool import Spool, SpoolClosed, SpoolFull
+from audit.store import Limits, SessionNotOpen, Writer
+
+
+@pytest.fixture
+async def spool(tmp_path, audit_key):
+    sp = Spool(tmp_path / "spool.db", audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    yield sp
+    await sp.close()
+
+
+async def test_close_twice_is_safe_and_use_after_close_raises(tmp_path, audit_key):
+    sp = Spool(tmp_path / "spool.db", audit_key, limits=Limits(500, 1 << 20))
+    with pytest.raises(SpoolClosed):
+        await sp.submit(lambda w: None)  # never opened
+    await sp.open()
+    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, []))
+    await asyncio.gather(sp.close(), sp.close())
+    await sp.close()
+    assert not sp.is_open and not sp.accepting
+    with pytest.raises(SpoolClosed):
+        await sp.submit(lambda w: w.append(s.session_id, Draft("document.list")))
+    with pytest.raises(SpoolClosed):
+        await sp.read(lambda c: c.execute("SELECT 1").fetchone())
+    with pytest.raises(SpoolClosed):
+        await sp.open()  # a spool is opened once
+
+
+async def test_close_commits_what_is_queued(tmp_path, audit_key):
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, []))
+    futs = [
+        sp.submit_nowait(lambda w: w.append(s.session_id, Draft("document.list")))
+        for _ in range(20)
+    ]
+    await sp.close()
+    assert all(f.done() and not f.exception() for f in futs)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 20
+
+
+async def test_failing_job_is_rolled_back_alone(spool):
+    s = await spool.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+
+    def append_then_fail(w: Writer) -> None:
+        w.append(s.session_id, Draft("document.list"))
+        w.conn.execute("INSERT INTO meta (key, value) VALUES ('junk', 'x')")
+        raise LookupError("boom")
+
+    before = spool.stats.commits
+    results = await asyncio.gather(
+        spool.submit(lambda w: w.append(s.session_id, Draft("document.list"))),
+        spool.submit(append_then_fail),
+        spool.submit(lambda w: w.append("no-such-session", Draft("document.list"))),
+        spool.submit(lambda w: w.append(s.session_id, Draft("document.list"))),
+        return_exceptions=True,
+    )
+    assert spool.stats.commits - before == 1
+    assert isinstance(results[1], LookupError) and isinstance(results[2], SessionNotOpen)
+    assert [results[0]["seq"], results[3]["seq"]] == [2, 3]  # no gap where the failure was
+    assert results[3]["hash"] == spool.open_session(s.session_id).head
+    rows = await spool.read(
+        lambda c: c.execute("SELECT seq FROM events ORDER BY seq").fetchall()
+    )
+    assert rows == [(1,), (2,), (3,)]
+    junk = await spool.read(lambda c: c.execute("SELECT * FROM meta WHERE key='junk'").fetchall())
+    assert junk == []
+
+
+async def test_wal_mode_and_synchronous(tmp_path, audit_key):
+    for sync, level in (("full", 2), ("normal", 1)):
+        sp = Spool(tmp_path / f"{sync}.db", audit_key, limits=Limits(500, 1 << 20),
+                   synchronous=sync)
+        await sp.open()
+        assert await sp.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+        assert await sp.read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == level
+        await sp.close()
+
+
+# -- spool full ----------------------------------------------------------------
+
+BIG = {"blob": "x" * 2000}
+
+
+async def test_spool_full_rejects_under_reject(make_config, engines):
+    config = make_config(audit={"spool_max_bytes": 262144, "on_spool_full": "reject"})
+    engine = await engines.open(config)
+    src = Source(user="u", role="user")
+    s = await engine.start_session("u", "user", src, 3600)
+    assert engine.ready
+    accepted = 0
+    with pytest.raises(SpoolFull):
+        for _ in range(1000):
+            await engine.record(s.session_id, Draft("document.list", details=BIG))
+            accepted += 1
+    assert accepted > 5
+    assert engine.spool.spool_bytes >= 262144
+    assert not engine.ready and not engine.spool.accepting
+    with pytest.raises(SpoolFull):
+        await engine.start_session("v", "user", src, 3600)
+    # Ending a session and the flusher's bookkeeping still go through.
+    assert await engine.end_session(s.session_id, src) == 2 + accepted + 1
+    status = await engine.status()
+    assert status["pending_parts"] == 1 and status["accepting"] is False
+
+
+async def test_spool_full_goes_on_under_accept(make_config, engines):
+    config = make_config(audit={"spool_max_bytes": 262144, "on_spool_full": "accept"})
+    engine = await engines.open(config)
+    s = await engine.start_session("u", "user", Source(), 3600)
+    for _ in range(300):
+        await engine.record(s.session_id, Draft("document.list", details=BIG))
+    assert engine.spool.spool_bytes > 2 * 262144
+    assert engine.ready
+
+
+async def test_spool_full_clears_once_flushed(make_config, engines):
+    config = make_config(
+        audit={"spool_max_bytes": 262144},
+        flush={"max_writes_per_second": 1000.0, "burst": 100},
+    )
+    engine = await engines.open(config)
+    src = Source(user="u", role="user")
+    s = await engine.start_session("u", "user", src, 3600)
+    with pytest.raises(SpoolFull):
+        for _ in range(1000):
+            await engine.record(s.session_id, Draft("document.list", details=BIG))
+    await engine.end_session(s.session_id, src)
+    await engines.drain(engine)
+    # The freed pages are reused: below the limit again after the next commit.
+    s2 = await engine.start_session("u", "user", src, 3600)
+    assert engine.spool.spool_bytes < 262144 and engine.ready
+    await engine.record(s2.session_id, Draft("document.list"))
