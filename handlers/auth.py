@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import re
 import sqlite3
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import bcrypt
@@ -111,7 +112,13 @@ def add_user_sync(conn: sqlite3.Connection, username: str, password: str, role: 
 
 
 class LoginThrottle:
-    """Failed logins per (username, client IP) and per client IP, in a window."""
+    """Failed logins per (username, client IP) and per client IP, in a window.
+
+    Attempts still being checked (bcrypt takes a while) count as failures
+    until they are decided: otherwise a thousand attempts sent at once would
+    all pass the check before the first failure is counted, and each would
+    cost a password hash.
+    """
 
     MAX_KEYS = 100_000
 
@@ -121,6 +128,7 @@ class LoginThrottle:
         self.window = window
         self.clock = clock
         self._fails: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        self._checking: Counter[tuple[str, str]] = Counter()
 
     def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
         q = self._fails.get(key)
@@ -141,9 +149,25 @@ class LoginThrottle:
             q = self._recent(key, now)
             if len(q) >= limit:
                 waits.append(q[len(q) - limit] + self.window - now)
+            elif len(q) + self._checking[key] >= limit:
+                waits.append(1.0)  # decided within about a second
         if not waits:
             return None
         return max(1, int(max(waits) + 0.999))
+
+    @contextlib.contextmanager
+    def checking(self, username: str, ip: str) -> Iterator[None]:
+        """Count an attempt as pending while its password is checked."""
+        keys = ((username, ip), ("", ip))
+        for key in keys:
+            self._checking[key] += 1
+        try:
+            yield
+        finally:
+            for key in keys:
+                self._checking[key] -= 1
+                if self._checking[key] <= 0:
+                    del self._checking[key]
 
     def failed(self, username: str, ip: str) -> None:
         now = self.clock()
@@ -206,7 +230,8 @@ async def login(request: web.Request) -> web.Response:
         )
         raise ApiError(429, "too_many_attempts", "too many failed logins; try again later",
                        {"Retry-After": str(wait)})
-    found = await request.app[ACCOUNTS].verify(username, password)
+    with throttle.checking(username, ip):
+        found = await request.app[ACCOUNTS].verify(username, password)
     if found is None:
         throttle.failed(username, ip)
         await engine.record_security(
