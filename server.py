@@ -341,7 +341,11 @@ async def _drain(config: Config) -> int:
     engine = AuditEngine(config, create_sink(config), audit_key(config))
     await engine.open(background=False)
     try:
-        await engine.flusher.drain(_progress([0]))
+        show = _progress([0])
+        # The total to drain is what is pending before the first write; the
+        # flusher reports only after each step, when the first item is gone.
+        show(await engine.spool.read(lambda c: queries.counts(c, time.time())))
+        await engine.flusher.drain(show)
         status = await engine.status()
     finally:
         await engine.close(flush_window=0)

@@ -1,0 +1,452 @@
+"""End to end: ``python server.py`` as a subprocess, replayed over HTTP, checked in the sink.
+
+Each test starts the real server on a free port with its own config and data
+directory, talks to it with ``aiohttp.ClientSession``, and reads what the
+SQLite sink (``<data_dir>/audit.db``, table ``parts``, column ``doc``) holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+JWT_SECRET = "e2e-jwt-secret-0123456789abcdefghijklmnop"
+AUDIT_KEY = "e2e-audit-key-0123456789abcdefghijklmnopq"
+ADMIN_PASSWORD = "e2e-admin-password-Zq8"
+USER_PASSWORD = "e2e-user-password-Kx3"
+SECRETS = (JWT_SECRET, AUDIT_KEY, ADMIN_PASSWORD, USER_PASSWORD)
+DOC_TEXT = "Quarterly numbers. Revenue grew by ten percent. Costs stayed flat."
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp: Path, port: int, **extra: dict[str, Any]) -> Path:
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"host": "127.0.0.1", "port": port, "data_dir": str(tmp / "data")},
+        "auth": {"bcrypt_rounds": 4},
+        "flush": {"max_writes_per_second": 1000.0, "burst": 1000},
+    }
+    for name, values in extra.items():
+        sections.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines.append("")
+    path = tmp / "config.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def server_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_AUDIT_")}
+    env.update({
+        "SESSION_AUDIT_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "SESSION_AUDIT_JWT_SECRET": JWT_SECRET,
+        "SESSION_AUDIT_AUDIT_KEY": AUDIT_KEY,
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "server.py", *args[:1], "--config", str(config), *args[1:]],
+        cwd=REPO, env=server_env(), input=stdin, capture_output=True, text=True, timeout=60,
+    )
+
+
+async def acli(config: Path, *args: str, stdin: str | None = None,
+               ) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(cli, config, *args, stdin=stdin)
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 20.0,  # noqa: ASYNC109
+                   message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(0.05)
+
+
+class Server:
+    """One ``python server.py serve`` process; stderr kept in a file for inspection."""
+
+    def __init__(self, tmp: Path, config: Path, port: int) -> None:
+        self.tmp = tmp
+        self.config = config
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def sink_path(self) -> Path:
+        return self.tmp / "data" / "audit.db"
+
+    def _spawn(self) -> None:
+        self.starts += 1
+        with open(self.tmp / f"stderr-{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "server.py", "serve", "--config", str(self.config)],
+                cwd=REPO, env=server_env(), stdout=log, stderr=log,
+            )
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        self._spawn()
+
+        async def healthy() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n"
+                                     + self.stderr())
+            try:
+                async with http.get(self.url + "/healthz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(healthy, timeout=30, message="/healthz")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> int:
+        """SIGTERM and wait: the graceful shutdown."""
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.proc = None
+
+    def stderr(self) -> str:
+        return "".join(p.read_text(errors="replace")
+                       for p in sorted(self.tmp.glob("stderr-*.log")))
+
+    # -- the sink -------------------------------------------------------------------
+
+    def parts(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        if not self.sink_path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.sink_path}?mode=ro", uri=True)
+        try:
+            if session_id is None:
+                rows = conn.execute("SELECT doc FROM parts ORDER BY id").fetchall()
+            else:
+                rows = conn.execute("SELECT doc FROM parts WHERE session_id = ? ORDER BY part",
+                                    (session_id,)).fetchall()
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            conn.close()
+        return [json.loads(r[0]) for r in rows]
+
+    async def stored(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's parts once its final part is in the sink."""
+        def final() -> list[dict[str, Any]] | None:
+            parts = self.parts(session_id)
+            return parts if parts and parts[-1]["final"] else None
+
+        result: list[dict[str, Any]] = await wait_for(final, message=f"{session_id} stored")
+        return result
+
+
+class Client:
+    def __init__(self, http: aiohttp.ClientSession, url: str) -> None:
+        self.http = http
+        self.url = url
+        self.token = ""
+        self.session_id = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def login(self, user: str, password: str = USER_PASSWORD) -> Client:
+        async with self.http.post(self.url + "/token",
+                                  data={"username": user, "password": password}) as r:
+            body = await r.json()
+            assert r.status == 200, body
+        self.token, self.session_id = body["access_token"], body["session_id"]
+        return self
+
+    async def call(self, method: str, path: str, body: Any = None,
+                   expect: int = 200) -> Any:
+        async with self.http.request(method, self.url + path, json=body,
+                                     headers=self.headers) as r:
+            data = await r.json() if r.status != 204 else None
+            assert r.status == expect, (method, path, r.status, data)
+            return data
+
+    async def create(self) -> str:
+        doc = await self.call("POST", "/documents", {"title": "Q3", "content": DOC_TEXT}, 201)
+        return str(doc["id"])
+
+    async def logout(self) -> int:
+        body = await self.call("POST", "/logout")
+        return int(body["event_count"])
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        yield s
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Any:
+    servers: list[Server] = []
+
+    def make(**extra: dict[str, Any]) -> Server:
+        tmp = tmp_path / f"srv{len(servers)}"
+        tmp.mkdir()
+        port = free_port()
+        srv = Server(tmp, write_config(tmp, port, **extra), port)
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+        log = srv.stderr()
+        for secret in SECRETS:
+            assert secret not in log, "a secret reached the server's log"
+
+
+def assert_no_tokens_in_log(srv: Server, *clients: Client) -> None:
+    log = srv.stderr()
+    for c in clients:
+        assert c.token not in log
+        assert c.token.split(".")[2] not in log  # not even the signature
+
+
+def actions(part_docs: list[dict[str, Any]]) -> list[str]:
+    return [e["action"] for p in part_docs for e in p["events"]]
+
+
+async def test_five_opens_one_stored_part_and_the_cli(
+    make_server: Any, http: aiohttp.ClientSession
+) -> None:
+    srv = make_server()
+    await srv.start(http)
+    added = await acli(srv.config, "adduser", "alice", "--password-stdin",
+                       stdin=USER_PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    again = await acli(srv.config, "adduser", "alice", "--password-stdin",
+                       stdin=USER_PASSWORD + "\n")
+    assert again.returncode != 0 and "exists" in again.stderr
+    bad_name = await acli(srv.config, "adduser", "no way", "--password-stdin", stdin="pw\n")
+    assert bad_name.returncode == 2
+
+    alice = await Client(http, srv.url).login("alice")
+    doc = await alice.create()
+    for _ in range(5):
+        body = await alice.call("GET", f"/documents/{doc}")
+        assert body["content"] == DOC_TEXT
+    assert await alice.logout() == 9
+
+    (part,) = await srv.stored(alice.session_id)
+    assert part["_id"] == f"{alice.session_id}:0"
+    assert part["part"] == 0 and part["final"] is True and part["seal_reason"] == "logout"
+    assert part["user"] == "alice" and part["event_count"] == 9
+    assert (part["first_seq"], part["last_seq"]) == (1, 9)
+    assert actions([part]) == ["session.start", "token.issue", "document.create"] + [
+        "document.access"] * 5 + ["session.end"]
+    assert [e["seq"] for e in part["events"]] == list(range(1, 10))
+    assert all(e["outcome"] == "success" for e in part["events"])
+    # Written once: one row, and the server counted one part write for it.
+    assert len(srv.parts()) == 1
+
+    status = await acli(srv.config, "status")
+    assert status.returncode == 0, status.stderr
+    st = json.loads(status.stdout)
+    assert st["pending_parts"] == 0 and st["dead_letter"] == 0
+    assert "active_sessions" in st and "sink" in st
+
+    verified = await acli(srv.config, "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "OK" in verified.stdout
+    assert_no_tokens_in_log(srv, alice)
+
+    # Tamper with one stored event: verify notices.
+    srv.stop()
+    conn = sqlite3.connect(srv.sink_path)
+    (doc_text,) = conn.execute("SELECT doc FROM parts").fetchone()
+    tampered = json.loads(doc_text)
+    tampered["events"][3]["outcome"] = "failure"
+    conn.execute("UPDATE parts SET doc = ?", (json.dumps(tampered),))
+    conn.commit()
+    conn.close()
+    verified = await acli(srv.config, "verify")
+    assert verified.returncode != 0
+    assert alice.session_id in verified.stdout
+
+
+async def test_three_concurrent_users_three_opens_each(
+    make_server: Any, http: aiohttp.ClientSession
+) -> None:
+    srv = make_server()
+    await srv.start(http)
+    admin = await Client(http, srv.url).login("admin", ADMIN_PASSWORD)
+    for name in ("u1", "u2", "u3"):
+        r = await acli(srv.config, "adduser", name, "--password-stdin",
+                       stdin=USER_PASSWORD + "\n")
+        assert r.returncode == 0, r.stderr
+
+    async def user(name: str) -> str:
+        c = await Client(http, srv.url).login(name)
+        doc = await c.create()
+        await asyncio.gather(*(c.call("GET", f"/documents/{doc}") for _ in range(3)))
+        await c.logout()
+        return c.session_id
+
+    sids = await asyncio.gather(*(user(n) for n in ("u1", "u2", "u3")))
+    assert len(set(sids)) == 3
+    total = 0
+    for sid in sids:
+        parts = await srv.stored(sid)
+        assert len(parts) == 1
+        acts = actions(parts)
+        assert acts.count("document.access") == 3
+        total += acts.count("document.access")
+    assert total == 9
+    # The admin API agrees.
+    listing = await admin.call("GET", "/audit/sessions?state=stored")
+    counts = {s["session_id"]: s["event_count"] for s in listing["sessions"]}
+    assert all(counts[sid] == 7 for sid in sids)
+
+
+async def test_kill_9_mid_session_then_restart(make_server: Any,
+                                               http: aiohttp.ClientSession) -> None:
+    srv = make_server()
+    await srv.start(http)
+    r = await acli(srv.config, "adduser", "bob", "--password-stdin", stdin=USER_PASSWORD + "\n")
+    assert r.returncode == 0
+    bob = await Client(http, srv.url).login("bob")           # 1 session.start, 2 token.issue
+    doc = await bob.create()                                  # 3 document.create
+    await bob.call("GET", f"/documents/{doc}")                # 4 document.access
+    await bob.call("GET", f"/documents/{doc}")                # 5 document.access
+    srv.kill9()
+    assert srv.parts(bob.session_id) == []
+
+    await srv.start(http)
+    me = await bob.call("GET", "/me")                         # the same token still works
+    assert me["session_id"] == bob.session_id
+    await bob.call("GET", f"/documents/{doc}")                # 6 document.access
+    assert await bob.logout() == 7                            # 7 session.end
+    parts = await srv.stored(bob.session_id)
+    assert len(parts) == 1
+    assert actions(parts) == ["session.start", "token.issue", "document.create",
+                              "document.access", "document.access", "document.access",
+                              "session.end"]
+    assert [e["seq"] for e in parts[0]["events"]] == list(range(1, 8))
+    assert parts[0]["event_count"] == 7
+    verified = await acli(srv.config, "verify")
+    assert verified.returncode == 0, verified.stdout
+    assert_no_tokens_in_log(srv, bob)
+
+
+async def test_mixed_session_of_twelve_actions(make_server: Any,
+                                               http: aiohttp.ClientSession) -> None:
+    srv = make_server()
+    await srv.start(http)
+    r = await acli(srv.config, "adduser", "carol", "--password-stdin",
+                   stdin=USER_PASSWORD + "\n")
+    assert r.returncode == 0
+    c = await Client(http, srv.url).login("carol")
+    d1 = await c.create()                                                         # 1
+    await c.call("GET", "/documents")                                             # 2
+    await c.call("GET", f"/documents/{d1}")                                       # 3
+    await c.call("PUT", f"/documents/{d1}", {"title": "Q3 v2", "version": 1})     # 4
+    await c.call("POST", f"/documents/{d1}/chat", {"message": "How did revenue do?"})  # 5
+    await c.call("POST", "/audit/events", {"action": "client.export"}, 202)       # 6
+    await c.call("PUT", f"/documents/{d1}", {"title": "stale", "version": 1}, 409)  # 7
+    await c.call("GET", "/documents/" + "0" * 32, expect=404)                     # 8
+    d2 = await c.create()                                                         # 9
+    await c.call("DELETE", f"/documents/{d1}", expect=204)                        # 10
+    await c.call("GET", "/documents")                                             # 11
+    await c.call("GET", f"/documents/{d2}")                                       # 12
+    await c.call("GET", "/me")                                                    # not audited
+    assert await c.logout() == 15
+    parts = await srv.stored(c.session_id)
+    acts = actions(parts)
+    assert acts[:2] == ["session.start", "token.issue"] and acts[-1] == "session.end"
+    assert acts[2:-1] == [
+        "document.create", "document.list", "document.access", "document.update",
+        "ai.interaction", "client.export", "document.update", "document.access",
+        "document.create", "document.delete", "document.list", "document.access",
+    ]
+    outcomes = [e["outcome"] for p in parts for e in p["events"]][2:-1]
+    assert outcomes.count("failure") == 2 and outcomes.count("denied") == 0
+
+
+async def test_drain_while_the_server_is_stopped(make_server: Any,
+                                                 http: aiohttp.ClientSession) -> None:
+    # One sink write, then none for 1000 s: the second session stays pending.
+    srv = make_server(flush={"max_writes_per_second": 0.001, "burst": 1})
+    await srv.start(http)
+    first = await Client(http, srv.url).login("admin", ADMIN_PASSWORD)
+    await first.logout()
+    await srv.stored(first.session_id)
+    second = await Client(http, srv.url).login("admin", ADMIN_PASSWORD)
+    await second.call("GET", "/documents")
+    await second.logout()
+    assert srv.stop() == 0
+    assert srv.parts(second.session_id) == []
+    status = await acli(srv.config, "status")
+    assert json.loads(status.stdout)["pending_parts"] == 1
+
+    drained = await acli(srv.config, "drain")
+    assert drained.returncode == 0, drained.stderr
+    assert "1/1" in drained.stderr  # the progress bar
+    assert "drained" in drained.stdout
+    (part,) = srv.parts(second.session_id)
+    assert actions([part]) == ["session.start", "token.issue", "document.list", "session.end"]
+    status = await acli(srv.config, "status")
+    assert json.loads(status.stdout)["pending_parts"] == 0
+
+
+async def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port, server={"bogus_key": 1})
+    for command in ("serve", "status", "drain"):
+        r = await acli(config, command)
+        assert r.returncode == 2, (command, r.stderr)
+        assert "server.bogus_key" in r.stderr
+    config = write_config(tmp_path, port, audit={"ack": "sometimes"})
+    r = await acli(config, "serve")
+    assert r.returncode == 2 and "audit.ack" in r.stderr
+    config = write_config(tmp_path, port, flush={"burst": 0})
+    r = await acli(config, "status")
+    assert r.returncode == 2 and "flush.burst" in r.stderr
