@@ -60,6 +60,15 @@ class Accounts:
         self.rounds = rounds
         self._slots = asyncio.Semaphore(concurrency)
         self._dummy: str | None = None
+        self._dummy_lock = asyncio.Lock()
+
+    async def _dummy_hash(self) -> str:
+        """A hash to check unknown users against, made once (in a bcrypt slot)."""
+        async with self._dummy_lock:
+            if self._dummy is None:
+                async with self._slots:
+                    self._dummy = await asyncio.to_thread(hash_password, "dummy", self.rounds)
+            return self._dummy
 
     async def _hash_check(self, password: str, stored: str) -> bool:
         async with self._slots:
@@ -76,9 +85,7 @@ class Accounts:
                 ).fetchone()
             )
         if row is None:
-            if self._dummy is None:
-                self._dummy = await asyncio.to_thread(hash_password, "dummy", self.rounds)
-            await self._hash_check(password, self._dummy)
+            await self._hash_check(password, await self._dummy_hash())
             return None
         ok = await self._hash_check(password, row[1])
         return (row[0], row[2]) if ok else None
