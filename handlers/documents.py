@@ -108,6 +108,8 @@ def _check_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         raise ApiError(413, "too_large", "content is larger than 1 MiB")
     if partial and "version" in body:
         v = body["version"]
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # JSON has one number type: 3.0 is the integer 3 (JSON Schema agrees)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise bad_request("version must be a positive integer")
         out["version"] = v

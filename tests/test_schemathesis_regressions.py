@@ -104,3 +104,21 @@ async def test_limit_must_be_ascii_digits(client: TestClient, path: str, limit: 
 def test_env_untouched() -> None:
     # the fixture's monkeypatch must not leak the admin password to other tests
     assert os.environ.get("SESSION_AUDIT_ADMIN_PASSWORD") != ADMIN_PASSWORD
+
+
+async def test_integral_float_version_is_an_integer(client: TestClient) -> None:
+    """JSON has one number type: ``"version": 1.0`` is version 1 (schemathesis sent 2.0)."""
+    h = await _admin(client)
+    resp = await client.post("/documents", json={"title": "t", "content": "c"}, headers=h)
+    doc = await resp.json()
+    resp = await client.put(f"/documents/{doc['id']}", data=b'{"version": 1.0, "title": "u"}',
+                            headers={**h, "Content-Type": "application/json"})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["version"] == 2
+    resp = await client.put(f"/documents/{doc['id']}", data=b'{"version": 1.0}',
+                            headers={**h, "Content-Type": "application/json"})
+    await _error(resp, 409, "version_conflict")
+    for bad in (b"1.5", b"0.0", b"-2.0", b"true", b'"2"'):
+        resp = await client.put(f"/documents/{doc['id']}", data=b'{"version": ' + bad + b"}",
+                                headers={**h, "Content-Type": "application/json"})
+        await _error(resp, 400, "invalid_request")
