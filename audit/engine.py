@@ -24,7 +24,7 @@ from .events import Draft, Source, format_ts
 from .flusher import Flusher
 from .metrics import Stats
 from .spool import Spool
-from .store import ActionError, Change, Limits, OpenSession, SessionNotOpen, Writer
+from .store import ActionError, Append, Change, Limits, OpenSession, SessionNotOpen, Writer
 
 log = logging.getLogger("session_audit.engine")
 
@@ -182,10 +182,16 @@ class AuditEngine:
         security event ``access.denied`` when denied), and the error is
         raised here after the commit.
         """
+        if change is None:
+            append = Append(session_id, draft)
+            if self.config.audit.ack == "fast":
+                fut = self.spool.submit_nowait(append)
+                self._inflight.add(fut)
+                fut.add_done_callback(self._fast_done)
+                return None
+            return await self.spool.submit(append)
 
         def job(w: Writer) -> Any:
-            if change is None:
-                return w.append(session_id, draft)
             w.session(session_id)  # fail before the change if the session is gone
             w.conn.execute("SAVEPOINT change")
             try:
@@ -199,11 +205,6 @@ class AuditEngine:
             w.append(session_id, draft)
             return result
 
-        if change is None and self.config.audit.ack == "fast":
-            fut = self.spool.submit_nowait(job)
-            self._inflight.add(fut)
-            fut.add_done_callback(self._fast_done)
-            return None
         result = await self.spool.submit(job)
         if isinstance(result, ActionError):
             raise result

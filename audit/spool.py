@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .metrics import Stats
-from .store import SCHEMA, Limits, OpenSession, Writer
+from .store import SCHEMA, Limits, OpenSession, Writer, migrate
 
 log = logging.getLogger("session_audit.spool")
 
@@ -129,6 +129,7 @@ class Spool:
     def _open_writer(self) -> None:
         conn = connect(self.path, self.synchronous)
         try:
+            migrate(conn)
             conn.executescript(SCHEMA)
             writer = Writer(conn, self.key, self.limits, self.clock)
             writer.load()

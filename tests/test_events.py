@@ -7,6 +7,8 @@ import hmac
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from audit.events import (
     EVENT_KEYS,
@@ -92,3 +94,57 @@ def test_security_event_shape():
     e, _ = seal_event(KEY, genesis(KEY, "security"), Draft("auth.login_failed", "denied"), None,
                       None, 0)
     assert e["session_id"] is None and e["seq"] is None and e["outcome"] == "denied"
+
+
+@pytest.mark.parametrize("key", [b"", b"k", b"k" * 32, b"k" * 64, b"k" * 65, bytes(range(200))])
+def test_chain_hash_is_hmac_sha256(key):
+    body = canonical_json({"a": "é", "b": [1, 2.5, None]})
+    expected = hmac.new(key, b"f" * 64 + body.encode(), hashlib.sha256).hexdigest()
+    assert chain_hash(key, "f" * 64, body) == expected
+
+
+JSON_LEAF = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**63),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
+)
+JSON = st.recursive(
+    JSON_LEAF,
+    lambda kids: st.lists(kids, max_size=4)
+    | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    action=st.text(min_size=1, max_size=30),
+    outcome=st.sampled_from(["success", "failure", "denied"]),
+    target=st.none() | st.dictionaries(st.sampled_from(["type", "id"]), st.text(max_size=10)),
+    details=st.dictionaries(st.text(max_size=10), JSON, max_size=5),
+    user=st.none() | st.text(max_size=10),
+    session_id=st.none() | st.text(max_size=40),
+    seq=st.none() | st.integers(1, 10**9),
+    ts=st.floats(0, 4e9),
+)
+def test_sealed_text_is_the_canonical_json_of_the_event(
+    action, outcome, target, details, user, session_id, seq, ts
+):
+    """seal_event's split encoding gives exactly canonical_json's bytes and hash."""
+    draft = Draft(action, outcome, target=target, details=details,
+                  source=Source(user=user, role="user", ip="::1", request_id="r"))
+    prev = genesis(KEY, "x")
+    event, text = seal_event(KEY, prev, draft, session_id, seq, ts)
+    text.encode("utf-8")  # always storable
+    assert json.loads(text) == event
+    assert text == canonical_json(event)
+    assert event["hash"] == event_hash(KEY, prev, event)
+    assert list(event) == list(EVENT_KEYS)
+
+
+def test_lone_surrogates_are_scrubbed_and_the_event_kept():
+    draft = Draft("document.access", details={"path": "/a\udcff"},
+                  source=Source(user_agent="x\ud800"))
+    event, text = seal_event(KEY, genesis(KEY, "s"), draft, "s", 1, 0.0)
+    text.encode("utf-8")
+    assert event["details"]["path"] == "/a?" and event["source"]["user_agent"] == "x?"
+    assert event["hash"] == event_hash(KEY, genesis(KEY, "s"), event)

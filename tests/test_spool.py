@@ -145,3 +145,35 @@ async def test_spool_full_clears_once_flushed(make_config, engines):
     s2 = await engine.start_session("u", "user", src, 3600)
     assert engine.spool.spool_bytes < 262144 and engine.ready
     await engine.record(s2.session_id, Draft("document.list"))
+
+
+async def test_a_spool_of_the_clustered_layout_is_migrated(tmp_path, audit_key):
+    """Files written before the events table became a rowid table still open."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+    await sp.submit(lambda w: w.append(s.session_id, Draft("document.list")))
+    await sp.close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.executescript(
+            "BEGIN; ALTER TABLE events RENAME TO e2; DROP INDEX events_session_seq;"
+            " CREATE TABLE events (session_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+            " ts REAL NOT NULL, json TEXT NOT NULL, PRIMARY KEY (session_id, seq)) WITHOUT ROWID;"
+            " INSERT INTO events SELECT * FROM e2; DROP TABLE e2; COMMIT;"
+        )
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    try:
+        ev = await sp.submit(lambda w: w.append(s.session_id, Draft("document.list")))
+        assert ev["seq"] == 3
+        sql = await sp.read(
+            lambda c: c.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
+        )
+        assert "WITHOUT ROWID" not in sql[0]
+        seqs = await sp.read(
+            lambda c: c.execute("SELECT seq FROM events ORDER BY seq").fetchall()
+        )
+        assert seqs == [(1,), (2,), (3,)]
+    finally:
+        await sp.close()
