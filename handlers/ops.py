@@ -20,7 +20,7 @@ from audit import queries
 from audit.engine import AuditEngine
 from audit.metrics import Histogram
 
-from .errors import json_response
+from .errors import json_response, not_found
 from .keys import ENGINE, REGISTRY
 
 REQUESTS = web.AppKey("requests_total", Counter)
@@ -56,8 +56,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.StreamResponse:
     if not OPENAPI_PATH.exists():
-        return json_response({"error": {"code": "not_found", "message": "no OpenAPI document",
-                                        "request_id": ""}}, status=404)
+        raise not_found("no OpenAPI document")
     return web.Response(body=OPENAPI_PATH.read_bytes(),
                         headers={"Content-Type": "application/yaml; charset=utf-8"})
 

@@ -121,3 +121,19 @@ async def test_served_at_get_openapi_yaml(make_config: Any) -> None:
 
 def test_openapi_path_is_the_repo_root_file() -> None:
     assert ops.OPENAPI_PATH == SPEC_PATH
+
+
+async def test_missing_document_is_a_normal_404(make_config: Any,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    """Without the file: 404 not_found in API.md's error format, with the request id."""
+    import server
+
+    monkeypatch.setattr(ops, "OPENAPI_PATH", tmp_path / "absent.yaml")
+    app = server.create_app(make_config(auth={"bcrypt_rounds": 4}))
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/openapi.yaml", headers={"X-Request-ID": "spec-2"})
+        assert resp.status == 404
+        assert await resp.json() == {"error": {"code": "not_found",
+                                               "message": "no OpenAPI document",
+                                               "request_id": "spec-2"}}
