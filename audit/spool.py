@@ -250,10 +250,11 @@ class Spool:
 
     @staticmethod
     def _measure(conn: sqlite3.Connection) -> int:
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        size = conn.execute("PRAGMA page_size").fetchone()[0]
-        return int((pages - free) * size)
+        row = conn.execute(
+            "SELECT page_count - freelist_count, page_size"
+            " FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()"
+        ).fetchone()
+        return int(row[0] * row[1])
 
     # -- reading -----------------------------------------------------------
 
