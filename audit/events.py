@@ -13,6 +13,7 @@ import json
 import json.encoder
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -68,34 +69,25 @@ if _c_make_encoder is not None and _c_basestring is not None:
         None, _not_serializable, _c_basestring, None, ":", ",", True, False, False
     )
 
-    # Without sort_keys, for trees whose dicts are already in sorted order.
-    _c_encode_as_is = _c_make_encoder(
-        None, _not_serializable, _c_basestring, None, ":", ",", False, False, False
-    )
-
     def _dumps(obj: Any) -> str:
         return "".join(_c_encode(obj, 0))
-
-    def _dumps_sorted_tree(obj: Any) -> str:
-        return "".join(_c_encode_as_is(obj, 0))
 
 else:  # pragma: no cover - other Pythons
 
     def _dumps(obj: Any) -> str:
         return _slow_dumps(obj)
 
-    _dumps_sorted_tree = _dumps
+
+_string: Callable[[str], str] = _c_basestring or _dumps
 
 
-def _sorted_tree(obj: Any) -> Any:
-    """``obj`` with every dict rebuilt in the order ``sort_keys`` encodes it."""
-    if isinstance(obj, dict):
-        if not obj:
-            return obj
-        return {k: _sorted_tree(v) for k, v in sorted(obj.items())}
-    if isinstance(obj, (list, tuple)):
-        return [_sorted_tree(v) for v in obj]
-    return obj
+def _scalar(value: Any) -> str:
+    """The canonical JSON of a str or None; anything else via the full encoder."""
+    if type(value) is str:
+        return _string(value)
+    if value is None:
+        return "null"
+    return _dumps(value)
 
 
 def canonical_json(obj: Any) -> str:
@@ -241,34 +233,27 @@ def seal_event(
     (after ``event_id``, before ``outcome``): the body without ``hash`` and
     the full record are both cut from the same two strings, byte for byte
     what :func:`canonical_json` gives for each, at half the encoding cost.
-    The dicts are built in sorted key order (the caller's ``details`` and
-    ``target`` copied so), so the encoder need not sort.
+    The top level is assembled in sorted key order around per-value
+    encodings (the caller's ``details`` and ``target`` with sorted keys).
     """
     src = draft.source
-    actor = {"role": src.role, "user": src.user}
-    source = {"ip": src.ip, "user_agent": src.user_agent}
-    details = _sorted_tree(draft.details)
-    target = _sorted_tree(draft.target)
     stamp = format_ts(ts)
-    head = _dumps_sorted_tree(
-        {
-            "action": draft.action,
-            "actor": actor,
-            "details": details,
-            "event_id": draft.event_id,
-        }
-    )[:-1]
-    tail = _dumps_sorted_tree(
-        {
-            "outcome": draft.outcome,
-            "request_id": src.request_id,
-            "seq": seq,
-            "session_id": session_id,
-            "source": source,
-            "target": target,
-            "ts": stamp,
-        }
-    )[1:]
+    details, target = draft.details, draft.target
+    head = (
+        '{"action":' + _scalar(draft.action)
+        + ',"actor":{"role":' + _scalar(src.role) + ',"user":' + _scalar(src.user)
+        + '},"details":' + ("{}" if type(details) is dict and not details else _dumps(details))
+        + ',"event_id":' + _scalar(draft.event_id)
+    )
+    tail = (
+        '"outcome":' + _scalar(draft.outcome)
+        + ',"request_id":' + _scalar(src.request_id)
+        + ',"seq":' + (str(seq) if type(seq) is int else _dumps(seq))
+        + ',"session_id":' + _scalar(session_id)
+        + ',"source":{"ip":' + _scalar(src.ip) + ',"user_agent":' + _scalar(src.user_agent)
+        + '},"target":' + ("null" if target is None else _dumps(target))
+        + ',"ts":"' + stamp + '"}'
+    )
     if not (head.isascii() and tail.isascii()):
         try:
             head.encode("utf-8")
@@ -283,9 +268,9 @@ def seal_event(
         "ts": stamp,
         "action": draft.action,
         "outcome": draft.outcome,
-        "actor": actor,
+        "actor": {"user": src.user, "role": src.role},
         "target": target,
-        "source": source,
+        "source": {"ip": src.ip, "user_agent": src.user_agent},
         "request_id": src.request_id,
         "details": details,
         "hash": digest,

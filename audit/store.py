@@ -414,7 +414,7 @@ class Writer:
         self._touch(s)
         now = self.clock()
         event, text = seal_event(self.key, s.head, draft, session_id, s.next_seq, now)
-        size = len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
         lim = self.limits
         if s.uncut_count and (
             s.uncut_count >= lim.part_max_events or s.uncut_bytes + size > lim.part_max_bytes

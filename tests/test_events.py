@@ -122,16 +122,19 @@ JSON = st.recursive(
     target=st.none() | st.dictionaries(st.sampled_from(["type", "id"]), st.text(max_size=10)),
     details=st.dictionaries(st.text(max_size=10), JSON, max_size=5),
     user=st.none() | st.text(max_size=10),
+    other=st.lists(st.none() | st.text(max_size=12), min_size=4, max_size=4),
     session_id=st.none() | st.text(max_size=40),
     seq=st.none() | st.integers(1, 10**9),
     ts=st.floats(0, 4e9),
 )
 def test_sealed_text_is_the_canonical_json_of_the_event(
-    action, outcome, target, details, user, session_id, seq, ts
+    action, outcome, target, details, user, other, session_id, seq, ts
 ):
-    """seal_event's split encoding gives exactly canonical_json's bytes and hash."""
+    """seal_event's assembled encoding gives exactly canonical_json's bytes and hash."""
+    role, ip, agent, request_id = other
     draft = Draft(action, outcome, target=target, details=details,
-                  source=Source(user=user, role="user", ip="::1", request_id="r"))
+                  source=Source(user=user, role=role, ip=ip, user_agent=agent,
+                                request_id=request_id))
     prev = genesis(KEY, "x")
     event, text = seal_event(KEY, prev, draft, session_id, seq, ts)
     text.encode("utf-8")  # always storable
