@@ -98,7 +98,8 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def add_users(cfg: Path, names: list[str], rounds: int, password: str = USER_PASSWORD) -> None:
+def add_users(cfg: Path, names: list[str], rounds: int, password: str = USER_PASSWORD,
+              role: str = "user") -> None:
     """Add users straight into the spool file, as ``server.py adduser`` does."""
     from audit.config import load_config
     from audit.spool import connect
@@ -114,8 +115,8 @@ def add_users(cfg: Path, names: list[str], rounds: int, password: str = USER_PAS
         now = "2026-01-01T00:00:00.000Z"
         conn.executemany(
             "INSERT OR IGNORE INTO users (username, password_hash, role, created_at)"
-            " VALUES (?, ?, 'user', ?)",
-            [(n, stored, now) for n in names],
+            " VALUES (?, ?, ?, ?)",
+            [(n, stored, role, now) for n in names],
         )
     finally:
         conn.close()
@@ -164,8 +165,10 @@ def wait_ready(base: str, proc: subprocess.Popen[Any] | None = None,
 class Server:
     """``python server.py serve --config CFG`` as a subprocess."""
 
-    def __init__(self, cfg: Path, port: int, log: Path | None = None) -> None:
+    def __init__(self, cfg: Path, port: int, log: Path | None = None,
+                 switch_interval: float | None = None) -> None:
         self.cfg = cfg
+        self.switch_interval = switch_interval  # an experiment: sys.setswitchinterval
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self.log = log or cfg.parent / "server.log"
@@ -175,8 +178,16 @@ class Server:
     def start(self, wait: bool = True) -> Server:
         logf = open(self.log, "ab")  # noqa: SIM115 - owned by the subprocess
         self.spawned_at = time.monotonic()
+        cmd = [PYTHON, str(ROOT / "server.py"), "serve", "--config", str(self.cfg)]
+        if self.switch_interval is not None:
+            cmd = [PYTHON, "-c",
+                   "import runpy, sys; sys.setswitchinterval(float(sys.argv[1]));"
+                   " sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+                   str(self.switch_interval), *cmd[1:]]
+        if os.environ.get("BENCH_SERVER_NICE"):  # experiment: server scheduling priority
+            cmd = ["nice", "-n", os.environ["BENCH_SERVER_NICE"], *cmd]
         self.proc = subprocess.Popen(
-            [PYTHON, str(ROOT / "server.py"), "serve", "--config", str(self.cfg)],
+            cmd,
             cwd=ROOT, env=server_env(), stdout=logf, stderr=logf,
         )
         logf.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
 import statistics
@@ -158,17 +159,32 @@ def run_client(base: str, spec: Path, duration: float,
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load(base: str, wd: Path, name: str,
          requests: list[tuple[str, str, dict[str, str], str | None]],
          duration: float, timeout: str = "10s",
-         connections: int = CONNECTIONS) -> dict[str, Any]:
+         connections: int = CONNECTIONS, pid: int | None = None) -> dict[str, Any]:
+    """One load run; with ``pid``, also the server's CPU time per request."""
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     if shutil.which("wrk"):
         script = wd / f"{name}.lua"
         script.write_text(_lua(requests))
-        return run_wrk(base, script, duration, timeout, connections)
-    spec = wd / f"{name}.json"
-    spec.write_text(json.dumps(requests))
-    return run_client(base, spec, duration, connections)
+        res = run_wrk(base, script, duration, timeout, connections)
+    else:
+        spec = wd / f"{name}.json"
+        spec.write_text(json.dumps(requests))
+        res = run_client(base, spec, duration, connections)
+    if pid and res["requests"]:
+        cpu = cpu_seconds(pid) - cpu0
+        res["server_cpu_s"] = round(cpu, 2)
+        res["server_cpu_ms_per_request"] = round(1000 * cpu / res["requests"], 4)
+    return res
 
 
 def wait_idle(srv: Server, user: str, limit: float = 2.0, timeout: float = 120.0) -> None:
@@ -189,8 +205,10 @@ def _spy(pid: int, name: str, duration: float) -> subprocess.Popen[bytes] | None
         return None
     out = Path(__file__).resolve().parent / "results" / f"profile_{name}.txt"
     out.parent.mkdir(exist_ok=True)
+    extra = ["--gil"] if os.environ.get("BENCH_PYSPY_GIL") else []
     return subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(int(duration)),
-                             "-r", "250", "-f", "raw", "-t", "-o", str(out)],
+                             "-r", "100", "--nonblocking", "-f", "raw", "-t", *extra,
+                             "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -216,6 +234,11 @@ def main() -> None:
     ap.add_argument("--login-connections", type=int, default=LOGIN_CONNECTIONS)
     ap.add_argument("--profile", action="store_true",
                     help="record the server with py-spy during the documents runs")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="experiment: run the server with sys.setswitchinterval(S)")
+    ap.add_argument("--synchronous", choices=("full", "normal"), default="full",
+                    help="the spool's audit.synchronous (default: full, the shipped default)")
+    ap.add_argument("--out", default="http", help="results name (bench/results/NAME.json)")
     ap.add_argument("--client", help=argparse.SUPPRESS)
     ap.add_argument("--connections", type=int, default=CONNECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -226,10 +249,10 @@ def main() -> None:
 
     with workdir("http") as wd:
         port = free_port()
-        cfg = write_config(wd, port, bcrypt_rounds=12)
+        cfg = write_config(wd, port, bcrypt_rounds=12, synchronous=args.synchronous)
         users = [f"bench{i:03d}" for i in range(args.users)]
         add_users(cfg, users, rounds=12)
-        srv = Server(cfg, port).start()
+        srv = Server(cfg, port, switch_interval=args.switch_interval).start()
         try:
             me_reqs: list[tuple[str, str, dict[str, str], str | None]] = []
             doc_reqs: list[tuple[str, str, dict[str, str], str | None]] = []
@@ -251,18 +274,24 @@ def main() -> None:
             rounds = []
             for r in range(args.rounds):
                 spy = _spy(srv.pid, "me", args.duration) if args.profile and r == 0 else None
-                me = load(srv.base, wd, "me", me_reqs, args.duration)
+                me = load(srv.base, wd, "me", me_reqs, args.duration, pid=srv.pid)
                 _spy_done(spy)
                 spy = _spy(srv.pid, "documents", args.duration) if args.profile and r == 0 \
                     else None
-                doc = load(srv.base, wd, "doc", doc_reqs, args.duration)
+                doc = load(srv.base, wd, "doc", doc_reqs, args.duration, pid=srv.pid)
                 _spy_done(spy)
                 ratio = doc["rps"] / me["rps"] if me["rps"] else 0.0
-                rounds.append({"me": me, "documents": doc, "ratio": round(ratio, 3)})
+                cpu_ratio = (me["server_cpu_ms_per_request"] / doc["server_cpu_ms_per_request"]
+                             if doc.get("server_cpu_ms_per_request") else None)
+                rounds.append({"me": me, "documents": doc, "ratio": round(ratio, 3),
+                               "loadavg_1m": round(os.getloadavg()[0], 2),
+                               "cpu_cost_ratio": round(cpu_ratio, 3) if cpu_ratio else None})
                 print(f"round {r + 1}: /me {me['rps']:.0f} req/s p50 {me['p50_ms']:.2f} ms"
                       f" p99 {me['p99_ms']:.2f} ms | /documents/{{id}} {doc['rps']:.0f} req/s"
                       f" p50 {doc['p50_ms']:.2f} ms p99 {doc['p99_ms']:.2f} ms"
-                      f" | ratio {ratio:.3f}", flush=True)
+                      f" | ratio {ratio:.3f} | server CPU ms/request"
+                      f" {me.get('server_cpu_ms_per_request')} vs"
+                      f" {doc.get('server_cpu_ms_per_request')}", flush=True)
             logins = []
             if not args.no_login:
                 for r in range(args.rounds):
@@ -290,6 +319,9 @@ def main() -> None:
         "documents_p99_ms": _median([r["documents"] for r in rounds], "p99_ms"),
         "ratio_median": round(statistics.median(r["ratio"] for r in rounds), 3),
         "ratios": [r["ratio"] for r in rounds],
+        "me_cpu_ms_per_request": _median([r["me"] for r in rounds], "server_cpu_ms_per_request"),
+        "documents_cpu_ms_per_request": _median([r["documents"] for r in rounds],
+                                                "server_cpu_ms_per_request"),
         "target_ratio": 0.75,
     }
     if logins:
@@ -303,10 +335,11 @@ def main() -> None:
                  + r["documents"]["socket_errors"] for r in rounds)
     summary["errors"] = errors
     print(json.dumps(summary, indent=2))
-    save("http", {
+    save(args.out, {
         "config": {"connections": CONNECTIONS, "threads": THREADS, "duration_s": args.duration,
                    "rounds": args.rounds, "users": args.users, "sink": "sqlite",
-                   "ack": "durable", "synchronous": "full", "bcrypt_rounds": 12},
+                   "ack": "durable", "synchronous": args.synchronous, "bcrypt_rounds": 12,
+                   "switch_interval": args.switch_interval},
         "summary": summary,
         "rounds": rounds,
         "logins": logins,

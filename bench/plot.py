@@ -96,8 +96,25 @@ def _spool_points(data: Any, prefix: str = "") -> list[tuple[str, float]]:
     return out
 
 
+def _spool_known(spool: dict[str, Any]) -> list[tuple[str, float]]:
+    """The shape bench/spool_bench.py --json prints, if that is what we have."""
+    prods = spool.get("producers")
+    if not isinstance(prods, dict):
+        return []
+    out = []
+    if isinstance(spool.get("raw_events_per_second"), (int, float)):
+        out.append(("raw sqlite3\nexecutemany",
+                    float(spool["raw_events_per_second"])))
+    for n, v in sorted(prods.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
+        if isinstance(v, dict) and isinstance(v.get("events_per_second"), (int, float)):
+            extra = f"\np99 {v['p99_ms']:.1f} ms" if isinstance(v.get("p99_ms"), (int, float)) \
+                else ""
+            out.append((f"engine, {n} producers{extra}", float(v["events_per_second"])))
+    return out
+
+
 def panel_spool(ax: Axes, spool: dict[str, Any]) -> bool:
-    points = _spool_points(spool)[:8]
+    points = _spool_known(spool) or _spool_points(spool)[:8]
     if not points:
         return False
     labels = [p[0][-40:] for p in points]
@@ -153,20 +170,41 @@ def panel_sink_writes(ax: Axes, sw: dict[str, Any]) -> None:
     ax.legend(fontsize=7, loc="upper left")
 
 
+def panel_startup(ax: Axes, st: dict[str, Any]) -> None:
+    s = st["summary"]
+    t = s["targets"]
+    labels = [f"start to /readyz 200\n{s['ready_seconds_median']:.2f} s"
+              f" of {t['ready_seconds']:g} s",
+              f"RSS (peak)\n{s['rss_peak_hwm_mb_max']:.0f} MB of {t['rss_mb']:g} MB"]
+    used = [100 * s["ready_seconds_median"] / t["ready_seconds"],
+            100 * s["rss_peak_hwm_mb_max"] / t["rss_mb"]]
+    bars = ax.bar(labels, used, color=["#2ca02c" if u <= 100 else "#d62728" for u in used])
+    _label_bars(ax, bars, "{:.0f} %")
+    ax.axhline(100, color="red", ls="--", lw=1, label="target")
+    ax.set_ylim(0, max(120, *used) * 1.1)
+    ax.set_ylabel("% of the target budget")
+    ax.set_title(f"{s['events_pending']:,} events pending, sink down (median of starts)",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def main() -> int:
     http = _load("http")
     spool = _load("spool")
     base = _load("baseline")
     sw = _load("sink_writes")
+    st = _load("startup")
     panels = []
     if http:
         panels += [lambda ax: panel_throughput(ax, http), lambda ax: panel_latency(ax, http)]
-    if spool and _spool_points(spool):
+    if spool and (_spool_known(spool) or _spool_points(spool)):
         panels.append(lambda ax: panel_spool(ax, spool))
     if base:
         panels.append(lambda ax: panel_baseline(ax, base))
     if sw:
         panels.append(lambda ax: panel_sink_writes(ax, sw))
+    if st:
+        panels.append(lambda ax: panel_startup(ax, st))
     if not panels:
         print("no results to plot in bench/results/", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ reported and the others still run; the exit status is non-zero if any failed.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -20,15 +21,44 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
+# Benchmarks that print their JSON on stdout instead of writing results/NAME.json.
+CAPTURE = {"spool"}
+
 # name -> (script, full args, quick args); scripts that do not exist are skipped
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
-    "spool": ("spool_bench.py", [], []),
+    "spool": ("spool_bench.py", ["--json"], ["--json", "--repeats", "1"]),
     "backlog": ("backlog_bench.py", [], []),
     "http": ("http_bench.py", [], ["--duration", "4", "--rounds", "1"]),
     "sink_writes": ("sink_writes_bench.py", [], ["--repeat", "1"]),
     "baseline": ("baseline_per_event.py", [], []),
     "startup": ("startup_bench.py", [], ["--sessions", "200", "--starts", "1", "--watch", "3"]),
 }
+
+
+def _run_captured(cmd: list[str], name: str) -> int:
+    """Run, pass stdout through, and keep its last JSON object as results/NAME.json."""
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode == 0:
+        for line in reversed(proc.stdout.strip().splitlines()):
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(data, dict):
+                out = BENCH / "results" / f"{name}.json"
+                out.parent.mkdir(exist_ok=True)
+                out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+                print(f"wrote {out.relative_to(ROOT)}")
+                break
+        else:
+            try:  # one multi-line JSON document
+                data = json.loads(proc.stdout)
+                out = BENCH / "results" / f"{name}.json"
+                out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            except ValueError:
+                print(f"{name}: no JSON on stdout", file=sys.stderr)
+    return proc.returncode
 
 
 def main() -> int:
@@ -47,7 +77,7 @@ def main() -> int:
         cmd = [sys.executable, str(path), *(quick if args.quick else full)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.monotonic()
-        rc = subprocess.call(cmd, cwd=ROOT)
+        rc = _run_captured(cmd, name) if name in CAPTURE else subprocess.call(cmd, cwd=ROOT)
         print(f"== {name}: {'ok' if rc == 0 else f'FAILED ({rc})'} in"
               f" {time.monotonic() - t0:.0f} s", flush=True)
         if rc != 0:

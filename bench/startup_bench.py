@@ -33,6 +33,7 @@ from _harness import (
     PYTHON,
     ROOT,
     Server,
+    add_users,
     free_port,
     http,
     rss_kb,
@@ -130,6 +131,9 @@ def main() -> None:
         port = free_port()
         cfg = write_config(wd, port, sink="http", sink_url=f"http://127.0.0.1:{dead_port}",
                            synchronous="normal", http_timeout=2.0)
+        # an admin exists, as on any restart (else the first start would spend a
+        # bcrypt hash creating one)
+        add_users(cfg, ["admin"], rounds=4, role="admin")
         t0 = time.monotonic()
         proc = subprocess.run([PYTHON, __file__, "--build-only", str(cfg), "--sessions",
                                str(args.sessions), "--events", str(args.events)],
