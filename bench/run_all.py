@@ -30,7 +30,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "backlog": ("backlog_bench.py", [], []),
     "http": ("http_bench.py", [], ["--duration", "4", "--rounds", "1"]),
     "sink_writes": ("sink_writes_bench.py", [], ["--repeat", "1"]),
-    "baseline": ("baseline_per_event.py", [], []),
+    "baseline": ("baseline_per_event.py", [], ["--users", "10", "--span", "8"]),
     "startup": ("startup_bench.py", [], ["--sessions", "200", "--starts", "1", "--watch", "3"]),
 }
 
