@@ -10,7 +10,7 @@ import pytest
 
 from audit.events import Draft, Source
 from audit.spool import Spool, SpoolClosed, SpoolFull
-from audit.store import Limits, SessionNotOpen, Writer
+from audit.store import Append, Limits, SessionNotOpen, Writer
 
 
 @pytest.fixture
@@ -175,5 +175,47 @@ async def test_a_spool_of_the_clustered_layout_is_migrated(tmp_path, audit_key):
             lambda c: c.execute("SELECT seq FROM events ORDER BY seq").fetchall()
         )
         assert seqs == [(1,), (2,), (3,)]
+    finally:
+        await sp.close()
+
+
+async def test_failing_plain_appends_leave_no_trace_in_their_batch(tmp_path, audit_key):
+    """Append jobs run without savepoints: a failure must still be only its own,
+    also when the batch cuts checkpoint parts around it."""
+    sp = Spool(tmp_path / "spool.db", audit_key, limits=Limits(2, 1 << 20))
+    await sp.open()
+    try:
+        s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, []))
+        sid = s.session_id
+        before = sp.stats.commits
+        jobs = [
+            Append(sid, Draft("document.list")),  # seq 1
+            Append(sid, Draft("document.list", details={"bad": object()})),  # TypeError
+            Append(sid, Draft("document.list")),  # seq 2
+            Append("no-such-session", Draft("document.list")),  # SessionNotOpen
+            Append(sid, Draft("document.list")),  # seq 3: cuts part 0 (1-2) first
+            Append(sid, Draft("document.list", details={"nan": float("nan")})),  # ValueError
+            Append(sid, Draft("document.list")),  # seq 4
+            Append(sid, Draft("document.list")),  # seq 5: cuts part 1 (3-4)
+        ]
+        results = await asyncio.gather(*(sp.submit(j) for j in jobs), return_exceptions=True)
+        assert sp.stats.commits - before == 1
+        assert isinstance(results[1], TypeError) and isinstance(results[3], SessionNotOpen)
+        assert isinstance(results[5], ValueError)
+        ok = [r for i, r in enumerate(results) if i not in (1, 3, 5)]
+        assert [r["seq"] for r in ok] == [1, 2, 3, 4, 5]
+        rows = await sp.read(
+            lambda c: c.execute("SELECT seq, json FROM events ORDER BY seq").fetchall()
+        )
+        assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+        parts = await sp.read(
+            lambda c: c.execute(
+                "SELECT part, first_seq, last_seq, hash FROM parts ORDER BY part"
+            ).fetchall()
+        )
+        assert [p[:3] for p in parts] == [(0, 1, 2), (1, 3, 4)]
+        assert parts[1][3] == ok[3]["hash"]
+        head = sp.open_session(sid)
+        assert head.next_seq == 6 and head.head == ok[4]["hash"] and head.uncut_count == 1
     finally:
         await sp.close()
