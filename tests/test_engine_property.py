@@ -214,7 +214,7 @@ def check(sink: ScriptedSink, m: Model, part_max_events: int) -> None:
 
 
 @settings(
-    max_examples=300,
+    max_examples=500,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
