@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ from . import queries
 from .config import FlushConfig
 from .metrics import Stats
 from .ratelimit import Backoff, TokenBucket
-from .spool import Spool
+from .spool import Spool, SpoolUnavailable
 from .store import Writer
 
 log = logging.getLogger("session_audit.flusher")
@@ -79,7 +80,13 @@ class Flusher:
         while not self._stopping:
             # Cleared before the step: a wake-up that arrives during it is kept.
             self._wake.clear()
-            delay = await self.step()
+            try:
+                delay = await self.step()
+            except (SpoolUnavailable, sqlite3.Error, OSError) as exc:
+                # The spool could not read or commit (disk full, I/O error):
+                # that may pass, and what was being flushed is still pending.
+                log.error("flusher: the spool failed: %s; retrying", exc)
+                delay = max(self.backoff.base, 0.1)
             if delay is None:  # nothing pending: sleep until woken
                 self._idle.set()
                 await self._wait(None)
