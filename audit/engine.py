@@ -119,6 +119,7 @@ class AuditEngine:
                 pass  # cancelled by wait_for; what it was writing stays pending
             except Exception:  # already logged by the done-callback
                 pass
+        self.flusher.close()
         with contextlib.suppress(Exception):
             await self.sink.close()
         await self.spool.close()

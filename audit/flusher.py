@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from .store import Writer
 log = logging.getLogger("session_audit.flusher")
 
 SECURITY_BATCH = 100
+LOCK_RETRY_SECONDS = 0.2
 
 
 class Flusher:
@@ -58,6 +61,7 @@ class Flusher:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._stopping = False
+        self._lock_fd: int | None = None
 
     # -- control -------------------------------------------------------------
 
@@ -124,6 +128,36 @@ class Flusher:
                 return self._retryable(exc)
             self.sink_open = True
             log.info("sink %s open", self.sink.type)
+        # One flusher at a time per spool file: ``server.py drain`` may run
+        # beside the server, and both must not send the same pending item.
+        if not self._lock():
+            return LOCK_RETRY_SECONDS
+        try:
+            return await self._flush_one()
+        finally:
+            self._unlock()
+
+    def _lock(self) -> bool:
+        if self._lock_fd is None:
+            path = self.spool.path.with_name(self.spool.path.name + ".flush-lock")
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Release the flush lock's file (after the loop has stopped)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    async def _flush_one(self) -> float | None:
         security = await self.spool.read(
             lambda c: queries.pending_security(c, 1 if self._single_security else SECURITY_BATCH)
         )

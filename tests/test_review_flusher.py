@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 
 from audit import queries
@@ -41,3 +43,45 @@ async def test_flusher_survives_a_transient_spool_failure(
     assert failures["left"] == 0
     assert engine.task_failure is None
     assert engine.ready
+
+
+async def test_drain_beside_a_running_flusher_writes_each_part_once(make_config, engines):
+    """``server.py drain`` works while the server runs (API.md): its flusher and
+    the server's share the spool file. Both must not send the same pending
+    part: a JSONL sink (whose index is per process) would append it twice,
+    and a billed cloud sink would be paid twice."""
+    from sinks.jsonl import JsonlSink
+
+    config = make_config()
+    release = asyncio.Event()
+    started: list[str] = []
+
+    class SlowJsonl(JsonlSink):
+        async def write_part(self, part):
+            started.append(part["_id"])
+            await release.wait()
+            await super().write_part(part)
+
+    server = await engines.open(config, SlowJsonl(config.jsonl_dir))
+    cli = await engines.open(config, SlowJsonl(config.jsonl_dir))
+    src = Source(user="alice", role="user")
+    s = await server.start_session("alice", "user", src, 3600)
+    await server.end_session(s.session_id, src)
+
+    first = asyncio.ensure_future(server.flusher.step())
+    second = asyncio.ensure_future(cli.flusher.drain())
+    for _ in range(200):
+        if started:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+
+    lines = [
+        json.loads(line)
+        for path in sorted(config.jsonl_dir.glob("audit-*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    ids = [d["_id"] for d in lines if d["type"] == "session_part"]
+    assert ids == [f"{s.session_id}:0"]
