@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -41,8 +42,21 @@ class SpoolUnavailable(Exception):
     """The spool could not commit (disk full, I/O error); nothing was recorded."""
 
 
+def create_private(path: Path) -> None:
+    """Create ``path`` (empty, mode 0600) unless it exists.
+
+    SQLite creates a database file with the process umask (often 0644) and
+    gives its -wal and -shm files the database file's mode: created first,
+    they are all the owner's only, whatever the data directory's mode.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.Connection:
     """A spool connection with the pragmas every user of the file needs."""
+    if not readonly:
+        create_private(Path(path))
     if readonly:
         conn = sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False

@@ -201,7 +201,9 @@ class JsonlSink(Sink):
                 self._file = None
             path = self.dir / name
             new = not path.exists()
-            self._file = path.open("ab")
+            # The owner's only: the audit trail is no one else's to read.
+            self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
+                                   "ab")
             self._file_name = name
             if new:
                 dfd = os.open(self.dir, os.O_RDONLY)

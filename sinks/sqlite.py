@@ -10,6 +10,8 @@ from typing import Any
 
 import aiosqlite
 
+from audit.spool import create_private
+
 from .base import (
     Doc,
     Sink,
@@ -59,6 +61,7 @@ class SqliteSink(Sink):
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(self.path)
             db = await aiosqlite.connect(self.path, isolation_level=None)
             try:
                 await db.execute("PRAGMA journal_mode=WAL")
