@@ -302,7 +302,9 @@ class Writer:
                 if value is _MISSING:
                     self.sessions.pop(sid, None)
                 else:
-                    self.sessions[sid] = value
+                    # A copy: the same snapshot may sit in the batch's undo
+                    # log too, and later jobs change the live object.
+                    self.sessions[sid] = value.copy()
             elif name == "counters":
                 self.new_parts, self.new_security, self.appended = value
 
