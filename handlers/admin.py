@@ -177,7 +177,8 @@ async def get_session(request: web.Request) -> web.Response:
     except QueryNotSupported:
         pass
     except SinkError as exc:
-        if spooled is None:
+        # The spool alone answers only while it still holds every event.
+        if spooled is None or len(spooled["events"]) < spooled["event_count"]:
             raise ApiError(503, "sink_unavailable",
                            f"the sink cannot be queried: {exc}"[:300]) from None
     if spooled is None and not parts:
