@@ -160,6 +160,11 @@ class Spool:
         if exc is not None:
             self.failure = exc
             log.error("spool writer stopped", exc_info=exc)
+            # Jobs queued behind the failed batch will never run: say so.
+            pending, self._pending = self._pending, []
+            for _, fut in pending:
+                if not fut.done():
+                    fut.set_exception(SpoolUnavailable("the spool writer has failed"))
 
     async def close(self) -> None:
         """Commit what is queued, then close; safe to call twice."""

@@ -46,3 +46,37 @@ def test_failed_batch_restores_heads_after_a_failed_job(tmp_path, audit_key):
     # The next event continues the committed chain.
     [(ok, event)] = w.run_batch([Append("s1", Draft("document.list"))])
     assert ok and event["seq"] == 1
+
+
+async def test_jobs_queued_when_the_writer_fails_are_answered(tmp_path, audit_key, monkeypatch):
+    """A writer loop that stops on a bug marks the spool failed; jobs queued
+    behind the failing batch must hear so (503), not wait forever."""
+    import asyncio
+    import threading
+
+    from audit.spool import Spool, SpoolUnavailable
+
+    sp = Spool(tmp_path / "spool.db", audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    entered, release = threading.Event(), threading.Event()
+    real = Writer.run_batch
+
+    def buggy(self, jobs):
+        entered.set()
+        release.wait(5)
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(Writer, "run_batch", buggy)
+    try:
+        first = sp.submit_nowait(lambda w: None)
+        await asyncio.to_thread(entered.wait, 5)
+        queued = sp.submit_nowait(lambda w: None)  # waits behind the failing batch
+        release.set()
+        with pytest.raises(SpoolUnavailable):
+            await asyncio.wait_for(first, 5)
+        with pytest.raises(SpoolUnavailable):
+            await asyncio.wait_for(queued, 5)
+        assert sp.failure is not None
+    finally:
+        monkeypatch.setattr(Writer, "run_batch", real)
+        await sp.close()
