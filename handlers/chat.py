@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from audit.events import Draft
+from audit.spool import SpoolFull
 from audit.store import ActionError
 
 from .ai import AIUnavailable
@@ -50,6 +51,9 @@ async def chat(request: web.Request) -> web.Response:
         row = await engine.spool.read(lambda c: _visible(c, ctx, doc_id))
     except ActionError as err:
         raise await refuse_action(request, draft, err) from None
+    if not engine.spool.accepting:
+        # Asking the provider is the action: not without a place for its record.
+        raise SpoolFull("the audit spool cannot take the interaction's event")
     provider = request.app[AI]
     capture = request.app[CONFIG].audit.capture_ai_content
     details: dict[str, Any] = {"model": provider.model, "prompt": _digest(message)}

@@ -175,3 +175,22 @@ async def test_chat_about_a_missing_document(api: Api) -> None:
     (ev,) = await _ai_events(api, alice.session_id)
     assert (ev["outcome"], ev["details"]["reason"]) == ("failure", "not_found")
     assert await api.security("access.denied") == []
+
+
+async def test_full_spool_means_the_provider_is_not_asked(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    api = await make_api(audit={"spool_max_bytes": 200_000}, ai={"provider": "openai", "openai": {
+        "base_url": stub.base_url, "model": "stub-model-1",
+        "api_key_env": "TEST_OPENAI_KEY", "timeout_seconds": 5.0}})
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="Reactor", content=DOC)
+    batch = [{"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(100)]
+    while not api.engine.spool.full:
+        resp = await api.client.post("/audit/events", json=batch, headers=alice.headers)
+        assert resp.status in (202, 503)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat",
+                                 json={"message": "What water is used?"}, headers=alice.headers)
+    await expect_error(resp, 503, "audit_unavailable")
+    assert stub.requests == []
