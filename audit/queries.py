@@ -10,6 +10,8 @@ import json
 import sqlite3
 from typing import Any
 
+from sinks.base import sql_where
+
 from .events import format_ts
 from .store import part_document
 
@@ -136,22 +138,15 @@ def list_sessions(
     limit: int,
 ) -> list[Row]:
     """Spool sessions newest first; ``before`` = (start_ts, session_id) for paging."""
-    where: list[str] = ["1 = 1"]
-    args: list[Any] = []
-    if user is not None:
-        where.append("user = ?")
-        args.append(user)
-    if since is not None:
-        where.append("start_ts >= ?")
-        args.append(since)
-    if until is not None:
-        where.append("start_ts <= ?")
-        args.append(until)
-    if before is not None:
-        where.append("(start_ts < ? OR (start_ts = ? AND session_id < ?))")
-        args += [before[0], before[0], before[1]]
+    where, args = sql_where(
+        ("user = ?", user),
+        ("start_ts >= ?", since),
+        ("start_ts <= ?", until),
+        ("(start_ts < ? OR (start_ts = ? AND session_id < ?))",
+         (before[0], before[0], before[1]) if before is not None else None),
+    )
     rows = conn.execute(
-        f"SELECT {_SESSION_COLS} FROM sessions WHERE {' AND '.join(where)}"
+        f"SELECT {_SESSION_COLS} FROM sessions WHERE {where}"
         " ORDER BY start_ts DESC, session_id DESC LIMIT ?",
         (*args, limit),
     ).fetchall()
@@ -185,19 +180,9 @@ def list_security(
     before: float | None = None,
 ) -> list[Row]:
     """Security events still in the spool (pending, dead or kept), newest first."""
-    where: list[str] = ["1 = 1"]
-    args: list[Any] = []
-    if since is not None:
-        where.append("ts >= ?")
-        args.append(since)
-    if kind is not None:
-        where.append("action = ?")
-        args.append(kind)
-    if before is not None:
-        where.append("ts <= ?")
-        args.append(before)
+    where, args = sql_where(("ts >= ?", since), ("action = ?", kind), ("ts <= ?", before))
     rows = conn.execute(
-        f"SELECT json FROM security_events WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        f"SELECT json FROM security_events WHERE {where} ORDER BY id DESC LIMIT ?",
         (*args, limit),
     ).fetchall()
     out = []

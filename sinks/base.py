@@ -73,6 +73,21 @@ def summarize_parts(parts: list[Doc]) -> Doc:
     }
 
 
+def sql_where(*filters: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """A SQL ``WHERE`` body of the ``(clause, value)`` filters whose value is set.
+
+    A tuple value fills several placeholders (a cursor's ``(ts, ts, id)``).
+    """
+    clauses: list[str] = []
+    args: list[Any] = []
+    for clause, value in filters:
+        if value is None:
+            continue
+        clauses.append(clause)
+        args.extend(value if isinstance(value, tuple) else (value,))
+    return " AND ".join(clauses) or "1 = 1", args
+
+
 def encode_cursor(*values: Any) -> str:
     raw = json.dumps(list(values), separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")

@@ -6,7 +6,6 @@ import asyncio
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 
@@ -20,6 +19,7 @@ from .base import (
     SinkUnavailable,
     decode_cursor,
     encode_cursor,
+    sql_where,
     summarize_parts,
 )
 
@@ -172,23 +172,19 @@ class SqliteSink(Sink):
         db = self._conn()
         # A session is listed by its lowest stored part (not part 0: verify
         # must see a session whose first part was removed from the sink).
-        where = ["part = (SELECT MIN(p.part) FROM parts p WHERE p.session_id = parts.session_id)"]
-        args: list[Any] = []
-        if user is not None:
-            where.append("user = ?")
-            args.append(user)
-        if since is not None:
-            where.append("session_start_time >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("session_start_time <= ?")
-            args.append(until)
+        after = None
         if cursor is not None:
             start, sid = decode_cursor(cursor)
-            where.append("(session_start_time < ? OR (session_start_time = ? AND session_id < ?))")
-            args += [start, start, sid]
+            after = (start, start, sid)
+        where, args = sql_where(
+            ("user = ?", user),
+            ("session_start_time >= ?", since),
+            ("session_start_time <= ?", until),
+            ("(session_start_time < ? OR (session_start_time = ? AND session_id < ?))", after),
+        )
         sql = (
-            "SELECT session_id FROM parts WHERE " + " AND ".join(where) +
+            "SELECT session_id FROM parts WHERE part = (SELECT MIN(p.part) FROM parts p"
+            f" WHERE p.session_id = parts.session_id) AND {where}"
             " ORDER BY session_start_time DESC, session_id DESC LIMIT ?"
         )
         async with db.execute(sql, (*args, limit + 1)) as cur:
@@ -221,22 +217,16 @@ class SqliteSink(Sink):
         cursor: str | None = None,
     ) -> tuple[list[Doc], str | None]:
         db = self._conn()
-        where = ["1 = 1"]
-        args: list[Any] = []
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(since)
-        if kind is not None:
-            where.append("action = ?")
-            args.append(kind)
+        after = None
         if cursor is not None:
             ts, eid = decode_cursor(cursor)
-            where.append("(ts < ? OR (ts = ? AND id < ?))")
-            args += [ts, ts, eid]
-        sql = (
-            "SELECT doc FROM security_events WHERE " + " AND ".join(where) +
-            " ORDER BY ts DESC, id DESC LIMIT ?"
+            after = (ts, ts, eid)
+        where, args = sql_where(
+            ("ts >= ?", since),
+            ("action = ?", kind),
+            ("(ts < ? OR (ts = ? AND id < ?))", after),
         )
+        sql = f"SELECT doc FROM security_events WHERE {where} ORDER BY ts DESC, id DESC LIMIT ?"
         async with db.execute(sql, (*args, limit + 1)) as cur:
             docs = [json.loads(r[0]) for r in await cur.fetchall()]
         more = len(docs) > limit
