@@ -8,11 +8,9 @@ in that order, so reading in this order never misses one).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import sqlite3
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from waiting import wait_for
 
 import server
 from audit.config import Config, parse_config
@@ -49,24 +48,6 @@ def api_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return parse_config(data, base_dir=str(tmp_path))
-
-
-async def wait_for(
-    predicate: Callable[[], Any | Awaitable[Any]],
-    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline
-    message: str = "condition",
-) -> Any:
-    """Poll ``predicate`` until truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        await asyncio.sleep(0.01)
 
 
 @dataclass

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_for
 
 from audit.config import Config, parse_config
 
@@ -57,29 +57,11 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
     return make
 
 
-async def _wait_until(
-    predicate: Callable[[], Any | Awaitable[Any]],
-    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline, not a cancellation scope
-    interval: float = 0.01,
-    message: str = "condition",
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        await asyncio.sleep(interval)
-
-
 @pytest.fixture
 def wait_until() -> Callable[..., Awaitable[Any]]:
     """``await wait_until(pred, timeout=10)``: poll a (sync or async) predicate
     until it is truthy, failing the test at the deadline."""
-    return _wait_until
+    return wait_for
 
 
 class Engines:

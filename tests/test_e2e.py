@@ -15,13 +15,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 JWT_SECRET = "e2e-jwt-secret-0123456789abcdefghijklmnop"
@@ -79,20 +79,6 @@ def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.Comple
 async def acli(config: Path, *args: str, stdin: str | None = None,
                ) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(cli, config, *args, stdin=stdin)
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 20.0,  # noqa: ASYNC109
-                   message: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        await asyncio.sleep(0.05)
 
 
 class Server:
@@ -178,7 +164,8 @@ class Server:
             parts = self.parts(session_id)
             return parts if parts and parts[-1]["final"] else None
 
-        result: list[dict[str, Any]] = await wait_for(final, message=f"{session_id} stored")
+        result: list[dict[str, Any]] = await wait_for(final, timeout=20,
+                                                      message=f"{session_id} stored")
         return result
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import stat
 
-from audit.events import Draft, Source
+from audit.events import Source
 from sinks.jsonl import JsonlSink
 
 
