@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -283,12 +282,3 @@ class User:
                 if self.think:  # pacing a simulated user, not waiting for a condition
                     await asyncio.sleep(self.rng.uniform(0.5, 1.5) * self.think)
             await self.logout()
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float,  # noqa: ASYNC109
-                   what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)

@@ -18,7 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from live_server import AUDIT_KEY, Live, free_port
-from storm_client import UNCERTAIN, Expect, Oracle, User, wait_for
+from storm_client import UNCERTAIN, Expect, Oracle, User
+from waiting import wait_for
 
 FRESH_SPOOL_PAGES = 19  # schema only; the admin and two users add a few more
 MAX_BYTES = (FRESH_SPOOL_PAGES + 32) * 4096
@@ -134,7 +135,7 @@ async def test_spool_full_refuses_then_recovers(live: Live, tmp_path: Path) -> N
         async def ready() -> bool:
             return (await _get(http, base + "/readyz"))[0] == 200
 
-        await wait_for(ready, 30, "/readyz 200 after the sink came back")
+        await wait_for(ready, 30, "/readyz 200 after the sink came back", interval=0.05)
         status, metrics = await _get(http, base + "/metrics")
         drained_bytes = _spool_bytes(metrics)
         assert drained_bytes < MAX_BYTES and drained_bytes < full_bytes
