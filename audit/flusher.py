@@ -33,6 +33,10 @@ log = logging.getLogger("session_audit.flusher")
 
 SECURITY_BATCH = 100
 LOCK_RETRY_SECONDS = 0.2
+# A document on which the sink raises an *unclassified* error this many times
+# in a row is dead-lettered (kept, counted, retryable by command) so that one
+# poison document cannot block everything queued behind it forever.
+UNEXPECTED_LIMIT = 5
 
 
 class Flusher:
@@ -62,6 +66,7 @@ class Flusher:
         self._idle = asyncio.Event()
         self._stopping = False
         self._lock_fd: int | None = None
+        self._unexpected: tuple[str, int] = ("", 0)  # (_id, consecutive count)
 
     # -- control -------------------------------------------------------------
 
@@ -181,7 +186,13 @@ class Flusher:
     async def _write_security(self, batch: list[tuple[int, dict[str, Any]]]) -> float:
         ids = [rid for rid, _ in batch]
         try:
-            await self.sink.write_security_events([doc for _, doc in batch])
+            try:
+                await self.sink.write_security_events([doc for _, doc in batch])
+            except Exception as exc:
+                rejected = self._poison(batch[0][1]["_id"], exc)
+                if rejected is None:
+                    raise
+                raise rejected from exc
         except SinkRejected as exc:
             self.stats.writes_failed += 1
             if len(batch) > 1:
@@ -207,7 +218,13 @@ class Flusher:
     async def _write_part(self, doc: dict[str, Any]) -> float:
         sid, part = doc["session_id"], doc["part"]
         try:
-            await self.sink.write_part(doc)
+            try:
+                await self.sink.write_part(doc)
+            except Exception as exc:
+                rejected = self._poison(doc["_id"], exc)
+                if rejected is None:
+                    raise
+                raise rejected from exc
         except SinkRejected as exc:
             self.stats.writes_failed += 1
             self.stats.dead_lettered += 1
@@ -240,7 +257,22 @@ class Flusher:
 
     # -- outcomes ------------------------------------------------------------
 
+    def _poison(self, doc_id: str, exc: Exception) -> SinkRejected | None:
+        """A rejection once the same document kept raising unclassified errors."""
+        if isinstance(exc, SinkError):
+            self._unexpected = ("", 0)
+            return None
+        last, count = self._unexpected
+        count = count + 1 if last == doc_id else 1
+        self._unexpected = (doc_id, count)
+        if count < UNEXPECTED_LIMIT:
+            return None
+        self._unexpected = ("", 0)
+        return SinkRejected(f"unexpected sink error {UNEXPECTED_LIMIT} times in a row:"
+                            f" {type(exc).__name__}: {exc}"[:300])
+
     def _ok(self) -> None:
+        self._unexpected = ("", 0)
         self.stats.writes_ok += 1
         self.backoff.succeeded()
         self.healthy = True

@@ -1,0 +1,61 @@
+"""A document on which the sink keeps raising an unclassified error is
+dead-lettered after a few tries, so it cannot block what is queued behind it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from audit import queries
+from audit.events import Draft, Source
+from audit.flusher import UNEXPECTED_LIMIT
+from sinks.sqlite import SqliteSink
+
+
+class PoisonedSink(SqliteSink):
+    """A real SQLite sink with a bug: it crashes on one session's part."""
+
+    def __init__(self, path: Any, poisoned: set[str]) -> None:
+        super().__init__(path)
+        self.poisoned = poisoned
+        self.crashes = 0
+
+    async def write_part(self, part: dict[str, Any]) -> None:
+        if part["session_id"] in self.poisoned:
+            self.crashes += 1
+            raise KeyError("bug in the sink")
+        await super().write_part(part)
+
+
+async def test_poison_part_is_dead_lettered_and_the_rest_flows(
+    make_config, engines, fake_clock, fake_monotonic
+):
+    wall, mono = fake_clock, fake_monotonic
+    config = make_config(flush={"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
+    poisoned: set[str] = set()
+    sink = PoisonedSink(config.sqlite_sink_path, poisoned)
+    engine = await engines.open(config, sink, clock=wall, monotonic=mono)
+    src = Source(user="alice", role="user")
+    first = await engine.start_session("alice", "user", src, 3600)
+    second = await engine.start_session("alice", "user", src, 3600)
+    poisoned.add(first.session_id)
+    for s in (first, second):
+        await engine.record(s.session_id, Draft("document.list"))
+        wall.advance(1)
+        await engine.end_session(s.session_id, src)
+    await engines.drain(engine, mono)
+
+    assert sink.crashes == UNEXPECTED_LIMIT
+    counts = await engine.spool.read(lambda c: queries.counts(c, wall()))
+    assert counts["pending_parts"] == 0
+    assert counts["dead_letter_parts"] == 1
+    assert await sink.get_session_parts(second.session_id)  # not blocked behind it
+    assert await sink.get_session_parts(first.session_id) == []
+    assert "unexpected sink error" in (engine.flusher.last_error or "")
+
+    # Fixed sink, retried by command: nothing was lost.
+    poisoned.clear()
+    assert await engine.retry_dead_letters() == 1
+    await engines.drain(engine, mono)
+    (part,) = await sink.get_session_parts(first.session_id)
+    assert [e["action"] for e in part["events"]] == [
+        "session.start", "token.issue", "document.list", "session.end"]
