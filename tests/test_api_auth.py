@@ -422,3 +422,19 @@ async def test_idle_timeout_ends_the_session(make_api: MakeApi) -> None:
     assert api.engine.session(bob.session_id) is None
     again = await api.login("alice")
     assert (await api.client.get("/me", headers=again.headers)).status == 200
+
+
+async def test_passwords_over_72_bytes_count_in_full(api: Api) -> None:
+    """bcrypt reads 72 bytes (bcrypt 5 raises beyond): passwords are pre-hashed,
+    so a long passphrase works and its tail is not ignored."""
+    long_pw = "correct horse battery staple " * 4  # 116 bytes
+    await api.add_user("carol", password=long_pw)
+    resp = await api.client.post("/token", json={"username": "carol", "password": long_pw})
+    assert resp.status == 200
+    same_head = long_pw[:72] + "x" * (len(long_pw) - 72)
+    resp = await api.client.post("/token", json={"username": "carol", "password": same_head})
+    await expect_error(resp, 401, "invalid_credentials")
+    multibyte = "пароль-" * 20  # 260 bytes of UTF-8
+    await api.add_user("dmitri", password=multibyte)
+    resp = await api.client.post("/token", json={"username": "dmitri", "password": multibyte})
+    assert resp.status == 200
