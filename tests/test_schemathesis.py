@@ -121,8 +121,8 @@ burst = 1000
 def _schemathesis() -> str:
     exe = Path(sys.executable).parent / "schemathesis"
     found = str(exe) if exe.exists() else shutil.which("schemathesis")
-    if found is None:
-        pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
+    # A dev dependency: missing means a broken install, which must fail, not skip.
+    assert found is not None, "schemathesis is not installed (pip install -e '.[dev]')"
     return found
 
 
