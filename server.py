@@ -31,7 +31,7 @@ from audit.config import Config, ConfigError, load_config
 from audit.engine import AuditEngine
 from audit.middleware import PUBLIC, session_middleware
 from audit.spool import connect
-from audit.store import SCHEMA
+from audit.store import SCHEMA, migrate
 from audit.tokens import MIN_KEY_BYTES, TokenService
 from audit.verify import verify_sink
 from handlers import routes
@@ -252,6 +252,7 @@ def _spool_conn(config: Config) -> sqlite3.Connection:
     path = config.spool_path
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = connect(path, config.audit.synchronous)
+    migrate(conn)  # SCHEMA's indexes need the current layout
     conn.executescript(SCHEMA)
     return conn
 

@@ -33,11 +33,11 @@ def pending_security(conn: sqlite3.Connection, limit: int) -> list[tuple[int, Ro
 
 _PART_COLS = (
     "p.session_id, p.part, p.first_seq, p.last_seq, p.final, p.seal_reason, p.end_ts,"
-    " p.prev_hash, p.hash, s.user, s.start_ts"
+    " p.prev_hash, p.hash, s.user, s.start_ts, s.sk"
 )
 _PART_KEYS = (
     "session_id", "part", "first_seq", "last_seq", "final", "seal_reason", "end_ts",
-    "prev_hash", "hash", "user", "start_ts",
+    "prev_hash", "hash", "user", "start_ts", "sk",
 )
 
 
@@ -51,9 +51,10 @@ def next_pending_part(conn: sqlite3.Connection) -> Row | None:
 
 
 def part_events(conn: sqlite3.Connection, meta: Row) -> list[Row]:
+    """The part's events; ``meta`` as :func:`next_pending_part` gives it (with ``sk``)."""
     rows = conn.execute(
-        "SELECT json FROM events WHERE session_id = ? AND seq BETWEEN ? AND ? ORDER BY seq",
-        (meta["session_id"], meta["first_seq"], meta["last_seq"]),
+        "SELECT json FROM events WHERE sk = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+        (meta["sk"], meta["first_seq"], meta["last_seq"]),
     ).fetchall()
     return [json.loads(r[0]) for r in rows]
 
@@ -98,16 +99,16 @@ def counts(conn: sqlite3.Connection, now: float) -> Row:
 # -- the admin API's view of sessions still in the spool ---------------------
 
 _SESSION_COLS = (
-    "session_id, user, state, start_ts, end_ts, seal_reason, next_part, cut_events, cut_seq"
+    "session_id, user, state, start_ts, end_ts, seal_reason, next_part, cut_events, cut_seq, sk"
 )
 
 
 def _summary(conn: sqlite3.Connection, row: tuple[Any, ...]) -> Row:
-    sid, user, state, start, end, reason, next_part, cut_events, cut_seq = row
+    sid, user, state, start, end, reason, next_part, cut_events, cut_seq, sk = row
     uncut = 0
     if state == "open":
         uncut = conn.execute(
-            "SELECT COUNT(*) FROM events WHERE session_id = ? AND seq > ?", (sid, cut_seq)
+            "SELECT COUNT(*) FROM events WHERE sk = ? AND seq > ?", (sk, cut_seq)
         ).fetchone()[0]
         shown = "open"
     else:
@@ -164,7 +165,7 @@ def get_session(conn: sqlite3.Connection, session_id: str) -> Row | None:
     events = [
         json.loads(r[0])
         for r in conn.execute(
-            "SELECT json FROM events WHERE session_id = ? ORDER BY seq", (session_id,)
+            "SELECT json FROM events WHERE sk = ? ORDER BY seq", (row[-1],)
         ).fetchall()
     ]
     summary["events"] = events

@@ -7,7 +7,9 @@ Measures, in one run on one machine:
 * ``raw``: plain ``sqlite3`` ``executemany`` of event-sized rows of 256
   interleaved sessions, 100 rows per commit, WAL + ``synchronous = FULL`` --
   the physical reference; ``raw_events_per_second`` into the spool's events
-  layout (rowid table + ``(session_id, seq)`` index),
+  layout (rowid table + ``(sk, seq)`` index on the integer session key),
+  ``raw_text_key_events_per_second`` into the layout before it (the same
+  with a ``(session_id, seq)`` index on the 32-character text id),
   ``raw_plain_events_per_second`` into a bare table without index;
 * the engine: ``AuditEngine.record`` (a real append job through the spool's
   group commit, ``synchronous = "full"``, ``ack = "durable"``) from 1, 16 and
@@ -62,8 +64,14 @@ SAMPLE_EVENT = {
 
 
 RAW_SCHEMAS = {
-    # The spool's own events layout (audit/store.py): rowid table + (session_id, seq).
+    # The spool's own events layout (audit/store.py): rowid table + (sk, seq).
     "spool": (
+        "CREATE TABLE events (sk INTEGER NOT NULL, session_id TEXT NOT NULL,"
+        " seq INTEGER NOT NULL, ts REAL NOT NULL, json TEXT NOT NULL);"
+        "CREATE UNIQUE INDEX events_sk_seq ON events (sk, seq);"
+    ),
+    # The layout before the integer session key: rowid table + (session_id, seq).
+    "text_key": (
         "CREATE TABLE events (session_id TEXT NOT NULL, seq INTEGER NOT NULL,"
         " ts REAL NOT NULL, json TEXT NOT NULL);"
         "CREATE UNIQUE INDEX events_session_seq ON events (session_id, seq);"
@@ -89,11 +97,19 @@ def raw_sqlite(events: int, layout: str, per_commit: int = 100, sessions: int = 
         conn.executescript(RAW_SCHEMAS[layout])
         text = json.dumps(SAMPLE_EVENT, separators=(",", ":"))
         sids = [new_id() for _ in range(sessions)]
-        rows = [(sids[i % sessions], i // sessions, time.time(), text) for i in range(events)]
+        if layout == "spool":
+            rows: list[tuple[Any, ...]] = [
+                (1 + i % sessions, sids[i % sessions], i // sessions, time.time(), text)
+                for i in range(events)
+            ]
+            insert = "INSERT INTO events VALUES (?, ?, ?, ?, ?)"
+        else:
+            rows = [(sids[i % sessions], i // sessions, time.time(), text) for i in range(events)]
+            insert = "INSERT INTO events VALUES (?, ?, ?, ?)"
         started = time.perf_counter()
         for i in range(0, events, per_commit):
             conn.execute("BEGIN")
-            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", rows[i : i + per_commit])
+            conn.executemany(insert, rows[i : i + per_commit])
             conn.execute("COMMIT")
         elapsed = time.perf_counter() - started
         conn.close()
@@ -170,6 +186,7 @@ def main() -> None:
     raw = statistics.median(raw_runs["spool"])
     result: dict[str, Any] = {
         "raw_events_per_second": round(raw, 1),
+        "raw_text_key_events_per_second": round(statistics.median(raw_runs["text_key"]), 1),
         "raw_plain_events_per_second": round(statistics.median(raw_runs["plain"]), 1),
         "producers": {str(p): median_of(engine_runs[p]) for p in PRODUCERS},
         "repeats": args.repeats,
@@ -187,6 +204,7 @@ def main() -> None:
     print(
         "raw sqlite3 executemany (100/commit, WAL, FULL):"
         f" {raw:,.0f} events/s in the spool's layout,"
+        f" {result['raw_text_key_events_per_second']:,.0f} events/s in the text-key layout,"
         f" {result['raw_plain_events_per_second']:,.0f} events/s into a bare table"
     )
     for p in PRODUCERS:

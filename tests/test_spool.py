@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 
 import pytest
 
-from audit.events import Draft, Source
+from audit.events import Draft, Source, event_hash
 from audit.spool import Spool, SpoolClosed, SpoolFull
 from audit.store import Append, Limits, SessionNotOpen, Writer
 
@@ -147,6 +148,33 @@ async def test_spool_full_clears_once_flushed(make_config, engines):
     await engine.record(s2.session_id, Draft("document.list"))
 
 
+def _downgrade(path, layout: str) -> None:
+    """Rewrite a spool file into an earlier layout: ``events`` keyed by the text
+    session id, either ``clustered`` (WITHOUT ROWID) or ``text_key`` (a rowid
+    table with a unique (session_id, seq) index), and no ``sessions.sk``."""
+    if layout == "clustered":
+        create = (
+            "CREATE TABLE events (session_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+            " ts REAL NOT NULL, json TEXT NOT NULL, PRIMARY KEY (session_id, seq)) WITHOUT ROWID;"
+        )
+    else:
+        create = (
+            "CREATE TABLE events (session_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+            " ts REAL NOT NULL, json TEXT NOT NULL);"
+            " CREATE UNIQUE INDEX events_session_seq ON events (session_id, seq);"
+        )
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.executescript(
+            "BEGIN; ALTER TABLE events RENAME TO e2; DROP INDEX events_sk_seq;"
+            f" {create}"
+            " INSERT INTO events SELECT session_id, seq, ts, json FROM e2 ORDER BY rowid;"
+            " DROP TABLE e2;"
+            " DROP INDEX sessions_sk; ALTER TABLE sessions DROP COLUMN sk; COMMIT;"
+        )
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(sessions)")]
+        assert "sk" not in cols
+
+
 async def test_a_spool_of_the_clustered_layout_is_migrated(tmp_path, audit_key):
     """Files written before the events table became a rowid table still open."""
     path = tmp_path / "spool.db"
@@ -155,13 +183,7 @@ async def test_a_spool_of_the_clustered_layout_is_migrated(tmp_path, audit_key):
     s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
     await sp.submit(lambda w: w.append(s.session_id, Draft("document.list")))
     await sp.close()
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        conn.executescript(
-            "BEGIN; ALTER TABLE events RENAME TO e2; DROP INDEX events_session_seq;"
-            " CREATE TABLE events (session_id TEXT NOT NULL, seq INTEGER NOT NULL,"
-            " ts REAL NOT NULL, json TEXT NOT NULL, PRIMARY KEY (session_id, seq)) WITHOUT ROWID;"
-            " INSERT INTO events SELECT * FROM e2; DROP TABLE e2; COMMIT;"
-        )
+    _downgrade(path, "clustered")
     sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
     await sp.open()
     try:
@@ -175,6 +197,58 @@ async def test_a_spool_of_the_clustered_layout_is_migrated(tmp_path, audit_key):
             lambda c: c.execute("SELECT seq FROM events ORDER BY seq").fetchall()
         )
         assert seqs == [(1,), (2,), (3,)]
+    finally:
+        await sp.close()
+
+
+async def test_a_spool_of_the_text_key_layout_is_migrated(tmp_path, audit_key):
+    """Files written while events were indexed by (session_id, seq), before the
+    integer session key: every session gets a key, its events keep their
+    chain, pending parts still load, and a new session's key is a new one."""
+    from audit import queries
+
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(3, 1 << 20))
+    await sp.open()
+    sealed = await sp.submit(lambda w: w.start_session("a", "user", 1e12, [Draft("session.start")]))
+    opened = await sp.submit(lambda w: w.start_session("b", "user", 1e12, [Draft("session.start")]))
+    for _ in range(4):  # a checkpoint part (1-3) of "b", then two uncut events
+        await sp.submit(Append(opened.session_id, Draft("document.list")))
+    await sp.submit(Append(sealed.session_id, Draft("document.list")))
+    await sp.submit(lambda w: w.seal(sealed.session_id, "logout", Draft("session.end")))
+    before = await sp.read(lambda c: c.execute(
+        "SELECT session_id, seq, ts, json FROM events ORDER BY rowid").fetchall())
+    await sp.close()
+    _downgrade(path, "text_key")
+
+    sp = Spool(path, audit_key, limits=Limits(3, 1 << 20))
+    await sp.open()
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
+            index = conn.execute(
+                "SELECT sql FROM sqlite_master WHERE name = 'events_sk_seq'").fetchone()
+            keys = dict(conn.execute("SELECT session_id, sk FROM sessions").fetchall())
+        assert "sk INTEGER" in sql[0] and "(sk, seq)" in index[0]
+        assert sorted(keys.values()) == [1, 2]
+        after = await sp.read(lambda c: c.execute(
+            "SELECT session_id, seq, ts, json FROM events ORDER BY rowid").fetchall())
+        assert after == before
+        head = sp.open_session(opened.session_id)
+        assert head.sk == keys[opened.session_id] and head.next_seq == 6
+        assert head.uncut_count == 2
+        ev = await sp.submit(Append(opened.session_id, Draft("document.list")))
+        last = [json.loads(r[3]) for r in before if r[0] == opened.session_id][-1]
+        assert ev["seq"] == 6 and ev["hash"] == event_hash(audit_key, last["hash"], ev)
+        new = await sp.submit(lambda w: w.start_session("c", "user", 1e12, []))
+        assert new.sk == 3
+        part = await sp.read(queries.load_part)
+        assert part["session_id"] in keys and part["events"]
+        assert [e["seq"] for e in part["events"]] == list(
+            range(part["first_seq"], part["last_seq"] + 1))
+        summary = await sp.read(lambda c: queries.get_session(c, opened.session_id))
+        assert summary["event_count"] == 6 and [e["seq"] for e in summary["events"]] == [
+            1, 2, 3, 4, 5, 6]
     finally:
         await sp.close()
 
