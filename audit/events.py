@@ -12,7 +12,6 @@ import hmac
 import json
 import json.encoder
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,8 +32,6 @@ EVENT_KEYS = (
     "hash",
 )
 
-OUTCOMES = frozenset({"success", "failure", "denied"})
-
 SECURITY_ACTIONS = frozenset(
     {
         "auth.login_failed",
@@ -47,9 +44,6 @@ SECURITY_ACTIONS = frozenset(
         "admin.denied",
     }
 )
-
-SEAL_REASONS = frozenset({"logout", "idle_timeout", "token_expired", "max_duration"})
-CHECKPOINT = "checkpoint"
 
 
 def _not_serializable(obj: Any) -> Any:
@@ -125,9 +119,6 @@ def parse_ts(text: str) -> float:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
-
-def now() -> float:
-    return time.time()
 
 
 def scrub(value: Any) -> Any:

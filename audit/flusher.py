@@ -60,7 +60,6 @@ class Flusher:
         self.sink_open = False
         self.healthy = True
         self.last_error: str | None = None
-        self.last_ok_wall: float | None = None
         self._single_security = 0  # after a rejected batch: send one by one
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -76,11 +75,6 @@ class Flusher:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-
-    @property
-    def backoff_until(self) -> float:
-        """The pause deadline on this process's monotonic clock (0 if none)."""
-        return self.backoff.until if self.backoff.remaining() > 0 else 0.0
 
     # -- the loop ------------------------------------------------------------
 
@@ -276,7 +270,6 @@ class Flusher:
         self.stats.writes_ok += 1
         self.backoff.succeeded()
         self.healthy = True
-        self.last_ok_wall = time.time()
 
     def _note_error(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"[:300]

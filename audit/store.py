@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .events import Draft, canonical_json, format_ts, genesis, new_id, seal_event
+from .events import SECURITY_ACTIONS, Draft, canonical_json, format_ts, genesis, new_id, seal_event
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -545,6 +545,8 @@ class Writer:
     # -- security events ---------------------------------------------------
 
     def append_security(self, draft: Draft, session_id: str | None) -> dict[str, Any]:
+        if draft.action not in SECURITY_ACTIONS:
+            raise ValueError(f"{draft.action!r} is not a security event action")
         self._remember("security_head", self.security_head)
         now = self.clock()
         event, text = seal_event(self.key, self.security_head, draft, session_id, None, now)

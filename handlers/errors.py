@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from aiohttp import web
 
@@ -51,10 +51,6 @@ def bad_request(message: str) -> ApiError:
 
 def not_found(message: str = "not found") -> ApiError:
     return ApiError(404, "not_found", message)
-
-
-def raise_api(status: int, code: str, message: str) -> NoReturn:
-    raise ApiError(status, code, message)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -50,9 +50,3 @@ def json_object(value: Any) -> dict[str, Any]:
         raise bad_request("the body must be a JSON object")
     return value
 
-
-def optional_str(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise bad_request(f"{name} must be a string")
-    return value
