@@ -166,7 +166,8 @@ class Flusher:
                 return wait
             self.bucket.try_take()
             return await self._write_security(security)
-        part = await self.spool.read(queries.load_part)
+        raw = self.sink.raw_events
+        part = await self.spool.read(lambda c: queries.load_part(c, raw))
         if part is None:
             if self.keep > 0:
                 await self._purge()

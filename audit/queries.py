@@ -10,7 +10,7 @@ import json
 import sqlite3
 from typing import Any
 
-from sinks.base import sql_where
+from sinks.base import RawJSON, sql_where
 
 from .events import format_ts
 from .store import part_document
@@ -50,21 +50,26 @@ def next_pending_part(conn: sqlite3.Connection) -> Row | None:
     return dict(zip(_PART_KEYS, row, strict=True)) if row is not None else None
 
 
-def part_events(conn: sqlite3.Connection, meta: Row) -> list[Row]:
-    """The part's events; ``meta`` as :func:`next_pending_part` gives it (with ``sk``)."""
+def part_events(conn: sqlite3.Connection, meta: Row, raw: bool = False) -> list[Any]:
+    """The part's events; ``meta`` as :func:`next_pending_part` gives it (with ``sk``).
+
+    With ``raw``, each event is its stored canonical JSON as :class:`RawJSON`.
+    """
     rows = conn.execute(
         "SELECT json FROM events WHERE sk = ? AND seq BETWEEN ? AND ? ORDER BY seq",
         (meta["sk"], meta["first_seq"], meta["last_seq"]),
     ).fetchall()
+    if raw:
+        return [RawJSON(r[0]) for r in rows]
     return [json.loads(r[0]) for r in rows]
 
 
-def load_part(conn: sqlite3.Connection) -> Row | None:
-    """The oldest pending part as its sink document."""
+def load_part(conn: sqlite3.Connection, raw: bool = False) -> Row | None:
+    """The oldest pending part as its sink document (events as RawJSON if ``raw``)."""
     meta = next_pending_part(conn)
     if meta is None:
         return None
-    return part_document(meta, part_events(conn, meta))
+    return part_document(meta, part_events(conn, meta, raw))
 
 
 def counts(conn: sqlite3.Connection, now: float) -> Row:

@@ -650,9 +650,7 @@ class Writer:
         return a + b
 
 
-def part_document(
-    meta: dict[str, Any], events: list[dict[str, Any]]
-) -> dict[str, Any]:
+def part_document(meta: dict[str, Any], events: list[Any]) -> dict[str, Any]:
     """The sink document of a part (API.md "A part")."""
     sid, part = meta["session_id"], meta["part"]
     final = bool(meta["final"])

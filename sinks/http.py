@@ -20,7 +20,6 @@ The receiver cannot be queried through this sink (``queryable = False``).
 from __future__ import annotations
 
 import base64
-import json
 import math
 import os
 import time
@@ -41,6 +40,7 @@ from .base import (
     SinkRateLimited,
     SinkRejected,
     SinkUnavailable,
+    dumps,
 )
 
 
@@ -87,6 +87,7 @@ def _strip_userinfo(url: str) -> str:
 class HttpSink(Sink):
     type = "http"
     queryable = False
+    raw_events = True
 
     def __init__(self, cfg: HttpSinkConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
@@ -138,7 +139,7 @@ class HttpSink(Sink):
         if session is None:
             raise SinkUnavailable("http sink is not open")
         try:
-            data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            data = dumps(body).encode()
         except (TypeError, ValueError) as exc:
             raise SinkRejected(f"http sink: not JSON serialisable: {exc}") from None
         headers = {"Content-Type": "application/json; charset=utf-8", **headers}

@@ -67,6 +67,7 @@ from .base import (
     SinkRejected,
     SinkUnavailable,
     decode_cursor,
+    dumps,
     encode_cursor,
     summarize_parts,
 )
@@ -81,7 +82,7 @@ _GLOB = "audit-*.jsonl"
 def _line(doc: Doc, kind: str) -> bytes:
     body = dict(doc)
     body["type"] = kind
-    return (json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+    return (dumps(body) + "\n").encode()
 
 
 def _repair_tail(path: Path) -> None:
@@ -154,6 +155,7 @@ class JsonlSink(Sink):
 
     type = "jsonl"
     queryable = True
+    raw_events = True
 
     def __init__(self, dir: Path | str, *, clock: Callable[[], float] = time.time) -> None:
         self.dir = Path(dir)

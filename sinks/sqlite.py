@@ -18,6 +18,7 @@ from .base import (
     SinkRejected,
     SinkUnavailable,
     decode_cursor,
+    dumps,
     encode_cursor,
     sql_where,
     summarize_parts,
@@ -51,6 +52,7 @@ CREATE INDEX IF NOT EXISTS security_ts ON security_events (ts, id);
 class SqliteSink(Sink):
     type = "sqlite"
     queryable = True
+    raw_events = True
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -87,7 +89,7 @@ class SqliteSink(Sink):
 
     async def write_part(self, part: Doc) -> None:
         db = self._conn()
-        doc = json.dumps(part, separators=(",", ":"), ensure_ascii=False)
+        doc = dumps(part)
         async with self._lock:
             await self._insert_part(db, part, doc)
 
