@@ -49,7 +49,7 @@ JWT_SECRET_ENV = "SESSION_AUDIT_JWT_SECRET"
 AUDIT_KEY_ENV = "SESSION_AUDIT_AUDIT_KEY"
 ADMIN_PASSWORD_ENV = "SESSION_AUDIT_ADMIN_PASSWORD"
 SHUTDOWN_FLUSH_SECONDS = 2.0
-SINK_OPEN_WAIT = 5.0
+SINK_OPEN_WAIT = 1.0  # start to ready stays well under 3 s even when the sink hangs
 
 
 class StartupError(Exception):
