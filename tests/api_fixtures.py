@@ -218,3 +218,23 @@ async def expect_error(resp: Any, status: int, code: str) -> dict[str, Any]:
     assert_error(resp.status, body, resp.headers, status, code)
     assert resp.content_type == "application/json"
     return body
+
+
+async def session_with_checkpoints_in_sink(make_api: MakeApi) -> tuple[Api, Login, Login]:
+    """An open session of 11 events cut into 3-event checkpoint parts, at least
+    three of them already in the sink (and gone from the spool)."""
+    api = await make_api(audit={"part_max_events": 3, "keep_stored_seconds": 0})
+    admin = await api.admin()
+    alice = await api.user("alice")
+    for i in range(8):
+        r = await api.client.post("/audit/events", json={"action": f"client.n{i}"},
+                                  headers=alice.headers)
+        assert r.status == 202
+
+    async def parts_in_sink() -> bool:
+        rows = api._sink("SELECT COUNT(*) FROM parts WHERE session_id = ?",
+                         (alice.session_id,))
+        return bool(rows) and rows[0][0] >= 3
+
+    await wait_for(parts_in_sink, message="checkpoint parts in the sink")
+    return api, admin, alice

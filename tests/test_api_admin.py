@@ -16,6 +16,7 @@ from api_fixtures import (
     api,
     expect_error,
     make_api,
+    session_with_checkpoints_in_sink,
     wait_for,
 )
 
@@ -185,20 +186,7 @@ async def test_cursor_paging_without_duplicates(api: Api) -> None:
 async def test_get_session_merges_parts_in_seq_order(make_api: MakeApi) -> None:
     # Parts of 3 events: the session is cut into checkpoint parts that reach
     # the sink while it is still open.
-    api = await make_api(audit={"part_max_events": 3, "keep_stored_seconds": 0})
-    admin = await api.admin()
-    alice = await api.user("alice")
-    for i in range(8):
-        r = await api.client.post("/audit/events", json={"action": f"client.n{i}"},
-                                  headers=alice.headers)
-        assert r.status == 202
-
-    async def parts_in_sink() -> bool:
-        rows = api._sink("SELECT COUNT(*) FROM parts WHERE session_id = ?",
-                         (alice.session_id,))
-        return bool(rows) and rows[0][0] >= 3
-
-    await wait_for(parts_in_sink, message="checkpoint parts in the sink")
+    api, admin, alice = await session_with_checkpoints_in_sink(make_api)
     detail = await _get(api, admin, f"/audit/sessions/{alice.session_id}")
     assert detail["state"] == "open"
     assert [e["seq"] for e in detail["events"]] == list(range(1, 11))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api_fixtures import MakeApi, make_api, wait_for
+from api_fixtures import MakeApi, make_api, session_with_checkpoints_in_sink
 
 from sinks.base import SinkUnavailable
 
@@ -13,20 +13,7 @@ async def test_get_session_is_503_not_partial_when_the_sink_fails(make_api: Make
     """An open session whose checkpoint parts are in the sink (and no longer in
     the spool): with the sink failing, answering from the spool alone would
     silently drop those events while ``event_count`` still counts them."""
-    api = await make_api(audit={"part_max_events": 3, "keep_stored_seconds": 0})
-    admin = await api.admin()
-    alice = await api.user("alice")
-    for i in range(8):
-        r = await api.client.post("/audit/events", json={"action": f"client.n{i}"},
-                                  headers=alice.headers)
-        assert r.status == 202
-
-    async def parts_in_sink() -> bool:
-        rows = api._sink("SELECT COUNT(*) FROM parts WHERE session_id = ?",
-                         (alice.session_id,))
-        return bool(rows) and rows[0][0] >= 3
-
-    await wait_for(parts_in_sink, message="checkpoint parts in the sink")
+    api, admin, alice = await session_with_checkpoints_in_sink(make_api)
 
     async def down(session_id: str) -> list:
         raise SinkUnavailable("sqlite sink: database is locked")
