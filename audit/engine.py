@@ -24,7 +24,16 @@ from .events import Draft, Source, format_ts
 from .flusher import Flusher
 from .metrics import Stats
 from .spool import Spool
-from .store import ActionError, Append, Change, Limits, OpenSession, SessionNotOpen, Writer
+from .store import (
+    ActionError,
+    Append,
+    Change,
+    Limits,
+    OpenSession,
+    Read,
+    SessionNotOpen,
+    Writer,
+)
 
 log = logging.getLogger("session_audit.engine")
 
@@ -173,7 +182,8 @@ class AuditEngine:
         return session
 
     async def record(
-        self, session_id: str, draft: Draft, change: Change | None = None
+        self, session_id: str, draft: Draft, change: Change | None = None,
+        *, read_only: bool = False,
     ) -> Any:
         """Record an event in the caller's session, atomically with ``change``.
 
@@ -181,7 +191,8 @@ class AuditEngine:
         transaction. If it raises :class:`ActionError`, the change is rolled
         back, the event is recorded with that outcome and reason (plus a
         security event ``access.denied`` when denied), and the error is
-        raised here after the commit.
+        raised here after the commit. With ``read_only``, ``change`` only
+        reads: it runs without savepoints (a :class:`Read` job).
         """
         if change is None:
             append = Append(session_id, draft)
@@ -192,7 +203,7 @@ class AuditEngine:
                 return None
             return await self.spool.submit(append)
 
-        def job(w: Writer) -> Any:
+        def changing(w: Writer) -> Any:
             w.session(session_id)  # fail before the change if the session is gone
             w.conn.execute("SAVEPOINT change")
             try:
@@ -200,12 +211,13 @@ class AuditEngine:
             except ActionError as err:
                 w.conn.execute("ROLLBACK TO change")
                 w.conn.execute("RELEASE change")
-                _record_failure(w, session_id, draft, err)
+                w.record_failure(session_id, draft, err)
                 return err
             w.conn.execute("RELEASE change")
             w.append(session_id, draft)
             return result
 
+        job = Read(session_id, draft, change) if read_only else changing
         result = await self.spool.submit(job)
         if isinstance(result, ActionError):
             raise result
@@ -323,20 +335,3 @@ def _sealer(session_id: str, reason: str, end: Draft) -> Callable[[Writer], Open
 
 def _checkpointer(session_id: str) -> Callable[[Writer], bool]:
     return lambda w: w.checkpoint(session_id)
-
-
-def _record_failure(w: Writer, session_id: str, draft: Draft, err: ActionError) -> None:
-    draft.outcome = err.outcome
-    draft.details = {**draft.details, "reason": err.reason}
-    w.append(session_id, draft)
-    if err.outcome == "denied":
-        w.append_security(
-            Draft(
-                "access.denied",
-                outcome="denied",
-                target=draft.target,
-                details={"action": draft.action, "reason": err.reason},
-                source=draft.source,
-            ),
-            session_id,
-        )

@@ -13,7 +13,8 @@ import json
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from .events import SECURITY_ACTIONS, Draft, canonical_json, format_ts, genesis, new_id, seal_event
 
@@ -236,7 +237,37 @@ class Append:
     def __call__(self, w: Writer) -> dict[str, Any]:
         return w.append(self.session_id, self.draft)
 
+class Read:
+    """The job of a read-only change and its event: ``read(conn, draft)``
+    checks and reads (it must not write), then the event is appended.
+
+    Like :class:`Append` it runs without a savepoint (a read has nothing to
+    roll back). If the read raises :class:`ActionError`, the event is
+    recorded with that outcome, plus ``access.denied`` when denied, in a
+    savepoint of its own, and the error is the job's result.
+    """
+
+    __slots__ = ("draft", "read", "session_id")
+
+    def __init__(self, session_id: str, draft: Draft, read: Change) -> None:
+        self.session_id = session_id
+        self.draft = draft
+        self.read = read
+
+    def __call__(self, w: Writer) -> Any:
+        w.session(self.session_id)  # fail before the read if the session is gone
+        try:
+            result = self.read(w.conn, self.draft)
+        except ActionError as err:
+            w.atomic(lambda: w.record_failure(self.session_id, self.draft, err), flush=False)
+            return err
+        w.append(self.session_id, self.draft)
+        return result
+
+
+_PLAIN = (Append, Read)
 _MISSING = object()
+T = TypeVar("T")
 
 
 class Writer:
@@ -256,8 +287,10 @@ class Writer:
         self.sessions: dict[str, OpenSession] = {}
         self.security_head = genesis(key, SECURITY_STREAM)
         # Undo logs: the first snapshot of anything a job / the batch changes.
-        self._job_undo: dict[str, Any] = {}
-        self._batch_undo: dict[str, Any] = {}
+        # The undo log of the running savepoint (None outside one): the first
+        # snapshot of each cached value it changes. A failed batch needs none:
+        # the cache is reloaded from the committed state.
+        self._undo: dict[str, Any] | None = None
         # Event rows of the running batch, inserted with one executemany.
         self._rows: list[tuple[int, str, int, float, str]] = []
         # The next session key: load() sets it above every key still in
@@ -275,9 +308,10 @@ class Writer:
         """Rebuild the cache of open sessions and the security head from disk."""
         c = self.conn
         row = c.execute("SELECT value FROM meta WHERE key = 'security_head'").fetchone()
-        if row:
-            self.security_head = row[0]
-        self.sessions.clear()
+        self.security_head = row[0] if row else genesis(self.key, SECURITY_STREAM)
+        # Built aside and swapped in whole: the event loop reads this cache
+        # (Spool.open_session) while a failed batch reloads it.
+        sessions: dict[str, OpenSession] = {}
         top = c.execute(
             "SELECT MAX(COALESCE((SELECT MAX(sk) FROM sessions), 0),"
             " COALESCE((SELECT MAX(sk) FROM events), 0))"
@@ -320,21 +354,26 @@ class Writer:
                 s.uncut_bytes = nbytes or 0
                 s.uncut_first_ts = first_ts
                 s.last_activity = max(s.last_activity, last_ts2)
-            self.sessions[sid] = s
+            old = self.sessions.get(sid)
+            if old is not None:  # activity seen since (memory only) is not lost
+                s.last_activity = max(s.last_activity, old.last_activity)
+            sessions[sid] = s
+        self.sessions = sessions
 
     # -- undo --------------------------------------------------------------
 
     def _remember(self, name: str, value: Any) -> None:
-        if name not in self._job_undo:
-            self._job_undo[name] = value
-        if name not in self._batch_undo:
-            self._batch_undo[name] = value
+        """Keep the first snapshot of ``name`` in the running savepoint's undo log."""
+        undo = self._undo
+        if undo is not None and name not in undo:
+            undo[name] = value
 
     def _touch(self, s: OpenSession) -> None:
-        name = "s:" + s.session_id
-        if name in self._job_undo and name in self._batch_undo:
-            return
-        self._remember(name, s.copy())
+        undo = self._undo
+        if undo is not None:
+            name = "s:" + s.session_id
+            if name not in undo:
+                undo[name] = s.copy()
 
     def _restore(self, undo: dict[str, Any]) -> None:
         for name, value in undo.items():
@@ -345,66 +384,86 @@ class Writer:
                 if value is _MISSING:
                     self.sessions.pop(sid, None)
                 else:
-                    # A copy: the same snapshot may sit in the batch's undo
-                    # log too, and later jobs change the live object.
-                    self.sessions[sid] = value.copy()
+                    self.sessions[sid] = value
             elif name == "counters":
                 self.new_parts, self.new_security, self.appended = value
+
+    def atomic(self, fn: Callable[[], T], *, flush: bool = True) -> T:
+        """``fn()`` in a savepoint of its own: its SQL, its event rows and its
+        changes to the cached session heads happen whole or not at all.
+
+        With ``flush``, the event rows buffered by then are inserted inside
+        the savepoint (a savepoint job's rows, so that a later job sees them).
+        """
+        c = self.conn
+        rows = self._rows
+        mark = len(rows)
+        outer, self._undo = self._undo, {}
+        self._remember("counters", (self.new_parts, self.new_security, self.appended))
+        c.execute("SAVEPOINT job")
+        try:
+            value = fn()
+            if flush:
+                self._insert_rows()
+        except BaseException:
+            del rows[mark:]
+            c.execute("ROLLBACK TO job")
+            c.execute("RELEASE job")
+            self._restore(self._undo)
+            raise
+        finally:
+            undo, self._undo = self._undo, outer
+            if outer is not None:  # a nested savepoint: the outer one may still undo
+                for name, value in undo.items():
+                    outer.setdefault(name, value)
+        c.execute("RELEASE job")
+        return value
 
     def run_batch(self, jobs: list[Callable[[Writer], Any]]) -> list[tuple[bool, Any]]:
         """Run jobs in one transaction; each job's result or exception.
 
-        Every job but a plain :class:`Append` runs in a savepoint of its own.
-        Event rows are buffered and inserted with one ``executemany`` before
-        the next savepoint job and before ``COMMIT``.
+        Plain jobs (:class:`Append`, :class:`Read`) run without a savepoint:
+        they write no SQL but their buffered event row (a checkpoint cut and
+        a failure's security event have savepoints of their own), so undoing
+        one is dropping its row. Every other job runs in a savepoint
+        (:meth:`atomic`). Event rows are inserted with one ``executemany``
+        before the next savepoint job and before ``COMMIT``. If the batch
+        fails as a whole, the cache is reloaded from the committed state.
         """
         c = self.conn
         results: list[tuple[bool, Any]] = []
+        append = results.append
         rows = self._rows
         rows.clear()
-        self._batch_undo = {}
-        self._remember("counters", (self.new_parts, self.new_security, self.appended))
         c.execute("BEGIN IMMEDIATE")
         try:
             for job in jobs:
-                self._job_undo = {}
-                self._remember("counters", (self.new_parts, self.new_security, self.appended))
-                if type(job) is Append:
+                if type(job) in _PLAIN:  # Append or Read
                     mark = len(rows)
                     try:
                         value = job(self)
                     except Exception as exc:  # one job's failure is only its own
                         del rows[mark:]
-                        self._restore(self._job_undo)
-                        results.append((False, exc))
+                        append((False, exc))
                     else:
-                        results.append((True, value))
+                        append((True, value))
                     continue
                 self._insert_rows()
-                c.execute("SAVEPOINT job")
                 try:
-                    value = job(self)
-                    self._insert_rows()
+                    value = self.atomic(partial(job, self))
                 except Exception as exc:  # one job's failure is only its own
-                    rows.clear()
-                    c.execute("ROLLBACK TO job")
-                    c.execute("RELEASE job")
-                    self._restore(self._job_undo)
-                    results.append((False, exc))
+                    append((False, exc))
                 else:
-                    c.execute("RELEASE job")
-                    results.append((True, value))
+                    append((True, value))
             self._insert_rows()
             c.execute("COMMIT")
         except BaseException:
             rows.clear()
+            self._undo = None
             if c.in_transaction:
                 c.execute("ROLLBACK")
-            self._restore(self._batch_undo)
+            self.load()  # what the batch changed in the cache is gone with it
             raise
-        finally:
-            self._job_undo = {}
-            self._batch_undo = {}
         return results
 
     def _insert_rows(self) -> None:
@@ -563,6 +622,24 @@ class Writer:
         )
         self.new_security += 1
         return event
+
+    def record_failure(self, session_id: str, draft: Draft, err: ActionError) -> None:
+        """Record a refused action: its event with the error's outcome and
+        reason, and ``access.denied`` as well when it was denied."""
+        draft.outcome = err.outcome
+        draft.details = {**draft.details, "reason": err.reason}
+        self.append(session_id, draft)
+        if err.outcome == "denied":
+            self.append_security(
+                Draft(
+                    "access.denied",
+                    outcome="denied",
+                    target=draft.target,
+                    details={"action": draft.action, "reason": err.reason},
+                    source=draft.source,
+                ),
+                session_id,
+            )
 
     # -- the flusher's side ------------------------------------------------
 

@@ -56,10 +56,13 @@ def _map(err: ActionError) -> ApiError:
     return ApiError(400, "invalid_request", err.message)
 
 
-async def _record(request: web.Request, draft: Draft, change: Any = None) -> Any:
+async def _record(
+    request: web.Request, draft: Draft, change: Any = None, *, read_only: bool = False
+) -> Any:
     ctx = request[CTX]
     try:
-        return await request.app[ENGINE].record(ctx.session_id, draft, change)
+        return await request.app[ENGINE].record(ctx.session_id, draft, change,
+                                                read_only=read_only)
     except ActionError as err:
         raise _map(err) from None
 
@@ -180,7 +183,7 @@ async def list_documents(request: web.Request) -> web.Response:
         keys = ("id", "title", "owner", "version", "updated_at")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
-    docs = await _record(request, draft, change)
+    docs = await _record(request, draft, change, read_only=True)
     return json_response({"documents": docs})
 
 
@@ -194,7 +197,7 @@ async def get_document(request: web.Request) -> web.Response:
             raise ActionError("not_found", message="no such document")
         return fetch_visible(conn, ctx, doc_id)
 
-    row = await _record(request, draft, change)
+    row = await _record(request, draft, change, read_only=True)
     return json_response(document_json(row))
 
 

@@ -135,3 +135,101 @@ async def test_change_on_closed_session_runs_nothing(setup):
     with pytest.raises(SessionNotOpen):
         await engine.record(sid, Draft("document.create"), insert_doc("late"))
     assert committed(config, "SELECT id FROM documents") == []
+
+
+# -- read-only changes (engine.record(..., read_only=True): a Read job) ----------
+
+
+def read_doc(doc_id: str, fail: BaseException | None = None):
+    """A read-only change: the document's title, or the error it is given."""
+
+    def read(conn: sqlite3.Connection, draft: Draft) -> str:
+        if fail is not None:
+            raise fail
+        row = conn.execute("SELECT title FROM documents WHERE id = ?", (doc_id,)).fetchone()
+        if row is None:
+            raise ActionError("not_found")
+        return str(row[0])
+
+    return read
+
+
+def trace_sql(engine) -> list[str]:
+    """Every statement the writer's connection runs from now on."""
+    seen: list[str] = []
+    engine.spool._wconn.set_trace_callback(seen.append)
+    return seen
+
+
+async def test_read_only_change_records_its_event_without_savepoints(setup):
+    config, engine, sid = setup
+    await engine.record(sid, Draft("document.create"), insert_doc("r1"))
+    seen = trace_sql(engine)
+    drafts = [Draft("document.access", target={"type": "document", "id": "r1"})
+              for _ in range(5)]
+    titles = await asyncio.gather(
+        *(engine.record(sid, d, read_doc("r1"), read_only=True) for d in drafts)
+    )
+    assert titles == ["t"] * 5
+    assert not [q for q in seen if "SAVEPOINT" in q], seen
+    ids = [e["event_id"] for e in events_of(config, sid)]
+    assert [d.event_id for d in drafts] == ids[-5:]
+
+
+async def test_read_only_denied_records_event_and_security_event(setup):
+    config, engine, sid = setup
+    draft = Draft("document.access", target={"type": "document", "id": "x"})
+    with pytest.raises(ActionError) as info:
+        await engine.record(sid, draft, read_doc("x", ActionError("not_owner", outcome="denied")),
+                            read_only=True)
+    assert info.value.reason == "not_owner"
+    last = events_of(config, sid)[-1]
+    assert (last["event_id"], last["outcome"], last["details"]["reason"]) == (
+        draft.event_id, "denied", "not_owner")
+    rows = committed(config, "SELECT action, json FROM security_events")
+    assert [r[0] for r in rows] == ["access.denied"]
+    assert json.loads(rows[0][1])["details"] == {"action": "document.access",
+                                                 "reason": "not_owner"}
+
+
+async def test_read_only_other_exception_fails_alone(setup):
+    config, engine, sid = setup
+    before = events_of(config, sid)
+    bad, good = Draft("document.access"), Draft("document.list")
+    results = await asyncio.gather(
+        engine.record(sid, bad, read_doc("x", ZeroDivisionError()), read_only=True),
+        engine.record(sid, good),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], ZeroDivisionError)
+    after = events_of(config, sid)
+    assert [e["event_id"] for e in after[len(before):]] == [good.event_id]
+    assert [e["seq"] for e in after] == list(range(1, len(after) + 1))
+
+
+async def test_read_only_failure_record_that_fails_undoes_itself(setup, monkeypatch):
+    """The failure's event and its access.denied go in one savepoint: if the
+    security event cannot be written, neither is kept, the session's head is
+    put back, and the other jobs of the batch commit."""
+    from audit.store import Writer
+
+    config, engine, sid = setup
+
+    def broken(self, draft, session_id):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Writer, "append_security", broken)
+    denied, good = Draft("document.access"), Draft("document.list")
+    results = await asyncio.gather(
+        engine.record(sid, denied, read_doc("x", ActionError("not_owner", outcome="denied")),
+                      read_only=True),
+        engine.record(sid, good),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], sqlite3.OperationalError)
+    events = events_of(config, sid)
+    ids = [e["event_id"] for e in events]
+    assert denied.event_id not in ids and good.event_id in ids
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    s = engine.session(sid)
+    assert s is not None and s.head == events[-1]["hash"] and s.next_seq == len(events) + 1

@@ -80,3 +80,30 @@ async def test_jobs_queued_when_the_writer_fails_are_answered(tmp_path, audit_ke
     finally:
         monkeypatch.setattr(Writer, "run_batch", real)
         await sp.close()
+
+
+def test_failed_batch_reloads_security_head_and_keeps_seen_activity(tmp_path, audit_key):
+    """A failed COMMIT reloads the cache from the committed state: the
+    security chain head goes back to what is on disk (here: the genesis, no
+    security event ever committed), and activity seen only in memory (a
+    request that recorded nothing) is not forgotten."""
+    w = _writer(tmp_path, audit_key)
+    w.run_batch([lambda w: w.start_session("u", "user", 1e12, [], session_id="s1")])
+    genesis_head = w.security_head
+    w.sessions["s1"].last_activity = 1_900_000_000.0  # engine.touch(): memory only
+
+    def commit_fails(w: Writer) -> None:
+        raise Boom()
+
+    denied = Draft("access.denied", outcome="denied")
+    with pytest.raises(Boom):
+        w.run_batch([lambda w: w.append_security(denied, "s1"), commit_fails])
+    assert w.security_head == genesis_head
+    assert w.sessions["s1"].last_activity == 1_900_000_000.0
+    assert w.conn.execute("SELECT COUNT(*) FROM security_events").fetchone()[0] == 0
+    [(ok, event)] = w.run_batch([lambda w: w.append_security(denied, "s1")])
+    assert ok
+    from audit.events import chain_hash, canonical_json
+
+    body = {k: v for k, v in event.items() if k != "hash"}
+    assert event["hash"] == chain_hash(audit_key, genesis_head, canonical_json(body))
