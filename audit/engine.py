@@ -201,7 +201,7 @@ class AuditEngine:
                 self._inflight.add(fut)
                 fut.add_done_callback(self._fast_done)
                 return None
-            return await self.spool.submit(append)
+            return await self.spool.submit_nowait(append)
 
         def changing(w: Writer) -> Any:
             w.session(session_id)  # fail before the change if the session is gone

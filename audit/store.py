@@ -259,7 +259,7 @@ class Read:
         try:
             result = self.read(w.conn, self.draft)
         except ActionError as err:
-            w.atomic(lambda: w.record_failure(self.session_id, self.draft, err), flush=False)
+            w.atomic(partial(w.record_failure, self.session_id, self.draft, err), flush=False)
             return err
         w.append(self.session_id, self.draft)
         return result
@@ -517,24 +517,35 @@ class Writer:
         return s
 
     def append(self, session_id: str, draft: Draft) -> dict[str, Any]:
-        """Give the draft its ``seq``, time and hash and store it."""
-        s = self.session(session_id)
-        self._touch(s)
+        """Give the draft its ``seq``, time and hash and store it.
+
+        The hot path of the spool (once per event): nothing in the cache
+        changes before the sealing succeeded, so a failing append leaves
+        nothing to undo but inside a savepoint job.
+        """
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise SessionNotOpen(session_id)
+        if self._undo is not None:
+            self._touch(s)
         now = self.clock()
-        event, text = seal_event(self.key, s.head, draft, session_id, s.next_seq, now)
+        seq = s.next_seq
+        event, text = seal_event(self.key, s.head, draft, session_id, seq, now)
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
-        lim = self.limits
-        if s.uncut_count and (
-            s.uncut_count >= lim.part_max_events or s.uncut_bytes + size > lim.part_max_bytes
-        ):
-            self._cut(s, final=False, reason="checkpoint", end_ts=None)
-        self._rows.append((s.sk, session_id, s.next_seq, now, text))
+        count = s.uncut_count
+        if count:
+            lim = self.limits
+            if count >= lim.part_max_events or s.uncut_bytes + size > lim.part_max_bytes:
+                self._cut(s, final=False, reason="checkpoint", end_ts=None)
+                count = 0
+        self._rows.append((s.sk, session_id, seq, now, text))
         s.head = event["hash"]
-        s.next_seq += 1
-        s.uncut_count += 1
-        s.uncut_bytes += size
-        if s.uncut_first_ts is None:
-            s.uncut_first_ts = now
+        s.next_seq = seq + 1
+        if count:
+            s.uncut_count = count + 1
+            s.uncut_bytes += size
+        else:  # the first event after a cut (or of the session)
+            s.uncut_count, s.uncut_bytes, s.uncut_first_ts = 1, size, now
         s.last_activity = now
         self.appended += 1
         return event
