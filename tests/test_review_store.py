@@ -103,7 +103,7 @@ def test_failed_batch_reloads_security_head_and_keeps_seen_activity(tmp_path, au
     assert w.conn.execute("SELECT COUNT(*) FROM security_events").fetchone()[0] == 0
     [(ok, event)] = w.run_batch([lambda w: w.append_security(denied, "s1")])
     assert ok
-    from audit.events import chain_hash, canonical_json
+    from audit.events import canonical_json, chain_hash
 
     body = {k: v for k, v in event.items() if k != "hash"}
     assert event["hash"] == chain_hash(audit_key, genesis_head, canonical_json(body))
