@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -85,10 +86,16 @@ async def test_action_names_accepted(api: Api, action: str) -> None:
 
 @pytest.mark.parametrize(("body", "why"), BAD, ids=[b[1] for b in BAD])
 async def test_bad_client_events_are_refused_whole(api: Api, body: Any, why: str) -> None:
+    """None of the request's events is recorded; the refused attempt is."""
     alice = await api.user("alice")
-    resp = await api.client.post("/audit/events", json=body, headers=alice.headers)
-    await expect_error(resp, 400, "invalid_request")
-    assert await api.actions(alice.session_id) == ["session.start", "token.issue"]
+    resp = await api.client.post("/audit/events", json=body,
+                                 headers={**alice.headers, "X-Request-ID": "bad-1"})
+    message = (await expect_error(resp, 400, "invalid_request"))["error"]["message"]
+    events = await api.events(alice.session_id)
+    assert [e["action"] for e in events] == ["session.start", "token.issue", "client.rejected"]
+    ev = events[-1]
+    assert (ev["outcome"], ev["request_id"], ev["target"]) == ("failure", "bad-1", None)
+    assert ev["details"] == {"reason": "invalid_request", "message": message}
 
 
 async def test_details_up_to_4_kib(api: Api) -> None:
@@ -107,5 +114,21 @@ async def test_malformed_and_unauthenticated(api: Api) -> None:
     resp = await api.client.post("/audit/events", data=b"[{",
                                  headers={**alice.headers, "Content-Type": "application/json"})
     await expect_error(resp, 400, "invalid_json")
+    ev = (await api.events(alice.session_id))[-1]
+    assert (ev["action"], ev["outcome"], ev["details"]["reason"]) == (
+        "client.rejected", "failure", "invalid_json")
     resp = await api.client.post("/audit/events", json={"action": "client.a"})
     await expect_error(resp, 401, "missing_token")
+
+
+async def test_too_large_body_is_refused_and_recorded(api: Api) -> None:
+    from server import CLIENT_MAX_SIZE
+
+    alice = await api.user("alice")
+    body = json.dumps({"action": "client.a", "details": {"k": "v" * CLIENT_MAX_SIZE}})
+    resp = await api.client.post("/audit/events", data=io.BytesIO(body.encode()),
+                                 headers={**alice.headers, "Content-Type": "application/json"})
+    await expect_error(resp, 413, "too_large")
+    ev = (await api.events(alice.session_id))[-1]
+    assert (ev["action"], ev["outcome"], ev["details"]["reason"]) == (
+        "client.rejected", "failure", "too_large")
