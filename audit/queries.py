@@ -142,10 +142,13 @@ def list_sessions(
     until: float | None,
     before: tuple[float, str] | None,
     limit: int,
+    state: str | None = None,
 ) -> list[Row]:
-    """Spool sessions newest first; ``before`` = (start_ts, session_id) for paging."""
+    """Spool sessions newest first; ``before`` = (start_ts, session_id) for paging;
+    ``state`` is ``sessions.state`` (``open`` or ``sealed``)."""
     where, args = sql_where(
         ("user = ?", user),
+        ("state = ?", state),
         ("start_ts >= ?", since),
         ("start_ts <= ?", until),
         ("(start_ts < ? OR (start_ts = ? AND session_id < ?))",
@@ -155,6 +158,16 @@ def list_sessions(
         f"SELECT {_SESSION_COLS} FROM sessions WHERE {where}"
         " ORDER BY start_ts DESC, session_id DESC LIMIT ?",
         (*args, limit),
+    ).fetchall()
+    return [_summary(conn, r) for r in rows]
+
+
+def sessions_by_id(conn: sqlite3.Connection, ids: list[str]) -> list[Row]:
+    """The summaries of those of ``ids`` that the spool still holds."""
+    rows = conn.execute(
+        f"SELECT {_SESSION_COLS} FROM sessions"
+        " WHERE session_id IN (SELECT value FROM json_each(?))",
+        (json.dumps(ids),),
     ).fetchall()
     return [_summary(conn, r) for r in rows]
 

@@ -48,7 +48,7 @@ from _harness import (
 )
 
 CONNECTIONS = 64
-THREADS = 2
+THREADS = int(os.environ.get("BENCH_WRK_THREADS", "2"))
 # Login is bcrypt-bound (0.6 s a hash here, two at a time): 64 connections would
 # only queue ~30 s of work in the server; a few connections saturate it.
 LOGIN_CONNECTIONS = 8
@@ -207,7 +207,8 @@ def _spy(pid: int, name: str, duration: float) -> subprocess.Popen[bytes] | None
     out.parent.mkdir(exist_ok=True)
     extra = ["--gil"] if os.environ.get("BENCH_PYSPY_GIL") else []
     return subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(int(duration)),
-                             "-r", "100", "--nonblocking", "-f", "raw", "-t", *extra,
+                             "-r", os.environ.get("BENCH_PYSPY_RATE", "100"),
+                             "--nonblocking", "-f", "raw", "-t", *extra,
                              "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from audit import queries
+from audit.engine import AuditEngine
 from audit.events import Draft, format_ts, parse_ts
 from sinks.base import (
     Doc,
@@ -29,6 +30,9 @@ MAX_LIMIT = 500
 STATES = ("open", "pending", "stored")
 _HALF_MS = 0.0005 + 1e-6  # shown times are rounded to the millisecond
 _SLACK = 32
+# With a state filter, how many merged pages one request may read to fill
+# its page; past that it answers a short page with a next_cursor.
+_MAX_PAGES = 20
 
 
 async def _authorise(request: web.Request, query: dict[str, Any]) -> None:
@@ -106,8 +110,7 @@ def _params(request: web.Request, allowed: set[str]) -> dict[str, str]:
 async def list_sessions(request: web.Request) -> web.Response:
     await _admins_only(request)
     params = _params(request, {"user", "since", "until", "state", "limit", "cursor"})
-    since, since_ts = _time_param(request, "since")
-    until, until_ts = _time_param(request, "until")
+    window = (*_time_param(request, "since"), *_time_param(request, "until"))
     limit = _limit(request)
     cursor = _cursor(request)
     state = request.query.get("state") or None
@@ -116,6 +119,47 @@ async def list_sessions(request: web.Request) -> web.Response:
     user = request.query.get("user") or None
     await _authorise(request, params)
     engine = request.app[ENGINE]
+    # Where the next page starts: after the last session listed or, when a
+    # filtered request stops early, after the last session it looked at.
+    resume: tuple[str, str] | None = None
+    if state is None:
+        page, more = await _merged_page(engine, user, window, cursor, limit, state)
+        if more and page:
+            resume = (page[-1]["session_start_time"], page[-1]["session_id"])
+    else:
+        # The state filter drops sessions after the merge: page on until the
+        # page is full, so that a short page really is the last one.
+        page, more, after = [], True, cursor
+        for _ in range(_MAX_PAGES):
+            got, more = await _merged_page(engine, user, window, after,
+                                           limit + 1 - len(page), state)
+            if got:
+                after = (got[-1]["session_start_time"], got[-1]["session_id"])
+            page += [s for s in got if s["state"] == state]
+            if len(page) > limit or not more:
+                break
+        if len(page) > limit:
+            page = page[:limit]
+            resume = (page[-1]["session_start_time"], page[-1]["session_id"])
+        elif more:
+            resume = after
+    next_cursor = encode_cursor(*resume) if resume is not None else None
+    return json_response({"sessions": page, "next_cursor": next_cursor})
+
+
+async def _merged_page(
+    engine: AuditEngine, user: str | None,
+    window: tuple[str | None, float | None, str | None, float | None],
+    cursor: tuple[str, str] | None, limit: int, state: str | None,
+) -> tuple[list[Doc], bool]:
+    """Up to ``limit`` sessions after ``cursor``, newest first, from the spool
+    and the sink merged; and whether there may be more.
+
+    Open and pending sessions are always in the spool: with ``state`` one of
+    those, the sink is not asked; the spool is asked for sessions in its
+    matching ``sessions.state`` only.
+    """
+    since, since_ts, until, until_ts = window
     # The spool keeps exact start times; clients see (and send back) times
     # rounded to the millisecond. Query with bounds half a millisecond wider,
     # then apply the bounds to the rounded times the client sees, so that
@@ -123,13 +167,14 @@ async def list_sessions(request: web.Request) -> web.Response:
     # repeats or skips a session. The slack covers sessions of the same
     # millisecond that the exact order puts on the other side of the boundary.
     fetch = limit + 1 + _SLACK
+    spool_state = None if state is None else ("open" if state == "open" else "sealed")
     from_spool = await engine.spool.read(
         lambda c: queries.list_sessions(
             c, user=user,
             since=since_ts - _HALF_MS if since_ts is not None else None,
             until=until_ts + _HALF_MS if until_ts is not None else None,
             before=(parse_ts(cursor[0]) + _HALF_MS, "") if cursor else None,
-            limit=fetch)
+            limit=fetch, state=spool_state)
     )
     spool_more = len(from_spool) >= fetch
     from_spool = [
@@ -152,18 +197,16 @@ async def list_sessions(request: web.Request) -> web.Response:
             raise ApiError(503, "sink_unavailable", f"the sink cannot be queried: {exc}"[:300]) \
                 from None
     merged: dict[str, Doc] = {s["session_id"]: s for s in from_sink}
+    if state is not None and from_sink:
+        # A session the sink holds whole may be open or pending in the spool
+        # beyond the spool's window above: the spool knows more.
+        ids = [s["session_id"] for s in from_sink]
+        known = await engine.spool.read(lambda c: queries.sessions_by_id(c, ids))
+        merged.update({s["session_id"]: s for s in known})
     merged.update({s["session_id"]: s for s in from_spool})  # the spool knows more
     ordered = sorted(merged.values(),
                      key=lambda s: (s["session_start_time"], s["session_id"]), reverse=True)
-    page = ordered[:limit]
-    more = len(ordered) > limit or spool_more or sink_more
-    next_cursor = None
-    if more and page:
-        last = page[-1]
-        next_cursor = encode_cursor(last["session_start_time"], last["session_id"])
-    if state is not None:
-        page = [s for s in page if s["state"] == state]
-    return json_response({"sessions": page, "next_cursor": next_cursor})
+    return ordered[:limit], len(ordered) > limit or spool_more or sink_more
 
 
 async def get_session(request: web.Request) -> web.Response:

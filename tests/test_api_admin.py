@@ -183,6 +183,79 @@ async def test_cursor_paging_without_duplicates(api: Api) -> None:
     assert set(seen) == expected
 
 
+async def _pages(api: Api, admin: Login, limit: int, **params: str) -> list[list[dict[str, Any]]]:
+    pages: list[list[dict[str, Any]]] = []
+    cursor = None
+    while True:
+        query = {"limit": str(limit), **params} | ({"cursor": cursor} if cursor else {})
+        body = await _get(api, admin, "/audit/sessions", **query)
+        pages.append(body["sessions"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return pages
+        assert len(pages) < 20
+
+
+async def test_state_filter_fills_its_pages(api: Api) -> None:
+    """With ``state=``, every page but the last is full: the filter is not
+    applied to a page already cut from the unfiltered list."""
+    admin = await api.admin()
+    stored: list[str] = []
+    opened = [admin.session_id]
+    for i in range(4):  # stored, open, stored, open, ... interleaved in time
+        done = await api.user(f"done{i}")
+        await api.client.post("/logout", headers=done.headers)
+        stored.append(done.session_id)
+        opened.append((await api.user(f"open{i}")).session_id)
+    for sid in stored:
+        await wait_for(lambda sid=sid: _is(api, admin, sid, "stored"), message="stored")
+    for state, expected in (("stored", stored), ("open", opened)):
+        pages = await _pages(api, admin, 2, state=state)
+        assert [len(p) for p in pages[:-1]] == [2] * (len(pages) - 1), (state, pages)
+        got = [s["session_id"] for p in pages for s in p]
+        assert all(s["state"] == state for p in pages for s in p)
+        assert sorted(got) == sorted(expected), state
+        assert len(pages) == (len(expected) + 1) // 2, state
+
+
+async def test_state_filter_that_stops_early_still_pages_through(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filtered request reads a bounded number of merged pages; when it
+    stops short, its cursor resumes after what it looked at (even with an
+    empty page), so walking the cursors lists every match exactly once."""
+    import handlers.admin
+
+    monkeypatch.setattr(handlers.admin, "_MAX_PAGES", 1)
+    # Three sink writes at once, then one per 100 s: the first three logouts
+    # are stored, the three after them (newer) stay pending.
+    api = await make_api(flush={"max_writes_per_second": 0.01, "burst": 3})
+    admin = await api.admin()
+    ended: list[str] = []
+    for i in range(6):
+        who = await api.user(f"user{i}")
+        await api.client.post("/logout", headers=who.headers)
+        ended.append(who.session_id)
+        if i == 2:
+            for sid in ended:
+                await wait_for(lambda sid=sid: _is(api, admin, sid, "stored"), message="stored")
+    pages = await _pages(api, admin, 1, state="stored")
+    got = [s["session_id"] for p in pages for s in p]
+    assert sorted(got) == sorted(ended[:3]) and len(got) == len(set(got))
+    assert [] in pages, "some page should have stopped early with nothing in it"
+    pending = [s["session_id"] for p in await _pages(api, admin, 1, state="pending") for s in p]
+    assert sorted(pending) == sorted(ended[3:])
+
+
+async def test_state_filter_on_an_open_session_with_parts_in_the_sink(make_api: MakeApi) -> None:
+    api, admin, alice = await session_with_checkpoints_in_sink(make_api)
+    listed = {state: {s["session_id"] for p in await _pages(api, admin, 5, state=state)
+                      for s in p}
+              for state in ("open", "pending", "stored")}
+    assert alice.session_id in listed["open"]
+    assert alice.session_id not in listed["stored"] | listed["pending"]
+
+
 async def test_get_session_merges_parts_in_seq_order(make_api: MakeApi) -> None:
     # Parts of 3 events: the session is cut into checkpoint parts that reach
     # the sink while it is still open.
