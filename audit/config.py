@@ -49,6 +49,10 @@ class AuditConfig:
     on_spool_full: Literal["reject", "accept"] = "reject"
     keep_stored_seconds: float = 0
     capture_ai_content: bool = False
+    # Security events one client IP may have recorded one by one (a token
+    # bucket); past it they are counted into summary events. 0: no limit.
+    security_events_per_ip_per_second: float = 20.0
+    security_events_per_ip_burst: int = 200
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "audit.checkpoint_seconds": (lambda v: v > 0, "must be positive"),
     "audit.spool_max_bytes": (lambda v: v >= 65536, "must be at least 65536"),
     "audit.keep_stored_seconds": (lambda v: v >= 0, "must not be negative"),
+    "audit.security_events_per_ip_per_second": (lambda v: v >= 0, "must not be negative"),
+    "audit.security_events_per_ip_burst": (lambda v: v >= 1, "must be at least 1"),
     "flush.max_writes_per_second": (lambda v: v > 0, "must be positive"),
     "flush.burst": (lambda v: v >= 1, "must be at least 1"),
     "flush.backoff_base_seconds": (lambda v: v > 0, "must be positive"),

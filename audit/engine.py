@@ -23,6 +23,7 @@ from .config import Config
 from .events import Draft, Source, format_ts
 from .flusher import Flusher
 from .metrics import Stats
+from .ratelimit import FloodGuard
 from .spool import Spool
 from .store import (
     ActionError,
@@ -38,6 +39,8 @@ from .store import (
 log = logging.getLogger("session_audit.engine")
 
 REAPER_INTERVAL = 1.0
+# How often the flood guard's counts become summary security events.
+SUMMARY_INTERVAL = 10.0
 
 
 class AuditEngine:
@@ -75,6 +78,13 @@ class AuditEngine:
             clock=monotonic,
         )
         self.reaper_interval = reaper_interval
+        self.flood: FloodGuard | None = (
+            FloodGuard(a.security_events_per_ip_per_second, a.security_events_per_ip_burst,
+                       clock=monotonic)
+            if a.security_events_per_ip_per_second > 0 else None
+        )
+        self._summarised_at = monotonic()
+        self.monotonic = monotonic
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._inflight: set[asyncio.Future[Any]] = set()
         self.task_failure: str | None = None
@@ -112,6 +122,8 @@ class AuditEngine:
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+        with contextlib.suppress(Exception):  # the spool may be closed or full
+            await self.record_summaries()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         flusher = self._tasks.pop("flusher", None)
@@ -229,7 +241,41 @@ class AuditEngine:
             log.error("event not recorded (ack=fast): %s", fut.exception())
 
     async def record_security(self, draft: Draft, session_id: str | None = None) -> None:
+        """Record a security event; past the client IP's budget, count it
+        into a summary event instead (:class:`FloodGuard`)."""
+        if self.flood is not None and not self.flood.admit(
+            draft.source.ip, draft.action, self.clock()
+        ):
+            return
         await self.spool.submit(lambda w: w.append_security(draft, session_id))
+
+    async def record_summaries(self) -> int:
+        """Record one event per (client IP, action) counted by the flood guard
+        since the last call: ``details`` ``{"reason": "over_budget", "count",
+        "first_ts", "last_ts"}``. Returns how many were recorded."""
+        if self.flood is None:
+            return 0
+        summaries = self.flood.take_summaries()
+        if not summaries:
+            return 0
+        drafts = [
+            Draft(action, outcome="denied", source=Source(ip=None if ip == "-" else ip),
+                  details={"reason": "over_budget", "count": count,
+                           "first_ts": format_ts(first), "last_ts": format_ts(last)})
+            for ip, action, count, first, last in summaries
+        ]
+
+        def job(w: Writer) -> int:
+            for d in drafts:
+                w.append_security(d, None)
+            return len(drafts)
+
+        try:
+            n: int = await self.spool.submit(job, needs_space=False)
+        except BaseException:
+            self.flood.restore(summaries)  # counted again, recorded next time
+            raise
+        return n
 
     async def end_session(self, session_id: str, source: Source, reason: str = "logout") -> int:
         """Record ``session.end`` and seal; returns the session's event count."""
@@ -272,6 +318,9 @@ class AuditEngine:
             try:
                 await self.reap_once()
                 await self._save_sink_status()
+                if self.monotonic() - self._summarised_at >= SUMMARY_INTERVAL:
+                    self._summarised_at = self.monotonic()
+                    await self.record_summaries()
             except (sqlite3.Error, OSError) as exc:  # keep reaping; the spool reports itself
                 log.error("reaper: %s", exc)
 
@@ -318,6 +367,7 @@ class AuditEngine:
             "accepting": self.spool.accepting,
             "events_recorded": st.events_recorded,
             "security_events_recorded": st.security_events_recorded,
+            "security_events_summarised": self.flood.suppressed if self.flood else 0,
             "group_commit": {
                 "commits": st.commits,
                 "mean_batch": round(st.batch_sizes.total / st.commits, 2) if st.commits else 0,

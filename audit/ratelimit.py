@@ -1,9 +1,11 @@
-"""Pure rate-limit arithmetic with an injectable clock: token bucket and backoff."""
+"""Pure rate-limit arithmetic with an injectable clock: token bucket, backoff,
+and the flood guard on security events."""
 
 from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 # Refill arithmetic on float clocks can leave 0.9999999999 of a token and ask
@@ -105,3 +107,77 @@ class Backoff:
 
     def remaining(self) -> float:
         return max(0.0, self.until - self.clock())
+
+
+class FloodGuard:
+    """How many security events a client IP may have recorded one by one.
+
+    Every client IP has a token bucket (``rate`` a second, ``burst`` saved
+    up) and all of them share one more, ten times as large: an event within
+    both budgets is recorded as it comes; past them it is counted instead,
+    per (IP, action), and :meth:`take_summaries` hands the counts out, to be
+    recorded as one summary event each. A flood of bad tokens or failed
+    logins cannot fill the spool and the sink one event a request, and what
+    it did is still on the record, counted.
+
+    Memory is bounded: at most ``MAX_KEYS`` buckets (the least recently
+    seen are forgotten: they refill) and ``MAX_KEYS`` counts (past that,
+    counts go under the IP ``"*"``).
+    """
+
+    MAX_KEYS = 10_000
+    MANY = "*"
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._all = TokenBucket(10 * rate, 10 * burst, clock)
+        # (ip, action) -> [count, first wall time, last wall time]
+        self._counts: dict[tuple[str, str], list[float]] = {}
+        self.suppressed = 0
+
+    def admit(self, ip: str | None, action: str, wall: float) -> bool:
+        """True: record this event now; False: it has been counted."""
+        key = ip or "-"
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, self.clock)
+            while len(self._buckets) > self.MAX_KEYS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        if bucket.try_take():
+            if self._all.try_take():
+                return True
+            bucket.tokens = min(bucket.burst, bucket.tokens + 1.0)  # not spent after all
+        count_key = (key, action)
+        if count_key not in self._counts and len(self._counts) >= self.MAX_KEYS:
+            count_key = (self.MANY, action)
+        entry = self._counts.get(count_key)
+        if entry is None:
+            self._counts[count_key] = [1, wall, wall]
+        else:
+            entry[0] += 1
+            entry[2] = wall
+        self.suppressed += 1
+        return False
+
+    def take_summaries(self) -> list[tuple[str, str, int, float, float]]:
+        """(ip, action, count, first, last) of every event counted since the
+        last call, oldest count first; the counts start again from zero."""
+        counts, self._counts = self._counts, {}
+        out = [(ip, action, int(c[0]), c[1], c[2]) for (ip, action), c in counts.items()]
+        out.sort(key=lambda s: s[3])
+        return out
+
+    def restore(self, summaries: list[tuple[str, str, int, float, float]]) -> None:
+        """Put back summaries that could not be recorded (the spool refused)."""
+        for ip, action, count, first, last in summaries:
+            entry = self._counts.setdefault((ip, action), [0, first, last])
+            entry[0] += count
+            entry[1] = min(entry[1], first)
+            entry[2] = max(entry[2], last)

@@ -92,6 +92,10 @@ class EngineCollector(Collector):
         yield w
         yield CounterMetricFamily("session_audit_parts_written", "Session parts stored",
                                   value=st.parts_written)
+        yield CounterMetricFamily(
+            "session_audit_security_events_summarised",
+            "Security events over their client IP's budget, counted into summary events",
+            value=e.flood.suppressed if e.flood else 0)
         yield CounterMetricFamily("session_audit_spool_commit_failures", "Failed spool commits",
                                   value=st.commit_failures)
         for name, doc, key in (

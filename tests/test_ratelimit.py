@@ -192,3 +192,55 @@ async def test_pause_is_the_backoff_when_it_is_later_than_the_hint(
     assert sink.calls == ["part", "part", "part", "security", "part"]
     assert engine.flusher.backoff.attempt == 0
     assert engine.stats.rate_limited == 1 and engine.stats.writes_failed == 2
+
+
+# -- the flood guard on security events --------------------------------------
+
+
+def test_flood_guard_admits_a_burst_per_ip_then_counts():
+    from audit.ratelimit import FloodGuard
+
+    clock = Clock()
+    guard = FloodGuard(rate=1.0, burst=3, clock=clock)
+    assert [guard.admit("10.0.0.1", "auth.invalid_token", 50.0 + i) for i in range(5)] == [
+        True, True, True, False, False]
+    assert guard.admit("10.0.0.2", "auth.invalid_token", 60.0)  # another IP: its own budget
+    assert not guard.admit("10.0.0.1", "auth.login_failed", 61.0)
+    clock.t += 1.0  # one token back
+    assert guard.admit("10.0.0.1", "auth.invalid_token", 62.0)
+    assert not guard.admit("10.0.0.1", "auth.invalid_token", 63.0)
+    assert guard.suppressed == 4
+    assert guard.take_summaries() == [
+        ("10.0.0.1", "auth.invalid_token", 3, 53.0, 63.0),
+        ("10.0.0.1", "auth.login_failed", 1, 61.0, 61.0),
+    ]
+    assert guard.take_summaries() == []  # counted once
+
+
+def test_flood_guard_shared_budget_and_bounded_memory(monkeypatch):
+    from audit.ratelimit import FloodGuard
+
+    monkeypatch.setattr(FloodGuard, "MAX_KEYS", 50)
+    clock = Clock()
+    guard = FloodGuard(rate=1.0, burst=2, clock=clock)  # all IPs together: 20
+    admitted = sum(guard.admit(f"10.0.{i}.1", "auth.invalid_token", 1.0) for i in range(30))
+    assert admitted == 20, "the shared budget is ten times one IP's"
+    for i in range(200):  # many addresses, each over the shared budget
+        assert not guard.admit(f"2001:db8::{i}", "auth.invalid_token", 2.0)
+    assert len(guard._buckets) <= 50
+    summaries = guard.take_summaries()
+    assert len(summaries) <= 51
+    assert sum(s[2] for s in summaries) == 10 + 200, "every refused event is counted"
+    assert any(s[0] == FloodGuard.MANY for s in summaries)
+
+
+def test_flood_guard_restore_puts_counts_back():
+    from audit.ratelimit import FloodGuard
+
+    guard = FloodGuard(rate=1.0, burst=1, clock=Clock())
+    guard.admit("ip", "a", 1.0)
+    guard.admit("ip", "a", 2.0)
+    taken = guard.take_summaries()
+    guard.admit("ip", "a", 3.0)
+    guard.restore(taken)
+    assert guard.take_summaries() == [("ip", "a", 2, 2.0, 3.0)]

@@ -1,0 +1,104 @@
+"""A flood of unauthenticated requests cannot fill the spool one security
+event a request: past a client IP's budget, events are counted into
+summary events (audit/ratelimit.py FloodGuard), and nothing goes unrecorded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+
+from api_fixtures import MakeApi, expect_error, make_api
+
+from audit.events import parse_ts
+
+__all__ = ["make_api"]
+
+FLOOD = {"security_events_per_ip_burst": 3, "security_events_per_ip_per_second": 0.001}
+
+
+async def test_bad_tokens_past_the_budget_become_one_summary(make_api: MakeApi) -> None:
+    api = await make_api(audit=FLOOD)
+    for i in range(10):
+        resp = await api.client.get("/me", headers={"Authorization": f"Bearer junk{i}"})
+        await expect_error(resp, 401, "invalid_token")  # the answer does not change
+    one_by_one = await api.security("auth.invalid_token")
+    assert len(one_by_one) == 3
+    assert all(e["details"]["reason"] != "over_budget" for e in one_by_one)
+
+    assert await api.engine.record_summaries() == 1
+    events = await api.security("auth.invalid_token")
+    assert len(events) == 4
+    summary = events[-1]
+    assert summary["outcome"] == "denied" and summary["session_id"] is None
+    assert summary["source"]["ip"] == one_by_one[0]["source"]["ip"]
+    d = summary["details"]
+    assert (d["reason"], d["count"]) == ("over_budget", 7)
+    assert parse_ts(d["first_ts"]) <= parse_ts(d["last_ts"])
+    status = await api.engine.status()
+    assert status["security_events_summarised"] == 7
+    metrics = await (await api.client.get("/metrics")).text()
+    assert "session_audit_security_events_summarised_total 7.0" in metrics
+    assert await api.engine.record_summaries() == 0  # nothing counted since
+
+
+async def test_counted_events_are_recorded_at_shutdown(make_api: MakeApi) -> None:
+    api = await make_api(audit=FLOOD)
+    await asyncio.gather(*(api.client.post("/token", json={"username": "x", "password": "y"})
+                           for _ in range(6)))
+    # Failed, then throttled (429): six security events, three within budget.
+    assert len(await api.security()) == 3
+    engine, spool_path = api.engine, api.config.spool_path
+    await engine.close(flush_window=0)
+    conn = sqlite3.connect(spool_path)
+    rows = [json.loads(r[0]) for r in conn.execute("SELECT json FROM security_events")]
+    conn.close()
+    rows += [json.loads(doc) for (doc,) in api._sink("SELECT doc FROM security_events")]
+    rows = list({e["event_id"]: e for e in rows}.values())
+    summaries = [e for e in rows if e["details"].get("reason") == "over_budget"]
+    assert len(rows) - len(summaries) == 3
+    assert sum(e["details"]["count"] for e in summaries) == 3
+    assert {e["action"] for e in summaries} <= {"auth.login_failed", "auth.login_throttled"}
+
+
+async def test_no_limit_when_the_rate_is_zero(make_api: MakeApi) -> None:
+    api = await make_api(audit={"security_events_per_ip_per_second": 0})
+    for i in range(30):
+        resp = await api.client.get("/me", headers={"Authorization": f"Bearer junk{i}"})
+        assert resp.status == 401
+    assert len(await api.security("auth.invalid_token")) == 30
+    assert api.engine.flood is None
+
+
+async def test_the_reaper_records_summaries_every_interval(make_config, engines, fake_monotonic,
+                                                          wait_until) -> None:
+    from audit.engine import SUMMARY_INTERVAL
+    from audit.events import Draft, Source
+
+    config = make_config(audit=FLOOD)
+    engine = await engines.open(config, background=True, monotonic=fake_monotonic,
+                                reaper_interval=0.01)
+    src = Source(ip="192.0.2.7")
+    for _ in range(5):
+        await engine.record_security(Draft("auth.invalid_token", "denied", source=src))
+
+    def summaries() -> list[tuple]:
+        """Summary events in the spool or, once flushed, in the sink."""
+        found = []
+        for path, col in ((config.spool_path, "json"), (config.sqlite_sink_path, "doc")):
+            conn = sqlite3.connect(path)
+            try:
+                found += conn.execute(f"SELECT {col} FROM security_events"
+                                      f" WHERE {col} LIKE '%over_budget%'").fetchall()
+            except sqlite3.OperationalError:  # the sink has no tables yet
+                pass
+            finally:
+                conn.close()
+        return found
+
+    await asyncio.sleep(0.1)  # several reaper rounds, the interval not yet passed
+    assert summaries() == [] and engine.flood.suppressed == 2
+    fake_monotonic.advance(SUMMARY_INTERVAL)
+    rows = await wait_until(summaries)
+    event = json.loads(rows[0][0])
+    assert (event["source"]["ip"], event["details"]["count"]) == ("192.0.2.7", 2)
