@@ -5,7 +5,6 @@ Reports changed, removed and reordered events and missing parts.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,19 +90,9 @@ def check_session(key: bytes, session_id: str, parts: list[dict[str, Any]]) -> l
     return out
 
 
-async def iter_sessions(sink: Sink, page: int = 200) -> AsyncIterator[str]:
-    cursor: str | None = None
-    while True:
-        summaries, cursor = await sink.list_sessions(limit=page, cursor=cursor)
-        for s in summaries:
-            yield s["session_id"]
-        if cursor is None:
-            return
-
-
 async def verify_sink(sink: Sink, key: bytes) -> Report:
     report = Report()
-    async for sid in iter_sessions(sink):
+    async for sid in sink.session_ids():
         parts = await sink.get_session_parts(sid)
         report.sessions += 1
         report.parts += len(parts)

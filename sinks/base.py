@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from typing import Any
 
 Doc = dict[str, Any]
@@ -177,6 +178,21 @@ class Sink(ABC):
     async def get_session_parts(self, session_id: str) -> list[Doc]:
         """Every stored part of one session, by ``part``; ``[]`` if none."""
         raise QueryNotSupported(f"the {self.type} sink cannot be queried")
+
+    async def session_ids(self) -> AsyncIterator[str]:
+        """Every session the sink holds any part of, once each (for verify).
+
+        By default the sessions :meth:`list_sessions` pages through; a sink
+        whose listing starts from a session's part 0 must override it, or a
+        session whose part 0 went missing would never be checked.
+        """
+        cursor: str | None = None
+        while True:
+            summaries, cursor = await self.list_sessions(limit=200, cursor=cursor)
+            for s in summaries:
+                yield str(s["session_id"])
+            if cursor is None:
+                return
 
     async def list_security_events(
         self,

@@ -311,9 +311,9 @@ class JsonlSink(Sink):
             after = (start, sid)
         heads = []
         for sid, ps in by_session.items():
-            head = next((p for p in ps if p["part"] == 0), None)
-            if head is None:
-                continue
+            # Listed by its lowest stored part, not part 0 (as the sqlite
+            # sink): verify must see a session whose part 0 went missing.
+            head = min(ps, key=lambda p: p["part"])
             start = head.get("session_start_time") or ""
             if user is not None and head.get("user") != user:
                 continue

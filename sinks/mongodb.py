@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import unquote
 
@@ -423,6 +423,18 @@ class MongoSink(Sink):
             last = out[-1]
             next_cursor = encode_cursor(last["session_start_time"], last["session_id"])
         return out, next_cursor
+
+    async def session_ids(self) -> AsyncIterator[str]:
+        """Every session with any part stored, from one ``$group`` (the
+        listing above starts from part 0: verify must also see a session
+        whose part 0 is missing)."""
+        sessions, _ = self._colls()
+        try:
+            cursor = await sessions.aggregate([{"$group": {"_id": "$session_id"}}])
+            async for doc in cursor:
+                yield str(doc["_id"])
+        except PyMongoError as exc:
+            raise self._classify("list session ids", exc) from None
 
     async def get_session_parts(self, session_id: str) -> list[Doc]:
         sessions, _ = self._colls()

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from audit.events import Source
-from audit.verify import iter_sessions, verify_sink
+from audit.verify import verify_sink
 from sinks.sqlite import SqliteSink
 
 WRITER = Path(__file__).with_name("crash_writer.py")
@@ -69,7 +69,7 @@ async def test_sigkill_loses_and_duplicates_nothing(make_config, engines, audit_
     sink: SqliteSink = engine.sink
     report = await verify_sink(sink, audit_key)
     assert report.ok, report.problems[:5]
-    stored_sessions = {sid async for sid in iter_sessions(sink)}
+    stored_sessions = {sid async for sid in sink.session_ids()}
     assert sessions <= stored_sessions
     stored: Counter[str] = Counter()
     for sid in stored_sessions:

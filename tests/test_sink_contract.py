@@ -324,6 +324,17 @@ async def test_session_parts_sorted_and_summarised(harness: Harness, sink: Sink)
     assert newest[0]["session_end_time"] is None
 
 
+async def test_session_ids_include_a_session_without_part_0(harness: Harness, sink: Sink) -> None:
+    """verify walks ``session_ids()``: a session whose part 0 is missing from
+    the sink must be in it (once), or its loss would never be reported."""
+    needs_queries(harness, sink)
+    await sink.write_part(sample_part("whole", 0, final=False))
+    await sink.write_part(sample_part("whole", 1, final=True))
+    await sink.write_part(sample_part("headless", 1, final=True))
+    ids = [sid async for sid in sink.session_ids()]
+    assert sorted(ids) == ["headless", "whole"]
+
+
 async def test_list_security_events_order_paging_filters(harness: Harness, sink: Sink) -> None:
     needs_queries(harness, sink)
     kinds = ["auth.login_failed", "auth.invalid_token", "access.denied"]

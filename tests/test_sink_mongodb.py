@@ -24,6 +24,7 @@ from receiver import sample_part, sample_security_event
 from audit.config import MongoSinkConfig
 from sinks.base import (
     SinkConflict,
+    SinkError,
     SinkRateLimited,
     SinkRejected,
     SinkUnavailable,
@@ -408,6 +409,38 @@ async def test_list_sessions_queries(server: MockupDB, sink: MongoSink) -> None:
     assert sessions[0]["parts"] == 2 and sessions[0]["state"] == "stored"
     assert next_cursor is not None
     assert decode_cursor(next_cursor) == ["2026-11-26T14:00:00.000Z", "b"]
+
+
+async def test_verify_sees_a_session_whose_part_0_is_missing(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    """The session listing starts from part 0; verify asks for every session
+    id with one $group instead, so a session that lost its part 0 is checked
+    (and reported), not skipped."""
+    from audit.verify import verify_sink
+
+    task = start(verify_sink(sink, b"k" * 32))
+    agg = await receive(server, "aggregate")
+    assert agg["aggregate"] == "session_audit"
+    assert agg["pipeline"] == [{"$group": {"_id": "$session_id"}}]
+    agg.replies(cursor_reply("audit.session_audit", [{"_id": "headless"}]))
+    parts = await receive(server, "find")
+    assert parts["filter"] == {"session_id": "headless"}
+    parts.replies(cursor_reply("audit.session_audit", [sample_part("headless", 1)]))
+    report = await task
+    assert report.sessions == 1
+    assert any(p.kind == "missing_part" and "part 0" in p.detail for p in report.problems)
+
+
+async def test_session_ids_error_is_classified(server: MockupDB, sink: MongoSink) -> None:
+    async def collect() -> list[str]:
+        return [sid async for sid in sink.session_ids()]
+
+    task = start(collect())
+    agg = await receive(server, "aggregate")
+    agg.replies({"ok": 0, "code": 13, "errmsg": "not authorized on audit"})
+    with pytest.raises(SinkError):
+        await task
 
 
 # -- opening ------------------------------------------------------------------
