@@ -259,26 +259,41 @@ async def login(request: web.Request) -> web.Response:
     })
 
 
+async def _logout_body(request: web.Request) -> dict[str, Any] | None:
+    """The optional body of ``POST /logout``: nothing, ``null`` or an object."""
+    if not request.can_read_body:
+        return None
+    try:
+        body = await read_json(request, allow_empty=True)
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, "too_large", "the request body is too large") from None
+    if body is not None and not isinstance(body, dict):
+        raise bad_request("the body must be an object")
+    return body
+
+
 async def logout(request: web.Request) -> web.Response:
     ctx = request[CTX]
     engine = request.app[ENGINE]
-    if request.can_read_body:
-        body = await read_json(request, allow_empty=True)
-        if body is not None:
-            if not isinstance(body, dict):
-                raise bad_request("the body must be an object")
-            claimed = body.get("session_id")
-            if claimed is not None and (
-                not isinstance(claimed, str)
-                or not hmac.compare_digest(claimed.encode(), ctx.session_id.encode())
-            ):
-                src = ctx.source()
-                await engine.record_security(
-                    Draft("auth.session_mismatch", outcome="denied",
-                          details={"reason": "logout_session_id"}, source=src),
-                    ctx.session_id,
-                )
-                raise ApiError(403, "session_mismatch", "session_id does not match the token")
+    try:
+        body = await _logout_body(request)
+    except ApiError as err:
+        # A refused logout is an attempt too: recorded, and the session stays open.
+        await engine.record(ctx.session_id, Draft(
+            "session.end", outcome="failure", source=ctx.source(),
+            details={"reason": err.code, "message": err.message[:200]}))
+        raise
+    claimed = body.get("session_id") if body is not None else None
+    if claimed is not None and (
+        not isinstance(claimed, str)
+        or not hmac.compare_digest(claimed.encode(), ctx.session_id.encode())
+    ):
+        await engine.record_security(
+            Draft("auth.session_mismatch", outcome="denied",
+                  details={"reason": "logout_session_id"}, source=ctx.source()),
+            ctx.session_id,
+        )
+        raise ApiError(403, "session_mismatch", "session_id does not match the token")
     count = await engine.end_session(ctx.session_id, ctx.source())
     return json_response({
         "message": "Successfully logged out",

@@ -198,8 +198,8 @@ JSON_ENDPOINTS = [
     ("POST", "/documents", "document.create"),
     ("PUT", "/documents/{doc}", "document.update"),
     ("POST", "/documents/{doc}/chat", "ai.interaction"),
-    ("POST", "/audit/events", None),
-    ("POST", "/logout", None),
+    ("POST", "/audit/events", "client.rejected"),
+    ("POST", "/logout", "session.end"),
     ("POST", "/token", None),
 ]
 
