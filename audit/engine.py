@@ -41,6 +41,18 @@ log = logging.getLogger("session_audit.engine")
 REAPER_INTERVAL = 1.0
 # How often the flood guard's counts become summary security events.
 SUMMARY_INTERVAL = 10.0
+# Security events of callers without a valid session: the ones a flood from
+# the network produces, and the only ones the flood guard may count instead
+# of recording (a logged-in caller's are all recorded, with its session).
+UNAUTHENTICATED = frozenset({
+    "auth.invalid_token", "auth.token_expired", "auth.session_ended",
+    "auth.login_failed", "auth.login_throttled",
+})
+
+
+def _username(draft: Draft) -> str | None:
+    name = draft.details.get("username")
+    return name[:128] if isinstance(name, str) else None
 
 
 class AuditEngine:
@@ -122,8 +134,10 @@ class AuditEngine:
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
-        with contextlib.suppress(Exception):  # the spool may be closed or full
+        try:
             await self.record_summaries()
+        except Exception as exc:  # the spool may have failed
+            log.error("security event counts not recorded at shutdown: %s", exc)
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         flusher = self._tasks.pop("flusher", None)
@@ -241,10 +255,14 @@ class AuditEngine:
             log.error("event not recorded (ack=fast): %s", fut.exception())
 
     async def record_security(self, draft: Draft, session_id: str | None = None) -> None:
-        """Record a security event; past the client IP's budget, count it
-        into a summary event instead (:class:`FloodGuard`)."""
-        if self.flood is not None and not self.flood.admit(
-            draft.source.ip, draft.action, self.clock()
+        """Record a security event. One of a caller without a valid session
+        (:data:`UNAUTHENTICATED`) past its client IP's budget is counted into
+        a summary event instead (:class:`FloodGuard`)."""
+        if (
+            self.flood is not None
+            and draft.action in UNAUTHENTICATED
+            and not self.flood.admit(draft.source.ip, draft.action, self.clock(),
+                                     draft.source.user or _username(draft))
         ):
             return
         await self.spool.submit(lambda w: w.append_security(draft, session_id))
@@ -259,10 +277,11 @@ class AuditEngine:
         if not summaries:
             return 0
         drafts = [
-            Draft(action, outcome="denied", source=Source(ip=None if ip == "-" else ip),
-                  details={"reason": "over_budget", "count": count,
-                           "first_ts": format_ts(first), "last_ts": format_ts(last)})
-            for ip, action, count, first, last in summaries
+            Draft(c.action, outcome="denied", source=Source(ip=None if c.ip == "-" else c.ip),
+                  details={"reason": "over_budget", "count": c.count,
+                           "first_ts": format_ts(c.first), "last_ts": format_ts(c.last),
+                           "usernames": sorted(c.users), "more_usernames": c.more_users})
+            for c in summaries
         ]
 
         def job(w: Writer) -> int:

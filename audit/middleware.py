@@ -4,7 +4,8 @@ For every route that needs a caller: authenticate the bearer token, load the
 open session (401 ``session_ended`` after logout, idle timeout or expiry),
 check ``X-Audit-Session-ID``, and attach a :class:`RequestContext` under a
 typed key. Every authentication failure is recorded as a security event
-before the answer goes out.
+before the answer goes out, or, past the client IP's budget, counted into a
+summary event (``AuditEngine.record_security``).
 """
 
 from __future__ import annotations

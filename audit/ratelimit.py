@@ -7,6 +7,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 # Refill arithmetic on float clocks can leave 0.9999999999 of a token and ask
 # for a wait below the clock's resolution; such a token counts as whole.
@@ -115,10 +116,11 @@ class FloodGuard:
     Every client IP has a token bucket (``rate`` a second, ``burst`` saved
     up) and all of them share one more, ten times as large: an event within
     both budgets is recorded as it comes; past them it is counted instead,
-    per (IP, action), and :meth:`take_summaries` hands the counts out, to be
-    recorded as one summary event each. A flood of bad tokens or failed
-    logins cannot fill the spool and the sink one event a request, and what
-    it did is still on the record, counted.
+    per (IP, action), with up to ``MAX_USERS`` of the usernames it named,
+    and :meth:`take_summaries` hands the counts out, to be recorded as one
+    summary event each. A flood of bad tokens or failed logins cannot fill
+    the spool and the sink one event a request, and what it did is still on
+    the record, counted.
 
     Memory is bounded: at most ``MAX_KEYS`` buckets (the least recently
     seen are forgotten: they refill) and ``MAX_KEYS`` counts (past that,
@@ -126,6 +128,7 @@ class FloodGuard:
     """
 
     MAX_KEYS = 10_000
+    MAX_USERS = 20
     MANY = "*"
 
     def __init__(
@@ -136,11 +139,10 @@ class FloodGuard:
         self.clock = clock
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._all = TokenBucket(10 * rate, 10 * burst, clock)
-        # (ip, action) -> [count, first wall time, last wall time]
-        self._counts: dict[tuple[str, str], list[float]] = {}
+        self._counts: dict[tuple[str, str], Counted] = {}
         self.suppressed = 0
 
-    def admit(self, ip: str | None, action: str, wall: float) -> bool:
+    def admit(self, ip: str | None, action: str, wall: float, user: str | None = None) -> bool:
         """True: record this event now; False: it has been counted."""
         key = ip or "-"
         bucket = self._buckets.get(key)
@@ -159,25 +161,49 @@ class FloodGuard:
             count_key = (self.MANY, action)
         entry = self._counts.get(count_key)
         if entry is None:
-            self._counts[count_key] = [1, wall, wall]
-        else:
-            entry[0] += 1
-            entry[2] = wall
+            entry = self._counts[count_key] = Counted(count_key[0], action, 0, wall, wall)
+        entry.add(wall, user, self.MAX_USERS)
         self.suppressed += 1
         return False
 
-    def take_summaries(self) -> list[tuple[str, str, int, float, float]]:
-        """(ip, action, count, first, last) of every event counted since the
-        last call, oldest count first; the counts start again from zero."""
+    def take_summaries(self) -> list[Counted]:
+        """What was counted since the last call, one per (IP, action), oldest
+        first; the counts start again from zero."""
         counts, self._counts = self._counts, {}
-        out = [(ip, action, int(c[0]), c[1], c[2]) for (ip, action), c in counts.items()]
-        out.sort(key=lambda s: s[3])
-        return out
+        return sorted(counts.values(), key=lambda c: c.first)
 
-    def restore(self, summaries: list[tuple[str, str, int, float, float]]) -> None:
+    def restore(self, summaries: list[Counted]) -> None:
         """Put back summaries that could not be recorded (the spool refused)."""
-        for ip, action, count, first, last in summaries:
-            entry = self._counts.setdefault((ip, action), [0, first, last])
-            entry[0] += count
-            entry[1] = min(entry[1], first)
-            entry[2] = max(entry[2], last)
+        for old in summaries:
+            entry = self._counts.get((old.ip, old.action))
+            if entry is None:
+                self._counts[(old.ip, old.action)] = old
+                continue
+            entry.count += old.count
+            entry.first = min(entry.first, old.first)
+            entry.last = max(entry.last, old.last)
+            entry.users |= set(sorted(old.users)[: max(0, self.MAX_USERS - len(entry.users))])
+            entry.more_users = entry.more_users or old.more_users
+
+
+@dataclass
+class Counted:
+    """Security events of one client IP and action counted, not recorded."""
+
+    ip: str
+    action: str
+    count: int
+    first: float
+    last: float
+    users: set[str] = field(default_factory=set)
+    more_users: bool = False
+
+    def add(self, wall: float, user: str | None, max_users: int) -> None:
+        self.count += 1
+        self.first = min(self.first, wall)
+        self.last = max(self.last, wall)
+        if user is not None and user not in self.users:
+            if len(self.users) < max_users:
+                self.users.add(user)
+            else:
+                self.more_users = True

@@ -237,6 +237,17 @@ class Append:
     def __call__(self, w: Writer) -> dict[str, Any]:
         return w.append(self.session_id, self.draft)
 
+class ReadOnlyViolation(sqlite3.ProgrammingError):
+    """A :class:`Read` job's read wrote to the database (a bug in its caller).
+
+    Its write is outside any savepoint, so the whole batch is rolled back:
+    every caller of the batch hears that the spool could not commit.
+    """
+
+    def __init__(self, action: str) -> None:
+        super().__init__(f"the read-only change of {action!r} wrote to the database")
+
+
 class Read:
     """The job of a read-only change and its event: ``read(conn, draft)``
     checks and reads (it must not write), then the event is appended.
@@ -256,11 +267,17 @@ class Read:
 
     def __call__(self, w: Writer) -> Any:
         w.session(self.session_id)  # fail before the read if the session is gone
+        changes = w.conn.total_changes
         try:
             result = self.read(w.conn, self.draft)
         except ActionError as err:
-            w.atomic(partial(w.record_failure, self.session_id, self.draft, err), flush=False)
-            return err
+            result = err
+        finally:
+            if w.conn.total_changes != changes:
+                raise ReadOnlyViolation(self.draft.action)
+        if isinstance(result, ActionError):
+            w.atomic(partial(w.record_failure, self.session_id, self.draft, result), flush=False)
+            return result
         w.append(self.session_id, self.draft)
         return result
 
@@ -291,6 +308,7 @@ class Writer:
         # snapshot of each cached value it changes. A failed batch needs none:
         # the cache is reloaded from the committed state.
         self._undo: dict[str, Any] | None = None
+        self._stale = False
         # Event rows of the running batch, inserted with one executemany.
         self._rows: list[tuple[int, str, int, float, str]] = []
         # The next session key: load() sets it above every key still in
@@ -384,7 +402,8 @@ class Writer:
                 if value is _MISSING:
                     self.sessions.pop(sid, None)
                 else:
-                    self.sessions[sid] = value
+                    # A copy: a nested savepoint's log may hold the same snapshot.
+                    self.sessions[sid] = value.copy()
             elif name == "counters":
                 self.new_parts, self.new_security, self.appended = value
 
@@ -431,6 +450,11 @@ class Writer:
         fails as a whole, the cache is reloaded from the committed state.
         """
         c = self.conn
+        if self._stale:  # the last failed batch could not reload the cache
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            self.load()
+            self._stale = False
         results: list[tuple[bool, Any]] = []
         append = results.append
         rows = self._rows
@@ -442,6 +466,8 @@ class Writer:
                     mark = len(rows)
                     try:
                         value = job(self)
+                    except ReadOnlyViolation:
+                        raise  # it wrote outside any savepoint: the whole batch goes
                     except Exception as exc:  # one job's failure is only its own
                         del rows[mark:]
                         append((False, exc))
@@ -460,9 +486,15 @@ class Writer:
         except BaseException:
             rows.clear()
             self._undo = None
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            self.load()  # what the batch changed in the cache is gone with it
+            try:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                self.load()  # what the batch changed in the cache is gone with it
+            except Exception:
+                # The same I/O error, most likely: the cache may be ahead of
+                # what is committed, so no job may run on it; the next batch
+                # reloads it first (or fails, and tries again the time after).
+                self._stale = True
             raise
         return results
 

@@ -133,15 +133,16 @@ async def list_sessions(request: web.Request) -> web.Response:
         for _ in range(_MAX_PAGES):
             got, more = await _merged_page(engine, user, window, after,
                                            limit + 1 - len(page), state)
-            if got:
-                after = (got[-1]["session_start_time"], got[-1]["session_id"])
+            if not got:
+                break  # no step forward: never hand back the cursor it was given
+            after = (got[-1]["session_start_time"], got[-1]["session_id"])
             page += [s for s in got if s["state"] == state]
             if len(page) > limit or not more:
                 break
         if len(page) > limit:
             page = page[:limit]
             resume = (page[-1]["session_start_time"], page[-1]["session_id"])
-        elif more:
+        elif more and after != cursor:
             resume = after
     next_cursor = encode_cursor(*resume) if resume is not None else None
     return json_response({"sessions": page, "next_cursor": next_cursor})

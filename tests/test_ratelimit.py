@@ -210,11 +210,23 @@ def test_flood_guard_admits_a_burst_per_ip_then_counts():
     assert guard.admit("10.0.0.1", "auth.invalid_token", 62.0)
     assert not guard.admit("10.0.0.1", "auth.invalid_token", 63.0)
     assert guard.suppressed == 4
-    assert guard.take_summaries() == [
+    assert [(c.ip, c.action, c.count, c.first, c.last) for c in guard.take_summaries()] == [
         ("10.0.0.1", "auth.invalid_token", 3, 53.0, 63.0),
         ("10.0.0.1", "auth.login_failed", 1, 61.0, 61.0),
     ]
     assert guard.take_summaries() == []  # counted once
+
+
+def test_flood_guard_keeps_a_bounded_set_of_usernames(monkeypatch):
+    from audit.ratelimit import FloodGuard
+
+    monkeypatch.setattr(FloodGuard, "MAX_USERS", 3)
+    guard = FloodGuard(rate=1.0, burst=1, clock=Clock())
+    assert guard.admit("ip", "auth.login_failed", 1.0, "first")
+    for name in ["bob", "alice", "bob", None, "carol", "dave"]:
+        assert not guard.admit("ip", "auth.login_failed", 2.0, name)
+    (c,) = guard.take_summaries()
+    assert c.count == 6 and c.users == {"bob", "alice", "carol"} and c.more_users
 
 
 def test_flood_guard_shared_budget_and_bounded_memory(monkeypatch):
@@ -230,8 +242,8 @@ def test_flood_guard_shared_budget_and_bounded_memory(monkeypatch):
     assert len(guard._buckets) <= 50
     summaries = guard.take_summaries()
     assert len(summaries) <= 51
-    assert sum(s[2] for s in summaries) == 10 + 200, "every refused event is counted"
-    assert any(s[0] == FloodGuard.MANY for s in summaries)
+    assert sum(c.count for c in summaries) == 10 + 200, "every refused event is counted"
+    assert any(c.ip == FloodGuard.MANY for c in summaries)
 
 
 def test_flood_guard_restore_puts_counts_back():
@@ -239,8 +251,9 @@ def test_flood_guard_restore_puts_counts_back():
 
     guard = FloodGuard(rate=1.0, burst=1, clock=Clock())
     guard.admit("ip", "a", 1.0)
-    guard.admit("ip", "a", 2.0)
+    guard.admit("ip", "a", 2.0, "u1")
     taken = guard.take_summaries()
-    guard.admit("ip", "a", 3.0)
+    guard.admit("ip", "a", 3.0, "u2")
     guard.restore(taken)
-    assert guard.take_summaries() == [("ip", "a", 2, 2.0, 3.0)]
+    (c,) = guard.take_summaries()
+    assert (c.count, c.first, c.last, c.users) == (2, 2.0, 3.0, {"u1", "u2"})

@@ -107,3 +107,74 @@ def test_failed_batch_reloads_security_head_and_keeps_seen_activity(tmp_path, au
 
     body = {k: v for k, v in event.items() if k != "hash"}
     assert event["hash"] == chain_hash(audit_key, genesis_head, canonical_json(body))
+
+
+def test_a_failed_reload_leaves_the_cache_stale_until_the_next_batch(
+    tmp_path, audit_key, monkeypatch
+):
+    """If the error that broke COMMIT also breaks the reload, no job may run
+    on the cache (it is ahead of the database): the next batch reloads it
+    first, so the session goes on from its committed head, without a gap."""
+    w = _writer(tmp_path, audit_key)
+    w.run_batch([lambda w: w.start_session("u", "user", 1e12, [], session_id="s1")])
+    real_load = Writer.load
+
+    def broken_load(self):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def commit_fails(w: Writer) -> None:
+        raise Boom()
+
+    monkeypatch.setattr(Writer, "load", broken_load)
+    with pytest.raises(Boom):
+        w.run_batch([Append("s1", Draft("document.list")), commit_fails])
+    assert w.sessions["s1"].next_seq == 2, "the cache kept the rolled-back event"
+    with pytest.raises(sqlite3.OperationalError):  # still failing: the batch fails whole
+        w.run_batch([Append("s1", Draft("document.list"))])
+    monkeypatch.setattr(Writer, "load", real_load)
+    [(ok, event)] = w.run_batch([Append("s1", Draft("document.list"))])
+    assert ok and event["seq"] == 1
+    assert w.conn.execute("SELECT seq FROM events").fetchall() == [(1,)]
+
+
+def test_nested_savepoints_restore_independent_snapshots(tmp_path, audit_key):
+    """An inner savepoint that fails and is caught, then the outer job
+    failing: the outer rollback must restore the state before the job, not
+    a snapshot object the inner restore put back live into the cache."""
+    w = _writer(tmp_path, audit_key)
+    w.run_batch([lambda w: w.start_session("u", "user", 1e12, [], session_id="s1")])
+
+    def job(w: Writer) -> None:
+        def inner() -> None:
+            w.append("s1", Draft("document.list"))
+            raise RuntimeError("inner")
+
+        with pytest.raises(RuntimeError):
+            w.atomic(inner)
+        w.append("s1", Draft("document.list"))
+        raise RuntimeError("outer")
+
+    [(ok, _)] = w.run_batch([job])
+    assert not ok
+    s = w.sessions["s1"]
+    assert (s.next_seq, s.uncut_count) == (1, 0)
+    assert w.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
+
+
+def test_a_read_that_writes_fails_its_whole_batch(tmp_path, audit_key):
+    """A Read job runs without a savepoint; if its read wrote anyway (a bug),
+    the batch is rolled back whole rather than commit a write nobody meant."""
+    from audit.store import Read, ReadOnlyViolation
+
+    w = _writer(tmp_path, audit_key)
+    w.run_batch([lambda w: w.start_session("u", "user", 1e12, [], session_id="s1")])
+
+    def sneaky(conn: sqlite3.Connection, draft: Draft) -> None:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('x', 'y')")
+
+    with pytest.raises(ReadOnlyViolation):
+        w.run_batch([Append("s1", Draft("document.list")),
+                     Read("s1", Draft("document.access"), sneaky)])
+    assert w.conn.execute("SELECT COUNT(*) FROM meta WHERE key = 'x'").fetchone()[0] == 0
+    assert w.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
+    assert w.sessions["s1"].next_seq == 1

@@ -33,7 +33,7 @@ async def test_bad_tokens_past_the_budget_become_one_summary(make_api: MakeApi) 
     assert summary["outcome"] == "denied" and summary["session_id"] is None
     assert summary["source"]["ip"] == one_by_one[0]["source"]["ip"]
     d = summary["details"]
-    assert (d["reason"], d["count"]) == ("over_budget", 7)
+    assert (d["reason"], d["count"], d["usernames"]) == ("over_budget", 7, [])
     assert parse_ts(d["first_ts"]) <= parse_ts(d["last_ts"])
     status = await api.engine.status()
     assert status["security_events_summarised"] == 7
@@ -59,6 +59,7 @@ async def test_counted_events_are_recorded_at_shutdown(make_api: MakeApi) -> Non
     assert len(rows) - len(summaries) == 3
     assert sum(e["details"]["count"] for e in summaries) == 3
     assert {e["action"] for e in summaries} <= {"auth.login_failed", "auth.login_throttled"}
+    assert all(e["details"]["usernames"] == ["x"] for e in summaries), summaries
 
 
 async def test_no_limit_when_the_rate_is_zero(make_api: MakeApi) -> None:
@@ -102,3 +103,22 @@ async def test_the_reaper_records_summaries_every_interval(make_config, engines,
     rows = await wait_until(summaries)
     event = json.loads(rows[0][0])
     assert (event["source"]["ip"], event["details"]["count"]) == ("192.0.2.7", 2)
+
+
+async def test_a_logged_in_callers_security_events_are_never_counted_away(
+    make_api: MakeApi,
+) -> None:
+    """The budget is for callers without a valid session. A logged-in user
+    cannot use junk tokens to have their own denied admin requests merged
+    into an anonymous count: each is recorded, with its user and session."""
+    api = await make_api(audit=FLOOD)
+    bob = await api.user("bob")
+    for i in range(5):  # use up the IP's budget
+        await api.client.get("/me", headers={"Authorization": f"Bearer junk{i}"})
+    for _ in range(4):
+        resp = await api.client.get("/audit/sessions", headers=bob.headers)
+        await expect_error(resp, 403, "forbidden")
+    denied = await api.security("admin.denied")
+    assert len(denied) == 4
+    assert all((e["actor"]["user"], e["session_id"]) == ("bob", bob.session_id)
+               for e in denied)
