@@ -23,7 +23,7 @@ from audit.middleware import anonymous_source
 
 from .errors import ApiError, bad_request, json_response
 from .keys import ACCOUNTS, CONFIG, CTX, ENGINE, TOKENS
-from .requests import read_json
+from .requests import audited_input, read_json
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MAX_PASSWORD_CHARS = 1024
@@ -259,14 +259,8 @@ async def login(request: web.Request) -> web.Response:
     })
 
 
-async def _logout_body(request: web.Request) -> dict[str, Any] | None:
+def _logout_body(body: Any) -> dict[str, Any] | None:
     """The optional body of ``POST /logout``: nothing, ``null`` or an object."""
-    if not request.can_read_body:
-        return None
-    try:
-        body = await read_json(request, allow_empty=True)
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, "too_large", "the request body is too large") from None
     if body is not None and not isinstance(body, dict):
         raise bad_request("the body must be an object")
     return body
@@ -275,14 +269,11 @@ async def _logout_body(request: web.Request) -> dict[str, Any] | None:
 async def logout(request: web.Request) -> web.Response:
     ctx = request[CTX]
     engine = request.app[ENGINE]
-    try:
-        body = await _logout_body(request)
-    except ApiError as err:
-        # A refused logout is an attempt too: recorded, and the session stays open.
-        await engine.record(ctx.session_id, Draft(
-            "session.end", outcome="failure", source=ctx.source(),
-            details={"reason": err.code, "message": err.message[:200]}))
-        raise
+    body = None
+    if request.can_read_body:
+        # A refused body is an attempt too: recorded, and the session stays open.
+        body = await audited_input(request, Draft("session.end", source=ctx.source()),
+                                   _logout_body, allow_empty=True)
     claimed = body.get("session_id") if body is not None else None
     if claimed is not None and (
         not isinstance(claimed, str)

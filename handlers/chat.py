@@ -14,10 +14,10 @@ from audit.spool import SpoolFull
 from audit.store import ActionError
 
 from .ai import AIUnavailable
-from .documents import DOC_ID_MAX, _valid_id, audited_input, fetch_visible, refuse_action
+from .documents import DOC_ID_MAX, _valid_id, fetch_visible, refuse_action
 from .errors import ApiError, bad_request, json_response
 from .keys import AI, CONFIG, CTX, ENGINE
-from .requests import json_object
+from .requests import audited_input, json_object
 
 MESSAGE_MAX_BYTES = 16 * 1024
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -20,12 +19,11 @@ from audit.store import ActionError
 
 from .errors import ApiError, bad_request, json_response
 from .keys import CTX, ENGINE
-from .requests import json_object, read_json
+from .requests import audited_input, json_object
 
 TITLE_MAX_CHARS = 200
 CONTENT_MAX_BYTES = 1024 * 1024
 DOC_ID_MAX = 64
-T = TypeVar("T")
 _COLS = "id, title, content, owner, version, created_at, updated_at"
 
 
@@ -65,14 +63,6 @@ async def _record(
                                                 read_only=read_only)
     except ActionError as err:
         raise _map(err) from None
-
-
-async def _refuse(request: web.Request, draft: Draft, error: ApiError) -> ApiError:
-    """Record a failed attempt (bad input) and return the error to raise."""
-    draft.outcome = "failure"
-    draft.details = {**draft.details, "reason": error.code}
-    await request.app[ENGINE].record(request[CTX].session_id, draft)
-    return error
 
 
 def _draft(request: web.Request, action: str, doc_id: str | None = None) -> Draft:
@@ -119,17 +109,6 @@ def _check_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     return out
 
 
-async def audited_input(request: web.Request, draft: Draft, parse: Callable[[Any], T]) -> T:
-    """The parsed body; bad input is recorded as a failed attempt, then refused."""
-    try:
-        return parse(await read_json(request))
-    except ApiError as err:
-        raise await _refuse(request, draft, err) from None
-    except web.HTTPRequestEntityTooLarge:
-        raise await _refuse(request, draft,
-                            ApiError(413, "too_large", "the request body is too large")) from None
-
-
 async def refuse_action(request: web.Request, draft: Draft, err: ActionError) -> ApiError:
     """Record an action refused by a check made outside the writer (e.g. chat)."""
 
@@ -137,7 +116,8 @@ async def refuse_action(request: web.Request, draft: Draft, err: ActionError) ->
         raise err
 
     try:
-        await request.app[ENGINE].record(request[CTX].session_id, draft, refuse)
+        await request.app[ENGINE].record(request[CTX].session_id, draft, refuse,
+                                         read_only=True)
     except ActionError as recorded:
         return _map(recorded)
     raise AssertionError("a refused change always raises")  # pragma: no cover

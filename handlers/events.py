@@ -1,7 +1,8 @@
 """Client events: ``POST /audit/events`` joins them to the caller's own session.
 
-A request that is refused (400) records none of its events, but the
-attempt itself: one ``client.rejected`` event with outcome ``failure``.
+A request that is refused (400, 413) records none of its events, but the
+attempt itself: one ``client.rejected`` event with outcome ``failure`` and
+``details.reason`` the error code.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from aiohttp import web
 from audit.events import Draft, canonical_json
 from audit.store import Writer
 
-from .errors import ApiError, bad_request, json_response
+from .errors import bad_request, json_response
 from .keys import CTX, ENGINE
-from .requests import read_json
+from .requests import audited_input
 
 ACTION_RE = re.compile(r"^client\.[a-z0-9_.:-]{1,64}$")
 MAX_EVENTS = 100
 MAX_DETAILS_BYTES = 4096
 MAX_TARGET_CHARS = 128
 # What a refused POST /audit/events records (outcome "failure", with the
-# error's code and message): a name in the client.* namespace of API.md.
+# error's code): a name in the client.* namespace of API.md.
 REJECTED = "client.rejected"
 
 
@@ -55,11 +56,7 @@ def _parse_one(item: Any, i: int) -> tuple[str, dict[str, str] | None, dict[str,
     return action, target, details
 
 
-async def _parse(request: web.Request) -> list[tuple[str, dict[str, str] | None, dict[str, Any]]]:
-    try:
-        body = await read_json(request)
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, "too_large", "the request body is too large") from None
+def _parse(body: Any) -> list[tuple[str, dict[str, str] | None, dict[str, Any]]]:
     items = body if isinstance(body, list) else [body]
     if not items:
         raise bad_request("no events")
@@ -71,14 +68,8 @@ async def _parse(request: web.Request) -> list[tuple[str, dict[str, str] | None,
 async def post_events(request: web.Request) -> web.Response:
     ctx = request[CTX]
     engine = request.app[ENGINE]
-    try:
-        parsed = await _parse(request)
-    except ApiError as err:
-        # Refused whole, none of them recorded; the attempt itself is.
-        details = {"reason": err.code, "message": err.message[:200]}
-        await engine.record(ctx.session_id, Draft(REJECTED, outcome="failure", details=details,
-                                                  source=ctx.source()))
-        raise
+    # Refused whole, none of them recorded; the attempt itself is.
+    parsed = await audited_input(request, Draft(REJECTED, source=ctx.source()), _parse)
     drafts = [Draft(a, target=t, details=d, source=ctx.source()) for a, t, d in parsed]
     sid = ctx.session_id
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
+from audit.events import Draft
+
 from .errors import ApiError, bad_request
+from .keys import CTX, ENGINE
+
+T = TypeVar("T")
 
 # aiohttp refuses bodies above this with 413 before any handler reads them.
 CLIENT_MAX_SIZE = 8 * 1024 * 1024
@@ -50,3 +56,26 @@ def json_object(value: Any) -> dict[str, Any]:
         raise bad_request("the body must be a JSON object")
     return value
 
+
+
+async def audited_input(
+    request: web.Request, draft: Draft, parse: Callable[[Any], T], *, allow_empty: bool = False
+) -> T:
+    """The parsed body; bad input is recorded as a failed attempt (``draft``
+    with outcome ``failure`` and ``details.reason`` the error code), then
+    refused with that error."""
+    try:
+        return parse(await read_json(request, allow_empty=allow_empty))
+    except ApiError as err:
+        raise await refuse(request, draft, err) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise await refuse(request, draft,
+                           ApiError(413, "too_large", "the request body is too large")) from None
+
+
+async def refuse(request: web.Request, draft: Draft, error: ApiError) -> ApiError:
+    """Record a failed attempt (bad input) and return the error to raise."""
+    draft.outcome = "failure"
+    draft.details = {**draft.details, "reason": error.code}
+    await request.app[ENGINE].record(request[CTX].session_id, draft)
+    return error

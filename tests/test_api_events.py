@@ -90,12 +90,12 @@ async def test_bad_client_events_are_refused_whole(api: Api, body: Any, why: str
     alice = await api.user("alice")
     resp = await api.client.post("/audit/events", json=body,
                                  headers={**alice.headers, "X-Request-ID": "bad-1"})
-    message = (await expect_error(resp, 400, "invalid_request"))["error"]["message"]
+    await expect_error(resp, 400, "invalid_request")
     events = await api.events(alice.session_id)
     assert [e["action"] for e in events] == ["session.start", "token.issue", "client.rejected"]
     ev = events[-1]
     assert (ev["outcome"], ev["request_id"], ev["target"]) == ("failure", "bad-1", None)
-    assert ev["details"] == {"reason": "invalid_request", "message": message}
+    assert ev["details"] == {"reason": "invalid_request"}
 
 
 async def test_details_up_to_4_kib(api: Api) -> None:
