@@ -49,9 +49,10 @@ class AuditConfig:
     on_spool_full: Literal["reject", "accept"] = "reject"
     keep_stored_seconds: float = 0
     capture_ai_content: bool = False
-    # Security events one client IP may have recorded one by one (a token
-    # bucket); past it they are counted into summary events. 0: no limit.
-    security_events_per_ip_per_second: float = 20.0
+    # Opt-in flood guard: security events of callers without a valid session
+    # that one client IP may have recorded one by one (a token bucket); past
+    # it they are counted into summary events. 0 (default): every one recorded.
+    security_events_per_ip_per_second: float = 0.0
     security_events_per_ip_burst: int = 200
 
 

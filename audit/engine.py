@@ -24,7 +24,7 @@ from .events import Draft, Source, format_ts
 from .flusher import Flusher
 from .metrics import Stats
 from .ratelimit import FloodGuard
-from .spool import Spool
+from .spool import Spool, SpoolClosed, SpoolFull, SpoolUnavailable
 from .store import (
     ActionError,
     Append,
@@ -132,7 +132,8 @@ class AuditEngine:
         reaper = self._tasks.pop("reaper", None)
         if reaper is not None:
             reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A reaper that crashed was logged by its done-callback.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reaper
         try:
             await self.record_summaries()
@@ -262,7 +263,7 @@ class AuditEngine:
             self.flood is not None
             and draft.action in UNAUTHENTICATED
             and not self.flood.admit(draft.source.ip, draft.action, self.clock(),
-                                     draft.source.user or _username(draft))
+                                     draft.source.user or _username(draft), session_id)
         ):
             return
         await self.spool.submit(lambda w: w.append_security(draft, session_id))
@@ -270,17 +271,21 @@ class AuditEngine:
     async def record_summaries(self) -> int:
         """Record one event per (client IP, action) counted by the flood guard
         since the last call: ``details`` ``{"reason": "over_budget", "count",
-        "first_ts", "last_ts"}``. Returns how many were recorded."""
-        if self.flood is None:
+        "first_ts", "last_ts", "usernames", "more_usernames", "session_ids"}``.
+        Returns how many were recorded. If the spool refuses them (full,
+        failing), the counts are kept for the next call."""
+        flood = self.flood
+        if flood is None:
             return 0
-        summaries = self.flood.take_summaries()
+        summaries = flood.take_summaries()
         if not summaries:
             return 0
         drafts = [
             Draft(c.action, outcome="denied", source=Source(ip=None if c.ip == "-" else c.ip),
                   details={"reason": "over_budget", "count": c.count,
                            "first_ts": format_ts(c.first), "last_ts": format_ts(c.last),
-                           "usernames": sorted(c.users), "more_usernames": c.more_users})
+                           "usernames": sorted(c.users), "more_usernames": c.more_users,
+                           "session_ids": sorted(c.sessions)})
             for c in summaries
         ]
 
@@ -290,10 +295,19 @@ class AuditEngine:
             return len(drafts)
 
         try:
-            n: int = await self.spool.submit(job, needs_space=False)
-        except BaseException:
-            self.flood.restore(summaries)  # counted again, recorded next time
+            fut = self.spool.submit_nowait(job)
+        except (SpoolFull, SpoolUnavailable, SpoolClosed):
+            flood.restore(summaries)
             raise
+
+        def done(f: asyncio.Future[Any]) -> None:
+            # Decided by the commit, not by whoever awaits it: a caller
+            # cancelled meanwhile (shutdown) neither loses nor doubles them.
+            if f.cancelled() or f.exception() is not None:
+                flood.restore(summaries)
+
+        fut.add_done_callback(done)
+        n: int = await asyncio.shield(fut)
         return n
 
     async def end_session(self, session_id: str, source: Source, reason: str = "logout") -> int:
@@ -340,8 +354,8 @@ class AuditEngine:
                 if self.monotonic() - self._summarised_at >= SUMMARY_INTERVAL:
                     self._summarised_at = self.monotonic()
                     await self.record_summaries()
-            except (sqlite3.Error, OSError) as exc:  # keep reaping; the spool reports itself
-                log.error("reaper: %s", exc)
+            except (sqlite3.Error, OSError, SpoolFull, SpoolUnavailable) as exc:
+                log.error("reaper: %s", exc)  # keep reaping; the spool reports itself
 
     # -- admin -------------------------------------------------------------
 

@@ -142,7 +142,10 @@ class FloodGuard:
         self._counts: dict[tuple[str, str], Counted] = {}
         self.suppressed = 0
 
-    def admit(self, ip: str | None, action: str, wall: float, user: str | None = None) -> bool:
+    def admit(
+        self, ip: str | None, action: str, wall: float,
+        user: str | None = None, session_id: str | None = None,
+    ) -> bool:
         """True: record this event now; False: it has been counted."""
         key = ip or "-"
         bucket = self._buckets.get(key)
@@ -156,15 +159,20 @@ class FloodGuard:
             if self._all.try_take():
                 return True
             bucket.tokens = min(bucket.burst, bucket.tokens + 1.0)  # not spent after all
-        count_key = (key, action)
-        if count_key not in self._counts and len(self._counts) >= self.MAX_KEYS:
-            count_key = (self.MANY, action)
-        entry = self._counts.get(count_key)
-        if entry is None:
-            entry = self._counts[count_key] = Counted(count_key[0], action, 0, wall, wall)
-        entry.add(wall, user, self.MAX_USERS)
+        entry = self._entry(key, action, wall)
+        entry.add(wall, user, session_id, self.MAX_USERS)
         self.suppressed += 1
         return False
+
+    def _entry(self, ip: str, action: str, wall: float) -> Counted:
+        """The count of (ip, action); past ``MAX_KEYS`` counts, of ("*", action)."""
+        key = (ip, action)
+        if key not in self._counts and len(self._counts) >= self.MAX_KEYS:
+            key = (self.MANY, action)
+        entry = self._counts.get(key)
+        if entry is None:
+            entry = self._counts[key] = Counted(key[0], action, 0, wall, wall)
+        return entry
 
     def take_summaries(self) -> list[Counted]:
         """What was counted since the last call, one per (IP, action), oldest
@@ -175,15 +183,8 @@ class FloodGuard:
     def restore(self, summaries: list[Counted]) -> None:
         """Put back summaries that could not be recorded (the spool refused)."""
         for old in summaries:
-            entry = self._counts.get((old.ip, old.action))
-            if entry is None:
-                self._counts[(old.ip, old.action)] = old
-                continue
-            entry.count += old.count
-            entry.first = min(entry.first, old.first)
-            entry.last = max(entry.last, old.last)
-            entry.users |= set(sorted(old.users)[: max(0, self.MAX_USERS - len(entry.users))])
-            entry.more_users = entry.more_users or old.more_users
+            entry = self._entry(old.ip, old.action, old.first)
+            entry.merge(old, self.MAX_USERS)
 
 
 @dataclass
@@ -197,13 +198,28 @@ class Counted:
     last: float
     users: set[str] = field(default_factory=set)
     more_users: bool = False
+    sessions: set[str] = field(default_factory=set)
 
-    def add(self, wall: float, user: str | None, max_users: int) -> None:
+    def add(self, wall: float, user: str | None, session_id: str | None, most: int) -> None:
         self.count += 1
         self.first = min(self.first, wall)
         self.last = max(self.last, wall)
         if user is not None and user not in self.users:
-            if len(self.users) < max_users:
+            if len(self.users) < most:
                 self.users.add(user)
             else:
                 self.more_users = True
+        if session_id is not None and len(self.sessions) < most:
+            self.sessions.add(session_id)
+
+    def merge(self, other: Counted, most: int) -> None:
+        if self is other:
+            return
+        self.count += other.count
+        self.first = min(self.first, other.first)
+        self.last = max(self.last, other.last)
+        room = max(0, most - len(self.users))
+        extra = sorted(other.users - self.users)
+        self.users |= set(extra[:room])
+        self.more_users = self.more_users or other.more_users or len(extra) > room
+        self.sessions |= set(sorted(other.sessions)[: max(0, most - len(self.sessions))])

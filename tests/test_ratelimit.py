@@ -257,3 +257,23 @@ def test_flood_guard_restore_puts_counts_back():
     guard.restore(taken)
     (c,) = guard.take_summaries()
     assert (c.count, c.first, c.last, c.users) == (2, 2.0, 3.0, {"u1", "u2"})
+
+
+
+def test_flood_guard_restore_stays_bounded(monkeypatch):
+    from audit.ratelimit import FloodGuard
+
+    monkeypatch.setattr(FloodGuard, "MAX_KEYS", 10)
+    guard = FloodGuard(rate=1.0, burst=1, clock=Clock())
+    guard._all.tokens = 0.0
+    guard._all.rate = 1e-9  # the shared budget is spent: everything is counted
+    for round_ in range(5):
+        for i in range(10):
+            guard.admit(f"10.{round_}.0.{i}", "auth.invalid_token", float(round_))
+        taken = guard.take_summaries()
+        for i in range(10):
+            guard.admit(f"10.{round_}.1.{i}", "auth.invalid_token", float(round_))
+        guard.restore(taken)  # a failed commit, every round
+    left = guard.take_summaries()
+    assert len(left) <= 11
+    assert sum(c.count for c in left) == 5 * 20

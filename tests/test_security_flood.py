@@ -5,9 +5,11 @@ summary events (audit/ratelimit.py FloodGuard), and nothing goes unrecorded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 
+import pytest
 from api_fixtures import MakeApi, expect_error, make_api
 
 from audit.events import parse_ts
@@ -62,8 +64,8 @@ async def test_counted_events_are_recorded_at_shutdown(make_api: MakeApi) -> Non
     assert all(e["details"]["usernames"] == ["x"] for e in summaries), summaries
 
 
-async def test_no_limit_when_the_rate_is_zero(make_api: MakeApi) -> None:
-    api = await make_api(audit={"security_events_per_ip_per_second": 0})
+async def test_off_by_default_every_event_recorded(make_api: MakeApi) -> None:
+    api = await make_api()
     for i in range(30):
         resp = await api.client.get("/me", headers={"Authorization": f"Bearer junk{i}"})
         assert resp.status == 401
@@ -122,3 +124,82 @@ async def test_a_logged_in_callers_security_events_are_never_counted_away(
     assert len(denied) == 4
     assert all((e["actor"]["user"], e["session_id"]) == ("bob", bob.session_id)
                for e in denied)
+
+
+async def _engine_with_counts(make_config, engines, **kwargs):
+    from audit.events import Draft, Source
+
+    config = make_config(audit=FLOOD)
+    engine = await engines.open(config, **kwargs)
+    for _ in range(5):
+        await engine.record_security(Draft("auth.invalid_token", "denied",
+                                           source=Source(ip="192.0.2.9")))
+    assert engine.flood.suppressed == 2
+    return config, engine
+
+
+def _summary_counts(config) -> list[int]:
+    found = []
+    for path, col in ((config.spool_path, "json"), (config.sqlite_sink_path, "doc")):
+        conn = sqlite3.connect(path)
+        try:
+            rows = conn.execute(f"SELECT {col} FROM security_events").fetchall()
+        except sqlite3.OperationalError:
+            rows = []
+        finally:
+            conn.close()
+        found += [json.loads(r[0]) for r in rows]
+    unique = {e["event_id"]: e for e in found}.values()
+    return [e["details"]["count"] for e in unique if e["details"].get("reason") == "over_budget"]
+
+
+async def test_summaries_refused_by_a_full_spool_are_kept(make_config, engines) -> None:
+    from audit.spool import SpoolFull
+
+    config, engine = await _engine_with_counts(make_config, engines)
+    max_bytes, engine.spool.max_bytes = engine.spool.max_bytes, 0  # full, under "reject"
+    with pytest.raises(SpoolFull):
+        await engine.record_summaries()
+    engine.spool.max_bytes = max_bytes
+    assert await engine.record_summaries() == 1
+    assert _summary_counts(config) == [2]
+
+
+async def test_a_failed_summary_commit_keeps_counts_and_the_reaper(
+    make_config, engines, fake_monotonic, wait_until, monkeypatch
+) -> None:
+    from audit.engine import SUMMARY_INTERVAL
+    from audit.store import Writer
+
+    config, engine = await _engine_with_counts(
+        make_config, engines, background=True, monotonic=fake_monotonic, reaper_interval=0.01)
+    real = Writer.run_batch
+    calls = {"n": 0}
+
+    def flaky(self, jobs):
+        # The summary's whole batch fails (a COMMIT that hits an I/O error):
+        # its caller hears SpoolUnavailable.
+        if calls["n"] == 0 and any("record_summaries" in getattr(j, "__qualname__", "")
+                                   for j in jobs):
+            calls["n"] += 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(self, jobs)
+
+    monkeypatch.setattr(Writer, "run_batch", flaky)
+    fake_monotonic.advance(SUMMARY_INTERVAL)
+    await wait_until(lambda: calls["n"] == 1)
+    fake_monotonic.advance(SUMMARY_INTERVAL)
+    await wait_until(lambda: _summary_counts(config) == [2])
+    assert engine.task_failure is None and engine.ready
+
+
+async def test_a_summary_whose_caller_is_cancelled_is_recorded_once(make_config, engines) -> None:
+    config, engine = await _engine_with_counts(make_config, engines)
+    task = asyncio.create_task(engine.record_summaries())
+    await asyncio.sleep(0)  # submitted; its commit is on its way
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await engine.spool.submit(lambda w: None)  # a later batch: the summary's has committed
+    assert await engine.record_summaries() == 0
+    assert _summary_counts(config) == [2]
