@@ -99,7 +99,15 @@ async def test_the_reaper_records_summaries_every_interval(make_config, engines,
                 conn.close()
         return found
 
-    await asyncio.sleep(0.1)  # several reaper rounds, the interval not yet passed
+    rounds = {"n": 0}
+    reap_once = engine.reap_once
+
+    async def counted_reap() -> int:
+        rounds["n"] += 1
+        return await reap_once()
+
+    engine.reap_once = counted_reap
+    await wait_until(lambda: rounds["n"] >= 3)  # reaper rounds, the interval not yet passed
     assert summaries() == [] and engine.flood.suppressed == 2
     fake_monotonic.advance(SUMMARY_INTERVAL)
     rows = await wait_until(summaries)
@@ -193,13 +201,21 @@ async def test_a_failed_summary_commit_keeps_counts_and_the_reaper(
     assert engine.task_failure is None and engine.ready
 
 
-async def test_a_summary_whose_caller_is_cancelled_is_recorded_once(make_config, engines) -> None:
+async def test_a_summary_whose_caller_is_cancelled_is_recorded_once(
+    make_config, engines, wait_until
+) -> None:
+    import threading
+
     config, engine = await _engine_with_counts(make_config, engines)
+    gate = threading.Event()
+    blocker = engine.spool.submit_nowait(lambda w: gate.wait(10))  # holds the writer
     task = asyncio.create_task(engine.record_summaries())
-    await asyncio.sleep(0)  # submitted; its commit is on its way
+    await wait_until(lambda: not engine.flood._counts)  # taken and queued, not committed
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    gate.set()
+    await blocker
     await engine.spool.submit(lambda w: None)  # a later batch: the summary's has committed
     assert await engine.record_summaries() == 0
     assert _summary_counts(config) == [2]
