@@ -303,7 +303,6 @@ class Writer:
         self.clock = clock
         self.sessions: dict[str, OpenSession] = {}
         self.security_head = genesis(key, SECURITY_STREAM)
-        # Undo logs: the first snapshot of anything a job / the batch changes.
         # The undo log of the running savepoint (None outside one): the first
         # snapshot of each cached value it changes. A failed batch needs none:
         # the cache is reloaded from the committed state.
