@@ -248,6 +248,19 @@ class ReadOnlyViolation(sqlite3.ProgrammingError):
         super().__init__(f"the read-only change of {action!r} wrote to the database")
 
 
+class TransactionLost(sqlite3.OperationalError):
+    """SQLite rolled back the whole transaction under a failing job.
+
+    It may do so on SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM or SQLITE_BUSY,
+    not only the failing statement. The batch cannot go on (every later
+    ``SAVEPOINT`` would start and commit a transaction of its own): it fails
+    as a whole, and every caller of it hears that the spool could not commit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the spool's transaction was rolled back under a failing job")
+
+
 class Read:
     """The job of a read-only change and its event: ``read(conn, draft)``
     checks and reads (it must not write), then the event is appended.
@@ -425,9 +438,10 @@ class Writer:
                 self._insert_rows()
         except BaseException:
             del rows[mark:]
-            c.execute("ROLLBACK TO job")
-            c.execute("RELEASE job")
             self._restore(self._undo)
+            if c.in_transaction:  # else SQLite rolled back the whole batch (see TransactionLost)
+                c.execute("ROLLBACK TO job")
+                c.execute("RELEASE job")
             raise
         finally:
             undo, self._undo = self._undo, outer
@@ -468,6 +482,8 @@ class Writer:
                     except ReadOnlyViolation:
                         raise  # it wrote outside any savepoint: the whole batch goes
                     except Exception as exc:  # one job's failure is only its own
+                        if not c.in_transaction:
+                            raise TransactionLost() from exc
                         del rows[mark:]
                         append((False, exc))
                     else:
@@ -477,6 +493,8 @@ class Writer:
                 try:
                     value = self.atomic(partial(job, self))
                 except Exception as exc:  # one job's failure is only its own
+                    if not c.in_transaction:
+                        raise TransactionLost() from exc
                     append((False, exc))
                 else:
                     append((True, value))
@@ -609,8 +627,9 @@ class Writer:
                 (part + 1, last, s.head, cut_events, s.last_activity, s.session_id),
             )
         except BaseException:
-            c.execute("ROLLBACK TO cut")
-            c.execute("RELEASE cut")
+            if c.in_transaction:  # else SQLite rolled back the whole batch (see TransactionLost)
+                c.execute("ROLLBACK TO cut")
+                c.execute("RELEASE cut")
             raise
         c.execute("RELEASE cut")
         s.cut_events = cut_events

@@ -293,3 +293,64 @@ async def test_failing_plain_appends_leave_no_trace_in_their_batch(tmp_path, aud
         assert head.next_seq == 6 and head.head == ok[4]["hash"] and head.uncut_count == 1
     finally:
         await sp.close()
+
+
+async def test_a_transaction_lost_to_a_full_disk_fails_the_whole_batch(tmp_path, audit_key):
+    """On SQLITE_FULL (and IOERR, NOMEM) SQLite may roll back the whole
+    transaction, not only the failing statement. The jobs after it must not go
+    on outside any transaction (each SAVEPOINT would then commit on its own):
+    the batch fails as a whole, nothing of it is stored, and the cached session
+    heads are those of the committed state."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    try:
+        s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+        sid = s.session_id
+        pages = await sp.submit(lambda w: w.conn.execute("PRAGMA page_count").fetchone()[0])
+
+        def limit_disk(w: Writer) -> None:  # a disk with ~16 pages left
+            w.conn.execute(f"PRAGMA max_page_count = {pages + 16}")
+
+        await sp.submit(limit_disk, needs_space=False)
+
+        def big_document(w: Writer) -> None:
+            w.conn.execute("INSERT INTO documents VALUES ('d', 't', ?, 'u', 1, 'x', 'x')",
+                           ("x" * (1 << 20),))  # SQLITE_FULL
+
+        def small_change(w: Writer) -> dict:
+            w.conn.execute("INSERT INTO meta VALUES ('probe', 'committed?')")
+            return w.append(sid, Draft("document.create"))
+
+        jobs = [
+            Append(sid, Draft("document.list")),
+            Append(sid, Draft("document.list")),
+            big_document,
+            Append(sid, Draft("document.list")),
+            small_change,
+        ]
+        before = sp.stats.commit_failures
+        results = await asyncio.gather(*(sp.submit(j) for j in jobs), return_exceptions=True)
+        assert sp.stats.commit_failures == before + 1
+        assert all(isinstance(r, Exception) for r in results), results
+
+        def stored(c: sqlite3.Connection) -> tuple[list[int], int]:
+            seqs = [r[0] for r in c.execute("SELECT seq FROM events ORDER BY seq")]
+            probes = c.execute("SELECT COUNT(*) FROM meta WHERE key = 'probe'").fetchone()[0]
+            return seqs, probes
+
+        assert await sp.read(stored) == ([1], 0)  # nothing of the batch
+        head = sp.open_session(sid)
+        assert head is not None and head.next_seq == 2
+
+        await sp.submit(lambda w: w.conn.execute("PRAGMA max_page_count = 1073741823"),
+                        needs_space=False)
+        ev = await sp.submit(Append(sid, Draft("document.list")))
+        assert ev["seq"] == 2
+        rows = await sp.read(lambda c: c.execute(
+            "SELECT json FROM events ORDER BY seq").fetchall())
+        events = [json.loads(r[0]) for r in rows]
+        assert [e["seq"] for e in events] == [1, 2]
+        assert events[1]["hash"] == event_hash(audit_key, events[0]["hash"], events[1])
+    finally:
+        await sp.close()
