@@ -210,7 +210,7 @@ class AuditEngine:
 
     async def record(
         self, session_id: str, draft: Draft, change: Change | None = None,
-        *, read_only: bool = False,
+        *, read_only: bool = False, needs_space: bool = True,
     ) -> Any:
         """Record an event in the caller's session, atomically with ``change``.
 
@@ -219,16 +219,18 @@ class AuditEngine:
         back, the event is recorded with that outcome and reason (plus a
         security event ``access.denied`` when denied), and the error is
         raised here after the commit. With ``read_only``, ``change`` only
-        reads: it runs without savepoints (a :class:`Read` job).
+        reads: it runs without savepoints (a :class:`Read` job). Without
+        ``needs_space`` the event is taken even by a full spool: for the record
+        of an action that has already happened (a chat the provider answered).
         """
         if change is None:
             append = Append(session_id, draft)
             if self.config.audit.ack == "fast":
-                fut = self.spool.submit_nowait(append)
+                fut = self.spool.submit_nowait(append, needs_space=needs_space)
                 self._inflight.add(fut)
                 fut.add_done_callback(self._fast_done)
                 return None
-            return await self.spool.submit_nowait(append)
+            return await self.spool.submit_nowait(append, needs_space=needs_space)
 
         def changing(w: Writer) -> Any:
             w.session(session_id)  # fail before the change if the session is gone
@@ -245,7 +247,7 @@ class AuditEngine:
             return result
 
         job = Read(session_id, draft, change) if read_only else changing
-        result = await self.spool.submit(job)
+        result = await self.spool.submit(job, needs_space=needs_space)
         if isinstance(result, ActionError):
             raise result
         return result
@@ -255,10 +257,17 @@ class AuditEngine:
         if not fut.cancelled() and fut.exception() is not None:
             log.error("event not recorded (ack=fast): %s", fut.exception())
 
-    async def record_security(self, draft: Draft, session_id: str | None = None) -> None:
+    async def record_security(
+        self, draft: Draft, session_id: str | None = None, *, happened: bool = False
+    ) -> None:
         """Record a security event. One of a caller without a valid session
         (:data:`UNAUTHENTICATED`) past its client IP's budget is counted into
-        a summary event instead (:class:`FloodGuard`)."""
+        a summary event instead (:class:`FloodGuard`). An event of an action
+        that ``happened`` is never counted and is taken by a full spool."""
+        if happened:
+            await self.spool.submit(lambda w: w.append_security(draft, session_id),
+                                    needs_space=False)
+            return
         if (
             self.flood is not None
             and draft.action in UNAUTHENTICATED

@@ -9,9 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
+from audit.engine import AuditEngine
 from audit.events import Draft
 from audit.spool import SpoolFull
-from audit.store import ActionError
+from audit.store import ActionError, SessionNotOpen
 
 from .ai import AIUnavailable
 from .documents import DOC_ID_MAX, _valid_id, fetch_visible, refuse_action
@@ -67,7 +68,7 @@ async def chat(request: web.Request) -> web.Response:
         details["error"] = str(exc)[:200]
         draft.outcome = "failure"
         draft.details = {**details, "reason": "ai_unavailable"}
-        await engine.record(ctx.session_id, draft)
+        await _record_asked(engine, ctx.session_id, draft)
         raise ApiError(502, "ai_unavailable", "the AI provider is unavailable") from None
     details.update({
         "model": answer.model,
@@ -79,13 +80,31 @@ async def chat(request: web.Request) -> web.Response:
     if capture:
         details["reply_text"] = answer.reply
     draft.details = details
-    await engine.record(ctx.session_id, draft)
+    await _record_asked(engine, ctx.session_id, draft)
     return json_response({
         "reply": answer.reply,
         "model": answer.model,
         "usage": {"prompt_tokens": answer.prompt_tokens,
                   "completion_tokens": answer.completion_tokens},
     })
+
+
+async def _record_asked(engine: AuditEngine, session_id: str, draft: Draft) -> None:
+    """Record the interaction once the provider was asked: the document has
+    been sent, so the record is taken even by a full spool, and a session that
+    ended meanwhile (logout, expiry, idle timeout) does not lose it: it goes
+    to the security stream as ``auth.session_ended`` with the interaction's
+    details, and the caller gets 401 ``session_ended``."""
+    try:
+        await engine.record(session_id, draft, needs_space=False)
+    except SessionNotOpen:
+        ended = Draft(
+            "auth.session_ended", outcome="failure", target=draft.target, source=draft.source,
+            details={"reason": "session_ended_during_action", "action": draft.action,
+                     "action_outcome": draft.outcome, "action_details": draft.details},
+        )
+        await engine.record_security(ended, session_id, happened=True)
+        raise
 
 
 def _visible(conn: sqlite3.Connection, ctx: Any, doc_id: str) -> tuple[Any, ...]:

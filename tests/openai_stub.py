@@ -3,7 +3,8 @@
 ``POST /v1/chat/completions`` answers like the OpenAI API (``choices``,
 ``usage``, ``model``). The behaviour is switchable per test: ``mode`` is
 ``"ok"``, ``"error"`` (HTTP 500 with an OpenAI-style error body), ``"slow"``
-(holds the request until the stub stops, so the client times out) or
+(holds the request until the stub stops, so the client times out),
+``"held"`` (sets ``arrived``, then answers normally once ``gate`` is set) or
 ``"garbage"`` (200 with a body that is not a completion). Every request is kept
 in ``requests`` for assertions.
 """
@@ -25,6 +26,8 @@ class OpenAIStub:
         self.requests: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
         self._release = asyncio.Event()
+        self.arrived = asyncio.Event()
+        self.gate = asyncio.Event()
         self.base_url = ""
 
     async def start(self) -> str:
@@ -60,6 +63,9 @@ class OpenAIStub:
         if self.mode == "slow":
             await self._release.wait()
             return web.json_response({})
+        if self.mode == "held":
+            self.arrived.set()
+            await self.gate.wait()
         if self.mode == "garbage":
             return web.json_response({"unexpected": True})
         messages = body.get("messages") or []

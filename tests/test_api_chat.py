@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -11,6 +12,8 @@ from typing import Any
 import pytest
 from api_fixtures import Api, MakeApi, api, expect_error, make_api
 from openai_stub import OpenAIStub
+
+from handlers.keys import AI
 
 __all__ = ["api", "make_api"]
 
@@ -194,3 +197,83 @@ async def test_full_spool_means_the_provider_is_not_asked(
                                  json={"message": "What water is used?"}, headers=alice.headers)
     await expect_error(resp, 503, "audit_unavailable")
     assert stub.requests == []
+
+
+def _openai(stub: OpenAIStub) -> dict[str, Any]:
+    return {"provider": "openai", "openai": {
+        "base_url": stub.base_url, "model": "stub-model-1",
+        "api_key_env": "TEST_OPENAI_KEY", "timeout_seconds": 10.0}}
+
+
+async def test_session_ended_while_the_provider_answers_keeps_the_record(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The document went to the provider: if the session ends meanwhile
+    (here a logout), the interaction is still recorded, in the security stream."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    api = await make_api(ai=_openai(stub))
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="Reactor", content=DOC)
+    stub.mode = "held"
+    question = "What water is used?"
+    chat = asyncio.ensure_future(api.client.post(
+        f"/documents/{doc['id']}/chat", json={"message": question}, headers=alice.headers))
+    await asyncio.wait_for(stub.arrived.wait(), 10)
+    resp = await api.client.post("/logout", headers=alice.headers)
+    assert resp.status == 200
+    stub.gate.set()
+    await expect_error(await chat, 401, "session_ended")
+    assert await _ai_events(api, alice.session_id) == []  # the session was sealed before
+    (ev,) = await api.wait_security("auth.session_ended")
+    assert ev["session_id"] == alice.session_id and ev["actor"]["user"] == "alice"
+    assert ev["target"] == {"type": "document", "id": doc["id"]}
+    d = ev["details"]
+    assert (d["reason"], d["action"], d["action_outcome"]) == (
+        "session_ended_during_action", "ai.interaction", "success")
+    assert d["action_details"]["prompt"]["sha256"] == sha(question)
+    assert d["action_details"]["model"] == "stub-model-1"
+    assert "reply" in d["action_details"]
+
+
+async def test_spool_full_while_the_provider_answers_keeps_the_record(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider was asked while the spool had room; it filled up before the
+    answer: the interaction's record is taken anyway (the action happened)."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    api = await make_api(audit={"spool_max_bytes": 200_000}, ai=_openai(stub))
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="Reactor", content=DOC)
+    stub.mode = "held"
+    chat = asyncio.ensure_future(api.client.post(
+        f"/documents/{doc['id']}/chat", json={"message": "Which water?"}, headers=alice.headers))
+    await asyncio.wait_for(stub.arrived.wait(), 10)
+    batch = [{"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(100)]
+    while not api.engine.spool.full:
+        resp = await api.client.post("/audit/events", json=batch, headers=alice.headers)
+        assert resp.status in (202, 503)
+    stub.gate.set()
+    resp = await chat
+    assert resp.status == 200, await resp.text()
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["outcome"] == "success" and ev["details"]["model"] == "stub-model-1"
+
+
+async def test_a_long_extractive_chat_does_not_hold_up_other_requests(api: Api) -> None:
+    """Scoring a 1 MiB document of short sentences takes a while: it runs off
+    the event loop, so a request sent after it starts is answered before it ends."""
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="Long", content="a b. " * (200 * 1024))
+    chat = asyncio.ensure_future(api.client.post(
+        f"/documents/{doc['id']}/chat", json={"message": "b?"}, headers=alice.headers))
+    order: list[str] = []
+    chat.add_done_callback(lambda _: order.append("chat"))
+    provider = api.app[AI]
+    while provider.busy == 0:  # until the scoring has started
+        assert not chat.done(), await chat.result().text()
+        await asyncio.sleep(0.002)
+    resp = await api.client.get("/healthz")
+    assert resp.status == 200
+    order.append("healthz")
+    assert (await chat).status == 200
+    assert order == ["healthz", "chat"]
