@@ -23,10 +23,13 @@ from audit.middleware import anonymous_source
 
 from .errors import ApiError, bad_request, json_response
 from .keys import ACCOUNTS, CONFIG, CTX, ENGINE, TOKENS
-from .requests import audited_input, read_json
+from .requests import audited_input, read_json, too_large
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MAX_PASSWORD_CHARS = 1024
+# Login and logout bodies hold a few short strings: 64 KiB is ample, and keeps
+# an anonymous client from having 8 MiB parsed on the event loop per request.
+LOGIN_BODY_MAX = 64 * 1024
 PREFIX = "bcrypt-sha256$"
 ROLES = ("user", "admin")
 
@@ -195,6 +198,8 @@ THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 
 
 async def _credentials(request: web.Request) -> tuple[str, str]:
+    if request.content_length is not None and request.content_length > LOGIN_BODY_MAX:
+        raise too_large()  # before reading a byte: anybody may post here
     ctype = request.content_type
     if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
         try:
@@ -205,7 +210,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
             raise bad_request("the form body is malformed") from None
         data: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
     else:
-        data = await read_json(request)
+        data = await read_json(request, limit=LOGIN_BODY_MAX)
         if not isinstance(data, dict):
             raise bad_request("the body must be an object with username and password")
     username, password = data.get("username"), data.get("password")
@@ -273,7 +278,7 @@ async def logout(request: web.Request) -> web.Response:
     if request.can_read_body:
         # A refused body is an attempt too: recorded, and the session stays open.
         body = await audited_input(request, Draft("session.end", source=ctx.source()),
-                                   _logout_body, allow_empty=True)
+                                   _logout_body, allow_empty=True, limit=LOGIN_BODY_MAX)
     claimed = body.get("session_id") if body is not None else None
     if claimed is not None and (
         not isinstance(claimed, str)

@@ -21,6 +21,7 @@ from .keys import AI, CONFIG, CTX, ENGINE
 from .requests import audited_input, json_object
 
 MESSAGE_MAX_BYTES = 16 * 1024
+CHAT_BODY_MAX = 256 * 1024  # a 16 KiB message, with room for JSON escapes
 
 
 def _digest(text: str) -> dict[str, Any]:
@@ -47,7 +48,7 @@ async def chat(request: web.Request) -> web.Response:
     doc_id = request.match_info["doc_id"]
     draft = Draft("ai.interaction", target={"type": "document", "id": doc_id[:DOC_ID_MAX * 2]},
                   source=ctx.source())
-    message = await audited_input(request, draft, _message)
+    message = await audited_input(request, draft, _message, limit=CHAT_BODY_MAX)
     try:
         row = await engine.spool.read(lambda c: _visible(c, ctx, doc_id))
     except ActionError as err:

@@ -22,6 +22,8 @@ from .requests import audited_input
 ACTION_RE = re.compile(r"^client\.[a-z0-9_.:-]{1,64}$")
 MAX_EVENTS = 100
 MAX_DETAILS_BYTES = 4096
+# 100 events of 4 KiB of details, with room for JSON escapes.
+EVENTS_BODY_MAX = 4 * 1024 * 1024
 MAX_TARGET_CHARS = 128
 # What a refused POST /audit/events records (outcome "failure", with the
 # error's code): a name in the client.* namespace of API.md.
@@ -69,7 +71,8 @@ async def post_events(request: web.Request) -> web.Response:
     ctx = request[CTX]
     engine = request.app[ENGINE]
     # Refused whole, none of them recorded; the attempt itself is.
-    parsed = await audited_input(request, Draft(REJECTED, source=ctx.source()), _parse)
+    parsed = await audited_input(request, Draft(REJECTED, source=ctx.source()), _parse,
+                                 limit=EVENTS_BODY_MAX)
     drafts = [Draft(a, target=t, details=d, source=ctx.source()) for a, t, d in parsed]
     sid = ctx.session_id
 

@@ -19,15 +19,36 @@ T = TypeVar("T")
 CLIENT_MAX_SIZE = 8 * 1024 * 1024
 
 
-async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
-    """The body as JSON; 400 ``invalid_json`` if it is not JSON (or not UTF-8).
+def too_large() -> ApiError:
+    return ApiError(413, "too_large", "the request body is too large")
+
+
+async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes:
+    """The body, refused with 413 ``too_large`` past ``limit`` bytes: by its
+    ``Content-Length`` before reading anything, else as soon as it is over."""
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large()
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise too_large()
+    return bytes(body)
+
+
+async def read_json(
+    request: web.Request, *, allow_empty: bool = False, limit: int = CLIENT_MAX_SIZE
+) -> Any:
+    """The body as JSON; 400 ``invalid_json`` if it is not JSON (or not UTF-8),
+    413 ``too_large`` past ``limit`` bytes (each route's own: JSON parsing runs
+    on the event loop).
 
     Strings must be valid Unicode: lone surrogates (``"\\ud800"``) are refused
     with ``invalid_request`` rather than failing later when stored; so are
     numbers too large to be finite (``1e400``), which the audit trail's
     canonical JSON cannot carry.
     """
-    raw = await request.read()
+    raw = await read_body(request, limit)
     if not raw.strip():
         if allow_empty:
             return None
@@ -59,18 +80,16 @@ def json_object(value: Any) -> dict[str, Any]:
 
 
 async def audited_input(
-    request: web.Request, draft: Draft, parse: Callable[[Any], T], *, allow_empty: bool = False
+    request: web.Request, draft: Draft, parse: Callable[[Any], T], *,
+    allow_empty: bool = False, limit: int = CLIENT_MAX_SIZE,
 ) -> T:
     """The parsed body; bad input is recorded as a failed attempt (``draft``
     with outcome ``failure`` and ``details.reason`` the error code), then
     refused with that error."""
     try:
-        return parse(await read_json(request, allow_empty=allow_empty))
+        return parse(await read_json(request, allow_empty=allow_empty, limit=limit))
     except ApiError as err:
         raise await refuse(request, draft, err) from None
-    except web.HTTPRequestEntityTooLarge:
-        raise await refuse(request, draft,
-                           ApiError(413, "too_large", "the request body is too large")) from None
 
 
 async def refuse(request: web.Request, draft: Draft, error: ApiError) -> ApiError:

@@ -268,6 +268,59 @@ async def test_huge_bodies_are_413_and_recorded(api: Api) -> None:
     assert status == 400
 
 
+
+def _chunked(data: bytes, size: int = 16 * 1024) -> Any:
+    """A body sent with chunked transfer encoding (no Content-Length)."""
+    async def gen() -> Any:
+        for i in range(0, len(data), size):
+            yield data[i : i + size]
+    return gen()
+
+
+async def test_each_route_has_its_own_body_limit(api: Api) -> None:
+    """Bodies are parsed on the event loop: login and logout (a few strings)
+    stop at 64 KiB, chat at 256 KiB, client events at 4 MiB, documents at 8 MiB
+    -- by Content-Length before reading, or once a chunked body is over."""
+    alice = await api.login("alice")
+    doc = await _doc(api, alice)
+    pad = "x" * (100 * 1024)
+    login = json.dumps({"username": "alice", "password": PASSWORD, "pad": pad}).encode()
+    for data in (io.BytesIO(login), _chunked(login)):
+        _, status, body = await api.send("POST", "/token", data=data,
+                                         headers={"Content-Type": "application/json"})
+        assert status == 413 and body is not None and body["error"]["code"] == "too_large"
+    form = f"username=alice&password={PASSWORD}&pad={pad}".encode()
+    _, status, _ = await api.send("POST", "/token", data=io.BytesIO(form), headers={
+        "Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 413
+    # Just under the limit, a login is still a login.
+    small = json.dumps({"username": "alice", "password": PASSWORD,
+                        "grant_type": "password"}).encode()
+    _, status, _ = await api.send("POST", "/token", data=_chunked(small, 7),
+                                  headers={"Content-Type": "application/json"})
+    assert status == 200
+    cases = [
+        ("POST", "/logout", {"pad": pad}, "session.end"),
+        ("POST", f"/documents/{doc}/chat", {"message": "hi", "pad": "x" * (300 * 1024)},
+         "ai.interaction"),
+        ("POST", "/audit/events", [{"action": "client.x", "details": {"p": "x" * 4000}}] * 1100,
+         "client.rejected"),
+    ]
+    for method, path, obj, action in cases:
+        raw = json.dumps(obj).encode()
+        for data in (io.BytesIO(raw), _chunked(raw)):
+            rid, status, body = await api.send(method, path, token=alice, data=data,
+                                               headers={"Content-Type": "application/json"})
+            assert status == 413 and body is not None, (path, status, body)
+            assert body["error"]["code"] == "too_large"
+            e = await api.recorded(rid, action, outcome="failure",
+                                   session_id=alice["session_id"])
+            assert e["details"]["reason"] == "too_large"
+    # The session is still open: a refused logout body ends nothing.
+    _, status, _ = await api.send("GET", "/me", token=alice)
+    assert status == 200
+
+
 ODD_TEXT = [
     "NUL \u0000 inside",
     "\u202eright-to-left override\u202c and \u200f mark",
