@@ -30,7 +30,7 @@ from audit import queries
 from audit.config import Config, ConfigError, load_config
 from audit.engine import AuditEngine
 from audit.middleware import PUBLIC, session_middleware
-from audit.spool import connect
+from audit.spool import app_bytes, connect, used_bytes
 from audit.store import SCHEMA, migrate
 from audit.tokens import MIN_KEY_BYTES, TokenService
 from audit.verify import verify_sink
@@ -292,9 +292,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     conn = connect(config.spool_path, config.audit.synchronous, readonly=True)
     try:
         out = queries.counts(conn, time.time())
-        pages, free, size = (conn.execute(f"PRAGMA {p}").fetchone()[0]
-                             for p in ("page_count", "freelist_count", "page_size"))
-        out["spool_bytes"] = (pages - free) * size
+        out["spool_bytes"] = max(0, used_bytes(conn) - app_bytes(conn))
         row = conn.execute("SELECT value FROM meta WHERE key = 'sink_status'").fetchone()
         out["sink"] = json.loads(row[0]) if row else {"type": config.sink.type}
     finally:

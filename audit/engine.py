@@ -247,7 +247,11 @@ class AuditEngine:
             return result
 
         job = Read(session_id, draft, change) if read_only else changing
-        result = await self.spool.submit(job, needs_space=needs_space)
+        try:
+            result = await self.spool.submit(job, needs_space=needs_space)
+        finally:
+            if not read_only:  # documents may have changed: measure them again soon
+                self.spool.app_changed = True
         if isinstance(result, ActionError):
             raise result
         return result
@@ -360,6 +364,7 @@ class AuditEngine:
             try:
                 await self.reap_once()
                 await self._save_sink_status()
+                await self.spool.measure_app_bytes()
                 if self.monotonic() - self._summarised_at >= SUMMARY_INTERVAL:
                     self._summarised_at = self.monotonic()
                     await self.record_summaries()

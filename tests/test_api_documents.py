@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 from api_fixtures import EVENT_KEYS, TS_RE, Api, Login, api, expect_error, make_api
+from waiting import wait_for
+
+import audit.spool as spool_module
 
 __all__ = ["api", "make_api"]
 
@@ -329,3 +332,34 @@ async def test_odd_ids_are_not_found_never_500(api: Api, doc_id: str) -> None:
         assert set(ev) == EVENT_KEYS
         if ev["target"] is not None:
             assert len(ev["target"]["id"]) <= 128
+
+
+async def test_documents_do_not_count_toward_spool_max_bytes(
+    make_api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spool_max_bytes bounds the audit data waiting for the sink. Documents
+    share the file but not the budget: documents larger than the limit must not
+    leave the spool full for good (no login, no delete, /readyz 503)."""
+    monkeypatch.setattr(spool_module, "APP_BYTES_INTERVAL", 0.0)
+    api = await make_api(audit={"spool_max_bytes": 300_000, "on_spool_full": "reject"})
+    spool = api.engine.spool
+    alice = await api.user("alice")
+    docs = []
+    for i in range(6):  # 600 KB of documents, twice the limit
+        docs.append(await api.create_doc(alice, title=f"d{i}", content="x" * 100_000))
+        await wait_for(lambda: not spool.app_changed, message="the reaper measured the docs")
+    assert spool.app_bytes >= 600_000
+    assert spool.spool_bytes < 300_000 and spool.accepting
+    assert (await api.client.get("/readyz")).status == 200
+    bob = await api.user("bob")  # a login still works
+    resp = await api.client.get(f"/documents/{docs[0]['id']}", headers=bob.headers)
+    await expect_error(resp, 404, "not_found")
+    resp = await api.client.delete(f"/documents/{docs[0]['id']}", headers=alice.headers)
+    assert resp.status == 204
+    # The audit data itself still counts: filling it refuses audited actions.
+    batch = [{"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(20)]
+    while not spool.full:
+        resp = await api.client.post("/audit/events", json=batch, headers=alice.headers)
+        assert resp.status in (202, 503)
+    resp = await api.client.get(f"/documents/{docs[1]['id']}", headers=alice.headers)
+    await expect_error(resp, 503, "audit_unavailable")
