@@ -7,6 +7,8 @@ Reading the audit API is itself audited (``audit.query``).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -35,27 +37,45 @@ _SLACK = 32
 _MAX_PAGES = 20
 
 
-async def _authorise(request: web.Request, query: dict[str, Any]) -> None:
-    """403 + ``admin.denied`` for non-admins; ``audit.query`` for admins."""
-    ctx = request[CTX]
-    engine = request.app[ENGINE]
-    details = {"endpoint": request.path[:256], "query": query}
-    if not ctx.is_admin:
-        await engine.record_security(
-            Draft("admin.denied", outcome="denied", details={**details, "reason": "not_admin"},
-                  source=ctx.source()),
-            ctx.session_id,
-        )
-        raise ApiError(403, "forbidden", "this endpoint needs the admin role")
-    await engine.record(ctx.session_id, Draft("audit.query", details=details,
-                                              source=ctx.source()))
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-async def _admins_only(request: web.Request) -> None:
-    """Refuse a non-admin before looking at the query, so that bad parameters
-    never turn their 403 + ``admin.denied`` into an unrecorded 400."""
-    if not request[CTX].is_admin:
-        await _authorise(request, {k: v[:200] for k, v in list(request.query.items())[:20]})
+def audited(handler: Handler) -> Handler:
+    """Every call is recorded as ``audit.query`` in the caller's session, with
+    its outcome, before the answer leaves: ``success``; ``failure`` with
+    ``details.reason`` the error code (bad parameters, not found, sink
+    unavailable); ``denied`` for a non-admin (403 ``forbidden``, checked
+    before anything else), who also gets the security event ``admin.denied``.
+    """
+
+    @functools.wraps(handler)
+    async def run(request: web.Request) -> web.Response:
+        ctx = request[CTX]
+        engine = request.app[ENGINE]
+        query = {k[:64]: v[:200] for k, v in list(request.query.items())[:20]}
+        details: dict[str, Any] = {"endpoint": request.path[:256], "query": query}
+        draft = Draft("audit.query", details=details, source=ctx.source())
+        if not ctx.is_admin:
+            draft.outcome = "denied"
+            draft.details = {**details, "reason": "not_admin"}
+            await engine.record(ctx.session_id, draft)
+            await engine.record_security(
+                Draft("admin.denied", outcome="denied", details=draft.details,
+                      source=ctx.source()),
+                ctx.session_id,
+            )
+            raise ApiError(403, "forbidden", "this endpoint needs the admin role")
+        try:
+            resp = await handler(request)
+        except ApiError as err:
+            draft.outcome = "failure"
+            draft.details = {**details, "reason": err.code}
+            await engine.record(ctx.session_id, draft)
+            raise
+        await engine.record(ctx.session_id, draft)
+        return resp
+
+    return run
 
 
 def _time_param(request: web.Request, name: str) -> tuple[str | None, float | None]:
@@ -100,16 +120,15 @@ def _cursor(request: web.Request) -> tuple[str, str] | None:
     return ts, key
 
 
-def _params(request: web.Request, allowed: set[str]) -> dict[str, str]:
+def _params(request: web.Request, allowed: set[str]) -> None:
     unknown = set(request.query) - allowed
     if unknown:
         raise bad_request(f"unknown parameters: {', '.join(sorted(unknown))[:200]}")
-    return {k: v[:200] for k, v in request.query.items()}
 
 
+@audited
 async def list_sessions(request: web.Request) -> web.Response:
-    await _admins_only(request)
-    params = _params(request, {"user", "since", "until", "state", "limit", "cursor"})
+    _params(request, {"user", "since", "until", "state", "limit", "cursor"})
     window = (*_time_param(request, "since"), *_time_param(request, "until"))
     limit = _limit(request)
     cursor = _cursor(request)
@@ -117,7 +136,6 @@ async def list_sessions(request: web.Request) -> web.Response:
     if state is not None and state not in STATES:
         raise bad_request("state must be open, pending or stored")
     user = request.query.get("user") or None
-    await _authorise(request, params)
     engine = request.app[ENGINE]
     # Where the next page starts: after the last session listed or, when a
     # filtered request stops early, after the last session it looked at.
@@ -210,9 +228,9 @@ async def _merged_page(
     return ordered[:limit], len(ordered) > limit or spool_more or sink_more
 
 
+@audited
 async def get_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
-    await _authorise(request, {"session_id": sid[:64]})
     engine = request.app[ENGINE]
     spooled = await engine.spool.read(lambda c: queries.get_session(c, sid))
     parts: list[Doc] = []
@@ -241,14 +259,13 @@ async def get_session(request: web.Request) -> web.Response:
     return json_response(summary)
 
 
+@audited
 async def security_events(request: web.Request) -> web.Response:
-    await _admins_only(request)
-    params = _params(request, {"since", "kind", "limit", "cursor"})
+    _params(request, {"since", "kind", "limit", "cursor"})
     since, since_ts = _time_param(request, "since")
     limit = _limit(request)
     cursor = _cursor(request)
     kind = request.query.get("kind") or None
-    await _authorise(request, params)
     engine = request.app[ENGINE]
     before = parse_ts(cursor[0]) + 0.001 if cursor else None
     spooled = await engine.spool.read(
@@ -280,12 +297,12 @@ async def security_events(request: web.Request) -> web.Response:
     return json_response({"events": page, "next_cursor": next_cursor})
 
 
+@audited
 async def status(request: web.Request) -> web.Response:
-    await _authorise(request, {})
     return json_response(await request.app[ENGINE].status())
 
 
+@audited
 async def flush(request: web.Request) -> web.Response:
-    await _authorise(request, {})
     request.app[ENGINE].flusher.wake()
     return json_response({"message": "flush requested"}, status=202)

@@ -58,7 +58,34 @@ async def test_non_admin_is_forbidden_and_recorded(api: Api, method: str, path: 
     assert ev["outcome"] == "denied" and ev["request_id"] == "peek"
     assert ev["details"]["reason"] == "not_admin"
     assert ev["details"]["endpoint"] == path
-    assert "audit.query" not in await api.actions(alice.session_id)
+    # An attempted audited action: its event too, with outcome denied (API.md,
+    # "What gets recorded"), as for a document of somebody else.
+    (q,) = [e for e in await api.events(alice.session_id) if e["action"] == "audit.query"]
+    assert (q["outcome"], q["details"]["reason"], q["request_id"]) == ("denied", "not_admin",
+                                                                         "peek")
+
+
+async def test_audit_query_records_the_outcome_of_the_query(api: Api) -> None:
+    """audit.query is recorded once the answer is known: a 404 or a 400 is a
+    failure with the error code as reason, not a success."""
+    admin = await api.admin()
+    cases = [
+        ("/audit/sessions/" + "0" * 32, 404, "not_found"),
+        ("/audit/sessions?limit=0", 400, "invalid_request"),
+        ("/audit/sessions?state=bogus", 400, "invalid_request"),
+        ("/audit/security-events?bogus=1", 400, "invalid_request"),
+        ("/audit/sessions?limit=2", 200, None),
+    ]
+    for i, (path, status, code) in enumerate(cases):
+        rid = f"q{i}"
+        resp = await api.client.get(path, headers={**admin.headers, "X-Request-ID": rid})
+        assert resp.status == status, (path, await resp.text())
+        (ev,) = [e for e in await api.events(admin.session_id)
+                 if e["action"] == "audit.query" and e["request_id"] == rid]
+        if code is None:
+            assert ev["outcome"] == "success" and "reason" not in ev["details"]
+        else:
+            assert (ev["outcome"], ev["details"]["reason"]) == ("failure", code), path
 
 
 @pytest.mark.parametrize(("method", "path"), ADMIN_ENDPOINTS)
