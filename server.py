@@ -87,8 +87,13 @@ def load_secret(env: str, path: Path) -> bytes:
 def ensure_data_dir(config: Config) -> None:
     """The data directory holds keys, hashes and the audit trail: owner only."""
     path = config.data_dir
-    if not path.exists():
-        path.mkdir(mode=0o700, parents=True)
+    try:
+        if not path.exists():
+            path.mkdir(mode=0o700, parents=True)
+    except OSError as exc:
+        raise StartupError(f"server.data_dir: cannot create {path}: {exc.strerror}") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise StartupError(f"server.data_dir: {path} is not a writable directory")
 
 
 def jwt_key(config: Config) -> bytes:
@@ -106,6 +111,10 @@ async def _ensure_admin(app: web.Application) -> None:
     accounts = app[ACCOUNTS]
     if await accounts.has_admin():
         return
+    if await accounts.exists("admin"):
+        raise StartupError(
+            "no user has the admin role, and the name 'admin' belongs to a user without it:"
+            " add an admin with `server.py adduser NAME --admin`")
     password = os.environ.get(ADMIN_PASSWORD_ENV)
     if password:
         await accounts.create("admin", password, "admin")
@@ -236,15 +245,19 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     app = create_app(config)
     log.info("serving on http://%s:%d with the %s sink", config.server.host,
              config.server.port, config.sink.type)
-    web.run_app(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        loop=uvloop.new_event_loop(),
-        access_log_format='%a "%r" %s %b %Tf',
-        print=None,
-        shutdown_timeout=10.0,
-    )
+    try:
+        web.run_app(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            loop=uvloop.new_event_loop(),
+            access_log_format='%a "%r" %s %b %Tf',
+            print=None,
+            shutdown_timeout=10.0,
+        )
+    except OSError as exc:  # the listening socket: a bad host, a port in use
+        raise StartupError(f"server.host / server.port: cannot listen on"
+                           f" {config.server.host}:{config.server.port}: {exc}") from None
     return 0
 
 
@@ -370,8 +383,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="config file (default: $SESSION_AUDIT_CONFIG"
-                        " or ./config.toml)")
+    # SUPPRESS: a --config given before the command is not overwritten by
+    # the command's default.
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="config file (default: $SESSION_AUDIT_CONFIG or ./config.toml)")
     sub.add_parser("serve", parents=[common], help="serve the API (default)")
     add = sub.add_parser("adduser", parents=[common], help="add a user")
     add.add_argument("name")

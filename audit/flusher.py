@@ -57,6 +57,10 @@ class Flusher:
         self.clock = clock
         self.bucket = TokenBucket(config.max_writes_per_second, config.burst, clock)
         self.backoff = Backoff(config.backoff_base_seconds, config.backoff_max_seconds, clock)
+        # The spool failing (disk full) backs off on its own: a part the sink
+        # took but the spool could not mark stored is sent again on each retry.
+        self.spool_backoff = Backoff(max(config.backoff_base_seconds, 0.1),
+                                     config.backoff_max_seconds, clock)
         self.sink_open = False
         self.healthy = True
         self.last_error: str | None = None
@@ -88,8 +92,10 @@ class Flusher:
             except (SpoolUnavailable, sqlite3.Error, OSError) as exc:
                 # The spool could not read or commit (disk full, I/O error):
                 # that may pass, and what was being flushed is still pending.
-                log.error("flusher: the spool failed: %s; retrying", exc)
-                delay = max(self.backoff.base, 0.1)
+                delay = self.spool_backoff.failed()
+                log.error("flusher: the spool failed: %s; retrying in %.1fs", exc, delay)
+            else:
+                self.spool_backoff.succeeded()
             if delay is None:  # nothing pending: sleep until woken
                 self._idle.set()
                 await self._wait(None)

@@ -105,6 +105,12 @@ class Accounts:
 
         await self.engine.spool.submit(insert, needs_space=False)
 
+    async def exists(self, username: str) -> bool:
+        row = await self.engine.spool.read(
+            lambda c: c.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone()
+        )
+        return row is not None
+
     async def has_admin(self) -> bool:
         row = await self.engine.spool.read(
             lambda c: c.execute("SELECT 1 FROM users WHERE role = 'admin' LIMIT 1").fetchone()
@@ -259,7 +265,7 @@ async def login(request: web.Request) -> web.Response:
     return json_response({
         "access_token": token,
         "token_type": "bearer",
-        "expires_in": int(session.expires_at - time.time()),
+        "expires_in": round(session.expires_at - time.time()),
         "session_id": session.session_id,
     })
 

@@ -437,3 +437,41 @@ async def test_config_errors_name_the_key(tmp_path: Path) -> None:
     config = write_config(tmp_path, port, flush={"burst": 0})
     r = await acli(config, "status")
     assert r.returncode == 2 and "flush.burst" in r.stderr
+
+
+async def test_startup_problems_are_one_clear_line(tmp_path: Path) -> None:
+    """A data directory that cannot be created, a port in use, a user called
+    admin without the role: exit 2 with a message naming the cause, no traceback."""
+    port = free_port()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = write_config(tmp_path, port, server={"data_dir": str(blocker / "data")})
+    r = await acli(config, "serve")
+    assert r.returncode == 2 and "server.data_dir" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = write_config(tmp_path, taken.getsockname()[1])
+        r = await acli(config, "serve")
+    assert r.returncode == 2 and "server.port" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_config(other, port)
+    r = await acli(config, "adduser", "admin", "--password-stdin", stdin="some-password-1\n")
+    assert r.returncode == 0, r.stderr
+    r = await acli(config, "serve")
+    assert r.returncode == 2 and "adduser NAME --admin" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+async def test_config_before_the_command_is_used(tmp_path: Path) -> None:
+    """``server.py --config F status`` reads F, like ``server.py status --config F``."""
+    config = write_config(tmp_path, free_port(), server={"data_dir": str(tmp_path / "here")})
+    r = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "server.py", "--config", str(config), "status"],
+        cwd=REPO, env=server_env(), capture_output=True, text=True, timeout=60)
+    assert str(tmp_path / "here") in r.stdout, (r.stdout, r.stderr)

@@ -85,3 +85,36 @@ async def test_drain_beside_a_running_flusher_writes_each_part_once(make_config,
     ]
     ids = [d["_id"] for d in lines if d["type"] == "session_part"]
     assert ids == [f"{s.session_id}:0"]
+
+
+async def test_spool_failures_back_off_exponentially_and_reset(
+    make_config, engines, wait_until, monkeypatch
+):
+    """A part the sink took but the spool could not mark stored is sent again at
+    every retry: those retries back off exponentially (the sink write that
+    succeeded in between does not reset the spool's backoff), and a step that
+    goes through resets it."""
+    config = make_config(flush={"backoff_base_seconds": 0.001, "backoff_max_seconds": 0.01})
+    engine = await engines.open(config, background=True)
+    src = Source(user="alice", role="user")
+    real = Writer.mark_part_stored
+    seen: list[int] = []
+
+    def flaky(self, session_id, part, keep_seconds):
+        if len(seen) < 4:
+            seen.append(engine.flusher.spool_backoff.attempt)
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, session_id, part, keep_seconds)
+
+    monkeypatch.setattr(Writer, "mark_part_stored", flaky)
+    s = await engine.start_session("alice", "user", src, 3600)
+    await engine.end_session(s.session_id, src)
+
+    async def flushed() -> bool:
+        c = await engine.spool.read(lambda conn: queries.counts(conn, 0))
+        return c["pending_parts"] == 0
+
+    await wait_until(flushed, timeout=5, message="the part to be marked stored")
+    assert seen == [0, 1, 2, 3]  # one more doubling at each failure in a row
+    await wait_until(lambda: engine.flusher.spool_backoff.attempt == 0, timeout=5,
+                     message="the backoff to reset")
