@@ -77,9 +77,15 @@ def counts(conn: sqlite3.Connection, now: float) -> Row:
     pending_parts, oldest_part = conn.execute(
         "SELECT COUNT(*), MIN(created_ts) FROM parts WHERE state = 'pending'"
     ).fetchone()
-    pending_sec, oldest_sec = conn.execute(
-        "SELECT COUNT(*), MIN(ts) FROM security_events WHERE state = 'pending'"
+    # The oldest pending security event is the first by id (ids grow with
+    # time): one step down the (state, id) index. MIN(ts) read every row.
+    pending_sec = conn.execute(
+        "SELECT COUNT(*) FROM security_events WHERE state = 'pending'"
+    ).fetchone()[0]
+    first = conn.execute(
+        "SELECT ts FROM security_events WHERE state = 'pending' ORDER BY id LIMIT 1"
     ).fetchone()
+    oldest_sec = first[0] if first else None
     dead_parts = conn.execute("SELECT COUNT(*) FROM parts WHERE state = 'dead'").fetchone()[0]
     dead_sec = conn.execute(
         "SELECT COUNT(*) FROM security_events WHERE state = 'dead'"
