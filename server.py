@@ -29,7 +29,7 @@ from aiohttp.typedefs import Middleware
 from audit import queries
 from audit.config import Config, ConfigError, load_config
 from audit.engine import AuditEngine
-from audit.middleware import PUBLIC, session_middleware
+from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
 from audit.spool import app_bytes, connect, used_bytes
 from audit.store import SCHEMA, migrate
 from audit.tokens import MIN_KEY_BYTES, TokenService
@@ -199,6 +199,7 @@ def create_app(
                                   config.auth.login_window_seconds)
     app[REGISTRY], app[REQUESTS] = new_registry()
     app[PUBLIC] = routes.PUBLIC_ROUTES
+    app[TRUSTED_PROXIES] = config.server.proxy_networks()
     app[AI] = create_provider(config, app)
     app.middlewares.extend(
         [_metrics_middleware(app), error_middleware, session_middleware(engine, tokens)]

@@ -8,6 +8,7 @@ operator can fix the file without reading code.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -26,6 +27,14 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: str = "data"
+    # Behind a load balancer: its addresses (comma-separated IPs or CIDR
+    # ranges). A request from one of them is attributed to the rightmost
+    # address of X-Forwarded-For that is not a trusted proxy. Empty: the
+    # connection's address, X-Forwarded-For ignored.
+    trusted_proxies: str = ""
+
+    def proxy_networks(self) -> tuple[IPNetwork, ...]:
+        return parse_networks(self.trusted_proxies)
 
 
 @dataclass(frozen=True)
@@ -218,7 +227,20 @@ def _build(cls: type[Any], data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """``"10.0.0.0/8, 192.0.2.1"`` -> networks; ValueError on a bad entry."""
+    return tuple(ipaddress.ip_network(p.strip(), strict=False)
+                 for p in text.split(",") if p.strip())
+
+
 def _validate(config: Config) -> None:
+    try:
+        config.server.proxy_networks()
+    except ValueError as exc:
+        raise ConfigError(f"server.trusted_proxies: {exc}") from None
     if config.flush.backoff_max_seconds < config.flush.backoff_base_seconds:
         raise ConfigError("flush.backoff_max_seconds: must not be below backoff_base_seconds")
     if config.sink.type == "http":

@@ -11,8 +11,10 @@ summary event (``AuditEngine.record_security``).
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -60,8 +62,38 @@ CTX = web.RequestKey("ctx", RequestContext)
 PUBLIC = web.AppKey("public_routes", frozenset)
 
 
+TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple)
+
+
 def client_ip(request: web.Request) -> str | None:
-    return request.remote
+    """The connection's address; behind a trusted proxy (``server.trusted_proxies``)
+    the rightmost X-Forwarded-For address that is not itself a trusted proxy.
+    Addresses left of it are the client's to invent and are ignored; so is a
+    malformed one (the last trusted hop is used then)."""
+    remote = request.remote
+    proxies = request.app.get(TRUSTED_PROXIES, ())
+    if not proxies or remote is None or not _trusted(remote, proxies):
+        return remote
+    hops = [h.strip() for line in request.headers.getall("X-Forwarded-For", ())
+            for h in line.split(",")]
+    client = remote
+    for hop in reversed(hops):
+        try:
+            addr = ipaddress.ip_address(hop.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            break
+        client = str(addr)
+        if not any(addr in net for net in proxies):
+            break
+    return client
+
+
+def _trusted(remote: str, proxies: tuple[Any, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(remote)
+    except ValueError:
+        return False
+    return any(addr in net for net in proxies)
 
 
 def anonymous_source(request: web.Request) -> Source:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from audit.engine import AuditEngine
 from audit.events import Draft, format_ts
-from audit.middleware import anonymous_source
+from audit.middleware import anonymous_source, client_ip
 
 from .errors import ApiError, bad_request, json_response
 from .keys import ACCOUNTS, CONFIG, CTX, ENGINE, TOKENS
@@ -235,7 +235,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
 async def login(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     username, password = await _credentials(request)
-    ip = request.remote or "-"
+    ip = client_ip(request) or "-"
     throttle = request.app[THROTTLE]
     src = anonymous_source(request)
     attempted = {"username": username[:64]}

@@ -83,8 +83,10 @@ class Api:
                        password: str = USER_PASSWORD) -> None:
         await self.app[ACCOUNTS].create(name, password, role)
 
-    async def login(self, name: str, password: str = USER_PASSWORD) -> Login:
-        resp = await self.client.post("/token", json={"username": name, "password": password})
+    async def login(self, name: str, password: str = USER_PASSWORD,
+                    headers: dict[str, str] | None = None) -> Login:
+        resp = await self.client.post("/token", json={"username": name, "password": password},
+                                      headers=headers)
         body = await resp.json()
         assert resp.status == 200, body
         return Login(name, body["access_token"], body["session_id"], body)

@@ -22,6 +22,7 @@ from api_fixtures import (
 )
 
 import server
+from audit.config import ConfigError, parse_config
 
 __all__ = ["api", "make_api"]
 
@@ -438,3 +439,46 @@ async def test_passwords_over_72_bytes_count_in_full(api: Api) -> None:
     await api.add_user("dmitri", password=multibyte)
     resp = await api.client.post("/token", json={"username": "dmitri", "password": multibyte})
     assert resp.status == 200
+
+
+async def test_client_address_behind_a_trusted_proxy(make_api: MakeApi) -> None:
+    """With server.trusted_proxies, a request from the proxy is attributed to
+    the rightmost X-Forwarded-For address that is not a proxy (what the client
+    wrote left of it is ignored); the login throttle counts per that address,
+    so one client cannot lock everybody out through the shared proxy."""
+    api = await make_api(server={"trusted_proxies": "127.0.0.0/8, 10.0.0.0/8"},
+                         auth={"login_max_failures": 3})
+    await api.add_user("alice")
+    await api.add_user("bob")
+    xff = {"X-Forwarded-For": "198.51.100.9, 203.0.113.7, 10.1.2.3"}
+    alice = await api.login("alice", headers=xff)
+    (start,) = [e for e in await api.events(alice.session_id) if e["action"] == "session.start"]
+    assert start["source"]["ip"] == "203.0.113.7"
+    resp = await api.client.get("/documents", headers={**alice.headers,
+                                                       "X-Forwarded-For": "192.0.2.44"})
+    assert resp.status == 200
+    listed = [e for e in await api.events(alice.session_id) if e["action"] == "document.list"]
+    assert listed[-1]["source"]["ip"] == "192.0.2.44"
+    for _ in range(4):  # an attacker behind the same proxy, one address
+        resp = await api.client.post("/token", json={"username": "bob", "password": "wrong"},
+                                     headers={"X-Forwarded-For": "192.0.2.66"})
+        assert resp.status in (401, 429)
+    failed = await api.security("auth.login_failed")
+    assert {e["source"]["ip"] for e in failed} == {"192.0.2.66"}
+    bob = await api.login("bob", headers={"X-Forwarded-For": "192.0.2.77"})
+    assert bob.session_id  # bob from elsewhere is not locked out
+    resp = await api.client.post("/token", json={"username": "bob", "password": USER_PASSWORD},
+                                 headers={"X-Forwarded-For": "192.0.2.66"})
+    assert resp.status == 429
+
+
+async def test_forwarded_for_is_ignored_without_trusted_proxies(api: Api) -> None:
+    await api.add_user("alice")
+    alice = await api.login("alice", headers={"X-Forwarded-For": "203.0.113.7"})
+    (start,) = [e for e in await api.events(alice.session_id) if e["action"] == "session.start"]
+    assert start["source"]["ip"] == "127.0.0.1"
+
+
+def test_a_bad_trusted_proxy_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"server\.trusted_proxies"):
+        parse_config({"server": {"trusted_proxies": "10.0.0.0/8, not-an-ip"}})

@@ -83,6 +83,7 @@ def as_toml_dict(config: Config) -> dict:
 # with their defaults: additions only, so that every file written against
 # API.md still loads and means the same.
 EXTENSIONS = {
+    "server": {"trusted_proxies": ""},
     "audit": {"security_events_per_ip_per_second": 0.0, "security_events_per_ip_burst": 200},
 }
 
