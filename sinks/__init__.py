@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import urllib.parse
+
 from audit.config import Config
 
 from .base import (
@@ -22,8 +26,25 @@ __all__ = [
     "SinkRateLimited",
     "SinkRejected",
     "SinkUnavailable",
+    "cleartext_to_remote",
     "create_sink",
 ]
+
+log = logging.getLogger("session_audit.sinks")
+
+
+def cleartext_to_remote(url: str) -> bool:
+    """An ``http://`` URL whose host is not a loopback address or ``localhost``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve anywhere
 
 
 def create_sink(config: Config) -> Sink:
@@ -41,6 +62,10 @@ def create_sink(config: Config) -> Sink:
     if kind == "http":
         from .http import HttpSink
 
+        if cleartext_to_remote(config.sink.http.url):
+            log.warning("sink.http.url is plain http:// to a host that is not this machine:"
+                        " the audit trail and its bearer token travel in clear text;"
+                        " use https://")
         return HttpSink(config.sink.http)
     if kind == "mongodb":
         from .mongodb import MongoSink

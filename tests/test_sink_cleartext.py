@@ -1,0 +1,28 @@
+"""A plain-http sink URL to another machine is warned about at start."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from audit.config import parse_config
+from sinks import cleartext_to_remote, create_sink
+
+
+@pytest.mark.parametrize(("url", "warned"), [
+    ("http://127.0.0.1:8099/v1", False),
+    ("http://[::1]:8099/v1", False),
+    ("http://localhost/v1", False),
+    ("https://audit.example.com/v1", False),
+    ("http://audit.example.com/v1", True),
+    ("http://10.0.0.7/v1", True),
+    ("http://user:pw@192.0.2.1/v1", True),
+])
+def test_cleartext_to_remote(url: str, warned: bool, caplog: pytest.LogCaptureFixture) -> None:
+    assert cleartext_to_remote(url) is warned
+    config = parse_config({"sink": {"type": "http", "http": {"url": url}}})
+    with caplog.at_level(logging.WARNING, logger="session_audit.sinks"):
+        create_sink(config)
+    assert ("clear text" in caplog.text) is warned
+    assert "pw" not in caplog.text
