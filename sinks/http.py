@@ -7,12 +7,19 @@
 * ``Authorization: Bearer <token>`` when the variable named by ``token_env``
   is set (read at :meth:`HttpSink.open`; never logged, never in a message).
 
-Answers: 2xx and 409 (duplicate ``_id``) are success. 422 is the answer the
-IETF Idempotency-Key draft gives for a key reused with a different body, so
-it is :class:`~sinks.base.SinkConflict`. 429, and 503 with ``Retry-After``,
-are :class:`~sinks.base.SinkRateLimited`; 503 without it, other 5xx,
-connection errors and timeouts are :class:`~sinks.base.SinkUnavailable`;
-other 4xx are :class:`~sinks.base.SinkRejected`.
+Answers: 2xx and 409 (duplicate ``_id``) are success, as API.md fixes it
+("A receiver answers a duplicate ``_id`` with 200 or 409, both success").
+A receiver must therefore store a part before it answers and must not use
+409 for anything else: the IETF Idempotency-Key draft's 409 ("a request
+with this key is still being processed") would be taken as stored. 422 is
+the answer the draft gives for a key reused with a different body, so it is
+:class:`~sinks.base.SinkConflict`. 429, and 503 with ``Retry-After``, are
+:class:`~sinks.base.SinkRateLimited`; 503 without it, other 5xx, 408,
+connection errors and timeouts are :class:`~sinks.base.SinkUnavailable`.
+3xx is :class:`~sinks.base.SinkUnavailable` too: redirects are not followed,
+and a redirect says nothing about the part (the receiver moved, or ``url``
+is wrong), so nothing is dead-lettered while an operator fixes ``url``.
+Other 4xx (401, 403 and 404 included) are :class:`~sinks.base.SinkRejected`.
 
 The receiver cannot be queried through this sink (``queryable = False``).
 """
@@ -75,12 +82,12 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 def _strip_userinfo(url: str) -> str:
+    """``url`` without ``user:password@``; host and port kept as written
+    (an IPv6 literal keeps its brackets)."""
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
@@ -157,6 +164,7 @@ class HttpSink(Sink):
             ) as resp:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
+                location = resp.headers.get("Location")
                 # Read the whole answer, so the connection can be reused.
                 raw = await resp.read()
                 text = raw[:200].decode("utf-8", "replace") if status >= 300 else ""
@@ -167,17 +175,32 @@ class HttpSink(Sink):
         except (aiohttp.ClientError, ValueError) as exc:
             msg = self._redact(f"http sink: {where}: {type(exc).__name__}: {exc}")
             raise SinkUnavailable(msg) from None
-        err = self._classify(status, retry_after, text, where)
+        err = self._classify(status, retry_after, text, where, location)
         if err is not None:
             raise err
 
     def _classify(
-        self, status: int, retry_after: str | None, text: str, where: str
+        self,
+        status: int,
+        retry_after: str | None,
+        text: str,
+        where: str,
+        location: str | None = None,
     ) -> SinkError | None:
         if 200 <= status < 300 or status == 409:
             return None
         detail = self._redact(" ".join(text.split()))
         msg = f"http sink: {where}: HTTP {status}" + (f": {detail}" if detail else "")
+        if 300 <= status < 400:
+            # Not about the part: the receiver moved or ``url`` is wrong.
+            target = ""
+            if location:
+                loc = urlsplit(_strip_userinfo(location.strip()))
+                target = " to " + self._redact(urlunsplit(loc._replace(query="", fragment="")))
+            return SinkUnavailable(
+                f"http sink: {where}: HTTP {status}: redirect{target} not followed; "
+                "set [sink.http] url to the receiver's address"
+            )
         wait = parse_retry_after(retry_after, self._clock())
         if status == 429 or (status == 503 and wait is not None):
             return SinkRateLimited(msg, retry_after=wait)

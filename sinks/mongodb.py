@@ -5,8 +5,26 @@ MongoDB-compatible services such as Azure Cosmos DB for MongoDB.
 
 * A part is inserted with its deterministic ``_id`` (``insert_one``); a
   security event batch with ``insert_many(ordered=False)``.
-* Duplicate key (11000): the stored document's ``hash`` is fetched; equal is
-  success (the earlier write landed), different is :class:`SinkConflict`.
+* Writes and the duplicate check below ignore the URI's write concern, read
+  preference and read concern: writes always go with ``w: "majority"`` (a
+  ``w=0`` in the URI would mark a part stored unconfirmed, a ``w=1`` write
+  can be rolled back on failover), and an unacknowledged result is refused
+  as :class:`SinkUnavailable`. ``j`` is not set: on a replica set a majority
+  acknowledgement is journaled already (``writeConcernMajorityJournalDefault``),
+  an explicit ``j: true`` fails on members without a journal (in-memory
+  engine), and Cosmos DB maps write concern to its own consistency level.
+  (A standalone ``mongod`` may acknowledge up to ~100 ms before its journal
+  flush; use a replica set.) Index builds at open use the same write
+  concern; the admin queries keep the URI's read preference.
+* Duplicate key (11000): the stored document's ``hash`` is read back from
+  the primary with read concern ``majority`` (never a lagging secondary,
+  whatever the URI's ``readPreference``); equal is success (the earlier
+  write landed and is majority-committed), different is
+  :class:`SinkConflict`. No such document yet (the earlier write is not
+  majority-committed, or was rolled back) is :class:`SinkUnavailable`: the
+  retry either finds it committed or inserts it.
+* 79 / 100 (the deployment cannot satisfy ``w: "majority"``) and 148 (no
+  majority read concern) are configuration, so :class:`SinkUnavailable`.
 * 16500 / 429 / ``TooManyRequests`` (Cosmos DB): :class:`SinkRateLimited`
   with ``RetryAfterMs=NNN`` from the message, in seconds.
 * 463 (Atlas), errors labelled ``RetryableError``/``RetryableWriteError``,
@@ -33,7 +51,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from bson.errors import BSONError
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReadPreference
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
     BulkWriteError,
@@ -47,6 +65,8 @@ from pymongo.errors import (
     WriteConcernError,
     WriteError,
 )
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
 
 from audit.config import MongoSinkConfig
 
@@ -92,7 +112,19 @@ RETRYABLE = frozenset(
     }
 )
 # Not about the document: the operator must fix it; retry meanwhile.
-CONFIGURATION = frozenset({13, 18, 8000})  # Unauthorized, AuthenticationFailed, AtlasError
+CONFIGURATION = frozenset(
+    {
+        13,  # Unauthorized
+        18,  # AuthenticationFailed
+        79,  # UnknownReplWriteConcern: no "majority" here
+        100,  # UnsatisfiableWriteConcern
+        148,  # ReadConcernMajorityNotEnabled
+        8000,  # AtlasError
+    }
+)
+# Every write, and the duplicate check after one, whatever the URI says.
+WRITE_CONCERN = WriteConcern("majority")
+READ_CONCERN = ReadConcern("majority")
 RETRY_LABELS = ("RetryableError", "RetryableWriteError", "SystemOverloadedError")
 
 _RETRY_AFTER_MS = re.compile(r"RetryAfterMs=(\d+)", re.IGNORECASE)
@@ -135,6 +167,15 @@ def _labels(exc: PyMongoError) -> bool:
     return any(exc.has_error_label(label) for label in RETRY_LABELS)
 
 
+def _durable(coll: AsyncCollection[Doc]) -> AsyncCollection[Doc]:
+    """``coll`` for writes and the duplicate check, whatever the URI says."""
+    return coll.with_options(
+        write_concern=WRITE_CONCERN,
+        read_preference=ReadPreference.PRIMARY,
+        read_concern=READ_CONCERN,
+    )
+
+
 class MongoSink(Sink):
     type = "mongodb"
     queryable = True
@@ -159,6 +200,10 @@ class MongoSink(Sink):
         self._client: AsyncMongoClient[Doc] | None = None
         self._sessions: AsyncCollection[Doc] | None = None
         self._security: AsyncCollection[Doc] | None = None
+        # The same collections for writes and the duplicate check: majority
+        # write concern, primary, majority read concern (see the docstring).
+        self._sessions_w: AsyncCollection[Doc] | None = None
+        self._security_w: AsyncCollection[Doc] | None = None
         self._secrets: list[str] = []
 
     # -- errors --------------------------------------------------------------
@@ -229,18 +274,20 @@ class MongoSink(Sink):
             db = client[self.cfg.database]
             sessions = db[self.cfg.sessions_collection]
             security = db[self.cfg.security_collection]
-            await sessions.create_index(
+            # Acknowledged index builds too (a w=0 URI would hide a failure).
+            sessions_w, security_w = _durable(sessions), _durable(security)
+            await sessions_w.create_index(
                 [("session_start_time", DESCENDING), ("session_id", DESCENDING)],
                 name="session_start_time",
             )
-            await sessions.create_index(
+            await sessions_w.create_index(
                 [("user", ASCENDING), ("session_start_time", DESCENDING)], name="user"
             )
-            await sessions.create_index(
+            await sessions_w.create_index(
                 [("session_id", ASCENDING), ("part", ASCENDING)], name="session_id_part"
             )
-            await security.create_index([("ts", DESCENDING), ("_id", DESCENDING)], name="ts")
-            await security.create_index(
+            await security_w.create_index([("ts", DESCENDING), ("_id", DESCENDING)], name="ts")
+            await security_w.create_index(
                 [("action", ASCENDING), ("ts", DESCENDING)], name="action_ts"
             )
         except PyMongoError as exc:
@@ -254,10 +301,12 @@ class MongoSink(Sink):
             await client.close()
             raise
         self._client, self._sessions, self._security = client, sessions, security
+        self._sessions_w, self._security_w = sessions_w, security_w
 
     async def close(self) -> None:
         client, self._client = self._client, None
         self._sessions = self._security = None
+        self._sessions_w = self._security_w = None
         if client is not None:
             await client.close()
 
@@ -265,6 +314,11 @@ class MongoSink(Sink):
         if self._sessions is None or self._security is None:
             raise SinkUnavailable("mongodb sink is not open")
         return self._sessions, self._security
+
+    def _write_colls(self) -> tuple[AsyncCollection[Doc], AsyncCollection[Doc]]:
+        if self._sessions_w is None or self._security_w is None:
+            raise SinkUnavailable("mongodb sink is not open")
+        return self._sessions_w, self._security_w
 
     # -- writing -------------------------------------------------------------
 
@@ -277,30 +331,40 @@ class MongoSink(Sink):
         except PyMongoError as exc:
             raise self._classify("reading stored hashes", exc) from None
 
+    @staticmethod
+    def _not_committed(doc_id: str) -> SinkUnavailable:
+        return SinkUnavailable(
+            f"mongodb sink: duplicate key for {doc_id} but no majority-committed document "
+            "with that _id yet; retrying"
+        )
+
     async def write_part(self, part: Doc) -> None:
-        sessions, _ = self._colls()
+        sessions, _ = self._write_colls()
         doc_id = str(part["_id"])
         try:
-            await sessions.insert_one(part)
+            result = await sessions.insert_one(part)
         except DuplicateKeyError:
             stored = await self._stored_hashes(sessions, [doc_id])
             if doc_id not in stored:
-                raise SinkConflict(
-                    f"mongodb sink: duplicate key for {doc_id} but no document with that _id"
-                ) from None
+                raise self._not_committed(doc_id) from None
             if stored[doc_id] != part["hash"]:
                 raise SinkConflict(f"{doc_id} is stored with a different hash") from None
+            return
         except (BSONError, OverflowError) as exc:  # DocumentTooLarge, InvalidDocument, big ints
             raise SinkRejected(self._message(f"insert {doc_id}", exc)) from None
         except PyMongoError as exc:
             raise self._classify(f"insert {doc_id}", exc) from None
+        if not result.acknowledged:
+            raise SinkUnavailable(f"mongodb sink: insert {doc_id}: write not acknowledged")
 
     async def write_security_events(self, events: list[Doc]) -> None:
         if not events:
             return
-        _, security = self._colls()
+        _, security = self._write_colls()
         try:
-            await security.insert_many(events, ordered=False)
+            result = await security.insert_many(events, ordered=False)
+            if not result.acknowledged:
+                raise SinkUnavailable("mongodb sink: insert_many: write not acknowledged")
             return
         except BulkWriteError as exc:
             duplicates = self._bulk_errors(exc)
@@ -312,9 +376,7 @@ class MongoSink(Sink):
         stored = await self._stored_hashes(security, duplicates)
         for doc_id in duplicates:
             if doc_id not in stored:
-                raise SinkConflict(
-                    f"mongodb sink: duplicate key for {doc_id} but no document with that _id"
-                )
+                raise self._not_committed(doc_id)
             if stored[doc_id] != want.get(doc_id):
                 raise SinkConflict(f"{doc_id} is stored with a different hash")
 

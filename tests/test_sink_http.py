@@ -27,7 +27,7 @@ from sinks.base import (
     SinkRejected,
     SinkUnavailable,
 )
-from sinks.http import HttpSink, parse_retry_after
+from sinks.http import HttpSink, _strip_userinfo, parse_retry_after
 
 TOKEN = "tok-9f8e7d6c5b4a-secret"
 TOKEN_ENV = "SESSION_AUDIT_TEST_HTTP_TOKEN"
@@ -126,7 +126,14 @@ def test_parse_retry_after_uses_the_given_clock() -> None:
         (Fault(408), SinkUnavailable, None),
         (Fault(400), SinkRejected, None),
         (Fault(401), SinkRejected, None),
+        (Fault(403), SinkRejected, None),
         (Fault(404), SinkRejected, None),
+        # Redirects are not followed and say nothing about the part: retry.
+        (Fault(301, {"Location": "https://moved.example/v1/sessions"}), SinkUnavailable, None),
+        (Fault(302), SinkUnavailable, None),
+        (Fault(304), SinkUnavailable, None),
+        (Fault(307, {"Location": "/v2/sessions"}), SinkUnavailable, None),
+        (Fault(308), SinkUnavailable, None),
         (Fault(413), SinkRejected, None),
         (Fault(422), SinkConflict, None),
     ],
@@ -152,6 +159,67 @@ async def test_status_mapping(
         if isinstance(info.value, SinkRateLimited):
             assert info.value.retry_after == retry_after
     assert receiver.parts == {} and receiver.security_events == {}
+
+
+async def test_redirect_is_retried_and_names_the_target_without_secrets(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    receiver, url = await start_receiver()
+    sink = await make_sink(url)
+    location = "https://bob:hunter22@moved.example/v1/sessions?sig=s3cr3t-sig#frag"
+    receiver.script(Fault(308, {"Location": location}))
+    with pytest.raises(SinkUnavailable) as info:
+        await sink.write_part(sample_part("moved"))
+    text = str(info.value)
+    assert "HTTP 308" in text and "redirect to https://moved.example/v1/sessions" in text
+    for secret in ("hunter22", "bob", "s3cr3t-sig", "frag"):
+        assert secret not in text
+    assert receiver.parts == {}
+    await sink.write_part(sample_part("moved"))  # the retry, once the receiver answers
+    assert "moved:0" in receiver.parts
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://u:p@[::1]:8099/v1", "http://[::1]:8099/v1"),
+        ("http://u:p@[::1]/v1", "http://[::1]/v1"),
+        ("https://u@[2001:db8::7]:443/a?b=1", "https://[2001:db8::7]:443/a?b=1"),
+        ("http://u:p@[fe80::1%25eth0]:80/v1", "http://[fe80::1%25eth0]:80/v1"),
+        ("http://u:p@Receiver.Example:8080/v1", "http://Receiver.Example:8080/v1"),
+        ("http://u:p%40ss@h.example/v1", "http://h.example/v1"),
+        ("http://h.example:8080/v1", "http://h.example:8080/v1"),
+        ("http://[::1]:8099/v1", "http://[::1]:8099/v1"),
+    ],
+)
+def test_strip_userinfo_keeps_the_host_as_written(url: str, expected: str) -> None:
+    assert _strip_userinfo(url) == expected
+
+
+async def test_ipv6_receiver_with_credentials_in_the_url(
+    make_sink: Callable[..., Awaitable[HttpSink]],
+) -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    receiver = Receiver(ReceiverOptions())
+    runner, port = await serve(receiver, "::1", 0)
+    try:
+        sink = await make_sink(f"http://user:pa55word@[::1]:{port}/")
+        part = sample_part("v6")
+        await sink.write_part(part)
+        assert receiver.parts == {"v6:0": part}
+        assert receiver.headers_seen[-1]["Authorization"].startswith("Basic ")
+        receiver.script(Fault(400))
+        with pytest.raises(SinkRejected) as info:
+            await sink.write_part(sample_part("v6b"))
+        assert f"POST http://[::1]:{port}/sessions" in str(info.value)
+        assert "pa55word" not in str(info.value)
+    finally:
+        receiver.close()
+        await runner.cleanup()
 
 
 async def test_429_with_http_date(

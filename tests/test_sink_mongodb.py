@@ -205,6 +205,9 @@ async def test_duplicate_key_checks_the_stored_hash(
         ({"ok": 0, "code": 10107, "errmsg": "not writable primary"}, SinkUnavailable),
         ({"ok": 0, "code": 11602, "errmsg": "interrupted"}, SinkUnavailable),
         ({"ok": 0, "code": 18, "errmsg": "Authentication failed."}, SinkUnavailable),
+        # The deployment cannot do w: "majority": configuration, not the part.
+        ({"ok": 0, "code": 79, "errmsg": "no write concern mode majority"}, SinkUnavailable),
+        ({"ok": 0, "code": 100, "errmsg": "Not enough data-bearing nodes"}, SinkUnavailable),
         ({"ok": 1, "n": 0, "writeConcernError": {"code": 64, "errmsg": "wt"}}, SinkUnavailable),
         ({"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 2, "errmsg": "b"}]}, SinkRejected),
         (
@@ -250,6 +253,160 @@ async def test_document_too_large_is_rejected(monkeypatch: pytest.MonkeyPatch) -
             await sink.close()
     finally:
         server.stop()
+
+
+# -- durability: write concern and read preference are the sink's, not the URI's
+
+
+@pytest.fixture(scope="module")
+def mongos_server() -> Iterator[MockupDB]:
+    # A mongos passes the read preference on ($readPreference); a directly
+    # connected standalone never gets one, whatever the URI says.
+    s = start_server(msg="isdbgrid")
+    answer_create_indexes(s)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+async def open_with(server: MockupDB, monkeypatch: pytest.MonkeyPatch, query: str) -> MongoSink:
+    monkeypatch.setenv(URI_ENV, uri(server) + query)
+    s = new_sink()
+    await s.open()
+    return s
+
+
+def majority_write(request: Request) -> None:
+    concern = dict(request["writeConcern"])
+    assert concern.get("w") == "majority", concern
+    # Acknowledged by a majority, never journal-less: no j: false, no w: 0.
+    assert concern.get("j", True) is True, concern
+
+
+def primary_majority_read(request: Request) -> None:
+    pref = request.doc.get("$readPreference")
+    assert pref is None or dict(pref).get("mode") == "primary", pref
+    assert dict(request.doc.get("readConcern") or {}).get("level") == "majority", request
+
+
+@pytest.mark.parametrize("query", ["?w=0", "?w=1", "?w=1&journal=false", "?w=0&retryWrites=false"])
+async def test_writes_use_majority_whatever_the_uri_says(
+    server: MockupDB, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    sink = await open_with(server, monkeypatch, query)
+    try:
+        task = start(sink.write_part(sample_part("wc")))
+        request = await receive(server, "insert")
+        majority_write(request)
+        request.replies({"ok": 1, "n": 1})
+        await task
+        events = [sample_security_event("wc-e")]
+        task = start(sink.write_security_events(events))
+        request = await receive(server, "insert")
+        assert request["insert"] == "security_audit"
+        majority_write(request)
+        request.replies({"ok": 1, "n": 1})
+        await task
+    finally:
+        await sink.close()
+
+
+@pytest.mark.parametrize("mode", ["secondary", "secondaryPreferred", "nearest"])
+async def test_duplicate_check_reads_the_primary_whatever_the_uri_says(
+    mongos_server: MockupDB, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    server = mongos_server
+    sink = await open_with(server, monkeypatch, f"?readPreference={mode}&w=1")
+    try:
+        part = sample_part("rp")
+        task = start(sink.write_part(part))
+        insert = await receive(server, "insert")
+        majority_write(insert)
+        insert.replies({"ok": 1, "n": 0, "writeErrors": [dup_key(0, "rp:0")]})
+        find = await receive(server, "find")
+        assert find["filter"] == {"_id": {"$in": ["rp:0"]}}
+        primary_majority_read(find)
+        find.replies(cursor_reply("audit.session_audit", [{"_id": "rp:0", "hash": part["hash"]}]))
+        await task
+        # The same for a security event batch.
+        events = [sample_security_event("rp-e0"), sample_security_event("rp-e1")]
+        task = start(sink.write_security_events(events))
+        insert = await receive(server, "insert")
+        majority_write(insert)
+        insert.replies({"ok": 1, "n": 1, "writeErrors": [dup_key(1, "rp-e1")]})
+        find = await receive(server, "find")
+        assert find["find"] == "security_audit"
+        primary_majority_read(find)
+        find.replies(
+            cursor_reply("audit.security_audit", [{"_id": "rp-e1", "hash": events[1]["hash"]}])
+        )
+        await task
+        # The URI's read preference still serves the admin queries.
+        query = start(sink.list_security_events(limit=1))
+        find = await receive(server, "find")
+        assert dict(find.doc["$readPreference"])["mode"] == mode
+        find.replies(cursor_reply("audit.security_audit", []))
+        await query
+    finally:
+        await sink.close()
+    assert not server.got(timeout=0), "a request was left unanswered"
+
+
+async def test_duplicate_without_a_committed_document_is_retried_not_dead_lettered(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    """11000 but the majority read finds nothing (the earlier write is not
+    majority-committed yet, or was rolled back): retry, never a conflict."""
+    task = start(sink.write_part(sample_part("nc")))
+    (await receive(server, "insert")).replies(
+        {"ok": 1, "n": 0, "writeErrors": [dup_key(0, "nc:0")]}
+    )
+    (await receive(server, "find")).replies(cursor_reply("audit.session_audit", []))
+    with pytest.raises(SinkUnavailable, match="nc:0") as info:
+        await task
+    assert type(info.value) is SinkUnavailable
+    events = [sample_security_event("nc-e")]
+    task = start(sink.write_security_events(events))
+    (await receive(server, "insert")).replies(
+        {"ok": 1, "n": 0, "writeErrors": [dup_key(0, "nc-e")]}
+    )
+    (await receive(server, "find")).replies(cursor_reply("audit.security_audit", []))
+    with pytest.raises(SinkUnavailable, match="nc-e") as info:
+        await task
+    assert type(info.value) is SinkUnavailable
+    # A server without majority read concern (148): configuration, retry.
+    task = start(sink.write_part(sample_part("nc")))
+    (await receive(server, "insert")).replies(
+        {"ok": 1, "n": 0, "writeErrors": [dup_key(0, "nc:0")]}
+    )
+    (await receive(server, "find")).command_err(148, "majority read concern not enabled")
+    with pytest.raises(SinkUnavailable, match="code 148") as info:
+        await task
+    assert type(info.value) is SinkUnavailable
+
+
+async def test_unacknowledged_write_is_not_stored(
+    server: MockupDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Were the write concern ever w: 0, the driver returns at once with
+    ``acknowledged=False``: that is no confirmation, so not a success."""
+    from pymongo.write_concern import WriteConcern
+
+    sink = await open_with(server, monkeypatch, "")
+    w0 = WriteConcern(w=0)
+    assert sink._sessions is not None and sink._security is not None
+    sink._sessions_w = sink._sessions.with_options(write_concern=w0)
+    sink._security_w = sink._security.with_options(write_concern=w0)
+    try:
+        with pytest.raises(SinkUnavailable, match="not acknowledged"):
+            await sink.write_part(sample_part("w0"))
+        assert (await receive(server, "insert"))["writeConcern"] == {"w": 0}
+        with pytest.raises(SinkUnavailable, match="not acknowledged"):
+            await sink.write_security_events([sample_security_event("w0-e")])
+        assert (await receive(server, "insert"))["writeConcern"] == {"w": 0}
+    finally:
+        await sink.close()
 
 
 # -- security events ----------------------------------------------------------
