@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import getpass
 import json
 import logging
@@ -240,10 +241,22 @@ def setup_logging() -> None:
 # -- commands ------------------------------------------------------------------
 
 
+async def _tune_gc(app: web.Application) -> None:
+    """Once started: what exists now (modules, the app, the session cache)
+    lives as long as the process, so the cycle collector stops scanning it
+    (``gc.freeze``), and young collections run every 20,000 allocations
+    rather than 700. A request allocates a few hundred objects, nearly all
+    freed by reference counting; an audited read then spends about 9 % less
+    CPU (bench/README.md)."""
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     import uvloop
 
     app = create_app(config)
+    app.on_startup.append(_tune_gc)
     log.info("serving on http://%s:%d with the %s sink", config.server.host,
              config.server.port, config.sink.type)
     try:
