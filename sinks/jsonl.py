@@ -14,28 +14,54 @@ entry is fsynced too.
 What it promises about duplicates
 ---------------------------------
 The sink never appends an ``_id`` twice. It keeps an index ``_id -> hash``
-of every line in the directory; the index is rebuilt by scanning all files
-at :meth:`JsonlSink.open`. Writing an ``_id`` that is already in the index
-is a success without writing when the ``hash`` is equal, and
-:class:`~sinks.base.SinkConflict` (nothing written) when it differs. So:
+of every line in the directory; the index is built by streaming all files
+once at :meth:`JsonlSink.open` and then kept up to date by reading only the
+bytes appended since (by this or any other process). Writing an ``_id``
+that is already in the index is a success without writing when the
+``hash`` is equal, and :class:`~sinks.base.SinkConflict` (nothing written)
+when it differs. So:
 
 * a crash after the fsync but before the spool marks the part stored only
-  means the flusher writes it again after the restart, and the rebuilt index
-  turns that into a no-op;
-* a crash in the middle of a write leaves at most one incomplete last line
-  in the newest file. At open such a torn line is removed (the file is
-  truncated after the last ``\\n``), so its ``_id`` is not in the index and
-  the retried write appends it whole; a trailing line that is complete JSON
-  but lacks only its ``\\n`` is kept and terminated;
+  means the flusher writes it again after the restart, and the index turns
+  that into a no-op;
+* a crash in the middle of a write leaves at most one incomplete last line.
+  Such a torn line is removed (the file is truncated after the last
+  ``\\n``) by the next process that holds the write lock (below): at open
+  when the lock is free, and before every write. Its ``_id`` is not in the
+  index, so the retried write appends it whole. A trailing line that is
+  complete JSON but lacks only its ``\\n`` is kept and terminated;
 * a failed write (``ENOSPC``, an ``fsync`` error) is truncated back to the
-  previous size; if even that fails, the index is rebuilt from the files
-  before the next write.
+  previous size; if even that fails, the next write's catch-up (under the
+  lock) indexes or repairs what is left;
+* a line this process did not write itself (another process may have died
+  between its ``write`` and its ``fsync``) is not trusted as stored until
+  its file has been fsynced: before a write answers from the index (a
+  duplicate, or a conflict), every file with lines this process has not
+  seen fsynced is fsynced, once;
+* if today's file is deleted or renamed while the sink is open, the next
+  write notices (``fstat`` of the open file against ``stat`` of its path,
+  under the lock) and appends to a new file at the expected path, never to
+  the old inode.
 
-What it cannot promise: two processes writing the same directory at once
-(the index is per process; run one server per directory), or files edited
-by hand. A reader that wants to be safe anyway deduplicates by ``_id`` and
-keeps the first line with each ``_id`` (equal ``_id`` implies equal content
-unless the ``hash`` differs, which a verifier should report), e.g.::
+If the directory keeps changing while it is read (files vanishing between
+listing and reading, three times in a row), a write or query raises
+:class:`~sinks.base.SinkUnavailable` and the index is left as it was, to be
+rebuilt by the next attempt: a partial index never answers "stored already".
+
+The write lock
+--------------
+Every write and every repair holds an exclusive ``flock`` on
+``<dir>/.audit-jsonl.lock`` (``LOCK_NAME``), and before appending reads what
+other processes appended since this one last looked. So ``server.py drain``
+(or any second writer) beside a running server waits for the lock (at most
+``LOCK_WAIT_SECONDS``, then :class:`~sinks.base.SinkUnavailable`, which the
+flusher retries) and then writes without duplicating the server's lines.
+A process that finds the lock taken at open (``server.py verify`` while the
+server is appending a part) opens without repairing: the line being written
+looks torn, and is only skipped when reading. Files edited by hand are not
+supported; a reader that wants to be safe anyway deduplicates by ``_id``
+and keeps the first line with each ``_id`` (equal ``_id`` implies equal
+content unless the ``hash`` differs, which a verifier should report), e.g.::
 
     jq -c 'select(.type == "session_part")' audit-*.jsonl | \\
         jq -sc 'unique_by(._id)[]'
@@ -43,22 +69,33 @@ unless the ``hash`` differs, which a verifier should report), e.g.::
 Lines are in the order they were written, which is the flusher's order
 (security events first, then parts oldest first), not strictly by time.
 
-Queries (admin API) scan every file on each call: correct, but slow for
-large directories. Use the sqlite or mongodb sink where queries matter.
+Memory and queries
+------------------
+Nothing holds whole documents: files are streamed line by line, and the
+index keeps per line only its ``_id``, ``hash`` and location (file and
+byte offset), plus the few fields the admin queries sort and filter on (a
+session's first and last part's summary fields; an event's ``ts`` and
+``action``). A query reads only the lines of the page it returns. Memory
+grows with the number of stored documents, not with their size.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import functools
+import heapq
 import json
 import logging
 import os
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from .base import (
     Doc,
@@ -69,14 +106,17 @@ from .base import (
     decode_cursor,
     dumps,
     encode_cursor,
-    summarize_parts,
 )
 
 log = logging.getLogger(__name__)
 
 PART = "session_part"
 SECURITY = "security_event"
-_GLOB = "audit-*.jsonl"
+LOCK_NAME = ".audit-jsonl.lock"  # not an audit-*.jsonl file
+LOCK_WAIT_SECONDS = 10.0  # a writer holds the lock for one append, then lets go
+
+T = TypeVar("T")
+_Reader = Callable[[int, int], Doc]  # (file number, offset) -> the parsed line
 
 
 def _line(doc: Doc, kind: str) -> bytes:
@@ -85,73 +125,115 @@ def _line(doc: Doc, kind: str) -> bytes:
     return (dumps(body) + "\n").encode()
 
 
-def _repair_tail(path: Path) -> None:
-    """Make ``path`` end with a complete line: drop a torn last line."""
-    with path.open("r+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        # Read back until the previous newline (lines are at most a few MiB).
-        chunk = 65536
-        pos = size
-        tail = b""
-        while pos > 0:
-            step = min(chunk, pos)
-            pos -= step
-            f.seek(pos)
-            tail = f.read(step) + tail
-            if b"\n" in tail:
-                break
-        if tail.endswith(b"\n"):
-            return
-        cut = tail.rfind(b"\n") + 1  # 0 when the whole file is one torn line
-        fragment = tail[cut:]
-        try:
-            obj = json.loads(fragment)
-            complete = isinstance(obj, dict) and "_id" in obj
-        except ValueError:
-            complete = False
-        if complete:
-            log.warning("%s: last line lacked its newline; terminated it", path.name)
-            f.seek(0, os.SEEK_END)
-            f.write(b"\n")
-        else:
-            log.warning(
-                "%s: removed a torn last line of %d bytes (crash during a write)",
-                path.name,
-                len(fragment),
-            )
-            f.truncate(pos + cut)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _iter_docs(directory: Path) -> list[Doc]:
-    """Every complete line of every file, oldest file first."""
-    out: list[Doc] = []
-    for path in sorted(directory.glob(_GLOB)):
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.endswith(b"\n"):
-                    continue  # torn tail; repaired at open
-                try:
-                    doc = json.loads(raw)
-                except ValueError:
-                    log.warning("%s:%d: not JSON, ignored", path.name, lineno)
-                    continue
-                if isinstance(doc, dict) and "_id" in doc:
-                    out.append(doc)
-    return out
-
-
 def _strip(doc: Doc) -> Doc:
     doc = dict(doc)
     doc.pop("type", None)
     return doc
 
 
+def _sizes(directory: Path) -> dict[str, int]:
+    """The size of every ``audit-*.jsonl`` file in ``directory`` (one ``scandir``)."""
+    out: dict[str, int] = {}
+    with os.scandir(directory) as it:
+        for entry in it:
+            name = entry.name
+            if name.startswith("audit-") and name.endswith(".jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    out[name] = entry.stat().st_size
+    return out
+
+
+def _intern(value: Any) -> Any:
+    """One copy of a string of a small set (users, actions, seal reasons)."""
+    return sys.intern(value) if isinstance(value, str) and len(value) <= 64 else value
+
+
+class _Stale(Exception):
+    """A line is not where the index says: the files changed behind our back."""
+
+
+class _Session:
+    """What the queries need of one session: no events, no documents."""
+
+    __slots__ = ("event_count", "head", "locs", "tail")
+
+    def __init__(self, head: tuple[Any, Any, Any], tail: tuple[Any, Any, Any, Any, Any]) -> None:
+        self.head = head  # (part, user, session_start_time) of the lowest part
+        self.tail = tail  # (part, final, end_time, duration, seal_reason) of the highest
+        self.event_count = 0
+        self.locs: list[tuple[Any, int, int]] = []  # (part, file number, offset)
+
+    def summary(self, session_id: str) -> Doc:
+        """As :func:`sinks.base.summarize_parts` of the session's stored parts."""
+        _, user, start = self.head
+        _, final, end, duration, seal = self.tail
+        return {
+            "session_id": session_id,
+            "user": user,
+            "state": "stored" if final else "pending",
+            "session_start_time": start,
+            "session_end_time": end if final else None,
+            "session_duration_seconds": duration if final else None,
+            "event_count": self.event_count,
+            "seal_reason": seal if final else None,
+            "parts": len(self.locs),
+        }
+
+
+class _Index:
+    """The sink's view of its directory, built from complete lines only."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []  # file number -> file name
+        self.numbers: dict[str, int] = {}
+        self.seen: dict[str, int] = {}  # file name -> bytes indexed (whole lines)
+        self.ids: dict[str, str] = {}  # _id -> hash
+        self.synced: dict[str, int] = {}  # file name -> bytes known fsynced
+        self.sessions: dict[str, _Session] = {}
+        self.events: list[tuple[Any, Any, Any, int, int]] = []  # (ts, _id, action, file, offset)
+
+    def number(self, name: str) -> int:
+        no = self.numbers.get(name)
+        if no is None:
+            no = self.numbers[name] = len(self.names)
+            self.names.append(name)
+        return no
+
+    def add(self, doc: Doc, kind: Any, no: int, offset: int) -> None:
+        """Index one line (the first line with an ``_id`` wins, as in a reader)."""
+        doc_id = str(doc["_id"])
+        if doc_id in self.ids:
+            return
+        self.ids[doc_id] = str(doc.get("hash"))
+        if kind == PART:
+            sid, part = doc.get("session_id"), doc.get("part")
+            if not isinstance(sid, str) or not isinstance(part, int):
+                return
+            try:
+                count = int(doc.get("event_count", 0))
+            except (TypeError, ValueError):
+                count = 0
+            s = self.sessions.get(sid)
+            head = (part, _intern(doc.get("user")), doc.get("session_start_time"))
+            tail = (part, doc.get("final", False), doc.get("session_end_time"),
+                    doc.get("session_duration_seconds"), _intern(doc.get("seal_reason")))
+            if s is None:
+                s = self.sessions[sid] = _Session(head, tail)
+            else:
+                if part < s.head[0]:
+                    s.head = head
+                if part >= s.tail[0]:
+                    s.tail = tail
+            s.event_count += count
+            s.locs.append((part, no, offset))
+        elif kind == SECURITY:
+            ts = doc.get("ts")
+            if isinstance(ts, str):
+                self.events.append((ts, doc["_id"], _intern(doc.get("action")), no, offset))
+
+
 class JsonlSink(Sink):
-    """Append-only daily JSONL files; queryable by scanning (slow)."""
+    """Append-only daily JSONL files; queries answered from a small index."""
 
     type = "jsonl"
     queryable = True
@@ -160,48 +242,234 @@ class JsonlSink(Sink):
     def __init__(self, dir: Path | str, *, clock: Callable[[], float] = time.time) -> None:
         self.dir = Path(dir)
         self._clock = clock
-        self._index: dict[str, str] | None = None  # _id -> hash
-        self._lock = asyncio.Lock()
+        self._index: _Index | None = None
+        self._lock = asyncio.Lock()  # one write at a time in this event loop
+        self._writing = threading.Lock()  # ... and in this sink's threads
+        self._mu = threading.Lock()  # guards _index (threads read and extend it)
+        self._lock_fd: int | None = None
         self._file: IO[bytes] | None = None
         self._file_name: str | None = None
-        self._rescan = False
+        self._rebuild = False  # the last catch-up gave up: start the next afresh
+        # How often the index was thrown away and rebuilt because the files
+        # were not what it said (a file shrank or vanished; a line was not
+        # at its offset). Never in normal operation: a test asserts it.
+        self.rebuilds = 0
+
+    # -- the index ---------------------------------------------------------
+
+    def _scan_file(self, index: _Index, path: Path, start: int, repair: bool) -> int:
+        """Index the whole lines of ``path`` from ``start``; the new end offset.
+
+        An incomplete last line is left alone (a writer may be appending it)
+        unless ``repair``, which the holder of the write lock passes.
+        """
+        no = index.number(path.name)
+        pos = start
+        with path.open("rb") as f:
+            f.seek(start)
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    if repair:
+                        pos = self._repair(index, path, no, pos, raw)
+                    break
+                try:
+                    doc = json.loads(raw)
+                except ValueError:
+                    log.warning("%s at byte %d: not JSON, ignored", path.name, pos)
+                else:
+                    if isinstance(doc, dict) and "_id" in doc:
+                        index.add(doc, doc.get("type"), no, pos)
+                pos += len(raw)
+        return pos
+
+    def _repair(self, index: _Index, path: Path, no: int, pos: int, fragment: bytes) -> int:
+        """End ``path`` with a complete line (under the write lock only)."""
+        try:
+            obj = json.loads(fragment)
+            complete = isinstance(obj, dict) and "_id" in obj
+        except ValueError:
+            complete = False
+        with path.open("r+b") as f:
+            if complete:
+                log.warning("%s: last line lacked its newline; terminated it", path.name)
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            else:
+                log.warning(
+                    "%s: removed a torn last line of %d bytes (crash during a write)",
+                    path.name,
+                    len(fragment),
+                )
+                f.truncate(pos)
+            f.flush()
+            os.fsync(f.fileno())
+        end = pos + len(fragment) + 1 if complete else pos
+        index.synced[path.name] = end  # the fsync covered every byte before it
+        if complete:
+            index.add(obj, obj.get("type"), no, pos)
+        return end
+
+    def _catch_up(self, repair: bool, fresh: bool = False) -> _Index:
+        """Bring the index up to the files (caller holds ``_mu``).
+
+        Only bytes appended since the last look are read. A file that shrank
+        or vanished (edited by hand; another process's failed write undone)
+        rebuilds the index from scratch. If the files still change under
+        the rebuild after three tries, :class:`SinkUnavailable` (retryable)
+        and ``_index`` is kept as it was (the next call starts afresh): a
+        partial index must never answer a duplicate check.
+        """
+        fresh = fresh or self._rebuild or self._index is None
+        index = _Index() if fresh else self._index
+        assert index is not None
+        rebuilt = fresh
+        for _ in range(3):
+            sizes = _sizes(self.dir)
+            stale = any(name not in sizes for name in index.seen)
+            for name in sorted(sizes) if not stale else ():
+                size, start = sizes[name], index.seen.get(name)
+                if size == start:
+                    continue
+                if start is not None and size < start:
+                    stale = True
+                    break
+                try:
+                    index.seen[name] = self._scan_file(index, self.dir / name, start or 0, repair)
+                except FileNotFoundError:
+                    stale = True
+                    break
+            if not stale:
+                if rebuilt:
+                    # Today's file may be another inode now: reopen it.
+                    self._close_file()
+                self._index, self._rebuild = index, False
+                return index
+            log.warning("%s: a file shrank or went away; re-reading them all", self.dir.name)
+            self.rebuilds += 1
+            index, rebuilt = _Index(), True
+        self._rebuild = True
+        raise SinkUnavailable(f"jsonl sink: {self.dir.name} keeps changing while it is read")
+
+    def _sync_indexed(self, index: _Index) -> None:
+        """fsync every file with indexed lines not known to be fsynced.
+
+        Lines another process appended (or that were there at open) may
+        have been written by one that died before its ``fsync``: they are
+        trusted as stored only once their file has been fsynced (by us).
+        Caller holds the write lock and ``_mu``; once per file per process
+        in normal operation.
+        """
+        for name, seen in index.seen.items():
+            if index.synced.get(name, 0) >= seen:
+                continue
+            fd = os.open(self.dir / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            index.synced[name] = seen
+
+    # -- the write lock ----------------------------------------------------
+
+    def _acquire(self, wait: float) -> bool:
+        """Take the directory's write lock (``flock``), waiting up to ``wait`` s."""
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
+        pause = 0.001
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _scan(self) -> dict[str, str]:
+    def _open_sync(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.dir.glob(_GLOB)):
-            _repair_tail(path)
-        index: dict[str, str] = {}
-        for doc in _iter_docs(self.dir):
-            index.setdefault(str(doc["_id"]), str(doc.get("hash")))
-        return index
+        with self._mu:
+            self._catch_up(repair=False, fresh=True)  # the long scan, without the lock
+        with self._writing:
+            try:
+                locked = self._acquire(0)
+            except OSError as exc:  # e.g. a directory this user may only read
+                log.info("%s: no write lock (%s); not repairing", self.dir.name, exc)
+                return
+            if not locked:
+                log.info("%s: another process is writing; not repairing", self.dir.name)
+                return
+            try:
+                with self._mu:
+                    self._catch_up(repair=True)  # only the tails, now
+            finally:
+                self._release()
 
     async def open(self) -> None:
         async with self._lock:
             try:
-                self._index = await asyncio.to_thread(self._scan)
-            except OSError as exc:
+                await asyncio.to_thread(self._open_sync)
+            except (OSError, SinkUnavailable) as exc:
+                with self._mu:
+                    self._index = None
+                if isinstance(exc, SinkUnavailable):
+                    raise
                 raise SinkUnavailable(f"jsonl sink: cannot open {self.dir.name}: {exc}") from exc
-            self._rescan = False
+
+    def _close_sync(self) -> None:
+        with self._writing, self._mu:
+            self._index = None
+            f, self._file, self._file_name = self._file, None, None
+            fd, self._lock_fd = self._lock_fd, None
+            try:
+                if f is not None:
+                    f.close()
+            finally:
+                if fd is not None:
+                    os.close(fd)
 
     async def close(self) -> None:
         async with self._lock:
-            self._index = None
-            f, self._file, self._file_name = self._file, None, None
-            if f is not None:
-                await asyncio.to_thread(f.close)
+            await asyncio.to_thread(self._close_sync)
 
     # -- writing -----------------------------------------------------------
 
-    def _append(self, data: bytes) -> None:
-        """Append ``data`` to today's file and fsync; undo on failure."""
+    def _close_file(self) -> None:
+        f, self._file, self._file_name = self._file, None, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+
+    def _file_is_current(self, path: Path) -> bool:
+        """Whether the open file is still the one at ``path`` (not deleted or renamed)."""
+        assert self._file is not None
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        fst = os.fstat(self._file.fileno())
+        return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+    def _append(self, data: bytes) -> tuple[str, int]:
+        """Append ``data`` to today's file and fsync; undo on failure.
+
+        Returns the file's name and the offset ``data`` starts at. Caller
+        holds the write lock, so nobody else appends meanwhile.
+        """
         name = f"audit-{datetime.fromtimestamp(self._clock(), tz=UTC):%Y-%m-%d}.jsonl"
-        if self._file_name != name:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-            path = self.dir / name
+        path = self.dir / name
+        if self._file is not None and (self._file_name != name or not self._file_is_current(path)):
+            if self._file_name == name:
+                log.warning("%s: %s was deleted or renamed; starting it anew", self.dir.name, name)
+            self._close_file()
+        if self._file is None:
             new = not path.exists()
             # The owner's only: the audit trail is no one else's to read.
             self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
@@ -214,37 +482,53 @@ class JsonlSink(Sink):
                 finally:
                     os.close(dfd)
         f = self._file
-        assert f is not None
         start = f.seek(0, os.SEEK_END)
         try:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         except OSError:
-            try:
+            # If the truncate fails too, the next write's catch-up (under the
+            # lock) indexes the lines that made it or repairs a torn one.
+            with contextlib.suppress(OSError, ValueError):
                 f.truncate(start)
                 os.fsync(f.fileno())
-            except (OSError, ValueError):
-                self._rescan = True
             with contextlib.suppress(OSError):
                 f.close()
             self._file, self._file_name = None, None
             raise
+        return name, start
 
-    async def _write(self, docs: list[Doc], kind: str) -> None:
+    def _write_sync(self, docs: list[Doc], kind: str) -> None:
+        with self._writing:
+            try:
+                locked = self._acquire(LOCK_WAIT_SECONDS)
+            except OSError as exc:
+                raise SinkUnavailable(f"jsonl sink: cannot lock {self.dir.name}: {exc}") from exc
+            if not locked:
+                raise SinkUnavailable(
+                    f"jsonl sink: {self.dir.name} is locked by another writer"
+                    f" for more than {LOCK_WAIT_SECONDS:g} s"
+                )
+            try:
+                with self._mu:
+                    self._write_locked(docs, kind)
+            finally:
+                self._release()
+
+    def _write_locked(self, docs: list[Doc], kind: str) -> None:
         if self._index is None:
             raise SinkUnavailable("jsonl sink is not open")
-        if self._rescan:
-            try:
-                self._index = await asyncio.to_thread(self._scan)
-            except OSError as exc:
-                raise SinkUnavailable(f"jsonl sink: {exc}") from exc
-            self._rescan = False
-        index = self._index
+        # What other processes appended since we last looked, and any torn
+        # tail a crashed writer left: nobody else is writing now.
+        index = self._catch_up(repair=True)
+        if any(str(doc["_id"]) in index.ids for doc in docs):
+            # The answer comes from lines that may not be on disk yet.
+            self._sync_indexed(index)
         new: dict[str, Doc] = {}
         for doc in docs:
             doc_id, h = str(doc["_id"]), str(doc["hash"])
-            known = index.get(doc_id)
+            known = index.ids.get(doc_id)
             if known is None and doc_id in new:
                 known = str(new[doc_id]["hash"])
             if known is None:
@@ -254,15 +538,29 @@ class JsonlSink(Sink):
         if not new:
             return
         try:
-            data = b"".join(_line(d, kind) for d in new.values())
+            lines = [_line(d, kind) for d in new.values()]
         except (TypeError, ValueError) as exc:
             raise SinkRejected(f"jsonl sink: not JSON serialisable: {exc}") from exc
+        data = b"".join(lines)
+        name, start = self._append(data)
+        # The fsync covered the whole file, including lines not read yet.
+        index.synced[name] = max(index.synced.get(name, 0), start + len(data))
+        if index.seen.get(name, 0) != start:
+            return  # bytes we have not read precede ours: the next catch-up reads both
+        no = index.number(name)
+        pos = start
+        for doc, raw in zip(new.values(), lines, strict=True):
+            index.add(doc, kind, no, pos)
+            pos += len(raw)
+        index.seen[name] = pos
+
+    async def _write(self, docs: list[Doc], kind: str) -> None:
+        if self._index is None:
+            raise SinkUnavailable("jsonl sink is not open")
         try:
-            await asyncio.to_thread(self._append, data)
+            await asyncio.to_thread(self._write_sync, docs, kind)
         except OSError as exc:
             raise SinkUnavailable(f"jsonl sink: write failed: {exc}") from exc
-        for doc_id, doc in new.items():
-            index[doc_id] = str(doc["hash"])
 
     async def write_part(self, part: Doc) -> None:
         async with self._lock:
@@ -274,23 +572,57 @@ class JsonlSink(Sink):
         async with self._lock:
             await self._write(events, SECURITY)
 
-    # -- queries (full scans) ----------------------------------------------
+    # -- queries (from the index; only the returned lines are read) ---------
 
-    async def _load(self, kind: str) -> list[Doc]:
+    def _read(self, index: _Index, files: dict[int, IO[bytes]], no: int, offset: int) -> Doc:
+        """The line at ``offset`` of file ``no``, parsed (``_Stale`` if it is not one)."""
+        f = files.get(no)
+        if f is None:
+            f = files[no] = (self.dir / index.names[no]).open("rb")
+        f.seek(offset)
+        raw = f.readline()
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise _Stale from None
+        if not isinstance(doc, dict):
+            raise _Stale
+        return doc
+
+    def _query(self, fn: Callable[[_Index, _Reader], T]) -> T:
+        """``fn(index, read)`` on an index brought up to the files.
+
+        ``read(file, offset)`` loads one indexed line. A line that is not
+        where the index says (files edited behind the sink's back) re-reads
+        everything once.
+        """
+        with self._mu:
+            for attempt in range(2):
+                if self._index is None:
+                    raise SinkUnavailable("jsonl sink is not open")
+                if attempt > 0:
+                    # Not in normal operation: an offset bug would hide here.
+                    log.warning("%s: a line was not where the index said; re-reading all",
+                                self.dir.name)
+                    self.rebuilds += 1
+                index = self._catch_up(repair=False, fresh=attempt > 0)
+                files: dict[int, IO[bytes]] = {}
+                try:
+                    return fn(index, functools.partial(self._read, index, files))
+                except (_Stale, FileNotFoundError):
+                    continue
+                finally:
+                    for f in files.values():
+                        f.close()
+        raise SinkUnavailable(f"jsonl sink: {self.dir.name} keeps changing under the reader")
+
+    async def _run_query(self, fn: Callable[[_Index, _Reader], T]) -> T:
         if self._index is None:
             raise SinkUnavailable("jsonl sink is not open")
-        async with self._lock:
-            try:
-                docs = await asyncio.to_thread(_iter_docs, self.dir)
-            except OSError as exc:
-                raise SinkUnavailable(f"jsonl sink: {exc}") from exc
-        seen: set[Any] = set()
-        out = []
-        for d in docs:
-            if d.get("type") == kind and d["_id"] not in seen:
-                seen.add(d["_id"])
-                out.append(_strip(d))
-        return out
+        try:
+            return await asyncio.to_thread(self._query, fn)
+        except OSError as exc:
+            raise SinkUnavailable(f"jsonl sink: {exc}") from exc
 
     async def list_sessions(
         self,
@@ -301,41 +633,58 @@ class JsonlSink(Sink):
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[Doc], str | None]:
-        parts = await self._load(PART)
-        by_session: dict[str, list[Doc]] = {}
-        for p in parts:
-            by_session.setdefault(p["session_id"], []).append(p)
         after: tuple[str, str] | None = None
         if cursor is not None:
             start, sid = decode_cursor(cursor)
             after = (start, sid)
-        heads = []
-        for sid, ps in by_session.items():
-            # Listed by its lowest stored part, not part 0 (as the sqlite
-            # sink): verify must see a session whose part 0 went missing.
-            head = min(ps, key=lambda p: p["part"])
-            start = head.get("session_start_time") or ""
-            if user is not None and head.get("user") != user:
-                continue
-            if since is not None and start < since:
-                continue
-            if until is not None and start > until:
-                continue
-            if after is not None and (start, sid) >= after:
-                continue
-            heads.append((start, sid))
-        heads.sort(reverse=True)
-        page = heads[:limit]
-        out = [summarize_parts(by_session[sid]) for _, sid in page]
-        next_cursor = None
-        if len(heads) > limit and out:
-            last = out[-1]
-            next_cursor = encode_cursor(last["session_start_time"], last["session_id"])
-        return out, next_cursor
+
+        def query(index: _Index, read: _Reader) -> tuple[list[Doc], str | None]:
+            def heads() -> Iterator[tuple[str, str]]:
+                # Listed by its lowest stored part, not part 0 (as the sqlite
+                # sink): verify must see a session whose part 0 went missing.
+                for sid, s in index.sessions.items():
+                    _, head_user, head_start = s.head
+                    start = head_start or ""
+                    if user is not None and head_user != user:
+                        continue
+                    if since is not None and start < since:
+                        continue
+                    if until is not None and start > until:
+                        continue
+                    if after is not None and (start, sid) >= after:
+                        continue
+                    yield start, sid
+
+            top = heapq.nlargest(max(limit, 0) + 1, heads())
+            out = [index.sessions[sid].summary(sid) for _, sid in top[:limit]]
+            next_cursor = None
+            if len(top) > limit and out:
+                last = out[-1]
+                next_cursor = encode_cursor(last["session_start_time"], last["session_id"])
+            return out, next_cursor
+
+        return await self._run_query(query)
 
     async def get_session_parts(self, session_id: str) -> list[Doc]:
-        parts = await self._load(PART)
-        return sorted((p for p in parts if p["session_id"] == session_id), key=lambda p: p["part"])
+        def query(index: _Index, read: _Reader) -> list[Doc]:
+            s = index.sessions.get(session_id)
+            if s is None:
+                return []
+            out = []
+            for part, no, offset in sorted(s.locs, key=lambda loc: loc[0]):
+                doc = read(no, offset)
+                if doc.get("session_id") != session_id or doc.get("part") != part:
+                    raise _Stale
+                out.append(_strip(doc))
+            return out
+
+        return await self._run_query(query)
+
+    async def session_ids(self) -> AsyncIterator[str]:
+        """Every session with any stored part (from the index; no file is read)."""
+        ids = await self._run_query(lambda index, read: list(index.sessions))
+        for sid in ids:
+            yield sid
 
     async def list_security_events(
         self,
@@ -345,24 +694,32 @@ class JsonlSink(Sink):
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[Doc], str | None]:
-        events = await self._load(SECURITY)
         after: tuple[str, str] | None = None
         if cursor is not None:
             ts, eid = decode_cursor(cursor)
             after = (ts, eid)
-        keyed = []
-        for ev in events:
-            key = (ev["ts"], ev["_id"])
-            if since is not None and ev["ts"] < since:
-                continue
-            if kind is not None and ev.get("action") != kind:
-                continue
-            if after is not None and key >= after:
-                continue
-            keyed.append((key, ev))
-        keyed.sort(key=lambda kv: kv[0], reverse=True)
-        docs = [ev for _, ev in keyed[:limit]]
-        next_cursor = None
-        if len(keyed) > limit and docs:
-            next_cursor = encode_cursor(docs[-1]["ts"], docs[-1]["_id"])
-        return docs, next_cursor
+
+        def query(index: _Index, read: _Reader) -> tuple[list[Doc], str | None]:
+            def matching() -> Iterator[tuple[Any, Any, int, int]]:
+                for ts, eid, action, no, offset in index.events:
+                    if since is not None and ts < since:
+                        continue
+                    if kind is not None and action != kind:
+                        continue
+                    if after is not None and (ts, eid) >= after:
+                        continue
+                    yield ts, eid, no, offset
+
+            top = heapq.nlargest(max(limit, 0) + 1, matching(), key=lambda e: (e[0], e[1]))
+            docs = []
+            for _, eid, no, offset in top[:limit]:
+                doc = read(no, offset)
+                if doc.get("_id") != eid:
+                    raise _Stale
+                docs.append(_strip(doc))
+            next_cursor = None
+            if len(top) > limit and docs:
+                next_cursor = encode_cursor(docs[-1]["ts"], docs[-1]["_id"])
+            return docs, next_cursor
+
+        return await self._run_query(query)

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
 from receiver import sample_part, sample_security_event
 
-from sinks.base import SinkConflict
-from sinks.jsonl import JsonlSink
+from sinks import jsonl
+from sinks.base import SinkConflict, SinkUnavailable
+from sinks.jsonl import LOCK_NAME, JsonlSink
 
 DAY1 = 1_764_115_200.0  # 2025-11-26T00:00:00Z
 DAY2 = DAY1 + 86_400
 
 
 def names(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    """The files in ``directory`` but the sink's write lock."""
+    return sorted(p.name for p in directory.iterdir() if p.name != LOCK_NAME)
 
 
 def lines(path: Path) -> list[dict[str, object]]:
@@ -144,3 +149,313 @@ async def test_a_batch_with_a_conflict_writes_nothing(tmp_path: Path) -> None:
         assert sorted(e["_id"] for e in events) == ["e1", "e4"]
     finally:
         await sink.close()
+
+
+def part_line(part: dict[str, object]) -> bytes:
+    return (json.dumps({**part, "type": "session_part"}, separators=(",", ":")) + "\n").encode()
+
+
+async def test_a_sink_opened_while_another_writes_leaves_its_line_alone(tmp_path: Path) -> None:
+    """``server.py verify`` (or ``drain``) beside a server that is appending a
+    part: the half-written line looks torn, but only the writer may repair,
+    so the second sink leaves the bytes alone, reads the complete lines, and
+    its own write waits for the lock and then sees the finished line."""
+    first = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await first.open()
+    await first.write_part(sample_part("a"))
+    await first.write_security_events([sample_security_event("e1")])
+    await first.close()
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    b = sample_part("b")
+    line = part_line(b)
+    # The server is in the middle of appending b: it holds the write lock
+    # (another open file description, as another process has) and half the
+    # line is out.
+    fd = os.open(tmp_path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with path.open("ab") as f:
+            f.write(line[:70])
+        before = path.read_bytes()
+        second = JsonlSink(tmp_path, clock=lambda: DAY1)
+        await second.open()
+        try:
+            assert path.read_bytes() == before  # not truncated
+            assert [p["_id"] for p in await second.get_session_parts("a")] == ["a:0"]
+            assert await second.get_session_parts("b") == []
+            assert [s["session_id"] for s in (await second.list_sessions())[0]] == ["a"]
+            assert [e["_id"] for e in (await second.list_security_events())[0]] == ["e1"]
+            # drain retries b: it waits for the server to finish its line.
+            retry = asyncio.ensure_future(second.write_part(b))
+            await asyncio.sleep(0.3)
+            assert not retry.done() and path.read_bytes() == before
+            with path.open("ab") as f:
+                f.write(line[70:])
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
+            await asyncio.wait_for(retry, 5)  # b is stored already: nothing appended
+            assert [p["_id"] for p in await second.get_session_parts("b")] == ["b:0"]
+        finally:
+            await second.close()
+    finally:
+        os.close(fd)
+    assert [d["_id"] for d in lines(path)] == ["a:0", "e1", "b:0"]
+
+
+async def test_two_writers_of_one_directory_append_nothing_twice(tmp_path: Path) -> None:
+    """Each writer reads what the other appended before it appends itself."""
+    one = JsonlSink(tmp_path, clock=lambda: DAY1)
+    two = JsonlSink(tmp_path, clock=lambda: DAY2)
+    await one.open()
+    await two.open()
+    try:
+        await one.write_part(sample_part("s1"))
+        await two.write_part(sample_part("s1"))  # stored by the other: a no-op
+        with pytest.raises(SinkConflict):
+            await two.write_part(sample_part("s1", salt="x"))
+        await two.write_security_events([sample_security_event("e1")])
+        await one.write_security_events([sample_security_event("e1"), sample_security_event("e2")])
+        sessions, _ = await two.list_sessions()
+        assert [s["session_id"] for s in sessions] == ["s1"]
+        events, _ = await one.list_security_events()
+        assert sorted(e["_id"] for e in events) == ["e1", "e2"]
+    finally:
+        await one.close()
+        await two.close()
+    assert [d["_id"] for d in lines(tmp_path / "audit-2025-11-26.jsonl")] == ["s1:0", "e2"]
+    assert [d["_id"] for d in lines(tmp_path / "audit-2025-11-27.jsonl")] == ["e1"]
+
+
+@pytest.mark.parametrize("how", ["delete", "rename_away", "rename_to_another_audit_name"])
+async def test_a_write_after_todays_file_was_deleted_or_renamed_is_not_lost(
+    tmp_path: Path, how: str
+) -> None:
+    """The open file is today's file only while its path names that inode:
+    a write after a delete or rename goes to a new file at the expected
+    path (and is indexed), not into the old inode."""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    moved = {
+        "delete": None,
+        "rename_away": tmp_path / "audit-2025-11-26.jsonl.bak",
+        "rename_to_another_audit_name": tmp_path / "audit-2025-11-26-old.jsonl",
+    }[how]
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("a"))
+        if moved is None:
+            path.unlink()
+        else:
+            path.rename(moved)
+        await sink.write_part(sample_part("b"))
+        await sink.write_part(sample_part("c"))
+        assert [d["_id"] for d in lines(path)] == ["b:0", "c:0"]
+        assert [p["_id"] for p in await sink.get_session_parts("b")] == ["b:0"]
+        assert [p["_id"] for p in await sink.get_session_parts("c")] == ["c:0"]
+    finally:
+        await sink.close()
+    if moved is not None:
+        assert [d["_id"] for d in lines(moved)] == ["a:0"]  # nothing went to the old inode
+    still_listed = how == "rename_to_another_audit_name"
+    reopened = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await reopened.open()
+    try:
+        assert [p["_id"] for p in await reopened.get_session_parts("b")] == ["b:0"]
+        assert [p["_id"] for p in await reopened.get_session_parts("a")] == (
+            ["a:0"] if still_listed else []
+        )
+        await reopened.write_part(sample_part("b"))  # stored: nothing appended
+    finally:
+        await reopened.close()
+    assert [d["_id"] for d in lines(path)] == ["b:0", "c:0"]
+
+
+async def test_a_directory_that_keeps_changing_is_retryable_never_a_duplicate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catch-up gives up after three rounds of files vanishing between the
+    listing and the read: SinkUnavailable, and the index it had is kept
+    (an empty or partial one would let an _id be appended again)."""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("a"))
+        await sink.write_security_events([sample_security_event("e1")])
+        real_sizes = jsonl._sizes
+
+        def racing(directory: Path) -> dict[str, int]:
+            # Listed, and gone by the time it is read (every time).
+            return {**real_sizes(directory), "audit-2025-11-25.jsonl": 100}
+
+        monkeypatch.setattr(jsonl, "_sizes", racing)
+        with pytest.raises(SinkUnavailable):
+            await sink.write_part(sample_part("a"))
+        with pytest.raises(SinkUnavailable):
+            await sink.write_security_events([sample_security_event("e1")])
+        with pytest.raises(SinkUnavailable):
+            await sink.get_session_parts("a")
+        other = JsonlSink(tmp_path, clock=lambda: DAY1)
+        with pytest.raises(SinkUnavailable):
+            await other.open()
+        assert [d["_id"] for d in lines(path)] == ["a:0", "e1"]
+        monkeypatch.setattr(jsonl, "_sizes", real_sizes)  # the race is over
+        await sink.write_part(sample_part("a"))  # the retries: stored already
+        await sink.write_security_events([sample_security_event("e1")])
+        with pytest.raises(SinkConflict):
+            await sink.write_part(sample_part("a", salt="x"))
+        await sink.write_part(sample_part("b"))
+        assert [p["_id"] for p in await sink.get_session_parts("a")] == ["a:0"]
+    finally:
+        await sink.close()
+    assert [d["_id"] for d in lines(path)] == ["a:0", "e1", "b:0"]
+
+
+@pytest.mark.parametrize("when", ["before_open", "while_open"])
+async def test_a_duplicate_in_lines_another_process_wrote_is_fsynced_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Lines this sink did not write may be from a process that died before
+    its fsync: a retried write answers "stored" for them only after their
+    file was fsynced. (A power cut cannot be simulated; the fsync can be
+    observed.)"""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    b = sample_part("b")
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    if when == "before_open":
+        path.write_bytes(part_line(b))  # written, never fsynced
+        await sink.open()
+    else:
+        await sink.open()
+        await sink.write_part(sample_part("a"))
+        with path.open("ab") as f:
+            f.write(part_line(b))  # another process's append, never fsynced
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        st = path.stat()
+        await sink.write_part(b)  # the flusher's retry: stored already
+        assert (st.st_dev, st.st_ino) in synced
+        synced.clear()
+        await sink.write_part(b)  # known fsynced now: not again
+        with pytest.raises(SinkConflict):
+            await sink.write_part(sample_part("b", salt="x"))
+        assert synced == []
+    finally:
+        await sink.close()
+    assert [d["_id"] for d in lines(path)] == (["b:0"] if when == "before_open" else ["a:0", "b:0"])
+
+
+async def test_a_writer_repairs_a_torn_tail_it_could_not_repair_at_open(tmp_path: Path) -> None:
+    """Opened while another process held the lock over a torn line, the sink
+    did not repair; that process then died. The sink's first write removes
+    the fragment before appending, so every stored line parses."""
+    first = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await first.open()
+    await first.write_part(sample_part("a"))
+    await first.close()
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    b = sample_part("b")
+    fd = os.open(tmp_path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with path.open("ab") as f:
+            f.write(part_line(b)[:70])
+        before = path.read_bytes()
+        sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+        await sink.open()
+        assert path.read_bytes() == before  # not repaired: the lock was taken
+    finally:
+        os.close(fd)  # the holder dies: its lock goes, its fragment stays
+    try:
+        await sink.write_part(sample_part("c"))
+        assert [d["_id"] for d in lines(path)] == ["a:0", "c:0"]  # every line parses
+        assert [p["_id"] for p in await sink.get_session_parts("c")] == ["c:0"]
+        assert await sink.get_session_parts("b") == []
+        await sink.write_part(b)  # the dead writer's retry appends it whole
+        assert [p["_id"] for p in await sink.get_session_parts("b")] == ["b:0"]
+        assert sink.rebuilds == 0
+    finally:
+        await sink.close()
+    assert [d["_id"] for d in lines(path)] == ["a:0", "c:0", "b:0"]
+
+
+async def _read_everything(sink: JsonlSink, sids: set[str], eids: set[str]) -> None:
+    """Every query, paging, so every indexed offset is read at least once."""
+    got: list[str] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await sink.list_sessions(limit=2, cursor=cursor)
+        got += [s["session_id"] for s in page]
+        if cursor is None:
+            break
+    assert sorted(got) == sorted(sids)
+    assert sorted([sid async for sid in sink.session_ids()]) == sorted(sids)
+    for sid in sids:
+        parts = await sink.get_session_parts(sid)
+        assert parts and all(p["session_id"] == sid for p in parts)
+    events: list[str] = []
+    cursor = None
+    while True:
+        page, cursor = await sink.list_security_events(limit=3, cursor=cursor)
+        events += [e["_id"] for e in page]
+        if cursor is None:
+            break
+    assert sorted(events) == sorted(eids)
+
+
+async def test_normal_operation_never_rebuilds_the_index(tmp_path: Path) -> None:
+    """The query path re-reads everything when a line is not at its indexed
+    offset, which would hide an offset bug behind right answers: count it,
+    and see it never happens in writes, queries, two writers, day rollover
+    and repairs."""
+    path1, path2 = tmp_path / "audit-2025-11-26.jsonl", tmp_path / "audit-2025-11-27.jsonl"
+    path1.write_bytes(part_line(sample_part("pre")).rstrip(b"\n"))  # complete, no newline
+    now = [DAY1 + 86_000]
+    one = JsonlSink(tmp_path, clock=lambda: now[0])
+    two = JsonlSink(tmp_path, clock=lambda: now[0])
+    await one.open()
+    await two.open()
+    sids, eids = {"pre"}, set()
+    try:
+        for i in range(12):
+            sink = (one, two)[i % 3 == 0]
+            if i == 6:
+                now[0] = DAY2 + 10  # rollover in the middle
+            if i == 8:  # a crash left a torn line in today's file
+                with path2.open("ab") as f:
+                    f.write(part_line(sample_part("torn"))[:50])
+            sid = f"s{i}"
+            start = f"2026-11-26T1{i % 10}:00:00.000Z"
+            await sink.write_part(sample_part(sid, 0, final=False, start=start))
+            await sink.write_part(sample_part(sid, 1, start=start))
+            await sink.write_part(sample_part(sid, 1, start=start))  # a retry: no-op
+            batch = [
+                sample_security_event(f"e{i}-{k}", ts=f"2026-11-26T14:00:{i:02d}.{k:03d}Z")
+                for k in range(i % 4)
+            ]
+            await sink.write_security_events(batch)
+            sids.add(sid)
+            eids |= {e["_id"] for e in batch}
+            for reader in (one, two):
+                await _read_everything(reader, sids, eids)
+    finally:
+        await one.close()
+        await two.close()
+    reopened = JsonlSink(tmp_path, clock=lambda: now[0])
+    await reopened.open()
+    try:
+        await _read_everything(reopened, sids, eids)
+    finally:
+        await reopened.close()
+    assert (one.rebuilds, two.rebuilds, reopened.rebuilds) == (0, 0, 0)
+    for path in (path1, path2):
+        lines(path)  # every line parses
