@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import getpass
 import json
 import logging
 import os
 import secrets
+import socket
 import sqlite3
 import sys
 import time
@@ -39,7 +41,7 @@ from handlers import routes
 from handlers.ai import create_provider
 from handlers.auth import THROTTLE, Accounts, LoginThrottle, add_user_sync, valid_username
 from handlers.errors import error_middleware
-from handlers.keys import ACCOUNTS, AI, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
+from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
 from handlers.ops import REQUESTS, new_registry
 from handlers.requests import CLIENT_MAX_SIZE
 from sinks import QueryNotSupported, Sink, SinkError, create_sink
@@ -51,6 +53,7 @@ AUDIT_KEY_ENV = "SESSION_AUDIT_AUDIT_KEY"
 ADMIN_PASSWORD_ENV = "SESSION_AUDIT_ADMIN_PASSWORD"
 SHUTDOWN_FLUSH_SECONDS = 2.0
 SINK_OPEN_WAIT = 1.0  # start to ready stays well under 3 s even when the sink hangs
+CHAT_CONCURRENCY = 4  # chats holding their document at once; the others queue
 
 
 class StartupError(Exception):
@@ -200,8 +203,12 @@ def create_app(
                                   config.auth.login_window_seconds)
     app[REGISTRY], app[REQUESTS] = new_registry()
     app[PUBLIC] = routes.PUBLIC_ROUTES
-    app[TRUSTED_PROXIES] = config.server.proxy_networks()
+    app[TRUSTED_PROXIES] = proxies = config.server.proxy_networks()
+    if any(net.prefixlen == 0 for net in proxies):
+        log.warning("server.trusted_proxies trusts every address: any client can then"
+                    " choose the address recorded for it and counted by the login throttle")
     app[AI] = create_provider(config, app)
+    app[CHAT_SLOTS] = asyncio.Semaphore(CHAT_CONCURRENCY)
     app.middlewares.extend(
         [_metrics_middleware(app), error_middleware, session_middleware(engine, tokens)]
     )
@@ -248,6 +255,7 @@ async def _tune_gc(app: web.Application) -> None:
     rather than 700. A request allocates a few hundred objects, nearly all
     freed by reference counting; an audited read then spends about 9 % less
     CPU (bench/README.md)."""
+    gc.collect()  # what is garbage now is not frozen with the rest
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
 
@@ -269,7 +277,13 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
             print=None,
             shutdown_timeout=10.0,
         )
-    except OSError as exc:  # the listening socket: a bad host, a port in use
+    except OSError as exc:
+        # The listening socket: a host that does not resolve or is not ours,
+        # a port in use or not allowed. Anything else is not a startup error.
+        if not isinstance(exc, socket.gaierror) and exc.errno not in (
+            errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES
+        ):
+            raise
         raise StartupError(f"server.host / server.port: cannot listen on"
                            f" {config.server.host}:{config.server.port}: {exc}") from None
     return 0

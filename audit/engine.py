@@ -210,7 +210,7 @@ class AuditEngine:
 
     async def record(
         self, session_id: str, draft: Draft, change: Change | None = None,
-        *, read_only: bool = False, needs_space: bool = True,
+        *, read_only: bool = False, needs_space: bool = True, durable: bool = False,
     ) -> Any:
         """Record an event in the caller's session, atomically with ``change``.
 
@@ -222,10 +222,11 @@ class AuditEngine:
         reads: it runs without savepoints (a :class:`Read` job). Without
         ``needs_space`` the event is taken even by a full spool: for the record
         of an action that has already happened (a chat the provider answered).
+        With ``durable`` it returns after the commit even under ``ack = "fast"``.
         """
         if change is None:
             append = Append(session_id, draft)
-            if self.config.audit.ack == "fast":
+            if self.config.audit.ack == "fast" and not durable:
                 fut = self.spool.submit_nowait(append, needs_space=needs_space)
                 self._inflight.add(fut)
                 fut.add_done_callback(self._fast_done)

@@ -14,7 +14,6 @@ import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -69,18 +68,22 @@ def client_ip(request: web.Request) -> str | None:
     """The connection's address; behind a trusted proxy (``server.trusted_proxies``)
     the rightmost X-Forwarded-For address that is not itself a trusted proxy.
     Addresses left of it are the client's to invent and are ignored; so is a
-    malformed one (the last trusted hop is used then)."""
+    malformed one (the last trusted hop is used then). A hop may carry a port
+    (``1.2.3.4:5555``, ``[2001:db8::1]:443``), which is dropped, as is an IPv6
+    zone; IPv4-mapped IPv6 addresses count as their IPv4 address."""
     remote = request.remote
     proxies = request.app.get(TRUSTED_PROXIES, ())
-    if not proxies or remote is None or not _trusted(remote, proxies):
+    if not proxies or remote is None:
         return remote
+    addr = parse_hop(remote)
+    if addr is None or not any(addr in net for net in proxies):
+        return remote
+    client = str(addr)
     hops = [h.strip() for line in request.headers.getall("X-Forwarded-For", ())
             for h in line.split(",")]
-    client = remote
     for hop in reversed(hops):
-        try:
-            addr = ipaddress.ip_address(hop.removeprefix("[").removesuffix("]"))
-        except ValueError:
+        addr = parse_hop(hop)
+        if addr is None:
             break
         client = str(addr)
         if not any(addr in net for net in proxies):
@@ -88,12 +91,22 @@ def client_ip(request: web.Request) -> str | None:
     return client
 
 
-def _trusted(remote: str, proxies: tuple[Any, ...]) -> bool:
+def parse_hop(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """One X-Forwarded-For entry as an address, or None if it is not one."""
+    if len(text) > 64:
+        return None
+    if text.startswith("["):  # [v6] or [v6]:port
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    text = text.partition("%")[0]  # an IPv6 zone
     try:
-        addr = ipaddress.ip_address(remote)
+        addr = ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return any(addr in net for net in proxies)
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 def anonymous_source(request: web.Request) -> Source:

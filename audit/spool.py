@@ -75,12 +75,30 @@ def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.
 # data waiting for the sink, which drains; documents do not.
 APP_TABLES = ("users", "documents")
 # After a document change, the app tables are measured again at most this often.
-APP_BYTES_INTERVAL = 5.0
+# dbstat reads every page of those tables: 50 ms for 200 MB of documents,
+# 0.2-0.75 s for 1 GB.
+APP_BYTES_INTERVAL = 30.0
+_no_dbstat_logged = False
 
 
 def app_bytes(conn: sqlite3.Connection) -> int:
-    """Bytes of the pages of the application's tables and their indexes
-    (``dbstat``: about 50 ms for 200 MB of documents)."""
+    """Bytes of the pages of the application's tables and their indexes, by
+    SQLite's ``dbstat``. A SQLite built without it gives 0 (documents then
+    count toward ``spool_max_bytes``), with a warning once."""
+    global _no_dbstat_logged
+    try:
+        return _app_bytes(conn)
+    except sqlite3.OperationalError as exc:
+        if "dbstat" not in str(exc):
+            raise
+        if not _no_dbstat_logged:
+            _no_dbstat_logged = True
+            log.warning("this SQLite has no dbstat table: documents count toward"
+                        " audit.spool_max_bytes")
+        return 0
+
+
+def _app_bytes(conn: sqlite3.Connection) -> int:
     marks = ", ".join("?" * len(APP_TABLES))
     names = [r[0] for r in conn.execute(
         f"SELECT name FROM sqlite_schema WHERE tbl_name IN ({marks})"
@@ -311,9 +329,17 @@ class Spool:
         nbytes = used_bytes(self._wconn)
         return results, nbytes, w.new_parts, w.new_security, w.appended
 
+    def _measure_app(self) -> int:
+        conn = connect(self.path, self.synchronous, readonly=True)
+        try:
+            return app_bytes(conn)
+        finally:
+            conn.close()
+
     async def measure_app_bytes(self, *, force: bool = False) -> bool:
-        """Measure the app tables again (on the reader thread) if a document
-        changed since the last time, at most every :data:`APP_BYTES_INTERVAL`.
+        """Measure the app tables again if a document changed since the last
+        time, at most every :data:`APP_BYTES_INTERVAL`, on a worker thread with
+        a connection of its own (not the reader's: logins wait on that one).
         Returns whether it measured."""
         now = time.monotonic()
         if not force and (not self.app_changed or now - self._app_measured < APP_BYTES_INTERVAL):
@@ -321,7 +347,7 @@ class Spool:
         self.app_changed = False
         self._app_measured = now
         try:
-            self.app_bytes = await self.read(app_bytes)
+            self.app_bytes = await asyncio.to_thread(self._measure_app)
         except BaseException:
             self.app_changed = True  # try again next time
             raise

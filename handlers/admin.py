@@ -7,6 +7,7 @@ Reading the audit API is itself audited (``audit.query``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,6 +17,8 @@ from aiohttp import web
 from audit import queries
 from audit.engine import AuditEngine
 from audit.events import Draft, format_ts, parse_ts
+from audit.spool import SpoolClosed, SpoolFull, SpoolUnavailable
+from audit.store import SessionNotOpen, Writer
 from sinks.base import (
     Doc,
     QueryNotSupported,
@@ -55,24 +58,37 @@ def audited(handler: Handler) -> Handler:
         query = {k[:64]: v[:200] for k, v in list(request.query.items())[:20]}
         details: dict[str, Any] = {"endpoint": request.path[:256], "query": query}
         draft = Draft("audit.query", details=details, source=ctx.source())
+        sid = ctx.session_id
         if not ctx.is_admin:
             draft.outcome = "denied"
             draft.details = {**details, "reason": "not_admin"}
-            await engine.record(ctx.session_id, draft)
-            await engine.record_security(
-                Draft("admin.denied", outcome="denied", details=draft.details,
-                      source=ctx.source()),
-                ctx.session_id,
-            )
+            denied = Draft("admin.denied", outcome="denied", details=draft.details,
+                           source=ctx.source())
+
+            def both(w: Writer) -> None:  # one job: both records or neither
+                w.append(sid, draft)
+                w.append_security(denied, sid)
+
+            await engine.spool.submit(both)
             raise ApiError(403, "forbidden", "this endpoint needs the admin role")
         try:
             resp = await handler(request)
-        except ApiError as err:
+        except SessionNotOpen:
+            raise  # the session ended meanwhile: nowhere to record it
+        except ApiError as err:  # bad parameters, not found, sink unavailable
             draft.outcome = "failure"
             draft.details = {**details, "reason": err.code}
-            await engine.record(ctx.session_id, draft)
+            await engine.record(sid, draft)  # if that fails, its 503 answers instead
             raise
-        await engine.record(ctx.session_id, draft)
+        except Exception as exc:
+            draft.outcome = "failure"
+            unavailable = isinstance(exc, (SpoolFull, SpoolUnavailable, SpoolClosed))
+            draft.details = {**details, "reason": "audit_unavailable" if unavailable
+                             else "internal_error"}
+            with contextlib.suppress(Exception):  # best effort: the error answers anyway
+                await engine.record(sid, draft)
+            raise
+        await engine.record(sid, draft)
         return resp
 
     return run

@@ -10,6 +10,7 @@ import hmac
 import re
 import sqlite3
 import time
+import urllib.parse
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from audit.middleware import anonymous_source, client_ip
 
 from .errors import ApiError, bad_request, json_response
 from .keys import ACCOUNTS, CONFIG, CTX, ENGINE, TOKENS
-from .requests import audited_input, read_json, too_large
+from .requests import audited_input, read_body, read_json, too_large
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MAX_PASSWORD_CHARS = 1024
@@ -207,14 +208,27 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
     if request.content_length is not None and request.content_length > LOGIN_BODY_MAX:
         raise too_large()  # before reading a byte: anybody may post here
     ctype = request.content_type
-    if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+    data: dict[str, Any]
+    if ctype == "application/x-www-form-urlencoded":
+        raw = await read_body(request, LOGIN_BODY_MAX)  # chunked or gzip: the limit holds
+        try:
+            pairs = urllib.parse.parse_qsl(raw.decode(request.charset or "utf-8"),
+                                           keep_blank_values=True, max_num_fields=16)
+        except (ValueError, LookupError):  # bytes not in the charset, too many fields
+            raise bad_request("the form body is malformed") from None
+        data = dict(pairs)
+    elif ctype == "multipart/form-data":
+        if request.content_length is None or "Content-Encoding" in request.headers:
+            # aiohttp reads a multipart body itself: its size must be known first.
+            raise bad_request("a multipart login body needs a Content-Length and no"
+                              " Content-Encoding")
         try:
             form = await request.post()
         except (ValueError, LookupError):
             # A multipart body without or with a wrong boundary, bytes that are not
             # in the (possibly unknown) charset: aiohttp raises these, not 400.
             raise bad_request("the form body is malformed") from None
-        data: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
+        data = {k: v for k, v in form.items() if isinstance(v, str)}
     else:
         data = await read_json(request, limit=LOGIN_BODY_MAX)
         if not isinstance(data, dict):

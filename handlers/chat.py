@@ -17,7 +17,7 @@ from audit.store import ActionError, SessionNotOpen
 from .ai import AIUnavailable
 from .documents import DOC_ID_MAX, _valid_id, fetch_visible, refuse_action
 from .errors import ApiError, bad_request, json_response
-from .keys import AI, CONFIG, CTX, ENGINE
+from .keys import AI, CHAT_SLOTS, CONFIG, CTX, ENGINE
 from .requests import audited_input, json_object
 
 MESSAGE_MAX_BYTES = 16 * 1024
@@ -44,11 +44,18 @@ def _message(body: Any) -> str:
 
 async def chat(request: web.Request) -> web.Response:
     ctx = request[CTX]
-    engine = request.app[ENGINE]
     doc_id = request.match_info["doc_id"]
     draft = Draft("ai.interaction", target={"type": "document", "id": doc_id[:DOC_ID_MAX * 2]},
                   source=ctx.source())
     message = await audited_input(request, draft, _message, limit=CHAT_BODY_MAX)
+    async with request.app[CHAT_SLOTS]:  # before the document is read into memory
+        return await _chat(request, draft, message)
+
+
+async def _chat(request: web.Request, draft: Draft, message: str) -> web.Response:
+    ctx = request[CTX]
+    engine = request.app[ENGINE]
+    doc_id = request.match_info["doc_id"]
     try:
         row = await engine.spool.read(lambda c: _visible(c, ctx, doc_id))
     except ActionError as err:
@@ -95,9 +102,11 @@ async def _record_asked(engine: AuditEngine, session_id: str, draft: Draft) -> N
     been sent, so the record is taken even by a full spool, and a session that
     ended meanwhile (logout, expiry, idle timeout) does not lose it: it goes
     to the security stream as ``auth.session_ended`` with the interaction's
-    details, and the caller gets 401 ``session_ended``."""
+    details (the texts too under ``capture_ai_content``), and the caller gets
+    401 ``session_ended``. Durable whatever ``audit.ack`` says: under
+    ``"fast"`` a session ended meanwhile would go unnoticed."""
     try:
-        await engine.record(session_id, draft, needs_space=False)
+        await engine.record(session_id, draft, needs_space=False, durable=True)
     except SessionNotOpen:
         ended = Draft(
             "auth.session_ended", outcome="failure", target=draft.target, source=draft.source,

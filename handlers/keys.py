@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -24,6 +25,9 @@ ACCOUNTS: web.AppKey[Accounts] = web.AppKey("accounts")
 AI: web.AppKey[Provider] = web.AppKey("ai")
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+# Chats in progress at once (each holds its document, up to 1 MiB); the others
+# wait before reading theirs.
+CHAT_SLOTS = web.AppKey("chat_slots", asyncio.Semaphore)
 
-__all__ = ["ACCOUNTS", "AI", "CLIENT", "CONFIG", "CTX", "ENGINE", "PUBLIC", "REGISTRY",
-           "REQUEST_ID", "TOKENS"]
+__all__ = ["ACCOUNTS", "AI", "CHAT_SLOTS", "CLIENT", "CONFIG", "CTX", "ENGINE", "PUBLIC",
+           "REGISTRY", "REQUEST_ID", "TOKENS"]

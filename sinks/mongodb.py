@@ -123,7 +123,9 @@ CONFIGURATION = frozenset(
     }
 )
 # Every write, and the duplicate check after one, whatever the URI says.
-WRITE_CONCERN = WriteConcern("majority")
+# wtimeout: with no majority reachable, a write answers (error 64, retried)
+# after 10 s instead of waiting for the socket timeout.
+WRITE_CONCERN = WriteConcern("majority", wtimeout=10_000)
 READ_CONCERN = ReadConcern("majority")
 RETRY_LABELS = ("RetryableError", "RetryableWriteError", "SystemOverloadedError")
 

@@ -400,3 +400,22 @@ async def test_flush_and_audit_query_events(api: Api) -> None:
         "/audit/security-events", "/audit/status"]
     assert all(q["outcome"] == "success" and q["actor"]["role"] == "admin" for q in queries)
     assert await api.security("admin.denied") == []
+
+
+async def test_audit_query_that_fails_unexpectedly_is_recorded(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query that breaks (a sink bug) answers 500 and is still recorded, as
+    a failure with reason internal_error."""
+    admin = await api.admin()
+
+    async def broken(**kwargs: Any) -> Any:
+        raise RuntimeError("a sink bug")
+
+    monkeypatch.setattr(api.engine.sink, "list_sessions", broken)
+    resp = await api.client.get("/audit/sessions",
+                                headers={**admin.headers, "X-Request-ID": "boom"})
+    await expect_error(resp, 500, "internal_error")
+    (ev,) = [e for e in await api.events(admin.session_id) if e["request_id"] == "boom"]
+    assert (ev["action"], ev["outcome"], ev["details"]["reason"]) == (
+        "audit.query", "failure", "internal_error")

@@ -482,3 +482,23 @@ async def test_forwarded_for_is_ignored_without_trusted_proxies(api: Api) -> Non
 def test_a_bad_trusted_proxy_is_named() -> None:
     with pytest.raises(ConfigError, match=r"server\.trusted_proxies"):
         parse_config({"server": {"trusted_proxies": "10.0.0.0/8, not-an-ip"}})
+
+
+@pytest.mark.parametrize(("hop", "seen"), [
+    ("203.0.113.5:4444", "203.0.113.5"),
+    ("[2001:db8::1]:443", "2001:db8::1"),
+    ("2001:db8::1", "2001:db8::1"),
+    ("::ffff:203.0.113.9", "203.0.113.9"),
+    ("fe80::1%" + "A" * 5000, "127.0.0.1"),  # not an address: the proxy's
+    ("unknown", "127.0.0.1"),
+])
+async def test_forwarded_for_entries_with_ports_and_odd_forms(
+    make_api: MakeApi, hop: str, seen: str
+) -> None:
+    """Some balancers add the client's port; a hop that is not an address is
+    not guessed at (the last trusted hop is used)."""
+    api = await make_api(server={"trusted_proxies": "127.0.0.1, ::ffff:10.0.0.0/104"})
+    await api.add_user("alice")
+    alice = await api.login("alice", headers={"X-Forwarded-For": hop})
+    (start,) = [e for e in await api.events(alice.session_id) if e["action"] == "session.start"]
+    assert start["source"]["ip"] == seen

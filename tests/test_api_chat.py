@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from api_fixtures import Api, MakeApi, api, expect_error, make_api
 from openai_stub import OpenAIStub
+from waiting import wait_for
 
-from handlers.keys import AI
+import server
+from handlers.keys import AI, CHAT_SLOTS
 
 __all__ = ["api", "make_api"]
 
@@ -205,13 +207,15 @@ def _openai(stub: OpenAIStub) -> dict[str, Any]:
         "api_key_env": "TEST_OPENAI_KEY", "timeout_seconds": 10.0}}
 
 
+@pytest.mark.parametrize("ack", ["durable", "fast"])
 async def test_session_ended_while_the_provider_answers_keeps_the_record(
-    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch, ack: str
 ) -> None:
     """The document went to the provider: if the session ends meanwhile
-    (here a logout), the interaction is still recorded, in the security stream."""
+    (here a logout), the interaction is still recorded, in the security stream
+    (also under ack = "fast", where records are not awaited otherwise)."""
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
-    api = await make_api(ai=_openai(stub))
+    api = await make_api(audit={"ack": ack}, ai=_openai(stub))
     alice = await api.user("alice")
     doc = await api.create_doc(alice, title="Reactor", content=DOC)
     stub.mode = "held"
@@ -277,3 +281,27 @@ async def test_a_long_extractive_chat_does_not_hold_up_other_requests(api: Api) 
     order.append("healthz")
     assert (await chat).status == 200
     assert order == ["healthz", "chat"]
+
+
+async def test_chats_hold_at_most_a_few_documents_at_once(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each chat in progress holds its document (up to 1 MiB): past
+    CHAT_CONCURRENCY the others wait before reading theirs."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    api = await make_api(ai=_openai(stub))
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="Reactor", content=DOC)
+    stub.mode = "held"
+    n = server.CHAT_CONCURRENCY + 2
+    chats = [asyncio.ensure_future(api.client.post(
+        f"/documents/{doc['id']}/chat", json={"message": f"q{i}"}, headers=alice.headers))
+        for i in range(n)]
+    slots = api.app[CHAT_SLOTS]
+    await wait_for(lambda: len(stub.requests) == server.CHAT_CONCURRENCY
+                   and len(getattr(slots, "_waiters", None) or ()) == 2,
+                   message="four chats at the provider, two waiting for a slot")
+    assert len(stub.requests) == server.CHAT_CONCURRENCY
+    stub.gate.set()
+    assert [r.status for r in await asyncio.gather(*chats)] == [200] * n
+    assert len(stub.requests) == n

@@ -282,6 +282,7 @@ def majority_write(request: Request) -> None:
     assert concern.get("w") == "majority", concern
     # Acknowledged by a majority, never journal-less: no j: false, no w: 0.
     assert concern.get("j", True) is True, concern
+    assert concern.get("wtimeout") == 10_000, concern  # no hanging on a lost majority
 
 
 def primary_majority_read(request: Request) -> None:

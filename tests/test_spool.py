@@ -11,7 +11,7 @@ import pytest
 
 from audit.events import Draft, Source, event_hash
 from audit.spool import Spool, SpoolClosed, SpoolFull
-from audit.store import Append, Limits, SessionNotOpen, Writer
+from audit.store import SCHEMA, Append, Limits, SessionNotOpen, Writer
 
 
 @pytest.fixture
@@ -354,3 +354,27 @@ async def test_a_transaction_lost_to_a_full_disk_fails_the_whole_batch(tmp_path,
         assert events[1]["hash"] == event_hash(audit_key, events[0]["hash"], events[1])
     finally:
         await sp.close()
+
+
+class _NoDbstat(sqlite3.Connection):
+    """A real connection that behaves like a SQLite built without dbstat."""
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if "dbstat" in sql:
+            raise sqlite3.OperationalError("no such table: dbstat")
+        return super().execute(sql, *args)
+
+
+def test_app_bytes_without_dbstat_counts_documents_as_audit_data(tmp_path, caplog):
+    from audit.spool import app_bytes
+
+    path = tmp_path / "spool.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA)
+        conn.execute("INSERT INTO documents VALUES ('d', 't', ?, 'u', 1, 'x', 'x')",
+                     ("x" * 100_000,))
+        conn.commit()
+        assert app_bytes(conn) >= 100_000
+    with contextlib.closing(sqlite3.connect(path, factory=_NoDbstat)) as conn:
+        assert app_bytes(conn) == 0
+    assert "no dbstat" in caplog.text
