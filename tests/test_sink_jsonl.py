@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from receiver import sample_part, sample_security_event
@@ -388,28 +389,25 @@ async def test_a_writer_repairs_a_torn_tail_it_could_not_repair_at_open(tmp_path
     assert [d["_id"] for d in lines(path)] == ["a:0", "c:0", "b:0"]
 
 
-async def _read_everything(sink: JsonlSink, sids: set[str], eids: set[str]) -> None:
-    """Every query, paging, so every indexed offset is read at least once."""
+async def _paged(list_page: Any, key: str, limit: int) -> list[str]:
+    """``key`` of every item of a paged query, page by page."""
     got: list[str] = []
     cursor: str | None = None
     while True:
-        page, cursor = await sink.list_sessions(limit=2, cursor=cursor)
-        got += [s["session_id"] for s in page]
+        page, cursor = await list_page(limit=limit, cursor=cursor)
+        got += [item[key] for item in page]
         if cursor is None:
-            break
-    assert sorted(got) == sorted(sids)
+            return got
+
+
+async def _read_everything(sink: JsonlSink, sids: set[str], eids: set[str]) -> None:
+    """Every query, paging, so every indexed offset is read at least once."""
+    assert sorted(await _paged(sink.list_sessions, "session_id", 2)) == sorted(sids)
     assert sorted([sid async for sid in sink.session_ids()]) == sorted(sids)
     for sid in sids:
         parts = await sink.get_session_parts(sid)
         assert parts and all(p["session_id"] == sid for p in parts)
-    events: list[str] = []
-    cursor = None
-    while True:
-        page, cursor = await sink.list_security_events(limit=3, cursor=cursor)
-        events += [e["_id"] for e in page]
-        if cursor is None:
-            break
-    assert sorted(events) == sorted(eids)
+    assert sorted(await _paged(sink.list_security_events, "_id", 3)) == sorted(eids)
 
 
 async def test_normal_operation_never_rebuilds_the_index(tmp_path: Path) -> None:
