@@ -249,6 +249,7 @@ class JsonlSink(Sink):
         self._lock_fd: int | None = None
         self._file: IO[bytes] | None = None
         self._file_name: str | None = None
+        self._dir_synced: str | None = None  # the day file whose directory entry is fsynced
         self._rebuild = False  # the last catch-up gave up: start the next afresh
         # How often the index was thrown away and rebuilt because the files
         # were not what it said (a file shrank or vanished; a line was not
@@ -470,17 +471,19 @@ class JsonlSink(Sink):
                 log.warning("%s: %s was deleted or renamed; starting it anew", self.dir.name, name)
             self._close_file()
         if self._file is None:
-            new = not path.exists()
             # The owner's only: the audit trail is no one else's to read.
             self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
                                    "ab")
             self._file_name = name
-            if new:
-                dfd = os.open(self.dir, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+        if self._dir_synced != name:
+            # The file's directory entry, once per file and process (whoever
+            # created it: a crash, or a failed fsync, may have left it unsynced).
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            self._dir_synced = name
         f = self._file
         start = f.seek(0, os.SEEK_END)
         try:

@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -457,3 +458,37 @@ async def test_normal_operation_never_rebuilds_the_index(tmp_path: Path) -> None
     assert (one.rebuilds, two.rebuilds, reopened.rebuilds) == (0, 0, 0)
     for path in (path1, path2):
         lines(path)  # every line parses
+
+
+async def test_the_directory_entry_is_fsynced_even_after_a_failed_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new day file's directory entry must reach the disk before a write in
+    it is acknowledged -- also when the first directory fsync failed, or when
+    another process (or one that crashed) created the file."""
+    dir_syncs: list[int] = []
+    real_fsync = os.fsync
+    fail = {"left": 1}
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            dir_syncs.append(fd)
+            if fail["left"]:
+                fail["left"] -= 1
+                raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sink = JsonlSink(tmp_path, clock=lambda: 1795000000.0)  # 2026-11-19
+    await sink.open()
+    try:
+        name = f"audit-{time.strftime('%Y-%m-%d', time.gmtime(1795000000.0))}.jsonl"
+        (tmp_path / name).write_bytes(b"")  # today's file exists already
+        with pytest.raises(SinkUnavailable):
+            await sink.write_part(sample_part("a"))
+        await sink.write_part(sample_part("a"))
+        assert len(dir_syncs) == 2  # the failed one, then one that held
+        await sink.write_part(sample_part("b"))
+        assert len(dir_syncs) == 2  # once per file
+    finally:
+        await sink.close()
