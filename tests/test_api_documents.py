@@ -347,7 +347,8 @@ async def test_documents_do_not_count_toward_spool_max_bytes(
     docs = []
     for i in range(6):  # 600 KB of documents, twice the limit
         docs.append(await api.create_doc(alice, title=f"d{i}", content="x" * 100_000))
-        await wait_for(lambda: not spool.app_changed, message="the reaper measured the docs")
+        await wait_for(lambda i=i: spool.app_bytes >= (i + 1) * 100_000,
+                       message="the reaper to measure the documents")
     assert spool.app_bytes >= 600_000
     assert spool.spool_bytes < 300_000 and spool.accepting
     assert (await api.client.get("/readyz")).status == 200
