@@ -53,7 +53,7 @@ AUDIT_KEY_ENV = "SESSION_AUDIT_AUDIT_KEY"
 ADMIN_PASSWORD_ENV = "SESSION_AUDIT_ADMIN_PASSWORD"
 SHUTDOWN_FLUSH_SECONDS = 2.0
 SINK_OPEN_WAIT = 1.0  # start to ready stays well under 3 s even when the sink hangs
-CHAT_CONCURRENCY = 4  # chats holding their document at once; the others queue
+CHAT_CONCURRENCY = 16  # chats holding their document (<= 1 MiB) at once; the others queue
 
 
 class StartupError(Exception):

@@ -230,10 +230,24 @@ def _build(cls: type[Any], data: Any, prefix: str) -> Any:
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def parse_networks(text: str) -> tuple[IPNetwork, ...]:
-    """``"10.0.0.0/8, 192.0.2.1"`` -> networks; ValueError on a bad entry."""
-    return tuple(ipaddress.ip_network(p.strip(), strict=False)
-                 for p in text.split(",") if p.strip())
+    """``"10.0.0.0/8, 192.0.2.1"`` -> networks; ValueError on a bad entry.
+    IPv4-mapped IPv6 ranges (``::ffff:10.0.0.0/104``) become their IPv4 range:
+    addresses are compared in their IPv4 form."""
+    out: list[IPNetwork] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        net = ipaddress.ip_network(part.strip(), strict=False)
+        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+            mapped = net.network_address.ipv4_mapped
+            assert mapped is not None
+            net = ipaddress.IPv4Network((mapped, max(0, net.prefixlen - 96)))
+        out.append(net)
+    return tuple(out)
 
 
 def _validate(config: Config) -> None:

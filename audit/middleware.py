@@ -76,8 +76,10 @@ def client_ip(request: web.Request) -> str | None:
     if not proxies or remote is None:
         return remote
     addr = parse_hop(remote)
-    if addr is None or not any(addr in net for net in proxies):
+    if addr is None:
         return remote
+    if not any(addr in net for net in proxies):
+        return str(addr)  # an IPv4-mapped address in its IPv4 form
     client = str(addr)
     hops = [h.strip() for line in request.headers.getall("X-Forwarded-For", ())
             for h in line.split(",")]

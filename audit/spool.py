@@ -151,6 +151,7 @@ class Spool:
         self._rconn: sqlite3.Connection | None = None
         self._wexec: ThreadPoolExecutor | None = None
         self._rexec: ThreadPoolExecutor | None = None
+        self._mexec: ThreadPoolExecutor | None = None  # measuring the app tables
         self._pending: list[tuple[Job, asyncio.Future[Any]]] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -186,6 +187,7 @@ class Spool:
         loop = asyncio.get_running_loop()
         self._wexec = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
         self._rexec = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
+        self._mexec = ThreadPoolExecutor(1, thread_name_prefix="spool-measure")
         try:
             await loop.run_in_executor(self._wexec, self._open_writer)
             self._rconn = await loop.run_in_executor(
@@ -248,6 +250,10 @@ class Spool:
 
     async def _shutdown_threads(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._mexec is not None:
+            # A measure in progress closes its connection first, so that the
+            # writer's is the last one and SQLite checkpoints and removes the WAL.
+            await loop.run_in_executor(None, self._mexec.shutdown, True)
         for executor, attr in ((self._wexec, "_wconn"), (self._rexec, "_rconn")):
             if executor is None:
                 continue
@@ -256,7 +262,7 @@ class Spool:
                 await loop.run_in_executor(executor, conn.close)
                 setattr(self, attr, None)
             executor.shutdown(wait=True)
-        self._wexec = self._rexec = None
+        self._wexec = self._rexec = self._mexec = None
 
     # -- writing -----------------------------------------------------------
 
@@ -344,10 +350,13 @@ class Spool:
         now = time.monotonic()
         if not force and (not self.app_changed or now - self._app_measured < APP_BYTES_INTERVAL):
             return False
+        if self._state != "open" or self._mexec is None:
+            return False
         self.app_changed = False
         self._app_measured = now
         try:
-            self.app_bytes = await asyncio.to_thread(self._measure_app)
+            self.app_bytes = await asyncio.get_running_loop().run_in_executor(
+                self._mexec, self._measure_app)
         except BaseException:
             self.app_changed = True  # try again next time
             raise

@@ -224,9 +224,10 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
                               " Content-Encoding")
         try:
             form = await request.post()
-        except (ValueError, LookupError):
+        except (ValueError, LookupError, RuntimeError):
             # A multipart body without or with a wrong boundary, bytes that are not
-            # in the (possibly unknown) charset: aiohttp raises these, not 400.
+            # in the (possibly unknown) charset, a part with an unknown
+            # Content-Transfer-Encoding (RuntimeError): aiohttp raises these, not 400.
             raise bad_request("the form body is malformed") from None
         data = {k: v for k, v in form.items() if isinstance(v, str)}
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 import time
@@ -21,6 +22,8 @@ from .keys import AI, CHAT_SLOTS, CONFIG, CTX, ENGINE
 from .requests import audited_input, json_object
 
 MESSAGE_MAX_BYTES = 16 * 1024
+# A chat waits this long for one of the CHAT_SLOTS, then gets 502 ai_unavailable.
+CHAT_QUEUE_SECONDS = 30.0
 CHAT_BODY_MAX = 256 * 1024  # a 16 KiB message, with room for JSON escapes
 
 
@@ -48,14 +51,34 @@ async def chat(request: web.Request) -> web.Response:
     draft = Draft("ai.interaction", target={"type": "document", "id": doc_id[:DOC_ID_MAX * 2]},
                   source=ctx.source())
     message = await audited_input(request, draft, _message, limit=CHAT_BODY_MAX)
-    async with request.app[CHAT_SLOTS]:  # before the document is read into memory
+    slots = request.app[CHAT_SLOTS]  # taken before the document is read into memory
+    try:
+        async with asyncio.timeout(CHAT_QUEUE_SECONDS):
+            await slots.acquire()
+    except TimeoutError:
+        draft.outcome = "failure"
+        draft.details = {"reason": "ai_busy", "queued_seconds": CHAT_QUEUE_SECONDS}
+        await request.app[ENGINE].record(ctx.session_id, draft)
+        raise ApiError(502, "ai_unavailable", "the AI provider is busy; try again later",
+                       {"Retry-After": "5"}) from None
+    try:
         return await _chat(request, draft, message)
+    finally:
+        slots.release()
 
 
 async def _chat(request: web.Request, draft: Draft, message: str) -> web.Response:
     ctx = request[CTX]
     engine = request.app[ENGINE]
     doc_id = request.match_info["doc_id"]
+    if engine.spool.open_session(ctx.session_id) is None:
+        # It ended while this chat waited for a slot: nothing is sent.
+        await engine.record_security(
+            Draft("auth.session_ended", outcome="denied", target=draft.target,
+                  source=draft.source, details={"reason": "session_ended",
+                                                "action": draft.action}),
+            ctx.session_id)
+        raise SessionNotOpen(ctx.session_id)
     try:
         row = await engine.spool.read(lambda c: _visible(c, ctx, doc_id))
     except ActionError as err:

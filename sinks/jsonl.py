@@ -444,6 +444,7 @@ class JsonlSink(Sink):
 
     def _close_file(self) -> None:
         f, self._file, self._file_name = self._file, None, None
+        self._dir_synced = None  # a file opened anew may be a new directory entry
         if f is not None:
             with contextlib.suppress(OSError):
                 f.close()

@@ -502,3 +502,34 @@ async def test_forwarded_for_entries_with_ports_and_odd_forms(
     alice = await api.login("alice", headers={"X-Forwarded-For": hop})
     (start,) = [e for e in await api.events(alice.session_id) if e["action"] == "session.start"]
     assert start["source"]["ip"] == seen
+
+
+def test_ipv4_mapped_proxy_ranges_and_addresses() -> None:
+    """A proxy listed in IPv4-mapped form matches its IPv4 address (addresses
+    are compared in IPv4 form), and a dual-stack listener's mapped address is
+    recorded in IPv4 form."""
+    from aiohttp.test_utils import make_mocked_request
+    from aiohttp.web import Application
+
+    from audit.config import parse_networks
+    from audit.middleware import TRUSTED_PROXIES, client_ip
+
+    nets = parse_networks("::ffff:10.0.0.0/104, 2001:db8::/32")
+    assert [str(n) for n in nets] == ["10.0.0.0/8", "2001:db8::/32"]
+
+    def ip(remote: str, xff: str | None) -> str | None:
+        app = Application()
+        app[TRUSTED_PROXIES] = nets
+
+        class Transport:
+            def get_extra_info(self, name: str, default: object = None) -> object:
+                return (remote, 443) if name == "peername" else default
+
+        headers = {"X-Forwarded-For": xff} if xff else {}
+        req = make_mocked_request("GET", "/", headers=headers, app=app,
+                                  transport=Transport())
+        return client_ip(req)
+
+    assert ip("::ffff:10.1.2.3", "203.0.113.7") == "203.0.113.7"
+    assert ip("10.1.2.3", "203.0.113.7:5555") == "203.0.113.7"
+    assert ip("::ffff:198.51.100.1", "203.0.113.7") == "198.51.100.1"  # not a proxy

@@ -15,6 +15,7 @@ from openai_stub import OpenAIStub
 from waiting import wait_for
 
 import server
+from handlers import chat as chat_module
 from handlers.keys import AI, CHAT_SLOTS
 
 __all__ = ["api", "make_api"]
@@ -305,3 +306,57 @@ async def test_chats_hold_at_most_a_few_documents_at_once(
     stub.gate.set()
     assert [r.status for r in await asyncio.gather(*chats)] == [200] * n
     assert len(stub.requests) == n
+
+
+async def test_a_chat_queued_past_its_session_sends_nothing(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat waiting for a slot whose session ends meanwhile never reaches the
+    provider: 401 session_ended and the security event, nothing sent."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    monkeypatch.setattr(server, "CHAT_CONCURRENCY", 1)
+    api = await make_api(ai=_openai(stub))
+    alice, bob = await api.user("alice"), await api.user("bob")
+    adoc = await api.create_doc(alice, title="A", content=DOC)
+    bdoc = await api.create_doc(bob, title="B", content="Bob secret plans.")
+    stub.mode = "held"
+    first = asyncio.ensure_future(api.client.post(
+        f"/documents/{adoc['id']}/chat", json={"message": "a?"}, headers=alice.headers))
+    await asyncio.wait_for(stub.arrived.wait(), 10)
+    queued = asyncio.ensure_future(api.client.post(
+        f"/documents/{bdoc['id']}/chat", json={"message": "b?"}, headers=bob.headers))
+    slots = api.app[CHAT_SLOTS]
+    await wait_for(lambda: len(getattr(slots, "_waiters", None) or ()) == 1,
+                   message="bob's chat waiting for the slot")
+    assert (await api.client.post("/logout", headers=bob.headers)).status == 200
+    stub.gate.set()
+    assert (await first).status == 200
+    await expect_error(await queued, 401, "session_ended")
+    assert all("Bob secret" not in json.dumps(r["body"]) for r in stub.requests)
+    (ev,) = await api.wait_security("auth.session_ended")
+    assert ev["session_id"] == bob.session_id
+    assert (ev["details"]["reason"], ev["details"]["action"]) == ("session_ended",
+                                                                  "ai.interaction")
+
+
+async def test_a_chat_that_waits_too_long_for_a_slot_is_refused_and_recorded(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    monkeypatch.setattr(server, "CHAT_CONCURRENCY", 1)
+    monkeypatch.setattr(chat_module, "CHAT_QUEUE_SECONDS", 0.2)
+    api = await make_api(ai=_openai(stub))
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="A", content=DOC)
+    stub.mode = "held"
+    first = asyncio.ensure_future(api.client.post(
+        f"/documents/{doc['id']}/chat", json={"message": "a?"}, headers=alice.headers))
+    await asyncio.wait_for(stub.arrived.wait(), 10)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "b?"},
+                                 headers=alice.headers)
+    await expect_error(resp, 502, "ai_unavailable")
+    stub.gate.set()
+    assert (await first).status == 200
+    busy = [e for e in await _ai_events(api, alice.session_id) if e["outcome"] == "failure"]
+    assert [e["details"]["reason"] for e in busy] == ["ai_busy"]
+    assert len(stub.requests) == 1

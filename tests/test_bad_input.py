@@ -577,6 +577,12 @@ async def test_login_bad_input(api: Api) -> None:
          (400,)),
         ({"data": b"garbage", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
          (400,)),
+        # A part with an unknown Content-Transfer-Encoding: aiohttp raises RuntimeError.
+        ({"data": (b"--XX\r\nContent-Disposition: form-data; name=\"username\"\r\n"
+                   b"Content-Transfer-Encoding: x-weird\r\n\r\nalice\r\n--XX\r\n"
+                   b"Content-Disposition: form-data; name=\"password\"\r\n\r\n"
+                   + PASSWORD.encode() + b"\r\n--XX--\r\n"),
+          "headers": {"Content-Type": "multipart/form-data; boundary=XX"}}, (400,)),
     ]
     for kwargs, statuses in cases:
         rid, status, body = await api.send("POST", "/token", **kwargs)

@@ -490,5 +490,9 @@ async def test_the_directory_entry_is_fsynced_even_after_a_failed_fsync(
         assert len(dir_syncs) == 2  # the failed one, then one that held
         await sink.write_part(sample_part("b"))
         assert len(dir_syncs) == 2  # once per file
+        (tmp_path / name).unlink()  # deleted under the sink: a new entry, synced again
+        await sink.write_part(sample_part("c"))
+        assert len(dir_syncs) == 3
+        assert (tmp_path / name).exists()
     finally:
         await sink.close()

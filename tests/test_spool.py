@@ -378,3 +378,21 @@ def test_app_bytes_without_dbstat_counts_documents_as_audit_data(tmp_path, caplo
     with contextlib.closing(sqlite3.connect(path, factory=_NoDbstat)) as conn:
         assert app_bytes(conn) == 0
     assert "no dbstat" in caplog.text
+
+
+async def test_close_waits_for_a_measure_of_the_app_tables(tmp_path, audit_key):
+    """The app tables are measured on a thread of their own with a connection
+    of its own: close() waits for it, so the writer's connection is the last
+    one and SQLite checkpoints and removes the WAL, as after any close."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    await sp.submit(lambda w: w.conn.execute(
+        "INSERT INTO documents VALUES ('d', 't', ?, 'u', 1, 'x', 'x')", ("x" * 200_000,)))
+    measured = asyncio.ensure_future(sp.measure_app_bytes(force=True))
+    await asyncio.sleep(0)  # the measure has started
+    await sp.close()
+    assert await measured
+    assert sp.app_bytes >= 200_000
+    assert not (tmp_path / "spool.db-wal").exists()
+    assert not await sp.measure_app_bytes(force=True)  # closed: nothing to measure
