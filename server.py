@@ -53,6 +53,7 @@ AUDIT_KEY_ENV = "SESSION_AUDIT_AUDIT_KEY"
 ADMIN_PASSWORD_ENV = "SESSION_AUDIT_ADMIN_PASSWORD"
 SHUTDOWN_FLUSH_SECONDS = 2.0
 SINK_OPEN_WAIT = 1.0  # start to ready stays well under 3 s even when the sink hangs
+MIN_PASSWORD_CHARS = 8  # NIST SP 800-63B's floor for a chosen password
 CHAT_CONCURRENCY = 16  # chats holding their document (<= 1 MiB) at once; the others queue
 
 
@@ -306,12 +307,19 @@ def cmd_adduser(config: Config, args: argparse.Namespace) -> int:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass(f"password for {name}: ")
-        if getpass.getpass("again: ") != password:
+        try:
+            password = getpass.getpass(f"password for {name}: ")
+            again = getpass.getpass("again: ")
+        except EOFError:
+            print("adduser: no password given (without a terminal, use --password-stdin)",
+                  file=sys.stderr)
+            return 2
+        if again != password:
             print("adduser: the passwords differ", file=sys.stderr)
             return 2
-    if not password:
-        print("adduser: the password must not be empty", file=sys.stderr)
+    if len(password) < MIN_PASSWORD_CHARS:
+        print(f"adduser: the password must have at least {MIN_PASSWORD_CHARS} characters",
+              file=sys.stderr)
         return 2
     conn = _spool_conn(config)
     try:

@@ -255,6 +255,8 @@ async def test_five_opens_one_stored_part_and_the_cli(
     assert again.returncode != 0 and "exists" in again.stderr
     bad_name = await acli(srv.config, "adduser", "no way", "--password-stdin", stdin="pw\n")
     assert bad_name.returncode == 2
+    short = await acli(srv.config, "adduser", "carol", "--password-stdin", stdin="1234567\n")
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr
 
     alice = await Client(http, srv.url).login("alice")
     doc = await alice.create()
