@@ -202,6 +202,16 @@ async def test_full_spool_means_the_provider_is_not_asked(
     assert stub.requests == []
 
 
+async def _held_chat(api: Api, stub: OpenAIStub, who: Any, doc_id: str,
+                     message: str) -> asyncio.Future[Any]:
+    """Start a chat and return once the provider (held) has it."""
+    stub.mode = "held"
+    chat = asyncio.ensure_future(api.client.post(
+        f"/documents/{doc_id}/chat", json={"message": message}, headers=who.headers))
+    await asyncio.wait_for(stub.arrived.wait(), 10)
+    return chat
+
+
 def _openai(stub: OpenAIStub) -> dict[str, Any]:
     return {"provider": "openai", "openai": {
         "base_url": stub.base_url, "model": "stub-model-1",
@@ -219,11 +229,8 @@ async def test_session_ended_while_the_provider_answers_keeps_the_record(
     api = await make_api(audit={"ack": ack}, ai=_openai(stub))
     alice = await api.user("alice")
     doc = await api.create_doc(alice, title="Reactor", content=DOC)
-    stub.mode = "held"
     question = "What water is used?"
-    chat = asyncio.ensure_future(api.client.post(
-        f"/documents/{doc['id']}/chat", json={"message": question}, headers=alice.headers))
-    await asyncio.wait_for(stub.arrived.wait(), 10)
+    chat = await _held_chat(api, stub, alice, doc["id"], question)
     resp = await api.client.post("/logout", headers=alice.headers)
     assert resp.status == 200
     stub.gate.set()
@@ -249,10 +256,7 @@ async def test_spool_full_while_the_provider_answers_keeps_the_record(
     api = await make_api(audit={"spool_max_bytes": 200_000}, ai=_openai(stub))
     alice = await api.user("alice")
     doc = await api.create_doc(alice, title="Reactor", content=DOC)
-    stub.mode = "held"
-    chat = asyncio.ensure_future(api.client.post(
-        f"/documents/{doc['id']}/chat", json={"message": "Which water?"}, headers=alice.headers))
-    await asyncio.wait_for(stub.arrived.wait(), 10)
+    chat = await _held_chat(api, stub, alice, doc["id"], "Which water?")
     batch = [{"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(100)]
     while not api.engine.spool.full:
         resp = await api.client.post("/audit/events", json=batch, headers=alice.headers)
@@ -319,10 +323,7 @@ async def test_a_chat_queued_past_its_session_sends_nothing(
     alice, bob = await api.user("alice"), await api.user("bob")
     adoc = await api.create_doc(alice, title="A", content=DOC)
     bdoc = await api.create_doc(bob, title="B", content="Bob secret plans.")
-    stub.mode = "held"
-    first = asyncio.ensure_future(api.client.post(
-        f"/documents/{adoc['id']}/chat", json={"message": "a?"}, headers=alice.headers))
-    await asyncio.wait_for(stub.arrived.wait(), 10)
+    first = await _held_chat(api, stub, alice, adoc["id"], "a?")
     queued = asyncio.ensure_future(api.client.post(
         f"/documents/{bdoc['id']}/chat", json={"message": "b?"}, headers=bob.headers))
     slots = api.app[CHAT_SLOTS]
@@ -348,10 +349,7 @@ async def test_a_chat_that_waits_too_long_for_a_slot_is_refused_and_recorded(
     api = await make_api(ai=_openai(stub))
     alice = await api.user("alice")
     doc = await api.create_doc(alice, title="A", content=DOC)
-    stub.mode = "held"
-    first = asyncio.ensure_future(api.client.post(
-        f"/documents/{doc['id']}/chat", json={"message": "a?"}, headers=alice.headers))
-    await asyncio.wait_for(stub.arrived.wait(), 10)
+    first = await _held_chat(api, stub, alice, doc["id"], "a?")
     resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "b?"},
                                  headers=alice.headers)
     await expect_error(resp, 502, "ai_unavailable")
