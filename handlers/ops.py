@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -43,8 +45,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    collector = EngineCollector(engine)
-    await collector.refresh()
+    collector = EngineCollector(engine, await request.app[COUNTS].get())
     registry = request.app[REGISTRY]
     registry.register(collector)
     try:
@@ -65,15 +66,46 @@ def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
     return HistogramMetricFamily(name, doc, buckets=h.cumulative(), sum_value=h.total)
 
 
-class EngineCollector(Collector):
-    """Engine counters and spool gauges, read at scrape time."""
+# /metrics needs no authentication: the spool's counts (a count over every
+# pending row, ~50 ms with a million pending) are read at most once a second,
+# by one query that concurrent scrapes share, so that scraping in a loop cannot
+# keep the reader thread (which logins wait on) busy.
+COUNTS_MAX_AGE = 1.0
+
+
+class SharedCounts:
+    """The spool's counts for /metrics: at most :data:`COUNTS_MAX_AGE` old,
+    one query at a time, shared by the scrapes waiting for it."""
 
     def __init__(self, engine: AuditEngine) -> None:
         self.engine = engine
-        self.counts: dict[str, float] = {}
+        self._counts: dict[str, Any] = {}
+        self._read_at = -float("inf")
+        self._reading: asyncio.Future[dict[str, Any]] | None = None
 
-    async def refresh(self) -> None:
-        self.counts = await self.engine.spool.read(lambda c: queries.counts(c, time.time()))
+    async def get(self) -> dict[str, Any]:
+        if time.monotonic() - self._read_at <= COUNTS_MAX_AGE:
+            return self._counts
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._read())
+        return await asyncio.shield(self._reading)
+
+    async def _read(self) -> dict[str, Any]:
+        started = time.monotonic()
+        counts = await self.engine.spool.read(lambda c: queries.counts(c, time.time()))
+        self._counts, self._read_at = counts, started
+        return counts
+
+
+COUNTS = web.AppKey("spool_counts", SharedCounts)
+
+
+class EngineCollector(Collector):
+    """Engine counters and spool gauges, read at scrape time."""
+
+    def __init__(self, engine: AuditEngine, counts: dict[str, Any]) -> None:
+        self.engine = engine
+        self.counts = counts
 
     def collect(self) -> Iterator[Metric]:
         e = self.engine

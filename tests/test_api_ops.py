@@ -153,3 +153,34 @@ async def test_request_id_reaches_the_events(api: Api) -> None:
                                                        "X-Request-ID": "x" * 129})
     rid = resp.headers["X-Request-ID"]
     assert (await api.events(alice.session_id))[-1]["request_id"] == rid
+
+
+async def test_metrics_scrapes_share_one_spool_count(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics needs no token: however often it is scraped, the spool's
+    counts (a count over every pending row) are read at most once a second,
+    by one query that concurrent scrapes share."""
+    import asyncio
+
+    from audit import queries
+    from handlers import ops
+
+    calls = []
+    real = queries.counts
+
+    def counted(conn, now):  # type: ignore[no-untyped-def]
+        calls.append(now)
+        return real(conn, now)
+
+    monkeypatch.setattr(queries, "counts", counted)
+    resps = await asyncio.gather(*(api.client.get("/metrics") for _ in range(20)))
+    assert all(r.status == 200 for r in resps)
+    for _ in range(10):
+        assert (await api.client.get("/metrics")).status == 200
+    assert len(calls) == 1
+    # The counts stay at most COUNTS_MAX_AGE old: with 0, each scrape reads them.
+    monkeypatch.setattr(ops, "COUNTS_MAX_AGE", 0.0)
+    for _ in range(3):
+        assert (await api.client.get("/metrics")).status == 200
+    assert len(calls) == 4
