@@ -42,7 +42,7 @@ from handlers.ai import create_provider
 from handlers.auth import THROTTLE, Accounts, LoginThrottle, add_user_sync, valid_username
 from handlers.errors import error_middleware
 from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
-from handlers.ops import REQUESTS, new_registry
+from handlers.ops import COUNTS, REQUESTS, SharedCounts, new_registry
 from handlers.requests import CLIENT_MAX_SIZE
 from sinks import QueryNotSupported, Sink, SinkError, create_sink
 
@@ -210,6 +210,7 @@ def create_app(
                     " choose the address recorded for it and counted by the login throttle")
     app[AI] = create_provider(config, app)
     app[CHAT_SLOTS] = asyncio.Semaphore(CHAT_CONCURRENCY)
+    app[COUNTS] = SharedCounts(engine)
     app.middlewares.extend(
         [_metrics_middleware(app), error_middleware, session_middleware(engine, tokens)]
     )

@@ -5,14 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import admin, auth, chat, documents, events, ops
-from .keys import ENGINE
 
 # Routes that need no bearer token.
 PUBLIC_ROUTES = frozenset({"token", "healthz", "readyz", "metrics", "openapi"})
 
 
 def setup(app: web.Application) -> None:
-    app[ops.COUNTS] = ops.SharedCounts(app[ENGINE])
     r = app.router
     r.add_post("/token", auth.login, name="token")
     r.add_post("/logout", auth.logout, name="logout")
