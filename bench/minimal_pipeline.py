@@ -11,7 +11,9 @@ producer waits for its commit, as a durable ``ack`` must.
 
 ``--cap N`` commits at most N rows at a time (so that the writer commits one
 part while the loop seals the next), ``--chunked`` inserts with one multi-row
-INSERT per power-of-two chunk instead of ``executemany``. Prints events/s and
+INSERT per power-of-two chunk instead of ``executemany``, ``--no-index``
+leaves out the ``(sk, seq)`` index (an append-only table: what a commit costs
+when it does not touch a leaf per session). Prints events/s and
 where each event's time went: insert, commit (the writer thread) and the rest
 (the event loop: drafts, sealing, futures).
 """
@@ -68,7 +70,8 @@ class Writer:
         self.commits += 1
 
 
-async def run(events: int, producers: int, cap: int, chunked: bool) -> dict[str, float]:
+async def run(events: int, producers: int, cap: int, chunked: bool,
+              index: bool = True) -> dict[str, float]:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         conn = sqlite3.connect(os.path.join(d, "spool.db"), isolation_level=None,
                                check_same_thread=False)
@@ -77,7 +80,7 @@ async def run(events: int, producers: int, cap: int, chunked: bool) -> dict[str,
         conn.executescript(
             "CREATE TABLE events (sk INTEGER NOT NULL, session_id TEXT NOT NULL,"
             " seq INTEGER NOT NULL, ts REAL NOT NULL, json TEXT NOT NULL);"
-            "CREATE UNIQUE INDEX events_sk_seq ON events (sk, seq);")
+            + ("CREATE UNIQUE INDEX events_sk_seq ON events (sk, seq);" if index else ""))
         writer = Writer(conn, chunked)
         pool = ThreadPoolExecutor(1)
         loop = asyncio.get_running_loop()
@@ -143,8 +146,10 @@ def main() -> None:
     ap.add_argument("--producers", type=int, default=256)
     ap.add_argument("--cap", type=int, default=0, help="at most N rows a commit (0: all)")
     ap.add_argument("--chunked", action="store_true")
+    ap.add_argument("--no-index", action="store_true")
     args = ap.parse_args()
-    print(uvloop.run(run(args.events, args.producers, args.cap, args.chunked)))
+    print(uvloop.run(run(args.events, args.producers, args.cap, args.chunked,
+                         index=not args.no_index)))
 
 
 if __name__ == "__main__":
