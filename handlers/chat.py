@@ -71,8 +71,9 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
     ctx = request[CTX]
     engine = request.app[ENGINE]
     doc_id = request.match_info["doc_id"]
-    if engine.spool.open_session(ctx.session_id) is None:
-        # It ended while this chat waited for a slot: nothing is sent.
+    if engine.session(ctx.session_id) is None:
+        # It ended (or passed a deadline) while this chat waited for a slot:
+        # nothing is sent.
         await engine.record_security(
             Draft("auth.session_ended", outcome="denied", target=draft.target,
                   source=draft.source, details={"reason": "session_ended",
