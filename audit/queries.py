@@ -54,11 +54,20 @@ def part_events(conn: sqlite3.Connection, meta: Row, raw: bool = False) -> list[
     """The part's events; ``meta`` as :func:`next_pending_part` gives it (with ``sk``).
 
     With ``raw``, each event is its stored canonical JSON as :class:`RawJSON`.
+    A part of the backlog is found whole in ``event_keys``; only a part of
+    the newest events needs the scan of the unindexed tail.
     """
+    args = (meta["sk"], meta["first_seq"], meta["last_seq"])
     rows = conn.execute(
-        "SELECT json FROM events WHERE sk = ? AND seq BETWEEN ? AND ? ORDER BY seq",
-        (meta["sk"], meta["first_seq"], meta["last_seq"]),
+        "SELECT e.json FROM event_keys k JOIN events e ON e.rowid = k.rid"
+        " WHERE k.sk = ? AND k.seq BETWEEN ? AND ? ORDER BY k.seq",
+        args,
     ).fetchall()
+    if len(rows) != args[2] - args[1] + 1:  # one statement: one snapshot of both
+        rows = conn.execute(
+            "SELECT json FROM session_events WHERE sk = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+            args,
+        ).fetchall()
     if raw:
         return [RawJSON(r[0]) for r in rows]
     return [json.loads(r[0]) for r in rows]
@@ -119,7 +128,7 @@ def _summary(conn: sqlite3.Connection, row: tuple[Any, ...]) -> Row:
     uncut = 0
     if state == "open":
         uncut = conn.execute(
-            "SELECT COUNT(*) FROM events WHERE sk = ? AND seq > ?", (sk, cut_seq)
+            "SELECT COUNT(*) FROM session_events WHERE sk = ? AND seq > ?", (sk, cut_seq)
         ).fetchone()[0]
         shown = "open"
     else:
@@ -189,7 +198,7 @@ def get_session(conn: sqlite3.Connection, session_id: str) -> Row | None:
     events = [
         json.loads(r[0])
         for r in conn.execute(
-            "SELECT json FROM events WHERE sk = ? ORDER BY seq", (row[-1],)
+            "SELECT json FROM session_events WHERE sk = ? ORDER BY seq", (row[-1],)
         ).fetchall()
     ]
     summary["events"] = events

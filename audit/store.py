@@ -10,6 +10,7 @@ state: a failed job or a failed commit puts them back as they were.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -57,13 +58,17 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_state ON sessions (state, start_ts);
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_sk ON sessions (sk);
--- A rowid table written in commit order, plus a small index: rows of ~0.5 KB
--- clustered by a random session id (WITHOUT ROWID) scattered every commit
--- over as many pages as it had events, several times slower. The index is on
+-- A rowid table written in commit order, with no index: a commit appends
+-- its rows at the right edge of one B-tree. The writer gives each row its
+-- rowid (never reused: see Writer.next_rid). Rows are found by session
+-- through event_keys, (sk, seq) -> rowid, which the writer fills in bulk,
+-- every KEYS_EVERY rows, in (sk, seq) order: a commit of 256 events of 256
+-- sessions then dirties one table edge, not 256 index leaves (measured:
+-- 3-4 against 9-10 us of commit per event). The rows above keys_mark (in
+-- meta) are the unindexed tail, which the session_events view scans. sk is
 -- an integer session key (sessions.sk, allocated by the writer and never
--- reused while the spool holds events of it): with the 32-character
--- session_id instead, maintaining it cost about half of a raw insert.
--- session_id stays on the row, unindexed, for people reading the file.
+-- reused while the spool holds events of it); session_id stays on the row,
+-- unindexed, for people reading the file.
 CREATE TABLE IF NOT EXISTS events (
     sk INTEGER NOT NULL,
     session_id TEXT NOT NULL,
@@ -71,7 +76,19 @@ CREATE TABLE IF NOT EXISTS events (
     ts REAL NOT NULL,
     json TEXT NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS events_sk_seq ON events (sk, seq);
+CREATE TABLE IF NOT EXISTS event_keys (
+    sk INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    rid INTEGER NOT NULL,
+    PRIMARY KEY (sk, seq)
+) WITHOUT ROWID;
+-- Every event of the spool by (sk, seq): a query on it with sk = ? is one
+-- search of event_keys plus a scan of the tail (at most a few thousand rows).
+CREATE VIEW IF NOT EXISTS session_events (sk, seq, ts, json) AS
+    SELECT k.sk, k.seq, e.ts, e.json FROM event_keys k JOIN events e ON e.rowid = k.rid
+    UNION ALL
+    SELECT sk, seq, ts, json FROM events WHERE rowid > (
+        SELECT COALESCE(MAX(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'keys_mark');
 CREATE TABLE IF NOT EXISTS parts (
     session_id TEXT NOT NULL,
     part INTEGER NOT NULL,
@@ -103,7 +120,14 @@ CREATE TABLE IF NOT EXISTS security_events (
 CREATE INDEX IF NOT EXISTS security_state ON security_events (state, id);
 """
 
+log = logging.getLogger(__name__)
+
 SECURITY_STREAM = "security"
+# The writer indexes the unindexed tail of events (see SCHEMA) once it holds
+# this many rows. Larger: fewer index leaves written per event; smaller: a
+# shorter scan for reads of the newest events (the flusher's reads of parts
+# in event_keys skip it).
+KEYS_EVERY = 4096
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
@@ -113,43 +137,69 @@ def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
 def migrate(conn: sqlite3.Connection) -> None:
     """Bring a spool file of an earlier layout to :data:`SCHEMA` (before it runs).
 
-    Two earlier layouts: ``events`` as a ``WITHOUT ROWID`` table clustered by
-    ``(session_id, seq)``, and ``events`` as a rowid table with a unique
-    ``(session_id, seq)`` index and no ``sessions.sk``. Both become the
-    current layout in one transaction: every session gets ``sk`` = its rowid,
-    and the events are copied in their stored order (by ``ts`` from the
-    clustered layout, whose order is the session id's).
+    Three earlier layouts: ``events`` as a ``WITHOUT ROWID`` table clustered
+    by ``(session_id, seq)``; ``events`` as a rowid table with a unique
+    ``(session_id, seq)`` index and no ``sessions.sk``; and the current
+    ``events`` with a unique ``(sk, seq)`` index instead of ``event_keys``.
+    Each becomes the current layout in one transaction: every session gets
+    ``sk`` = its rowid, the events are copied in their stored order (by
+    ``ts`` from the clustered layout, whose order is the session id's), and
+    ``event_keys`` is built over all of them.
     """
     row = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
     if row is None:
         return  # a new file
     clustered = "WITHOUT ROWID" in row[0].upper()
-    if not clustered and "sk" in _columns(conn, "events"):
+    keyed = not clustered and "sk" in _columns(conn, "events")
+    has_keys = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE name = 'event_keys'"
+    ).fetchone() is not None
+    if keyed and has_keys:
         return  # current
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if "sk" not in _columns(conn, "sessions"):
-            conn.execute("ALTER TABLE sessions ADD COLUMN sk INTEGER")
-            conn.execute("UPDATE sessions SET sk = rowid")
-        conn.execute("ALTER TABLE events RENAME TO events_old")
-        conn.execute("DROP INDEX IF EXISTS events_session_seq")
+        if not keyed:
+            if "sk" not in _columns(conn, "sessions"):
+                conn.execute("ALTER TABLE sessions ADD COLUMN sk INTEGER")
+                conn.execute("UPDATE sessions SET sk = rowid")
+            conn.execute("ALTER TABLE events RENAME TO events_old")
+            conn.execute("DROP INDEX IF EXISTS events_session_seq")
+            conn.execute(
+                "CREATE TABLE events (sk INTEGER NOT NULL, session_id TEXT NOT NULL,"
+                " seq INTEGER NOT NULL, ts REAL NOT NULL, json TEXT NOT NULL)"
+            )
+            order = "e.ts" if clustered else "e.rowid"
+            # Events of no session are unreachable in every layout (each read
+            # goes through its session): they are not carried over.
+            conn.execute(
+                "INSERT INTO events (sk, session_id, seq, ts, json)"
+                " SELECT s.sk, e.session_id, e.seq, e.ts, e.json"
+                f" FROM events_old e JOIN sessions s USING (session_id) ORDER BY {order}"
+            )
+            conn.execute("DROP TABLE events_old")
         conn.execute(
-            "CREATE TABLE events (sk INTEGER NOT NULL, session_id TEXT NOT NULL,"
-            " seq INTEGER NOT NULL, ts REAL NOT NULL, json TEXT NOT NULL)"
+            "CREATE TABLE event_keys (sk INTEGER NOT NULL, seq INTEGER NOT NULL,"
+            " rid INTEGER NOT NULL, PRIMARY KEY (sk, seq)) WITHOUT ROWID"
         )
-        order = "e.ts" if clustered else "e.rowid"
-        # Events of no session are unreachable in every layout (each read
-        # goes through its session): they are not carried over.
         conn.execute(
-            "INSERT INTO events (sk, session_id, seq, ts, json)"
-            " SELECT s.sk, e.session_id, e.seq, e.ts, e.json"
-            f" FROM events_old e JOIN sessions s USING (session_id) ORDER BY {order}"
+            "INSERT INTO event_keys (sk, seq, rid)"
+            " SELECT sk, seq, rowid FROM events ORDER BY sk, seq"
         )
-        conn.execute("DROP TABLE events_old")
+        conn.execute("DROP INDEX IF EXISTS events_sk_seq")
+        conn.execute(
+            "INSERT INTO meta (key, value) SELECT 'keys_mark', COALESCE(MAX(rowid), 0)"
+            " FROM events WHERE true ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _keys_mark(conn: sqlite3.Connection) -> int:
+    """The highest events rowid in event_keys' reach (the tail is above it)."""
+    row = conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'keys_mark'").fetchone()
+    return int(row[0]) if row else 0
 
 
 class SessionNotOpen(Exception):
@@ -322,7 +372,16 @@ class Writer:
         self._undo: dict[str, Any] | None = None
         self._stale = False
         # Event rows of the running batch, inserted with one executemany.
-        self._rows: list[tuple[int, str, int, float, str]] = []
+        self._rows: list[tuple[int, int, str, int, float, str]] = []
+        # The next event rowid: load() sets it above every rowid in events
+        # and above keys_mark; then it only grows. A rowid SQLite chose could
+        # fall under keys_mark once the newest rows were deleted, and its
+        # row would then be in neither event_keys nor the tail.
+        self.next_rid = 1
+        # Rows inserted since the tail was last indexed (an estimate, used
+        # only to decide when to index it again).
+        self.tail = 0
+        self.keys_failed = False
         # The next session key: load() sets it above every key still in
         # sessions or events; then it only grows (a key taken by a
         # rolled-back start is skipped). A key can come back only after a
@@ -342,11 +401,22 @@ class Writer:
         # Built aside and swapped in whole: the event loop reads this cache
         # (Spool.open_session) while a failed batch reloads it.
         sessions: dict[str, OpenSession] = {}
+        mark = _keys_mark(c)
+        top_rid = c.execute("SELECT COALESCE(MAX(rowid), 0) FROM events").fetchone()[0]
+        self.next_rid = max(self.next_rid, top_rid + 1, mark + 1)
+        # The unindexed tail, read once (at most about KEYS_EVERY rows plus a batch).
+        tail: dict[int, list[tuple[int, float, int]]] = {}
+        for sk, seq, ts, size in c.execute(
+            "SELECT sk, seq, ts, LENGTH(CAST(json AS BLOB)) FROM events WHERE rowid > ?",
+            (mark,),
+        ):
+            tail.setdefault(sk, []).append((seq, ts, size))
+        self.tail = sum(len(v) for v in tail.values())
         top = c.execute(
             "SELECT MAX(COALESCE((SELECT MAX(sk) FROM sessions), 0),"
-            " COALESCE((SELECT MAX(sk) FROM events), 0))"
+            " COALESCE((SELECT MAX(sk) FROM event_keys), 0))"
         ).fetchone()[0]
-        self.next_sk = max(self.next_sk, top + 1)
+        self.next_sk = max(self.next_sk, top + 1, max(tail, default=0) + 1)
         rows = c.execute(
             "SELECT session_id, sk, user, role, start_ts, expires_at, last_ts, next_part,"
             " cut_seq, cut_hash, cut_events FROM sessions WHERE state = 'open'"
@@ -368,20 +438,28 @@ class Writer:
                 cut_events=cut_events,
                 next_part=next_part,
             )
-            agg = c.execute(
-                "SELECT COUNT(*), SUM(LENGTH(CAST(json AS BLOB))), MIN(ts), MAX(ts), MAX(seq)"
-                " FROM events WHERE sk = ? AND seq > ?",
+            count, nbytes, first_ts, last_ts2, max_seq = c.execute(
+                "SELECT COUNT(*), SUM(LENGTH(CAST(e.json AS BLOB))), MIN(e.ts), MAX(e.ts),"
+                " MAX(k.seq) FROM event_keys k JOIN events e ON e.rowid = k.rid"
+                " WHERE k.sk = ? AND k.seq > ?",
                 (sk, cut_seq),
             ).fetchone()
-            count, nbytes, first_ts, last_ts2, max_seq = agg
+            nbytes = nbytes or 0
+            for seq, ts, size in tail.get(sk, ()):
+                if seq > cut_seq:
+                    count += 1
+                    nbytes += size
+                    first_ts = ts if first_ts is None else min(first_ts, ts)
+                    last_ts2 = ts if last_ts2 is None else max(last_ts2, ts)
+                    max_seq = seq if max_seq is None else max(max_seq, seq)
             if count:
                 last = c.execute(
-                    "SELECT json FROM events WHERE sk = ? AND seq = ?", (sk, max_seq)
+                    "SELECT json FROM session_events WHERE sk = ? AND seq = ?", (sk, max_seq)
                 ).fetchone()
                 s.head = json.loads(last[0])["hash"]
                 s.next_seq = max_seq + 1
                 s.uncut_count = count
-                s.uncut_bytes = nbytes or 0
+                s.uncut_bytes = nbytes
                 s.uncut_first_ts = first_ts
                 s.last_activity = max(s.last_activity, last_ts2)
             old = self.sessions.get(sid)
@@ -416,6 +494,8 @@ class Writer:
                 else:
                     # A copy: a nested savepoint's log may hold the same snapshot.
                     self.sessions[sid] = value.copy()
+            elif name == "tail":
+                self.tail = value
             elif name == "counters":
                 self.new_parts, self.new_security, self.appended = value
 
@@ -499,6 +579,8 @@ class Writer:
                 else:
                     append((True, value))
             self._insert_rows()
+            if self.tail >= KEYS_EVERY and not self.keys_failed:
+                self._index_tail_in_batch()
             c.execute("COMMIT")
         except BaseException:
             rows.clear()
@@ -516,12 +598,57 @@ class Writer:
         return results
 
     def _insert_rows(self) -> None:
-        if self._rows:
+        rows = self._rows
+        if rows:
             self.conn.executemany(
-                "INSERT INTO events (sk, session_id, seq, ts, json) VALUES (?, ?, ?, ?, ?)",
-                self._rows,
+                "INSERT INTO events (rowid, sk, session_id, seq, ts, json)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
             )
-            self._rows.clear()
+            self.tail += len(rows)
+            rows.clear()
+
+    def index_tail(self) -> None:
+        """Add the unindexed tail of events to event_keys, in (sk, seq) order.
+
+        The mark is read from and written to the database, in the running
+        transaction: a rollback of it leaves the tail as it was.
+        """
+        self._insert_rows()
+        self._remember("tail", self.tail)
+        c = self.conn
+        mark = _keys_mark(c)
+        c.execute(
+            "INSERT INTO event_keys (sk, seq, rid) SELECT sk, seq, rowid FROM events"
+            " WHERE rowid > ? ORDER BY sk, seq",
+            (mark,),
+        )
+        c.execute(
+            "INSERT INTO meta (key, value)"
+            " SELECT 'keys_mark', MAX(?, COALESCE(MAX(rowid), 0)) FROM events WHERE true"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (mark,),
+        )
+        self.tail = 0
+
+    def _index_tail_in_batch(self) -> None:
+        """:meth:`index_tail` in a savepoint: a failure leaves the tail for next time.
+
+        A failure that is not the spool's trouble (the UNIQUE (sk, seq) key
+        of event_keys refused a row: a bug) is logged once and indexing
+        stops; reads stay right (they scan the tail) but slow down.
+        """
+        try:
+            self.atomic(self.index_tail, flush=False)
+        except sqlite3.IntegrityError:
+            if not self.conn.in_transaction:
+                raise TransactionLost() from None
+            log.exception("the spool could not index its events; reads of them will slow down")
+            self.keys_failed = True
+        except sqlite3.OperationalError:
+            if not self.conn.in_transaction:
+                raise TransactionLost() from None
+            # SQLITE_FULL and the like: the tail waits for the next batch.
 
     # -- sessions ----------------------------------------------------------
 
@@ -587,7 +714,9 @@ class Writer:
             if count >= lim.part_max_events or s.uncut_bytes + size > lim.part_max_bytes:
                 self._cut(s, final=False, reason="checkpoint", end_ts=None)
                 count = 0
-        self._rows.append((s.sk, session_id, seq, now, text))
+        rid = self.next_rid
+        self.next_rid = rid + 1
+        self._rows.append((rid, s.sk, session_id, seq, now, text))
         s.head = event["hash"]
         s.next_seq = seq + 1
         if count:
@@ -725,9 +854,15 @@ class Writer:
         ).fetchone()
         if row is None:
             return
+        self.index_tail()  # so that every event of the part is in event_keys
+        first, last, sk = row
         c.execute(
-            "DELETE FROM events WHERE sk = ? AND seq BETWEEN ? AND ?",
-            (row[2], row[0], row[1]),
+            "DELETE FROM events WHERE rowid IN (SELECT rid FROM event_keys"
+            " WHERE sk = ? AND seq BETWEEN ? AND ?)",
+            (sk, first, last),
+        )
+        c.execute(
+            "DELETE FROM event_keys WHERE sk = ? AND seq BETWEEN ? AND ?", (sk, first, last)
         )
         c.execute("DELETE FROM parts WHERE session_id = ? AND part = ?", (session_id, part))
         c.execute(

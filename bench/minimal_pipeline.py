@@ -44,9 +44,12 @@ INSERT = "INSERT INTO events (sk, session_id, seq, ts, json) VALUES "
 
 
 class Writer:
-    def __init__(self, conn: sqlite3.Connection, chunked: bool) -> None:
+    def __init__(self, conn: sqlite3.Connection, chunked: bool, lazy: int = 0) -> None:
         self.conn = conn
         self.chunked = chunked
+        self.lazy = lazy
+        self.tail = 0
+        self.mark = 0
         self.insert_s = self.commit_s = 0.0
         self.commits = 0
 
@@ -63,6 +66,14 @@ class Writer:
                     i, left = i + n, left - n
         else:
             c.executemany(INSERT + "(?,?,?,?,?)", rows)
+        if self.lazy:
+            self.tail += len(rows)
+            if self.tail >= self.lazy:
+                c.execute("INSERT INTO event_keys (sk, seq, rid) SELECT sk, seq, rowid"
+                          " FROM events WHERE rowid > ? ORDER BY sk, seq", (self.mark,))
+                self.mark = c.execute("SELECT max(rowid) FROM events").fetchone()[0]
+                c.execute("UPDATE meta SET value = ? WHERE key = 'mark'", (self.mark,))
+                self.tail = 0
         t1 = time.perf_counter()
         c.execute("COMMIT")
         self.insert_s += t1 - t0
@@ -71,7 +82,7 @@ class Writer:
 
 
 async def run(events: int, producers: int, cap: int, chunked: bool,
-              index: bool = True) -> dict[str, float]:
+              index: bool = True, lazy: int = 0) -> dict[str, float]:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         conn = sqlite3.connect(os.path.join(d, "spool.db"), isolation_level=None,
                                check_same_thread=False)
@@ -80,8 +91,12 @@ async def run(events: int, producers: int, cap: int, chunked: bool,
         conn.executescript(
             "CREATE TABLE events (sk INTEGER NOT NULL, session_id TEXT NOT NULL,"
             " seq INTEGER NOT NULL, ts REAL NOT NULL, json TEXT NOT NULL);"
-            + ("CREATE UNIQUE INDEX events_sk_seq ON events (sk, seq);" if index else ""))
-        writer = Writer(conn, chunked)
+            + ("CREATE UNIQUE INDEX events_sk_seq ON events (sk, seq);" if index else "")
+            + ("CREATE TABLE event_keys (sk INTEGER NOT NULL, seq INTEGER NOT NULL,"
+               " rid INTEGER NOT NULL, PRIMARY KEY (sk, seq)) WITHOUT ROWID;"
+               "CREATE TABLE meta (key TEXT PRIMARY KEY, value);"
+               "INSERT INTO meta VALUES ('mark', 0);" if lazy else ""))
+        writer = Writer(conn, chunked, lazy)
         pool = ThreadPoolExecutor(1)
         loop = asyncio.get_running_loop()
         src = Source(user="alice", role="user", ip="127.0.0.1", user_agent="curl/8.5.0")
@@ -147,9 +162,11 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=0, help="at most N rows a commit (0: all)")
     ap.add_argument("--chunked", action="store_true")
     ap.add_argument("--no-index", action="store_true")
+    ap.add_argument("--lazy", type=int, default=0,
+                    help="no index on events: a (sk, seq) -> rowid keys table filled every N rows")
     args = ap.parse_args()
     print(uvloop.run(run(args.events, args.producers, args.cap, args.chunked,
-                         index=not args.no_index)))
+                         index=not (args.no_index or args.lazy), lazy=args.lazy)))
 
 
 if __name__ == "__main__":

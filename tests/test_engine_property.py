@@ -22,6 +22,7 @@ from conftest import AUDIT_KEY, Engines, FakeClock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from audit import store
 from audit.config import parse_config
 from audit.events import Draft, Source, event_hash, genesis
 from audit.store import SECURITY_STREAM
@@ -218,7 +219,17 @@ def check(sink: ScriptedSink, m: Model, part_max_events: int) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(part_max_events=st.integers(1, 5), ops=st.lists(OPS, max_size=30))
-def test_every_acknowledged_event_is_stored_exactly_once(part_max_events, ops):
-    with tempfile.TemporaryDirectory() as d:
-        asyncio.run(scenario(d, part_max_events, ops))
+@given(
+    part_max_events=st.integers(1, 5),
+    keys_every=st.sampled_from([1, 3, store.KEYS_EVERY]),
+    ops=st.lists(OPS, max_size=30),
+)
+def test_every_acknowledged_event_is_stored_exactly_once(part_max_events, keys_every, ops):
+    """``keys_every``: how often the spool indexes its events (every commit,
+    every few events, or as shipped: then most reads go through the tail)."""
+    saved, store.KEYS_EVERY = store.KEYS_EVERY, keys_every
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            asyncio.run(scenario(d, part_max_events, ops))
+    finally:
+        store.KEYS_EVERY = saved

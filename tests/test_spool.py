@@ -148,10 +148,22 @@ async def test_spool_full_clears_once_flushed(make_config, engines):
     await engine.record(s2.session_id, Draft("document.list"))
 
 
+_UNKEY = (
+    "DROP VIEW session_events; DROP TABLE event_keys; DELETE FROM meta WHERE key = 'keys_mark';"
+)
+
+
 def _downgrade(path, layout: str) -> None:
-    """Rewrite a spool file into an earlier layout: ``events`` keyed by the text
-    session id, either ``clustered`` (WITHOUT ROWID) or ``text_key`` (a rowid
-    table with a unique (session_id, seq) index), and no ``sessions.sk``."""
+    """Rewrite a spool file into an earlier layout: ``sk_index`` (events with a
+    unique (sk, seq) index and no ``event_keys``), or ``events`` keyed by the
+    text session id, either ``clustered`` (WITHOUT ROWID) or ``text_key`` (a
+    rowid table with a unique (session_id, seq) index), and no ``sessions.sk``."""
+    if layout == "sk_index":
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            conn.executescript(
+                f"BEGIN; {_UNKEY} CREATE UNIQUE INDEX events_sk_seq ON events (sk, seq); COMMIT;"
+            )
+        return
     if layout == "clustered":
         create = (
             "CREATE TABLE events (session_id TEXT NOT NULL, seq INTEGER NOT NULL,"
@@ -165,7 +177,7 @@ def _downgrade(path, layout: str) -> None:
         )
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.executescript(
-            "BEGIN; ALTER TABLE events RENAME TO e2; DROP INDEX events_sk_seq;"
+            f"BEGIN; {_UNKEY} ALTER TABLE events RENAME TO e2;"
             f" {create}"
             " INSERT INTO events SELECT session_id, seq, ts, json FROM e2 ORDER BY rowid;"
             " DROP TABLE e2;"
@@ -228,8 +240,11 @@ async def test_a_spool_of_the_text_key_layout_is_migrated(tmp_path, audit_key):
             sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
             index = conn.execute(
                 "SELECT sql FROM sqlite_master WHERE name = 'events_sk_seq'").fetchone()
+            keyed = conn.execute(
+                "SELECT COUNT(*) FROM event_keys k JOIN events e ON e.rowid = k.rid"
+                " AND e.sk = k.sk AND e.seq = k.seq").fetchone()[0]
             keys = dict(conn.execute("SELECT session_id, sk FROM sessions").fetchall())
-        assert "sk INTEGER" in sql[0] and "(sk, seq)" in index[0]
+        assert "sk INTEGER" in sql[0] and index is None and keyed == len(before)
         assert sorted(keys.values()) == [1, 2]
         after = await sp.read(lambda c: c.execute(
             "SELECT session_id, seq, ts, json FROM events ORDER BY rowid").fetchall())

@@ -1,0 +1,188 @@
+"""The events layout: an unindexed append-only table plus ``event_keys``
+filled in bulk (audit/store.py, SCHEMA). Every read must see the events of
+both halves, a delete must leave no row in either, and a rowid must never
+fall under the mark."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+
+import pytest
+
+from audit import queries, store
+from audit.events import Draft, event_hash
+from audit.spool import Spool
+from audit.store import Append, Limits
+
+
+def _layout(path) -> tuple[int, int, int, int]:
+    """(rows in events, rows in event_keys, rows in the tail, keys_mark)."""
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        mark = c.execute(
+            "SELECT COALESCE(MAX(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'keys_mark'"
+        ).fetchone()[0]
+        events = c.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        keyed = c.execute(
+            "SELECT COUNT(*) FROM event_keys k JOIN events e ON e.rowid = k.rid"
+            " AND e.sk = k.sk AND e.seq = k.seq"
+        ).fetchone()[0]
+        tail = c.execute("SELECT COUNT(*) FROM events WHERE rowid > ?", (mark,)).fetchone()[0]
+    return events, keyed, tail, mark
+
+
+async def _all_parts(sp: Spool, session_id: str) -> list[list[int]]:
+    def read(c: sqlite3.Connection) -> list[list[int]]:
+        metas = c.execute(
+            "SELECT p.first_seq, p.last_seq, s.sk FROM parts p JOIN sessions s USING (session_id)"
+            " WHERE p.session_id = ? ORDER BY p.part",
+            (session_id,),
+        ).fetchall()
+        return [
+            [e["seq"] for e in queries.part_events(c, {"first_seq": a, "last_seq": b, "sk": sk})]
+            for a, b, sk in metas
+        ]
+
+    return await sp.read(read)
+
+
+async def test_reads_see_the_indexed_events_and_the_tail(tmp_path, audit_key, monkeypatch):
+    monkeypatch.setattr(store, "KEYS_EVERY", 4)
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(3, 1 << 20))
+    await sp.open()
+    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+    for _ in range(9):  # one batch each: the tail is indexed every 4 rows
+        await sp.submit(Append(s.session_id, Draft("document.list")))
+    events, keyed, tail, _ = _layout(path)
+    assert events == 10 and keyed == 8 and tail == 2
+    # Parts 1-3, 4-6, 7-9 are cut; 10 is uncut. The last part straddles.
+    assert await _all_parts(sp, s.session_id) == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    summary = await sp.read(lambda c: queries.get_session(c, s.session_id))
+    assert [e["seq"] for e in summary["events"]] == list(range(1, 11))
+    assert summary["event_count"] == 10 and summary["parts"] == 4
+    head = sp.open_session(s.session_id)
+    await sp.close()
+
+    sp = Spool(path, audit_key, limits=Limits(3, 1 << 20))
+    await sp.open()
+    try:
+        again = sp.open_session(s.session_id)
+        assert (again.next_seq, again.head, again.uncut_count) == (11, head.head, 1)
+        ev = await sp.submit(Append(s.session_id, Draft("document.list")))
+        assert ev["seq"] == 11 and ev["hash"] == event_hash(audit_key, head.head, ev)
+    finally:
+        await sp.close()
+
+
+async def test_a_session_resumes_from_the_tail_alone(tmp_path, audit_key):
+    """Nothing indexed yet (the shipped KEYS_EVERY is far away): a new process
+    finds the open session's uncut events, next seq and chain head in the tail."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+    for _ in range(4):
+        last = await sp.submit(Append(s.session_id, Draft("document.list")))
+    await sp.close()
+    assert _layout(path)[1:3] == (0, 5)
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    try:
+        again = sp.open_session(s.session_id)
+        assert (again.next_seq, again.head, again.uncut_count) == (6, last["hash"], 5)
+    finally:
+        await sp.close()
+
+
+@pytest.mark.parametrize("keys_every", [1, 3, 10**9])
+async def test_a_stored_part_leaves_no_row_in_either_half(
+    tmp_path, audit_key, monkeypatch, keys_every
+):
+    monkeypatch.setattr(store, "KEYS_EVERY", keys_every)
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(4, 1 << 20))
+    await sp.open()
+    try:
+        start = [Draft("session.start")]
+        gone = await sp.submit(lambda w: w.start_session("a", "user", 1e12, start))
+        kept = await sp.submit(lambda w: w.start_session("b", "user", 1e12, start))
+        for _ in range(5):
+            await sp.submit(Append(gone.session_id, Draft("document.list")))
+            await sp.submit(Append(kept.session_id, Draft("document.list")))
+        await sp.submit(lambda w: w.seal(gone.session_id, "logout", Draft("session.end")))
+        for part in range(2):
+            await sp.submit(lambda w, p=part: w.mark_part_stored(gone.session_id, p, 0))
+        events, keyed, tail, _ = _layout(path)
+        assert (events, keyed + tail) == (6, 6)  # b's six events only
+        with contextlib.closing(sqlite3.connect(path)) as c:
+            assert c.execute("SELECT COUNT(*) FROM event_keys").fetchone()[0] == keyed
+            assert {r[0] for r in c.execute("SELECT session_id FROM events")} == {kept.session_id}
+        assert await _all_parts(sp, kept.session_id) == [[1, 2, 3, 4]]
+    finally:
+        await sp.close()
+
+
+async def test_rowids_never_fall_under_the_mark(tmp_path, audit_key):
+    """Deleting the newest rows lowers MAX(rowid) under the mark; a rowid
+    SQLite chose would be reused there, and its event would be in neither
+    event_keys nor the tail: invisible to every read, lost to the flusher."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    kept = await sp.submit(lambda w: w.start_session("b", "user", 1e12, [Draft("session.start")]))
+    gone = await sp.submit(lambda w: w.start_session("a", "user", 1e12, [Draft("session.start")]))
+    for _ in range(3):
+        await sp.submit(Append(gone.session_id, Draft("document.list")))
+    await sp.submit(lambda w: w.seal(gone.session_id, "logout", Draft("session.end")))
+    await sp.submit(lambda w: w.mark_part_stored(gone.session_id, 0, 0))  # the newest rows
+    events, _, tail, mark = _layout(path)
+    assert events == 1 and tail == 0 and mark == 6
+    await sp.close()
+
+    for _ in range(2):  # in this process, and in the next one
+        sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+        await sp.open()
+        try:
+            ev = await sp.submit(Append(kept.session_id, Draft("document.list")))
+            summary = await sp.read(lambda c: queries.get_session(c, kept.session_id))
+            assert summary["events"][-1]["event_id"] == ev["event_id"]
+            assert summary["event_count"] == ev["seq"]
+        finally:
+            await sp.close()
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        assert c.execute("SELECT MIN(rowid) FROM events WHERE seq > 1").fetchone()[0] > mark
+
+
+async def test_a_spool_with_the_sk_seq_index_is_migrated(tmp_path, audit_key):
+    """Files of the layout before event_keys (a unique (sk, seq) index on
+    events): the index goes, event_keys holds every event, sessions resume."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(3, 1 << 20))
+    await sp.open()
+    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+    for _ in range(4):
+        last = await sp.submit(Append(s.session_id, Draft("document.list")))
+    await sp.close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        c.executescript(
+            "BEGIN; DROP VIEW session_events; DROP TABLE event_keys;"
+            " DELETE FROM meta WHERE key = 'keys_mark';"
+            " CREATE UNIQUE INDEX events_sk_seq ON events (sk, seq); COMMIT;"
+        )
+    sp = Spool(path, audit_key, limits=Limits(3, 1 << 20))
+    await sp.open()
+    try:
+        events, keyed, tail, mark = _layout(path)
+        assert (events, keyed, tail, mark) == (5, 5, 0, 5)
+        with contextlib.closing(sqlite3.connect(path)) as c:
+            index = c.execute("SELECT 1 FROM sqlite_master WHERE name = 'events_sk_seq'")
+            assert index.fetchone() is None
+        again = sp.open_session(s.session_id)
+        assert (again.next_seq, again.head, again.uncut_count) == (6, last["hash"], 2)
+        assert await _all_parts(sp, s.session_id) == [[1, 2, 3]]
+        part = await sp.read(queries.load_part)
+        assert [json.loads(json.dumps(e))["seq"] for e in part["events"]] == [1, 2, 3]
+    finally:
+        await sp.close()
