@@ -144,7 +144,9 @@ def migrate(conn: sqlite3.Connection) -> None:
     Each becomes the current layout in one transaction: every session gets
     ``sk`` = its rowid, the events are copied in their stored order (by
     ``ts`` from the clustered layout, whose order is the session id's), and
-    ``event_keys`` is built over all of them.
+    ``event_keys`` is built over all of them. A file a release before
+    ``event_keys`` has run on since (its ``(sk, seq)`` index is back, and
+    ``event_keys`` is stale) gets ``event_keys`` rebuilt the same way.
     """
     row = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
     if row is None:
@@ -154,8 +156,15 @@ def migrate(conn: sqlite3.Connection) -> None:
     has_keys = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE name = 'event_keys'"
     ).fetchone() is not None
-    if keyed and has_keys:
+    # The (sk, seq) index beside event_keys: a release before event_keys ran
+    # on this file since (it adds the index and leaves event_keys stale).
+    old_index = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE name = 'events_sk_seq'"
+    ).fetchone() is not None
+    if keyed and has_keys and not old_index:
         return  # current
+    log.info("spool: converting the file to the current events layout (once; takes a"
+             " few seconds per million events)")
     conn.execute("BEGIN IMMEDIATE")
     try:
         if not keyed:
@@ -177,10 +186,13 @@ def migrate(conn: sqlite3.Connection) -> None:
                 f" FROM events_old e JOIN sessions s USING (session_id) ORDER BY {order}"
             )
             conn.execute("DROP TABLE events_old")
-        conn.execute(
-            "CREATE TABLE event_keys (sk INTEGER NOT NULL, seq INTEGER NOT NULL,"
-            " rid INTEGER NOT NULL, PRIMARY KEY (sk, seq)) WITHOUT ROWID"
-        )
+        if has_keys:
+            conn.execute("DELETE FROM event_keys")
+        else:
+            conn.execute(
+                "CREATE TABLE event_keys (sk INTEGER NOT NULL, seq INTEGER NOT NULL,"
+                " rid INTEGER NOT NULL, PRIMARY KEY (sk, seq)) WITHOUT ROWID"
+            )
         conn.execute(
             "INSERT INTO event_keys (sk, seq, rid)"
             " SELECT sk, seq, rowid FROM events ORDER BY sk, seq"
@@ -405,12 +417,12 @@ class Writer:
         top_rid = c.execute("SELECT COALESCE(MAX(rowid), 0) FROM events").fetchone()[0]
         self.next_rid = max(self.next_rid, top_rid + 1, mark + 1)
         # The unindexed tail, read once (at most about KEYS_EVERY rows plus a batch).
-        tail: dict[int, list[tuple[int, float, int]]] = {}
-        for sk, seq, ts, size in c.execute(
-            "SELECT sk, seq, ts, LENGTH(CAST(json AS BLOB)) FROM events WHERE rowid > ?",
+        tail: dict[int, list[tuple[int, float, int, int]]] = {}
+        for rid, sk, seq, ts, size in c.execute(
+            "SELECT rowid, sk, seq, ts, LENGTH(CAST(json AS BLOB)) FROM events WHERE rowid > ?",
             (mark,),
         ):
-            tail.setdefault(sk, []).append((seq, ts, size))
+            tail.setdefault(sk, []).append((seq, ts, size, rid))
         self.tail = sum(len(v) for v in tail.values())
         top = c.execute(
             "SELECT MAX(COALESCE((SELECT MAX(sk) FROM sessions), 0),"
@@ -445,17 +457,25 @@ class Writer:
                 (sk, cut_seq),
             ).fetchone()
             nbytes = nbytes or 0
-            for seq, ts, size in tail.get(sk, ()):
+            head_rid = None  # the newest event's rowid if it is in the tail
+            for seq, ts, size, rid in tail.get(sk, ()):
                 if seq > cut_seq:
                     count += 1
                     nbytes += size
                     first_ts = ts if first_ts is None else min(first_ts, ts)
                     last_ts2 = ts if last_ts2 is None else max(last_ts2, ts)
-                    max_seq = seq if max_seq is None else max(max_seq, seq)
+                    if max_seq is None or seq >= max_seq:
+                        max_seq, head_rid = seq, rid
             if count:
-                last = c.execute(
-                    "SELECT json FROM session_events WHERE sk = ? AND seq = ?", (sk, max_seq)
-                ).fetchone()
+                # One row by rowid: the view would scan the tail once per session.
+                if head_rid is None:
+                    last = c.execute(
+                        "SELECT e.json FROM event_keys k JOIN events e ON e.rowid = k.rid"
+                        " WHERE k.sk = ? AND k.seq = ?", (sk, max_seq)
+                    ).fetchone()
+                else:
+                    last = c.execute(
+                        "SELECT json FROM events WHERE rowid = ?", (head_rid,)).fetchone()
                 s.head = json.loads(last[0])["hash"]
                 s.next_seq = max_seq + 1
                 s.uncut_count = count
@@ -631,20 +651,29 @@ class Writer:
         )
         self.tail = 0
 
+    def _keys_failed(self) -> None:
+        """Two events with one (sk, seq): a bug, which the chain check of
+        ``verify`` will show. Nothing is dropped: the tail is no longer
+        indexed (until a restart), reads and deletes scan it, and both
+        events reach the sink."""
+        log.error(
+            "the spool found two events with the same session and seq; it stops"
+            " indexing its events (reads of them slow down) until it restarts"
+        )
+        self.keys_failed = True
+
     def _index_tail_in_batch(self) -> None:
         """:meth:`index_tail` in a savepoint: a failure leaves the tail for next time.
 
         A failure that is not the spool's trouble (the UNIQUE (sk, seq) key
-        of event_keys refused a row: a bug) is logged once and indexing
-        stops; reads stay right (they scan the tail) but slow down.
+        of event_keys refused a row: a bug) stops indexing (:meth:`_keys_failed`).
         """
         try:
             self.atomic(self.index_tail, flush=False)
         except sqlite3.IntegrityError:
             if not self.conn.in_transaction:
                 raise TransactionLost() from None
-            log.exception("the spool could not index its events; reads of them will slow down")
-            self.keys_failed = True
+            self._keys_failed()
         except sqlite3.OperationalError:
             if not self.conn.in_transaction:
                 raise TransactionLost() from None
@@ -854,12 +883,20 @@ class Writer:
         ).fetchone()
         if row is None:
             return
-        self.index_tail()  # so that every event of the part is in event_keys
         first, last, sk = row
+        if not self.keys_failed:
+            try:
+                self.index_tail()  # the tail is then (almost always) empty
+            except sqlite3.IntegrityError:  # the statement failed; the transaction stands
+                self._keys_failed()
         c.execute(
             "DELETE FROM events WHERE rowid IN (SELECT rid FROM event_keys"
             " WHERE sk = ? AND seq BETWEEN ? AND ?)",
             (sk, first, last),
+        )
+        c.execute(
+            "DELETE FROM events WHERE rowid > ? AND sk = ? AND seq BETWEEN ? AND ?",
+            (_keys_mark(c), sk, first, last),
         )
         c.execute(
             "DELETE FROM event_keys WHERE sk = ? AND seq BETWEEN ? AND ?", (sk, first, last)
