@@ -8,12 +8,15 @@ the spool's events layout and commits (WAL, ``synchronous = FULL``); each
 producer waits for its commit, as a durable ``ack`` must.
 
     python bench/minimal_pipeline.py [--events 100000] [--producers 256] [--cap N]
+                                     [--chunked] [--no-index] [--lazy N]
 
 ``--cap N`` commits at most N rows at a time (so that the writer commits one
 part while the loop seals the next), ``--chunked`` inserts with one multi-row
 INSERT per power-of-two chunk instead of ``executemany``, ``--no-index``
 leaves out the ``(sk, seq)`` index (an append-only table: what a commit costs
-when it does not touch a leaf per session). Prints events/s and
+when it does not touch a leaf per session), ``--lazy N`` leaves it out and
+fills a ``(sk, seq) -> rowid`` keys table every N rows instead (the spool's
+layout since: ``event_keys``). Prints events/s and
 where each event's time went: insert, commit (the writer thread) and the rest
 (the event loop: drafts, sealing, futures).
 """
