@@ -123,13 +123,37 @@ _SESSION_COLS = (
 )
 
 
-def _summary(conn: sqlite3.Connection, row: tuple[Any, ...]) -> Row:
-    sid, user, state, start, end, reason, next_part, cut_events, cut_seq, sk = row
-    uncut = 0
-    if state == "open":
-        uncut = conn.execute(
-            "SELECT COUNT(*) FROM session_events WHERE sk = ? AND seq > ?", (sk, cut_seq)
+def _uncut_counts(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> dict[int, int]:
+    """The uncut events of the open sessions among ``rows`` (``_SESSION_COLS``),
+    by ``sk``: each from ``event_keys`` alone, plus one scan of the unindexed
+    tail for all of them (the view would scan it once per session)."""
+    cuts = {r[9]: r[8] for r in rows if r[2] == "open"}
+    if not cuts:
+        return {}
+    counts = {
+        sk: conn.execute(
+            "SELECT COUNT(*) FROM event_keys WHERE sk = ? AND seq > ?", (sk, cut_seq)
         ).fetchone()[0]
+        for sk, cut_seq in cuts.items()
+    }
+    for sk, seq in conn.execute(
+        "SELECT sk, seq FROM events WHERE rowid > (SELECT COALESCE(MAX(CAST(value AS INTEGER)),"
+        " 0) FROM meta WHERE key = 'keys_mark') AND sk IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(cuts)),),
+    ):
+        if seq > cuts[sk]:
+            counts[sk] += 1
+    return counts
+
+
+def _summaries(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Row]:
+    uncut = _uncut_counts(conn, rows)
+    return [_summary(conn, r, uncut.get(r[9], 0)) for r in rows]
+
+
+def _summary(conn: sqlite3.Connection, row: tuple[Any, ...], uncut: int) -> Row:
+    sid, user, state, start, end, reason, next_part, cut_events = row[:8]
+    if state == "open":
         shown = "open"
     else:
         left = conn.execute(
@@ -174,7 +198,7 @@ def list_sessions(
         " ORDER BY start_ts DESC, session_id DESC LIMIT ?",
         (*args, limit),
     ).fetchall()
-    return [_summary(conn, r) for r in rows]
+    return _summaries(conn, rows)
 
 
 def sessions_by_id(conn: sqlite3.Connection, ids: list[str]) -> list[Row]:
@@ -184,7 +208,7 @@ def sessions_by_id(conn: sqlite3.Connection, ids: list[str]) -> list[Row]:
         " WHERE session_id IN (SELECT value FROM json_each(?))",
         (json.dumps(ids),),
     ).fetchall()
-    return [_summary(conn, r) for r in rows]
+    return _summaries(conn, rows)
 
 
 def get_session(conn: sqlite3.Connection, session_id: str) -> Row | None:
@@ -194,7 +218,7 @@ def get_session(conn: sqlite3.Connection, session_id: str) -> Row | None:
     ).fetchone()
     if row is None:
         return None
-    summary = _summary(conn, row)
+    summary = _summaries(conn, [row])[0]
     events = [
         json.loads(r[0])
         for r in conn.execute(

@@ -83,6 +83,11 @@ async def test_reads_see_the_indexed_events_and_the_tail(tmp_path, audit_key, mo
     summary = await sp.read(lambda c: queries.get_session(c, s.session_id))
     assert [e["seq"] for e in summary["events"]] == list(range(1, 11))
     assert summary["event_count"] == 10 and summary["parts"] == 4
+    other = await sp.submit(lambda w: w.start_session("v", "user", 1e12, [Draft("session.start")]))
+    listed = await sp.read(lambda c: queries.list_sessions(
+        c, user=None, since=None, until=None, before=None, limit=10))
+    assert {r["session_id"]: r["event_count"] for r in listed} == {
+        s.session_id: 10, other.session_id: 1}
     head = sp.open_session(s.session_id)
     await sp.close()
 
