@@ -122,6 +122,9 @@ async def _ensure_admin(app: web.Application) -> None:
             " add an admin with `server.py adduser NAME --admin`")
     password = os.environ.get(ADMIN_PASSWORD_ENV)
     if password:
+        if len(password) < MIN_PASSWORD_CHARS:
+            raise StartupError(
+                f"{ADMIN_PASSWORD_ENV} must have at least {MIN_PASSWORD_CHARS} characters")
         await accounts.create("admin", password, "admin")
         log.info("created user 'admin' with the password from %s", ADMIN_PASSWORD_ENV)
         return

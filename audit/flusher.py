@@ -33,6 +33,10 @@ log = logging.getLogger("session_audit.flusher")
 
 SECURITY_BATCH = 100
 LOCK_RETRY_SECONDS = 0.2
+# With nothing pending, the flusher still looks at the spool this often: work
+# another process queued (``server.py retry-dead`` beside a running server)
+# wakes nothing in this one.
+IDLE_RECHECK_SECONDS = 5.0
 # A document on which the sink raises an *unclassified* error this many times
 # in a row is dead-lettered (kept, counted, retryable by command) so that one
 # poison document cannot block everything queued behind it forever.
@@ -96,9 +100,9 @@ class Flusher:
                 log.error("flusher: the spool failed: %s; retrying in %.1fs", exc, delay)
             else:
                 self.spool_backoff.succeeded()
-            if delay is None:  # nothing pending: sleep until woken
+            if delay is None:  # nothing pending: sleep until woken, or look again
                 self._idle.set()
-                await self._wait(None)
+                await self._wait(IDLE_RECHECK_SECONDS)
                 self._idle.clear()
             elif delay > 0:
                 await self._wait(delay)

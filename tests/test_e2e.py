@@ -69,16 +69,18 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def cli(config: Path, *args: str, stdin: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "server.py", *args[:1], "--config", str(config), *args[1:]],
-        cwd=REPO, env=server_env(), input=stdin, capture_output=True, text=True, timeout=60,
+        cwd=REPO, env={**server_env(), **(env or {})}, input=stdin, capture_output=True,
+        text=True, timeout=60,
     )
 
 
 async def acli(config: Path, *args: str, stdin: str | None = None,
-               ) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(cli, config, *args, stdin=stdin)
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(cli, config, *args, stdin=stdin, env=env)
 
 
 class Server:
@@ -443,7 +445,8 @@ async def test_config_errors_name_the_key(tmp_path: Path) -> None:
 
 async def test_startup_problems_are_one_clear_line(tmp_path: Path) -> None:
     """A data directory that cannot be created, a port in use, a user called
-    admin without the role: exit 2 with a message naming the cause, no traceback."""
+    admin without the role, a short initial admin password: exit 2 with a
+    message naming the cause, no traceback."""
     port = free_port()
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -468,6 +471,13 @@ async def test_startup_problems_are_one_clear_line(tmp_path: Path) -> None:
     r = await acli(config, "serve")
     assert r.returncode == 2 and "adduser NAME --admin" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+    weak = tmp_path / "weak"
+    weak.mkdir()
+    config = write_config(weak, port)
+    r = await acli(config, "serve", env={"SESSION_AUDIT_ADMIN_PASSWORD": "Wk7$x"})
+    assert r.returncode == 2 and "at least 8 characters" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "Wk7$x" not in r.stderr
 
 
 async def test_config_before_the_command_is_used(tmp_path: Path) -> None:

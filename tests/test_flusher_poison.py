@@ -3,6 +3,7 @@ dead-lettered after a few tries, so it cannot block what is queued behind it."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from audit import queries
@@ -59,3 +60,39 @@ async def test_poison_part_is_dead_lettered_and_the_rest_flows(
     (part,) = await sink.get_session_parts(first.session_id)
     assert [e["action"] for e in part["events"]] == [
         "session.start", "token.issue", "document.list", "session.end"]
+
+
+async def test_a_running_flusher_takes_up_what_another_process_retried(
+    make_config, engines, monkeypatch
+):
+    """``server.py retry-dead`` runs in its own process beside the server: it
+    puts dead letters back to pending in the file, which wakes nothing in the
+    server. Its idle flusher looks at the spool again on its own."""
+    from audit import flusher
+
+    monkeypatch.setattr(flusher, "IDLE_RECHECK_SECONDS", 0.05)
+    config = make_config(flush={"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
+    poisoned: set[str] = set()
+    sink = PoisonedSink(config.sqlite_sink_path, poisoned)
+    engine = await engines.open(config, sink, background=True)
+    src = Source(user="alice", role="user")
+    s = await engine.start_session("alice", "user", src, 3600)
+    poisoned.add(s.session_id)
+    await engine.end_session(s.session_id, src)
+    for _ in range(500):
+        counts = await engine.spool.read(lambda c: queries.counts(c, 0))
+        if counts["dead_letter_parts"]:
+            break
+        await asyncio.sleep(0.01)
+    assert counts["dead_letter_parts"] == 1
+    await asyncio.sleep(0.2)  # the flusher is idle now
+
+    poisoned.clear()
+    other = await engines.open(config, SqliteSink(config.sqlite_sink_path))  # the command's
+    assert await other.retry_dead_letters() == 1
+    for _ in range(500):
+        if await sink.get_session_parts(s.session_id):
+            break
+        await asyncio.sleep(0.01)
+    (part,) = await sink.get_session_parts(s.session_id)
+    assert part["final"] and part["events"][-1]["action"] == "session.end"
