@@ -711,8 +711,8 @@ class Writer:
             next_part=0,
         )
         self.sessions[sid] = s
-        for d in drafts:
-            self.append(sid, d)
+        for d in drafts:  # at the session's start time: verify compares the two
+            self.append(sid, d, now)
         return replace(s)
 
     def session(self, session_id: str | None) -> OpenSession:
@@ -721,8 +721,8 @@ class Writer:
             raise SessionNotOpen(session_id)
         return s
 
-    def append(self, session_id: str, draft: Draft) -> dict[str, Any]:
-        """Give the draft its ``seq``, time and hash and store it.
+    def append(self, session_id: str, draft: Draft, now: float | None = None) -> dict[str, Any]:
+        """Give the draft its ``seq``, time (``now``, else the clock's) and hash and store it.
 
         The hot path of the spool (once per event): nothing in the cache
         changes before the sealing succeeded, so a failing append leaves
@@ -733,7 +733,8 @@ class Writer:
             raise SessionNotOpen(session_id)
         if self._undo is not None:
             self._touch(s)
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         seq = s.next_seq
         event, text = seal_event(self.key, s.head, draft, session_id, seq, now)
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
@@ -808,9 +809,9 @@ class Writer:
     def seal(self, session_id: str, reason: str, end: Draft) -> OpenSession:
         """Record ``session.end`` and cut the final part; the session closes."""
         s = self.session(session_id)
-        self.append(session_id, end)
-        self._touch(s)
         now = self.clock()
+        self.append(session_id, end, now)  # at the session's end time: verify compares the two
+        self._touch(s)
         self._cut(s, final=True, reason=reason, end_ts=now)
         self.conn.execute(
             "UPDATE sessions SET state = 'sealed', end_ts = ?, seal_reason = ?"

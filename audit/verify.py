@@ -10,7 +10,13 @@ from typing import Any
 
 from sinks.base import Sink
 
-from .events import event_hash, genesis
+from .events import event_hash, genesis, parse_ts
+
+FINAL_REASONS = frozenset({"logout", "idle_timeout", "token_expired", "max_duration"})
+# A part's times are written from the same clock reading as its session's
+# session.start and session.end events (exactly equal since this release;
+# within microseconds before it): a difference beyond this is a changed part.
+TIME_SLACK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,56 @@ def check_session(key: bytes, session_id: str, parts: list[dict[str, Any]]) -> l
             chain = e.get("hash", "")
         if events and part.get("hash") != chain:
             add("bad_part", f"part {n}: hash is not the last event's")
+        for problem in _part_fields(part, events, by_number.get(0)):
+            add("bad_part", f"part {n}: {problem}")
         prev_hash = part.get("hash", "")
         expected_seq = part.get("last_seq", 0) + 1
+    return out
+
+
+def _seconds(value: Any) -> float | None:
+    try:
+        return parse_ts(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _part_fields(
+    part: dict[str, Any], events: list[dict[str, Any]], first: dict[str, Any] | None
+) -> list[str]:
+    """A part's own fields against its session's chained events. The fields
+    are outside the hash chain; these are the events that fix them: the
+    session's ``session.start`` (in part 0) for ``user`` and
+    ``session_start_time``, the final part's ``session.end`` for
+    ``seal_reason`` and ``session_end_time``."""
+    out: list[str] = []
+    start_ev = (first.get("events") or [None])[0] if first else None
+    if start_ev is not None and start_ev.get("action") == "session.start":
+        user = (start_ev.get("actor") or {}).get("user")
+        if part.get("user") != user:
+            out.append(f"user {part.get('user')!r} is not the session's ({user!r})")
+        a, b = _seconds(part.get("session_start_time")), _seconds(start_ev.get("ts"))
+        if a is None or b is None or abs(a - b) > TIME_SLACK_SECONDS:
+            out.append("session_start_time is not the time of session.start")
+    final, reason = part.get("final"), part.get("seal_reason")
+    end_time, duration = part.get("session_end_time"), part.get("session_duration_seconds")
+    if not final:
+        if reason != "checkpoint" or end_time is not None or duration is not None:
+            out.append("a non-final part must be a checkpoint without end time or duration")
+        return out
+    last = events[-1] if events else {}
+    if last.get("action") != "session.end":
+        out.append("the final part does not end with session.end")
+        return out
+    if reason not in FINAL_REASONS or reason != (last.get("details") or {}).get("reason"):
+        out.append(f"seal_reason {reason!r} is not session.end's")
+    end, ended = _seconds(end_time), _seconds(last.get("ts"))
+    if end is None or ended is None or abs(end - ended) > TIME_SLACK_SECONDS:
+        out.append("session_end_time is not the time of session.end")
+    begin = _seconds(part.get("session_start_time"))
+    if (end is None or begin is None or not isinstance(duration, int | float)
+            or abs(duration - (end - begin)) > 0.002):
+        out.append("session_duration_seconds is not end - start")
     return out
 
 

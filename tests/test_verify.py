@@ -108,3 +108,59 @@ async def test_verify_detects_a_forged_event_with_a_recomputed_count(stored, aud
     tamper(config, sids[0], 2, forge)
     found = await problems(config, audit_key)
     assert found == {sids[0]: {"changed"}}
+
+
+async def test_verify_checks_a_parts_own_fields_against_its_events(stored, audit_key):
+    """A part's ``user``, times and ``seal_reason`` are outside the hash chain;
+    verify holds them to the chained ``session.start`` and ``session.end``
+    (an edited ``user`` would hide the session from ``?user=`` queries)."""
+    from audit.events import format_ts, parse_ts
+
+    config, sids = stored
+    user, reason, end, start, checkpoint, untouched = sids
+
+    def later(text: str) -> str:
+        return format_ts(parse_ts(text) + 3600)
+
+    def move_end(doc):  # a careful forger keeps the duration consistent
+        doc["session_end_time"] = later(doc["session_end_time"])
+        doc["session_duration_seconds"] += 3600
+
+    tamper(config, user, 2, lambda d: d.update(user="bob"))
+    tamper(config, reason, 2, lambda d: d.update(seal_reason="idle_timeout"))
+    tamper(config, end, 2, move_end)
+    tamper(config, start, 1, lambda d: d.update(session_start_time=later(
+        d["session_start_time"])))
+    tamper(config, checkpoint, 1, lambda d: d.update(seal_reason="logout"))
+
+    sink = SqliteSink(config.sqlite_sink_path)
+    await sink.open()
+    try:
+        report = await verify_sink(sink, audit_key)
+    finally:
+        await sink.close()
+    found: dict[str, list[str]] = {}
+    for p in report.problems:
+        assert p.kind == "bad_part", p
+        found.setdefault(p.session_id, []).append(p.detail)
+    assert set(found) == {user, reason, end, start, checkpoint}
+    assert any("user 'bob'" in d for d in found[user])
+    assert any("seal_reason" in d for d in found[reason])
+    assert any("session_end_time" in d for d in found[end])
+    assert any("session_start_time" in d for d in found[start])
+    assert any("checkpoint" in d for d in found[checkpoint])
+    assert untouched not in found
+
+
+async def test_a_sessions_times_are_its_start_and_end_events_times(stored):
+    config, sids = stored
+    sink = SqliteSink(config.sqlite_sink_path)
+    await sink.open()
+    try:
+        parts = await sink.get_session_parts(sids[-1])
+    finally:
+        await sink.close()
+    first, final = parts[0], parts[-1]
+    assert first["session_start_time"] == first["events"][0]["ts"]
+    assert final["session_end_time"] == final["events"][-1]["ts"]
+    assert final["events"][-1]["action"] == "session.end"
