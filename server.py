@@ -370,7 +370,10 @@ async def _verify(config: Config) -> int:
         await sink.close()
     for p in report.problems:
         print(f"{p.session_id}: {p.kind}: {p.detail}")
-    print(f"verified {report.sessions} sessions, {report.parts} parts, {report.events} events:"
+    restarts = (f" (the stream starts again {report.security_restarts} times: new spools)"
+                if report.security_restarts else "")
+    print(f"verified {report.sessions} sessions, {report.parts} parts, {report.events} events,"
+          f" {report.security_events} security events{restarts}:"
           f" {'OK' if report.ok else f'{len(report.problems)} problems'}")
     return 0 if report.ok else 1
 

@@ -1,16 +1,19 @@
 """Verify stored sessions: recompute every chain from what the sink holds.
 
-Reports changed, removed and reordered events and missing parts.
+Reports changed, removed and reordered events and missing parts, parts whose
+own fields disagree with their events, and breaks in the security stream.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from sinks.base import Sink
 
 from .events import event_hash, genesis, parse_ts
+from .store import SECURITY_STREAM
 
 FINAL_REASONS = frozenset({"logout", "idle_timeout", "token_expired", "max_duration"})
 # A part's times are written from the same clock reading as its session's
@@ -22,7 +25,7 @@ TIME_SLACK_SECONDS = 1.0
 @dataclass(frozen=True)
 class Problem:
     session_id: str
-    kind: str  # changed | removed | reordered | missing_part | bad_part
+    kind: str  # changed | removed | reordered | missing_part | bad_part | security_chain
     detail: str
 
 
@@ -31,6 +34,10 @@ class Report:
     sessions: int = 0
     parts: int = 0
     events: int = 0
+    security_events: int = 0
+    # Places where the security stream starts again from its genesis value: a
+    # new spool (a fresh data directory) with the same audit key.
+    security_restarts: int = 0
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -152,4 +159,54 @@ async def verify_sink(sink: Sink, key: bytes) -> Report:
         report.parts += len(parts)
         report.events += sum(len(p.get("events") or []) for p in parts)
         report.problems.extend(check_session(key, sid, parts))
+    await check_security_stream(sink, key, report)
     return report
+
+
+SECURITY_WINDOW = 256
+
+
+def _security_hash(key: bytes, prev_hash: str, event: dict[str, Any]) -> str:
+    return event_hash(key, prev_hash, {k: v for k, v in event.items() if k != "_id"})
+
+
+async def check_security_stream(sink: Sink, key: bytes, report: Report) -> None:
+    """Follow the security stream's chain through the sink's security events.
+
+    They come oldest first (:meth:`Sink.security_events_oldest_first`); the
+    next link is looked for among the next :data:`SECURITY_WINDOW` of them,
+    for sinks that can only order them by ``ts`` (equal within a
+    millisecond). An event that continues nothing is a break: it, or the
+    event before it, was changed or removed (or never reached the sink: a
+    dead letter). The chain goes on from the event's own hash, so one
+    tampered event is one problem.
+    """
+    start = genesis(key, SECURITY_STREAM)
+    head = start
+    ahead: deque[dict[str, Any]] = deque()
+    events = sink.security_events_oldest_first().__aiter__()
+    exhausted = False
+    while True:
+        while not exhausted and len(ahead) < SECURITY_WINDOW:
+            try:
+                ahead.append(await events.__anext__())
+            except StopAsyncIteration:
+                exhausted = True
+        if not ahead:
+            return
+        for i, ev in enumerate(ahead):
+            if _security_hash(key, head, ev) == ev.get("hash"):
+                del ahead[i]
+                break
+        else:
+            ev = ahead.popleft()
+            if _security_hash(key, start, ev) == ev.get("hash"):
+                report.security_restarts += 1
+            else:
+                report.problems.append(Problem(
+                    SECURITY_STREAM, "security_chain",
+                    f"event {ev.get('_id')} ({ev.get('ts')}, {ev.get('action')}) does not"
+                    " continue the security chain: it, or the event before it, was changed"
+                    " or removed"))
+        head = str(ev.get("hash", ""))
+        report.security_events += 1

@@ -204,3 +204,21 @@ class Sink(ABC):
     ) -> tuple[list[Doc], str | None]:
         """Security events, newest ``ts`` first; ``kind`` filters on ``action``."""
         raise QueryNotSupported(f"the {self.type} sink cannot be queried")
+
+    async def security_events_oldest_first(self) -> AsyncIterator[Doc]:
+        """Every security event the sink holds, oldest first (for verify): in
+        the order they were written where the sink keeps it, else by ``ts``.
+
+        By default it pages through :meth:`list_security_events` (newest
+        first) and reverses them, holding them all in memory; a sink that
+        can stream them in order overrides it.
+        """
+        docs: list[Doc] = []
+        cursor: str | None = None
+        while True:
+            page, cursor = await self.list_security_events(limit=1000, cursor=cursor)
+            docs.extend(page)
+            if cursor is None:
+                break
+        for doc in reversed(docs):
+            yield doc

@@ -690,6 +690,21 @@ class JsonlSink(Sink):
         for sid in ids:
             yield sid
 
+    async def security_events_oldest_first(self) -> AsyncIterator[Doc]:
+        """In file order: the order written, the security stream's chain order."""
+
+        def query(index: _Index, read: _Reader) -> list[Doc]:
+            docs = []
+            for _, eid, _, no, offset in index.events:
+                doc = read(no, offset)
+                if doc.get("_id") != eid:
+                    raise _Stale
+                docs.append(_strip(doc))
+            return docs
+
+        for doc in await self._run_query(query):
+            yield doc
+
     async def list_security_events(
         self,
         *,

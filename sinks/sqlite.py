@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
@@ -209,6 +210,22 @@ class SqliteSink(Sink):
             "SELECT doc FROM parts WHERE session_id = ? ORDER BY part", (session_id,)
         ) as cur:
             return [json.loads(r[0]) for r in await cur.fetchall()]
+
+    async def security_events_oldest_first(self) -> AsyncIterator[Doc]:
+        """In the order written (rowid): the security stream's chain order."""
+        db = self._conn()
+        last = 0
+        while True:
+            async with db.execute(
+                "SELECT rowid, doc FROM security_events WHERE rowid > ? ORDER BY rowid LIMIT 1000",
+                (last,),
+            ) as cur:
+                rows = list(await cur.fetchall())
+            if not rows:
+                return
+            for _, text in rows:
+                yield json.loads(text)
+            last = rows[-1][0]
 
     async def list_security_events(
         self,

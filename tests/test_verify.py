@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+from typing import Any
 
 import pytest
 
@@ -164,3 +165,95 @@ async def test_a_sessions_times_are_its_start_and_end_events_times(stored):
     assert first["session_start_time"] == first["events"][0]["ts"]
     assert final["session_end_time"] == final["events"][-1]["ts"]
     assert final["events"][-1]["action"] == "session.end"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "jsonl"])
+async def test_verify_follows_the_security_stream(make_config, engines, audit_key, tmp_path, kind):
+    """Security events are chained in one stream (API.md): a changed or a
+    removed one breaks it where it happened, once; a new spool with the same
+    key starts a new stream, which is counted, not a problem."""
+    from sinks.jsonl import JsonlSink
+
+    config = make_config(flush={"max_writes_per_second": 1000.0, "burst": 100})
+
+    def new_sink() -> Any:
+        if kind == "sqlite":
+            return SqliteSink(config.sqlite_sink_path)
+        return JsonlSink(tmp_path / "jsonl")
+
+    async def record(engine: Any, n: int) -> None:
+        for i in range(n):
+            await engine.record_security(
+                Draft("auth.login_failed", outcome="denied", source=Source(ip="10.0.0.1"),
+                      details={"username": f"u{i:03d}"}), happened=True)
+        await engines.drain(engine)
+
+    engine = await engines.open(config, new_sink())
+    await record(engine, 40)
+    report = await verify_sink(engine.sink, audit_key)
+    assert report.ok and (report.security_events, report.security_restarts) == (40, 0)
+
+    async def verify_again() -> Any:
+        sink = new_sink()
+        await sink.open()
+        try:
+            return await verify_sink(sink, audit_key)
+        finally:
+            await sink.close()
+
+    if kind == "jsonl":  # the same length, so the file's other lines stay where they were
+        path = next((tmp_path / "jsonl").glob("*.jsonl"))
+        path.write_text(path.read_text().replace('"username":"u007"', '"username":"x007"'))
+        report = await verify_again()
+        assert [p.kind for p in report.problems] == ["security_chain"]
+        assert report.security_events == 40
+        return
+
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as c, c:
+        rows = c.execute("SELECT id, doc FROM security_events ORDER BY rowid").fetchall()
+        doc = json.loads(rows[7][1])
+        doc["actor"]["user"] = "mallory"
+        c.execute("UPDATE security_events SET doc = ? WHERE id = ?", (json.dumps(doc), rows[7][0]))
+        c.execute("DELETE FROM security_events WHERE id = ?", (rows[20][0],))
+    report = await verify_again()
+    assert [p.kind for p in report.problems] == ["security_chain", "security_chain"]
+    assert rows[7][0] in report.problems[0].detail  # the changed one
+    assert rows[21][0] in report.problems[1].detail  # the one after the removed one
+    assert report.security_events == 39
+
+    # A new spool (a fresh data directory), the same key and sink.
+    fresh = make_config(server={"data_dir": str(tmp_path / "fresh")},
+                        flush={"max_writes_per_second": 1000.0, "burst": 100})
+    engine2 = await engines.open(fresh, SqliteSink(config.sqlite_sink_path))
+    await record(engine2, 5)
+    report = await verify_again()
+    assert len(report.problems) == 2 and report.security_restarts == 1
+    assert report.security_events == 44
+
+
+async def test_the_default_oldest_first_pages_the_newest_first_listing() -> None:
+    """What a sink without an ordered stream of its own (MongoDB) uses."""
+    from sinks.base import Sink, decode_cursor, encode_cursor
+
+    class Listed(Sink):
+        type = "listed"
+
+        def __init__(self, docs: list[dict[str, Any]]) -> None:
+            self.docs = docs
+
+        async def write_part(self, part: dict[str, Any]) -> None: ...
+
+        async def write_security_events(self, events: list[dict[str, Any]]) -> None: ...
+
+        async def list_security_events(self, *, since: Any = None, kind: Any = None,
+                                       limit: int = 50, cursor: Any = None) -> Any:
+            newest = sorted(self.docs, key=lambda d: (d["ts"], d["_id"]), reverse=True)
+            at = int(decode_cursor(cursor)[0]) if cursor else 0
+            page = newest[at:at + limit]
+            more = at + limit < len(newest)
+            return page, encode_cursor(at + limit) if more else None
+
+    docs = [{"_id": f"e{i:04d}", "ts": f"2026-11-26T10:{i // 60:02d}:{i % 60:02d}.000Z"}
+            for i in range(2500)]
+    got = [d["_id"] async for d in Listed(docs).security_events_oldest_first()]
+    assert got == [d["_id"] for d in docs]
