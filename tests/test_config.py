@@ -218,3 +218,21 @@ def test_config_is_frozen():
     c = parse_config({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.audit.part_max_events = 1  # type: ignore[misc]
+
+
+def test_the_access_log_leaves_out_query_strings(caplog) -> None:
+    """A token a client put in the URL must not reach the log."""
+    import logging
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    import server
+
+    logger = logging.getLogger("test.access")
+    access = server.AccessLog(logger, "")
+    request = make_mocked_request("GET", "/documents/abc?access_token=secret-jwt-value")
+    with caplog.at_level(logging.INFO, logger="test.access"):
+        access.log(request, web.Response(status=404, text="x"), 0.0012)
+    assert '"GET /documents/abc" 404' in caplog.text
+    assert "secret-jwt-value" not in caplog.text and "access_token" not in caplog.text
