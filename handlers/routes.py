@@ -30,7 +30,8 @@ def setup(app: web.Application) -> None:
               allow_head=False)
     r.add_get("/audit/status", admin.status, name="admin_status", allow_head=False)
     r.add_post("/audit/flush", admin.flush, name="admin_flush")
-    r.add_get("/healthz", ops.healthz, name="healthz", allow_head=False)
-    r.add_get("/readyz", ops.readyz, name="readyz", allow_head=False)
+    # HEAD too, for load balancers that probe with it.
+    r.add_get("/healthz", ops.healthz, name="healthz")
+    r.add_get("/readyz", ops.readyz, name="readyz")
     r.add_get("/metrics", ops.metrics, name="metrics", allow_head=False)
     r.add_get("/openapi.yaml", ops.openapi, name="openapi", allow_head=False)

@@ -17,6 +17,10 @@ async def test_healthz_and_readyz(api: Api) -> None:
     assert resp.content_type == "application/json"
     resp = await api.client.get("/readyz")
     assert resp.status == 200
+    for path in ("/healthz", "/readyz"):  # load balancers probe with HEAD too
+        resp = await api.client.head(path)
+        assert resp.status == 200 and await resp.read() == b""
+        assert resp.headers.get("X-Request-ID")
 
 
 async def _fill(api: Api, who: Login) -> None:
