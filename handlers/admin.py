@@ -16,7 +16,7 @@ from aiohttp import web
 
 from audit import queries
 from audit.engine import AuditEngine
-from audit.events import Draft, format_ts, parse_ts
+from audit.events import SECURITY_ACTIONS, Draft, format_ts, parse_ts
 from audit.spool import SpoolClosed, SpoolFull, SpoolUnavailable
 from audit.store import SessionNotOpen, Writer
 from sinks.base import (
@@ -282,6 +282,8 @@ async def security_events(request: web.Request) -> web.Response:
     limit = _limit(request)
     cursor = _cursor(request)
     kind = request.query.get("kind") or None
+    if kind is not None and kind not in SECURITY_ACTIONS:
+        raise bad_request(f"kind must be one of: {', '.join(sorted(SECURITY_ACTIONS))}")
     engine = request.app[ENGINE]
     before = parse_ts(cursor[0]) + 0.001 if cursor else None
     spooled = await engine.spool.read(

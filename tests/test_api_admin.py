@@ -351,6 +351,9 @@ async def test_security_events_kind_since_and_paging(api: Api) -> None:
     assert [e["details"]["username"] for e in body["events"]] == ["ghost2", "ghost1", "ghost0"]
     body = await _get(api, admin, "/audit/security-events", kind="admin.denied")
     assert body["events"] == []
+    resp = await api.client.get("/audit/security-events", params={"kind": "auth.bogus"},
+                                headers=admin.headers)
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_request"
     newest = (await _get(api, admin, "/audit/security-events", limit="1"))
     assert len(newest["events"]) == 1 and newest["next_cursor"]
     since = newest["events"][0]["ts"]
