@@ -174,7 +174,10 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await _first_sink_attempt(engine)
         yield
     finally:
+        log.info("shutting down: sending what the sink takes within %.0f s; the rest"
+                 " stays in the spool for the next start", SHUTDOWN_FLUSH_SECONDS)
         await engine.close(flush_window=SHUTDOWN_FLUSH_SECONDS)
+        log.info("stopped")
 
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:

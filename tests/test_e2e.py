@@ -415,6 +415,7 @@ async def test_drain_while_the_server_is_stopped(make_server: Any,
     await second.logout()
     assert srv.stop() == 0
     assert srv.parts(second.session_id) == []
+    assert "shutting down" in srv.stderr() and '"stopped"' in srv.stderr()
     status = await acli(srv.config, "status")
     assert json.loads(status.stdout)["pending_parts"] == 1
 
