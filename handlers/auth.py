@@ -307,7 +307,8 @@ async def logout(request: web.Request) -> web.Response:
     ):
         await engine.record_security(
             Draft("auth.session_mismatch", outcome="denied",
-                  details={"reason": "logout_session_id"}, source=ctx.source()),
+                  details={"reason": "logout_session_id", "method": request.method,
+                           "path": request.path}, source=ctx.source()),
             ctx.session_id,
         )
         raise ApiError(403, "session_mismatch", "session_id does not match the token")

@@ -226,6 +226,7 @@ async def test_logout_with_another_session_id_is_refused(api: Api, claimed: Any)
     await expect_error(resp, 403, "session_mismatch")
     ev = (await api.wait_security("auth.session_mismatch"))[0]
     assert ev["session_id"] == alice.session_id
+    assert ev["details"] == {"reason": "logout_session_id", "method": "POST", "path": "/logout"}
     # Neither session ended.
     for who in (alice, bob):
         r = await api.client.get("/me", headers=who.headers)
