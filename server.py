@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
 from audit import queries
@@ -258,7 +259,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it could not parse (a bad request line, a header
+    over its limits: scanners send them all day) at error level with a
+    traceback. One warning line naming the kind of problem is what an
+    operator needs; the exception's text is left out, as it quotes the
+    request (a header line, which may carry a token)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "malformed HTTP request refused with %s: %s"
+            record.args = (exc.code, type(exc).__name__)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_MALFORMED = MalformedRequestFilter()
+
+
 def setup_logging() -> None:
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # once, however often called
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -488,3 +488,22 @@ async def test_config_before_the_command_is_used(tmp_path: Path) -> None:
         subprocess.run, [sys.executable, "server.py", "--config", str(config), "status"],
         cwd=REPO, env=server_env(), capture_output=True, text=True, timeout=60)
     assert str(tmp_path / "here") in r.stdout, (r.stdout, r.stderr)
+
+
+async def test_a_malformed_request_is_one_warning_line(make_server: Any,
+                                                       http: aiohttp.ClientSession) -> None:
+    """A header over aiohttp's limit (scanners send them): a 400, and in the log
+    one warning without traceback and without the header's text."""
+    srv = make_server()
+    await srv.start(http)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
+                 + b"SeCrEtToKeN" * 2000 + b"\r\n\r\n")
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert b" 400 " in status
+    await asyncio.sleep(0.3)  # the log line is written after the answer
+    log = srv.stderr()
+    assert "malformed HTTP request refused with 400" in log, log
+    assert "Traceback" not in log and "SeCrEtToKeN" not in log
