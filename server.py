@@ -408,10 +408,10 @@ async def _verify(config: Config) -> int:
         await sink.close()
     for p in report.problems:
         print(f"{p.session_id}: {p.kind}: {p.detail}")
-    restarts = (f" (the stream starts again {report.security_restarts} times: new spools)"
-                if report.security_restarts else "")
+    chains = (f" in {report.security_chains} chains (one per spool that wrote them)"
+              if report.security_chains > 1 else "")
     print(f"verified {report.sessions} sessions, {report.parts} parts, {report.events} events,"
-          f" {report.security_events} security events{restarts}:"
+          f" {report.security_events} security events{chains}:"
           f" {'OK' if report.ok else f'{len(report.problems)} problems'}")
     return 0 if report.ok else 1
 

@@ -35,9 +35,9 @@ class Report:
     parts: int = 0
     events: int = 0
     security_events: int = 0
-    # Places where the security stream starts again from its genesis value: a
-    # new spool (a fresh data directory) with the same audit key.
-    security_restarts: int = 0
+    # Security chains that start from the genesis value: one per spool that
+    # wrote to the sink (servers sharing it, or a new data directory).
+    security_chains: int = 0
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -164,6 +164,7 @@ async def verify_sink(sink: Sink, key: bytes) -> Report:
 
 
 SECURITY_WINDOW = 256
+SECURITY_HEADS = 256
 
 
 def _security_hash(key: bytes, prev_hash: str, event: dict[str, Any]) -> str:
@@ -171,42 +172,75 @@ def _security_hash(key: bytes, prev_hash: str, event: dict[str, Any]) -> str:
 
 
 async def check_security_stream(sink: Sink, key: bytes, report: Report) -> None:
-    """Follow the security stream's chain through the sink's security events.
+    """Follow the security events' chains through the sink.
 
-    They come oldest first (:meth:`Sink.security_events_oldest_first`); the
-    next link is looked for among the next :data:`SECURITY_WINDOW` of them,
-    for sinks that can only order them by ``ts`` (equal within a
-    millisecond). An event that continues nothing is a break: it, or the
-    event before it, was changed or removed (or never reached the sink: a
-    dead letter). The chain goes on from the event's own hash, so one
-    tampered event is one problem.
+    Each spool chains its security events from the same genesis value, so a
+    sink that several servers write to (or one server with a new data
+    directory) holds several chains, interleaved. The events come oldest
+    first (:meth:`Sink.security_events_oldest_first`); each must continue
+    the head of a chain or start a new one from genesis. One that does
+    neither waits for its predecessor (a sink that orders by ``ts`` alone
+    may give equal times in another order) until :data:`SECURITY_WINDOW`
+    events wait; then the oldest waiting one is a break: it, or the event
+    before it, was changed or removed (or never reached the sink: a dead
+    letter). Its chain goes on from its own hash, so one tampered event is
+    one problem.
     """
     start = genesis(key, SECURITY_STREAM)
-    head = start
-    ahead: deque[dict[str, Any]] = deque()
-    events = sink.security_events_oldest_first().__aiter__()
-    exhausted = False
-    while True:
-        while not exhausted and len(ahead) < SECURITY_WINDOW:
-            try:
-                ahead.append(await events.__anext__())
-            except StopAsyncIteration:
-                exhausted = True
-        if not ahead:
-            return
-        for i, ev in enumerate(ahead):
-            if _security_hash(key, head, ev) == ev.get("hash"):
-                del ahead[i]
-                break
-        else:
-            ev = ahead.popleft()
-            if _security_hash(key, start, ev) == ev.get("hash"):
-                report.security_restarts += 1
-            else:
-                report.problems.append(Problem(
-                    SECURITY_STREAM, "security_chain",
-                    f"event {ev.get('_id')} ({ev.get('ts')}, {ev.get('action')}) does not"
-                    " continue the security chain: it, or the event before it, was changed"
-                    " or removed"))
-        head = str(ev.get("hash", ""))
+    heads: list[str] = []  # most recently extended first
+    waiting: deque[dict[str, Any]] = deque()
+
+    def extend(head: str) -> None:
+        heads.insert(0, head)
+        del heads[SECURITY_HEADS:]
+
+    def link(ev: dict[str, Any]) -> bool:
+        h = ev.get("hash")
+        if not isinstance(h, str):
+            return False
+        for i, head in enumerate(heads):
+            if _security_hash(key, head, ev) == h:
+                del heads[i]
+                extend(h)
+                return True
+        if _security_hash(key, start, ev) == h:
+            report.security_chains += 1
+            extend(h)
+            return True
+        return False
+
+    def settle() -> None:
+        """Link the waiting events that now continue a head."""
+        linked = True
+        while linked and waiting:
+            linked = False
+            for i, ev in enumerate(waiting):
+                if link(ev):
+                    del waiting[i]
+                    report.security_events += 1
+                    linked = True
+                    break
+
+    def give_up() -> None:
+        ev = waiting.popleft()
         report.security_events += 1
+        report.problems.append(Problem(
+            SECURITY_STREAM, "security_chain",
+            f"event {ev.get('_id')} ({ev.get('ts')}, {ev.get('action')}) does not continue"
+            " a security chain: it, or the event before it, was changed or removed"))
+        h = ev.get("hash")
+        extend(h if isinstance(h, str) else "")
+        settle()
+
+    async for ev in sink.security_events_oldest_first():
+        if not isinstance(ev, dict):
+            continue
+        if link(ev):
+            report.security_events += 1
+            settle()
+        else:
+            waiting.append(ev)
+            if len(waiting) > SECURITY_WINDOW:
+                give_up()
+    while waiting:
+        give_up()
