@@ -585,8 +585,11 @@ async def test_verify_sees_a_session_whose_part_0_is_missing(
     parts = await receive(server, "find")
     assert parts["filter"] == {"session_id": "headless"}
     parts.replies(cursor_reply("audit.session_audit", [sample_part("headless", 1)]))
+    security = await receive(server, "find")  # then the security events' chains
+    assert security["find"] == "security_audit"
+    security.replies(cursor_reply("audit.security_audit", []))
     report = await task
-    assert report.sessions == 1
+    assert report.sessions == 1 and report.security_events == 0
     assert any(p.kind == "missing_part" and "part 0" in p.detail for p in report.problems)
 
 
