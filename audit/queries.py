@@ -147,8 +147,17 @@ def _uncut_counts(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> dict
 
 
 def _summaries(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Row]:
-    uncut = _uncut_counts(conn, rows)
-    return [_summary(conn, r, uncut.get(r[9], 0)) for r in rows]
+    # One read transaction: the writer may index the tail between the
+    # statements, and each event must be counted in one half or the other.
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        uncut = _uncut_counts(conn, rows)
+        return [_summary(conn, r, uncut.get(r[9], 0)) for r in rows]
+    finally:
+        if own:
+            conn.execute("COMMIT")
 
 
 def _summary(conn: sqlite3.Connection, row: tuple[Any, ...], uncut: int) -> Row:

@@ -291,3 +291,91 @@ async def test_verify_follows_interleaved_chains_of_servers_sharing_a_sink(
     report = await verify_sink(a.sink, audit_key)
     assert [p.detail.split()[1] for p in report.problems] == [eid]
     assert report.security_events == 60
+
+
+def _security_chain(key: bytes, n: int, who: str, t0: float = 1.79e9) -> list[dict[str, Any]]:
+    """n security events chained from genesis, as a spool seals them."""
+    from audit.events import genesis, seal_event
+    from audit.store import SECURITY_STREAM
+
+    head, out = genesis(key, SECURITY_STREAM), []
+    for i in range(n):
+        ev, _ = seal_event(key, head, Draft("auth.login_failed", outcome="denied",
+                                            details={"username": f"{who}{i}"}), None, None,
+                           t0 + i)
+        ev["_id"] = ev["event_id"]
+        out.append(ev)
+        head = ev["hash"]
+    return out
+
+
+async def _verify_security(path: Any, key: bytes, batches: list[list[dict[str, Any]]]) -> Any:
+    sink = SqliteSink(path)
+    await sink.open()
+    try:
+        for batch in batches:
+            await sink.write_security_events(batch)
+        return await verify_sink(sink, key)
+    finally:
+        await sink.close()
+
+
+async def test_a_quiet_chain_is_still_followed_after_many_others(tmp_path, audit_key):
+    """A long-lived server writes rarely while hundreds of one-event chains
+    (servers started with fresh data directories) come and go."""
+    quiet = _security_chain(audit_key, 2, "quiet")
+    others = [_security_chain(audit_key, 1, f"o{i}-") for i in range(300)]
+    report = await _verify_security(tmp_path / "s.db", audit_key,
+                                    [quiet[:1], *others, quiet[1:]])
+    assert report.ok, report.problems[:3]
+    assert (report.security_events, report.security_chains) == (302, 301)
+
+
+async def test_a_dead_letter_retried_late_breaks_nothing(tmp_path, audit_key):
+    """Event 100 was dead-lettered and sent by retry-dead after 500 later ones:
+    the sink holds every event, so the chain is whole."""
+    chain = _security_chain(audit_key, 600, "u")
+    late = chain[100]
+    report = await _verify_security(tmp_path / "s.db", audit_key,
+                                    [chain[:100], chain[101:], [late]])
+    assert report.ok, report.problems[:3]
+    assert (report.security_events, report.security_chains) == (600, 1)
+    # Never sent at all: one problem, at the event after the gap.
+    report = await _verify_security(tmp_path / "gap.db", audit_key, [chain[:100], chain[101:]])
+    assert [p.kind for p in report.problems] == ["security_chain"]
+    assert chain[101]["_id"] in report.problems[0].detail
+
+
+async def test_odd_documents_are_findings_not_crashes(stored, audit_key, tmp_path):
+    """Verify reads what anyone could have written into the sink: it reports,
+    it does not raise."""
+    config, sids = stored
+    edits = [
+        (0, 0, lambda d: d["events"][0].update(actor="alice")),
+        (1, 2, lambda d: d["events"][-1].update(details=["logout"])),
+        (2, 2, lambda d: d.update(seal_reason=["logout"])),
+        (3, 2, lambda d: d.update(session_duration_seconds=float("nan"))),
+        (4, 2, lambda d: d.update(final="yes")),
+        (5, 1, lambda d: d["events"].append(None)),
+    ]
+    for i, part, edit in edits:
+        tamper(config, sids[i], part, edit)
+    found = await problems(config, audit_key)
+    assert set(found) == set(sids)
+
+    chain = _security_chain(audit_key, 5, "n")
+    chain[2]["details"] = {"score": float("nan")}
+    report = await _verify_security(tmp_path / "nan.db", audit_key, [chain])
+    assert [p.kind for p in report.problems] == ["security_chain"]
+
+
+async def test_a_sealed_session_relabelled_as_a_checkpoint_is_found(stored, audit_key):
+    config, sids = stored
+
+    def relabel(doc):
+        doc.update(final=False, seal_reason="checkpoint", session_end_time=None,
+                   session_duration_seconds=None)
+
+    tamper(config, sids[0], 2, relabel)
+    found = await problems(config, audit_key)
+    assert found == {sids[0]: {"bad_part"}}
