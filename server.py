@@ -2,6 +2,7 @@
 
     python server.py [serve] [--config PATH]
     python server.py adduser NAME [--admin] [--password-stdin]
+    python server.py passwd NAME [--password-stdin]
     python server.py status | verify | drain | retry-dead
 """
 
@@ -41,7 +42,14 @@ from audit.tokens import MIN_KEY_BYTES, TokenService
 from audit.verify import verify_sink
 from handlers import routes
 from handlers.ai import create_provider
-from handlers.auth import THROTTLE, Accounts, LoginThrottle, add_user_sync, valid_username
+from handlers.auth import (
+    THROTTLE,
+    Accounts,
+    LoginThrottle,
+    add_user_sync,
+    hash_password,
+    valid_username,
+)
 from handlers.errors import error_middleware
 from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
 from handlers.ops import COUNTS, REQUESTS, SharedCounts, new_registry
@@ -341,27 +349,36 @@ def _spool_conn(config: Config) -> sqlite3.Connection:
     return conn
 
 
-def cmd_adduser(config: Config, args: argparse.Namespace) -> int:
-    name = args.name
-    if not valid_username(name):
-        print("adduser: names are 1-64 characters of A-Z a-z 0-9 . _ @ -", file=sys.stderr)
-        return 2
-    if args.password_stdin:
+def _read_password(command: str, name: str, from_stdin: bool) -> str | None:
+    """A new password from stdin's first line or asked twice on the terminal;
+    None (after saying why on stderr) if there is none fit to use."""
+    if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         try:
             password = getpass.getpass(f"password for {name}: ")
             again = getpass.getpass("again: ")
         except EOFError:
-            print("adduser: no password given (without a terminal, use --password-stdin)",
+            print(f"{command}: no password given (without a terminal, use --password-stdin)",
                   file=sys.stderr)
-            return 2
+            return None
         if again != password:
-            print("adduser: the passwords differ", file=sys.stderr)
-            return 2
+            print(f"{command}: the passwords differ", file=sys.stderr)
+            return None
     if len(password) < MIN_PASSWORD_CHARS:
-        print(f"adduser: the password must have at least {MIN_PASSWORD_CHARS} characters",
+        print(f"{command}: the password must have at least {MIN_PASSWORD_CHARS} characters",
               file=sys.stderr)
+        return None
+    return password
+
+
+def cmd_adduser(config: Config, args: argparse.Namespace) -> int:
+    name = args.name
+    if not valid_username(name):
+        print("adduser: names are 1-64 characters of A-Z a-z 0-9 . _ @ -", file=sys.stderr)
+        return 2
+    password = _read_password("adduser", name, args.password_stdin)
+    if password is None:
         return 2
     conn = _spool_conn(config)
     try:
@@ -373,6 +390,35 @@ def cmd_adduser(config: Config, args: argparse.Namespace) -> int:
     finally:
         conn.close()
     print(f"added {'admin' if args.admin else 'user'} {name}")
+    return 0
+
+
+def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
+    """Set a user's password (logins check the new one at once; sessions
+    already open run until they end)."""
+    name = args.name
+    if not config.spool_path.exists():
+        print(f"passwd: no spool at {config.spool_path}", file=sys.stderr)
+        return 1
+    password = _read_password("passwd", name, args.password_stdin)
+    if password is None:
+        return 2
+    stored = hash_password(password, config.auth.bcrypt_rounds)
+    conn = _spool_conn(config)
+    try:
+        changed = conn.execute(
+            "UPDATE users SET password_hash = ? WHERE username = ?", (stored, name)
+        ).rowcount
+    finally:
+        conn.close()
+    if not changed:
+        print(f"passwd: no user {name!r}", file=sys.stderr)
+        return 1
+    print(f"changed the password of {name}")
+    initial = config.data_dir / "initial_admin_password"
+    if name == "admin" and initial.exists():
+        initial.unlink()
+        print(f"removed {initial}: it held the old password")
     return 0
 
 
@@ -474,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--admin", action="store_true", help="give the user the admin role")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of standard input")
+    pw = sub.add_parser("passwd", parents=[common], help="set a user's password")
+    pw.add_argument("name")
+    pw.add_argument("--password-stdin", action="store_true",
+                    help="read the password from the first line of standard input")
     sub.add_parser("status", parents=[common], help="spool and sink state")
     sub.add_parser("verify", parents=[common], help="check every stored session's chain")
     sub.add_parser("drain", parents=[common], help="flush everything pending, then exit")
@@ -488,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(config, args)
         if command == "adduser":
             return cmd_adduser(config, args)
+        if command == "passwd":
+            return cmd_passwd(config, args)
         if command == "status":
             return cmd_status(config, args)
         if command == "verify":

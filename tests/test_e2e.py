@@ -507,3 +507,35 @@ async def test_a_malformed_request_is_one_warning_line(make_server: Any,
     log = srv.stderr()
     assert "malformed HTTP request refused with 400" in log, log
     assert "Traceback" not in log and "SeCrEtToKeN" not in log
+
+
+async def test_passwd_beside_a_running_server(make_server: Any,
+                                              http: aiohttp.ClientSession) -> None:
+    srv = make_server()
+    await srv.start(http)
+    added = await acli(srv.config, "adduser", "alice", "--password-stdin",
+                       stdin=USER_PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    # A new password, set beside the running server: logins check it at once.
+    changed = await acli(srv.config, "passwd", "alice", "--password-stdin",
+                         stdin="a-new-password-2\n")
+    assert changed.returncode == 0, changed.stderr
+    async with http.post(srv.url + "/token", json={"username": "alice",
+                                                   "password": USER_PASSWORD}) as r:
+        assert r.status == 401
+    await (await Client(http, srv.url).login("alice", "a-new-password-2")).logout()
+    changed = await acli(srv.config, "passwd", "alice", "--password-stdin",
+                         stdin=USER_PASSWORD + "\n")
+    assert changed.returncode == 0, changed.stderr
+    nobody = await acli(srv.config, "passwd", "nobody", "--password-stdin",
+                        stdin="whatever-password\n")
+    assert nobody.returncode == 1 and "no user" in nobody.stderr
+    short = await acli(srv.config, "passwd", "alice", "--password-stdin", stdin="short\n")
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr
+
+    initial = srv.tmp / "data" / "initial_admin_password"
+    initial.write_text("the-generated-one\n")
+    changed = await acli(srv.config, "passwd", "admin", "--password-stdin",
+                         stdin="the-admins-own-1\n")
+    assert changed.returncode == 0 and not initial.exists(), changed.stderr
+    await (await Client(http, srv.url).login("admin", "the-admins-own-1")).logout()
