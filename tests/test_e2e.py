@@ -78,6 +78,11 @@ def cli(config: Path, *args: str, stdin: str | None = None,
     )
 
 
+async def add_user(config: Path, name: str, password: str = USER_PASSWORD) -> None:
+    added = await acli(config, "adduser", name, "--password-stdin", stdin=password + "\n")
+    assert added.returncode == 0, added.stderr
+
+
 async def acli(config: Path, *args: str, stdin: str | None = None,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(cli, config, *args, stdin=stdin, env=env)
@@ -249,9 +254,7 @@ async def test_five_opens_one_stored_part_and_the_cli(
 ) -> None:
     srv = make_server()
     await srv.start(http)
-    added = await acli(srv.config, "adduser", "alice", "--password-stdin",
-                       stdin=USER_PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
+    await add_user(srv.config, "alice")
     again = await acli(srv.config, "adduser", "alice", "--password-stdin",
                        stdin=USER_PASSWORD + "\n")
     assert again.returncode != 0 and "exists" in again.stderr
@@ -513,9 +516,7 @@ async def test_passwd_beside_a_running_server(make_server: Any,
                                               http: aiohttp.ClientSession) -> None:
     srv = make_server()
     await srv.start(http)
-    added = await acli(srv.config, "adduser", "alice", "--password-stdin",
-                       stdin=USER_PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
+    await add_user(srv.config, "alice")
     # A new password, set beside the running server: logins check it at once.
     changed = await acli(srv.config, "passwd", "alice", "--password-stdin",
                          stdin="a-new-password-2\n")

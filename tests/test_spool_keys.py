@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+from typing import Any
 
 import pytest
 
@@ -102,16 +103,22 @@ async def test_reads_see_the_indexed_events_and_the_tail(tmp_path, audit_key, mo
         await sp.close()
 
 
-async def test_a_session_resumes_from_the_tail_alone(tmp_path, audit_key):
-    """Nothing indexed yet (the shipped KEYS_EVERY is far away): a new process
-    finds the open session's uncut events, next seq and chain head in the tail."""
-    path = tmp_path / "spool.db"
-    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+async def _five_events(path, audit_key, part_max_events: int) -> tuple[Any, dict[str, Any]]:
+    """A closed spool holding one open session of five events; (session, last event)."""
+    sp = Spool(path, audit_key, limits=Limits(part_max_events, 1 << 20))
     await sp.open()
     s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
     for _ in range(4):
         last = await sp.submit(Append(s.session_id, Draft("document.list")))
     await sp.close()
+    return s, last
+
+
+async def test_a_session_resumes_from_the_tail_alone(tmp_path, audit_key):
+    """Nothing indexed yet (the shipped KEYS_EVERY is far away): a new process
+    finds the open session's uncut events, next seq and chain head in the tail."""
+    path = tmp_path / "spool.db"
+    s, last = await _five_events(path, audit_key, 500)
     assert _layout(path)[1:3] == (0, 5)
     sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
     await sp.open()
@@ -186,12 +193,7 @@ async def test_a_spool_with_the_sk_seq_index_is_migrated(tmp_path, audit_key):
     """Files of the layout before event_keys (a unique (sk, seq) index on
     events): the index goes, event_keys holds every event, sessions resume."""
     path = tmp_path / "spool.db"
-    sp = Spool(path, audit_key, limits=Limits(3, 1 << 20))
-    await sp.open()
-    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
-    for _ in range(4):
-        last = await sp.submit(Append(s.session_id, Draft("document.list")))
-    await sp.close()
+    s, last = await _five_events(path, audit_key, 3)
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
         c.executescript(
             "BEGIN; DROP VIEW session_events; DROP TABLE event_keys;"
