@@ -114,6 +114,14 @@ async def _five_events(path, audit_key, part_max_events: int) -> tuple[Any, dict
     return s, last
 
 
+async def _two_sessions(sp: Spool) -> tuple[Any, Any]:
+    """Sessions "a" then "b", started (their session.start the newest rows)."""
+    start = [Draft("session.start")]
+    a = await sp.submit(lambda w: w.start_session("a", "user", 1e12, start))
+    b = await sp.submit(lambda w: w.start_session("b", "user", 1e12, start))
+    return a, b
+
+
 async def test_a_session_resumes_from_the_tail_alone(tmp_path, audit_key):
     """Nothing indexed yet (the shipped KEYS_EVERY is far away): a new process
     finds the open session's uncut events, next seq and chain head in the tail."""
@@ -138,9 +146,7 @@ async def test_a_stored_part_leaves_no_row_in_either_half(
     sp = Spool(path, audit_key, limits=Limits(4, 1 << 20))
     await sp.open()
     try:
-        start = [Draft("session.start")]
-        gone = await sp.submit(lambda w: w.start_session("a", "user", 1e12, start))
-        kept = await sp.submit(lambda w: w.start_session("b", "user", 1e12, start))
+        gone, kept = await _two_sessions(sp)
         for _ in range(5):
             await sp.submit(Append(gone.session_id, Draft("document.list")))
             await sp.submit(Append(kept.session_id, Draft("document.list")))
@@ -271,9 +277,7 @@ async def test_a_job_rolled_back_after_indexing_leaves_a_consistent_file(tmp_pat
     sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
     await sp.open()
     try:
-        start = [Draft("session.start")]
-        gone = await sp.submit(lambda w: w.start_session("a", "user", 1e12, start))
-        kept = await sp.submit(lambda w: w.start_session("b", "user", 1e12, start))
+        gone, kept = await _two_sessions(sp)
         await sp.submit(lambda w: w.seal(gone.session_id, "logout", Draft("session.end")))
         await sp.submit(Append(kept.session_id, Draft("document.list")))
 
