@@ -3,13 +3,19 @@ dead-lettered after a few tries, so it cannot block what is queued behind it."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
+
+from waiting import wait_for
 
 from audit import queries
 from audit.events import Draft, Source
 from audit.flusher import UNEXPECTED_LIMIT
 from sinks.sqlite import SqliteSink
+
+
+async def _dead_parts(engine: Any) -> int:
+    counts = await engine.spool.read(lambda c: queries.counts(c, 0))
+    return int(counts["dead_letter_parts"])
 
 
 class PoisonedSink(SqliteSink):
@@ -79,20 +85,12 @@ async def test_a_running_flusher_takes_up_what_another_process_retried(
     s = await engine.start_session("alice", "user", src, 3600)
     poisoned.add(s.session_id)
     await engine.end_session(s.session_id, src)
-    for _ in range(500):
-        counts = await engine.spool.read(lambda c: queries.counts(c, 0))
-        if counts["dead_letter_parts"]:
-            break
-        await asyncio.sleep(0.01)
-    assert counts["dead_letter_parts"] == 1
-    await asyncio.sleep(0.2)  # the flusher is idle now
+    await wait_for(lambda: _dead_parts(engine), message="the part dead-lettered")
+    await wait_for(engine.flusher._idle.is_set, message="the flusher idle")
 
     poisoned.clear()
     other = await engines.open(config, SqliteSink(config.sqlite_sink_path))  # the command's
     assert await other.retry_dead_letters() == 1
-    for _ in range(500):
-        if await sink.get_session_parts(s.session_id):
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: sink.get_session_parts(s.session_id), message="the part stored")
     (part,) = await sink.get_session_parts(s.session_id)
     assert part["final"] and part["events"][-1]["action"] == "session.end"
