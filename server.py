@@ -74,6 +74,10 @@ class AccessLog(AbstractAccessLogger):
     password in the URL (``?access_token=``) must not have it in the log.
     """
 
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)  # else aiohttp need not call log()
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info('%s "%s %s" %s %s %.6f', request.remote, request.method,
                          request.path, response.status, response.body_length, time)

@@ -236,3 +236,5 @@ def test_the_access_log_leaves_out_query_strings(caplog) -> None:
         access.log(request, web.Response(status=404, text="x"), 0.0012)
     assert '"GET /documents/abc" 404' in caplog.text
     assert "secret-jwt-value" not in caplog.text and "access_token" not in caplog.text
+    logger.setLevel(logging.WARNING)  # then aiohttp skips the call altogether
+    assert access.enabled is False
