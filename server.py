@@ -291,9 +291,22 @@ class MalformedRequestFilter(logging.Filter):
 _MALFORMED = MalformedRequestFilter()
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr, each on a line of its own: a progress bar that
+    ``drain`` keeps redrawing there (``\r``, no newline) is ended first."""
+
+    progress_showing = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if StderrHandler.progress_showing:
+            StderrHandler.progress_showing = False
+            self.stream.write("\n")
+        super().emit(record)
+
+
 def setup_logging() -> None:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # once, however often called
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -476,6 +489,7 @@ def _progress(total: list[int]) -> Callable[[dict[str, Any]], None]:
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total[0]}"
                          f" written, {c['dead_letter']} dead-lettered ")
         sys.stderr.flush()
+        StderrHandler.progress_showing = True
 
     return show
 

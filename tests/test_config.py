@@ -238,3 +238,24 @@ def test_the_access_log_leaves_out_query_strings(caplog) -> None:
     assert "secret-jwt-value" not in caplog.text and "access_token" not in caplog.text
     logger.setLevel(logging.WARNING)  # then aiohttp skips the call altogether
     assert access.enabled is False
+
+
+def test_a_log_line_ends_the_drain_progress_bar_first() -> None:
+    """``drain`` redraws its bar with ``\\r`` on stderr: a log line there starts
+    on a line of its own, and the bar is drawn again below it."""
+    import io
+    import logging
+
+    import server
+
+    out = io.StringIO()
+    handler = server.StderrHandler(out)
+    handler.setFormatter(server.JsonFormatter())
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "sink rate limited", None, None)
+    out.write("\r[###...] 3/10 written")
+    server.StderrHandler.progress_showing = True
+    handler.emit(record)
+    handler.emit(record)
+    lines = out.getvalue().split("\n")
+    assert lines[0] == "\r[###...] 3/10 written"
+    assert all(line.startswith('{"ts"') for line in lines[1:3]) and lines[3] == ""
