@@ -43,6 +43,7 @@ from audit.verify import verify_sink
 from handlers import routes
 from handlers.ai import create_provider
 from handlers.auth import (
+    MAX_PASSWORD_CHARS,
     THROTTLE,
     Accounts,
     LoginThrottle,
@@ -386,6 +387,10 @@ def _read_password(command: str, name: str, from_stdin: bool) -> str | None:
         print(f"{command}: the password must have at least {MIN_PASSWORD_CHARS} characters",
               file=sys.stderr)
         return None
+    if len(password) > MAX_PASSWORD_CHARS:  # login refuses longer ones
+        print(f"{command}: the password must have at most {MAX_PASSWORD_CHARS} characters",
+              file=sys.stderr)
+        return None
     return password
 
 
@@ -417,12 +422,15 @@ def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
     if not config.spool_path.exists():
         print(f"passwd: no spool at {config.spool_path}", file=sys.stderr)
         return 1
-    password = _read_password("passwd", name, args.password_stdin)
-    if password is None:
-        return 2
-    stored = hash_password(password, config.auth.bcrypt_rounds)
     conn = _spool_conn(config)
     try:
+        if conn.execute("SELECT 1 FROM users WHERE username = ?", (name,)).fetchone() is None:
+            print(f"passwd: no user {name!r}", file=sys.stderr)
+            return 1
+        password = _read_password("passwd", name, args.password_stdin)
+        if password is None:
+            return 2
+        stored = hash_password(password, config.auth.bcrypt_rounds)
         changed = conn.execute(
             "UPDATE users SET password_hash = ? WHERE username = ?", (stored, name)
         ).rowcount

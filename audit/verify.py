@@ -6,11 +6,10 @@ own fields disagree with their events, and breaks in the security stream.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from sinks.base import Sink
+from sinks.base import Sink, SinkError
 
 from .events import event_hash, genesis, parse_ts
 from .store import SECURITY_STREAM
@@ -140,16 +139,19 @@ def _part_fields(
     final, reason = part.get("final"), part.get("seal_reason")
     end_time, duration = part.get("session_end_time"), part.get("session_duration_seconds")
     last = _obj(events[-1]) if events else {}
+    # A refused logout records a session.end with outcome failure, and the
+    # session goes on: only a successful one ends it.
+    ended_here = last.get("action") == "session.end" and last.get("outcome") == "success"
     if not isinstance(final, bool):
         out.append("final is not true or false")
         return out
     if not final:
         if reason != "checkpoint" or end_time is not None or duration is not None:
             out.append("a non-final part must be a checkpoint without end time or duration")
-        if last.get("action") == "session.end":
+        if ended_here:
             out.append("a part that ends with session.end is not marked final")
         return out
-    if last.get("action") != "session.end":
+    if not ended_here:
         out.append("the final part does not end with session.end")
         return out
     if not (isinstance(reason, str) and reason in FINAL_REASONS
@@ -168,17 +170,27 @@ def _part_fields(
 
 async def verify_sink(sink: Sink, key: bytes) -> Report:
     report = Report()
-    async for sid in sink.session_ids():
-        parts = await sink.get_session_parts(sid)
-        report.sessions += 1
-        report.parts += len(parts)
-        report.events += sum(len(p.get("events") or []) for p in parts
-                             if isinstance(p, dict) and isinstance(p.get("events"), list))
-        try:
-            report.problems.extend(check_session(key, sid, parts))
-        except Exception as exc:  # a document too odd to follow is a finding, not a crash
-            report.problems.append(Problem(
-                sid, "bad_part", f"the session's parts cannot be checked ({type(exc).__name__})"))
+    try:
+        async for sid in sink.session_ids():
+            report.sessions += 1
+            try:
+                parts = await sink.get_session_parts(sid)
+                report.parts += len(parts)
+                report.events += sum(len(p["events"]) for p in parts if isinstance(p, dict)
+                                     and isinstance(p.get("events"), list))
+                report.problems.extend(check_session(key, sid, parts))
+            except SinkError:
+                raise
+            except Exception as exc:  # a document too odd to follow is a finding
+                report.problems.append(Problem(
+                    sid, "bad_part",
+                    f"the session's parts cannot be checked ({type(exc).__name__})"))
+    except SinkError:
+        raise
+    except Exception as exc:  # a row the sink cannot even list
+        report.problems.append(Problem(
+            "", "bad_part", f"the sink's sessions cannot be listed to the end"
+            f" ({type(exc).__name__})"))
     await check_security_stream(sink, key, report)
     return report
 
@@ -187,6 +199,10 @@ async def verify_sink(sink: Sink, key: bytes) -> Report:
 # ts alone gives equal times in any order; a dead letter retried late comes
 # after its successors) waits until this many events wait in all.
 SECURITY_WINDOW = 50_000
+# Chains tried before the genesis value, most recently extended first: the
+# chain an event continues is nearly always among them, and a new chain's
+# first event is then found without trying every chain that ever ended.
+SECURITY_RECENT = 8
 
 
 def _security_hash(key: bytes, prev_hash: str, event: dict[str, Any]) -> str | None:
@@ -196,87 +212,146 @@ def _security_hash(key: bytes, prev_hash: str, event: dict[str, Any]) -> str | N
         return None
 
 
+class _Chain:
+    """A run of linked security events: its last hash, and (while it waits for
+    its first event's predecessor) its events."""
+
+    __slots__ = ("events", "head")
+
+    def __init__(self, head: str, events: list[dict[str, Any]] | None) -> None:
+        self.head = head
+        self.events = events  # None: linked (to genesis, or given up on)
+
+
 async def check_security_stream(sink: Sink, key: bytes, report: Report) -> None:
     """Follow the security events' chains through the sink.
 
     Each spool chains its security events from the same genesis value, so a
     sink that several servers write to (or one server with a new data
     directory) holds several chains, interleaved. The events come oldest
-    first (:meth:`Sink.security_events_oldest_first`). Each must continue
-    the head of a chain, or start one from genesis; one that does neither
-    opens a *waiting* chain (later events may continue it), which is linked
-    as a whole once its first event's predecessor arrives. When more than
-    :data:`SECURITY_WINDOW` events wait, and at the end, the oldest waiting
-    chain is a break: its first event, or the event before it, was changed
-    or removed (or never reached the sink: a dead letter). It then counts
-    as linked, so one tampered event is one problem.
+    first (:meth:`Sink.security_events_oldest_first`). Each must continue a
+    chain, or start one from genesis; one that does neither starts a
+    *waiting* chain (later events may continue it), which is linked as a
+    whole once its first event's predecessor arrives, and joined to another
+    waiting chain that continues it. When more than :data:`SECURITY_WINDOW`
+    events wait, and at the end, the oldest waiting chain is a break: its
+    first event, or the event before it, was changed or removed (or never
+    reached the sink: a dead letter). It then counts as linked, so one
+    tampered event is one problem. An event whose hash was seen before is a
+    copy, and a problem too.
 
-    Per event this costs one HMAC per chain head tried, most recently
-    extended first: one, while a single server writes.
+    Per event this costs one HMAC per chain tried, most recently extended
+    first: one, while a single server writes.
     """
     start = genesis(key, SECURITY_STREAM)
-    heads: list[str] = []  # linked chains' last hashes, most recently extended first
-    # Waiting chains, oldest first: [events...]; their tails are tried too.
-    waiting: deque[list[dict[str, Any]]] = deque()
+    chains: list[_Chain] = []  # most recently extended first
+    waiting: list[_Chain] = []  # oldest first
     waiting_events = 0
+    seen: set[bytes] = set()
 
     def continues(prev: str, ev: dict[str, Any]) -> bool:
-        return _security_hash(key, prev, ev) == ev.get("hash")
+        return bool(_security_hash(key, prev, ev) == ev["hash"])
 
-    def extend(old: str | None, new: str) -> None:
-        if old is not None:
-            heads.remove(old)
-        heads.insert(0, new)
+    def touch(chain: _Chain) -> None:
+        chains.remove(chain)
+        chains.insert(0, chain)
 
-    def absorb(new_head: str) -> None:
-        """Link every waiting chain that continues ``new_head`` (and so on)."""
+    def find(ev: dict[str, Any]) -> _Chain | None:
+        for i, chain in enumerate(chains):
+            if i == SECURITY_RECENT and continues(start, ev):
+                return None
+            if continues(chain.head, ev):
+                return chain
+        return None
+
+    def link(chain: _Chain) -> None:
+        """``chain`` is linked now: so is every waiting chain it leads to."""
         nonlocal waiting_events
-        while True:
-            for chain in waiting:
-                if continues(new_head, chain[0]):
-                    waiting.remove(chain)
-                    waiting_events -= len(chain)
-                    report.security_events += len(chain)
-                    tail = str(chain[-1].get("hash"))
-                    extend(new_head, tail)
-                    new_head = tail
+        joined = True
+        while joined:
+            joined = False
+            for other in waiting:
+                if other is not chain and other.events and continues(chain.head, other.events[0]):
+                    waiting.remove(other)
+                    chains.remove(other)
+                    waiting_events -= len(other.events)
+                    report.security_events += len(other.events)
+                    chain.head = other.head
+                    joined = True
                     break
-            else:
-                return
+
+    def join(chain: _Chain) -> None:
+        """A waiting ``chain`` takes in the waiting chains that continue it."""
+        assert chain.events is not None
+        joined = True
+        while joined:
+            joined = False
+            for other in waiting:
+                if other is not chain and other.events and continues(chain.head, other.events[0]):
+                    waiting.remove(other)
+                    chains.remove(other)
+                    chain.events.extend(other.events)
+                    chain.head = other.head
+                    joined = True
+                    break
 
     def give_up() -> None:
         nonlocal waiting_events
-        chain = waiting.popleft()
-        waiting_events -= len(chain)
-        report.security_events += len(chain)
-        ev = chain[0]
+        chain = waiting.pop(0)
+        assert chain.events is not None
+        ev = chain.events[0]
+        waiting_events -= len(chain.events)
+        report.security_events += len(chain.events)
+        chain.events = None
         report.problems.append(Problem(
             SECURITY_STREAM, "security_chain",
             f"event {ev.get('_id')} ({ev.get('ts')}, {ev.get('action')}) does not continue"
             " a security chain: it, or the event before it, was changed or removed"))
-        tail = str(chain[-1].get("hash"))
-        extend(None, tail)
-        absorb(tail)
+        link(chain)
 
-    async for ev in sink.security_events_oldest_first():
-        if not isinstance(ev, dict) or not isinstance(ev.get("hash"), str):
-            ev = {"_id": ev.get("_id") if isinstance(ev, dict) else None, "hash": ""}
-        head = next((h for h in heads if continues(h, ev)), None)
-        if head is not None or continues(start, ev):
-            if head is None:
+    try:
+        async for ev in sink.security_events_oldest_first():
+            if not isinstance(ev, dict) or not isinstance(ev.get("hash"), str):
+                ev = {"_id": ev.get("_id") if isinstance(ev, dict) else None, "hash": ""}
+            digest = ev["hash"][:32].encode()  # 128 bits tell copies apart
+            if ev["hash"] and digest in seen:
+                report.security_events += 1
+                report.problems.append(Problem(
+                    SECURITY_STREAM, "security_chain",
+                    f"event {ev.get('_id')} ({ev.get('ts')}) is a copy of an earlier one"))
+                continue
+            seen.add(digest)
+            chain = find(ev)
+            if chain is None and continues(start, ev):
                 report.security_chains += 1
-            report.security_events += 1
-            extend(head, ev["hash"])
-            if waiting:
-                absorb(ev["hash"])
-            continue
-        chain = next((c for c in waiting if continues(str(c[-1].get("hash")), ev)), None)
-        if chain is not None:
-            chain.append(ev)
-        else:
-            waiting.append([ev])
-        waiting_events += 1
-        if waiting_events > SECURITY_WINDOW:
-            give_up()
+                chain = _Chain(ev["hash"], None)
+                chains.insert(0, chain)
+                report.security_events += 1
+                link(chain)
+            elif chain is not None and chain.events is None:
+                touch(chain)
+                chain.head = ev["hash"]
+                report.security_events += 1
+                link(chain)
+            else:
+                if chain is None:
+                    chain = _Chain(ev["hash"], [ev])
+                    chains.insert(0, chain)
+                    waiting.append(chain)
+                else:
+                    touch(chain)
+                    assert chain.events is not None
+                    chain.events.append(ev)
+                    chain.head = ev["hash"]
+                waiting_events += 1
+                join(chain)
+                if waiting_events > SECURITY_WINDOW:
+                    give_up()
+    except SinkError:
+        raise
+    except Exception as exc:  # a row the sink cannot even decode
+        report.problems.append(Problem(
+            SECURITY_STREAM, "security_chain",
+            f"the sink's security events cannot be read to the end ({type(exc).__name__})"))
     while waiting:
         give_up()

@@ -211,6 +211,23 @@ class SqliteSink(Sink):
         ) as cur:
             return [json.loads(r[0]) for r in await cur.fetchall()]
 
+    async def session_ids(self) -> AsyncIterator[str]:
+        """Every session with any part, from the (session_id, part) index: no
+        document is read (verify then reads each session's parts itself)."""
+        db = self._conn()
+        after = ""
+        while True:
+            async with db.execute(
+                "SELECT DISTINCT session_id FROM parts WHERE session_id > ?"
+                " ORDER BY session_id LIMIT 1000", (after,),
+            ) as cur:
+                ids = [str(r[0]) for r in await cur.fetchall()]
+            if not ids:
+                return
+            for sid in ids:
+                yield sid
+            after = ids[-1]
+
     async def security_events_oldest_first(self) -> AsyncIterator[Doc]:
         """In the order written (rowid): the security stream's chain order."""
         db = self._conn()

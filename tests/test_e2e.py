@@ -533,6 +533,8 @@ async def test_passwd_beside_a_running_server(make_server: Any,
     assert nobody.returncode == 1 and "no user" in nobody.stderr
     short = await acli(srv.config, "passwd", "alice", "--password-stdin", stdin="short\n")
     assert short.returncode == 2 and "at least 8 characters" in short.stderr
+    long = await acli(srv.config, "passwd", "alice", "--password-stdin", stdin="x" * 1100 + "\n")
+    assert long.returncode == 2 and "at most 1024 characters" in long.stderr  # login's limit
 
     initial = srv.tmp / "data" / "initial_admin_password"
     initial.write_text("the-generated-one\n")

@@ -379,3 +379,81 @@ async def test_a_sealed_session_relabelled_as_a_checkpoint_is_found(stored, audi
     tamper(config, sids[0], 2, relabel)
     found = await problems(config, audit_key)
     assert found == {sids[0]: {"bad_part"}}
+
+
+async def test_a_refused_logout_inside_a_checkpoint_part_is_not_an_end(
+    make_config, engines, audit_key
+):
+    """A refused logout records session.end with outcome failure and the
+    session goes on; a checkpoint part may end with it."""
+    config = make_config(audit={"part_max_events": 3},
+                         flush={"max_writes_per_second": 1000.0, "burst": 100})
+    engine = await engines.open(config)
+    src = Source(user="alice", role="user", ip="127.0.0.1")
+    s = await engine.start_session("alice", "user", src, 3600)
+    await engine.record(s.session_id, Draft("session.end", outcome="failure",
+                                            details={"reason": "invalid_request"}))
+    await engine.record(s.session_id, Draft("document.list"))
+    await engine.end_session(s.session_id, src)
+    await engines.drain(engine)
+    parts = await engine.sink.get_session_parts(s.session_id)
+    assert parts[0]["events"][-1]["action"] == "session.end" and not parts[0]["final"]
+    report = await verify_sink(engine.sink, audit_key)
+    assert report.ok, report.problems
+
+
+async def test_security_copies_and_joined_gaps(tmp_path, audit_key):
+    chain = _security_chain(audit_key, 8, "u")
+    copy = {**chain[0], "_id": "a-copy"}
+    report = await _verify_security(tmp_path / "copy.db", audit_key, [[chain[0], copy], chain[1:]])
+    assert [p.detail.split()[1] for p in report.problems] == ["a-copy"]
+    assert "copy" in report.problems[0].detail and report.security_chains == 1
+
+    # e1 removed; e4, e5 arrive before e2, e3: one break, at e2, not at e4.
+    order = [chain[0], chain[4], chain[5], chain[2], chain[3], chain[6], chain[7]]
+    report = await _verify_security(tmp_path / "gap.db", audit_key, [[e] for e in order])
+    assert [p.detail.split()[1] for p in report.problems] == [chain[2]["_id"]]
+    assert report.security_events == 7
+
+
+async def test_many_short_chains_stay_quick(tmp_path, audit_key):
+    """Thousands of servers' one- or two-event chains, then a long chain with
+    a gap: each event is found among the recent chains, or as a new chain,
+    without trying every chain that ever ended (a count of HMACs, not time)."""
+    from audit import verify
+
+    calls = 0
+    real = verify._security_hash
+
+    def counted(key: bytes, prev: str, ev: dict[str, Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(key, prev, ev)
+
+    shorts = [e for i in range(1500) for e in _security_chain(audit_key, 2, f"s{i}-")]
+    long = _security_chain(audit_key, 3000, "long")
+    del long[1000]
+    verify._security_hash = counted
+    try:
+        report = await _verify_security(tmp_path / "s.db", audit_key, [shorts, long])
+    finally:
+        verify._security_hash = real
+    assert [p.detail.split()[1] for p in report.problems] == [long[1000]["_id"]]
+    assert report.security_events == 3000 + 2999
+    assert calls < 20 * report.security_events, calls
+
+
+async def test_rows_the_sink_cannot_decode_are_findings(stored, audit_key):
+    config, sids = stored
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as c, c:
+        c.execute("UPDATE parts SET doc = '{' WHERE session_id = ? AND part = 1", (sids[0],))
+        c.execute("INSERT INTO security_events (id, ts, action, hash, doc)"
+                  " VALUES ('bad', '2026-11-26T10:00:00.000Z', 'auth.login_failed', 'x', '{')")
+    sink = SqliteSink(config.sqlite_sink_path)
+    await sink.open()
+    try:
+        report = await verify_sink(sink, audit_key)
+    finally:
+        await sink.close()
+    kinds = {(p.session_id, p.kind) for p in report.problems}
+    assert (sids[0], "bad_part") in kinds and ("security", "security_chain") in kinds
