@@ -264,8 +264,9 @@ async def check_security_stream(sink: Sink, key: bytes, report: Report) -> None:
                 return chain
         return None
 
-    def link(chain: _Chain) -> None:
-        """``chain`` is linked now: so is every waiting chain it leads to."""
+    def absorb(chain: _Chain) -> None:
+        """Append to ``chain`` every waiting chain that continues it: counted
+        as linked if ``chain`` is, kept waiting with it if not."""
         nonlocal waiting_events
         joined = True
         while joined:
@@ -274,23 +275,11 @@ async def check_security_stream(sink: Sink, key: bytes, report: Report) -> None:
                 if other is not chain and other.events and continues(chain.head, other.events[0]):
                     waiting.remove(other)
                     chains.remove(other)
-                    waiting_events -= len(other.events)
-                    report.security_events += len(other.events)
-                    chain.head = other.head
-                    joined = True
-                    break
-
-    def join(chain: _Chain) -> None:
-        """A waiting ``chain`` takes in the waiting chains that continue it."""
-        assert chain.events is not None
-        joined = True
-        while joined:
-            joined = False
-            for other in waiting:
-                if other is not chain and other.events and continues(chain.head, other.events[0]):
-                    waiting.remove(other)
-                    chains.remove(other)
-                    chain.events.extend(other.events)
+                    if chain.events is None:
+                        waiting_events -= len(other.events)
+                        report.security_events += len(other.events)
+                    else:
+                        chain.events.extend(other.events)
                     chain.head = other.head
                     joined = True
                     break
@@ -307,7 +296,7 @@ async def check_security_stream(sink: Sink, key: bytes, report: Report) -> None:
             SECURITY_STREAM, "security_chain",
             f"event {ev.get('_id')} ({ev.get('ts')}, {ev.get('action')}) does not continue"
             " a security chain: it, or the event before it, was changed or removed"))
-        link(chain)
+        absorb(chain)
 
     try:
         async for ev in sink.security_events_oldest_first():
@@ -327,12 +316,12 @@ async def check_security_stream(sink: Sink, key: bytes, report: Report) -> None:
                 chain = _Chain(ev["hash"], None)
                 chains.insert(0, chain)
                 report.security_events += 1
-                link(chain)
+                absorb(chain)
             elif chain is not None and chain.events is None:
                 touch(chain)
                 chain.head = ev["hash"]
                 report.security_events += 1
-                link(chain)
+                absorb(chain)
             else:
                 if chain is None:
                     chain = _Chain(ev["hash"], [ev])
@@ -344,7 +333,7 @@ async def check_security_stream(sink: Sink, key: bytes, report: Report) -> None:
                     chain.events.append(ev)
                     chain.head = ev["hash"]
                 waiting_events += 1
-                join(chain)
+                absorb(chain)
                 if waiting_events > SECURITY_WINDOW:
                     give_up()
     except SinkError:
