@@ -56,13 +56,18 @@ def delete_part(config, session_id: str, part: int) -> None:
         conn.execute("DELETE FROM parts WHERE session_id = ? AND part = ?", (session_id, part))
 
 
-async def problems(config, key) -> dict[str, set[str]]:
+async def report_of(config, key) -> Any:
+    """verify over the SQLite sink file of ``config``, by a sink opened anew."""
     sink = SqliteSink(config.sqlite_sink_path)
     await sink.open()
     try:
-        report = await verify_sink(sink, key)
+        return await verify_sink(sink, key)
     finally:
         await sink.close()
+
+
+async def problems(config, key) -> dict[str, set[str]]:
+    report = await report_of(config, key)
     out: dict[str, set[str]] = {}
     for p in report.problems:
         out.setdefault(p.session_id, set()).add(p.kind)
@@ -134,12 +139,7 @@ async def test_verify_checks_a_parts_own_fields_against_its_events(stored, audit
         d["session_start_time"])))
     tamper(config, checkpoint, 1, lambda d: d.update(seal_reason="logout"))
 
-    sink = SqliteSink(config.sqlite_sink_path)
-    await sink.open()
-    try:
-        report = await verify_sink(sink, audit_key)
-    finally:
-        await sink.close()
+    report = await report_of(config, audit_key)
     found: dict[str, list[str]] = {}
     for p in report.problems:
         assert p.kind == "bad_part", p
@@ -449,11 +449,6 @@ async def test_rows_the_sink_cannot_decode_are_findings(stored, audit_key):
         c.execute("UPDATE parts SET doc = '{' WHERE session_id = ? AND part = 1", (sids[0],))
         c.execute("INSERT INTO security_events (id, ts, action, hash, doc)"
                   " VALUES ('bad', '2026-11-26T10:00:00.000Z', 'auth.login_failed', 'x', '{')")
-    sink = SqliteSink(config.sqlite_sink_path)
-    await sink.open()
-    try:
-        report = await verify_sink(sink, audit_key)
-    finally:
-        await sink.close()
+    report = await report_of(config, audit_key)
     kinds = {(p.session_id, p.kind) for p in report.problems}
     assert (sids[0], "bad_part") in kinds and ("security", "security_chain") in kinds
