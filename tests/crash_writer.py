@@ -1,6 +1,6 @@
 """Helper for the real crash test: append in a loop until killed.
 
-    python tests/crash_writer.py DATA_DIR [SESSIONS]
+    python tests/crash_writer.py DATA_DIR [SESSIONS] [KEYS_EVERY]
 
 Runs a real AuditEngine (background flusher into the SQLite sink, reaper)
 over DATA_DIR. SESSIONS producers append concurrently; every 25 events a
@@ -8,6 +8,8 @@ producer logs out and starts a new session, so sealed parts are flushed while
 it runs. After each ``record`` returns, the event is acknowledged on stdout
 as ``ack <event_id> <session_id> <seq>`` (flushed at once). The test kills
 the process with SIGKILL at some point and checks the acknowledged events.
+KEYS_EVERY overrides how often the spool indexes its events at a commit
+(``audit.store.KEYS_EVERY``), so that a kill can land in or after one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from audit import store
 from audit.config import parse_config
 from audit.engine import AuditEngine
 from audit.events import Draft, Source
@@ -45,6 +48,8 @@ async def producer(engine: AuditEngine, n: int) -> None:
 
 async def main() -> None:
     data_dir, sessions = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    if len(sys.argv) > 3:
+        store.KEYS_EVERY = int(sys.argv[3])
     config = parse_config(
         {
             "server": {"data_dir": data_dir},

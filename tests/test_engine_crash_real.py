@@ -8,6 +8,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from audit.events import Source
 from audit.verify import verify_sink
 from sinks.sqlite import SqliteSink
@@ -15,9 +17,11 @@ from sinks.sqlite import SqliteSink
 WRITER = Path(__file__).with_name("crash_writer.py")
 
 
-async def run_and_kill(data_dir: Path, acks_before_kill: int) -> tuple[list[str], set[str]]:
+async def run_and_kill(data_dir: Path, acks_before_kill: int,
+                       keys_every: int | None = None) -> tuple[list[str], set[str]]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(WRITER), str(data_dir), "4",
+        *([str(keys_every)] if keys_every is not None else []),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -49,14 +53,18 @@ async def run_and_kill(data_dir: Path, acks_before_kill: int) -> tuple[list[str]
     return acked, sessions
 
 
-async def test_sigkill_loses_and_duplicates_nothing(make_config, engines, audit_key):
+@pytest.mark.parametrize("keys_every", [None, 5])
+async def test_sigkill_loses_and_duplicates_nothing(make_config, engines, audit_key, keys_every):
+    """``keys_every``: the spool indexes its events at a commit as shipped
+    (every 4,096 rows: here only before a stored part is deleted), or every
+    few events, so that the kills land among index steps of both kinds."""
     config = make_config(
         audit={"part_max_events": 10},
         flush={"max_writes_per_second": 2000.0, "burst": 200},
     )
-    acked, sessions = await run_and_kill(config.data_dir, 400)
+    acked, sessions = await run_and_kill(config.data_dir, 400, keys_every)
     # Run it again over the same files: it resumes and is killed once more.
-    acked2, sessions2 = await run_and_kill(config.data_dir, 300)
+    acked2, sessions2 = await run_and_kill(config.data_dir, 300, keys_every)
     acked += acked2
     sessions |= sessions2
 
