@@ -39,7 +39,7 @@ from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
 from audit.spool import app_bytes, connect, used_bytes
 from audit.store import SCHEMA, migrate
 from audit.tokens import MIN_KEY_BYTES, TokenService
-from audit.verify import verify_sink
+from audit.verify import spool_anchor, verify_sink
 from handlers import routes
 from handlers.ai import create_provider
 from handlers.auth import (
@@ -464,10 +464,22 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _verify(config: Config) -> int:
+    key = audit_key(config)
+    anchor = None
+    if config.spool_path.exists():  # read before the sink: see SpoolAnchor
+        try:
+            conn = connect(config.spool_path, config.audit.synchronous, readonly=True)
+            try:
+                anchor = spool_anchor(conn, key)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            print(f"verify: the spool cannot be read ({exc}); the end of this server's"
+                  " security chain is not checked", file=sys.stderr)
     sink = create_sink(config)
     try:
         await sink.open()
-        report = await verify_sink(sink, audit_key(config))
+        report = await verify_sink(sink, key, anchor)
     except QueryNotSupported:
         print(f"verify: the {config.sink.type} sink cannot be read back; verify the"
               " receiver's copy with audit.verify.check_session", file=sys.stderr)

@@ -6,6 +6,8 @@ own fields disagree with their events, and breaks in the security stream.
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,7 +170,30 @@ def _part_fields(
     return out
 
 
-async def verify_sink(sink: Sink, key: bytes) -> Report:
+@dataclass(frozen=True)
+class SpoolAnchor:
+    """Where this server's security chain stands in its own spool, read before
+    the sink is: the chain's head, and the oldest security event the sink has
+    not taken yet (pending or dead), if any."""
+
+    head: str
+    first_unsent: dict[str, Any] | None
+
+
+def spool_anchor(conn: sqlite3.Connection, key: bytes) -> SpoolAnchor:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'security_head'").fetchone()
+    first = conn.execute(
+        "SELECT json FROM security_events WHERE state != 'stored' ORDER BY id LIMIT 1"
+    ).fetchone()
+    return SpoolAnchor(row[0] if row else genesis(key, SECURITY_STREAM),
+                       json.loads(first[0]) if first else None)
+
+
+async def verify_sink(sink: Sink, key: bytes, anchor: SpoolAnchor | None = None) -> Report:
+    """Every session's chain and parts, and the security events' chains; with
+    ``anchor`` (this server's spool), also that the sink holds this server's
+    security chain up to where the spool has it (its newest events were not
+    removed)."""
     report = Report()
     try:
         async for sid in sink.session_ids():
@@ -191,7 +216,7 @@ async def verify_sink(sink: Sink, key: bytes) -> Report:
         report.problems.append(Problem(
             "", "bad_part", f"the sink's sessions cannot be listed to the end"
             f" ({type(exc).__name__})"))
-    await check_security_stream(sink, key, report)
+    await check_security_stream(sink, key, report, anchor)
     return report
 
 
@@ -223,7 +248,9 @@ class _Chain:
         self.events = events  # None: linked (to genesis, or given up on)
 
 
-async def check_security_stream(sink: Sink, key: bytes, report: Report) -> None:
+async def check_security_stream(
+    sink: Sink, key: bytes, report: Report, anchor: SpoolAnchor | None = None
+) -> None:
     """Follow the security events' chains through the sink.
 
     Each spool chains its security events from the same genesis value, so a
@@ -344,3 +371,20 @@ async def check_security_stream(sink: Sink, key: bytes, report: Report) -> None:
             f"the sink's security events cannot be read to the end ({type(exc).__name__})"))
     while waiting:
         give_up()
+    if anchor is None:
+        return
+    # Events stored after the spool was read are in ``seen``; before it, the
+    # sink must hold the chain up to the spool's first unsent event (which
+    # continues a head) or, with none unsent, up to the spool's head.
+    unsent = anchor.first_unsent
+    if unsent is not None and isinstance(unsent.get("hash"), str):
+        whole = (unsent["hash"][:32].encode() in seen or continues(start, unsent)
+                 or any(continues(c.head, unsent) for c in chains))
+    else:
+        whole = anchor.head == start or anchor.head[:32].encode() in seen
+    if not whole:
+        report.problems.append(Problem(
+            SECURITY_STREAM, "security_chain",
+            "the sink lacks this server's newest security events: its chain there ends"
+            " before where the spool has it (they were removed, or the spool and the sink"
+            " do not belong together)"))

@@ -452,3 +452,45 @@ async def test_rows_the_sink_cannot_decode_are_findings(stored, audit_key):
     report = await report_of(config, audit_key)
     kinds = {(p.session_id, p.kind) for p in report.problems}
     assert (sids[0], "bad_part") in kinds and ("security", "security_chain") in kinds
+
+
+async def test_the_newest_security_events_cannot_go_missing_unseen(
+    make_config, engines, audit_key
+):
+    """The end of a chain has no successor to miss it; this server's spool
+    knows where its chain stands (its head, its first unsent event)."""
+    from audit.verify import spool_anchor
+
+    config = make_config(flush={"max_writes_per_second": 1000.0, "burst": 100})
+    engine = await engines.open(config)
+
+    async def record(n: int) -> None:
+        for i in range(n):
+            await engine.record_security(
+                Draft("auth.login_failed", outcome="denied", source=Source(ip="10.0.0.3"),
+                      details={"username": f"x{i}"}), happened=True)
+
+    async def verified() -> Any:
+        anchor = await engine.spool.read(lambda c: spool_anchor(c, audit_key))
+        return await verify_sink(engine.sink, audit_key, anchor)
+
+    def drop_newest_stored() -> None:
+        with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as c, c:
+            c.execute("DELETE FROM security_events WHERE rowid ="
+                      " (SELECT MAX(rowid) FROM security_events)")
+
+    await engines.drain(engine)  # opens the sink
+    assert (await verified()).ok  # nothing written yet: the genesis head
+    await record(5)
+    assert (await verified()).ok  # nothing sent yet: the first unsent continues genesis
+    await engines.drain(engine)
+    assert (await verified()).ok
+    await record(3)  # unsent, behind the five in the sink
+    assert (await verified()).ok
+    drop_newest_stored()
+    assert [p.kind for p in (await verified()).problems] == ["security_chain"]
+    await engines.drain(engine)  # the three are sent: the spool's head is the check now
+    report = await verified()
+    assert len(report.problems) == 1  # the gap the drop left, nothing more
+    drop_newest_stored()
+    assert len((await verified()).problems) == 2
