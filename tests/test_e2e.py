@@ -447,6 +447,14 @@ async def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert r.returncode == 2 and "flush.burst" in r.stderr
 
 
+async def serve_refuses(config: Path, says: str, env: dict[str, str] | None = None) -> str:
+    """``serve`` exits 2 with one clear message naming the cause; its stderr."""
+    r = await acli(config, "serve", env=env)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    return r.stderr
+
+
 async def test_startup_problems_are_one_clear_line(tmp_path: Path) -> None:
     """A data directory that cannot be created, a port in use, a user called
     admin without the role, a short initial admin password: exit 2 with a
@@ -455,33 +463,25 @@ async def test_startup_problems_are_one_clear_line(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     config = write_config(tmp_path, port, server={"data_dir": str(blocker / "data")})
-    r = await acli(config, "serve")
-    assert r.returncode == 2 and "server.data_dir" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
+    await serve_refuses(config, "server.data_dir")
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config = write_config(tmp_path, taken.getsockname()[1])
-        r = await acli(config, "serve")
-    assert r.returncode == 2 and "server.port" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
+        await serve_refuses(write_config(tmp_path, taken.getsockname()[1]), "server.port")
 
     other = tmp_path / "other"
     other.mkdir()
     config = write_config(other, port)
     r = await acli(config, "adduser", "admin", "--password-stdin", stdin="some-password-1\n")
     assert r.returncode == 0, r.stderr
-    r = await acli(config, "serve")
-    assert r.returncode == 2 and "adduser NAME --admin" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
+    await serve_refuses(config, "adduser NAME --admin")
 
     weak = tmp_path / "weak"
     weak.mkdir()
-    config = write_config(weak, port)
-    r = await acli(config, "serve", env={"SESSION_AUDIT_ADMIN_PASSWORD": "Wk7$x"})
-    assert r.returncode == 2 and "at least 8 characters" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and "Wk7$x" not in r.stderr
+    stderr = await serve_refuses(write_config(weak, port), "at least 8 characters",
+                                 env={"SESSION_AUDIT_ADMIN_PASSWORD": "Wk7$x"})
+    assert "Wk7$x" not in stderr
 
 
 async def test_config_before_the_command_is_used(tmp_path: Path) -> None:
