@@ -3,6 +3,7 @@
     python server.py [serve] [--config PATH]
     python server.py adduser NAME [--admin] [--password-stdin]
     python server.py passwd NAME [--password-stdin]
+    python server.py disable NAME | enable NAME | users
     python server.py status | verify | drain | retry-dead
 """
 
@@ -44,10 +45,13 @@ from handlers import routes
 from handlers.ai import create_provider
 from handlers.auth import (
     MAX_PASSWORD_CHARS,
+    REVOKE_CHECK_SECONDS,
     THROTTLE,
     Accounts,
+    LastAdmin,
     LoginThrottle,
     add_user_sync,
+    change_user_sync,
     hash_password,
     valid_username,
 )
@@ -194,6 +198,27 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("stopped")
 
 
+async def _end_revoked_sessions(accounts: Accounts) -> None:
+    """For as long as the server runs: end the sessions of users that
+    ``passwd`` or ``disable`` changed beside it, within about a second."""
+    while True:
+        try:
+            await accounts.end_revoked_sessions()
+        except Exception:  # a stopped check would leave revoked sessions open: go on
+            log.exception("looking for sessions of disabled or changed users failed")
+        await asyncio.sleep(REVOKE_CHECK_SECONDS)
+
+
+async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_end_revoked_sessions(app[ACCOUNTS]), name="revocations")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
     client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
     app[CLIENT] = client
@@ -250,6 +275,7 @@ def create_app(
     routes.setup(app)
     app.cleanup_ctx.append(_client_ctx)
     app.cleanup_ctx.append(_engine_ctx)
+    app.cleanup_ctx.append(_accounts_ctx)  # after the engine opens, before it closes
     return app
 
 
@@ -415,35 +441,93 @@ def cmd_adduser(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
-    """Set a user's password (logins check the new one at once; sessions
-    already open run until they end)."""
-    name = args.name
+# What passwd and disable say about the sessions they end.
+SESSIONS_END = ("open sessions end within a few seconds (when the server starts, if it is"
+                " not running)")
+
+
+def _existing_user_conn(command: str, config: Config, name: str) -> sqlite3.Connection | None:
+    """The spool, if it exists and holds user ``name`` (else None, said on stderr)."""
     if not config.spool_path.exists():
-        print(f"passwd: no spool at {config.spool_path}", file=sys.stderr)
-        return 1
+        print(f"{command}: no spool at {config.spool_path}", file=sys.stderr)
+        return None
     conn = _spool_conn(config)
+    if conn.execute("SELECT 1 FROM users WHERE username = ?", (name,)).fetchone() is None:
+        conn.close()
+        print(f"{command}: no user {name!r}", file=sys.stderr)
+        return None
+    return conn
+
+
+def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
+    """Set a user's password: logins check the new one at once, and the
+    user's open sessions end (the server sees it within about a second)."""
+    name = args.name
+    conn = _existing_user_conn("passwd", config, name)
+    if conn is None:
+        return 1
     try:
-        if conn.execute("SELECT 1 FROM users WHERE username = ?", (name,)).fetchone() is None:
-            print(f"passwd: no user {name!r}", file=sys.stderr)
-            return 1
         password = _read_password("passwd", name, args.password_stdin)
         if password is None:
             return 2
         stored = hash_password(password, config.auth.bcrypt_rounds)
-        changed = conn.execute(
-            "UPDATE users SET password_hash = ? WHERE username = ?", (stored, name)
-        ).rowcount
+        changed = change_user_sync(conn, name, password_hash=stored)
     finally:
         conn.close()
     if not changed:
         print(f"passwd: no user {name!r}", file=sys.stderr)
         return 1
-    print(f"changed the password of {name}")
+    print(f"changed the password of {name}; its {SESSIONS_END}")
     initial = config.data_dir / "initial_admin_password"
     if name == "admin" and initial.exists():
         initial.unlink()
         print(f"removed {initial}: it held the old password")
+    return 0
+
+
+def cmd_disable(config: Config, args: argparse.Namespace) -> int:
+    """Disable a user (no login; its open sessions end) or enable it again.
+    The last enabled admin cannot be disabled."""
+    command, disable = args.command, args.command == "disable"
+    name = args.name
+    conn = _existing_user_conn(command, config, name)
+    if conn is None:
+        return 1
+    try:
+        changed = change_user_sync(conn, name, disabled=disable)
+    except LastAdmin:
+        print(f"{command}: {name!r} is the only enabled admin; add or enable another"
+              " admin first", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    if not changed:
+        print(f"{command}: no user {name!r}", file=sys.stderr)
+        return 1
+    if disable:
+        print(f"disabled {name}: it cannot log in, and its {SESSIONS_END}")
+    else:
+        print(f"enabled {name}")
+    return 0
+
+
+def cmd_users(config: Config, args: argparse.Namespace) -> int:
+    """List the users: name, role, enabled or disabled, created."""
+    if not config.spool_path.exists():
+        print(f"users: no spool at {config.spool_path}", file=sys.stderr)
+        return 1
+    conn = connect(config.spool_path, config.audit.synchronous, readonly=True)
+    try:
+        rows = conn.execute("SELECT username, role, disabled, created_at FROM users"
+                            " ORDER BY username").fetchall()
+    except sqlite3.OperationalError as exc:  # a file of an earlier release, never served
+        print(f"users: {exc} (start the server once to bring the spool up to date)",
+              file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    for name, role, disabled, created in rows:
+        print(f"{name}\t{role}\t{'disabled' if disabled else 'enabled'}\tcreated {created}")
     return 0
 
 
@@ -562,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
     pw.add_argument("name")
     pw.add_argument("--password-stdin", action="store_true",
                     help="read the password from the first line of standard input")
+    for command, help_text in (("disable", "disable a user: no login, its sessions end"),
+                               ("enable", "enable a disabled user again")):
+        sub.add_parser(command, parents=[common], help=help_text).add_argument("name")
+    sub.add_parser("users", parents=[common], help="list the users")
     sub.add_parser("status", parents=[common], help="spool and sink state")
     sub.add_parser("verify", parents=[common], help="check every stored session's chain")
     sub.add_parser("drain", parents=[common], help="flush everything pending, then exit")
@@ -578,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_adduser(config, args)
         if command == "passwd":
             return cmd_passwd(config, args)
+        if command in ("disable", "enable"):
+            return cmd_disable(config, args)
+        if command == "users":
+            return cmd_users(config, args)
         if command == "status":
             return cmd_status(config, args)
         if command == "verify":

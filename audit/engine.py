@@ -194,18 +194,27 @@ class AuditEngine:
             s.last_activity = max(s.last_activity, self.clock())
 
     async def start_session(
-        self, user: str, role: str, source: Source, ttl_seconds: float
+        self, user: str, role: str, source: Source, ttl_seconds: float,
+        *, check: Callable[[sqlite3.Connection], None] | None = None,
     ) -> OpenSession:
-        """Start a session: ``session.start`` and ``token.issue`` in one commit."""
+        """Start a session: ``session.start`` and ``token.issue`` in one commit.
+
+        ``check(conn)`` runs first in the same transaction (on the writer
+        thread); whatever it raises refuses the start, and nothing is recorded.
+        """
         expires_at = self.clock() + ttl_seconds
         src = replace(source, user=user, role=role)
         drafts = [
             Draft("session.start", source=src),
             Draft("token.issue", source=src, details={"expires_at": format_ts(expires_at)}),
         ]
-        session: OpenSession = await self.spool.submit(
-            lambda w: w.start_session(user, role, expires_at, drafts)
-        )
+
+        def start(w: Writer) -> OpenSession:
+            if check is not None:
+                check(w.conn)
+            return w.start_session(user, role, expires_at, drafts)
+
+        session: OpenSession = await self.spool.submit(start)
         return session
 
     async def record(
@@ -324,9 +333,13 @@ class AuditEngine:
         n: int = await asyncio.shield(fut)
         return n
 
-    async def end_session(self, session_id: str, source: Source, reason: str = "logout") -> int:
-        """Record ``session.end`` and seal; returns the session's event count."""
-        end = Draft("session.end", source=source, details={"reason": reason})
+    async def end_session(
+        self, session_id: str, source: Source, reason: str = "logout", *, cause: str | None = None
+    ) -> int:
+        """Record ``session.end`` and seal; returns the session's event count.
+        ``cause`` (in ``details``) says why a session was ended for its user."""
+        details = {"reason": reason} if cause is None else {"reason": reason, "cause": cause}
+        end = Draft("session.end", source=source, details=details)
         s: OpenSession = await self.spool.submit(
             lambda w: w.seal(session_id, reason, end), needs_space=False
         )

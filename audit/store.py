@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS users (
     username TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,
     role TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0,  -- no login; open sessions end
+    sessions_not_before REAL              -- sessions started before end (passwd, disable)
 );
 CREATE TABLE IF NOT EXISTS documents (
     id TEXT PRIMARY KEY,
@@ -148,6 +150,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     ``event_keys`` has run on since (its ``(sk, seq)`` index is back, and
     ``event_keys`` is stale) gets ``event_keys`` rebuilt the same way.
     """
+    _migrate_users(conn)
     row = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
     if row is None:
         return  # a new file
@@ -206,6 +209,19 @@ def migrate(conn: sqlite3.Connection) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _migrate_users(conn: sqlite3.Connection) -> None:
+    """Give a users table of an earlier release ``disabled`` and
+    ``sessions_not_before`` (each ``ALTER`` commits on its own: a column
+    added is the whole change)."""
+    have = _columns(conn, "users")
+    if not have:
+        return  # a new file: SCHEMA creates it whole
+    if "disabled" not in have:
+        conn.execute("ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
+    if "sessions_not_before" not in have:
+        conn.execute("ALTER TABLE users ADD COLUMN sessions_not_before REAL")
 
 
 def _keys_mark(conn: sqlite3.Connection) -> int:

@@ -7,24 +7,30 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import logging
 import re
 import sqlite3
 import time
 import urllib.parse
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import bcrypt
 from aiohttp import web
 
 from audit.engine import AuditEngine
-from audit.events import Draft, format_ts
+from audit.events import Draft, Source, format_ts, new_id
 from audit.middleware import anonymous_source, client_ip
+from audit.spool import SpoolClosed, SpoolUnavailable
+from audit.store import SessionNotOpen
 
 from .errors import ApiError, bad_request, json_response
 from .keys import ACCOUNTS, CONFIG, CTX, ENGINE, TOKENS
 from .requests import audited_input, read_body, read_json, too_large
+
+log = logging.getLogger("session_audit.accounts")
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 MAX_PASSWORD_CHARS = 1024
@@ -56,6 +62,33 @@ def valid_username(name: str) -> bool:
     return bool(USERNAME_RE.fullmatch(name))
 
 
+@dataclass(frozen=True, slots=True)
+class Account:
+    user: str
+    role: str
+    password_hash: str
+    disabled: bool
+
+
+class LastAdmin(Exception):
+    """Disabling this user would leave no enabled admin."""
+
+
+class AccountChanged(Exception):
+    """The account's password was changed, or it was disabled, while a login
+    of it was being checked: the login is refused."""
+
+
+# How often the server looks for users disabled or given a new password
+# beside it (the users table's change marker: one primary-key read).
+REVOKE_CHECK_SECONDS = 1.0
+
+
+def _users_changed(conn: sqlite3.Connection) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'users_changed'").fetchone()
+    return str(row[0]) if row else None
+
+
 class Accounts:
     """Users in the spool database; password checks on worker threads."""
 
@@ -65,6 +98,9 @@ class Accounts:
         self._slots = asyncio.Semaphore(concurrency)
         self._dummy: str | None = None
         self._dummy_lock = asyncio.Lock()
+        # The users table's change marker at the last end_revoked_sessions
+        # (a value no marker has: the first call looks at the table).
+        self._users_seen: str | None = ""
 
     async def _dummy_hash(self) -> str:
         """A hash to check unknown users against, made once (in a bcrypt slot)."""
@@ -78,13 +114,15 @@ class Accounts:
         async with self._slots:
             return await asyncio.to_thread(check_password, password, stored)
 
-    async def verify(self, username: str, password: str) -> tuple[str, str] | None:
-        """(user, role) when the password is right; same cost for unknown users."""
+    async def verify(self, username: str, password: str) -> Account | None:
+        """The account when the password is right; same cost for unknown users.
+        A disabled account is returned too (the caller refuses it)."""
         row = None
         if valid_username(username):
             row = await self.engine.spool.read(
                 lambda c: c.execute(
-                    "SELECT username, password_hash, role FROM users WHERE username = ?",
+                    "SELECT username, password_hash, role, disabled FROM users"
+                    " WHERE username = ?",
                     (username,),
                 ).fetchone()
             )
@@ -92,7 +130,64 @@ class Accounts:
             await self._hash_check(password, await self._dummy_hash())
             return None
         ok = await self._hash_check(password, row[1])
-        return (row[0], row[2]) if ok else None
+        return Account(row[0], row[2], row[1], bool(row[3])) if ok else None
+
+    async def end_revoked_sessions(self) -> int:
+        """End the open sessions of users disabled, or given a new password,
+        after their session started (``passwd``, ``disable``: the command line
+        changes the users table beside the running server). Each is sealed
+        as ``logout`` with ``details.cause`` ``user_disabled`` or
+        ``password_changed``; its token then gets 401 ``session_ended``.
+
+        The users table is read again only when its change marker moved, and
+        the marker is taken as seen only once every such session is ended:
+        one that fails (the spool cannot commit) is tried again next time.
+        Returns how many sessions it ended.
+        """
+        spool = self.engine.spool
+        marker = await spool.read(_users_changed)
+        if marker == self._users_seen:
+            return 0
+        rows = await spool.read(lambda c: c.execute(
+            "SELECT username, disabled, sessions_not_before FROM users"
+            " WHERE disabled OR sessions_not_before IS NOT NULL").fetchall())
+        cutoff = {name: (bool(disabled), not_before) for name, disabled, not_before in rows}
+        ended, complete = 0, True
+        for s in spool.open_sessions():
+            found = cutoff.get(s.user)
+            if found is None:
+                continue
+            disabled, not_before = found
+            if not disabled and (not_before is None or s.start_ts >= not_before):
+                continue
+            cause = "user_disabled" if disabled else "password_changed"
+            try:
+                await self.engine.end_session(s.session_id, Source(user=s.user, role=s.role),
+                                              cause=cause)
+            except SessionNotOpen:
+                continue  # ended meanwhile
+            except (SpoolUnavailable, SpoolClosed) as exc:
+                log.error("could not end session %s of %s (%s): %s", s.session_id, s.user,
+                          cause, exc)
+                complete = False
+                continue
+            ended += 1
+            log.info("ended session %s of %s: %s", s.session_id, s.user, cause.replace("_", " "))
+        if complete:
+            self._users_seen = marker
+        return ended
+
+    @staticmethod
+    def unchanged(account: Account) -> Callable[[sqlite3.Connection], None]:
+        """A check for :meth:`AuditEngine.start_session`: the account is still
+        as its password was checked (no ``passwd`` or ``disable`` meanwhile:
+        the check of a login takes a bcrypt hash's time)."""
+        def check(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT password_hash, disabled FROM users WHERE username = ?",
+                               (account.user,)).fetchone()
+            if row is None or row[1] or not hmac.compare_digest(row[0], account.password_hash):
+                raise AccountChanged(account.user)
+        return check
 
     async def create(self, username: str, password: str, role: str) -> None:
         stored = await asyncio.to_thread(hash_password, password, self.rounds)
@@ -126,6 +221,54 @@ def add_user_sync(conn: sqlite3.Connection, username: str, password: str, role: 
         "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?)",
         (username, hash_password(password, rounds), role, format_ts(time.time())),
     )
+
+
+def change_user_sync(conn: sqlite3.Connection, username: str, *,
+                     password_hash: str | None = None, disabled: bool | None = None) -> bool:
+    """For the CLI, beside the running server: set a user's password hash
+    and/or disabled flag; False if there is no such user. Disabling the last
+    enabled admin raises :class:`LastAdmin` (and changes nothing).
+
+    A new password or disabling also ends the user's open sessions: their
+    start must be before ``sessions_not_before``, taken while this
+    transaction holds the write lock, so a login the server commits either
+    started before it (and is ended) or sees the change (and is refused:
+    :meth:`Accounts.unchanged`). The change marker tells the server to look
+    (:meth:`Accounts.end_revoked_sessions`, within about a second).
+    """
+    sets: list[str] = []
+    params: list[Any] = []
+    if password_hash is not None:
+        sets.append("password_hash = ?")
+        params.append(password_hash)
+    if disabled is not None:
+        sets.append("disabled = ?")
+        params.append(int(disabled))
+    revoke = password_hash is not None or bool(disabled)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if disabled and conn.execute(
+            "SELECT 1 FROM users WHERE username = ? AND role = 'admin'", (username,)
+        ).fetchone() and not conn.execute(
+            "SELECT 1 FROM users WHERE role = 'admin' AND NOT disabled AND username != ?",
+            (username,),
+        ).fetchone():
+            raise LastAdmin(username)
+        if revoke:
+            sets.append("sessions_not_before = ?")
+            params.append(time.time())
+        changed = conn.execute(f"UPDATE users SET {', '.join(sets)} WHERE username = ?",
+                               (*params, username)).rowcount
+        if changed and revoke:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('users_changed', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (new_id(),))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return bool(changed)
 
 
 class LoginThrottle:
@@ -263,20 +406,31 @@ async def login(request: web.Request) -> web.Response:
         )
         raise ApiError(429, "too_many_attempts", "too many failed logins; try again later",
                        {"Retry-After": str(wait)})
+    accounts = request.app[ACCOUNTS]
     with throttle.checking(username, ip):
-        found = await request.app[ACCOUNTS].verify(username, password)
-    if found is None:
+        found = await accounts.verify(username, password)
+    # A disabled account gets the answer of a wrong password; the record says why.
+    refused = ("invalid_credentials" if found is None
+               else "user_disabled" if found.disabled else None)
+    session = None
+    if found is not None and refused is None:
+        config = request.app[CONFIG]
+        try:
+            session = await engine.start_session(found.user, found.role, src,
+                                                 config.auth.token_ttl_seconds,
+                                                 check=accounts.unchanged(found))
+        except AccountChanged:
+            refused = "account_changed"
+    if session is None or found is None:
         throttle.failed(username, ip)
         await engine.record_security(
             Draft("auth.login_failed", outcome="denied",
-                  details={**attempted, "reason": "invalid_credentials"}, source=src)
+                  details={**attempted, "reason": refused}, source=src)
         )
         raise ApiError(401, "invalid_credentials", "invalid username or password")
-    user, role = found
     throttle.succeeded(username, ip)
-    config = request.app[CONFIG]
-    session = await engine.start_session(user, role, src, config.auth.token_ttl_seconds)
-    token = request.app[TOKENS].issue(user, session.session_id, role, session.expires_at)
+    token = request.app[TOKENS].issue(found.user, session.session_id, found.role,
+                                      session.expires_at)
     return json_response({
         "access_token": token,
         "token_type": "bearer",

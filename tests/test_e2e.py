@@ -517,13 +517,20 @@ async def test_passwd_beside_a_running_server(make_server: Any,
     srv = make_server()
     await srv.start(http)
     await add_user(srv.config, "alice")
-    # A new password, set beside the running server: logins check it at once.
+    before = await Client(http, srv.url).login("alice")
+    # A new password, set beside the running server: logins check it at once,
+    # and the session opened with the old one ends.
     changed = await acli(srv.config, "passwd", "alice", "--password-stdin",
                          stdin="a-new-password-2\n")
     assert changed.returncode == 0, changed.stderr
+    assert "open sessions end" in changed.stdout
     async with http.post(srv.url + "/token", json={"username": "alice",
                                                    "password": USER_PASSWORD}) as r:
         assert r.status == 401
+    await session_ends(before, "password_changed")
+    last = (await srv.stored(before.session_id))[-1]
+    assert last["seal_reason"] == "logout"
+    assert last["events"][-1]["details"] == {"reason": "logout", "cause": "password_changed"}
     await (await Client(http, srv.url).login("alice", "a-new-password-2")).logout()
     changed = await acli(srv.config, "passwd", "alice", "--password-stdin",
                          stdin=USER_PASSWORD + "\n")
@@ -542,3 +549,53 @@ async def test_passwd_beside_a_running_server(make_server: Any,
                          stdin="the-admins-own-1\n")
     assert changed.returncode == 0 and not initial.exists(), changed.stderr
     await (await Client(http, srv.url).login("admin", "the-admins-own-1")).logout()
+
+
+async def session_ends(client: Client, cause: str) -> None:
+    """The client's token is refused as session_ended (the server's check
+    runs every second), and its session.end says why."""
+    async def refused() -> bool:
+        async with client.http.get(client.url + "/me", headers=client.headers) as r:
+            if r.status == 200:
+                return False
+            assert r.status == 401 and (await r.json())["error"]["code"] == "session_ended"
+            return True
+
+    await wait_for(refused, timeout=20, message=f"the session to end ({cause})")
+
+
+async def test_disable_enable_and_users_beside_a_running_server(
+        make_server: Any, http: aiohttp.ClientSession) -> None:
+    srv = make_server()
+    await srv.start(http)
+    await add_user(srv.config, "alice")
+    await add_user(srv.config, "bob")
+    alice = await Client(http, srv.url).login("alice")
+    bob = await Client(http, srv.url).login("bob")
+
+    disabled = await acli(srv.config, "disable", "alice")
+    assert disabled.returncode == 0 and "disabled alice" in disabled.stdout, disabled.stderr
+    await session_ends(alice, "user_disabled")
+    end = (await srv.stored(alice.session_id))[-1]["events"][-1]
+    assert end["action"] == "session.end"
+    assert end["details"] == {"reason": "logout", "cause": "user_disabled"}
+    async with http.post(srv.url + "/token", json={"username": "alice",
+                                                   "password": USER_PASSWORD}) as r:
+        assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_credentials"
+    await bob.call("GET", "/me")  # bob is not alice
+
+    listed = await acli(srv.config, "users")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split("\t")[0]: line.split("\t")[1:3] for line in listed.stdout.splitlines()}
+    assert rows == {"admin": ["admin", "enabled"], "alice": ["user", "disabled"],
+                    "bob": ["user", "enabled"]}
+    assert "password" not in listed.stdout and "bcrypt" not in listed.stdout
+
+    last = await acli(srv.config, "disable", "admin")
+    assert last.returncode == 1 and "only enabled admin" in last.stderr
+    nobody = await acli(srv.config, "enable", "nobody")
+    assert nobody.returncode == 1 and "no user" in nobody.stderr
+    enabled = await acli(srv.config, "enable", "alice")
+    assert enabled.returncode == 0, enabled.stderr
+    await (await Client(http, srv.url).login("alice")).logout()
+    await bob.call("GET", "/me")

@@ -1,0 +1,196 @@
+"""Accounts changed beside the running server: a new password or a disabled
+user ends that user's open sessions (and no one else's), a disabled user
+cannot log in, and a login checked against a password changed meanwhile is
+refused. Real spool files; the command line's changes go through a
+connection of their own, as ``server.py passwd`` / ``disable`` make them."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from api_fixtures import USER_PASSWORD, Api, Login, MakeApi, api, expect_error, make_api, wait_for
+
+from audit.spool import connect
+from audit.store import SCHEMA, migrate
+from handlers.auth import Accounts, LastAdmin, change_user_sync, hash_password
+from handlers.keys import ACCOUNTS
+
+__all__ = ["api", "make_api"]
+
+
+def cli_change(api: Api, name: str, **change: Any) -> bool:
+    """What the command line does: its own connection to the spool file."""
+    conn = connect(api.config.spool_path, "normal")
+    try:
+        return change_user_sync(conn, name, **change)
+    finally:
+        conn.close()
+
+
+def accounts(api: Api) -> Accounts:
+    return api.app[ACCOUNTS]
+
+
+async def status_of(api: Api, who: Login) -> int:
+    resp = await api.client.get("/me", headers=who.headers)
+    return resp.status
+
+
+async def end_event(api: Api, session_id: str) -> dict[str, Any]:
+    events = await api.events(session_id)
+    assert events[-1]["action"] == "session.end", [e["action"] for e in events]
+    return events[-1]
+
+
+async def test_a_new_password_ends_the_users_sessions_and_only_theirs(api: Api) -> None:
+    alice = await api.user("alice")
+    alice_too = await api.login("alice")
+    bob = await api.user("bob")
+    assert cli_change(api, "alice", password_hash=hash_password("a-new-password-1", 4))
+
+    assert await accounts(api).end_revoked_sessions() == 2
+    for old in (alice, alice_too):
+        resp = await api.client.get("/me", headers=old.headers)
+        await expect_error(resp, 401, "session_ended")
+        end = await end_event(api, old.session_id)
+        assert end["details"] == {"reason": "logout", "cause": "password_changed"}
+    assert await status_of(api, bob) == 200  # the wrong user's change is not bob's
+    bob_events = await api.actions(bob.session_id)
+    assert "session.end" not in bob_events
+
+    # The old password is refused; a session with the new one stays open.
+    resp = await api.client.post("/token", json={"username": "alice",
+                                                 "password": USER_PASSWORD})
+    await expect_error(resp, 401, "invalid_credentials")
+    fresh = await api.login("alice", "a-new-password-1")
+    assert await accounts(api).end_revoked_sessions() == 0
+    assert await status_of(api, fresh) == 200
+
+
+async def test_the_server_notices_a_change_by_itself(api: Api) -> None:
+    alice = await api.user("alice")
+    assert cli_change(api, "alice", password_hash=hash_password("a-new-password-1", 4))
+
+    async def ended() -> bool:
+        return await status_of(api, alice) == 401
+
+    await wait_for(ended, timeout=15, message="the background check to end the session")
+    assert (await end_event(api, alice.session_id))["details"]["cause"] == "password_changed"
+
+
+async def test_a_disabled_user_cannot_log_in_until_enabled(api: Api) -> None:
+    alice = await api.user("alice")
+    bob = await api.user("bob")
+    assert cli_change(api, "alice", disabled=True)
+    assert await accounts(api).end_revoked_sessions() == 1
+    assert (await end_event(api, alice.session_id))["details"] == {
+        "reason": "logout", "cause": "user_disabled"}
+    assert await status_of(api, bob) == 200
+
+    # The right password gets the answer of a wrong one; the records say which.
+    for password in (USER_PASSWORD, "not-the-password"):
+        resp = await api.client.post("/token", json={"username": "alice",
+                                                     "password": password})
+        await expect_error(resp, 401, "invalid_credentials")
+    failed = await api.wait_security("auth.login_failed", 2)
+    assert [e["details"]["reason"] for e in failed] == ["user_disabled", "invalid_credentials"]
+    assert all(e["details"]["username"] == "alice" for e in failed)
+
+    assert cli_change(api, "alice", disabled=False)
+    again = await api.login("alice")
+    assert await accounts(api).end_revoked_sessions() == 0
+    assert await status_of(api, again) == 200
+
+
+async def test_a_change_during_the_password_check_refuses_the_login(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The password is checked (bcrypt, a while) against the hash read before;
+    a passwd or disable committed meanwhile must not let the login through."""
+    await api.add_user("alice")
+    await api.add_user("bob")
+    real_check = Accounts._hash_check
+    change: dict[str, Any] = {}
+
+    async def check_then_change(self: Accounts, password: str, stored: str) -> bool:
+        ok = await real_check(self, password, stored)
+        if change:
+            assert cli_change(api, **change)
+            change.clear()
+        return ok
+
+    monkeypatch.setattr(Accounts, "_hash_check", check_then_change)
+    for name, what in (("alice", {"password_hash": hash_password("a-new-password-1", 4)}),
+                       ("bob", {"disabled": True})):
+        change.update(name=name, **what)
+        resp = await api.client.post("/token", json={"username": name,
+                                                     "password": USER_PASSWORD})
+        await expect_error(resp, 401, "invalid_credentials")
+        assert not change  # the change ran inside the check
+    failed = await api.wait_security("auth.login_failed", 2)
+    assert [(e["details"]["username"], e["details"]["reason"]) for e in failed] == [
+        ("alice", "account_changed"), ("bob", "account_changed")]
+    sessions = await api.engine.spool.read(
+        lambda c: c.execute("SELECT COUNT(*) FROM sessions WHERE user IN ('alice', 'bob')")
+        .fetchone()[0])
+    assert sessions == 0  # nothing was started, nothing recorded in a session
+
+
+async def test_the_last_enabled_admin_cannot_be_disabled(api: Api) -> None:
+    admin = await api.admin()
+    with pytest.raises(LastAdmin):
+        cli_change(api, "admin", disabled=True)
+    assert await accounts(api).end_revoked_sessions() == 0
+    assert await status_of(api, admin) == 200
+    await api.add_user("root2", role="admin")
+    assert cli_change(api, "admin", disabled=True)
+    with pytest.raises(LastAdmin):  # root2 is now the only enabled one
+        cli_change(api, "root2", disabled=True)
+    assert cli_change(api, "root2", password_hash=hash_password("a-new-password-1", 4))
+    assert not cli_change(api, "nobody", disabled=True)
+
+
+async def test_a_change_made_while_the_server_was_down_applies_at_start(
+    make_api: MakeApi,
+) -> None:
+    api = await make_api()
+    alice = await api.user("alice")
+    await api.client.close()  # the server stops with alice's session open
+    conn = sqlite3.connect(api.config.spool_path)
+    try:
+        assert conn.execute("SELECT state FROM sessions WHERE session_id = ?",
+                            (alice.session_id,)).fetchone() == ("open",)
+    finally:
+        conn.close()
+    assert cli_change(api, "alice", disabled=True)
+    restarted = await make_api(server={"data_dir": str(api.config.data_dir)})
+
+    async def ended() -> bool:
+        return restarted.engine.spool.open_session(alice.session_id) is None
+
+    await wait_for(ended, timeout=15, message="alice's session to end at start")
+    assert (await end_event(restarted, alice.session_id))["details"]["cause"] == "user_disabled"
+
+
+def test_users_of_an_earlier_release_get_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE users (username TEXT PRIMARY KEY, password_hash TEXT NOT NULL,"
+        " role TEXT NOT NULL, created_at TEXT NOT NULL);"
+        "INSERT INTO users VALUES ('alice', 'h', 'user', '2026-11-26T00:00:00.000Z');"
+    )
+    conn.commit()
+    conn.close()
+    conn = connect(path, "normal")
+    try:
+        migrate(conn)
+        conn.executescript(SCHEMA)
+        assert conn.execute("SELECT username, disabled, sessions_not_before FROM users"
+                            ).fetchall() == [("alice", 0, None)]
+        migrate(conn)  # once only
+    finally:
+        conn.close()
