@@ -459,6 +459,14 @@ def _existing_user_conn(command: str, config: Config, name: str) -> sqlite3.Conn
     return conn
 
 
+def _busy(command: str, exc: sqlite3.OperationalError) -> int:
+    """The spool did not take the change (locked for longer than the busy
+    timeout, say by a server converting it at start): nothing changed."""
+    print(f"{command}: the spool did not take the change ({exc}); nothing changed,"
+          " try again", file=sys.stderr)
+    return 1
+
+
 def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
     """Set a user's password: logins check the new one at once, and the
     user's open sessions end (the server sees it within about a second)."""
@@ -472,6 +480,8 @@ def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
             return 2
         stored = hash_password(password, config.auth.bcrypt_rounds)
         changed = change_user_sync(conn, name, password_hash=stored)
+    except sqlite3.OperationalError as exc:
+        return _busy("passwd", exc)
     finally:
         conn.close()
     if not changed:
@@ -499,6 +509,8 @@ def cmd_disable(config: Config, args: argparse.Namespace) -> int:
         print(f"{command}: {name!r} is the only enabled admin; add or enable another"
               " admin first", file=sys.stderr)
         return 1
+    except sqlite3.OperationalError as exc:
+        return _busy(command, exc)
     finally:
         conn.close()
     if not changed:

@@ -29,8 +29,14 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT NOT NULL,
     role TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    disabled INTEGER NOT NULL DEFAULT 0,  -- no login; open sessions end
-    sessions_not_before REAL              -- sessions started before end (passwd, disable)
+    disabled INTEGER NOT NULL DEFAULT 0   -- no login (its open sessions were revoked)
+);
+-- Open sessions to end, named by the command line (passwd, disable) in the
+-- transaction of its change; the server seals each and deletes its row in one.
+CREATE TABLE IF NOT EXISTS revocations (
+    session_id TEXT PRIMARY KEY,
+    cause TEXT NOT NULL,                  -- password_changed | user_disabled
+    created_ts REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS documents (
     id TEXT PRIMARY KEY,
@@ -212,16 +218,10 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 
 def _migrate_users(conn: sqlite3.Connection) -> None:
-    """Give a users table of an earlier release ``disabled`` and
-    ``sessions_not_before`` (each ``ALTER`` commits on its own: a column
-    added is the whole change)."""
+    """Give a users table of an earlier release its ``disabled`` column."""
     have = _columns(conn, "users")
-    if not have:
-        return  # a new file: SCHEMA creates it whole
-    if "disabled" not in have:
+    if have and "disabled" not in have:  # (no columns: a new file, SCHEMA creates it)
         conn.execute("ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
-    if "sessions_not_before" not in have:
-        conn.execute("ALTER TABLE users ADD COLUMN sessions_not_before REAL")
 
 
 def _keys_mark(conn: sqlite3.Connection) -> int:

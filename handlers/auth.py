@@ -14,17 +14,16 @@ import time
 import urllib.parse
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import bcrypt
 from aiohttp import web
 
 from audit.engine import AuditEngine
-from audit.events import Draft, Source, format_ts, new_id
+from audit.events import Draft, Source, format_ts
 from audit.middleware import anonymous_source, client_ip
-from audit.spool import SpoolClosed, SpoolUnavailable
-from audit.store import SessionNotOpen
+from audit.store import Writer
 
 from .errors import ApiError, bad_request, json_response
 from .keys import ACCOUNTS, CONFIG, CTX, ENGINE, TOKENS
@@ -66,7 +65,7 @@ def valid_username(name: str) -> bool:
 class Account:
     user: str
     role: str
-    password_hash: str
+    password_hash: str = field(repr=False)
     disabled: bool
 
 
@@ -79,14 +78,25 @@ class AccountChanged(Exception):
     of it was being checked: the login is refused."""
 
 
-# How often the server looks for users disabled or given a new password
-# beside it (the users table's change marker: one primary-key read).
+# How often the server looks for sessions revoked beside it (passwd,
+# disable): one read of the revocations table, empty nearly always.
 REVOKE_CHECK_SECONDS = 1.0
+CAUSES = ("password_changed", "user_disabled")
 
 
-def _users_changed(conn: sqlite3.Connection) -> str | None:
-    row = conn.execute("SELECT value FROM meta WHERE key = 'users_changed'").fetchone()
-    return str(row[0]) if row else None
+def _revoker(session_id: str, cause: str) -> Callable[[Writer], bool]:
+    """The job ending one revoked session: its seal and the deletion of its
+    revocation commit together (a failure leaves the row for next time)."""
+    def revoke(w: Writer) -> bool:
+        w.conn.execute("DELETE FROM revocations WHERE session_id = ?", (session_id,))
+        s = w.sessions.get(session_id)
+        if s is None:
+            return False  # ended meanwhile (logout, expiry)
+        end = Draft("session.end", source=Source(user=s.user, role=s.role),
+                    details={"reason": "logout", "cause": cause})
+        w.seal(session_id, "logout", end)
+        return True
+    return revoke
 
 
 class Accounts:
@@ -98,9 +108,7 @@ class Accounts:
         self._slots = asyncio.Semaphore(concurrency)
         self._dummy: str | None = None
         self._dummy_lock = asyncio.Lock()
-        # The users table's change marker at the last end_revoked_sessions
-        # (a value no marker has: the first call looks at the table).
-        self._users_seen: str | None = ""
+        self._revoking = asyncio.Lock()
 
     async def _dummy_hash(self) -> str:
         """A hash to check unknown users against, made once (in a bcrypt slot)."""
@@ -133,48 +141,32 @@ class Accounts:
         return Account(row[0], row[2], row[1], bool(row[3])) if ok else None
 
     async def end_revoked_sessions(self) -> int:
-        """End the open sessions of users disabled, or given a new password,
-        after their session started (``passwd``, ``disable``: the command line
-        changes the users table beside the running server). Each is sealed
-        as ``logout`` with ``details.cause`` ``user_disabled`` or
-        ``password_changed``; its token then gets 401 ``session_ended``.
-
-        The users table is read again only when its change marker moved, and
-        the marker is taken as seen only once every such session is ended:
-        one that fails (the spool cannot commit) is tried again next time.
-        Returns how many sessions it ended.
+        """End the sessions that the command line revoked beside the running
+        server (``passwd``, ``disable``: :func:`change_user_sync` names the
+        user's open sessions in ``revocations``). Each is sealed as
+        ``logout`` with ``details.cause`` ``password_changed`` or
+        ``user_disabled``, in one group commit; its token then gets 401
+        ``session_ended``. Returns how many sessions it ended.
         """
         spool = self.engine.spool
-        marker = await spool.read(_users_changed)
-        if marker == self._users_seen:
-            return 0
-        rows = await spool.read(lambda c: c.execute(
-            "SELECT username, disabled, sessions_not_before FROM users"
-            " WHERE disabled OR sessions_not_before IS NOT NULL").fetchall())
-        cutoff = {name: (bool(disabled), not_before) for name, disabled, not_before in rows}
-        ended, complete = 0, True
-        for s in spool.open_sessions():
-            found = cutoff.get(s.user)
-            if found is None:
-                continue
-            disabled, not_before = found
-            if not disabled and (not_before is None or s.start_ts >= not_before):
-                continue
-            cause = "user_disabled" if disabled else "password_changed"
-            try:
-                await self.engine.end_session(s.session_id, Source(user=s.user, role=s.role),
-                                              cause=cause)
-            except SessionNotOpen:
-                continue  # ended meanwhile
-            except (SpoolUnavailable, SpoolClosed) as exc:
-                log.error("could not end session %s of %s (%s): %s", s.session_id, s.user,
-                          cause, exc)
-                complete = False
-                continue
-            ended += 1
-            log.info("ended session %s of %s: %s", s.session_id, s.user, cause.replace("_", " "))
-        if complete:
-            self._users_seen = marker
+        if spool.failure is not None:
+            return 0  # the spool reports itself; the rows wait for a restart
+        async with self._revoking:  # one pass at a time: each row is ended once
+            rows = await spool.read(lambda c: c.execute(
+                "SELECT session_id, cause FROM revocations ORDER BY created_ts").fetchall())
+            if not rows:
+                return 0
+            futs = [spool.submit_nowait(_revoker(str(sid), cause if cause in CAUSES
+                                                 else "revoked"), needs_space=False)
+                    for sid, cause in rows]
+            results = await asyncio.gather(*futs, return_exceptions=True)
+        ended = 0
+        for (sid, cause), result in zip(rows, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("could not end revoked session %s (%s): %s", sid, cause, result)
+            elif result:
+                ended += 1
+                log.info("ended session %s: %s", sid, str(cause).replace("_", " "))
         return ended
 
     @staticmethod
@@ -229,12 +221,12 @@ def change_user_sync(conn: sqlite3.Connection, username: str, *,
     and/or disabled flag; False if there is no such user. Disabling the last
     enabled admin raises :class:`LastAdmin` (and changes nothing).
 
-    A new password or disabling also ends the user's open sessions: their
-    start must be before ``sessions_not_before``, taken while this
-    transaction holds the write lock, so a login the server commits either
-    started before it (and is ended) or sees the change (and is refused:
-    :meth:`Accounts.unchanged`). The change marker tells the server to look
-    (:meth:`Accounts.end_revoked_sessions`, within about a second).
+    A new password or disabling also revokes the user's open sessions: in
+    the same transaction, each session open in the file is named in
+    ``revocations``, which the server ends within about a second
+    (:meth:`Accounts.end_revoked_sessions`; at its start, if it is not
+    running). A login the server commits after this transaction sees the
+    change and is refused (:meth:`Accounts.unchanged`): no clock is compared.
     """
     sets: list[str] = []
     params: list[Any] = []
@@ -244,7 +236,8 @@ def change_user_sync(conn: sqlite3.Connection, username: str, *,
     if disabled is not None:
         sets.append("disabled = ?")
         params.append(int(disabled))
-    revoke = password_hash is not None or bool(disabled)
+    cause = ("user_disabled" if disabled else
+             "password_changed" if password_hash is not None else None)
     conn.execute("BEGIN IMMEDIATE")
     try:
         if disabled and conn.execute(
@@ -254,15 +247,14 @@ def change_user_sync(conn: sqlite3.Connection, username: str, *,
             (username,),
         ).fetchone():
             raise LastAdmin(username)
-        if revoke:
-            sets.append("sessions_not_before = ?")
-            params.append(time.time())
         changed = conn.execute(f"UPDATE users SET {', '.join(sets)} WHERE username = ?",
                                (*params, username)).rowcount
-        if changed and revoke:
+        if changed and cause is not None:
             conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('users_changed', ?)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (new_id(),))
+                "INSERT INTO revocations (session_id, cause, created_ts)"
+                " SELECT session_id, ?, ? FROM sessions WHERE user = ? AND state = 'open'"
+                " ON CONFLICT (session_id) DO UPDATE SET cause = excluded.cause",
+                (cause, time.time(), username))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

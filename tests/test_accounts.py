@@ -2,10 +2,16 @@
 user ends that user's open sessions (and no one else's), a disabled user
 cannot log in, and a login checked against a password changed meanwhile is
 refused. Real spool files; the command line's changes go through a
-connection of their own, as ``server.py passwd`` / ``disable`` make them."""
+connection of their own, as ``server.py passwd`` / ``disable`` make them.
+
+The server's own check runs every second beside these tests; the tests call
+it too, so they assert what became of sessions, not which call ended them.
+"""
 
 from __future__ import annotations
 
+import io
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -13,8 +19,9 @@ from typing import Any
 import pytest
 from api_fixtures import USER_PASSWORD, Api, Login, MakeApi, api, expect_error, make_api, wait_for
 
+import server
 from audit.spool import connect
-from audit.store import SCHEMA, migrate
+from audit.store import Writer
 from handlers.auth import Accounts, LastAdmin, change_user_sync, hash_password
 from handlers.keys import ACCOUNTS
 
@@ -39,6 +46,11 @@ async def status_of(api: Api, who: Login) -> int:
     return resp.status
 
 
+async def revoked(api: Api) -> None:
+    """One pass of the server's check, now (not within the next second)."""
+    await accounts(api).end_revoked_sessions()
+
+
 async def end_event(api: Api, session_id: str) -> dict[str, Any]:
     events = await api.events(session_id)
     assert events[-1]["action"] == "session.end", [e["action"] for e in events]
@@ -51,7 +63,7 @@ async def test_a_new_password_ends_the_users_sessions_and_only_theirs(api: Api) 
     bob = await api.user("bob")
     assert cli_change(api, "alice", password_hash=hash_password("a-new-password-1", 4))
 
-    assert await accounts(api).end_revoked_sessions() == 2
+    await revoked(api)
     for old in (alice, alice_too):
         resp = await api.client.get("/me", headers=old.headers)
         await expect_error(resp, 401, "session_ended")
@@ -66,8 +78,10 @@ async def test_a_new_password_ends_the_users_sessions_and_only_theirs(api: Api) 
                                                  "password": USER_PASSWORD})
     await expect_error(resp, 401, "invalid_credentials")
     fresh = await api.login("alice", "a-new-password-1")
-    assert await accounts(api).end_revoked_sessions() == 0
+    await revoked(api)
     assert await status_of(api, fresh) == 200
+    assert await api.engine.spool.read(
+        lambda c: c.execute("SELECT COUNT(*) FROM revocations").fetchone()[0]) == 0
 
 
 async def test_the_server_notices_a_change_by_itself(api: Api) -> None:
@@ -85,7 +99,7 @@ async def test_a_disabled_user_cannot_log_in_until_enabled(api: Api) -> None:
     alice = await api.user("alice")
     bob = await api.user("bob")
     assert cli_change(api, "alice", disabled=True)
-    assert await accounts(api).end_revoked_sessions() == 1
+    await revoked(api)
     assert (await end_event(api, alice.session_id))["details"] == {
         "reason": "logout", "cause": "user_disabled"}
     assert await status_of(api, bob) == 200
@@ -101,8 +115,39 @@ async def test_a_disabled_user_cannot_log_in_until_enabled(api: Api) -> None:
 
     assert cli_change(api, "alice", disabled=False)
     again = await api.login("alice")
-    assert await accounts(api).end_revoked_sessions() == 0
+    await revoked(api)
     assert await status_of(api, again) == 200
+
+
+async def test_disabled_then_enabled_before_the_check_still_ends_as_disabled(
+        api: Api) -> None:
+    alice = await api.user("alice")
+    assert cli_change(api, "alice", disabled=True)
+    assert cli_change(api, "alice", disabled=False)  # revokes nothing, undoes nothing
+    await revoked(api)
+    assert (await end_event(api, alice.session_id))["details"]["cause"] == "user_disabled"
+    await api.login("alice")
+
+
+async def test_a_revocation_that_fails_is_tried_again(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = await api.user("alice")
+    real_seal = Writer.seal
+    failures = [sqlite3.OperationalError("disk I/O error")]
+
+    def seal_failing_once(self: Writer, *args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real_seal(self, *args)
+
+    monkeypatch.setattr(Writer, "seal", seal_failing_once)
+    assert cli_change(api, "alice", disabled=True)
+    await revoked(api)  # this pass, or the server's own before it, fails to seal
+    assert not failures
+    await revoked(api)  # the revocation stayed: it is ended by now
+    assert (await end_event(api, alice.session_id))["details"]["cause"] == "user_disabled"
+    resp = await api.client.get("/me", headers=alice.headers)
+    await expect_error(resp, 401, "session_ended")
 
 
 async def test_a_change_during_the_password_check_refuses_the_login(
@@ -143,7 +188,7 @@ async def test_the_last_enabled_admin_cannot_be_disabled(api: Api) -> None:
     admin = await api.admin()
     with pytest.raises(LastAdmin):
         cli_change(api, "admin", disabled=True)
-    assert await accounts(api).end_revoked_sessions() == 0
+    await revoked(api)
     assert await status_of(api, admin) == 200
     await api.add_user("root2", role="admin")
     assert cli_change(api, "admin", disabled=True)
@@ -175,9 +220,17 @@ async def test_a_change_made_while_the_server_was_down_applies_at_start(
     assert (await end_event(restarted, alice.session_id))["details"]["cause"] == "user_disabled"
 
 
-def test_users_of_an_earlier_release_get_the_new_columns(tmp_path: Path) -> None:
-    path = tmp_path / "spool.db"
-    conn = sqlite3.connect(path)
+def test_passwd_and_disable_on_a_spool_of_an_earlier_release(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command line brings a users table without ``disabled`` up to date."""
+    root = logging.getLogger()  # server.main sets up logging: put it back after
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    monkeypatch.setattr(root, "level", root.level)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n[auth]\nbcrypt_rounds = 4\n')
+    (tmp_path / "data").mkdir()
+    conn = sqlite3.connect(tmp_path / "data" / "spool.db")
     conn.executescript(
         "CREATE TABLE users (username TEXT PRIMARY KEY, password_hash TEXT NOT NULL,"
         " role TEXT NOT NULL, created_at TEXT NOT NULL);"
@@ -185,12 +238,15 @@ def test_users_of_an_earlier_release_get_the_new_columns(tmp_path: Path) -> None
     )
     conn.commit()
     conn.close()
-    conn = connect(path, "normal")
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-new-password-1\n"))
+    assert server.main(["passwd", "alice", "--password-stdin", "--config", str(config)]) == 0
+    assert server.main(["disable", "alice", "--config", str(config)]) == 0
+    assert server.main(["users", "--config", str(config)]) == 0
+    assert "alice\tuser\tdisabled" in capsys.readouterr().out
+    conn = sqlite3.connect(tmp_path / "data" / "spool.db")
     try:
-        migrate(conn)
-        conn.executescript(SCHEMA)
-        assert conn.execute("SELECT username, disabled, sessions_not_before FROM users"
-                            ).fetchall() == [("alice", 0, None)]
-        migrate(conn)  # once only
+        hashed, disabled = conn.execute(
+            "SELECT password_hash, disabled FROM users WHERE username = 'alice'").fetchone()
     finally:
         conn.close()
+    assert hashed.startswith("bcrypt-sha256$") and disabled == 1
