@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +32,8 @@ from sinks.base import (
 from .errors import ApiError, bad_request, json_response, not_found
 from .keys import CTX, ENGINE
 
+log = logging.getLogger("session_audit.admin")
+
 MAX_LIMIT = 500
 STATES = ("open", "pending", "stored")
 _HALF_MS = 0.0005 + 1e-6  # shown times are rounded to the millisecond
@@ -41,6 +44,14 @@ _MAX_PAGES = 20
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _sink_unavailable(engine: AuditEngine, exc: SinkError) -> ApiError:
+    """503 ``sink_unavailable``; the sink's own words (a file path, a driver's
+    message) go to the log, not to the client."""
+    log.warning("admin query: the %s sink cannot be queried: %s", engine.sink.type, exc)
+    return ApiError(503, "sink_unavailable", "the sink cannot be queried now; try again"
+                    " later", {"Retry-After": "5"})
 
 
 def audited(handler: Handler) -> Handler:
@@ -55,7 +66,10 @@ def audited(handler: Handler) -> Handler:
     async def run(request: web.Request) -> web.Response:
         ctx = request[CTX]
         engine = request.app[ENGINE]
-        query = {k[:64]: v[:200] for k, v in list(request.query.items())[:20]}
+        # Keys without NUL: a key with one cannot be stored in MongoDB (BSON),
+        # and its whole session part would be refused.
+        query = {k[:64].replace("\x00", "\ufffd"): v[:200]
+                 for k, v in list(request.query.items())[:20]}
         details: dict[str, Any] = {"endpoint": request.path[:256], "query": query}
         draft = Draft("audit.query", details=details, source=ctx.source())
         sid = ctx.session_id
@@ -229,8 +243,7 @@ async def _merged_page(
         except QueryNotSupported:
             pass
         except SinkError as exc:
-            raise ApiError(503, "sink_unavailable", f"the sink cannot be queried: {exc}"[:300]) \
-                from None
+            raise _sink_unavailable(engine, exc) from None
     merged: dict[str, Doc] = {s["session_id"]: s for s in from_sink}
     if state is not None and from_sink:
         # A session the sink holds whole may be open or pending in the spool
@@ -257,8 +270,7 @@ async def get_session(request: web.Request) -> web.Response:
     except SinkError as exc:
         # The spool alone answers only while it still holds every event.
         if spooled is None or len(spooled["events"]) < spooled["event_count"]:
-            raise ApiError(503, "sink_unavailable",
-                           f"the sink cannot be queried: {exc}"[:300]) from None
+            raise _sink_unavailable(engine, exc) from None
     if spooled is None and not parts:
         raise not_found("no such session")
     events: dict[int, Doc] = {}
@@ -303,8 +315,7 @@ async def security_events(request: web.Request) -> web.Response:
     except QueryNotSupported:
         pass
     except SinkError as exc:
-        raise ApiError(503, "sink_unavailable", f"the sink cannot be queried: {exc}"[:300]) \
-            from None
+        raise _sink_unavailable(engine, exc) from None
     merged = {e["_id"]: e for e in from_sink}
     merged.update({e["_id"]: e for e in spooled})
     ordered = sorted(merged.values(), key=lambda e: (e["ts"], e["_id"]), reverse=True)

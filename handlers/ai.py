@@ -120,16 +120,30 @@ class OpenAIProvider:
         try:
             reply = data["choices"][0]["message"]["content"]
             usage = data.get("usage") or {}
+            model = str(data.get("model") or self.model)[:MODEL_MAX_CHARS]
             if not isinstance(reply, str):
                 raise TypeError("content is not a string")
-            return Answer(
-                reply,
-                str(data.get("model") or self.model),
-                int(usage.get("prompt_tokens", 0)),
-                int(usage.get("completion_tokens", 0)),
-            )
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            reply.encode("utf-8")  # a lone surrogate could be neither answered nor recorded
+            model.encode("utf-8")
+            return Answer(reply, model, _tokens(usage.get("prompt_tokens", 0)),
+                          _tokens(usage.get("completion_tokens", 0)))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError):
             raise AIUnavailable("provider answered an unexpected body") from None
+
+
+# A model name is recorded with every interaction: a provider's odd one is cut.
+MODEL_MAX_CHARS = 200
+TOKENS_MAX = (1 << 63) - 1  # what every sink stores as an integer (BSON: int64)
+
+
+def _tokens(value: object) -> int:
+    """A token count from the provider: a whole number from 0 to TOKENS_MAX."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("a token count is not a number")
+    n = int(value)  # inf: OverflowError; nan: ValueError
+    if n != value or not 0 <= n <= TOKENS_MAX:
+        raise ValueError("a token count out of range")
+    return n
 
 
 def create_provider(config: Config, app: web.Application) -> Provider:

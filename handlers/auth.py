@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import sqlite3
@@ -270,9 +271,28 @@ class LoginThrottle:
     until they are decided: otherwise a thousand attempts sent at once would
     all pass the check before the first failure is counted, and each would
     cost a password hash.
+
+    An IPv6 client counts by its /64 (:meth:`client_key`): one host is
+    usually given a whole /64, and each of its addresses its own budget
+    would make the throttle moot.
     """
 
     MAX_KEYS = 100_000
+
+    @staticmethod
+    def client_key(ip: str | None) -> str:
+        """The key a client address counts under: IPv4 as it is, IPv6 by /64."""
+        if not ip:
+            return "-"
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        if isinstance(addr, ipaddress.IPv6Address):
+            if addr.ipv4_mapped is not None:
+                return str(addr.ipv4_mapped)
+            return str(ipaddress.IPv6Network((addr, 64), strict=False))
+        return ip
 
     def __init__(self, max_failures: int, window: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -385,8 +405,8 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
 async def login(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     username, password = await _credentials(request)
-    ip = client_ip(request) or "-"
     throttle = request.app[THROTTLE]
+    ip = throttle.client_key(client_ip(request))
     src = anonymous_source(request)
     attempted = {"username": username[:64]}
     wait = throttle.retry_after(username, ip)

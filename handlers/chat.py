@@ -102,6 +102,14 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         draft.details = {**details, "reason": "ai_unavailable"}
         await _record_asked(engine, ctx.session_id, draft)
         raise ApiError(502, "ai_unavailable", "the AI provider is unavailable") from None
+    except Exception:
+        # A bug (a provider raising what it should not): the document may have
+        # been sent, so the interaction is recorded before the 500.
+        details["latency_ms"] = round(1000 * (time.perf_counter() - started), 1)
+        draft.outcome = "failure"
+        draft.details = {**details, "reason": "internal_error"}
+        await _record_asked(engine, ctx.session_id, draft)
+        raise
     details.update({
         "model": answer.model,
         "latency_ms": round(1000 * (time.perf_counter() - started), 1),

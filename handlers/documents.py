@@ -19,7 +19,7 @@ from audit.store import ActionError
 
 from .errors import ApiError, bad_request, json_response
 from .keys import CTX, ENGINE
-from .requests import audited_input, json_object
+from .requests import INT64_MAX, audited_input, json_object
 
 TITLE_MAX_CHARS = 200
 CONTENT_MAX_BYTES = 1024 * 1024
@@ -103,7 +103,7 @@ def _check_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
         v = body["version"]
         if isinstance(v, float) and v.is_integer():
             v = int(v)  # JSON has one number type: 3.0 is the integer 3 (JSON Schema agrees)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= INT64_MAX:
             raise bad_request("version must be a positive integer")
         out["version"] = v
     return out

@@ -37,12 +37,15 @@ class ApiError(Exception):
         code: str,
         message: str,
         headers: dict[str, str] | None = None,
+        *,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.close = close  # the connection closes after the answer
 
 
 def bad_request(message: str) -> ApiError:
@@ -96,6 +99,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = await handler(request)
     except ApiError as exc:
         resp = error_response(request, exc.status, exc.code, exc.message, exc.headers)
+        if exc.close:
+            resp.force_close()
     except AuthError as exc:
         resp = error_response(request, exc.status, exc.code, exc.message)
     except (SpoolFull, SpoolUnavailable, SpoolClosed) as exc:

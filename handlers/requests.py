@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from audit.events import Draft
 
@@ -25,14 +27,24 @@ def too_large() -> ApiError:
 
 async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes:
     """The body, refused with 413 ``too_large`` past ``limit`` bytes: by its
-    ``Content-Length`` before reading anything, else as soon as it is over."""
+    ``Content-Length`` before reading anything, else as soon as it is over;
+    400 ``invalid_request`` if it cannot be read (a ``Content-Encoding``
+    that does not decode, a broken chunked encoding)."""
     if request.content_length is not None and request.content_length > limit:
         raise too_large()
     body = bytearray()
-    while chunk := await request.content.readany():
-        body += chunk
-        if len(body) > limit:
-            raise too_large()
+    try:
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > limit:
+                raise too_large()
+    except (RequestPayloadError, HttpProcessingError):
+        # The rest of the body cannot be read either: it is taken as ended
+        # (aiohttp would otherwise read it again after the answer, and log
+        # that failure), and the connection closes after the answer.
+        request.content.feed_eof()
+        raise ApiError(400, "invalid_request", "the request body could not be read (is its"
+                       " Content-Encoding right?)", close=True) from None
     return bytes(body)
 
 
@@ -46,7 +58,9 @@ async def read_json(
     Strings must be valid Unicode: lone surrogates (``"\\ud800"``) are refused
     with ``invalid_request`` rather than failing later when stored; so are
     numbers too large to be finite (``1e400``), which the audit trail's
-    canonical JSON cannot carry.
+    canonical JSON cannot carry, and what a sink's format cannot (MongoDB's
+    BSON): integers outside 64 bits and object keys with a NUL character.
+    Recorded, they would make a whole session part undeliverable.
     """
     raw = await read_body(request, limit)
     if not raw.strip():
@@ -54,9 +68,16 @@ async def read_json(
             return None
         raise ApiError(400, "invalid_json", "the body must be JSON")
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+        text = raw.decode("utf-8")
+        value = json.loads(text, parse_constant=_no_constants, parse_int=_int64)
+    except _OutOfRange:
+        raise bad_request("integers must fit in 64 bits") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    # A NUL in a key can only be written \u0000 (JSON strings hold no raw
+    # control characters): the walk runs only for bodies that contain one.
+    if "\\u0000" in text and _nul_key(value):
+        raise bad_request("object keys must not contain NUL characters")
     try:
         json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -70,6 +91,36 @@ async def read_json(
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class _OutOfRange(Exception):
+    pass
+
+
+def _int64(digits: str) -> int:
+    if len(digits) > 20:  # before int(): Python refuses over 4300 digits with ValueError
+        raise _OutOfRange
+    n = int(digits)
+    if not INT64_MIN <= n <= INT64_MAX:
+        raise _OutOfRange
+    return n
+
+
+def _nul_key(value: Any) -> bool:
+    """Whether an object anywhere in ``value`` has a key containing NUL."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            if any("\x00" in k for k in v):
+                return True
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def json_object(value: Any) -> dict[str, Any]:

@@ -4,8 +4,9 @@
 ``usage``, ``model``). The behaviour is switchable per test: ``mode`` is
 ``"ok"``, ``"error"`` (HTTP 500 with an OpenAI-style error body), ``"slow"``
 (holds the request until the stub stops, so the client times out),
-``"held"`` (sets ``arrived``, then answers normally once ``gate`` is set) or
-``"garbage"`` (200 with a body that is not a completion). Every request is kept
+``"held"`` (sets ``arrived``, then answers normally once ``gate`` is set),
+``"garbage"`` (200 with a body that is not a completion) or ``"raw"`` (200
+with ``raw_body``, bytes as they are: odd completions). Every request is kept
 in ``requests`` for assertions.
 """
 
@@ -23,6 +24,7 @@ class OpenAIStub:
         self.model = model
         self.api_key = api_key
         self.mode = "ok"
+        self.raw_body = b""
         self.requests: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
         self._release = asyncio.Event()
@@ -68,6 +70,8 @@ class OpenAIStub:
             await self.gate.wait()
         if self.mode == "garbage":
             return web.json_response({"unexpected": True})
+        if self.mode == "raw":
+            return web.Response(body=self.raw_body, content_type="application/json")
         messages = body.get("messages") or []
         question = messages[-1]["content"] if messages else ""
         reply = f"Stub answer to: {question}"

@@ -473,6 +473,34 @@ async def test_client_address_behind_a_trusted_proxy(make_api: MakeApi) -> None:
     assert resp.status == 429
 
 
+async def test_an_ipv6_client_counts_by_its_slash_64(make_api: MakeApi) -> None:
+    """Each address of a /64 would otherwise get a budget of its own: one
+    host with a /64 could guess without end."""
+    api = await make_api(server={"trusted_proxies": "127.0.0.1"},
+                         auth={"login_max_failures": 3})
+    await api.add_user("alice")
+    for i in range(3):  # three addresses of one /64
+        resp = await api.client.post("/token", json={"username": "alice", "password": "bad"},
+                                     headers={"X-Forwarded-For": f"2001:db8:1:2::{i + 1:x}"})
+        await expect_error(resp, 401, "invalid_credentials")
+    resp = await api.client.post("/token", json={"username": "alice", "password": USER_PASSWORD},
+                                 headers={"X-Forwarded-For": "2001:db8:1:2:ffff::9"})
+    await expect_error(resp, 429, "too_many_attempts")
+    # The record keeps the address itself; another /64 and IPv4 are not affected.
+    failed = await api.security("auth.login_failed")
+    assert {e["source"]["ip"] for e in failed} == {f"2001:db8:1:2::{i}" for i in (1, 2, 3)}
+    for other in ("2001:db8:1:3::1", "192.0.2.1"):
+        await api.login("alice", headers={"X-Forwarded-For": other})
+
+
+def test_throttle_keys() -> None:
+    key = server.LoginThrottle.client_key
+    assert key("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert key("192.0.2.1") == "192.0.2.1"
+    assert key(None) == "-" and key("") == "-" and key("not-an-ip") == "not-an-ip"
+
+
 async def test_forwarded_for_is_ignored_without_trusted_proxies(api: Api) -> None:
     await api.add_user("alice")
     alice = await api.login("alice", headers={"X-Forwarded-For": "203.0.113.7"})

@@ -139,6 +139,84 @@ async def test_failing_provider_gives_502_and_a_failure_event(
         assert ev["details"]["latency_ms"] >= 400
 
 
+def completion(reply: str = '"fine"', model: str = '"m"', prompt_tokens: str = "3",
+               completion_tokens: str = "2") -> bytes:
+    """A completion body written as JSON text: values no encoder would write."""
+    choice = f'{{"message": {{"role": "assistant", "content": {reply}}}}}'
+    usage = f'{{"prompt_tokens": {prompt_tokens}, "completion_tokens": {completion_tokens}}}'
+    return f'{{"model": {model}, "choices": [{choice}], "usage": {usage}}}'.encode()
+
+
+@pytest.mark.parametrize("body", [
+    completion(prompt_tokens="1e400"),  # inf
+    completion(prompt_tokens="NaN"),
+    completion(completion_tokens=str(2 ** 70)),  # no sink stores it as an integer
+    completion(completion_tokens="-1"),
+    completion(prompt_tokens="2.5"),
+    completion(prompt_tokens='"12"'),
+    completion(prompt_tokens="true"),
+    completion(reply='"\\ud800 lone"'),  # a lone surrogate: neither answered nor recorded
+    completion(model='"\\udfff"'),
+    completion(reply="null"),
+], ids=["inf", "nan", "2**70", "negative", "fraction", "string", "bool", "surrogate_reply",
+        "surrogate_model", "null_reply"])
+async def test_an_odd_completion_is_a_failing_provider(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch, body: bytes
+) -> None:
+    stub.mode, stub.raw_body = "raw", body
+    api = await raw_stub_api(make_api, stub, monkeypatch)
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hello?"},
+                                 headers=alice.headers)
+    await expect_error(resp, 502, "ai_unavailable")
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["outcome"] == "failure" and ev["details"]["reason"] == "ai_unavailable"
+    assert ev["details"]["error"] == "provider answered an unexpected body"
+
+
+async def raw_stub_api(make_api: MakeApi, stub: OpenAIStub,
+                       monkeypatch: pytest.MonkeyPatch) -> Api:
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    return await make_api(ai={"provider": "openai", "openai": {
+        "base_url": stub.base_url, "api_key_env": "TEST_OPENAI_KEY"}})
+
+
+async def test_a_provider_that_fails_oddly_still_leaves_its_record(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a provider (an exception it should not raise) after the
+    document may have gone out: 500, and the interaction is recorded."""
+    async def broken(title: str, document: str, message: str) -> Any:
+        raise RuntimeError("a provider bug")
+
+    monkeypatch.setattr(api.app[AI], "answer", broken)
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hello?"},
+                                 headers=alice.headers)
+    body = await expect_error(resp, 500, "internal_error")
+    assert "provider bug" not in json.dumps(body)
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["outcome"] == "failure" and ev["details"]["reason"] == "internal_error"
+    assert ev["details"]["prompt"]["sha256"] == sha("hello?")
+
+
+async def test_a_long_model_name_is_cut(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub.mode, stub.raw_body = "raw", completion(model=json.dumps("m" * 100_000))
+    api = await raw_stub_api(make_api, stub, monkeypatch)
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hello?"},
+                                 headers=alice.headers)
+    assert resp.status == 200
+    assert (await resp.json())["model"] == "m" * 200
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["details"]["model"] == "m" * 200 and ev["details"]["prompt_tokens"] == 3
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "code"),
     [

@@ -21,6 +21,7 @@ import base64
 import gzip
 import io
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bson
 import jwt
 import pytest
 from live_server import JWT_SECRET, Live
@@ -92,6 +94,18 @@ class Api:
 
     async def events(self, rid: str) -> list[dict[str, Any]]:
         """Every stored event (session or security, spool or sink) of a request."""
+        return [e for e in await self.all_events() if e.get("request_id") == rid]
+
+    async def assert_storable_in_mongodb(self) -> None:
+        """Every event recorded so far can be written by the MongoDB sink:
+        PyMongo's BSON encoder takes it (a NUL in a key, an integer past 64
+        bits would make the sink refuse the event's whole part)."""
+        events = await self.all_events()
+        assert events
+        for e in events:
+            bson.encode(e)
+
+    async def all_events(self) -> list[dict[str, Any]]:
         engine = self.app[ENGINE]
 
         def read(c: sqlite3.Connection) -> list[str]:
@@ -110,8 +124,7 @@ class Api:
             finally:
                 conn.close()
         found = [json.loads(t) for t in texts]
-        by_id = {e["event_id"]: e for e in found if e.get("request_id") == rid}
-        return list(by_id.values())
+        return list({e["event_id"]: e for e in found}.values())
 
     async def recorded(self, rid: str, action: str, *, outcome: str | None = None,
                        session_id: str | None = None) -> dict[str, Any]:
@@ -186,6 +199,11 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ("deep objects", DEEP_OBJ),
     ("lone surrogate", b'{"title": "\\ud800", "content": "x", "message": "\\udfff"}'),
     ("surrogate key", b'{"\\ud800": 1}'),
+    # What MongoDB's BSON cannot hold would make a whole session part undeliverable.
+    ("NUL in a key", b'{"title": "t", "content": "c", "details": {"a\\u0000b": 1}}'),
+    ("int over 64 bits", b'{"title": "t", "content": "c", "version": 9223372036854775808}'),
+    ("int under 64 bits", b'{"action": "client.x", "details": {"n": -9223372036854775809}}'),
+    ("version as a huge float", b'{"version": 1e300}'),
     ("duplicate keys", b'{"title": "a", "title": 5, "content": "c"}'),
     ("control chars", b'{"title": "a\x01b", "content": "c"}'),
     ("trailing garbage", b'{"title": "t", "content": "c"} xyz'),
@@ -267,6 +285,29 @@ async def test_huge_bodies_are_413_and_recorded(api: Api) -> None:
                                   json_body={"action": "client.x", "details": {"p": "x" * 5000}})
     assert status == 400
 
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_is_400_and_recorded(
+        api: Api, encoding: str, caplog: pytest.LogCaptureFixture) -> None:
+    alice = await api.login("alice")
+    doc = await _doc(api, alice)
+    for method, path, action in JSON_ENDPOINTS:
+        if path == "/token":
+            continue  # below: the caller is nobody
+        rid, status, body = await api.send(
+            method, path.format(doc=doc), token=alice, data=b"\x1f\x8b not what it says",
+            headers={"Content-Encoding": encoding, "Content-Type": "application/json"})
+        assert status == 400 and body is not None, (path, status, body)
+        assert body["error"]["code"] == "invalid_request"
+        await api.recorded(rid, action, outcome="failure", session_id=alice["session_id"])
+    _, status, body = await api.send("POST", "/token", data=b"\x1f\x8b garbage", headers={
+        "Content-Encoding": encoding, "Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 400 and body is not None and body["error"]["code"] == "invalid_request"
+    _, status, got = await api.send("GET", f"/documents/{doc}", token=alice)
+    assert status == 200 and got is not None and got["version"] == 1
+    # Answered, and the connection closed: no traceback in the log.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def _chunked(data: bytes, size: int = 16 * 1024) -> Any:
@@ -354,9 +395,20 @@ async def test_odd_unicode_round_trips_and_is_audited(api: Api) -> None:
         await api.recorded(rid, "ai.interaction", outcome="success")
         rid, status, _ = await api.send("POST", "/audit/events", token=alice, json_body={
             "action": "client.odd", "target": {"type": "document", "id": text[:128]},
-            "details": {text: text}})
+            "details": {text.replace("\x00", "0"): text}})
         assert status == 202
         await api.recorded(rid, "client.odd")
+    # NUL in a value is fine (above); in a key it is refused: MongoDB cannot store it.
+    rid, status, body = await api.send("POST", "/audit/events", token=alice, json_body={
+        "action": "client.odd", "details": {"ok": [{"a\x00b": 1}]}})
+    assert status == 400 and body is not None and "NUL" in body["error"]["message"]
+    await api.recorded(rid, "client.rejected", outcome="failure")
+    # The 64-bit integers at the edges are fine.
+    rid, status, _ = await api.send("POST", "/audit/events", token=alice, json_body={
+        "action": "client.edges", "details": {"max": 2 ** 63 - 1, "min": -(2 ** 63)}})
+    assert status == 202
+    assert (await api.recorded(rid, "client.edges"))["details"] == {
+        "max": 2 ** 63 - 1, "min": -(2 ** 63)}
     # Lone surrogates in JSON escapes are refused (they cannot be stored as UTF-8).
     for raw in (b'{"title": "\\ud800", "content": "c"}', b'{"title": "a\\udc00b", "content": "c"}'):
         rid, status, body = await api.send("POST", "/documents", token=alice, data=raw)
@@ -371,6 +423,7 @@ async def test_odd_unicode_round_trips_and_is_audited(api: Api) -> None:
                 b'{"action": "client.x", "details": {"nan": -1e999}}'):
         _, status, _ = await api.send("POST", "/audit/events", token=alice, data=raw)
         assert status == 400
+    await api.assert_storable_in_mongodb()
 
 
 PATH_TRICKS = [
@@ -434,7 +487,7 @@ async def test_bad_query_parameters(api: Api) -> None:
         "cursor=garbage", "cursor=" + base64.urlsafe_b64encode(b'["x", 5]').decode(),
         "cursor=" + base64.urlsafe_b64encode(b"\xff\xfe").decode(), "cursor=%ED%A0%80",
         "state=deleted", "nope=1", "user=%00", "user=%ED%A0%80", "kind=%E2%80%AE",
-        "limit=1&limit=2",
+        "limit=1&limit=2", "a%00b=1", "%00=%00",
     ]
     for path in ("/audit/sessions", "/audit/security-events"):
         for q in queries:
@@ -445,6 +498,7 @@ async def test_bad_query_parameters(api: Api) -> None:
             assert status == 403 and body is not None, (path, q, status, body)
             assert body["error"]["code"] == "forbidden"
             await api.recorded(rid, "admin.denied", outcome="denied")
+    await api.assert_storable_in_mongodb()
 
 
 def _forge(claims: dict[str, Any], key: str | bytes = JWT_SECRET, alg: str = "HS256",

@@ -23,3 +23,5 @@ async def test_get_session_is_503_not_partial_when_the_sink_fails(make_api: Make
     body = await r.json()
     assert r.status == 503, body
     assert body["error"]["code"] == "sink_unavailable"
+    assert "locked" not in body["error"]["message"]  # the sink's own words stay in the log
+    assert r.headers["Retry-After"] == "5"
