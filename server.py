@@ -37,7 +37,7 @@ from audit import queries
 from audit.config import Config, ConfigError, load_config
 from audit.engine import AuditEngine
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
-from audit.spool import app_bytes, connect, used_bytes
+from audit.spool import SpoolUnavailable, app_bytes, connect, used_bytes
 from audit.store import SCHEMA, migrate
 from audit.tokens import MIN_KEY_BYTES, TokenService
 from audit.verify import spool_anchor, verify_sink
@@ -130,6 +130,10 @@ def ensure_data_dir(config: Config) -> None:
         raise StartupError(f"server.data_dir: cannot create {path}: {exc.strerror}") from None
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise StartupError(f"server.data_dir: {path} is not a writable directory")
+    if path.stat().st_mode & 0o077:
+        log.warning("server.data_dir %s is open to other users (mode %o): it holds keys,"
+                    " password hashes and the audit trail; chmod 700 it", path,
+                    path.stat().st_mode & 0o777)
 
 
 def jwt_key(config: Config) -> bytes:
@@ -138,6 +142,23 @@ def jwt_key(config: Config) -> bytes:
 
 def audit_key(config: Config) -> bytes:
     return load_secret(AUDIT_KEY_ENV, config.data_dir / "audit.key")
+
+
+def existing_audit_key(config: Config) -> bytes:
+    """For the commands beside the server: its audit key, never a new one
+    (under a new key every stored event would look changed, and the server
+    would chain under it)."""
+    path = config.data_dir / "audit.key"
+    if not os.environ.get(AUDIT_KEY_ENV) and not path.exists():
+        raise StartupError(f"no audit key: {AUDIT_KEY_ENV} is not set and {path} does not"
+                           " exist (is this the server's --config?)")
+    return audit_key(config)
+
+
+def _existing(what: str, path: Path) -> None:
+    """Commands beside the server read its files; they do not make new ones."""
+    if not path.exists():
+        raise StartupError(f"no {what} at {path} (is this the server's --config?)")
 
 
 # -- the app -------------------------------------------------------------------
@@ -360,8 +381,12 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
     app = create_app(config)
     app.on_startup.append(_tune_gc)
-    log.info("serving on http://%s:%d with the %s sink", config.server.host,
-             config.server.port, config.sink.type)
+
+    async def serving(app: web.Application) -> None:  # once the spool is open
+        log.info("serving on http://%s:%d with the %s sink", config.server.host,
+                 config.server.port, config.sink.type)
+
+    app.on_startup.append(serving)
     try:
         web.run_app(
             app,
@@ -386,7 +411,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 def _spool_conn(config: Config) -> sqlite3.Connection:
     path = config.spool_path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_data_dir(config)  # adduser before the first start creates it: owner only
     conn = connect(path, config.audit.synchronous)
     migrate(conn)  # SCHEMA's indexes need the current layout
     conn.executescript(SCHEMA)
@@ -532,7 +557,10 @@ def cmd_users(config: Config, args: argparse.Namespace) -> int:
     try:
         rows = conn.execute("SELECT username, role, disabled, created_at FROM users"
                             " ORDER BY username").fetchall()
-    except sqlite3.OperationalError as exc:  # a file of an earlier release, never served
+    except sqlite3.OperationalError as exc:
+        if "no such column" not in str(exc):
+            raise
+        # a file of an earlier release, never served since
         print(f"users: {exc} (start the server once to bring the spool up to date)",
               file=sys.stderr)
         return 1
@@ -560,7 +588,11 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _verify(config: Config) -> int:
-    key = audit_key(config)
+    key = existing_audit_key(config)
+    if config.sink.type == "sqlite":
+        _existing("sink database", config.sqlite_sink_path)
+    elif config.sink.type == "jsonl":
+        _existing("sink directory", config.jsonl_dir)
     anchor = None
     if config.spool_path.exists():  # read before the sink: see SpoolAnchor
         try:
@@ -611,7 +643,8 @@ def _progress(total: list[int]) -> Callable[[dict[str, Any]], None]:
 
 
 async def _drain(config: Config) -> int:
-    engine = AuditEngine(config, create_sink(config), audit_key(config))
+    _existing("spool", config.spool_path)
+    engine = AuditEngine(config, create_sink(config), existing_audit_key(config))
     await engine.open(background=False)
     try:
         show = _progress([0])
@@ -629,7 +662,8 @@ async def _drain(config: Config) -> int:
 
 
 async def _retry_dead(config: Config) -> int:
-    engine = AuditEngine(config, create_sink(config), audit_key(config))
+    _existing("spool", config.spool_path)
+    engine = AuditEngine(config, create_sink(config), existing_audit_key(config))
     await engine.open(background=False)
     try:
         n = await engine.retry_dead_letters()
@@ -670,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = args.command or "serve"
     setup_logging()
+    config: Config | None = None
     try:
         config = load_config(args.config)
         if command == "serve":
@@ -692,6 +727,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StartupError) as exc:
         print(f"session-audit: {exc}", file=sys.stderr)
         return 2
+    except (sqlite3.Error, OSError, SpoolUnavailable) as exc:
+        # A spool or sink file that is not a database (or is damaged), a data
+        # directory that cannot be written: one line, not a traceback.
+        log.debug("%s failed", command, exc_info=True)
+        where = (f" (in {config.data_dir})" if config is not None
+                 and isinstance(exc, sqlite3.Error) and not isinstance(exc, SpoolUnavailable)
+                 else "")
+        print(f"session-audit: {command}: {exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -164,7 +164,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "audit.part_max_events": (lambda v: v >= 1, "must be at least 1"),
     "audit.part_max_bytes": (lambda v: v >= 4096, "must be at least 4096"),
     "audit.checkpoint_seconds": (lambda v: v > 0, "must be positive"),
-    "audit.spool_max_bytes": (lambda v: v >= 65536, "must be at least 65536"),
+    # An empty spool's own tables and indexes take about 72 KiB.
+    "audit.spool_max_bytes": (lambda v: v >= 131072,
+                              "must be at least 131072 (an empty spool takes about 72 KiB)"),
     "audit.keep_stored_seconds": (lambda v: v >= 0, "must not be negative"),
     "audit.security_events_per_ip_per_second": (lambda v: v >= 0, "must not be negative"),
     "audit.security_events_per_ip_burst": (lambda v: v >= 1, "must be at least 1"),

@@ -193,9 +193,11 @@ class Spool:
             self._rconn = await loop.run_in_executor(
                 self._rexec, lambda: connect(self.path, self.synchronous)
             )
-        except BaseException:
+        except BaseException as exc:
             await self._shutdown_threads()
             self._state = "closed"
+            if isinstance(exc, sqlite3.DatabaseError):  # not a database, damaged
+                raise SpoolUnavailable(f"the spool {self.path} cannot be opened: {exc}") from exc
             raise
         self._wake = asyncio.Event()
         self._state = "open"

@@ -23,6 +23,17 @@ async def test_healthz_and_readyz(api: Api) -> None:
         assert resp.headers.get("X-Request-ID")
 
 
+async def test_the_smallest_spool_limit_allowed_still_serves(make_api: MakeApi) -> None:
+    """An empty spool's own tables take about 72 KiB: the smallest
+    spool_max_bytes the configuration takes must leave room for events."""
+    api = await make_api(audit={"spool_max_bytes": 131072})
+    resp = await api.client.get("/readyz")
+    assert resp.status == 200, await resp.text()
+    admin = await api.admin()
+    resp = await api.client.get("/audit/status", headers=admin.headers)
+    assert resp.status == 200 and (await resp.json())["spool_bytes"] < 131072
+
+
 async def _fill(api: Api, who: Login) -> None:
     """Client events with 4 kB details until the spool is over its limit."""
     batch = [{"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(100)]

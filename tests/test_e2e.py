@@ -475,6 +475,7 @@ async def test_startup_problems_are_one_clear_line(tmp_path: Path) -> None:
     config = write_config(other, port)
     r = await acli(config, "adduser", "admin", "--password-stdin", stdin="some-password-1\n")
     assert r.returncode == 0, r.stderr
+    assert (other / "data").stat().st_mode & 0o777 == 0o700  # made by adduser: owner only
     await serve_refuses(config, "adduser NAME --admin")
 
     weak = tmp_path / "weak"
@@ -482,6 +483,36 @@ async def test_startup_problems_are_one_clear_line(tmp_path: Path) -> None:
     stderr = await serve_refuses(write_config(weak, port), "at least 8 characters",
                                  env={"SESSION_AUDIT_ADMIN_PASSWORD": "Wk7$x"})
     assert "Wk7$x" not in stderr
+
+
+async def test_commands_beside_the_server_do_not_invent_its_files(tmp_path: Path) -> None:
+    """verify, drain and retry-dead read the server's key and files: pointed at
+    the wrong --config (or a lost audit.key) they say so. A new key would make
+    every stored event look changed, and the server would chain under it."""
+    config = write_config(tmp_path, free_port())
+    no_key = {"SESSION_AUDIT_AUDIT_KEY": ""}  # the key comes from the data dir, or nowhere
+    for command in ("verify", "drain", "retry-dead"):
+        r = await acli(config, command, env=no_key)
+        assert r.returncode == 2 and "is this the server's --config?" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "data").exists()
+    r = await acli(config, "verify")  # with the key from the environment: no sink to read
+    assert r.returncode == 2 and "no sink database" in r.stderr, r.stderr
+    assert not (tmp_path / "data").exists()
+
+
+async def test_a_damaged_spool_is_one_line_for_every_command(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "spool.db").write_bytes(os.urandom(94208))  # not a database
+    for command in ("serve", "status", "users", "drain", "retry-dead", "adduser"):
+        args = ("adduser", "carol", "--password-stdin") if command == "adduser" else (command,)
+        r = await acli(config, *args, stdin="a-password-1\n")
+        assert r.returncode == 1, (command, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr, (command, r.stderr)
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"session-audit: {command}:") and "not a database" in last, last
 
 
 async def test_config_before_the_command_is_used(tmp_path: Path) -> None:
