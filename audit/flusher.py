@@ -41,6 +41,16 @@ IDLE_RECHECK_SECONDS = 5.0
 # in a row is dead-lettered (kept, counted, retryable by command) so that one
 # poison document cannot block everything queued behind it forever.
 UNEXPECTED_LIMIT = 5
+# A part that fails this many times in a row with a retryable error (a
+# timeout, a 5xx) while the sink is otherwise up lets later parts go first:
+# it is tried again after a pause of its own, doubling each time (bounded by
+# flush.backoff_max_seconds). One part the receiver cannot take in time must
+# not stop every part behind it. Rate limits pause everything instead.
+DEFER_AFTER = 3
+DEFERRED_MAX = 1000  # parts remembered as deferred (the oldest are forgotten)
+# With audit.keep_stored_seconds, acknowledged parts past their keep time are
+# deleted whenever nothing is pending, and at most this long apart otherwise.
+PURGE_EVERY_SECONDS = 5.0
 
 
 class Flusher:
@@ -74,6 +84,12 @@ class Flusher:
         self._stopping = False
         self._lock_fd: int | None = None
         self._unexpected: tuple[str, int] = ("", 0)  # (_id, consecutive count)
+        self._purge_due = 0.0  # (clock) the next purge while parts are pending
+        self._defer_base = config.backoff_base_seconds
+        self._defer_max = config.backoff_max_seconds
+        self._failing: tuple[str, int] = ("", 0)  # (_id, consecutive retryable failures)
+        # (session_id, part) -> (clock before which it waits, times deferred)
+        self._deferred: dict[tuple[str, int], tuple[float, int]] = {}
 
     # -- control -------------------------------------------------------------
 
@@ -177,10 +193,18 @@ class Flusher:
             self.bucket.try_take()
             return await self._write_security(security)
         raw = self.sink.raw_events
-        part = await self.spool.read(lambda c: queries.load_part(c, raw))
+        now = self.clock()
+        skip = {k for k, (until, _) in self._deferred.items() if until > now}
+        part = await self.spool.read(lambda c: queries.load_part(c, raw, skip))
+        if self.keep > 0 and (part is None or self.clock() >= self._purge_due):
+            # Also while a backlog drains: acknowledged parts past their keep
+            # time free their space (a full spool under "reject" refuses
+            # actions until they do).
+            self._purge_due = self.clock() + PURGE_EVERY_SECONDS
+            await self._purge()
         if part is None:
-            if self.keep > 0:
-                await self._purge()
+            if skip:  # only deferred parts are pending: the first is due then
+                return max(0.0, min(self._deferred[k][0] for k in skip) - now)
             return None
         wait = self.bucket.delay()
         if wait > 0:
@@ -241,7 +265,11 @@ class Flusher:
             )
             return 0.0
         except Exception as exc:
-            return self._retryable(exc)
+            pause = self._retryable(exc)
+            # (An unclassified error counts toward dead-lettering instead: _poison.)
+            if isinstance(exc, SinkError) and not isinstance(exc, SinkRateLimited):
+                await self._part_failed(doc["_id"], sid, part, str(exc))
+            return pause
         keep = self.keep
 
         def stored(w: Writer) -> None:
@@ -249,11 +277,34 @@ class Flusher:
 
         await self.spool.submit(stored, needs_space=False)
         self.stats.parts_written += 1
+        self._deferred.pop((sid, part), None)
+        self._failing = ("", 0)
         self._ok()
         return 0.0
 
+    async def _part_failed(self, doc_id: str, sid: str, part: int, error: str) -> None:
+        """Count a retryable failure of a part (in the spool: ``attempts``,
+        ``last_error``); after :data:`DEFER_AFTER` in a row, later parts go
+        first for a while (see there)."""
+        await self.spool.submit(
+            lambda w: w.mark_part_failed(sid, part, error, dead=False), needs_space=False)
+        last, count = self._failing
+        count = count + 1 if last == doc_id else 1
+        self._failing = (doc_id, count)
+        if count < DEFER_AFTER:
+            return
+        self._failing = ("", 0)
+        key = (sid, part)
+        times = self._deferred.pop(key, (0.0, 0))[1] + 1
+        wait = min(self._defer_max, self._defer_base * 2 ** (DEFER_AFTER + times))
+        self._deferred[key] = (self.clock() + wait, times)
+        while len(self._deferred) > DEFERRED_MAX:
+            del self._deferred[next(iter(self._deferred))]
+        log.warning("part %s failed %d times in a row; later parts go first, it is tried"
+                    " again in %.0f s", doc_id, DEFER_AFTER, wait)
+
     async def _purge(self) -> None:
-        cutoff = time.time() - self.keep
+        cutoff = self.spool.clock() - self.keep  # the clock that stamped stored_ts
 
         def purge(w: Writer) -> int:
             return w.purge_stored(cutoff) + w.purge_stored_security(cutoff)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Collection
 from typing import Any
 
 from sinks.base import RawJSON, sql_where
@@ -41,13 +42,19 @@ _PART_KEYS = (
 )
 
 
-def next_pending_part(conn: sqlite3.Connection) -> Row | None:
-    """The oldest pending part's row, joined with its session."""
-    row = conn.execute(
+def next_pending_part(
+    conn: sqlite3.Connection, skip: Collection[tuple[str, int]] = ()
+) -> Row | None:
+    """The oldest pending part's row, joined with its session; a part whose
+    ``(session_id, part)`` is in ``skip`` is passed over."""
+    for row in conn.execute(
         f"SELECT {_PART_COLS} FROM parts p JOIN sessions s USING (session_id)"
-        " WHERE p.state = 'pending' ORDER BY p.created_ts, p.session_id, p.part LIMIT 1"
-    ).fetchone()
-    return dict(zip(_PART_KEYS, row, strict=True)) if row is not None else None
+        " WHERE p.state = 'pending' ORDER BY p.created_ts, p.session_id, p.part LIMIT ?",
+        (len(skip) + 1,),
+    ):
+        if (row[0], row[1]) not in skip:
+            return dict(zip(_PART_KEYS, row, strict=True))
+    return None
 
 
 def part_events(conn: sqlite3.Connection, meta: Row, raw: bool = False) -> list[Any]:
@@ -73,9 +80,12 @@ def part_events(conn: sqlite3.Connection, meta: Row, raw: bool = False) -> list[
     return [json.loads(r[0]) for r in rows]
 
 
-def load_part(conn: sqlite3.Connection, raw: bool = False) -> Row | None:
-    """The oldest pending part as its sink document (events as RawJSON if ``raw``)."""
-    meta = next_pending_part(conn)
+def load_part(
+    conn: sqlite3.Connection, raw: bool = False, skip: Collection[tuple[str, int]] = ()
+) -> Row | None:
+    """The oldest pending part not in ``skip`` as its sink document (events
+    as RawJSON if ``raw``)."""
+    meta = next_pending_part(conn, skip)
     if meta is None:
         return None
     return part_document(meta, part_events(conn, meta, raw))

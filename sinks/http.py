@@ -27,6 +27,7 @@ The receiver cannot be queried through this sink (``queryable = False``).
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import time
@@ -134,14 +135,21 @@ class HttpSink(Sink):
         return text
 
     async def write_part(self, part: Doc) -> None:
-        await self._post("/sessions", part, {"Idempotency-Key": str(part["_id"])})
+        status, raw = await self._post("/sessions", part,
+                                       {"Idempotency-Key": str(part["_id"])})
+        stored = _stored_hash(raw) if status == 409 else None
+        if stored is not None and stored != part.get("hash"):
+            # The receiver holds another part under this _id (it said which).
+            raise SinkConflict(f"http sink: POST {self._target}/sessions: HTTP {status}:"
+                               f" {part['_id']} is stored with another hash")
 
     async def write_security_events(self, events: list[Doc]) -> None:
         if not events:
             return
         await self._post("/security-events", {"events": events}, {})
 
-    async def _post(self, path: str, body: Any, headers: dict[str, str]) -> None:
+    async def _post(self, path: str, body: Any, headers: dict[str, str]) -> tuple[int, bytes]:
+        """POST ``body``; the status and body of a success, else the sink error."""
         session = self._session
         if session is None:
             raise SinkUnavailable("http sink is not open")
@@ -178,6 +186,7 @@ class HttpSink(Sink):
         err = self._classify(status, retry_after, text, where, location)
         if err is not None:
             raise err
+        return status, raw
 
     def _classify(
         self,
@@ -211,3 +220,16 @@ class HttpSink(Sink):
         if status == 408:  # request timeout: may or may not have landed
             return SinkUnavailable(msg)
         return SinkRejected(msg)
+
+
+def _stored_hash(raw: bytes) -> str | None:
+    """The ``hash`` a receiver may send back with 409 for a duplicate ``_id``
+    (of the part it holds); None if it sends none."""
+    if not raw or len(raw) > 65536:
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    value = body.get("hash") if isinstance(body, dict) else None
+    return value if isinstance(value, str) else None

@@ -82,6 +82,9 @@ class ReceiverOptions:
     seed: int = 0
     token: str | None = None  # expected bearer token; None = no check
     dup_status: int = 409
+    # 422 (the IETF Idempotency-Key draft) or 409 (API.md's "duplicate" answer,
+    # for both kinds of duplicate) with the stored part's hash in the body.
+    conflict_status: int = 422
     store: Path | None = None
 
 
@@ -251,9 +254,13 @@ class Receiver:
         def apply() -> web.Response:
             state = self._check(self.parts, part)
             if state == "conflict":
+                if self.options.conflict_status == 409:
+                    return self._answer(409, {"duplicate": True,
+                                              "hash": self.parts[str(part["_id"])]["hash"]})
                 return self._answer(422, {"error": "idempotency_conflict"})
             if state == "same":
-                return self._answer(self.options.dup_status, {"duplicate": True})
+                return self._answer(self.options.dup_status,
+                                    {"duplicate": True, "hash": part["hash"]})
             self._store("parts", [part])
             return self._answer(201, {"stored": part["_id"]})
 

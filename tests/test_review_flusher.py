@@ -118,3 +118,100 @@ async def test_spool_failures_back_off_exponentially_and_reset(
     assert seen == [0, 1, 2, 3]  # one more doubling at each failure in a row
     await wait_until(lambda: engine.flusher.spool_backoff.attempt == 0, timeout=5,
                      message="the backoff to reset")
+
+
+async def test_kept_parts_are_purged_while_a_backlog_drains(
+    make_config, engines, fake_clock, fake_monotonic
+):
+    """With keep_stored_seconds, acknowledged parts past their keep time free
+    their space while parts are still pending too, not only once the backlog
+    is gone (a full spool under "reject" refuses actions until they do)."""
+    config = make_config(audit={"keep_stored_seconds": 1},
+                         flush={"max_writes_per_second": 1000, "burst": 1000})
+    e = await engines.open(config, clock=fake_clock, monotonic=fake_monotonic)
+    src = Source(user="a", role="user")
+    for _ in range(20):
+        s = await e.start_session("a", "user", src, 3600)
+        await e.record(s.session_id, Draft("document.list"))
+        await e.end_session(s.session_id, src)
+
+    async def count(state):
+        return await e.spool.read(lambda c: c.execute(
+            "SELECT COUNT(*) FROM parts WHERE state = ?", (state,)).fetchone()[0])
+
+    for _ in range(10):  # half the backlog, acknowledged an hour apart
+        assert await e.flusher.step() == 0.0
+        fake_clock.advance(3600)
+        fake_monotonic.advance(1)
+    assert await count("pending") == 10
+    assert await count("stored") <= 5  # purged every few seconds, not only when idle
+    fake_monotonic.advance(10)
+    assert await e.flusher.step() == 0.0
+    assert await count("stored") == 1  # the part just written, kept for its second
+    assert await count("pending") == 9
+
+
+async def test_a_part_that_keeps_timing_out_lets_later_parts_go_first(
+    make_config, engines, fake_monotonic
+):
+    """A receiver that cannot take one (big) part in time answers every other
+    part: after DEFER_AFTER timeouts in a row that part waits, the rest is
+    stored, and it is tried again later (never dropped, never dead)."""
+    from aiohttp import web
+
+    from audit.config import HttpSinkConfig
+    from audit.flusher import DEFER_AFTER
+    from sinks.http import HttpSink
+
+    tried: dict[str, int] = {}
+    slow = {"on": True}
+
+    async def sessions(request: web.Request) -> web.Response:
+        doc = await request.json()
+        tried[doc["_id"]] = tried.get(doc["_id"], 0) + 1
+        if slow["on"] and len(doc["events"]) > 50:
+            await asyncio.sleep(1.0)  # past the sink's timeout
+        return web.json_response({}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/sessions", sessions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                    "backoff_base_seconds": 0.5})
+        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", timeout_seconds=0.2))
+        e = await engines.open(config, sink, monotonic=fake_monotonic)
+        src = Source(user="a", role="user")
+        big = await e.start_session("a", "user", src, 3600)
+        for _ in range(60):
+            await e.record(big.session_id, Draft("document.list"))
+        await e.end_session(big.session_id, src)
+        small = []
+        for _ in range(5):
+            s = await e.start_session("b", "user", src, 3600)
+            await e.end_session(s.session_id, src)
+            small.append(f"{s.session_id}:0")
+        for _ in range(DEFER_AFTER + len(small)):
+            fake_monotonic.advance(await e.flusher.step() or 0)
+        assert tried[f"{big.session_id}:0"] == DEFER_AFTER
+        assert all(tried.get(k) == 1 for k in small), tried
+        status = await e.status()
+        assert status["pending_parts"] == 1 and status["dead_letter"] == 0
+        attempts, error = await e.spool.read(lambda c: c.execute(
+            "SELECT attempts, last_error FROM parts WHERE session_id = ?",
+            (big.session_id,)).fetchone())
+        assert attempts == DEFER_AFTER and "no answer within" in error
+        # Only the deferred part is pending: the flusher waits for it, then retries.
+        delay = await e.flusher.step()
+        assert delay is not None and delay > 0
+        slow["on"] = False
+        fake_monotonic.advance(delay)
+        assert await e.flusher.step() == 0.0
+        assert (await e.status())["pending_parts"] == 0
+        assert tried[f"{big.session_id}:0"] == DEFER_AFTER + 1
+    finally:
+        await runner.cleanup()

@@ -161,6 +161,32 @@ async def test_status_mapping(
     assert receiver.parts == {} and receiver.security_events == {}
 
 
+@pytest.mark.parametrize("dup_status", [200, 409])
+async def test_a_409_naming_another_hash_is_a_conflict(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]], dup_status: int
+) -> None:
+    """A receiver that answers every duplicate _id with 409 (API.md's words)
+    can still tell a conflict apart by sending the stored part's hash back."""
+    receiver, url = await start_receiver(conflict_status=409, dup_status=dup_status)
+    sink = await make_sink(url)
+    await sink.write_part(sample_part("s1"))
+    await sink.write_part(sample_part("s1"))  # the same part again: stored
+    with pytest.raises(SinkConflict) as info:
+        await sink.write_part(sample_part("s1", salt="other"))
+    assert "HTTP 409" in str(info.value) and "another hash" in str(info.value)
+    assert receiver.parts["s1:0"]["hash"] == sample_part("s1")["hash"]
+
+
+async def test_a_409_without_a_hash_is_stored(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    receiver, url = await start_receiver()
+    sink = await make_sink(url)
+    await sink.write_part(sample_part("s1"))
+    receiver.script(Fault(409))  # {"error": ...}: no hash to compare
+    await sink.write_part(sample_part("s1", salt="other"))
+
+
 async def test_redirect_is_retried_and_names_the_target_without_secrets(
     start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
 ) -> None:
