@@ -40,6 +40,20 @@ async def _ai_events(api: Api, sid: str) -> list[dict[str, Any]]:
     return [e for e in await api.events(sid) if e["action"] == "ai.interaction"]
 
 
+async def _failed_chat(api: Api, status: int, code: str) -> tuple[Any, dict[str, Any]]:
+    """alice asks about her document and gets ``status`` ``code``: the error
+    body and the one ``ai.interaction`` (a failure) recorded for it."""
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hello?"},
+                                 headers=alice.headers)
+    body = await expect_error(resp, status, code)
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["outcome"] == "failure"
+    assert ev["details"]["prompt"]["sha256"] == sha("hello?")
+    return body, ev
+
+
 async def test_extractive_reply_and_event_without_texts(api: Api) -> None:
     alice = await api.user("alice")
     doc = await api.create_doc(alice, title="Reactor", content=DOC)
@@ -124,16 +138,9 @@ async def test_failing_provider_gives_502_and_a_failure_event(
         stub.mode = "ok" if mode == "bad_key" else mode
     api = await make_api(ai={"provider": "openai", "openai": {
         "base_url": base_url, "api_key_env": "TEST_OPENAI_KEY", "timeout_seconds": 0.5}})
-    alice = await api.user("alice")
-    doc = await api.create_doc(alice, content=DOC)
-    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hello?"},
-                                 headers=alice.headers)
-    body = await expect_error(resp, 502, "ai_unavailable")
+    body, ev = await _failed_chat(api, 502, "ai_unavailable")
     assert "127.0.0.1" not in json.dumps(body)
-    (ev,) = await _ai_events(api, alice.session_id)
-    assert ev["outcome"] == "failure"
     assert ev["details"]["reason"] == "ai_unavailable"
-    assert ev["details"]["prompt"]["sha256"] == sha("hello?")
     assert "latency_ms" in ev["details"]
     if mode == "slow":
         assert ev["details"]["latency_ms"] >= 400
@@ -165,13 +172,8 @@ async def test_an_odd_completion_is_a_failing_provider(
 ) -> None:
     stub.mode, stub.raw_body = "raw", body
     api = await raw_stub_api(make_api, stub, monkeypatch)
-    alice = await api.user("alice")
-    doc = await api.create_doc(alice, content=DOC)
-    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hello?"},
-                                 headers=alice.headers)
-    await expect_error(resp, 502, "ai_unavailable")
-    (ev,) = await _ai_events(api, alice.session_id)
-    assert ev["outcome"] == "failure" and ev["details"]["reason"] == "ai_unavailable"
+    _, ev = await _failed_chat(api, 502, "ai_unavailable")
+    assert ev["details"]["reason"] == "ai_unavailable"
     assert ev["details"]["error"] == "provider answered an unexpected body"
 
 
@@ -191,15 +193,9 @@ async def test_a_provider_that_fails_oddly_still_leaves_its_record(
         raise RuntimeError("a provider bug")
 
     monkeypatch.setattr(api.app[AI], "answer", broken)
-    alice = await api.user("alice")
-    doc = await api.create_doc(alice, content=DOC)
-    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hello?"},
-                                 headers=alice.headers)
-    body = await expect_error(resp, 500, "internal_error")
+    body, ev = await _failed_chat(api, 500, "internal_error")
     assert "provider bug" not in json.dumps(body)
-    (ev,) = await _ai_events(api, alice.session_id)
-    assert ev["outcome"] == "failure" and ev["details"]["reason"] == "internal_error"
-    assert ev["details"]["prompt"]["sha256"] == sha("hello?")
+    assert ev["details"]["reason"] == "internal_error"
 
 
 async def test_a_long_model_name_is_cut(
