@@ -734,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         where = (f" (in {config.data_dir})" if config is not None
                  and isinstance(exc, sqlite3.Error) and not isinstance(exc, SpoolUnavailable)
                  else "")
-        print(f"session-audit: {command}: {exc}{where}", file=sys.stderr)
+        print(f"session-audit: {command}: {exc}{where}"
+              " (SESSION_AUDIT_LOG_LEVEL=debug logs where it happened)", file=sys.stderr)
         return 1
 
 

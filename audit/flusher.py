@@ -42,11 +42,12 @@ IDLE_RECHECK_SECONDS = 5.0
 # poison document cannot block everything queued behind it forever.
 UNEXPECTED_LIMIT = 5
 # A part that fails this many times in a row with a retryable error (a
-# timeout, a 5xx) while the sink is otherwise up lets later parts go first:
-# it is tried again after a pause of its own, doubling each time (bounded by
-# flush.backoff_max_seconds). One part the receiver cannot take in time must
-# not stop every part behind it. Rate limits pause everything instead.
+# timeout, a 5xx) lets later parts go first: it is tried again after a pause
+# of its own, doubling each time up to DEFER_MAX_SECONDS, and put aside again
+# after a single failure. One part the receiver cannot take in time must not
+# stop every part behind it. Rate limits pause everything instead.
 DEFER_AFTER = 3
+DEFER_MAX_SECONDS = 900.0
 DEFERRED_MAX = 1000  # parts remembered as deferred (the oldest are forgotten)
 # With audit.keep_stored_seconds, acknowledged parts past their keep time are
 # deleted whenever nothing is pending, and at most this long apart otherwise.
@@ -86,7 +87,6 @@ class Flusher:
         self._unexpected: tuple[str, int] = ("", 0)  # (_id, consecutive count)
         self._purge_due = 0.0  # (clock) the next purge while parts are pending
         self._defer_base = config.backoff_base_seconds
-        self._defer_max = config.backoff_max_seconds
         self._failing: tuple[str, int] = ("", 0)  # (_id, consecutive retryable failures)
         # (session_id, part) -> (clock before which it waits, times deferred)
         self._deferred: dict[tuple[str, int], tuple[float, int]] = {}
@@ -203,8 +203,12 @@ class Flusher:
             self._purge_due = self.clock() + PURGE_EVERY_SECONDS
             await self._purge()
         if part is None:
-            if skip:  # only deferred parts are pending: the first is due then
-                return max(0.0, min(self._deferred[k][0] for k in skip) - now)
+            if skip:  # only parts put aside may be pending: the first is due then
+                pending = await self.spool.read(lambda c: queries.still_pending(c, skip))
+                for gone in skip - pending:  # stored or dead-lettered by another process
+                    self._deferred.pop(gone, None)
+                if pending:
+                    return max(0.0, min(self._deferred[k][0] for k in pending) - now)
             return None
         wait = self.bucket.delay()
         if wait > 0:
@@ -288,20 +292,21 @@ class Flusher:
         first for a while (see there)."""
         await self.spool.submit(
             lambda w: w.mark_part_failed(sid, part, error, dead=False), needs_space=False)
+        key = (sid, part)
         last, count = self._failing
         count = count + 1 if last == doc_id else 1
         self._failing = (doc_id, count)
-        if count < DEFER_AFTER:
+        times = self._deferred.get(key, (0.0, 0))[1]
+        if count < (1 if times else DEFER_AFTER):  # put aside before: again at once
             return
         self._failing = ("", 0)
-        key = (sid, part)
-        times = self._deferred.pop(key, (0.0, 0))[1] + 1
-        wait = min(self._defer_max, self._defer_base * 2 ** (DEFER_AFTER + times))
-        self._deferred[key] = (self.clock() + wait, times)
+        self._deferred.pop(key, None)  # re-inserted last: the oldest are forgotten first
+        wait = min(DEFER_MAX_SECONDS, self._defer_base * 2 ** (DEFER_AFTER + times))
+        self._deferred[key] = (self.clock() + wait, times + 1)
         while len(self._deferred) > DEFERRED_MAX:
             del self._deferred[next(iter(self._deferred))]
-        log.warning("part %s failed %d times in a row; later parts go first, it is tried"
-                    " again in %.0f s", doc_id, DEFER_AFTER, wait)
+        log.warning("part %s keeps failing; later parts go first, it is tried again in"
+                    " %.0f s", doc_id, wait)
 
     async def _purge(self) -> None:
         cutoff = self.spool.clock() - self.keep  # the clock that stamped stored_ts

@@ -57,6 +57,15 @@ def next_pending_part(
     return None
 
 
+def still_pending(
+    conn: sqlite3.Connection, keys: Collection[tuple[str, int]]
+) -> set[tuple[str, int]]:
+    """Which of these ``(session_id, part)`` are still pending."""
+    return {key for key in keys if conn.execute(
+        "SELECT 1 FROM parts WHERE session_id = ? AND part = ? AND state = 'pending'",
+        key).fetchone()}
+
+
 def part_events(conn: sqlite3.Connection, meta: Row, raw: bool = False) -> list[Any]:
     """The part's events; ``meta`` as :func:`next_pending_part` gives it (with ``sk``).
 

@@ -37,15 +37,17 @@ class ApiError(Exception):
         code: str,
         message: str,
         headers: dict[str, str] | None = None,
-        *,
-        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
-        self.close = close  # the connection closes after the answer
+
+
+# Set on a request whose body could not be read: its connection closes after
+# the answer, whatever the answer (the HTTP parser cannot go on after it).
+CLOSE_AFTER = web.RequestKey("close_after", bool)
 
 
 def bad_request(message: str) -> ApiError:
@@ -99,8 +101,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = await handler(request)
     except ApiError as exc:
         resp = error_response(request, exc.status, exc.code, exc.message, exc.headers)
-        if exc.close:
-            resp.force_close()
     except AuthError as exc:
         resp = error_response(request, exc.status, exc.code, exc.message)
     except (SpoolFull, SpoolUnavailable, SpoolClosed) as exc:
@@ -129,4 +129,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                       request.path)
         resp = error_response(request, 500, "internal_error", "internal server error")
     resp.headers["X-Request-ID"] = request[REQUEST_ID]
+    if request.get(CLOSE_AFTER):
+        resp.force_close()
     return resp

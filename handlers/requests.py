@@ -12,7 +12,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from audit.events import Draft
 
-from .errors import ApiError, bad_request
+from .errors import CLOSE_AFTER, ApiError, bad_request
 from .keys import CTX, ENGINE
 
 T = TypeVar("T")
@@ -43,8 +43,9 @@ async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes
         # (aiohttp would otherwise read it again after the answer, and log
         # that failure), and the connection closes after the answer.
         request.content.feed_eof()
-        raise ApiError(400, "invalid_request", "the request body could not be read (is its"
-                       " Content-Encoding right?)", close=True) from None
+        request[CLOSE_AFTER] = True
+        raise bad_request("the request body could not be read (is its Content-Encoding"
+                          " right?)") from None
     return bytes(body)
 
 
@@ -67,17 +68,24 @@ async def read_json(
         if allow_empty:
             return None
         raise ApiError(400, "invalid_json", "the body must be JSON")
+    # The checks for integers past 64 bits and NUL in keys run in the parser,
+    # and only for bodies where they can apply: 19 digits in a row somewhere,
+    # a \u0000 escape (JSON strings hold no raw NUL). The first look costs
+    # 15 ms for 8 MiB; the hooks up to 3-4 x the parse, for such bodies only.
+    hooks: dict[str, Any] = {}
     try:
         text = raw.decode("utf-8")
-        value = json.loads(text, parse_constant=_no_constants, parse_int=_int64)
+        if _DIGIT_RUN in raw.translate(_DIGITS_ONLY):
+            hooks["parse_int"] = _int64
+        if "\\u0000" in text:
+            hooks["object_pairs_hook"] = _no_nul_keys
+        value = json.loads(text, parse_constant=_no_constants, **hooks)
     except _OutOfRange:
         raise bad_request("integers must fit in 64 bits") from None
+    except _NulKey:
+        raise bad_request("object keys must not contain NUL characters") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    # A NUL in a key can only be written \u0000 (JSON strings hold no raw
-    # control characters): the walk runs only for bodies that contain one.
-    if "\\u0000" in text and _nul_key(value):
-        raise bad_request("object keys must not contain NUL characters")
     try:
         json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -109,18 +117,20 @@ def _int64(digits: str) -> int:
     return n
 
 
-def _nul_key(value: Any) -> bool:
-    """Whether an object anywhere in ``value`` has a key containing NUL."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            if any("\x00" in k for k in v):
-                return True
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-    return False
+# Every digit becomes "9", every other byte " ": 19 digits in a row is a find.
+_DIGITS_ONLY = bytes(0x39 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_DIGIT_RUN = b"9" * 19
+
+
+class _NulKey(Exception):
+    pass
+
+
+def _no_nul_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    for key, _ in pairs:
+        if "\x00" in key:
+            raise _NulKey
+    return dict(pairs)
 
 
 def json_object(value: Any) -> dict[str, Any]:

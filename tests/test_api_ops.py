@@ -45,6 +45,25 @@ async def _fill(api: Api, who: Login) -> None:
     assert api.engine.spool.full
 
 
+async def test_a_body_that_does_not_decode_closes_the_connection(make_api: MakeApi) -> None:
+    """After a body that does not decode, aiohttp's parser cannot read the
+    connection's next request: whatever the answer (400 if its record is
+    taken, 503 if the spool is full), the connection closes after it."""
+    api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
+    alice = await api.user("alice")
+    garbage = {"Content-Encoding": "gzip", "Content-Type": "application/json",
+               **alice.headers}
+    for status in (400, 503):
+        if status == 503:
+            await _fill(api, alice)
+        resp = await api.client.post("/documents", data=b"\x1f\x8b junk", headers=garbage)
+        assert resp.status == status, await resp.text()
+        assert resp.headers.get("Connection", "").lower() == "close"
+    resp = await api.client.get("/me", headers=alice.headers)  # a new connection
+    assert resp.status == 200
+    assert resp.headers.get("Connection", "").lower() != "close"
+
+
 async def test_spool_full_refuses_audited_actions(make_api: MakeApi) -> None:
     api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
     alice = await api.user("alice")

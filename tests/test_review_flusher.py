@@ -205,13 +205,45 @@ async def test_a_part_that_keeps_timing_out_lets_later_parts_go_first(
             "SELECT attempts, last_error FROM parts WHERE session_id = ?",
             (big.session_id,)).fetchone())
         assert attempts == DEFER_AFTER and "no answer within" in error
-        # Only the deferred part is pending: the flusher waits for it, then retries.
+        # Only the part put aside is pending: the flusher waits for it, then retries;
+        # one more failure puts it aside again at once, for longer.
         delay = await e.flusher.step()
         assert delay is not None and delay > 0
-        slow["on"] = False
         fake_monotonic.advance(delay)
+        assert await e.flusher.step() > 0  # the retry times out: the global backoff
+        assert tried[f"{big.session_id}:0"] == DEFER_AFTER + 1
+        fake_monotonic.advance(1)  # past the global backoff, not past its own pause
+        longer = await e.flusher.step()
+        assert longer is not None and longer > delay  # about 7 s of 8 left, against 4
+        assert tried[f"{big.session_id}:0"] == DEFER_AFTER + 1
+        slow["on"] = False
+        fake_monotonic.advance(longer)
         assert await e.flusher.step() == 0.0
         assert (await e.status())["pending_parts"] == 0
-        assert tried[f"{big.session_id}:0"] == DEFER_AFTER + 1
+        assert tried[f"{big.session_id}:0"] == DEFER_AFTER + 2
+        assert await e.flusher.step() is None  # idle: nothing put aside is left
     finally:
         await runner.cleanup()
+
+
+async def test_a_part_put_aside_and_stored_by_another_process_is_forgotten(
+    make_config, engines, fake_monotonic
+):
+    """drain beside the server may store a part this flusher put aside: once
+    nothing else is pending, it goes idle instead of waiting for that part."""
+    from audit import flusher as flusher_module
+
+    config = make_config()
+    e = await engines.open(config, monotonic=fake_monotonic)
+    src = Source(user="a", role="user")
+    s = await e.start_session("a", "user", src, 3600)
+    await e.end_session(s.session_id, src)
+    e.flusher._deferred[(s.session_id, 0)] = (fake_monotonic() + 600, 1)
+    delay = await e.flusher.step()
+    assert delay is not None and delay > 500  # it waits for the part put aside
+    other = flusher_module.Flusher(e.spool, e.sink, config.flush)  # another process
+    other.sink_open = e.flusher.sink_open
+    assert await other.step() == 0.0
+    other.close()
+    assert await e.flusher.step() is None
+    assert e.flusher._deferred == {}
