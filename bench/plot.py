@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.ticker import FuncFormatter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -125,6 +126,7 @@ def panel_spool(ax: Axes, spool: dict[str, Any]) -> bool:
                     va="center", fontsize=7, xytext=(2, 0), textcoords="offset points")
     ax.axvline(50_000, color="red", ls="--", lw=1, label="target 50,000 events/s")
     ax.set_xlabel("events/s")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
     ax.set_title("Spool throughput (bench/results/spool.json)", fontsize=9)
     ax.tick_params(axis="y", labelsize=7)
     ax.legend(fontsize=7)
