@@ -178,14 +178,21 @@ class AuditEngine:
         return s
 
     def _end_reason(self, s: OpenSession, now: float) -> str | None:
+        ended = self._ended(s, now)
+        return ended[0] if ended is not None else None
+
+    def _ended(self, s: OpenSession, now: float) -> tuple[str, float] | None:
+        """The first deadline of the session that has passed by ``now``, as
+        (seal reason, when), or None. The first, not any: after downtime (or
+        a clock jump) a session that went idle, then expired, ended idle."""
         a = self.config.audit
-        if now >= s.expires_at:
-            return "token_expired"
-        if now - s.start_ts >= a.max_session_seconds:
-            return "max_duration"
-        if now - s.last_activity >= a.idle_timeout_seconds:
-            return "idle_timeout"
-        return None
+        deadlines = (
+            (s.expires_at, 0, "token_expired"),
+            (s.start_ts + a.max_session_seconds, 1, "max_duration"),
+            (s.last_activity + a.idle_timeout_seconds, 2, "idle_timeout"),
+        )
+        when, _, reason = min(deadlines)
+        return (reason, when) if when <= now else None
 
     def touch(self, session_id: str) -> None:
         """Count a request that records no event as activity (memory only)."""
@@ -350,12 +357,14 @@ class AuditEngine:
         now = self.clock()
         futs = []
         for s in self.spool.open_sessions():
-            reason = self._end_reason(s, now)
+            ended = self._ended(s, now)
             sid = s.session_id
-            if reason is not None:
+            if ended is not None:
+                reason, when = ended
                 src = Source(user=s.user, role=s.role)
                 end = Draft("session.end", source=src, details={"reason": reason})
-                futs.append(self.spool.submit_nowait(_sealer(sid, reason, end), needs_space=False))
+                futs.append(self.spool.submit_nowait(_sealer(sid, reason, end, when),
+                                                     needs_space=False))
             elif (
                 s.uncut_first_ts is not None
                 and now - s.uncut_first_ts >= self.config.audit.checkpoint_seconds
@@ -440,8 +449,10 @@ class AuditEngine:
         }
 
 
-def _sealer(session_id: str, reason: str, end: Draft) -> Callable[[Writer], OpenSession]:
-    return lambda w: w.seal(session_id, reason, end)
+def _sealer(
+    session_id: str, reason: str, end: Draft, when: float
+) -> Callable[[Writer], OpenSession]:
+    return lambda w: w.seal(session_id, reason, end, at=when)
 
 
 def _checkpointer(session_id: str) -> Callable[[Writer], bool]:

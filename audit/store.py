@@ -231,11 +231,13 @@ def _keys_mark(conn: sqlite3.Connection) -> int:
 
 
 class SessionNotOpen(Exception):
-    """The session is sealed, unknown or was never started."""
+    """The session is sealed, unknown or was never started. ``recorded``: the
+    raiser has recorded the attempt already (else the HTTP layer does)."""
 
-    def __init__(self, session_id: str | None) -> None:
+    def __init__(self, session_id: str | None, *, recorded: bool = False) -> None:
         super().__init__(f"session {session_id} is not open")
         self.session_id = session_id
+        self.recorded = recorded
 
 
 class ActionError(Exception):
@@ -822,10 +824,17 @@ class Writer:
         self._cut(s, final=False, reason="checkpoint", end_ts=None)
         return True
 
-    def seal(self, session_id: str, reason: str, end: Draft) -> OpenSession:
-        """Record ``session.end`` and cut the final part; the session closes."""
+    def seal(
+        self, session_id: str, reason: str, end: Draft, at: float | None = None
+    ) -> OpenSession:
+        """Record ``session.end`` and cut the final part; the session closes.
+
+        It ends now, or ``at`` (the deadline that ended it, which the reaper
+        may see late: after downtime, a paused VM) but never before its last
+        activity, so that times in its chain do not go backwards.
+        """
         s = self.session(session_id)
-        now = self.clock()
+        now = self.clock() if at is None else max(at, s.last_activity)
         self.append(session_id, end, now)  # at the session's end time: verify compares the two
         self._touch(s)
         self._cut(s, final=True, reason=reason, end_ts=now)

@@ -88,7 +88,7 @@ def audited(handler: Handler) -> Handler:
         try:
             resp = await handler(request)
         except SessionNotOpen:
-            raise  # the session ended meanwhile: nowhere to record it
+            raise  # ended meanwhile: error_middleware records auth.session_ended
         except ApiError as err:  # bad parameters, not found, sink unavailable
             draft.outcome = "failure"
             draft.details = {**details, "reason": err.code}

@@ -79,7 +79,7 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
                   source=draft.source, details={"reason": "session_ended",
                                                 "action": draft.action}),
             ctx.session_id)
-        raise SessionNotOpen(ctx.session_id)
+        raise SessionNotOpen(ctx.session_id, recorded=True)
     try:
         row = await engine.spool.read(lambda c: _visible(c, ctx, doc_id))
     except ActionError as err:
@@ -139,13 +139,14 @@ async def _record_asked(engine: AuditEngine, session_id: str, draft: Draft) -> N
     ``"fast"`` a session ended meanwhile would go unnoticed."""
     try:
         await engine.record(session_id, draft, needs_space=False, durable=True)
-    except SessionNotOpen:
+    except SessionNotOpen as exc:
         ended = Draft(
             "auth.session_ended", outcome="failure", target=draft.target, source=draft.source,
             details={"reason": "session_ended_during_action", "action": draft.action,
                      "action_outcome": draft.outcome, "action_details": draft.details},
         )
         await engine.record_security(ended, session_id, happened=True)
+        exc.recorded = True
         raise
 
 

@@ -16,12 +16,12 @@ from typing import Any
 
 from aiohttp import web
 
-from audit.events import new_id
+from audit.events import Draft, new_id
 from audit.middleware import AuthError
 from audit.spool import SpoolClosed, SpoolFull, SpoolUnavailable
 from audit.store import SessionNotOpen
 
-from .keys import REQUEST_ID
+from .keys import CTX, ENGINE, REQUEST_ID
 
 log = logging.getLogger("session_audit.http")
 
@@ -94,6 +94,23 @@ _HTTP_CODES = {
 }
 
 
+async def _session_ended(request: web.Request, exc: SessionNotOpen) -> web.Response:
+    ctx = request.get(CTX)
+    if ctx is not None and not exc.recorded:
+        draft = Draft("auth.session_ended", outcome="denied", source=ctx.source(),
+                      details={"reason": "session_ended_during_action",
+                               "method": request.method, "path": request.path[:256]})
+        try:
+            await request.app[ENGINE].record_security(draft, ctx.session_id)
+        except (SpoolFull, SpoolUnavailable, SpoolClosed) as err:
+            log.warning("audit unavailable rid=%s: %s", request[REQUEST_ID], err)
+            return error_response(
+                request, 503, "audit_unavailable",
+                "the audit trail cannot record this action now; nothing was done",
+                {"Retry-After": "5"})
+    return error_response(request, 401, "session_ended", "the session has ended")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = request_id_of(request)
@@ -110,8 +127,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "the audit trail cannot record this action now; nothing was done",
             {"Retry-After": "5"},
         )
-    except SessionNotOpen:
-        resp = error_response(request, 401, "session_ended", "the session has ended")
+    except SessionNotOpen as exc:
+        # It ended (logout elsewhere, the reaper, passwd or disable) after the
+        # request was let in: 401, recorded like the middleware's.
+        resp = await _session_ended(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -23,6 +23,7 @@ from api_fixtures import (
 
 import server
 from audit.config import ConfigError, parse_config
+from audit.events import Source
 
 __all__ = ["api", "make_api"]
 
@@ -562,3 +563,33 @@ def test_ipv4_mapped_proxy_ranges_and_addresses() -> None:
     assert ip("::ffff:10.1.2.3", "203.0.113.7") == "203.0.113.7"
     assert ip("10.1.2.3", "203.0.113.7:5555") == "203.0.113.7"
     assert ip("::ffff:198.51.100.1", "203.0.113.7") == "198.51.100.1"  # not a proxy
+
+
+async def test_a_request_whose_session_ends_on_the_way_is_recorded(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session ends (the reaper, a logout elsewhere, passwd or disable)
+    after the middleware let the request in, before its record: 401
+    session_ended, recorded as auth.session_ended like the middleware's, and
+    the action does not happen."""
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice)
+    engine = api.engine
+    real = engine.record
+
+    async def racing(session_id: str, draft: Any, *args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(engine, "record", real)
+        await engine.end_session(session_id, Source(user="alice", role="user"), "idle_timeout")
+        return await real(session_id, draft, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "record", racing)
+    resp = await api.client.delete(f"/documents/{doc['id']}", headers=alice.headers)
+    await expect_error(resp, 401, "session_ended")
+    (ev,) = await api.wait_security("auth.session_ended")
+    assert ev["session_id"] == alice.session_id and ev["actor"]["user"] == "alice"
+    assert ev["details"] == {"reason": "session_ended_during_action", "method": "DELETE",
+                             "path": f"/documents/{doc['id']}"}
+    assert "document.delete" not in await api.actions(alice.session_id)
+    again = await api.login("alice")
+    resp = await api.client.get(f"/documents/{doc['id']}", headers=again.headers)
+    assert resp.status == 200  # not deleted

@@ -1,0 +1,85 @@
+"""A session ends at its first deadline, with that deadline's reason and time,
+even when the reaper sees it late: after downtime, a paused VM, a clock jump.
+Real spool and sink files; the clocks are the test's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from audit.events import Draft, Source, parse_ts
+from audit.verify import verify_sink
+
+SRC = Source(user="alice", role="user")
+FAST = {"max_writes_per_second": 1000.0, "burst": 1000}
+
+
+async def stored_part(engines: Any, engine: Any, session_id: str) -> dict[str, Any]:
+    await engines.drain(engine)
+    (part,) = await engine.sink.get_session_parts(session_id)
+    return part
+
+
+@pytest.mark.parametrize(
+    ("ttl", "idle", "max_len", "reason", "ends_after"),
+    [
+        (3600, 1800, 43200, "idle_timeout", 60 + 1800),  # idle first, then the token expired
+        (600, 1800, 43200, "token_expired", 600),
+        (3600, 1800, 300, "max_duration", 300),
+        (1860, 1800, 43200, "token_expired", 1860),  # a tie: the order of old
+    ],
+)
+async def test_after_downtime_the_first_deadline_ends_the_session(
+    make_config, engines, fake_clock, audit_key, ttl, idle, max_len, reason, ends_after
+):
+    config = make_config(audit={"idle_timeout_seconds": idle, "max_session_seconds": max_len},
+                         flush=FAST)
+    first = await engines.open(config, clock=fake_clock)
+    s = await first.start_session("alice", "user", SRC, ttl)
+    fake_clock.advance(60)
+    await first.record(s.session_id, Draft("document.list"))
+    await first.close()
+    fake_clock.advance(3 * 86400)  # a weekend down
+
+    second = await engines.open(config, clock=fake_clock)
+    assert await second.reap_once() == 1
+    part = await stored_part(engines, second, s.session_id)
+    assert part["seal_reason"] == reason
+    ended = parse_ts(part["session_end_time"]) - parse_ts(part["session_start_time"])
+    assert ended == pytest.approx(ends_after, abs=0.002)
+    assert part["session_duration_seconds"] == pytest.approx(ends_after, abs=0.002)
+    end = part["events"][-1]
+    assert end["action"] == "session.end" and end["details"] == {"reason": reason}
+    assert end["ts"] == part["session_end_time"]
+    report = await verify_sink(second.sink, audit_key)
+    assert report.ok, report.problems
+
+
+async def test_an_event_past_the_deadline_moves_the_end_after_it(
+    make_config, engines, fake_clock
+):
+    """A request let in just before the token expired may commit just after:
+    the session then ends at that event, not before it (times in a chain do
+    not go backwards)."""
+    config = make_config(flush=FAST)
+    e = await engines.open(config, clock=fake_clock)
+    s = await e.start_session("alice", "user", SRC, 100)
+    fake_clock.advance(100.5)  # past expiry; the record below was let in before it
+    await e.record(s.session_id, Draft("document.list"))
+    fake_clock.advance(30)
+    assert await e.reap_once() == 1
+    part = await stored_part(engines, e, s.session_id)
+    assert part["seal_reason"] == "token_expired"
+    *_, last, end = part["events"]
+    assert last["action"] == "document.list"
+    assert end["ts"] == last["ts"] == part["session_end_time"]
+
+
+async def test_logout_ends_the_session_now(make_config, engines, fake_clock):
+    e = await engines.open(make_config(flush=FAST), clock=fake_clock)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    fake_clock.advance(42)
+    await e.end_session(s.session_id, SRC)
+    part = await stored_part(engines, e, s.session_id)
+    assert part["seal_reason"] == "logout" and part["session_duration_seconds"] == 42
