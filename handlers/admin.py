@@ -284,6 +284,9 @@ async def get_session(request: web.Request) -> web.Response:
     else:
         summary = summarize_parts(parts)
     summary["events"] = [events[k] for k in sorted(events)]
+    # Behind a sink that cannot be queried (http), the parts already sent are
+    # gone from here: say so rather than pass a partial list off as whole.
+    summary["events_complete"] = len(events) >= summary["event_count"]
     return json_response(summary)
 
 

@@ -139,7 +139,8 @@ async def test_sessions_states_open_pending_stored(make_api: MakeApi) -> None:
     # Details of each, events in seq order.
     for who, n in ((stored, 3), (pending, 3), (still_open, 2)):
         detail = await _get(api, admin, f"/audit/sessions/{who.session_id}")
-        assert set(detail) == SUMMARY_KEYS | {"events"}
+        assert set(detail) == SUMMARY_KEYS | {"events", "events_complete"}
+        assert detail["events_complete"] is True
         assert [e["seq"] for e in detail["events"]] == list(range(1, n + 1))
         assert all(set(e) == EVENT_KEYS for e in detail["events"])
     status = await _get(api, admin, "/audit/status")

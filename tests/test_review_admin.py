@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from api_fixtures import MakeApi, make_api, session_with_checkpoints_in_sink
 
-from sinks.base import SinkUnavailable
+from sinks.base import QueryNotSupported, SinkUnavailable
 
 __all__ = ["make_api"]
 
@@ -25,3 +25,26 @@ async def test_get_session_is_503_not_partial_when_the_sink_fails(make_api: Make
     assert body["error"]["code"] == "sink_unavailable"
     assert "locked" not in body["error"]["message"]  # the sink's own words stay in the log
     assert r.headers["Retry-After"] == "5"
+
+
+async def test_get_session_says_when_a_sink_that_cannot_be_queried_holds_part_of_it(
+    make_api: MakeApi,
+) -> None:
+    """Behind the http sink the checkpoint parts already sent cannot be read
+    back: the answer has the rest and says it is not complete."""
+    api, admin, alice = await session_with_checkpoints_in_sink(make_api)
+
+    async def not_queryable(session_id: str) -> list:
+        raise QueryNotSupported("the http sink cannot be queried")
+
+    r = await api.client.get(f"/audit/sessions/{alice.session_id}", headers=admin.headers)
+    whole = await r.json()
+    assert r.status == 200 and whole["events_complete"] is True
+    assert len(whole["events"]) == whole["event_count"]
+    api.engine.sink.get_session_parts = not_queryable  # type: ignore[method-assign]
+    r = await api.client.get(f"/audit/sessions/{alice.session_id}", headers=admin.headers)
+    body = await r.json()
+    assert r.status == 200 and body["events_complete"] is False
+    assert body["event_count"] == whole["event_count"] > len(body["events"]) > 0
+    assert [e["seq"] for e in body["events"]] == [e["seq"] for e in whole["events"]][
+        -len(body["events"]):]
