@@ -607,7 +607,10 @@ async def _verify(config: Config) -> int:
     sink = create_sink(config)
     try:
         await sink.open()
-        report = await verify_sink(sink, key, anchor)
+        # A session lasts at most max_session_seconds; a day more for a reaper
+        # that was down, or a final part waiting for a sink that was.
+        report = await verify_sink(
+            sink, key, anchor, overdue_after=config.audit.max_session_seconds + 86400)
     except QueryNotSupported:
         print(f"verify: the {config.sink.type} sink cannot be read back; verify the"
               " receiver's copy with audit.verify.check_session", file=sys.stderr)

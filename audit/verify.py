@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +179,9 @@ class SpoolAnchor:
 
     head: str
     first_unsent: dict[str, Any] | None
+    # Sessions still open in the spool, or with parts the sink has not taken
+    # (pending, dead): their final part may rightly be missing from the sink.
+    unfinished: frozenset[str] = frozenset()
 
 
 def spool_anchor(conn: sqlite3.Connection, key: bytes) -> SpoolAnchor:
@@ -185,16 +189,47 @@ def spool_anchor(conn: sqlite3.Connection, key: bytes) -> SpoolAnchor:
     first = conn.execute(
         "SELECT json FROM security_events WHERE state != 'stored' ORDER BY id LIMIT 1"
     ).fetchone()
+    unfinished = frozenset(r[0] for r in conn.execute(
+        "SELECT session_id FROM sessions WHERE state = 'open'"
+        " UNION SELECT session_id FROM parts WHERE state != 'stored'"))
     return SpoolAnchor(row[0] if row else genesis(key, SECURITY_STREAM),
-                       json.loads(first[0]) if first else None)
+                       json.loads(first[0]) if first else None, unfinished)
 
 
-async def verify_sink(sink: Sink, key: bytes, anchor: SpoolAnchor | None = None) -> Report:
+def _overdue(session_id: str, parts: list[Any], anchor: SpoolAnchor | None,
+             overdue_after: float | None, now: float) -> Problem | None:
+    """A session without a final part that cannot still be open: it started
+    longer ago than any session may last, and this server's spool does not
+    hold it. Its final part (and the events in it) was removed, or is still
+    waiting in another server's spool."""
+    if overdue_after is None or any(_obj(p).get("final") is True for p in parts):
+        return None
+    if anchor is not None and session_id in anchor.unfinished:
+        return None
+    starts = [t for t in (_seconds(_obj(p).get("session_start_time")) for p in parts)
+              if t is not None]
+    if not starts or now - min(starts) <= overdue_after:
+        return None
+    return Problem(session_id, "missing_part",
+                   f"no final part, and the session started {now - min(starts):.0f} s ago,"
+                   f" longer than any session lasts ({overdue_after:.0f} s with the margin):"
+                   " its final part was removed, or waits in another server's spool")
+
+
+async def verify_sink(
+    sink: Sink, key: bytes, anchor: SpoolAnchor | None = None,
+    *, overdue_after: float | None = None, now: float | None = None,
+) -> Report:
     """Every session's chain and parts, and the security events' chains; with
     ``anchor`` (this server's spool), also that the sink holds this server's
     security chain up to where the spool has it (its newest events were not
-    removed)."""
+    removed). With ``overdue_after`` (seconds: max_session_seconds and a
+    margin), a session without a final part that started longer ago than
+    that, and is not in the anchor's spool, is reported (:func:`_overdue`).
+    Copies of a stored ``_id`` with another hash that the sink keeps beside
+    the first (:meth:`Sink.conflicting_copies`) are reported as changed."""
     report = Report()
+    now = time.time() if now is None else now
     try:
         async for sid in sink.session_ids():
             report.sessions += 1
@@ -204,6 +239,9 @@ async def verify_sink(sink: Sink, key: bytes, anchor: SpoolAnchor | None = None)
                 report.events += sum(len(p["events"]) for p in parts if isinstance(p, dict)
                                      and isinstance(p.get("events"), list))
                 report.problems.extend(check_session(key, sid, parts))
+                overdue = _overdue(sid, parts, anchor, overdue_after, now)
+                if overdue is not None:
+                    report.problems.append(overdue)
             except SinkError:
                 raise
             except Exception as exc:  # a document too odd to follow is a finding
@@ -216,6 +254,11 @@ async def verify_sink(sink: Sink, key: bytes, anchor: SpoolAnchor | None = None)
         report.problems.append(Problem(
             "", "bad_part", f"the sink's sessions cannot be listed to the end"
             f" ({type(exc).__name__})"))
+    for doc_id, kind, where in sink.conflicting_copies():
+        sid = doc_id.rpartition(":")[0] if kind == "part" else ""
+        report.problems.append(Problem(
+            sid, "changed", f"{kind} {doc_id}: another copy with another hash at {where}"
+            " (the first copy is the one checked)"))
     await check_security_stream(sink, key, report, anchor)
     return report
 

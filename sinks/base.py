@@ -179,6 +179,12 @@ class Sink(ABC):
         """Every stored part of one session, by ``part``; ``[]`` if none."""
         raise QueryNotSupported(f"the {self.type} sink cannot be queried")
 
+    def conflicting_copies(self) -> list[tuple[str, str, str]]:
+        """Documents stored twice under one ``_id`` with different hashes, that
+        the sink keeps both of (an append-only file can): ``(_id, "part" or
+        "security event", where)``. For ``verify``; most sinks refuse them."""
+        return []
+
     async def session_ids(self) -> AsyncIterator[str]:
         """Every session the sink holds any part of, once each (for verify).
 

@@ -191,6 +191,8 @@ class _Index:
         self.synced: dict[str, int] = {}  # file name -> bytes known fsynced
         self.sessions: dict[str, _Session] = {}
         self.events: list[tuple[Any, Any, Any, int, int]] = []  # (ts, _id, action, file, offset)
+        # Later lines with a known _id and another hash: (_id, kind, file, offset).
+        self.conflicts: list[tuple[str, Any, int, int]] = []
 
     def number(self, name: str) -> int:
         no = self.numbers.get(name)
@@ -202,7 +204,10 @@ class _Index:
     def add(self, doc: Doc, kind: Any, no: int, offset: int) -> None:
         """Index one line (the first line with an ``_id`` wins, as in a reader)."""
         doc_id = str(doc["_id"])
-        if doc_id in self.ids:
+        known = self.ids.get(doc_id)
+        if known is not None:
+            if known != str(doc.get("hash")) and len(self.conflicts) < 10_000:
+                self.conflicts.append((doc_id, kind, no, offset))
             return
         self.ids[doc_id] = str(doc.get("hash"))
         if kind == PART:
@@ -683,6 +688,16 @@ class JsonlSink(Sink):
             return out
 
         return await self._run_query(query)
+
+    def conflicting_copies(self) -> list[tuple[str, str, str]]:
+        """Lines with a known ``_id`` and another hash, as of the last read
+        (appended by hand or by a tool: the sink itself never writes them)."""
+        index = self._index
+        if index is None:
+            return []
+        return [(doc_id, "part" if kind == PART else "security event",
+                 f"{index.names[no]}, byte {offset}")
+                for doc_id, kind, no, offset in index.conflicts]
 
     async def session_ids(self) -> AsyncIterator[str]:
         """Every session with any stored part (from the index; no file is read)."""

@@ -494,3 +494,72 @@ async def test_the_newest_security_events_cannot_go_missing_unseen(
     assert len(report.problems) == 1  # the gap the drop left, nothing more
     drop_newest_stored()
     assert len((await verified()).problems) == 2
+
+
+async def test_a_removed_final_part_is_found_once_the_session_cannot_be_open(
+    stored, audit_key
+):
+    """Without its final part a session looks open with checkpoint parts. Once
+    it started longer ago than any session lasts (max_session_seconds and a
+    margin), and the server's spool does not hold it, the missing end is a
+    finding."""
+    from audit.events import parse_ts
+    from audit.spool import connect
+    from audit.verify import SpoolAnchor, spool_anchor
+
+    config, sids = stored
+    delete_part(config, sids[0], 2)
+    sink = SqliteSink(config.sqlite_sink_path)
+    await sink.open()
+    try:
+        (first, *_) = await sink.get_session_parts(sids[1])
+        start = parse_ts(first["session_start_time"])
+        overdue = config.audit.max_session_seconds + 86400
+        with contextlib.closing(connect(config.spool_path, "normal", readonly=True)) as conn:
+            anchor = spool_anchor(conn, audit_key)
+        assert sids[0] not in anchor.unfinished  # stored: the spool no longer holds it
+        soon = await verify_sink(sink, audit_key, anchor, overdue_after=overdue,
+                                 now=start + 3600)
+        assert soon.ok, soon.problems  # it could still be open
+        late = await verify_sink(sink, audit_key, anchor, overdue_after=overdue,
+                                 now=start + overdue + 60)
+        assert [(p.session_id, p.kind) for p in late.problems] == [(sids[0], "missing_part")]
+        assert "no final part" in late.problems[0].detail
+        # Still open (or its final part pending) in the spool: not a finding.
+        held = SpoolAnchor(anchor.head, anchor.first_unsent, frozenset({sids[0]}))
+        assert (await verify_sink(sink, audit_key, held, overdue_after=overdue,
+                                  now=start + overdue + 60)).ok
+    finally:
+        await sink.close()
+
+
+async def test_a_second_jsonl_copy_with_another_hash_is_found(
+    make_config, engines, audit_key
+):
+    """An append-only file can hold a second line with a stored _id: readers
+    that keep the last one would see it instead of the original."""
+    from sinks.jsonl import JsonlSink
+
+    config = make_config(sink={"type": "jsonl"},
+                         flush={"max_writes_per_second": 1000.0, "burst": 100})
+    engine = await engines.open(config, JsonlSink(config.jsonl_dir))
+    src = Source(user="alice", role="user", ip="127.0.0.1")
+    s = await engine.start_session("alice", "user", src, 3600)
+    await engine.record(s.session_id, Draft("document.access"))
+    await engine.end_session(s.session_id, src)
+    await engines.drain(engine)
+    (path,) = config.jsonl_dir.glob("*.jsonl")
+    (line,) = [ln for ln in path.read_text().splitlines() if s.session_id in ln]
+    forged = json.loads(line)
+    forged["events"][2]["actor"]["user"] = "mallory"
+    forged["hash"] = "f" * 64
+    with path.open("a") as f:
+        f.write(json.dumps(forged) + "\n")
+    sink = JsonlSink(config.jsonl_dir)
+    await sink.open()
+    try:
+        report = await verify_sink(sink, audit_key)
+    finally:
+        await sink.close()
+    assert [(p.session_id, p.kind) for p in report.problems] == [(s.session_id, "changed")]
+    assert "another copy with another hash" in report.problems[0].detail
