@@ -178,10 +178,10 @@ class AuditEngine:
         return s
 
     def _end_reason(self, s: OpenSession, now: float) -> str | None:
-        ended = self._ended(s, now)
+        ended = self.ended(s, now)
         return ended[0] if ended is not None else None
 
-    def _ended(self, s: OpenSession, now: float) -> tuple[str, float] | None:
+    def ended(self, s: OpenSession, now: float) -> tuple[str, float] | None:
         """The first deadline of the session that has passed by ``now``, as
         (seal reason, when), or None. The first, not any: after downtime (or
         a clock jump) a session that went idle, then expired, ended idle."""
@@ -357,7 +357,7 @@ class AuditEngine:
         now = self.clock()
         futs = []
         for s in self.spool.open_sessions():
-            ended = self._ended(s, now)
+            ended = self.ended(s, now)
             sid = s.session_id
             if ended is not None:
                 reason, when = ended

@@ -202,9 +202,9 @@ def _overdue(session_id: str, parts: list[Any], anchor: SpoolAnchor | None,
     longer ago than any session may last, and this server's spool does not
     hold it. Its final part (and the events in it) was removed, or is still
     waiting in another server's spool."""
-    if overdue_after is None or any(_obj(p).get("final") is True for p in parts):
+    if overdue_after is None or anchor is None:  # without the spool it cannot tell
         return None
-    if anchor is not None and session_id in anchor.unfinished:
+    if any(_obj(p).get("final") is True for p in parts) or session_id in anchor.unfinished:
         return None
     starts = [t for t in (_seconds(_obj(p).get("session_start_time")) for p in parts)
               if t is not None]
@@ -254,10 +254,10 @@ async def verify_sink(
         report.problems.append(Problem(
             "", "bad_part", f"the sink's sessions cannot be listed to the end"
             f" ({type(exc).__name__})"))
-    for doc_id, kind, where in sink.conflicting_copies():
+    for doc_id, kind, where in await sink.conflicting_copies():
         sid = doc_id.rpartition(":")[0] if kind == "part" else ""
         report.problems.append(Problem(
-            sid, "changed", f"{kind} {doc_id}: another copy with another hash at {where}"
+            sid, "changed", f"{kind} {doc_id}: another copy with other content at {where}"
             " (the first copy is the one checked)"))
     await check_security_stream(sink, key, report, anchor)
     return report

@@ -283,10 +283,13 @@ async def get_session(request: web.Request) -> web.Response:
         summary = spooled
     else:
         summary = summarize_parts(parts)
-    summary["events"] = [events[k] for k in sorted(events)]
+    seqs = sorted(events)
+    summary["events"] = [events[k] for k in seqs]
     # Behind a sink that cannot be queried (http), the parts already sent are
-    # gone from here: say so rather than pass a partial list off as whole.
-    summary["events_complete"] = len(events) >= summary["event_count"]
+    # gone from here (and from a sink, a part may be missing): say so rather
+    # than pass a partial list off as whole.
+    summary["events_complete"] = (len(seqs) >= summary["event_count"]
+                                  and seqs == list(range(1, len(seqs) + 1)))
     return json_response(summary)
 
 

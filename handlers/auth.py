@@ -24,7 +24,7 @@ from aiohttp import web
 from audit.engine import AuditEngine
 from audit.events import Draft, Source, format_ts
 from audit.middleware import anonymous_source, client_ip
-from audit.store import Writer
+from audit.store import OpenSession, Writer
 
 from .errors import ApiError, bad_request, json_response
 from .keys import ACCOUNTS, CONFIG, CTX, ENGINE, TOKENS
@@ -85,17 +85,27 @@ REVOKE_CHECK_SECONDS = 1.0
 CAUSES = ("password_changed", "user_disabled")
 
 
-def _revoker(session_id: str, cause: str) -> Callable[[Writer], bool]:
+def _revoker(
+    session_id: str, cause: str, ended: Callable[[OpenSession, float], tuple[str, float] | None]
+) -> Callable[[Writer], bool]:
     """The job ending one revoked session: its seal and the deletion of its
-    revocation commit together (a failure leaves the row for next time)."""
+    revocation commit together (a failure leaves the row for next time). A
+    session past a deadline already (revoked while the server was down, say)
+    ends as it did then: with that deadline's reason and time."""
     def revoke(w: Writer) -> bool:
         w.conn.execute("DELETE FROM revocations WHERE session_id = ?", (session_id,))
         s = w.sessions.get(session_id)
         if s is None:
             return False  # ended meanwhile (logout, expiry)
-        end = Draft("session.end", source=Source(user=s.user, role=s.role),
-                    details={"reason": "logout", "cause": cause})
-        w.seal(session_id, "logout", end)
+        source = Source(user=s.user, role=s.role)
+        past = ended(s, w.clock())
+        if past is not None:
+            reason, when = past
+            w.seal(session_id, reason,
+                   Draft("session.end", source=source, details={"reason": reason}), at=when)
+        else:
+            w.seal(session_id, "logout", Draft("session.end", source=source,
+                                               details={"reason": "logout", "cause": cause}))
         return True
     return revoke
 
@@ -158,7 +168,8 @@ class Accounts:
             if not rows:
                 return 0
             futs = [spool.submit_nowait(_revoker(str(sid), cause if cause in CAUSES
-                                                 else "revoked"), needs_space=False)
+                                                 else "revoked", self.engine.ended),
+                                        needs_space=False)
                     for sid, cause in rows]
             results = await asyncio.gather(*futs, return_exceptions=True)
         ended = 0

@@ -179,10 +179,10 @@ class Sink(ABC):
         """Every stored part of one session, by ``part``; ``[]`` if none."""
         raise QueryNotSupported(f"the {self.type} sink cannot be queried")
 
-    def conflicting_copies(self) -> list[tuple[str, str, str]]:
-        """Documents stored twice under one ``_id`` with different hashes, that
-        the sink keeps both of (an append-only file can): ``(_id, "part" or
-        "security event", where)``. For ``verify``; most sinks refuse them."""
+    async def conflicting_copies(self) -> list[tuple[str, str, str]]:
+        """Documents stored twice under one ``_id`` with different content,
+        that the sink keeps both of (an append-only file can): ``(_id, "part"
+        or "security event", where)``. For ``verify``; most sinks refuse them."""
         return []
 
     async def session_ids(self) -> AsyncIterator[str]:

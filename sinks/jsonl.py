@@ -191,8 +191,9 @@ class _Index:
         self.synced: dict[str, int] = {}  # file name -> bytes known fsynced
         self.sessions: dict[str, _Session] = {}
         self.events: list[tuple[Any, Any, Any, int, int]] = []  # (ts, _id, action, file, offset)
-        # Later lines with a known _id and another hash: (_id, kind, file, offset).
-        self.conflicts: list[tuple[str, Any, int, int]] = []
+        # Later lines with a known _id: (_id, kind, file, offset). The sink never
+        # writes one; conflicting_copies compares each with the first copy.
+        self.repeats: list[tuple[str, Any, int, int]] = []
 
     def number(self, name: str) -> int:
         no = self.numbers.get(name)
@@ -204,10 +205,9 @@ class _Index:
     def add(self, doc: Doc, kind: Any, no: int, offset: int) -> None:
         """Index one line (the first line with an ``_id`` wins, as in a reader)."""
         doc_id = str(doc["_id"])
-        known = self.ids.get(doc_id)
-        if known is not None:
-            if known != str(doc.get("hash")) and len(self.conflicts) < 10_000:
-                self.conflicts.append((doc_id, kind, no, offset))
+        if doc_id in self.ids:
+            if len(self.repeats) < 10_000:
+                self.repeats.append((doc_id, kind, no, offset))
             return
         self.ids[doc_id] = str(doc.get("hash"))
         if kind == PART:
@@ -689,15 +689,34 @@ class JsonlSink(Sink):
 
         return await self._run_query(query)
 
-    def conflicting_copies(self) -> list[tuple[str, str, str]]:
-        """Lines with a known ``_id`` and another hash, as of the last read
-        (appended by hand or by a tool: the sink itself never writes them)."""
-        index = self._index
-        if index is None:
+    async def conflicting_copies(self) -> list[tuple[str, str, str]]:
+        """Later lines with a stored ``_id`` whose document differs from the
+        first copy's in anything (its hash or not: whoever appends a line
+        chooses its hash). The sink never writes a second line for an
+        ``_id``; an identical one is harmless and not reported."""
+        def query(index: _Index, read: _Reader) -> list[tuple[str, str, str]]:
+            repeated = {doc_id for doc_id, *_ in index.repeats}
+            firsts: dict[str, tuple[int, int]] = {}
+            for doc_id in repeated:  # a part's _id is <session_id>:<part>
+                sid, _, part = doc_id.rpartition(":")
+                s = index.sessions.get(sid)
+                for number, no, offset in s.locs if s is not None else ():
+                    if str(number) == part:
+                        firsts[doc_id] = (no, offset)
+            for _, doc_id, _, no, offset in index.events:
+                if str(doc_id) in repeated:
+                    firsts.setdefault(str(doc_id), (no, offset))
+            out = []
+            for doc_id, kind, no, offset in index.repeats:
+                first = firsts.get(doc_id)
+                if first is None or read(*first) != read(no, offset):
+                    out.append((doc_id, "part" if kind == PART else "security event",
+                                f"{index.names[no]}, byte {offset}"))
+            return out
+
+        if not (self._index and self._index.repeats):
             return []
-        return [(doc_id, "part" if kind == PART else "security event",
-                 f"{index.names[no]}, byte {offset}")
-                for doc_id, kind, no, offset in index.conflicts]
+        return await self._run_query(query)
 
     async def session_ids(self) -> AsyncIterator[str]:
         """Every session with any stored part (from the index; no file is read)."""

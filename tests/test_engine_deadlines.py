@@ -83,3 +83,29 @@ async def test_logout_ends_the_session_now(make_config, engines, fake_clock):
     await e.end_session(s.session_id, SRC)
     part = await stored_part(engines, e, s.session_id)
     assert part["seal_reason"] == "logout" and part["session_duration_seconds"] == 42
+
+
+async def test_a_session_revoked_while_the_server_was_down_ends_as_it_did(
+    make_config, engines, fake_clock
+):
+    """disable (or passwd) beside a stopped server names the session for
+    revocation; at the next start it had long gone idle: it ends then, as
+    idle_timeout, not days later as a logout."""
+    import contextlib
+
+    from audit.spool import connect
+    from handlers.auth import Accounts, add_user_sync, change_user_sync
+
+    config = make_config(audit={"idle_timeout_seconds": 1800}, flush=FAST)
+    first = await engines.open(config, clock=fake_clock)
+    s = await first.start_session("alice", "user", SRC, 3600)
+    await first.close()
+    with contextlib.closing(connect(config.spool_path, "normal")) as conn:
+        add_user_sync(conn, "alice", "a-password-1", "user", 4)
+        assert change_user_sync(conn, "alice", disabled=True)
+    fake_clock.advance(3 * 86400)
+    second = await engines.open(config, clock=fake_clock)
+    assert await Accounts(second, 4).end_revoked_sessions() == 1
+    part = await stored_part(engines, second, s.session_id)
+    assert part["seal_reason"] == "idle_timeout"
+    assert part["session_duration_seconds"] == pytest.approx(1800, abs=0.002)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from api_fixtures import MakeApi, make_api, session_with_checkpoints_in_sink
+import contextlib
+import sqlite3
+
+from api_fixtures import MakeApi, make_api, session_with_checkpoints_in_sink, wait_for
 
 from sinks.base import QueryNotSupported, SinkUnavailable
 
@@ -48,3 +51,19 @@ async def test_get_session_says_when_a_sink_that_cannot_be_queried_holds_part_of
     assert body["event_count"] == whole["event_count"] > len(body["events"]) > 0
     assert [e["seq"] for e in body["events"]] == [e["seq"] for e in whole["events"]][
         -len(body["events"]):]
+
+
+async def test_a_session_missing_a_part_in_the_sink_is_not_complete(make_api: MakeApi) -> None:
+    api, admin, alice = await session_with_checkpoints_in_sink(make_api)
+    r = await api.client.post("/logout", headers=alice.headers)
+    assert r.status == 200
+
+    async def stored() -> bool:
+        return (await api.engine.status())["pending_parts"] == 0
+
+    await wait_for(stored, message="every part in the sink")
+    with contextlib.closing(sqlite3.connect(api.config.sqlite_sink_path)) as conn, conn:
+        conn.execute("DELETE FROM parts WHERE session_id = ? AND part = 1", (alice.session_id,))
+    r = await api.client.get(f"/audit/sessions/{alice.session_id}", headers=admin.headers)
+    body = await r.json()
+    assert r.status == 200 and body["events_complete"] is False

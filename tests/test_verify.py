@@ -525,6 +525,9 @@ async def test_a_removed_final_part_is_found_once_the_session_cannot_be_open(
                                  now=start + overdue + 60)
         assert [(p.session_id, p.kind) for p in late.problems] == [(sids[0], "missing_part")]
         assert "no final part" in late.problems[0].detail
+        # Without the server's spool, verify cannot tell an open session from it.
+        assert (await verify_sink(sink, audit_key, None, overdue_after=overdue,
+                                  now=start + overdue + 60)).ok
         # Still open (or its final part pending) in the spool: not a finding.
         held = SpoolAnchor(anchor.head, anchor.first_unsent, frozenset({sids[0]}))
         assert (await verify_sink(sink, audit_key, held, overdue_after=overdue,
@@ -533,11 +536,13 @@ async def test_a_removed_final_part_is_found_once_the_session_cannot_be_open(
         await sink.close()
 
 
-async def test_a_second_jsonl_copy_with_another_hash_is_found(
-    make_config, engines, audit_key
+@pytest.mark.parametrize("same_hash", [False, True])
+async def test_a_second_jsonl_copy_with_other_content_is_found(
+    make_config, engines, audit_key, same_hash
 ):
     """An append-only file can hold a second line with a stored _id: readers
-    that keep the last one would see it instead of the original."""
+    that keep the last one would see it instead of the original. Whoever
+    appends it chooses its hash; an identical copy is harmless."""
     from sinks.jsonl import JsonlSink
 
     config = make_config(sink={"type": "jsonl"},
@@ -552,8 +557,10 @@ async def test_a_second_jsonl_copy_with_another_hash_is_found(
     (line,) = [ln for ln in path.read_text().splitlines() if s.session_id in ln]
     forged = json.loads(line)
     forged["events"][2]["actor"]["user"] = "mallory"
-    forged["hash"] = "f" * 64
+    if not same_hash:
+        forged["hash"] = "f" * 64
     with path.open("a") as f:
+        f.write(line + "\n")  # an identical copy: not a finding
         f.write(json.dumps(forged) + "\n")
     sink = JsonlSink(config.jsonl_dir)
     await sink.open()
@@ -562,4 +569,4 @@ async def test_a_second_jsonl_copy_with_another_hash_is_found(
     finally:
         await sink.close()
     assert [(p.session_id, p.kind) for p in report.problems] == [(s.session_id, "changed")]
-    assert "another copy with another hash" in report.problems[0].detail
+    assert "another copy" in report.problems[0].detail
