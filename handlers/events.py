@@ -22,6 +22,10 @@ from .requests import audited_input
 ACTION_RE = re.compile(r"^client\.[a-z0-9_.:-]{1,64}$")
 MAX_EVENTS = 100
 MAX_DETAILS_BYTES = 4096
+# A stored part nests an event's details 4 levels down (part, events, event,
+# details): MongoDB refuses documents deeper than 100 levels, and would refuse
+# the whole part. 32 is ample for a client's details.
+MAX_DETAILS_DEPTH = 32
 # 100 events of 4 KiB of details, with room for JSON escapes.
 EVENTS_BODY_MAX = 4 * 1024 * 1024
 MAX_TARGET_CHARS = 128
@@ -55,7 +59,21 @@ def _parse_one(item: Any, i: int) -> tuple[str, dict[str, str] | None, dict[str,
         raise bad_request(where + "details must be an object")
     if len(canonical_json(details).encode("utf-8")) > MAX_DETAILS_BYTES:
         raise bad_request(where + "details are larger than 4 KiB as JSON")
+    if _depth(details) > MAX_DETAILS_DEPTH:
+        raise bad_request(where + f"details are nested deeper than {MAX_DETAILS_DEPTH} levels")
     return action, target, details
+
+
+def _depth(value: Any) -> int:
+    """How deep objects and arrays nest in ``value`` (a scalar: 0)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, level = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((c, level + 1) for c in children)
+    return deepest
 
 
 def _parse(body: Any) -> list[tuple[str, dict[str, str] | None, dict[str, Any]]]:

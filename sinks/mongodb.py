@@ -122,6 +122,29 @@ CONFIGURATION = frozenset(
         8000,  # AtlasError
     }
 )
+# What is wrong with the document itself: sending it again cannot help, so a
+# part or security event answered with one of these is dead-lettered. Any
+# other error is taken as passing (retried, the part put aside if it keeps
+# failing): a server code unknown here, say a shard's election without retry
+# labels under retryWrites=false, must not turn parts into dead letters.
+DOCUMENT_ERRORS = frozenset(
+    {
+        2,  # BadValue
+        10,  # BSONObjectTooLarge
+        14,  # TypeMismatch
+        15,  # Overflow (nested deeper than 100 levels)
+        16,  # InvalidLength (Cosmos DB: request entity too large)
+        17,  # ProtocolError
+        22,  # InvalidBSON
+        52,  # DollarPrefixedFieldName
+        53,  # InvalidIdField
+        56,  # EmptyFieldName
+        57,  # DottedFieldName
+        121,  # DocumentValidationFailure
+        10334,  # BSONObjectTooLarge (legacy)
+        17280,  # KeyTooLong
+    }
+)
 # Every write, and the duplicate check after one, whatever the URI says.
 # wtimeout: with no majority reachable, a write answers (error 64, retried)
 # after 10 s instead of waiting for the socket timeout.
@@ -242,9 +265,10 @@ class MongoSink(Sink):
             or _labels(exc)
         ):
             return SinkUnavailable(msg)
-        if isinstance(exc, (WriteError, OperationFailure)):
+        if isinstance(exc, (WriteError, OperationFailure)) and code in DOCUMENT_ERRORS:
             return SinkRejected(msg)
-        # ConfigurationError, InvalidOperation, anything else: not the document.
+        # Unknown codes, ConfigurationError, InvalidOperation: not known to be
+        # the document; retried (see DOCUMENT_ERRORS).
         return SinkUnavailable(msg)
 
     # -- lifecycle -----------------------------------------------------------
@@ -413,14 +437,10 @@ class MongoSink(Sink):
                 retry = retry_after_from(errmsg)
                 if rate_limited is None or (retry or 0) > (rate_limited.retry_after or 0):
                     rate_limited = SinkRateLimited(text, retry_after=retry)
-            elif (
-                code in RETRYABLE
-                or code in CONFIGURATION
-                or any(label in labels for label in RETRY_LABELS)
-            ):
-                unavailable = unavailable or SinkUnavailable(text)
-            else:
+            elif code in DOCUMENT_ERRORS and not any(label in labels for label in RETRY_LABELS):
                 rejected = rejected or SinkRejected(text)
+            else:
+                unavailable = unavailable or SinkUnavailable(text)
         for err in concern_errors:
             unavailable = unavailable or SinkUnavailable(
                 self._redact(

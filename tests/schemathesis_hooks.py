@@ -121,6 +121,16 @@ def _nul_key(value: Any) -> bool:
     return False
 
 
+def _deeper_than(value: Any, levels: int) -> bool:
+    if levels < 0:
+        return True
+    if isinstance(value, dict):
+        return any(_deeper_than(v, levels - 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_deeper_than(v, levels - 1) for v in value)
+    return False
+
+
 def _big_int(value: Any) -> bool:
     if isinstance(value, dict):
         return any(_big_int(v) for v in value.values())
@@ -144,5 +154,7 @@ def filter_failure(context: Any, failure: Any, case: Case, response: Any) -> boo
         return not _nul_key(case.body)
     if message == "integers must fit in 64 bits":
         return not _big_int(case.body)
+    if message.endswith("details are nested deeper than 32 levels"):
+        return not _deeper_than(case.body, 32)
     cursor = (case.query or {}).get("cursor")
     return not (message == "cursor is not valid" and not _server_could_issue(cursor))

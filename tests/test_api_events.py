@@ -98,6 +98,31 @@ async def test_bad_client_events_are_refused_whole(api: Api, body: Any, why: str
     assert ev["details"] == {"reason": "invalid_request"}
 
 
+def nested(levels: int) -> Any:
+    """Objects and arrays in turn, ``levels`` deep, an object outermost."""
+    value: Any = 1
+    for i in range(levels):
+        value = {"n": value} if (levels - i) % 2 else [value]
+    return value
+
+
+async def test_details_nested_at_most_32_levels(api: Api) -> None:
+    """MongoDB refuses documents nested deeper than 100 levels, and would
+    refuse the whole part holding such an event (a few hundred bytes)."""
+    alice = await api.user("alice")
+    resp = await api.client.post("/audit/events", json={"action": "client.deep",
+                                                        "details": nested(32)},
+                                 headers=alice.headers)
+    assert resp.status == 202
+    assert (await api.events(alice.session_id))[-1]["details"] == nested(32)
+    resp = await api.client.post("/audit/events", json={"action": "client.deep",
+                                                        "details": nested(33)},
+                                 headers=alice.headers)
+    body = await expect_error(resp, 400, "invalid_request")
+    assert "32 levels" in body["error"]["message"]
+    assert (await api.actions(alice.session_id))[-1] == "client.rejected"
+
+
 async def test_details_up_to_4_kib(api: Api) -> None:
     alice = await api.user("alice")
     details = {"k": "v" * 4000}

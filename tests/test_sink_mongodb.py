@@ -215,6 +215,17 @@ async def test_duplicate_key_checks_the_stored_hash(
             SinkRejected,
         ),
         ({"ok": 0, "code": 2, "errmsg": "BadValue"}, SinkRejected),
+        # Nested deeper than MongoDB's 100 levels: the document itself.
+        ({"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 15, "errmsg": "depth"}]},
+         SinkRejected),
+        # Codes not known to be about the document pass: retried, never a dead
+        # letter (a shard electing a primary, lock timeouts, an interrupted op).
+        ({"ok": 0, "code": 133, "errmsg": "FailedToSatisfyReadPreference"}, SinkUnavailable),
+        ({"ok": 0, "code": 202, "errmsg": "NetworkInterfaceExceededTimeLimit"},
+         SinkUnavailable),
+        ({"ok": 0, "code": 11601, "errmsg": "Interrupted"}, SinkUnavailable),
+        ({"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 24, "errmsg": "lock"}]},
+         SinkUnavailable),
     ],
 )
 async def test_error_mapping(
