@@ -116,6 +116,8 @@ LOCK_NAME = ".audit-jsonl.lock"  # not an audit-*.jsonl file
 LOCK_WAIT_SECONDS = 10.0  # a writer holds the lock for one append, then lets go
 
 T = TypeVar("T")
+# Security events read per query when verify walks them all.
+EVENTS_PAGE = 1000
 _Reader = Callable[[int, int], Doc]  # (file number, offset) -> the parsed line
 
 
@@ -725,19 +727,26 @@ class JsonlSink(Sink):
             yield sid
 
     async def security_events_oldest_first(self) -> AsyncIterator[Doc]:
-        """In file order: the order written, the security stream's chain order."""
+        """In file order: the order written, the security stream's chain
+        order; read :data:`EVENTS_PAGE` at a time, each page yielded before
+        the next is read (lines appended meanwhile come last)."""
+        start = 0
+        while True:
+            def query(index: _Index, read: _Reader, start: int = start) -> list[Doc]:
+                docs = []
+                for _, eid, _, no, offset in index.events[start:start + EVENTS_PAGE]:
+                    doc = read(no, offset)
+                    if doc.get("_id") != eid:
+                        raise _Stale
+                    docs.append(_strip(doc))
+                return docs
 
-        def query(index: _Index, read: _Reader) -> list[Doc]:
-            docs = []
-            for _, eid, _, no, offset in index.events:
-                doc = read(no, offset)
-                if doc.get("_id") != eid:
-                    raise _Stale
-                docs.append(_strip(doc))
-            return docs
-
-        for doc in await self._run_query(query):
-            yield doc
+            docs = await self._run_query(query)
+            for doc in docs:
+                yield doc
+            if len(docs) < EVENTS_PAGE:
+                return
+            start += len(docs)
 
     async def list_security_events(
         self,

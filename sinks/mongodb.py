@@ -86,6 +86,8 @@ from .base import (
 log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
+# Documents per page when verify walks every session id or security event.
+ID_PAGE = 1000
 RATE_LIMITED = frozenset({16500, 429})
 # "May or may not have landed; try again": network, elections, shutdowns,
 # time limits, Atlas 463, write concern failures.
@@ -509,16 +511,55 @@ class MongoSink(Sink):
         return out, next_cursor
 
     async def session_ids(self) -> AsyncIterator[str]:
-        """Every session with any part stored, from one ``$group`` (the
-        listing above starts from part 0: verify must also see a session
-        whose part 0 is missing)."""
+        """Every session with any part stored (the listing above starts from
+        part 0: verify must also see a session whose part 0 is missing), in
+        pages of :data:`ID_PAGE` parts by the (session_id, part) index. No
+        cursor stays open while verify checks each session (a server drops
+        one idle for 10 minutes), and no server stage holds every id."""
         sessions, _ = self._colls()
-        try:
-            cursor = await sessions.aggregate([{"$group": {"_id": "$session_id"}}])
-            async for doc in cursor:
-                yield str(doc["_id"])
-        except PyMongoError as exc:
-            raise self._classify("list session ids", exc) from None
+        after: str | None = None
+        while True:
+            query: dict[str, Any] = {} if after is None else {"session_id": {"$gt": after}}
+            try:
+                page = await (
+                    sessions.find(query, {"session_id": 1, "_id": 0})
+                    .sort([("session_id", ASCENDING), ("part", ASCENDING)])
+                    .limit(ID_PAGE)
+                    .to_list(None)
+                )
+            except PyMongoError as exc:
+                raise self._classify("list session ids", exc) from None
+            ids = list(dict.fromkeys(str(d["session_id"]) for d in page))
+            for sid in ids:
+                yield sid
+            if len(page) < ID_PAGE:
+                return
+            after = ids[-1]  # its other parts, if any, are past this page: skipped
+
+    async def security_events_oldest_first(self) -> AsyncIterator[Doc]:
+        """Oldest ``ts`` first, in pages of :data:`ID_PAGE` on the ``ts``
+        index, each yielded before the next is read (the default holds all)."""
+        _, security = self._colls()
+        after: tuple[Any, Any] | None = None
+        while True:
+            query: dict[str, Any] = {}
+            if after is not None:
+                query = {"$or": [{"ts": {"$gt": after[0]}},
+                                 {"ts": after[0], "_id": {"$gt": after[1]}}]}
+            try:
+                page = await (
+                    security.find(query)
+                    .sort([("ts", ASCENDING), ("_id", ASCENDING)])
+                    .limit(ID_PAGE)
+                    .to_list(None)
+                )
+            except PyMongoError as exc:
+                raise self._classify("list security events", exc) from None
+            for doc in page:
+                yield doc
+            if len(page) < ID_PAGE:
+                return
+            after = (page[-1].get("ts"), page[-1].get("_id"))
 
     async def get_session_parts(self, session_id: str) -> list[Doc]:
         sessions, _ = self._colls()

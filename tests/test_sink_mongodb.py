@@ -583,16 +583,16 @@ async def test_list_sessions_queries(server: MockupDB, sink: MongoSink) -> None:
 async def test_verify_sees_a_session_whose_part_0_is_missing(
     server: MockupDB, sink: MongoSink
 ) -> None:
-    """The session listing starts from part 0; verify asks for every session
-    id with one $group instead, so a session that lost its part 0 is checked
+    """The session listing starts from part 0; verify pages through every
+    part's session id instead, so a session that lost its part 0 is checked
     (and reported), not skipped."""
     from audit.verify import verify_sink
 
     task = start(verify_sink(sink, b"k" * 32))
-    agg = await receive(server, "aggregate")
-    assert agg["aggregate"] == "session_audit"
-    assert agg["pipeline"] == [{"$group": {"_id": "$session_id"}}]
-    agg.replies(cursor_reply("audit.session_audit", [{"_id": "headless"}]))
+    ids = await receive(server, "find")
+    assert ids["find"] == "session_audit" and ids["filter"] == {}
+    assert ids["projection"] == {"session_id": 1, "_id": 0}
+    ids.replies(cursor_reply("audit.session_audit", [{"session_id": "headless"}]))
     parts = await receive(server, "find")
     assert parts["filter"] == {"session_id": "headless"}
     parts.replies(cursor_reply("audit.session_audit", [sample_part("headless", 1)]))
@@ -609,9 +609,51 @@ async def test_session_ids_error_is_classified(server: MockupDB, sink: MongoSink
         return [sid async for sid in sink.session_ids()]
 
     task = start(collect())
-    agg = await receive(server, "aggregate")
-    agg.replies({"ok": 0, "code": 13, "errmsg": "not authorized on audit"})
+    ids = await receive(server, "find")
+    ids.replies({"ok": 0, "code": 13, "errmsg": "not authorized on audit"})
     with pytest.raises(SinkError):
+        await task
+
+
+async def test_session_ids_and_security_events_come_in_pages(
+    server: MockupDB, sink: MongoSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify walks them page by page (each page yielded before the next is
+    asked for): no cursor idles while each session is checked, and memory
+    does not hold every security event."""
+    from sinks import mongodb
+
+    monkeypatch.setattr(mongodb, "ID_PAGE", 2)
+    ids = sink.session_ids()
+    task = start(ids.__anext__())
+    first = await receive(server, "find")
+    assert first["filter"] == {} and first["limit"] == 2
+    first.replies(cursor_reply("audit.session_audit",
+                               [{"session_id": "a"}, {"session_id": "a"}]))
+    assert await task == "a"
+    task = start(ids.__anext__())
+    second = await receive(server, "find")
+    assert second["filter"] == {"session_id": {"$gt": "a"}}
+    second.replies(cursor_reply("audit.session_audit", [{"session_id": "b"}]))
+    assert await task == "b"
+    with pytest.raises(StopAsyncIteration):
+        await ids.__anext__()
+
+    events = sink.security_events_oldest_first()
+    task = start(events.__anext__())
+    page = await receive(server, "find")
+    assert page["find"] == "security_audit" and page["sort"] == {"ts": 1, "_id": 1}
+    page.replies(cursor_reply("audit.security_audit", [
+        {"_id": "e1", "ts": "2026-11-26T14:00:00.000Z"},
+        {"_id": "e2", "ts": "2026-11-26T14:00:00.000Z"}]))
+    assert (await task)["_id"] == "e1"
+    assert (await events.__anext__())["_id"] == "e2"  # no request: the page is held
+    task = start(events.__anext__())
+    nxt = await receive(server, "find")
+    assert nxt["filter"] == {"$or": [{"ts": {"$gt": "2026-11-26T14:00:00.000Z"}},
+                                     {"ts": "2026-11-26T14:00:00.000Z", "_id": {"$gt": "e2"}}]}
+    nxt.replies(cursor_reply("audit.security_audit", []))
+    with pytest.raises(StopAsyncIteration):
         await task
 
 
