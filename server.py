@@ -37,8 +37,7 @@ from audit import queries
 from audit.config import Config, ConfigError, load_config
 from audit.engine import AuditEngine
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
-from audit.spool import SpoolUnavailable, app_bytes, connect, used_bytes
-from audit.store import SCHEMA, migrate
+from audit.spool import SpoolUnavailable, app_bytes, connect, prepare, used_bytes
 from audit.tokens import MIN_KEY_BYTES, TokenService
 from audit.verify import spool_anchor, verify_sink
 from handlers import routes
@@ -413,8 +412,11 @@ def _spool_conn(config: Config) -> sqlite3.Connection:
     path = config.spool_path
     ensure_data_dir(config)  # adduser before the first start creates it: owner only
     conn = connect(path, config.audit.synchronous)
-    migrate(conn)  # SCHEMA's indexes need the current layout
-    conn.executescript(SCHEMA)
+    try:
+        prepare(conn, path)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
@@ -51,6 +52,21 @@ def create_private(path: Path) -> None:
     """
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def prepare(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the file to the current layout (:func:`migrate`, then SCHEMA),
+    one process at a time: commands run beside the server and each other
+    (``adduser`` five times at once on a new data dir), and one that looked
+    at the file while another was half way through creating it would take
+    it for an earlier layout and fail converting it."""
+    fd = os.open(f"{path}.schema-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        migrate(conn)
+        conn.executescript(SCHEMA)
+    finally:
+        os.close(fd)  # (closing releases the lock)
 
 
 def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.Connection:
@@ -207,8 +223,7 @@ class Spool:
     def _open_writer(self) -> None:
         conn = connect(self.path, self.synchronous)
         try:
-            migrate(conn)
-            conn.executescript(SCHEMA)
+            prepare(conn, self.path)
             writer = Writer(conn, self.key, self.limits, self.clock)
             writer.load()
         except BaseException:

@@ -501,6 +501,19 @@ async def test_commands_beside_the_server_do_not_invent_its_files(tmp_path: Path
     assert not (tmp_path / "data").exists()
 
 
+async def test_commands_at_once_on_a_new_data_dir(tmp_path: Path) -> None:
+    """Eight adduser at once on a data dir with no spool yet: one creates the
+    file, the others find it whole. (The race itself is narrow; the test of
+    spool.prepare holds one process in it.)"""
+    config = write_config(tmp_path, free_port())
+    results = await asyncio.gather(*(
+        acli(config, "adduser", f"u{i}", "--password-stdin", stdin="a-password-1\n")
+        for i in range(8)))
+    assert [r.returncode for r in results] == [0] * 8, [r.stderr for r in results]
+    listed = await acli(config, "users")
+    assert len(listed.stdout.splitlines()) == 8, listed.stdout
+
+
 async def test_a_damaged_spool_is_one_line_for_every_command(tmp_path: Path) -> None:
     config = write_config(tmp_path, free_port())
     data = tmp_path / "data"

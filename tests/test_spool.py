@@ -411,3 +411,47 @@ async def test_close_waits_for_a_measure_of_the_app_tables(tmp_path, audit_key):
     assert sp.app_bytes >= 200_000
     assert not (tmp_path / "spool.db-wal").exists()
     assert not await sp.measure_app_bytes(force=True)  # closed: nothing to measure
+
+
+def test_prepare_brings_the_file_up_one_process_at_a_time(tmp_path, monkeypatch):
+    """Commands run at once (adduser five times on a new data dir, the server
+    starting beside them): one that looked at a file another was half way
+    through creating took it for an earlier layout and failed converting it.
+    prepare() holds a lock file around the check and the creation."""
+    import threading
+
+    from audit import spool as spool_module
+
+    path = tmp_path / "spool.db"
+    order: list[str] = []
+    first_inside, release = threading.Event(), threading.Event()
+    real_migrate = spool_module.migrate
+
+    def held_migrate(conn):
+        order.append("enter")
+        if not first_inside.is_set():
+            first_inside.set()
+            assert release.wait(10)
+        real_migrate(conn)
+        order.append("leave")
+
+    monkeypatch.setattr(spool_module, "migrate", held_migrate)
+
+    def run():
+        conn = spool_module.connect(path, "normal")
+        try:
+            spool_module.prepare(conn, path)
+        finally:
+            conn.close()
+
+    first = threading.Thread(target=run)
+    first.start()
+    assert first_inside.wait(10)
+    second = threading.Thread(target=run)  # its own lock file descriptor: it waits
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and order == ["enter"]
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert order == ["enter", "leave", "enter", "leave"]
