@@ -301,7 +301,8 @@ class Flusher:
             return
         self._failing = ("", 0)
         self._deferred.pop(key, None)  # re-inserted last: the oldest are forgotten first
-        wait = min(DEFER_MAX_SECONDS, self._defer_base * 2 ** (DEFER_AFTER + times))
+        # (The exponent is bounded: a part failing for weeks must not overflow it.)
+        wait = min(DEFER_MAX_SECONDS, self._defer_base * 2 ** min(DEFER_AFTER + times, 40))
         self._deferred[key] = (self.clock() + wait, times + 1)
         while len(self._deferred) > DEFERRED_MAX:
             del self._deferred[next(iter(self._deferred))]
