@@ -34,6 +34,8 @@ AUDIT_KEY = "bench-audit-key-0123456789abcdef0123456789"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from handlers.ops import COUNTS_MAX_AGE  # noqa: E402 - after the path is set
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -236,10 +238,15 @@ class Server:
         return float(m.group(1))
 
     def wait_flushed(self, timeout: float = 120.0) -> float:
-        """Wait until no part or security event is pending; returns seconds waited."""
+        """Wait until no part or security event is pending; returns seconds waited.
+
+        /metrics serves the spool's counts up to COUNTS_MAX_AGE old: a zero
+        counts only once it was read after this call began (else a part
+        sealed just before it could still be pending unseen)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
-            if (self.metric("session_audit_pending_parts") == 0
+            fresh = time.monotonic() - t0 > COUNTS_MAX_AGE
+            if (fresh and self.metric("session_audit_pending_parts") == 0
                     and self.metric("session_audit_pending_security_events") == 0):
                 return time.monotonic() - t0
             time.sleep(0.2)
