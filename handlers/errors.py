@@ -94,6 +94,14 @@ _HTTP_CODES = {
 }
 
 
+def _audit_unavailable(request: web.Request, exc: Exception) -> web.Response:
+    """503: the spool cannot take the record, so the action was not done."""
+    log.warning("audit unavailable rid=%s: %s", request[REQUEST_ID], exc)
+    return error_response(request, 503, "audit_unavailable",
+                          "the audit trail cannot record this action now; nothing was done",
+                          {"Retry-After": "5"})
+
+
 async def _session_ended(request: web.Request, exc: SessionNotOpen) -> web.Response:
     ctx = request.get(CTX)
     if ctx is not None and not exc.recorded:
@@ -103,11 +111,7 @@ async def _session_ended(request: web.Request, exc: SessionNotOpen) -> web.Respo
         try:
             await request.app[ENGINE].record_security(draft, ctx.session_id)
         except (SpoolFull, SpoolUnavailable, SpoolClosed) as err:
-            log.warning("audit unavailable rid=%s: %s", request[REQUEST_ID], err)
-            return error_response(
-                request, 503, "audit_unavailable",
-                "the audit trail cannot record this action now; nothing was done",
-                {"Retry-After": "5"})
+            return _audit_unavailable(request, err)
     return error_response(request, 401, "session_ended", "the session has ended")
 
 
@@ -121,12 +125,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except AuthError as exc:
         resp = error_response(request, exc.status, exc.code, exc.message)
     except (SpoolFull, SpoolUnavailable, SpoolClosed) as exc:
-        log.warning("audit unavailable rid=%s: %s", request[REQUEST_ID], exc)
-        resp = error_response(
-            request, 503, "audit_unavailable",
-            "the audit trail cannot record this action now; nothing was done",
-            {"Retry-After": "5"},
-        )
+        resp = _audit_unavailable(request, exc)
     except SessionNotOpen as exc:
         # It ended (logout elsewhere, the reaper, passwd or disable) after the
         # request was let in: 401, recorded like the middleware's.
