@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -209,7 +210,10 @@ class AuditEngine:
         ``check(conn)`` runs first in the same transaction (on the writer
         thread); whatever it raises refuses the start, and nothing is recorded.
         """
-        expires_at = self.clock() + ttl_seconds
+        # A whole second: the token's ``exp`` is one, and /me, token.issue and
+        # the session's end must name the same moment. Rounded up, so that
+        # the token lives at least ``ttl_seconds``.
+        expires_at = float(math.ceil(self.clock() + ttl_seconds))
         src = replace(source, user=user, role=role)
         drafts = [
             Draft("session.start", source=src),

@@ -54,22 +54,52 @@ def _sink_unavailable(engine: AuditEngine, exc: SinkError) -> ApiError:
                     " later", {"Retry-After": "5"})
 
 
+def _recorded_query(request: web.Request) -> tuple[dict[str, str], str | None]:
+    """The query as the handlers read it (the first value of each name, as
+    ``request.query.get`` gives), for ``details.query``; and the first name
+    given more than once, if any."""
+    query: dict[str, str] = {}
+    seen: set[str] = set()
+    repeated = None
+    for k, v in request.query.items():
+        if k in seen:
+            repeated = repeated or k[:64]
+        seen.add(k)
+        # Names without NUL: a key with one cannot be stored in MongoDB (BSON),
+        # and its whole session part would be refused.
+        name = k[:64].replace("\x00", "\ufffd")
+        if len(query) < 20 and name not in query:
+            query[name] = v[:200]
+    return query, repeated
+
+
 def audited(handler: Handler) -> Handler:
     """Every call is recorded as ``audit.query`` in the caller's session, with
     its outcome, before the answer leaves: ``success``; ``failure`` with
     ``details.reason`` the error code (bad parameters, not found, sink
     unavailable); ``denied`` for a non-admin (403 ``forbidden``, checked
     before anything else), who also gets the security event ``admin.denied``.
+
+    A parameter given twice is 400 ``invalid_request``: the record names the
+    values the handler would have used, and there must be no other.
     """
+    return _audited(handler, needs_space=True)
+
+
+def audited_operational(handler: Handler) -> Handler:
+    """:func:`audited`, but its ``audit.query`` is taken even by a full spool:
+    status and flush are how an operator sees and clears one."""
+    return _audited(handler, needs_space=False)
+
+
+def _audited(handler: Handler, *, needs_space: bool) -> Handler:
+    space = needs_space
 
     @functools.wraps(handler)
     async def run(request: web.Request) -> web.Response:
         ctx = request[CTX]
         engine = request.app[ENGINE]
-        # Keys without NUL: a key with one cannot be stored in MongoDB (BSON),
-        # and its whole session part would be refused.
-        query = {k[:64].replace("\x00", "\ufffd"): v[:200]
-                 for k, v in list(request.query.items())[:20]}
+        query, repeated = _recorded_query(request)
         details: dict[str, Any] = {"endpoint": request.path[:256], "query": query}
         draft = Draft("audit.query", details=details, source=ctx.source())
         sid = ctx.session_id
@@ -86,13 +116,16 @@ def audited(handler: Handler) -> Handler:
             await engine.spool.submit(both)
             raise ApiError(403, "forbidden", "this endpoint needs the admin role")
         try:
+            if repeated is not None:
+                raise bad_request(f"parameter {repeated!r} is given more than once")
             resp = await handler(request)
         except SessionNotOpen:
             raise  # ended meanwhile: error_middleware records auth.session_ended
         except ApiError as err:  # bad parameters, not found, sink unavailable
             draft.outcome = "failure"
             draft.details = {**details, "reason": err.code}
-            await engine.record(sid, draft)  # if that fails, its 503 answers instead
+            # If that fails, its 503 answers instead.
+            await engine.record(sid, draft, needs_space=space)
             raise
         except Exception as exc:
             draft.outcome = "failure"
@@ -100,9 +133,9 @@ def audited(handler: Handler) -> Handler:
             draft.details = {**details, "reason": "audit_unavailable" if unavailable
                              else "internal_error"}
             with contextlib.suppress(Exception):  # best effort: the error answers anyway
-                await engine.record(sid, draft)
+                await engine.record(sid, draft, needs_space=space)
             raise
-        await engine.record(sid, draft)
+        await engine.record(sid, draft, needs_space=space)
         return resp
 
     return run
@@ -332,12 +365,12 @@ async def security_events(request: web.Request) -> web.Response:
     return json_response({"events": page, "next_cursor": next_cursor})
 
 
-@audited
+@audited_operational
 async def status(request: web.Request) -> web.Response:
     return json_response(await request.app[ENGINE].status())
 
 
-@audited
+@audited_operational
 async def flush(request: web.Request) -> web.Response:
     request.app[ENGINE].flusher.wake()
     return json_response({"message": "flush requested"}, status=202)

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import re
 import sqlite3
 import time
@@ -436,8 +437,8 @@ async def login(request: web.Request) -> web.Response:
     refused = ("invalid_credentials" if found is None
                else "user_disabled" if found.disabled else None)
     session = None
+    config = request.app[CONFIG]
     if found is not None and refused is None:
-        config = request.app[CONFIG]
         try:
             session = await engine.start_session(found.user, found.role, src,
                                                  config.auth.token_ttl_seconds,
@@ -457,15 +458,26 @@ async def login(request: web.Request) -> web.Response:
     return json_response({
         "access_token": token,
         "token_type": "bearer",
-        "expires_in": round(session.expires_at - time.time()),
+        # The token lives token_ttl_seconds, and up to a second more (its
+        # exp is a whole second, rounded up); less only after a slow start.
+        "expires_in": max(0, min(config.auth.token_ttl_seconds,
+                                 math.ceil(session.expires_at - time.time()))),
         "session_id": session.session_id,
     })
 
 
 def _logout_body(body: Any) -> dict[str, Any] | None:
-    """The optional body of ``POST /logout``: nothing, ``null`` or an object."""
-    if body is not None and not isinstance(body, dict):
+    """The optional body of ``POST /logout``: nothing, ``null`` or an object
+    with at most ``session_id``, a string (``null`` is the same as none)."""
+    if body is None:
+        return None
+    if not isinstance(body, dict):
         raise bad_request("the body must be an object")
+    unknown = set(body) - {"session_id"}
+    if unknown:
+        raise bad_request(f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+    if not isinstance(body.get("session_id", ""), str | None):
+        raise bad_request("session_id must be a string")
     return body
 
 
@@ -478,9 +490,8 @@ async def logout(request: web.Request) -> web.Response:
         body = await audited_input(request, Draft("session.end", source=ctx.source()),
                                    _logout_body, allow_empty=True, limit=LOGIN_BODY_MAX)
     claimed = body.get("session_id") if body is not None else None
-    if claimed is not None and (
-        not isinstance(claimed, str)
-        or not hmac.compare_digest(claimed.encode(), ctx.session_id.encode())
+    if claimed is not None and not hmac.compare_digest(
+        claimed.encode(), ctx.session_id.encode()
     ):
         await engine.record_security(
             Draft("auth.session_mismatch", outcome="denied",

@@ -16,10 +16,10 @@ from audit.spool import SpoolFull
 from audit.store import ActionError, SessionNotOpen
 
 from .ai import AIUnavailable
-from .documents import DOC_ID_MAX, _valid_id, fetch_visible, refuse_action
+from .documents import DOC_ID_MAX, _valid_id, document_input, fetch_visible, refuse_action
 from .errors import ApiError, bad_request, json_response
 from .keys import AI, CHAT_SLOTS, CONFIG, CTX, ENGINE
-from .requests import audited_input, json_object
+from .requests import json_object
 
 MESSAGE_MAX_BYTES = 16 * 1024
 # A chat waits this long for one of the CHAT_SLOTS, then gets 502 ai_unavailable.
@@ -50,7 +50,7 @@ async def chat(request: web.Request) -> web.Response:
     doc_id = request.match_info["doc_id"]
     draft = Draft("ai.interaction", target={"type": "document", "id": doc_id[:DOC_ID_MAX * 2]},
                   source=ctx.source())
-    message = await audited_input(request, draft, _message, limit=CHAT_BODY_MAX)
+    message = await document_input(request, draft, doc_id, _message, limit=CHAT_BODY_MAX)
     slots = request.app[CHAT_SLOTS]  # taken before the document is read into memory
     try:
         async with asyncio.timeout(CHAT_QUEUE_SECONDS):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -19,12 +20,13 @@ from audit.store import ActionError
 
 from .errors import ApiError, bad_request, json_response
 from .keys import CTX, ENGINE
-from .requests import INT64_MAX, audited_input, json_object
+from .requests import CLIENT_MAX_SIZE, INT64_MAX, audited_input, json_object, read_json
 
 TITLE_MAX_CHARS = 200
 CONTENT_MAX_BYTES = 1024 * 1024
 DOC_ID_MAX = 64
 _COLS = "id, title, content, owner, version, created_at, updated_at"
+T = TypeVar("T")
 
 
 def document_json(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -129,6 +131,40 @@ async def _body(request: web.Request, draft: Draft, *, partial: bool) -> dict[st
     )
 
 
+async def document_input(
+    request: web.Request, draft: Draft, doc_id: str, parse: Callable[[Any], T], *,
+    limit: int = CLIENT_MAX_SIZE,
+) -> T:
+    """The parsed body of an action on the document ``doc_id``.
+
+    A bad body on a document the caller may not see is answered as that
+    document: 404 ``not_found``, recorded ``denied`` with its security event
+    ``access.denied`` (or ``failure``, ``not_found``, when there is no such
+    document), not 400: the check of who may act on it comes first. On a
+    document the caller may see, it is recorded as a failure with the error
+    code as reason, and refused with that error.
+    """
+    try:
+        return parse(await read_json(request, limit=limit))
+    except ApiError as err:
+        bad_input = err
+    ctx = request[CTX]
+
+    def check(conn: sqlite3.Connection, d: Draft) -> None:
+        if not _valid_id(doc_id):
+            raise ActionError("not_found", message="no such document")
+        fetch_visible(conn, ctx, doc_id)
+        raise ActionError(bad_input.code, message=bad_input.message)
+
+    try:
+        await request.app[ENGINE].record(ctx.session_id, draft, check, read_only=True)
+    except ActionError as recorded:
+        if recorded.reason in ("not_found", "not_owner"):
+            raise _map(recorded) from None
+        raise bad_input from None
+    raise AssertionError("the check always raises")  # pragma: no cover
+
+
 async def create(request: web.Request) -> web.Response:
     draft = _draft(request, "document.create")
     fields = await _body(request, draft, partial=False)
@@ -185,7 +221,8 @@ async def update_document(request: web.Request) -> web.Response:
     ctx = request[CTX]
     doc_id = _doc_id(request)
     draft = _draft(request, "document.update", doc_id[:DOC_ID_MAX * 2])
-    fields = await _body(request, draft, partial=True)
+    fields = await document_input(request, draft, doc_id,
+                                  lambda b: _check_fields(json_object(b), partial=True))
     now = format_ts(time.time())
 
     def change(conn: sqlite3.Connection, d: Draft) -> tuple[Any, ...]:

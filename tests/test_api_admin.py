@@ -88,6 +88,31 @@ async def test_audit_query_records_the_outcome_of_the_query(api: Api) -> None:
             assert (ev["outcome"], ev["details"]["reason"]) == ("failure", code), path
 
 
+async def test_a_repeated_parameter_is_refused_and_the_record_names_what_was_used(
+    api: Api,
+) -> None:
+    """The record of a query must name the filters the query used: with two
+    values of one parameter it could name the one not used (a lookup of
+    user=victim recorded as user=admin). A repeated parameter is 400."""
+    admin = await api.admin()
+    resp = await api.client.get(
+        "/audit/sessions?user=victim&limit=5&user=admin",
+        headers={**admin.headers, "X-Request-ID": "twice"})
+    await expect_error(resp, 400, "invalid_request")
+    assert "'user'" in (await resp.json())["error"]["message"]
+    resp = await api.client.get(
+        "/audit/sessions?user=victim&limit=5",
+        headers={**admin.headers, "X-Request-ID": "once"})
+    assert resp.status == 200
+    queries = {e["request_id"]: e for e in await api.events(admin.session_id)
+               if e["action"] == "audit.query"}
+    twice, once = queries["twice"], queries["once"]
+    assert (twice["outcome"], twice["details"]["reason"]) == ("failure", "invalid_request")
+    assert twice["details"]["query"] == {"user": "victim", "limit": "5"}
+    assert once["outcome"] == "success"
+    assert once["details"]["query"] == {"user": "victim", "limit": "5"}
+
+
 @pytest.mark.parametrize(("method", "path"), ADMIN_ENDPOINTS)
 async def test_admin_endpoints_need_a_token(api: Api, method: str, path: str) -> None:
     resp = await api.client.request(method, path)

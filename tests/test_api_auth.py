@@ -23,7 +23,7 @@ from api_fixtures import (
 
 import server
 from audit.config import ConfigError, parse_config
-from audit.events import Source
+from audit.events import Source, format_ts
 
 __all__ = ["api", "make_api"]
 
@@ -47,8 +47,14 @@ async def test_login_json_starts_a_session_with_two_events(api: Api) -> None:
     assert set(claims) == {"sub", "sid", "role", "iat", "exp", "jti"}
     assert claims["sub"] == "alice" and claims["role"] == "user"
     assert claims["sid"] == body["session_id"]
+    # One moment of expiry everywhere: the JWT's exp is a whole second, and
+    # /me and token.issue name that same second.
+    assert claims["exp"] - claims["iat"] in (3600, 3601)
+    me = await api.client.get("/me", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert (await me.json())["expires_at"] == format_ts(claims["exp"])
     events = await api.events(body["session_id"])
     assert [e["action"] for e in events] == ["session.start", "token.issue"]
+    assert events[1]["details"]["expires_at"] == format_ts(claims["exp"])
     for e in events:
         assert e["request_id"] == "login-rid-1"
         assert e["outcome"] == "success"
@@ -214,14 +220,11 @@ async def test_logout_with_matching_session_id_body(api: Api) -> None:
     assert (await resp.json())["event_count"] == 3
 
 
-@pytest.mark.parametrize("claimed", ["0123456789abcdef0123456789abcdef", 42])
-async def test_logout_with_another_session_id_is_refused(api: Api, claimed: Any) -> None:
+@pytest.mark.parametrize("claimed", ["bob", ""])
+async def test_logout_with_another_session_id_is_refused(api: Api, claimed: str) -> None:
     alice = await api.user("alice")
     bob = await api.user("bob")
-    if claimed == 42:
-        claimed_value: Any = 42
-    else:
-        claimed_value = bob.session_id
+    claimed_value = bob.session_id if claimed == "bob" else claimed
     resp = await api.client.post("/logout", json={"session_id": claimed_value},
                                  headers=alice.headers)
     await expect_error(resp, 403, "session_mismatch")
@@ -233,6 +236,21 @@ async def test_logout_with_another_session_id_is_refused(api: Api, claimed: Any)
         r = await api.client.get("/me", headers=who.headers)
         assert r.status == 200
     assert await api.actions(bob.session_id) == ["session.start", "token.issue"]
+
+
+@pytest.mark.parametrize("body", [{"session_id": 42}, {"session_id": ["x"]},
+                                  {"foo": 1}, {"session_id": "x", "all": True}])
+async def test_logout_with_a_wrong_body_is_400_recorded_and_the_session_stays(
+    api: Api, body: dict[str, Any]
+) -> None:
+    alice = await api.user("alice")
+    resp = await api.client.post("/logout", json=body,
+                                 headers={**alice.headers, "X-Request-ID": "odd-bye"})
+    await expect_error(resp, 400, "invalid_request")
+    assert (await api.client.get("/me", headers=alice.headers)).status == 200
+    (ev,) = [e for e in await api.events(alice.session_id) if e["request_id"] == "odd-bye"]
+    assert (ev["action"], ev["outcome"]) == ("session.end", "failure")
+    assert ev["details"]["reason"] == "invalid_request"
 
 
 # -- X-Audit-Session-ID ----------------------------------------------------------------

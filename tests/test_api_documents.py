@@ -95,8 +95,11 @@ async def test_crud_round_trip_with_events(api: Api) -> None:
     assert await api.security("access.denied") == []
 
 
-@pytest.mark.parametrize("op", ["get", "put", "delete", "chat"])
+@pytest.mark.parametrize("op", ["get", "put", "delete", "chat", "put-bad-body",
+                                "chat-bad-body"])
 async def test_wrong_user_gets_not_found_and_is_recorded(api: Api, op: str) -> None:
+    """Whose document it is is checked first: a wrong body on somebody else's
+    document is the same 404 and denial as a right one, not a 400."""
     alice = await api.user("alice")
     bob = await api.user("bob")
     doc = await api.create_doc(alice, content="Secret plans. The cat is blue.")
@@ -106,6 +109,8 @@ async def test_wrong_user_gets_not_found_and_is_recorded(api: Api, op: str) -> N
         "put": ("PUT", url, {"content": "pwned", "version": 1}),
         "delete": ("DELETE", url, None),
         "chat": ("POST", url + "/chat", {"message": "what colour is the cat?"}),
+        "put-bad-body": ("PUT", url, {"title": 5}),
+        "chat-bad-body": ("POST", url + "/chat", {"message": ""}),
     }
     method, path, body = req[op]
     resp = await api.client.request(method, path, json=body,
@@ -118,7 +123,8 @@ async def test_wrong_user_gets_not_found_and_is_recorded(api: Api, op: str) -> N
     assert err["error"]["message"] == err2["error"]["message"]
 
     action = {"get": "document.access", "put": "document.update",
-              "delete": "document.delete", "chat": "ai.interaction"}[op]
+              "delete": "document.delete", "chat": "ai.interaction",
+              "put-bad-body": "document.update", "chat-bad-body": "ai.interaction"}[op]
     events = [e for e in await api.events(bob.session_id) if e["action"] == action]
     denied, missing_ev = events
     assert denied["outcome"] == "denied"
@@ -137,6 +143,31 @@ async def test_wrong_user_gets_not_found_and_is_recorded(api: Api, op: str) -> N
     # Nothing changed.
     assert api.documents_in_db() == [
         (doc["id"], doc["title"], doc["content"], "alice", 1)]
+
+
+@pytest.mark.parametrize(("op", "body", "status", "code"), [
+    ("put", {"title": 5}, 400, "invalid_request"),
+    ("put", b"{", 400, "invalid_json"),
+    ("put", {"content": "x" * (1024 * 1024 + 1)}, 413, "too_large"),
+    ("chat", {"message": ""}, 400, "invalid_request"),
+])
+async def test_a_wrong_body_on_a_visible_document_is_refused_and_recorded(
+    api: Api, op: str, body: Any, status: int, code: str
+) -> None:
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content="kept")
+    method, path = ("PUT", f"/documents/{doc['id']}") if op == "put" else (
+        "POST", f"/documents/{doc['id']}/chat")
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    resp = await api.client.request(method, path, data=io.BytesIO(raw), headers={
+        **alice.headers, "X-Request-ID": "odd", "Content-Type": "application/json"})
+    await expect_error(resp, status, code)
+    (ev,) = [e for e in await api.events(alice.session_id) if e["request_id"] == "odd"]
+    assert ev["action"] == ("document.update" if op == "put" else "ai.interaction")
+    assert (ev["outcome"], ev["details"]["reason"]) == ("failure", code)
+    assert ev["target"] == {"type": "document", "id": doc["id"]}
+    assert await api.security("access.denied") == []
+    assert api.documents_in_db() == [(doc["id"], doc["title"], "kept", "alice", 1)]
 
 
 async def test_users_list_only_their_own_documents_admin_sees_all(api: Api) -> None:

@@ -104,6 +104,27 @@ async def test_spool_full_refuses_audited_actions(make_api: MakeApi) -> None:
     assert (await resp.json())["event_count"] == events_before + 1
 
 
+async def test_spool_full_leaves_status_and_flush_to_the_admin(make_api: MakeApi) -> None:
+    """A full spool refuses audited actions, but the admin's status and flush,
+    the way to see and clear it, answer, and are recorded all the same."""
+    api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
+    admin = await api.admin()
+    await _fill(api, admin)
+    resp = await api.client.get("/audit/sessions", headers=admin.headers)
+    await expect_error(resp, 503, "audit_unavailable")
+    resp = await api.client.get("/audit/status",
+                                headers={**admin.headers, "X-Request-ID": "status-full"})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["spool_bytes"] >= SPOOL_MAX
+    resp = await api.client.post("/audit/flush",
+                                 headers={**admin.headers, "X-Request-ID": "flush-full"})
+    assert resp.status == 202, await resp.text()
+    recorded = {e["request_id"]: e for e in await api.events(admin.session_id)
+                if e["action"] == "audit.query"}
+    assert recorded["status-full"]["outcome"] == "success"
+    assert recorded["flush-full"]["details"]["endpoint"] == "/audit/flush"
+
+
 async def test_spool_full_recovers_when_flushed(make_api: MakeApi) -> None:
     api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
     alice = await api.user("alice")
