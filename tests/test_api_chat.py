@@ -276,6 +276,32 @@ async def test_full_spool_means_the_provider_is_not_asked(
     assert stub.requests == []
 
 
+async def test_a_wrong_user_chat_sends_nothing_to_the_provider(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Somebody else's document never reaches the provider: 404, recorded as
+    denied with access.denied, and the provider is not asked at all."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    api = await make_api(ai=_openai(stub))
+    alice = await api.user("alice")
+    bob = await api.user("bob")
+    doc = await api.create_doc(alice, title="Reactor", content=DOC)
+    for body in ({"message": "What water is used?"}, {"message": ""}):
+        resp = await api.client.post(f"/documents/{doc['id']}/chat", json=body,
+                                     headers=bob.headers)
+        await expect_error(resp, 404, "not_found")
+    assert stub.requests == []
+    events = await _ai_events(api, bob.session_id)
+    assert [(e["outcome"], e["details"]["reason"]) for e in events] == [
+        ("denied", "not_owner"), ("denied", "not_owner")]
+    assert len(await api.wait_security("access.denied", 2)) == 2
+    # The stub does answer: alice's own chat reaches it.
+    resp = await api.client.post(f"/documents/{doc['id']}/chat",
+                                 json={"message": "What water is used?"}, headers=alice.headers)
+    assert resp.status == 200
+    assert len(stub.requests) == 1
+
+
 async def _held_chat(api: Api, stub: OpenAIStub, who: Any, doc_id: str,
                      message: str) -> asyncio.Future[Any]:
     """Start a chat and return once the provider (held) has it."""

@@ -233,3 +233,29 @@ async def test_read_only_failure_record_that_fails_undoes_itself(setup, monkeypa
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     s = engine.session(sid)
     assert s is not None and s.head == events[-1]["hash"] and s.next_seq == len(events) + 1
+
+
+async def test_an_event_that_cannot_be_stored_takes_its_change_with_it(make_config, engines):
+    """The change has run; then storing its event fails (here the checkpoint
+    cut the event needs is refused by the database): the change must not
+    commit without it, and the other jobs of the batch are unaffected."""
+    config = make_config(audit={"part_max_events": 1})
+    engine = await engines.open(config)
+    s = await engine.start_session("alice", "user", Source(ip="127.0.0.1"), 3600)
+    other = await engine.start_session("bob", "user", Source(ip="127.0.0.1"), 3600)
+    before = events_of(config, s.session_id)
+    with contextlib.closing(sqlite3.connect(config.spool_path)) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse_parts BEFORE INSERT ON parts WHEN NEW.session_id = ?1"
+            " BEGIN SELECT RAISE(ABORT, 'no parts today'); END".replace("?1", f"'{s.session_id}'")
+        )
+    results = await asyncio.gather(
+        engine.record(s.session_id, Draft("document.create"), insert_doc("d1")),
+        engine.record(other.session_id, Draft("document.create"), insert_doc("d2")),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], sqlite3.Error), results[0]
+    assert results[1] == "d2"
+    assert committed(config, "SELECT id FROM documents") == [("d2",)]
+    assert events_of(config, s.session_id) == before
+    assert events_of(config, other.session_id)[-1]["action"] == "document.create"

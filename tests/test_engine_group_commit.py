@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 
 from audit.events import Draft, Source
 
@@ -60,11 +61,30 @@ async def test_concurrent_appends_are_grouped_and_acknowledged_after_commit(
             assert seqs == list(range(1, 3 + n // len(sessions)))
 
 
-async def test_lone_append_commits_alone(make_config, engines):
-    """With an empty queue the writer commits a single job at once (no batching timer)."""
+async def test_lone_append_commits_alone(make_config, engines, monkeypatch):
+    """With an empty queue the writer commits a single job at once: no batching
+    timer. The loop's clock is stopped, so that no timer (``asyncio.sleep``,
+    ``call_later``) can fire: appends that waited for one would never return."""
     engine = await engines.open(make_config())
     s = await engine.start_session("alice", "user", Source(), 3600)
     before = engine.stats.commits
-    for i in range(5):
-        await engine.record(s.session_id, Draft("document.list", details={"i": i}))
+    loop = asyncio.get_running_loop()
+
+    async def appends() -> None:
+        for i in range(5):
+            await engine.record(s.session_id, Draft("document.list", details={"i": i}))
+
+    task = asyncio.ensure_future(appends())
+    # A watchdog that needs no timer of the loop's: a thread cancels after 10 s.
+    watchdog = threading.Timer(10, lambda: loop.call_soon_threadsafe(task.cancel))
+    frozen = loop.time()
+    monkeypatch.setattr(loop, "time", lambda: frozen)
+    watchdog.start()
+    try:
+        await task
+    except asyncio.CancelledError:
+        raise AssertionError("the appends waited for a timer of the loop's") from None
+    finally:
+        watchdog.cancel()
+        monkeypatch.undo()
     assert engine.stats.commits - before == 5

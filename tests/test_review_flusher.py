@@ -9,6 +9,7 @@ import sqlite3
 from audit import queries
 from audit.events import Draft, Source
 from audit.store import Writer
+from sinks.sqlite import SqliteSink
 
 
 async def test_flusher_survives_a_transient_spool_failure(
@@ -45,7 +46,9 @@ async def test_flusher_survives_a_transient_spool_failure(
     assert engine.ready
 
 
-async def test_drain_beside_a_running_flusher_writes_each_part_once(make_config, engines):
+async def test_drain_beside_a_running_flusher_writes_each_part_once(
+    make_config, engines, wait_until
+):
     """``server.py drain`` works while the server runs (API.md): its flusher and
     the server's share the spool file. Both must not send the same pending
     part: a JSONL sink (whose index is per process) would append it twice,
@@ -69,14 +72,20 @@ async def test_drain_beside_a_running_flusher_writes_each_part_once(make_config,
     await server.end_session(s.session_id, src)
 
     first = asyncio.ensure_future(server.flusher.step())
+
+    async def sending() -> bool:
+        return bool(started)
+
+    await wait_until(sending, timeout=10, message="the server's flusher to send the part")
+    # The part is in flight (its write waits for `release`): the drain must
+    # neither send it too nor finish before it is stored.
     second = asyncio.ensure_future(cli.flusher.drain())
-    for _ in range(200):
-        if started:
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)  # room for a wrong second send; the check below needs none
     release.set()
     await asyncio.wait_for(asyncio.gather(first, second), 10)
+    # The JSONL sink drops a repeated _id itself, so its file alone would not
+    # show a second send: count the sends.
+    assert started == [f"{s.session_id}:0"]
 
     lines = [
         json.loads(line)
@@ -247,3 +256,44 @@ async def test_a_part_put_aside_and_stored_by_another_process_is_forgotten(
     other.close()
     assert await e.flusher.step() is None
     assert e.flusher._deferred == {}
+
+
+async def test_a_part_the_sink_holds_with_another_hash_is_dead_lettered(make_config, engines):
+    """A sink that already holds the part's _id with another hash (a tampered
+    or conflicting copy) must not be taken as having stored it: the part is
+    dead-lettered, its events kept in the spool with the error, the sink's
+    copy left alone, and nothing marked stored."""
+    config = make_config()
+    engine = await engines.open(config)
+    src = Source(user="alice", role="user")
+    s = await engine.start_session("alice", "user", src, 3600)
+    await engine.record(s.session_id, Draft("document.list"))
+    await engine.end_session(s.session_id, src)
+    doc = await engine.spool.read(lambda c: queries.load_part(c, False, set()))
+    assert doc is not None and doc["_id"] == f"{s.session_id}:0"
+    other = json.loads(json.dumps(doc))
+    other["events"][1]["details"] = {"count": 999}
+    other["hash"] = "f" * 64
+    planted = SqliteSink(config.sqlite_sink_path)
+    await planted.open()
+    try:
+        await planted.write_part(other)
+    finally:
+        await planted.close()
+
+    await engine.flusher.drain()
+
+    counts = await engine.spool.read(lambda c: queries.counts(c, 0))
+    assert (counts["dead_letter_parts"], counts["pending_parts"]) == (1, 0)
+    assert engine.flusher.stats.dead_lettered == 1
+    assert engine.flusher.stats.parts_written == 0
+    with sqlite3.connect(config.spool_path) as conn:
+        state, error = conn.execute(
+            "SELECT state, last_error FROM parts WHERE session_id = ?", (s.session_id,)
+        ).fetchone()
+        kept = conn.execute("SELECT COUNT(*) FROM events WHERE session_id = ?",
+                            (s.session_id,)).fetchone()[0]
+    assert state == "dead" and error
+    assert kept == 4  # session.start, token.issue, document.list, session.end
+    (stored,) = await engine.sink.get_session_parts(s.session_id)
+    assert stored["hash"] == "f" * 64

@@ -314,10 +314,10 @@ async def test_timeout_is_unavailable_and_the_retry_is_idempotent(
     sink = await make_sink(url, timeout_seconds=1.0)
     part = sample_part("slow")
     receiver.script(Fault(hang=True, apply=True))
-    started = time.monotonic()
+    # A guard, not a timing: without its own timeout the write would hang 30 s.
     with pytest.raises(SinkUnavailable, match=r"no answer within 1 s"):
-        await sink.write_part(part)
-    assert time.monotonic() - started < 5
+        async with asyncio.timeout(20):
+            await sink.write_part(part)
     assert receiver.parts == {"slow:0": part}  # it landed although we timed out
     await sink.write_part(part)  # the retry: a duplicate, so success
     assert receiver.parts == {"slow:0": part}
@@ -331,10 +331,9 @@ async def test_connection_refused_is_unavailable(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     sink = await make_sink(f"http://127.0.0.1:{port}")
-    started = time.monotonic()
     with pytest.raises(SinkUnavailable, match=r"127\.0\.0\.1"):
-        await sink.write_part(sample_part("nowhere"))
-    assert time.monotonic() - started < 5
+        async with asyncio.timeout(20):  # a guard against a hang, not a timing
+            await sink.write_part(sample_part("nowhere"))
 
 
 async def test_not_open_is_unavailable() -> None:

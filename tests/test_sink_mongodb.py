@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, TypeVar
@@ -714,10 +713,10 @@ async def test_unreachable_server_is_unavailable_quickly_and_hides_the_uri(
     secret_uri = f"mongodb://auditor:{password}@127.0.0.1:{_closed_port()}/audit?authSource=admin"
     monkeypatch.setenv(URI_ENV, secret_uri)
     sink = MongoSink(CFG, server_selection_timeout_ms=300, connect_timeout_ms=300)
-    started = time.monotonic()
     with pytest.raises(SinkUnavailable) as info:
-        await sink.open()
-    assert time.monotonic() - started < 5
+        # A guard, not a timing: the driver's default selection timeout is 30 s.
+        async with asyncio.timeout(20):
+            await sink.open()
     text = "".join(traceback.format_exception(info.value)) + repr(info.value)
     assert "ServerSelectionTimeoutError" in text
     for secret in (secret_uri, password, "auditor"):

@@ -9,6 +9,7 @@ The server is a real subprocess on the http sink pointing at a closed port; the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -116,7 +117,6 @@ async def test_spool_full_refuses_then_recovers(live: Live, tmp_path: Path) -> N
         _, res = await bob.call("POST", "/token", auth=False,
                                 json={"username": "bob", "password": PASSWORD})
         assert res is not UNCERTAIN and res[0] == 503, res
-        # Nothing of the refused update happened.
         oracle_len = len(oracle.expected)
 
         # The refusals above were expected (User.call notes every 5xx).
@@ -162,6 +162,10 @@ async def test_spool_full_refuses_then_recovers(live: Live, tmp_path: Path) -> N
 
     await live.stop()
     await live.stop_receiver()
+    # Nothing of the refused actions happened: the one document is as created.
+    with contextlib.closing(sqlite3.connect(live.data_dir / "spool.db")) as spool:
+        assert spool.execute("SELECT id, content, version FROM documents").fetchall() == [
+            (doc, "c", 1)]
     conn = sqlite3.connect(store)
     parts = [json.loads(r[0]) for r in conn.execute("SELECT doc FROM parts")]
     sec = [json.loads(r[0]) for r in conn.execute("SELECT doc FROM security_events")]
