@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sqlite3
 import sys
@@ -375,11 +376,35 @@ async def _tune_gc(app: web.Application) -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
+async def _signals(app: web.Application) -> None:
+    """SIGINT/SIGTERM: the first starts the graceful shutdown (aiohttp's
+    ``GracefulExit``); later ones are logged and ignored. aiohttp's own
+    handlers raise again on every signal: a second one during the shutdown
+    (a double Ctrl-C, ``timeout`` signalling the process group too) cancelled
+    the engine's close half way, and an unclosed sink connection's thread
+    kept the process from ever exiting."""
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def on_signal(name: str) -> None:
+        nonlocal stopping
+        if stopping:
+            log.warning("%s: already shutting down (within a few seconds); kill -9 is"
+                        " safe for the audit trail if it must be now", name)
+            return
+        stopping = True
+        raise web.GracefulExit()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     import uvloop
 
     app = create_app(config)
     app.on_startup.append(_tune_gc)
+    app.on_startup.append(_signals)
 
     async def serving(app: web.Application) -> None:  # once the spool is open
         log.info("serving on http://%s:%d with the %s sink", config.server.host,
@@ -395,6 +420,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
             access_log_class=AccessLog,
             print=None,
             shutdown_timeout=10.0,
+            handle_signals=False,  # _signals
         )
     except OSError as exc:
         # The listening socket: a host that does not resolve or is not ours,

@@ -130,36 +130,44 @@ class AuditEngine:
 
         Open sessions stay open in the spool for the next start.
         """
-        reaper = self._tasks.pop("reaper", None)
-        if reaper is not None:
-            reaper.cancel()
-            # A reaper that crashed was logged by its done-callback.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reaper
-        try:
-            await self.record_summaries()
-        except Exception as exc:  # the spool may have failed
-            log.error("security event counts not recorded at shutdown: %s", exc)
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
         flusher = self._tasks.pop("flusher", None)
-        if flusher is not None:
-            deadline = time.monotonic() + flush_window
-            while not flusher.done() and time.monotonic() < deadline:
-                if self.flusher._idle.is_set() and not await self._has_pending():
-                    break
-                await asyncio.sleep(0.05)
-            self.flusher.stop()
+        try:
+            reaper = self._tasks.pop("reaper", None)
+            if reaper is not None:
+                reaper.cancel()
+                # A reaper that crashed was logged by its done-callback.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reaper
             try:
-                await asyncio.wait_for(flusher, timeout=max(0.1, deadline - time.monotonic()))
-            except TimeoutError:
-                pass  # cancelled by wait_for; what it was writing stays pending
-            except Exception:  # already logged by the done-callback
-                pass
-        self.flusher.close()
-        with contextlib.suppress(Exception):
-            await self.sink.close()
-        await self.spool.close()
+                await self.record_summaries()
+            except Exception as exc:  # the spool may have failed
+                log.error("security event counts not recorded at shutdown: %s", exc)
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+            if flusher is not None:
+                deadline = time.monotonic() + flush_window
+                while not flusher.done() and time.monotonic() < deadline:
+                    if self.flusher._idle.is_set() and not await self._has_pending():
+                        break
+                    await asyncio.sleep(0.05)
+                self.flusher.stop()
+                try:
+                    await asyncio.wait_for(flusher,
+                                           timeout=max(0.1, deadline - time.monotonic()))
+                except TimeoutError:
+                    pass  # cancelled by wait_for; what it was writing stays pending
+                except Exception:  # already logged by the done-callback
+                    pass
+        finally:
+            # Even when the above is cancelled: a sink or spool left open keeps
+            # its connection's thread, and the process, alive.
+            if flusher is not None and not flusher.done():
+                flusher.cancel()  # what it was writing stays pending
+                await asyncio.wait({flusher}, timeout=1.0)
+            self.flusher.close()
+            with contextlib.suppress(Exception):
+                await self.sink.close()
+            await self.spool.close()
 
     async def _has_pending(self) -> bool:
         c = await self.spool.read(lambda conn: queries.counts(conn, self.clock()))
