@@ -402,6 +402,11 @@ async def _signals(app: web.Application) -> None:
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     import uvloop
 
+    uri_env = config.sink.mongodb.uri_env
+    if config.sink.type == "mongodb" and not os.environ.get(uri_env):
+        # It cannot appear later: the server would retry a sink it can never open.
+        raise StartupError(f"sink.mongodb.uri_env: the environment variable {uri_env}"
+                           " (the MongoDB URI) is not set")
     app = create_app(config)
     app.on_startup.append(_tune_gc)
     app.on_startup.append(_signals)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -155,6 +156,9 @@ class Config:
 _CHECKS: dict[str, tuple[Any, str]] = {
     "server.port": (lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
     "server.data_dir": (lambda v: v != "", "must not be empty"),
+    # An empty host listens on every interface: say so with 0.0.0.0 or ::.
+    "server.host": (lambda v: v.strip() != "",
+                    "must not be empty (0.0.0.0 or :: listen on every interface)"),
     "auth.token_ttl_seconds": (lambda v: v >= 1, "must be at least 1"),
     "auth.bcrypt_rounds": (lambda v: 4 <= v <= 31, "must be between 4 and 31"),
     "auth.login_max_failures": (lambda v: v >= 1, "must be at least 1"),
@@ -198,6 +202,8 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has inf and nan
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -259,6 +265,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"server.trusted_proxies: {exc}") from None
     if config.flush.backoff_max_seconds < config.flush.backoff_base_seconds:
         raise ConfigError("flush.backoff_max_seconds: must not be below backoff_base_seconds")
+    if config.sink.type == "sqlite" and config.sqlite_sink_path == config.spool_path.resolve():
+        raise ConfigError("sink.sqlite.path: must not be the spool's file"
+                          f" ({config.spool_path})")
     if config.sink.type == "http":
         url = config.sink.http.url
         if not url.startswith(("http://", "https://")):

@@ -165,6 +165,13 @@ def test_unknown_key_is_named(data, key):
         ({"ai": {"provider": "openai", "openai": {"base_url": "ftp://x"}}},
          "ai.openai.base_url"),
         ({"audit": 5}, "audit"),
+        ({"flush": {"backoff_max_seconds": float("inf")}}, "flush.backoff_max_seconds"),
+        ({"audit": {"idle_timeout_seconds": float("inf")}}, "audit.idle_timeout_seconds"),
+        ({"sink": {"http": {"timeout_seconds": float("nan")}}}, "sink.http.timeout_seconds"),
+        ({"server": {"host": ""}}, "server.host"),
+        ({"server": {"host": "  "}}, "server.host"),
+        ({"server": {"data_dir": "d"}, "sink": {"sqlite": {"path": "d/spool.db"}}},
+         "sink.sqlite.path"),
     ],
 )
 def test_bad_value_is_named(data, key):

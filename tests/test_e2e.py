@@ -478,6 +478,11 @@ async def test_startup_problems_are_one_clear_line(tmp_path: Path) -> None:
     assert (other / "data").stat().st_mode & 0o777 == 0o700  # made by adduser: owner only
     await serve_refuses(config, "adduser NAME --admin")
 
+    mongo = tmp_path / "mongo"
+    mongo.mkdir()
+    await serve_refuses(write_config(mongo, port, sink={"type": "mongodb"}),
+                        "SESSION_AUDIT_MONGODB_URI", env={"SESSION_AUDIT_MONGODB_URI": ""})
+
     weak = tmp_path / "weak"
     weak.mkdir()
     stderr = await serve_refuses(write_config(weak, port), "at least 8 characters",
