@@ -385,14 +385,13 @@ async def _tune_gc(app: web.Application) -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-async def _signals(app: web.Application) -> None:
+def _handle_signals(app: web.Application) -> None:
     """SIGINT/SIGTERM: the first starts the graceful shutdown (aiohttp's
-    ``GracefulExit``); later ones are logged and ignored. aiohttp's own
-    handlers raise again on every signal: a second one during the shutdown
-    (a double Ctrl-C, ``timeout`` signalling the process group too) cancelled
-    the engine's close half way, and an unclosed sink connection's thread
-    kept the process from ever exiting."""
-    loop = asyncio.get_running_loop()
+    ``GracefulExit``); once it has begun, for whatever reason, later ones are
+    logged and ignored. aiohttp's own handlers raise on every signal: a second
+    one during the shutdown (a double Ctrl-C, ``timeout`` signalling the
+    process group too) cancelled the engine's close half way, and an unclosed
+    sink connection's thread kept the process from ever exiting."""
     stopping = False
 
     def on_signal(name: str) -> None:
@@ -404,8 +403,17 @@ async def _signals(app: web.Application) -> None:
         stopping = True
         raise web.GracefulExit()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+    async def install(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+
+    async def shutting_down(app: web.Application) -> None:
+        nonlocal stopping  # a failed start's cleanup is a shutdown too
+        stopping = True
+
+    app.on_startup.insert(0, install)  # before the engine opens: a signal then is graceful
+    app.on_shutdown.insert(0, shutting_down)
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
@@ -418,7 +426,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
                            " (the MongoDB URI) is not set")
     app = create_app(config)
     app.on_startup.append(_tune_gc)
-    app.on_startup.append(_signals)
+    _handle_signals(app)
 
     async def serving(app: web.Application) -> None:  # once the spool is open
         log.info("serving on http://%s:%d with the %s sink", config.server.host,
@@ -434,7 +442,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
             access_log_class=AccessLog,
             print=None,
             shutdown_timeout=10.0,
-            handle_signals=False,  # _signals
+            handle_signals=False,  # _handle_signals
         )
     except OSError as exc:
         # The listening socket: a host that does not resolve or is not ours,

@@ -87,18 +87,28 @@ def audited(handler: Handler) -> Handler:
 
 
 def audited_operational(handler: Handler) -> Handler:
-    """:func:`audited`, but its ``audit.query`` is taken even by a full spool:
-    status and flush are how an operator sees and clears one."""
+    """:func:`audited`, but its ``audit.query`` is taken even by a full spool,
+    up to :func:`operational_reserve` past its limit: status and flush are how
+    an operator sees and clears one. Only for calls without query parameters
+    (the endpoints take none), whose records are small; a monitor polling
+    status for days still cannot grow the spool without bound."""
     return _audited(handler, needs_space=False)
 
 
+def operational_reserve(max_bytes: int) -> int:
+    """How far past ``spool_max_bytes`` status and flush are still recorded."""
+    return max(256 * 1024, max_bytes // 100)
+
+
 def _audited(handler: Handler, *, needs_space: bool) -> Handler:
-    space = needs_space
 
     @functools.wraps(handler)
     async def run(request: web.Request) -> web.Response:
         ctx = request[CTX]
         engine = request.app[ENGINE]
+        spool = engine.spool
+        space = (needs_space or bool(request.query)
+                 or spool.spool_bytes >= spool.max_bytes + operational_reserve(spool.max_bytes))
         query, repeated = _recorded_query(request)
         details: dict[str, Any] = {"endpoint": request.path[:256], "query": query}
         draft = Draft("audit.query", details=details, source=ctx.source())
@@ -367,10 +377,12 @@ async def security_events(request: web.Request) -> web.Response:
 
 @audited_operational
 async def status(request: web.Request) -> web.Response:
+    _params(request, set())
     return json_response(await request.app[ENGINE].status())
 
 
 @audited_operational
 async def flush(request: web.Request) -> web.Response:
+    _params(request, set())
     request.app[ENGINE].flusher.wake()
     return json_response({"message": "flush requested"}, status=202)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from api_fixtures import Api, Login, MakeApi, api, expect_error, make_api, wait_for
 
+import handlers.admin as admin_handlers
+
 __all__ = ["api", "make_api"]
 
 SPOOL_MAX = 200_000  # an empty spool is about 80 kB
@@ -104,12 +106,18 @@ async def test_spool_full_refuses_audited_actions(make_api: MakeApi) -> None:
     assert (await resp.json())["event_count"] == events_before + 1
 
 
-async def test_spool_full_leaves_status_and_flush_to_the_admin(make_api: MakeApi) -> None:
+async def test_spool_full_leaves_status_and_flush_to_the_admin(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A full spool refuses audited actions, but the admin's status and flush,
     the way to see and clear it, answer, and are recorded all the same."""
     api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
     admin = await api.admin()
-    await _fill(api, admin)
+    # Filled in small steps: past the limit by less than the reserve.
+    while not api.engine.spool.full:
+        resp = await api.client.post("/audit/events", headers=admin.headers, json=[
+            {"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(5)])
+        assert resp.status == 202
     resp = await api.client.get("/audit/sessions", headers=admin.headers)
     await expect_error(resp, 503, "audit_unavailable")
     resp = await api.client.get("/audit/status",
@@ -123,6 +131,16 @@ async def test_spool_full_leaves_status_and_flush_to_the_admin(make_api: MakeApi
                 if e["action"] == "audit.query"}
     assert recorded["status-full"]["outcome"] == "success"
     assert recorded["flush-full"]["details"]["endpoint"] == "/audit/flush"
+    # Only small records go past the limit: with parameters (which these
+    # endpoints do not take, and which the record would copy) it is 503.
+    junk = "&".join(f"junk{i}={'x' * 200}" for i in range(20))
+    resp = await api.client.get(f"/audit/status?{junk}", headers=admin.headers)
+    await expect_error(resp, 503, "audit_unavailable")
+    # And only up to a reserve past the limit: a monitor polling status for
+    # days cannot grow a full spool without bound.
+    monkeypatch.setattr(admin_handlers, "operational_reserve", lambda max_bytes: 0)
+    resp = await api.client.get("/audit/status", headers=admin.headers)
+    await expect_error(resp, 503, "audit_unavailable")
 
 
 async def test_spool_full_recovers_when_flushed(make_api: MakeApi) -> None:
