@@ -38,7 +38,15 @@ from audit import queries
 from audit.config import Config, ConfigError, load_config
 from audit.engine import AuditEngine
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
-from audit.spool import SpoolUnavailable, app_bytes, connect, prepare, used_bytes
+from audit.spool import (
+    SpoolUnavailable,
+    app_bytes,
+    connect,
+    make_private_dirs,
+    prepare,
+    unsafe_dir,
+    used_bytes,
+)
 from audit.tokens import MIN_KEY_BYTES, TokenService
 from audit.verify import spool_anchor, verify_sink
 from handlers import routes
@@ -97,7 +105,7 @@ class StartupError(Exception):
 
 def _write_private(path: Path, text: str) -> None:
     """Create ``path`` with mode 0600; never overwrite an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
@@ -124,12 +132,14 @@ def ensure_data_dir(config: Config) -> None:
     """The data directory holds keys, hashes and the audit trail: owner only."""
     path = config.data_dir
     try:
-        if not path.exists():
-            path.mkdir(mode=0o700, parents=True)
+        make_private_dirs(path)
     except OSError as exc:
         raise StartupError(f"server.data_dir: cannot create {path}: {exc.strerror}") from None
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise StartupError(f"server.data_dir: {path} is not a writable directory")
+    unsafe = unsafe_dir(path)
+    if unsafe is not None:  # another user could plant its own jwt.key or spool
+        raise StartupError(f"server.data_dir: {unsafe}")
     if path.stat().st_mode & 0o077:
         log.warning("server.data_dir %s is open to other users (mode %o): it holds keys,"
                     " password hashes and the audit trail; chmod 700 it", path,
@@ -232,12 +242,15 @@ async def _end_revoked_sessions(accounts: Accounts) -> None:
 
 async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(_end_revoked_sessions(app[ACCOUNTS]), name="revocations")
+    # The unknown users' hash, made while the server already serves.
+    dummy = asyncio.create_task(app[ACCOUNTS].prepare(), name="dummy-hash")
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for t in (task, dummy):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
 
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -325,7 +338,12 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        # Readable UTF-8, but C1 controls (0x80-0x9f: 8-bit terminal escapes
+        # from a client's path or header) as \u escapes, like C0 ones.
+        return json.dumps(out, ensure_ascii=False).translate(_C1_ESCAPES)
+
+
+_C1_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x80, 0xA0)}
 
 
 class MalformedRequestFilter(logging.Filter):
@@ -368,6 +386,13 @@ def setup_logging() -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("SESSION_AUDIT_LOG_LEVEL", "INFO").upper())
+    # Their DEBUG lines carry whole statements and documents (audit records,
+    # usernames tried, captured chat text): never, whatever the level.
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
+
+
+QUIET_LOGGERS = ("aiosqlite", "pymongo")
 
 
 # -- commands ------------------------------------------------------------------

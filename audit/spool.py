@@ -54,6 +54,35 @@ def create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents, each owner-only (0700) whatever
+    the umask (under ``umask 000`` ``mkdir(parents=True)`` makes them 0777: any
+    local user could swap the files in them). Existing ones are left alone."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)  # a umask can only take bits away: it took none here
+
+
+def unsafe_dir(path: Path) -> str | None:
+    """Why a directory holding keys or audit files is not safe, if it is not:
+    another user owns it, or others may write to it (and so swap its files)."""
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return (f"{path} is writable by other users (mode {st.st_mode & 0o777:o}):"
+                " chmod go-w it")
+    return None
+
+
 def prepare(conn: sqlite3.Connection, path: Path) -> None:
     """Bring the file to the current layout (:func:`migrate`, then SCHEMA),
     one process at a time: commands run beside the server and each other
@@ -199,7 +228,7 @@ class Spool:
     async def open(self) -> None:
         if self._state != "new":
             raise SpoolClosed("a spool can be opened once")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.path.parent)
         loop = asyncio.get_running_loop()
         self._wexec = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
         self._rexec = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -375,10 +376,20 @@ async def security_events(request: web.Request) -> web.Response:
     return json_response({"events": page, "next_cursor": next_cursor})
 
 
+# An absolute file path in an error's text (not a URL's path: that follows a
+# host), e.g. "[Errno 20] Not a directory: '/srv/audit/x'".
+_FILE_PATH = re.compile(r"(?<![\w.:/\]-])/[^\s'\",:;)\]]+")
+
+
 @audited_operational
 async def status(request: web.Request) -> web.Response:
     _params(request, set())
-    return json_response(await request.app[ENGINE].status())
+    body = await request.app[ENGINE].status()
+    sink = body.get("sink")
+    if isinstance(sink, dict) and sink.get("last_error"):
+        # No file paths to a client (API.md); `server.py status` shows them.
+        sink["last_error"] = _FILE_PATH.sub("<path>", sink["last_error"])
+    return json_response(body)
 
 
 @audited_operational

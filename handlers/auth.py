@@ -111,28 +111,56 @@ def _revoker(
     return revoke
 
 
+MAX_WAITING_PER_SLOT = 32
+
+
+class LoginBusy(Exception):
+    """Too many password checks are waiting for a slot: refused at once."""
+
+
 class Accounts:
     """Users in the spool database; password checks on worker threads."""
 
-    def __init__(self, engine: AuditEngine, rounds: int, concurrency: int = 2) -> None:
+    def __init__(self, engine: AuditEngine, rounds: int, concurrency: int = 2,
+                 max_waiting: int | None = None) -> None:
         self.engine = engine
         self.rounds = rounds
         self._slots = asyncio.Semaphore(concurrency)
+        # Password checks waiting for a slot: past this, a login is refused at
+        # once (429) rather than queued for seconds behind a flood from many
+        # addresses (each within its own throttle budget).
+        self.max_waiting = MAX_WAITING_PER_SLOT * concurrency if max_waiting is None \
+            else max_waiting
+        self._waiting = 0
         self._dummy: str | None = None
         self._dummy_lock = asyncio.Lock()
         self._revoking = asyncio.Lock()
 
     async def _dummy_hash(self) -> str:
-        """A hash to check unknown users against, made once (in a bcrypt slot)."""
+        """A hash to check unknown users against, made once (in a bcrypt slot);
+        :meth:`prepare` makes it at start, so that the first unknown user's
+        login takes no longer than the others."""
         async with self._dummy_lock:
             if self._dummy is None:
                 async with self._slots:
                     self._dummy = await asyncio.to_thread(hash_password, "dummy", self.rounds)
             return self._dummy
 
+    async def prepare(self) -> None:
+        await self._dummy_hash()
+
     async def _hash_check(self, password: str, stored: str) -> bool:
-        async with self._slots:
+        if self._slots.locked() and self._waiting >= self.max_waiting:
+            raise LoginBusy()
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
             return await asyncio.to_thread(check_password, password, stored)
+        finally:
+            self._slots.release()
 
     async def verify(self, username: str, password: str) -> Account | None:
         """The account when the password is right; same cost for unknown users.
@@ -431,8 +459,17 @@ async def login(request: web.Request) -> web.Response:
         raise ApiError(429, "too_many_attempts", "too many failed logins; try again later",
                        {"Retry-After": str(wait)})
     accounts = request.app[ACCOUNTS]
-    with throttle.checking(username, ip):
-        found = await accounts.verify(username, password)
+    try:
+        with throttle.checking(username, ip):
+            found = await accounts.verify(username, password)
+    except LoginBusy:
+        await engine.record_security(
+            Draft("auth.login_throttled", outcome="denied",
+                  details={**attempted, "reason": "server_busy", "retry_after": 1},
+                  source=src)
+        )
+        raise ApiError(429, "too_many_attempts", "too many logins at once; try again in a"
+                       " second", {"Retry-After": "1"}) from None
     # A disabled account gets the answer of a wrong password; the record says why.
     refused = ("invalid_credentials" if found is None
                else "user_disabled" if found.disabled else None)

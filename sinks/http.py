@@ -101,7 +101,11 @@ class HttpSink(Sink):
         self.cfg = cfg
         self.url = cfg.url.rstrip("/")
         # Credentials in the URL become Basic auth, unless a bearer token is set.
-        self._target = _strip_userinfo(self.url)
+        # A query in the URL (an API key, say) is sent with every request but
+        # never shown: messages name the URL without it.
+        target = urlsplit(_strip_userinfo(self.url))._replace(fragment="")
+        self._target = target
+        self._shown = urlunsplit(target._replace(path=target.path.rstrip("/"), query=""))
         parts = urlsplit(self.url)
         self._basic: str | None = None
         if parts.username is not None:
@@ -125,12 +129,25 @@ class HttpSink(Sink):
         if session is not None:
             await session.close()
 
+    def _url(self, path: str) -> str:
+        """Where to POST: the configured URL's path plus ``path``, its query kept."""
+        t = self._target
+        return urlunsplit(t._replace(path=t.path.rstrip("/") + path))
+
     def _redact(self, text: str) -> str:
+        """``text`` without the token, the URL's credentials (as written, decoded
+        and as the Basic header's base64) and its query."""
         if self._token:
             text = text.replace(self._token, "***")
+        if self._basic:
+            text = text.replace(self._basic.partition(" ")[2], "***")
         parts = urlsplit(self.url)
-        for secret in (parts.password, parts.username):
-            if secret:
+        secrets = [parts.password, parts.username]
+        if parts.query:
+            secrets.append(parts.query)
+            secrets += [v for _, _, v in (q.partition("=") for q in parts.query.split("&"))]
+        for secret in secrets:
+            if secret and len(secret) >= 3:
                 text = text.replace(secret, "***").replace(unquote(secret), "***")
         return text
 
@@ -140,7 +157,7 @@ class HttpSink(Sink):
         stored = _stored_hash(raw) if status == 409 else None
         if stored is not None and stored != part.get("hash"):
             # The receiver holds another part under this _id (it said which).
-            raise SinkConflict(f"http sink: POST {self._target}/sessions: HTTP {status}:"
+            raise SinkConflict(f"http sink: POST {self._shown}/sessions: HTTP {status}:"
                                f" {part['_id']} is stored with another hash")
 
     async def write_security_events(self, events: list[Doc]) -> None:
@@ -162,10 +179,10 @@ class HttpSink(Sink):
             headers["Authorization"] = f"Bearer {self._token}"
         elif self._basic:
             headers["Authorization"] = self._basic
-        where = f"POST {self._target}{path}"
+        where = f"POST {self._shown}{path}"
         try:
             async with session.post(
-                self._target + path,
+                self._url(path),
                 data=data,
                 headers=headers,
                 allow_redirects=False,

@@ -97,6 +97,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from audit.spool import make_private_dirs, unsafe_dir
+
 from .base import (
     Doc,
     Sink,
@@ -402,7 +404,10 @@ class JsonlSink(Sink):
     # -- lifecycle ---------------------------------------------------------
 
     def _open_sync(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.dir)
+        unsafe = unsafe_dir(self.dir)
+        if unsafe is not None:  # another user could swap or plant day files
+            raise SinkUnavailable(f"jsonl sink: {unsafe}")
         with self._mu:
             self._catch_up(repair=False, fresh=True)  # the long scan, without the lock
         with self._writing:
@@ -480,8 +485,8 @@ class JsonlSink(Sink):
             self._close_file()
         if self._file is None:
             # The owner's only: the audit trail is no one else's to read.
-            self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
-                                   "ab")
+            self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                           | os.O_NOFOLLOW, 0o600), "ab")
             self._file_name = name
         if self._dir_synced != name:
             # The file's directory entry, once per file and process (whoever

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from audit.spool import create_private
+from audit.spool import create_private, make_private_dirs, unsafe_dir
 
 from .base import (
     Doc,
@@ -63,7 +63,10 @@ class SqliteSink(Sink):
 
     async def open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.path.parent)
+            unsafe = unsafe_dir(self.path.parent)
+            if unsafe is not None:
+                raise SinkUnavailable(f"sqlite sink: {unsafe}")
             create_private(self.path)
             db = await aiosqlite.connect(self.path, isolation_level=None)
             try:

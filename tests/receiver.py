@@ -102,6 +102,7 @@ class Receiver:
         self.stats: Counter[str] = Counter()
         # The last requests' headers (bounded: benchmarks send many).
         self.headers_seen: deque[dict[str, str]] = deque(maxlen=1000)
+        self.urls_seen: deque[str] = deque(maxlen=1000)  # path and query
         self._script: deque[Fault] = deque()
         self._tokens = float(self.options.burst)
         self._refilled = clock()
@@ -213,6 +214,7 @@ class Receiver:
         """Count, authenticate, parse, rate-limit and pick a fault."""
         self._count("requests")
         self.headers_seen.append(dict(request.headers))
+        self.urls_seen.append(str(request.rel_url))
         token = self.options.token
         if token is not None and request.headers.get("Authorization") != f"Bearer {token}":
             return self._answer(401, {"error": "unauthorized"})

@@ -413,6 +413,23 @@ async def test_status_object(api: Api) -> None:
     assert body["dead_letter"] == 0
 
 
+async def test_status_names_no_file_path(make_api: MakeApi, tmp_path: Any) -> None:
+    """A sink error quoting a file path reaches /audit/status without it (API.md:
+    no file paths to a client); `server.py status` keeps it for the operator."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    api = await make_api(sink={"sqlite": {"path": str(blocker / "sub" / "audit.db")}})
+    admin = await api.admin()
+
+    async def failing() -> dict[str, Any] | None:
+        body = await _get(api, admin, "/audit/status")
+        return body if body["sink"]["last_error"] else None
+
+    body = await wait_for(failing, message="the sink's first failure")
+    error = body["sink"]["last_error"]
+    assert "<path>" in error and str(tmp_path) not in error, error
+
+
 async def test_flush_and_audit_query_events(api: Api) -> None:
     admin = await api.admin()
     resp = await api.client.post("/audit/flush", headers={**admin.headers,

@@ -24,6 +24,7 @@ from api_fixtures import (
 import server
 from audit.config import ConfigError, parse_config
 from audit.events import Source, format_ts
+from handlers.keys import ACCOUNTS
 
 __all__ = ["api", "make_api"]
 
@@ -170,6 +171,38 @@ async def test_successful_login_below_the_limit_resets_the_user_count(make_api: 
     for _ in range(2):
         await api.client.post("/token", json={"username": "alice", "password": "bad"})
     await api.login("alice")
+
+
+async def test_logins_past_the_waiting_limit_are_refused_at_once(api: Api) -> None:
+    """With every bcrypt slot busy and as many password checks waiting as
+    allowed, a login is refused at once (429, Retry-After, recorded) rather
+    than queued for seconds; once a slot frees, logins work again."""
+    await api.add_user("alice")
+    accounts = api.app[ACCOUNTS]
+    accounts.max_waiting = 0
+    slots = accounts._slots
+    held = 0
+    while not slots.locked():
+        await slots.acquire()
+        held += 1
+    try:
+        resp = await api.client.post("/token", json={"username": "alice",
+                                                     "password": USER_PASSWORD},
+                                     headers={"X-Request-ID": "busy-1"})
+        await expect_error(resp, 429, "too_many_attempts")
+        assert resp.headers["Retry-After"] == "1"
+        resp = await api.client.post("/token", json={"username": "nobody",
+                                                     "password": USER_PASSWORD})
+        await expect_error(resp, 429, "too_many_attempts")  # the same for unknown users
+    finally:
+        for _ in range(held):
+            slots.release()
+    (ev,) = [e for e in await api.wait_security("auth.login_throttled", 2)
+             if e["request_id"] == "busy-1"]
+    assert ev["details"]["reason"] == "server_busy" and ev["details"]["username"] == "alice"
+    resp = await api.client.post("/token", json={"username": "alice",
+                                                 "password": USER_PASSWORD})
+    assert resp.status == 200
 
 
 # -- POST /logout, GET /me ---------------------------------------------------------

@@ -266,3 +266,39 @@ def test_a_log_line_ends_the_drain_progress_bar_first() -> None:
     lines = out.getvalue().split("\n")
     assert lines[0] == "\r[###...] 3/10 written"
     assert all(line.startswith('{"ts"') for line in lines[1:3]) and lines[3] == ""
+
+
+def test_log_lines_escape_control_characters_and_stay_quiet_on_records(monkeypatch):
+    import json
+    """A client's path or header can reach a log message: C0 and C1 controls
+    (terminal escapes, forged line breaks) come out as JSON escapes. At
+    DEBUG, the database drivers' loggers (whole statements and documents:
+    audit records, captured chat) stay at INFO."""
+    import io
+    import logging
+
+    import server
+
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1,
+                               "GET /evil\u009b31m\u001b[2J\r\n{\"forged\": 1} é", None, None)
+    line = server.JsonFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\u009b" not in line
+    assert "\u001b" not in line and "é" in line
+    assert json.loads(line)["msg"] == record.getMessage()
+
+    monkeypatch.setenv("SESSION_AUDIT_LOG_LEVEL", "DEBUG")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        server.setup_logging()
+        out = io.StringIO()
+        root.handlers[0].stream = out  # type: ignore[attr-defined]
+        logging.getLogger("aiosqlite").debug("executing INSERT ... SECRET_DETAIL")
+        logging.getLogger("pymongo.command").debug("command SECRET_DETAIL")
+        logging.getLogger("session_audit.test").debug("our own debug line")
+        text = out.getvalue()
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert "SECRET_DETAIL" not in text
+    assert "our own debug line" in text

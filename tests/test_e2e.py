@@ -478,6 +478,12 @@ async def test_startup_problems_are_one_clear_line(tmp_path: Path) -> None:
     assert (other / "data").stat().st_mode & 0o777 == 0o700  # made by adduser: owner only
     await serve_refuses(config, "adduser NAME --admin")
 
+    shared = tmp_path / "shared"
+    (shared / "data").mkdir(parents=True)
+    os.chmod(shared / "data", 0o777)  # anyone could plant a jwt.key there
+    await serve_refuses(write_config(shared, port), "writable by other users")
+    assert list((shared / "data").iterdir()) == []
+
     mongo = tmp_path / "mongo"
     mongo.mkdir()
     await serve_refuses(write_config(mongo, port, sink={"type": "mongodb"}),

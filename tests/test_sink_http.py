@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import signal
 import socket
@@ -203,6 +204,29 @@ async def test_redirect_is_retried_and_names_the_target_without_secrets(
     assert receiver.parts == {}
     await sink.write_part(sample_part("moved"))  # the retry, once the receiver answers
     assert "moved:0" in receiver.parts
+
+
+async def test_url_credentials_and_query_are_sent_but_never_shown(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    """The URL's query (an API key) goes with every request, after the path;
+    neither it nor the credentials, as written, decoded or as the Basic
+    header's base64 (a receiver may echo it), appear in an error."""
+    receiver, url = await start_receiver()
+    host = url.removeprefix("http://")
+    sink = await make_sink(f"http://sinkuser:S3cret%40SinkPw@{host}/?apikey=QUERYSECRET123")
+    await sink.write_part(sample_part("q"))
+    assert receiver.urls_seen[-1] == "/sessions?apikey=QUERYSECRET123"
+    basic = base64.b64encode(b"sinkuser:S3cret@SinkPw").decode()
+    assert receiver.headers_seen[-1]["Authorization"] == f"Basic {basic}"
+    receiver.script(Fault(401, body={"error": f"you sent Basic {basic} to"
+                                              f" {receiver.urls_seen[-1]}"}))
+    with pytest.raises(SinkRejected) as info:
+        await sink.write_part(sample_part("q2"))
+    text = str(info.value)
+    assert f"POST http://{host}/sessions: HTTP 401" in text, text
+    for secret in (basic, "S3cret", "SinkPw", "sinkuser", "QUERYSECRET123"):
+        assert secret not in text, (secret, text)
 
 
 @pytest.mark.parametrize(
