@@ -215,10 +215,23 @@ async def _first_sink_attempt(engine: AuditEngine, wait: float = SINK_OPEN_WAIT)
         await asyncio.sleep(0.01)
 
 
+async def _sink_switched(engine: AuditEngine) -> None:
+    """Warn when the spool was last flushed to another sink type."""
+    row = await engine.spool.read(
+        lambda c: c.execute("SELECT value FROM meta WHERE key = 'sink_status'").fetchone())
+    last = json.loads(row[0]).get("type") if row else None
+    if last is not None and last != engine.sink.type:
+        log.warning("the sink changed from %s to %s: parts already stored stay in the %s"
+                    " sink, so sessions may be split across both, and verify on either"
+                    " reports the other's parts as missing (README: Switching sinks)",
+                    last, engine.sink.type, last)
+
+
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = app[ENGINE]
     await engine.open()
     try:
+        await _sink_switched(engine)
         await _ensure_admin(app)
         await _first_sink_attempt(engine)
         yield
@@ -655,9 +668,17 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         out = queries.counts(conn, time.time())
         out["spool_bytes"] = max(0, used_bytes(conn) - app_bytes(conn))
         row = conn.execute("SELECT value FROM meta WHERE key = 'sink_status'").fetchone()
-        out["sink"] = json.loads(row[0]) if row else {"type": config.sink.type}
     finally:
         conn.close()
+    # The state a server last saved (with its saved_at): of the configured
+    # sink only if the server used that one; after a switch, apart.
+    saved = json.loads(row[0]) if row else None
+    if saved is not None and saved.get("type") == config.sink.type:
+        out["sink"] = saved
+    else:
+        out["sink"] = {"type": config.sink.type}
+        if saved is not None:
+            out["last_server_sink"] = saved
     print(json.dumps(out, indent=2))
     return 0
 

@@ -158,6 +158,11 @@ class AuditEngine:
                     pass  # cancelled by wait_for; what it was writing stays pending
                 except Exception:  # already logged by the done-callback
                     pass
+            if flusher is not None:  # the server's (not a command's): for `status` later
+                try:
+                    await self._save_sink_status()
+                except Exception as exc:  # the spool may have failed
+                    log.error("sink state not saved at shutdown: %s", exc)
         finally:
             # Even when the above is cancelled: a sink or spool left open keeps
             # its connection's thread, and the process, alive.

@@ -432,6 +432,25 @@ async def test_drain_while_the_server_is_stopped(make_server: Any,
     assert json.loads(status.stdout)["pending_parts"] == 0
 
 
+async def test_a_sink_switch_is_said_by_serve_and_status(make_server: Any,
+                                                       http: aiohttp.ClientSession) -> None:
+    """Parts already stored stay in the old sink: serve warns once when the
+    configured sink is not the one the spool was last flushed to, and status
+    names the configured sink, the last server's apart."""
+    srv = make_server()
+    await srv.start(http)
+    await (await Client(http, srv.url).login("admin", ADMIN_PASSWORD)).logout()
+    assert srv.stop() == 0
+    text = srv.config.read_text()
+    srv.config.write_text(text + '\n[sink]\ntype = "jsonl"\n')
+    status = json.loads((await acli(srv.config, "status")).stdout)
+    assert status["sink"]["type"] == "jsonl"
+    assert status["last_server_sink"]["type"] == "sqlite"
+    await srv.start(http)
+    assert srv.stop() == 0
+    assert "the sink changed from sqlite to jsonl" in srv.stderr()
+
+
 async def test_config_errors_name_the_key(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, port, server={"bogus_key": 1})
