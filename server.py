@@ -35,13 +35,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
 from audit import queries
-from audit.config import Config, ConfigError, load_config
+from audit.config import Config, ConfigError, load_config, sink_where
 from audit.engine import AuditEngine
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
 from audit.spool import (
     SpoolUnavailable,
     app_bytes,
     connect,
+    loose_dir,
     make_private_dirs,
     prepare,
     unsafe_dir,
@@ -140,7 +141,10 @@ def ensure_data_dir(config: Config) -> None:
     unsafe = unsafe_dir(path)
     if unsafe is not None:  # another user could plant its own jwt.key or spool
         raise StartupError(f"server.data_dir: {unsafe}")
-    if path.stat().st_mode & 0o077:
+    loose = loose_dir(path)
+    if loose is not None:
+        log.warning("server.data_dir: %s", loose)
+    elif path.stat().st_mode & 0o077:
         log.warning("server.data_dir %s is open to other users (mode %o): it holds keys,"
                     " password hashes and the audit trail; chmod 700 it", path,
                     path.stat().st_mode & 0o777)
@@ -219,12 +223,17 @@ async def _sink_switched(engine: AuditEngine) -> None:
     """Warn when the spool was last flushed to another sink type."""
     row = await engine.spool.read(
         lambda c: c.execute("SELECT value FROM meta WHERE key = 'sink_status'").fetchone())
-    last = json.loads(row[0]).get("type") if row else None
-    if last is not None and last != engine.sink.type:
-        log.warning("the sink changed from %s to %s: parts already stored stay in the %s"
-                    " sink, so sessions may be split across both, and verify on either"
+    if row is None:
+        return
+    saved = json.loads(row[0])
+    last = f"{saved.get('type')} ({saved.get('where', '?')})"
+    now = f"{engine.sink.type} ({engine.sink_where()})"
+    if saved.get("type") != engine.sink.type or saved.get("where", engine.sink_where()) \
+            != engine.sink_where():
+        log.warning("the sink changed from %s to %s: parts already stored stay in the old"
+                    " one, so sessions may be split across both, and verify on either"
                     " reports the other's parts as missing (README: Switching sinks)",
-                    last, engine.sink.type, last)
+                    last, now)
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -673,10 +682,12 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     # The state a server last saved (with its saved_at): of the configured
     # sink only if the server used that one; after a switch, apart.
     saved = json.loads(row[0]) if row else None
-    if saved is not None and saved.get("type") == config.sink.type:
+    where = sink_where(config)
+    if saved is not None and (saved.get("type"), saved.get("where", where)) \
+            == (config.sink.type, where):
         out["sink"] = saved
     else:
-        out["sink"] = {"type": config.sink.type}
+        out["sink"] = {"type": config.sink.type, "where": where}
         if saved is not None:
             out["last_server_sink"] = saved
     print(json.dumps(out, indent=2))

@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit, urlunsplit
 
 CONFIG_ENV = "SESSION_AUDIT_CONFIG"
 
@@ -276,6 +277,21 @@ def _validate(config: Config) -> None:
         base = config.ai.openai.base_url
         if not base.startswith(("http://", "https://")):
             raise ConfigError("ai.openai.base_url: an http:// or https:// URL is required")
+
+
+def sink_where(config: Config) -> str:
+    """Which sink of its type, without secrets: its file or directory, its URL
+    without credentials or query, its database and collections."""
+    sink = config.sink
+    if sink.type == "sqlite":
+        return str(config.sqlite_sink_path)
+    if sink.type == "jsonl":
+        return str(config.jsonl_dir)
+    if sink.type == "http":
+        u = urlsplit(sink.http.url)
+        return urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path.rstrip("/"), "", ""))
+    m = sink.mongodb
+    return f"{m.database}.{m.sessions_collection}, {m.database}.{m.security_collection}"
 
 
 def parse_config(data: dict[str, Any], base_dir: str = ".") -> Config:

@@ -20,7 +20,7 @@ from typing import Any
 from sinks.base import Sink
 
 from . import queries
-from .config import Config
+from .config import Config, sink_where
 from .events import Draft, Source, format_ts
 from .flusher import Flusher
 from .metrics import Stats
@@ -418,11 +418,15 @@ class AuditEngine:
         self.flusher.wake()
         return n
 
+    def sink_where(self) -> str:
+        return sink_where(self.config)
+
     def sink_status(self) -> dict[str, Any]:
         f = self.flusher
         remaining = f.backoff.remaining()
         return {
             "type": self.sink.type,
+            "where": self.sink_where(),
             "healthy": f.healthy and f.sink_open,
             "last_error": f.last_error,
             "writes_ok": self.stats.writes_ok,

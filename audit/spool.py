@@ -73,13 +73,27 @@ def make_private_dirs(path: Path) -> None:
 
 def unsafe_dir(path: Path) -> str | None:
     """Why a directory holding keys or audit files is not safe, if it is not:
-    another user owns it, or others may write to it (and so swap its files)."""
+    anyone may write to it (and so swap its files), or another user owns it
+    (that user could). Root may use a directory another user owns (a bind
+    mount): :func:`loose_dir` warns about that, and about group write."""
+    st = path.stat()
+    if st.st_mode & 0o002:
+        return (f"{path} is writable by every user (mode {st.st_mode & 0o777:o}):"
+                " chmod o-w it")
+    uid = os.geteuid()
+    if st.st_uid != uid and uid != 0:
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    return None
+
+
+def loose_dir(path: Path) -> str | None:
+    """What is worth a warning about a directory :func:`unsafe_dir` accepts."""
     st = path.stat()
     if st.st_uid != os.geteuid():
-        return f"{path} belongs to another user (uid {st.st_uid})"
-    if st.st_mode & 0o022:
-        return (f"{path} is writable by other users (mode {st.st_mode & 0o777:o}):"
-                " chmod go-w it")
+        return f"{path} belongs to another user (uid {st.st_uid}), who can swap its files"
+    if st.st_mode & 0o020:
+        return (f"{path} is writable by its group (gid {st.st_gid}), whose members can"
+                " swap its files: chmod g-w it unless that group is yours alone")
     return None
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from audit import queries
+from audit.config import Config
 from audit.engine import AuditEngine
 from audit.events import SECURITY_ACTIONS, Draft, format_ts, parse_ts
 from audit.spool import SpoolClosed, SpoolFull, SpoolUnavailable
@@ -31,7 +32,7 @@ from sinks.base import (
 )
 
 from .errors import ApiError, bad_request, json_response, not_found
-from .keys import CTX, ENGINE
+from .keys import CONFIG, CTX, ENGINE
 
 log = logging.getLogger("session_audit.admin")
 
@@ -376,9 +377,18 @@ async def security_events(request: web.Request) -> web.Response:
     return json_response({"events": page, "next_cursor": next_cursor})
 
 
-# An absolute file path in an error's text (not a URL's path: that follows a
-# host), e.g. "[Errno 20] Not a directory: '/srv/audit/x'".
-_FILE_PATH = re.compile(r"(?<![\w.:/\]-])/[^\s'\",:;)\]]+")
+# A quoted absolute file path in an error's text, as the OS quotes them
+# ("[Errno 20] Not a directory: '/srv/audit/x'").
+_QUOTED_PATH = re.compile(r"'/[^']*'")
+
+
+def _without_paths(text: str, config: Config) -> str:
+    """``text`` without the server's own file paths (data dir, sink file or
+    directory) and without quoted absolute paths."""
+    for path in sorted({str(config.data_dir), str(config.sqlite_sink_path),
+                        str(config.jsonl_dir), str(config.spool_path)}, key=len, reverse=True):
+        text = text.replace(path, "<path>")
+    return _QUOTED_PATH.sub("'<path>'", text)
 
 
 @audited_operational
@@ -388,7 +398,7 @@ async def status(request: web.Request) -> web.Response:
     sink = body.get("sink")
     if isinstance(sink, dict) and sink.get("last_error"):
         # No file paths to a client (API.md); `server.py status` shows them.
-        sink["last_error"] = _FILE_PATH.sub("<path>", sink["last_error"])
+        sink["last_error"] = _without_paths(sink["last_error"], request.app[CONFIG])
     return json_response(body)
 
 

@@ -30,6 +30,7 @@ import base64
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -80,6 +81,9 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if when.tzinfo is None:  # "-0000" means UTC per RFC 5322
         return None
     return max(0.0, when.timestamp() - now)
+
+
+_CREDENTIAL = re.compile(r"key|token|secret|sig|pass|auth|cred", re.IGNORECASE)
 
 
 def _strip_userinfo(url: str) -> str:
@@ -142,13 +146,16 @@ class HttpSink(Sink):
         if self._basic:
             text = text.replace(self._basic.partition(" ")[2], "***")
         parts = urlsplit(self.url)
-        secrets = [parts.password, parts.username]
+        hidden = [parts.password, parts.username]  # at any length
         if parts.query:
-            secrets.append(parts.query)
-            secrets += [v for _, _, v in (q.partition("=") for q in parts.query.split("&"))]
-        for secret in secrets:
-            if secret and len(secret) >= 3:
-                text = text.replace(secret, "***").replace(unquote(secret), "***")
+            hidden.append(parts.query)
+            # A value that looks like a key (long, or under a credential's
+            # name), not `format=json`, whose "json" is everywhere.
+            for name, _, value in (q.partition("=") for q in parts.query.split("&")):
+                if len(value) >= 8 or _CREDENTIAL.search(name):
+                    hidden.append(value)
+        for secret in sorted((h for h in hidden if h), key=len, reverse=True):
+            text = text.replace(secret, "***").replace(unquote(secret), "***")
         return text
 
     async def write_part(self, part: Doc) -> None:

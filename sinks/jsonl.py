@@ -97,7 +97,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from audit.spool import make_private_dirs, unsafe_dir
+from audit.spool import loose_dir, make_private_dirs, unsafe_dir
 
 from .base import (
     Doc,
@@ -408,6 +408,9 @@ class JsonlSink(Sink):
         unsafe = unsafe_dir(self.dir)
         if unsafe is not None:  # another user could swap or plant day files
             raise SinkUnavailable(f"jsonl sink: {unsafe}")
+        loose = loose_dir(self.dir)
+        if loose is not None:
+            log.warning("jsonl sink: %s", loose)
         with self._mu:
             self._catch_up(repair=False, fresh=True)  # the long scan, without the lock
         with self._writing:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
 
-from audit.spool import create_private, make_private_dirs, unsafe_dir
+from audit.spool import create_private, loose_dir, make_private_dirs, unsafe_dir
 
 from .base import (
     Doc,
@@ -24,6 +25,8 @@ from .base import (
     sql_where,
     summarize_parts,
 )
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS parts (
@@ -67,6 +70,9 @@ class SqliteSink(Sink):
             unsafe = unsafe_dir(self.path.parent)
             if unsafe is not None:
                 raise SinkUnavailable(f"sqlite sink: {unsafe}")
+            loose = loose_dir(self.path.parent)
+            if loose is not None:
+                log.warning("sqlite sink: %s", loose)
             create_private(self.path)
             db = await aiosqlite.connect(self.path, isolation_level=None)
             try:

@@ -448,7 +448,16 @@ async def test_a_sink_switch_is_said_by_serve_and_status(make_server: Any,
     assert status["last_server_sink"]["type"] == "sqlite"
     await srv.start(http)
     assert srv.stop() == 0
-    assert "the sink changed from sqlite to jsonl" in srv.stderr()
+    assert "the sink changed from sqlite (" in srv.stderr()
+    # Another directory of the same type splits sessions all the same.
+    srv.config.write_text(text + f'\n[sink]\ntype = "jsonl"\n[sink.jsonl]\n'
+                                 f'dir = "{srv.config.parent / "elsewhere"}"\n')
+    status = json.loads((await acli(srv.config, "status")).stdout)
+    assert status["sink"]["where"].endswith("elsewhere")
+    assert status["last_server_sink"]["type"] == "jsonl"
+    await srv.start(http)
+    assert srv.stop() == 0
+    assert "the sink changed from jsonl (" in srv.stderr()
 
 
 async def test_config_errors_name_the_key(tmp_path: Path) -> None:
@@ -500,7 +509,7 @@ async def test_startup_problems_are_one_clear_line(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     (shared / "data").mkdir(parents=True)
     os.chmod(shared / "data", 0o777)  # anyone could plant a jwt.key there
-    await serve_refuses(write_config(shared, port), "writable by other users")
+    await serve_refuses(write_config(shared, port), "writable by every user")
     assert list((shared / "data").iterdir()) == []
 
     mongo = tmp_path / "mongo"

@@ -69,12 +69,18 @@ async def test_a_sink_directory_others_may_write_is_refused(tmp_path):
     for d in ("jsonl", "sqlite"):
         (tmp_path / d).mkdir()
         os.chmod(tmp_path / d, 0o777)
-    with pytest.raises(SinkUnavailable, match="writable by other users"):
+    with pytest.raises(SinkUnavailable, match="writable by every user"):
         await JsonlSink(tmp_path / "jsonl").open()
-    with pytest.raises(SinkUnavailable, match="writable by other users"):
+    with pytest.raises(SinkUnavailable, match="writable by every user"):
         await SqliteSink(tmp_path / "sqlite" / "audit.db").open()
     assert list((tmp_path / "jsonl").iterdir()) == []
     assert list((tmp_path / "sqlite").iterdir()) == []
+    # Group write (a umask of 002 made it so) is a warning, not a refusal.
+    (tmp_path / "group").mkdir()
+    os.chmod(tmp_path / "group", 0o770)
+    sink = JsonlSink(tmp_path / "group")
+    await sink.open()
+    await sink.close()
 
 
 async def test_a_jsonl_day_file_replaced_by_a_symlink_is_not_followed(tmp_path):

@@ -214,9 +214,10 @@ async def test_url_credentials_and_query_are_sent_but_never_shown(
     header's base64 (a receiver may echo it), appear in an error."""
     receiver, url = await start_receiver()
     host = url.removeprefix("http://")
-    sink = await make_sink(f"http://sinkuser:S3cret%40SinkPw@{host}/?apikey=QUERYSECRET123")
+    sink = await make_sink(
+        f"http://sinkuser:S3cret%40SinkPw@{host}/?apikey=QUERYSECRET123&format=json")
     await sink.write_part(sample_part("q"))
-    assert receiver.urls_seen[-1] == "/sessions?apikey=QUERYSECRET123"
+    assert receiver.urls_seen[-1] == "/sessions?apikey=QUERYSECRET123&format=json"
     basic = base64.b64encode(b"sinkuser:S3cret@SinkPw").decode()
     assert receiver.headers_seen[-1]["Authorization"] == f"Basic {basic}"
     receiver.script(Fault(401, body={"error": f"you sent Basic {basic} to"
@@ -225,6 +226,7 @@ async def test_url_credentials_and_query_are_sent_but_never_shown(
         await sink.write_part(sample_part("q2"))
     text = str(info.value)
     assert f"POST http://{host}/sessions: HTTP 401" in text, text
+    assert "http sink" in text  # "json" and "http" are not hidden for format=json
     for secret in (basic, "S3cret", "SinkPw", "sinkuser", "QUERYSECRET123"):
         assert secret not in text, (secret, text)
 
