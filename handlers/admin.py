@@ -396,9 +396,11 @@ async def status(request: web.Request) -> web.Response:
     _params(request, set())
     body = await request.app[ENGINE].status()
     sink = body.get("sink")
-    if isinstance(sink, dict) and sink.get("last_error"):
+    if isinstance(sink, dict):
         # No file paths to a client (API.md); `server.py status` shows them.
-        sink["last_error"] = _without_paths(sink["last_error"], request.app[CONFIG])
+        sink.pop("where", None)
+        if sink.get("last_error"):
+            sink["last_error"] = _without_paths(sink["last_error"], request.app[CONFIG])
     return json_response(body)
 
 

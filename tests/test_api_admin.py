@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -428,6 +429,7 @@ async def test_status_names_no_file_path(make_api: MakeApi, tmp_path: Any) -> No
     body = await wait_for(failing, message="the sink's first failure")
     error = body["sink"]["last_error"]
     assert "<path>" in error and str(tmp_path) not in error, error
+    assert str(tmp_path) not in json.dumps(body)
 
 
 async def test_flush_and_audit_query_events(api: Api) -> None:
