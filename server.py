@@ -226,14 +226,12 @@ async def _sink_switched(engine: AuditEngine) -> None:
     if row is None:
         return
     saved = json.loads(row[0])
-    last = f"{saved.get('type')} ({saved.get('where', '?')})"
-    now = f"{engine.sink.type} ({engine.sink_where()})"
-    if saved.get("type") != engine.sink.type or saved.get("where", engine.sink_where()) \
-            != engine.sink_where():
-        log.warning("the sink changed from %s to %s: parts already stored stay in the old"
-                    " one, so sessions may be split across both, and verify on either"
-                    " reports the other's parts as missing (README: Switching sinks)",
-                    last, now)
+    where = engine.sink_where()
+    if (saved.get("type"), saved.get("where", where)) != (engine.sink.type, where):
+        log.warning("the sink changed from %s (%s) to %s (%s): parts already stored stay in"
+                    " the old one, so sessions may be split across both, and verify on"
+                    " either reports the other's parts as missing (README: Switching sinks)",
+                    saved.get("type"), saved.get("where", "?"), engine.sink.type, where)
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
