@@ -386,7 +386,8 @@ def _without_paths(text: str, config: Config) -> str:
     """``text`` without the server's own file paths (data dir, sink file or
     directory) and without quoted absolute paths."""
     for path in sorted({str(config.data_dir), str(config.sqlite_sink_path),
-                        str(config.jsonl_dir), str(config.spool_path)}, key=len, reverse=True):
+                        str(config.sqlite_sink_path.parent), str(config.jsonl_dir),
+                        str(config.spool_path)}, key=len, reverse=True):
         text = text.replace(path, "<path>")
     return _QUOTED_PATH.sub("'<path>'", text)
 

@@ -155,7 +155,11 @@ class HttpSink(Sink):
                 if len(value) >= 8 or _CREDENTIAL.search(name):
                     hidden.append(value)
         for secret in sorted((h for h in hidden if h), key=len, reverse=True):
-            text = text.replace(secret, "***").replace(unquote(secret), "***")
+            for form in {secret, unquote(secret)}:
+                if len(form) >= 8:
+                    text = text.replace(form, "***")
+                else:  # a short one only where it stands alone, not inside words
+                    text = re.sub(rf"(?<![\w%.-]){re.escape(form)}(?![\w%.-])", "***", text)
         return text
 
     async def write_part(self, part: Doc) -> None:

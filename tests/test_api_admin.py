@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from typing import Any
 
@@ -430,6 +431,14 @@ async def test_status_names_no_file_path(make_api: MakeApi, tmp_path: Any) -> No
     error = body["sink"]["last_error"]
     assert "<path>" in error and str(tmp_path) not in error, error
     assert str(tmp_path) not in json.dumps(body)
+    # A message naming the sink's directory without quotes.
+    (tmp_path / "open").mkdir()
+    os.chmod(tmp_path / "open", 0o777)
+    api = await make_api(sink={"sqlite": {"path": str(tmp_path / "open" / "audit.db")}})
+    admin = await api.admin()
+    body = await wait_for(failing, message="the sink's first failure")
+    assert "writable by every user" in body["sink"]["last_error"]
+    assert str(tmp_path) not in json.dumps(body), body
 
 
 async def test_flush_and_audit_query_events(api: Api) -> None:

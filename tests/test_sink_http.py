@@ -464,3 +464,18 @@ async def test_receiver_command_line_stores_to_a_file(
     assert [(i, json.loads(d)) for i, d in parts] == [("cli:0", part)]
     assert events == [("cli-e",)]
     assert stats["requests"] == 3 and stats["status_409"] == 1
+
+
+@pytest.mark.parametrize(("url", "secret"), [
+    ("http://user:s@h.example/base", "s"),
+    ("http://a:longpassword@h.example/x", "longpassword"),
+    ("http://h.example/x?auth=1", "1"),
+])
+def test_short_secrets_are_hidden_where_they_stand_alone_not_inside_words(
+    url: str, secret: str
+) -> None:
+    """A short secret replaced inside every word would both mangle the message
+    and, by where the stars land, tell what it is."""
+    sink = HttpSink(HttpSinkConfig(url=url, token_env=TOKEN_ENV))
+    text = sink._redact(f"http sink: POST /sessions: HTTP 401: unauthorized; sent {secret}")
+    assert text == "http sink: POST /sessions: HTTP 401: unauthorized; sent ***", text
