@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import fcntl
 import gc
 import getpass
 import json
@@ -461,6 +462,36 @@ def _handle_signals(app: web.Application) -> None:
     app.on_shutdown.insert(0, shutting_down)
 
 
+def serve_lock(config: Config) -> int:
+    """Hold the data directory for this server: an open descriptor with an
+    exclusive ``flock`` on ``<spool>.serve-lock``, released when the process
+    ends however it ends (``kill -9`` too).
+
+    Two servers on one spool would each keep its own cache of the open
+    sessions' chain heads, the next row ids and the security chain, and
+    append over each other: forked chains, commits refused. The commands
+    meant to run beside a server (``drain``, ``adduser``, ``status``...) do
+    not take this lock.
+    """
+    path = config.spool_path.with_name(config.spool_path.name + ".serve-lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise StartupError(f"another server is running on {config.spool_path}{pid}:"
+                           " stop it first, or give this one another server.data_dir"
+                           ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     import uvloop
 
@@ -469,23 +500,33 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         # It cannot appear later: the server would retry a sink it can never open.
         raise StartupError(f"sink.mongodb.uri_env: the environment variable {uri_env}"
                            " (the MongoDB URI) is not set")
+    ensure_data_dir(config)
+    lock = serve_lock(config)
+    try:
+        return _serve(config, uvloop.new_event_loop())
+    finally:
+        os.close(lock)
+
+
+def _serve(config: Config, loop: asyncio.AbstractEventLoop) -> int:
     app = create_app(config)
     app.on_startup.append(_tune_gc)
     _handle_signals(app)
 
-    async def serving(app: web.Application) -> None:  # once the spool is open
+    def serving(_banner: str) -> None:
+        # run_app's banner, printed once the socket listens (not on_startup,
+        # which runs before the bind and would announce a port in use).
         log.info("serving on http://%s:%d with the %s sink", config.server.host,
                  config.server.port, config.sink.type)
 
-    app.on_startup.append(serving)
     try:
         web.run_app(
             app,
             host=config.server.host,
             port=config.server.port,
-            loop=uvloop.new_event_loop(),
+            loop=loop,
             access_log_class=AccessLog,
-            print=None,
+            print=serving,
             shutdown_timeout=10.0,
             handle_signals=False,  # _handle_signals
         )
