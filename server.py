@@ -750,7 +750,7 @@ async def _verify(config: Config) -> int:
         except sqlite3.Error as exc:
             print(f"verify: the spool cannot be read ({exc}); the end of this server's"
                   " security chain is not checked", file=sys.stderr)
-    sink = create_sink(config)
+    sink = create_sink(config, readonly=True)
     try:
         await sink.open()
         # A session lasts at most max_session_seconds; a day more for a reaper

@@ -25,6 +25,13 @@ FINAL_REASONS = frozenset({"logout", "idle_timeout", "token_expired", "max_durat
 TIME_SLACK_SECONDS = 0.05
 # session_duration_seconds is end - start of the unrounded times, to 3 places.
 DURATION_SLACK_SECONDS = 0.002
+# The fields of a part document (API.md "A part"; store.part_document): one
+# more is outside the chain and the checks here, and so not the server's.
+PART_FIELDS = frozenset({
+    "_id", "session_id", "part", "final", "user", "session_start_time",
+    "session_end_time", "session_duration_seconds", "event_count", "seal_reason",
+    "first_seq", "last_seq", "prev_hash", "hash", "events",
+})
 
 
 @dataclass(frozen=True)
@@ -57,17 +64,42 @@ def check_session(key: bytes, session_id: str, parts: list[dict[str, Any]]) -> l
     def add(kind: str, detail: str) -> None:
         out.append(Problem(session_id, kind, detail))
 
-    parts = sorted(parts, key=lambda p: p["part"])
-    numbers = [p["part"] for p in parts]
-    expected_last = max(numbers) if numbers else -1
-    if any(p.get("final") for p in parts):
-        expected_last = max(p["part"] for p in parts if p.get("final"))
+    # Only documents that may be this session's part n are checked as such:
+    # ``part`` a number from 0, ``session_id`` this session, ``_id`` the two.
+    # Any other (a part added past the final one, a second part n under
+    # another ``_id``) is a finding, never silently left out: the admin API
+    # shows every stored part's events.
+    by_number: dict[int, dict[str, Any]] = {}
+    for p in sorted(parts, key=lambda p: _number(p.get("part"))):
+        n = p.get("part")
+        if type(n) is not int or n < 0:
+            add("bad_part", f"a part numbered {n!r} ({_doc_id(p)})")
+            continue
+        if p.get("session_id") != session_id:
+            add("bad_part", f"part {n} ({_doc_id(p)}) names session {p.get('session_id')!r}")
+        if p.get("_id") != f"{session_id}:{n}":
+            add("bad_part", f"part {n} is stored under _id {p.get('_id')!r}")
+        if n in by_number:
+            add("changed", f"part {n} is stored twice ({_doc_id(by_number[n])},"
+                f" {_doc_id(p)}): the first is the one checked")
+            continue
+        by_number[n] = p
+        unknown = sorted(str(k) for k in p if k not in PART_FIELDS)
+        if unknown:
+            add("bad_part", f"part {n}: fields outside the record: {', '.join(unknown)}")
+    numbers = sorted(by_number)
+    expected_last = numbers[-1] if numbers else -1
+    finals = [n for n in numbers if by_number[n].get("final")]
+    if finals:
+        expected_last = finals[0]
+        for n in numbers:
+            if n > expected_last:
+                add("bad_part", f"part {n} comes after the final part {expected_last}")
     missing = sorted(set(range(expected_last + 1)) - set(numbers))
     for m in missing:
         add("missing_part", f"part {m} is not stored")
     prev_hash = genesis(key, session_id)
     expected_seq = 1
-    by_number = {p["part"]: p for p in parts}
     for n in range(expected_last + 1):
         part = by_number.get(n)
         if part is None:
@@ -75,6 +107,8 @@ def check_session(key: bytes, session_id: str, parts: list[dict[str, Any]]) -> l
             expected_seq = -1
             continue
         events = part.get("events") or []
+        if not events:  # every cut takes at least one event (a seal: session.end)
+            add("bad_part", f"part {n}: holds no events")
         if prev_hash and part.get("prev_hash") != prev_hash:
             add("bad_part", f"part {n}: prev_hash does not continue the chain")
         chain = part.get("prev_hash") or prev_hash
@@ -108,6 +142,15 @@ def check_session(key: bytes, session_id: str, parts: list[dict[str, Any]]) -> l
         prev_hash = part.get("hash", "")
         expected_seq = part.get("last_seq", 0) + 1
     return out
+
+
+def _number(value: Any) -> int:
+    """A sort key for a part's ``part``, whatever a tampered document holds."""
+    return value if type(value) is int else -1
+
+
+def _doc_id(part: dict[str, Any]) -> str:
+    return repr(part.get("_id"))
 
 
 def _seconds(value: Any) -> float | None:
@@ -254,6 +297,12 @@ async def verify_sink(
         report.problems.append(Problem(
             "", "bad_part", f"the sink's sessions cannot be listed to the end"
             f" ({type(exc).__name__})"))
+    for doc_id, kind, columns in await sink.index_mismatches():
+        sid = doc_id.rpartition(":")[0] if kind == "part" else SECURITY_STREAM
+        report.problems.append(Problem(
+            sid, "bad_part" if kind == "part" else "changed",
+            f"{kind} {doc_id}: the sink's query columns ({columns}) are not the stored"
+            " document's: the admin API's listings filter on them"))
     for doc_id, kind, where in await sink.conflicting_copies():
         sid = doc_id.rpartition(":")[0] if kind == "part" else ""
         report.problems.append(Problem(
@@ -380,6 +429,10 @@ async def check_security_stream(
                     f"event {ev.get('_id')} ({ev.get('ts')}) is a copy of an earlier one"))
                 continue
             seen.add(digest)
+            if ev["hash"] and ev.get("_id") != ev.get("event_id"):  # outside the hash
+                report.problems.append(Problem(
+                    SECURITY_STREAM, "security_chain",
+                    f"event {ev.get('event_id')!r} is stored under _id {ev.get('_id')!r}"))
             chain = find(ev)
             if chain is None and continues(start, ev):
                 report.security_chains += 1

@@ -47,13 +47,14 @@ def cleartext_to_remote(url: str) -> bool:
         return True  # a name: it may resolve anywhere
 
 
-def create_sink(config: Config) -> Sink:
-    """The sink named by ``[sink] type``; nothing is connected until ``open()``."""
+def create_sink(config: Config, *, readonly: bool = False) -> Sink:
+    """The sink named by ``[sink] type``; nothing is connected until ``open()``.
+    With ``readonly`` (verify), the sqlite sink opens its file read only."""
     kind = config.sink.type
     if kind == "sqlite":
         from .sqlite import SqliteSink
 
-        sink: Sink = SqliteSink(config.sqlite_sink_path)
+        sink: Sink = SqliteSink(config.sqlite_sink_path, readonly=readonly)
         return sink
     if kind == "jsonl":
         from .jsonl import JsonlSink

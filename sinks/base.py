@@ -185,6 +185,13 @@ class Sink(ABC):
         or "security event", where)``. For ``verify``; most sinks refuse them."""
         return []
 
+    async def index_mismatches(self) -> list[tuple[str, str, str]]:
+        """Documents whose copies in the sink's own query columns (what the
+        admin API filters and sorts on) disagree with the document: ``(_id,
+        "part" or "security event", the columns)``. For ``verify``; a sink
+        that queries the documents themselves has none."""
+        return []
+
     async def session_ids(self) -> AsyncIterator[str]:
         """Every session the sink holds any part of, once each (for verify).
 

@@ -53,18 +53,31 @@ CREATE INDEX IF NOT EXISTS security_ts ON security_events (ts, id);
 """
 
 
+# The query columns and the document fields they copy (index_mismatches).
+_PART_COLUMNS = (("id", "_id"), ("session_id", "session_id"), ("part", "part"),
+                 ("user", "user"), ("session_start_time", "session_start_time"),
+                 ("final", "final"), ("hash", "hash"))
+_SECURITY_COLUMNS = (("id", "_id"), ("ts", "ts"), ("action", "action"), ("hash", "hash"))
+
+
 class SqliteSink(Sink):
     type = "sqlite"
     queryable = True
     raw_events = True
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
+        # Read only (verify): nothing is created or changed, not even the
+        # tables of a file that has lost them.
+        self.readonly = readonly
         self._db: aiosqlite.Connection | None = None
         # One connection: writes must not interleave inside a transaction.
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
+        if self.readonly:
+            await self._open_readonly()
+            return
         try:
             make_private_dirs(self.path.parent)
             unsafe = unsafe_dir(self.path.parent)
@@ -80,6 +93,28 @@ class SqliteSink(Sink):
                 await db.execute("PRAGMA synchronous=FULL")
                 await db.execute("PRAGMA busy_timeout=5000")
                 await db.executescript(_SCHEMA)
+            except BaseException:
+                await db.close()
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            raise SinkUnavailable(f"cannot open {self.path.name}: {exc}") from exc
+        self._db = db
+
+    async def _open_readonly(self) -> None:
+        try:
+            db = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True,
+                                         isolation_level=None)
+            try:
+                await db.execute("PRAGMA busy_timeout=5000")
+                async with db.execute(
+                    "SELECT count(*) FROM sqlite_schema WHERE type = 'table'"
+                    " AND name IN ('parts', 'security_events')"
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is None or row[0] != 2:
+                    raise SinkUnavailable(f"{self.path.name} holds no audit tables (parts,"
+                                          " security_events): not this sink's file, or"
+                                          " they were dropped")
             except BaseException:
                 await db.close()
                 raise
@@ -212,6 +247,26 @@ class SqliteSink(Sink):
             last = out[-1]
             next_cursor = encode_cursor(last["session_start_time"], last["session_id"])
         return out, next_cursor
+
+    async def index_mismatches(self) -> list[tuple[str, str, str]]:
+        """Rows whose columns (``session_id``, ``part``, ``user``,
+        ``session_start_time``, ``final``, ``hash``; ``ts``, ``action``) are
+        not the document's own fields: the listings filter on the columns,
+        verify reads the documents (a ``doc`` that is not JSON counts too)."""
+        db = self._conn()
+        out: list[tuple[str, str, str]] = []
+        for table, kind, columns in (("parts", "part", _PART_COLUMNS),
+                                     ("security_events", "security event", _SECURITY_COLUMNS)):
+            differs = " || ".join(
+                f"(CASE WHEN {c} IS NOT json_extract(doc, '$.{f}') THEN '{c} ' ELSE '' END)"
+                for c, f in columns)
+            async with db.execute(
+                f"SELECT id, CASE WHEN json_valid(doc) THEN {differs} ELSE 'doc' END AS bad"
+                f" FROM {table} WHERE bad != '' ORDER BY id"
+            ) as cur:
+                out.extend((str(r[0]), kind, ", ".join(str(r[1]).split()))
+                           for r in await cur.fetchall())
+        return out
 
     async def get_session_parts(self, session_id: str) -> list[Doc]:
         db = self._conn()

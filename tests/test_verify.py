@@ -366,7 +366,10 @@ async def test_odd_documents_are_findings_not_crashes(stored, audit_key, tmp_pat
     chain = _security_chain(audit_key, 5, "n")
     chain[2]["details"] = {"score": float("nan")}
     report = await _verify_security(tmp_path / "nan.db", audit_key, [chain])
-    assert [p.kind for p in report.problems] == ["security_chain"]
+    # NaN is not JSON: SQLite cannot read the document's fields either.
+    assert sorted((p.kind, p.detail.split()[:3]) for p in report.problems) == [
+        ("changed", ["security", "event", f"{chain[2]['_id']}:"]),
+        ("security_chain", ["event", chain[2]["_id"], f"({chain[2]['ts']},"])]
 
 
 async def test_a_sealed_session_relabelled_as_a_checkpoint_is_found(stored, audit_key):
@@ -570,3 +573,149 @@ async def test_a_second_jsonl_copy_with_other_content_is_found(
         await sink.close()
     assert [(p.session_id, p.kind) for p in report.problems] == [(s.session_id, "changed")]
     assert "another copy" in report.problems[0].detail
+
+
+def stored_part(config, session_id: str, part: int) -> dict[str, Any]:
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as conn:
+        (text,) = conn.execute("SELECT doc FROM parts WHERE session_id = ? AND part = ?",
+                               (session_id, part)).fetchone()
+    doc: dict[str, Any] = json.loads(text)
+    return doc
+
+
+def insert_part(config, doc: dict[str, Any]) -> None:
+    """A new row whose query columns agree with its document (as the sink
+    writes them): only the document's content is wrong."""
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as conn, conn:
+        conn.execute(
+            "INSERT INTO parts (id, session_id, part, user, session_start_time, final, hash,"
+            " doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (doc["_id"], doc["session_id"], doc["part"], doc["user"],
+             doc["session_start_time"], int(doc["final"]), doc["hash"], json.dumps(doc)))
+
+
+async def findings(config, key) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for p in (await report_of(config, key)).problems:
+        out.setdefault(p.session_id, []).append((p.kind, p.detail))
+    return out
+
+
+async def test_parts_that_cannot_be_the_sessions_own_are_found(stored, audit_key):
+    """The admin API shows the events of every stored part of a session: a
+    forged part must not pass verify because its number, _id or session is
+    not one verify looks at (found by a review: all six passed before)."""
+    config, sids = stored
+    after, twice, negative, wrong_id, wrong_session, extra_field = sids
+
+    def forged(sid: str, part: int, **fields: Any) -> dict[str, Any]:
+        doc = stored_part(config, sid, 1)  # a checkpoint: events 4-6
+        doc["events"][0]["action"] = "document.delete"
+        return {**doc, "part": part, "_id": f"{sid}:{part}", **fields}
+
+    insert_part(config, forged(after, 3))  # past the final part 2
+    insert_part(config, forged(twice, 1, _id="another-id"))  # a second part 1
+    insert_part(config, forged(negative, -1))
+    # The same part under another _id, and naming another session.
+    tamper(config, wrong_id, 1, lambda d: d.update(_id=f"{wrong_id}:7"))
+    tamper(config, wrong_session, 1, lambda d: d.update(session_id="f" * 32))
+    tamper(config, extra_field, 0, lambda d: d.update(approved_by="the CFO"))
+
+    found = await findings(config, audit_key)
+    assert set(found) == set(sids)
+    assert ("bad_part", "part 3 comes after the final part 2") in found[after]
+    assert any(k == "changed" and d.startswith("part 1 is stored twice")
+               and "'another-id'" in d for k, d in found[twice])
+    assert ("bad_part", f"a part numbered -1 ('{negative}:-1')") in found[negative]
+    assert ("bad_part", f"part 1 is stored under _id '{wrong_id}:7'") in found[wrong_id]
+    assert any(d.startswith(f"part 1 ('{wrong_session}:1') names session 'fff")
+               for _, d in found[wrong_session])
+    assert found[extra_field] == [
+        ("bad_part", "part 0: fields outside the record: approved_by")]
+
+
+async def test_an_empty_part_is_found(stored, audit_key):
+    """Every cut takes at least one event: an empty part slipped in (the
+    later parts renumbered, its hash its prev_hash) was not found before."""
+    config, sids = stored
+    sid = sids[0]
+    parts = [stored_part(config, sid, n) for n in range(3)]
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as conn, conn:
+        conn.execute("DELETE FROM parts WHERE session_id = ?", (sid,))
+    empty = {**parts[0], "part": 1, "_id": f"{sid}:1", "events": [], "event_count": 0,
+             "first_seq": 4, "last_seq": 3, "prev_hash": parts[0]["hash"]}
+    renumbered = [{**p, "part": n + 1, "_id": f"{sid}:{n + 1}"} for n, p in enumerate(parts)]
+    for doc in (parts[0], empty, *renumbered[1:]):
+        insert_part(config, doc)
+    found = await findings(config, audit_key)
+    assert found == {sid: [("bad_part", "part 1: holds no events")]}
+
+
+async def test_the_sinks_query_columns_are_held_to_its_documents(stored, audit_key, tmp_path):
+    """The sqlite sink's listings filter on columns copied from the documents:
+    a column changed alone hid a session from ?user= or a security event from
+    ?kind= while verify, reading the documents, said OK."""
+    config, sids = stored
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as conn, conn:
+        conn.execute("UPDATE parts SET user = 'mallory' WHERE session_id = ?", (sids[0],))
+        conn.execute("UPDATE parts SET session_start_time = '2001-01-01T00:00:00.000Z',"
+                     " final = 1 WHERE session_id = ? AND part = 1", (sids[1],))
+    found = await findings(config, audit_key)
+    assert set(found) == {sids[0], sids[1]}
+    assert [k for k, _ in found[sids[0]]] == ["bad_part"] * 3  # one a part
+    assert "query columns (user)" in found[sids[0]][0][1]
+    assert found[sids[1]] == [("bad_part", f"part {sids[1]}:1: the sink's query columns"
+                               " (session_start_time, final) are not the stored document's:"
+                               " the admin API's listings filter on them")]
+
+    chain = _security_chain(audit_key, 3, "c")
+    path = tmp_path / "sec.db"
+    assert (await _verify_security(path, audit_key, [chain])).ok
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE security_events SET action = 'auth.logout' WHERE id = ?",
+                     (chain[1]["_id"],))
+    report = await _verify_security(path, audit_key, [])
+    assert [(p.kind, p.detail.split(":")[0]) for p in report.problems] == [
+        ("changed", f"security event {chain[1]['_id']}")]
+
+
+async def test_a_security_event_under_another_id_is_found(tmp_path, audit_key):
+    chain = _security_chain(audit_key, 3, "i")
+    chain[1]["_id"] = "chosen-by-someone"
+    report = await _verify_security(tmp_path / "s.db", audit_key, [chain])
+    assert [p.detail for p in report.problems] == [
+        f"event {chain[1]['event_id']!r} is stored under _id 'chosen-by-someone'"]
+
+
+async def test_verify_reads_the_sqlite_sink_without_writing_it(stored, audit_key):
+    """verify opened the sink as the server does: a file whose tables were
+    dropped got them back, empty, and then verified as OK."""
+    from sinks.base import SinkUnavailable
+
+    config, _ = stored
+    path = config.sqlite_sink_path
+    sink = SqliteSink(path, readonly=True)
+    await sink.open()
+    try:
+        assert (await verify_sink(sink, audit_key)).ok
+    finally:
+        await sink.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("DROP TABLE parts")
+    before = path.read_bytes()
+    sink = SqliteSink(path, readonly=True)
+    with pytest.raises(SinkUnavailable, match="holds no audit tables"):
+        await sink.open()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema")}
+    assert "parts" not in tables and path.read_bytes() == before
+
+
+def test_the_fields_verify_accepts_are_those_the_server_writes() -> None:
+    from audit.store import part_document
+    from audit.verify import PART_FIELDS
+
+    meta = {"session_id": "s", "part": 0, "final": 1, "end_ts": 2.0, "user": "u",
+            "start_ts": 1.0, "first_seq": 1, "last_seq": 1, "seal_reason": "logout",
+            "prev_hash": "p", "hash": "h"}
+    assert set(part_document(meta, [])) == PART_FIELDS
