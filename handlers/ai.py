@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -116,8 +117,10 @@ class OpenAIProvider:
                                    timeout=timeout) as resp:
                 if resp.status != 200:
                     raise AIUnavailable(f"provider answered HTTP {resp.status}")
-                data = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                body = await _read_capped(resp, ANSWER_MAX_BYTES)
+            # RecursionError: JSON nested deeper than the parser's stack.
+            data = json.loads(body)
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
             raise AIUnavailable(f"provider request failed: {type(exc).__name__}") from None
         try:
             reply = data["choices"][0]["message"]["content"]
@@ -127,10 +130,36 @@ class OpenAIProvider:
                 raise TypeError("content is not a string")
             reply.encode("utf-8")  # a lone surrogate could be neither answered nor recorded
             model.encode("utf-8")
+            if len(key) >= 8:  # a provider echoing our request must not hand the key on
+                reply = reply.replace(key, "[redacted]")
+                model = model.replace(key, "[redacted]")
             return Answer(reply, model, _tokens(usage.get("prompt_tokens", 0)),
                           _tokens(usage.get("completion_tokens", 0)))
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError):
             raise AIUnavailable("provider answered an unexpected body") from None
+
+
+class AnswerTooLarge(ValueError):
+    pass
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The response body (decompressed), refused past ``limit`` bytes: by its
+    ``Content-Length`` before reading, else as soon as it is over."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise AnswerTooLarge(f"more than {limit} bytes")
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge(f"more than {limit} bytes")
+    return bytes(body)
+
+
+# The provider's whole answer (a chat completion is a few KiB): read into
+# memory by up to CHAT_CONCURRENCY chats at once, and its reply recorded
+# (under capture_ai_content) in one event, which must fit a sink's part.
+ANSWER_MAX_BYTES = 1024 * 1024
 
 
 # A model name is recorded with every interaction: a provider's odd one is cut.

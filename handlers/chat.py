@@ -16,7 +16,14 @@ from audit.spool import SpoolFull
 from audit.store import ActionError, SessionNotOpen
 
 from .ai import AIUnavailable
-from .documents import DOC_ID_MAX, _valid_id, document_input, fetch_visible, refuse_action
+from .documents import (
+    DOC_ID_MAX,
+    _valid_id,
+    check_visible,
+    document_input,
+    fetch_visible,
+    refuse_action,
+)
 from .errors import ApiError, bad_request, json_response
 from .keys import AI, CHAT_SLOTS, CONFIG, CTX, ENGINE
 from .requests import json_object
@@ -51,6 +58,13 @@ async def chat(request: web.Request) -> web.Response:
     draft = Draft("ai.interaction", target={"type": "document", "id": doc_id[:DOC_ID_MAX * 2]},
                   source=ctx.source())
     message = await document_input(request, draft, doc_id, _message, limit=CHAT_BODY_MAX)
+    # Who may chat about the document is settled before the wait for a slot:
+    # with every slot busy (a slow provider, or somebody's many chats),
+    # another user's attempt is still 404 and access.denied, not ai_busy.
+    try:
+        await request.app[ENGINE].spool.read(lambda c: check_visible(c, ctx, doc_id))
+    except ActionError as err:
+        raise await refuse_action(request, draft, err) from None
     slots = request.app[CHAT_SLOTS]  # taken before the document is read into memory
     try:
         async with asyncio.timeout(CHAT_QUEUE_SECONDS):

@@ -41,11 +41,23 @@ def _target(doc_id: str) -> dict[str, str]:
 def fetch_visible(conn: sqlite3.Connection, ctx: RequestContext, doc_id: str) -> tuple[Any, ...]:
     """The document row if the caller may see it; ActionError otherwise."""
     row = conn.execute(f"SELECT {_COLS} FROM documents WHERE id = ?", (doc_id,)).fetchone()
-    if row is None:
-        raise ActionError("not_found", message="no such document")
-    if row[3] != ctx.user and not ctx.is_admin:
-        raise ActionError("not_owner", outcome="denied", message="no such document")
+    _check_visible(ctx, None if row is None else row[3])
     return tuple(row)
+
+
+def check_visible(conn: sqlite3.Connection, ctx: RequestContext, doc_id: str) -> None:
+    """:func:`fetch_visible` without reading the document (its owner only)."""
+    if not _valid_id(doc_id):
+        raise ActionError("not_found", message="no such document")
+    row = conn.execute("SELECT owner FROM documents WHERE id = ?", (doc_id,)).fetchone()
+    _check_visible(ctx, None if row is None else row[0])
+
+
+def _check_visible(ctx: RequestContext, owner: str | None) -> None:
+    if owner is None:
+        raise ActionError("not_found", message="no such document")
+    if owner != ctx.user and not ctx.is_admin:
+        raise ActionError("not_owner", outcome="denied", message="no such document")
 
 
 def _map(err: ActionError) -> ApiError:

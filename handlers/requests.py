@@ -46,6 +46,11 @@ async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes
         request[CLOSE_AFTER] = True
         raise bad_request("the request body could not be read (is its Content-Encoding"
                           " right?)") from None
+    except ConnectionError:
+        # The client went away before its body ended: the attempt is still
+        # recorded (as invalid input) by the caller, like any unreadable body.
+        request[CLOSE_AFTER] = True
+        raise bad_request("the connection was lost before the request body ended") from None
     return bytes(body)
 
 

@@ -5,8 +5,9 @@
 ``"ok"``, ``"error"`` (HTTP 500 with an OpenAI-style error body), ``"slow"``
 (holds the request until the stub stops, so the client times out),
 ``"held"`` (sets ``arrived``, then answers normally once ``gate`` is set),
-``"garbage"`` (200 with a body that is not a completion) or ``"raw"`` (200
-with ``raw_body``, bytes as they are: odd completions). Every request is kept
+``"garbage"`` (200 with a body that is not a completion), ``"raw"`` (200
+with ``raw_body``, bytes as they are: odd completions) or ``"raw_chunked"``
+(the same, chunked: no Content-Length). Every request is kept
 in ``requests`` for assertions.
 """
 
@@ -72,6 +73,14 @@ class OpenAIStub:
             return web.json_response({"unexpected": True})
         if self.mode == "raw":
             return web.Response(body=self.raw_body, content_type="application/json")
+        if self.mode == "raw_chunked":  # raw_body without a Content-Length
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, len(self.raw_body), 256 * 1024):
+                await resp.write(self.raw_body[i : i + 256 * 1024])
+            await resp.write_eof()
+            return resp
         messages = body.get("messages") or []
         question = messages[-1]["content"] if messages else ""
         reply = f"Stub answer to: {question}"

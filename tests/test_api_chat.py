@@ -177,6 +177,97 @@ async def test_an_odd_completion_is_a_failing_provider(
     assert ev["details"]["error"] == "provider answered an unexpected body"
 
 
+DEEP_CHOICES = b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+HUGE = completion(reply=json.dumps("x" * (1024 * 1024)))  # past ANSWER_MAX_BYTES
+
+
+@pytest.mark.parametrize(("mode", "body", "error"), [
+    ("raw", DEEP_CHOICES, "RecursionError"),
+    ("raw", completion(model=b'{"a": '.decode() * 5000 + "1" + "}" * 5000), "RecursionError"),
+    ("raw", HUGE, "AnswerTooLarge"),
+    ("raw_chunked", HUGE, "AnswerTooLarge"),
+], ids=["deep_choices", "deep_model", "huge", "huge_chunked"])
+async def test_a_provider_answer_too_deep_or_too_large_is_a_failing_provider(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch,
+    mode: str, body: bytes, error: str,
+) -> None:
+    """Found by a review: nesting past the parser's stack was a 500 (an
+    unexpected RecursionError), and a provider's answer was read whole
+    whatever its size (150 MB took the server from 48 to 489 MB; recorded
+    under capture_ai_content, a part no sink takes)."""
+    stub.mode, stub.raw_body = mode, body
+    api = await raw_stub_api(make_api, stub, monkeypatch)
+    _, ev = await _failed_chat(api, 502, "ai_unavailable")
+    assert ev["details"]["reason"] == "ai_unavailable"
+    assert ev["details"]["error"] == f"provider request failed: {error}"
+
+
+async def test_an_answer_just_under_the_limit_is_fine(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from handlers.ai import ANSWER_MAX_BYTES
+
+    reply = "y" * (ANSWER_MAX_BYTES - len(completion(reply='""')))
+    stub.mode, stub.raw_body = "raw_chunked", completion(reply=json.dumps(reply))
+    assert len(stub.raw_body) == ANSWER_MAX_BYTES
+    api = await raw_stub_api(make_api, stub, monkeypatch)
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hi"},
+                                 headers=alice.headers)
+    assert resp.status == 200 and (await resp.json())["reply"] == reply
+
+
+async def test_a_provider_echoing_the_key_does_not_hand_it_on(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider (or a proxy before it) that puts our Authorization header in
+    its model name or reply: the key reached the client and the records."""
+    key = "sk-test-stub-key"
+    stub.mode, stub.raw_body = "raw", completion(
+        reply=json.dumps(f"your header was Bearer {key}."), model=json.dumps(f"m-{key}"))
+    api = await raw_stub_api(make_api, stub, monkeypatch)
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hi"},
+                                 headers=alice.headers)
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert (body["reply"], body["model"]) == ("your header was Bearer [redacted].",
+                                              "m-[redacted]")
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert key not in json.dumps(ev) and ev["details"]["model"] == "m-[redacted]"
+
+
+async def test_with_every_slot_busy_a_wrong_user_chat_is_still_denied_at_once(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: the slot was taken before the access check, so with
+    every slot busy (anyone's slow chats) bob's chat on alice's document, or
+    on none, waited 30 s and was recorded as ai_busy, not denied."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    api = await make_api(ai=_openai(stub))
+    alice, bob = await api.user("alice"), await api.user("bob")
+    doc = await api.create_doc(alice, title="A", content=DOC)
+    slots = api.app[CHAT_SLOTS]
+    for _ in range(server.CHAT_CONCURRENCY):
+        await slots.acquire()
+    try:
+        for path in (f"/documents/{doc['id']}/chat", "/documents/nosuchdoc/chat"):
+            # A guard against the wait for a slot (30 s), not a timing.
+            resp = await asyncio.wait_for(api.client.post(
+                path, json={"message": "hi"}, headers=bob.headers), 10)
+            await expect_error(resp, 404, "not_found")
+    finally:
+        for _ in range(server.CHAT_CONCURRENCY):
+            slots.release()
+    events = await _ai_events(api, bob.session_id)
+    assert [(e["outcome"], e["details"]["reason"]) for e in events] == [
+        ("denied", "not_owner"), ("failure", "not_found")]
+    assert len(await api.wait_security("access.denied", 1)) == 1
+    assert stub.requests == []
+
+
 async def raw_stub_api(make_api: MakeApi, stub: OpenAIStub,
                        monkeypatch: pytest.MonkeyPatch) -> Api:
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")

@@ -310,6 +310,73 @@ async def test_a_body_that_does_not_decode_is_400_and_recorded(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Live]:
+    lv = Live(tmp_path)
+    yield lv
+    lv.close()
+
+
+async def test_a_body_the_client_cuts_short_is_recorded(live: Live) -> None:
+    """Found by a review: a client closing its connection half way through
+    the body it announced got a 500, an ERROR with a traceback in the log,
+    and no record of its attempt. A real server process: the in-process test
+    server cancels a handler whose client went away, ``serve`` does not."""
+    await live.start()
+    await live.adduser("alice", PASSWORD)
+    async with aiohttp.ClientSession() as http:
+        async def token(user: str, password: str) -> dict[str, Any]:
+            async with http.post(live.base + "/token",
+                                 json={"username": user, "password": password}) as r:
+                assert r.status == 200
+                body: dict[str, Any] = await r.json()
+                return body
+
+        alice = await token("alice", PASSWORD)
+        auth = {"Authorization": f"Bearer {alice['access_token']}"}
+        async with http.post(live.base + "/documents", headers=auth,
+                             json={"title": "t", "content": "c"}) as r:
+            doc = (await r.json())["id"]
+        sent: list[tuple[str, str]] = []
+        for n, (method, path, action) in enumerate(JSON_ENDPOINTS):
+            if path == "/token":
+                continue
+            for framing in ("Content-Length: 1000\r\n\r\n{\"title\": \"par",
+                            "Transfer-Encoding: chunked\r\n\r\n3e8\r\n{\"title\": \"par"):
+                rid = f"cut-{n}-{len(sent)}"
+                # Expect: 100-continue: once the server says go on, the request
+                # is in the app's hands (a connection lost before never reaches it).
+                head = (f"{method} {path.format(doc=doc)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        f"Authorization: Bearer {alice['access_token']}\r\n"
+                        f"X-Request-ID: {rid}\r\nContent-Type: application/json\r\n"
+                        f"Expect: 100-continue\r\n{framing}")
+                reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+                writer.write(head.encode())
+                await writer.drain()
+                assert (await reader.readline()).startswith(b"HTTP/1.1 100"), (method, path)
+                writer.close()
+                await writer.wait_closed()
+                sent.append((rid, action))
+        admin = await token("admin", "admin-password-for-tests")
+        admin_auth = {"Authorization": f"Bearer {admin['access_token']}"}
+        deadline = time.monotonic() + 20
+        while True:
+            async with http.get(f"{live.base}/audit/sessions/{alice['session_id']}",
+                                headers=admin_auth) as r:
+                events = (await r.json())["events"]
+            got = {e["request_id"]: e for e in events}
+            if all(rid in got for rid, _ in sent) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        for rid, action in sent:
+            assert rid in got, (rid, action, "not recorded")
+            assert (got[rid]["action"], got[rid]["outcome"]) == (action, "failure"), got[rid]
+        async with http.get(f"{live.base}/documents/{doc}", headers=auth) as r:
+            assert r.status == 200 and (await r.json())["title"] == "t"
+    log = live.log_tail(200_000)
+    assert "unhandled error" not in log and "Traceback" not in log, log[-3000:]
+
+
 def _chunked(data: bytes, size: int = 16 * 1024) -> Any:
     """A body sent with chunked transfer encoding (no Content-Length)."""
     async def gen() -> Any:
