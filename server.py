@@ -40,12 +40,15 @@ from audit.config import Config, ConfigError, load_config, sink_where
 from audit.engine import AuditEngine
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
 from audit.spool import (
+    AuditKeyMismatch,
     SpoolUnavailable,
     app_bytes,
     connect,
+    key_check,
     loose_dir,
     make_private_dirs,
     prepare,
+    stored_key_check,
     unsafe_dir,
     used_bytes,
 )
@@ -124,7 +127,11 @@ def load_secret(env: str, path: Path) -> bytes:
         if not path.exists():
             with contextlib.suppress(FileExistsError):  # another process was first
                 _write_private(path, secrets.token_urlsafe(48) + "\n")
-        key = path.read_text(encoding="utf-8").strip().encode("utf-8")
+        try:
+            key = path.read_text(encoding="utf-8").strip().encode("utf-8")
+        except UnicodeDecodeError:
+            raise StartupError(f"{path} is not UTF-8 text (a key made by this server,"
+                               " or one set in " + env + ", is)") from None
     if len(key) < MIN_KEY_BYTES:
         raise StartupError(f"{env} (or {path.name}) must be at least {MIN_KEY_BYTES} bytes")
     return key
@@ -156,7 +163,25 @@ def jwt_key(config: Config) -> bytes:
 
 
 def audit_key(config: Config) -> bytes:
-    return load_secret(AUDIT_KEY_ENV, config.data_dir / "audit.key")
+    path = config.data_dir / "audit.key"
+    if not os.environ.get(AUDIT_KEY_ENV) and not path.exists() and _spool_key_check(config):
+        # A key made anew would chain on where the lost one left off.
+        raise StartupError(
+            f"no audit key: {AUDIT_KEY_ENV} is not set and {path} does not exist, but the"
+            f" spool {config.spool_path} holds chains made with a key: restore that key"
+            " (the file, or the variable it came from)")
+    return load_secret(AUDIT_KEY_ENV, path)
+
+
+def _spool_key_check(config: Config) -> str | None:
+    """The spool's record of its audit key, if there is a spool with one."""
+    if not config.spool_path.exists():
+        return None
+    conn = connect(config.spool_path, config.audit.synchronous, readonly=True)
+    try:
+        return stored_key_check(conn)
+    finally:
+        conn.close()
 
 
 def existing_audit_key(config: Config) -> bytes:
@@ -192,6 +217,9 @@ async def _ensure_admin(app: web.Application) -> None:
         if len(password) < MIN_PASSWORD_CHARS:
             raise StartupError(
                 f"{ADMIN_PASSWORD_ENV} must have at least {MIN_PASSWORD_CHARS} characters")
+        if len(password) > MAX_PASSWORD_CHARS:  # as adduser's: login takes no longer one
+            raise StartupError(
+                f"{ADMIN_PASSWORD_ENV} must have at most {MAX_PASSWORD_CHARS} characters")
         await accounts.create("admin", password, "admin")
         log.info("created user 'admin' with the password from %s", ADMIN_PASSWORD_ENV)
         return
@@ -404,9 +432,13 @@ def setup_logging() -> None:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # once, however often called
     handler = StderrHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    level = os.environ.get("SESSION_AUDIT_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"SESSION_AUDIT_LOG_LEVEL: {level.lower()!r} is not one of"
+                          f" {', '.join(name.lower() for name in LOG_LEVELS)}")
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(os.environ.get("SESSION_AUDIT_LOG_LEVEL", "INFO").upper())
+    root.setLevel(level)
     # Their DEBUG lines carry whole statements and documents (audit records,
     # usernames tried, captured chat text): never, whatever the level.
     for name in QUIET_LOGGERS:
@@ -414,6 +446,7 @@ def setup_logging() -> None:
 
 
 QUIET_LOGGERS = ("aiosqlite", "pymongo")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 # -- commands ------------------------------------------------------------------
@@ -559,6 +592,10 @@ def _read_password(command: str, name: str, from_stdin: bool) -> str | None:
     None (after saying why on stderr) if there is none fit to use."""
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+    elif not sys.stdin.isatty():  # getpass would read the pipe, warning it may echo
+        print(f"{command}: no terminal to ask on: give the password on stdin with"
+              " --password-stdin", file=sys.stderr)
+        return None
     else:
         try:
             password = getpass.getpass(f"password for {name}: ")
@@ -744,6 +781,10 @@ async def _verify(config: Config) -> int:
         try:
             conn = connect(config.spool_path, config.audit.synchronous, readonly=True)
             try:
+                check = stored_key_check(conn)
+                if check is not None and check != key_check(key):
+                    raise StartupError("the audit key is not the one the server's spool"
+                                       " uses: every chain would look changed")
                 anchor = spool_anchor(conn, key)
             finally:
                 conn.close()
@@ -852,9 +893,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     command = args.command or "serve"
-    setup_logging()
     config: Config | None = None
     try:
+        setup_logging()
         config = load_config(args.config)
         if command == "serve":
             return cmd_serve(config, args)
@@ -873,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "drain":
             return asyncio.run(_drain(config))
         return asyncio.run(_retry_dead(config))
-    except (ConfigError, StartupError) as exc:
+    except (ConfigError, StartupError, AuditKeyMismatch) as exc:
         print(f"session-audit: {exc}", file=sys.stderr)
         return 2
     except (sqlite3.Error, OSError, SpoolUnavailable) as exc:

@@ -153,6 +153,39 @@ class Config:
         return (Path(self.base_dir) / d).resolve() if d else self.data_dir / "audit-jsonl"
 
 
+# Durations end as dates (a token's expiry, a pause's end), formatted as
+# RFC 3339 times: ten years is past any sensible setting, far from year 9999.
+MAX_SECONDS = 10 * 366 * 86400
+
+
+def _positive_seconds() -> tuple[Any, str]:
+    return (lambda v: 0 < v <= MAX_SECONDS,
+            f"must be positive and at most {MAX_SECONDS} (ten years)")
+
+
+def _at_least_seconds(least: float) -> tuple[Any, str]:
+    return (lambda v: least <= v <= MAX_SECONDS,
+            f"must be from {least:g} to {MAX_SECONDS} (ten years)")
+
+
+# MongoDB's rules for names: a database name has none of / \ . " $ (nor a
+# space or NUL) and at most 63 bytes; a collection name no $ or NUL, does not
+# start with "system.", and is not empty.
+_MONGO_DB_BAD = set('/\\. "$\0')
+
+
+def _mongo_database(name: str) -> bool:
+    return 0 < len(name.encode("utf-8")) < 64 and not set(name) & _MONGO_DB_BAD
+
+
+def _mongo_collection(name: str) -> bool:
+    return (name.strip() != "" and "$" not in name and "\0" not in name
+            and not name.startswith("system."))
+
+
+_COLLECTION = (_mongo_collection, "must be a MongoDB collection name (not empty, no $ or NUL,"
+               " not starting with system.)")
+
 # Range checks: key -> (predicate, message).
 _CHECKS: dict[str, tuple[Any, str]] = {
     "server.port": (lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
@@ -160,27 +193,32 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     # An empty host listens on every interface: say so with 0.0.0.0 or ::.
     "server.host": (lambda v: v.strip() != "",
                     "must not be empty (0.0.0.0 or :: listen on every interface)"),
-    "auth.token_ttl_seconds": (lambda v: v >= 1, "must be at least 1"),
+    "auth.token_ttl_seconds": _at_least_seconds(1),
     "auth.bcrypt_rounds": (lambda v: 4 <= v <= 31, "must be between 4 and 31"),
     "auth.login_max_failures": (lambda v: v >= 1, "must be at least 1"),
-    "auth.login_window_seconds": (lambda v: v >= 1, "must be at least 1"),
-    "audit.idle_timeout_seconds": (lambda v: v > 0, "must be positive"),
-    "audit.max_session_seconds": (lambda v: v > 0, "must be positive"),
+    "auth.login_window_seconds": _at_least_seconds(1),
+    "audit.idle_timeout_seconds": _positive_seconds(),
+    "audit.max_session_seconds": _positive_seconds(),
     "audit.part_max_events": (lambda v: v >= 1, "must be at least 1"),
     "audit.part_max_bytes": (lambda v: v >= 4096, "must be at least 4096"),
-    "audit.checkpoint_seconds": (lambda v: v > 0, "must be positive"),
+    "audit.checkpoint_seconds": _positive_seconds(),
     # An empty spool's own tables and indexes take about 72 KiB.
     "audit.spool_max_bytes": (lambda v: v >= 131072,
                               "must be at least 131072 (an empty spool takes about 72 KiB)"),
-    "audit.keep_stored_seconds": (lambda v: v >= 0, "must not be negative"),
+    "audit.keep_stored_seconds": (lambda v: 0 <= v <= MAX_SECONDS,
+                                  f"must be from 0 to {MAX_SECONDS} (ten years)"),
     "audit.security_events_per_ip_per_second": (lambda v: v >= 0, "must not be negative"),
     "audit.security_events_per_ip_burst": (lambda v: v >= 1, "must be at least 1"),
     "flush.max_writes_per_second": (lambda v: v > 0, "must be positive"),
     "flush.burst": (lambda v: v >= 1, "must be at least 1"),
-    "flush.backoff_base_seconds": (lambda v: v > 0, "must be positive"),
-    "flush.backoff_max_seconds": (lambda v: v > 0, "must be positive"),
-    "sink.http.timeout_seconds": (lambda v: v > 0, "must be positive"),
-    "ai.openai.timeout_seconds": (lambda v: v > 0, "must be positive"),
+    "flush.backoff_base_seconds": _positive_seconds(),
+    "flush.backoff_max_seconds": _positive_seconds(),
+    "sink.http.timeout_seconds": _positive_seconds(),
+    "ai.openai.timeout_seconds": _positive_seconds(),
+    "sink.mongodb.database": (_mongo_database, "must be a MongoDB database name (1 to 63"
+                              " bytes, none of / \\ . \" $, no space)"),
+    "sink.mongodb.sessions_collection": _COLLECTION,
+    "sink.mongodb.security_collection": _COLLECTION,
 }
 
 
@@ -269,14 +307,28 @@ def _validate(config: Config) -> None:
     if config.sink.type == "sqlite" and config.sqlite_sink_path == config.spool_path.resolve():
         raise ConfigError("sink.sqlite.path: must not be the spool's file"
                           f" ({config.spool_path})")
+    m = config.sink.mongodb
+    if config.sink.type == "mongodb" and m.sessions_collection == m.security_collection:
+        raise ConfigError("sink.mongodb.security_collection: must not be sessions_collection"
+                          f" ({m.sessions_collection!r})")
     if config.sink.type == "http":
-        url = config.sink.http.url
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError("sink.http.url: an http:// or https:// URL is required")
+        _check_url("sink.http.url", config.sink.http.url)
     if config.ai.provider == "openai":
-        base = config.ai.openai.base_url
-        if not base.startswith(("http://", "https://")):
-            raise ConfigError("ai.openai.base_url: an http:// or https:// URL is required")
+        _check_url("ai.openai.base_url", config.ai.openai.base_url)
+
+
+def _check_url(key: str, url: str) -> None:
+    """An http(s) URL with a host and, if any, a valid port. The message
+    never quotes the URL: it may hold a password."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}: an http:// or https:// URL is required")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not a valid URL ({exc})") from None
+    if not parts.hostname:
+        raise ConfigError(f"{key}: the URL names no host")
 
 
 def sink_where(config: Config) -> str:
@@ -323,6 +375,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         if explicit:
             raise ConfigError(f"config file {p} does not exist") from None
         return parse_config({}, base_dir=os.getcwd())
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"config file {p} cannot be read: {exc.strerror}") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

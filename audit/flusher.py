@@ -131,8 +131,13 @@ class Flusher:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def drain(self, progress: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """Flush until nothing is pending (the ``drain`` command)."""
+        """Flush until nothing is pending (the ``drain`` command). With nothing
+        pending it returns at once, without opening the sink (which may be
+        down, or not configured: then there is nothing to wait for)."""
         while True:
+            counts = await self.spool.read(lambda c: queries.counts(c, time.time()))
+            if not counts["pending_parts"] and not counts["pending_security_events"]:
+                return
             delay = await self.step()
             if progress is not None:
                 progress(await self.spool.read(lambda c: queries.counts(c, time.time())))

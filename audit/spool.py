@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
+import hmac
+import json
 import logging
 import os
 import sqlite3
@@ -22,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .events import event_hash, genesis
 from .metrics import Stats
 from .store import SCHEMA, Limits, OpenSession, Writer, migrate
 
@@ -41,6 +45,55 @@ class SpoolFull(Exception):
 
 class SpoolUnavailable(Exception):
     """The spool could not commit (disk full, I/O error); nothing was recorded."""
+
+
+class AuditKeyMismatch(Exception):
+    """The audit key is not the one the spool's chains were made with: a lost
+    ``audit.key`` made anew, or another ``SESSION_AUDIT_AUDIT_KEY``. Chaining
+    on under it would leave sessions no key verifies."""
+
+
+_KEY_CHECK_LABEL = b"session-audit: the audit key of this spool"
+
+
+def key_check(key: bytes) -> str:
+    """What the spool keeps to recognise its key (an HMAC of a fixed label:
+    it tells keys apart and gives nothing of the key away)."""
+    return hmac.new(key, _KEY_CHECK_LABEL, hashlib.sha256).hexdigest()
+
+
+def stored_key_check(conn: sqlite3.Connection) -> str | None:
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
+    except sqlite3.OperationalError:  # no meta table: a spool not made yet
+        return None
+    return str(row[0]) if row else None
+
+
+def check_key(conn: sqlite3.Connection, key: bytes, path: Path) -> None:
+    """Refuse a key the spool's chains were not made with. The first open
+    (of a new spool, or of one from before the check) records the key's
+    check; a spool from before it is first held to one of its own events:
+    a session's first event continues the chain from the session's genesis
+    value, which only the right key gives."""
+    want = key_check(key)
+    have = stored_key_check(conn)
+    if have is None:
+        row = conn.execute(
+            "SELECT session_id, json FROM events WHERE seq = 1 LIMIT 1").fetchone()
+        if row is not None:
+            event = json.loads(row[1])
+            if event_hash(key, genesis(key, row[0]), event) != event.get("hash"):
+                have = ""  # not this key's
+        if have is None:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)"
+                         " ON CONFLICT (key) DO NOTHING", (want,))
+            have = stored_key_check(conn)  # another process may have been first
+    if have is None or not hmac.compare_digest(have, want):
+        raise AuditKeyMismatch(
+            f"the audit key is not the one the chains in {path} were made with (a lost"
+            " audit.key made anew, or another SESSION_AUDIT_AUDIT_KEY): restore that key;"
+            " chaining on under this one would leave sessions no key verifies")
 
 
 def create_private(path: Path) -> None:
@@ -267,6 +320,7 @@ class Spool:
         conn = connect(self.path, self.synchronous)
         try:
             prepare(conn, self.path)
+            check_key(conn, self.key, self.path)
             writer = Writer(conn, self.key, self.limits, self.clock)
             writer.load()
         except BaseException:

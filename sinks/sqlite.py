@@ -75,6 +75,10 @@ class SqliteSink(Sink):
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
+        # Said before aiosqlite tries: its thread, failing to connect, may
+        # outlive a command's event loop and print a traceback as it ends.
+        if self.path.is_dir() or (self.readonly and not self.path.is_file()):
+            raise SinkUnavailable(f"cannot open {self.path.name}: not a database file")
         if self.readonly:
             await self._open_readonly()
             return

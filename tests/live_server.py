@@ -168,13 +168,13 @@ class Live:
 
     # -- the CLI -----------------------------------------------------------
 
-    async def cli(self, *args: str, stdin: str | None = None,
+    async def cli(self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
                   timeout: float = 90.0) -> subprocess.CompletedProcess[str]:  # noqa: ASYNC109
         cmd = [sys.executable, str(SERVER), *args[:1], "--config", str(self.config_path),
                *args[1:]]
         return await asyncio.to_thread(
-            subprocess.run, cmd, cwd=self.workdir, env=server_env(), input=stdin,
-            capture_output=True, text=True, timeout=timeout,
+            subprocess.run, cmd, cwd=self.workdir, env={**server_env(), **(env or {})},
+            input=stdin, capture_output=True, text=True, timeout=timeout,
         )
 
     async def adduser(self, name: str, password: str, *, admin: bool = False) -> None:

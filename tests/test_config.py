@@ -172,12 +172,33 @@ def test_unknown_key_is_named(data, key):
         ({"server": {"host": "  "}}, "server.host"),
         ({"server": {"data_dir": "d"}, "sink": {"sqlite": {"path": "d/spool.db"}}},
          "sink.sqlite.path"),
+        # From a review: values that passed here and failed later, or forever.
+        ({"auth": {"token_ttl_seconds": 10**12}}, "auth.token_ttl_seconds"),  # login 500
+        ({"flush": {"backoff_max_seconds": 1e12}}, "flush.backoff_max_seconds"),
+        ({"audit": {"keep_stored_seconds": 10**12}}, "audit.keep_stored_seconds"),
+        ({"sink": {"mongodb": {"database": ""}}}, "sink.mongodb.database"),
+        ({"sink": {"mongodb": {"database": "a.b"}}}, "sink.mongodb.database"),
+        ({"sink": {"mongodb": {"database": "d" * 64}}}, "sink.mongodb.database"),
+        ({"sink": {"mongodb": {"sessions_collection": "a$b"}}},
+         "sink.mongodb.sessions_collection"),
+        ({"sink": {"mongodb": {"security_collection": "system.x"}}},
+         "sink.mongodb.security_collection"),
+        ({"sink": {"type": "mongodb", "mongodb": {"sessions_collection": "c",
+                                                   "security_collection": "c"}}},
+         "sink.mongodb.security_collection"),
+        ({"sink": {"type": "http", "http": {"url": "https://[::1"}}}, "sink.http.url"),
+        ({"sink": {"type": "http", "http": {"url": "http://"}}}, "sink.http.url"),
+        ({"sink": {"type": "http", "http": {"url": "http://u:secret@h:99999/x"}}},
+         "sink.http.url"),
+        ({"ai": {"provider": "openai", "openai": {"base_url": "http://[::1"}}},
+         "ai.openai.base_url"),
     ],
 )
 def test_bad_value_is_named(data, key):
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     assert str(info.value).startswith(key + ":"), str(info.value)
+    assert "secret" not in str(info.value)  # a URL's password is never quoted
 
 
 def test_ints_are_accepted_for_floats():

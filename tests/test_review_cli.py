@@ -1,0 +1,165 @@
+"""Findings of a review of the command line and configuration, each a test
+that fails without its fix.
+
+The audit key a spool's chains were made with is the only one it takes: with
+``data/audit.key`` lost (or ``SESSION_AUDIT_AUDIT_KEY`` set on one start and
+not the next) ``serve`` made a new key without a word and chained the open
+sessions on under it, and no key verified them afterwards. ``drain`` with
+nothing pending needs no sink. Commands fail with one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from live_server import Live, to_toml
+
+from audit.events import Draft
+from audit.spool import AuditKeyMismatch, Spool, stored_key_check
+from audit.store import Limits
+
+OTHER_KEY = b"another-audit-key-0123456789abcdef"
+
+
+async def _spool_with_a_session(path: Path, key: bytes) -> str:
+    sp = Spool(path, key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    try:
+        s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+        await sp.submit(lambda w: w.append(s.session_id, Draft("document.list")))
+        return str(s.session_id)
+    finally:
+        await sp.close()
+
+
+async def _opens(path: Path, key: bytes) -> bool:
+    sp = Spool(path, key, limits=Limits(500, 1 << 20))
+    try:
+        await sp.open()
+    except AuditKeyMismatch:
+        return False
+    await sp.close()
+    return True
+
+
+async def test_a_spool_refuses_a_key_its_chains_were_not_made_with(tmp_path, audit_key):
+    path = tmp_path / "spool.db"
+    await _spool_with_a_session(path, audit_key)
+    assert not await _opens(path, OTHER_KEY)
+    assert await _opens(path, audit_key)
+
+
+async def test_a_spool_from_before_the_check_is_held_to_its_own_events(tmp_path, audit_key):
+    path = tmp_path / "spool.db"
+    await _spool_with_a_session(path, audit_key)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("DELETE FROM meta WHERE key = 'key_check'")
+    assert not await _opens(path, OTHER_KEY)  # a first event's hash tells
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert stored_key_check(conn) is None  # nothing recorded for the wrong key
+    assert await _opens(path, audit_key)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert stored_key_check(conn) is not None
+    assert not await _opens(path, OTHER_KEY)
+
+
+async def test_a_new_spool_takes_any_key(tmp_path):
+    assert await _opens(tmp_path / "spool.db", OTHER_KEY)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Live]:
+    lv = Live(tmp_path)
+    yield lv
+    lv.close()
+
+
+async def test_serve_and_verify_refuse_a_lost_or_other_key(live: Live) -> None:
+    await live.start()  # its key from SESSION_AUDIT_AUDIT_KEY: no audit.key file
+    assert await live.stop() == 0
+    key_file = live.data_dir / "audit.key"
+    assert not key_file.exists()
+
+    async def serve(key: str | None) -> tuple[int, str]:
+        # The timeout: a guard against a server that serves on.
+        r = await live.cli("serve", env={"SESSION_AUDIT_AUDIT_KEY": key or ""}, timeout=60)
+        return r.returncode, r.stderr
+
+    rc, err = await serve(None)  # the variable unset this time
+    assert rc == 2, err
+    assert "no audit key" in err and "restore that key" in err and "Traceback" not in err
+    assert not key_file.exists()  # no new key was made
+
+    rc, err = await serve(OTHER_KEY.decode())
+    assert rc == 2, err
+    assert "the audit key is not the one the chains in" in err
+
+    r = await live.cli("verify", env={"SESSION_AUDIT_AUDIT_KEY": OTHER_KEY.decode()})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "the audit key is not the one the server's spool uses" in r.stderr
+
+    await live.start()  # the right key (the variable, as at first) still serves
+
+
+async def test_drain_with_nothing_pending_needs_no_sink(live: Live) -> None:
+    """Found by a review: drain opened the sink before looking for work, so
+    with nothing pending and the sink unreachable (here: MongoDB without its
+    URI) it retried forever instead of exiting."""
+    await live.start()
+    assert await live.stop() == 0
+    settings = {**live.settings, "sink": {"type": "mongodb"}}
+    live.config_path.write_text(to_toml(settings), encoding="utf-8")
+    r = await live.cli("drain", env={"SESSION_AUDIT_MONGODB_URI": ""}, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("drained; 0 dead-lettered")
+
+
+def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    """The command failed with exit 2 and one line on stderr, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("session-audit: "), r.stderr
+    return lines[0]
+
+
+async def test_commands_fail_with_one_line_not_a_traceback(live: Live) -> None:
+    """From a review: each of these ended in a Python traceback (or, for the
+    admin password, made an admin who could never log in)."""
+    line = _one_line(await live.cli("status", env={"SESSION_AUDIT_LOG_LEVEL": "trace"}))
+    assert "SESSION_AUDIT_LOG_LEVEL: 'trace' is not one of debug, info" in line
+
+    line = _one_line(await live.cli("serve", env={"SESSION_AUDIT_ADMIN_PASSWORD": "p" * 1025}))
+    assert "SESSION_AUDIT_ADMIN_PASSWORD must have at most 1024 characters" in line
+
+    live.data_dir.mkdir(parents=True, exist_ok=True)
+    (live.data_dir / "jwt.key").write_bytes(b"\xff\xfe not text \x80" * 4)
+    line = _one_line(await live.cli("serve", env={"SESSION_AUDIT_JWT_SECRET": ""}))
+    assert "jwt.key is not UTF-8 text" in line
+
+    r = await live.cli("status", "--config", str(live.workdir))  # a directory
+    assert "cannot be read" in _one_line(r)
+
+
+async def test_adduser_without_a_terminal_says_to_use_stdin(live: Live) -> None:
+    r = await live.cli("adduser", "carol", stdin="")  # no --password-stdin, no terminal
+    assert r.returncode != 0
+    assert r.stderr.strip() == ("adduser: no terminal to ask on: give the password on stdin"
+                                " with --password-stdin"), r.stderr
+    assert "Warning" not in r.stderr and "password for" not in r.stdout
+
+
+async def test_verify_on_a_sink_path_that_is_a_directory(live: Live) -> None:
+    await live.start()
+    assert await live.stop() == 0
+    (live.workdir / "sinkdir").mkdir()
+    settings = {**live.settings, "sink": {"sqlite": {"path": str(live.workdir / "sinkdir")}}}
+    live.config_path.write_text(to_toml(settings), encoding="utf-8")
+    r = await live.cli("verify")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == ("verify: the sink is unavailable: cannot open sinkdir:"
+                                " not a database file"), r.stderr
