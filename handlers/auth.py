@@ -87,26 +87,32 @@ CAUSES = ("password_changed", "user_disabled")
 
 
 def _revoker(
-    session_id: str, cause: str, ended: Callable[[OpenSession, float], tuple[str, float] | None]
+    session_id: str, cause: str, revoked_at: float,
+    ended: Callable[[OpenSession, float], tuple[str, float] | None],
 ) -> Callable[[Writer], bool]:
     """The job ending one revoked session: its seal and the deletion of its
-    revocation commit together (a failure leaves the row for next time). A
-    session past a deadline already (revoked while the server was down, say)
-    ends as it did then: with that deadline's reason and time."""
+    revocation commit together (a failure leaves the row for next time). It
+    ends as it did at ``revoked_at`` (when ``passwd`` or ``disable`` ran, the
+    server up or down): a session past a deadline by then with that
+    deadline's reason and time, any other revoked then, as a logout with the
+    cause. (Judged at the time of the check instead, a session revoked while
+    the server was down, and idle by the next start, lost its cause.)"""
     def revoke(w: Writer) -> bool:
         w.conn.execute("DELETE FROM revocations WHERE session_id = ?", (session_id,))
         s = w.sessions.get(session_id)
         if s is None:
             return False  # ended meanwhile (logout, expiry)
         source = Source(user=s.user, role=s.role)
-        past = ended(s, w.clock())
+        at = min(revoked_at, w.clock())
+        past = ended(s, at)
         if past is not None:
             reason, when = past
             w.seal(session_id, reason,
                    Draft("session.end", source=source, details={"reason": reason}), at=when)
         else:
             w.seal(session_id, "logout", Draft("session.end", source=source,
-                                               details={"reason": "logout", "cause": cause}))
+                                               details={"reason": "logout", "cause": cause}),
+                   at=at)
         return True
     return revoke
 
@@ -193,16 +199,17 @@ class Accounts:
             return 0  # the spool reports itself; the rows wait for a restart
         async with self._revoking:  # one pass at a time: each row is ended once
             rows = await spool.read(lambda c: c.execute(
-                "SELECT session_id, cause FROM revocations ORDER BY created_ts").fetchall())
+                "SELECT session_id, cause, created_ts FROM revocations"
+                " ORDER BY created_ts").fetchall())
             if not rows:
                 return 0
             futs = [spool.submit_nowait(_revoker(str(sid), cause if cause in CAUSES
-                                                 else "revoked", self.engine.ended),
+                                                 else "revoked", float(at), self.engine.ended),
                                         needs_space=False)
-                    for sid, cause in rows]
+                    for sid, cause, at in rows]
             results = await asyncio.gather(*futs, return_exceptions=True)
         ended = 0
-        for (sid, cause), result in zip(rows, results, strict=True):
+        for (sid, cause, _), result in zip(rows, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("could not end revoked session %s (%s): %s", sid, cause, result)
             elif result:

@@ -135,10 +135,10 @@ async def test_a_revocation_that_fails_is_tried_again(
     real_seal = Writer.seal
     failures = [sqlite3.OperationalError("disk I/O error")]
 
-    def seal_failing_once(self: Writer, *args: Any) -> Any:
+    def seal_failing_once(self: Writer, *args: Any, **kwargs: Any) -> Any:
         if failures:
             raise failures.pop()
-        return real_seal(self, *args)
+        return real_seal(self, *args, **kwargs)
 
     monkeypatch.setattr(Writer, "seal", seal_failing_once)
     assert cli_change(api, "alice", disabled=True)

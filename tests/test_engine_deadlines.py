@@ -85,12 +85,15 @@ async def test_logout_ends_the_session_now(make_config, engines, fake_clock):
     assert part["seal_reason"] == "logout" and part["session_duration_seconds"] == 42
 
 
+@pytest.mark.parametrize("revoked_after", [2 * 86400, 600])
 async def test_a_session_revoked_while_the_server_was_down_ends_as_it_did(
-    make_config, engines, fake_clock
+    make_config, engines, fake_clock, revoked_after
 ):
     """disable (or passwd) beside a stopped server names the session for
-    revocation; at the next start it had long gone idle: it ends then, as
-    idle_timeout, not days later as a logout."""
+    revocation, and when; at the next start, days later, the session ends as
+    it did at that time: idle_timeout at its idle deadline if it had gone
+    idle first (not days later as a logout), else a logout with the cause at
+    the revocation (a review found it ended idle then too, its cause lost)."""
     import contextlib
 
     from audit.spool import connect
@@ -103,9 +106,19 @@ async def test_a_session_revoked_while_the_server_was_down_ends_as_it_did(
     with contextlib.closing(connect(config.spool_path, "normal")) as conn:
         add_user_sync(conn, "alice", "a-password-1", "user", 4)
         assert change_user_sync(conn, "alice", disabled=True)
+        with conn:  # the command ran at this time of the test's clock
+            conn.execute("UPDATE revocations SET created_ts = ?",
+                         (fake_clock() + revoked_after,))
     fake_clock.advance(3 * 86400)
     second = await engines.open(config, clock=fake_clock)
     assert await Accounts(second, 4).end_revoked_sessions() == 1
     part = await stored_part(engines, second, s.session_id)
-    assert part["seal_reason"] == "idle_timeout"
-    assert part["session_duration_seconds"] == pytest.approx(1800, abs=0.002)
+    end = part["events"][-1]
+    if revoked_after > 1800:
+        assert part["seal_reason"] == "idle_timeout"
+        assert part["session_duration_seconds"] == pytest.approx(1800, abs=0.002)
+        assert end["details"] == {"reason": "idle_timeout"}
+    else:
+        assert part["seal_reason"] == "logout"
+        assert part["session_duration_seconds"] == pytest.approx(600, abs=0.002)
+        assert end["details"] == {"reason": "logout", "cause": "user_disabled"}
