@@ -52,6 +52,7 @@ DEFERRED_MAX = 1000  # parts remembered as deferred (the oldest are forgotten)
 # With audit.keep_stored_seconds, acknowledged parts past their keep time are
 # deleted whenever nothing is pending, and at most this long apart otherwise.
 PURGE_EVERY_SECONDS = 5.0
+PURGE_BATCH = 500  # stored parts deleted in one job
 
 
 class Flusher:
@@ -86,6 +87,7 @@ class Flusher:
         self._lock_fd: int | None = None
         self._unexpected: tuple[str, int] = ("", 0)  # (_id, consecutive count)
         self._purge_due = 0.0  # (clock) the next purge while parts are pending
+        self._leftovers = True  # stored rows an earlier run may have kept: purged first
         self._defer_base = config.backoff_base_seconds
         self._failing: tuple[str, int] = ("", 0)  # (_id, consecutive retryable failures)
         # (session_id, part) -> (clock before which it waits, times deferred)
@@ -201,13 +203,19 @@ class Flusher:
         now = self.clock()
         skip = {k for k, (until, _) in self._deferred.items() if until > now}
         part = await self.spool.read(lambda c: queries.load_part(c, raw, skip))
-        if self.keep > 0 and (part is None or self.clock() >= self._purge_due):
+        if (self.keep > 0 and (part is None or self.clock() >= self._purge_due)
+                or self._leftovers):
             # Also while a backlog drains: acknowledged parts past their keep
             # time free their space (a full spool under "reject" refuses
-            # actions until they do).
+            # actions until they do). With keep_stored_seconds = 0 nothing is
+            # kept, but a start may find what an earlier configuration kept:
+            # it goes first, however many batches it takes.
             self._purge_due = self.clock() + PURGE_EVERY_SECONDS
-            await self._purge()
+            if await self._purge() < PURGE_BATCH:
+                self._leftovers = False
         if part is None:
+            if self._leftovers:
+                return 0.0  # more purging first, at once
             if skip:  # only parts put aside may be pending: the first is due then
                 pending = await self.spool.read(lambda c: queries.still_pending(c, skip))
                 for gone in skip - pending:  # stored or dead-lettered by another process
@@ -314,13 +322,18 @@ class Flusher:
         log.warning("part %s keeps failing; later parts go first, it is tried again in"
                     " %.0f s", doc_id, wait)
 
-    async def _purge(self) -> None:
+    async def _purge(self) -> int:
+        """Delete acknowledged rows past their keep time; returns the parts
+        deleted (at most :data:`PURGE_BATCH`; security events go all at once)."""
         cutoff = self.spool.clock() - self.keep  # the clock that stamped stored_ts
 
         def purge(w: Writer) -> int:
-            return w.purge_stored(cutoff) + w.purge_stored_security(cutoff)
+            parts = w.purge_stored(cutoff, PURGE_BATCH)
+            w.purge_stored_security(cutoff)
+            return parts
 
-        await self.spool.submit(purge, needs_space=False)
+        parts: int = await self.spool.submit(purge, needs_space=False)
+        return parts
 
     # -- outcomes ------------------------------------------------------------
 

@@ -297,3 +297,34 @@ async def test_a_part_the_sink_holds_with_another_hash_is_dead_lettered(make_con
     assert kept == 4  # session.start, token.issue, document.list, session.end
     (stored,) = await engine.sink.get_session_parts(s.session_id)
     assert stored["hash"] == "f" * 64
+
+
+async def test_what_an_earlier_keep_time_kept_is_purged_under_keep_zero(make_config, engines):
+    """Found by a review: restarted with keep_stored_seconds lowered to 0,
+    the flusher never purged, so the rows kept under the old setting stayed
+    for good (a spool full of them stayed full: 503s with the sink holding
+    everything). More than one purge batch of them, and security events."""
+    from audit.flusher import PURGE_BATCH
+
+    fast = {"max_writes_per_second": 100_000, "burst": 100_000}
+    kept = make_config(audit={"keep_stored_seconds": 3600}, flush=fast)
+    e = await engines.open(kept)
+    src = Source(user="a", role="user")
+    for _ in range(PURGE_BATCH + 20):
+        s = await e.start_session("a", "user", src, 3600)
+        await e.end_session(s.session_id, src)
+    await e.record_security(Draft("auth.login_failed", outcome="denied",
+                                  details={"username": "x"}))
+    await engines.drain(e)
+
+    async def left(engine) -> tuple[int, int, int]:
+        return await engine.spool.read(lambda c: (
+            c.execute("SELECT COUNT(*) FROM parts").fetchone()[0],
+            c.execute("SELECT COUNT(*) FROM events").fetchone()[0],
+            c.execute("SELECT COUNT(*) FROM security_events").fetchone()[0]))
+
+    assert await left(e) == (PURGE_BATCH + 20, 3 * (PURGE_BATCH + 20), 1)
+    await e.close()
+    e = await engines.open(make_config(audit={"keep_stored_seconds": 0}, flush=fast))
+    await engines.drain(e)  # nothing pending: the purge of leftovers is all it does
+    assert await left(e) == (0, 0, 0)
