@@ -203,7 +203,7 @@ class Flusher:
         now = self.clock()
         skip = {k for k, (until, _) in self._deferred.items() if until > now}
         part = await self.spool.read(lambda c: queries.load_part(c, raw, skip))
-        if (self.keep > 0 and (part is None or self.clock() >= self._purge_due)
+        if ((self.keep > 0 and (part is None or self.clock() >= self._purge_due))
                 or self._leftovers):
             # Also while a backlog drains: acknowledged parts past their keep
             # time free their space (a full spool under "reject" refuses

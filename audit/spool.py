@@ -150,6 +150,27 @@ def loose_dir(path: Path) -> str | None:
     return None
 
 
+def _split_oversized(conn: sqlite3.Connection, writer: Writer) -> None:
+    """Sessions in progress cut to the part limits of this run
+    (:meth:`Writer.split_oversized`). A failure leaves them as they were:
+    their parts are then larger than the limits, and nothing is lost."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            n = writer.split_oversized()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            writer.load()
+            raise
+    except sqlite3.Error as exc:
+        log.warning("sessions in progress could not be cut to the part limits: %s", exc)
+        return
+    if n:
+        log.info("cut %d parts from sessions in progress to the (lowered) part limits", n)
+
+
 def prepare(conn: sqlite3.Connection, path: Path) -> None:
     """Bring the file to the current layout (:func:`migrate`, then SCHEMA),
     one process at a time: commands run beside the server and each other
@@ -323,6 +344,7 @@ class Spool:
             check_key(conn, self.key, self.path)
             writer = Writer(conn, self.key, self.limits, self.clock)
             writer.load()
+            _split_oversized(conn, writer)
         except BaseException:
             conn.close()
             raise

@@ -781,11 +781,17 @@ class Writer:
         if s is not None:
             s.last_activity = max(s.last_activity, self.clock())
 
-    def _cut(self, s: OpenSession, *, final: bool, reason: str, end_ts: float | None) -> None:
+    def _cut(self, s: OpenSession, *, final: bool, reason: str, end_ts: float | None,
+             upto: tuple[int, str] | None = None) -> None:
+        """Cut the session's uncut events into its next part; with ``upto``
+        (seq, that event's hash) only those up to it (:meth:`split_oversized`)."""
         first, last = s.cut_seq + 1, s.next_seq - 1
+        head = s.head
+        if upto is not None:
+            last, head = upto
         now = self.clock()
         part = s.next_part
-        cut_events = s.cut_events + s.uncut_count
+        cut_events = s.cut_events + (last - first + 1)
         # Its own savepoint: a cut inside a savepoint-less Append either
         # happens whole or not at all. The cache changes only after the SQL.
         c = self.conn
@@ -796,12 +802,12 @@ class Writer:
                 " end_ts, prev_hash, hash, state, created_ts)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
                 (s.session_id, part, first, last, int(final), reason, end_ts,
-                 s.cut_hash, s.head, now),
+                 s.cut_hash, head, now),
             )
             c.execute(
                 "UPDATE sessions SET next_part = ?, cut_seq = ?, cut_hash = ?, cut_events = ?,"
                 " last_ts = ? WHERE session_id = ?",
-                (part + 1, last, s.head, cut_events, s.last_activity, s.session_id),
+                (part + 1, last, head, cut_events, s.last_activity, s.session_id),
             )
         except BaseException:
             if c.in_transaction:  # else SQLite rolled back the whole batch (see TransactionLost)
@@ -810,10 +816,42 @@ class Writer:
             raise
         c.execute("RELEASE cut")
         s.cut_events = cut_events
-        s.cut_seq, s.cut_hash = last, s.head
+        s.cut_seq, s.cut_hash = last, head
         s.next_part = part + 1
         s.uncut_count, s.uncut_bytes, s.uncut_first_ts = 0, 0, None
         self.new_parts += 1
+
+    def split_oversized(self) -> int:
+        """Cut checkpoint parts, each within the part limits, from the uncut
+        events of open sessions that exceed them: the limits were lowered
+        since the events were appended (a restart with a smaller
+        ``part_max_events`` or ``part_max_bytes``, say to fit a receiver's
+        size limit), and one part of them all would be one sink write past
+        what the limits promise. The rest stays uncut. Runs in the caller's
+        transaction; returns the parts cut."""
+        lim = self.limits
+        cut = 0
+        for s in list(self.sessions.values()):
+            if s.uncut_count <= lim.part_max_events and s.uncut_bytes <= lim.part_max_bytes:
+                continue
+            rows = self.conn.execute(
+                "SELECT seq, ts, LENGTH(CAST(json AS BLOB)), json FROM session_events"
+                " WHERE sk = ? AND seq > ? ORDER BY seq", (s.sk, s.cut_seq)).fetchall()
+            run: list[tuple[int, float, int, str]] = []
+            run_bytes = 0
+            for row in rows:  # the rule of append: cut before an event that would not fit
+                if run and (len(run) >= lim.part_max_events
+                            or run_bytes + row[2] > lim.part_max_bytes):
+                    self._cut(s, final=False, reason="checkpoint", end_ts=None,
+                              upto=(run[-1][0], json.loads(run[-1][3])["hash"]))
+                    cut += 1
+                    run, run_bytes = [], 0
+                run.append(row)
+                run_bytes += row[2]
+            s.uncut_count = len(run)
+            s.uncut_bytes = run_bytes
+            s.uncut_first_ts = run[0][1] if run else None
+        return cut
 
     def checkpoint(self, session_id: str) -> bool:
         """Cut the session's uncut events into a non-final part, if any."""

@@ -142,3 +142,32 @@ async def test_open_session_checkpoint_reaches_the_sink_and_survives_restart(
     parts = await parts_of(engines, e2, s.session_id)
     assert [p["part"] for p in parts] == [0, 1]
     assert (await verify_sink(e2.sink, audit_key)).ok
+
+
+@pytest.mark.parametrize("lowered", [{"part_max_events": 5}, {"part_max_bytes": 4096}])
+async def test_lowered_part_limits_cut_the_sessions_in_progress_at_start(
+    make_config, engines, audit_key, lowered
+):
+    """Found by a review: restarted with smaller part limits (say to fit a
+    receiver's size limit), a session's 43 events appended under the old
+    ones went out as one part of 43 events and 22 KB, one write past what
+    the limits promise, which such a receiver would refuse for good."""
+    engine = await engines.open(make_config(flush=FAST))
+    s = await engine.start_session("alice", "user", SRC, 3600)
+    for _ in range(41):
+        await engine.record(s.session_id, Draft("document.list", details={"b": "x" * 400}))
+    await engine.close()
+
+    engine = await engines.open(make_config(audit=lowered, flush=FAST))
+    await engine.record(s.session_id, Draft("document.list"))  # the chain goes on
+    assert await engine.end_session(s.session_id, SRC) == 45
+    parts = await parts_of(engines, engine, s.session_id)
+    assert [p["part"] for p in parts] == list(range(len(parts))) and len(parts) > 2
+    assert sum(p["event_count"] for p in parts) == 45
+    for p in parts:
+        assert p["event_count"] <= lowered.get("part_max_events", 500)
+        assert sum(len(engine_json(e)) for e in p["events"]) <= lowered.get(
+            "part_max_bytes", 1 << 20)
+    assert [p["final"] for p in parts] == [False] * (len(parts) - 1) + [True]
+    report = await verify_sink(engine.sink, audit_key)
+    assert report.ok, report.problems
