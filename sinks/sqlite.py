@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiosqlite
@@ -60,6 +60,26 @@ _PART_COLUMNS = (("id", "_id"), ("session_id", "session_id"), ("part", "part"),
 _SECURITY_COLUMNS = (("id", "_id"), ("ts", "ts"), ("action", "action"), ("hash", "hash"))
 
 
+async def _prepare(db: aiosqlite.Connection) -> None:
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute("PRAGMA synchronous=FULL")
+    await db.execute("PRAGMA busy_timeout=5000")
+    await db.executescript(_SCHEMA)
+
+
+async def _has_tables(db: aiosqlite.Connection) -> None:
+    """A read-only open (verify): the file must be an audit sink already."""
+    await db.execute("PRAGMA busy_timeout=5000")
+    async with db.execute(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table'"
+        " AND name IN ('parts', 'security_events')"
+    ) as cur:
+        row = await cur.fetchone()
+    if row is None or row[0] != 2:
+        raise SinkUnavailable("the file holds no audit tables (parts, security_events): not"
+                              " this sink's file, or they were dropped")
+
+
 class SqliteSink(Sink):
     type = "sqlite"
     queryable = True
@@ -80,7 +100,7 @@ class SqliteSink(Sink):
         if self.path.is_dir() or (self.readonly and not self.path.is_file()):
             raise SinkUnavailable(f"cannot open {self.path.name}: not a database file")
         if self.readonly:
-            await self._open_readonly()
+            await self._connect(f"file:{self.path}?mode=ro", uri=True, setup=_has_tables)
             return
         try:
             make_private_dirs(self.path.parent)
@@ -91,37 +111,21 @@ class SqliteSink(Sink):
             if loose is not None:
                 log.warning("sqlite sink: %s", loose)
             create_private(self.path)
-            db = await aiosqlite.connect(self.path, isolation_level=None)
-            try:
-                await db.execute("PRAGMA journal_mode=WAL")
-                await db.execute("PRAGMA synchronous=FULL")
-                await db.execute("PRAGMA busy_timeout=5000")
-                await db.executescript(_SCHEMA)
-            except BaseException:
-                await db.close()
-                raise
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise SinkUnavailable(f"cannot open {self.path.name}: {exc}") from exc
-        self._db = db
+        await self._connect(self.path, uri=False, setup=_prepare)
 
-    async def _open_readonly(self) -> None:
+    async def _connect(self, target: str | Path, *, uri: bool,
+                       setup: Callable[[aiosqlite.Connection], Awaitable[None]]) -> None:
         try:
-            db = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True,
-                                         isolation_level=None)
+            db = await aiosqlite.connect(target, uri=uri, isolation_level=None)
             try:
-                await db.execute("PRAGMA busy_timeout=5000")
-                async with db.execute(
-                    "SELECT count(*) FROM sqlite_schema WHERE type = 'table'"
-                    " AND name IN ('parts', 'security_events')"
-                ) as cur:
-                    row = await cur.fetchone()
-                if row is None or row[0] != 2:
-                    raise SinkUnavailable(f"{self.path.name} holds no audit tables (parts,"
-                                          " security_events): not this sink's file, or"
-                                          " they were dropped")
+                await setup(db)
             except BaseException:
                 await db.close()
                 raise
+        except SinkUnavailable as exc:
+            raise SinkUnavailable(f"{self.path.name}: {exc}") from None
         except (OSError, sqlite3.Error) as exc:
             raise SinkUnavailable(f"cannot open {self.path.name}: {exc}") from exc
         self._db = db

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from live_server import Live
 from waiting import wait_for
 
 from audit.config import Config, parse_config
@@ -139,3 +140,12 @@ async def engines(audit_key: bytes) -> Any:
     e = Engines(audit_key)
     yield e
     await e.aclose()
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Live]:
+    """A real server process (live_server.Live) with the default settings,
+    killed at teardown; a module may define its own."""
+    lv = Live(tmp_path)
+    yield lv
+    lv.close()

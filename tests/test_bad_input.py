@@ -310,13 +310,6 @@ async def test_a_body_that_does_not_decode_is_400_and_recorded(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[Live]:
-    lv = Live(tmp_path)
-    yield lv
-    lv.close()
-
-
 async def test_a_body_the_client_cuts_short_is_recorded(live: Live) -> None:
     """Found by a review: a client closing its connection half way through
     the body it announced got a 500, an ERROR with a traceback in the log,

@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from live_server import Live, to_toml
 
 from audit.events import Draft
@@ -70,13 +68,6 @@ async def test_a_spool_from_before_the_check_is_held_to_its_own_events(tmp_path,
 
 async def test_a_new_spool_takes_any_key(tmp_path):
     assert await _opens(tmp_path / "spool.db", OTHER_KEY)
-
-
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[Live]:
-    lv = Live(tmp_path)
-    yield lv
-    lv.close()
 
 
 async def test_serve_and_verify_refuse_a_lost_or_other_key(live: Live) -> None:

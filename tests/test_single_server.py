@@ -9,7 +9,6 @@ import asyncio
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -18,13 +17,6 @@ from live_server import SERVER, Live, free_port, server_env, to_toml
 
 pytestmark = pytest.mark.timeout(180)
 INFO_ENV = {**server_env(), "SESSION_AUDIT_LOG_LEVEL": "INFO"}  # to see "serving on"
-
-
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[Live]:
-    lv = Live(tmp_path)
-    yield lv
-    lv.close()
 
 
 def second_config(lv: Live, port: int) -> Path:
