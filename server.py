@@ -36,7 +36,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
 from audit import queries
-from audit.config import Config, ConfigError, load_config, sink_where
+from audit.config import (
+    Config,
+    ConfigError,
+    load_config,
+    open_window,
+    sink_identity,
+    sink_where,
+)
 from audit.engine import AuditEngine
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
 from audit.spool import (
@@ -785,7 +792,7 @@ async def _verify(config: Config) -> int:
                 if check is not None and check != key_check(key):
                     raise StartupError("the audit key is not the one the server's spool"
                                        " uses: every chain would look changed")
-                anchor = spool_anchor(conn, key)
+                anchor = spool_anchor(conn, key, sink_identity(config))
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -794,10 +801,7 @@ async def _verify(config: Config) -> int:
     sink = create_sink(config, readonly=True)
     try:
         await sink.open()
-        # A session lasts at most max_session_seconds; a day more for a reaper
-        # that was down, or a final part waiting for a sink that was.
-        report = await verify_sink(
-            sink, key, anchor, overdue_after=config.audit.max_session_seconds + 86400)
+        report = await verify_sink(sink, key, anchor, overdue_after=open_window(config))
     except QueryNotSupported:
         print(f"verify: the {config.sink.type} sink cannot be read back; verify the"
               " receiver's copy with audit.verify.check_session", file=sys.stderr)

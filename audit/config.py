@@ -346,6 +346,20 @@ def sink_where(config: Config) -> str:
     return f"{m.database}.{m.sessions_collection}, {m.database}.{m.security_collection}"
 
 
+def sink_identity(config: Config) -> str:
+    """The configured sink as the spool remembers it: its type and where."""
+    return f"{config.sink.type} {sink_where(config)}"
+
+
+def open_window(config: Config) -> float:
+    """How long after its start a session may still look open in a sink (its
+    final part not there yet): the longest session, and a day for a reaper
+    that was down or a final part waiting for a sink that was. Past that,
+    verify takes a missing final part as removed; within it, sessions stored
+    whole are remembered in the spool, so that verify can tell."""
+    return config.audit.max_session_seconds + 86400
+
+
 def parse_config(data: dict[str, Any], base_dir: str = ".") -> Config:
     """Build a validated :class:`Config` from a parsed TOML document."""
     config: Config = _build(Config, data, "")

@@ -20,7 +20,7 @@ from typing import Any
 from sinks.base import Sink
 
 from . import queries
-from .config import Config, sink_where
+from .config import Config, open_window, sink_identity, sink_where
 from .events import Draft, Source, format_ts
 from .flusher import Flusher
 from .metrics import Stats
@@ -87,6 +87,7 @@ class AuditEngine:
             sink,
             config.flush,
             keep_stored_seconds=a.keep_stored_seconds,
+            remember=(sink_identity(config), open_window(config)),
             stats=self.stats,
             clock=monotonic,
         )

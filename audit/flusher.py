@@ -63,12 +63,16 @@ class Flusher:
         config: FlushConfig,
         *,
         keep_stored_seconds: float = 0.0,
+        remember: tuple[str, float] | None = None,
         stats: Stats | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spool = spool
         self.sink = sink
         self.keep = keep_stored_seconds
+        # (the sink's type and location, seconds): sessions stored whole are
+        # remembered that long, for verify (Writer.mark_part_stored).
+        self.remember = remember
         self.stats = stats or spool.stats
         self.clock = clock
         self.bucket = TokenBucket(config.max_writes_per_second, config.burst, clock)
@@ -287,10 +291,10 @@ class Flusher:
             if isinstance(exc, SinkError) and not isinstance(exc, SinkRateLimited):
                 await self._part_failed(doc["_id"], sid, part, str(exc))
             return pause
-        keep = self.keep
+        keep, remember = self.keep, self.remember
 
         def stored(w: Writer) -> None:
-            w.mark_part_stored(sid, part, keep)
+            w.mark_part_stored(sid, part, keep, remember)
 
         await self.spool.submit(stored, needs_space=False)
         self.stats.parts_written += 1

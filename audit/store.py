@@ -115,6 +115,15 @@ CREATE TABLE IF NOT EXISTS parts (
     PRIMARY KEY (session_id, part)
 );
 CREATE INDEX IF NOT EXISTS parts_state ON parts (state, created_ts);
+-- Sessions whose final part a sink acknowledged lately (for as long as such
+-- a session could still look open there: max_session_seconds and a day):
+-- verify then knows a final part, or a whole session, gone from that sink.
+CREATE TABLE IF NOT EXISTS stored_sessions (
+    session_id TEXT PRIMARY KEY,
+    sink TEXT NOT NULL,              -- the sink's type and location (sink_where)
+    stored_ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stored_sessions_ts ON stored_sessions (stored_ts);
 CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL UNIQUE,
@@ -926,8 +935,24 @@ class Writer:
 
     # -- the flusher's side ------------------------------------------------
 
-    def mark_part_stored(self, session_id: str, part: int, keep_seconds: float) -> None:
+    def mark_part_stored(self, session_id: str, part: int, keep_seconds: float,
+                         remember: tuple[str, float] | None = None) -> None:
+        """The sink acknowledged the part: kept ``keep_seconds`` or deleted.
+        With ``remember`` (the sink, seconds), a final part's session is
+        noted in ``stored_sessions`` for that long (and older notes go)."""
         now = self.clock()
+        if remember is not None:
+            final = self.conn.execute(
+                "SELECT final FROM parts WHERE session_id = ? AND part = ?",
+                (session_id, part)).fetchone()
+            if final is not None and final[0]:
+                sink, seconds = remember
+                self.conn.execute(
+                    "INSERT INTO stored_sessions (session_id, sink, stored_ts) VALUES (?, ?, ?)"
+                    " ON CONFLICT (session_id) DO UPDATE SET sink = excluded.sink,"
+                    " stored_ts = excluded.stored_ts", (session_id, sink, now))
+                self.conn.execute("DELETE FROM stored_sessions WHERE stored_ts < ?",
+                                  (now - seconds,))
         if keep_seconds > 0:
             self.conn.execute(
                 "UPDATE parts SET state = 'stored', stored_ts = ?, last_error = NULL"

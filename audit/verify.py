@@ -225,9 +225,14 @@ class SpoolAnchor:
     # Sessions still open in the spool, or with parts the sink has not taken
     # (pending, dead): their final part may rightly be missing from the sink.
     unfinished: frozenset[str] = frozenset()
+    # Sessions this spool stored whole in this sink lately (stored_sessions):
+    # the sink must hold their final part, and so hold them at all.
+    stored: frozenset[str] = frozenset()
 
 
-def spool_anchor(conn: sqlite3.Connection, key: bytes) -> SpoolAnchor:
+def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) -> SpoolAnchor:
+    """The anchor, with the sessions stored whole in ``sink`` (its
+    :func:`~audit.config.sink_identity`; None: in any sink)."""
     row = conn.execute("SELECT value FROM meta WHERE key = 'security_head'").fetchone()
     first = conn.execute(
         "SELECT json FROM security_events WHERE state != 'stored' ORDER BY id LIMIT 1"
@@ -235,8 +240,10 @@ def spool_anchor(conn: sqlite3.Connection, key: bytes) -> SpoolAnchor:
     unfinished = frozenset(r[0] for r in conn.execute(
         "SELECT session_id FROM sessions WHERE state = 'open'"
         " UNION SELECT session_id FROM parts WHERE state != 'stored'"))
+    stored = frozenset(r[0] for r in conn.execute(
+        "SELECT session_id FROM stored_sessions WHERE ?1 IS NULL OR sink = ?1", (sink,)))
     return SpoolAnchor(row[0] if row else genesis(key, SECURITY_STREAM),
-                       json.loads(first[0]) if first else None, unfinished)
+                       json.loads(first[0]) if first else None, unfinished, stored - unfinished)
 
 
 def _overdue(session_id: str, parts: list[Any], anchor: SpoolAnchor | None,
@@ -245,9 +252,15 @@ def _overdue(session_id: str, parts: list[Any], anchor: SpoolAnchor | None,
     longer ago than any session may last, and this server's spool does not
     hold it. Its final part (and the events in it) was removed, or is still
     waiting in another server's spool."""
-    if overdue_after is None or anchor is None:  # without the spool it cannot tell
+    if anchor is None:  # without the spool it cannot tell
         return None
     if any(_obj(p).get("final") is True for p in parts) or session_id in anchor.unfinished:
+        return None
+    if session_id in anchor.stored:
+        return Problem(session_id, "missing_part",
+                       "no final part, which this server's spool stored in this sink:"
+                       " it was removed")
+    if overdue_after is None:
         return None
     starts = [t for t in (_seconds(_obj(p).get("session_start_time")) for p in parts)
               if t is not None]
@@ -273,8 +286,10 @@ async def verify_sink(
     the first (:meth:`Sink.conflicting_copies`) are reported as changed."""
     report = Report()
     now = time.time() if now is None else now
+    seen: set[str] = set()
     try:
         async for sid in sink.session_ids():
+            seen.add(sid)
             report.sessions += 1
             try:
                 parts = await sink.get_session_parts(sid)
@@ -297,6 +312,11 @@ async def verify_sink(
         report.problems.append(Problem(
             "", "bad_part", f"the sink's sessions cannot be listed to the end"
             f" ({type(exc).__name__})"))
+    else:  # every session listed: those stored whole lately must be among them
+        for sid in sorted(anchor.stored - seen if anchor is not None else ()):
+            report.problems.append(Problem(
+                sid, "missing_part", "the sink holds no part of this session, which this"
+                " server's spool stored whole in it: it was removed"))
     for doc_id, kind, columns in await sink.index_mismatches():
         sid = doc_id.rpartition(":")[0] if kind == "part" else SECURITY_STREAM
         report.problems.append(Problem(

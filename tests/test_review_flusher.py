@@ -25,11 +25,11 @@ async def test_flusher_survives_a_transient_spool_failure(
     real = Writer.mark_part_stored
     failures = {"left": 1}
 
-    def flaky(self, session_id, part, keep_seconds):
+    def flaky(self, session_id, part, keep_seconds, *rest):
         if failures["left"] > 0:
             failures["left"] -= 1
             raise sqlite3.OperationalError("disk I/O error")
-        return real(self, session_id, part, keep_seconds)
+        return real(self, session_id, part, keep_seconds, *rest)
 
     monkeypatch.setattr(Writer, "mark_part_stored", flaky)
     s = await engine.start_session("alice", "user", src, 3600)
@@ -109,11 +109,11 @@ async def test_spool_failures_back_off_exponentially_and_reset(
     real = Writer.mark_part_stored
     seen: list[int] = []
 
-    def flaky(self, session_id, part, keep_seconds):
+    def flaky(self, session_id, part, keep_seconds, *rest):
         if len(seen) < 4:
             seen.append(engine.flusher.spool_backoff.attempt)
             raise sqlite3.OperationalError("database or disk is full")
-        return real(self, session_id, part, keep_seconds)
+        return real(self, session_id, part, keep_seconds, *rest)
 
     monkeypatch.setattr(Writer, "mark_part_stored", flaky)
     s = await engine.start_session("alice", "user", src, 3600)

@@ -519,8 +519,15 @@ async def test_a_removed_final_part_is_found_once_the_session_cannot_be_open(
         start = parse_ts(first["session_start_time"])
         overdue = config.audit.max_session_seconds + 86400
         with contextlib.closing(connect(config.spool_path, "normal", readonly=True)) as conn:
-            anchor = spool_anchor(conn, audit_key)
-        assert sids[0] not in anchor.unfinished  # stored: the spool no longer holds it
+            remembered = spool_anchor(conn, audit_key)
+        assert sids[0] not in remembered.unfinished  # stored: the spool no longer holds it
+        # The spool remembers the sessions it stored whole lately: at once.
+        soon = await verify_sink(sink, audit_key, remembered, overdue_after=overdue,
+                                 now=start + 3600)
+        assert [(p.session_id, p.kind) for p in soon.problems] == [(sids[0], "missing_part")]
+        assert "which this server's spool stored in this sink" in soon.problems[0].detail
+        # A spool that does not remember it (another sink, or long ago):
+        anchor = SpoolAnchor(remembered.head, remembered.first_unsent, remembered.unfinished)
         soon = await verify_sink(sink, audit_key, anchor, overdue_after=overdue,
                                  now=start + 3600)
         assert soon.ok, soon.problems  # it could still be open
@@ -719,3 +726,62 @@ def test_the_fields_verify_accepts_are_those_the_server_writes() -> None:
             "start_ts": 1.0, "first_seq": 1, "last_seq": 1, "seal_reason": "logout",
             "prev_hash": "p", "hash": "h"}
     assert set(part_document(meta, [])) == PART_FIELDS
+
+
+async def test_a_recently_stored_session_removed_whole_is_found(stored, audit_key, fake_clock):
+    """A session removed from the sink whole left nothing for verify to find.
+    The spool remembers the sessions it stored whole in which sink, for as
+    long as a session may look open (open_window): within that time the
+    sink must hold them; another sink's are not asked of this one."""
+    from audit.config import open_window, sink_identity
+    from audit.spool import connect
+    from audit.verify import spool_anchor
+
+    config, sids = stored
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as conn, conn:
+        conn.execute("DELETE FROM parts WHERE session_id = ?", (sids[2],))
+
+    async def verified(sink_id: str | None) -> Any:
+        with contextlib.closing(connect(config.spool_path, "normal", readonly=True)) as conn:
+            anchor = spool_anchor(conn, audit_key, sink_id)
+        sink = SqliteSink(config.sqlite_sink_path, readonly=True)
+        await sink.open()
+        try:
+            return await verify_sink(sink, audit_key, anchor, overdue_after=open_window(config))
+        finally:
+            await sink.close()
+
+    report = await verified(sink_identity(config))
+    assert [(p.session_id, p.kind) for p in report.problems] == [(sids[2], "missing_part")]
+    assert report.problems[0].detail.startswith("the sink holds no part of this session")
+    assert (await verified("jsonl /elsewhere")).ok  # stored in another sink: not this one's
+    with contextlib.closing(sqlite3.connect(config.spool_path)) as conn:
+        remembered = conn.execute("SELECT COUNT(*) FROM stored_sessions").fetchone()[0]
+    assert remembered == len(sids)
+
+
+async def test_sessions_stored_whole_are_remembered_only_so_long(
+        make_config, engines, fake_clock):
+    from audit.config import open_window
+
+    config = make_config(flush={"max_writes_per_second": 1000.0, "burst": 100})
+    engine = await engines.open(config, clock=fake_clock)
+    src = Source(user="alice", role="user")
+
+    async def one_session() -> str:
+        s = await engine.start_session("alice", "user", src, 3600)
+        await engine.end_session(s.session_id, src)
+        await engines.drain(engine)
+        return str(s.session_id)
+
+    async def remembered() -> list[str]:
+        return await engine.spool.read(lambda c: [r[0] for r in c.execute(
+            "SELECT session_id FROM stored_sessions ORDER BY stored_ts")])
+
+    first = await one_session()
+    fake_clock.advance(open_window(config) - 1)
+    second = await one_session()
+    assert await remembered() == [first, second]
+    fake_clock.advance(2)
+    third = await one_session()
+    assert await remembered() == [second, third]  # the first's time is over
