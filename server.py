@@ -357,6 +357,7 @@ def create_app(
     app[ENGINE] = engine
     app[TOKENS] = tokens
     app[ACCOUNTS] = Accounts(engine, config.auth.bcrypt_rounds)
+    engine.before_reap.append(app[ACCOUNTS].end_revoked_sessions)
     app[THROTTLE] = LoginThrottle(config.auth.login_max_failures,
                                   config.auth.login_window_seconds)
     app[REGISTRY], app[REQUESTS] = new_registry()
@@ -838,7 +839,8 @@ def _progress(total: list[int]) -> Callable[[dict[str, Any]], None]:
 
 async def _drain(config: Config) -> int:
     _existing("spool", config.spool_path)
-    engine = AuditEngine(config, create_sink(config), existing_audit_key(config))
+    engine = AuditEngine(config, create_sink(config), existing_audit_key(config),
+                         beside_server=True)
     await engine.open(background=False)
     try:
         show = _progress([0])
@@ -857,7 +859,8 @@ async def _drain(config: Config) -> int:
 
 async def _retry_dead(config: Config) -> int:
     _existing("spool", config.spool_path)
-    engine = AuditEngine(config, create_sink(config), existing_audit_key(config))
+    engine = AuditEngine(config, create_sink(config), existing_audit_key(config),
+                         beside_server=True)
     await engine.open(background=False)
     try:
         n = await engine.retry_dead_letters()

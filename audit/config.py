@@ -325,8 +325,12 @@ def _check_url(key: str, url: str) -> None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError as exc:
-        raise ConfigError(f"{key}: not a valid URL ({exc})") from None
+    except ValueError:
+        # Not the parser's words: they quote what it took for a port, which
+        # is a password with a # / or ? in it, cut short.
+        raise ConfigError(f"{key}: not a valid URL (its host or port cannot be read;"
+                          " characters such as # / ? @ in a user or password must be"
+                          " %-escaped)") from None
     if not parts.hostname:
         raise ConfigError(f"{key}: the URL names no host")
 

@@ -13,7 +13,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -66,7 +66,12 @@ class AuditEngine:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         reaper_interval: float = REAPER_INTERVAL,
+        beside_server: bool = False,
     ) -> None:
+        """``beside_server``: a command (drain, retry-dead) that may run while
+        a server serves the same spool; it leaves the server's sessions
+        alone (no cut to its own part limits at open: the server's cache of
+        them would go stale)."""
         a = config.audit
         self.config = config
         self.sink = sink
@@ -81,6 +86,7 @@ class AuditEngine:
             on_full=a.on_spool_full,
             clock=clock,
             stats=self.stats,
+            cut_to_limits=not beside_server,
         )
         self.flusher = Flusher(
             self.spool,
@@ -92,6 +98,7 @@ class AuditEngine:
             clock=monotonic,
         )
         self.reaper_interval = reaper_interval
+        self.before_reap: list[Callable[[], Awaitable[Any]]] = []
         self.flood: FloodGuard | None = (
             FloodGuard(a.security_events_per_ip_per_second, a.security_events_per_ip_burst,
                        clock=monotonic)
@@ -371,7 +378,16 @@ class AuditEngine:
         return s.event_count
 
     async def reap_once(self) -> int:
-        """Seal idle, expired and over-long sessions; cut time checkpoints."""
+        """Seal idle, expired and over-long sessions; cut time checkpoints.
+
+        The :attr:`before_reap` hooks run first: sessions the command line
+        revoked (``passwd``, ``disable``) end as they did then, with their
+        cause, before a deadline that came later could claim them."""
+        for hook in self.before_reap:
+            try:
+                await hook()
+            except Exception:  # the reaping goes on; the hook's rows wait
+                log.exception("reaper: %s failed", getattr(hook, "__name__", hook))
         now = self.clock()
         futs = []
         for s in self.spool.open_sessions():

@@ -53,6 +53,7 @@ DEFERRED_MAX = 1000  # parts remembered as deferred (the oldest are forgotten)
 # deleted whenever nothing is pending, and at most this long apart otherwise.
 PURGE_EVERY_SECONDS = 5.0
 PURGE_BATCH = 500  # stored parts deleted in one job
+PURGE_SECURITY_BATCH = 5000  # stored security events deleted in one job
 
 
 class Flusher:
@@ -215,8 +216,8 @@ class Flusher:
             # kept, but a start may find what an earlier configuration kept:
             # it goes first, however many batches it takes.
             self._purge_due = self.clock() + PURGE_EVERY_SECONDS
-            if await self._purge() < PURGE_BATCH:
-                self._leftovers = False
+            # A full batch: more waits, purged at the next step, at once.
+            self._leftovers = await self._purge()
         if part is None:
             if self._leftovers:
                 return 0.0  # more purging first, at once
@@ -326,18 +327,19 @@ class Flusher:
         log.warning("part %s keeps failing; later parts go first, it is tried again in"
                     " %.0f s", doc_id, wait)
 
-    async def _purge(self) -> int:
-        """Delete acknowledged rows past their keep time; returns the parts
-        deleted (at most :data:`PURGE_BATCH`; security events go all at once)."""
+    async def _purge(self) -> bool:
+        """Delete acknowledged rows past their keep time, a bounded batch of
+        each (:data:`PURGE_BATCH` parts, :data:`PURGE_SECURITY_BATCH`
+        security events); returns whether a batch was full (more may wait)."""
         cutoff = self.spool.clock() - self.keep  # the clock that stamped stored_ts
 
-        def purge(w: Writer) -> int:
+        def purge(w: Writer) -> bool:
             parts = w.purge_stored(cutoff, PURGE_BATCH)
-            w.purge_stored_security(cutoff)
-            return parts
+            sec = w.purge_stored_security(cutoff, PURGE_SECURITY_BATCH)
+            return parts >= PURGE_BATCH or sec >= PURGE_SECURITY_BATCH
 
-        parts: int = await self.spool.submit(purge, needs_space=False)
-        return parts
+        more: bool = await self.spool.submit(purge, needs_space=False)
+        return more
 
     # -- outcomes ------------------------------------------------------------
 

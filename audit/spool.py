@@ -70,21 +70,58 @@ def stored_key_check(conn: sqlite3.Connection) -> str | None:
     return str(row[0]) if row else None
 
 
+def _made_with(conn: sqlite3.Connection, key: bytes) -> bool | None:
+    """Whether the chain state in a spool from before the key check was made
+    with ``key``, by the first of these it holds (None: none of them):
+
+    * a session's first event, which continues its genesis value;
+    * an open session before its first cut, whose chain head is that value;
+    * an open session's next uncut event, which continues its last cut;
+    * a pending part's first event, which continues its ``prev_hash``;
+    * two security events in a row (the second continues the first).
+    """
+    def continues(prev: str, text: str) -> bool:
+        event = json.loads(text)
+        return bool(event_hash(key, prev, event) == event.get("hash"))
+
+    row = conn.execute("SELECT session_id, json FROM events WHERE seq = 1 LIMIT 1").fetchone()
+    if row is not None:
+        return continues(genesis(key, row[0]), row[1])
+    row = conn.execute("SELECT session_id, cut_hash FROM sessions"
+                       " WHERE state = 'open' AND cut_seq = 0 LIMIT 1").fetchone()
+    if row is not None:
+        return bool(genesis(key, row[0]) == row[1])
+    row = conn.execute(
+        "SELECT s.cut_hash, e.json FROM sessions s JOIN session_events e"
+        " ON e.sk = s.sk AND e.seq = s.cut_seq + 1 WHERE s.state = 'open' LIMIT 1").fetchone()
+    if row is None:
+        row = conn.execute(
+            "SELECT p.prev_hash, e.json FROM parts p JOIN sessions s USING (session_id)"
+            " JOIN session_events e ON e.sk = s.sk AND e.seq = p.first_seq"
+            " WHERE p.state != 'stored' LIMIT 1").fetchone()
+    if row is not None:
+        return continues(row[0], row[1])
+    # Ids in a row are appends in a row (AUTOINCREMENT, rolled back with its
+    # transaction); rows between may be gone (stored and deleted).
+    pair = conn.execute("SELECT a.json, b.json FROM security_events a JOIN security_events b"
+                        " ON b.id = a.id + 1 LIMIT 1").fetchone()
+    if pair is not None:
+        return continues(json.loads(pair[0])["hash"], pair[1])
+    return None
+
+
 def check_key(conn: sqlite3.Connection, key: bytes, path: Path) -> None:
     """Refuse a key the spool's chains were not made with. The first open
     (of a new spool, or of one from before the check) records the key's
     check; a spool from before it is first held to one of its own events:
     a session's first event continues the chain from the session's genesis
-    value, which only the right key gives."""
+    value, which only the right key gives (or other chain state it holds:
+    :func:`_made_with`)."""
     want = key_check(key)
     have = stored_key_check(conn)
     if have is None:
-        row = conn.execute(
-            "SELECT session_id, json FROM events WHERE seq = 1 LIMIT 1").fetchone()
-        if row is not None:
-            event = json.loads(row[1])
-            if event_hash(key, genesis(key, row[0]), event) != event.get("hash"):
-                have = ""  # not this key's
+        if _made_with(conn, key) is False:
+            have = ""  # not this key's
         if have is None:
             conn.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)"
                          " ON CONFLICT (key) DO NOTHING", (want,))
@@ -265,8 +302,12 @@ class Spool:
         on_full: str = "reject",
         clock: Callable[[], float] = time.time,
         stats: Stats | None = None,
+        cut_to_limits: bool = True,
     ) -> None:
         self.path = Path(path)
+        # At open, cut open sessions' uncut events to the part limits
+        # (_split_oversized): only in the process that serves the spool.
+        self.cut_to_limits = cut_to_limits
         self.key = key
         self.limits = limits
         self.synchronous = synchronous
@@ -344,7 +385,8 @@ class Spool:
             check_key(conn, self.key, self.path)
             writer = Writer(conn, self.key, self.limits, self.clock)
             writer.load()
-            _split_oversized(conn, writer)
+            if self.cut_to_limits:
+                _split_oversized(conn, writer)
         except BaseException:
             conn.close()
             raise

@@ -1033,9 +1033,12 @@ class Writer:
             (error[:500], *ids),
         )
 
-    def purge_stored_security(self, older_than: float) -> int:
+    def purge_stored_security(self, older_than: float, limit: int = 5000) -> int:
+        """Delete up to ``limit`` stored security events acknowledged before
+        ``older_than`` (a bounded job: the writer's queue waits on it)."""
         cur = self.conn.execute(
-            "DELETE FROM security_events WHERE state = 'stored' AND stored_ts < ?", (older_than,)
+            "DELETE FROM security_events WHERE id IN (SELECT id FROM security_events"
+            " WHERE state = 'stored' AND stored_ts < ? LIMIT ?)", (older_than, limit)
         )
         return cur.rowcount
 

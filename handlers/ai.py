@@ -125,14 +125,15 @@ class OpenAIProvider:
         try:
             reply = data["choices"][0]["message"]["content"]
             usage = data.get("usage") or {}
-            model = str(data.get("model") or self.model)[:MODEL_MAX_CHARS]
+            model = str(data.get("model") or self.model)
             if not isinstance(reply, str):
                 raise TypeError("content is not a string")
-            reply.encode("utf-8")  # a lone surrogate could be neither answered nor recorded
-            model.encode("utf-8")
             if len(key) >= 8:  # a provider echoing our request must not hand the key on
                 reply = reply.replace(key, "[redacted]")
                 model = model.replace(key, "[redacted]")
+            model = model[:MODEL_MAX_CHARS]  # after: a cut must not leave part of a key
+            reply.encode("utf-8")  # a lone surrogate could be neither answered nor recorded
+            model.encode("utf-8")
             return Answer(reply, model, _tokens(usage.get("prompt_tokens", 0)),
                           _tokens(usage.get("completion_tokens", 0)))
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError):

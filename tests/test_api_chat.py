@@ -549,3 +549,29 @@ async def test_a_chat_that_waits_too_long_for_a_slot_is_refused_and_recorded(
     busy = [e for e in await _ai_events(api, alice.session_id) if e["outcome"] == "failure"]
     assert [e["details"]["reason"] for e in busy] == ["ai_busy"]
     assert len(stub.requests) == 1
+
+
+async def test_a_long_key_echoed_in_the_model_is_redacted_before_the_cut(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: the model name was cut at 200 characters before the
+    key was replaced, so a longer key (a JWT as a gateway key) left its first
+    200 characters in the answer and the record."""
+    key = "eyJ" + "k" * 400
+    stub = OpenAIStub()  # takes any key
+    await stub.start()
+    try:
+        stub.mode, stub.raw_body = "raw", completion(model=json.dumps("m-" + key))
+        monkeypatch.setenv("TEST_OPENAI_KEY", key)
+        api = await make_api(ai={"provider": "openai", "openai": {
+            "base_url": stub.base_url, "api_key_env": "TEST_OPENAI_KEY"}})
+        alice = await api.user("alice")
+        doc = await api.create_doc(alice, content=DOC)
+        resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hi"},
+                                     headers=alice.headers)
+        body = await resp.json()
+        assert resp.status == 200 and body["model"] == "m-[redacted]", body
+        (ev,) = await _ai_events(api, alice.session_id)
+        assert "k" * 20 not in json.dumps(ev) and ev["details"]["model"] == "m-[redacted]"
+    finally:
+        await stub.stop()

@@ -190,6 +190,11 @@ def test_unknown_key_is_named(data, key):
         ({"sink": {"type": "http", "http": {"url": "http://"}}}, "sink.http.url"),
         ({"sink": {"type": "http", "http": {"url": "http://u:secret@h:99999/x"}}},
          "sink.http.url"),
+        # A # in the password ends the netloc there: the parser's message
+        # quoted the password's start as the port.
+        ({"sink": {"type": "http", "http": {"url": "http://u:secret#x@h/"}}}, "sink.http.url"),
+        ({"ai": {"provider": "openai", "openai": {"base_url": "https://k:secret?@h/v1"}}},
+         "ai.openai.base_url"),
         ({"ai": {"provider": "openai", "openai": {"base_url": "http://[::1"}}},
          "ai.openai.base_url"),
     ],

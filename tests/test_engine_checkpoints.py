@@ -171,3 +171,25 @@ async def test_lowered_part_limits_cut_the_sessions_in_progress_at_start(
     assert [p["final"] for p in parts] == [False] * (len(parts) - 1) + [True]
     report = await verify_sink(engine.sink, audit_key)
     assert report.ok, report.problems
+
+
+async def test_a_command_beside_the_server_leaves_its_sessions_uncut(
+    make_config, engines, audit_key
+):
+    """Found by a review of the cut above: drain or retry-dead, run beside the
+    server with lowered limits in the file, cut the server's sessions; the
+    server's cache of them went stale, its next part 0 (another range, another
+    hash) was dead-lettered for good and 29 acknowledged events never left."""
+    server = await engines.open(make_config(flush=FAST))
+    s = await server.start_session("alice", "user", SRC, 3600)
+    for _ in range(31):
+        await server.record(s.session_id, Draft("document.list"))
+    beside = await engines.open(make_config(audit={"part_max_events": 10}, flush=FAST),
+                                beside_server=True)
+    assert await beside.spool.read(
+        lambda c: c.execute("SELECT COUNT(*) FROM parts").fetchone()[0]) == 0
+    await beside.close()
+    assert await server.end_session(s.session_id, SRC) == 34
+    parts = await parts_of(engines, server, s.session_id)
+    assert [(p["first_seq"], p["last_seq"], p["final"]) for p in parts] == [(1, 34, True)]
+    assert (await verify_sink(server.sink, audit_key)).ok

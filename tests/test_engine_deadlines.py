@@ -122,3 +122,42 @@ async def test_a_session_revoked_while_the_server_was_down_ends_as_it_did(
         assert part["seal_reason"] == "logout"
         assert part["session_duration_seconds"] == pytest.approx(600, abs=0.002)
         assert end["details"] == {"reason": "logout", "cause": "user_disabled"}
+
+
+async def test_the_reaper_ends_revoked_sessions_before_their_deadlines(
+    make_config, engines, fake_clock
+):
+    """Found by a review: at start the reaper ran before the first pass over
+    the revocations (which waits for the sink's first attempt), so a session
+    disabled while the server was down, and idle by the next start, was
+    sealed idle_timeout after all, its cause lost. The reaper now runs its
+    before_reap hooks first; the server registers the revocation pass."""
+    import contextlib
+
+    from audit.spool import connect
+    from handlers.auth import Accounts, add_user_sync, change_user_sync
+
+    config = make_config(audit={"idle_timeout_seconds": 1800}, flush=FAST)
+    first = await engines.open(config, clock=fake_clock)
+    s = await first.start_session("alice", "user", SRC, 3600)
+    await first.close()
+    with contextlib.closing(connect(config.spool_path, "normal")) as conn:
+        add_user_sync(conn, "alice", "a-password-1", "user", 4)
+        assert change_user_sync(conn, "alice", disabled=True)
+        with conn:
+            conn.execute("UPDATE revocations SET created_ts = ?", (fake_clock() + 600,))
+    fake_clock.advance(3 * 86400)
+    second = await engines.open(config, clock=fake_clock)
+    second.before_reap.append(Accounts(second, 4).end_revoked_sessions)
+    await second.reap_once()
+    part = await stored_part(engines, second, s.session_id)
+    assert part["seal_reason"] == "logout"
+    assert part["events"][-1]["details"] == {"reason": "logout", "cause": "user_disabled"}
+
+
+def test_the_server_registers_the_revocation_pass_with_the_reaper(make_config) -> None:
+    import server
+    from handlers.keys import ACCOUNTS, ENGINE
+
+    app = server.create_app(make_config())
+    assert app[ENGINE].before_reap == [app[ACCOUNTS].end_revoked_sessions]

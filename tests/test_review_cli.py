@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import pytest
 from live_server import Live, to_toml
 
 from audit.events import Draft
@@ -64,6 +65,49 @@ async def test_a_spool_from_before_the_check_is_held_to_its_own_events(tmp_path,
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert stored_key_check(conn) is not None
     assert not await _opens(path, OTHER_KEY)
+
+
+def _forget_the_check(path: Path, *statements: str) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("DELETE FROM meta WHERE key = 'key_check'")
+        for sql in statements:
+            conn.execute(sql)
+
+
+@pytest.mark.parametrize("left", ["before_first_cut", "after_a_cut", "pending_part",
+                                  "security_events"])
+async def test_a_spool_from_before_the_check_without_first_events(tmp_path, audit_key, left):
+    """Found by a review: the first events go once the sink has part 0 (under
+    keep_stored_seconds = 0 at once), and the check then found nothing to
+    hold a key to and took any. Whatever chain state is left tells."""
+    path = tmp_path / "spool.db"
+    limits = Limits(3 if left in ("after_a_cut", "pending_part") else 500, 1 << 20)
+    sp = Spool(path, audit_key, limits=limits)
+    await sp.open()
+    try:
+        if left == "security_events":
+            for i in range(2):
+                await sp.submit(lambda w, i=i: w.append_security(
+                    Draft("auth.login_failed", outcome="denied", details={"n": i}), None))
+        else:
+            s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [
+                Draft("session.start")]))
+            for _ in range(4):  # at 3 a part: events 1-3 cut, 4-5 not
+                await sp.submit(lambda w: w.append(s.session_id, Draft("document.list")))
+            if left == "pending_part":
+                await sp.submit(lambda w: w.seal(s.session_id, "logout", Draft("session.end")))
+    finally:
+        await sp.close()
+    gone = {  # what the sink took and the spool deleted
+        "before_first_cut": ["DELETE FROM events WHERE seq = 1"],
+        "after_a_cut": ["DELETE FROM events WHERE seq <= 3", "DELETE FROM parts"],
+        "pending_part": ["DELETE FROM events WHERE seq <= 3",
+                         "DELETE FROM parts WHERE part = 0"],
+        "security_events": [],
+    }[left]
+    _forget_the_check(path, *gone)
+    assert not await _opens(path, OTHER_KEY)
+    assert await _opens(path, audit_key)
 
 
 async def test_a_new_spool_takes_any_key(tmp_path):

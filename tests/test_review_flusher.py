@@ -299,13 +299,18 @@ async def test_a_part_the_sink_holds_with_another_hash_is_dead_lettered(make_con
     assert stored["hash"] == "f" * 64
 
 
-async def test_what_an_earlier_keep_time_kept_is_purged_under_keep_zero(make_config, engines):
+async def test_what_an_earlier_keep_time_kept_is_purged_under_keep_zero(
+        make_config, engines, monkeypatch):
     """Found by a review: restarted with keep_stored_seconds lowered to 0,
     the flusher never purged, so the rows kept under the old setting stayed
     for good (a spool full of them stayed full: 503s with the sink holding
     everything). More than one purge batch of them, and security events."""
+    from audit import flusher
     from audit.flusher import PURGE_BATCH
 
+    # Security events too, a bounded batch a job (a million in one job held
+    # the writer's queue for seconds).
+    monkeypatch.setattr(flusher, "PURGE_SECURITY_BATCH", 3)
     fast = {"max_writes_per_second": 100_000, "burst": 100_000}
     kept = make_config(audit={"keep_stored_seconds": 3600}, flush=fast)
     e = await engines.open(kept)
@@ -313,8 +318,9 @@ async def test_what_an_earlier_keep_time_kept_is_purged_under_keep_zero(make_con
     for _ in range(PURGE_BATCH + 20):
         s = await e.start_session("a", "user", src, 3600)
         await e.end_session(s.session_id, src)
-    await e.record_security(Draft("auth.login_failed", outcome="denied",
-                                  details={"username": "x"}))
+    for i in range(10):
+        await e.record_security(Draft("auth.login_failed", outcome="denied",
+                                      details={"username": f"x{i}"}))
     await engines.drain(e)
 
     async def left(engine) -> tuple[int, int, int]:
@@ -323,7 +329,7 @@ async def test_what_an_earlier_keep_time_kept_is_purged_under_keep_zero(make_con
             c.execute("SELECT COUNT(*) FROM events").fetchone()[0],
             c.execute("SELECT COUNT(*) FROM security_events").fetchone()[0]))
 
-    assert await left(e) == (PURGE_BATCH + 20, 3 * (PURGE_BATCH + 20), 1)
+    assert await left(e) == (PURGE_BATCH + 20, 3 * (PURGE_BATCH + 20), 10)
     await e.close()
     e = await engines.open(make_config(audit={"keep_stored_seconds": 0}, flush=fast))
     await engines.drain(e)  # nothing pending: the purge of leftovers is all it does
