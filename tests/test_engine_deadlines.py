@@ -85,19 +85,14 @@ async def test_logout_ends_the_session_now(make_config, engines, fake_clock):
     assert part["seal_reason"] == "logout" and part["session_duration_seconds"] == 42
 
 
-@pytest.mark.parametrize("revoked_after", [2 * 86400, 600])
-async def test_a_session_revoked_while_the_server_was_down_ends_as_it_did(
-    make_config, engines, fake_clock, revoked_after
-):
-    """disable (or passwd) beside a stopped server names the session for
-    revocation, and when; at the next start, days later, the session ends as
-    it did at that time: idle_timeout at its idle deadline if it had gone
-    idle first (not days later as a logout), else a logout with the cause at
-    the revocation (a review found it ended idle then too, its cause lost)."""
+async def _revoked_while_down(make_config, engines, fake_clock, revoked_after: float):
+    """alice's session, then the server stopped; ``disable alice`` runs
+    ``revoked_after`` seconds into the session; the server starts again three
+    days later (idle_timeout_seconds = 1800). Returns (engine, session id)."""
     import contextlib
 
     from audit.spool import connect
-    from handlers.auth import Accounts, add_user_sync, change_user_sync
+    from handlers.auth import add_user_sync, change_user_sync
 
     config = make_config(audit={"idle_timeout_seconds": 1800}, flush=FAST)
     first = await engines.open(config, clock=fake_clock)
@@ -110,9 +105,23 @@ async def test_a_session_revoked_while_the_server_was_down_ends_as_it_did(
             conn.execute("UPDATE revocations SET created_ts = ?",
                          (fake_clock() + revoked_after,))
     fake_clock.advance(3 * 86400)
-    second = await engines.open(config, clock=fake_clock)
+    return await engines.open(config, clock=fake_clock), s.session_id
+
+
+@pytest.mark.parametrize("revoked_after", [2 * 86400, 600])
+async def test_a_session_revoked_while_the_server_was_down_ends_as_it_did(
+    make_config, engines, fake_clock, revoked_after
+):
+    """disable (or passwd) beside a stopped server names the session for
+    revocation, and when; at the next start, days later, the session ends as
+    it did at that time: idle_timeout at its idle deadline if it had gone
+    idle first (not days later as a logout), else a logout with the cause at
+    the revocation (a review found it ended idle then too, its cause lost)."""
+    from handlers.auth import Accounts
+
+    second, sid = await _revoked_while_down(make_config, engines, fake_clock, revoked_after)
     assert await Accounts(second, 4).end_revoked_sessions() == 1
-    part = await stored_part(engines, second, s.session_id)
+    part = await stored_part(engines, second, sid)
     end = part["events"][-1]
     if revoked_after > 1800:
         assert part["seal_reason"] == "idle_timeout"
@@ -132,25 +141,12 @@ async def test_the_reaper_ends_revoked_sessions_before_their_deadlines(
     disabled while the server was down, and idle by the next start, was
     sealed idle_timeout after all, its cause lost. The reaper now runs its
     before_reap hooks first; the server registers the revocation pass."""
-    import contextlib
+    from handlers.auth import Accounts
 
-    from audit.spool import connect
-    from handlers.auth import Accounts, add_user_sync, change_user_sync
-
-    config = make_config(audit={"idle_timeout_seconds": 1800}, flush=FAST)
-    first = await engines.open(config, clock=fake_clock)
-    s = await first.start_session("alice", "user", SRC, 3600)
-    await first.close()
-    with contextlib.closing(connect(config.spool_path, "normal")) as conn:
-        add_user_sync(conn, "alice", "a-password-1", "user", 4)
-        assert change_user_sync(conn, "alice", disabled=True)
-        with conn:
-            conn.execute("UPDATE revocations SET created_ts = ?", (fake_clock() + 600,))
-    fake_clock.advance(3 * 86400)
-    second = await engines.open(config, clock=fake_clock)
+    second, sid = await _revoked_while_down(make_config, engines, fake_clock, 600)
     second.before_reap.append(Accounts(second, 4).end_revoked_sessions)
     await second.reap_once()
-    part = await stored_part(engines, second, s.session_id)
+    part = await stored_part(engines, second, sid)
     assert part["seal_reason"] == "logout"
     assert part["events"][-1]["details"] == {"reason": "logout", "cause": "user_disabled"}
 
