@@ -16,6 +16,7 @@ import errno
 import fcntl
 import gc
 import getpass
+import hmac
 import json
 import logging
 import os
@@ -790,7 +791,7 @@ async def _verify(config: Config) -> int:
             conn = connect(config.spool_path, config.audit.synchronous, readonly=True)
             try:
                 check = stored_key_check(conn)
-                if check is not None and check != key_check(key):
+                if check is not None and not hmac.compare_digest(check, key_check(key)):
                     raise StartupError("the audit key is not the one the server's spool"
                                        " uses: every chain would look changed")
                 anchor = spool_anchor(conn, key, sink_identity(config))
