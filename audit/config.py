@@ -187,6 +187,11 @@ _COLLECTION = (_mongo_collection, "must be a MongoDB collection name (not empty,
                " not starting with system.)")
 
 # Range checks: key -> (predicate, message).
+# BSON spends up to 5 bytes for 1 of JSON (an array of small numbers: each
+# element carries its type, its index as a string and 4 bytes); MongoDB takes
+# 16 MiB per document.
+MONGODB_PART_MAX_BYTES = 3 * 1024 * 1024
+
 _CHECKS: dict[str, tuple[Any, str]] = {
     "server.port": (lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
     "server.data_dir": (lambda v: v != "", "must not be empty"),
@@ -311,6 +316,11 @@ def _validate(config: Config) -> None:
     if config.sink.type == "mongodb" and m.sessions_collection == m.security_collection:
         raise ConfigError("sink.mongodb.security_collection: must not be sessions_collection"
                           f" ({m.sessions_collection!r})")
+    if config.sink.type == "mongodb" and config.audit.part_max_bytes > MONGODB_PART_MAX_BYTES:
+        raise ConfigError(
+            f"audit.part_max_bytes: at most {MONGODB_PART_MAX_BYTES} with the mongodb sink"
+            " (a part's BSON can be up to 5 times its JSON, and MongoDB takes 16 MiB"
+            " per document)")
     if config.sink.type == "http":
         _check_url("sink.http.url", config.sink.http.url)
     if config.ai.provider == "openai":

@@ -67,9 +67,13 @@ def _recorded_query(request: web.Request) -> tuple[dict[str, str], str | None]:
         if k in seen:
             repeated = repeated or k[:64]
         seen.add(k)
-        # Names without NUL: a key with one cannot be stored in MongoDB (BSON),
-        # and its whole session part would be refused.
+        # Names without NUL (a key with one cannot be stored in MongoDB's
+        # BSON, and its whole session part would be refused) and without a
+        # leading "$" (MongoDB reads $ref and $id back as a reference, and
+        # servers before 5.0 refuse the key): shown as U+FFFD and U+FF04.
         name = k[:64].replace("\x00", "\ufffd")
+        if name.startswith("$"):
+            name = "\uff04" + name[1:]
         if len(query) < 20 and name not in query:
             query[name] = v[:200]
     return query, repeated

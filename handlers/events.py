@@ -8,6 +8,7 @@ attempt itself: one ``client.rejected`` event with outcome ``failure`` and
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -44,6 +45,8 @@ def _parse_one(item: Any, i: int) -> tuple[str, dict[str, str] | None, dict[str,
     action = item.get("action")
     if not isinstance(action, str) or not ACTION_RE.fullmatch(action):
         raise bad_request(where + "action must match ^client\\.[a-z0-9_.:-]{1,64}$")
+    if action == REJECTED:
+        raise bad_request(where + f"{REJECTED} is the server's own record of a refused request")
     target = item.get("target")
     if target is not None and (
         not isinstance(target, dict)
@@ -59,21 +62,33 @@ def _parse_one(item: Any, i: int) -> tuple[str, dict[str, str] | None, dict[str,
         raise bad_request(where + "details must be an object")
     if len(canonical_json(details).encode("utf-8")) > MAX_DETAILS_BYTES:
         raise bad_request(where + "details are larger than 4 KiB as JSON")
-    if _depth(details) > MAX_DETAILS_DEPTH:
+    depth, dollar = _shape(details)
+    if depth > MAX_DETAILS_DEPTH:
         raise bad_request(where + f"details are nested deeper than {MAX_DETAILS_DEPTH} levels")
+    if dollar:
+        raise bad_request(where + "keys in details must not start with '$'")
     return action, target, details
 
 
-def _depth(value: Any) -> int:
-    """How deep objects and arrays nest in ``value`` (a scalar: 0)."""
-    deepest, stack = 0, [(value, 1)]
+def _shape(value: Any) -> tuple[int, bool]:
+    """How deep objects and arrays nest in ``value`` (a scalar: 0), and
+    whether an object key starts with ``$``: MongoDB reads an object with
+    ``$ref`` and ``$id`` back as a reference (not the object stored), and
+    servers before 5.0 refuse such keys, and with them the whole part."""
+    deepest, dollar, stack = 0, False, [(value, 1)]
     while stack:
         v, level = stack.pop()
-        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
-        if children is not None:
-            deepest = max(deepest, level)
-            stack.extend((c, level + 1) for c in children)
-    return deepest
+        children: Iterable[Any]
+        if isinstance(v, dict):
+            dollar = dollar or any(k.startswith("$") for k in v)
+            children = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((c, level + 1) for c in children)
+    return deepest, dollar
 
 
 def _parse(body: Any) -> list[tuple[str, dict[str, str] | None, dict[str, Any]]]:

@@ -32,7 +32,21 @@ MongoDB-compatible services such as Azure Cosmos DB for MongoDB.
   errors, 50 (``ExceededTimeLimit``) and other "may or may not have landed"
   errors: :class:`SinkUnavailable`. The flusher retries with the same
   ``_id``s, so a partly applied write retried is a success.
-* ``DocumentTooLarge`` and other write errors: :class:`SinkRejected`.
+* ``DocumentTooLarge``, and the codes of :data:`DOCUMENT_ERRORS` as a
+  write error (``writeErrors``, about one document): :class:`SinkRejected`.
+  As a command error (``ok: 0``) only the size codes are: any other is
+  about the request or the deployment (Cosmos DB answers every write of a
+  URI without ``retryWrites=false`` with code 2), retried, never a dead
+  letter for the whole backlog.
+* The URI's ``timeoutMS`` is overridden (``None``): the sink's socket
+  timeout bounds every operation, so a URI cannot make a write hang for
+  minutes and hold up the flusher.
+* The indexes are built at open as a best effort: a deployment that refuses
+  one (an index with the same keys under another name, a role without
+  ``createIndex``) gets a warning, and writes go on.
+* Documents are read back as written: a sub-document holding ``$ref`` and
+  ``$id`` (a client's ``details`` can) comes back from PyMongo as a
+  ``DBRef``, which is turned back into the plain object (:func:`_plain`).
 
 The URI comes from the environment variable named by ``uri_env``, read at
 :meth:`MongoSink.open`. Neither it nor its credentials appear in any message:
@@ -50,6 +64,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import unquote
 
+from bson.dbref import DBRef
 from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReadPreference
 from pymongo.asynchronous.collection import AsyncCollection
@@ -147,6 +162,8 @@ DOCUMENT_ERRORS = frozenset(
         17280,  # KeyTooLong
     }
 )
+# The document-size codes, which mean the document even as a command error.
+TOO_LARGE = frozenset({10, 16, 10334})
 # Every write, and the duplicate check after one, whatever the URI says.
 # wtimeout: with no majority reachable, a write answers (error 64, retried)
 # after 10 s instead of waiting for the socket timeout.
@@ -194,6 +211,48 @@ def _labels(exc: PyMongoError) -> bool:
     return any(exc.has_error_label(label) for label in RETRY_LABELS)
 
 
+def _rate_limited(code: Any, errmsg: str) -> bool:
+    return code in RATE_LIMITED or "TooManyRequests" in errmsg or "Request rate is large" in errmsg
+
+
+def _passing(exc: PyMongoError) -> bool:
+    """Connection trouble, a time limit, an election: it passes by itself."""
+    return (
+        isinstance(exc, (ConnectionFailure, ExecutionTimeout, WaitQueueTimeoutError))
+        or _code(exc) in RETRYABLE
+        or _labels(exc)
+    )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every ``DBRef`` the driver made turned back into the
+    object that was stored (``$ref``, ``$id``, ``$db`` if not null, the rest):
+    the record as written, whose canonical JSON the chain covers."""
+    if isinstance(value, DBRef):
+        return {k: _plain(v) for k, v in value.as_doc().items()}
+    if isinstance(value, dict):
+        if any(isinstance(v, (dict, list, DBRef)) for v in value.values()):
+            return {k: _plain(v) for k, v in value.items()}
+        return value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+# The query indexes: (collection, keys, name). The sort keys follow each
+# equality filter, so that a filtered listing reads its page off the index.
+INDEXES: tuple[tuple[str, list[tuple[str, int]], str], ...] = (
+    ("sessions", [("session_start_time", DESCENDING), ("session_id", DESCENDING)],
+     "session_start_time"),
+    ("sessions", [("user", ASCENDING), ("session_start_time", DESCENDING),
+                  ("session_id", DESCENDING)], "user_start"),
+    ("sessions", [("session_id", ASCENDING), ("part", ASCENDING)], "session_id_part"),
+    ("security", [("ts", DESCENDING), ("_id", DESCENDING)], "ts"),
+    ("security", [("action", ASCENDING), ("ts", DESCENDING), ("_id", DESCENDING)],
+     "action_ts_id"),
+)
+
+
 def _durable(coll: AsyncCollection[Doc]) -> AsyncCollection[Doc]:
     """``coll`` for writes and the duplicate check, whatever the URI says."""
     return coll.with_options(
@@ -222,6 +281,7 @@ class MongoSink(Sink):
             "connectTimeoutMS": connect_timeout_ms,
             "socketTimeoutMS": socket_timeout_ms,
             "appname": "session-audit",
+            "timeoutMS": None,  # over the URI's: the timeouts above bound each operation
             **(client_options or {}),
         }
         self._client: AsyncMongoClient[Doc] | None = None
@@ -255,22 +315,18 @@ class MongoSink(Sink):
         code = _code(exc)
         errmsg = _errmsg(exc)
         msg = self._message(what, exc, errmsg)
-        if code in RATE_LIMITED or "TooManyRequests" in errmsg or "Request rate is large" in errmsg:
+        if _rate_limited(code, errmsg):
             return SinkRateLimited(msg, retry_after=retry_after_from(errmsg))
-        if (
-            isinstance(
-                exc,
-                (ConnectionFailure, ExecutionTimeout, WaitQueueTimeoutError, WriteConcernError),
-            )
-            or code in RETRYABLE
-            or code in CONFIGURATION
-            or _labels(exc)
-        ):
+        if _passing(exc) or isinstance(exc, WriteConcernError) or code in CONFIGURATION:
             return SinkUnavailable(msg)
-        if isinstance(exc, (WriteError, OperationFailure)) and code in DOCUMENT_ERRORS:
+        if code in DOCUMENT_ERRORS and (
+            isinstance(exc, WriteError) or (isinstance(exc, OperationFailure) and code in TOO_LARGE)
+        ):
             return SinkRejected(msg)
-        # Unknown codes, ConfigurationError, InvalidOperation: not known to be
-        # the document; retried (see DOCUMENT_ERRORS).
+        if "retrywrites" in errmsg.lower():
+            msg += " (add retryWrites=false to the URI)"
+        # Unknown codes, command errors, ConfigurationError, InvalidOperation:
+        # not known to be the document; retried (see DOCUMENT_ERRORS).
         return SinkUnavailable(msg)
 
     # -- lifecycle -----------------------------------------------------------
@@ -291,7 +347,7 @@ class MongoSink(Sink):
                 client: AsyncMongoClient[Doc] = AsyncMongoClient(uri, **self._options)
             for w in caught:
                 log.warning("%s", self._redact(f"mongodb sink: {w.message}"))
-        except (ConfigurationError, ValueError, TypeError) as exc:
+        except (ConfigurationError, ValueError, TypeError, OSError) as exc:
             raise SinkUnavailable(
                 self._redact(
                     f"mongodb sink: the URI in {self.cfg.uri_env} is not usable: "
@@ -304,20 +360,7 @@ class MongoSink(Sink):
             security = db[self.cfg.security_collection]
             # Acknowledged index builds too (a w=0 URI would hide a failure).
             sessions_w, security_w = _durable(sessions), _durable(security)
-            await sessions_w.create_index(
-                [("session_start_time", DESCENDING), ("session_id", DESCENDING)],
-                name="session_start_time",
-            )
-            await sessions_w.create_index(
-                [("user", ASCENDING), ("session_start_time", DESCENDING)], name="user"
-            )
-            await sessions_w.create_index(
-                [("session_id", ASCENDING), ("part", ASCENDING)], name="session_id_part"
-            )
-            await security_w.create_index([("ts", DESCENDING), ("_id", DESCENDING)], name="ts")
-            await security_w.create_index(
-                [("action", ASCENDING), ("ts", DESCENDING)], name="action_ts"
-            )
+            await self._build_indexes(sessions_w, security_w)
         except PyMongoError as exc:
             await client.close()
             err = self._classify("open", exc)
@@ -330,6 +373,30 @@ class MongoSink(Sink):
             raise
         self._client, self._sessions, self._security = client, sessions, security
         self._sessions_w, self._security_w = sessions_w, security_w
+
+    async def _build_indexes(
+        self, sessions: AsyncCollection[Doc], security: AsyncCollection[Doc]
+    ) -> None:
+        """The query indexes (:data:`INDEXES`), each as a best effort.
+
+        An error that passes (the deployment unreachable, an election, a rate
+        limit) or a failed login fails the open, which is tried again. Any
+        other refusal (85/86: an index with these keys or this name exists
+        otherwise, made by hand; 13: a role without ``createIndex``) is a
+        warning: the writes do not need the indexes, the admin listings are
+        slower without them, and a sink that never opened would hold every
+        part back until the spool is full.
+        """
+        colls = {"sessions": sessions, "security": security}
+        for which, keys, name in INDEXES:
+            try:
+                await colls[which].create_index(keys, name=name)
+            except PyMongoError as exc:
+                err = self._classify(f"create index {name}", exc)
+                if _passing(exc) or isinstance(err, SinkRateLimited) or _code(exc) == 18:
+                    raise
+                log.warning("%s; writes go on without that index (admin listings are"
+                            " slower)", err)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -435,7 +502,7 @@ class MongoSink(Sink):
                     duplicates.append(str(op["_id"]))
                 else:
                     unavailable = unavailable or SinkUnavailable(text)
-            elif code in RATE_LIMITED or "TooManyRequests" in errmsg:
+            elif _rate_limited(code, errmsg):
                 retry = retry_after_from(errmsg)
                 if rate_limited is None or (retry or 0) > (rate_limited.retry_after or 0):
                     rate_limited = SinkRateLimited(text, retry_after=retry)
@@ -556,7 +623,7 @@ class MongoSink(Sink):
             except PyMongoError as exc:
                 raise self._classify("list security events", exc) from None
             for doc in page:
-                yield doc
+                yield _plain(doc)
             if len(page) < ID_PAGE:
                 return
             after = (page[-1].get("ts"), page[-1].get("_id"))
@@ -564,11 +631,12 @@ class MongoSink(Sink):
     async def get_session_parts(self, session_id: str) -> list[Doc]:
         sessions, _ = self._colls()
         try:
-            return await (
+            parts = await (
                 sessions.find({"session_id": session_id}).sort("part", ASCENDING).to_list(None)
             )
         except PyMongoError as exc:
             raise self._classify("get session parts", exc) from None
+        return [_plain(p) for p in parts]
 
     async def list_security_events(
         self,
@@ -597,6 +665,6 @@ class MongoSink(Sink):
         except PyMongoError as exc:
             raise self._classify("list security events", exc) from None
         more = len(docs) > limit
-        docs = docs[:limit]
+        docs = [_plain(d) for d in docs[:limit]]
         next_cursor = encode_cursor(docs[-1]["ts"], docs[-1]["_id"]) if more and docs else None
         return docs, next_cursor

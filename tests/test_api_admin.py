@@ -67,6 +67,18 @@ async def test_non_admin_is_forbidden_and_recorded(api: Api, method: str, path: 
                                                                          "peek")
 
 
+async def test_parameter_names_are_recorded_as_every_sink_reads_them_back(api: Api) -> None:
+    """A non-admin's parameter names go into a security event: {"$ref", "$id"}
+    would come back from MongoDB as a reference (the listing a 500, verify a
+    false alarm); a NUL cannot be stored at all."""
+    alice = await api.user("alice")
+    resp = await api.client.get("/audit/security-events?$ref=orders&$id=1&a%00b=2",
+                                headers={**alice.headers, "X-Request-ID": "refs"})
+    await expect_error(resp, 403, "forbidden")
+    (ev,) = await api.wait_security("admin.denied")
+    assert ev["details"]["query"] == {"\uff04ref": "orders", "\uff04id": "1", "a\ufffdb": "2"}
+
+
 async def test_audit_query_records_the_outcome_of_the_query(api: Api) -> None:
     """audit.query is recorded once the answer is known: a 404 or a 400 is a
     failure with the error code as reason, not a success."""

@@ -186,6 +186,9 @@ def test_unknown_key_is_named(data, key):
         ({"sink": {"type": "mongodb", "mongodb": {"sessions_collection": "c",
                                                    "security_collection": "c"}}},
          "sink.mongodb.security_collection"),
+        # A part's BSON can be 5 times its JSON: past 16 MiB MongoDB refuses it.
+        ({"sink": {"type": "mongodb"}, "audit": {"part_max_bytes": 3 * 1024 * 1024 + 1}},
+         "audit.part_max_bytes"),
         ({"sink": {"type": "http", "http": {"url": "https://[::1"}}}, "sink.http.url"),
         ({"sink": {"type": "http", "http": {"url": "http://"}}}, "sink.http.url"),
         ({"sink": {"type": "http", "http": {"url": "http://u:secret@h:99999/x"}}},
@@ -204,6 +207,12 @@ def test_bad_value_is_named(data, key):
         parse_config(data)
     assert str(info.value).startswith(key + ":"), str(info.value)
     assert "secret" not in str(info.value)  # a URL's password is never quoted
+
+
+def test_part_max_bytes_is_bounded_for_mongodb_only():
+    assert parse_config({"sink": {"type": "mongodb"},
+                         "audit": {"part_max_bytes": 3 * 1024 * 1024}}).audit.part_max_bytes
+    assert parse_config({"audit": {"part_max_bytes": 8 * 1024 * 1024}}).audit.part_max_bytes
 
 
 def test_ints_are_accepted_for_floats():

@@ -21,6 +21,7 @@ from mockupdb import MockupDB, Request
 from receiver import sample_part, sample_security_event
 
 from audit.config import MongoSinkConfig
+from audit.events import canonical_json
 from sinks.base import (
     SinkConflict,
     SinkError,
@@ -213,7 +214,12 @@ async def test_duplicate_key_checks_the_stored_hash(
             {"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 121, "errmsg": "v"}]},
             SinkRejected,
         ),
-        ({"ok": 0, "code": 2, "errmsg": "BadValue"}, SinkRejected),
+        # As a command error (ok: 0) a document code is about the request or
+        # the deployment, not one document: retried, never the whole backlog
+        # dead-lettered. The size codes stay about the document.
+        ({"ok": 0, "code": 2, "errmsg": "BadValue"}, SinkUnavailable),
+        ({"ok": 0, "code": 14, "errmsg": "TypeMismatch"}, SinkUnavailable),
+        ({"ok": 0, "code": 10334, "errmsg": "BSONObjectTooLarge"}, SinkRejected),
         # Nested deeper than MongoDB's 100 levels: the document itself.
         ({"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 15, "errmsg": "depth"}]},
          SinkRejected),
@@ -236,6 +242,56 @@ async def test_error_mapping(
         await task
     assert type(info.value) is error
     assert str(info.value).startswith("mongodb sink:")
+
+
+COSMOS_RETRYABLE_WRITES = (
+    "Retryable writes are not supported. Please disable retryable writes by specifying"
+    ' "retrywrites=false" in the connection string or an equivalent driver specific config.'
+)
+
+
+async def test_cosmos_retryable_writes_answer_is_retried_with_a_hint(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    # Cosmos DB answers every write so while the URI lacks retryWrites=false:
+    # a configuration to fix, not a part (nor a batch) to dead-letter.
+    task = start(sink.write_part(sample_part("s1")))
+    (await receive(server, "insert")).command_err(2, COSMOS_RETRYABLE_WRITES)
+    with pytest.raises(SinkUnavailable, match="add retryWrites=false to the URI"):
+        await task
+    task = start(sink.write_security_events([sample_security_event("e1")]))
+    (await receive(server, "insert")).command_err(2, COSMOS_RETRYABLE_WRITES)
+    with pytest.raises(SinkUnavailable, match="add retryWrites=false"):
+        await task
+
+
+async def test_uri_timeout_ms_cannot_hold_a_write_for_minutes(
+    server: MockupDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # timeoutMS in the URI would replace the socket timeout (CSOT): a silent
+    # server would hold the flusher for ten minutes.
+    monkeypatch.setenv(URI_ENV, uri(server) + "?timeoutMS=600000")
+    sink = new_sink(socket_timeout_ms=500)
+    await sink.open()
+    try:
+        task = start(sink.write_part(sample_part("s1")))
+        request = await receive(server, "insert")  # and never answered
+        with pytest.raises(SinkUnavailable, match="timed out"):
+            async with asyncio.timeout(20):  # a hang guard, not a timing
+                await task
+        request.hangup()
+    finally:
+        await sink.close()
+
+
+async def test_unreadable_tls_file_in_the_uri_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv(URI_ENV, f"mongodb://127.0.0.1:1/?tls=true&tlsCAFile={tmp_path}/no.pem")
+    sink = new_sink()
+    with pytest.raises(SinkUnavailable, match="not usable"):
+        await sink.open()
+    await sink.close()
 
 
 async def test_dropped_connection_is_unavailable(server: MockupDB, sink: MongoSink) -> None:
@@ -500,6 +556,9 @@ async def test_bulk_duplicate_with_other_hash_is_conflict(
             None,
         ),
         ([{"index": 0, "code": 2, "errmsg": "bad"}], {}, SinkRejected, None),
+        # Cosmos DB's throttling words under another code: as in a single insert.
+        ([{"index": 0, "code": 1, "errmsg": "Request rate is large. RetryAfterMs=40"}], {},
+         SinkRateLimited, 0.04),
         (
             [],
             {"writeConcernError": {"code": 64, "errmsg": "waiting for replication"}},
@@ -555,6 +614,41 @@ async def test_security_event_query_and_cursor(server: MockupDB, sink: MongoSink
     assert page == docs[:2]
     assert next_cursor is not None
     assert decode_cursor(next_cursor) == ["2026-11-26T14:00:03.000Z", "e3"]
+
+
+def _dbref_shaped(event_id: str) -> dict[str, Any]:
+    """A security event whose details a client shaped as a MongoDB reference."""
+    event = sample_security_event(event_id)
+    event["details"] = {
+        "query": {"$ref": "orders", "$id": "1", "$db": "shop", "extra": [1, {"$ref": "a",
+                                                                             "$id": 2}]},
+        "plain": {"$ref": "alone"},
+    }
+    return event
+
+
+async def test_references_come_back_as_the_objects_stored(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    # PyMongo reads {"$ref": ..., "$id": ...} back as a DBRef: the admin API
+    # could not answer it (a 500) and verify saw a changed event.
+    event = _dbref_shaped("e1")
+    part = sample_part("s1")
+    part["events"][0]["details"] = event["details"]
+    task = start(sink.list_security_events(limit=5))
+    (await receive(server, "find")).replies(cursor_reply("audit.security_audit", [event]))
+    page, _ = await task
+    assert page == [event] and canonical_json(page[0]) == canonical_json(event)
+    task = start(sink.get_session_parts("s1"))
+    (await receive(server, "find")).replies(cursor_reply("audit.session_audit", [part]))
+    assert canonical_json(await task) == canonical_json([part])
+
+    async def oldest_first() -> list[dict[str, Any]]:
+        return [e async for e in sink.security_events_oldest_first()]
+
+    task = start(oldest_first())
+    (await receive(server, "find")).replies(cursor_reply("audit.security_audit", [event]))
+    assert await task == [event]
 
 
 async def test_list_sessions_queries(server: MockupDB, sink: MongoSink) -> None:
@@ -667,32 +761,45 @@ async def test_open_without_the_variable_names_it(monkeypatch: pytest.MonkeyPatc
     await sink.close()
 
 
-async def test_open_creates_indexes(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_open_creates_indexes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     server = start_server()
     try:
         monkeypatch.setenv(URI_ENV, uri(server))
         sink = new_sink()
         task = start(sink.open())
-        # The first try fails (not authorized yet): unavailable, not permanent.
-        (await receive(server, "createIndexes")).command_err(13, "not authorized on audit")
-        with pytest.raises(SinkUnavailable, match="code 13"):
+        # The first try fails (the login refused): unavailable, tried again.
+        (await receive(server, "createIndexes")).command_err(18, "Authentication failed.")
+        with pytest.raises(SinkUnavailable, match="code 18"):
             await task
         task = start(sink.open())
         indexes: dict[str, list[dict[str, Any]]] = {}
-        for _ in range(5):
+        for i in range(5):
             request = await receive(server, "createIndexes")
             indexes.setdefault(request["createIndexes"], []).extend(request["indexes"])
-            request.replies({"ok": 1})
-        await task
+            if i == 1:  # a DBA's index on the same keys under another name
+                request.command_err(85, "Index already exists with a different name: by_user")
+            elif i == 3:  # a role without createIndex
+                request.command_err(13, "not authorized on audit to execute command")
+            else:
+                request.replies({"ok": 1})
+        await task  # open: the writes do not need the indexes
         keys = {coll: [list(ix["key"].items()) for ix in ixs] for coll, ixs in indexes.items()}
         assert keys == {
             "session_audit": [
                 [("session_start_time", -1), ("session_id", -1)],
-                [("user", 1), ("session_start_time", -1)],
+                [("user", 1), ("session_start_time", -1), ("session_id", -1)],
                 [("session_id", 1), ("part", 1)],
             ],
-            "security_audit": [[("ts", -1), ("_id", -1)], [("action", 1), ("ts", -1)]],
+            "security_audit": [[("ts", -1), ("_id", -1)],
+                               [("action", 1), ("ts", -1), ("_id", -1)]],
         }
+        warned = [r.getMessage() for r in caplog.records if "without that index" in r.getMessage()]
+        assert len(warned) == 2 and "code 85" in warned[0] and "code 13" in warned[1], warned
+        task = start(sink.write_part(sample_part("s1")))
+        (await receive(server, "insert")).replies({"ok": 1, "n": 1})
+        await task
         await sink.close()
         await sink.close()
     finally:
@@ -746,7 +853,7 @@ async def test_error_messages_never_contain_the_uri(
     try:
         task = start(sink.write_part(sample_part("s1")))
         (await receive(server, "insert")).command_err(2, f"cannot use {secret_uri} here")
-        with pytest.raises(SinkRejected) as info:
+        with pytest.raises(SinkUnavailable) as info:
             await task
         text = "".join(traceback.format_exception(info.value))
         assert secret_uri not in text and "***" in text
