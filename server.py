@@ -88,6 +88,11 @@ JWT_SECRET_ENV = "SESSION_AUDIT_JWT_SECRET"
 AUDIT_KEY_ENV = "SESSION_AUDIT_AUDIT_KEY"
 ADMIN_PASSWORD_ENV = "SESSION_AUDIT_ADMIN_PASSWORD"
 SHUTDOWN_FLUSH_SECONDS = 2.0
+# aiohttp's shutdown_timeout: a graceful shutdown waits this long for requests
+# in flight, then as long again once it told them to stop (a chat waiting on
+# its provider does not hear that), then cancels them; a cancelled chat is
+# recorded.
+SHUTDOWN_REQUESTS_SECONDS = 10.0
 SINK_OPEN_WAIT = 1.0  # start to ready stays well under 3 s even when the sink hangs
 MIN_PASSWORD_CHARS = 8  # NIST SP 800-63B's floor for a chosen password
 CHAT_CONCURRENCY = 16  # chats holding their document (<= 1 MiB) at once; the others queue
@@ -485,10 +490,14 @@ def _handle_signals(app: web.Application) -> None:
     def on_signal(name: str) -> None:
         nonlocal stopping
         if stopping:
-            log.warning("%s: already shutting down (within a few seconds); kill -9 is"
-                        " safe for the audit trail if it must be now", name)
+            log.warning("%s: already shutting down (requests in flight get up to %.0f s,"
+                        " then the flush window %.0f s); kill -9 is safe for the audit"
+                        " trail if it must be now", name, 2 * SHUTDOWN_REQUESTS_SECONDS,
+                        SHUTDOWN_FLUSH_SECONDS)
             return
         stopping = True
+        log.info("%s: shutting down: no new connections; requests in flight get up to"
+                 " %.0f s", name, 2 * SHUTDOWN_REQUESTS_SECONDS)
         raise web.GracefulExit()
 
     async def install(app: web.Application) -> None:
@@ -569,7 +578,7 @@ def _serve(config: Config, loop: asyncio.AbstractEventLoop) -> int:
             loop=loop,
             access_log_class=AccessLog,
             print=serving,
-            shutdown_timeout=10.0,
+            shutdown_timeout=SHUTDOWN_REQUESTS_SECONDS,
             handle_signals=False,  # _handle_signals
         )
     except OSError as exc:

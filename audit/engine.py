@@ -298,6 +298,16 @@ class AuditEngine:
             raise result
         return result
 
+    def detach(self, recording: Awaitable[Any]) -> asyncio.Future[Any]:
+        """Run ``recording`` (the record of an action already done, its caller
+        cancelled) in a task of its own: a second cancellation of the caller
+        does not stop it half way, and :meth:`close` waits for it before the
+        spool closes."""
+        fut = asyncio.ensure_future(recording)
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
+        return fut
+
     def _fast_done(self, fut: asyncio.Future[Any]) -> None:
         self._inflight.discard(fut)
         if not fut.cancelled() and fut.exception() is not None:

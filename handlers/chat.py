@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import sqlite3
 import time
 from typing import Any
@@ -28,7 +30,13 @@ from .errors import ApiError, bad_request, json_response
 from .keys import AI, CHAT_SLOTS, CONFIG, CTX, ENGINE
 from .requests import json_object
 
+log = logging.getLogger(__name__)
+
 MESSAGE_MAX_BYTES = 16 * 1024
+# A failing provider is logged at most once in this many seconds (each chat's
+# own failure is in its record).
+PROVIDER_WARN_SECONDS = 60.0
+_provider_warned = -PROVIDER_WARN_SECONDS
 # A chat waits this long for one of the CHAT_SLOTS, then gets 502 ai_unavailable.
 CHAT_QUEUE_SECONDS = 30.0
 CHAT_BODY_MAX = 256 * 1024  # a 16 KiB message, with room for JSON escapes
@@ -112,6 +120,7 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
     except AIUnavailable as exc:
         details["latency_ms"] = round(1000 * (time.perf_counter() - started), 1)
         details["error"] = str(exc)[:200]
+        _warn_provider(details["error"])
         draft.outcome = "failure"
         draft.details = {**details, "reason": "ai_unavailable"}
         await _record_asked(engine, ctx.session_id, draft)
@@ -123,6 +132,18 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         draft.outcome = "failure"
         draft.details = {**details, "reason": "internal_error"}
         await _record_asked(engine, ctx.session_id, draft)
+        raise
+    except asyncio.CancelledError:
+        # Cut off while the provider had the document: by the shutdown once
+        # its wait for requests in flight is over (or by a dropped client where
+        # aiohttp cancels handlers). The interaction is recorded all the same,
+        # detached from this task: the engine's close waits for it.
+        details["latency_ms"] = round(1000 * (time.perf_counter() - started), 1)
+        draft.outcome = "failure"
+        draft.details = {**details, "reason": "cancelled"}
+        recording = engine.detach(_record_asked(engine, ctx.session_id, draft))
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(recording)
         raise
     details.update({
         "model": answer.model,
@@ -141,6 +162,17 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         "usage": {"prompt_tokens": answer.prompt_tokens,
                   "completion_tokens": answer.completion_tokens},
     })
+
+
+def _warn_provider(error: str) -> None:
+    """Tell the operator the provider fails (clients only see 502), at most
+    once a :data:`PROVIDER_WARN_SECONDS`."""
+    global _provider_warned
+    now = time.monotonic()
+    if now - _provider_warned >= PROVIDER_WARN_SECONDS:
+        _provider_warned = now
+        log.warning("AI provider unavailable: %s (chats get 502 ai_unavailable; logged at"
+                    " most once a minute)", error)
 
 
 async def _record_asked(engine: AuditEngine, session_id: str, draft: Draft) -> None:

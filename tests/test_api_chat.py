@@ -128,8 +128,10 @@ async def test_openai_provider_against_a_local_server(
 
 @pytest.mark.parametrize("mode", ["error", "slow", "garbage", "bad_key", "down"])
 async def test_failing_provider_gives_502_and_a_failure_event(
-    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch, mode: str
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch, mode: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    monkeypatch.setattr(chat_module, "_provider_warned", -chat_module.PROVIDER_WARN_SECONDS)
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-wrong" if mode == "bad_key" else "sk-test-stub-key")
     base_url = stub.base_url
     if mode == "down":
@@ -144,6 +146,10 @@ async def test_failing_provider_gives_502_and_a_failure_event(
     assert "latency_ms" in ev["details"]
     if mode == "slow":
         assert ev["details"]["latency_ms"] >= 400
+    # The operator hears of it too (clients see only 502), with the reason.
+    (warned,) = [r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith("AI provider unavailable")]
+    assert ev["details"]["error"] in warned and "sk-" not in warned
 
 
 def completion(reply: str = '"fine"', model: str = '"m"', prompt_tokens: str = "3",

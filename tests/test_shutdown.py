@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from live_server import Live
+from openai_stub import OpenAIStub
 from waiting import wait_for
 
 
@@ -73,3 +74,49 @@ async def test_a_second_signal_during_shutdown_does_not_cut_it_short(
     with contextlib.closing(sqlite3.connect(lv.data_dir / "audit.db")) as sink:
         stored = sink.execute("SELECT COUNT(*) FROM security_events").fetchone()[0]
     assert pending >= 1 and pending + stored == 3, (pending, stored)
+
+
+async def test_a_chat_cut_off_by_the_shutdown_is_recorded(tmp_path: Path) -> None:
+    """The provider holds the chat past the shutdown's wait for requests in
+    flight: the server cancels it, and the interaction (the document was sent)
+    is recorded all the same, as a failure with reason ``cancelled``."""
+    stub = OpenAIStub()
+    stub.mode = "held"  # answers only once the gate opens: never, here
+    base_url = await stub.start()
+    lv = Live(tmp_path, {"ai": {"provider": "openai",
+                                "openai": {"base_url": base_url, "timeout_seconds": 300}}})
+    try:
+        await lv.adduser("alice", "alice-password")
+        await lv.start()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(lv.base + "/token", json={"username": "alice",
+                                                            "password": "alice-password"}) as r:
+                assert r.status == 200
+                login = await r.json()
+            auth = {"Authorization": f"Bearer {login['access_token']}"}
+            async with http.post(lv.base + "/documents", headers=auth,
+                                 json={"title": "t", "content": "the document"}) as r:
+                assert r.status == 201
+                doc = (await r.json())["id"]
+
+            async def chat() -> None:
+                async with http.post(f"{lv.base}/documents/{doc}/chat", json={"message": "hi"},
+                                     headers={**auth, "X-Request-ID": "cut-off"}) as r:
+                    await r.read()
+
+            asking = asyncio.ensure_future(chat())
+            await asyncio.wait_for(stub.arrived.wait(), 30)
+            assert await lv.stop(timeout=60) == 0, lv.log_tail()
+            with contextlib.suppress(aiohttp.ClientError):
+                await asking
+    finally:
+        await stub.stop()
+        lv.close()
+    with contextlib.closing(sqlite3.connect(lv.data_dir / "spool.db")) as spool:
+        events = [json.loads(j) for (j,) in spool.execute(
+            "SELECT json FROM events WHERE session_id = ? ORDER BY seq",
+            (login["session_id"],))]
+    (ev,) = [e for e in events if e["request_id"] == "cut-off"]
+    assert (ev["action"], ev["outcome"]) == ("ai.interaction", "failure"), ev
+    assert ev["details"]["reason"] == "cancelled" and ev["target"]["id"] == doc
+    assert "Traceback" not in lv.log_tail(50_000)
