@@ -205,25 +205,26 @@ def list_sessions(
     conn: sqlite3.Connection,
     *,
     user: str | None,
-    since: float | None,
-    until: float | None,
-    before: tuple[float, str] | None,
+    since: int | None,
+    until: int | None,
+    before: tuple[int, str] | None,
     limit: int,
     state: str | None = None,
 ) -> list[Row]:
-    """Spool sessions newest first; ``before`` = (start_ts, session_id) for paging;
-    ``state`` is ``sessions.state`` (``open`` or ``sealed``)."""
+    """Spool sessions newest first, by their start as clients see it (whole
+    ms, then session id); ``since``/``until`` in ms, ``before`` = (ms,
+    session_id) for paging; ``state`` is ``sessions.state`` (``open`` or
+    ``sealed``)."""
     where, args = sql_where(
         ("user = ?", user),
         ("state = ?", state),
-        ("start_ts >= ?", since),
-        ("start_ts <= ?", until),
-        ("(start_ts < ? OR (start_ts = ? AND session_id < ?))",
-         (before[0], before[0], before[1]) if before is not None else None),
+        ("start_ms >= ?", since),
+        ("start_ms <= ?", until),
+        ("(start_ms, session_id) < (?, ?)", before),
     )
     rows = conn.execute(
         f"SELECT {_SESSION_COLS} FROM sessions WHERE {where}"
-        " ORDER BY start_ts DESC, session_id DESC LIMIT ?",
+        " ORDER BY start_ms DESC, session_id DESC LIMIT ?",
         (*args, limit),
     ).fetchall()
     return _summaries(conn, rows)
@@ -260,15 +261,19 @@ def get_session(conn: sqlite3.Connection, session_id: str) -> Row | None:
 def list_security(
     conn: sqlite3.Connection,
     *,
-    since: float | None,
+    since: int | None,
     kind: str | None,
     limit: int,
-    before: float | None = None,
+    before: tuple[int, str] | None = None,
 ) -> list[Row]:
-    """Security events still in the spool (pending, dead or kept), newest first."""
-    where, args = sql_where(("ts >= ?", since), ("action = ?", kind), ("ts <= ?", before))
+    """Security events still in the spool (pending, dead or kept), newest
+    first by their time as clients see it (whole ms, then event id);
+    ``since`` in ms, ``before`` = (ms, event_id) for paging."""
+    where, args = sql_where(("ts_ms >= ?", since), ("action = ?", kind),
+                            ("(ts_ms, event_id) < (?, ?)", before))
     rows = conn.execute(
-        f"SELECT json FROM security_events WHERE {where} ORDER BY id DESC LIMIT ?",
+        f"SELECT json FROM security_events WHERE {where}"
+        " ORDER BY ts_ms DESC, event_id DESC LIMIT ?",
         (*args, limit),
     ).fetchall()
     out = []

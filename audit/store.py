@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     role TEXT NOT NULL,
     state TEXT NOT NULL,             -- open | sealed
     start_ts REAL NOT NULL,
+    start_ms INTEGER,                -- start_ts in whole ms, as shown (format_ts)
     expires_at REAL NOT NULL,
     last_ts REAL NOT NULL,           -- last activity known at the last cut
     end_ts REAL,
@@ -65,6 +66,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     cut_events INTEGER NOT NULL DEFAULT 0 -- events inside cut parts
 );
 CREATE INDEX IF NOT EXISTS sessions_state ON sessions (state, start_ts);
+-- The admin listing's order and cursor: what clients see and send back.
+CREATE INDEX IF NOT EXISTS sessions_start ON sessions (start_ms, session_id);
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_sk ON sessions (sk);
 -- A rowid table written in commit order, with no index: a commit appends
 -- its rows at the right edge of one B-tree. The writer gives each row its
@@ -128,6 +131,7 @@ CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL UNIQUE,
     ts REAL NOT NULL,
+    ts_ms INTEGER,                   -- ts in whole ms, as shown (format_ts)
     action TEXT NOT NULL,
     json TEXT NOT NULL,
     state TEXT NOT NULL,             -- pending | stored | dead
@@ -135,6 +139,8 @@ CREATE TABLE IF NOT EXISTS security_events (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS security_state ON security_events (state, id);
+-- The admin listing's order and cursor (ts as shown, then event_id).
+CREATE INDEX IF NOT EXISTS security_ts ON security_events (ts_ms, event_id);
 """
 
 log = logging.getLogger(__name__)
@@ -166,6 +172,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     ``event_keys`` is stale) gets ``event_keys`` rebuilt the same way.
     """
     _migrate_users(conn)
+    _migrate_shown_ms(conn)
     row = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
     if row is None:
         return  # a new file
@@ -231,6 +238,29 @@ def _migrate_users(conn: sqlite3.Connection) -> None:
     have = _columns(conn, "users")
     if have and "disabled" not in have:  # (no columns: a new file, SCHEMA creates it)
         conn.execute("ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
+
+
+def shown_ms(epoch: float) -> int:
+    """``epoch`` in whole milliseconds, rounded as :func:`format_ts` shows it."""
+    return round(epoch * 1000)
+
+
+def _migrate_shown_ms(conn: sqlite3.Connection) -> None:
+    """Give the sessions and security events of an earlier release their
+    ``start_ms`` / ``ts_ms``, which the admin listings page by."""
+    conn.create_function("shown_ms", 1, shown_ms, deterministic=True)
+    for table, column, source in (("sessions", "start_ms", "start_ts"),
+                                  ("security_events", "ts_ms", "ts")):
+        have = _columns(conn, table)
+        if have and column not in have:  # (no columns: a new file, SCHEMA creates it)
+            conn.execute("BEGIN IMMEDIATE")  # the column and its values, or neither
+            try:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
+                conn.execute(f"UPDATE {table} SET {column} = shown_ms({source})")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
 
 def _keys_mark(conn: sqlite3.Connection) -> int:
@@ -716,9 +746,9 @@ class Writer:
         head = genesis(self.key, sid)
         sk = self.next_sk
         self.conn.execute(
-            "INSERT INTO sessions (session_id, sk, user, role, state, start_ts, expires_at,"
-            " last_ts, cut_hash) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?)",
-            (sid, sk, user, role, now, expires_at, now, head),
+            "INSERT INTO sessions (session_id, sk, user, role, state, start_ts, start_ms,"
+            " expires_at, last_ts, cut_hash) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?)",
+            (sid, sk, user, role, now, shown_ms(now), expires_at, now, head),
         )
         self.next_sk = sk + 1
         self._remember("s:" + sid, _MISSING)
@@ -902,9 +932,9 @@ class Writer:
         now = self.clock()
         event, text = seal_event(self.key, self.security_head, draft, session_id, None, now)
         self.conn.execute(
-            "INSERT INTO security_events (event_id, ts, action, json, state)"
-            " VALUES (?, ?, ?, ?, 'pending')",
-            (event["event_id"], now, draft.action, text),
+            "INSERT INTO security_events (event_id, ts, ts_ms, action, json, state)"
+            " VALUES (?, ?, ?, ?, ?, 'pending')",
+            (event["event_id"], now, shown_ms(now), draft.action, text),
         )
         self.security_head = event["hash"]
         self.conn.execute(

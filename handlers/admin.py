@@ -21,7 +21,7 @@ from audit.config import Config
 from audit.engine import AuditEngine
 from audit.events import SECURITY_ACTIONS, Draft, format_ts, parse_ts
 from audit.spool import SpoolClosed, SpoolFull, SpoolUnavailable
-from audit.store import SessionNotOpen, Writer
+from audit.store import SessionNotOpen, Writer, shown_ms
 from sinks.base import (
     Doc,
     QueryNotSupported,
@@ -38,8 +38,6 @@ log = logging.getLogger("session_audit.admin")
 
 MAX_LIMIT = 500
 STATES = ("open", "pending", "stored")
-_HALF_MS = 0.0005 + 1e-6  # shown times are rounded to the millisecond
-_SLACK = 32
 # With a state filter, how many merged pages one request may read to fill
 # its page; past that it answers a short page with a next_cursor.
 _MAX_PAGES = 20
@@ -157,15 +155,24 @@ def _audited(handler: Handler, *, needs_space: bool) -> Handler:
     return run
 
 
-def _time_param(request: web.Request, name: str) -> tuple[str | None, float | None]:
+# RFC 3339's date-time: a full date and time, with a zone (Python's parser
+# alone takes dates, hours, week dates and times without a zone).
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _time_param(request: web.Request, name: str) -> tuple[str, int] | None:
+    """The time as clients see times (whole ms, UTC) and in ms since the epoch."""
     value = request.query.get(name)
     if value is None or value == "":
-        return None, None
+        return None
+    if not _RFC3339.fullmatch(value):
+        raise bad_request(f"{name} must be an RFC 3339 time (2026-11-26T14:31:07Z)")
     try:
         epoch = parse_ts(value)
     except ValueError:
-        raise bad_request(f"{name} must be an RFC 3339 time") from None
-    return _shown(epoch), epoch
+        raise bad_request(f"{name} must be an RFC 3339 time (2026-11-26T14:31:07Z)") from None
+    shown = _shown(epoch)
+    return shown, shown_ms(parse_ts(shown))
 
 
 def _shown(epoch: float) -> str:
@@ -186,6 +193,8 @@ def _limit(request: web.Request) -> int:
 
 
 def _cursor(request: web.Request) -> tuple[str, str] | None:
+    """The (time as shown, id) a page ends at: as this server wrote it (a
+    time in another form would compare as text against the shown ones)."""
     raw = request.query.get("cursor")
     if not raw:
         return None
@@ -193,10 +202,16 @@ def _cursor(request: web.Request) -> tuple[str, str] | None:
         ts, key = decode_cursor(raw)
         if not isinstance(ts, str) or not isinstance(key, str):
             raise ValueError
-        format_ts(parse_ts(ts))
+        if format_ts(parse_ts(ts)) != ts:
+            raise ValueError
     except (ValueError, TypeError, OverflowError):
         raise bad_request("cursor is not valid") from None
     return ts, key
+
+
+def _keyed(cursor: tuple[str, str] | None) -> tuple[int, str] | None:
+    """A cursor as the spool's key: (ms, id)."""
+    return (shown_ms(parse_ts(cursor[0])), cursor[1]) if cursor is not None else None
 
 
 def _params(request: web.Request, allowed: set[str]) -> None:
@@ -208,7 +223,7 @@ def _params(request: web.Request, allowed: set[str]) -> None:
 @audited
 async def list_sessions(request: web.Request) -> web.Response:
     _params(request, {"user", "since", "until", "state", "limit", "cursor"})
-    window = (*_time_param(request, "since"), *_time_param(request, "until"))
+    window = (_time_param(request, "since"), _time_param(request, "until"))
     limit = _limit(request)
     cursor = _cursor(request)
     state = request.query.get("state") or None
@@ -247,47 +262,33 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 async def _merged_page(
     engine: AuditEngine, user: str | None,
-    window: tuple[str | None, float | None, str | None, float | None],
+    window: tuple[tuple[str, int] | None, tuple[str, int] | None],
     cursor: tuple[str, str] | None, limit: int, state: str | None,
 ) -> tuple[list[Doc], bool]:
     """Up to ``limit`` sessions after ``cursor``, newest first, from the spool
     and the sink merged; and whether there may be more.
 
-    Open and pending sessions are always in the spool: with ``state`` one of
-    those, the sink is not asked; the spool is asked for sessions in its
-    matching ``sessions.state`` only.
+    Both are asked by the key clients see and send back: the start time
+    shown (whole ms), then the session id. Open and pending sessions are
+    always in the spool: with ``state`` one of those, the sink is not asked;
+    the spool is asked for sessions in its matching ``sessions.state`` only.
     """
-    since, since_ts, until, until_ts = window
-    # The spool keeps exact start times; clients see (and send back) times
-    # rounded to the millisecond. Query with bounds half a millisecond wider,
-    # then apply the bounds to the rounded times the client sees, so that
-    # ``since=T`` includes a session shown as starting at T and a cursor never
-    # repeats or skips a session. The slack covers sessions of the same
-    # millisecond that the exact order puts on the other side of the boundary.
-    fetch = limit + 1 + _SLACK
+    since, until = window
     spool_state = None if state is None else ("open" if state == "open" else "sealed")
     from_spool = await engine.spool.read(
         lambda c: queries.list_sessions(
-            c, user=user,
-            since=since_ts - _HALF_MS if since_ts is not None else None,
-            until=until_ts + _HALF_MS if until_ts is not None else None,
-            before=(parse_ts(cursor[0]) + _HALF_MS, "") if cursor else None,
-            limit=fetch, state=spool_state)
+            c, user=user, since=since[1] if since else None, until=until[1] if until else None,
+            before=_keyed(cursor), limit=limit + 1, state=spool_state)
     )
-    spool_more = len(from_spool) >= fetch
-    from_spool = [
-        s for s in from_spool
-        if (since is None or s["session_start_time"] >= since)
-        and (until is None or s["session_start_time"] <= until)
-        and (cursor is None or (s["session_start_time"], s["session_id"]) < cursor)
-    ]
+    spool_more = len(from_spool) > limit
     from_sink: list[Doc] = []
     sink_more = False
     if state in (None, "stored"):
         try:
             sink_cursor = encode_cursor(*cursor) if cursor else None
             from_sink, nxt = await engine.sink.list_sessions(
-                user=user, since=since, until=until, limit=limit + 1, cursor=sink_cursor)
+                user=user, since=since[0] if since else None,
+                until=until[0] if until else None, limit=limit + 1, cursor=sink_cursor)
             sink_more = nxt is not None or len(from_sink) > limit
         except QueryNotSupported:
             pass
@@ -308,6 +309,7 @@ async def _merged_page(
 
 @audited
 async def get_session(request: web.Request) -> web.Response:
+    _params(request, set())
     sid = request.match_info["session_id"]
     engine = request.app[ENGINE]
     spooled = await engine.spool.read(lambda c: queries.get_session(c, sid))
@@ -345,26 +347,21 @@ async def get_session(request: web.Request) -> web.Response:
 @audited
 async def security_events(request: web.Request) -> web.Response:
     _params(request, {"since", "kind", "limit", "cursor"})
-    since, since_ts = _time_param(request, "since")
+    since = _time_param(request, "since")
     limit = _limit(request)
     cursor = _cursor(request)
     kind = request.query.get("kind") or None
     if kind is not None and kind not in SECURITY_ACTIONS:
         raise bad_request(f"kind must be one of: {', '.join(sorted(SECURITY_ACTIONS))}")
     engine = request.app[ENGINE]
-    before = parse_ts(cursor[0]) + 0.001 if cursor else None
     spooled = await engine.spool.read(
-        lambda c: queries.list_security(
-            c, since=since_ts - _HALF_MS if since_ts is not None else None, kind=kind,
-            before=before, limit=2 * limit + 10))
-    spooled = [e for e in spooled if since is None or e["ts"] >= since]
-    if cursor is not None:
-        spooled = [e for e in spooled if (e["ts"], e["_id"]) < cursor]
+        lambda c: queries.list_security(c, since=since[1] if since else None, kind=kind,
+                                        before=_keyed(cursor), limit=limit + 1))
     from_sink: list[Doc] = []
     sink_more = False
     try:
         from_sink, nxt = await engine.sink.list_security_events(
-            since=since, kind=kind, limit=limit + 1,
+            since=since[0] if since else None, kind=kind, limit=limit + 1,
             cursor=encode_cursor(*cursor) if cursor else None)
         sink_more = nxt is not None
     except QueryNotSupported:

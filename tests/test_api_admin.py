@@ -21,8 +21,11 @@ from api_fixtures import (
     session_with_checkpoints_in_sink,
     wait_for,
 )
+from live_server import free_port
 
-from audit.events import format_ts
+from audit.events import Draft, format_ts
+from audit.store import Writer
+from sinks.base import encode_cursor
 
 __all__ = ["api", "make_api"]
 
@@ -222,6 +225,65 @@ async def test_filters_user_since_until_limit(api: Api) -> None:
     assert len(got["sessions"]) == 4
 
 
+@pytest.mark.parametrize("limit", [1, 7])
+async def test_many_security_events_in_one_millisecond_page_through(
+    make_api: MakeApi, limit: int
+) -> None:
+    """Events the spool holds (the sink down) that share one shown time:
+    the spool pages by that time and the event id, as clients do. (It took
+    a window of the newest rows: past it, paging ended early, silently.)"""
+    api = await make_api(sink={"type": "http", "http": {"url": f"http://127.0.0.1:{free_port()}",
+                                                        "timeout_seconds": 1.0}})
+    admin = await api.admin()
+    burst = 45
+
+    def job(w: Writer) -> None:
+        clock, w.clock = w.clock, lambda: 1_800_000_000.1234
+        try:
+            for i in range(burst):
+                w.append_security(Draft("auth.invalid_token", outcome="denied",
+                                        details={"i": i}), None)
+        finally:
+            w.clock = clock
+
+    await api.engine.spool.submit(job)
+    seen: list[tuple[str, str]] = []
+    cursor = None
+    while True:
+        params = {"limit": str(limit)} | ({"cursor": cursor} if cursor else {})
+        body = await _get(api, admin, "/audit/security-events", **params)
+        assert len(body["events"]) <= limit
+        seen += [(e["ts"], e["_id"]) for e in body["events"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+        assert len(seen) < 500
+    assert seen == sorted(set(seen), reverse=True)  # newest first, each once
+    assert len([t for t, _ in seen if t == "2027-01-15T08:00:00.123Z"]) == burst
+
+
+@pytest.mark.parametrize("limit", [3, 5])
+async def test_many_sessions_started_in_one_millisecond_page_through(
+    api: Api, limit: int
+) -> None:
+    admin = await api.admin()
+    many = 40
+
+    def job(w: Writer) -> None:
+        clock, w.clock = w.clock, lambda: 1_800_000_000.1234
+        try:
+            for _ in range(many):
+                w.start_session("bob", "user", 1_900_000_000.0, [Draft("session.start")])
+        finally:
+            w.clock = clock
+
+    await api.engine.spool.submit(job)
+    pages = await _pages(api, admin, limit, user="bob")
+    keys = [(s["session_start_time"], s["session_id"]) for p in pages for s in p]
+    assert keys == sorted(set(keys), reverse=True) and len(keys) == many
+    assert all(len(p) == limit for p in pages[:-1])
+
+
 async def test_cursor_paging_without_duplicates(api: Api) -> None:
     admin = await api.admin()
     for i in range(3):
@@ -362,6 +424,18 @@ async def test_unknown_session_is_404(api: Api) -> None:
         ("/audit/security-events", {"since": "x"}),
         ("/audit/security-events", {"limit": "-1"}),
         ("/audit/security-events", {"cursor": "bm90IGpzb24"}),
+        # RFC 3339 date-times only (Python's parser takes these too), with a zone.
+        ("/audit/sessions", {"since": "2026-11-27"}),
+        ("/audit/sessions", {"since": "2026-11-27T04"}),
+        ("/audit/sessions", {"until": "20261127T044600"}),
+        ("/audit/sessions", {"since": "2026-W48-5"}),
+        ("/audit/sessions", {"since": "2026-11-27 04:46:00Z"}),
+        ("/audit/security-events", {"since": "2026-11-27T04:46:00"}),
+        # A cursor's time in another form than the server writes: it would be
+        # compared as text with the times shown.
+        ("/audit/sessions", {"cursor": encode_cursor("2026-11-27T04:46:00+00:00", "z")}),
+        ("/audit/security-events", {"cursor": encode_cursor("2026-11-27T04:46:00Z", "z")}),
+        ("/audit/sessions/" + "0" * 32, {"foo": "1"}),
     ],
 )
 async def test_bad_query_parameters(api: Api, path: str, params: dict[str, str]) -> None:

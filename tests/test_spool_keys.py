@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from audit import queries, store
-from audit.events import Draft, event_hash
+from audit.events import Draft, event_hash, format_ts
 from audit.spool import Spool
 from audit.store import Append, Limits
 
@@ -373,5 +373,41 @@ async def test_a_file_an_older_release_ran_on_again_gets_its_keys_rebuilt(tmp_pa
         with contextlib.closing(sqlite3.connect(path)) as c:
             assert c.execute(
                 "SELECT 1 FROM sqlite_master WHERE name = 'events_sk_seq'").fetchone() is None
+    finally:
+        await sp.close()
+
+
+async def test_a_spool_without_the_shown_ms_columns_gets_them(tmp_path, audit_key):
+    """A file of the release before start_ms / ts_ms: the columns are added
+    with their values in one step, and the listings page by them."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(100, 1 << 20))
+    await sp.open()
+    try:
+        s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+        await sp.submit(lambda w: w.append_security(
+            Draft("auth.login_failed", outcome="denied"), None))
+    finally:
+        await sp.close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        c.executescript(
+            "BEGIN; DROP INDEX sessions_start; DROP INDEX security_ts;"
+            " ALTER TABLE sessions DROP COLUMN start_ms;"
+            " ALTER TABLE security_events DROP COLUMN ts_ms; COMMIT;"
+        )
+    sp = Spool(path, audit_key, limits=Limits(100, 1 << 20))
+    await sp.open()
+    try:
+        listed = await sp.read(lambda c: queries.list_sessions(
+            c, user=None, since=None, until=None, before=None, limit=10))
+        assert [r["session_id"] for r in listed] == [s.session_id]
+        (ev,) = await sp.read(lambda c: queries.list_security(c, since=None, kind=None,
+                                                              limit=10))
+        with contextlib.closing(sqlite3.connect(path)) as c:
+            start_ms, start_ts = c.execute("SELECT start_ms, start_ts FROM sessions").fetchone()
+            ts_ms, ts = c.execute("SELECT ts_ms, ts FROM security_events").fetchone()
+        assert (start_ms, ts_ms) == (store.shown_ms(start_ts), store.shown_ms(ts))
+        assert listed[0]["session_start_time"] == format_ts(start_ms / 1000)
+        assert ev["ts"] == format_ts(ts_ms / 1000)
     finally:
         await sp.close()
