@@ -69,6 +69,18 @@ content unless the ``hash`` differs, which a verifier should report), e.g.::
 Lines are in the order they were written, which is the flusher's order
 (security events first, then parts oldest first), not strictly by time.
 
+Names it does not follow
+------------------------
+Every day file and the lock file is opened with ``O_NOFOLLOW`` and
+``O_NONBLOCK`` and must ``fstat`` as a regular file; the listing uses
+``lstat``. An ``audit-*.jsonl`` name (or the lock file) that is a symlink,
+a FIFO or anything but a regular file makes ``open``, writes and queries
+raise :class:`~sinks.base.SinkUnavailable` naming it, until an operator
+moves it away. Otherwise a member of a group-writable directory could
+point a day file at a file of the sink's user and have a repair cut off
+its "torn" last line, or hang the sink on a FIFO; and skipping the name
+would silently drop its ``_id`` values from the duplicate index.
+
 Memory and queries
 ------------------
 Nothing holds whole documents: files are streamed line by line, and the
@@ -83,12 +95,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import heapq
 import json
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -135,15 +149,68 @@ def _strip(doc: Doc) -> Doc:
     return doc
 
 
+def _not_a_file(path: Path) -> SinkUnavailable:
+    """Why the sink stops at a name it would read, repair or lock that is not
+    a regular file of its own.
+
+    Whoever may write to the directory (a group member, where the sink only
+    warns about group write) can plant ``audit-2000-01-01.jsonl`` as a
+    symlink to another file, whose "torn" last line a repair would cut off,
+    or as a FIFO, whose ``open`` never returns. Skipping the name instead
+    would also drop its lines' ``_id`` values from the duplicate index, so the
+    sink refuses to open (and to write, or answer a query) until an
+    operator has looked.
+    """
+    return SinkUnavailable(
+        f"jsonl sink: {path.parent.name}/{path.name} is a symbolic link or not a regular"
+        " file; the sink neither follows nor reads it: move it away (someone who may"
+        " write to the directory may have planted it)"
+    )
+
+
+def _open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` of a regular file at ``path`` itself, never through a symlink.
+
+    ``O_NOFOLLOW`` refuses a symlink (``ELOOP``); ``O_NONBLOCK`` makes a FIFO
+    fail (write side, ``ENXIO``) or return at once (read side) instead of
+    hanging; ``fstat`` then requires a regular file, on the descriptor the
+    caller will use, so a swap after any earlier ``stat`` is caught too.
+    Raises :class:`SinkUnavailable` (see :func:`_not_a_file`) for anything
+    else; other errors (``FileNotFoundError``) as ``os.open`` raised them.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            raise _not_a_file(path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _not_a_file(path)
+        os.set_blocking(fd, True)  # a regular file: blocking is what it was always meant to be
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _sizes(directory: Path) -> dict[str, int]:
-    """The size of every ``audit-*.jsonl`` file in ``directory`` (one ``scandir``)."""
+    """The size of every ``audit-*.jsonl`` file in ``directory`` (one ``scandir``).
+
+    A name of that pattern that is not a regular file (a symlink, even to a
+    regular file; a FIFO; a directory) raises :class:`SinkUnavailable`: see
+    :func:`_not_a_file`.
+    """
     out: dict[str, int] = {}
     with os.scandir(directory) as it:
         for entry in it:
             name = entry.name
             if name.startswith("audit-") and name.endswith(".jsonl"):
                 with contextlib.suppress(FileNotFoundError):
-                    out[name] = entry.stat().st_size
+                    st = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise _not_a_file(directory / name)
+                    out[name] = st.st_size
     return out
 
 
@@ -275,12 +342,12 @@ class JsonlSink(Sink):
         """
         no = index.number(path.name)
         pos = start
-        with path.open("rb") as f:
+        with os.fdopen(_open_regular(path, os.O_RDONLY), "rb") as f:
             f.seek(start)
             for raw in f:
                 if not raw.endswith(b"\n"):
                     if repair:
-                        pos = self._repair(index, path, no, pos, raw)
+                        pos = self._repair(index, path, no, pos, raw, os.fstat(f.fileno()))
                     break
                 try:
                     doc = json.loads(raw)
@@ -292,14 +359,23 @@ class JsonlSink(Sink):
                 pos += len(raw)
         return pos
 
-    def _repair(self, index: _Index, path: Path, no: int, pos: int, fragment: bytes) -> int:
-        """End ``path`` with a complete line (under the write lock only)."""
+    def _repair(self, index: _Index, path: Path, no: int, pos: int, fragment: bytes,
+                scanned: os.stat_result) -> int:
+        """End ``path`` with a complete line (under the write lock only).
+
+        ``scanned`` is the ``fstat`` of the file the fragment was read from:
+        the file opened for writing must be that one, not whatever the name
+        was swapped for meanwhile (``_Stale``: everything is read again).
+        """
         try:
             obj = json.loads(fragment)
             complete = isinstance(obj, dict) and "_id" in obj
         except ValueError:
             complete = False
-        with path.open("r+b") as f:
+        with os.fdopen(_open_regular(path, os.O_RDWR), "r+b") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != (scanned.st_dev, scanned.st_ino):
+                raise _Stale
             if complete:
                 log.warning("%s: last line lacked its newline; terminated it", path.name)
                 f.seek(0, os.SEEK_END)
@@ -345,9 +421,14 @@ class JsonlSink(Sink):
                     break
                 try:
                     index.seen[name] = self._scan_file(index, self.dir / name, start or 0, repair)
-                except FileNotFoundError:
+                except (FileNotFoundError, _Stale):
                     stale = True
                     break
+                except BaseException:
+                    # Lines of this file may be in the index already, its
+                    # ``seen`` not yet: reading them again would add them twice.
+                    self._rebuild = True
+                    raise
             if not stale:
                 if rebuilt:
                     # Today's file may be another inode now: reopen it.
@@ -372,7 +453,7 @@ class JsonlSink(Sink):
         for name, seen in index.seen.items():
             if index.synced.get(name, 0) >= seen:
                 continue
-            fd = os.open(self.dir / name, os.O_RDONLY)
+            fd = _open_regular(self.dir / name, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
@@ -384,7 +465,8 @@ class JsonlSink(Sink):
     def _acquire(self, wait: float) -> bool:
         """Take the directory's write lock (``flock``), waiting up to ``wait`` s."""
         if self._lock_fd is None:
-            self._lock_fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            # Not through a symlink either: O_CREAT would create its target.
+            self._lock_fd = _open_regular(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
         deadline = time.monotonic() + wait
         pause = 0.001
         while True:
@@ -468,7 +550,7 @@ class JsonlSink(Sink):
         """Whether the open file is still the one at ``path`` (not deleted or renamed)."""
         assert self._file is not None
         try:
-            st = os.stat(path)
+            st = os.lstat(path)  # a symlink, even to the open file, is not it
         except FileNotFoundError:
             return False
         fst = os.fstat(self._file.fileno())
@@ -488,8 +570,8 @@ class JsonlSink(Sink):
             self._close_file()
         if self._file is None:
             # The owner's only: the audit trail is no one else's to read.
-            self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                                           | os.O_NOFOLLOW, 0o600), "ab")
+            self._file = os.fdopen(_open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+                                   "ab")
             self._file_name = name
         if self._dir_synced != name:
             # The file's directory entry, once per file and process (whoever
@@ -597,7 +679,8 @@ class JsonlSink(Sink):
         """The line at ``offset`` of file ``no``, parsed (``_Stale`` if it is not one)."""
         f = files.get(no)
         if f is None:
-            f = files[no] = (self.dir / index.names[no]).open("rb")
+            f = files[no] = os.fdopen(_open_regular(self.dir / index.names[no], os.O_RDONLY),
+                                      "rb")
         f.seek(offset)
         raw = f.readline()
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -496,3 +497,94 @@ async def test_the_directory_entry_is_fsynced_even_after_a_failed_fsync(
         assert (tmp_path / name).exists()
     finally:
         await sink.close()
+
+
+async def test_a_day_file_planted_as_a_symlink_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+) -> None:
+    """In a group-writable directory (accepted with a warning) a member can
+    plant ``audit-2000-01-01.jsonl -> /some/victim``: the repair at open
+    would cut the victim's last line ("torn") off. The sink follows no
+    symlink: it refuses to open, saying which name, and the victim keeps
+    every byte."""
+    directory = tmp_path / "jsonl"
+    directory.mkdir(mode=0o770)
+    os.chmod(directory, 0o770)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"someone else's data\nwith a last line without its newline")
+    before = victim.read_bytes()
+    (directory / "audit-2000-01-01.jsonl").symlink_to(victim)
+    sink = JsonlSink(directory, clock=lambda: DAY1)
+    refused = ""
+    try:
+        await sink.open()
+    except SinkUnavailable as exc:
+        refused = str(exc)
+    finally:
+        await sink.close()
+    assert victim.read_bytes() == before
+    assert "jsonl/audit-2000-01-01.jsonl is a symbolic link" in refused
+
+
+async def test_a_fifo_named_like_a_day_file_does_not_hang_open(tmp_path: Path) -> None:
+    """A FIFO's ``open`` for reading waits for a writer, forever: the sink
+    refuses the name at once instead. (Without that, the test lets the
+    blocked thread go by opening the FIFO's other end itself.)"""
+    fifo = tmp_path / "audit-2000-01-01.jsonl"
+    os.mkfifo(fifo, 0o600)
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    opening = asyncio.ensure_future(sink.open())
+    try:
+        done, _ = await asyncio.wait({opening}, timeout=5)
+        assert done, "open() hangs on a FIFO"
+        with pytest.raises(SinkUnavailable, match="not a regular file"):
+            opening.result()
+    finally:
+        if not opening.done():
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # EOF for the reader
+            with contextlib.suppress(Exception):  # whatever it made of that
+                await opening
+        await sink.close()
+
+
+async def test_a_lock_file_planted_as_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    """``O_CREAT`` through a dangling symlink creates its target: the lock
+    file is opened with ``O_NOFOLLOW`` too, and the sink says why it stops."""
+    await (first := JsonlSink(tmp_path / "jsonl", clock=lambda: DAY1)).open()
+    await first.close()
+    target = tmp_path / "created-by-the-sink"
+    lock = tmp_path / "jsonl" / LOCK_NAME
+    lock.unlink()
+    lock.symlink_to(target)
+    sink = JsonlSink(tmp_path / "jsonl", clock=lambda: DAY1)
+    refused = ""
+    try:
+        await sink.open()
+    except SinkUnavailable as exc:
+        refused = str(exc)
+    finally:
+        await sink.close()
+    assert not target.exists()
+    assert "jsonl/.audit-jsonl.lock is a symbolic link" in refused
+
+
+@pytest.mark.parametrize("flags", [os.O_RDONLY, os.O_RDWR, os.O_WRONLY | os.O_APPEND],
+                         ids=["read", "repair", "append"])
+def test_every_open_of_a_day_file_refuses_symlinks_and_fifos(tmp_path: Path, flags: int) -> None:
+    """The one function every read, repair, fsync and append opens a day
+    file with (a name swapped after the directory listing is caught there)."""
+    real = tmp_path / "real.jsonl"
+    real.write_bytes(b"{}\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo, 0o600)
+    for bad in (link, fifo):
+        with pytest.raises(SinkUnavailable, match="not a regular file"):
+            os.close(jsonl._open_regular(bad, flags))
+    fd = jsonl._open_regular(real, flags)
+    try:
+        assert os.get_blocking(fd)
+    finally:
+        os.close(fd)
+    assert real.read_bytes() == b"{}\n"
