@@ -9,7 +9,8 @@ session), one JSON object per line, each line ending in ``\\n``:
 What "stored" means: the line (or, for a batch of security events, all its
 lines, written with one ``write``) has been appended and ``fsync``-ed before
 ``write_part``/``write_security_events`` returns. A new file's directory
-entry is fsynced too.
+entry is fsynced too, and so is a directory's own entry when ``open``
+created it.
 
 What it promises about duplicates
 ---------------------------------
@@ -485,8 +486,26 @@ class JsonlSink(Sink):
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _open_sync(self) -> None:
+    def _make_dir(self) -> None:
+        """Create the directory (and missing parents) as
+        :func:`~audit.spool.make_private_dirs` does, then fsync the parent of
+        each level created: a new directory's entry is in its parent, and
+        without that fsync a power cut after the first acknowledged write
+        could lose the directory with the day file in it (the day file's
+        own entry is fsynced at its first write). Existing levels are left
+        alone; one created meanwhile by another process costs one fsync.
+        """
+        missing = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
         make_private_dirs(self.dir)
+        for parent in dict.fromkeys(d.parent for d in reversed(missing)):
+            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _open_sync(self) -> None:
+        self._make_dir()
         unsafe = unsafe_dir(self.dir)
         if unsafe is not None:  # another user could swap or plant day files
             raise SinkUnavailable(f"jsonl sink: {unsafe}")

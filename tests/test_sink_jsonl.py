@@ -588,3 +588,34 @@ def test_every_open_of_a_day_file_refuses_symlinks_and_fifos(tmp_path: Path, fla
     finally:
         os.close(fd)
     assert real.read_bytes() == b"{}\n"
+
+
+async def test_a_directory_the_sink_creates_has_its_entry_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each directory level ``open`` creates is an entry in its parent: the
+    parent is fsynced before any write can be acknowledged. (A power cut
+    cannot be simulated; the real fsync is wrapped to see which
+    directories it was given.) A directory that exists costs none."""
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    def key(path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return (st.st_dev, st.st_ino)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    directory = tmp_path / "a" / "b" / "jsonl"
+    sink = JsonlSink(directory, clock=lambda: DAY1)
+    await sink.open()
+    await sink.close()
+    assert {key(tmp_path), key(tmp_path / "a"), key(tmp_path / "a" / "b")} <= set(synced)
+    synced.clear()
+    await sink.open()  # nothing created this time
+    await sink.close()
+    assert synced == []
