@@ -49,7 +49,9 @@ def cleartext_to_remote(url: str) -> bool:
 
 def create_sink(config: Config, *, readonly: bool = False) -> Sink:
     """The sink named by ``[sink] type``; nothing is connected until ``open()``.
-    With ``readonly`` (verify), the sqlite sink opens its file read only."""
+    With ``readonly`` (verify), the sqlite sink opens its file read only, and
+    the jsonl sink creates, locks and repairs nothing (verify must not change
+    what it checks)."""
     kind = config.sink.type
     if kind == "sqlite":
         from .sqlite import SqliteSink
@@ -59,7 +61,7 @@ def create_sink(config: Config, *, readonly: bool = False) -> Sink:
     if kind == "jsonl":
         from .jsonl import JsonlSink
 
-        return JsonlSink(config.jsonl_dir)
+        return JsonlSink(config.jsonl_dir, readonly=readonly)
     if kind == "http":
         from .http import HttpSink
 

@@ -57,9 +57,12 @@ other processes appended since this one last looked. So ``server.py drain``
 (or any second writer) beside a running server waits for the lock (at most
 ``LOCK_WAIT_SECONDS``, then :class:`~sinks.base.SinkUnavailable`, which the
 flusher retries) and then writes without duplicating the server's lines.
-A process that finds the lock taken at open (``server.py verify`` while the
+A process that finds the lock taken at open (``server.py drain`` while the
 server is appending a part) opens without repairing: the line being written
-looks torn, and is only skipped when reading. Files edited by hand are not
+looks torn, and is only skipped when reading. ``server.py verify`` opens the
+sink read only (``readonly=True``): it creates nothing (not the directory,
+not the lock file), takes no lock and never repairs; a torn last line is
+skipped and reported in the log. Files edited by hand are not
 supported; a reader that wants to be safe anyway deduplicates by ``_id``
 and keeps the first line with each ``_id`` (equal ``_id`` implies equal
 content unless the ``hash`` differs, which a verifier should report), e.g.::
@@ -316,9 +319,16 @@ class JsonlSink(Sink):
     queryable = True
     raw_events = True
 
-    def __init__(self, dir: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, dir: Path | str, *, clock: Callable[[], float] = time.time,
+                 readonly: bool = False) -> None:
         self.dir = Path(dir)
         self._clock = clock
+        # Read only (verify): the sink must not change what it checks. It
+        # creates nothing (no directory, no lock file), takes no lock and
+        # repairs nothing: a torn last line is skipped and reported; writes
+        # are refused.
+        self.readonly = readonly
+        self._torn_reported: set[tuple[str, int]] = set()  # (file, offset), read only
         self._index: _Index | None = None
         self._lock = asyncio.Lock()  # one write at a time in this event loop
         self._writing = threading.Lock()  # ... and in this sink's threads
@@ -349,6 +359,15 @@ class JsonlSink(Sink):
                 if not raw.endswith(b"\n"):
                     if repair:
                         pos = self._repair(index, path, no, pos, raw, os.fstat(f.fileno()))
+                    elif self.readonly and (path.name, pos) not in self._torn_reported:
+                        # Once per tail: every query's catch-up reads it again.
+                        self._torn_reported.add((path.name, pos))
+                        log.warning(
+                            "%s: the last %d bytes from byte %d are not a complete line"
+                            " (a write in progress, or a crash during one): not read;"
+                            " the next writer removes them",
+                            path.name, len(raw), pos,
+                        )
                     break
                 try:
                     doc = json.loads(raw)
@@ -504,7 +523,25 @@ class JsonlSink(Sink):
             finally:
                 os.close(fd)
 
+    def _open_read_only(self) -> None:
+        """Index the files as they are: nothing created, locked or repaired.
+
+        A directory others may write to is a warning here, not a refusal:
+        reading it changes nothing, and verify checks what it reads against
+        the audit key anyway.
+        """
+        if not self.dir.is_dir():
+            raise SinkUnavailable(f"jsonl sink: {self.dir} does not exist or is not a directory")
+        for problem in (unsafe_dir(self.dir), loose_dir(self.dir)):
+            if problem is not None:
+                log.warning("jsonl sink: %s", problem)
+        with self._mu:
+            self._catch_up(repair=False, fresh=True)
+
     def _open_sync(self) -> None:
+        if self.readonly:
+            self._open_read_only()
+            return
         self._make_dir()
         unsafe = unsafe_dir(self.dir)
         if unsafe is not None:  # another user could swap or plant day files
@@ -677,6 +714,8 @@ class JsonlSink(Sink):
     async def _write(self, docs: list[Doc], kind: str) -> None:
         if self._index is None:
             raise SinkUnavailable("jsonl sink is not open")
+        if self.readonly:
+            raise SinkUnavailable("jsonl sink is open read only")
         try:
             await asyncio.to_thread(self._write_sync, docs, kind)
         except OSError as exc:

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from receiver import sample_part, sample_security_event
 
+import sinks
+from audit.verify import verify_sink
 from sinks import jsonl
 from sinks.base import SinkConflict, SinkUnavailable
 from sinks.jsonl import LOCK_NAME, JsonlSink
@@ -619,3 +621,56 @@ async def test_a_directory_the_sink_creates_has_its_entry_fsynced(
     await sink.open()  # nothing created this time
     await sink.close()
     assert synced == []
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+async def test_verify_opens_the_sink_read_only_and_changes_nothing(
+    tmp_path: Path, make_config: Any, audit_key: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``verify`` (``create_sink(readonly=True)``) must not change what it
+    checks: with the write lock free, a writable sink would cut a torn last
+    line off and create the lock file; read only, the files stay byte for
+    byte, the fragment is skipped and reported, and writes are refused."""
+    config = make_config(sink={"type": "jsonl"})
+    writer = JsonlSink(config.jsonl_dir, clock=lambda: DAY1)
+    await writer.open()
+    await writer.write_part(sample_part("a"))
+    await writer.close()
+    (config.jsonl_dir / LOCK_NAME).unlink()
+    path = config.jsonl_dir / "audit-2025-11-26.jsonl"
+    with path.open("ab") as f:
+        f.write(part_line(sample_part("b"))[:70])  # a crash in the middle of a write
+    before = _snapshot(config.jsonl_dir)
+    sink = sinks.create_sink(config, readonly=True)
+    await sink.open()
+    try:
+        await verify_sink(sink, audit_key)  # its findings do not matter here
+        assert [p["_id"] for p in await sink.get_session_parts("a")] == ["a:0"]
+        assert await sink.get_session_parts("b") == []
+    finally:
+        await sink.close()
+    assert _snapshot(config.jsonl_dir) == before
+    torn = [r for r in caplog.records if "not a complete line" in r.getMessage()]
+    assert len(torn) == 1 and "audit-2025-11-26.jsonl" in torn[0].getMessage()
+    await sink.open()
+    try:
+        with pytest.raises(SinkUnavailable, match="read only"):
+            await sink.write_part(sample_part("c"))
+    finally:
+        await sink.close()
+    assert _snapshot(config.jsonl_dir) == before
+
+
+async def test_verify_over_a_missing_jsonl_directory_does_not_create_it(
+    tmp_path: Path, make_config: Any
+) -> None:
+    config = make_config(sink={"type": "jsonl"})
+    sink = sinks.create_sink(config, readonly=True)
+    with pytest.raises(SinkUnavailable, match="does not exist"):
+        await sink.open()
+    await sink.close()
+    assert not config.jsonl_dir.exists()
+    assert not config.data_dir.exists()
