@@ -9,6 +9,9 @@ It implements the receiving side of API.md ("The HTTP sink ..."):
   reused with another body);
 * ``POST /security-events``: ``{"events": [...]}``, all or nothing, same rules
   per event (200 when the batch is stored or already was, 422 on a conflict);
+  or, with ``batch_dup_status=409``, like a store with a unique index: a
+  batch holding any stored ``_id`` is refused whole with 409 (the stored
+  event's ``hash`` in the body when the batch is one event);
 * ``GET /stats``: request and store counters as JSON.
 
 Faults, to exercise the sender:
@@ -85,6 +88,9 @@ class ReceiverOptions:
     # 422 (the IETF Idempotency-Key draft) or 409 (API.md's "duplicate" answer,
     # for both kinds of duplicate) with the stored part's hash in the body.
     conflict_status: int = 422
+    # 200: a batch of security events is stored but for its duplicates;
+    # 409: a batch with any stored _id (a duplicate or a conflict) is refused.
+    batch_dup_status: int = 200
     store: Path | None = None
 
 
@@ -280,7 +286,13 @@ class Receiver:
             return self._answer(400, {"error": "expected {events: [...]} with _id and hash"})
 
         def apply() -> web.Response:
-            if any(self._check(self.security_events, e) == "conflict" for e in events):
+            states = [self._check(self.security_events, e) for e in events]
+            if self.options.batch_dup_status == 409 and any(s != "new" for s in states):
+                answer: dict[str, Any] = {"duplicate": True}
+                if len(events) == 1:
+                    answer["hash"] = self.security_events[str(events[0]["_id"])]["hash"]
+                return self._answer(409, answer)
+            if "conflict" in states:
                 return self._answer(422, {"error": "idempotency_conflict"})
             stored = self._store("security_events", events)
             return self._answer(200, {"stored": stored, "duplicates": len(events) - stored})
@@ -399,6 +411,7 @@ async def _main(args: argparse.Namespace) -> None:
         seed=args.seed,
         token=args.token,
         dup_status=args.dup_status,
+        batch_dup_status=args.batch_dup_status,
         store=Path(args.store) if args.store else None,
     )
     receiver = Receiver(options)
@@ -426,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--token", default=None, help="require this bearer token")
     parser.add_argument("--dup-status", type=int, choices=(200, 409), default=409)
+    parser.add_argument("--batch-dup-status", type=int, choices=(200, 409), default=200,
+                        help="409: refuse a security-event batch holding any stored _id")
     parser.add_argument("--store", default=None, help="SQLite file to keep what was received")
     asyncio.run(_main(parser.parse_args(argv)))
 

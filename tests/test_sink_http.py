@@ -1,15 +1,19 @@
-"""The http sink's fault handling, against the real receiver in tests/receiver.py."""
+"""The http sink's fault handling, against the real receiver in tests/receiver.py,
+and against bare HTTP servers (RawServer) for answers aiohttp's server would not send."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import signal
 import socket
 import sqlite3
 import sys
 import time
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
 from datetime import UTC, datetime
@@ -28,7 +32,7 @@ from sinks.base import (
     SinkRejected,
     SinkUnavailable,
 )
-from sinks.http import HttpSink, _strip_userinfo, parse_retry_after
+from sinks.http import BODY_CAP, HttpSink, _strip_userinfo, parse_retry_after
 
 TOKEN = "tok-9f8e7d6c5b4a-secret"
 TOKEN_ENV = "SESSION_AUDIT_TEST_HTTP_TOKEN"
@@ -41,8 +45,10 @@ Start = Callable[..., Awaitable[tuple[Receiver, str]]]
 async def start_receiver() -> AsyncIterator[Start]:
     started: list[tuple[Receiver, web.AppRunner]] = []
 
-    async def start(**options: object) -> tuple[Receiver, str]:
-        receiver = Receiver(ReceiverOptions(**options))  # type: ignore[arg-type]
+    async def start(
+        clock: Callable[[], float] = time.monotonic, **options: object
+    ) -> tuple[Receiver, str]:
+        receiver = Receiver(ReceiverOptions(**options), clock=clock)  # type: ignore[arg-type]
         runner, port = await serve(receiver, "127.0.0.1", 0)
         started.append((receiver, runner))
         return receiver, f"http://127.0.0.1:{port}"
@@ -125,6 +131,7 @@ def test_parse_retry_after_uses_the_given_clock() -> None:
         (Fault(502), SinkUnavailable, None),
         (Fault(504), SinkUnavailable, None),
         (Fault(408), SinkUnavailable, None),
+        (Fault(425), SinkUnavailable, None),  # Too Early: RFC 8470 says send it again
         (Fault(400), SinkRejected, None),
         (Fault(401), SinkRejected, None),
         (Fault(403), SinkRejected, None),
@@ -331,6 +338,8 @@ async def test_request_shape(
     assert part_headers["Content-Type"].startswith("application/json")
     assert "Idempotency-Key" not in event_headers
     assert "Authorization" not in part_headers  # the token variable is not set
+    # Bodies are read as sent (see test_compressed_answers...): none wanted.
+    assert part_headers["Accept-Encoding"] == event_headers["Accept-Encoding"] == "identity"
 
 
 async def test_timeout_is_unavailable_and_the_retry_is_idempotent(
@@ -479,3 +488,379 @@ def test_short_secrets_are_hidden_where_they_stand_alone_not_inside_words(
     sink = HttpSink(HttpSinkConfig(url=url, token_env=TOKEN_ENV))
     text = sink._redact(f"http sink: POST /sessions: HTTP 401: unauthorized; sent {secret}")
     assert text == "http sink: POST /sessions: HTTP 401: unauthorized; sent ***", text
+
+
+# -- bare servers: answers a well-behaved server would not send -------------------
+
+Answer = Callable[["RawServer", asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A bare HTTP/1.1 server on 127.0.0.1: reads each request (head and
+    ``Content-Length`` body) and lets ``answer`` write the bytes of the reply."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.url = ""
+        self.headers: list[dict[str, str]] = []  # each request's, names lowercased
+        self.connections = 0
+        self.sent = 0  # body bytes that endless() got out before the client left
+        self.left = asyncio.Event()  # the client closed a connection
+        self.stopping = asyncio.Event()  # an answer that stalls waits for this
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        try:
+            while not self.stopping.is_set():
+                head = await reader.readuntil(b"\r\n\r\n")
+                fields = (line.partition(":") for line in head.decode("latin-1").split("\r\n")[1:])
+                headers = {k.strip().lower(): v.strip() for k, _, v in fields if k}
+                self.headers.append(headers)
+                await reader.readexactly(int(headers.get("content-length", "0")))
+                await self.answer(self, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.left.set()
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks), 10)
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[Answer], Awaitable[RawServer]]]:
+    started: list[tuple[RawServer, asyncio.Server]] = []
+
+    async def start(answer: Answer) -> RawServer:
+        raw = RawServer(answer)
+        server = await asyncio.start_server(raw.serve, "127.0.0.1", 0)
+        raw.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        started.append((raw, server))
+        return raw
+
+    try:
+        yield start
+    finally:
+        for raw, server in started:
+            server.close()
+            await raw.stop()
+            await server.wait_closed()
+
+
+def fixed(status: int, body: bytes, *headers: str) -> Answer:
+    """An answer with ``body`` as it is (``Content-Length`` set) and ``headers``."""
+    async def answer(_: RawServer, writer: asyncio.StreamWriter) -> None:
+        head = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}", *headers]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        await writer.drain()
+    return answer
+
+
+def endless(status: int) -> Answer:
+    """A chunked body that never ends, 16 KiB every 2 ms (at most 32 MiB, then
+    it stalls): only a reader with a limit gets past it."""
+    async def answer(raw: RawServer, writer: asyncio.StreamWriter) -> None:
+        writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        first = b'{"error": "too long", "x": "'
+        for n in range(2048):
+            data = (first if n == 0 else b"") + b"x" * (16384 - (len(first) if n == 0 else 0))
+            writer.write(b"4000\r\n" + data + b"\r\n")
+            await writer.drain()
+            raw.sent += 16384
+            await asyncio.sleep(0.002)
+        await raw.stopping.wait()
+    return answer
+
+
+
+async def bad_status_line(_: RawServer, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 abc\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+@functools.cache
+def gzip_of_zeros(size: int) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    return packer.compress(bytes(size)) + packer.flush()
+
+
+def gzipped(doc: object) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    return packer.compress(json.dumps(doc).encode()) + packer.flush()
+
+
+# -- answers' bodies --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "error"), [
+    (200, None),
+    (409, None),  # too long to name the stored hash: success unchecked
+    (400, SinkRejected),
+    (503, SinkUnavailable),
+])
+async def test_an_endless_body_is_read_up_to_the_cap_and_the_status_decides(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    status: int,
+    error: type[SinkError] | None,
+) -> None:
+    """A body without end (a receiver gone wrong, anything at its address)
+    must neither hold the write until the timeout nor fill memory: the sink
+    reads BODY_CAP bytes and one more, lets the status decide, and closes the
+    connection rather than draining it for reuse."""
+    raw = await raw_server(endless(status))
+    sink = await make_sink(raw.url, timeout_seconds=3.0)
+    for attempt in range(2):
+        async with asyncio.timeout(20):  # a guard against a hang, not a timing
+            if error is None:
+                await sink.write_part(sample_part("big"))
+            else:
+                with pytest.raises(error) as info:
+                    await sink.write_part(sample_part("big"))
+                text = str(info.value)
+                assert f'HTTP {status}: {{"error": "too long", "x": …' in text, text
+            await raw.left.wait()  # the sink closed the connection
+        raw.left.clear()
+        assert raw.connections == attempt + 1  # a new one each time
+    assert raw.sent < 4 * 1024 * 1024, raw.sent
+
+
+@pytest.mark.parametrize(("status", "body", "error", "shown"), [
+    (200, "bomb", None, ""),
+    # A gzip header, then a deflate block of the reserved type: no unpacking
+    # it, but the status decides.
+    (200, b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"\xff" * 20, None, ""),
+    (409, "bomb", None, ""),  # unpacks past the cap: no stored hash to check
+    (409, gzipped({"duplicate": True, "hash": "f" * 64}), SinkConflict, "another hash"),
+    (400, gzipped({"error": "bad thing"}), SinkRejected, 'HTTP 400: {"error": "bad thing"}'),
+], ids=["200-bomb", "200-not-gzip", "409-bomb", "409-other-hash", "400-detail"])
+async def test_compressed_answers_are_read_as_sent_and_unpacked_within_the_cap(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    status: int,
+    body: bytes | str,
+    error: type[SinkError] | None,
+    shown: str,
+) -> None:
+    """The sink asks for ``identity``, but a receiver may compress anyway.
+    aiohttp would unpack the body whole (this 32 KiB of gzip is 32 MiB of
+    zeros; 1 MiB of it, a gigabyte) and fail a 2xx whose body does not
+    unpack. The sink reads it as sent and unpacks at most BODY_CAP of it,
+    for what it needs the body for: a 409's stored hash, an error's detail."""
+    payload = gzip_of_zeros(32 * 1024 * 1024) if body == "bomb" else body
+    assert isinstance(payload, bytes) and len(payload) < BODY_CAP
+    raw = await raw_server(fixed(status, payload, "Content-Encoding: gzip"))
+    sink = await make_sink(raw.url)
+    tracemalloc.start()
+    try:
+        if error is None:
+            await sink.write_part(sample_part("gz"))
+        else:
+            with pytest.raises(error) as info:
+                await sink.write_part(sample_part("gz"))
+            assert type(info.value) is error and shown in str(info.value), info.value
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, peak
+    assert raw.headers[-1]["accept-encoding"] == "identity"
+
+
+async def test_a_timeout_after_the_status_line_says_the_receiver_answered(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+) -> None:
+    """"No answer" would send an operator looking for a receiver that is down."""
+    async def stalls(raw: RawServer, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        await raw.stopping.wait()
+
+    raw = await raw_server(stalls)
+    sink = await make_sink(raw.url, timeout_seconds=1.0)
+    with pytest.raises(SinkUnavailable) as info:
+        async with asyncio.timeout(20):  # a guard against a hang, not a timing
+            await sink.write_part(sample_part("stall"))
+    assert "HTTP 200 answered, but its body did not arrive within 1 s" in str(info.value)
+
+
+# -- secrets in messages ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("query", "pieces"), [
+    ("key=abc%2Bdef%2Fghi%3D%3D", ["ghi", "abc%2B", "abc+def"]),  # shown as abc%2Bdef/ghi%3D%3D
+    ("api_key=sécret-value-123", ["cret-value", "s%C3%A9"]),  # shown as s%C3%A9cret-value-123
+    ("sig=abc|def[1]", ["abc%7C", "def%5B", "abc|def"]),  # shown as abc%7Cdef%5B1%5D
+    ("key=abc def12345", ["def12345"]),  # shown as abc+def12345
+], ids=["slash", "non-ascii", "pipe-brackets", "space"])
+async def test_a_query_as_aiohttp_re_encoded_it_is_not_shown(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    query: str,
+    pieces: list[str],
+) -> None:
+    """aiohttp names the URL in some errors (here: a bad status line) as it
+    re-encoded it, which none of the configured query's forms match."""
+    raw = await raw_server(bad_status_line)
+    sink = await make_sink(f"{raw.url}/v1?{query}")
+    with pytest.raises(SinkUnavailable) as info:
+        async with asyncio.timeout(20):  # a guard against a hang, not a timing
+            await sink.write_part(sample_part("q"))
+    text = str(info.value)
+    assert f"POST {raw.url}/v1/sessions: ClientResponseError" in text, text
+    assert "/v1/sessions?***" in text, text  # where aiohttp named it
+    for piece in pieces:
+        assert piece not in text, (piece, text)
+
+
+@pytest.mark.parametrize("body", [
+    # The token across the 200 characters shown, as itself and as a header.
+    {"echo": "x" * 180 + f" {TOKEN}"},
+    {"error": "x" * 170 + f" got Bearer {TOKEN}"},
+    # The token across the 4 KiB decoded, close to the start once the blanks close up.
+    {"echo": " " * 4080 + TOKEN},
+    # Anyone's credential, as an Authorization header writes it.
+    {"error": "proxy saw Authorization: Bearer other-tok-123 and Basic dXNlcjpwdw=="},
+], ids=["across-200-chars", "bearer-across-200-chars", "across-4-KiB", "any-bearer-or-basic"])
+async def test_an_echoed_credential_is_redacted_before_the_detail_is_cut(
+    start_receiver: Start,
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    monkeypatch: pytest.MonkeyPatch,
+    body: dict[str, str],
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    receiver, url = await start_receiver()
+    sink = await make_sink(url)
+    receiver.script(Fault(400, body=body))
+    with pytest.raises(SinkRejected) as info:
+        await sink.write_part(sample_part("echo"))
+    text = str(info.value)
+    assert "HTTP 400" in text
+    for secret in (TOKEN[:6], "other-tok", "dXNlcjpwdw"):
+        assert secret not in text, (secret, text)
+
+
+async def test_a_token_with_a_trailing_newline_is_sent_without_it(
+    start_receiver: Start,
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a secret file gives it (``$(cat token)`` drops the newline, many
+    ways of reading it do not)."""
+    monkeypatch.setenv(TOKEN_ENV, f" {TOKEN}\r\n")
+    receiver, url = await start_receiver(token=TOKEN)
+    sink = await make_sink(url)
+    await sink.write_part(sample_part("nl"))
+    assert receiver.headers_seen[-1]["Authorization"] == f"Bearer {TOKEN}"
+
+
+@pytest.mark.parametrize("token", [f"{TOKEN}\nX-Injected: 1", f"tok-9f\x01{TOKEN}", f"{TOKEN}\x7f"],
+                         ids=["newline-inside", "ctrl-a", "del"])
+async def test_a_token_with_a_control_character_inside_is_refused_at_open(
+    monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    """Refused once, naming the variable, rather than failing every write."""
+    monkeypatch.setenv(TOKEN_ENV, token)
+    sink = HttpSink(HttpSinkConfig(url="http://127.0.0.1:9", token_env=TOKEN_ENV))
+    try:
+        with pytest.raises(SinkUnavailable) as info:
+            await sink.open()
+        text = str(info.value)
+        assert f"${TOKEN_ENV} contains a control character" in text, text
+        assert TOKEN[:6] not in text and "Injected" not in text
+    finally:
+        await sink.close()
+
+
+# -- security events: a 409 to a batch --------------------------------------------
+
+
+async def test_a_409_to_a_batch_sends_its_events_one_by_one(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    """A receiver may refuse a whole batch with 409 for one duplicate in it,
+    which says nothing of the others: they must not be lost."""
+    receiver, url = await start_receiver(batch_dup_status=409)
+    sink = await make_sink(url)
+    events = [sample_security_event(f"b{i}") for i in range(4)]
+    await sink.write_security_events(events[1:2])
+    await sink.write_security_events(events)
+    assert receiver.security_events == {e["_id"]: e for e in events}
+    assert receiver.stats["requests"] == 1 + 1 + 4  # b1; the batch; each alone
+    await sink.write_security_events(events)  # all duplicates now: success
+    assert receiver.stats["requests"] == 6 + 1 + 4
+
+
+async def test_a_409_to_one_security_event_naming_another_hash_is_a_conflict(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    receiver, url = await start_receiver(batch_dup_status=409)
+    sink = await make_sink(url)
+    await sink.write_security_events([sample_security_event("c1")])
+    await sink.write_security_events([sample_security_event("c1")])  # the same: stored
+    other = sample_security_event("c1", salt="other")
+    for batch in ([other], [sample_security_event("c2"), other]):
+        with pytest.raises(SinkConflict, match="HTTP 409: c1 is stored with another hash"):
+            await sink.write_security_events(batch)
+    assert receiver.security_events["c1"] == sample_security_event("c1")
+    assert "c2" in receiver.security_events
+
+
+@pytest.mark.parametrize(("fault", "error"), [
+    (Fault(429, {"Retry-After": "2"}), SinkRateLimited),
+    (Fault(503), SinkUnavailable),
+    (Fault(400), SinkRejected),
+], ids=["429", "503", "400"])
+async def test_an_error_among_the_events_sent_one_by_one_raises_and_the_resend_goes_on(
+    start_receiver: Start,
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    fault: Fault,
+    error: type[SinkError],
+) -> None:
+    """The batch is stored whole or raises the error met on the way; the
+    flusher's resend of it goes on one by one where that stopped."""
+    receiver, url = await start_receiver(batch_dup_status=409)
+    sink = await make_sink(url)
+    events = [sample_security_event(f"m{i}") for i in range(3)]
+    await sink.write_security_events(events[:1])
+    # The batch refused (m0 is stored), m0 alone a duplicate, then m1 meets the fault.
+    receiver.script(Fault(409), Fault(409), fault)
+    with pytest.raises(error) as info:
+        await sink.write_security_events(events)
+    assert type(info.value) is error and f"HTTP {fault.status}" in str(info.value)
+    if isinstance(info.value, SinkRateLimited):
+        assert info.value.retry_after == 2.0
+    assert sorted(receiver.security_events) == ["m0"]
+    before = receiver.stats["requests"]
+    await sink.write_security_events(events)
+    assert receiver.security_events == {e["_id"]: e for e in events}
+    assert receiver.stats["requests"] - before == 2  # m1 and m2, alone
+
+
+async def test_a_rate_limited_resend_one_by_one_gets_further_each_time(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    """With one request allowed per Retry-After, a resend that started over
+    with the batch (409 again: its duplicate is still in it) would spend that
+    request on the batch every time and store nothing more."""
+    now = [0.0]
+    receiver, url = await start_receiver(
+        clock=lambda: now[0], rate=1.0, burst=2, batch_dup_status=409)
+    sink = await make_sink(url)
+    events = [sample_security_event(f"r{i}") for i in range(6)]
+    await sink.write_security_events(events[-1:])  # the duplicate comes last
+    for _ in range(20):
+        try:
+            await sink.write_security_events(events)
+            break
+        except SinkRateLimited as exc:
+            assert exc.retry_after is not None
+            now[0] += exc.retry_after  # as the flusher waits
+    assert receiver.security_events == {e["_id"]: e for e in events}
