@@ -171,17 +171,25 @@ def _time_param(request: web.Request, name: str) -> tuple[str, int] | None:
         epoch = parse_ts(value)
     except ValueError:
         raise bad_request(f"{name} must be an RFC 3339 time (2026-11-26T14:31:07Z)") from None
-    shown = _shown(epoch)
-    return shown, shown_ms(parse_ts(shown))
+    return _shown(epoch)
 
 
-def _shown(epoch: float) -> str:
-    """``format_ts``, clamped to years 1-9999: a valid RFC 3339 time with an offset
-    (``9999-12-31T23:59:59-23:00``) can fall outside them in UTC."""
+# The range of times as shown: format_ts writes a year below 1000 without its
+# leading zeros (which would compare as text after every other time) and
+# cannot write one past 9999. A time outside it is taken at its edge.
+_EARLIEST, _LATEST = "1000-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"
+
+
+def _shown(epoch: float) -> tuple[str, int]:
+    """``epoch`` as a time is shown, and in whole ms, within years 1000-9999:
+    a valid RFC 3339 time with an offset (``9999-12-31T23:59:59-23:00``) can
+    fall outside them in UTC."""
+    if epoch < parse_ts(_EARLIEST):
+        return _EARLIEST, shown_ms(parse_ts(_EARLIEST))
     try:
-        return format_ts(epoch)
+        return format_ts(epoch), shown_ms(epoch)
     except (ValueError, OverflowError):
-        return "9999-12-31T23:59:59.999Z" if epoch > 0 else "0001-01-01T00:00:00.000Z"
+        return _LATEST, shown_ms(parse_ts(_LATEST))
 
 
 def _limit(request: web.Request) -> int:
