@@ -245,13 +245,12 @@ class Flusher:
                     raise
                 raise rejected from exc
         except SinkRejected as exc:
-            self.stats.writes_failed += 1
             if len(batch) > 1:
                 # Find the culprit: send this batch's events one at a time.
+                self.stats.writes_failed += 1
                 self._single_security = len(batch)
                 return 0.0
-            self.stats.dead_lettered += 1
-            self._note_error(exc)
+            self._dead_lettered(exc)
             log.error("security event %s dead-lettered: %s", batch[0][1]["_id"], exc)
             msg = str(exc)
             await self.spool.submit(lambda w: w.mark_security_dead(ids, msg), needs_space=False)
@@ -277,9 +276,7 @@ class Flusher:
                     raise
                 raise rejected from exc
         except SinkRejected as exc:
-            self.stats.writes_failed += 1
-            self.stats.dead_lettered += 1
-            self._note_error(exc)
+            self._dead_lettered(exc)
             log.error("part %s dead-lettered: %s", doc["_id"], exc)
             msg = str(exc)
             await self.spool.submit(
@@ -365,6 +362,15 @@ class Flusher:
 
     def _note_error(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+
+    def _dead_lettered(self, exc: BaseException) -> None:
+        """A write refused for good: not a healthy sink until one is taken (a
+        receiver refusing every write, say a wrong token, answers but stores
+        nothing)."""
+        self.stats.writes_failed += 1
+        self.stats.dead_lettered += 1
+        self.healthy = False
+        self._note_error(exc)
 
     def _retryable(self, exc: BaseException) -> float:
         """Back off after a write that may be retried; returns the pause."""

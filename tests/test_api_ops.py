@@ -164,8 +164,9 @@ async def test_metrics(api: Api) -> None:
     await api.client.post("/logout", headers=alice.headers)
     resp = await api.client.get("/metrics")
     assert resp.status == 200
-    assert resp.content_type == "text/plain"
+    assert resp.content_type == "text/plain" and resp.charset == "utf-8"
     text = await resp.text()
+    assert "_created" not in text  # one series per counter, not two
     for name in (
         "session_audit_http_requests_total",
         "session_audit_events_recorded_total",

@@ -10,6 +10,7 @@ from waiting import wait_for
 from audit import queries
 from audit.events import Draft, Source
 from audit.flusher import UNEXPECTED_LIMIT
+from sinks.base import SinkRejected
 from sinks.sqlite import SqliteSink
 
 
@@ -94,3 +95,38 @@ async def test_a_running_flusher_takes_up_what_another_process_retried(
     await wait_for(lambda: sink.get_session_parts(s.session_id), message="the part stored")
     (part,) = await sink.get_session_parts(s.session_id)
     assert part["final"] and part["events"][-1]["action"] == "session.end"
+
+
+class RefusingSink(SqliteSink):
+    """A real SQLite sink behind a gate that refuses every write for good
+    while ``refusing`` (as an http receiver answering 401 to a wrong token)."""
+
+    refusing = True
+
+    async def write_part(self, part: dict[str, Any]) -> None:
+        if self.refusing:
+            raise SinkRejected("http sink: POST /sessions: HTTP 401: bad token")
+        await super().write_part(part)
+
+
+async def test_a_sink_that_refuses_every_write_is_not_healthy(
+    make_config, engines, fake_clock, fake_monotonic
+):
+    """Every part dead-lettered is no healthy sink, though it answers: status
+    and /metrics said healthy (only a retryable error counted)."""
+    wall, mono = fake_clock, fake_monotonic
+    config = make_config(flush={"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
+    sink = RefusingSink(config.sqlite_sink_path)
+    engine = await engines.open(config, sink, clock=wall, monotonic=mono)
+    src = Source(user="alice", role="user")
+    s = await engine.start_session("alice", "user", src, 3600)
+    await engine.end_session(s.session_id, src)
+    await engines.drain(engine, mono)
+    assert await _dead_parts(engine) == 1
+    status = await engine.status()
+    assert status["sink"]["healthy"] is False and "HTTP 401" in status["sink"]["last_error"]
+    # Accepted again: healthy again.
+    sink.refusing = False
+    assert await engine.retry_dead_letters() == 1
+    await engines.drain(engine, mono)
+    assert (await engine.status())["sink"]["healthy"] is True
