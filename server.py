@@ -847,21 +847,38 @@ def _progress(total: list[int]) -> Callable[[dict[str, Any]], None]:
     return show
 
 
-async def _drain(config: Config) -> int:
+def _end_progress() -> None:
+    if StderrHandler.progress_showing:
+        StderrHandler.progress_showing = False
+        sys.stderr.write("\n")
+
+
+async def _drain(config: Config, timeout: float | None = None) -> int:  # noqa: ASYNC109
     _existing("spool", config.spool_path)
     engine = AuditEngine(config, create_sink(config), existing_audit_key(config),
                          beside_server=True)
     await engine.open(background=False)
+    finished = True
     try:
         show = _progress([0])
         # The total to drain is what is pending before the first write; the
         # flusher reports only after each step, when the first item is gone.
         show(await engine.spool.read(lambda c: queries.counts(c, time.time())))
-        await engine.flusher.drain(show)
+        try:
+            async with asyncio.timeout(timeout):
+                await engine.flusher.drain(show)
+        except TimeoutError:
+            finished = False
         status = await engine.status()
     finally:
         await engine.close(flush_window=0)
-    sys.stderr.write("\n")
+    _end_progress()
+    left = status["pending_parts"] + status["pending_security_events"]
+    if not finished:
+        print(f"drain: gave up after {timeout:g} s; {left} still pending (kept in the spool),"
+              f" {status['dead_letter']} dead-lettered; the sink: {status['sink']['last_error']}",
+              file=sys.stderr)
+        return 1
     print(f"drained; {status['dead_letter']} dead-lettered, "
           f"{status['active_sessions']} sessions still open")
     return 0 if status["dead_letter"] == 0 else 1
@@ -905,7 +922,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("users", parents=[common], help="list the users")
     sub.add_parser("status", parents=[common], help="spool and sink state")
     sub.add_parser("verify", parents=[common], help="check every stored session's chain")
-    sub.add_parser("drain", parents=[common], help="flush everything pending, then exit")
+    drain = sub.add_parser(
+        "drain", parents=[common], help="flush everything pending, then exit",
+        description="Flush everything pending to the sink, then exit: 0 when all is"
+        " written, 1 with dead letters or at --timeout (what is left stays pending),"
+        " 130 on Ctrl-C.")
+    drain.add_argument("--timeout", type=float, metavar="SECONDS", default=None,
+                       help="give up after this long (default: wait as long as it takes)")
     sub.add_parser("retry-dead", parents=[common], help="make dead-lettered items pending")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -929,11 +952,16 @@ def main(argv: list[str] | None = None) -> int:
         if command == "verify":
             return asyncio.run(_verify(config))
         if command == "drain":
-            return asyncio.run(_drain(config))
+            return asyncio.run(_drain(config, args.timeout))
         return asyncio.run(_retry_dead(config))
     except (ConfigError, StartupError, AuditKeyMismatch) as exc:
         print(f"session-audit: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _end_progress()
+        print(f"session-audit: {command}: interrupted; what was not written stays pending"
+              " in the spool", file=sys.stderr)
+        return 130
     except (sqlite3.Error, OSError, SpoolUnavailable) as exc:
         # A spool or sink file that is not a database (or is damaged), a data
         # directory that cannot be written: one line, not a traceback.

@@ -10,13 +10,18 @@ nothing pending needs no sink. Commands fail with one line, not a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import signal
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
-from live_server import Live, to_toml
+from live_server import SERVER, Live, free_port, merge, server_env, to_toml
 
 from audit.events import Draft
 from audit.spool import AuditKeyMismatch, Spool, stored_key_check
@@ -152,6 +157,57 @@ async def test_drain_with_nothing_pending_needs_no_sink(live: Live) -> None:
     r = await live.cli("drain", env={"SESSION_AUDIT_MONGODB_URI": ""}, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("drained; 0 dead-lettered")
+
+
+async def _pending_behind_a_sink_that_is_down(live: Live) -> None:
+    """A failed login pending in the spool, the http sink unreachable."""
+    live.settings = merge(live.settings, {"sink": {"type": "http", "http": {
+        "url": f"http://127.0.0.1:{free_port()}", "timeout_seconds": 1.0}}})
+    live.config_path.write_text(to_toml(live.settings), encoding="utf-8")
+    await live.start()
+    async with aiohttp.ClientSession() as http, http.post(
+            live.base + "/token", json={"username": "nobody", "password": "x" * 8}) as r:
+        assert r.status == 401
+    assert await live.stop() == 0
+
+
+async def _pending(live: Live) -> int:
+    status = json.loads((await live.cli("status")).stdout)
+    return int(status["pending_parts"] + status["pending_security_events"])
+
+
+async def test_drain_gives_up_at_its_timeout_and_keeps_what_is_pending(live: Live) -> None:
+    await _pending_behind_a_sink_that_is_down(live)
+    before = await _pending(live)
+    assert before >= 1
+    r = await live.cli("drain", "--timeout", "1", timeout=60)  # (a hang guard)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "gave up after 1 s" in r.stderr and f"{before} still pending" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert await _pending(live) == before
+
+
+async def test_drain_interrupted_exits_130_without_a_traceback(live: Live) -> None:
+    """Ctrl-C on a drain that cannot finish: one line, exit 130, nothing lost."""
+    await _pending_behind_a_sink_that_is_down(live)
+    before = await _pending(live)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(SERVER), "drain", "--config", str(live.config_path),
+        cwd=live.workdir, env=server_env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    # It has opened the spool and tried the sink once when it logs the failure.
+    line = b""
+    while b"SinkUnavailable" not in line:
+        line = await asyncio.wait_for(proc.stderr.readline(), 60)
+        assert line, "drain ended before it tried the sink"
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)  # a hang guard
+    text = err.decode()
+    assert proc.returncode == 130, text
+    assert "interrupted; what was not written stays pending" in text
+    assert "Traceback" not in text
+    assert await _pending(live) == before
 
 
 def _one_line(r: subprocess.CompletedProcess[str]) -> str:
