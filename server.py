@@ -42,6 +42,7 @@ from audit.config import (
     ConfigError,
     load_config,
     open_window,
+    resolve_config_path,
     sink_identity,
     sink_where,
 )
@@ -162,6 +163,9 @@ def ensure_data_dir(config: Config) -> None:
     unsafe = unsafe_dir(path)
     if unsafe is not None:  # another user could plant its own jwt.key or spool
         raise StartupError(f"server.data_dir: {unsafe}")
+    if path in _WARNED_DIRS:  # serve checks before and in create_app: one warning
+        return
+    _WARNED_DIRS.add(path)
     loose = loose_dir(path)
     if loose is not None:
         log.warning("server.data_dir: %s", loose)
@@ -169,6 +173,9 @@ def ensure_data_dir(config: Config) -> None:
         log.warning("server.data_dir %s is open to other users (mode %o): it holds keys,"
                     " password hashes and the audit trail; chmod 700 it", path,
                     path.stat().st_mode & 0o777)
+
+
+_WARNED_DIRS: set[Path] = set()
 
 
 def jwt_key(config: Config) -> bytes:
@@ -217,6 +224,20 @@ def _existing(what: str, path: Path) -> None:
 # -- the app -------------------------------------------------------------------
 
 
+def admin_password_from_env() -> str | None:
+    """``SESSION_AUDIT_ADMIN_PASSWORD`` if set, within adduser's limits (a
+    longer one would make every login slower); else :class:`StartupError`."""
+    password = os.environ.get(ADMIN_PASSWORD_ENV)
+    if password:
+        if len(password) < MIN_PASSWORD_CHARS:
+            raise StartupError(
+                f"{ADMIN_PASSWORD_ENV} must have at least {MIN_PASSWORD_CHARS} characters")
+        if len(password) > MAX_PASSWORD_CHARS:
+            raise StartupError(
+                f"{ADMIN_PASSWORD_ENV} must have at most {MAX_PASSWORD_CHARS} characters")
+    return password or None
+
+
 async def _ensure_admin(app: web.Application) -> None:
     accounts = app[ACCOUNTS]
     if await accounts.has_admin():
@@ -225,14 +246,8 @@ async def _ensure_admin(app: web.Application) -> None:
         raise StartupError(
             "no user has the admin role, and the name 'admin' belongs to a user without it:"
             " add an admin with `server.py adduser NAME --admin`")
-    password = os.environ.get(ADMIN_PASSWORD_ENV)
+    password = admin_password_from_env()
     if password:
-        if len(password) < MIN_PASSWORD_CHARS:
-            raise StartupError(
-                f"{ADMIN_PASSWORD_ENV} must have at least {MIN_PASSWORD_CHARS} characters")
-        if len(password) > MAX_PASSWORD_CHARS:  # as adduser's: login takes no longer one
-            raise StartupError(
-                f"{ADMIN_PASSWORD_ENV} must have at most {MAX_PASSWORD_CHARS} characters")
         await accounts.create("admin", password, "admin")
         log.info("created user 'admin' with the password from %s", ADMIN_PASSWORD_ENV)
         return
@@ -551,6 +566,11 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         # It cannot appear later: the server would retry a sink it can never open.
         raise StartupError(f"sink.mongodb.uri_env: the environment variable {uri_env}"
                            " (the MongoDB URI) is not set")
+    admin_password_from_env()  # a bad one fails before anything is created
+    source = resolve_config_path(getattr(args, "config", None))
+    log.info("config: %s; data directory: %s",
+             source if source.is_file() else f"the defaults ({source} not found)",
+             config.data_dir.resolve())
     ensure_data_dir(config)
     lock = serve_lock(config)
     try:
@@ -828,8 +848,12 @@ async def _verify(config: Config) -> int:
               if report.security_chains > 1 else "")
     print(f"verified {report.sessions} sessions, {report.parts} parts, {report.events} events,"
           f" {report.security_events} security events{chains}:"
-          f" {'OK' if report.ok else f'{len(report.problems)} problems'}")
+          f" {'OK' if report.ok else _count(len(report.problems), 'problem')}")
     return 0 if report.ok else 1
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _progress(total: list[int]) -> Callable[[dict[str, Any]], None]:

@@ -226,11 +226,19 @@ async def test_commands_fail_with_one_line_not_a_traceback(live: Live) -> None:
 
     line = _one_line(await live.cli("serve", env={"SESSION_AUDIT_ADMIN_PASSWORD": "p" * 1025}))
     assert "SESSION_AUDIT_ADMIN_PASSWORD must have at most 1024 characters" in line
+    # Refused before anything is made: no data directory, keys or spool left behind.
+    line = _one_line(await live.cli("serve", env={"SESSION_AUDIT_ADMIN_PASSWORD": "short"}))
+    assert "SESSION_AUDIT_ADMIN_PASSWORD must have at least 8 characters" in line
+    assert not live.data_dir.exists()
 
-    live.data_dir.mkdir(parents=True, exist_ok=True)
+    live.data_dir.mkdir(mode=0o700, parents=True)
     (live.data_dir / "jwt.key").write_bytes(b"\xff\xfe not text \x80" * 4)
     line = _one_line(await live.cli("serve", env={"SESSION_AUDIT_JWT_SECRET": ""}))
     assert "jwt.key is not UTF-8 text" in line
+    # A directory others may read is warned about once (serve checked it twice).
+    live.data_dir.chmod(0o755)
+    r = await live.cli("serve", env={"SESSION_AUDIT_JWT_SECRET": ""})
+    assert r.returncode == 2 and r.stderr.count("is open to other users") == 1, r.stderr
 
     r = await live.cli("status", "--config", str(live.workdir))  # a directory
     assert "cannot be read" in _one_line(r)
