@@ -259,7 +259,9 @@ class Flusher:
         except Exception as exc:
             return self._retryable(exc)
         keep = self.keep
-        await self.spool.submit(lambda w: w.mark_security_stored(ids, keep), needs_space=False)
+        sink = self.remember[0] if self.remember is not None else None
+        await self.spool.submit(lambda w: w.mark_security_stored(ids, keep, sink),
+                                needs_space=False)
         self._single_security = max(0, self._single_security - len(batch))
         self.stats.security_written += len(batch)
         self._ok()

@@ -127,6 +127,17 @@ CREATE TABLE IF NOT EXISTS stored_sessions (
     stored_ts REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS stored_sessions_ts ON stored_sessions (stored_ts);
+-- The stretches of the security chain each sink took (a sink switch starts
+-- one in the new sink): from the hash before its first event to its last
+-- event's. verify accepts a chain in a sink starting where one of its
+-- stretches does, and holds a sink the server left to the end of its last.
+-- meta 'security_stretch' is the current one: [sink, took_from].
+CREATE TABLE IF NOT EXISTS sink_stretches (
+    sink TEXT NOT NULL,              -- the sink's type and location (sink_where)
+    took_from TEXT NOT NULL,
+    took_to TEXT NOT NULL,
+    PRIMARY KEY (sink, took_from)
+);
 CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL UNIQUE,
@@ -1046,8 +1057,15 @@ class Writer:
             (error[:500], int(dead), session_id, part),
         )
 
-    def mark_security_stored(self, ids: list[int], keep_seconds: float) -> None:
+    def mark_security_stored(self, ids: list[int], keep_seconds: float,
+                             sink: str | None = None) -> None:
+        """The sink took these security events: kept ``keep_seconds`` or
+        deleted. With ``sink`` (its identity), the stretch of the chain it
+        holds is extended, or a new one begun if another sink took the last
+        (:meth:`_note_stretch`)."""
         q = ",".join("?" * len(ids))
+        if sink is not None:
+            self._note_stretch(sink, ids)
         if keep_seconds > 0:
             self.conn.execute(
                 f"UPDATE security_events SET state = 'stored', stored_ts = ? WHERE id IN ({q})",
@@ -1055,6 +1073,27 @@ class Writer:
             )
         else:
             self.conn.execute(f"DELETE FROM security_events WHERE id IN ({q})", ids)
+
+    def _note_stretch(self, sink: str, ids: list[int]) -> None:
+        row = self.conn.execute(
+            "SELECT json FROM security_events WHERE id = ?", (max(ids),)).fetchone()
+        if row is None:
+            return
+        last = json.loads(row[0])["hash"]
+        meta = dict(self.conn.execute(
+            "SELECT key, value FROM meta WHERE key IN ('security_stretch', 'security_taken')"))
+        current = json.loads(meta["security_stretch"]) if "security_stretch" in meta else None
+        if current is None or current[0] != sink:
+            # The stretch begins after the last event any sink took (genesis: none).
+            current = [sink, meta.get("security_taken") or genesis(self.key, SECURITY_STREAM)]
+        self.conn.execute(
+            "INSERT INTO sink_stretches (sink, took_from, took_to) VALUES (?, ?, ?)"
+            " ON CONFLICT (sink, took_from) DO UPDATE SET took_to = excluded.took_to",
+            (sink, current[1], last))
+        self.conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [("security_stretch", json.dumps(current)), ("security_taken", last)])
 
     def mark_security_dead(self, ids: list[int], error: str) -> None:
         q = ",".join("?" * len(ids))

@@ -228,6 +228,11 @@ class SpoolAnchor:
     # Sessions this spool stored whole in this sink lately (stored_sessions):
     # the sink must hold their final part, and so hold them at all.
     stored: frozenset[str] = frozenset()
+    # Where this sink's stretches of the chain begin (the hash before their
+    # first event: a sink switch), and, when the server has since left this
+    # sink for another, the last event it gave this one (sink_stretches).
+    starts: frozenset[str] = frozenset()
+    end: str | None = None
 
 
 def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) -> SpoolAnchor:
@@ -242,8 +247,24 @@ def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) 
         " UNION SELECT session_id FROM parts WHERE state != 'stored'"))
     stored = frozenset(r[0] for r in conn.execute(
         "SELECT session_id FROM stored_sessions WHERE ?1 IS NULL OR sink = ?1", (sink,)))
+    starts, end = _stretches(conn, sink)
     return SpoolAnchor(row[0] if row else genesis(key, SECURITY_STREAM),
-                       json.loads(first[0]) if first else None, unfinished, stored - unfinished)
+                       json.loads(first[0]) if first else None, unfinished, stored - unfinished,
+                       starts, end)
+
+
+def _stretches(conn: sqlite3.Connection, sink: str | None) -> tuple[frozenset[str], str | None]:
+    """Where ``sink``'s stretches of the security chain begin, and where its
+    last one ends if the chain has gone on in another sink since (else None).
+    A spool from before sink_stretches (not written since) has none."""
+    if sink is None or conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'sink_stretches'").fetchone() is None:
+        return frozenset(), None
+    rows = conn.execute("SELECT took_from, took_to FROM sink_stretches WHERE sink = ?"
+                        " ORDER BY rowid", (sink,)).fetchall()
+    current = conn.execute("SELECT value FROM meta WHERE key = 'security_stretch'").fetchone()
+    left = rows and current is not None and json.loads(current[0])[0] != sink
+    return frozenset(r[0] for r in rows), rows[-1][1] if left else None
 
 
 def _overdue(session_id: str, parts: list[Any], anchor: SpoolAnchor | None,
@@ -391,6 +412,11 @@ async def check_security_stream(
     def continues(prev: str, ev: dict[str, Any]) -> bool:
         return bool(_security_hash(key, prev, ev) == ev["hash"])
 
+    def handed_over(ev: dict[str, Any]) -> bool:
+        """``ev`` begins a stretch of this server's chain that this sink took
+        after a sink switch (the events before it are in the other sink)."""
+        return anchor is not None and any(continues(h, ev) for h in anchor.starts - {start})
+
     def touch(chain: _Chain) -> None:
         chains.remove(chain)
         chains.insert(0, chain)
@@ -454,8 +480,11 @@ async def check_security_stream(
                     SECURITY_STREAM, "security_chain",
                     f"event {ev.get('event_id')!r} is stored under _id {ev.get('_id')!r}"))
             chain = find(ev)
-            if chain is None and continues(start, ev):
+            new_chain = chain is None and continues(start, ev)
+            if new_chain:
                 report.security_chains += 1
+            # (A stretch after a sink switch is the same chain, not a new one.)
+            if chain is None and (new_chain or handed_over(ev)):
                 chain = _Chain(ev["hash"], None)
                 chains.insert(0, chain)
                 report.security_events += 1
@@ -492,8 +521,12 @@ async def check_security_stream(
     # Events stored after the spool was read are in ``seen``; before it, the
     # sink must hold the chain up to the spool's first unsent event (which
     # continues a head) or, with none unsent, up to the spool's head.
+    # A sink the server has left since must hold its chain up to the last
+    # event it gave it.
     unsent = anchor.first_unsent
-    if unsent is not None and isinstance(unsent.get("hash"), str):
+    if anchor.end is not None:
+        whole = anchor.end[:32].encode() in seen
+    elif unsent is not None and isinstance(unsent.get("hash"), str):
         whole = (unsent["hash"][:32].encode() in seen or continues(start, unsent)
                  or any(continues(c.head, unsent) for c in chains))
     else:
