@@ -38,6 +38,9 @@ MAX_PASSWORD_CHARS = 1024
 # Login and logout bodies hold a few short strings: 64 KiB is ample, and keeps
 # an anonymous client from having 8 MiB parsed on the event loop per request.
 LOGIN_BODY_MAX = 64 * 1024
+# How long a login held back only by checks of the same name and address
+# still running waits for them to be decided (LoginThrottle.admit).
+ADMIT_PATIENCE_SECONDS = 5.0
 PREFIX = "bcrypt-sha256$"
 ROLES = ("user", "admin")
 
@@ -348,6 +351,8 @@ class LoginThrottle:
         self.clock = clock
         self._fails: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
         self._checking: Counter[tuple[str, str]] = Counter()
+        # Set (and replaced) each time a check ends: what admit() waits on.
+        self._settled = asyncio.Event()
 
     def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
         q = self._fails.get(key)
@@ -361,18 +366,45 @@ class LoginThrottle:
 
     def retry_after(self, username: str, ip: str) -> int | None:
         """Seconds until another attempt is allowed, or None when allowed now."""
+        return self._blocked(username, ip)[0]
+
+    def _blocked(self, username: str, ip: str) -> tuple[int | None, bool]:
+        """:meth:`retry_after`, and whether only checks still running hold the
+        attempt back (the failures alone would let it through)."""
         now = self.clock()
         waits = []
+        failures_block = False
         for key, limit in (((username, ip), self.max_failures),
                            (("", ip), 4 * self.max_failures)):
             q = self._recent(key, now)
             if len(q) >= limit:
                 waits.append(q[len(q) - limit] + self.window - now)
+                failures_block = True
             elif len(q) + self._checking[key] >= limit:
                 waits.append(1.0)  # decided within about a second
         if not waits:
-            return None
-        return max(1, int(max(waits) + 0.999))
+            return None, False
+        return max(1, int(max(waits) + 0.999)), not failures_block
+
+    async def admit(self, username: str, ip: str,
+                    patience: float = ADMIT_PATIENCE_SECONDS) -> int | None:
+        """None when the attempt may go on; else its ``Retry-After``.
+
+        Checks still running count as failures until they are decided, so
+        that a burst of parallel guesses cannot all be checked before the
+        first failure counts. An attempt held back by them alone waits for
+        them (up to ``patience`` seconds) and is decided on what they were:
+        parallel correct logins of one user (a client opening several
+        sessions at once) go through instead of getting 429.
+        """
+        deadline = time.monotonic() + patience
+        while True:
+            wait, pending_only = self._blocked(username, ip)
+            left = deadline - time.monotonic()
+            if wait is None or not pending_only or left <= 0:
+                return wait
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), left)
 
     @contextlib.contextmanager
     def checking(self, username: str, ip: str) -> Iterator[None]:
@@ -387,6 +419,8 @@ class LoginThrottle:
                 self._checking[key] -= 1
                 if self._checking[key] <= 0:
                     del self._checking[key]
+            settled, self._settled = self._settled, asyncio.Event()
+            settled.set()
 
     def failed(self, username: str, ip: str) -> None:
         now = self.clock()
@@ -456,7 +490,7 @@ async def login(request: web.Request) -> web.Response:
     ip = throttle.client_key(client_ip(request))
     src = anonymous_source(request)
     attempted = {"username": username[:64]}
-    wait = throttle.retry_after(username, ip)
+    wait = await throttle.admit(username, ip)
     if wait is not None:
         await engine.record_security(
             Draft("auth.login_throttled", outcome="denied",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -147,6 +148,41 @@ async def test_throttle_per_username_and_ip(make_api: MakeApi) -> None:
     resp = await api.client.post("/token", json={"username": "admin", "password": ADMIN_PASSWORD})
     assert resp.status == 200
     assert len(await api.security("auth.login_failed")) == 3
+
+
+async def test_parallel_guesses_past_the_limit_are_not_all_checked(make_api: MakeApi) -> None:
+    """Checks still running count against the limit: a burst of parallel
+    guesses gets as many checks as the limit allows, the rest 429."""
+    api = await make_api(auth={"login_max_failures": 3, "login_window_seconds": 60})
+    await api.add_user("alice")
+
+    async def guess(i: int) -> int:
+        resp = await api.client.post("/token", json={"username": "alice",
+                                                      "password": f"guess-{i}"})
+        return resp.status
+
+    statuses = await asyncio.gather(*(guess(i) for i in range(12)))
+    assert sorted(statuses) == [401] * 3 + [429] * 9
+    assert len(await api.security("auth.login_failed")) == 3
+
+
+async def test_parallel_correct_logins_of_one_user_all_go_through(make_api: MakeApi) -> None:
+    """From a review: more parallel logins of one user than login_max_failures
+    got 429 without any failure, the checks in flight counted as failures;
+    they now wait for those checks to be decided."""
+    api = await make_api(auth={"login_max_failures": 3, "login_window_seconds": 60})
+    await api.add_user("alice")
+
+    async def login() -> dict[str, Any]:
+        resp = await api.client.post("/token", json={"username": "alice",
+                                                      "password": USER_PASSWORD})
+        body: dict[str, Any] = await resp.json()
+        assert resp.status == 200, body
+        return body
+
+    logins = await asyncio.gather(*(login() for _ in range(8)))
+    assert len({b["session_id"] for b in logins}) == 8
+    assert await api.security("auth.login_throttled") == []
 
 
 async def test_throttle_per_ip_across_usernames(make_api: MakeApi) -> None:
