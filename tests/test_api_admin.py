@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -225,6 +226,18 @@ async def test_filters_user_since_until_limit(api: Api) -> None:
     assert len(got["sessions"]) == 4
 
 
+async def _in_one_instant(api: Api, fn: Callable[[Writer], Any]) -> None:
+    """``fn`` as a spool job whose writer's clock stands still at one instant."""
+    def job(w: Writer) -> None:
+        clock, w.clock = w.clock, lambda: 1_800_000_000.1234
+        try:
+            fn(w)
+        finally:
+            w.clock = clock
+
+    await api.engine.spool.submit(job)
+
+
 @pytest.mark.parametrize("limit", [1, 7])
 async def test_many_security_events_in_one_millisecond_page_through(
     make_api: MakeApi, limit: int
@@ -237,16 +250,9 @@ async def test_many_security_events_in_one_millisecond_page_through(
     admin = await api.admin()
     burst = 45
 
-    def job(w: Writer) -> None:
-        clock, w.clock = w.clock, lambda: 1_800_000_000.1234
-        try:
-            for i in range(burst):
-                w.append_security(Draft("auth.invalid_token", outcome="denied",
-                                        details={"i": i}), None)
-        finally:
-            w.clock = clock
-
-    await api.engine.spool.submit(job)
+    await _in_one_instant(api, lambda w: [
+        w.append_security(Draft("auth.invalid_token", outcome="denied", details={"i": i}), None)
+        for i in range(burst)])
     seen: list[tuple[str, str]] = []
     cursor = None
     while True:
@@ -289,15 +295,9 @@ async def test_many_sessions_started_in_one_millisecond_page_through(
     admin = await api.admin()
     many = 40
 
-    def job(w: Writer) -> None:
-        clock, w.clock = w.clock, lambda: 1_800_000_000.1234
-        try:
-            for _ in range(many):
-                w.start_session("bob", "user", 1_900_000_000.0, [Draft("session.start")])
-        finally:
-            w.clock = clock
-
-    await api.engine.spool.submit(job)
+    await _in_one_instant(api, lambda w: [
+        w.start_session("bob", "user", 1_900_000_000.0, [Draft("session.start")])
+        for _ in range(many)])
     pages = await _pages(api, admin, limit, user="bob")
     keys = [(s["session_start_time"], s["session_id"]) for p in pages for s in p]
     assert keys == sorted(set(keys), reverse=True) and len(keys) == many

@@ -519,16 +519,20 @@ async def test_a_day_file_planted_as_a_symlink_is_refused_and_its_target_untouch
     victim.write_bytes(b"someone else's data\nwith a last line without its newline")
     before = victim.read_bytes()
     (directory / "audit-2000-01-01.jsonl").symlink_to(victim)
-    sink = JsonlSink(directory, clock=lambda: DAY1)
-    refused = ""
+    refused = await _refusal(JsonlSink(directory, clock=lambda: DAY1))
+    assert victim.read_bytes() == before
+    assert "jsonl/audit-2000-01-01.jsonl is a symbolic link" in refused
+
+
+async def _refusal(sink: JsonlSink) -> str:
+    """Why ``open()`` refused (its SinkUnavailable), "" if it opened; closed after."""
     try:
         await sink.open()
     except SinkUnavailable as exc:
-        refused = str(exc)
+        return str(exc)
     finally:
         await sink.close()
-    assert victim.read_bytes() == before
-    assert "jsonl/audit-2000-01-01.jsonl is a symbolic link" in refused
+    return ""
 
 
 async def test_a_fifo_named_like_a_day_file_does_not_hang_open(tmp_path: Path) -> None:
@@ -561,14 +565,7 @@ async def test_a_lock_file_planted_as_a_symlink_is_not_followed(tmp_path: Path) 
     lock = tmp_path / "jsonl" / LOCK_NAME
     lock.unlink()
     lock.symlink_to(target)
-    sink = JsonlSink(tmp_path / "jsonl", clock=lambda: DAY1)
-    refused = ""
-    try:
-        await sink.open()
-    except SinkUnavailable as exc:
-        refused = str(exc)
-    finally:
-        await sink.close()
+    refused = await _refusal(JsonlSink(tmp_path / "jsonl", clock=lambda: DAY1))
     assert not target.exists()
     assert "jsonl/.audit-jsonl.lock is a symbolic link" in refused
 
