@@ -19,6 +19,7 @@ import getpass
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -566,13 +567,14 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         # It cannot appear later: the server would retry a sink it can never open.
         raise StartupError(f"sink.mongodb.uri_env: the environment variable {uri_env}"
                            " (the MongoDB URI) is not set")
-    admin_password_from_env()  # a bad one fails before anything is created
+    if not config.spool_path.exists():  # a first start: fail before anything is made
+        admin_password_from_env()
+    ensure_data_dir(config)
+    lock = serve_lock(config)
     source = resolve_config_path(getattr(args, "config", None))
     log.info("config: %s; data directory: %s",
              source if source.is_file() else f"the defaults ({source} not found)",
              config.data_dir.resolve())
-    ensure_data_dir(config)
-    lock = serve_lock(config)
     try:
         return _serve(config, uvloop.new_event_loop())
     finally:
@@ -921,6 +923,16 @@ async def _retry_dead(config: Config) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="server.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -951,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Flush everything pending to the sink, then exit: 0 when all is"
         " written, 1 with dead letters or at --timeout (what is left stays pending),"
         " 130 on Ctrl-C.")
-    drain.add_argument("--timeout", type=float, metavar="SECONDS", default=None,
+    drain.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS", default=None,
                        help="give up after this long (default: wait as long as it takes)")
     sub.add_parser("retry-dead", parents=[common], help="make dead-lettered items pending")
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -983,8 +995,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _end_progress()
-        print(f"session-audit: {command}: interrupted; what was not written stays pending"
-              " in the spool", file=sys.stderr)
+        left = ("; what was not written stays pending in the spool"
+                if command in ("drain", "retry-dead") else "")
+        print(f"session-audit: {command}: interrupted{left}", file=sys.stderr)
         return 130
     except (sqlite3.Error, OSError, SpoolUnavailable) as exc:
         # A spool or sink file that is not a database (or is damaged), a data

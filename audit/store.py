@@ -257,21 +257,31 @@ def shown_ms(epoch: float) -> int:
 
 
 def _migrate_shown_ms(conn: sqlite3.Connection) -> None:
-    """Give the sessions and security events of an earlier release their
-    ``start_ms`` / ``ts_ms``, which the admin listings page by."""
+    """Give the sessions and security events of an earlier release (or that
+    one wrote since) their ``start_ms`` / ``ts_ms``, which the admin
+    listings page by."""
     conn.create_function("shown_ms", 1, shown_ms, deterministic=True)
     for table, column, source in (("sessions", "start_ms", "start_ts"),
                                   ("security_events", "ts_ms", "ts")):
         have = _columns(conn, table)
-        if have and column not in have:  # (no columns: a new file, SCHEMA creates it)
-            conn.execute("BEGIN IMMEDIATE")  # the column and its values, or neither
-            try:
+        if not have:
+            continue  # a new file: SCHEMA creates it
+        missing = column not in have
+        if not missing and conn.execute(
+                f"SELECT 1 FROM {table} WHERE {column} IS NULL LIMIT 1").fetchone() is None:
+            continue
+        # Missing: a file of an earlier release. NULLs: rows an earlier
+        # release wrote since (found on the column's index).
+        conn.execute("BEGIN IMMEDIATE")  # the column and its values, or neither
+        try:
+            if missing:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
-                conn.execute(f"UPDATE {table} SET {column} = shown_ms({source})")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            conn.execute(f"UPDATE {table} SET {column} = shown_ms({source})"
+                         f" WHERE {column} IS NULL")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
 
 def _keys_mark(conn: sqlite3.Connection) -> int:
@@ -1075,17 +1085,35 @@ class Writer:
             self.conn.execute(f"DELETE FROM security_events WHERE id IN ({q})", ids)
 
     def _note_stretch(self, sink: str, ids: list[int]) -> None:
+        """Extend ``sink``'s stretch of the security chain to the newest of
+        ``ids``, or begin one after the last event any sink took.
+
+        Only forward: a dead letter retried late is older than what its
+        sink took since. A spool that flushed before stretches were noted
+        (meta ``sink_status`` but no ``security_taken``) does not know where
+        its first stretch begins: it is noted as "" (it accepts no chain
+        start; its end is still checked)."""
+        newest = max(ids)
+        meta = dict(self.conn.execute(
+            "SELECT key, value FROM meta"
+            " WHERE key IN ('security_stretch', 'security_taken', 'sink_status')"))
+        taken = json.loads(meta["security_taken"]) if "security_taken" in meta else None
+        if taken is not None and newest <= taken[0]:
+            return
         row = self.conn.execute(
-            "SELECT json FROM security_events WHERE id = ?", (max(ids),)).fetchone()
+            "SELECT json FROM security_events WHERE id = ?", (newest,)).fetchone()
         if row is None:
             return
         last = json.loads(row[0])["hash"]
-        meta = dict(self.conn.execute(
-            "SELECT key, value FROM meta WHERE key IN ('security_stretch', 'security_taken')"))
         current = json.loads(meta["security_stretch"]) if "security_stretch" in meta else None
         if current is None or current[0] != sink:
-            # The stretch begins after the last event any sink took (genesis: none).
-            current = [sink, meta.get("security_taken") or genesis(self.key, SECURITY_STREAM)]
+            if taken is not None:
+                begins = taken[1]
+            elif "sink_status" in meta:
+                begins = ""  # flushed before stretches were noted: unknown
+            else:
+                begins = genesis(self.key, SECURITY_STREAM)
+            current = [sink, begins]
         self.conn.execute(
             "INSERT INTO sink_stretches (sink, took_from, took_to) VALUES (?, ?, ?)"
             " ON CONFLICT (sink, took_from) DO UPDATE SET took_to = excluded.took_to",
@@ -1093,7 +1121,8 @@ class Writer:
         self.conn.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [("security_stretch", json.dumps(current)), ("security_taken", last)])
+            [("security_stretch", json.dumps(current)),
+             ("security_taken", json.dumps([newest, last]))])
 
     def mark_security_dead(self, ids: list[int], error: str) -> None:
         q = ",".join("?" * len(ids))

@@ -233,6 +233,10 @@ class SpoolAnchor:
     # sink for another, the last event it gave this one (sink_stretches).
     starts: frozenset[str] = frozenset()
     end: str | None = None
+    # Where each earlier stretch this sink took ends: the sink must hold
+    # those events (a chain accepted from a later stretch's start would
+    # otherwise hide the removal of an earlier stretch's end, or all of it).
+    ends: frozenset[str] = frozenset()
 
 
 def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) -> SpoolAnchor:
@@ -247,24 +251,28 @@ def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) 
         " UNION SELECT session_id FROM parts WHERE state != 'stored'"))
     stored = frozenset(r[0] for r in conn.execute(
         "SELECT session_id FROM stored_sessions WHERE ?1 IS NULL OR sink = ?1", (sink,)))
-    starts, end = _stretches(conn, sink)
+    starts, end, ends = _stretches(conn, sink)
     return SpoolAnchor(row[0] if row else genesis(key, SECURITY_STREAM),
                        json.loads(first[0]) if first else None, unfinished, stored - unfinished,
-                       starts, end)
+                       starts, end, ends)
 
 
-def _stretches(conn: sqlite3.Connection, sink: str | None) -> tuple[frozenset[str], str | None]:
-    """Where ``sink``'s stretches of the security chain begin, and where its
-    last one ends if the chain has gone on in another sink since (else None).
-    A spool from before sink_stretches (not written since) has none."""
+def _stretches(
+    conn: sqlite3.Connection, sink: str | None
+) -> tuple[frozenset[str], str | None, frozenset[str]]:
+    """Where ``sink``'s stretches of the security chain begin; where its last
+    one ends if the chain has gone on in another sink since (else None); and
+    where each ends. A spool from before sink_stretches has none."""
     if sink is None or conn.execute(
             "SELECT 1 FROM sqlite_master WHERE name = 'sink_stretches'").fetchone() is None:
-        return frozenset(), None
+        return frozenset(), None, frozenset()
     rows = conn.execute("SELECT took_from, took_to FROM sink_stretches WHERE sink = ?"
                         " ORDER BY rowid", (sink,)).fetchall()
     current = conn.execute("SELECT value FROM meta WHERE key = 'security_stretch'").fetchone()
     left = rows and current is not None and json.loads(current[0])[0] != sink
-    return frozenset(r[0] for r in rows), rows[-1][1] if left else None
+    # (The last stretch's end is held by the checks of the chain's end.)
+    return (frozenset(r[0] for r in rows if r[0]), rows[-1][1] if left else None,
+            frozenset(r[1] for r in rows[:-1]))
 
 
 def _overdue(session_id: str, parts: list[Any], anchor: SpoolAnchor | None,
@@ -537,3 +545,9 @@ async def check_security_stream(
             "the sink lacks this server's newest security events: its chain there ends"
             " before where the spool has it (they were removed, or the spool and the sink"
             " do not belong together)"))
+    gone = sum(1 for h in anchor.ends if h[:32].encode() not in seen)
+    if gone:
+        report.problems.append(Problem(
+            SECURITY_STREAM, "security_chain",
+            f"the sink lacks the last security event of {gone} earlier stretch(es) of this"
+            " server's chain it took (between sink switches): removed"))

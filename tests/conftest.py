@@ -86,6 +86,11 @@ class Engines:
         self._open.append(engine)
         return engine
 
+    async def close(self, engine: Any) -> None:
+        """Close one engine now (a server stopped), before the test ends."""
+        self._open.remove(engine)
+        await engine.close(flush_window=0)
+
     async def abandon(self, engine: Any) -> None:
         """Simulate a crash: the engine stops where it is, without closing.
 

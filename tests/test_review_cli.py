@@ -230,8 +230,17 @@ async def test_commands_fail_with_one_line_not_a_traceback(live: Live) -> None:
     line = _one_line(await live.cli("serve", env={"SESSION_AUDIT_ADMIN_PASSWORD": "short"}))
     assert "SESSION_AUDIT_ADMIN_PASSWORD must have at least 8 characters" in line
     assert not live.data_dir.exists()
+    # Once there is a spool (and an admin), the variable is not used: not checked.
+    await live.start()
+    assert await live.stop() == 0
+    live.proc = subprocess.Popen(  # noqa: ASYNC220 - as Live.spawn
+        [sys.executable, str(SERVER), "serve", "--config", str(live.config_path)],
+        cwd=live.workdir, env={**server_env(), "SESSION_AUDIT_ADMIN_PASSWORD": "short"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await live.wait_healthy()
+    assert await live.stop() == 0
 
-    live.data_dir.mkdir(mode=0o700, parents=True)
+    live.data_dir.chmod(0o700)
     (live.data_dir / "jwt.key").write_bytes(b"\xff\xfe not text \x80" * 4)
     line = _one_line(await live.cli("serve", env={"SESSION_AUDIT_JWT_SECRET": ""}))
     assert "jwt.key is not UTF-8 text" in line

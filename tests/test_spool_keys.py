@@ -411,3 +411,18 @@ async def test_a_spool_without_the_shown_ms_columns_gets_them(tmp_path, audit_ke
         assert ev["ts"] == format_ts(ts_ms / 1000)
     finally:
         await sp.close()
+    # A release before the columns runs on the file again and leaves them NULL
+    # in the rows it writes: the next start fills them in.
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        c.execute("UPDATE sessions SET start_ms = NULL")
+        c.execute("UPDATE security_events SET ts_ms = NULL")
+    sp = Spool(path, audit_key, limits=Limits(100, 1 << 20))
+    await sp.open()
+    try:
+        listed = await sp.read(lambda c: queries.list_sessions(
+            c, user=None, since=0, until=None, before=None, limit=10))
+        assert [r["session_id"] for r in listed] == [s.session_id]
+        assert len(await sp.read(lambda c: queries.list_security(c, since=0, kind=None,
+                                                                  limit=10))) == 1
+    finally:
+        await sp.close()

@@ -1,0 +1,111 @@
+"""The stretches of the security chain each sink took, across sink switches
+(engine level, real SQLite and JSONL sinks).
+
+verify accepts a chain in a sink that begins where one of its stretches
+began; so it must also hold the sink to the end of every stretch it took,
+and a stretch may only move forward (found by a review of the change that
+added them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from typing import Any
+
+from audit.config import Config, sink_identity
+from audit.events import Draft, Source
+from audit.verify import Report, spool_anchor, verify_sink
+from sinks.base import SinkRejected
+from sinks.jsonl import JsonlSink
+from sinks.sqlite import SqliteSink
+
+FLUSH = {"max_writes_per_second": 1000.0, "burst": 100}
+
+
+async def _failed_logins(engines: Any, engine: Any, names: list[str]) -> None:
+    for name in names:
+        await engine.record_security(
+            Draft("auth.login_failed", outcome="denied", source=Source(ip="10.0.0.1"),
+                  details={"username": name}), happened=True)
+    await engines.drain(engine)
+
+
+async def _verify(engine: Any, config: Config, key: bytes) -> Report:
+    anchor = await engine.spool.read(lambda c: spool_anchor(c, key, sink_identity(config)))
+    return await verify_sink(engine.sink, key, anchor)
+
+
+def _delete(config: Config, where: str) -> None:
+    """An attacker with write access to the sqlite sink removes security events."""
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as c, c:
+        c.execute(f"DELETE FROM security_events WHERE {where}")
+
+
+async def _a_b_a(make_config: Any, engines: Any) -> tuple[Any, Config]:
+    """5 events to sqlite, 3 to jsonl, 3 to sqlite again; the sqlite engine open."""
+    a = make_config(flush=FLUSH)
+    b = make_config(flush=FLUSH, sink={"type": "jsonl"})
+    for config, sink, names in ((a, SqliteSink, ["a0", "a1", "a2", "a3", "a4"]),
+                                (b, lambda _: JsonlSink(b.jsonl_dir), ["b0", "b1", "b2"])):
+        engine = await engines.open(config, sink(config.sqlite_sink_path))
+        await _failed_logins(engines, engine, names)
+        await engines.close(engine)
+    engine = await engines.open(a, SqliteSink(a.sqlite_sink_path))
+    await _failed_logins(engines, engine, ["c0", "c1", "c2"])
+    return engine, a
+
+
+async def test_after_a_switch_back_the_end_of_the_first_stretch_is_held(
+    make_config, engines, audit_key
+):
+    engine, a = await _a_b_a(make_config, engines)
+    assert (await _verify(engine, a, audit_key)).ok
+    _delete(a, "rowid IN (4, 5)")  # the end of the first stretch (a3, a4)
+    report = await _verify(engine, a, audit_key)
+    assert [p.detail for p in report.problems] == [
+        "the sink lacks the last security event of 1 earlier stretch(es) of this server's"
+        " chain it took (between sink switches): removed"]
+
+
+async def test_after_a_switch_back_a_whole_first_stretch_removed_is_found(
+    make_config, engines, audit_key
+):
+    engine, a = await _a_b_a(make_config, engines)
+    _delete(a, "rowid <= 5")
+    assert not (await _verify(engine, a, audit_key)).ok
+
+
+class RefusingOnce(SqliteSink):
+    """Refuses the event of one user name for good until told otherwise."""
+
+    refuse: str | None = "a1"
+
+    async def write_security_events(self, events: list[dict[str, Any]]) -> None:
+        if any(e["details"].get("username") == self.refuse for e in events):
+            raise SinkRejected("no")
+        await super().write_security_events(events)
+
+
+async def test_a_dead_letter_retried_late_does_not_move_a_stretch_back(
+    make_config, engines, audit_key
+):
+    a = make_config(flush=FLUSH)
+    b = make_config(flush=FLUSH, sink={"type": "jsonl"})
+    sink = RefusingOnce(a.sqlite_sink_path)
+    engine = await engines.open(a, sink)
+    await _failed_logins(engines, engine, ["a0", "a1", "a2", "a3", "a4"])
+    sink.refuse = None
+    assert await engine.retry_dead_letters() == 1
+    await engines.drain(engine)  # a1 stored last: the chain's end is still a4
+    await engines.close(engine)
+    engine = await engines.open(b, JsonlSink(b.jsonl_dir))
+    await _failed_logins(engines, engine, ["b0", "b1"])
+    report = await _verify(engine, b, audit_key)
+    assert report.ok, report.problems  # b0 goes on from a4, not from a1
+    await engines.close(engine)
+    engine = await engines.open(a, SqliteSink(a.sqlite_sink_path))
+    await engines.drain(engine)  # (the flusher opens the sink)
+    assert (await _verify(engine, a, audit_key)).ok
+    _delete(a, "rowid = 4")  # a4, the end of sqlite's stretch (stored before a1)
+    assert not (await _verify(engine, a, audit_key)).ok
