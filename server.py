@@ -73,6 +73,7 @@ from handlers.auth import (
     Accounts,
     LastAdmin,
     LoginThrottle,
+    UserExists,
     add_user_sync,
     change_user_sync,
     hash_password,
@@ -670,7 +671,13 @@ def cmd_adduser(config: Config, args: argparse.Namespace) -> int:
     try:
         add_user_sync(conn, name, password, "admin" if args.admin else "user",
                       config.auth.bcrypt_rounds)
-    except sqlite3.IntegrityError:
+    except UserExists as exc:
+        alike = "" if exc.existing == name else (
+            f" as {exc.existing!r} (names that differ only in case read alike in the"
+            " audit trail)")
+        print(f"adduser: user {name!r} exists already{alike}", file=sys.stderr)
+        return 1
+    except sqlite3.IntegrityError:  # added beside it a moment ago
         print(f"adduser: user {name!r} exists already", file=sys.stderr)
         return 1
     finally:

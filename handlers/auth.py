@@ -257,9 +257,25 @@ class Accounts:
         return row is not None
 
 
+class UserExists(Exception):
+    """A user of that name, or of one that differs only in case, exists."""
+
+    def __init__(self, existing: str) -> None:
+        super().__init__(existing)
+        self.existing = existing
+
+
 def add_user_sync(conn: sqlite3.Connection, username: str, password: str, role: str,
                   rounds: int) -> None:
-    """For the CLI: works on the spool file while the server runs."""
+    """For the CLI: works on the spool file while the server runs.
+
+    A name that differs from an existing one only in case (``Admin`` beside
+    ``admin``) is refused like the same name: the two would read alike in
+    the audit trail. Logins still match names exactly."""
+    row = conn.execute("SELECT username FROM users WHERE lower(username) = lower(?)",
+                       (username,)).fetchone()
+    if row is not None:
+        raise UserExists(row[0])
     conn.execute(
         "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?)",
         (username, hash_password(password, rounds), role, format_ts(time.time())),

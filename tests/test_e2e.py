@@ -258,6 +258,10 @@ async def test_five_opens_one_stored_part_and_the_cli(
     again = await acli(srv.config, "adduser", "alice", "--password-stdin",
                        stdin=USER_PASSWORD + "\n")
     assert again.returncode != 0 and "exists" in again.stderr
+    # A name that differs only in case would read alike in the trail: refused too.
+    alike = await acli(srv.config, "adduser", "Alice", "--password-stdin",
+                       stdin=USER_PASSWORD + "\n")
+    assert alike.returncode == 1 and "exists already as 'alice'" in alike.stderr
     bad_name = await acli(srv.config, "adduser", "no way", "--password-stdin", stdin="pw\n")
     assert bad_name.returncode == 2
     short = await acli(srv.config, "adduser", "carol", "--password-stdin", stdin="1234567\n")
