@@ -339,15 +339,8 @@ async def test_a_duplicate_in_lines_another_process_wrote_is_fsynced_first(
         await sink.write_part(sample_part("a"))
         with path.open("ab") as f:
             f.write(part_line(b))  # another process's append, never fsynced
-    synced: list[tuple[int, int]] = []
-    real_fsync = os.fsync
+    synced = _recording_fsyncs(monkeypatch)
 
-    def fsync(fd: int) -> None:
-        st = os.fstat(fd)
-        synced.append((st.st_dev, st.st_ino))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     try:
         st = path.stat()
         await sink.write_part(b)  # the flusher's retry: stored already
@@ -524,6 +517,21 @@ async def test_a_day_file_planted_as_a_symlink_is_refused_and_its_target_untouch
     assert "jsonl/audit-2000-01-01.jsonl is a symbolic link" in refused
 
 
+def _recording_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The (device, inode) of every file or directory fsynced from now on (the
+    real fsync still runs: a power cut cannot be simulated, only the calls seen)."""
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
 async def _refusal(sink: JsonlSink) -> str:
     """Why ``open()`` refused (its SinkUnavailable), "" if it opened; closed after."""
     try:
@@ -599,19 +607,12 @@ async def test_a_directory_the_sink_creates_has_its_entry_fsynced(
     parent is fsynced before any write can be acknowledged. (A power cut
     cannot be simulated; the real fsync is wrapped to see which
     directories it was given.) A directory that exists costs none."""
-    synced: list[tuple[int, int]] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        st = os.fstat(fd)
-        synced.append((st.st_dev, st.st_ino))
-        real_fsync(fd)
+    synced = _recording_fsyncs(monkeypatch)
 
     def key(path: Path) -> tuple[int, int]:
         st = path.stat()
         return (st.st_dev, st.st_ino)
 
-    monkeypatch.setattr(os, "fsync", fsync)
     directory = tmp_path / "a" / "b" / "jsonl"
     sink = JsonlSink(directory, clock=lambda: DAY1)
     await sink.open()
