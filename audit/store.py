@@ -1097,7 +1097,9 @@ class Writer:
         meta = dict(self.conn.execute(
             "SELECT key, value FROM meta"
             " WHERE key IN ('security_stretch', 'security_taken', 'sink_status')"))
-        taken = json.loads(meta["security_taken"]) if "security_taken" in meta else None
+        # [id, hash] (a bare hash: the form of a build of an hour, without the id).
+        raw_taken = meta.get("security_taken", "")
+        taken = json.loads(raw_taken) if raw_taken.startswith("[") else None
         if taken is not None and newest <= taken[0]:
             return
         row = self.conn.execute(
