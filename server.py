@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import gc
 import getpass
 import hmac
 import json
@@ -49,6 +48,7 @@ from audit.config import (
 )
 from audit.engine import AuditEngine
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
+from audit.runtime import tune_gc
 from audit.spool import (
     AuditKeyMismatch,
     SpoolUnavailable,
@@ -484,15 +484,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 async def _tune_gc(app: web.Application) -> None:
-    """Once started: what exists now (modules, the app, the session cache)
-    lives as long as the process, so the cycle collector stops scanning it
-    (``gc.freeze``), and young collections run every 20,000 allocations
-    rather than 700. A request allocates a few hundred objects, nearly all
-    freed by reference counting; an audited read then spends about 9 % less
-    CPU (bench/README.md)."""
-    gc.collect()  # what is garbage now is not frozen with the rest
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
+    """Once started (:func:`audit.runtime.tune_gc`)."""
+    tune_gc()
 
 
 def _handle_signals(app: web.Application) -> None:

@@ -255,6 +255,8 @@ class AuditEngine:
     ) -> Any:
         """Record an event in the caller's session, atomically with ``change``.
 
+        Returns what ``change`` returned; without ``change``, the event as
+        stored (its canonical JSON text), or None under ``ack = "fast"``.
         ``change(conn, draft)`` runs on the writer thread inside the same
         transaction. If it raises :class:`ActionError`, the change is rolled
         back, the event is recorded with that outcome and reason (plus a

@@ -101,16 +101,28 @@ _PREFIXES: dict[int, str] = {}
 _PREFIXES_MAX = 4096
 
 
+# The last millisecond formatted and its text: events come dozens to a
+# millisecond under load (one tuple, replaced whole: safe from any thread).
+_last_ts: tuple[int, str] = (-1, "")
+
+
 def format_ts(epoch: float) -> str:
     """RFC 3339 UTC with milliseconds: ``2026-11-26T14:31:07.123Z``."""
-    sec, ms = divmod(round(epoch * 1000), 1000)
+    global _last_ts
+    whole_ms = round(epoch * 1000)
+    last = _last_ts
+    if last[0] == whole_ms:
+        return last[1]
+    sec, ms = divmod(whole_ms, 1000)
     prefix = _PREFIXES.get(sec)  # dict reads and writes are safe from any thread
     if prefix is None:
         prefix = f"{datetime.fromtimestamp(sec, tz=UTC):%Y-%m-%dT%H:%M:%S}"
         if len(_PREFIXES) >= _PREFIXES_MAX:
             _PREFIXES.clear()
         _PREFIXES[sec] = prefix
-    return f"{prefix}.{ms:03d}Z"
+    text = f"{prefix}.{ms:03d}Z"
+    _last_ts = (whole_ms, text)
+    return text
 
 
 def parse_ts(text: str) -> float:
@@ -165,8 +177,7 @@ def chain_hash(key: bytes, prev_hash: str, body_json: str) -> str:
     """
     inner, outer = _pads(key)
     h = inner.copy()
-    h.update(prev_hash.encode("ascii"))
-    h.update(body_json.encode("utf-8"))
+    h.update((prev_hash + body_json).encode("utf-8"))
     o = outer.copy()
     o.update(h.digest())
     digest: str = o.hexdigest()
@@ -227,20 +238,22 @@ _TAIL = (
 )
 
 
-def seal_event(
-    key: bytes, prev_hash: str, draft: Draft, session_id: str | None, seq: int | None, ts: float
-) -> tuple[dict[str, Any], str]:
-    """Complete a draft: returns the full event and its canonical JSON.
+def _target_json(target: Any) -> str:
+    """The canonical JSON of a target: ``{"id":…,"type":…}`` assembled when it
+    is just those two strings (a document's, once an event), else encoded."""
+    if type(target) is dict and len(target) == 2:
+        tid, kind = target.get("id"), target.get("type")
+        if type(tid) is str and type(kind) is str:
+            return f'{{"id":{_string(tid)},"type":{_string(kind)}}}'
+    return _dumps(target)
 
-    The record is encoded once, in two halves split where ``hash`` sorts
-    (after ``event_id``, before ``outcome``): the body without ``hash`` and
-    the full record are both cut from the same two strings, byte for byte
-    what :func:`canonical_json` gives for each, at half the encoding cost.
-    The top level is assembled in sorted key order around per-value
-    encodings (the caller's ``details`` and ``target`` with sorted keys).
-    """
+
+def _halves(draft: Draft, session_id: str | None, seq: int | None,
+            stamp: str) -> tuple[str, str] | None:
+    """The record's canonical JSON in two halves split where ``hash`` sorts
+    (after ``event_id``, before ``outcome``); None if a string in it cannot
+    be encoded as UTF-8 (a lone surrogate)."""
     src = draft.source
-    stamp = format_ts(ts)
     action, outcome, event_id = draft.action, draft.outcome, draft.event_id
     user, role, ip, agent, request_id = (
         src.user, src.role, src.ip, src.user_agent, src.request_id
@@ -261,7 +274,7 @@ def seal_event(
         enc(session_id) if type(session_id) is str else _scalar(session_id),
         enc(ip) if type(ip) is str else _scalar(ip),
         enc(agent) if type(agent) is str else _scalar(agent),
-        "null" if target is None else _dumps(target),
+        "null" if target is None else _target_json(target),
         stamp,
     )
     if not (head.isascii() and tail.isascii()):
@@ -269,20 +282,55 @@ def seal_event(
             head.encode("utf-8")
             tail.encode("utf-8")
         except UnicodeEncodeError:
-            return _seal_scrubbed(key, prev_hash, draft, session_id, seq, ts)
+            return None
+    return head, tail
+
+
+def seal_text(
+    key: bytes, prev_hash: str, draft: Draft, session_id: str | None, seq: int | None, ts: float
+) -> tuple[str, str]:
+    """:func:`seal_event` without the event as a dict: its ``hash`` and its
+    canonical JSON (the spool's hot path, which stores only the text)."""
+    halves = _halves(draft, session_id, seq, format_ts(ts))
+    if halves is None:
+        event, text = _seal_scrubbed(key, prev_hash, draft, session_id, seq, ts)
+        return event["hash"], text
+    head, tail = halves
     digest = chain_hash(key, prev_hash, head + "," + tail)
+    return digest, f'{head},"hash":"{digest}",{tail}'
+
+
+def seal_event(
+    key: bytes, prev_hash: str, draft: Draft, session_id: str | None, seq: int | None, ts: float
+) -> tuple[dict[str, Any], str]:
+    """Complete a draft: returns the full event and its canonical JSON.
+
+    The record is encoded once, in two halves (:func:`_halves`): the body
+    without ``hash`` and the full record are both cut from the same two
+    strings, byte for byte what :func:`canonical_json` gives for each, at
+    half the encoding cost. The top level is assembled in sorted key order
+    around per-value encodings (the caller's ``details`` and ``target`` with
+    sorted keys).
+    """
+    stamp = format_ts(ts)
+    halves = _halves(draft, session_id, seq, stamp)
+    if halves is None:
+        return _seal_scrubbed(key, prev_hash, draft, session_id, seq, ts)
+    head, tail = halves
+    digest = chain_hash(key, prev_hash, head + "," + tail)
+    src = draft.source
     event = {
-        "event_id": event_id,
+        "event_id": draft.event_id,
         "session_id": session_id,
         "seq": seq,
         "ts": stamp,
-        "action": action,
-        "outcome": outcome,
-        "actor": {"user": user, "role": role},
-        "target": target,
-        "source": {"ip": ip, "user_agent": agent},
-        "request_id": request_id,
-        "details": details,
+        "action": draft.action,
+        "outcome": draft.outcome,
+        "actor": {"user": src.user, "role": src.role},
+        "target": draft.target,
+        "source": {"ip": src.ip, "user_agent": src.user_agent},
+        "request_id": src.request_id,
+        "details": draft.details,
         "hash": digest,
     }
     return event, f'{head},"hash":"{digest}",{tail}'

@@ -17,7 +17,16 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
-from .events import SECURITY_ACTIONS, Draft, canonical_json, format_ts, genesis, new_id, seal_event
+from .events import (
+    SECURITY_ACTIONS,
+    Draft,
+    canonical_json,
+    format_ts,
+    genesis,
+    new_id,
+    seal_event,
+    seal_text,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -374,7 +383,7 @@ class Append:
         self.session_id = session_id
         self.draft = draft
 
-    def __call__(self, w: Writer) -> dict[str, Any]:
+    def __call__(self, w: Writer) -> str:
         return w.append(self.session_id, self.draft)
 
 class ReadOnlyViolation(sqlite3.ProgrammingError):
@@ -799,8 +808,9 @@ class Writer:
             raise SessionNotOpen(session_id)
         return s
 
-    def append(self, session_id: str, draft: Draft, now: float | None = None) -> dict[str, Any]:
-        """Give the draft its ``seq``, time (``now``, else the clock's) and hash and store it.
+    def append(self, session_id: str, draft: Draft, now: float | None = None) -> str:
+        """Give the draft its ``seq``, time (``now``, else the clock's) and hash
+        and store it; returns the event as stored (its canonical JSON).
 
         The hot path of the spool (once per event): nothing in the cache
         changes before the sealing succeeded, so a failing append leaves
@@ -814,7 +824,7 @@ class Writer:
         if now is None:
             now = self.clock()
         seq = s.next_seq
-        event, text = seal_event(self.key, s.head, draft, session_id, seq, now)
+        digest, text = seal_text(self.key, s.head, draft, session_id, seq, now)
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
         count = s.uncut_count
         if count:
@@ -825,7 +835,7 @@ class Writer:
         rid = self.next_rid
         self.next_rid = rid + 1
         self._rows.append((rid, s.sk, session_id, seq, now, text))
-        s.head = event["hash"]
+        s.head = digest
         s.next_seq = seq + 1
         if count:
             s.uncut_count = count + 1
@@ -834,7 +844,7 @@ class Writer:
             s.uncut_count, s.uncut_bytes, s.uncut_first_ts = 1, size, now
         s.last_activity = now
         self.appended += 1
-        return event
+        return text
 
     def touch(self, session_id: str) -> None:
         s = self.sessions.get(session_id)

@@ -14,7 +14,9 @@ Measures, in one run on one machine:
 * the engine: ``AuditEngine.record`` (a real append job through the spool's
   group commit, ``synchronous = "full"``, ``ack = "durable"``) from 1, 16 and
   256 concurrent producers on uvloop, with throughput and per-call latency
-  (p50/p99 from the caller's side: submit to acknowledged commit).
+  (p50/p99 from the caller's side: submit to acknowledged commit), under the
+  garbage collector settings ``serve`` runs it under
+  (:func:`audit.runtime.tune_gc`; ``--default-gc`` for CPython's own).
 
 Each figure is the median of ``--repeats`` runs. With ``--json`` it prints
 one JSON object: ``raw_events_per_second`` and ``producers`` ->
@@ -43,6 +45,7 @@ import uvloop
 from audit.config import parse_config
 from audit.engine import AuditEngine
 from audit.events import Draft, Source, new_id
+from audit.runtime import tune_gc
 from audit.store import KEYS_EVERY
 from sinks.sqlite import SqliteSink
 
@@ -181,9 +184,13 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--default-gc", action="store_true",
+                    help="CPython's own collector settings, not the server's (tune_gc)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--events", type=int, default=100_000, help="events per run at 256 producers")
     args = ap.parse_args()
+    if not args.default_gc:
+        tune_gc()  # the collector settings `serve` runs the engine under
     sizes = {1: max(2000, args.events // 25), 16: max(2000, args.events // 2), 256: args.events}
 
     raw_runs: dict[str, list[float]] = {layout: [] for layout in RAW_SCHEMAS}
@@ -203,6 +210,7 @@ def main() -> None:
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
         "cpus": os.cpu_count(),
+        "gc": "default" if args.default_gc else "server (audit.runtime.tune_gc)",
     }
     for p in PRODUCERS:
         result["producers"][str(p)]["ratio_to_raw"] = round(

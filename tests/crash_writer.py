@@ -15,6 +15,7 @@ KEYS_EVERY overrides how often the spool indexes its events at a commit
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -41,7 +42,7 @@ async def producer(engine: AuditEngine, n: int) -> None:
         ack(f"start {s.session_id}")
         for i in range(25):
             draft = Draft("document.access", target={"type": "document", "id": f"{n}-{i}"})
-            ev = await engine.record(s.session_id, draft)
+            ev = json.loads(await engine.record(s.session_id, draft))
             ack(f"ack {ev['event_id']} {ev['session_id']} {ev['seq']}")
         await engine.end_session(s.session_id, src)
 

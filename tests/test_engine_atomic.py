@@ -97,7 +97,7 @@ async def test_other_exception_leaves_neither_change_nor_event(setup):
     assert committed(config, "SELECT id FROM documents") == []
     assert events_of(config, sid) == before
     # The session's head was put back: the next event continues the chain gaplessly.
-    ev = await engine.record(sid, Draft("document.list"))
+    ev = json.loads(await engine.record(sid, Draft("document.list")))
     assert ev["seq"] == before[-1]["seq"] + 1
     s = engine.session(sid)
     assert s is not None and s.head == ev["hash"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from audit.events import Draft, Source, canonical_json
@@ -136,7 +138,7 @@ async def test_open_session_checkpoint_reaches_the_sink_and_survives_restart(
     await engines.drain(e1)
     await e1.close()
     e2 = await engines.open(config, clock=fake_clock)
-    ev = await e2.record(s.session_id, Draft("document.list"))
+    ev = json.loads(await e2.record(s.session_id, Draft("document.list")))
     assert ev["seq"] == 3
     await e2.end_session(s.session_id, SRC)
     parts = await parts_of(engines, e2, s.session_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
 from audit.events import Draft, Source
@@ -49,7 +50,8 @@ async def test_abandoned_engine_loses_nothing_acknowledged(
     b = await e1.start_session("bob", "user", src, 3600)
     for _ in range(6):
         for s in (a, b):
-            acked.append((await e1.record(s.session_id, Draft("document.list")))["event_id"])
+            stored = await e1.record(s.session_id, Draft("document.list"))
+            acked.append(json.loads(stored)["event_id"])
     await e1.end_session(a.session_id, src)  # a: sealed, 3 parts pending
     await e1.record_security(Draft("auth.login_failed", outcome="denied"))
 
@@ -77,7 +79,7 @@ async def test_abandoned_engine_loses_nothing_acknowledged(
     assert resumed is not None
     next_seq = resumed.next_seq
     assert 2 + 6 + 1 <= next_seq <= 2 + 6 + 3 + 1  # the unacked three may have committed
-    ev = await e2.record(b.session_id, Draft("document.list"))
+    ev = json.loads(await e2.record(b.session_id, Draft("document.list")))
     acked.append(ev["event_id"])
     assert ev["seq"] == next_seq
     await e2.end_session(b.session_id, src)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import threading
 
@@ -29,7 +30,7 @@ async def test_concurrent_appends_are_grouped_and_acknowledged_after_commit(
     async def append(i: int) -> None:
         s = sessions[i % len(sessions)]
         draft = Draft("document.access", target={"type": "document", "id": str(i)})
-        event = await engine.record(s.session_id, draft)
+        event = json.loads(await engine.record(s.session_id, draft))
         # Right after the await returns, before anything else runs on the loop.
         row = probe.execute(
             "SELECT json FROM events WHERE session_id = ? AND seq = ?",

@@ -175,7 +175,8 @@ async def scenario(data_dir: str, part_max_events: int, ops: list[tuple[Any, ...
                 events = await asyncio.gather(
                     *(engine.record(sid, Draft("document.list")) for sid in sids)
                 )
-                for sid, ev in zip(sids, events, strict=True):
+                for sid, text in zip(sids, events, strict=True):
+                    ev = json.loads(text)
                     assert ev["session_id"] == sid
                     m.acked[sid].append((ev["seq"], ev["event_id"]))
             elif kind == "seal" and m.open:

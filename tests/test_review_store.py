@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -45,7 +46,7 @@ def test_failed_batch_restores_heads_after_a_failed_job(tmp_path, audit_key):
     assert w.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
     # The next event continues the committed chain.
     [(ok, event)] = w.run_batch([Append("s1", Draft("document.list"))])
-    assert ok and event["seq"] == 1
+    assert ok and json.loads(event)["seq"] == 1
 
 
 async def test_jobs_queued_when_the_writer_fails_are_answered(tmp_path, audit_key, monkeypatch):
@@ -133,7 +134,7 @@ def test_a_failed_reload_leaves_the_cache_stale_until_the_next_batch(
         w.run_batch([Append("s1", Draft("document.list"))])
     monkeypatch.setattr(Writer, "load", real_load)
     [(ok, event)] = w.run_batch([Append("s1", Draft("document.list"))])
-    assert ok and event["seq"] == 1
+    assert ok and json.loads(event)["seq"] == 1
     assert w.conn.execute("SELECT seq FROM events").fetchall() == [(1,)]
 
 

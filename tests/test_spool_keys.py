@@ -97,7 +97,7 @@ async def test_reads_see_the_indexed_events_and_the_tail(tmp_path, audit_key, mo
     try:
         again = sp.open_session(s.session_id)
         assert (again.next_seq, again.head, again.uncut_count) == (11, head.head, 1)
-        ev = await sp.submit(Append(s.session_id, Draft("document.list")))
+        ev = json.loads(await sp.submit(Append(s.session_id, Draft("document.list"))))
         assert ev["seq"] == 11 and ev["hash"] == event_hash(audit_key, head.head, ev)
     finally:
         await sp.close()
@@ -109,7 +109,7 @@ async def _five_events(path, audit_key, part_max_events: int) -> tuple[Any, dict
     await sp.open()
     s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
     for _ in range(4):
-        last = await sp.submit(Append(s.session_id, Draft("document.list")))
+        last = json.loads(await sp.submit(Append(s.session_id, Draft("document.list"))))
     await sp.close()
     return s, last
 
@@ -185,7 +185,7 @@ async def test_rowids_never_fall_under_the_mark(tmp_path, audit_key):
         sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
         await sp.open()
         try:
-            ev = await sp.submit(Append(kept.session_id, Draft("document.list")))
+            ev = json.loads(await sp.submit(Append(kept.session_id, Draft("document.list"))))
             summary = await sp.read(lambda c: queries.get_session(c, kept.session_id))
             assert summary["events"][-1]["event_id"] == ev["event_id"]
             assert summary["event_count"] == ev["seq"]
@@ -331,7 +331,7 @@ async def test_two_events_with_one_seq_are_kept_and_the_spool_still_drains(
         await sp.submit(lambda w: w.mark_part_stored(s.session_id, 0, 0))
         assert _layout(path)[0] == 0
         s2 = await sp.submit(lambda w: w.start_session("u", "user", 1e12, []))
-        ev = await sp.submit(Append(s2.session_id, Draft("document.list")))
+        ev = json.loads(await sp.submit(Append(s2.session_id, Draft("document.list"))))
         assert ev["seq"] == 1
     finally:
         await sp.close()
