@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +23,7 @@ from audit.events import (
     new_id,
     parse_ts,
     seal_event,
+    seal_text,
 )
 
 KEY = b"k" * 32
@@ -140,6 +142,7 @@ def test_sealed_text_is_the_canonical_json_of_the_event(
     text.encode("utf-8")  # always storable
     assert json.loads(text) == event
     assert text == canonical_json(event)
+    assert seal_text(KEY, prev, draft, session_id, seq, ts) == (event["hash"], text)
     assert event["hash"] == event_hash(KEY, prev, event)
     assert list(event) == list(EVENT_KEYS)
 
@@ -148,6 +151,19 @@ def test_lone_surrogates_are_scrubbed_and_the_event_kept():
     draft = Draft("document.access", details={"path": "/a\udcff"},
                   source=Source(user_agent="x\ud800"))
     event, text = seal_event(KEY, genesis(KEY, "s"), draft, "s", 1, 0.0)
+    assert seal_text(KEY, genesis(KEY, "s"), draft, "s", 1, 0.0) == (event["hash"], text)
     text.encode("utf-8")
     assert event["details"]["path"] == "/a?" and event["source"]["user_agent"] == "x?"
     assert event["hash"] == event_hash(KEY, genesis(KEY, "s"), event)
+
+
+def test_format_ts_keeps_the_last_millisecond_right():
+    """The last millisecond's text is reused only for that millisecond."""
+    def plain(epoch: float) -> str:
+        sec, ms = divmod(round(epoch * 1000), 1000)
+        return f"{datetime.fromtimestamp(sec, tz=UTC):%Y-%m-%dT%H:%M:%S}.{ms:03d}Z"
+
+    times = [1764253867.1234, 1764253867.1236, 1764253867.1241, 1764253867.1241,
+             1764253868.1241, 1764253867.1234, 0.0, 0.0004, 0.0006, 1764253867.9996]
+    for t in times:
+        assert format_ts(t) == plain(t), t
