@@ -318,21 +318,8 @@ def seal_event(
         return _seal_scrubbed(key, prev_hash, draft, session_id, seq, ts)
     head, tail = halves
     digest = chain_hash(key, prev_hash, head + "," + tail)
-    src = draft.source
-    event = {
-        "event_id": draft.event_id,
-        "session_id": session_id,
-        "seq": seq,
-        "ts": stamp,
-        "action": draft.action,
-        "outcome": draft.outcome,
-        "actor": {"user": src.user, "role": src.role},
-        "target": draft.target,
-        "source": {"ip": src.ip, "user_agent": src.user_agent},
-        "request_id": src.request_id,
-        "details": draft.details,
-        "hash": digest,
-    }
+    event = draft.body(session_id, seq, ts)  # (its time is format_ts's kept text)
+    event["hash"] = digest
     return event, f'{head},"hash":"{digest}",{tail}'
 
 
