@@ -20,9 +20,13 @@ from aiohttp.typedefs import Middleware
 
 from .engine import AuditEngine
 from .events import Draft, Source
-from .tokens import TokenExpired, TokenInvalid, TokenService
+from .tokens import Claims, TokenExpired, TokenInvalid, TokenNotYetValid, TokenService
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# A token's ``iat`` is read from the clock just after its session's start was:
+# at most a commit apart (a clock step between the two aside).
+ISSUED_AT_START_SECONDS = 60.0
 
 
 class AuthError(Exception):
@@ -156,6 +160,12 @@ async def _deny(
     return AuthError(status, code, message)
 
 
+def _issued_at_start(engine: AuditEngine, claims: Claims) -> bool:
+    s = engine.spool.open_session(claims.sid)
+    return (s is not None and s.user == claims.sub
+            and abs(claims.iat - s.start_ts) <= ISSUED_AT_START_SECONDS)
+
+
 async def authenticate(
     request: web.Request, engine: AuditEngine, tokens: TokenService
 ) -> RequestContext:
@@ -172,6 +182,13 @@ async def authenticate(
         raise await _deny(request, engine, "auth.token_expired", 401, "token_expired",
                           "the token has expired", session_id=c.get("sid"),
                           user=c.get("sub"), role=c.get("role")) from None
+    except TokenNotYetValid as exc:
+        # Issued (iat) after now: by this server before its clock stepped
+        # back, if iat is its open session's start; else refused as before.
+        if not _issued_at_start(engine, exc.claims):
+            raise await _deny(request, engine, "auth.invalid_token", 401, "invalid_token",
+                              "the token is not valid", reason=exc.reason) from None
+        claims = exc.claims
     except TokenInvalid as exc:
         raise await _deny(request, engine, "auth.invalid_token", 401, "invalid_token",
                           "the token is not valid", reason=exc.reason) from None

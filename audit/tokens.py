@@ -24,6 +24,17 @@ class TokenInvalid(Exception):
         self.reason = reason
 
 
+class TokenNotYetValid(TokenInvalid):
+    """Validly signed and not expired, but issued (``iat``) after now by this
+    clock. This server issued it; its clock has since stepped back (NTP, a
+    clock wrong at boot): :func:`audit.middleware.authenticate` accepts it
+    when ``iat`` is its open session's start. Carries the checked claims."""
+
+    def __init__(self, claims: Claims) -> None:
+        super().__init__("not_yet_valid")
+        self.claims = claims
+
+
 class TokenExpired(Exception):
     """Validly signed but past ``exp``; carries the claims for the audit trail."""
 
@@ -74,12 +85,27 @@ class TokenService:
             except jwt.PyJWTError as exc:
                 raise TokenInvalid(_reason(exc)) from None
             raise TokenExpired(data) from None
+        except jwt.ImmatureSignatureError as exc:
+            # iat after now (PyJWT checks it first): everything else checked,
+            # the caller decides whether the clock went back since the issue.
+            later_opts: Any = {"require": list(REQUIRED_CLAIMS), "verify_iat": False}
+            try:
+                data = jwt.decode(token, self._key, algorithms=[ALGORITHM], options=later_opts)
+            except jwt.ExpiredSignatureError:
+                raise TokenInvalid(_reason(exc)) from None
+            except jwt.PyJWTError as again:
+                raise TokenInvalid(_reason(again)) from None
+            raise TokenNotYetValid(_claims(data)) from None
         except jwt.PyJWTError as exc:
             raise TokenInvalid(_reason(exc)) from None
-        for name in ("sub", "sid", "role", "jti"):
-            if not isinstance(data.get(name), str) or not data[name]:
-                raise TokenInvalid("bad_claim")
-        return Claims(data["sub"], data["sid"], data["role"], data["iat"], data["exp"], data["jti"])
+        return _claims(data)
+
+
+def _claims(data: dict[str, Any]) -> Claims:
+    for name in ("sub", "sid", "role", "jti"):
+        if not isinstance(data.get(name), str) or not data[name]:
+            raise TokenInvalid("bad_claim")
+    return Claims(data["sub"], data["sid"], data["role"], data["iat"], data["exp"], data["jti"])
 
 
 def _reason(exc: Exception) -> str:

@@ -680,3 +680,39 @@ async def test_a_request_whose_session_ends_on_the_way_is_recorded(
     again = await api.login("alice")
     resp = await api.client.get(f"/documents/{doc['id']}", headers=again.headers)
     assert resp.status == 200  # not deleted
+
+
+async def test_a_token_issued_before_the_clock_stepped_back_still_works(
+    make_api: MakeApi,
+) -> None:
+    """Found by a review: the clock ran ten minutes ahead when alice logged
+    in (a host clock wrong at boot), then NTP stepped it back. Her token's
+    iat is now in the future, and PyJWT refused it as not yet valid: every
+    session started before the correction was locked out (401
+    invalid_token, an auth.invalid_token security event per request) until
+    the clock caught up. A signed token whose iat is its open session's
+    start is this server's own and is accepted; other future iats are not."""
+    from handlers.keys import ENGINE, TOKENS
+
+    offset = [600.0]
+
+    def ahead() -> float:
+        return time.time() + offset[0]
+
+    def setup(app: Any) -> None:
+        engine = app[ENGINE]
+        engine.clock = engine.spool.clock = app[TOKENS].clock = ahead
+
+    api = await make_api(setup=setup)
+    alice = await api.user("alice")
+    offset[0] = 0.0  # NTP steps the clock back
+    resp = await api.client.get("/me", headers=alice.headers)
+    assert resp.status == 200, await resp.json()
+    assert (await resp.json())["session_id"] == alice.session_id
+    assert await api.security("auth.invalid_token") == []
+    # A signed token naming her session with another iat in the future is not hers.
+    claims = jwt.decode(alice.token, options={"verify_signature": False})
+    forged = jwt.encode({**claims, "iat": claims["iat"] + 3600}, server.jwt_key(api.config),
+                        algorithm="HS256")
+    resp = await api.client.get("/me", headers={"Authorization": f"Bearer {forged}"})
+    await expect_error(resp, 401, "invalid_token")
