@@ -106,6 +106,10 @@ class AuditEngine:
         )
         self._summarised_at = monotonic()
         self.monotonic = monotonic
+        # (session id, cut_seq) -> monotonic time by which its uncut events
+        # had begun: their age for the time checkpoint, whatever the wall
+        # clock does meanwhile (reap_once).
+        self._uncut_since: dict[tuple[str, int], float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._inflight: set[asyncio.Future[Any]] = set()
         self.task_failure: str | None = None
@@ -401,7 +405,9 @@ class AuditEngine:
             except Exception:  # the reaping goes on; the hook's rows wait
                 log.exception("reaper: %s failed", getattr(hook, "__name__", hook))
         now = self.clock()
+        mono = self.monotonic()
         futs = []
+        uncut_since: dict[tuple[str, int], float] = {}
         for s in self.spool.open_sessions():
             ended = self.ended(s, now)
             sid = s.session_id
@@ -411,11 +417,20 @@ class AuditEngine:
                 end = Draft("session.end", source=src, details={"reason": reason})
                 futs.append(self.spool.submit_nowait(_sealer(sid, reason, end, when),
                                                      needs_space=False))
-            elif (
-                s.uncut_first_ts is not None
-                and now - s.uncut_first_ts >= self.config.audit.checkpoint_seconds
-            ):
-                futs.append(self.spool.submit_nowait(_checkpointer(sid), needs_space=False))
+            elif s.uncut_first_ts is not None:
+                # Aged by the wall clock (it went on while the server was down)
+                # and by the monotonic one since first seen here: a wall
+                # clock stepped back must not hold the events back as long.
+                key = (sid, s.cut_seq)
+                since = self._uncut_since.get(key)
+                if since is None:
+                    since = mono - max(0.0, now - s.uncut_first_ts)
+                uncut_since[key] = since
+                age = max(now - s.uncut_first_ts, mono - since)
+                if age >= self.config.audit.checkpoint_seconds:
+                    futs.append(self.spool.submit_nowait(_checkpointer(sid),
+                                                         needs_space=False))
+        self._uncut_since = uncut_since
         results = await asyncio.gather(*futs, return_exceptions=True)
         done = 0
         for r in results:

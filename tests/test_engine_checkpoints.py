@@ -195,3 +195,25 @@ async def test_a_command_beside_the_server_leaves_its_sessions_uncut(
     parts = await parts_of(engines, server, s.session_id)
     assert [(p["first_seq"], p["last_seq"], p["final"]) for p in parts] == [(1, 34, True)]
     assert (await verify_sink(server.sink, audit_key)).ok
+
+
+async def test_a_clock_stepped_back_does_not_hold_a_time_checkpoint_back(
+    make_config, engines, fake_clock, fake_monotonic
+):
+    """Found by a review: the checkpoint's age was wall time only. With the
+    clock stepped back an hour (NTP) after an open session's first uncut
+    event, its events waited an hour plus checkpoint_seconds for the sink,
+    not at most checkpoint_seconds (API.md). They are aged by the monotonic
+    clock too now."""
+    config = make_config(audit={"checkpoint_seconds": 900}, flush=FAST)
+    engine = await engines.open(config, clock=fake_clock, monotonic=fake_monotonic)
+    s = await engine.start_session("alice", "user", SRC, 3 * 3600)
+    assert await engine.reap_once() == 0  # seen: uncut since now
+    fake_clock.now -= 3600  # NTP steps the wall clock back an hour
+    fake_clock.advance(899)
+    fake_monotonic.advance(899)
+    assert await engine.reap_once() == 0
+    fake_clock.advance(1)
+    fake_monotonic.advance(1)
+    assert await engine.reap_once() == 1
+    assert engine.session(s.session_id) is not None  # a checkpoint, still open
