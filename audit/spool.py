@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from .events import event_hash, genesis
 from .metrics import Stats
-from .store import SCHEMA, Limits, OpenSession, Writer, migrate
+from .store import SCHEMA, Limits, OpenSession, Writer, migrate, note_earlier_stretch
 
 log = logging.getLogger("session_audit.spool")
 
@@ -219,6 +219,7 @@ def prepare(conn: sqlite3.Connection, path: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
         migrate(conn)
         conn.executescript(SCHEMA)
+        note_earlier_stretch(conn)
     finally:
         os.close(fd)  # (closing releases the lock)
 

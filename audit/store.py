@@ -293,6 +293,73 @@ def _migrate_shown_ms(conn: sqlite3.Connection) -> None:
             raise
 
 
+def _taken(raw: str | None) -> list[Any] | None:
+    """meta ``security_taken``: [id, hash] of the newest security event a sink
+    took. A bare hash is the form of one earlier build (without the id): its
+    hash is still where the next sink's stretch begins, its id unknown (0)."""
+    if not raw:
+        return None
+    if raw.startswith("["):
+        return list(json.loads(raw))
+    return [0, raw]
+
+
+def note_earlier_stretch(conn: sqlite3.Connection) -> None:
+    """Note the stretch of the security chain that a release before
+    sink_stretches left in its sink, where the spool can still tell it.
+
+    Such a spool was flushed (meta ``sink_status``) but has no
+    ``security_taken``: without this, the next sink's stretch would begin
+    nowhere (verify on it reports its first event as not continuing a chain)
+    and the old sink would have no stretch (verify with the old configuration
+    holds it to the spool's newest event): both false breaks, for good, after
+    an upgrade with a sink switch. With no security event left unsent
+    (pending, dead), the old sink took the whole chain so far: its end is the
+    spool's security head. With some unsent, where it stopped is not known
+    and nothing is noted. Runs after :data:`SCHEMA` (it needs sink_stretches).
+    """
+    if conn.execute("SELECT 1 FROM meta WHERE key = 'security_taken'").fetchone():
+        return  # (the usual case, without taking the write lock)
+    conn.execute("BEGIN IMMEDIATE")  # read and noted in one (a server may be running)
+    try:
+        noted = _note_earlier_stretch(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if noted:
+        log.info("spool: noted where the security chain stood in the sink an earlier"
+                 " release flushed to (for verify after a sink switch)")
+
+
+def _note_earlier_stretch(conn: sqlite3.Connection) -> bool:
+    meta = dict(conn.execute(
+        "SELECT key, value FROM meta WHERE key IN"
+        " ('sink_status', 'security_taken', 'security_stretch', 'security_head')"))
+    if ("sink_status" not in meta or "security_head" not in meta
+            or "security_taken" in meta or "security_stretch" in meta):
+        return False
+    if conn.execute(
+            "SELECT 1 FROM security_events WHERE state != 'stored' LIMIT 1").fetchone():
+        return False
+    row = conn.execute(
+        "SELECT seq FROM sqlite_sequence WHERE name = 'security_events'").fetchone()
+    newest, head = (int(row[0]) if row else 0), meta["security_head"]
+    try:
+        status = json.loads(meta["sink_status"])
+    except ValueError:
+        status = None
+    rows = [("security_taken", json.dumps([newest, head]))]
+    if isinstance(status, dict) and status.get("type") and status.get("where"):
+        # (A sink_status without "where" does not say which sink of its type.)
+        sink = f"{status['type']} {status['where']}"
+        conn.execute("INSERT OR IGNORE INTO sink_stretches (sink, took_from, took_to)"
+                     " VALUES (?, '', ?)", (sink, head))
+        rows.append(("security_stretch", json.dumps([sink, ""])))
+    conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows)
+    return True
+
+
 def _keys_mark(conn: sqlite3.Connection) -> int:
     """The highest events rowid in event_keys' reach (the tail is above it)."""
     row = conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'keys_mark'").fetchone()
@@ -1107,9 +1174,7 @@ class Writer:
         meta = dict(self.conn.execute(
             "SELECT key, value FROM meta"
             " WHERE key IN ('security_stretch', 'security_taken', 'sink_status')"))
-        # [id, hash] (a bare hash: the form of a build of an hour, without the id).
-        raw_taken = meta.get("security_taken", "")
-        taken = json.loads(raw_taken) if raw_taken.startswith("[") else None
+        taken = _taken(meta.get("security_taken"))
         if taken is not None and newest <= taken[0]:
             return
         row = self.conn.execute(
@@ -1199,5 +1264,6 @@ __all__ = [
     "Writer",
     "canonical_json",
     "migrate",
+    "note_earlier_stretch",
     "part_document",
 ]
