@@ -47,6 +47,16 @@ class SpoolUnavailable(Exception):
     """The spool could not commit (disk full, I/O error); nothing was recorded."""
 
 
+# The spool's layout, in its PRAGMA user_version: a release that changes the
+# layout in a way this code would misread raises it. A spool of a later
+# layout is refused (:class:`SpoolNewer`) rather than half understood.
+LAYOUT = 1
+
+
+class SpoolNewer(SpoolUnavailable):
+    """The spool was written by a later release (its layout is newer)."""
+
+
 class AuditKeyMismatch(Exception):
     """The audit key is not the one the spool's chains were made with: a lost
     ``audit.key`` made anew, or another ``SESSION_AUDIT_AUDIT_KEY``. Chaining
@@ -217,11 +227,25 @@ def prepare(conn: sqlite3.Connection, path: Path) -> None:
     fd = os.open(f"{path}.schema-lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        check_layout(conn, path)
         migrate(conn)
         conn.executescript(SCHEMA)
         note_earlier_stretch(conn)
+        if conn.execute("PRAGMA user_version").fetchone()[0] < LAYOUT:
+            conn.execute(f"PRAGMA user_version = {LAYOUT}")
     finally:
         os.close(fd)  # (closing releases the lock)
+
+
+def check_layout(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a spool a later release has written (:data:`LAYOUT`): after a
+    downgrade, one line instead of a server that starts and then fails every
+    action, or a command that misreads the file."""
+    have = conn.execute("PRAGMA user_version").fetchone()[0]
+    if have > LAYOUT:
+        raise SpoolNewer(
+            f"the spool {path} was written by a later release of session-audit (layout"
+            f" {have}; this release reads layout {LAYOUT}): run that release again")
 
 
 def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.Connection:
@@ -238,6 +262,11 @@ def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+    try:
+        check_layout(conn, Path(path))
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

@@ -8,6 +8,7 @@ SQLite sink (``<data_dir>/audit.db``, table ``parts``, column ``doc``) holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,9 @@ from typing import Any
 import aiohttp
 import pytest
 from waiting import wait_for
+
+from audit.spool import LAYOUT
+from sinks.sqlite import SqliteSink
 
 REPO = Path(__file__).resolve().parent.parent
 JWT_SECRET = "e2e-jwt-secret-0123456789abcdefghijklmnop"
@@ -569,6 +573,30 @@ async def test_a_damaged_spool_is_one_line_for_every_command(tmp_path: Path) -> 
         assert "Traceback" not in r.stderr, (command, r.stderr)
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith(f"session-audit: {command}:") and "not a database" in last, last
+
+
+async def test_a_spool_of_a_later_release_is_refused_by_every_command(tmp_path: Path) -> None:
+    """Found by an upgrade walk-through: a release from before a layout change,
+    started on a spool a later release had converted, served (/healthz 200)
+    and answered every login 500. The spool notes its layout (PRAGMA
+    user_version) and a release that does not know it refuses in one line."""
+    config = write_config(tmp_path, free_port())
+    await add_user(config, "alice")
+    sink = SqliteSink(tmp_path / "data" / "audit.db")  # (verify wants the sink there)
+    await sink.open()
+    await sink.close()
+    spool = tmp_path / "data" / "spool.db"
+    with contextlib.closing(sqlite3.connect(spool)) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == LAYOUT
+        c.execute(f"PRAGMA user_version = {LAYOUT + 1}")  # what a later release would write
+    before = spool.read_bytes()
+    for command in ("status", "users", "verify", "drain", "adduser", "serve"):
+        args = ("adduser", "carol", "--password-stdin") if command == "adduser" else (command,)
+        r = await acli(config, *args, stdin="a-password-1\n")
+        assert r.returncode != 0, (command, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, (command, r.stderr)
+        assert "written by a later release" in r.stderr, (command, r.stderr)
+    assert spool.read_bytes() == before
 
 
 async def test_config_before_the_command_is_used(tmp_path: Path) -> None:
