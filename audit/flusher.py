@@ -1,11 +1,14 @@
 """The flusher: moves sealed parts and security events from the spool to the sink.
 
 Security events go first (batched), then parts, oldest first, one sink write
-each. Every write takes a token from the bucket; a rate-limit answer pauses
-*all* sending for max(hint, jittered backoff); other retryable errors back
-off and retry forever with the same ``_id``; a rejection dead-letters the
-document. Only one part (at most ``part_max_bytes``) or one security batch
-is in memory at a time, whatever the backlog.
+each; while parts wait, a stored security batch lets one part go next, so that
+a steady trickle of security events (one caller's denied requests, a few a
+second) cannot take every token and hold every session back. Every write
+takes a token from the bucket; a rate-limit answer pauses *all* sending for
+max(hint, jittered backoff); other retryable errors back off and retry
+forever with the same ``_id``; a rejection dead-letters the document. Only
+one part (at most ``part_max_bytes``) or one security batch is in memory at
+a time, whatever the backlog.
 """
 
 from __future__ import annotations
@@ -86,6 +89,11 @@ class Flusher:
         self.healthy = True
         self.last_error: str | None = None
         self._single_security = 0  # after a rejected batch: send one by one
+        # A security batch was stored: a pending part takes the next token, so
+        # that security events arriving faster than the bucket refills (a few a
+        # second from one logged-in caller's denied requests) cannot starve
+        # every part. Security events still wait at most one part write.
+        self._part_turn = False
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._stopping = False
@@ -198,12 +206,8 @@ class Flusher:
         security = await self.spool.read(
             lambda c: queries.pending_security(c, 1 if self._single_security else SECURITY_BATCH)
         )
-        if security:
-            wait = self.bucket.delay()
-            if wait > 0:
-                return wait
-            self.bucket.try_take()
-            return await self._write_security(security)
+        if security and not self._part_turn:
+            return await self._send_security(security)
         raw = self.sink.raw_events
         now = self.clock()
         skip = {k for k, (until, _) in self._deferred.items() if until > now}
@@ -219,6 +223,9 @@ class Flusher:
             # A full batch: more waits, purged at the next step, at once.
             self._leftovers = await self._purge()
         if part is None:
+            self._part_turn = False
+            if security:
+                return await self._send_security(security)
             if self._leftovers:
                 return 0.0  # more purging first, at once
             if skip:  # only parts put aside may be pending: the first is due then
@@ -232,7 +239,15 @@ class Flusher:
         if wait > 0:
             return wait
         self.bucket.try_take()
+        self._part_turn = False
         return await self._write_part(part)
+
+    async def _send_security(self, batch: list[tuple[int, dict[str, Any]]]) -> float:
+        wait = self.bucket.delay()
+        if wait > 0:
+            return wait
+        self.bucket.try_take()
+        return await self._write_security(batch)
 
     async def _write_security(self, batch: list[tuple[int, dict[str, Any]]]) -> float:
         ids = [rid for rid, _ in batch]
@@ -264,6 +279,7 @@ class Flusher:
                                 needs_space=False)
         self._single_security = max(0, self._single_security - len(batch))
         self.stats.security_written += len(batch)
+        self._part_turn = True
         self._ok()
         return 0.0
 

@@ -194,6 +194,32 @@ async def test_pause_is_the_backoff_when_it_is_later_than_the_hint(
     assert engine.stats.rate_limited == 1 and engine.stats.writes_failed == 2
 
 
+async def test_a_trickle_of_security_events_does_not_starve_parts(
+    make_config, engines, fake_monotonic
+):
+    """Review (a hostile logged-in user): security events went first whenever
+    one was pending, one batch per token, so a caller whose denied requests
+    (``access.denied``, ``auth.session_mismatch``: never summarised) came a
+    little faster than ``max_writes_per_second`` kept every session part out
+    of the sink for as long as it went on (measured against a live server:
+    6 requests/s held another user's logged-out session back for the whole
+    30 s run). A stored security batch now lets one waiting part go next."""
+    config = make_config(flush={"max_writes_per_second": 5.0, "burst": 1})
+    sink = CountingSink()
+    engine = await engines.open(config, sink, monotonic=fake_monotonic)
+    src = Source(user="alice", role="user")
+    s = await engine.start_session("alice", "user", src, 3600)
+    await engine.end_session(s.session_id, src)  # one pending part
+    mallory = await engine.start_session("mallory", "user", src, 3600)
+    for _ in range(3):  # one new security event per token: always one pending
+        await engine.record_security(
+            Draft("auth.session_mismatch", outcome="denied"), mallory.session_id)
+        assert await engine.flusher.step() == 0.0
+        fake_monotonic.advance(0.2)
+    assert sink.calls == ["security", "part", "security"]
+    assert await engine.flusher.step() is None  # nothing left: the part is stored
+
+
 # -- the flood guard on security events --------------------------------------
 
 
