@@ -278,6 +278,11 @@ APP_TABLES = ("users", "documents")
 # dbstat reads every page of those tables: 50 ms for 200 MB of documents,
 # 0.2-0.75 s for 1 GB.
 APP_BYTES_INTERVAL = 30.0
+# ... and at most this often while the spool looks full: documents created
+# since the last measure count as audit data, so one user creating large
+# documents (150 MiB in 8 s, measured) would otherwise get every other user
+# 503 audit_unavailable until the next measure, up to 30 s later, each time.
+APP_BYTES_FULL_INTERVAL = 5.0
 _no_dbstat_logged = False
 
 
@@ -377,7 +382,8 @@ class Spool:
     def spool_bytes(self) -> int:
         """The audit data in the spool: its pages in use but the app tables'.
         Documents created since the app tables were last measured count here
-        until the next measure (at most :data:`APP_BYTES_INTERVAL` later)."""
+        until the next measure (at most :data:`APP_BYTES_INTERVAL` later, or
+        :data:`APP_BYTES_FULL_INTERVAL` when they make the spool look full)."""
         return max(0, self.used_bytes - self.app_bytes)
 
     @property
@@ -552,11 +558,13 @@ class Spool:
 
     async def measure_app_bytes(self, *, force: bool = False) -> bool:
         """Measure the app tables again if a document changed since the last
-        time, at most every :data:`APP_BYTES_INTERVAL`, on a worker thread with
+        time, at most every :data:`APP_BYTES_INTERVAL` (every
+        :data:`APP_BYTES_FULL_INTERVAL` while the spool is full), on a worker thread with
         a connection of its own (not the reader's: logins wait on that one).
         Returns whether it measured."""
         now = time.monotonic()
-        if not force and (not self.app_changed or now - self._app_measured < APP_BYTES_INTERVAL):
+        interval = APP_BYTES_FULL_INTERVAL if self.full else APP_BYTES_INTERVAL
+        if not force and (not self.app_changed or now - self._app_measured < interval):
             return False
         if self._state != "open" or self._mexec is None:
             return False

@@ -395,3 +395,32 @@ async def test_documents_do_not_count_toward_spool_max_bytes(
         assert resp.status in (202, 503)
     resp = await api.client.get(f"/documents/{docs[1]['id']}", headers=alice.headers)
     await expect_error(resp, 503, "audit_unavailable")
+
+
+async def test_new_documents_do_not_keep_the_spool_full_for_everyone(
+    make_api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review (a hostile logged-in user): documents created since the app
+    tables were last measured count as audit data, and they were measured at
+    most every 30 s. One user creating large documents (150 MiB in 8 s
+    against a 150 MB spool_max_bytes, measured) made every other user's
+    audited actions 503 audit_unavailable for up to 30 s, again and again.
+    While the spool looks full, they are measured again within seconds."""
+    monkeypatch.setattr(spool_module, "APP_BYTES_INTERVAL", 3600.0)
+    monkeypatch.setattr(spool_module, "APP_BYTES_FULL_INTERVAL", 0.0, raising=False)
+    api = await make_api(audit={"spool_max_bytes": 300_000, "on_spool_full": "reject"})
+    spool = api.engine.spool
+    mallory = await api.user("mallory")
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="mine", content="hello")
+    for i in range(10):  # until the uncounted documents make the spool look full
+        resp = await api.client.post("/documents", headers=mallory.headers,
+                                     json={"title": f"d{i}", "content": "x" * 100_000})
+        await resp.read()
+        if resp.status == 503:
+            break
+    assert resp.status == 503
+    await wait_for(lambda: spool.accepting, timeout=5,
+                   message="the documents to be measured and the spool to accept")
+    resp = await api.client.get(f"/documents/{doc['id']}", headers=alice.headers)
+    assert resp.status == 200
