@@ -13,7 +13,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -23,6 +23,7 @@ from . import queries
 from .config import Config, open_window, sink_identity, sink_where
 from .events import Draft, Source, format_ts
 from .flusher import Flusher
+from .logthrottle import LogThrottle, more
 from .metrics import Stats
 from .ratelimit import FloodGuard
 from .spool import Spool, SpoolClosed, SpoolFull, SpoolUnavailable
@@ -40,6 +41,12 @@ from .store import (
 log = logging.getLogger("session_audit.engine")
 
 REAPER_INTERVAL = 1.0
+# A background task (flusher, reaper) that crashed is started again after
+# this pause, doubling with each crash up to TASK_RESTART_MAX_SECONDS: a
+# crash (a bug, an unforeseen error) must not stop flushing or reaping for
+# the rest of the process, while /healthz, which supervisors watch, says 200.
+TASK_RESTART_SECONDS = 1.0
+TASK_RESTART_MAX_SECONDS = 60.0
 # How often the flood guard's counts become summary security events.
 SUMMARY_INTERVAL = 10.0
 # Security events of callers without a valid session: the ones a flood from
@@ -112,7 +119,13 @@ class AuditEngine:
         self._uncut_since: dict[tuple[str, int], float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._inflight: set[asyncio.Future[Any]] = set()
-        self.task_failure: str | None = None
+        # Background tasks that crashed and wait for their restart: name -> what.
+        self._failed: dict[str, str] = {}
+        self.task_crashes: dict[str, int] = {}  # name -> crashes since start
+        self._factories: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
+        self._restarts: dict[str, asyncio.TimerHandle] = {}
+        self._closing = False
+        self._reaper_log = LogThrottle()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -121,11 +134,19 @@ class AuditEngine:
         await self.spool.open()
         self.spool.on_commit = self.flusher.wake
         if background:
-            self._start("flusher", self.flusher.run())
-            self._start("reaper", self._reaper())
+            self._start("flusher", self.flusher.run)
+            self._start("reaper", self._reaper)
 
-    def _start(self, name: str, coro: Any) -> None:
-        task = asyncio.create_task(coro, name=f"audit-{name}")
+    @property
+    def task_failure(self) -> str | None:
+        """The background tasks crashed and not yet started again, or None."""
+        if not self._failed:
+            return None
+        return "; ".join(f"audit-{name}: {what}" for name, what in sorted(self._failed.items()))
+
+    def _start(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._factories[name] = factory
+        task = asyncio.create_task(factory(), name=f"audit-{name}")
         self._tasks[name] = task
         task.add_done_callback(self._task_done)
 
@@ -133,15 +154,37 @@ class AuditEngine:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:
-            self.task_failure = f"{task.get_name()}: {type(exc).__name__}"
+        if exc is None:
+            return
+        name = task.get_name().removeprefix("audit-")
+        crashes = self.task_crashes[name] = self.task_crashes.get(name, 0) + 1
+        self._failed[name] = type(exc).__name__
+        if self._closing or self._tasks.get(name) is not task:
             log.error("background task %s crashed", task.get_name(), exc_info=exc)
+            return
+        delay = min(TASK_RESTART_MAX_SECONDS,
+                    TASK_RESTART_SECONDS * 2 ** min(crashes - 1, 16))
+        log.error("background task %s crashed (%d times since start); started again in"
+                  " %.0f s", task.get_name(), crashes, delay, exc_info=exc)
+        self._restarts[name] = asyncio.get_running_loop().call_later(
+            delay, self._restart, name)
+
+    def _restart(self, name: str) -> None:
+        self._restarts.pop(name, None)
+        if self._closing:
+            return
+        self._failed.pop(name, None)
+        self._start(name, self._factories[name])
 
     async def close(self, flush_window: float = 2.0) -> None:
         """Stop the reaper, let the flusher work up to ``flush_window`` s, close.
 
         Open sessions stay open in the spool for the next start.
         """
+        self._closing = True
+        for handle in self._restarts.values():
+            handle.cancel()
+        self._restarts.clear()
         flusher = self._tasks.pop("flusher", None)
         try:
             reaper = self._tasks.pop("reaper", None)
@@ -453,7 +496,11 @@ class AuditEngine:
                     self._summarised_at = self.monotonic()
                     await self.record_summaries()
             except (sqlite3.Error, OSError, SpoolFull, SpoolUnavailable) as exc:
-                log.error("reaper: %s", exc)  # keep reaping; the spool reports itself
+                # Keep reaping. A spool that is full or cannot commit reports
+                # itself (readyz, its own log line): said once a minute here.
+                left_out = self._reaper_log.allow(type(exc).__name__)
+                if left_out is not None:
+                    log.error("reaper: %s%s", exc, more(left_out))
 
     # -- admin -------------------------------------------------------------
 
@@ -511,6 +558,10 @@ class AuditEngine:
                 ),
             },
             "sink": self.sink_status(),
+            # A crashed flusher or reaper, until it is started again (ready is
+            # false meanwhile), and how often each crashed since start.
+            "task_failure": self.task_failure,
+            "task_crashes": dict(self.task_crashes),
         }
 
 

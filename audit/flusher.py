@@ -27,6 +27,7 @@ from sinks.base import Sink, SinkError, SinkRateLimited, SinkRejected, SinkUnava
 
 from . import queries
 from .config import FlushConfig
+from .logthrottle import LogThrottle, more
 from .metrics import Stats
 from .ratelimit import Backoff, TokenBucket
 from .spool import Spool, SpoolUnavailable
@@ -105,6 +106,10 @@ class Flusher:
         self._failing: tuple[str, int] = ("", 0)  # (_id, consecutive retryable failures)
         # (session_id, part) -> (clock before which it waits, times deferred)
         self._deferred: dict[tuple[str, int], tuple[float, int]] = {}
+        # While a cause lasts (a rate-limited, down or refusing sink), one
+        # line a minute for it, not one a write.
+        self._log = LogThrottle(clock=clock)
+        self._failed_in_a_row = 0
 
     # -- control -------------------------------------------------------------
 
@@ -266,7 +271,10 @@ class Flusher:
                 self._single_security = len(batch)
                 return 0.0
             self._dead_lettered(exc)
-            log.error("security event %s dead-lettered: %s", batch[0][1]["_id"], exc)
+            left_out = self._log.allow("dead")
+            if left_out is not None:
+                log.error("security event %s dead-lettered: %s%s", batch[0][1]["_id"], exc,
+                          more(left_out))
             msg = str(exc)
             await self.spool.submit(lambda w: w.mark_security_dead(ids, msg), needs_space=False)
             self._single_security = max(0, self._single_security - 1)
@@ -295,7 +303,9 @@ class Flusher:
                 raise rejected from exc
         except SinkRejected as exc:
             self._dead_lettered(exc)
-            log.error("part %s dead-lettered: %s", doc["_id"], exc)
+            left_out = self._log.allow("dead")
+            if left_out is not None:
+                log.error("part %s dead-lettered: %s%s", doc["_id"], exc, more(left_out))
             msg = str(exc)
             await self.spool.submit(
                 lambda w: w.mark_part_failed(sid, part, msg, dead=True), needs_space=False
@@ -373,6 +383,12 @@ class Flusher:
                             f" {type(exc).__name__}: {exc}"[:300])
 
     def _ok(self) -> None:
+        if not self.healthy and self._failed_in_a_row:
+            log.warning("sink %s: writes succeed again, after %d failed attempts",
+                        self.sink.type, self._failed_in_a_row)
+        self._failed_in_a_row = 0
+        if not self.healthy:
+            self._log.reset()
         self._unexpected = ("", 0)
         self.stats.writes_ok += 1
         self.backoff.succeeded()
@@ -387,6 +403,7 @@ class Flusher:
         nothing)."""
         self.stats.writes_failed += 1
         self.stats.dead_lettered += 1
+        self._failed_in_a_row += 1
         self.healthy = False
         self._note_error(exc)
 
@@ -398,11 +415,15 @@ class Flusher:
             hint = exc.retry_after
         else:
             self.stats.writes_failed += 1
+            self._failed_in_a_row += 1
             if not isinstance(exc, (SinkUnavailable, SinkError)):
                 # A sink bug must not lose anything either: log it and retry.
                 log.error("unexpected sink error", exc_info=exc)
         self.healthy = isinstance(exc, SinkRateLimited)
         self._note_error(exc)
         pause = self.backoff.failed(hint)
-        log.warning("sink %s: %s; pausing %.2fs", self.sink.type, self.last_error, pause)
+        left_out = self._log.allow(type(exc).__name__)
+        if left_out is not None:
+            log.warning("sink %s: %s; pausing %.2fs%s", self.sink.type, self.last_error, pause,
+                        more(left_out))
         return pause

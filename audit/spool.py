@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .events import event_hash, genesis
+from .logthrottle import LogThrottle, more
 from .metrics import Stats
 from .store import SCHEMA, Limits, OpenSession, Writer, migrate, note_earlier_stretch
 
@@ -366,6 +367,11 @@ class Spool:
         self._task: asyncio.Task[None] | None = None
         self._state = "new"  # new | open | closing | closed
         self.failure: BaseException | None = None
+        # The last commit's error while commits fail (a full or read-only
+        # disk, an I/O error): not accepting until one succeeds again.
+        self.commit_error: str | None = None
+        self._commit_failures = 0  # in a row
+        self._log = LogThrottle()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -375,8 +381,9 @@ class Spool:
 
     @property
     def accepting(self) -> bool:
-        """Open, healthy, and not full under ``reject``."""
-        return self.is_open and self.failure is None and not self.full
+        """Open, healthy, committing, and not full under ``reject``."""
+        return (self.is_open and self.failure is None and self.commit_error is None
+                and not self.full)
 
     @property
     def spool_bytes(self) -> int:
@@ -524,9 +531,19 @@ class Spool:
                     if not fut.done():
                         fut.set_exception(err)
                 if isinstance(exc, sqlite3.Error):  # disk full, I/O error: may pass
-                    log.error("spool commit failed: %s", exc)
+                    self.commit_error = str(exc)[:200]
+                    self._commit_failures += 1
+                    left_out = self._log.allow("commit")
+                    if left_out is not None:
+                        log.error("spool commit failed: %s; audited actions get 503 until a"
+                                  " commit succeeds%s", exc, more(left_out))
                     continue
                 raise  # a bug: the done-callback marks the spool failed
+            if self.commit_error is not None:
+                log.warning("spool commits succeed again, after %d failed: %s",
+                            self._commit_failures, self.commit_error)
+                self.commit_error, self._commit_failures = None, 0
+                self._log.reset("commit")
             self.stats.observe_commit(len(batch), time.perf_counter() - started)
             self.stats.events_recorded += appended
             self.stats.security_events_recorded += new_sec

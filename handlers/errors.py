@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from audit.events import Draft, new_id
+from audit.logthrottle import LogThrottle, more
 from audit.middleware import AuthError
 from audit.spool import SpoolClosed, SpoolFull, SpoolUnavailable
 from audit.store import SessionNotOpen
@@ -94,9 +95,16 @@ _HTTP_CODES = {
 }
 
 
+_UNAVAILABLE_LOG = LogThrottle()
+
+
 def _audit_unavailable(request: web.Request, exc: Exception) -> web.Response:
     """503: the spool cannot take the record, so the action was not done."""
-    log.warning("audit unavailable rid=%s: %s", request[REQUEST_ID], exc)
+    # One line a minute per cause: while the spool is full or cannot commit,
+    # every audited request comes here (each has its 503 in the access log).
+    left_out = _UNAVAILABLE_LOG.allow(str(exc))
+    if left_out is not None:
+        log.warning("audit unavailable rid=%s: %s%s", request[REQUEST_ID], exc, more(left_out))
     return error_response(request, 503, "audit_unavailable",
                           "the audit trail cannot record this action now; nothing was done",
                           {"Retry-After": "5"})

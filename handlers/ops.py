@@ -44,6 +44,8 @@ async def readyz(request: web.Request) -> web.Response:
     if engine.ready:
         return json_response({"status": "ready"})
     reason = "spool full" if engine.spool.full else "spool unavailable"
+    if engine.spool.commit_error is not None:
+        reason = f"spool cannot commit: {engine.spool.commit_error}"
     if engine.task_failure:
         reason = f"background task failed: {engine.task_failure}"
     return json_response({"status": "not_ready", "reason": reason}, status=503)
@@ -138,6 +140,12 @@ class EngineCollector(Collector):
             value=e.flood.suppressed if e.flood else 0)
         yield CounterMetricFamily("session_audit_spool_commit_failures", "Failed spool commits",
                                   value=st.commit_failures)
+        crashes = CounterMetricFamily(
+            "session_audit_background_task_crashes",
+            "Crashes of a background task (started again after a pause)", labels=["task"])
+        for task in ("flusher", "reaper"):
+            crashes.add_metric([task], e.task_crashes.get(task, 0))
+        yield crashes
         for name, doc, key in (
             ("session_audit_active_sessions", "Open sessions", "active_sessions"),
             ("session_audit_pending_parts", "Parts waiting for the sink", "pending_parts"),
@@ -150,6 +158,8 @@ class EngineCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=self.counts.get(key, 0))
         yield GaugeMetricFamily("session_audit_spool_bytes", "Bytes used in the spool",
                                 value=e.spool.spool_bytes)
+        yield GaugeMetricFamily("session_audit_spool_max_bytes", "audit.spool_max_bytes",
+                                value=e.spool.max_bytes)
         yield GaugeMetricFamily("session_audit_sink_healthy", "1 when the sink accepts writes",
                                 value=1 if e.flusher.healthy and e.flusher.sink_open else 0)
         yield GaugeMetricFamily("session_audit_backoff_seconds", "Remaining sink pause",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from api_fixtures import Api, Login, MakeApi, api, expect_error, make_api, wait_for
 
@@ -178,6 +180,12 @@ async def test_metrics(api: Api) -> None:
         "session_audit_group_commit_batch_size_count",
         "session_audit_group_commit_seconds_bucket",
         "session_audit_group_commit_seconds_sum",
+        # From the on-call review: a ratio to alert on before the spool is
+        # full, and a crash of the flusher or reaper.
+        "session_audit_spool_max_bytes",
+        'session_audit_background_task_crashes_total{task="flusher"}',
+        'session_audit_background_task_crashes_total{task="reaper"}',
+        "session_audit_spool_commit_failures_total",
     ):
         assert f"\n{name}" in text, name
     assert 'route="document_list",status="200"' in text
@@ -259,3 +267,39 @@ async def test_metrics_scrapes_share_one_spool_count(
     for _ in range(3):
         assert (await api.client.get("/metrics")).status == 200
     assert len(calls) == 4
+
+
+async def test_a_spool_that_cannot_commit_is_not_ready_until_it_can(
+    make_api: MakeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From an on-call review: with the spool's disk full (or read-only) every
+    audited request got 503 audit_unavailable, yet /readyz said 200 and
+    session_audit_ready 1, and each failed commit logged its own error line.
+    Now: not ready, in words, while commits fail; one line, not one a commit;
+    ready again by itself after the first commit that succeeds."""
+    api = await make_api()
+    alice = await api.user("alice")
+    spool = api.engine.spool
+    pages = await spool.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await spool.submit(  # a disk with 2 pages left
+        lambda w: w.conn.execute(f"PRAGMA max_page_count = {pages + 2}"), needs_space=False)
+    with caplog.at_level(logging.WARNING, logger="session_audit.spool"):
+        for _ in range(5):
+            resp = await api.client.post("/documents", headers=alice.headers,
+                                         json={"title": "t", "content": "x" * 100_000})
+            await expect_error(resp, 503, "audit_unavailable")
+        resp = await api.client.get("/readyz")
+        assert resp.status == 503
+        assert "cannot commit" in (await resp.json())["reason"]
+        metrics = await (await api.client.get("/metrics")).text()
+        assert "session_audit_ready 0.0" in metrics
+        failed = [r for r in caplog.records if "spool commit failed" in r.getMessage()]
+        assert len(failed) == 1, [r.getMessage() for r in failed]
+
+        await spool.submit(lambda w: w.conn.execute("PRAGMA max_page_count = 1073741823"),
+                           needs_space=False)  # space again: this commit succeeds
+        assert (await api.client.get("/readyz")).status == 200
+        assert any("succeed again" in r.getMessage() for r in caplog.records)
+    resp = await api.client.post("/documents", headers=alice.headers,
+                                 json={"title": "t", "content": "x" * 100_000})
+    assert resp.status == 201
