@@ -102,7 +102,7 @@ def _audit_unavailable(request: web.Request, exc: Exception) -> web.Response:
     """503: the spool cannot take the record, so the action was not done."""
     # One line a minute per cause: while the spool is full or cannot commit,
     # every audited request comes here (each has its 503 in the access log).
-    left_out = _UNAVAILABLE_LOG.allow(str(exc))
+    left_out = _UNAVAILABLE_LOG.allow(type(exc).__name__)  # (a bounded set of keys)
     if left_out is not None:
         log.warning("audit unavailable rid=%s: %s%s", request[REQUEST_ID], exc, more(left_out))
     return error_response(request, 503, "audit_unavailable",
