@@ -110,6 +110,12 @@ class Flusher:
         # line a minute for it, not one a write.
         self._log = LogThrottle(clock=clock)
         self._failed_in_a_row = 0
+        # Documents that failed (retryable) since the last write that went
+        # through, and the parts put aside meanwhile. More than one document
+        # failing is the sink's outage, not one part it cannot take: once a
+        # write goes through again, the parts put aside during it are due.
+        self._streak: set[str] = set()  # (two are enough to tell)
+        self._streak_deferred: set[tuple[str, int]] = set()
 
     # -- control -------------------------------------------------------------
 
@@ -280,6 +286,8 @@ class Flusher:
             self._single_security = max(0, self._single_security - 1)
             return 0.0
         except Exception as exc:
+            if isinstance(exc, SinkError) and not isinstance(exc, SinkRateLimited):
+                self._note_streak(str(batch[0][1]["_id"]))
             return self._retryable(exc)
         keep = self.keep
         sink = self.remember[0] if self.remember is not None else None
@@ -336,6 +344,7 @@ class Flusher:
         await self.spool.submit(
             lambda w: w.mark_part_failed(sid, part, error, dead=False), needs_space=False)
         key = (sid, part)
+        self._note_streak(doc_id)
         last, count = self._failing
         count = count + 1 if last == doc_id else 1
         self._failing = (doc_id, count)
@@ -347,6 +356,8 @@ class Flusher:
         # (The exponent is bounded: a part failing for weeks must not overflow it.)
         wait = min(DEFER_MAX_SECONDS, self._defer_base * 2 ** min(DEFER_AFTER + times, 40))
         self._deferred[key] = (self.clock() + wait, times + 1)
+        if len(self._streak_deferred) < DEFERRED_MAX:
+            self._streak_deferred.add(key)
         while len(self._deferred) > DEFERRED_MAX:
             del self._deferred[next(iter(self._deferred))]
         log.warning("part %s keeps failing; later parts go first, it is tried again in"
@@ -382,10 +393,21 @@ class Flusher:
         return SinkRejected(f"unexpected sink error {UNEXPECTED_LIMIT} times in a row:"
                             f" {type(exc).__name__}: {exc}"[:300])
 
+    def _note_streak(self, doc_id: str) -> None:
+        if len(self._streak) < 2:
+            self._streak.add(doc_id)
+
     def _ok(self) -> None:
         if not self.healthy and self._failed_in_a_row:
             log.warning("sink %s: writes succeed again, after %d failed attempts",
                         self.sink.type, self._failed_in_a_row)
+        if len(self._streak) > 1:  # an outage, not one part: what it put aside is due
+            back = [k for k in self._streak_deferred if self._deferred.pop(k, None)]
+            if back:
+                log.info("sink %s: %d parts put aside while it failed are due again",
+                         self.sink.type, len(back))
+        self._streak.clear()
+        self._streak_deferred.clear()
         self._failed_in_a_row = 0
         if not self.healthy:
             self._log.reset()

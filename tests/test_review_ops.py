@@ -116,3 +116,31 @@ async def test_a_crashed_background_task_is_started_again(
     await wait_until(reaped, timeout=5, message="the reaper started again, sealing")
     assert engine.task_failure is None
     assert (await engine.status())["task_failure"] is None
+
+
+async def test_parts_put_aside_during_an_outage_are_due_once_the_sink_is_back(
+    make_config, engines, fake_monotonic
+):
+    """Found by the on-call review: every failure during an outage counted
+    toward the failing part's own pause (put aside after DEFER_AFTER, for
+    up to 15 minutes), and nothing ended those pauses when the sink came
+    back: the oldest parts waited on, the oldest-pending alert kept firing.
+    Several documents failing is the sink's outage: once a write goes
+    through, the parts put aside during it go at once. (One part the sink
+    cannot take, while others go through, still waits: test_review_flusher.)"""
+    from audit.flusher import DEFER_AFTER
+
+    config = make_config(flush={"max_writes_per_second": 1000.0, "burst": 1000,
+                                "backoff_base_seconds": 1.0, "backoff_max_seconds": 1.0})
+    sink = Scripted(config.sqlite_sink_path)
+    engine = await engines.open(config, sink, monotonic=fake_monotonic)
+    await _parts(engine, 3)
+    sink.fail, sink.left = SinkUnavailable("connection refused"), 10**6  # the outage
+    for _ in range(2 * DEFER_AFTER):  # the first part put aside, then the second
+        fake_monotonic.advance(await engine.flusher.step() or 0)
+    assert len(engine.flusher._deferred) == 2
+    sink.left = 0  # the sink is back
+    for _ in range(3):
+        fake_monotonic.advance(min(1.0, await engine.flusher.step() or 0))
+    assert (await engine.status())["pending_parts"] == 0
+    assert engine.flusher._deferred == {}
