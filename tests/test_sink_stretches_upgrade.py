@@ -15,30 +15,14 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from typing import Any
 
 import pytest
+from test_sink_stretches import FLUSH, _failed_logins, _verify
 
-from audit.config import Config, sink_identity
+from audit.config import Config
 from audit.events import Draft, Source
-from audit.verify import Report, spool_anchor, verify_sink
 from sinks.jsonl import JsonlSink
 from sinks.sqlite import SqliteSink
-
-FLUSH = {"max_writes_per_second": 1000.0, "burst": 100}
-
-
-async def _failed_logins(engines: Any, engine: Any, names: list[str]) -> None:
-    for name in names:
-        await engine.record_security(
-            Draft("auth.login_failed", outcome="denied", source=Source(ip="10.0.0.1"),
-                  details={"username": name}), happened=True)
-    await engines.drain(engine)
-
-
-async def _verify(engine: Any, config: Config, key: bytes) -> Report:
-    anchor = await engine.spool.read(lambda c: spool_anchor(c, key, sink_identity(config)))
-    return await verify_sink(engine.sink, key, anchor)
 
 
 def _as_earlier_release(config: Config, form: str) -> None:
