@@ -520,6 +520,7 @@ class AuditEngine:
             "where": self.sink_where(),
             "healthy": f.healthy and f.sink_open,
             "last_error": f.last_error,
+            "last_error_at": format_ts(f.last_error_at) if f.last_error_at else None,
             "writes_ok": self.stats.writes_ok,
             "writes_failed": self.stats.writes_failed,
             "rate_limited": self.stats.rate_limited,

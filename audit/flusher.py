@@ -89,6 +89,7 @@ class Flusher:
         self.sink_open = False
         self.healthy = True
         self.last_error: str | None = None
+        self.last_error_at: float | None = None  # wall time it was noted
         self._single_security = 0  # after a rejected batch: send one by one
         # A security batch was stored: a pending part takes the next token, so
         # that security events arriving faster than the bucket refills (a few a
@@ -418,6 +419,7 @@ class Flusher:
 
     def _note_error(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        self.last_error_at = time.time()  # (shown beside healthy: true once it passed)
 
     def _dead_lettered(self, exc: BaseException) -> None:
         """A write refused for good: not a healthy sink until one is taken (a

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
-from audit.events import Source
+from audit.events import Source, parse_ts
 from sinks.base import SinkRateLimited, SinkUnavailable
 from sinks.sqlite import SqliteSink
 
@@ -60,6 +61,7 @@ async def test_a_sink_back_after_an_outage_says_so_once(make_config, engines, ca
     config = make_config(flush={"backoff_base_seconds": 0.0001, "backoff_max_seconds": 0.0001})
     sink = Scripted(config.sqlite_sink_path)
     engine = await engines.open(config, sink)
+    assert (await engine.status())["sink"]["last_error_at"] is None
     await _parts(engine, 1)
     sink.fail, sink.left = SinkUnavailable("connection refused"), 10
     with caplog.at_level(logging.WARNING, logger="session_audit.flusher"):
@@ -73,6 +75,11 @@ async def test_a_sink_back_after_an_outage_says_so_once(make_config, engines, ca
     assert len(_lines(caplog, "connection refused")) == 1
     assert _lines(caplog, "writes succeed again") == [
         "sink sqlite: writes succeed again, after 10 failed attempts"]
+    # The last error stays in the status beside healthy: true, with its time
+    # (the soak run saw it taken for a current one).
+    sink_status = (await engine.status())["sink"]
+    assert sink_status["healthy"] and "connection refused" in sink_status["last_error"]
+    assert abs(parse_ts(sink_status["last_error_at"]) - time.time()) < 60
 
 
 async def test_a_crashed_background_task_is_started_again(
