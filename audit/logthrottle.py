@@ -30,15 +30,12 @@ class LogThrottle:
         self._last[key] = now
         return self._left_out.pop(key, 0)
 
-    def reset(self, key: str | None = None) -> int:
-        """Forget ``key`` (every key if None), so that its next line goes out at
-        once; returns how many were left out and not yet told."""
-        keys = list(self._last) if key is None else [key]
-        left = 0
-        for k in keys:
+    def reset(self, key: str | None = None) -> None:
+        """Forget ``key`` (every key if None): its next line goes out at once
+        (the cause ended; its own "succeed again" line says so)."""
+        for k in list(self._last) if key is None else [key]:
             self._last.pop(k, None)
-            left += self._left_out.pop(k, 0)
-        return left
+            self._left_out.pop(k, None)
 
 
 def more(n: int) -> str:
