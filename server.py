@@ -81,7 +81,7 @@ from handlers.auth import (
 )
 from handlers.errors import error_middleware
 from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
-from handlers.ops import COUNTS, REQUESTS, SharedCounts, new_registry
+from handlers.ops import COUNTS, DURATIONS, REQUESTS, SharedCounts, new_registry
 from handlers.requests import CLIENT_MAX_SIZE
 from sinks import QueryNotSupported, Sink, SinkError, create_sink
 
@@ -346,10 +346,12 @@ def _metrics_middleware(app: web.Application) -> Middleware:
     async def middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        started = time.perf_counter()
         resp = await handler(request)
         route = request.match_info.route
         name = (route.name if route is not None else None) or "unmatched"
         app[REQUESTS].labels(request.method, name, str(resp.status)).inc()
+        app[DURATIONS].labels(name).observe(time.perf_counter() - started)
         return resp
 
     return middleware
@@ -383,7 +385,7 @@ def create_app(
     engine.before_reap.append(app[ACCOUNTS].end_revoked_sessions)
     app[THROTTLE] = LoginThrottle(config.auth.login_max_failures,
                                   config.auth.login_window_seconds)
-    app[REGISTRY], app[REQUESTS] = new_registry()
+    app[REGISTRY], app[REQUESTS], app[DURATIONS] = new_registry()
     app[PUBLIC] = routes.PUBLIC_ROUTES
     app[TRUSTED_PROXIES] = proxies = config.server.proxy_networks()
     if any(net.prefixlen == 0 for net in proxies):

@@ -16,6 +16,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client import Histogram as PromHistogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -32,6 +33,12 @@ from .errors import json_response, not_found
 from .keys import ENGINE, REGISTRY
 
 REQUESTS = web.AppKey("requests_total", Counter)
+DURATIONS = web.AppKey("request_seconds", PromHistogram)
+# Seconds from the request's headers read to its response made (not sent), by
+# route: an audited request waits for its group commit (an fsync), a chat for
+# the AI provider.
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
 
 
@@ -172,11 +179,15 @@ class EngineCollector(Collector):
                          st.commit_seconds)
 
 
-def new_registry() -> tuple[CollectorRegistry, Counter]:
+def new_registry() -> tuple[CollectorRegistry, Counter, PromHistogram]:
     # No *_created series beside each counter: they double the series and
     # carry nothing an operator uses (process-wide in prometheus_client).
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry(auto_describe=False)
     requests = Counter("session_audit_http_requests", "HTTP requests by route and status",
                        ["method", "route", "status"], registry=registry)
-    return registry, requests
+    durations = PromHistogram(
+        "session_audit_http_request_duration_seconds",
+        "Time to answer an HTTP request, by route (an audited one includes its group commit)",
+        ["route"], buckets=REQUEST_BUCKETS, registry=registry)
+    return registry, requests, durations

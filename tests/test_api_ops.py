@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from api_fixtures import Api, Login, MakeApi, api, expect_error, make_api, wait_for
@@ -189,6 +190,13 @@ async def test_metrics(api: Api) -> None:
     ):
         assert f"\n{name}" in text, name
     assert 'route="document_list",status="200"' in text
+    # Latency by route (from the on-call review: there was none): one list, one logout.
+    for route in ("document_list", "logout"):
+        buckets = {m[1]: float(m[2]) for m in re.finditer(
+            rf'^session_audit_http_request_duration_seconds_bucket\{{le="([^"]+)",route="{route}"\}}'
+            r" (\S+)$", text, re.M)}
+        assert buckets["+Inf"] == buckets["60.0"] == 1.0 and buckets["0.001"] <= 1.0, buckets
+        assert f'session_audit_http_request_duration_seconds_count{{route="{route}"}} 1.0' in text
     for line in text.splitlines():
         assert line.startswith("#") or " " in line
     # Counts only: no user names, tokens or session ids.
