@@ -362,6 +362,8 @@ class Spool:
         self._wexec: ThreadPoolExecutor | None = None
         self._rexec: ThreadPoolExecutor | None = None
         self._mexec: ThreadPoolExecutor | None = None  # measuring the app tables
+        self._bexec: ThreadPoolExecutor | None = None  # long reads (read_apart)
+        self._bconn: sqlite3.Connection | None = None
         self._pending: list[tuple[Job, asyncio.Future[Any]]] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -405,6 +407,7 @@ class Spool:
         self._wexec = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
         self._rexec = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
         self._mexec = ThreadPoolExecutor(1, thread_name_prefix="spool-measure")
+        self._bexec = ThreadPoolExecutor(1, thread_name_prefix="spool-apart")
         try:
             await loop.run_in_executor(self._wexec, self._open_writer)
             self._rconn = await loop.run_in_executor(
@@ -475,7 +478,8 @@ class Spool:
             # A measure in progress closes its connection first, so that the
             # writer's is the last one and SQLite checkpoints and removes the WAL.
             await loop.run_in_executor(None, self._mexec.shutdown, True)
-        for executor, attr in ((self._wexec, "_wconn"), (self._rexec, "_rconn")):
+        for executor, attr in ((self._bexec, "_bconn"), (self._wexec, "_wconn"),
+                               (self._rexec, "_rconn")):
             if executor is None:
                 continue
             conn = getattr(self, attr)
@@ -483,7 +487,7 @@ class Spool:
                 await loop.run_in_executor(executor, conn.close)
                 setattr(self, attr, None)
             executor.shutdown(wait=True)
-        self._wexec = self._rexec = self._mexec = None
+        self._wexec = self._rexec = self._mexec = self._bexec = None
 
     # -- writing -----------------------------------------------------------
 
@@ -603,6 +607,19 @@ class Spool:
             raise SpoolClosed("the spool is closed")
         conn = self._rconn
         return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, conn)
+
+    async def read_apart(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` with a read connection of its own, on a thread of its
+        own: for reads that may be long, so that they hold back neither the
+        writer (every audited action) nor the reader (logins)."""
+        if self._state not in ("open", "closing") or self._bexec is None:
+            raise SpoolClosed("the spool is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._bexec, self._apart, fn)
+
+    def _apart(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._bconn is None:
+            self._bconn = connect(self.path, self.synchronous, readonly=True)
+        return fn(self._bconn)
 
     def open_session(self, session_id: str) -> OpenSession | None:
         """The committed state of an open session (a cache read, no I/O)."""

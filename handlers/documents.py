@@ -200,19 +200,19 @@ async def list_documents(request: web.Request) -> web.Response:
     ctx = request[CTX]
     draft = _draft(request, "document.list")
 
-    def change(conn: sqlite3.Connection, d: Draft) -> list[dict[str, Any]]:
+    def listing(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
         sql = "SELECT id, title, owner, version, updated_at FROM documents"
         args: tuple[Any, ...] = ()
         if not ctx.is_admin:
             sql += " WHERE owner = ?"
             args = (ctx.user,)
-        rows = conn.execute(sql + " ORDER BY updated_at DESC, id", args).fetchall()
-        d.details = {"count": len(rows)}
-        keys = ("id", "title", "owner", "version", "updated_at")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        return conn.execute(sql + " ORDER BY updated_at DESC, id", args).fetchall()
 
-    docs = await _record(request, draft, change, read_only=True)
-    return json_response({"documents": docs})
+    rows = await request.app[ENGINE].spool.read_apart(listing)
+    draft.details = {"count": len(rows)}
+    await _record(request, draft)
+    keys = ("id", "title", "owner", "version", "updated_at")
+    return json_response({"documents": [dict(zip(keys, r, strict=True)) for r in rows]})
 
 
 async def get_document(request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 
 import pytest
 
@@ -36,6 +37,8 @@ async def test_close_twice_is_safe_and_use_after_close_raises(tmp_path, audit_ke
     with pytest.raises(SpoolClosed):
         await sp.read(lambda c: c.execute("SELECT 1").fetchone())
     with pytest.raises(SpoolClosed):
+        await sp.read_apart(lambda c: c.execute("SELECT 1").fetchone())
+    with pytest.raises(SpoolClosed):
         await sp.open()  # a spool is opened once
 
 
@@ -52,6 +55,36 @@ async def test_close_commits_what_is_queued(tmp_path, audit_key):
     assert all(f.done() and not f.exception() for f in futs)
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 20
+
+
+async def test_a_read_apart_holds_back_neither_the_writer_nor_the_reader(tmp_path, audit_key):
+    """For long reads (a listing of every document): while one runs, appends
+    commit and the reader (logins) answers; it reads committed data through a
+    read-only connection of its own, which close() closes."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, []))
+    entered, release = threading.Event(), threading.Event()
+
+    def long_read(conn: sqlite3.Connection) -> int:
+        entered.set()
+        assert release.wait(10)
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            conn.execute("INSERT INTO meta (key, value) VALUES ('x', 'y')")
+        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    held = asyncio.ensure_future(sp.read_apart(long_read))
+    await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+    for _ in range(3):
+        await asyncio.wait_for(
+            sp.submit(lambda w: w.append(s.session_id, Draft("document.list"))), 10)
+    assert await asyncio.wait_for(sp.read(lambda c: c.execute("SELECT 1").fetchone()), 10)
+    assert not held.done()
+    release.set()
+    assert await held == 3  # what was committed when it read
+    await sp.close()
+    assert not path.with_name("spool.db-wal").exists()  # every connection closed
 
 
 async def test_failing_job_is_rolled_back_alone(spool):
