@@ -20,6 +20,7 @@ import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -249,13 +250,20 @@ def check_layout(conn: sqlite3.Connection, path: Path) -> None:
             f" {have}; this release reads layout {LAYOUT}): run that release again")
 
 
+def readonly_uri(path: Path) -> str:
+    """The ``file:`` URI that opens ``path`` read-only. The path is
+    percent-encoded: a ``#``, ``?`` or ``%`` in a directory name would
+    otherwise cut it short, and SQLite would open (and create) another file."""
+    return f"file:{urllib.parse.quote(str(path))}?mode=ro"
+
+
 def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.Connection:
     """A spool connection with the pragmas every user of the file needs."""
     if not readonly:
         create_private(Path(path))
     if readonly:
         conn = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            readonly_uri(path), uri=True, isolation_level=None, check_same_thread=False
         )
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

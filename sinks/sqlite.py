@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from audit.spool import create_private, loose_dir, make_private_dirs, unsafe_dir
+from audit.spool import create_private, loose_dir, make_private_dirs, readonly_uri, unsafe_dir
 
 from .base import (
     Doc,
@@ -100,7 +100,7 @@ class SqliteSink(Sink):
         if self.path.is_dir() or (self.readonly and not self.path.is_file()):
             raise SinkUnavailable(f"cannot open {self.path.name}: not a database file")
         if self.readonly:
-            await self._connect(f"file:{self.path}?mode=ro", uri=True, setup=_has_tables)
+            await self._connect(readonly_uri(self.path), uri=True, setup=_has_tables)
             return
         try:
             make_private_dirs(self.path.parent)

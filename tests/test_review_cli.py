@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -271,3 +272,41 @@ async def test_verify_on_a_sink_path_that_is_a_directory(live: Live) -> None:
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip() == ("verify: the sink is unavailable: cannot open sinkdir:"
                                 " not a database file"), r.stderr
+
+
+async def test_a_data_dir_with_url_characters_in_its_name(tmp_path: Path) -> None:
+    """Read-only connections open the spool and the sqlite sink by a ``file:``
+    URI. A ``#``, ``?`` or ``%`` in a directory's name cut the path short:
+    ``status``, ``verify`` and the document listing opened another file,
+    which SQLite created empty beside the data directory."""
+    odd = tmp_path / "audit #1? 100%"
+    odd.mkdir()
+    lv = Live(odd)
+    try:
+        await lv.start()
+        await lv.adduser("alice", "alice-password-1")
+        async with aiohttp.ClientSession() as http:
+            async with http.post(lv.base + "/token", json={
+                    "username": "alice", "password": "alice-password-1"}) as r:
+                assert r.status == 200
+                auth = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+            async with http.post(lv.base + "/documents", json={"title": "t", "content": "c"},
+                                 headers=auth) as r:
+                assert r.status == 201
+                doc = await r.json()
+            async with http.get(lv.base + "/documents", headers=auth) as r:
+                assert r.status == 200, await r.text()
+                assert [d["id"] for d in (await r.json())["documents"]] == [doc["id"]]
+            async with http.post(lv.base + "/logout", headers=auth) as r:
+                assert r.status == 200
+        assert await lv.stop() == 0
+        r = await lv.cli("drain")
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = await lv.cli("verify")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "verified 1 sessions" in r.stdout and r.stdout.rstrip().endswith("OK")
+        r = await lv.cli("status")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        lv.close()
+    assert os.listdir(tmp_path) == [odd.name]  # nothing made beside it
