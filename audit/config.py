@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -186,6 +187,15 @@ def _mongo_collection(name: str) -> bool:
 _COLLECTION = (_mongo_collection, "must be a MongoDB collection name (not empty, no $ or NUL,"
                " not starting with system.)")
 
+# The keys that name the environment variable holding a secret. A secret
+# pasted into one by mistake (a MongoDB URI with its password, a token) is
+# refused without being quoted: the message goes to the log.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_KEYS = frozenset({"sink.mongodb.uri_env", "sink.http.token_env", "ai.openai.api_key_env"})
+_ENV_CHECK = (lambda v: v == "" or _ENV_NAME.fullmatch(v) is not None,
+              "must be the name of an environment variable (letters, digits and _), not"
+              " what it holds; the value is not shown")
+
 # Range checks: key -> (predicate, message).
 # BSON spends up to 5 bytes for 1 of JSON (an array of small numbers: each
 # element carries its type, its index as a string and 4 bytes); MongoDB takes
@@ -224,6 +234,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
                               " bytes, none of / \\ . \" $, no space)"),
     "sink.mongodb.sessions_collection": _COLLECTION,
     "sink.mongodb.security_collection": _COLLECTION,
+    **dict.fromkeys(_ENV_KEYS, _ENV_CHECK),
 }
 
 
@@ -275,7 +286,8 @@ def _build(cls: type[Any], data: Any, prefix: str) -> Any:
             kwargs[name] = _convert(key, hint, value)
             check = _CHECKS.get(key)
             if check and not check[0](kwargs[name]):
-                raise ConfigError(f"{key}: {check[1]} (got {value!r})")
+                got = "" if key in _ENV_KEYS else f" (got {value!r})"
+                raise ConfigError(f"{key}: {check[1]}{got}")
     return cls(**kwargs)
 
 

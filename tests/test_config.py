@@ -200,6 +200,13 @@ def test_unknown_key_is_named(data, key):
          "ai.openai.base_url"),
         ({"ai": {"provider": "openai", "openai": {"base_url": "http://[::1"}}},
          "ai.openai.base_url"),
+        # The secret itself where its variable's name goes (a common slip):
+        # "the environment variable mongodb://u:secret@h/ is not set" was
+        # logged at every start, the password with it.
+        ({"sink": {"type": "mongodb", "mongodb": {"uri_env": "mongodb://u:secret@h/"}}},
+         "sink.mongodb.uri_env"),
+        ({"sink": {"http": {"token_env": "secret-token-value"}}}, "sink.http.token_env"),
+        ({"ai": {"openai": {"api_key_env": "sk-secret0123"}}}, "ai.openai.api_key_env"),
     ],
 )
 def test_bad_value_is_named(data, key):
@@ -207,6 +214,13 @@ def test_bad_value_is_named(data, key):
         parse_config(data)
     assert str(info.value).startswith(key + ":"), str(info.value)
     assert "secret" not in str(info.value)  # a URL's password is never quoted
+
+
+def test_secret_variable_names_may_be_any_name_or_empty():
+    c = parse_config({"sink": {"mongodb": {"uri_env": "AUDIT_MONGO_URI_2"},
+                               "http": {"token_env": ""}},
+                      "ai": {"openai": {"api_key_env": "_KEY"}}})
+    assert c.sink.mongodb.uri_env == "AUDIT_MONGO_URI_2" and c.sink.http.token_env == ""
 
 
 def test_part_max_bytes_is_bounded_for_mongodb_only():
