@@ -421,11 +421,15 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         # Readable UTF-8, but C1 controls (0x80-0x9f: 8-bit terminal escapes
-        # from a client's path or header) as \u escapes, like C0 ones.
-        return json.dumps(out, ensure_ascii=False).translate(_C1_ESCAPES)
+        # from a client's path or header) as \u escapes, like C0 ones; so
+        # are the line and paragraph separators (a line break to str.splitlines
+        # and older JavaScript) and the bidirectional controls, which make a
+        # line read as something else than it holds (Trojan Source).
+        return json.dumps(out, ensure_ascii=False).translate(_LOG_ESCAPES)
 
 
-_C1_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x80, 0xA0)}
+_LOG_ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0x061C, 0x200E, 0x200F,
+                                           *range(0x2028, 0x202F), *range(0x2066, 0x206A))}
 
 
 class MalformedRequestFilter(logging.Filter):

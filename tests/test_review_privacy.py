@@ -1,0 +1,55 @@
+"""Privacy review: what a client's request can make the server write, with a
+real server process on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from live_server import Live
+
+
+def _raw_request(port: int, request: bytes) -> bytes:
+    """Send ``request`` as it is (no client library checks it) and read the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.fixture
+def live_info(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SESSION_AUDIT_LOG_LEVEL", "INFO")  # with the access log
+    lv = Live(tmp_path)
+    yield lv
+    lv.close()
+
+
+async def test_a_path_cannot_split_or_reorder_a_log_line(live_info: Live) -> None:
+    """A client's path reaches the access log. U+2028/U+2029 went out raw:
+    str.splitlines() (and many log tools) read one line as two, the second
+    a forged JSON object; bidirectional controls (U+202E...) make a terminal
+    or viewer show the line otherwise than it reads."""
+    lv = live_info
+    await lv.start()
+    forged = "%E2%80%A8{%22level%22:%22error%22}%E2%80%A9%E2%80%AEgnp.%E2%81%A6x%E2%81%A9"
+    answer = await asyncio.to_thread(
+        _raw_request, lv.port,
+        f"GET /nothing-{forged} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 404")
+    await lv.stop()
+    lines = lv.log_path.read_text(encoding="utf-8").split("\n")
+    access = [line for line in lines if "/nothing-" in line]
+    assert len(access) == 1, lv.log_tail()
+    line = access[0]
+    assert line.splitlines() == [line]
+    for c in "\u2028\u2029\u202e\u2066\u2069":
+        assert c not in line
+    msg = json.loads(line)["msg"]
+    assert '/nothing-\u2028{"level":"error"}\u2029\u202egnp.\u2066x\u2069"' in msg
