@@ -341,6 +341,14 @@ async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.close()
 
 
+# The methods counted under their own name in /metrics; any other is "other".
+# aiohttp's C parser knows a fixed list, but its pure-Python one (no C
+# extension, AIOHTTP_NO_EXTENSIONS) takes any token up to the request line's
+# 16 KiB: a label each would let any client grow /metrics without bound.
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
+                            "TRACE", "CONNECT"})
+
+
 def _metrics_middleware(app: web.Application) -> Middleware:
     @web.middleware
     async def middleware(
@@ -350,7 +358,8 @@ def _metrics_middleware(app: web.Application) -> Middleware:
         resp = await handler(request)
         route = request.match_info.route
         name = (route.name if route is not None else None) or "unmatched"
-        app[REQUESTS].labels(request.method, name, str(resp.status)).inc()
+        method = request.method if request.method in METRIC_METHODS else "other"
+        app[REQUESTS].labels(method, name, str(resp.status)).inc()
         app[DURATIONS].labels(name).observe(time.perf_counter() - started)
         return resp
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,14 @@ def _raw_request(port: int, request: bytes) -> bytes:
         while chunk := s.recv(65536):
             out += chunk
     return out
+
+
+async def _metrics(lv: Live) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(lv.base + "/metrics") as r:
+        assert r.status == 200
+        return await r.text()
 
 
 @pytest.fixture
@@ -53,3 +62,27 @@ async def test_a_path_cannot_split_or_reorder_a_log_line(live_info: Live) -> Non
         assert c not in line
     msg = json.loads(line)["msg"]
     assert '/nothing-\u2028{"level":"error"}\u2029\u202egnp.\u2066x\u2069"' in msg
+
+
+async def test_made_up_methods_do_not_become_metric_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's pure-Python HTTP parser (no C extension) takes any method
+    token: each one a client made up became a series of
+    session_audit_http_requests_total, without authentication and without
+    bound (up to 16 KiB of label each)."""
+    monkeypatch.setenv("AIOHTTP_NO_EXTENSIONS", "1")
+    lv = Live(tmp_path)
+    try:
+        await lv.start()
+        for i in range(5):
+            answer = await asyncio.to_thread(
+                _raw_request, lv.port,
+                f"X{i}{'A' * 200} /me HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 405"), answer[:80]
+        text = await _metrics(lv)
+    finally:
+        lv.close()
+    methods = set(re.findall(r'session_audit_http_requests_total\{method="([^"]*)"', text))
+    assert methods == {"GET", "other"}, methods  # GET: the start's /healthz probes
+    assert 'method="other",route="unmatched",status="405"} 5.0' in text
