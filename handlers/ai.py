@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -13,8 +14,11 @@ import aiohttp
 from aiohttp import web
 
 from audit.config import Config, OpenAIConfig
+from sinks import cleartext_to_remote
 
 from .keys import CLIENT
+
+log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n{2,}")
@@ -180,5 +184,10 @@ def _tokens(value: object) -> int:
 
 def create_provider(config: Config, app: web.Application) -> Provider:
     if config.ai.provider == "openai":
+        if cleartext_to_remote(config.ai.openai.base_url):
+            # As for the http sink: every chat sends its whole document.
+            log.warning("ai.openai.base_url is plain http:// to a host that is not this"
+                        " machine: documents, chat messages, replies and the API key"
+                        " travel in clear text; use https://")
         return OpenAIProvider(config.ai.openai, app)
     return ExtractiveProvider()

@@ -26,3 +26,25 @@ def test_cleartext_to_remote(url: str, warned: bool, caplog: pytest.LogCaptureFi
         create_sink(config)
     assert ("clear text" in caplog.text) is warned
     assert "pw" not in caplog.text
+
+
+@pytest.mark.parametrize(("url", "warned"), [
+    ("http://127.0.0.1:11434/v1", False),
+    ("https://api.openai.com/v1", False),
+    ("http://gpu-box.lan:8000/v1", True),
+    ("http://user:pw@192.0.2.1/v1", True),
+])
+def test_cleartext_ai_provider_is_warned_about(url: str, warned: bool,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A chat sends the whole document, the message and the API key to
+    ai.openai.base_url: a plain-http one to another machine is warned about
+    at start, like the http sink's (it was not)."""
+    from aiohttp import web
+
+    from handlers.ai import create_provider
+
+    config = parse_config({"ai": {"provider": "openai", "openai": {"base_url": url}}})
+    with caplog.at_level(logging.WARNING, logger="handlers.ai"):
+        create_provider(config, web.Application())
+    assert ("clear text" in caplog.text) is warned
+    assert "pw" not in caplog.text
