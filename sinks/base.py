@@ -101,7 +101,8 @@ def dumps(doc: Doc) -> str:
 def sql_where(*filters: tuple[str, Any]) -> tuple[str, list[Any]]:
     """A SQL ``WHERE`` body of the ``(clause, value)`` filters whose value is set.
 
-    A tuple value fills several placeholders (a cursor's ``(ts, ts, id)``).
+    A tuple value fills several placeholders (a cursor's ``(ts, id)``); an
+    empty one sets a clause without any.
     """
     clauses: list[str] = []
     args: list[Any] = []
