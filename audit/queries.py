@@ -214,10 +214,15 @@ def list_sessions(
     """Spool sessions newest first, by their start as clients see it (whole
     ms, then session id); ``since``/``until`` in ms, ``before`` = (ms,
     session_id) for paging; ``state`` is ``sessions.state`` (``open`` or
-    ``sealed``)."""
+    ``sealed``), or ``pending``: sealed with a part the sink has not taken
+    (pending or dead), as :func:`_summary` tells them apart. (Filtered after
+    the query instead, a spool keeping 200,000 stored sessions read them
+    all, page after page, to find none: 6 s a request.)"""
     where, args = sql_where(
         ("user = ?", user),
-        ("state = ?", state),
+        ("state = ?", "sealed" if state == "pending" else state),
+        ("session_id IN (SELECT session_id FROM parts WHERE state IN ('pending', 'dead'))",
+         () if state == "pending" else None),
         ("start_ms >= ?", since),
         ("start_ms <= ?", until),
         ("(start_ms, session_id) < (?, ?)", before),

@@ -74,8 +74,14 @@ CREATE TABLE IF NOT EXISTS sessions (
     cut_hash TEXT NOT NULL,               -- chain head at that cut
     cut_events INTEGER NOT NULL DEFAULT 0 -- events inside cut parts
 );
-CREATE INDEX IF NOT EXISTS sessions_state ON sessions (state, start_ts);
--- The admin listing's order and cursor: what clients see and send back.
+-- The admin listing's order and cursor: what clients see and send back;
+-- filtered by state or user, in the same order (else every open session,
+-- or every session kept with keep_stored_seconds, was read and sorted for
+-- each page: 0.13 s at 100,000 open sessions). sessions_state_start
+-- replaces sessions_state (state, start_ts), which nothing ordered by.
+DROP INDEX IF EXISTS sessions_state;
+CREATE INDEX IF NOT EXISTS sessions_state_start ON sessions (state, start_ms, session_id);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user, start_ms, session_id);
 CREATE INDEX IF NOT EXISTS sessions_start ON sessions (start_ms, session_id);
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_sk ON sessions (sk);
 -- A rowid table written in commit order, with no index: a commit appends

@@ -279,10 +279,11 @@ async def _merged_page(
     Both are asked by the key clients see and send back: the start time
     shown (whole ms), then the session id. Open and pending sessions are
     always in the spool: with ``state`` one of those, the sink is not asked;
-    the spool is asked for sessions in its matching ``sessions.state`` only.
+    the spool is asked for sessions in its matching ``sessions.state`` only
+    (for ``pending``, those with a part the sink has not taken).
     """
     since, until = window
-    spool_state = None if state is None else ("open" if state == "open" else "sealed")
+    spool_state = {"open": "open", "pending": "pending", "stored": "sealed"}.get(state or "")
     from_spool = await engine.spool.read(
         lambda c: queries.list_sessions(
             c, user=user, since=since[1] if since else None, until=until[1] if until else None,

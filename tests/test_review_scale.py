@@ -8,15 +8,23 @@ history lies in front of them.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from audit.events import format_ts
+from api_fixtures import MakeApi, make_api
+
+from audit import queries
+from audit.events import Draft, format_ts
+from audit.store import SCHEMA, Limits, Writer
 from sinks.base import encode_cursor
 from sinks.sqlite import SqliteSink
+
+__all__ = ["make_api"]
 
 T = TypeVar("T")
 T0 = 1_800_000_000.0
@@ -125,3 +133,71 @@ async def test_a_rare_kind_of_security_event_is_found_without_reading_the_others
         assert rare < 3 * first + 20, (first, rare)
     finally:
         await sink.close()
+
+
+def _writer(tmp_path: Path, audit_key: bytes, clock: Callable[[], float]) -> Writer:
+    conn = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    conn.executescript(SCHEMA)
+    return Writer(conn, audit_key, Limits(500, 1 << 20), clock=clock)
+
+
+def _kept_sessions(w: Writer, n: int, keep: float) -> None:
+    """``n`` sessions sealed and stored, kept ``keep`` seconds (in the
+    caller's transaction, or one of their own)."""
+    own = not w.conn.in_transaction
+    if own:
+        w.conn.execute("BEGIN")
+    for _ in range(n):
+        s = w.start_session("u", "user", 1e12, [Draft("session.start")])
+        w.seal(s.session_id, "logout", Draft("session.end", details={"reason": "logout"}))
+        w.mark_part_stored(s.session_id, 0, keep)
+    if own:
+        w.conn.execute("COMMIT")
+
+
+def test_the_spools_listing_by_state_or_user_reads_only_its_page(tmp_path, audit_key):
+    """``state=open`` read and sorted every open session for each page (the
+    index was on (state, start_ts), the order is start_ms: 0.13 s with
+    100,000 open), and ``user=`` scanned every session of the spool."""
+    now = [T0]
+    w = _writer(tmp_path, audit_key, lambda: now[0])
+    w.conn.execute("BEGIN")
+    for i in range(HISTORY):
+        now[0] += 0.01
+        w.start_session(f"user{i % 50}", "user", 1e12, [Draft("session.start")])
+    w.conn.execute("COMMIT")
+    kw: dict[str, Any] = {"since": None, "until": None, "before": None, "limit": 20}
+    first, page = steps(w.conn, lambda: queries.list_sessions(w.conn, user=None, **kw))
+    assert len(page) == 20
+    for user, state in ((None, "open"), ("user7", None), ("user7", "open"), ("nobody", None)):
+        cost, page = steps(w.conn, functools.partial(queries.list_sessions, w.conn,
+                                                     user=user, state=state, **kw))
+        assert len(page) == (0 if user == "nobody" else 20)
+        assert cost < 3 * first + 20, (user, state, first, cost)
+
+
+async def test_a_pending_session_behind_many_kept_ones_is_listed_on_the_first_page(
+        make_api: MakeApi) -> None:
+    """``state=pending`` asked the spool for its sealed sessions and dropped
+    the stored ones after: behind sessions kept by keep_stored_seconds, a
+    request read 20 pages of them (6 s at 200,000 kept) and answered an
+    empty page with a cursor, as many times as the kept sessions took."""
+    api = await make_api(audit={"keep_stored_seconds": 86400})
+    admin = await api.admin()
+
+    def dead(w: Writer) -> str:
+        s = w.start_session("bob", "user", 1e12, [Draft("session.start")])
+        w.seal(s.session_id, "logout", Draft("session.end", details={"reason": "logout"}))
+        w.mark_part_failed(s.session_id, 0, "refused", dead=True)
+        return s.session_id
+
+    pending = await api.engine.spool.submit(dead)
+    await asyncio.sleep(0.01)  # the kept sessions start later
+    await api.engine.spool.submit(lambda w: _kept_sessions(w, 60, keep=86400))
+    resp = await api.client.get("/audit/sessions", params={"state": "pending", "limit": "1"},
+                                headers=admin.headers)
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert [s["session_id"] for s in body["sessions"]] == [pending]
+    assert body["next_cursor"] is None
+    assert body["sessions"][0]["state"] == "pending"

@@ -392,6 +392,7 @@ async def test_a_spool_without_the_shown_ms_columns_gets_them(tmp_path, audit_ke
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
         c.executescript(
             "BEGIN; DROP INDEX sessions_start; DROP INDEX security_ts;"
+            " DROP INDEX sessions_state_start; DROP INDEX sessions_user;"  # (later still)
             " ALTER TABLE sessions DROP COLUMN start_ms;"
             " ALTER TABLE security_events DROP COLUMN ts_ms; COMMIT;"
         )
