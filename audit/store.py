@@ -133,6 +133,10 @@ CREATE TABLE IF NOT EXISTS parts (
     PRIMARY KEY (session_id, part)
 );
 CREATE INDEX IF NOT EXISTS parts_state ON parts (state, created_ts);
+-- The purge of parts kept past keep_stored_seconds (Writer.purge_stored), which
+-- otherwise read every kept part each time it found none old enough (every
+-- few seconds, on the writer). Partial: with nothing kept it costs nothing.
+CREATE INDEX IF NOT EXISTS parts_kept ON parts (state, stored_ts) WHERE state = 'stored';
 -- Sessions whose final part a sink acknowledged lately (for as long as such
 -- a session could still look open there: max_session_seconds and a day):
 -- verify then knows a final part, or a whole session, gone from that sink.
@@ -165,6 +169,8 @@ CREATE TABLE IF NOT EXISTS security_events (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS security_state ON security_events (state, id);
+CREATE INDEX IF NOT EXISTS security_kept ON security_events (state, stored_ts)
+    WHERE state = 'stored';
 -- The admin listing's order and cursor (ts as shown, then event_id).
 CREATE INDEX IF NOT EXISTS security_ts ON security_events (ts_ms, event_id);
 """

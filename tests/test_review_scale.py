@@ -201,3 +201,32 @@ async def test_a_pending_session_behind_many_kept_ones_is_listed_on_the_first_pa
     assert [s["session_id"] for s in body["sessions"]] == [pending]
     assert body["next_cursor"] is None
     assert body["sessions"][0]["state"] == "pending"
+
+
+def test_the_purge_of_kept_parts_does_not_read_the_parts_it_keeps(tmp_path, audit_key):
+    """With keep_stored_seconds, the flusher purges every few seconds (and
+    after each write once nothing is pending): the purge found its rows on
+    the (state, created_ts) index and read every kept part to learn that none
+    was old enough (38 ms with 200,000 kept, on the writer thread)."""
+    now = [T0]
+    w = _writer(tmp_path, audit_key, lambda: now[0])
+    _kept_sessions(w, 10, keep=600)
+    now[0] += 1000
+    _kept_sessions(w, HISTORY // 3, keep=600)
+    w.conn.execute("BEGIN")
+    for i in range(HISTORY):
+        ev = w.append_security(Draft("auth.login_failed", outcome="denied"), None)
+        w.conn.execute("UPDATE security_events SET state = 'stored', stored_ts = ?"
+                       " WHERE event_id = ?", (now[0] - (1000 if i < 10 else 0),
+                                               ev["event_id"]))
+    w.conn.execute("COMMIT")
+    cutoff = now[0] - 600
+    n = w.purge_stored(cutoff, 500)
+    assert n == 10
+    none_old, n = steps(w.conn, lambda: w.purge_stored(cutoff, 500))
+    assert n == 0 and none_old <= 2, none_old
+    n = w.purge_stored_security(cutoff, 5000)
+    assert n == 10
+    none_old, n = steps(w.conn, lambda: w.purge_stored_security(cutoff, 5000))
+    assert n == 0 and none_old <= 2, none_old
+    assert w.conn.execute("SELECT COUNT(*) FROM parts").fetchone()[0] == HISTORY // 3
