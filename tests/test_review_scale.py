@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import sqlite3
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,9 +20,10 @@ from typing import Any, TypeVar
 from api_fixtures import MakeApi, make_api
 
 from audit import queries
-from audit.events import Draft, format_ts
-from audit.store import SCHEMA, Limits, Writer
-from sinks.base import encode_cursor
+from audit.events import Draft, Source, format_ts, genesis, seal_text
+from audit.store import SCHEMA, Limits, Writer, part_document
+from audit.verify import SpoolAnchor, verify_sink
+from sinks.base import RawJSON, dumps, encode_cursor
 from sinks.sqlite import SqliteSink
 
 __all__ = ["make_api"]
@@ -230,3 +232,55 @@ def test_the_purge_of_kept_parts_does_not_read_the_parts_it_keeps(tmp_path, audi
     none_old, n = steps(w.conn, lambda: w.purge_stored_security(cutoff, 5000))
     assert n == 0 and none_old <= 2, none_old
     assert w.conn.execute("SELECT COUNT(*) FROM parts").fetchone()[0] == HISTORY // 3
+
+
+KEY = b"k" * 32
+
+
+async def _verified_peak(path: Path, sessions: int) -> int:
+    """Peak bytes Python allocated while verify read ``sessions`` sessions."""
+    sink = SqliteSink(path)
+    await sink.open()
+    await sink.close()
+    rows = []
+    for i in range(sessions):
+        sid = f"{i:032x}"
+        head, evs = genesis(KEY, sid), []
+        for seq, action in ((1, "session.start"), (2, "session.end")):
+            details = {"reason": "logout"} if seq == 2 else {}
+            head, text = seal_text(KEY, head, Draft(action, details=details, source=Source()),
+                                   sid, seq, T0 + i)
+            evs.append(RawJSON(text))
+        doc = part_document({"session_id": sid, "part": 0, "final": 1, "end_ts": T0 + i,
+                             "start_ts": T0 + i, "user": None, "seal_reason": "logout",
+                             "first_seq": 1, "last_seq": 2, "prev_hash": genesis(KEY, sid),
+                             "hash": head}, evs)
+        rows.append((doc["_id"], sid, 0, None, doc["session_start_time"], 1, head, dumps(doc)))
+    with sqlite3.connect(path, isolation_level=None) as c:
+        c.execute("BEGIN")
+        c.executemany("INSERT INTO parts (id, session_id, part, user, session_start_time,"
+                      " final, hash, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        c.execute("COMMIT")
+    c.close()
+    del rows
+    sink = SqliteSink(path, readonly=True)
+    await sink.open()
+    anchor = SpoolAnchor(genesis(KEY, "security"), None, stored=frozenset({f"{7:032x}"}))
+    tracemalloc.start()
+    try:
+        report = await verify_sink(sink, KEY, anchor)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await sink.close()
+    assert report.ok and report.sessions == sessions, report.problems[:3]
+    return peak
+
+
+async def test_verify_does_not_keep_every_session_id_it_read(tmp_path: Path) -> None:
+    """verify kept each session id it listed (about 100 bytes each: 100 MB
+    for a million sessions) only to find the few the spool stored lately."""
+    few = await _verified_peak(tmp_path / "few.db", 500)
+    many = await _verified_peak(tmp_path / "many.db", 4500)
+    # 4,000 more ids held would be some 400 KB more.
+    assert many - few < 150_000, (few, many)
