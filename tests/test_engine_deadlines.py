@@ -4,10 +4,12 @@ Real spool and sink files; the clocks are the test's."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
+import audit.engine as engine_module
 from audit.events import Draft, Source, parse_ts
 from audit.verify import verify_sink
 
@@ -157,3 +159,66 @@ def test_the_server_registers_the_revocation_pass_with_the_reaper(make_config) -
 
     app = server.create_app(make_config())
     assert app[ENGINE].before_reap == [app[ACCOUNTS].end_revoked_sessions]
+
+
+async def test_the_reaper_lets_the_event_loop_run_while_it_looks_at_many_sessions(
+    make_config, engines, fake_clock, monkeypatch
+):
+    """Found by a review: at 100,000 open sessions one pass of the reaper held
+    the event loop for 0.25 s, every second (/healthz at p99 152 ms). It
+    looks at them a chunk at a time now, the loop turning in between, and
+    still ends every session that is due."""
+    monkeypatch.setattr(engine_module, "REAP_CHUNK", 2, raising=False)
+    config = make_config(audit={"idle_timeout_seconds": 60}, flush=FAST)
+    e = await engines.open(config, clock=fake_clock)
+    ids = [(await e.start_session("alice", "user", SRC, 3600)).session_id for _ in range(5)]
+    live = (await e.start_session("bob", "user", SRC, 3600)).session_id
+    fake_clock.advance(61)
+    await e.record(live, Draft("document.list"))
+    turns = 0
+
+    async def turning() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    at_submit: list[int] = []
+    submit = e.spool.submit_nowait
+
+    def counting(job: Any, **kwargs: Any) -> Any:
+        at_submit.append(turns)
+        return submit(job, **kwargs)
+
+    monkeypatch.setattr(e.spool, "submit_nowait", counting)
+    ticker = asyncio.create_task(turning())
+    try:
+        assert await e.reap_once() == 5
+    finally:
+        ticker.cancel()
+    assert len(at_submit) == 5 and at_submit[-1] > at_submit[0]  # the loop ran between
+    assert all(e.session(sid) is None for sid in ids)
+    assert e.session(live) is not None
+
+
+async def test_the_reaper_forgets_sessions_that_ended(
+    make_config, engines, fake_clock, fake_monotonic, monkeypatch
+):
+    """What the reaper keeps per open session for its time checkpoints is
+    kept from pass to pass, and dropped for sessions that ended now and then
+    (UNCUT_PRUNE_INTERVAL), not kept for ever."""
+    config = make_config(flush=FAST)
+    e = await engines.open(config, clock=fake_clock, monotonic=fake_monotonic)
+    a = (await e.start_session("alice", "user", SRC, 3600)).session_id
+    b = (await e.start_session("bob", "user", SRC, 3600)).session_id
+    assert await e.reap_once() == 0
+    assert set(e._uncut_since) == {a, b}
+    await e.end_session(a, SRC)
+    fake_clock.advance(1)
+    fake_monotonic.advance(1)
+    assert await e.reap_once() == 0
+    assert a in e._uncut_since  # not yet
+    fake_clock.advance(engine_module.UNCUT_PRUNE_INTERVAL)
+    fake_monotonic.advance(engine_module.UNCUT_PRUNE_INTERVAL)
+    assert await e.reap_once() == 0
+    assert set(e._uncut_since) == {b}
