@@ -69,12 +69,13 @@ def _map(err: ActionError) -> ApiError:
 
 
 async def _record(
-    request: web.Request, draft: Draft, change: Any = None, *, read_only: bool = False
+    request: web.Request, draft: Draft, change: Any = None, *, read_only: bool = False,
+    durable: bool = False,
 ) -> Any:
     ctx = request[CTX]
     try:
         return await request.app[ENGINE].record(ctx.session_id, draft, change,
-                                                read_only=read_only)
+                                                read_only=read_only, durable=durable)
     except ActionError as err:
         raise _map(err) from None
 
@@ -210,7 +211,10 @@ async def list_documents(request: web.Request) -> web.Response:
 
     rows = await request.app[ENGINE].spool.read_apart(listing)
     draft.details = {"count": len(rows)}
-    await _record(request, draft)
+    # Read before it is recorded: awaited whatever audit.ack says, so that a
+    # session ended meanwhile gets 401 session_ended, not the documents with
+    # no record (under "fast" the failed append would only be logged).
+    await _record(request, draft, durable=True)
     keys = ("id", "title", "owner", "version", "updated_at")
     return json_response({"documents": [dict(zip(keys, r, strict=True)) for r in rows]})
 

@@ -234,6 +234,38 @@ async def test_a_long_listing_holds_back_no_one_elses_audited_action(api: Api) -
                                                             {"count": 1})
 
 
+@pytest.mark.parametrize("ack", ["durable", "fast"])
+async def test_a_listing_whose_session_ends_while_it_reads_is_not_handed_out(
+    make_api: Any, monkeypatch: pytest.MonkeyPatch, ack: str
+) -> None:
+    """GET /documents reads before it records (read_apart): a session that
+    ends meanwhile (here a logout) gets 401 session_ended and not the
+    documents, also under ack = "fast", where a plain record is not awaited
+    (its failure was only logged, the listing handed out unrecorded)."""
+    api = await make_api(audit={"ack": ack})
+    alice = await api.user("alice")
+    await api.create_doc(alice, title="A")
+    spool = api.engine.spool
+    read, go = asyncio.Event(), asyncio.Event()
+    real = spool.read_apart
+
+    async def held(fn: Any) -> Any:  # the listing read, then held before its record
+        rows = await real(fn)
+        read.set()
+        await go.wait()
+        return rows
+
+    monkeypatch.setattr(spool, "read_apart", held)
+    listing = asyncio.ensure_future(api.client.get("/documents", headers=alice.headers))
+    await asyncio.wait_for(read.wait(), 10)
+    resp = await api.client.post("/logout", headers=alice.headers)
+    assert resp.status == 200
+    go.set()
+    await expect_error(await listing, 401, "session_ended")
+    assert "document.list" not in await api.actions(alice.session_id)
+    (ev,) = await api.wait_security("auth.session_ended")
+    assert ev["details"]["reason"] == "session_ended_during_action"
+
 async def test_version_conflict_leaves_the_document_unchanged(api: Api) -> None:
     alice = await api.user("alice")
     doc = await api.create_doc(alice, content="v1")
