@@ -490,12 +490,19 @@ class Spool:
                                (self._rexec, "_rconn")):
             if executor is None:
                 continue
-            conn = getattr(self, attr)
-            if conn is not None:
-                await loop.run_in_executor(executor, conn.close)
-                setattr(self, attr, None)
+            # Looked at on the connection's own thread, after what is queued
+            # there: a read_apart still to run (or opening its connection)
+            # opens it then. (executor.shutdown below then waits for nothing:
+            # it blocks the event loop.)
+            await loop.run_in_executor(executor, self._close_conn, attr)
             executor.shutdown(wait=True)
         self._wexec = self._rexec = self._mexec = self._bexec = None
+
+    def _close_conn(self, attr: str) -> None:
+        conn = getattr(self, attr)
+        if conn is not None:
+            setattr(self, attr, None)
+            conn.close()
 
     # -- writing -----------------------------------------------------------
 

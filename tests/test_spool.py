@@ -87,6 +87,50 @@ async def test_a_read_apart_holds_back_neither_the_writer_nor_the_reader(tmp_pat
     assert not path.with_name("spool.db-wal").exists()  # every connection closed
 
 
+async def test_close_during_the_first_read_apart_closes_its_connection(
+    tmp_path, audit_key, monkeypatch
+):
+    """close() while the first read_apart is still opening its connection:
+    that connection is closed too (it was left open, with the WAL behind it,
+    and close() waited for the read on the event loop's own thread)."""
+    import audit.spool as spool_module
+
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    opening, release = threading.Event(), threading.Event()
+    real_connect = spool_module.connect
+
+    def slow_connect(*args, **kwargs):
+        if kwargs.get("readonly"):
+            opening.set()
+            assert release.wait(3)
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(spool_module, "connect", slow_connect)
+    held = asyncio.ensure_future(sp.read_apart(lambda c: c.execute("SELECT 1").fetchone()))
+    await asyncio.get_running_loop().run_in_executor(None, opening.wait, 10)
+    ticks = 0
+
+    async def ticking() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.ensure_future(ticking())
+    closing = asyncio.ensure_future(sp.close())
+    await asyncio.sleep(0.2)  # the event loop still turns while close() waits
+    seen = ticks
+    release.set()
+    await asyncio.wait_for(closing, 10)
+    ticker.cancel()
+    assert seen >= 5
+    assert await held == (1,)
+    assert sp._bconn is None
+    assert not path.with_name("spool.db-wal").exists()  # every connection closed
+
+
 async def test_failing_job_is_rolled_back_alone(spool):
     s = await spool.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
 
