@@ -149,7 +149,9 @@ def _audited(handler: Handler, *, needs_space: bool) -> Handler:
             with contextlib.suppress(Exception):  # best effort: the error answers anyway
                 await engine.record(sid, draft, needs_space=space)
             raise
-        await engine.record(sid, draft, needs_space=space)
+        # Awaited whatever audit.ack says: the answer is out once this returns,
+        # and a session ended meanwhile must get 401, not audit data unrecorded.
+        await engine.record(sid, draft, needs_space=space, durable=True)
         return resp
 
     return run

@@ -582,3 +582,34 @@ async def test_audit_query_that_fails_unexpectedly_is_recorded(
     (ev,) = [e for e in await api.events(admin.session_id) if e["request_id"] == "boom"]
     assert (ev["action"], ev["outcome"], ev["details"]["reason"]) == (
         "audit.query", "failure", "internal_error")
+
+
+@pytest.mark.parametrize("ack", ["durable", "fast"])
+async def test_an_answer_whose_session_ends_meanwhile_is_not_handed_out(
+    make_api: Any, monkeypatch: pytest.MonkeyPatch, ack: str
+) -> None:
+    """An admin query records audit.query after it has its answer. Under
+    ack = "fast" that record was not awaited: an admin session that ended
+    meanwhile (a logout elsewhere, the reaper) still got the answer, and the
+    failed record was only logged. It is awaited now whatever audit.ack says."""
+    api = await make_api(audit={"ack": ack})
+    admin = await api.admin()
+    sink = api.engine.sink
+    asked, go = asyncio.Event(), asyncio.Event()
+    real = sink.list_sessions
+
+    async def held(*args: Any, **kwargs: Any) -> Any:  # answered, then held
+        result = await real(*args, **kwargs)
+        asked.set()
+        await go.wait()
+        return result
+
+    monkeypatch.setattr(sink, "list_sessions", held)
+    query = asyncio.ensure_future(api.client.get("/audit/sessions", headers=admin.headers))
+    await asyncio.wait_for(asked.wait(), 10)
+    assert (await api.client.post("/logout", headers=admin.headers)).status == 200
+    go.set()
+    await expect_error(await query, 401, "session_ended")
+    assert "audit.query" not in await api.actions(admin.session_id)
+    (ev,) = await api.wait_security("auth.session_ended")
+    assert ev["details"]["reason"] == "session_ended_during_action"
