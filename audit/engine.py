@@ -476,14 +476,14 @@ class AuditEngine:
                 sid = s.session_id
                 if (s.expires_at <= now or s.last_activity + idle <= now
                         or s.start_ts + longest <= now):
-                    ended = self.ended(s, now)
-                    assert ended is not None
-                    reason, when = ended
-                    src = Source(user=s.user, role=s.role)
-                    end = Draft("session.end", source=src, details={"reason": reason})
-                    futs.append(self.spool.submit_nowait(_sealer(sid, reason, end, when),
-                                                         needs_space=False))
-                    continue
+                    ended = self.ended(s, now)  # (which deadline came first)
+                    if ended is not None:
+                        reason, when = ended
+                        src = Source(user=s.user, role=s.role)
+                        end = Draft("session.end", source=src, details={"reason": reason})
+                        futs.append(self.spool.submit_nowait(_sealer(sid, reason, end, when),
+                                                             needs_space=False))
+                        continue
                 first = s.uncut_first_ts
                 if first is None:
                     continue
