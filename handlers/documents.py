@@ -16,6 +16,7 @@ from aiohttp import web
 
 from audit.events import Draft, format_ts, new_id
 from audit.middleware import RequestContext
+from audit.spool import SpoolFull
 from audit.store import ActionError
 
 from .errors import ApiError, bad_request, json_response
@@ -209,7 +210,10 @@ async def list_documents(request: web.Request) -> web.Response:
             args = (ctx.user,)
         return conn.execute(sql + " ORDER BY updated_at DESC, id", args).fetchall()
 
-    rows = await request.app[ENGINE].spool.read_apart(listing)
+    spool = request.app[ENGINE].spool
+    if not spool.accepting:  # 503 before reading what the record could not follow
+        raise SpoolFull("the audit spool cannot take the listing's event")
+    rows = await spool.read_apart(listing)
     draft.details = {"count": len(rows)}
     # Read before it is recorded: awaited whatever audit.ack says, so that a
     # session ended meanwhile gets 401 session_ended, not the documents with

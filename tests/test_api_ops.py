@@ -50,6 +50,24 @@ async def _fill(api: Api, who: Login) -> None:
     assert api.engine.spool.full
 
 
+async def test_a_full_spool_refuses_a_listing_before_it_reads(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /documents reads apart, before its record: with the spool full it
+    is refused first (it read every document, then got its 503)."""
+    api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
+    alice = await api.user("alice")
+    await api.create_doc(alice, title="A")
+    await _fill(api, alice)
+
+    async def not_read(fn: object) -> None:
+        raise AssertionError("read with the spool full")
+
+    monkeypatch.setattr(api.engine.spool, "read_apart", not_read)
+    resp = await api.client.get("/documents", headers=alice.headers)
+    await expect_error(resp, 503, "audit_unavailable")
+
+
 async def test_a_body_that_does_not_decode_closes_the_connection(make_api: MakeApi) -> None:
     """After a body that does not decode, aiohttp's parser cannot read the
     connection's next request: whatever the answer (400 if its record is
