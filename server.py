@@ -916,9 +916,12 @@ async def _drain(config: Config, timeout: float | None = None) -> int:  # noqa: 
     _end_progress()
     left = status["pending_parts"] + status["pending_security_events"]
     if not finished:
+        # No error yet: a write (or the sink's open) was still waiting for its
+        # answer, or for the flush budget.
+        error = status["sink"]["last_error"] or ("no error yet (a write was still under way"
+                                                 " or waiting for max_writes_per_second)")
         print(f"drain: gave up after {timeout:g} s; {left} still pending (kept in the spool),"
-              f" {status['dead_letter']} dead-lettered; the sink: {status['sink']['last_error']}",
-              file=sys.stderr)
+              f" {status['dead_letter']} dead-lettered; the sink: {error}", file=sys.stderr)
         return 1
     print(f"drained; {status['dead_letter']} dead-lettered, "
           f"{status['active_sessions']} sessions still open")

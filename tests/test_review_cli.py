@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -186,6 +187,23 @@ async def test_drain_gives_up_at_its_timeout_and_keeps_what_is_pending(live: Liv
     assert "gave up after 1 s" in r.stderr and f"{before} still pending" in r.stderr
     assert "Traceback" not in r.stderr
     assert await _pending(live) == before
+
+
+async def test_drain_timeout_before_any_answer_says_so_not_none(live: Live) -> None:
+    """Found by a review (a newcomer's first hour): a drain whose timeout came
+    before the sink's first answer ended with ``the sink: None``."""
+    await _pending_behind_a_sink_that_is_down(live)
+    url = live.settings["sink"]["http"]["url"]
+    live.settings = merge(live.settings, {"sink": {"http": {"timeout_seconds": 30.0}}})
+    live.config_path.write_text(to_toml(live.settings), encoding="utf-8")
+    with socket.socket() as hang:  # takes the connection, never answers
+        hang.bind(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        hang.listen()
+        r = await live.cli("drain", "--timeout", "1", timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "gave up after 1 s" in r.stderr
+    assert "the sink: None" not in r.stderr
+    assert "the sink: no error yet" in r.stderr
 
 
 async def test_drain_interrupted_exits_130_without_a_traceback(live: Live) -> None:
