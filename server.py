@@ -1017,6 +1017,14 @@ def main(argv: list[str] | None = None) -> int:
                 if command in ("drain", "retry-dead") else "")
         print(f"session-audit: {command}: interrupted{left}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of the output went away (`server.py verify | head`):
+        # stop quietly, as other tools do, and let nothing write there again
+        # (Python flushes stdout at exit).
+        log.debug("%s: its output was closed", command, exc_info=True)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (sqlite3.Error, OSError, SpoolUnavailable) as exc:
         # A spool or sink file that is not a database (or is damaged), a data
         # directory that cannot be written: one line, not a traceback.

@@ -206,6 +206,27 @@ async def test_drain_timeout_before_any_answer_says_so_not_none(live: Live) -> N
     assert "the sink: no error yet" in r.stderr
 
 
+@pytest.mark.parametrize("command", ["users", "status", "verify"])
+async def test_a_closed_output_pipe_is_no_error_message(live: Live, command: str) -> None:
+    """Found by a review (a newcomer's first hour): ``server.py verify | head``
+    printed ``[Errno 32] Broken pipe (SESSION_AUDIT_LOG_LEVEL=debug logs where
+    it happened)`` when ``head`` had read enough."""
+    await live.start()
+    assert await live.stop() == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes
+    try:
+        r = await asyncio.to_thread(
+            subprocess.run, [sys.executable, str(SERVER), command, "--config",
+                             str(live.config_path)],
+            cwd=live.workdir, env=server_env(), stdout=write_end, stderr=subprocess.PIPE,
+            text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 1
+    assert r.stderr == ""
+
+
 async def test_drain_interrupted_exits_130_without_a_traceback(live: Live) -> None:
     """Ctrl-C on a drain that cannot finish: one line, exit 130, nothing lost."""
     await _pending_behind_a_sink_that_is_down(live)
