@@ -1181,7 +1181,8 @@ class Writer:
         sink took since. A spool that flushed before stretches were noted
         (meta ``sink_status`` but no ``security_taken``) does not know where
         its first stretch begins: it is noted as "" (it accepts no chain
-        start; its end is still checked)."""
+        start; its end is still checked), unless ``ids`` hold the chain's
+        first event (id 1: ids count up from it)."""
         newest = max(ids)
         meta = dict(self.conn.execute(
             "SELECT key, value FROM meta"
@@ -1198,7 +1199,7 @@ class Writer:
         if current is None or current[0] != sink:
             if taken is not None:
                 begins = taken[1]
-            elif "sink_status" in meta:
+            elif "sink_status" in meta and min(ids) != 1:
                 begins = ""  # flushed before stretches were noted: unknown
             else:
                 begins = genesis(self.key, SECURITY_STREAM)

@@ -237,6 +237,10 @@ class SpoolAnchor:
     # those events (a chain accepted from a later stretch's start would
     # otherwise hide the removal of an earlier stretch's end, or all of it).
     ends: frozenset[str] = frozenset()
+    # This sink took none of the chain, and the spool knows every stretch
+    # since its start (switched to before, or left after, the security events
+    # came): nothing of it is this sink's to hold, not even its end.
+    took_none: bool = False
 
 
 def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) -> SpoolAnchor:
@@ -251,28 +255,33 @@ def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) 
         " UNION SELECT session_id FROM parts WHERE state != 'stored'"))
     stored = frozenset(r[0] for r in conn.execute(
         "SELECT session_id FROM stored_sessions WHERE ?1 IS NULL OR sink = ?1", (sink,)))
-    starts, end, ends = _stretches(conn, sink)
+    starts, end, ends, took_none = _stretches(conn, sink, genesis(key, SECURITY_STREAM))
     return SpoolAnchor(row[0] if row else genesis(key, SECURITY_STREAM),
                        json.loads(first[0]) if first else None, unfinished, stored - unfinished,
-                       starts, end, ends)
+                       starts, end, ends, took_none)
 
 
 def _stretches(
-    conn: sqlite3.Connection, sink: str | None
-) -> tuple[frozenset[str], str | None, frozenset[str]]:
+    conn: sqlite3.Connection, sink: str | None, start: str
+) -> tuple[frozenset[str], str | None, frozenset[str], bool]:
     """Where ``sink``'s stretches of the security chain begin; where its last
-    one ends if the chain has gone on in another sink since (else None); and
-    where each ends. A spool from before sink_stretches has none."""
+    one ends if the chain has gone on in another sink since (else None);
+    where each ends; and whether it took none while every stretch is noted
+    (the first begins at the chain's ``start``; one beginning elsewhere, or
+    at "" after an upgrade, may follow a stretch no row names, which this
+    sink may have taken). A spool from before sink_stretches has none."""
     if sink is None or conn.execute(
             "SELECT 1 FROM sqlite_master WHERE name = 'sink_stretches'").fetchone() is None:
-        return frozenset(), None, frozenset()
+        return frozenset(), None, frozenset(), False
     rows = conn.execute("SELECT took_from, took_to FROM sink_stretches WHERE sink = ?"
                         " ORDER BY rowid", (sink,)).fetchall()
     current = conn.execute("SELECT value FROM meta WHERE key = 'security_stretch'").fetchone()
     left = rows and current is not None and json.loads(current[0])[0] != sink
+    first = conn.execute("SELECT took_from FROM sink_stretches ORDER BY rowid LIMIT 1").fetchone()
+    took_none = not rows and first is not None and first[0] == start
     # (The last stretch's end is held by the checks of the chain's end.)
     return (frozenset(r[0] for r in rows if r[0]), rows[-1][1] if left else None,
-            frozenset(r[1] for r in rows[:-1]))
+            frozenset(r[1] for r in rows[:-1]), took_none)
 
 
 def _overdue(session_id: str, parts: list[Any], anchor: SpoolAnchor | None,
@@ -534,9 +543,11 @@ async def check_security_stream(
     # sink must hold the chain up to the spool's first unsent event (which
     # continues a head) or, with none unsent, up to the spool's head.
     # A sink the server has left since must hold its chain up to the last
-    # event it gave it.
+    # event it gave it; one it gave none, nothing of it.
     unsent = anchor.first_unsent
-    if anchor.end is not None:
+    if anchor.took_none:
+        whole = True
+    elif anchor.end is not None:
         whole = anchor.end[:32].encode() in seen
     elif unsent is not None and isinstance(unsent.get("hash"), str):
         whole = (unsent["hash"][:32].encode() in seen or continues(start, unsent)

@@ -109,3 +109,58 @@ async def test_a_dead_letter_retried_late_does_not_move_a_stretch_back(
     assert (await _verify(engine, a, audit_key)).ok
     _delete(a, "rowid = 4")  # a4, the end of sqlite's stretch (stored before a1)
     assert not (await _verify(engine, a, audit_key)).ok
+
+
+
+async def _a_stored_session(engines: Any, engine: Any) -> None:
+    src = Source(user="u", role="user", ip="10.0.0.1")
+    s = await engine.start_session("u", "user", src, 3600)
+    await engine.end_session(s.session_id, src)
+    await engines.drain(engine)
+    await engine._save_sink_status()  # as a server's reaper does every second
+
+
+async def test_an_old_sink_given_none_of_the_chain_is_not_held_to_its_end(
+    make_config, engines, audit_key
+):
+    """Found by a review (a newcomer's first hour): a session stored in
+    sqlite, then a switch to jsonl, where the first security events went.
+    verify with the old (sqlite) configuration, as README says to run it,
+    reported "the sink lacks this server's newest security events ... (they
+    were removed)": it had never been given one."""
+    a = make_config(flush=FLUSH)
+    b = make_config(flush=FLUSH, sink={"type": "jsonl"})
+    engine = await engines.open(a, SqliteSink(a.sqlite_sink_path))
+    await _a_stored_session(engines, engine)
+    await engines.close(engine)
+    engine = await engines.open(b, JsonlSink(b.jsonl_dir))
+    await _failed_logins(engines, engine, ["b0", "b1"])
+    assert (await _verify(engine, b, audit_key)).ok
+    await engines.close(engine)
+    engine = await engines.open(a, SqliteSink(a.sqlite_sink_path))
+    await engines.drain(engine)
+    report = await _verify(engine, a, audit_key)
+    assert report.ok, report.problems
+
+
+async def test_a_new_sink_given_none_yet_is_not_held_but_the_old_one_is(
+    make_config, engines, audit_key
+):
+    """The same review: verify on a sink switched to before any security
+    event went there reported the old sink's events as removed from it. The
+    old sink, which took them, is still held to them."""
+    a = make_config(flush=FLUSH)
+    b = make_config(flush=FLUSH, sink={"type": "jsonl"})
+    engine = await engines.open(a, SqliteSink(a.sqlite_sink_path))
+    await _failed_logins(engines, engine, ["a0", "a1", "a2"])
+    await engines.close(engine)
+    engine = await engines.open(b, JsonlSink(b.jsonl_dir))
+    await engines.drain(engine)  # (the flusher opens the sink)
+    report = await _verify(engine, b, audit_key)
+    assert report.ok, report.problems
+    await engines.close(engine)
+    engine = await engines.open(a, SqliteSink(a.sqlite_sink_path))
+    await engines.drain(engine)
+    assert (await _verify(engine, a, audit_key)).ok
+    _delete(a, "rowid = 3")  # a2, the newest: sqlite took it
+    assert not (await _verify(engine, a, audit_key)).ok
