@@ -25,5 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Not the data directory: it holds the keys, the users, the audit events not
+# yet in the sink and, with the default sink, the audit trail itself.
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) .pytest_cache

@@ -349,3 +349,15 @@ async def test_a_data_dir_with_url_characters_in_its_name(tmp_path: Path) -> Non
     finally:
         lv.close()
     assert os.listdir(tmp_path) == [odd.name]  # nothing made beside it
+
+
+def test_make_clean_leaves_the_data_directory_alone() -> None:
+    """Found by a review (a newcomer's first hour): ``make clean``, the usual
+    way to rebuild the venv, removed ``data/``: the audit key, the users and
+    documents, the events not yet in the sink and the default sink's
+    ``audit.db``, the audit trail itself."""
+    r = subprocess.run(["make", "-n", "clean"], cwd=SERVER.parent, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "rm -rf" in r.stdout
+    assert "data" not in r.stdout.split()
