@@ -8,6 +8,7 @@ in that order, so reading in this order never misses one).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
@@ -220,6 +221,33 @@ async def expect_error(resp: Any, status: int, code: str) -> dict[str, Any]:
     assert_error(resp.status, body, resp.headers, status, code)
     assert resp.content_type == "application/json"
     return body
+
+
+async def logged_out_while_held(
+    api: Api, monkeypatch: pytest.MonkeyPatch, target: Any, name: str, path: str,
+    who: Login, action: str,
+) -> None:
+    """``GET path`` with the coroutine method ``target.name`` held once it has
+    returned, ``who`` logged out meanwhile: the request must get 401
+    session_ended, recorded, and no ``action`` event in the session."""
+    reached, go = asyncio.Event(), asyncio.Event()
+    real = getattr(target, name)
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        result = await real(*args, **kwargs)
+        reached.set()
+        await go.wait()
+        return result
+
+    monkeypatch.setattr(target, name, held)
+    pending = asyncio.ensure_future(api.client.get(path, headers=who.headers))
+    await asyncio.wait_for(reached.wait(), 10)
+    assert (await api.client.post("/logout", headers=who.headers)).status == 200
+    go.set()
+    await expect_error(await pending, 401, "session_ended")
+    assert action not in await api.actions(who.session_id)
+    (ev,) = await api.wait_security("auth.session_ended")
+    assert ev["details"]["reason"] == "session_ended_during_action"
 
 
 async def session_with_checkpoints_in_sink(make_api: MakeApi) -> tuple[Api, Login, Login]:

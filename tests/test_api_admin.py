@@ -18,6 +18,7 @@ from api_fixtures import (
     MakeApi,
     api,
     expect_error,
+    logged_out_while_held,
     make_api,
     session_with_checkpoints_in_sink,
     wait_for,
@@ -594,22 +595,5 @@ async def test_an_answer_whose_session_ends_meanwhile_is_not_handed_out(
     failed record was only logged. It is awaited now whatever audit.ack says."""
     api = await make_api(audit={"ack": ack})
     admin = await api.admin()
-    sink = api.engine.sink
-    asked, go = asyncio.Event(), asyncio.Event()
-    real = sink.list_sessions
-
-    async def held(*args: Any, **kwargs: Any) -> Any:  # answered, then held
-        result = await real(*args, **kwargs)
-        asked.set()
-        await go.wait()
-        return result
-
-    monkeypatch.setattr(sink, "list_sessions", held)
-    query = asyncio.ensure_future(api.client.get("/audit/sessions", headers=admin.headers))
-    await asyncio.wait_for(asked.wait(), 10)
-    assert (await api.client.post("/logout", headers=admin.headers)).status == 200
-    go.set()
-    await expect_error(await query, 401, "session_ended")
-    assert "audit.query" not in await api.actions(admin.session_id)
-    (ev,) = await api.wait_security("auth.session_ended")
-    assert ev["details"]["reason"] == "session_ended_during_action"
+    await logged_out_while_held(api, monkeypatch, api.engine.sink, "list_sessions",
+                                "/audit/sessions", admin, "audit.query")

@@ -10,7 +10,16 @@ import threading
 from typing import Any
 
 import pytest
-from api_fixtures import EVENT_KEYS, TS_RE, Api, Login, api, expect_error, make_api
+from api_fixtures import (
+    EVENT_KEYS,
+    TS_RE,
+    Api,
+    Login,
+    api,
+    expect_error,
+    logged_out_while_held,
+    make_api,
+)
 from waiting import wait_for
 
 import audit.spool as spool_module
@@ -245,26 +254,8 @@ async def test_a_listing_whose_session_ends_while_it_reads_is_not_handed_out(
     api = await make_api(audit={"ack": ack})
     alice = await api.user("alice")
     await api.create_doc(alice, title="A")
-    spool = api.engine.spool
-    read, go = asyncio.Event(), asyncio.Event()
-    real = spool.read_apart
-
-    async def held(fn: Any) -> Any:  # the listing read, then held before its record
-        rows = await real(fn)
-        read.set()
-        await go.wait()
-        return rows
-
-    monkeypatch.setattr(spool, "read_apart", held)
-    listing = asyncio.ensure_future(api.client.get("/documents", headers=alice.headers))
-    await asyncio.wait_for(read.wait(), 10)
-    resp = await api.client.post("/logout", headers=alice.headers)
-    assert resp.status == 200
-    go.set()
-    await expect_error(await listing, 401, "session_ended")
-    assert "document.list" not in await api.actions(alice.session_id)
-    (ev,) = await api.wait_security("auth.session_ended")
-    assert ev["details"]["reason"] == "session_ended_during_action"
+    await logged_out_while_held(api, monkeypatch, api.engine.spool, "read_apart",
+                                "/documents", alice, "document.list")
 
 async def test_version_conflict_leaves_the_document_unchanged(api: Api) -> None:
     alice = await api.user("alice")

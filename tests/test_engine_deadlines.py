@@ -4,10 +4,10 @@ Real spool and sink files; the clocks are the test's."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
+from waiting import LoopTurns
 
 import audit.engine as engine_module
 from audit.events import Draft, Source, parse_ts
@@ -175,27 +175,17 @@ async def test_the_reaper_lets_the_event_loop_run_while_it_looks_at_many_session
     live = (await e.start_session("bob", "user", SRC, 3600)).session_id
     fake_clock.advance(61)
     await e.record(live, Draft("document.list"))
-    turns = 0
-
-    async def turning() -> None:
-        nonlocal turns
-        while True:
-            await asyncio.sleep(0)
-            turns += 1
-
     at_submit: list[int] = []
     submit = e.spool.submit_nowait
 
-    def counting(job: Any, **kwargs: Any) -> Any:
-        at_submit.append(turns)
-        return submit(job, **kwargs)
+    async with LoopTurns() as turns:
 
-    monkeypatch.setattr(e.spool, "submit_nowait", counting)
-    ticker = asyncio.create_task(turning())
-    try:
+        def counting(job: Any, **kwargs: Any) -> Any:
+            at_submit.append(turns.n)
+            return submit(job, **kwargs)
+
+        monkeypatch.setattr(e.spool, "submit_nowait", counting)
         assert await e.reap_once() == 5
-    finally:
-        ticker.cancel()
     assert len(at_submit) == 5 and at_submit[-1] > at_submit[0]  # the loop ran between
     assert all(e.session(sid) is None for sid in ids)
     assert e.session(live) is not None

@@ -9,6 +9,7 @@ import sqlite3
 import threading
 
 import pytest
+from waiting import LoopTurns
 
 from audit.events import Draft, Source, event_hash
 from audit.spool import Spool, SpoolClosed, SpoolFull
@@ -110,21 +111,12 @@ async def test_close_during_the_first_read_apart_closes_its_connection(
     monkeypatch.setattr(spool_module, "connect", slow_connect)
     held = asyncio.ensure_future(sp.read_apart(lambda c: c.execute("SELECT 1").fetchone()))
     await asyncio.get_running_loop().run_in_executor(None, opening.wait, 10)
-    ticks = 0
-
-    async def ticking() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticker = asyncio.ensure_future(ticking())
-    closing = asyncio.ensure_future(sp.close())
-    await asyncio.sleep(0.2)  # the event loop still turns while close() waits
-    seen = ticks
-    release.set()
-    await asyncio.wait_for(closing, 10)
-    ticker.cancel()
+    async with LoopTurns(pause=0.01) as ticks:
+        closing = asyncio.ensure_future(sp.close())
+        await asyncio.sleep(0.2)  # the event loop still turns while close() waits
+        seen = ticks.n
+        release.set()
+        await asyncio.wait_for(closing, 10)
     assert seen >= 5
     assert await held == (1,)
     assert sp._bconn is None

@@ -25,3 +25,27 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+class LoopTurns:
+    """``async with LoopTurns() as turns``: ``turns.n`` counts how often the
+    event loop ran a task that yields (after ``pause`` seconds each time)
+    while the block runs; it stays put while something holds the loop."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        self.n = 0
+        self.pause = pause
+        self._task: asyncio.Task[None] | None = None
+
+    async def _turn(self) -> None:
+        while True:
+            await asyncio.sleep(self.pause)
+            self.n += 1
+
+    async def __aenter__(self) -> LoopTurns:
+        self._task = asyncio.ensure_future(self._turn())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
