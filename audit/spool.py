@@ -270,6 +270,10 @@ def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.
     conn.execute("PRAGMA busy_timeout = 10000")
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
+        # A deleted document or purged record is overwritten, not left in
+        # free pages (and in every backup) for whoever reads the file. Many
+        # builds do so by default (Debian's); not all do.
+        conn.execute("PRAGMA secure_delete = ON")
     conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
     try:
         check_layout(conn, Path(path))

@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from live_server import Live
+
+from audit.spool import Spool
+from audit.store import Limits
 
 
 def _raw_request(port: int, request: bytes) -> bytes:
@@ -86,3 +91,31 @@ async def test_made_up_methods_do_not_become_metric_labels(
     methods = set(re.findall(r'session_audit_http_requests_total\{method="([^"]*)"', text))
     assert methods == {"GET", "other"}, methods  # GET: the start's /healthz probes
     assert 'method="other",route="unmatched",status="405"} 5.0' in text
+
+
+async def test_a_deleted_document_is_not_left_in_the_spool_file(
+    tmp_path: Path, audit_key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deleted document's content was left in the file's free pages (and
+    in every backup of it) on SQLite builds where secure_delete is off by
+    default; the spool's connections turn it on. (Here it is on by default:
+    the connections are made to start with it off.)"""
+    real = sqlite3.connect
+
+    def off_by_default(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real(*args, **kwargs)
+        conn.execute("PRAGMA secure_delete = OFF")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", off_by_default)
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    secret = "a-secret-that-was-deleted-" * 40
+    await sp.submit(lambda w: w.conn.execute(
+        "INSERT INTO documents (id, title, content, owner, version, created_at, updated_at)"
+        " VALUES ('d1', 't', ?, 'alice', 1, 'x', 'x')", (secret,)))
+    await sp.submit(lambda w: w.conn.execute("DELETE FROM documents WHERE id = 'd1'"))
+    await sp.close()  # the last connection checkpoints the WAL into the file
+    assert not path.with_name("spool.db-wal").exists()
+    assert b"a-secret-that-was-deleted-" not in path.read_bytes()
