@@ -465,39 +465,47 @@ class AuditEngine:
         kept: dict[str, tuple[int, float]] | None = None
         if mono - self._uncut_pruned >= UNCUT_PRUNE_INTERVAL:
             kept, self._uncut_pruned = {}, mono
-        futs = []
+        futs: list[asyncio.Future[Any]] = []
         # Once a second over every open session, on the event loop: the common
         # case (nothing due) costs a few comparisons and one dict lookup.
         sessions = self.spool.open_sessions()
-        for start in range(0, len(sessions), REAP_CHUNK):
-            if start:  # let requests in between chunks
-                await asyncio.sleep(0)
-            for s in sessions[start:start + REAP_CHUNK]:
-                sid = s.session_id
-                if (s.expires_at <= now or s.last_activity + idle <= now
-                        or s.start_ts + longest <= now):
-                    ended = self.ended(s, now)  # (which deadline came first)
-                    if ended is not None:
-                        reason, when = ended
-                        src = Source(user=s.user, role=s.role)
-                        end = Draft("session.end", source=src, details={"reason": reason})
-                        futs.append(self.spool.submit_nowait(_sealer(sid, reason, end, when),
-                                                             needs_space=False))
+        try:
+            for start in range(0, len(sessions), REAP_CHUNK):
+                if start:  # let requests in between chunks
+                    await asyncio.sleep(0)
+                for s in sessions[start:start + REAP_CHUNK]:
+                    sid = s.session_id
+                    if (s.expires_at <= now or s.last_activity + idle <= now
+                            or s.start_ts + longest <= now):
+                        ended = self.ended(s, now)  # (which deadline came first)
+                        if ended is not None:
+                            reason, when = ended
+                            src = Source(user=s.user, role=s.role)
+                            end = Draft("session.end", source=src, details={"reason": reason})
+                            futs.append(self.spool.submit_nowait(_sealer(sid, reason, end, when),
+                                                                 needs_space=False))
+                            continue
+                    first = s.uncut_first_ts
+                    if first is None:
                         continue
-                first = s.uncut_first_ts
-                if first is None:
-                    continue
-                # Aged by the wall clock (it went on while the server was down)
-                # and by the monotonic one since first seen here: a wall clock
-                # stepped back must not hold the events back as long.
-                wall_age = now - first
-                entry = seen.get(sid)
-                if entry is None or entry[0] != s.cut_seq:
-                    entry = seen[sid] = (s.cut_seq, mono - max(0.0, wall_age))
-                if kept is not None:
-                    kept[sid] = entry
-                if wall_age >= checkpoint or mono - entry[1] >= checkpoint:
-                    futs.append(self.spool.submit_nowait(_checkpointer(sid), needs_space=False))
+                    # Aged by the wall clock (it went on while the server was down)
+                    # and by the monotonic one since first seen here: a wall clock
+                    # stepped back must not hold the events back as long.
+                    wall_age = now - first
+                    entry = seen.get(sid)
+                    if entry is None or entry[0] != s.cut_seq:
+                        entry = seen[sid] = (s.cut_seq, mono - max(0.0, wall_age))
+                    if kept is not None:
+                        kept[sid] = entry
+                    if wall_age >= checkpoint or mono - entry[1] >= checkpoint:
+                        futs.append(self.spool.submit_nowait(_checkpointer(sid), needs_space=False))
+        except BaseException:
+            # Stopped half way (cancelled at a turn between chunks, or the
+            # spool refused a job): the jobs queued so far still run; their
+            # answers, a failure among them, are for nobody now.
+            for fut in futs:
+                fut.cancel()
+            raise
         if kept is not None:
             self._uncut_since = kept
         results = await asyncio.gather(*futs, return_exceptions=True)

@@ -4,10 +4,12 @@ Real spool and sink files; the clocks are the test's."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from typing import Any
 
 import pytest
-from waiting import LoopTurns
+from waiting import LoopTurns, wait_for
 
 import audit.engine as engine_module
 from audit.events import Draft, Source, parse_ts
@@ -212,3 +214,53 @@ async def test_the_reaper_forgets_sessions_that_ended(
     fake_monotonic.advance(engine_module.UNCUT_PRUNE_INTERVAL)
     assert await e.reap_once() == 0
     assert set(e._uncut_since) == {b}
+
+
+async def test_a_reaper_pass_cancelled_half_way_leaves_no_unheard_failures(
+    make_config, engines, fake_clock, monkeypatch
+):
+    """A pass stopped between two chunks (the server shutting down) had left
+    the seals it had queued with nobody to hear them: one that failed (its
+    session logged out meanwhile) was logged by asyncio as 'Future exception
+    was never retrieved', with a traceback. Its jobs still run; the answers
+    are dropped."""
+    monkeypatch.setattr(engine_module, "REAP_CHUNK", 1, raising=False)
+    config = make_config(audit={"idle_timeout_seconds": 60}, flush=FAST)
+    e = await engines.open(config, clock=fake_clock)
+    a = (await e.start_session("alice", "user", SRC, 3600)).session_id
+    b = (await e.start_session("bob", "user", SRC, 3600)).session_id
+    fake_clock.advance(61)
+    loop = asyncio.get_running_loop()
+    unheard: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unheard.append(context))
+    try:
+        end = Draft("session.end", source=SRC, details={"reason": "logout"})
+        logout = e.spool.submit_nowait(lambda w: w.seal(a, "logout", end), needs_space=False)
+        queued: list[asyncio.Future[Any]] = []
+        first_queued = asyncio.Event()
+        submit = e.spool.submit_nowait
+
+        def keeping(job: Any, **kwargs: Any) -> Any:
+            fut = submit(job, **kwargs)
+            queued.append(fut)
+            first_queued.set()
+            return fut
+
+        monkeypatch.setattr(e.spool, "submit_nowait", keeping)
+        reaping = asyncio.ensure_future(e.reap_once())
+        await first_queued.wait()
+        reaping.cancel()  # at the turn between the two chunks
+        with pytest.raises(asyncio.CancelledError):
+            await reaping
+        await logout  # the logout committed first: the reaper's seal of `a` failed
+        await wait_for(lambda: e.spool.stats.commits >= 2, message="the reaper's job ran")
+        assert len(queued) == 1
+        del queued[:], reaping
+        await e.spool.submit(lambda w: None)  # (the writer lets go of its last batch)
+        gc.collect()
+        await asyncio.sleep(0)
+        assert unheard == []
+        assert e.spool.open_session(b) is not None  # the pass stopped before it
+        assert await e.reap_once() == 1  # the next one ends it
+    finally:
+        loop.set_exception_handler(None)
