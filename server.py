@@ -79,7 +79,7 @@ from handlers.auth import (
     hash_password,
     valid_username,
 )
-from handlers.errors import error_middleware
+from handlers.errors import error_middleware, security_headers
 from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
 from handlers.ops import COUNTS, DURATIONS, REQUESTS, SharedCounts, new_registry
 from handlers.requests import CLIENT_MAX_SIZE
@@ -406,6 +406,7 @@ def create_app(
     app.middlewares.extend(
         [_metrics_middleware(app), error_middleware, session_middleware(engine, tokens)]
     )
+    app.on_response_prepare.append(security_headers)
     routes.setup(app)
     app.cleanup_ctx.append(_client_ctx)
     app.cleanup_ctx.append(_engine_ctx)

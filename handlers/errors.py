@@ -123,6 +123,27 @@ async def _session_ended(request: web.Request, exc: SessionNotOpen) -> web.Respo
     return error_response(request, 401, "session_ended", "the session has ended")
 
 
+# On every answer the app prepares (OWASP's REST security headers): nothing
+# here is for a cache to keep (tokens, documents, audit records: RFC 6749
+# requires no-store on a token answer), a browser must neither sniff a type
+# nor frame or run anything from it, and the server names no version.
+# Strict-Transport-Security belongs to the TLS proxy in front (README).
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "Pragma": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "Server": "session-audit",
+}
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: :data:`SECURITY_HEADERS` on every answer."""
+    response.headers.update(SECURITY_HEADERS)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = request_id_of(request)

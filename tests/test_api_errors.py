@@ -122,3 +122,45 @@ async def test_error_bodies_are_clean(api: Api) -> None:
         resp = await api.client.request(method, path, json=body, headers=alice.headers)
         assert resp.status >= 400
         assert_clean(await resp.text())
+
+
+async def test_every_answer_carries_the_security_headers(boom_api: Api) -> None:
+    """OWASP's REST security headers on answers of every kind, and a Server
+    header without aiohttp's or Python's version (it was
+    ``Python/3.11 aiohttp/3.x``): nothing for a cache to keep (RFC 6749 asks
+    ``no-store`` of a token answer), no sniffing, no framing."""
+    api = boom_api
+    resp = await api.client.post("/token", json={"username": "admin",
+                                                 "password": ADMIN_PASSWORD})
+    assert resp.status == 200
+    token = (await resp.json())["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    created = await api.client.post("/documents", json={"title": "t", "content": "c"},
+                                    headers=auth)
+    doc_id = (await created.json())["id"]
+    probes = [
+        (created, 201),
+        (await api.client.get(f"/documents/{doc_id}", headers=auth), 200),
+        (await api.client.get("/me", headers=auth), 200),
+        (await api.client.get("/audit/status", headers=auth), 200),
+        (await api.client.get("/healthz"), 200),
+        (await api.client.get("/metrics"), 200),
+        (await api.client.post("/token", json={"username": "admin", "password": "nope-x"}),
+         401),
+        (await api.client.get("/me"), 401),
+        (await api.client.get("/no/such/path", headers=auth), 404),
+        (await api.client.delete("/me", headers=auth), 405),
+        (await api.client.get("/test-only/boom", headers=auth), 500),
+        (await api.client.delete(f"/documents/{doc_id}", headers=auth), 204),
+    ]
+    for resp, status in probes:
+        assert resp.status == status, (resp.url, resp.status)
+        headers = resp.headers
+        assert headers["Cache-Control"] == "no-store", resp.url
+        assert headers["Pragma"] == "no-cache", resp.url
+        assert headers["X-Content-Type-Options"] == "nosniff", resp.url
+        assert headers["X-Frame-Options"] == "DENY", resp.url
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], resp.url
+        assert headers["Referrer-Policy"] == "no-referrer", resp.url
+        assert headers["Server"] == "session-audit", resp.url
+        assert headers["X-Request-ID"], resp.url
