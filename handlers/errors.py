@@ -76,7 +76,18 @@ def error_response(
     resp = json_response(body, status)
     for k, v in (headers or {}).items():
         resp.headers[k] = v
+    if status == 401 and code != "invalid_credentials":  # (a login's, not a bearer's)
+        resp.headers["WWW-Authenticate"] = _bearer_challenge(code)
     return resp
+
+
+def _bearer_challenge(code: str) -> str:
+    """RFC 6750's challenge for a 401 of a protected resource: no error
+    code when the request had no token, else ``invalid_token`` (bad,
+    expired or of an ended session), its description API.md's code."""
+    if code == "missing_token":
+        return 'Bearer realm="session-audit"'
+    return f'Bearer realm="session-audit", error="invalid_token", error_description="{code}"'
 
 
 def request_id_of(request: web.Request) -> str:

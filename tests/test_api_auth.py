@@ -113,6 +113,7 @@ async def test_invalid_credentials_same_answer_for_unknown_user_and_wrong_passwo
     b1 = await expect_error(r1, 401, "invalid_credentials")
     r2 = await api.client.post("/token", json={"username": "nobody", "password": "wrong"})
     b2 = await expect_error(r2, 401, "invalid_credentials")
+    assert "WWW-Authenticate" not in r1.headers  # a login's answer, not a bearer challenge
     b1["error"].pop("request_id")
     b2["error"].pop("request_id")
     assert b1 == b2
@@ -272,6 +273,9 @@ async def test_logout_ends_the_session_and_the_token(api: Api) -> None:
     for path in ("/me", "/documents"):
         r = await api.client.get(path, headers=alice.headers)
         await expect_error(r, 401, "session_ended")
+        assert r.headers["WWW-Authenticate"] == (
+            'Bearer realm="session-audit", error="invalid_token",'
+            ' error_description="session_ended"')
     r = await api.client.post("/logout", headers=alice.headers)
     await expect_error(r, 401, "session_ended")
     ended = await api.wait_security("auth.session_ended", 3)
@@ -455,6 +459,11 @@ async def test_bad_token(api: Api, name: str, code: str, action: str, reason: st
     headers = _make_bad(name, server.jwt_key(api.config), alice.session_id)
     resp = await api.client.get("/documents", headers={**headers, "X-Request-ID": f"bad-{name}"})
     await expect_error(resp, 401, code)
+    # RFC 6750: a 401 of a protected resource names its scheme; an error
+    # code only when a token was sent.
+    expected = ('Bearer realm="session-audit"' if code == "missing_token" else
+                f'Bearer realm="session-audit", error="invalid_token", error_description="{code}"')
+    assert resp.headers["WWW-Authenticate"] == expected
     ev = (await api.wait_security(action))[0]
     assert ev["details"]["reason"] == reason
     assert ev["outcome"] == "denied"
