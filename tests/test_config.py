@@ -207,6 +207,9 @@ def test_unknown_key_is_named(data, key):
          "sink.mongodb.uri_env"),
         ({"sink": {"http": {"token_env": "secret-token-value"}}}, "sink.http.token_env"),
         ({"ai": {"openai": {"api_key_env": "sk-secret0123"}}}, "ai.openai.api_key_env"),
+        # Letters, digits and _ only, but a leading digit: no variable's name
+        # (a hex token pasted there; it was taken as a name and quoted at start).
+        ({"sink": {"http": {"token_env": "0secret9f8e7d6c5b4a"}}}, "sink.http.token_env"),
     ],
 )
 def test_bad_value_is_named(data, key):
@@ -351,3 +354,26 @@ def test_log_lines_escape_control_characters_and_stay_quiet_on_records(monkeypat
         root.setLevel(level)
     assert "SECRET_DETAIL" not in text
     assert "our own debug line" in text
+
+
+# Every character that makes a log line read otherwise than it holds: the
+# line and paragraph separators (a line break to str.splitlines and older
+# JavaScript) and each bidirectional control (Trojan Source: the embeddings
+# and overrides U+202A-U+202E, the isolates U+2066-U+2069, the marks).
+LOG_ESCAPED = ("\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e"
+               "\u2066\u2067\u2068\u2069")
+
+
+@pytest.mark.parametrize("char", LOG_ESCAPED, ids=lambda c: f"U+{ord(c):04X}")
+def test_log_lines_escape_line_separators_and_bidi_controls(char):
+    import json
+    import logging
+
+    import server
+
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1,
+                               f"GET /a{char}b \u00e9", None, None)
+    line = server.JsonFormatter().format(record)
+    assert char not in line and f"\\u{ord(char):04x}" in line
+    assert "\u00e9" in line  # other text stays readable UTF-8
+    assert json.loads(line)["msg"] == record.getMessage()
