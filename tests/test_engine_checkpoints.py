@@ -217,3 +217,59 @@ async def test_a_clock_stepped_back_does_not_hold_a_time_checkpoint_back(
     fake_monotonic.advance(1)
     assert await engine.reap_once() == 1
     assert engine.session(s.session_id) is not None  # a checkpoint, still open
+
+
+async def test_a_clock_stepped_back_around_the_reapers_first_look_ages_from_the_events(
+    make_config, engines, fake_clock, fake_monotonic
+):
+    """The reaper first sees a session's uncut events late (a busy loop, a
+    paused VM): they are aged from when they began, whatever the wall clock
+    does afterwards; and a wall clock stepped back before that first look
+    does not age them less than the time since it."""
+    config = make_config(audit={"checkpoint_seconds": 900}, flush=FAST)
+    engine = await engines.open(config, clock=fake_clock, monotonic=fake_monotonic)
+    late = await engine.start_session("alice", "user", SRC, 3 * 3600)
+    fake_clock.advance(850)
+    fake_monotonic.advance(850)
+    assert await engine.reap_once() == 0  # first seen 850 s old
+    fake_clock.now -= 3600  # NTP steps the wall clock back an hour
+    early = await engine.start_session("bob", "user", SRC, 3 * 3600)
+    fake_clock.now -= 3600  # and again, before the reaper has looked at bob's
+    assert await engine.reap_once() == 0  # bob's first seen: 0 s old, not -3600
+    fake_clock.advance(50)
+    fake_monotonic.advance(50)
+    assert await engine.reap_once() == 1  # alice's: 900 s old
+    assert [p["first_seq"] for p in await parts_of(engines, engine, late.session_id)] == [1]
+    fake_clock.advance(850)
+    fake_monotonic.advance(850)
+    assert await engine.reap_once() == 1  # bob's: 900 s since first seen
+    assert [p["first_seq"] for p in await parts_of(engines, engine, early.session_id)] == [1]
+
+
+async def test_events_after_a_time_checkpoint_wait_their_own_checkpoint_seconds(
+    make_config, engines, fake_clock, fake_monotonic
+):
+    """The reaper ages a session's uncut events from when they began, per cut:
+    once a time checkpoint is cut, the events recorded after it start a new
+    age. (Keyed by the session alone, the age of the first uncut events would
+    carry over and every later event would be cut into a part of its own at
+    the next pass, one sink write a second.)"""
+    config = make_config(audit={"checkpoint_seconds": 900}, flush=FAST)
+    engine = await engines.open(config, clock=fake_clock, monotonic=fake_monotonic)
+    s = await engine.start_session("alice", "user", SRC, 3 * 3600)
+    assert await engine.reap_once() == 0  # seen: uncut since now
+    fake_clock.advance(900)
+    fake_monotonic.advance(900)
+    assert await engine.reap_once() == 1  # the time checkpoint
+    await engine.record(s.session_id, Draft("document.list"))  # uncut again, from now
+    for _ in range(3):
+        fake_clock.advance(1)
+        fake_monotonic.advance(1)
+        assert await engine.reap_once() == 0  # 1-3 s old: not due
+    fake_clock.advance(897)
+    fake_monotonic.advance(897)
+    assert await engine.reap_once() == 1  # 900 s old: the next checkpoint
+    assert await engine.end_session(s.session_id, SRC) == 4
+    parts = await parts_of(engines, engine, s.session_id)
+    assert [(p["first_seq"], p["last_seq"], p["seal_reason"]) for p in parts] == [
+        (1, 2, "checkpoint"), (3, 3, "checkpoint"), (4, 4, "logout")]
