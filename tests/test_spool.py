@@ -123,6 +123,26 @@ async def test_close_during_the_first_read_apart_closes_its_connection(
     assert not path.with_name("spool.db-wal").exists()  # every connection closed
 
 
+async def test_read_only_connections_find_a_path_with_percent_escapes_in_it(tmp_path, audit_key):
+    """Read-only connections open the spool by a ``file:`` URI, where SQLite
+    decodes ``%XX``: a directory named ``100%41`` must not be read as
+    ``100A`` (another file, which SQLite would report missing or read as
+    empty)."""
+    odd = tmp_path / "at 100%41 #1?"
+    odd.mkdir()
+    sp = Spool(odd / "spool.db", audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    try:
+        await sp.submit(lambda w: w.conn.execute(
+            "INSERT INTO documents (id, title, content, owner, version, created_at, updated_at)"
+            " VALUES ('d1', 't', 'c', 'alice', 1, 'x', 'x')"))
+        rows = await sp.read_apart(lambda c: c.execute("SELECT id FROM documents").fetchall())
+    finally:
+        await sp.close()
+    assert rows == [("d1",)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [odd.name]  # nothing made beside it
+
+
 async def test_failing_job_is_rolled_back_alone(spool):
     s = await spool.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
 
