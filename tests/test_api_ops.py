@@ -222,6 +222,54 @@ async def test_metrics(api: Api) -> None:
     assert "alice" not in text and alice.session_id not in text and alice.token not in text
 
 
+async def _metrics_text(api: Api) -> str:
+    resp = await api.client.get("/metrics")
+    assert resp.status == 200
+    return await resp.text()
+
+
+async def test_metrics_count_each_standard_method_by_its_name(api: Api) -> None:
+    """Only a made-up method is counted as method="other" (test_review_privacy):
+    each standard one keeps its own label, whatever the route answers."""
+    alice = await api.user("alice")
+    sent = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+    for method in sent:
+        resp = await api.client.request(method, "/documents/no-such-doc", headers=alice.headers)
+        await resp.read()
+    text = await _metrics_text(api)
+    methods = set(re.findall(r'^session_audit_http_requests_total\{method="([^"]*)"', text, re.M))
+    assert methods == set(sent), methods
+    assert 'method="DELETE",route="document_delete",status="404"} 1.0' in text
+
+
+async def test_request_durations_are_the_time_the_request_took(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The latency histogram observes how long each request took: a listing
+    held 70 ms before it is recorded is observed above the 50 ms bucket
+    (a lower bound the test makes, not a measure of this machine's speed)."""
+    import asyncio
+
+    alice = await api.user("alice")
+    spool = api.engine.spool
+    real = spool.read_apart
+
+    async def held(fn):  # type: ignore[no-untyped-def]
+        result = await real(fn)
+        await asyncio.sleep(0.07)
+        return result
+
+    monkeypatch.setattr(spool, "read_apart", held)
+    assert (await api.client.get("/documents", headers=alice.headers)).status == 200
+    text = await _metrics_text(api)
+    name = "session_audit_http_request_duration_seconds"
+    buckets = {m[1]: float(m[2]) for m in re.finditer(
+        rf'^{name}_bucket\{{le="([^"]+)",route="document_list"\}} (\S+)$', text, re.M)}
+    assert buckets["0.05"] == 0.0 and buckets["+Inf"] == 1.0, buckets
+    total = re.search(rf'^{name}_sum\{{route="document_list"\}} (\S+)$', text, re.M)
+    assert total is not None and float(total[1]) > 0.05, text
+
+
 @pytest.mark.parametrize(
     ("sent", "echoed"),
     [
