@@ -192,6 +192,40 @@ async def test_sessions_states_open_pending_stored(make_api: MakeApi) -> None:
     assert status["oldest_pending_age_seconds"] >= 0
 
 
+async def test_a_session_dead_lettered_is_listed_as_pending(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part the sink refused for good (dead-lettered: not in the sink, kept
+    in the spool) leaves its session pending, as GET /audit/sessions/{id}
+    says; ?state=pending lists it too. A real receiver refuses every write
+    with 401 (a wrong token)."""
+    from receiver import Receiver, ReceiverOptions, serve
+
+    receiver = Receiver(ReceiverOptions(token="the-receivers-token"))
+    runner, port = await serve(receiver, "127.0.0.1", 0)
+    try:
+        monkeypatch.setenv("SESSION_AUDIT_TEST_SINK_TOKEN", "not-the-receivers-token")
+        api = await make_api(sink={"type": "http", "http": {
+            "url": f"http://127.0.0.1:{port}", "token_env": "SESSION_AUDIT_TEST_SINK_TOKEN"}})
+        admin = await api.admin()
+        alice = await api.user("alice")
+        assert (await api.client.post("/logout", headers=alice.headers)).status == 200
+
+        async def dead() -> bool:
+            states = await api.engine.spool.read(lambda c: c.execute(
+                "SELECT state FROM parts WHERE session_id = ?", (alice.session_id,)).fetchall())
+            return bool(states == [("dead",)])
+
+        await wait_for(dead, message="alice's part dead-lettered")
+        assert await _session_state(api, admin, alice.session_id) == "pending"
+        listed = await _get(api, admin, "/audit/sessions", state="pending")
+        assert [s["session_id"] for s in listed["sessions"]] == [alice.session_id]
+        assert listed["sessions"][0]["state"] == "pending"
+    finally:
+        await runner.cleanup()
+        receiver.close()
+
+
 async def _is(api: Api, admin: Login, sid: str, state: str) -> bool:
     resp = await api.client.get(f"/audit/sessions/{sid}", headers=admin.headers)
     return resp.status == 200 and (await resp.json())["state"] == state
