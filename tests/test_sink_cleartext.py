@@ -14,6 +14,7 @@ from sinks import cleartext_to_remote, create_sink
     ("http://127.0.0.1:8099/v1", False),
     ("http://[::1]:8099/v1", False),
     ("http://localhost/v1", False),
+    ("http://receiver.localhost:8099/v1", False),  # *.localhost is this machine (RFC 6761)
     ("https://audit.example.com/v1", False),
     ("http://audit.example.com/v1", True),
     ("http://10.0.0.7/v1", True),
