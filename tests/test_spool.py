@@ -9,7 +9,7 @@ import sqlite3
 import threading
 
 import pytest
-from waiting import LoopTurns
+from waiting import LoopTurns, wait_for
 
 from audit.events import Draft, Source, event_hash
 from audit.spool import Spool, SpoolClosed, SpoolFull
@@ -105,7 +105,7 @@ async def test_close_during_the_first_read_apart_closes_its_connection(
     def slow_connect(*args, **kwargs):
         if kwargs.get("readonly"):
             opening.set()
-            assert release.wait(3)
+            assert release.wait(30)
         return real_connect(*args, **kwargs)
 
     monkeypatch.setattr(spool_module, "connect", slow_connect)
@@ -113,11 +113,11 @@ async def test_close_during_the_first_read_apart_closes_its_connection(
     await asyncio.get_running_loop().run_in_executor(None, opening.wait, 10)
     async with LoopTurns(pause=0.01) as ticks:
         closing = asyncio.ensure_future(sp.close())
-        await asyncio.sleep(0.2)  # the event loop still turns while close() waits
-        seen = ticks.n
+        # The event loop still turns while close() waits for the connection.
+        await wait_for(lambda: ticks.n >= 5, message="the loop turning during close()")
+        assert not closing.done()
         release.set()
         await asyncio.wait_for(closing, 10)
-    assert seen >= 5
     assert await held == (1,)
     assert sp._bconn is None
     assert not path.with_name("spool.db-wal").exists()  # every connection closed
