@@ -79,7 +79,7 @@ from handlers.auth import (
     hash_password,
     valid_username,
 )
-from handlers.errors import error_middleware, security_headers
+from handlers.errors import error_middleware, install_parser_error_answer, security_headers
 from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
 from handlers.ops import COUNTS, DURATIONS, REQUESTS, SharedCounts, new_registry
 from handlers.requests import CLIENT_MAX_SIZE
@@ -384,7 +384,9 @@ def create_app(
     # Header and request-line limits above aiohttp's 8190 bytes: a long junk
     # token or document id is then refused by our code (401 invalid_token,
     # 404), recorded, in the API's error format; past these limits aiohttp
-    # still answers a plain-text 400 before any of our code runs.
+    # still refuses with 400 before any of our code runs, in the API's
+    # format with our headers (install_parser_error_answer).
+    install_parser_error_answer()
     app = web.Application(client_max_size=CLIENT_MAX_SIZE, handler_args={
         "max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_HEADER_FIELD})
     app[CONFIG] = config

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from audit.events import Draft, new_id
 from audit.logthrottle import LogThrottle, more
@@ -153,6 +154,42 @@ SECURITY_HEADERS = {
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: :data:`SECURITY_HEADERS` on every answer."""
     response.headers.update(SECURITY_HEADERS)
+
+
+_AIOHTTP_HANDLE_ERROR = RequestHandler.handle_error
+
+
+def _parser_error_answer(
+    self: RequestHandler, request: web.BaseRequest, status: int = 500,
+    exc: BaseException | None = None, message: str | None = None,
+) -> web.StreamResponse:
+    """aiohttp's answer to a request it could not parse (a bad request line,
+    a header over the limits or with a control character) or to a failure
+    outside every middleware, in API.md's error format. aiohttp's own runs
+    before any of our code (no middleware, no ``on_response_prepare``, no
+    hook: aiohttp issue #3287) and was a text/plain 400 with ``Server:
+    Python/3.11 aiohttp/3.x``, none of the security headers, no
+    ``X-Request-ID``, and the offending request line quoted back, a whole
+    ``Authorization: Bearer ...`` header included. aiohttp's still does the
+    logging (our filter keeps it to one line) and refuses once an answer
+    has begun."""
+    _AIOHTTP_HANDLE_ERROR(self, request, status, exc, message)
+    rid = new_id()
+    code = _HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal_error")
+    text = ("the request is not well-formed HTTP, or its body's encoding cannot be decoded"
+            if status < 500 else "internal server error")
+    body = {"error": {"code": code, "message": text, "request_id": rid}}
+    resp = json_response(body, status)
+    resp.headers.update(SECURITY_HEADERS)
+    resp.headers["X-Request-ID"] = rid
+    resp.force_close()
+    return resp
+
+
+def install_parser_error_answer() -> None:
+    """Make :func:`_parser_error_answer` aiohttp's error answer (for the
+    process: aiohttp has no per-application hook). Idempotent."""
+    RequestHandler.handle_error = _parser_error_answer  # type: ignore[method-assign]
 
 
 @web.middleware

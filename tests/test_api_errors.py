@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import logging
 
 import pytest
@@ -164,3 +166,34 @@ async def test_every_answer_carries_the_security_headers(boom_api: Api) -> None:
         assert headers["Referrer-Policy"] == "no-referrer", resp.url
         assert headers["Server"] == "session-audit", resp.url
         assert headers["X-Request-ID"], resp.url
+
+
+async def test_a_request_aiohttp_cannot_parse_is_refused_in_the_api_format(api: Api) -> None:
+    """A header aiohttp's parser refuses (here a control character in an
+    Authorization header) is answered before any middleware runs. That answer
+    was text/plain, with ``Server: Python/3.11 aiohttp/3.x``, none of the
+    security headers, no X-Request-ID, and the header quoted back, token and
+    all. Now: API.md's error format, the same headers as every answer."""
+    alice = await api.user("alice")
+    server = api.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"GET /me HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 + alice.token.encode() + b"\x01\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)  # the connection closes after it
+    writer.close()
+    head, _, text = raw.decode("latin-1").partition("\r\n\r\n")
+    status, *lines = head.split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    assert " 400 " in status, raw
+    assert alice.token not in raw.decode("latin-1")
+    assert headers["server"] == "session-audit"
+    assert headers["content-type"] == "application/json; charset=utf-8"
+    assert headers["cache-control"] == "no-store" and headers["x-frame-options"] == "DENY"
+    assert headers["x-content-type-options"] == "nosniff"
+    body = json.loads(text)
+    assert body["error"]["code"] == "invalid_request"
+    assert body["error"]["request_id"] == headers["x-request-id"]
+    assert_clean(text)
+    # The server keeps serving.
+    assert (await api.client.get("/me", headers=alice.headers)).status == 200
