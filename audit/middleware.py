@@ -169,7 +169,13 @@ def _issued_at_start(engine: AuditEngine, claims: Claims) -> bool:
 async def authenticate(
     request: web.Request, engine: AuditEngine, tokens: TokenService
 ) -> RequestContext:
-    header = request.headers.get("Authorization", "")
+    headers = request.headers.getall("Authorization", ())
+    if len(headers) > 1:
+        # Not a list field (RFC 9110): which one a proxy in front checked or
+        # logged, and which one we would take, is anybody's guess.
+        raise await _deny(request, engine, "auth.invalid_token", 401, "invalid_token",
+                          "the token is not valid", reason="several_authorization_headers")
+    header = headers[0] if headers else ""
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -197,10 +203,11 @@ async def authenticate(
         raise await _deny(request, engine, "auth.session_ended", 401, "session_ended",
                           "the session has ended", session_id=claims.sid,
                           user=claims.sub, role=claims.role)
-    claimed = request.headers.get("X-Audit-Session-ID")
-    if claimed is not None and not hmac.compare_digest(
-        claimed.encode("utf-8", "surrogateescape"), claims.sid.encode()
-    ):
+    # Every value must match: a second one (a proxy's, or added to slip a
+    # mismatch past a check of the first) is not ignored.
+    if not all(hmac.compare_digest(claimed.encode("utf-8", "surrogateescape"),
+                                   claims.sid.encode())
+               for claimed in request.headers.getall("X-Audit-Session-ID", ())):
         raise await _deny(request, engine, "auth.session_mismatch", 403, "session_mismatch",
                           "X-Audit-Session-ID does not match the token's session",
                           session_id=claims.sid, user=claims.sub, role=session.role)

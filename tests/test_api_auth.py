@@ -21,6 +21,7 @@ from api_fixtures import (
     make_api,
     wait_for,
 )
+from multidict import CIMultiDict
 
 import server
 from audit.config import ConfigError, parse_config
@@ -358,6 +359,38 @@ async def test_audit_session_header_matching_is_fine(api: Api) -> None:
         "session.start", "token.issue", "document.list", "client.ok"]
     assert await api.security("auth.session_mismatch") == []
 
+
+
+async def test_every_audit_session_header_value_must_match(api: Api) -> None:
+    """A second X-Audit-Session-ID naming another session is a mismatch too
+    (only the first was compared: the other went unseen and unrecorded)."""
+    alice = await api.user("alice")
+    bob = await api.user("bob")
+    headers = CIMultiDict(alice.headers)
+    headers.add("X-Audit-Session-ID", alice.session_id)
+    headers.add("X-Audit-Session-ID", bob.session_id)
+    resp = await api.client.get("/documents", headers=headers)
+    await expect_error(resp, 403, "session_mismatch")
+    assert (await api.wait_security("auth.session_mismatch"))[0]["session_id"] == \
+        alice.session_id
+    assert await api.actions(alice.session_id) == ["session.start", "token.issue"]
+
+
+async def test_two_authorization_headers_are_refused(api: Api) -> None:
+    """Two Authorization headers (not a list field) were taken as the first:
+    a proxy in front that checked or logged the other one saw another caller
+    than we served. Refused as a malformed token, recorded."""
+    alice = await api.user("alice")
+    bob = await api.user("bob")
+    for first, second in ((alice, bob), (alice, alice)):
+        headers = CIMultiDict(first.headers)
+        headers.add("Authorization", second.headers["Authorization"])
+        resp = await api.client.get("/documents", headers=headers)
+        await expect_error(resp, 401, "invalid_token")
+    events = await api.wait_security("auth.invalid_token", 2)
+    assert {e["details"]["reason"] for e in events} == {"several_authorization_headers"}
+    assert await api.actions(alice.session_id) == ["session.start", "token.issue"]
+    assert await api.actions(bob.session_id) == ["session.start", "token.issue"]
 
 # -- bad tokens --------------------------------------------------------------------------
 
