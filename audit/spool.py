@@ -641,7 +641,10 @@ class Spool:
         return fn(self._bconn)
 
     def open_session(self, session_id: str) -> OpenSession | None:
-        """The committed state of an open session (a cache read, no I/O)."""
+        """An open session as the writer's cache has it (no I/O): its
+        committed state, or, while a batch runs, up to that batch ahead of it
+        (a session being sealed is gone a moment before the commit; a failed
+        batch puts it back)."""
         w = self._writer
         return w.sessions.get(session_id) if w is not None else None
 

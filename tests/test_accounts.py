@@ -214,9 +214,12 @@ async def test_a_change_made_while_the_server_was_down_applies_at_start(
     restarted = await make_api(server={"data_dir": str(api.config.data_dir)})
 
     async def ended() -> bool:
-        return restarted.engine.spool.open_session(alice.session_id) is None
+        # Its session.end committed (the writer's cache drops the session
+        # while the seal's batch runs, a moment before the commit).
+        return (await restarted.actions(alice.session_id))[-1] == "session.end"
 
     await wait_for(ended, timeout=15, message="alice's session to end at start")
+    assert restarted.engine.spool.open_session(alice.session_id) is None
     assert (await end_event(restarted, alice.session_id))["details"]["cause"] == "user_disabled"
 
 
