@@ -368,6 +368,7 @@ def _metrics_middleware(app: web.Application) -> Middleware:
 
 MAX_REQUEST_LINE = 16 * 1024
 MAX_HEADER_FIELD = 32 * 1024
+MIN_BCRYPT_ROUNDS = 10  # below it, serve warns (tests run with 4)
 
 
 def create_app(
@@ -402,6 +403,11 @@ def create_app(
     if any(net.prefixlen == 0 for net in proxies):
         log.warning("server.trusted_proxies trusts every address: any client can then"
                     " choose the address recorded for it and counted by the login throttle")
+    if config.auth.bcrypt_rounds < MIN_BCRYPT_ROUNDS:
+        log.warning("auth.bcrypt_rounds = %d: password hashes this cheap are quick to guess"
+                    " from a copy of the spool (OWASP ASVS 2.4.4 asks for at least %d;"
+                    " the default is 12); meant for tests only",
+                    config.auth.bcrypt_rounds, MIN_BCRYPT_ROUNDS)
     app[AI] = create_provider(config, app)
     app[CHAT_SLOTS] = asyncio.Semaphore(CHAT_CONCURRENCY)
     app[COUNTS] = SharedCounts(engine)

@@ -377,3 +377,20 @@ def test_log_lines_escape_line_separators_and_bidi_controls(char):
     assert char not in line and f"\\u{ord(char):04x}" in line
     assert "\u00e9" in line  # other text stays readable UTF-8
     assert json.loads(line)["msg"] == record.getMessage()
+
+
+@pytest.mark.parametrize(("rounds", "warned"), [(4, True), (9, True), (10, False), (12, False)])
+def test_cheap_bcrypt_rounds_are_warned_about_at_start(
+    tmp_path, rounds, warned, caplog
+):
+    """Passwords hashed with fewer than 10 rounds are quick to guess from a
+    copy of the spool (OWASP ASVS 2.4.4): allowed, for tests, but said."""
+    import logging
+
+    import server
+
+    config = parse_config({"server": {"data_dir": str(tmp_path / "data")},
+                           "auth": {"bcrypt_rounds": rounds}})
+    with caplog.at_level(logging.WARNING, logger="session_audit"):
+        server.create_app(config)
+    assert ("auth.bcrypt_rounds" in caplog.text) is warned
