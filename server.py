@@ -26,7 +26,7 @@ import socket
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -960,6 +960,49 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _run_interruptible(command: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run(command)``, Ctrl-C cancelling it from the event loop.
+
+    ``asyncio.run`` cancels the main task from a Python signal handler,
+    which runs between any two bytecodes of the loop's own code: a Ctrl-C
+    that landed while the loop was handing a thread's result to the future
+    the task awaited cancelled that future half way through, and asyncio
+    logged ``InvalidStateError`` with a traceback (seen about once in 300
+    interrupted drains). Here the signal only wakes the loop, which cancels
+    the task between callbacks; the command's cleanup runs as before, and
+    KeyboardInterrupt is raised once it is done. A second Ctrl-C is
+    Python's own (KeyboardInterrupt at once).
+    """
+    interrupted = False
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            interrupted = True
+            loop.remove_signal_handler(signal.SIGINT)  # the next one is Python's
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            return await command
+        except asyncio.CancelledError:
+            if interrupted:
+                return 130
+            raise
+        finally:
+            if not interrupted:
+                loop.remove_signal_handler(signal.SIGINT)
+
+    code = asyncio.run(run())
+    if interrupted:
+        raise KeyboardInterrupt
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="server.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1013,10 +1056,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "status":
             return cmd_status(config, args)
         if command == "verify":
-            return asyncio.run(_verify(config))
+            return _run_interruptible(_verify(config))
         if command == "drain":
-            return asyncio.run(_drain(config, args.timeout))
-        return asyncio.run(_retry_dead(config))
+            return _run_interruptible(_drain(config, args.timeout))
+        return _run_interruptible(_retry_dead(config))
     except (ConfigError, StartupError, AuditKeyMismatch) as exc:
         print(f"session-audit: {exc}", file=sys.stderr)
         return 2
