@@ -91,7 +91,7 @@ def _bearer_challenge(code: str) -> str:
     return f'Bearer realm="session-audit", error="invalid_token", error_description="{code}"'
 
 
-def request_id_of(request: web.Request) -> str:
+def request_id_of(request: web.BaseRequest) -> str:
     given = request.headers.get("X-Request-ID", "")
     return given if _REQUEST_ID_RE.fullmatch(given) else new_id()
 
@@ -174,7 +174,14 @@ def _parser_error_answer(
     logging (our filter keeps it to one line) and refuses once an answer
     has begun."""
     _AIOHTTP_HANDLE_ERROR(self, request, status, exc, message)
-    rid = new_id()
+    # A failure outside the middlewares comes with the request's headers
+    # (and, past the error middleware, its id): the id is the request's, as
+    # on every answer, and named in the log next to aiohttp's traceback. An
+    # unparsed request has no headers: a fresh id.
+    given = request.get(REQUEST_ID)
+    rid = given if isinstance(given, str) else request_id_of(request)
+    if status >= 500:
+        log.error("unhandled error outside the middlewares rid=%s", rid)
     code = _HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal_error")
     text = ("the request is not well-formed HTTP, or its body's encoding cannot be decoded"
             if status < 500 else "internal server error")

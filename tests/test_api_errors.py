@@ -11,6 +11,8 @@ import pytest
 from aiohttp import web
 from api_fixtures import ADMIN_PASSWORD, Api, MakeApi, api, assert_clean, expect_error, make_api
 
+from handlers.ops import REQUESTS
+
 __all__ = ["api", "make_api"]
 
 SECRET_DETAIL = "boom at /srv/secret/path.py with password hunter2"
@@ -197,3 +199,29 @@ async def test_a_request_aiohttp_cannot_parse_is_refused_in_the_api_format(api: 
     assert_clean(text)
     # The server keeps serving.
     assert (await api.client.get("/me", headers=alice.headers)).status == 200
+
+
+async def test_a_failure_outside_the_middlewares_keeps_the_request_id(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure in the outermost middleware (here the metrics counter,
+    after the error middleware has answered) reaches aiohttp's handle_error:
+    its 500 is in API.md's format and, like every answer, carries the
+    request's own X-Request-ID (API.md: echoed when sane), which the log
+    line names too, not a fresh id nobody can find in the log."""
+    counter = api.app[REQUESTS]
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError(SECRET_DETAIL)
+
+    monkeypatch.setattr(counter, "labels", broken)
+    with caplog.at_level(logging.ERROR, logger="session_audit.http"):
+        resp = await api.client.get("/healthz", headers={"X-Request-ID": "outer-1"})
+        body = await expect_error(resp, 500, "internal_error")
+    assert resp.headers["X-Request-ID"] == "outer-1"
+    assert body["error"]["request_id"] == "outer-1"
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert_clean(await resp.text())
+    assert any("outer-1" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    assert (await api.client.get("/healthz")).status == 200
