@@ -25,6 +25,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -973,6 +974,8 @@ def _run_interruptible(command: Coroutine[Any, Any, int]) -> int:
     KeyboardInterrupt is raised once it is done. A second Ctrl-C is
     Python's own (KeyboardInterrupt at once).
     """
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(command)  # (signals are the main thread's)
     interrupted = False
 
     async def run() -> int:
@@ -991,7 +994,7 @@ def _run_interruptible(command: Coroutine[Any, Any, int]) -> int:
             return await command
         except asyncio.CancelledError:
             if interrupted:
-                return 130
+                return 130  # (KeyboardInterrupt is raised below, once the loop is closed)
             raise
         finally:
             if not interrupted:

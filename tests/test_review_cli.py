@@ -361,3 +361,21 @@ def test_make_clean_leaves_the_data_directory_alone() -> None:
     assert r.returncode == 0, r.stderr
     assert "rm -rf" in r.stdout
     assert "data" not in r.stdout.split()
+
+
+def test_a_command_run_from_another_thread_still_runs() -> None:
+    """Ctrl-C is taken on the event loop only where signals arrive (the main
+    thread): elsewhere the command runs as plain ``asyncio.run`` would."""
+    import threading
+
+    import server
+
+    async def command() -> int:
+        return 7
+
+    out: list[int] = []
+    t = threading.Thread(target=lambda: out.append(server._run_interruptible(command())))
+    t.start()
+    t.join(30)
+    assert out == [7]
+    assert server._run_interruptible(command()) == 7
