@@ -163,6 +163,23 @@ def test_the_server_registers_the_revocation_pass_with_the_reaper(make_config) -
     assert app[ENGINE].before_reap == [app[ACCOUNTS].end_revoked_sessions]
 
 
+async def reap_counting_turns(e: Any, monkeypatch: Any) -> tuple[int, list[int]]:
+    """One reaper pass, and how often the loop had turned at each job it queued."""
+    at_submit: list[int] = []
+    submit = e.spool.submit_nowait
+
+    async with LoopTurns() as turns:
+
+        def counting(job: Any, **kwargs: Any) -> Any:
+            at_submit.append(turns.n)
+            return submit(job, **kwargs)
+
+        monkeypatch.setattr(e.spool, "submit_nowait", counting)
+        await wait_for(lambda: turns.n >= 1, message="the loop turning")
+        done = await e.reap_once()
+    return done, at_submit
+
+
 async def test_the_reaper_lets_the_event_loop_run_while_it_looks_at_many_sessions(
     make_config, engines, fake_clock, monkeypatch
 ):
@@ -177,17 +194,8 @@ async def test_the_reaper_lets_the_event_loop_run_while_it_looks_at_many_session
     live = (await e.start_session("bob", "user", SRC, 3600)).session_id
     fake_clock.advance(61)
     await e.record(live, Draft("document.list"))
-    at_submit: list[int] = []
-    submit = e.spool.submit_nowait
-
-    async with LoopTurns() as turns:
-
-        def counting(job: Any, **kwargs: Any) -> Any:
-            at_submit.append(turns.n)
-            return submit(job, **kwargs)
-
-        monkeypatch.setattr(e.spool, "submit_nowait", counting)
-        assert await e.reap_once() == 5
+    done, at_submit = await reap_counting_turns(e, monkeypatch)
+    assert done == 5
     assert len(at_submit) == 5 and at_submit[-1] > at_submit[0]  # the loop ran between
     assert all(e.session(sid) is None for sid in ids)
     assert e.session(live) is not None
@@ -277,16 +285,6 @@ async def test_the_reaper_lets_the_loop_run_at_its_real_chunk_size(
     n = 5000
     await asyncio.gather(*(e.start_session("alice", "user", SRC, 3600) for _ in range(n)))
     fake_clock.advance(61)
-    at_submit: list[int] = []
-    submit = e.spool.submit_nowait
-
-    async with LoopTurns() as turns:
-
-        def counting(job: Any, **kwargs: Any) -> Any:
-            at_submit.append(turns.n)
-            return submit(job, **kwargs)
-
-        monkeypatch.setattr(e.spool, "submit_nowait", counting)
-        await wait_for(lambda: turns.n >= 1, message="the loop turning")
-        assert await e.reap_once() == n
+    done, at_submit = await reap_counting_turns(e, monkeypatch)
+    assert done == n
     assert len(at_submit) == n and at_submit[-1] > at_submit[0]
