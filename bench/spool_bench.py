@@ -20,7 +20,9 @@ Measures, in one run on one machine:
 
 Each figure is the median of ``--repeats`` runs. With ``--json`` it prints
 one JSON object: ``raw_events_per_second`` and ``producers`` ->
-``{"1": {"events_per_second", "p50_ms", "p99_ms", ...}, "16": ..., "256": ...}``.
+``{"1": {"events_per_second", "p50_ms", "p99_ms", ...}, "16": ..., "256": ...}``;
+``raw_events_per_second_runs`` and each producer count's
+``events_per_second_runs`` keep every repeat's figure.
 """
 
 from __future__ import annotations
@@ -212,10 +214,13 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "gc": "default" if args.default_gc else "server (audit.runtime.tune_gc)",
     }
+    # Each repeat's figure beside the median: the spread of one run says how
+    # noisy the machine was while it ran.
+    result["raw_events_per_second_runs"] = [round(r) for r in raw_runs["spool"]]
     for p in PRODUCERS:
-        result["producers"][str(p)]["ratio_to_raw"] = round(
-            result["producers"][str(p)]["events_per_second"] / raw, 3
-        )
+        entry = result["producers"][str(p)]
+        entry["ratio_to_raw"] = round(entry["events_per_second"] / raw, 3)
+        entry["events_per_second_runs"] = [round(r["events_per_second"]) for r in engine_runs[p]]
     if args.json:
         print(json.dumps(result))
         return
@@ -231,7 +236,8 @@ def main() -> None:
         print(
             f"{p:>4} producers: {r['events_per_second']:>9,.0f} events/s"
             f"  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
-            f"  mean batch {r['mean_batch']:6.1f}  ({r['ratio_to_raw']:.2f} x raw)"
+            f"  mean batch {r['mean_batch']:6.1f}  ({r['ratio_to_raw']:.2f} x raw;"
+            f" repeats: {', '.join(f'{x:,}' for x in r['events_per_second_runs'])})"
         )
 
 
