@@ -74,6 +74,10 @@ class TokenService:
         return jwt.encode(claims, self._key, algorithm=ALGORITHM)
 
     def decode(self, token: str) -> Claims:
+        if not token.isascii():
+            # A JWT is base64url and dots. aiohttp reads header bytes that are
+            # not UTF-8 as lone surrogates, which PyJWT cannot encode (a 500).
+            raise TokenInvalid("malformed")
         options: Any = {"require": list(REQUIRED_CLAIMS)}
         try:
             data = jwt.decode(token, self._key, algorithms=[ALGORITHM], options=options)
