@@ -496,7 +496,19 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
         raise bad_request("username and password must not be empty")
     if len(username) > 256 or len(password) > MAX_PASSWORD_CHARS:
         raise bad_request("username or password too long")
+    if not (_encodable(username) and _encodable(password)):
+        # A form in a charset such as UTF-7 can decode to lone surrogates,
+        # which bcrypt's prehash cannot encode (a 500); JSON refuses them already.
+        raise bad_request("username and password must be valid Unicode")
     return username, password
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def login(request: web.Request) -> web.Response:

@@ -4,6 +4,9 @@
 - A bearer token with bytes that are not UTF-8: aiohttp reads header bytes
   with ``surrogateescape``, and PyJWT could not encode the lone surrogates.
   API.md: 401 ``invalid_token``, recorded as ``auth.invalid_token``.
+- A login form whose charset (UTF-7) decodes to lone surrogates: bcrypt's
+  prehash could not encode the password. A JSON login with ``"\\ud800"`` is
+  400 ``invalid_request``; so is the form now.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import json
 
 import pytest
-from api_fixtures import Api, api, assert_clean, make_api
+from api_fixtures import Api, api, assert_clean, expect_error, make_api
 
 __all__ = ["api", "make_api"]
 
@@ -44,3 +47,20 @@ async def test_a_token_that_is_not_utf8_is_invalid_token_and_recorded(
     found = [e for e in await api.wait_security("auth.invalid_token")
              if e["request_id"] == "not-utf8-token"]
     assert len(found) == 1 and found[0]["details"]["reason"] == "malformed"
+
+
+async def test_a_login_form_that_decodes_to_lone_surrogates_is_400(api: Api) -> None:
+    await api.add_user("alice")
+    # "+2QA-" is UTF-7 for U+D900, a lone surrogate.
+    for ctype, data in [
+        ("application/x-www-form-urlencoded; charset=utf-7", b"username=alice&password=+2QA-"),
+        ("application/x-www-form-urlencoded; charset=utf-7", b"username=+2QA-&password=secret1"),
+        ("multipart/form-data; boundary=XyZ",
+         b'--XyZ\r\nContent-Disposition: form-data; name="username"\r\n\r\nalice\r\n'
+         b'--XyZ\r\nContent-Disposition: form-data; name="password"\r\n'
+         b"Content-Type: text/plain; charset=utf-7\r\n\r\n+2QA-\r\n--XyZ--\r\n"),
+    ]:
+        resp = await api.client.post("/token", data=data, headers={"Content-Type": ctype})
+        await expect_error(resp, 400, "invalid_request")
+    # The server still logs alice in.
+    await api.login("alice")
