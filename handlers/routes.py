@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from . import admin, auth, chat, documents, events, ops
 
@@ -10,8 +14,32 @@ from . import admin, auth, chat, documents, events, ops
 PUBLIC_ROUTES = frozenset({"token", "healthz", "readyz", "metrics", "openapi"})
 
 
+async def expect_handler(request: web.Request) -> None:
+    """aiohttp's own (``100 Continue``; 417 for another expectation), which
+    runs before any middleware, except that a client gone before the ``100
+    Continue`` could be written is not an error: aiohttp logged that with a
+    traceback, and the attempt went unrecorded. Now the route goes on as for
+    a client gone mid-body: refused, and recorded, with no answer to send."""
+    try:
+        await _default_expect_handler(request)
+    except ConnectionError:
+        request.writer.output_size = 0  # nothing was sent
+
+
+class _Router:
+    """``app.router``'s ``add_*`` methods with :func:`expect_handler` on every
+    route (aiohttp has no default for all routes)."""
+
+    def __init__(self, router: web.UrlDispatcher) -> None:
+        self._router = router
+
+    def __getattr__(self, name: str) -> Any:
+        add = getattr(self._router, name)
+        return functools.partial(add, expect_handler=expect_handler)
+
+
 def setup(app: web.Application) -> None:
-    r = app.router
+    r = _Router(app.router)
     r.add_post("/token", auth.login, name="token")
     r.add_post("/logout", auth.logout, name="logout")
     r.add_get("/me", auth.me, name="me", allow_head=False)

@@ -1,5 +1,6 @@
-"""Regressions for what a longer hand-fuzzing run found: each was a 500
-``internal_error`` with a traceback in the log, for a client's bad input.
+"""Regressions for what a longer hand-fuzzing run found: each was a
+traceback in the log for a client's odd input (the first two a 500
+``internal_error``).
 
 - A bearer token with bytes that are not UTF-8: aiohttp reads header bytes
   with ``surrogateescape``, and PyJWT could not encode the lone surrogates.
@@ -7,12 +8,16 @@
 - A login form whose charset (UTF-7) decodes to lone surrogates: bcrypt's
   prehash could not encode the password. A JSON login with ``"\\ud800"`` is
   400 ``invalid_request``; so is the form now.
+- ``Expect: 100-continue`` from a client gone before the ``100 Continue``:
+  not a 500 (nobody to send it to) but an error with a traceback in the log,
+  and the attempt unrecorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 from api_fixtures import Api, api, assert_clean, expect_error, make_api
@@ -64,3 +69,29 @@ async def test_a_login_form_that_decodes_to_lone_surrogates_is_400(api: Api) -> 
         await expect_error(resp, 400, "invalid_request")
     # The server still logs alice in.
     await api.login("alice")
+
+
+async def test_a_client_gone_before_100_continue_is_recorded_without_a_traceback(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Expect: 100-continue``, then the client closes before the ``100
+    Continue`` is written. aiohttp's expect handler runs before any
+    middleware: its failed write was logged as an error with a traceback,
+    and the attempt (here with a bad token) was never recorded. Now it is
+    refused like a client gone mid-body, and recorded."""
+    server = api.client.server
+    n = 10
+    with caplog.at_level(logging.WARNING):
+        for i in range(n):
+            _, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(b"POST /documents HTTP/1.1\r\nHost: x\r\n"
+                         b"X-Request-ID: gone-" + str(i).encode() + b"\r\n"
+                         b"Authorization: Bearer not-a-token\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 20\r\n"
+                         b"Expect: 100-continue\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+        found = await api.wait_security("auth.invalid_token", n)
+    assert {f"gone-{i}" for i in range(n)} <= {e["request_id"] for e in found}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
