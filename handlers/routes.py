@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
-from aiohttp import web
-from aiohttp.web_urldispatcher import _default_expect_handler
+from aiohttp import HttpVersion11, hdrs, web
 
 from . import admin, auth, chat, documents, events, ops
 
 # Routes that need no bearer token.
 PUBLIC_ROUTES = frozenset({"token", "healthz", "readyz", "metrics", "openapi"})
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
 
 async def expect_handler(request: web.Request) -> None:
-    """aiohttp's own (``100 Continue``; 417 for another expectation), which
-    runs before any middleware, except that a client gone before the ``100
-    Continue`` could be written is not an error: aiohttp logged that with a
-    traceback, and the attempt went unrecorded. Now the route goes on as for
-    a client gone mid-body: refused, and recorded, with no answer to send."""
-    try:
-        await _default_expect_handler(request)
-    except ConnectionError:
-        request.writer.output_size = 0  # nothing was sent
+    """What aiohttp does with an ``Expect`` header (``100 Continue`` over
+    HTTP/1.1; 417 for any other expectation), before any middleware runs,
+    except that a client gone before the ``100 Continue`` could be written is
+    not an error: aiohttp logged that with a traceback, and the attempt went
+    unrecorded. Now the route goes on as for a client gone mid-body: refused,
+    and recorded, with no answer to send. (aiohttp's own handler is private:
+    ``web_urldispatcher._default_expect_handler``.)"""
+    if request.version != HttpVersion11:
+        return
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+    with contextlib.suppress(ConnectionError):  # the client is gone: the route
+        await request.writer.write(CONTINUE)    # finds out reading the body
+    request.writer.output_size = 0  # the answer's own bytes have not begun
 
 
 class _Router:

@@ -95,3 +95,34 @@ async def test_a_client_gone_before_100_continue_is_recorded_without_a_traceback
         found = await api.wait_security("auth.invalid_token", n)
     assert {f"gone-{i}" for i in range(n)} <= {e["request_id"] for e in found}
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def _exchange(api: Api, request: bytes) -> bytes:
+    server = api.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(request)
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)  # Connection: close
+    writer.close()
+    return raw
+
+
+async def test_the_expect_handler_keeps_aiohttps_answers_to_other_expectations(
+    api: Api,
+) -> None:
+    """Our expect handler copies aiohttp's (private) one: another expectation
+    over HTTP/1.1 is 417, and HTTP/1.0 gets no ``100 Continue`` (it has none):
+    its request is served as it comes."""
+    raw = await _exchange(api, b"POST /documents HTTP/1.1\r\nHost: x\r\n"
+                               b"Expect: 200-ok\r\nContent-Length: 0\r\n"
+                               b"Connection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 417 "), raw
+    assert b"Unknown Expect: 200-ok" in raw
+    raw = await _exchange(api, b"POST /documents HTTP/1.0\r\nHost: x\r\n"
+                               b"Expect: 100-continue\r\nX-Request-ID: ten-continue\r\n"
+                               b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    assert raw.startswith(b"HTTP/1.0 401 "), raw  # no token: the route answered, once
+    assert b" 100 Continue" not in raw
+    found = [e for e in await api.wait_security("auth.invalid_token")
+             if e["request_id"] == "ten-continue"]
+    assert len(found) == 1
