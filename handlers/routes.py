@@ -17,18 +17,23 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 async def expect_handler(request: web.Request) -> None:
-    """What aiohttp does with an ``Expect`` header (``100 Continue`` over
-    HTTP/1.1; 417 for any other expectation), before any middleware runs,
-    except that a client gone before the ``100 Continue`` could be written is
-    not an error: aiohttp logged that with a traceback, and the attempt went
-    unrecorded. Now the route goes on as for a client gone mid-body: refused,
-    and recorded, with no answer to send. (aiohttp's own handler is private:
-    ``web_urldispatcher._default_expect_handler``.)"""
+    """``Expect: 100-continue`` over HTTP/1.1 gets its ``100 Continue``, as
+    from aiohttp's own handler (private: ``_default_expect_handler``), which
+    runs before any middleware. Two differences:
+
+    - a client gone before the ``100 Continue`` could be written is not an
+      error (aiohttp logged it with a traceback, and the attempt went
+      unrecorded): the route goes on as for a client gone mid-body, refused
+      and recorded, with no answer to send;
+    - another expectation is ignored (RFC 9110 lets a server answer 417 or
+      not): aiohttp's plain-text 417 quoted the header back, and came before
+      the middlewares, so the request went unrecorded. The route now answers
+      it like any other request.
+    """
     if request.version != HttpVersion11:
         return
-    expect = request.headers.get(hdrs.EXPECT, "")
-    if expect.lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+    if request.headers.get(hdrs.EXPECT, "").strip().lower() != "100-continue":
+        return
     with contextlib.suppress(ConnectionError):  # the client is gone: the route
         await request.writer.write(CONTINUE)    # finds out reading the body
     request.writer.output_size = 0  # the answer's own bytes have not begun
