@@ -362,7 +362,7 @@ class Flusher:
         while len(self._deferred) > DEFERRED_MAX:
             del self._deferred[next(iter(self._deferred))]
         log.warning("part %s keeps failing; later parts go first, it is tried again in"
-                    " %.0f s", doc_id, wait)
+                    " %.1f s", doc_id, wait)  # (0.4 s with a 0.05 s backoff base: not "0 s")
 
     async def _purge(self) -> bool:
         """Delete acknowledged rows past their keep time, a bounded batch of

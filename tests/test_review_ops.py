@@ -151,3 +151,24 @@ async def test_parts_put_aside_during_an_outage_are_due_once_the_sink_is_back(
         fake_monotonic.advance(min(1.0, await engine.flusher.step() or 0))
     assert (await engine.status())["pending_parts"] == 0
     assert engine.flusher._deferred == {}
+
+
+async def test_the_put_aside_log_line_gives_a_wait_under_a_second_as_it_is(
+    make_config, engines, fake_monotonic, caplog
+):
+    """Found by a soak run: with ``backoff_base_seconds = 0.05`` a part put
+    aside waits 0.05 x 2 ** DEFER_AFTER = 0.4 s, and the log line said "0 s"."""
+    from audit.flusher import DEFER_AFTER
+
+    config = make_config(flush={"max_writes_per_second": 1000.0, "burst": 1000,
+                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
+    sink = Scripted(config.sqlite_sink_path)
+    engine = await engines.open(config, sink, monotonic=fake_monotonic)
+    await _parts(engine, 1)
+    sink.fail, sink.left = SinkUnavailable("down"), 10**6
+    with caplog.at_level(logging.WARNING, logger="session_audit.flusher"):
+        for _ in range(DEFER_AFTER):
+            fake_monotonic.advance(await engine.flusher.step() or 0)
+    lines = [r.getMessage() for r in caplog.records if "keeps failing" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"tried again in {0.05 * 2 ** DEFER_AFTER:.1f} s"), lines
