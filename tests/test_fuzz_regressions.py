@@ -25,13 +25,18 @@ from api_fixtures import Api, api, assert_clean, expect_error, make_api
 __all__ = ["api", "make_api"]
 
 
-async def _raw(api: Api, request: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
+async def _exchange(api: Api, request: bytes) -> bytes:
     server = api.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
     writer.write(request)
     await writer.drain()
     raw = await asyncio.wait_for(reader.read(), 10)  # Connection: close
     writer.close()
+    return raw
+
+
+async def _raw(api: Api, request: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
+    raw = await _exchange(api, request)
     head, _, text = raw.decode("latin-1").partition("\r\n\r\n")
     status, *lines = head.split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
@@ -95,16 +100,6 @@ async def test_a_client_gone_before_100_continue_is_recorded_without_a_traceback
         found = await api.wait_security("auth.invalid_token", n)
     assert {f"gone-{i}" for i in range(n)} <= {e["request_id"] for e in found}
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-
-
-async def _exchange(api: Api, request: bytes) -> bytes:
-    server = api.client.server
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    writer.write(request)
-    await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), 10)  # Connection: close
-    writer.close()
-    return raw
 
 
 async def test_another_expectation_is_ignored_and_the_request_answered_and_recorded(
