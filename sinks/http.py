@@ -23,7 +23,8 @@ are :class:`~sinks.base.SinkUnavailable`.
 3xx is :class:`~sinks.base.SinkUnavailable` too: redirects are not followed,
 and a redirect says nothing about the part (the receiver moved, or ``url``
 is wrong), so nothing is dead-lettered while an operator fixes ``url``.
-Other 4xx (401, 403 and 404 included) are :class:`~sinks.base.SinkRejected`.
+Other 4xx (401, 403 and 404 included) are :class:`~sinks.base.SinkRejected`;
+a final 1xx (a 101 nobody asked for) or a status below 100 is unavailable.
 
 An answer's body is read up to :data:`BODY_CAP` bytes, as sent (the sink
 asks for ``Accept-Encoding: identity`` and does not let aiohttp unpack a
@@ -341,8 +342,13 @@ class HttpSink(Sink):
             # Not about the part: the receiver moved or ``url`` is wrong.
             target = ""
             if location:
-                loc = urlsplit(_strip_userinfo(location.strip()))
-                target = " to " + self._redact(urlunsplit(loc._replace(query="", fragment="")))
+                try:
+                    loc = urlsplit(_strip_userinfo(location.strip()))
+                except ValueError:  # "http://[::1": not a URL to name
+                    target = " (to a Location that is not a URL)"
+                else:
+                    target = " to " + self._redact(
+                        urlunsplit(loc._replace(query="", fragment="")))
             return SinkUnavailable(
                 f"http sink: {where}: HTTP {status}: redirect{target} not followed; "
                 "set [sink.http] url to the receiver's address"
@@ -350,7 +356,9 @@ class HttpSink(Sink):
         wait = parse_retry_after(retry_after, self._clock())
         if status == 429 or (status == 503 and wait is not None):
             return SinkRateLimited(msg, retry_after=wait)
-        if status >= 500:
+        if status >= 500 or status < 400:
+            # 5xx; and a final 1xx (a 101 to a request that asked for no
+            # upgrade) or a status below 100: nothing said about the part.
             return SinkUnavailable(msg)
         if status == 422:
             return SinkConflict(msg)
@@ -415,7 +423,7 @@ def _stored_hash(raw: bytes | None) -> str | None:
         return None
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack
         return None
     value = body.get("hash") if isinstance(body, dict) else None
     return value if isinstance(value, str) else None

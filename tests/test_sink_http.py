@@ -691,6 +691,64 @@ async def test_a_timeout_after_the_status_line_says_the_receiver_answered(
     assert "HTTP 200 answered, but its body did not arrive within 1 s" in str(info.value)
 
 
+def status_line(line: bytes, *headers: bytes) -> Answer:
+    """An answer with the status line as given (a 101, a status of two digits)."""
+    async def answer(_: RawServer, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\r\n".join([line, b"Content-Length: 0", *headers]) + b"\r\n\r\n")
+        await writer.drain()
+    return answer
+
+
+@pytest.mark.parametrize(("line", "status"), [
+    (b"HTTP/1.1 101 Switching Protocols", 101),  # to a request that asked for no upgrade
+    (b"HTTP/1.1 099 X", 99),
+    (b"HTTP/1.1 000 X", 0),
+])
+async def test_a_status_that_is_neither_4xx_nor_a_success_is_retried_not_dead_lettered(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    line: bytes,
+    status: int,
+) -> None:
+    """Only a 4xx is about the part; a final 1xx or a status below 100 says
+    nothing about it (something else answers at the receiver's address)."""
+    raw = await raw_server(status_line(line))
+    sink = await make_sink(raw.url)
+    for write in (lambda: sink.write_part(sample_part("s1")),
+                  lambda: sink.write_security_events([sample_security_event("e1")])):
+        with pytest.raises(SinkUnavailable) as info:
+            async with asyncio.timeout(20):  # a guard against a hang, not a timing
+                await write()
+        assert f"HTTP {status}" in str(info.value), info.value
+
+
+@pytest.mark.parametrize("location", [b"http://[::1", b"http://[zz]/", b"http://a]b/"])
+async def test_a_redirect_to_a_location_that_is_not_a_url_is_retried(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    location: bytes,
+) -> None:
+    """urlsplit raised ValueError on it: an unclassified error, logged with a
+    traceback, and the part dead-lettered after five (UNEXPECTED_LIMIT)."""
+    raw = await raw_server(status_line(b"HTTP/1.1 302 Found", b"Location: " + location))
+    sink = await make_sink(raw.url)
+    with pytest.raises(SinkUnavailable) as info:
+        await sink.write_part(sample_part("s1"))
+    assert "HTTP 302: redirect (to a Location that is not a URL) not followed" in str(info.value)
+
+
+async def test_a_409_whose_body_nests_past_the_parsers_stack_is_a_409_without_a_hash(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+) -> None:
+    """json.loads raises RecursionError, not ValueError, on it: the write
+    failed unclassified (dead-lettered after five) instead of being stored."""
+    raw = await raw_server(fixed(409, b"[" * 60000))
+    sink = await make_sink(raw.url)
+    await sink.write_part(sample_part("s1"))
+    await sink.write_security_events([sample_security_event("e1")])
+
+
 # -- secrets in messages ------------------------------------------------------------
 
 
