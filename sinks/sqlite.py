@@ -83,6 +83,19 @@ async def _has_tables(db: aiosqlite.Connection) -> None:
                               " this sink's file, or they were dropped")
 
 
+def _classified(exc: sqlite3.Error) -> SinkUnavailable | SinkRejected:
+    """Rejected only for what is wrong with the document (a constraint, a
+    value SQLite cannot bind or store); the file's trouble is unavailable:
+    locked, read only, full (OperationalError), and corrupt or not a
+    database (a plain DatabaseError), which would otherwise dead-letter the
+    whole backlog one write after another until an operator repairs it."""
+    if isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError)) or (
+        type(exc) is sqlite3.DatabaseError
+    ):
+        return SinkUnavailable(f"sqlite sink: {exc}")
+    return SinkRejected(f"sqlite sink: {exc}")
+
+
 class SqliteSink(Sink):
     type = "sqlite"
     queryable = True
@@ -170,10 +183,8 @@ class SqliteSink(Sink):
             await cur.close()
             if inserted == 0:
                 await self._check_same(db, "parts", part["_id"], part["hash"])
-        except sqlite3.OperationalError as exc:
-            raise SinkUnavailable(f"sqlite sink: {exc}") from exc
         except sqlite3.Error as exc:
-            raise SinkRejected(f"sqlite sink: {exc}") from exc
+            raise _classified(exc) from exc
 
     async def write_security_events(self, events: list[Doc]) -> None:
         db = self._conn()
@@ -206,10 +217,8 @@ class SqliteSink(Sink):
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
-        except sqlite3.OperationalError as exc:
-            raise SinkUnavailable(f"sqlite sink: {exc}") from exc
         except sqlite3.Error as exc:
-            raise SinkRejected(f"sqlite sink: {exc}") from exc
+            raise _classified(exc) from exc
 
     @staticmethod
     async def _check_same(db: aiosqlite.Connection, table: str, doc_id: str, h: str) -> None:
