@@ -441,7 +441,7 @@ class JsonlSink(Sink):
                     break
                 try:
                     doc = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):  # nested past the parser's stack too
                     log.warning("%s at byte %d: not JSON, ignored", path.name, pos)
                 else:
                     if isinstance(doc, dict) and "_id" in doc:
@@ -460,7 +460,7 @@ class JsonlSink(Sink):
         try:
             obj = json.loads(fragment)
             complete = isinstance(obj, dict) and "_id" in obj
-        except ValueError:
+        except (ValueError, RecursionError):
             complete = False
         with os.fdopen(_open_regular(path, os.O_RDWR), "r+b") as f:
             st = os.fstat(f.fileno())

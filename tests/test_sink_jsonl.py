@@ -98,6 +98,29 @@ async def test_torn_last_line_is_removed_at_open(tmp_path: Path, keep_first: boo
     assert [d["_id"] for d in lines(path)] == (["a:0", "b:0"] if keep_first else ["b:0"])
 
 
+@pytest.mark.parametrize("newline", [True, False], ids=["line", "torn-tail"])
+async def test_a_line_nested_past_the_json_parsers_stack_is_not_json(
+    tmp_path: Path, newline: bool
+) -> None:
+    """json.loads raises RecursionError, not ValueError, on it: the sink never
+    opened (a traceback a retry, nothing sent until the spool filled), though
+    a line that is not JSON is ignored and a torn tail cut off."""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    path.write_bytes(json.dumps({**sample_part("a"), "type": "session_part"}).encode()
+                     + b"\n" + b"[" * 100_000 + (b"\n" if newline else b""))
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("a"))  # known already: nothing appended
+        await sink.write_part(sample_part("b"))
+        assert [p["_id"] for p in await sink.get_session_parts("b")] == ["b:0"]
+    finally:
+        await sink.close()
+    ids = [json.loads(raw)["_id"] for raw in path.read_bytes().splitlines()
+           if not raw.startswith(b"[")]
+    assert ids == ["a:0", "b:0"]
+
+
 async def test_complete_last_line_without_newline_is_kept(tmp_path: Path) -> None:
     path = tmp_path / "audit-2025-11-26.jsonl"
     part = sample_part("c")
