@@ -711,9 +711,13 @@ class JsonlSink(Sink):
         f = self._file
         start = f.seek(0, os.SEEK_END)
         try:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            # Past the file object's buffer: of a write the disk cut short
+            # (full, RLIMIT_FSIZE) the rest would stay buffered, and
+            # truncate() below, flushing it first, would fail the same way.
+            fd, view = f.fileno(), memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
         except OSError:
             # If the truncate fails too, the next write's catch-up (under the
             # lock) indexes the lines that made it or repairs a torn one.

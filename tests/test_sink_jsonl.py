@@ -8,6 +8,7 @@ import fcntl
 import gc
 import json
 import os
+import sys
 import time
 import tracemalloc
 import uuid
@@ -119,6 +120,54 @@ async def test_a_line_nested_past_the_json_parsers_stack_is_not_json(
     ids = [json.loads(raw)["_id"] for raw in path.read_bytes().splitlines()
            if not raw.startswith(b"[")]
     assert ids == ["a:0", "b:0"]
+
+
+FILE_SIZE_LIMIT_SCRIPT = """
+import asyncio, os, resource, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from receiver import sample_part
+from sinks.base import SinkUnavailable
+from sinks.jsonl import JsonlSink
+
+async def main(directory):
+    sink = JsonlSink(directory, clock=lambda: 1_764_115_200.0)
+    await sink.open()
+    await sink.write_part(sample_part("a"))
+    path = Path(directory) / "audit-2025-11-26.jsonl"
+    size = path.stat().st_size
+    # Python ignores SIGXFSZ: a write past the limit fails with EFBIG, after
+    # writing what fits, as on a disk that fills up mid-line.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, resource.RLIM_INFINITY))
+    big = sample_part("b")
+    big["pad"] = "x" * 1_000  # less than the file object's 8 KiB buffer
+    try:
+        await sink.write_part(big)
+    except SinkUnavailable as exc:
+        print("unavailable:", exc)
+    print("sizes", size, path.stat().st_size)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_write_the_disk_cuts_short_is_truncated_back(tmp_path: Path) -> None:
+    """README: a failed write is truncated back. The line went through the
+    file object's buffer: the disk took what fitted, the rest stayed in the
+    buffer, and truncate(), which flushes first, failed the same way, so the
+    torn line stayed until the next write's repair ("crash during a write")
+    and a reader (verify) saw it meanwhile."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FILE_SIZE_LIMIT_SCRIPT, str(tmp_path),
+        cwd=Path(__file__).parent.parent,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
+    assert proc.returncode == 0, out
+    assert "unavailable: jsonl sink: write failed: [Errno 27]" in out, out
+    before, after = out.split("sizes ")[1].split()
+    assert after == before, out
+    assert [d["_id"] for d in lines(tmp_path / "audit-2025-11-26.jsonl")] == ["a:0"]
 
 
 async def test_complete_last_line_without_newline_is_kept(tmp_path: Path) -> None:
