@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -107,6 +109,10 @@ class SqliteSink(Sink):
         # tables of a file that has lost them.
         self.readonly = readonly
         self._db: aiosqlite.Connection | None = None
+        # The file the connection has open, as (st_dev, st_ino): a file
+        # deleted or renamed while open takes writes that nobody will read.
+        self._file_id: tuple[int, int] | None = None
+        self._reopen = False  # closed for that reason, to be opened anew
         # One connection: writes must not interleave inside a transaction.
         self._lock = asyncio.Lock()
 
@@ -130,6 +136,41 @@ class SqliteSink(Sink):
         except OSError as exc:
             raise SinkUnavailable(f"cannot open {self.path.name}: {exc}") from exc
         await self._connect(self.path, uri=False, setup=_prepare)
+        self._file_id = self._path_id()
+
+    def _path_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    async def _current(self) -> aiosqlite.Connection:
+        """The connection, opened anew first if its file is no longer the one
+        at ``path`` (deleted or renamed: SQLite would go on writing into it).
+
+        The old connection checkpoints first: SQLite does not on closing a
+        file that has moved, and leaves its ``-wal`` under the old name, for
+        the new file to drop; a renamed file would lose what was in it."""
+        if self._db is not None and self._file_id is not None \
+                and self._path_id() != self._file_id:
+            log.warning("sqlite sink: %s was deleted or replaced; starting it anew",
+                        self.path.name)
+            with contextlib.suppress(sqlite3.Error):  # (a deleted file: nobody reads it)
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await self.close()
+            self._reopen = True
+        if self._db is None and self._reopen:
+            await self.open()  # SinkUnavailable if it cannot: tried again at the next write
+            self._reopen = False
+        return self._conn()
+
+    def _still_current(self) -> None:
+        """After a write: its file still the one at ``path``, else the write
+        counts as failed (written again into the new file)."""
+        if self._file_id is not None and self._path_id() != self._file_id:
+            raise SinkUnavailable(f"sqlite sink: {self.path.name} was deleted or replaced"
+                                  " during a write")
 
     async def _connect(self, target: str | Path, *, uri: bool,
                        setup: Callable[[aiosqlite.Connection], Awaitable[None]]) -> None:
@@ -147,7 +188,7 @@ class SqliteSink(Sink):
         self._db = db
 
     async def close(self) -> None:
-        db, self._db = self._db, None
+        db, self._db, self._file_id, self._reopen = self._db, None, None, False
         if db is not None:
             await db.close()
 
@@ -157,10 +198,10 @@ class SqliteSink(Sink):
         return self._db
 
     async def write_part(self, part: Doc) -> None:
-        db = self._conn()
         doc = dumps(part)
         async with self._lock:
-            await self._insert_part(db, part, doc)
+            await self._insert_part(await self._current(), part, doc)
+            self._still_current()
 
     async def _insert_part(self, db: aiosqlite.Connection, part: Doc, doc: str) -> None:
         try:
@@ -187,9 +228,9 @@ class SqliteSink(Sink):
             raise _classified(exc) from exc
 
     async def write_security_events(self, events: list[Doc]) -> None:
-        db = self._conn()
         async with self._lock:
-            await self._insert_security(db, events)
+            await self._insert_security(await self._current(), events)
+            self._still_current()
 
     async def _insert_security(self, db: aiosqlite.Connection, events: list[Doc]) -> None:
         try:

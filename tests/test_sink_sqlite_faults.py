@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from receiver import sample_part
@@ -53,3 +54,102 @@ async def test_what_is_wrong_with_the_document_is_still_rejected(tmp_path: Path)
             await sink.write_part(part)
     finally:
         await sink.close()
+
+
+def _stored(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {row[0] for row in db.execute("SELECT id FROM parts")}
+
+
+def _sidecars(path: Path) -> list[Path]:
+    return [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+
+
+@pytest.mark.parametrize("with_sidecars", [True, False])
+async def test_a_sink_file_deleted_while_open_is_started_anew_and_written(
+    tmp_path: Path, with_sidecars: bool
+) -> None:
+    """Found by a sink hunt: SQLite writes on into a deleted file, so parts
+    written after an `rm audit.db` were acknowledged, marked stored in the
+    spool, and gone. The JSONL sink checked for this; the sqlite one did not."""
+    path = tmp_path / "audit.db"
+    sink = SqliteSink(path)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("before"))
+        path.unlink()
+        if with_sidecars:
+            for side in _sidecars(path):
+                side.unlink(missing_ok=True)
+        await sink.write_part(sample_part("after"))
+        await sink.write_security_events([{"_id": "sec-1", "ts": "2026-11-26T14:00:00.000Z",
+                                           "action": "auth.login_failed", "hash": "h1"}])
+    finally:
+        await sink.close()
+    assert _stored(path) == {sample_part("after")["_id"]}
+    with sqlite3.connect(path) as db:
+        assert [r[0] for r in db.execute("SELECT id FROM security_events")] == ["sec-1"]
+
+
+async def test_a_sink_file_renamed_while_open_keeps_its_parts_and_a_new_one_takes_the_next(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.db"
+    old = tmp_path / "audit-2026.db"
+    sink = SqliteSink(path)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("before"))
+        path.rename(old)
+        await sink.write_part(sample_part("after"))
+    finally:
+        await sink.close()
+    assert _stored(path) == {sample_part("after")["_id"]}
+    assert _stored(old) == {sample_part("before")["_id"]}  # closed first: checkpointed into it
+
+
+async def test_a_sink_file_deleted_during_a_write_fails_the_write_which_goes_again(
+    tmp_path: Path,
+) -> None:
+    """Deleted between the check before the write and its commit: the write
+    is not taken as stored (the flusher sends it again, into the new file)."""
+
+    class DeletedMidWrite(SqliteSink):
+        deleted = False
+
+        async def _insert_part(self, db: Any, part: Any, doc: str) -> None:
+            await super()._insert_part(db, part, doc)
+            if not self.deleted:
+                self.deleted = True
+                self.path.unlink()  # the operator's rm, at the worst moment
+
+    path = tmp_path / "audit.db"
+    sink = DeletedMidWrite(path)
+    await sink.open()
+    try:
+        with pytest.raises(SinkUnavailable, match="deleted or replaced during a write"):
+            await sink.write_part(sample_part("victim"))
+        await sink.write_part(sample_part("victim"))  # the flusher's retry
+    finally:
+        await sink.close()
+    assert _stored(path) == {sample_part("victim")["_id"]}
+
+
+async def test_a_sink_file_that_cannot_be_started_anew_is_unavailable_until_it_can(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.db"
+    sink = SqliteSink(path)
+    await sink.open()
+    try:
+        path.unlink()
+        path.mkdir()  # in the way of the new file
+        with pytest.raises(SinkUnavailable):
+            await sink.write_part(sample_part("waits"))
+        with pytest.raises(SinkUnavailable):
+            await sink.write_part(sample_part("waits"))
+        path.rmdir()
+        await sink.write_part(sample_part("waits"))
+    finally:
+        await sink.close()
+    assert _stored(path) == {sample_part("waits")["_id"]}
