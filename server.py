@@ -139,7 +139,10 @@ def load_secret(env: str, path: Path) -> bytes:
     """A key from the environment, else from ``path`` (created, 0600)."""
     value = os.environ.get(env)
     if value:
-        key = value.encode("utf-8")
+        try:
+            key = value.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8: the error would quote them
+            raise StartupError(f"{env} is not UTF-8 text") from None
     else:
         if not path.exists():
             with contextlib.suppress(FileExistsError):  # another process was first
@@ -232,6 +235,8 @@ def admin_password_from_env() -> str | None:
     longer one would make every login slower); else :class:`StartupError`."""
     password = os.environ.get(ADMIN_PASSWORD_ENV)
     if password:
+        if not _utf8(password):  # no login could send it (nor could it be hashed)
+            raise StartupError(f"{ADMIN_PASSWORD_ENV} is not UTF-8 text")
         if len(password) < MIN_PASSWORD_CHARS:
             raise StartupError(
                 f"{ADMIN_PASSWORD_ENV} must have at least {MIN_PASSWORD_CHARS} characters")
@@ -239,6 +244,16 @@ def admin_password_from_env() -> str | None:
             raise StartupError(
                 f"{ADMIN_PASSWORD_ENV} must have at most {MAX_PASSWORD_CHARS} characters")
     return password or None
+
+
+def _utf8(text: str) -> bool:
+    """False for a string with bytes that were not UTF-8 (from the environment
+    or a pipe, decoded with surrogateescape): it cannot be hashed or sent."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _ensure_admin(app: web.Application) -> None:
@@ -650,7 +665,11 @@ def _read_password(command: str, name: str, from_stdin: bool) -> str | None:
     """A new password from stdin's first line or asked twice on the terminal;
     None (after saying why on stderr) if there is none fit to use."""
     if from_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
+        try:
+            password = sys.stdin.readline().rstrip("\r\n")
+        except UnicodeDecodeError:  # (a locale whose stdin is strict)
+            print(f"{command}: the password is not UTF-8 text", file=sys.stderr)
+            return None
     elif not sys.stdin.isatty():  # getpass would read the pipe, warning it may echo
         print(f"{command}: no terminal to ask on: give the password on stdin with"
               " --password-stdin", file=sys.stderr)
@@ -666,6 +685,9 @@ def _read_password(command: str, name: str, from_stdin: bool) -> str | None:
         if again != password:
             print(f"{command}: the passwords differ", file=sys.stderr)
             return None
+    if not _utf8(password):  # login could never send it
+        print(f"{command}: the password is not UTF-8 text", file=sys.stderr)
+        return None
     if len(password) < MIN_PASSWORD_CHARS:
         print(f"{command}: the password must have at least {MIN_PASSWORD_CHARS} characters",
               file=sys.stderr)

@@ -379,3 +379,61 @@ def test_a_command_run_from_another_thread_still_runs() -> None:
     t.join(30)
     assert out == [7]
     assert server._run_interruptible(command()) == 7
+
+
+def _run_bytes(live: Live, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None,
+               io_errors: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    environ = {**server_env(), **(env or {})}
+    if io_errors is not None:
+        environ["PYTHONIOENCODING"] = f"utf-8:{io_errors}"
+    return subprocess.run(
+        [sys.executable, str(SERVER), *args[:1], "--config", str(live.config_path), *args[1:]],
+        cwd=live.workdir, env=environ, input=stdin, capture_output=True, timeout=90)
+
+
+# Bytes that are not UTF-8, as the environment or a pipe gives them to Python
+# (os.environ decodes them with surrogateescape).
+NOT_UTF8 = b"pass\xff\xfeword-1234"
+
+
+@pytest.mark.parametrize("io_errors", [None, "strict"])
+async def test_a_password_that_is_not_utf8_is_refused_in_one_line(
+        live: Live, io_errors: str | None) -> None:
+    """Found by a CLI hunt: a password on stdin with bytes that are not UTF-8
+    ended adduser and passwd in a UnicodeEncodeError traceback (under a
+    strict locale, UnicodeDecodeError) quoting where the odd byte was."""
+    await live.start()
+    assert await live.stop() == 0
+    for args in (("adduser", "carol", "--password-stdin"), ("passwd", "admin",
+                                                              "--password-stdin")):
+        r = await asyncio.to_thread(_run_bytes, live, *args, stdin=NOT_UTF8 + b"\n",
+                                    io_errors=io_errors)
+        err = r.stderr.decode("utf-8", "replace")
+        assert r.returncode == 2, (args, r.returncode, err)
+        assert err.strip() == f"{args[0]}: the password is not UTF-8 text", err
+    assert "carol" not in (await live.cli("users")).stdout
+
+
+@pytest.mark.parametrize("variable, command", [
+    ("SESSION_AUDIT_ADMIN_PASSWORD", "serve"),
+    ("SESSION_AUDIT_JWT_SECRET", "serve"),
+    ("SESSION_AUDIT_AUDIT_KEY", "serve"),
+    ("SESSION_AUDIT_AUDIT_KEY", "verify"),
+])
+async def test_a_secret_variable_that_is_not_utf8_is_one_line(
+        live: Live, variable: str, command: str) -> None:
+    """Found by a CLI hunt: such a variable (the admin password, a key) ended
+    serve and verify in a traceback whose last line quoted the odd byte of
+    the secret and its position; the admin password's made the data
+    directory and spool before it failed."""
+    if command == "verify":
+        await live.start()
+        assert await live.stop() == 0
+    value = os.fsdecode(NOT_UTF8 + b"-0123456789abcdef0123456789abcdef")
+    r = await asyncio.to_thread(_run_bytes, live, command, env={variable: value})
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2, (r.returncode, err)
+    assert "Traceback" not in err and "\\udc" not in err, err
+    assert err.strip().splitlines()[-1] == f"session-audit: {variable} is not UTF-8 text", err
+    if command == "serve" and variable == "SESSION_AUDIT_ADMIN_PASSWORD":
+        assert not live.data_dir.exists()
