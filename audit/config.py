@@ -315,6 +315,18 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
 
 
 def _validate(config: Config) -> None:
+    for key, value, path in (
+        ("server.data_dir", config.server.data_dir, "data_dir"),
+        ("sink.sqlite.path", config.sink.sqlite.path, "sqlite_sink_path"),
+        ("sink.jsonl.dir", config.sink.jsonl.dir, "jsonl_dir"),
+    ):
+        if key.startswith("sink.") and key.split(".")[1] != config.sink.type:
+            continue  # (not used)
+        try:
+            getattr(config, path)
+        except RuntimeError:  # Path.resolve on a loop of symbolic links (Python < 3.13)
+            raise ConfigError(f"{key}: {value!r} leads into a loop of symbolic links"
+                              ) from None
     try:
         config.server.proxy_networks()
     except ValueError as exc:

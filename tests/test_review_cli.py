@@ -437,3 +437,21 @@ async def test_a_secret_variable_that_is_not_utf8_is_one_line(
     assert err.strip().splitlines()[-1] == f"session-audit: {variable} is not UTF-8 text", err
     if command == "serve" and variable == "SESSION_AUDIT_ADMIN_PASSWORD":
         assert not live.data_dir.exists()
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"server": {"data_dir": "loop/data"}}, "server.data_dir"),
+    ({"sink": {"sqlite": {"path": "loop/audit.db"}}}, "sink.sqlite.path"),
+    ({"sink": {"type": "jsonl", "jsonl": {"dir": "loop/jsonl"}}}, "sink.jsonl.dir"),
+])
+async def test_a_path_into_a_loop_of_symbolic_links_is_named(
+        live: Live, settings: dict[str, object], key: str) -> None:
+    """Found by a CLI hunt: a data directory or sink path through a loop of
+    symbolic links (``ln -s loop loop``) ended every command, serve too, in
+    a RuntimeError traceback from pathlib."""
+    (live.workdir / "loop").symlink_to("loop")
+    live.config_path.write_text(to_toml(merge(live.settings, settings)), encoding="utf-8")
+    for command in ("serve", "status", "users", "verify", "drain"):
+        line = _one_line(await live.cli(command))
+        assert line.startswith(f"session-audit: {key}: ") and "loop of symbolic links" in line, (
+            command, line)
