@@ -104,7 +104,14 @@ class OpenAIProvider:
         self._url = cfg.base_url.rstrip("/") + "/chat/completions"
 
     async def answer(self, document_title: str, document: str, message: str) -> Answer:
-        key = os.environ.get(self.cfg.api_key_env, "")
+        # Without surrounding blanks, as the http sink's token: a key read
+        # from a secret file often ends with a newline, which aiohttp refuses
+        # in a header (every chat a 502 "provider request failed: ValueError").
+        env = self.cfg.api_key_env
+        key = (os.environ.get(env) or "").strip() if env else ""
+        if any(ord(c) < 32 or ord(c) == 127 for c in key):
+            raise AIUnavailable(f"the API key in ${env} contains a control character (a line"
+                                " break?); it cannot be sent as a header")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         payload = {
             "model": self.model,

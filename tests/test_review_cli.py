@@ -455,3 +455,50 @@ async def test_a_path_into_a_loop_of_symbolic_links_is_named(
         line = _one_line(await live.cli(command))
         assert line.startswith(f"session-audit: {key}: ") and "loop of symbolic links" in line, (
             command, line)
+
+
+@pytest.mark.parametrize("key, reply", [
+    ("sk-test-stub-key\n", "ok"),  # a key read from a file, its newline kept
+    ("  sk-test-stub-key \r\n", "ok"),
+    ("sk-test\nstub-key", "control character"),
+])
+async def test_an_openai_key_with_a_newline_is_sent_without_it(
+        live: Live, monkeypatch: pytest.MonkeyPatch, key: str, reply: str) -> None:
+    """Found by a CLI hunt: the http sink strips its token and names a control
+    character in it, but the variable named by ``ai.openai.api_key_env`` was
+    sent as it was: with the newline a key read from a secret file often
+    ends with, aiohttp refused the header and every chat was a 502 whose
+    only reason was ``provider request failed: ValueError``."""
+    from openai_stub import OpenAIStub
+
+    stub = OpenAIStub(api_key="sk-test-stub-key")
+    await stub.start()
+    try:
+        monkeypatch.setenv("TEST_OPENAI_KEY", key)
+        live.config_path.write_text(to_toml(merge(live.settings, {"ai": {
+            "provider": "openai", "openai": {"base_url": stub.base_url,
+                                             "api_key_env": "TEST_OPENAI_KEY"}}})),
+            encoding="utf-8")
+        await live.start()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(live.base + "/token", json={
+                    "username": "admin", "password": "admin-password-for-tests"}) as r:
+                auth = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+            async with http.post(live.base + "/documents", headers=auth,
+                                 json={"title": "t", "content": "some text"}) as r:
+                doc = (await r.json())["id"]
+            async with http.post(f"{live.base}/documents/{doc}/chat", headers=auth,
+                                 json={"message": "what?"}) as r:
+                status = r.status
+        assert await live.stop() == 0
+    finally:
+        await stub.stop()
+    if reply == "ok":
+        assert status == 200, live.log_tail()
+        assert [q["headers"]["Authorization"] for q in stub.requests] == [
+            "Bearer sk-test-stub-key"]
+    else:
+        assert status == 502 and stub.requests == []
+        log = live.log_tail()
+        assert "the API key in $TEST_OPENAI_KEY contains a control character" in log, log
+        assert "stub-key" not in log
