@@ -78,6 +78,7 @@ from handlers.auth import (
     add_user_sync,
     change_user_sync,
     hash_password,
+    is_utf8,
     valid_username,
 )
 from handlers.errors import error_middleware, install_parser_error_answer, security_headers
@@ -235,7 +236,7 @@ def admin_password_from_env() -> str | None:
     longer one would make every login slower); else :class:`StartupError`."""
     password = os.environ.get(ADMIN_PASSWORD_ENV)
     if password:
-        if not _utf8(password):  # no login could send it (nor could it be hashed)
+        if not is_utf8(password):  # no login could send it (nor could it be hashed)
             raise StartupError(f"{ADMIN_PASSWORD_ENV} is not UTF-8 text")
         if len(password) < MIN_PASSWORD_CHARS:
             raise StartupError(
@@ -244,16 +245,6 @@ def admin_password_from_env() -> str | None:
             raise StartupError(
                 f"{ADMIN_PASSWORD_ENV} must have at most {MAX_PASSWORD_CHARS} characters")
     return password or None
-
-
-def _utf8(text: str) -> bool:
-    """False for a string with bytes that were not UTF-8 (from the environment
-    or a pipe, decoded with surrogateescape): it cannot be hashed or sent."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 async def _ensure_admin(app: web.Application) -> None:
@@ -685,7 +676,7 @@ def _read_password(command: str, name: str, from_stdin: bool) -> str | None:
         if again != password:
             print(f"{command}: the passwords differ", file=sys.stderr)
             return None
-    if not _utf8(password):  # login could never send it
+    if not is_utf8(password):  # login could never send it
         print(f"{command}: the password is not UTF-8 text", file=sys.stderr)
         return None
     if len(password) < MIN_PASSWORD_CHARS:

@@ -496,14 +496,18 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
         raise bad_request("username and password must not be empty")
     if len(username) > 256 or len(password) > MAX_PASSWORD_CHARS:
         raise bad_request("username or password too long")
-    if not (_encodable(username) and _encodable(password)):
+    if not (is_utf8(username) and is_utf8(password)):
         # A form in a charset such as UTF-7 can decode to lone surrogates,
         # which bcrypt's prehash cannot encode (a 500); JSON refuses them already.
         raise bad_request("username and password must be valid Unicode")
     return username, password
 
 
-def _encodable(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """False for a string with lone surrogates: bytes that were not UTF-8
+    (from a header, the environment or a pipe, decoded with
+    ``surrogateescape``) or a charset such as UTF-7. It cannot be hashed,
+    stored or sent."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
