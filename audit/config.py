@@ -315,6 +315,9 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
 
 
 def _validate(config: Config) -> None:
+    if config.sink.type == "mongodb" and not config.sink.mongodb.uri_env:
+        raise ConfigError("sink.mongodb.uri_env: must name the environment variable that"
+                          " holds the MongoDB URI")
     for key, value, path in (
         ("server.data_dir", config.server.data_dir, "data_dir"),
         ("sink.sqlite.path", config.sink.sqlite.path, "sqlite_sink_path"),
@@ -419,7 +422,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     Relative paths inside it (``data_dir``, sink paths) are relative to the
     working directory, as API.md says.
     """
-    explicit = path is not None or CONFIG_ENV in os.environ
+    # An empty --config or SESSION_AUDIT_CONFIG is no choice (as resolve_config_path
+    # takes it): the default file, or all defaults without it.
+    explicit = bool(path) or bool(os.environ.get(CONFIG_ENV))
     p = resolve_config_path(os.fspath(path) if path is not None else None)
     try:
         raw = p.read_bytes()

@@ -226,6 +226,14 @@ def test_secret_variable_names_may_be_any_name_or_empty():
     assert c.sink.mongodb.uri_env == "AUDIT_MONGO_URI_2" and c.sink.http.token_env == ""
 
 
+def test_the_mongodb_sink_needs_a_variable_to_read_its_uri_from():
+    """Found by a CLI hunt: an empty uri_env passed the checks and `serve`
+    said "the environment variable  (the MongoDB URI) is not set"."""
+    with pytest.raises(ConfigError, match=r"^sink\.mongodb\.uri_env: must name"):
+        parse_config({"sink": {"type": "mongodb", "mongodb": {"uri_env": ""}}})
+    assert parse_config({"sink": {"mongodb": {"uri_env": ""}}}).sink.type == "sqlite"
+
+
 def test_part_max_bytes_is_bounded_for_mongodb_only():
     assert parse_config({"sink": {"type": "mongodb"},
                          "audit": {"part_max_bytes": 3 * 1024 * 1024}}).audit.part_max_bytes
@@ -259,6 +267,13 @@ def test_load_config_paths(tmp_path: Path, monkeypatch):
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "missing.toml"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config()
+    # Set but empty (found by a CLI hunt: "config file config.toml does not
+    # exist" while unset gave the defaults), and so an empty --config: no choice.
+    monkeypatch.setenv(CONFIG_ENV, "")
+    assert load_config().audit == parse_config({}).audit
+    assert load_config("").audit == parse_config({}).audit
+    (tmp_path / "config.toml").write_text("[audit]\npart_max_events = 9\n")
+    assert load_config().audit.part_max_events == 9
 
 
 def test_load_config_bad_toml_and_bad_key(tmp_path: Path):
