@@ -520,7 +520,7 @@ async def _tune_gc(app: web.Application) -> None:
 
 
 def _handle_signals(app: web.Application) -> None:
-    """SIGINT/SIGTERM: the first starts the graceful shutdown (aiohttp's
+    """SIGINT/SIGTERM/SIGHUP: the first starts the graceful shutdown (aiohttp's
     ``GracefulExit``); once it has begun, for whatever reason, later ones are
     logged and ignored. aiohttp's own handlers raise on every signal: a second
     one during the shutdown (a double Ctrl-C, ``timeout`` signalling the
@@ -543,7 +543,9 @@ def _handle_signals(app: web.Application) -> None:
 
     async def install(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: a closed terminal (`make run` in an ssh session) killed
+        # the server at once, without its shutdown (found by a CLI hunt).
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, on_signal, sig.name)
 
     async def shutting_down(app: web.Application) -> None:

@@ -76,6 +76,34 @@ async def test_a_second_signal_during_shutdown_does_not_cut_it_short(
     assert pending >= 1 and pending + stored == 3, (pending, stored)
 
 
+async def test_sighup_shuts_down_gracefully(tmp_path: Path) -> None:
+    """A closed terminal's SIGHUP killed the server at once (exit 129, no
+    shutdown: what the flush window would send, and the security events'
+    counts not yet summarised, were left for the next start). Now it is the
+    graceful shutdown SIGTERM starts."""
+    lv = Live(tmp_path, {})
+    try:
+        await lv.start()
+        async with aiohttp.ClientSession() as http, http.post(
+                lv.base + "/token", json={"username": "nobody", "password": "x" * 8}) as r:
+            assert r.status == 401
+        proc = lv.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGHUP)
+        try:
+            rc = await asyncio.to_thread(proc.wait, 60)  # a guard against a hang
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("the server did not stop on SIGHUP:\n"
+                                 + lv.log_tail()) from None
+        log = lv.log_tail(20_000)
+        assert rc == 0, log  # (killed by the signal: -1)
+        assert "Traceback" not in log
+        assert not (lv.data_dir / "spool.db-wal").exists(), log  # closed, not abandoned
+    finally:
+        lv.close()
+
+
 async def test_a_chat_cut_off_by_the_shutdown_is_recorded(tmp_path: Path) -> None:
     """The provider holds the chat past the shutdown's wait for requests in
     flight: the server cancels it, and the interaction (the document was sent)
