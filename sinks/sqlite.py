@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -154,10 +153,23 @@ class SqliteSink(Sink):
         the new file to drop; a renamed file would lose what was in it."""
         if self._db is not None and self._file_id is not None \
                 and self._path_id() != self._file_id:
+            # Closed only once the WAL is wholly in the file and emptied: while
+            # another connection (a sqlite3 shell, a backup) reads an older
+            # snapshot, the checkpoint stops short (busy), and closing then
+            # left the renamed file without its last writes, or malformed;
+            # and the WAL, still full, would be replayed into the new file.
+            try:
+                async with self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                    row = await cur.fetchone()
+            except sqlite3.Error as exc:
+                raise SinkUnavailable(f"sqlite sink: {self.path.name} was deleted or replaced,"
+                                      f" and its WAL cannot be checkpointed: {exc}") from exc
+            if row is None or row[0] != 0:
+                raise SinkUnavailable(
+                    f"sqlite sink: {self.path.name} was deleted or replaced, and its WAL"
+                    " cannot be checkpointed yet (another connection is reading the file)")
             log.warning("sqlite sink: %s was deleted or replaced; starting it anew",
                         self.path.name)
-            with contextlib.suppress(sqlite3.Error):  # (a deleted file: nobody reads it)
-                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             await self.close()
             self._reopen = True
         if self._db is None and self._reopen:

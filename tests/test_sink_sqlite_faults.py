@@ -153,3 +153,35 @@ async def test_a_sink_file_that_cannot_be_started_anew_is_unavailable_until_it_c
     finally:
         await sink.close()
     assert _stored(path) == {sample_part("waits")["_id"]}
+
+
+async def test_a_sink_file_renamed_while_another_connection_reads_it_keeps_its_parts(
+    tmp_path: Path,
+) -> None:
+    """A reader on an older snapshot (a sqlite3 shell, a backup) stops the
+    checkpoint short (busy): closing then lost what the renamed file had in
+    its WAL (acknowledged parts; the file came out malformed). The sink
+    stays unavailable until the checkpoint can finish, then starts anew."""
+    path = tmp_path / "audit.db"
+    old = tmp_path / "audit-2026.db"
+    sink = SqliteSink(path)
+    await sink.open()
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        await sink.write_part(sample_part("a"))
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM parts").fetchone()  # holds this snapshot
+        await sink.write_part(sample_part("b"))
+        await sink.write_part(sample_part("c"))
+        assert sink._db is not None
+        await sink._db.execute("PRAGMA busy_timeout=50")  # (the test need not wait 5 s)
+        path.rename(old)
+        with pytest.raises(SinkUnavailable, match="cannot be checkpointed"):
+            await sink.write_part(sample_part("d"))
+        reader.execute("COMMIT")
+        await sink.write_part(sample_part("d"))  # the flusher's retry
+    finally:
+        reader.close()
+        await sink.close()
+    assert _stored(old) == {sample_part(k)["_id"] for k in "abc"}
+    assert _stored(path) == {sample_part("d")["_id"]}
