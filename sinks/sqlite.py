@@ -289,6 +289,14 @@ class SqliteSink(Sink):
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[Doc], str | None]:
+        # Under the lock, as the queries below: a write that finds the file
+        # deleted or renamed closes this connection (a query on it was a
+        # ProgrammingError, a 500), and the pages come from one file.
+        async with self._lock:
+            return await self._list_sessions(user, since, until, limit, cursor)
+
+    async def _list_sessions(self, user: str | None, since: str | None, until: str | None,
+                             limit: int, cursor: str | None) -> tuple[list[Doc], str | None]:
         db = self._conn()
         # A session is listed by its lowest stored part (not part 0: verify
         # must see a session whose first part was removed from the sink).
@@ -316,7 +324,7 @@ class SqliteSink(Sink):
         ids = ids[:limit]
         out = []
         for sid in ids:
-            parts = await self.get_session_parts(sid)
+            parts = await self._session_parts(db, sid)
             out.append(summarize_parts(parts))
         next_cursor = None
         if more and out:
@@ -345,7 +353,11 @@ class SqliteSink(Sink):
         return out
 
     async def get_session_parts(self, session_id: str) -> list[Doc]:
-        db = self._conn()
+        async with self._lock:  # (see list_sessions)
+            return await self._session_parts(self._conn(), session_id)
+
+    @staticmethod
+    async def _session_parts(db: aiosqlite.Connection, session_id: str) -> list[Doc]:
         async with db.execute(
             "SELECT doc FROM parts WHERE session_id = ? ORDER BY part", (session_id,)
         ) as cur:
@@ -392,6 +404,11 @@ class SqliteSink(Sink):
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[Doc], str | None]:
+        async with self._lock:  # (see list_sessions)
+            return await self._list_security_events(since, kind, limit, cursor)
+
+    async def _list_security_events(self, since: str | None, kind: str | None, limit: int,
+                                    cursor: str | None) -> tuple[list[Doc], str | None]:
         db = self._conn()
         after = None
         if cursor is not None:

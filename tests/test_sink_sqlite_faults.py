@@ -185,3 +185,36 @@ async def test_a_sink_file_renamed_while_another_connection_reads_it_keeps_its_p
         await sink.close()
     assert _stored(old) == {sample_part(k)["_id"] for k in "abc"}
     assert _stored(path) == {sample_part("d")["_id"]}
+
+
+async def test_admin_queries_beside_a_write_that_starts_the_file_anew_are_answered(
+    tmp_path: Path,
+) -> None:
+    """The admin API's queries took the connection without the lock: a write
+    that found the file deleted closed it under them (sqlite3's
+    ProgrammingError 'Cannot operate on a closed database', a 500)."""
+    import asyncio
+
+    path = tmp_path / "audit.db"
+    sink = SqliteSink(path)
+    await sink.open()
+    try:
+        queries = [
+            lambda: sink.list_sessions(limit=50),
+            lambda: sink.get_session_parts(sample_part("s01")["session_id"]),
+            lambda: sink.list_security_events(limit=10),
+        ]
+        for n, query in enumerate(queries):
+            for i in range(60):
+                await sink.write_part(sample_part(f"s{i:02}"))
+            await sink.write_security_events([{"_id": "sec-1", "ts": "2026-11-26T14:00:00.000Z",
+                                               "action": "auth.login_failed", "hash": "h1"}])
+            async def rm_and_write(n: int = n) -> None:
+                path.unlink()
+                await sink.write_part(sample_part(f"new{n}"))
+
+            answer, _ = await asyncio.gather(query(), rm_and_write())
+            assert answer  # from the file as it was when the query began
+    finally:
+        await sink.close()
+    assert _stored(path) == {sample_part("new2")["_id"]}
