@@ -546,6 +546,8 @@ def _handle_signals(app: web.Application) -> None:
         # SIGHUP too: a closed terminal (`make run` in an ssh session) killed
         # the server at once, without its shutdown (found by a CLI hunt).
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # `nohup`: asked to outlive the terminal, as it did
             loop.add_signal_handler(sig, on_signal, sig.name)
 
     async def shutting_down(app: web.Application) -> None:

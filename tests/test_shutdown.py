@@ -9,12 +9,13 @@ import json
 import signal
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from live_server import Live
+from live_server import SERVER, Live, server_env
 from openai_stub import OpenAIStub
 from waiting import wait_for
 
@@ -100,6 +101,34 @@ async def test_sighup_shuts_down_gracefully(tmp_path: Path) -> None:
         assert rc == 0, log  # (killed by the signal: -1)
         assert "Traceback" not in log
         assert not (lv.data_dir / "spool.db-wal").exists(), log  # closed, not abandoned
+    finally:
+        lv.close()
+
+
+async def test_sighup_ignored_by_nohup_stays_ignored(tmp_path: Path) -> None:
+    """Started under `nohup` (SIGHUP ignored), the server must outlive the
+    terminal: handling SIGHUP as a shutdown undid what nohup asked for."""
+
+    class NoHup(Live):
+        def spawn(self) -> None:
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, str(SERVER), "serve", "--config", str(self.config_path)],
+                    cwd=self.workdir, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
+                    preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+                )
+            self.starts += 1
+
+    lv = NoHup(tmp_path, {})
+    try:
+        await lv.start()
+        proc = lv.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(2)
+        assert proc.poll() is None, lv.log_tail()
+        async with aiohttp.ClientSession() as http, http.get(lv.base + "/healthz") as r:
+            assert r.status == 200
     finally:
         lv.close()
 
