@@ -148,16 +148,15 @@ class SqliteSink(Sink):
         """The connection, opened anew first if its file is no longer the one
         at ``path`` (deleted or renamed: SQLite would go on writing into it).
 
-        The old connection checkpoints first: SQLite does not on closing a
-        file that has moved, and leaves its ``-wal`` under the old name, for
-        the new file to drop; a renamed file would lose what was in it."""
+        The old connection is closed only once its WAL is wholly checkpointed
+        into the old file and emptied: SQLite does not checkpoint on closing a
+        file that has moved, and leaves the ``-wal`` under the old name, for
+        the new file to drop (the renamed file lost its last writes, or came
+        out malformed) or replay. While another connection (a ``sqlite3``
+        shell, a backup) reads an older snapshot, the checkpoint stops short:
+        the write is unavailable until it can finish."""
         if self._db is not None and self._file_id is not None \
                 and self._path_id() != self._file_id:
-            # Closed only once the WAL is wholly in the file and emptied: while
-            # another connection (a sqlite3 shell, a backup) reads an older
-            # snapshot, the checkpoint stops short (busy), and closing then
-            # left the renamed file without its last writes, or malformed;
-            # and the WAL, still full, would be replayed into the new file.
             try:
                 async with self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
                     row = await cur.fetchone()
