@@ -978,8 +978,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+class Terminated(Exception):
+    """A command stopped by SIGTERM (``kill``, a service manager), its
+    cleanup done: :func:`main` says so and exits 143, as the signal's own
+    action would have, but without leaving the sink's connection and the
+    spool's files unclosed or a progress line unended."""
+
+
 def _run_interruptible(command: Coroutine[Any, Any, int]) -> int:
-    """``asyncio.run(command)``, Ctrl-C cancelling it from the event loop.
+    """``asyncio.run(command)``, Ctrl-C or SIGTERM cancelling it from the
+    event loop.
 
     ``asyncio.run`` cancels the main task from a Python signal handler,
     which runs between any two bytecodes of the loop's own code: a Ctrl-C
@@ -988,38 +996,45 @@ def _run_interruptible(command: Coroutine[Any, Any, int]) -> int:
     logged ``InvalidStateError`` with a traceback (seen about once in 300
     interrupted drains). Here the signal only wakes the loop, which cancels
     the task between callbacks; the command's cleanup runs as before, and
-    KeyboardInterrupt is raised once it is done. A second Ctrl-C is
-    Python's own (KeyboardInterrupt at once).
+    KeyboardInterrupt (:class:`Terminated` for SIGTERM) is raised once it is
+    done. A second signal gets its default action (KeyboardInterrupt, or
+    the end of the process) at once.
     """
     if threading.current_thread() is not threading.main_thread():
         return asyncio.run(command)  # (signals are the main thread's)
-    interrupted = False
+    stopped_by: signal.Signals | None = None
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     async def run() -> int:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
 
-        def on_sigint() -> None:
-            nonlocal interrupted
-            interrupted = True
-            loop.remove_signal_handler(signal.SIGINT)  # the next one is Python's
+        def on_signal(sig: signal.Signals) -> None:
+            nonlocal stopped_by
+            stopped_by = sig
+            for s in signals:  # the next one is Python's
+                loop.remove_signal_handler(s)
             task.cancel()
 
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        for sig in signals:
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             return await command
         except asyncio.CancelledError:
-            if interrupted:
-                return 130  # (KeyboardInterrupt is raised below, once the loop is closed)
+            if stopped_by is not None:
+                return 128 + stopped_by  # (raised below, once the loop is closed)
             raise
         finally:
-            if not interrupted:
-                loop.remove_signal_handler(signal.SIGINT)
+            if stopped_by is None:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
 
     code = asyncio.run(run())
-    if interrupted:
+    if stopped_by == signal.SIGINT:
         raise KeyboardInterrupt
+    if stopped_by == signal.SIGTERM:
+        raise Terminated
     return code
 
 
@@ -1083,12 +1098,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StartupError, AuditKeyMismatch) as exc:
         print(f"session-audit: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:
         _end_progress()
         left = ("; what was not written stays pending in the spool"
                 if command in ("drain", "retry-dead") else "")
-        print(f"session-audit: {command}: interrupted{left}", file=sys.stderr)
-        return 130
+        how = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped by SIGTERM"
+        print(f"session-audit: {command}: {how}{left}", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
     except BrokenPipeError:
         # The reader of the output went away (`server.py verify | head`):
         # stop quietly, as other tools do, and let nothing write there again

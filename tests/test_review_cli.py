@@ -227,8 +227,18 @@ async def test_a_closed_output_pipe_is_no_error_message(live: Live, command: str
     assert r.stderr == ""
 
 
-async def test_drain_interrupted_exits_130_without_a_traceback(live: Live) -> None:
-    """Ctrl-C on a drain that cannot finish: one line, exit 130, nothing lost."""
+@pytest.mark.parametrize(("sig", "code", "said"), [
+    (signal.SIGINT, 130, "interrupted"),
+    # SIGTERM (kill, a service manager stopping a drain) ended the process
+    # at once: exit 143 without a word, the progress line unended, the
+    # sink's connection and the spool unclosed.
+    (signal.SIGTERM, 143, "stopped by SIGTERM"),
+])
+async def test_drain_interrupted_exits_without_a_traceback(
+    live: Live, sig: signal.Signals, code: int, said: str
+) -> None:
+    """Ctrl-C or SIGTERM on a drain that cannot finish: one line, exit 130
+    or 143, nothing lost."""
     await _pending_behind_a_sink_that_is_down(live)
     before = await _pending(live)
     proc = await asyncio.create_subprocess_exec(
@@ -241,11 +251,11 @@ async def test_drain_interrupted_exits_130_without_a_traceback(live: Live) -> No
     while b"SinkUnavailable" not in line:
         line = await asyncio.wait_for(proc.stderr.readline(), 60)
         assert line, "drain ended before it tried the sink"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = await asyncio.wait_for(proc.communicate(), 60)  # a hang guard
     text = err.decode()
-    assert proc.returncode == 130, text
-    assert "interrupted; what was not written stays pending" in text
+    assert proc.returncode == code, text
+    assert f"session-audit: drain: {said}; what was not written stays pending" in text
     assert "Traceback" not in text
     assert await _pending(live) == before
 
