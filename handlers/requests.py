@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -51,6 +52,17 @@ async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes
         # recorded (as invalid input) by the caller, like any unreadable body.
         request[CLOSE_AFTER] = True
         raise bad_request("the connection was lost before the request body ended") from None
+    except asyncio.CancelledError:
+        # The graceful shutdown, its wait for requests in flight over, ends
+        # the body's stream with CancelledError (not this task: it then waits
+        # for the answer). Uncaught, the attempt went unrecorded and the
+        # client got no answer. A cancellation of the task itself goes on.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        request[CLOSE_AFTER] = True
+        raise bad_request("the server is shutting down: the request body was cut off before"
+                          " its end; nothing was done, try again") from None
     return bytes(body)
 
 

@@ -1,0 +1,86 @@
+"""Races with the end of a request's session, and with the server's shutdown
+(found by a hunt for races and clock steps). Real app factory, real SQLite
+files, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from api_fixtures import ADMIN_PASSWORD, USER_PASSWORD, api_config
+
+import server
+from handlers.keys import ACCOUNTS
+
+
+async def test_a_body_cut_off_by_the_shutdown_is_answered_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while a logged-in client is still sending a request body: once
+    the shutdown's wait for requests in flight is over, aiohttp ends the
+    body's stream with CancelledError. That went through every handler
+    uncaught: the client got no answer (the connection just closed) and the
+    attempt was not recorded, unlike a body cut off by the client. Now it
+    is refused (400, the connection closed after) and recorded as a failure."""
+    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
+    config = api_config(tmp_path)
+    app = server.create_app(config)
+    # aiohttp's own shutdown path, with a short wait (serve's is 10 s).
+    runner = web.AppRunner(app, shutdown_timeout=0.3)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        base = f"http://127.0.0.1:{port}"
+        await app[ACCOUNTS].create("alice", USER_PASSWORD, "user")
+        async with aiohttp.ClientSession() as http:
+            async with http.post(base + "/token", json={"username": "alice",
+                                                        "password": USER_PASSWORD}) as r:
+                assert r.status == 200
+                login = await r.json()
+            auth = {"Authorization": f"Bearer {login['access_token']}"}
+            async with http.post(base + "/documents", headers=auth,
+                                 json={"title": "t", "content": "c"}) as r:
+                assert r.status == 201
+                doc = (await r.json())["id"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = json.dumps({"content": "x" * 1000}).encode()
+        writer.write(
+            f"PUT /documents/{doc} HTTP/1.1\r\nHost: t\r\nX-Request-ID: cut-off\r\n"
+            f"Authorization: Bearer {login['access_token']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode())
+        await writer.drain()
+        # The 100 Continue: the request is in the server's hands, its body awaited.
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 100")
+        await asyncio.wait_for(reader.readline(), 10)
+        writer.write(body[:100])  # ... and never the rest
+        await writer.drain()
+        stopping = asyncio.ensure_future(runner.cleanup())
+        answer = await asyncio.wait_for(reader.read(), 10)
+        await asyncio.wait_for(stopping, 20)
+        writer.close()
+    finally:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+    head, _, text = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert json.loads(text)["error"]["code"] == "invalid_request"
+    with contextlib.closing(sqlite3.connect(config.spool_path)) as spool:
+        events = [json.loads(j) for (j,) in spool.execute(
+            "SELECT json FROM events WHERE session_id = ? ORDER BY seq",
+            (login["session_id"],))]
+    (ev,) = [e for e in events if e["request_id"] == "cut-off"]
+    assert (ev["action"], ev["outcome"]) == ("document.update", "failure"), ev
+    assert ev["details"]["reason"] == "invalid_request"
+    with contextlib.closing(sqlite3.connect(config.spool_path)) as spool:
+        (version,) = spool.execute("SELECT version FROM documents WHERE id = ?",
+                                   (doc,)).fetchone()
+    assert version == 1  # nothing was done
