@@ -161,9 +161,15 @@ async def _deny(
 
 
 def _issued_at_start(engine: AuditEngine, claims: Claims) -> bool:
+    """Whether a signed token with ``iat`` in the future may be taken as this
+    server's from before its clock stepped back: ``iat`` is its open
+    session's start. One naming no open session of its user goes on too:
+    the session check answers it 401 ``session_ended``, as for any token of
+    ours after logout (it was ``invalid_token``, recorded as such)."""
     s = engine.spool.open_session(claims.sid)
-    return (s is not None and s.user == claims.sub
-            and abs(claims.iat - s.start_ts) <= ISSUED_AT_START_SECONDS)
+    if s is None or s.user != claims.sub:
+        return True
+    return abs(claims.iat - s.start_ts) <= ISSUED_AT_START_SECONDS
 
 
 async def authenticate(
@@ -190,7 +196,8 @@ async def authenticate(
                           user=c.get("sub"), role=c.get("role")) from None
     except TokenNotYetValid as exc:
         # Issued (iat) after now: by this server before its clock stepped
-        # back, if iat is its open session's start; else refused as before.
+        # back, if iat is its open session's start (or its session has ended:
+        # session_ended below); else refused as before.
         if not _issued_at_start(engine, exc.claims):
             raise await _deny(request, engine, "auth.invalid_token", 401, "invalid_token",
                               "the token is not valid", reason=exc.reason) from None

@@ -8,15 +8,27 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from api_fixtures import ADMIN_PASSWORD, USER_PASSWORD, api_config
+from api_fixtures import (
+    ADMIN_PASSWORD,
+    USER_PASSWORD,
+    Api,
+    MakeApi,
+    api_config,
+    expect_error,
+    make_api,
+)
 
 import server
-from handlers.keys import ACCOUNTS
+from audit.events import Source
+from handlers.keys import ACCOUNTS, ENGINE, TOKENS
+
+__all__ = ["make_api"]
 
 
 async def test_a_body_cut_off_by_the_shutdown_is_answered_and_recorded(
@@ -84,3 +96,41 @@ async def test_a_body_cut_off_by_the_shutdown_is_answered_and_recorded(
         (version,) = spool.execute("SELECT version FROM documents WHERE id = ?",
                                    (doc,)).fetchone()
     assert version == 1  # nothing was done
+
+
+async def test_a_token_of_an_ended_session_after_the_clock_stepped_back_is_session_ended(
+    make_api: MakeApi,
+) -> None:
+    """The clock ran ten minutes ahead when alice logged in, then NTP stepped
+    it back (her token's iat is now in the future, which the server accepts
+    for her open session). She logs out; her client tries the old token once
+    more. API.md: after logout any request with it gets 401 session_ended.
+    It got 401 invalid_token, recorded as auth.invalid_token (reason
+    not_yet_valid) rather than auth.session_ended: the trail called a replay
+    of an ended session's token a malformed one. The same for a session the
+    reaper ended."""
+    offset = [600.0]
+
+    def ahead() -> float:
+        return time.time() + offset[0]
+
+    def setup(app: web.Application) -> None:
+        engine = app[ENGINE]
+        engine.clock = engine.spool.clock = app[TOKENS].clock = ahead
+
+    api: Api = await make_api(setup=setup)
+    alice = await api.user("alice")
+    bob = await api.user("bob")
+    offset[0] = 0.0  # NTP steps the clock back
+    assert (await api.client.post("/logout", headers=alice.headers)).status == 200
+    await expect_error(await api.client.get("/me", headers=alice.headers), 401,
+                       "session_ended")
+    # Ended by the reaper (as after an idle timeout) rather than by a logout.
+    await api.engine.end_session(bob.session_id, Source(user="bob", role="user"),
+                                 "idle_timeout")
+    await expect_error(await api.client.get("/me", headers=bob.headers), 401,
+                       "session_ended")
+    assert await api.security("auth.invalid_token") == []
+    ended = await api.wait_security("auth.session_ended", 2)
+    assert {(e["session_id"], e["actor"]["user"]) for e in ended} == {
+        (alice.session_id, "alice"), (bob.session_id, "bob")}
