@@ -29,7 +29,7 @@ from audit.store import OpenSession, Writer
 
 from .errors import ApiError, bad_request, json_response
 from .keys import ACCOUNTS, CONFIG, CTX, ENGINE, TOKENS
-from .requests import audited_input, read_body, read_json, too_large
+from .requests import audited_input, body_deadline, read_body, read_json, too_large
 
 log = logging.getLogger("session_audit.accounts")
 
@@ -475,7 +475,8 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
             raise bad_request("a multipart login body needs a Content-Length and no"
                               " Content-Encoding")
         try:
-            form = await request.post()
+            async with body_deadline(request):
+                form = await request.post()
         except (ValueError, LookupError, RuntimeError):
             # A multipart body without or with a wrong boundary, bytes that are not
             # in the (possibly unknown) charset, a part with an unknown

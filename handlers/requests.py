@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -20,6 +21,13 @@ T = TypeVar("T")
 
 # aiohttp refuses bodies above this with 413 before any handler reads them.
 CLIENT_MAX_SIZE = 8 * 1024 * 1024
+# A body must have arrived this long after its handler began to read it.
+# aiohttp bounds only the wait for a request's headers (its keep-alive
+# timeout, 75 s): a client that sent the headers and then stalled, or
+# trickled its body a byte at a time, held its connection (and the body read
+# so far, up to the route's limit) for as long as it liked, anonymously on
+# POST /token.
+BODY_SECONDS = 75.0
 
 
 def too_large() -> ApiError:
@@ -30,15 +38,17 @@ async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes
     """The body, refused with 413 ``too_large`` past ``limit`` bytes: by its
     ``Content-Length`` before reading anything, else as soon as it is over;
     400 ``invalid_request`` if it cannot be read (a ``Content-Encoding``
-    that does not decode, a broken chunked encoding)."""
+    that does not decode, a broken chunked encoding) or has not arrived
+    within :data:`BODY_SECONDS`."""
     if request.content_length is not None and request.content_length > limit:
         raise too_large()
     body = bytearray()
     try:
-        while chunk := await request.content.readany():
-            body += chunk
-            if len(body) > limit:
-                raise too_large()
+        async with body_deadline(request):
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large()
     except (RequestPayloadError, HttpProcessingError):
         # The rest of the body cannot be read either: it is taken as ended
         # (aiohttp would otherwise read it again after the answer, and log
@@ -64,6 +74,21 @@ async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes
         raise bad_request("the server is shutting down: the request body was cut off before"
                           " its end; nothing was done, try again") from None
     return bytes(body)
+
+
+@contextlib.asynccontextmanager
+async def body_deadline(request: web.Request) -> AsyncIterator[None]:
+    """Reading the body within :data:`BODY_SECONDS`, else 400
+    ``invalid_request``; the connection closes after the answer (the rest of
+    the body is not waited for)."""
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            yield
+    except TimeoutError:
+        request.content.feed_eof()
+        request[CLOSE_AFTER] = True
+        raise bad_request(f"the request body did not arrive within {BODY_SECONDS:g} s"
+                          ) from None
 
 
 async def read_json(
