@@ -49,6 +49,31 @@ class SpoolUnavailable(Exception):
     """The spool could not commit (disk full, I/O error); nothing was recorded."""
 
 
+# SQLite's primary result codes for a spool that cannot do its work now (no
+# file descriptor or memory left, the disk full or failing), not a bug in a
+# statement.
+_RESOURCE_CODES = frozenset({sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
+                             sqlite3.SQLITE_CANTOPEN})
+
+
+def resource_failure(exc: BaseException) -> SpoolUnavailable | None:
+    """``exc`` as :class:`SpoolUnavailable` when SQLite raised it for want of
+    a resource, else None.
+
+    A job or a read may need a resource of its own: a change of a large
+    document spills its statement journal to a temporary file, a listing
+    opens its connection on first use. Out of file descriptors, such a job
+    failed alone (the rest of its batch committed), as a 500
+    ``internal_error`` with a traceback; it is the 503 ``audit_unavailable``
+    of a spool that cannot write: nothing done, nothing recorded."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _RESOURCE_CODES:
+        err = SpoolUnavailable(f"the audit spool cannot do this now: {exc}")
+        err.__cause__ = exc
+        return err
+    return None
+
+
 # The spool's layout, in its PRAGMA user_version: a release that changes the
 # layout in a way this code would misread raises it. A spool of a later
 # layout is refused (:class:`SpoolNewer`) rather than half understood.
@@ -577,7 +602,7 @@ class Spool:
                 if ok:
                     fut.set_result(value)
                 else:
-                    fut.set_exception(value)
+                    fut.set_exception(resource_failure(value) or value)
             if (new_parts or new_sec) and self.on_commit is not None:
                 self.on_commit(new_parts, new_sec)
 
@@ -625,7 +650,12 @@ class Spool:
         if self._state not in ("open", "closing") or self._rconn is None:
             raise SpoolClosed("the spool is closed")
         conn = self._rconn
-        return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, conn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, conn)
+        except sqlite3.Error as exc:
+            if (failure := resource_failure(exc)) is None:
+                raise
+            raise failure from exc
 
     async def read_apart(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` with a read connection of its own, on a thread of its
@@ -633,7 +663,12 @@ class Spool:
         writer (every audited action) nor the reader (logins)."""
         if self._state not in ("open", "closing") or self._bexec is None:
             raise SpoolClosed("the spool is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._bexec, self._apart, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._bexec, self._apart, fn)
+        except sqlite3.Error as exc:
+            if (failure := resource_failure(exc)) is None:
+                raise
+            raise failure from exc
 
     def _apart(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._bconn is None:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,8 @@ class Live:
         self.receiver: subprocess.Popen[bytes] | None = None
         self.receiver_log = workdir / "receiver.log"
         self.starts = 0
+        # Run in the server's process before it starts (e.g. a lower rlimit).
+        self.preexec_fn: Callable[[], None] | None = None
         self.kills = 0
 
     # -- the server --------------------------------------------------------
@@ -114,6 +117,7 @@ class Live:
             self.proc = subprocess.Popen(
                 [sys.executable, str(SERVER), "serve", "--config", str(self.config_path)],
                 cwd=self.workdir, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=self.preexec_fn,
             )
         self.starts += 1
 

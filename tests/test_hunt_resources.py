@@ -6,15 +6,30 @@
   what it had read, anonymously on ``POST /token``. Now the body must have
   arrived within ``handlers.requests.BODY_SECONDS``: 400 ``invalid_request``,
   recorded like any unreadable body, and the connection closes.
+- Out of file descriptors (a server under a low ``ulimit -n`` that many
+  connections filled up): updating or deleting a large document (SQLite
+  spills its statement journal to a temporary file) and the first document
+  listing (its connection is opened on first use) failed alone, as 500
+  ``internal_error`` with a traceback in the log. Now they are the 503
+  ``audit_unavailable`` of a spool that cannot write: nothing done, nothing
+  recorded; once descriptors are free again, they work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
+import resource
+import socket
+from pathlib import Path
 
+import aiohttp
 import pytest
 from api_fixtures import Api, api, assert_clean, make_api
+from live_server import ADMIN_PASSWORD, Live
+from waiting import wait_for
 
 from handlers import requests
 
@@ -62,3 +77,62 @@ async def test_a_stalled_body_is_refused_recorded_and_its_connection_closed(
     # The server still answers, and the document is as it was.
     resp = await api.client.get(f"/documents/{doc['id']}", headers=alice.headers)
     assert resp.status == 200 and (await resp.json())["version"] == 1
+
+
+NOFILE = 64  # the server's descriptor limit: about 30 are in use once it serves
+
+
+async def test_out_of_descriptors_document_changes_are_503_not_500(tmp_path: Path) -> None:
+    live = Live(tmp_path)
+    live.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+    held: list[socket.socket] = []
+    try:
+        await live.start()
+        assert live.proc is not None
+        fds = f"/proc/{live.proc.pid}/fd"
+        # One connection, opened before the descriptors run out, kept alive.
+        conn = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(live.base, connector=conn) as http:
+            async with http.post("/token", json={"username": "admin",
+                                                 "password": ADMIN_PASSWORD}) as r:
+                headers = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+            headers["Content-Type"] = "application/json"
+
+            def big(body: dict[str, str]) -> io.BytesIO:  # (aiohttp warns of large bytes)
+                return io.BytesIO(json.dumps(body).encode())
+
+            async with http.post("/documents", data=big({"title": "big", "content": "x" * 2**20}),
+                                 headers=headers) as r:
+                assert r.status == 201
+                doc = (await r.json())["id"]
+
+            def exhausted() -> bool:
+                # Connections the server accepts until it has no descriptor left.
+                if len(os.listdir(fds)) >= NOFILE:
+                    return True
+                held.append(socket.create_connection(("127.0.0.1", live.port)))
+                return False
+
+            await wait_for(exhausted, message="the server's descriptors used up")
+            for method, body in (("PUT", big({"content": "y" * 2**20})), ("DELETE", None),
+                                 ("GET", None)):
+                path = f"/documents/{doc}" if method != "GET" else "/documents"
+                async with http.request(method, path, data=body, headers=headers) as r:
+                    answer = await r.json()
+                    assert r.status == 503, (method, answer)
+                    assert answer["error"]["code"] == "audit_unavailable"
+            for s in held:
+                s.close()
+            held.clear()
+            # Descriptors free again: the same requests work.
+            async with http.get("/documents", headers=headers) as r:
+                assert r.status == 200
+                assert [d["version"] for d in (await r.json())["documents"]] == [1]
+            async with http.put(f"/documents/{doc}", json={"content": "z"},
+                                headers=headers) as r:
+                assert r.status == 200 and (await r.json())["version"] == 2
+        assert "Traceback" not in live.log_tail(100_000)
+    finally:
+        for s in held:
+            s.close()
+        live.close()
