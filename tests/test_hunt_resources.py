@@ -13,6 +13,11 @@
   ``internal_error`` with a traceback in the log. Now they are the 503
   ``audit_unavailable`` of a spool that cannot write: nothing done, nothing
   recorded; once descriptors are free again, they work.
+- A client that never reads its answers: aiohttp waits for ever to send
+  them, holding the connection and the answers' bytes in memory (200
+  connections asking for a 1 MiB document 4 times each: 49 MB of RSS to
+  786 MB, for good). Now an answer must be sent within
+  ``server.SEND_SECONDS`` of being made, else the connection is dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import resource
 import socket
@@ -31,6 +37,7 @@ from api_fixtures import Api, api, assert_clean, make_api
 from live_server import ADMIN_PASSWORD, Live
 from waiting import wait_for
 
+import server
 from handlers import requests
 
 __all__ = ["api", "make_api"]
@@ -136,3 +143,42 @@ async def test_out_of_descriptors_document_changes_are_503_not_500(tmp_path: Pat
         for s in held:
             s.close()
         live.close()
+
+
+async def test_a_client_that_never_reads_its_answers_is_dropped(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(server, "SEND_SECONDS", 0.5)
+    alice = await api.user("alice")
+    resp = await api.client.post(  # (aiohttp warns of large bytes: a file object)
+        "/documents", data=io.BytesIO(json.dumps({"title": "big", "content": "x" * 2**20})
+                                      .encode()),
+        headers={**alice.headers, "Content-Type": "application/json"})
+    assert resp.status == 201
+    doc = await resp.json()
+    runner = api.client.server.runner
+    assert runner is not None and runner.server is not None
+    web_server = runner.server
+
+    def connections() -> int:
+        return len(web_server.connections)
+
+    before = connections()
+    host, port = api.client.server.host, api.client.server.port
+    sock = socket.create_connection((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # 16 MiB of answers asked for: more than the kernel's buffers take.
+        sock.sendall(f"GET /documents/{doc['id']} HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {alice.token}\r\n\r\n".encode() * 16)
+        await wait_for(lambda: connections() > before, message="the connection")
+        # Nothing is read: the server must let the connection go by itself.
+        await wait_for(lambda: connections() == before, message="the connection dropped")
+    finally:
+        sock.close()
+    accesses = [e for e in await api.events(alice.session_id) if e["action"] == "document.access"]
+    assert accesses and all(e["outcome"] == "success" for e in accesses)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    # Other clients are served as before.
+    resp = await api.client.get(f"/documents/{doc['id']}", headers=alice.headers)
+    assert resp.status == 200 and (await resp.json())["version"] == 1
