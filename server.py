@@ -85,7 +85,7 @@ from handlers.auth import (
 from handlers.errors import error_middleware, install_parser_error_answer, security_headers
 from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
 from handlers.ops import COUNTS, DURATIONS, REQUESTS, SharedCounts, new_registry
-from handlers.requests import CLIENT_MAX_SIZE
+from handlers.requests import CLIENT_MAX_SIZE, transfer_seconds
 from sinks import QueryNotSupported, Sink, SinkError, create_sink
 
 log = logging.getLogger("session_audit")
@@ -374,11 +374,13 @@ def _metrics_middleware(app: web.Application) -> Middleware:
     return middleware
 
 
-# An answer must have been sent this long after it was made. aiohttp waits
-# for ever for a client to read what it was sent: one that never read its
-# answers held the connection and the answers' bytes in the server's memory
-# for as long as it liked (200 connections asking for a 1 MiB document 4
-# times each: 49 MB of RSS to 786 MB, for good); its connection is dropped.
+# An answer must have been sent this long after it was made, plus a second
+# for every MIN_BYTES_PER_SECOND of it (a large answer over a slow link is
+# given the time it needs). aiohttp waits for ever for a client to read what
+# it was sent: one that never read its answers held the connection and the
+# answers' bytes in the server's memory for as long as it liked (200
+# connections asking for a 1 MiB document 4 times each: 49 MB of RSS to
+# 786 MB, for good); its connection is dropped.
 SEND_SECONDS = 75.0
 _SEND_LOG = LogThrottle()
 
@@ -387,13 +389,15 @@ _SEND_LOG = LogThrottle()
 async def send_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Send the answer here, within :data:`SEND_SECONDS` (aiohttp's own send
-    of it then finds it sent), else drop the connection: what was not sent
-    is let go. Outermost, so that every answer goes this way; the action
-    and its record are done by then."""
+    """Send the answer here, within :data:`SEND_SECONDS` and a second for
+    every ``MIN_BYTES_PER_SECOND`` of it (aiohttp's own send of it then
+    finds it sent), else drop the connection: what was not sent is let go.
+    Outermost, so that every answer goes this way; the action and its
+    record are done by then."""
     resp = await handler(request)
+    allowed = transfer_seconds(SEND_SECONDS, resp.content_length or 0)
     try:
-        async with asyncio.timeout(SEND_SECONDS):
+        async with asyncio.timeout(allowed):
             await resp.prepare(request)
             await resp.write_eof()
     except TimeoutError:
@@ -402,7 +406,7 @@ async def send_middleware(
         left_out = _SEND_LOG.allow("send")
         if left_out is not None:
             log.warning("dropped a connection that had not read its answer %.0f s after it"
-                        " was made (%s %s, %d)%s", SEND_SECONDS, request.method,
+                        " was made (%s %s, %d)%s", allowed, request.method,
                         request.path[:256], resp.status, more(left_out))
     except ConnectionError:
         pass  # the client is gone: aiohttp's own send finds that out again

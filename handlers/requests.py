@@ -21,13 +21,23 @@ T = TypeVar("T")
 
 # aiohttp refuses bodies above this with 413 before any handler reads them.
 CLIENT_MAX_SIZE = 8 * 1024 * 1024
-# A body must have arrived this long after its handler began to read it.
-# aiohttp bounds only the wait for a request's headers (its keep-alive
-# timeout, 75 s): a client that sent the headers and then stalled, or
-# trickled its body a byte at a time, held its connection (and the body read
-# so far, up to the route's limit) for as long as it liked, anonymously on
-# POST /token.
+# A body must have arrived this long after its handler began to read it,
+# plus a second for every MIN_BYTES_PER_SECOND of it that came. aiohttp
+# bounds only the wait for a request's headers (its keep-alive timeout,
+# 75 s): a client that sent the headers and then stalled, or trickled its
+# body a byte at a time, held its connection (and the body read so far, up
+# to the route's limit) for as long as it liked, anonymously on POST /token.
+# A large body over a slow link is given the time it needs; a trickle is not.
 BODY_SECONDS = 75.0
+# The slowest transfer taken past those first seconds, in either direction
+# (answers: server.send_middleware).
+MIN_BYTES_PER_SECOND = 4096
+
+
+def transfer_seconds(grace: float, size: int) -> float:
+    """How long ``size`` bytes may take at :data:`MIN_BYTES_PER_SECOND`,
+    after ``grace`` seconds."""
+    return grace + size / MIN_BYTES_PER_SECOND
 
 
 def too_large() -> ApiError:
@@ -44,11 +54,12 @@ async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes
         raise too_large()
     body = bytearray()
     try:
-        async with body_deadline(request):
+        async with body_deadline(request) as came:
             while chunk := await request.content.readany():
                 body += chunk
                 if len(body) > limit:
                     raise too_large()
+                came(len(body))
     except (RequestPayloadError, HttpProcessingError):
         # The rest of the body cannot be read either: it is taken as ended
         # (aiohttp would otherwise read it again after the answer, and log
@@ -77,18 +88,24 @@ async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes
 
 
 @contextlib.asynccontextmanager
-async def body_deadline(request: web.Request) -> AsyncIterator[None]:
-    """Reading the body within :data:`BODY_SECONDS`, else 400
-    ``invalid_request``; the connection closes after the answer (the rest of
-    the body is not waited for)."""
+async def body_deadline(request: web.Request) -> AsyncIterator[Callable[[int], None]]:
+    """Reading the body within :data:`BODY_SECONDS`, and a second longer for
+    every :data:`MIN_BYTES_PER_SECOND` the reader says came (the callable
+    it is given, with the bytes so far), else 400 ``invalid_request``; the
+    connection closes after the answer (the rest of the body is not waited
+    for). Counted from what came, not from a Content-Length: a large one
+    declared would otherwise buy a trickle its time."""
+    start = asyncio.get_running_loop().time()
     try:
-        async with asyncio.timeout(BODY_SECONDS):
-            yield
+        async with asyncio.timeout_at(start + BODY_SECONDS) as deadline:
+            yield lambda received: deadline.reschedule(
+                start + transfer_seconds(BODY_SECONDS, received))
     except TimeoutError:
         request.content.feed_eof()
         request[CLOSE_AFTER] = True
-        raise bad_request(f"the request body did not arrive within {BODY_SECONDS:g} s"
-                          ) from None
+        raise bad_request(
+            f"the request body did not arrive in time (within {BODY_SECONDS:g} s, then at"
+            f" {MIN_BYTES_PER_SECOND // 1024} KiB a second at least)") from None
 
 
 async def read_json(

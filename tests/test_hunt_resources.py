@@ -149,6 +149,8 @@ async def test_a_client_that_never_reads_its_answers_is_dropped(
     api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(server, "SEND_SECONDS", 0.5)
+    # (A second more for every MiB/s: nothing, here.)
+    monkeypatch.setattr(requests, "MIN_BYTES_PER_SECOND", 2**30)
     alice = await api.user("alice")
     resp = await api.client.post(  # (aiohttp warns of large bytes: a file object)
         "/documents", data=io.BytesIO(json.dumps({"title": "big", "content": "x" * 2**20})
@@ -182,3 +184,71 @@ async def test_a_client_that_never_reads_its_answers_is_dropped(
     # Other clients are served as before.
     resp = await api.client.get(f"/documents/{doc['id']}", headers=alice.headers)
     assert resp.status == 200 and (await resp.json())["version"] == 1
+
+
+async def test_a_large_body_over_a_slow_link_is_given_its_time(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body's deadline grows with what comes: a fixed one refused a
+    large body over a slow (but steady) link, which no retry could pass."""
+    monkeypatch.setattr(requests, "BODY_SECONDS", 0.3)
+    monkeypatch.setattr(requests, "MIN_BYTES_PER_SECOND", 64 * 1024)
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice)
+    body = json.dumps({"content": "y" * 256 * 1024}).encode()
+    server = api.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(f"PUT /documents/{doc['id']} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     f"Authorization: Bearer {alice.token}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode())
+        # 16 KiB every 50 ms (≈ 320 KiB/s, above the 64 KiB/s asked for), for
+        # ≈ 0.8 s in all: past the first 0.3 s, which alone refused it.
+        for i in range(0, len(body), 16 * 1024):
+            writer.write(body[i:i + 16 * 1024])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        raw = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    head, _, text = raw.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200"), raw[:300]
+    assert json.loads(text)["version"] == 2
+
+
+async def test_a_large_answer_to_a_slow_reader_is_given_its_time(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer's deadline grows with its size: a fixed one dropped a
+    client taking large answers over a slow (but steady) link."""
+    monkeypatch.setattr(server, "SEND_SECONDS", 0.2)
+    monkeypatch.setattr(requests, "MIN_BYTES_PER_SECOND", 256 * 1024)
+    alice = await api.user("alice")
+    resp = await api.client.post(  # (aiohttp warns of large bytes: a file object)
+        "/documents", data=io.BytesIO(json.dumps({"title": "big", "content": "x" * 2**20})
+                                      .encode()),
+        headers={**alice.headers, "Content-Type": "application/json"})
+    assert resp.status == 201
+    doc = await resp.json()
+    host, port = api.client.server.host, api.client.server.port
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, port))
+    asks = 4
+    try:
+        await loop.sock_sendall(sock, f"GET /documents/{doc['id']} HTTP/1.1\r\nHost: x\r\n"
+                                      f"Authorization: Bearer {alice.token}\r\n\r\n"
+                                      .encode() * asks)
+        # Read at ≈ 1.6 MiB/s: a 1 MiB answer takes ≈ 0.6 s, past the first
+        # 0.2 s (which alone dropped the connection), well within 0.2 + 4 s.
+        got = bytearray()
+        while got.count(b"HTTP/1.1 200") < asks or not got.endswith(b"}"):
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 32 * 1024), 30)
+            assert chunk, f"dropped after {len(got)} bytes"
+            got += chunk
+            await asyncio.sleep(len(chunk) / (1.6 * 2**20))
+    finally:
+        sock.close()
+    assert got.count(b'"content":"' + b"x" * 1000) == asks
