@@ -88,6 +88,7 @@ class TokenService:
                 data = jwt.decode(token, self._key, algorithms=[ALGORITHM], options=expired_opts)
             except jwt.PyJWTError as exc:
                 raise TokenInvalid(_reason(exc)) from None
+            _claims(data)  # of the types this server issues, or invalid
             raise TokenExpired(data) from None
         except jwt.ImmatureSignatureError as exc:
             # iat after now (PyJWT checks it first): everything else checked,
@@ -106,8 +107,13 @@ class TokenService:
 
 
 def _claims(data: dict[str, Any]) -> Claims:
+    """The claims, each of the type this server issues: PyJWT checks ``iat``
+    and ``exp`` by ``int()``, which takes ``"1795796565"`` and ``true``."""
     for name in ("sub", "sid", "role", "jti"):
         if not isinstance(data.get(name), str) or not data[name]:
+            raise TokenInvalid("bad_claim")
+    for name in ("iat", "exp"):
+        if type(data.get(name)) is not int:  # not a bool, a float or a string
             raise TokenInvalid("bad_claim")
     return Claims(data["sub"], data["sid"], data["role"], data["iat"], data["exp"], data["jti"])
 
