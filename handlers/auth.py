@@ -62,6 +62,15 @@ def check_password(password: str, stored: str) -> bool:
     return bcrypt.checkpw(_prehash(password), stored[len(PREFIX):].encode("ascii"))
 
 
+def hash_rounds(stored: str) -> int | None:
+    """The bcrypt cost of a stored hash (``bcrypt-sha256$$2b$12$...``), or None."""
+    fields = stored[len(PREFIX):].split("$") if stored.startswith(PREFIX) else []
+    if len(fields) < 4 or not (fields[2].isascii() and fields[2].isdigit()):
+        return None
+    rounds = int(fields[2])
+    return rounds if 4 <= rounds <= 31 else None
+
+
 def valid_username(name: str) -> bool:
     return bool(USERNAME_RE.fullmatch(name))
 
@@ -148,12 +157,23 @@ class Accounts:
     async def _dummy_hash(self) -> str:
         """A hash to check unknown users against, made once (in a bcrypt slot);
         :meth:`prepare` makes it at start, so that the first unknown user's
-        login takes no longer than the others."""
+        login takes no longer than the others. Its cost is the users' own
+        (:meth:`_users_rounds`), not ``bcrypt_rounds``: a hash keeps the cost
+        it was made with, and after a change of the setting an unknown name
+        took twice (or half) as long per round changed as a user's."""
         async with self._dummy_lock:
             if self._dummy is None:
+                rounds = await self._users_rounds()
                 async with self._slots:
-                    self._dummy = await asyncio.to_thread(hash_password, "dummy", self.rounds)
+                    self._dummy = await asyncio.to_thread(hash_password, "dummy", rounds)
             return self._dummy
+
+    async def _users_rounds(self) -> int:
+        """The cost most users' password hashes have; ``bcrypt_rounds`` if none."""
+        rows = await self.engine.spool.read(
+            lambda c: c.execute("SELECT password_hash FROM users").fetchall())
+        costs = Counter(r for (stored,) in rows if (r := hash_rounds(stored)) is not None)
+        return costs.most_common(1)[0][0] if costs else self.rounds
 
     async def prepare(self) -> None:
         await self._dummy_hash()

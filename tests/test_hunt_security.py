@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+import bcrypt
 import jwt
 import pytest
-from api_fixtures import Api, api, expect_error, make_api
+from aiohttp.test_utils import TestClient, TestServer
+from api_fixtures import USER_PASSWORD, Api, MakeApi, api, api_config, expect_error, make_api
 
 import server
+from handlers.keys import ACCOUNTS
 
 __all__ = ["api", "make_api"]
 
@@ -71,3 +75,42 @@ async def test_an_expired_token_with_malformed_claims_is_invalid_not_recorded_as
     # Not an auth.token_expired naming a list as its session and 5 as a role.
     assert await api.security("auth.token_expired") == []
     assert ev["session_id"] is None and ev["actor"] == {"user": None, "role": None}
+
+
+# -- login timing after a change of auth.bcrypt_rounds ------------------------------
+
+
+async def test_an_unknown_name_costs_what_the_users_hashes_cost_after_a_rounds_change(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hash keeps the cost it was made with: after ``bcrypt_rounds`` went
+    from 12 to 13 (or 14), every existing user's check took half (a quarter)
+    of an unknown name's, which was checked against a dummy hash of the new
+    cost: which names exist could be told apart by the answer's time. Proved
+    by the cost of the hash bcrypt is asked to check, not by timing it."""
+    first = await make_api()
+    for name in ("alice", "bob"):
+        await first.add_user(name)  # (the tests' cost: 4)
+    await first.client.close()
+    costs: list[bytes] = []
+    check = bcrypt.checkpw
+
+    def checked(password: bytes, hashed: bytes) -> bool:
+        costs.append(hashed[:7])  # "$2b$04$"
+        return check(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", checked)
+    config = api_config(Path(first.config.base_dir), auth={"bcrypt_rounds": 5})
+    async with TestClient(TestServer(server.create_app(config))) as client:
+        for name in ("alice", "no-such-user", "Alice", "not a valid name"):
+            costs.clear()
+            resp = await client.post("/token", json={"username": name,
+                                                     "password": "a-wrong-password"})
+            await expect_error(resp, 401, "invalid_credentials")
+            assert costs == [b"$2b$04$"], (name, costs)
+        # A new password is hashed at the configured cost, and logins work.
+        await client.app[ACCOUNTS].create("carol", USER_PASSWORD, "user")
+        costs.clear()
+        resp = await client.post("/token", json={"username": "carol",
+                                                 "password": USER_PASSWORD})
+        assert resp.status == 200 and costs == [b"$2b$05$"]
