@@ -496,6 +496,16 @@ class JsonFormatter(logging.Formatter):
 
 _LOG_ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0x061C, 0x200E, 0x200F,
                                            *range(0x2028, 0x202F), *range(0x2066, 0x206A))}
+# For plain text on a terminal (a command's report): the C0 controls and DEL
+# too, which JSON escapes by itself.
+_TERMINAL_ESCAPES = {**{c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}, **_LOG_ESCAPES}
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: what a sink holds is printed as it is, but
+    its controls escaped (a session id in the sink with ``ESC [1A`` and
+    ``ESC [8m`` would move the cursor over verify's report and hide it)."""
+    return text.translate(_TERMINAL_ESCAPES)
 
 
 class MalformedRequestFilter(logging.Filter):
@@ -923,12 +933,12 @@ async def _verify(config: Config) -> int:
               " receiver's copy with audit.verify.check_session", file=sys.stderr)
         return 2
     except SinkError as exc:
-        print(f"verify: the sink is unavailable: {exc}", file=sys.stderr)
+        print(printable(f"verify: the sink is unavailable: {exc}"), file=sys.stderr)
         return 2
     finally:
         await sink.close()
     for p in report.problems:
-        print(f"{p.session_id}: {p.kind}: {p.detail}")
+        print(printable(f"{p.session_id}: {p.kind}: {p.detail}"))
     chains = (f" in {report.security_chains} chains (one per spool that wrote them)"
               if report.security_chains > 1 else "")
     print(f"verified {report.sessions} sessions, {report.parts} parts, {report.events} events,"
@@ -988,8 +998,9 @@ async def _drain(config: Config, timeout: float | None = None) -> int:  # noqa: 
         # answer, or for the flush budget.
         error = status["sink"]["last_error"] or ("no error yet (a write was still under way"
                                                  " or waiting for max_writes_per_second)")
-        print(f"drain: gave up after {timeout:g} s; {left} still pending (kept in the spool),"
-              f" {status['dead_letter']} dead-lettered; the sink: {error}", file=sys.stderr)
+        print(printable(f"drain: gave up after {timeout:g} s; {left} still pending (kept in"
+                        f" the spool), {status['dead_letter']} dead-lettered; the sink:"
+                        f" {error}"), file=sys.stderr)
         return 1
     print(f"drained; {status['dead_letter']} dead-lettered, "
           f"{status['active_sessions']} sessions still open")

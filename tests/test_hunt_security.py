@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -11,9 +14,11 @@ import jwt
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from api_fixtures import USER_PASSWORD, Api, MakeApi, api, api_config, expect_error, make_api
+from live_server import Live
 
 import server
 from handlers.keys import ACCOUNTS
+from sinks.sqlite import SqliteSink
 
 __all__ = ["api", "make_api"]
 
@@ -114,3 +119,32 @@ async def test_an_unknown_name_costs_what_the_users_hashes_cost_after_a_rounds_c
         resp = await client.post("/token", json={"username": "carol",
                                                  "password": USER_PASSWORD})
         assert resp.status == 200 and costs == [b"$2b$05$"]
+
+
+# -- verify's report on a terminal ---------------------------------------------------
+
+
+async def test_verify_shows_what_a_sink_holds_without_terminal_controls(tmp_path: Path) -> None:
+    """Whoever can write to the sink (whom verify is there to catch) chose
+    the text of verify's report: a session id is printed as stored. One
+    with terminal controls moved the cursor up over its own line, printed a
+    made-up "...: OK" summary and hid the rest of the output, the true
+    summary included (conceal, ESC [8m), from the operator reading it."""
+    live = Live(tmp_path)
+    sink = SqliteSink(live.data_dir / "audit.db")
+    await sink.open()
+    await sink.close()
+    fake = "\x1b[1A\x1b[2K\rverified 3 sessions, 3 parts, 9 events: OK\x1b[8m\u202e"
+    doc = {"_id": f"{fake}:0", "session_id": fake, "part": 0, "final": True, "events": []}
+    with contextlib.closing(sqlite3.connect(live.data_dir / "audit.db")) as conn, conn:
+        conn.execute("INSERT INTO parts (id, session_id, part, user, session_start_time,"
+                     " final, hash, doc) VALUES (?, ?, 0, 'alice', '2026-11-27T16:00:00.000Z',"
+                     " 1, 'x', ?)", (f"{fake}:0", fake, json.dumps(doc)))
+    done = await live.cli("verify")
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1].endswith(": 6 problems"), done.stdout
+    for line in lines:
+        assert line.isprintable(), repr(line)
+    assert "\\x1b[1A\\x1b[2K\\x0dverified 3 sessions" in lines[0], lines[0]
+    assert "\\u202e" in lines[0]
