@@ -328,6 +328,12 @@ async def _end_revoked_sessions(accounts: Accounts) -> None:
 
 
 async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Sessions revoked while the server was down end before it serves: the
+    # task below races the first requests (a disabled user's token worked).
+    try:
+        await app[ACCOUNTS].end_revoked_sessions()
+    except Exception:  # the task tries again
+        log.exception("looking for sessions of disabled or changed users failed")
     task = asyncio.create_task(_end_revoked_sessions(app[ACCOUNTS]), name="revocations")
     # The unknown users' hash, made while the server already serves.
     dummy = asyncio.create_task(app[ACCOUNTS].prepare(), name="dummy-hash")

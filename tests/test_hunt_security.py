@@ -12,12 +12,15 @@ from typing import Any
 import bcrypt
 import jwt
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from api_fixtures import USER_PASSWORD, Api, MakeApi, api, api_config, expect_error, make_api
 from live_server import Live
 
 import server
-from handlers.keys import ACCOUNTS
+from audit.spool import connect
+from handlers.auth import change_user_sync
+from handlers.keys import ACCOUNTS, ENGINE
 from sinks.sqlite import SqliteSink
 
 __all__ = ["api", "make_api"]
@@ -148,3 +151,42 @@ async def test_verify_shows_what_a_sink_holds_without_terminal_controls(tmp_path
         assert line.isprintable(), repr(line)
     assert "\\x1b[1A\\x1b[2K\\x0dverified 3 sessions" in lines[0], lines[0]
     assert "\\u202e" in lines[0]
+
+
+# -- a user disabled (or given a new password) while the server was down -------------
+
+
+@pytest.mark.parametrize("change", [{"disabled": True}, {"password_hash": "bcrypt-sha256$x"}],
+                         ids=["disable", "passwd"])
+async def test_sessions_revoked_while_the_server_was_down_end_before_it_serves(
+    make_api: MakeApi, change: dict[str, Any],
+) -> None:
+    """``disable`` and ``passwd`` say the user's sessions end "when the server
+    starts, if it is not running". They ended in a task started with the
+    server, racing its first requests: a disabled user's token, held from
+    before the restart, still read (and could change) documents right after
+    the start (2 runs in 3 here). Checked when the server is about to serve,
+    then with a real request."""
+    api = await make_api()
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice)
+    await api.client.close()  # the server stops with alice's session open
+    conn = connect(api.config.spool_path, "normal")
+    try:
+        assert change_user_sync(conn, "alice", **change)  # what the command does
+    finally:
+        conn.close()
+    at_start: list[object] = []
+
+    def setup(app: web.Application) -> None:
+        async def serving(app: web.Application) -> None:  # (after every cleanup_ctx)
+            at_start.append(app[ENGINE].session(alice.session_id))
+        app.on_startup.append(serving)
+
+    restarted = await make_api(setup=setup, server={"data_dir": str(api.config.data_dir)})
+    assert at_start == [None]
+    resp = await restarted.client.get(f"/documents/{doc['id']}", headers=alice.headers)
+    await expect_error(resp, 401, "session_ended")
+    cause = "user_disabled" if "disabled" in change else "password_changed"
+    end = (await restarted.events(alice.session_id))[-1]
+    assert end["action"] == "session.end" and end["details"]["cause"] == cause
