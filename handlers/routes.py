@@ -28,11 +28,16 @@ async def expect_handler(request: web.Request) -> None:
     - another expectation is ignored (RFC 9110 lets a server answer 417 or
       not): aiohttp's plain-text 417 quoted the header back, and came before
       the middlewares, so the request went unrecorded. The route now answers
-      it like any other request.
+      it like any other request, and ``100-continue`` beside it still gets
+      its ``100 Continue``.
     """
     if request.version != HttpVersion11:
         return
-    if request.headers.get(hdrs.EXPECT, "").strip().lower() != "100-continue":
+    # A list of expectations ("100-continue, foo"), or the header twice: the
+    # client waits for its 100 Continue all the same; the others are ignored.
+    expected = {item.strip().lower() for value in request.headers.getall(hdrs.EXPECT, ())
+                for item in value.split(",")}
+    if "100-continue" not in expected:
         return
     with contextlib.suppress(ConnectionError):  # the client is gone: the route
         await request.writer.write(CONTINUE)    # finds out reading the body

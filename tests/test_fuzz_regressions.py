@@ -102,6 +102,36 @@ async def test_a_client_gone_before_100_continue_is_recorded_without_a_traceback
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+@pytest.mark.parametrize("expect", [b"Expect: 100-continue, foo\r\n",
+                                    b"Expect: foo\r\nExpect: 100-Continue\r\n"])
+async def test_100_continue_beside_another_expectation_still_gets_its_100(
+    api: Api, expect: bytes
+) -> None:
+    """``100-continue`` in a list of expectations (or beside another
+    ``Expect`` header): the client waits for its ``100 Continue`` before it
+    sends the body, and got none (only a lone ``100-continue`` was looked
+    for): it waited until its own timeout, or for ever. The other
+    expectation is ignored; the request is answered (401: no token) and
+    recorded once."""
+    server = api.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(b"POST /documents HTTP/1.1\r\nHost: x\r\n" + expect
+                     + b"X-Request-ID: listed-expect\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)  # (none came: a timeout)
+        assert line.startswith(b"HTTP/1.1 100 "), line
+        writer.write(b"{}")
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert b"HTTP/1.1 401 " in raw, raw
+    found = [e for e in await api.wait_security("auth.invalid_token")
+             if e["request_id"] == "listed-expect"]
+    assert len(found) == 1
+
+
 async def test_another_expectation_is_ignored_and_the_request_answered_and_recorded(
     api: Api,
 ) -> None:
