@@ -380,7 +380,11 @@ class MongoSink(Sink):
         """The query indexes (:data:`INDEXES`), each as a best effort.
 
         An error that passes (the deployment unreachable, an election, a rate
-        limit) or a failed login fails the open, which is tried again. Any
+        limit), a failed login, or anything but the server's own answer fails
+        the open, which is tried again: a ``mongodb+srv://`` name is looked up
+        at the first operation, and while it does not resolve every build
+        fails with ``ConfigurationError`` without a server asked (an open
+        that went on would never build the indexes once it resolved). Any
         other refusal (85/86: an index with these keys or this name exists
         otherwise, made by hand; 13: a role without ``createIndex``) is a
         warning: the writes do not need the indexes, the admin listings are
@@ -393,7 +397,8 @@ class MongoSink(Sink):
                 await colls[which].create_index(keys, name=name)
             except PyMongoError as exc:
                 err = self._classify(f"create index {name}", exc)
-                if _passing(exc) or isinstance(err, SinkRateLimited) or _code(exc) == 18:
+                if (not isinstance(exc, OperationFailure) or _passing(exc)
+                        or isinstance(err, SinkRateLimited) or _code(exc) == 18):
                     raise
                 log.warning("%s; writes go on without that index (admin listings are"
                             " slower)", err)

@@ -1,0 +1,106 @@
+"""The mongodb sink against what real deployments answer, found by a bug hunt.
+
+Through the real PyMongo driver against the scripted wire-protocol server
+of tests/test_sink_mongodb.py (mockupdb), and, for ``mongodb+srv://`` URIs,
+a real DNS server on 127.0.0.1 that the driver's resolver (dnspython) asks.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import dns.asyncresolver
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+from mockupdb import MockupDB
+from test_sink_mongodb import URI_ENV, new_sink, receive, start, start_server
+
+from sinks.base import SinkUnavailable
+
+
+class SrvDns:
+    """A DNS server (UDP, 127.0.0.1) for one ``mongodb+srv://`` name: the
+    name does not exist (NXDOMAIN) until :attr:`up`, then its SRV record
+    names ``localhost`` at ``target_port``; no TXT record."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.up = False
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(data)
+            answer = dns.message.make_response(query)
+            question = query.question[0]
+            if not self.up:
+                answer.set_rcode(dns.rcode.NXDOMAIN)
+            elif question.rdtype == dns.rdatatype.SRV:
+                answer.answer.append(dns.rrset.from_text(
+                    question.name, 60, "IN", "SRV", f"0 0 {self.target_port} localhost."))
+            self.sock.sendto(answer.to_wire(), peer)
+
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = ["127.0.0.1"]
+        resolver.port = self.port
+        return resolver
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def fresh_server() -> Iterator[MockupDB]:
+    server = start_server()  # no automatic answers: each request is the test's
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_srv_name_not_resolving_yet_fails_the_open_and_indexes_come_later(
+    fresh_server: MockupDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``mongodb+srv://`` name is looked up at the first operation, not
+    when the client is made. While it does not resolve (a DNS outage, a
+    container started before its network, a cluster just created), every
+    index build failed with ConfigurationError, which was taken for the
+    deployment refusing that index: the open "succeeded", and once the name
+    resolved the writes went on but the indexes were never built (the admin
+    listings scanned the collections for good; Cosmos DB refuses a sort
+    without its index)."""
+    server = fresh_server
+    srv = SrvDns(server.port)
+    try:
+        monkeypatch.setattr(dns.asyncresolver, "default_resolver", srv.resolver())
+        monkeypatch.setenv(URI_ENV, "mongodb+srv://cluster0.audit.test/?tls=false")
+        sink = new_sink(client_options={"srv_host_validator": lambda host: host == "localhost"})
+        with pytest.raises(SinkUnavailable, match="DNS query name does not exist"):
+            await sink.open()
+        assert not server.got(timeout=0)
+        srv.up = True  # the flusher opens the sink again: the indexes are built
+        task = start(sink.open())
+        for _ in range(5):
+            (await receive(server, "createIndexes")).replies({"ok": 1})
+        await task
+        await sink.close()
+    finally:
+        srv.stop()
