@@ -215,6 +215,13 @@ def _rate_limited(code: Any, errmsg: str) -> bool:
     return code in RATE_LIMITED or "TooManyRequests" in errmsg or "Request rate is large" in errmsg
 
 
+def _failed_login(exc: PyMongoError) -> bool:
+    """The deployment refused our credentials: 18, or Atlas's own spelling of
+    it (8000 ``AtlasError``, "bad auth : Authentication failed.")."""
+    code = _code(exc)
+    return code == 18 or (code == 8000 and "bad auth" in _errmsg(exc))
+
+
 def _passing(exc: PyMongoError) -> bool:
     """Connection trouble, a time limit, an election: it passes by itself."""
     return (
@@ -380,7 +387,9 @@ class MongoSink(Sink):
         """The query indexes (:data:`INDEXES`), each as a best effort.
 
         An error that passes (the deployment unreachable, an election, a rate
-        limit), a failed login, or anything but the server's own answer fails
+        limit), a failed login (Atlas's too: :func:`_failed_login`; else the
+        sink opened with five index warnings, and the indexes never came once
+        the login worked), or anything but the server's own answer fails
         the open, which is tried again: a ``mongodb+srv://`` name is looked up
         at the first operation, and while it does not resolve every build
         fails with ``ConfigurationError`` without a server asked (an open
@@ -398,7 +407,7 @@ class MongoSink(Sink):
             except PyMongoError as exc:
                 err = self._classify(f"create index {name}", exc)
                 if (not isinstance(exc, OperationFailure) or _passing(exc)
-                        or isinstance(err, SinkRateLimited) or _code(exc) == 18):
+                        or isinstance(err, SinkRateLimited) or _failed_login(exc)):
                     raise
                 log.warning("%s; writes go on without that index (admin listings are"
                             " slower)", err)

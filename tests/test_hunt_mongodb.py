@@ -104,3 +104,26 @@ async def test_srv_name_not_resolving_yet_fails_the_open_and_indexes_come_later(
         await sink.close()
     finally:
         srv.stop()
+
+
+async def test_atlas_failed_login_fails_the_open(
+    fresh_server: MockupDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Atlas refuses a login with 8000 ``AtlasError``, "bad auth :
+    Authentication failed.", not 18. That was taken for Atlas refusing an
+    index: five warnings about slower listings hid the failed login, the
+    sink "opened", and once the login worked (the database user created or
+    its password set) the writes went on without their indexes until a
+    restart. Now it fails the open like 18: tried again, the login's error
+    shown."""
+    server = fresh_server
+    monkeypatch.setenv(URI_ENV, f"mongodb://auditor:S3cret-pw@127.0.0.1:{server.port}/"
+                                "?authSource=admin")
+    # Every login the driver tries (its own SCRAM exchange) is refused.
+    server.autoresponds("saslStart", {"ok": 0, "errmsg": "bad auth : Authentication failed.",
+                                      "code": 8000, "codeName": "AtlasError"})
+    sink = new_sink()
+    with pytest.raises(SinkUnavailable, match="bad auth") as info:
+        await sink.open()
+    assert "S3cret-pw" not in str(info.value)
+    await sink.close()
