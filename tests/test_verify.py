@@ -785,3 +785,21 @@ async def test_sessions_stored_whole_are_remembered_only_so_long(
     fake_clock.advance(2)
     third = await one_session()
     assert await remembered() == [second, third]  # the first's time is over
+
+
+@pytest.mark.timeout(10)
+async def test_a_huge_part_number_or_last_seq_is_one_finding_not_a_hang(stored, audit_key):
+    """verify counted up to a part's number (and to its last_seq), listing
+    every number below it: one forged row with part 10**7 in a session of its
+    own took 20 s and printed ten million lines; with 10**12 verify ran out of
+    memory, printing nothing, and so hid every other finding."""
+    config, sids = stored
+    huge = 10**7
+    doc = stored_part(config, sids[0], 1)
+    insert_part(config, {**doc, "session_id": "f" * 32, "part": huge,
+                         "_id": f"{'f' * 32}:{huge}"})
+    tamper(config, sids[1], 1, lambda d: d.update(last_seq=huge))
+    found = await findings(config, audit_key)
+    assert set(found) == {"f" * 32, sids[1]}
+    assert ("missing_part", f"parts 0 to {huge - 1} are not stored") in found["f" * 32]
+    assert ("removed", f"part 1: seq [7-{huge}] missing") in found[sids[1]]
