@@ -398,6 +398,10 @@ async def verify_sink(
         report.problems.append(Problem(
             sid, "changed", f"{kind} {doc_id}: another copy with other content at {where}"
             " (the first copy is the one checked)"))
+    for what in await sink.unchecked_records():
+        report.problems.append(Problem(
+            "", "changed", f"{what}: verify cannot check it, and a reader of the sink may"
+            " take it"))
     await check_security_stream(sink, key, report, anchor)
     return report
 

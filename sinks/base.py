@@ -186,6 +186,14 @@ class Sink(ABC):
         or "security event", where)``. For ``verify``; most sinks refuse them."""
         return []
 
+    async def unchecked_records(self) -> list[str]:
+        """What the sink holds that ``verify`` cannot check as a part or a
+        security event, nor compare with one (an append-only file can hold
+        anything: a line that is not JSON, or lacks what places it), each
+        said in words with where it is. For ``verify``: another reader may
+        take such a record; a sink whose rows are its documents has none."""
+        return []
+
     async def index_mismatches(self) -> list[tuple[str, str, str]]:
         """Documents whose copies in the sink's own query columns (what the
         admin API filters and sorts on) disagree with the document: ``(_id,

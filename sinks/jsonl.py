@@ -341,6 +341,13 @@ class _Index:
         # Later lines with a known _id: (_id, kind, file, offset). The sink never
         # writes one; conflicting_copies compares each with the first copy.
         self.repeats: list[tuple[str, Any, int, int]] = []
+        # Lines that are no document the index can place (not JSON; no _id;
+        # no known type; a part without its session id and number, a
+        # security event without its time): (file, offset, why), the first
+        # 10,000, and how many more. Queries and verify never see them; a
+        # reader of the files may take them.
+        self.unplaced: list[tuple[int, int, str]] = []
+        self.more_unplaced = 0
 
     def number(self, name: str) -> int:
         no = self.numbers.get(name)
@@ -353,6 +360,13 @@ class _Index:
         """``_digest`` of the ``hash`` stored with ``doc_id``, if it is stored."""
         return self.ids.get(_digest(doc_id))
 
+    def unplace(self, no: int, offset: int, why: str) -> None:
+        """Note a line the index cannot place (see ``unplaced``)."""
+        if len(self.unplaced) < 10_000:
+            self.unplaced.append((no, offset, why))
+        else:
+            self.more_unplaced += 1
+
     def add(self, doc: Doc, kind: Any, no: int, offset: int) -> None:
         """Index one line (the first line with an ``_id`` wins, as in a reader)."""
         doc_id = str(doc["_id"])
@@ -362,9 +376,13 @@ class _Index:
                 self.repeats.append((doc_id, kind, no, offset))
             return
         self.ids[key] = _digest(str(doc.get("hash")))
-        if kind == PART:
+        if kind not in (PART, SECURITY):
+            self.unplace(no, offset, f"a line of type {kind!r}, neither {PART!r} nor {SECURITY!r}")
+        elif kind == PART:
             sid, part = doc.get("session_id"), doc.get("part")
             if not isinstance(sid, str) or not isinstance(part, int):
+                self.unplace(no, offset, "a session part without a string session_id"
+                             " and an integer part")
                 return
             try:
                 count = int(doc.get("event_count", 0))
@@ -376,10 +394,12 @@ class _Index:
                 self.sessions[sid] = _Session(part, doc, count, loc)
             else:
                 s.add(part, doc, count, loc)
-        elif kind == SECURITY:
+        else:
             ts = doc.get("ts")
             if isinstance(ts, str):
                 self.events.append((ts, doc["_id"], _intern(doc.get("action")), no, offset))
+            else:
+                self.unplace(no, offset, "a security event without a string ts")
 
 
 class JsonlSink(Sink):
@@ -443,9 +463,12 @@ class JsonlSink(Sink):
                     doc = json.loads(raw)
                 except (ValueError, RecursionError):  # nested past the parser's stack too
                     log.warning("%s at byte %d: not JSON, ignored", path.name, pos)
+                    index.unplace(no, pos, "a line that is not JSON (or not UTF-8)")
                 else:
                     if isinstance(doc, dict) and "_id" in doc:
                         index.add(doc, doc.get("type"), no, pos)
+                    else:
+                        index.unplace(no, pos, "a line that is not an object with an _id")
                 pos += len(raw)
         return pos
 
@@ -942,6 +965,18 @@ class JsonlSink(Sink):
 
         if not (self._index and self._index.repeats):
             return []
+        return await self._run_query(query)
+
+    async def unchecked_records(self) -> list[str]:
+        """The lines the index could not place: verify checked none of them,
+        and a reader of the files (``jq``, a shipper) takes them as they are."""
+        def query(index: _Index, read: _Reader) -> list[str]:
+            out = [f"{index.names[no]}, byte {offset}: {why}"
+                   for no, offset, why in index.unplaced]
+            if index.more_unplaced:
+                out.append(f"{index.more_unplaced} more lines that are no document of the sink")
+            return out
+
         return await self._run_query(query)
 
     async def session_ids(self) -> AsyncIterator[str]:

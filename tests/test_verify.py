@@ -803,3 +803,72 @@ async def test_a_huge_part_number_or_last_seq_is_one_finding_not_a_hang(stored, 
     assert set(found) == {"f" * 32, sids[1]}
     assert ("missing_part", f"parts 0 to {huge - 1} are not stored") in found["f" * 32]
     assert ("removed", f"part 1: seq [7-{huge}] missing") in found[sids[1]]
+
+
+async def _jsonl_session(make_config, engines) -> tuple[Any, str, Any]:
+    """One session of three events and one security event in a JsonlSink:
+    the config, the session id and the day file."""
+    from sinks.jsonl import JsonlSink
+
+    config = make_config(sink={"type": "jsonl"},
+                         flush={"max_writes_per_second": 1000.0, "burst": 100})
+    engine = await engines.open(config, JsonlSink(config.jsonl_dir))
+    src = Source(user="alice", role="user", ip="127.0.0.1")
+    s = await engine.start_session("alice", "user", src, 3600)
+    await engine.record(s.session_id, Draft("document.access",
+                                            target={"type": "document", "id": "d1"}))
+    await engine.record_security(Draft("auth.login_failed", outcome="denied",
+                                       details={"username": "bob"}), happened=True)
+    await engine.end_session(s.session_id, src)
+    await engines.drain(engine)
+    await engines.close(engine)
+    (path,) = config.jsonl_dir.glob("*.jsonl")
+    return config, s.session_id, path
+
+
+async def _jsonl_report(config, key) -> Any:
+    from sinks.jsonl import JsonlSink
+
+    sink = JsonlSink(config.jsonl_dir, readonly=True)
+    await sink.open()
+    try:
+        return await verify_sink(sink, key)
+    finally:
+        await sink.close()
+
+
+async def test_jsonl_lines_verify_cannot_place_are_found(make_config, engines, audit_key):
+    """Lines the index skipped were never checked, and verify said OK, while
+    jq (which reads invalid UTF-8 as U+FFFD) or a shipper takes them: a forged
+    part with one byte that is not UTF-8, one whose part is a string, one
+    without a type; a security event whose ts is a number; an array."""
+    config, sid, path = await _jsonl_session(make_config, engines)
+    lines = path.read_text().splitlines()
+    (part,) = [json.loads(ln) for ln in lines if f'"{sid}:0"' in ln]
+    (sec,) = [json.loads(ln) for ln in lines if '"security_event"' in ln]
+    assert (await _jsonl_report(config, audit_key)).ok
+    other = "e" * 32
+
+    def forged(**fields: Any) -> dict[str, Any]:
+        return {**part, "session_id": other, "_id": f"{other}:{fields.get('part', 0)}",
+                **fields}
+
+    size = path.stat().st_size
+    with path.open("ab") as f:
+        f.write(json.dumps(forged(user="mallory"), ensure_ascii=False).encode()
+                .replace(b'"mallory"', b'"mall\xffory"') + b"\n")
+        f.write(json.dumps(forged(part="1")).encode() + b"\n")
+        f.write(json.dumps({k: v for k, v in forged(part=2).items() if k != "type"}).encode()
+                + b"\n")
+        f.write(json.dumps({**sec, "_id": "x", "event_id": "x", "ts": 1.8e9}).encode() + b"\n")
+        f.write(b"[1, 2]\n")
+    report = await _jsonl_report(config, audit_key)
+    where = [int(p.detail.split(", byte ")[1].split(":")[0]) for p in report.problems]
+    assert where[0] == size and where == sorted(where) and len(where) == 5
+    assert [p.detail.split(": ")[1] for p in report.problems] == [
+        "a line that is not JSON (or not UTF-8)",
+        "a session part without a string session_id and an integer part",
+        "a line of type None, neither 'session_part' nor 'security_event'",
+        "a security event without a string ts",
+        "a line that is not an object with an _id"]
+    assert {p.kind for p in report.problems} == {"changed"}
