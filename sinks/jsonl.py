@@ -341,6 +341,7 @@ class _Index:
         # Later lines with a known _id: (_id, kind, file, offset). The sink never
         # writes one; conflicting_copies compares each with the first copy.
         self.repeats: list[tuple[str, Any, int, int]] = []
+        self.more_repeats = 0  # ... past the 10,000 kept: not compared, but counted
         # Lines that are no document the index can place (not JSON; no _id;
         # no known type; a part without its session id and number, a
         # security event without its time): (file, offset, why), the first
@@ -374,6 +375,8 @@ class _Index:
         if key in self.ids:
             if len(self.repeats) < 10_000:
                 self.repeats.append((doc_id, kind, no, offset))
+            else:
+                self.more_repeats += 1
             return
         self.ids[key] = _digest(str(doc.get("hash")))
         if kind not in (PART, SECURITY):
@@ -968,13 +971,18 @@ class JsonlSink(Sink):
         return await self._run_query(query)
 
     async def unchecked_records(self) -> list[str]:
-        """The lines the index could not place: verify checked none of them,
-        and a reader of the files (``jq``, a shipper) takes them as they are."""
+        """The lines the index could not place, and the repeated ``_id`` lines
+        past the 10,000 :meth:`conflicting_copies` compares: verify checked
+        none of them, and a reader of the files (``jq``, a shipper) takes
+        them as they are."""
         def query(index: _Index, read: _Reader) -> list[str]:
             out = [f"{index.names[no]}, byte {offset}: {why}"
                    for no, offset, why in index.unplaced]
             if index.more_unplaced:
                 out.append(f"{index.more_unplaced} more lines that are no document of the sink")
+            if index.more_repeats:
+                out.append(f"{index.more_repeats} more lines with an _id stored already, not"
+                           " compared with its first line (past the 10,000 that were)")
             return out
 
         return await self._run_query(query)

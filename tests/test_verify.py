@@ -837,6 +837,25 @@ async def _jsonl_report(config, key) -> Any:
         await sink.close()
 
 
+async def test_a_forged_jsonl_copy_behind_10000_identical_ones_is_found(
+    make_config, engines, audit_key
+):
+    """The index kept the first 10,000 repeated lines to compare: 10,000
+    identical copies of a part (harmless, not reported), then one with other
+    content, and verify said OK."""
+    config, sid, path = await _jsonl_session(make_config, engines)
+    (line,) = [ln for ln in path.read_text().splitlines() if f'"{sid}:0"' in ln]
+    forged = json.loads(line)
+    forged["events"][2]["target"]["id"] = "the-board-minutes"
+    with path.open("a") as f:
+        f.write((line + "\n") * 10_000 + json.dumps(forged) + "\n")
+    report = await _jsonl_report(config, audit_key)
+    assert [(p.kind, p.detail) for p in report.problems] == [(
+        "changed", "1 more lines with an _id stored already, not compared with its first"
+        " line (past the 10,000 that were): verify cannot check it, and a reader of the sink"
+        " may take it")]
+
+
 async def test_jsonl_lines_verify_cannot_place_are_found(make_config, engines, audit_key):
     """Lines the index skipped were never checked, and verify said OK, while
     jq (which reads invalid UTF-8 as U+FFFD) or a shipper takes them: a forged
