@@ -391,6 +391,8 @@ async def verify_sink(
         sid = doc_id.rpartition(":")[0] if kind == "part" else SECURITY_STREAM
         report.problems.append(Problem(
             sid, "bad_part" if kind == "part" else "changed",
+            f"{kind} {doc_id}: the stored document is not JSON, or has a key twice in one"
+            " object (readers differ on which value counts)" if columns == "doc" else
             f"{kind} {doc_id}: the sink's query columns ({columns}) are not the stored"
             " document's: the admin API's listings filter on them"))
     for doc_id, kind, where in await sink.conflicting_copies():

@@ -891,3 +891,57 @@ async def test_jsonl_lines_verify_cannot_place_are_found(make_config, engines, a
         "a security event without a string ts",
         "a line that is not an object with an _id"]
     assert {p.kind for p in report.problems} == {"changed"}
+
+
+async def test_a_key_given_twice_or_escaped_cannot_steer_the_sqlite_listings(
+    stored, audit_key, tmp_path
+):
+    """The query columns were held to json_extract's reading of the document,
+    which takes the first of two equal keys and does not match an escaped
+    one; verify and the admin API read them with Python's json (the last
+    one; the key unescaped). A part listed under ?user=mallory (and missing
+    from ?user=alice) while every reader above showed alice, one with no
+    user column at all (its key escaped: in no ?user= listing), a security
+    event missing from ?kind=auth.login_failed, and an event whose actor
+    json_extract reads as mallory all passed verify as OK."""
+    config, sids = stored
+    twice, escaped, nested = sids[:3]
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as conn, conn:
+        def rewrite(sid: str, old: str, new: str, **columns: str) -> None:
+            (doc,) = conn.execute("SELECT doc FROM parts WHERE session_id = ? AND part = 0",
+                                  (sid,)).fetchone()
+            assert old in doc
+            sets = "".join(f", {c} = {v}" for c, v in columns.items())
+            conn.execute(f"UPDATE parts SET doc = ?{sets} WHERE session_id = ? AND part = 0",
+                         (doc.replace(old, new, 1), sid))
+
+        rewrite(twice, '{"_id"', '{"user":"mallory","_id"', user="'mallory'")
+        rewrite(escaped, '"user":"alice"', '"us\\u0065r":"alice"', user="NULL")
+        rewrite(nested, '"actor":{', '"actor":{"user":"mallory",')
+        assert conn.execute("SELECT json_extract(doc, '$.user'), json_extract(doc,"
+                            " '$.events[0].actor.user') FROM parts WHERE part = 0 AND"
+                            " session_id IN (?, ?) ORDER BY session_id = ?", (twice, nested, nested)
+                            ).fetchall() == [("mallory", "alice"), ("alice", "mallory")]
+    for sid in (twice, escaped, nested):
+        assert stored_part(config, sid, 0)["user"] == "alice"
+    found = await findings(config, audit_key)
+    assert set(found) == {twice, escaped, nested}
+    assert found[escaped] == [("bad_part", f"part {escaped}:0: the sink's query columns"
+                               " (user) are not the stored document's: the admin API's"
+                               " listings filter on them")]
+    for sid in (twice, nested):
+        assert found[sid] == [("bad_part", f"part {sid}:0: the stored document is not JSON,"
+                               " or has a key twice in one object (readers differ on which"
+                               " value counts)")]
+
+    chain = _security_chain(audit_key, 3, "c")
+    path = tmp_path / "sec.db"
+    assert (await _verify_security(path, audit_key, [chain])).ok
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        (doc,) = conn.execute("SELECT doc FROM security_events WHERE id = ?",
+                              (chain[1]["_id"],)).fetchone()
+        conn.execute("UPDATE security_events SET doc = ?, action = 'admin.denied' WHERE id = ?",
+                     ('{"action":"admin.denied",' + doc[1:], chain[1]["_id"]))
+    report = await _verify_security(path, audit_key, [])
+    assert [(p.kind, p.detail.split(":")[0]) for p in report.problems] == [
+        ("changed", f"security event {chain[1]['_id']}")]
