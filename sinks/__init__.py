@@ -49,9 +49,9 @@ def cleartext_to_remote(url: str) -> bool:
 
 def create_sink(config: Config, *, readonly: bool = False) -> Sink:
     """The sink named by ``[sink] type``; nothing is connected until ``open()``.
-    With ``readonly`` (verify), the sqlite sink opens its file read only, and
-    the jsonl sink creates, locks and repairs nothing (verify must not change
-    what it checks)."""
+    With ``readonly`` (verify), the sqlite sink opens its file read only, the
+    jsonl sink creates, locks and repairs nothing, and the mongodb sink builds
+    no index (verify must not change what it checks)."""
     kind = config.sink.type
     if kind == "sqlite":
         from .sqlite import SqliteSink
@@ -73,5 +73,5 @@ def create_sink(config: Config, *, readonly: bool = False) -> Sink:
     if kind == "mongodb":
         from .mongodb import MongoSink
 
-        return MongoSink(config.sink.mongodb)
+        return MongoSink(config.sink.mongodb, readonly=readonly)
     raise ValueError(f"unknown sink type {kind!r}")  # config validation prevents this

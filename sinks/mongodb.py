@@ -281,8 +281,13 @@ class MongoSink(Sink):
         connect_timeout_ms: int = 5000,
         socket_timeout_ms: int = 30000,
         client_options: dict[str, Any] | None = None,
+        readonly: bool = False,
     ) -> None:
         self.cfg = cfg
+        # verify: the open builds no index (verify changes nothing in what it
+        # checks, and the read-only role it should run with may not; five
+        # warnings said so), it only asks the deployment whether it answers.
+        self.readonly = readonly
         self._options: dict[str, Any] = {
             "serverSelectionTimeoutMS": server_selection_timeout_ms,
             "connectTimeoutMS": connect_timeout_ms,
@@ -367,7 +372,10 @@ class MongoSink(Sink):
             security = db[self.cfg.security_collection]
             # Acknowledged index builds too (a w=0 URI would hide a failure).
             sessions_w, security_w = _durable(sessions), _durable(security)
-            await self._build_indexes(sessions_w, security_w)
+            if self.readonly:
+                await db.command("ping")
+            else:
+                await self._build_indexes(sessions_w, security_w)
         except PyMongoError as exc:
             await client.close()
             err = self._classify("open", exc)

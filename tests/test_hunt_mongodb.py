@@ -18,9 +18,12 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 from mockupdb import MockupDB
-from test_sink_mongodb import URI_ENV, new_sink, receive, start, start_server
+from test_sink_mongodb import URI_ENV, new_sink, receive, start, start_server, uri
 
+from audit.config import parse_config
+from sinks import create_sink
 from sinks.base import SinkUnavailable
+from sinks.mongodb import MongoSink
 
 
 class SrvDns:
@@ -126,4 +129,26 @@ async def test_atlas_failed_login_fails_the_open(
     with pytest.raises(SinkUnavailable, match="bad auth") as info:
         await sink.open()
     assert "S3cret-pw" not in str(info.value)
+    await sink.close()
+
+
+async def test_verify_opens_the_sink_without_building_indexes(
+    fresh_server: MockupDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify must change nothing in what it checks, and its read-only role
+    may not build indexes: its open built the five query indexes all the
+    same (with such a role: five warnings). Read only, the open asks the
+    deployment whether it answers (a failure there is verify's "the sink is
+    unavailable"), and nothing else."""
+    server = fresh_server
+    monkeypatch.setenv(URI_ENV, uri(server))
+    config = parse_config({"sink": {"type": "mongodb", "mongodb": {"uri_env": URI_ENV}}})
+    made = create_sink(config, readonly=True)
+    assert isinstance(made, MongoSink) and made.readonly
+    sink = new_sink(readonly=True)
+    task = start(sink.open())
+    (await receive(server, "ping")).ok()
+    await task
+    task = start(sink.open())  # (opened already: nothing asked)
+    await task
     await sink.close()
