@@ -631,7 +631,11 @@ class MongoSink(Sink):
         _, security = self._colls()
         after: tuple[Any, Any] | None = None
         while True:
-            query: dict[str, Any] = {}
+            # Only a string ts (what the sink writes): MongoDB compares values
+            # of one type only, so a page ending in an event with a numeric ts
+            # (forged) read no event with a string one after it. The others
+            # are unchecked_records.
+            query: dict[str, Any] = {"ts": {"$type": "string"}}
             if after is not None:
                 query = {"$or": [{"ts": {"$gt": after[0]}},
                                  {"ts": after[0], "_id": {"$gt": after[1]}}]}
@@ -649,6 +653,26 @@ class MongoSink(Sink):
             if len(page) < ID_PAGE:
                 return
             after = (page[-1].get("ts"), page[-1].get("_id"))
+
+    async def unchecked_records(self) -> list[str]:
+        """Documents verify cannot place (the first :data:`ID_PAGE` of each
+        kind): a part whose ``session_id`` is not a string (listed under its
+        text by :meth:`session_ids`, where no part is found: it passed as an
+        empty session), a security event whose ``ts`` is not one (see
+        :meth:`security_events_oldest_first`). The sink writes neither."""
+        sessions, security = self._colls()
+        out: list[str] = []
+        for coll, what, field in ((sessions, "a session part", "session_id"),
+                                  (security, "a security event", "ts")):
+            try:
+                docs = await (coll.find({field: {"$not": {"$type": "string"}}}, {"_id": 1})
+                              .sort("_id", ASCENDING).limit(ID_PAGE).to_list(None))
+            except PyMongoError as exc:
+                raise self._classify(f"list {what}s without a string {field}", exc) from None
+            out.extend(f"{what} with _id {d.get('_id')!r} and no string {field}" for d in docs)
+            if len(docs) == ID_PAGE:
+                out.append(f"(the first {ID_PAGE} such; there may be more)")
+        return out
 
     async def get_session_parts(self, session_id: str) -> list[Doc]:
         sessions, _ = self._colls()

@@ -691,12 +691,50 @@ async def test_verify_sees_a_session_whose_part_0_is_missing(
     parts = await receive(server, "find")
     assert parts["filter"] == {"session_id": "headless"}
     parts.replies(cursor_reply("audit.session_audit", [sample_part("headless", 1)]))
+    for coll in ("session_audit", "security_audit"):  # the documents it cannot place
+        (await receive(server, "find")).replies(cursor_reply(f"audit.{coll}", []))
     security = await receive(server, "find")  # then the security events' chains
     assert security["find"] == "security_audit"
     security.replies(cursor_reply("audit.security_audit", []))
     report = await task
     assert report.sessions == 1 and report.security_events == 0
     assert any(p.kind == "missing_part" and "part 0" in p.detail for p in report.problems)
+
+
+async def test_documents_verify_cannot_place_are_reported(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    """A part whose session_id is not a string was listed by session_ids
+    under its text, where no part is found: checked as an empty session, it
+    passed verify. A security event whose ts is not a string is not in the
+    oldest-first paging (only string times compare with string times).
+    Both are verify's unchecked records now. (The filters are MongoDB's to
+    apply: here the scripted server answers as a real one would.)"""
+    task = start(sink.unchecked_records())
+    parts = await receive(server, "find")
+    assert parts["find"] == "session_audit"
+    assert parts["filter"] == {"session_id": {"$not": {"$type": "string"}}}
+    parts.replies(cursor_reply("audit.session_audit", [{"_id": "5:0"}]))
+    events = await receive(server, "find")
+    assert events["find"] == "security_audit"
+    assert events["filter"] == {"ts": {"$not": {"$type": "string"}}}
+    events.replies(cursor_reply("audit.security_audit", [{"_id": "e9"}]))
+    found = await task
+    assert found == ["a session part with _id '5:0' and no string session_id",
+                     "a security event with _id 'e9' and no string ts"]
+
+    # verify reports them (and is not OK).
+    from audit.verify import verify_sink
+
+    task = start(verify_sink(sink, b"k" * 32))
+    (await receive(server, "find")).replies(cursor_reply("audit.session_audit", []))  # ids
+    (await receive(server, "find")).replies(cursor_reply("audit.session_audit",
+                                                         [{"_id": "5:0"}]))
+    (await receive(server, "find")).replies(cursor_reply("audit.security_audit", []))
+    (await receive(server, "find")).replies(cursor_reply("audit.security_audit", []))  # chain
+    report = await task
+    assert [p.kind for p in report.problems] == ["changed"], report.problems
+    assert "5:0" in report.problems[0].detail
 
 
 async def test_session_ids_error_is_classified(server: MockupDB, sink: MongoSink) -> None:
@@ -738,6 +776,9 @@ async def test_session_ids_and_security_events_come_in_pages(
     task = start(events.__anext__())
     page = await receive(server, "find")
     assert page["find"] == "security_audit" and page["sort"] == {"ts": 1, "_id": 1}
+    # Only a string ts: after a page ending in a number (forged), "$gt" that
+    # number matched no string, and every later event went unread.
+    assert page["filter"] == {"ts": {"$type": "string"}}
     page.replies(cursor_reply("audit.security_audit", [
         {"_id": "e1", "ts": "2026-11-26T14:00:00.000Z"},
         {"_id": "e2", "ts": "2026-11-26T14:00:00.000Z"}]))
