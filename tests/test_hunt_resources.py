@@ -30,10 +30,11 @@ import os
 import resource
 import socket
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from api_fixtures import Api, api, assert_clean, make_api
+from api_fixtures import Api, Login, api, assert_clean, make_api
 from live_server import ADMIN_PASSWORD, Live
 from waiting import wait_for
 
@@ -145,6 +146,17 @@ async def test_out_of_descriptors_document_changes_are_503_not_500(tmp_path: Pat
         live.close()
 
 
+async def _big_document(api: Api, user: Login) -> dict[str, Any]:
+    """A document of 1 MiB of content, created by ``user``."""
+    resp = await api.client.post(  # (aiohttp warns of large bytes: a file object)
+        "/documents", data=io.BytesIO(json.dumps({"title": "big", "content": "x" * 2**20})
+                                      .encode()),
+        headers={**user.headers, "Content-Type": "application/json"})
+    assert resp.status == 201
+    doc: dict[str, Any] = await resp.json()
+    return doc
+
+
 async def test_a_client_that_never_reads_its_answers_is_dropped(
     api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -152,12 +164,7 @@ async def test_a_client_that_never_reads_its_answers_is_dropped(
     # (A second more for every MiB/s: nothing, here.)
     monkeypatch.setattr(requests, "MIN_BYTES_PER_SECOND", 2**30)
     alice = await api.user("alice")
-    resp = await api.client.post(  # (aiohttp warns of large bytes: a file object)
-        "/documents", data=io.BytesIO(json.dumps({"title": "big", "content": "x" * 2**20})
-                                      .encode()),
-        headers={**alice.headers, "Content-Type": "application/json"})
-    assert resp.status == 201
-    doc = await resp.json()
+    doc = await _big_document(api, alice)
     runner = api.client.server.runner
     assert runner is not None and runner.server is not None
     web_server = runner.server
@@ -224,12 +231,7 @@ async def test_a_large_answer_to_a_slow_reader_is_given_its_time(
     monkeypatch.setattr(server, "SEND_SECONDS", 0.2)
     monkeypatch.setattr(requests, "MIN_BYTES_PER_SECOND", 256 * 1024)
     alice = await api.user("alice")
-    resp = await api.client.post(  # (aiohttp warns of large bytes: a file object)
-        "/documents", data=io.BytesIO(json.dumps({"title": "big", "content": "x" * 2**20})
-                                      .encode()),
-        headers={**alice.headers, "Content-Type": "application/json"})
-    assert resp.status == 201
-    doc = await resp.json()
+    doc = await _big_document(api, alice)
     host, port = api.client.server.host, api.client.server.port
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
