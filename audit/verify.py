@@ -14,7 +14,7 @@ from typing import Any
 
 from sinks.base import Sink, SinkError
 
-from .events import event_hash, genesis, parse_ts
+from .events import canonical_json, chain_hash, event_hash, genesis, parse_ts
 from .store import SECURITY_STREAM
 
 FINAL_REASONS = frozenset({"logout", "idle_timeout", "token_expired", "max_duration"})
@@ -416,24 +416,38 @@ SECURITY_WINDOW = 50_000
 # chain an event continues is nearly always among them, and a new chain's
 # first event is then found without trying every chain that ever ended.
 SECURITY_RECENT = 8
+# Waiting chains kept to be tried. Each event that continues no chain is
+# tried against every chain kept: without a bound, rows forged to continue
+# nothing (each a waiting chain of its own) made verify's time grow with the
+# square of their number (1,000 took 11 s; 50,000 would take hours). Past
+# this many, the oldest waiting chain of a single event is a break at once,
+# and is no longer tried: only the key makes two events that chain, so a
+# chain of two or more, or one from genesis, is a server's and stays.
+SECURITY_WAITING = 200
 
 
-def _security_hash(key: bytes, prev_hash: str, event: dict[str, Any]) -> str | None:
+def _security_body(event: dict[str, Any]) -> str | None:
+    """The canonical JSON a security event's hash covers (all but ``_id``
+    and ``hash``), encoded once per event however many chains it is tried
+    against; None if no spool could have written it (NaN, odd keys)."""
     try:
-        return event_hash(key, prev_hash, {k: v for k, v in event.items() if k != "_id"})
-    except (TypeError, ValueError):  # not JSON a spool could have written (NaN, odd keys)
+        return canonical_json({k: v for k, v in event.items() if k not in ("_id", "hash")})
+    except (TypeError, ValueError):
         return None
 
 
 class _Chain:
     """A run of linked security events: its last hash, and (while it waits for
-    its first event's predecessor) its events."""
+    its first event's predecessor) its events and its first event's body."""
 
-    __slots__ = ("events", "head")
+    __slots__ = ("body", "events", "head", "size")
 
-    def __init__(self, head: str, events: list[dict[str, Any]] | None) -> None:
+    def __init__(self, head: str, events: list[dict[str, Any]] | None,
+                 body: str | None = None) -> None:
         self.head = head
         self.events = events  # None: linked (to genesis, or given up on)
+        self.body = body  # _security_body(events[0]) while waiting
+        self.size = 1  # events in the run
 
 
 async def check_security_stream(
@@ -456,7 +470,9 @@ async def check_security_stream(
     copy, and a problem too.
 
     Per event this costs one HMAC per chain tried, most recently extended
-    first: one, while a single server writes.
+    first: one, while a single server writes. One that continues nothing is
+    tried against every chain kept (at most :data:`SECURITY_WAITING` of them
+    waiting).
     """
     start = genesis(key, SECURITY_STREAM)
     chains: list[_Chain] = []  # most recently extended first
@@ -464,25 +480,36 @@ async def check_security_stream(
     waiting_events = 0
     seen: set[bytes] = set()
 
-    def continues(prev: str, ev: dict[str, Any]) -> bool:
-        return bool(_security_hash(key, prev, ev) == ev["hash"])
+    def continues(prev: str, body: str | None, ev: dict[str, Any]) -> bool:
+        """Whether ``ev`` (its :func:`_security_body` ``body``) follows ``prev``."""
+        return body is not None and chain_hash(key, prev, body) == ev["hash"]
 
-    def handed_over(ev: dict[str, Any]) -> bool:
+    def handed_over(ev: dict[str, Any], body: str | None) -> bool:
         """``ev`` begins a stretch of this server's chain that this sink took
         after a sink switch (the events before it are in the other sink)."""
-        return anchor is not None and any(continues(h, ev) for h in anchor.starts - {start})
+        return anchor is not None and any(continues(h, body, ev)
+                                          for h in anchor.starts - {start})
 
     def touch(chain: _Chain) -> None:
         chains.remove(chain)
         chains.insert(0, chain)
 
-    def find(ev: dict[str, Any]) -> _Chain | None:
+    def find(ev: dict[str, Any], body: str | None) -> _Chain | None:
         for i, chain in enumerate(chains):
-            if i == SECURITY_RECENT and continues(start, ev):
+            if i == SECURITY_RECENT and continues(start, body, ev):
                 return None
-            if continues(chain.head, ev):
+            if continues(chain.head, body, ev):
                 return chain
         return None
+
+    def trim() -> None:
+        """Past :data:`SECURITY_WAITING` waiting chains, the oldest of a single
+        event (else the oldest) is a break, and is tried no more."""
+        while len(waiting) > SECURITY_WAITING:
+            victim = next((c for c in waiting if c.size == 1), waiting[0])
+            give_up(victim)
+            if victim in chains:  # (absorbed into another by give_up: gone already)
+                chains.remove(victim)
 
     def absorb(chain: _Chain) -> None:
         """Append to ``chain`` every waiting chain that continues it: counted
@@ -492,7 +519,8 @@ async def check_security_stream(
         while joined:
             joined = False
             for other in waiting:
-                if other is not chain and other.events and continues(chain.head, other.events[0]):
+                if (other is not chain and other.events
+                        and continues(chain.head, other.body, other.events[0])):
                     waiting.remove(other)
                     chains.remove(other)
                     if chain.events is None:
@@ -501,17 +529,21 @@ async def check_security_stream(
                     else:
                         chain.events.extend(other.events)
                     chain.head = other.head
+                    chain.size += other.size
                     joined = True
                     break
 
-    def give_up() -> None:
+    def give_up(chain: _Chain | None = None) -> None:
+        """Report a waiting chain as a break (by default the oldest)."""
         nonlocal waiting_events
-        chain = waiting.pop(0)
+        if chain is None:
+            chain = waiting[0]
+        waiting.remove(chain)
         assert chain.events is not None
         ev = chain.events[0]
         waiting_events -= len(chain.events)
         report.security_events += len(chain.events)
-        chain.events = None
+        chain.events = chain.body = None
         report.problems.append(Problem(
             SECURITY_STREAM, "security_chain",
             f"event {ev.get('_id')} ({ev.get('ts')}, {ev.get('action')}) does not continue"
@@ -534,12 +566,13 @@ async def check_security_stream(
                 report.problems.append(Problem(
                     SECURITY_STREAM, "security_chain",
                     f"event {ev.get('event_id')!r} is stored under _id {ev.get('_id')!r}"))
-            chain = find(ev)
-            new_chain = chain is None and continues(start, ev)
+            body = _security_body(ev)
+            chain = find(ev, body)
+            new_chain = chain is None and continues(start, body, ev)
             if new_chain:
                 report.security_chains += 1
             # (A stretch after a sink switch is the same chain, not a new one.)
-            if chain is None and (new_chain or handed_over(ev)):
+            if chain is None and (new_chain or handed_over(ev, body)):
                 chain = _Chain(ev["hash"], None)
                 chains.insert(0, chain)
                 report.security_events += 1
@@ -547,11 +580,12 @@ async def check_security_stream(
             elif chain is not None and chain.events is None:
                 touch(chain)
                 chain.head = ev["hash"]
+                chain.size += 1
                 report.security_events += 1
                 absorb(chain)
             else:
                 if chain is None:
-                    chain = _Chain(ev["hash"], [ev])
+                    chain = _Chain(ev["hash"], [ev], body)
                     chains.insert(0, chain)
                     waiting.append(chain)
                 else:
@@ -559,10 +593,12 @@ async def check_security_stream(
                     assert chain.events is not None
                     chain.events.append(ev)
                     chain.head = ev["hash"]
+                    chain.size += 1
                 waiting_events += 1
                 absorb(chain)
                 if waiting_events > SECURITY_WINDOW:
                     give_up()
+                trim()
     except SinkError:
         raise
     except Exception as exc:  # a row the sink cannot even decode
@@ -584,8 +620,9 @@ async def check_security_stream(
     elif anchor.end is not None:
         whole = anchor.end[:32].encode() in seen
     elif unsent is not None and isinstance(unsent.get("hash"), str):
-        whole = (unsent["hash"][:32].encode() in seen or continues(start, unsent)
-                 or any(continues(c.head, unsent) for c in chains))
+        body = _security_body(unsent)
+        whole = (unsent["hash"][:32].encode() in seen or continues(start, body, unsent)
+                 or any(continues(c.head, body, unsent) for c in chains))
     else:
         whole = anchor.head == start or anchor.head[:32].encode() in seen
     if not whole:

@@ -426,24 +426,58 @@ async def test_many_short_chains_stay_quick(tmp_path, audit_key):
     from audit import verify
 
     calls = 0
-    real = verify._security_hash
+    real = verify.chain_hash
 
-    def counted(key: bytes, prev: str, ev: dict[str, Any]) -> Any:
+    def counted(key: bytes, prev: str, body: str) -> str:
         nonlocal calls
         calls += 1
-        return real(key, prev, ev)
+        return real(key, prev, body)
 
     shorts = [e for i in range(1500) for e in _security_chain(audit_key, 2, f"s{i}-")]
     long = _security_chain(audit_key, 3000, "long")
     del long[1000]
-    verify._security_hash = counted
+    verify.chain_hash = counted
     try:
         report = await _verify_security(tmp_path / "s.db", audit_key, [shorts, long])
     finally:
-        verify._security_hash = real
+        verify.chain_hash = real
     assert [p.detail.split()[1] for p in report.problems] == [long[1000]["_id"]]
     assert report.security_events == 3000 + 2999
     assert calls < 20 * report.security_events, calls
+
+
+
+async def test_forged_security_events_that_continue_nothing_stay_linear(
+    tmp_path, audit_key, monkeypatch
+):
+    """Rows forged (without the key) to continue no chain: each was tried
+    against every chain seen so far, its JSON encoded anew each time, and
+    verify's time grew with the square of their number (1,000 took 11 s,
+    50,000 would take hours). Now at most SECURITY_WAITING waiting chains
+    are kept to be tried (a count of HMACs, not time), each forged row is
+    still one problem, and the server's chain across the flood is still
+    followed: a chain of two events or more stays (only the key makes one)."""
+    from audit import verify
+
+    monkeypatch.setattr(verify, "SECURITY_WAITING", 50)
+    calls = 0
+    real = verify.chain_hash
+
+    def counted(key: bytes, prev: str, body: str) -> str:
+        nonlocal calls
+        calls += 1
+        return real(key, prev, body)
+
+    chain = _security_chain(audit_key, 40, "real")
+    forged = [{**chain[0], "_id": f"forged-{i}", "event_id": f"forged-{i}",
+               "hash": f"{i:032x}" * 2, "ts": chain[19]["ts"]} for i in range(2000)]
+    monkeypatch.setattr(verify, "chain_hash", counted)
+    report = await _verify_security(tmp_path / "f.db", audit_key,
+                                    [chain[:20], forged, chain[20:]])
+    assert calls < 200 * len(forged), calls  # (unbounded: ≈ 6,000,000)
+    details = [p.detail.split()[1] for p in report.problems]
+    assert sorted(details) == sorted(f["_id"] for f in forged)
+    assert report.security_chains == 1
 
 
 async def test_rows_the_sink_cannot_decode_are_findings(stored, audit_key):
