@@ -73,17 +73,6 @@ async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes
         # recorded (as invalid input) by the caller, like any unreadable body.
         request[CLOSE_AFTER] = True
         raise bad_request("the connection was lost before the request body ended") from None
-    except asyncio.CancelledError:
-        # The graceful shutdown, its wait for requests in flight over, ends
-        # the body's stream with CancelledError (not this task: it then waits
-        # for the answer). Uncaught, the attempt went unrecorded and the
-        # client got no answer. A cancellation of the task itself goes on.
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-        request[CLOSE_AFTER] = True
-        raise bad_request("the server is shutting down: the request body was cut off before"
-                          " its end; nothing was done, try again") from None
     return bytes(body)
 
 
@@ -106,6 +95,19 @@ async def body_deadline(request: web.Request) -> AsyncIterator[Callable[[int], N
         raise bad_request(
             f"the request body did not arrive in time (within {BODY_SECONDS:g} s, then at"
             f" {MIN_BYTES_PER_SECOND // 1024} KiB a second at least)") from None
+    except asyncio.CancelledError:
+        # The graceful shutdown, its wait for requests in flight over, ends
+        # the body's stream with CancelledError (not this task: it then waits
+        # for the answer). Uncaught, the attempt went unrecorded and the
+        # client got no answer: here for every reader of a body, read_body's
+        # and request.post()'s (a multipart login). A cancellation of the
+        # task itself goes on.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        request[CLOSE_AFTER] = True
+        raise bad_request("the server is shutting down: the request body was cut off before"
+                          " its end; nothing was done, try again") from None
 
 
 async def read_json(
