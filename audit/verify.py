@@ -429,11 +429,14 @@ SECURITY_WAITING = 200
 def _security_body(event: dict[str, Any]) -> str | None:
     """The canonical JSON a security event's hash covers (all but ``_id``
     and ``hash``), encoded once per event however many chains it is tried
-    against; None if no spool could have written it (NaN, odd keys)."""
+    against; None if no spool could have written it (NaN, odd keys, a lone
+    surrogate, which chain_hash cannot encode)."""
     try:
-        return canonical_json({k: v for k, v in event.items() if k not in ("_id", "hash")})
-    except (TypeError, ValueError):
+        body = canonical_json({k: v for k, v in event.items() if k not in ("_id", "hash")})
+        body.encode("utf-8")  # a lone surrogate ("\\ud800" in the JSON): HMAC'd, it raised
+    except (TypeError, ValueError):  # (UnicodeEncodeError is a ValueError)
         return None
+    return body
 
 
 class _Chain:
@@ -552,7 +555,9 @@ async def check_security_stream(
 
     try:
         async for ev in sink.security_events_oldest_first():
-            if not isinstance(ev, dict) or not isinstance(ev.get("hash"), str):
+            # (A hash is hex: one with a lone surrogate cannot be encoded.)
+            if (not isinstance(ev, dict) or not isinstance(ev.get("hash"), str)
+                    or not ev["hash"].isascii()):
                 ev = {"_id": ev.get("_id") if isinstance(ev, dict) else None, "hash": ""}
             digest = ev["hash"][:32].encode()  # 128 bits tell copies apart
             if ev["hash"] and digest in seen:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from api_fixtures import ADMIN_PASSWORD, api_config
+from test_verify import _security_chain
 
 import server
+from audit.verify import verify_sink
+from sinks.sqlite import SqliteSink
 
 
 async def test_a_multipart_login_cut_off_by_the_shutdown_is_answered(
@@ -50,3 +54,41 @@ async def test_a_multipart_login_cut_off_by_the_shutdown_is_answered(
     head, _, text = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), answer[:300]
     assert json.loads(text)["error"]["code"] == "invalid_request"
+
+
+async def test_a_security_event_with_a_lone_surrogate_does_not_end_the_check(
+    tmp_path: Path, audit_key: bytes
+) -> None:
+    """A row anyone can write into the sqlite sink (JSON text: ``"\\ud800"``
+    is valid JSON, read by Python's json as a lone surrogate) made the
+    chain's HMAC raise UnicodeEncodeError, which since the body is encoded
+    once outside the check (``_security_body``) ended the whole security
+    check: every later event went unchecked, a removed one among them
+    unreported. It is one break, and the rest is checked."""
+    chain = _security_chain(audit_key, 10, "u")
+    forged = {**chain[3], "_id": "forged", "event_id": "forged", "action": "\ud800",
+              "hash": "ab" * 32}
+    path = tmp_path / "s.db"
+    sink = SqliteSink(path)
+    await sink.open()
+    try:
+        # chain[7] is never sent: a removed event, after the forged one.
+        await sink.write_security_events(chain[:4] + chain[8:])
+        # ... and one whose hash holds a lone surrogate: the next event
+        # tried against it as a chain's head raised the same way.
+        bad_hash = {**chain[5], "_id": "bad-hash", "event_id": "bad-hash",
+                    "hash": "cd" * 20 + "\ud800"}
+        await sink.write_security_events([{**forged, "action": "x"},
+                                          {**bad_hash, "hash": "cd" * 20}])
+        with contextlib.closing(sqlite3.connect(path)) as c, c:
+            for doc in (forged, bad_hash):
+                c.execute("UPDATE security_events SET doc = ? WHERE id = ?",
+                          (json.dumps(doc), doc["_id"]))
+        report = await verify_sink(sink, audit_key)
+    finally:
+        await sink.close()
+    chain_problems = [p.detail for p in report.problems if p.kind == "security_chain"]
+    assert not any("cannot be read to the end" in d for d in chain_problems), chain_problems
+    assert any(d.startswith("event forged ") for d in chain_problems), chain_problems
+    assert any(d.startswith("event bad-hash ") for d in chain_problems), chain_problems
+    assert any(d.startswith(f"event {chain[8]['_id']} ") for d in chain_problems), chain_problems
