@@ -103,6 +103,19 @@ log = logging.getLogger(__name__)
 DUPLICATE_KEY = 11000
 # Documents per page when verify walks every session id or security event.
 ID_PAGE = 1000
+
+
+def _a_string(field: str) -> dict[str, Any]:
+    """A filter: ``field`` is a string, not an array holding one. MongoDB
+    compares values of one type at a time, and ``$type`` and ``$gt`` match
+    an array by any element of it (a sort, by its least): a forged value of
+    another type ending a page of the listings verify walks ended them."""
+    return {field: {"$type": "string", "$not": {"$type": "array"}}}
+
+
+def _not_a_string(field: str) -> dict[str, Any]:
+    """The documents :func:`_a_string` leaves out."""
+    return {"$or": [{field: {"$not": {"$type": "string"}}}, {field: {"$type": "array"}}]}
 RATE_LIMITED = frozenset({16500, 429})
 # "May or may not have landed; try again": network, elections, shutdowns,
 # time limits, Atlas 463, write concern failures.
@@ -608,7 +621,9 @@ class MongoSink(Sink):
         sessions, _ = self._colls()
         after: str | None = None
         while True:
-            query: dict[str, Any] = {} if after is None else {"session_id": {"$gt": after}}
+            query: dict[str, Any] = _a_string("session_id")
+            if after is not None:
+                query = {"$and": [query, {"session_id": {"$gt": after}}]}
             try:
                 page = await (
                     sessions.find(query, {"session_id": 1, "_id": 0})
@@ -635,10 +650,10 @@ class MongoSink(Sink):
             # of one type only, so a page ending in an event with a numeric ts
             # (forged) read no event with a string one after it. The others
             # are unchecked_records.
-            query: dict[str, Any] = {"ts": {"$type": "string"}}
+            query: dict[str, Any] = _a_string("ts")
             if after is not None:
-                query = {"$or": [{"ts": {"$gt": after[0]}},
-                                 {"ts": after[0], "_id": {"$gt": after[1]}}]}
+                query = {"$and": [query, {"$or": [{"ts": {"$gt": after[0]}},
+                                                  {"ts": after[0], "_id": {"$gt": after[1]}}]}]}
             try:
                 page = await (
                     security.find(query)
@@ -665,7 +680,7 @@ class MongoSink(Sink):
         for coll, what, field in ((sessions, "a session part", "session_id"),
                                   (security, "a security event", "ts")):
             try:
-                docs = await (coll.find({field: {"$not": {"$type": "string"}}}, {"_id": 1})
+                docs = await (coll.find(_not_a_string(field), {"_id": 1})
                               .sort("_id", ASCENDING).limit(ID_PAGE).to_list(None))
             except PyMongoError as exc:
                 raise self._classify(f"list {what}s without a string {field}", exc) from None

@@ -38,6 +38,9 @@ URI_ENV = "SESSION_AUDIT_TEST_MOCK_MONGODB_URI"
 CFG = MongoSinkConfig(uri_env=URI_ENV, database="audit")
 HELLO = {"ismaster": True, "minWireVersion": 0, "maxWireVersion": 21}
 T = TypeVar("T")
+# verify's listings take string ids only (an array holding one, or another
+# type, would end a page of them): sinks.mongodb._a_string.
+STRING_SESSION_ID = {"session_id": {"$type": "string", "$not": {"$type": "array"}}}
 
 
 def start_server(**hello: Any) -> MockupDB:
@@ -685,7 +688,7 @@ async def test_verify_sees_a_session_whose_part_0_is_missing(
 
     task = start(verify_sink(sink, b"k" * 32))
     ids = await receive(server, "find")
-    assert ids["find"] == "session_audit" and ids["filter"] == {}
+    assert ids["find"] == "session_audit" and ids["filter"] == STRING_SESSION_ID
     assert ids["projection"] == {"session_id": 1, "_id": 0}
     ids.replies(cursor_reply("audit.session_audit", [{"session_id": "headless"}]))
     parts = await receive(server, "find")
@@ -713,11 +716,13 @@ async def test_documents_verify_cannot_place_are_reported(
     task = start(sink.unchecked_records())
     parts = await receive(server, "find")
     assert parts["find"] == "session_audit"
-    assert parts["filter"] == {"session_id": {"$not": {"$type": "string"}}}
+    assert parts["filter"] == {"$or": [{"session_id": {"$not": {"$type": "string"}}},
+                                       {"session_id": {"$type": "array"}}]}
     parts.replies(cursor_reply("audit.session_audit", [{"_id": "5:0"}]))
     events = await receive(server, "find")
     assert events["find"] == "security_audit"
-    assert events["filter"] == {"ts": {"$not": {"$type": "string"}}}
+    assert events["filter"] == {"$or": [{"ts": {"$not": {"$type": "string"}}},
+                                        {"ts": {"$type": "array"}}]}
     events.replies(cursor_reply("audit.security_audit", [{"_id": "e9"}]))
     found = await task
     assert found == ["a session part with _id '5:0' and no string session_id",
@@ -760,13 +765,13 @@ async def test_session_ids_and_security_events_come_in_pages(
     ids = sink.session_ids()
     task = start(ids.__anext__())
     first = await receive(server, "find")
-    assert first["filter"] == {} and first["limit"] == 2
+    assert first["filter"] == STRING_SESSION_ID and first["limit"] == 2
     first.replies(cursor_reply("audit.session_audit",
                                [{"session_id": "a"}, {"session_id": "a"}]))
     assert await task == "a"
     task = start(ids.__anext__())
     second = await receive(server, "find")
-    assert second["filter"] == {"session_id": {"$gt": "a"}}
+    assert second["filter"] == {"$and": [STRING_SESSION_ID, {"session_id": {"$gt": "a"}}]}
     second.replies(cursor_reply("audit.session_audit", [{"session_id": "b"}]))
     assert await task == "b"
     with pytest.raises(StopAsyncIteration):
@@ -776,9 +781,10 @@ async def test_session_ids_and_security_events_come_in_pages(
     task = start(events.__anext__())
     page = await receive(server, "find")
     assert page["find"] == "security_audit" and page["sort"] == {"ts": 1, "_id": 1}
-    # Only a string ts: after a page ending in a number (forged), "$gt" that
-    # number matched no string, and every later event went unread.
-    assert page["filter"] == {"ts": {"$type": "string"}}
+    # Only a string ts, not an array holding one, on every page: after a
+    # page ending in a number (forged), "$gt" that number matched no string,
+    # and every later event went unread.
+    assert page["filter"] == {"ts": {"$type": "string", "$not": {"$type": "array"}}}
     page.replies(cursor_reply("audit.security_audit", [
         {"_id": "e1", "ts": "2026-11-26T14:00:00.000Z"},
         {"_id": "e2", "ts": "2026-11-26T14:00:00.000Z"}]))
@@ -786,8 +792,10 @@ async def test_session_ids_and_security_events_come_in_pages(
     assert (await events.__anext__())["_id"] == "e2"  # no request: the page is held
     task = start(events.__anext__())
     nxt = await receive(server, "find")
-    assert nxt["filter"] == {"$or": [{"ts": {"$gt": "2026-11-26T14:00:00.000Z"}},
-                                     {"ts": "2026-11-26T14:00:00.000Z", "_id": {"$gt": "e2"}}]}
+    assert nxt["filter"] == {"$and": [
+        {"ts": {"$type": "string", "$not": {"$type": "array"}}},
+        {"$or": [{"ts": {"$gt": "2026-11-26T14:00:00.000Z"}},
+                 {"ts": "2026-11-26T14:00:00.000Z", "_id": {"$gt": "e2"}}]}]}
     nxt.replies(cursor_reply("audit.security_audit", []))
     with pytest.raises(StopAsyncIteration):
         await task
