@@ -137,6 +137,18 @@ def _write_private(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _key_made(path: Path) -> bool:
+    """Whether ``path`` holds a key. An empty file holds none: it is what a
+    crash (kill -9) between creating the file and writing its key leaves,
+    and such a key was never used (it is written and fsynced before it is
+    read). Taken for a key, it stopped every later start ("must be at least
+    32 bytes") until someone deleted the file."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 def load_secret(env: str, path: Path) -> bytes:
     """A key from the environment, else from ``path`` (created, 0600)."""
     value = os.environ.get(env)
@@ -146,7 +158,11 @@ def load_secret(env: str, path: Path) -> bytes:
         except UnicodeEncodeError:  # bytes that are not UTF-8: the error would quote them
             raise StartupError(f"{env} is not UTF-8 text") from None
     else:
-        if not path.exists():
+        if not _key_made(path):
+            if path.exists():
+                log.warning("%s is empty (a crash while it was made): making it anew",
+                            path.name)
+                path.unlink()
             with contextlib.suppress(FileExistsError):  # another process was first
                 _write_private(path, secrets.token_urlsafe(48) + "\n")
         try:
@@ -192,11 +208,12 @@ def jwt_key(config: Config) -> bytes:
 
 def audit_key(config: Config) -> bytes:
     path = config.data_dir / "audit.key"
-    if not os.environ.get(AUDIT_KEY_ENV) and not path.exists() and _spool_key_check(config):
+    if not os.environ.get(AUDIT_KEY_ENV) and not _key_made(path) and _spool_key_check(config):
         # A key made anew would chain on where the lost one left off.
         raise StartupError(
-            f"no audit key: {AUDIT_KEY_ENV} is not set and {path} does not exist, but the"
-            f" spool {config.spool_path} holds chains made with a key: restore that key"
+            f"no audit key: {AUDIT_KEY_ENV} is not set and {path} does not exist (or is"
+            f" empty), but the spool {config.spool_path} holds chains made with a key:"
+            " restore that key"
             " (the file, or the variable it came from)")
     return load_secret(AUDIT_KEY_ENV, path)
 
@@ -217,9 +234,9 @@ def existing_audit_key(config: Config) -> bytes:
     (under a new key every stored event would look changed, and the server
     would chain under it)."""
     path = config.data_dir / "audit.key"
-    if not os.environ.get(AUDIT_KEY_ENV) and not path.exists():
+    if not os.environ.get(AUDIT_KEY_ENV) and not _key_made(path):
         raise StartupError(f"no audit key: {AUDIT_KEY_ENV} is not set and {path} does not"
-                           " exist (is this the server's --config?)")
+                           " exist or is empty (is this the server's --config?)")
     return audit_key(config)
 
 
