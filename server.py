@@ -128,13 +128,21 @@ class StartupError(Exception):
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Create ``path`` with mode 0600; never overwrite an existing file."""
+    """Create ``path`` with mode 0600; never overwrite an existing file.
+    Durable once it returns: the file, and its entry in the directory (a
+    power cut must not take away a key the spool's chains were then made
+    with: every later start would be refused, and no chain verified)."""
     make_private_dirs(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _key_made(path: Path) -> bool:

@@ -11,6 +11,8 @@ import live_server
 import pytest
 from live_server import Live
 
+import server
+
 
 def _keys_from_files(monkeypatch: pytest.MonkeyPatch) -> None:
     """The server and the commands read their keys from data/jwt.key and
@@ -53,3 +55,28 @@ async def test_a_key_file_left_empty_by_a_kill_is_made_anew(
         r = await live.cli(command)
         assert r.returncode == 2 and "no audit key" in r.stderr, (command, r.stderr)
     assert (live.data_dir / "audit.key").stat().st_size == 0  # no new key was made
+
+
+def test_a_key_file_is_durable_with_its_directory_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key file was fsynced, its directory not: after a power cut the
+    file's entry could be gone while the spool's chains (synchronous =
+    "full") survived, and every later start would be refused. A power cut
+    cannot be made here: the fsyncs are recorded instead (of the file, then
+    of its directory)."""
+    import stat
+
+    real = os.fsync
+    synced: list[tuple[int, int]] = []
+
+    def recording(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append((st.st_ino, stat.S_IFMT(st.st_mode)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    path = tmp_path / "data" / "audit.key"
+    server._write_private(path, "k" * 64)
+    assert synced == [(path.stat().st_ino, stat.S_IFREG),
+                      (path.parent.stat().st_ino, stat.S_IFDIR)]
