@@ -9,7 +9,9 @@ import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,6 +33,37 @@ from handlers.keys import ACCOUNTS, ENGINE, TOKENS
 __all__ = ["make_api"]
 
 
+@contextlib.asynccontextmanager
+async def _stopping_app(
+    config: Any, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[web.Application, web.AppRunner, int]]:
+    """The real app on loopback under aiohttp's own shutdown path, with a
+    short wait for requests in flight (serve's is 10 s): the app, its
+    runner and its port."""
+    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
+    app = server.create_app(config)
+    runner = web.AppRunner(app, shutdown_timeout=0.3)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield app, runner, runner.addresses[0][1]
+    finally:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+
+
+async def _answer_at_shutdown(runner: web.AppRunner, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> bytes:
+    """Shut the server down while a request's body is still awaited: what
+    the client then gets, to the end of the connection."""
+    stopping = asyncio.ensure_future(runner.cleanup())
+    answer = await asyncio.wait_for(reader.read(), 10)
+    await asyncio.wait_for(stopping, 20)
+    writer.close()
+    return answer
+
+
 async def test_a_body_cut_off_by_the_shutdown_is_answered_and_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -40,16 +73,8 @@ async def test_a_body_cut_off_by_the_shutdown_is_answered_and_recorded(
     uncaught: the client got no answer (the connection just closed) and the
     attempt was not recorded, unlike a body cut off by the client. Now it
     is refused (400, the connection closed after) and recorded as a failure."""
-    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
     config = api_config(tmp_path)
-    app = server.create_app(config)
-    # aiohttp's own shutdown path, with a short wait (serve's is 10 s).
-    runner = web.AppRunner(app, shutdown_timeout=0.3)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
+    async with _stopping_app(config, monkeypatch) as (app, runner, port):
         base = f"http://127.0.0.1:{port}"
         await app[ACCOUNTS].create("alice", USER_PASSWORD, "user")
         async with aiohttp.ClientSession() as http:
@@ -75,13 +100,7 @@ async def test_a_body_cut_off_by_the_shutdown_is_answered_and_recorded(
         await asyncio.wait_for(reader.readline(), 10)
         writer.write(body[:100])  # ... and never the rest
         await writer.drain()
-        stopping = asyncio.ensure_future(runner.cleanup())
-        answer = await asyncio.wait_for(reader.read(), 10)
-        await asyncio.wait_for(stopping, 20)
-        writer.close()
-    finally:
-        with contextlib.suppress(Exception):
-            await runner.cleanup()
+        answer = await _answer_at_shutdown(runner, reader, writer)
     head, _, text = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), answer[:300]
     assert json.loads(text)["error"]["code"] == "invalid_request"
@@ -96,6 +115,30 @@ async def test_a_body_cut_off_by_the_shutdown_is_answered_and_recorded(
         (version,) = spool.execute("SELECT version FROM documents WHERE id = ?",
                                    (doc,)).fetchone()
     assert version == 1  # nothing was done
+
+
+async def test_a_multipart_login_cut_off_by_the_shutdown_is_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multipart login body cut off by the graceful shutdown: aiohttp ends
+    its stream with CancelledError, which went through ``request.post()``
+    uncaught (only ``read_body`` caught it): no answer, the connection just
+    closed. It is 400 ``invalid_request`` like a JSON or form body's."""
+    async with _stopping_app(api_config(tmp_path), monkeypatch) as (_, runner, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /token HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 1000\r\n"
+            b"Expect: 100-continue\r\n\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 100")
+        await asyncio.wait_for(reader.readline(), 10)
+        writer.write(b"--XyZ\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\nal")
+        await writer.drain()
+        answer = await _answer_at_shutdown(runner, reader, writer)
+    head, _, text = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert json.loads(text)["error"]["code"] == "invalid_request"
 
 
 async def test_a_token_of_an_ended_session_after_the_clock_stepped_back_is_session_ended(

@@ -419,31 +419,34 @@ async def test_security_copies_and_joined_gaps(tmp_path, audit_key):
     assert report.security_events == 7
 
 
-async def test_many_short_chains_stay_quick(tmp_path, audit_key):
-    """Thousands of servers' one- or two-event chains, then a long chain with
-    a gap: each event is found among the recent chains, or as a new chain,
-    without trying every chain that ever ended (a count of HMACs, not time)."""
+def _count_hmacs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count verify's HMACs from now on (in the list's one item)."""
     from audit import verify
 
-    calls = 0
+    calls = [0]
     real = verify.chain_hash
 
     def counted(key: bytes, prev: str, body: str) -> str:
-        nonlocal calls
-        calls += 1
+        calls[0] += 1
         return real(key, prev, body)
+
+    monkeypatch.setattr(verify, "chain_hash", counted)
+    return calls
+
+
+async def test_many_short_chains_stay_quick(tmp_path, audit_key, monkeypatch):
+    """Thousands of servers' one- or two-event chains, then a long chain with
+    a gap: each event is found among the recent chains, or as a new chain,
+    without trying every chain that ever ended (a count of HMACs, not time)."""
 
     shorts = [e for i in range(1500) for e in _security_chain(audit_key, 2, f"s{i}-")]
     long = _security_chain(audit_key, 3000, "long")
     del long[1000]
-    verify.chain_hash = counted
-    try:
-        report = await _verify_security(tmp_path / "s.db", audit_key, [shorts, long])
-    finally:
-        verify.chain_hash = real
+    calls = _count_hmacs(monkeypatch)
+    report = await _verify_security(tmp_path / "s.db", audit_key, [shorts, long])
     assert [p.detail.split()[1] for p in report.problems] == [long[1000]["_id"]]
     assert report.security_events == 3000 + 2999
-    assert calls < 20 * report.security_events, calls
+    assert calls[0] < 20 * report.security_events, calls
 
 
 
@@ -460,21 +463,13 @@ async def test_forged_security_events_that_continue_nothing_stay_linear(
     from audit import verify
 
     monkeypatch.setattr(verify, "SECURITY_WAITING", 50)
-    calls = 0
-    real = verify.chain_hash
-
-    def counted(key: bytes, prev: str, body: str) -> str:
-        nonlocal calls
-        calls += 1
-        return real(key, prev, body)
-
     chain = _security_chain(audit_key, 40, "real")
     forged = [{**chain[0], "_id": f"forged-{i}", "event_id": f"forged-{i}",
                "hash": f"{i:032x}" * 2, "ts": chain[19]["ts"]} for i in range(2000)]
-    monkeypatch.setattr(verify, "chain_hash", counted)
+    calls = _count_hmacs(monkeypatch)
     report = await _verify_security(tmp_path / "f.db", audit_key,
                                     [chain[:20], forged, chain[20:]])
-    assert calls < 200 * len(forged), calls  # (unbounded: ≈ 6,000,000)
+    assert calls[0] < 200 * len(forged), calls  # (unbounded: ≈ 6,000,000)
     details = [p.detail.split()[1] for p in report.problems]
     assert sorted(details) == sorted(f["_id"] for f in forged)
     assert report.security_chains == 1
@@ -979,3 +974,41 @@ async def test_a_key_given_twice_or_escaped_cannot_steer_the_sqlite_listings(
     report = await _verify_security(path, audit_key, [])
     assert [(p.kind, p.detail.split(":")[0]) for p in report.problems] == [
         ("changed", f"security event {chain[1]['_id']}")]
+
+
+async def test_a_security_event_with_a_lone_surrogate_does_not_end_the_check(
+    tmp_path: Any, audit_key: bytes
+) -> None:
+    """A row anyone can write into the sqlite sink (JSON text: ``"\\ud800"``
+    is valid JSON, read by Python's json as a lone surrogate) made the
+    chain's HMAC raise UnicodeEncodeError, which since the body is encoded
+    once outside the check (``_security_body``) ended the whole security
+    check: every later event went unchecked, a removed one among them
+    unreported. It is one break, and the rest is checked."""
+    chain = _security_chain(audit_key, 10, "u")
+    forged = {**chain[3], "_id": "forged", "event_id": "forged", "action": "\ud800",
+              "hash": "ab" * 32}
+    path = tmp_path / "s.db"
+    sink = SqliteSink(path)
+    await sink.open()
+    try:
+        # chain[7] is never sent: a removed event, after the forged one.
+        await sink.write_security_events(chain[:4] + chain[8:])
+        # ... and one whose hash holds a lone surrogate: the next event
+        # tried against it as a chain's head raised the same way.
+        bad_hash = {**chain[5], "_id": "bad-hash", "event_id": "bad-hash",
+                    "hash": "cd" * 20 + "\ud800"}
+        await sink.write_security_events([{**forged, "action": "x"},
+                                          {**bad_hash, "hash": "cd" * 20}])
+        with contextlib.closing(sqlite3.connect(path)) as c, c:
+            for doc in (forged, bad_hash):
+                c.execute("UPDATE security_events SET doc = ? WHERE id = ?",
+                          (json.dumps(doc), doc["_id"]))
+        report = await verify_sink(sink, audit_key)
+    finally:
+        await sink.close()
+    chain_problems = [p.detail for p in report.problems if p.kind == "security_chain"]
+    assert not any("cannot be read to the end" in d for d in chain_problems), chain_problems
+    assert any(d.startswith("event forged ") for d in chain_problems), chain_problems
+    assert any(d.startswith("event bad-hash ") for d in chain_problems), chain_problems
+    assert any(d.startswith(f"event {chain[8]['_id']} ") for d in chain_problems), chain_problems
