@@ -196,10 +196,14 @@ def _shown(epoch: float) -> tuple[str, int]:
 
 def _limit(request: web.Request) -> int:
     raw = request.query.get("limit", "50")
-    # isdigit() alone lets '²' or '٣' through to int(), which then raises (500).
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
+    # isdigit() alone lets '²' or '٣' through to int(), which then raises (500);
+    # so does int() of more than 4300 digits (leading zeros included): what
+    # has more digits than MAX_LIMIT past its zeros is out of range unread.
+    digits = raw.lstrip("0") or "0"
+    if (not (raw.isascii() and raw.isdigit()) or len(digits) > len(str(MAX_LIMIT))
+            or not 1 <= int(digits) <= MAX_LIMIT):
         raise bad_request(f"limit must be an integer from 1 to {MAX_LIMIT}")
-    return int(raw)
+    return int(digits)
 
 
 def _cursor(request: web.Request) -> tuple[str, str] | None:

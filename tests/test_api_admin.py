@@ -499,6 +499,29 @@ async def test_bad_query_parameters(api: Api, path: str, params: dict[str, str])
     await expect_error(resp, 400, "invalid_request")
 
 
+async def _refused_and_recorded(api: Api, path: str, params: dict[str, str], rid: str) -> None:
+    """400 invalid_request in the API's error format (not a 500), and the
+    admin's query recorded as a failure with that reason."""
+    admin = await api.admin()
+    resp = await api.client.get(path, params=params,
+                                headers={**admin.headers, "X-Request-ID": rid})
+    await expect_error(resp, 400, "invalid_request")
+    (ev,) = [e for e in await api.events(admin.session_id)
+             if e["action"] == "audit.query" and e["request_id"] == rid]
+    assert (ev["outcome"], ev["details"]["reason"]) == ("failure", "invalid_request")
+
+
+@pytest.mark.parametrize("path", ["/audit/sessions", "/audit/security-events"])
+async def test_a_limit_of_thousands_of_digits_is_a_400(api: Api, path: str) -> None:
+    """Python refuses int() of more than 4300 digits (ValueError): such a
+    limit was a 500. Leading zeros still count for nothing."""
+    await _refused_and_recorded(api, path, {"limit": "9" * 5000}, "digits")
+    await _refused_and_recorded(api, path, {"limit": "0" * 4999 + "1000"}, "zeros")
+    admin = await api.admin()
+    body = await _get(api, admin, path, limit="0" * 5000 + "2")
+    assert len(body["sessions" if path == "/audit/sessions" else "events"]) <= 2
+
+
 async def test_security_events_kind_since_and_paging(api: Api) -> None:
     admin = await api.admin()
     for i in range(3):
