@@ -124,7 +124,8 @@ def decode_cursor(cursor: str) -> list[Any]:
     try:
         pad = "=" * (-len(cursor) % 4)
         values = json.loads(base64.urlsafe_b64decode(cursor + pad))
-    except (ValueError, TypeError) as exc:
+    # RecursionError: arrays nested deeper than the recursion limit ("[[[[...").
+    except (ValueError, TypeError, RecursionError) as exc:
         raise ValueError("malformed cursor") from exc
     if not isinstance(values, list):
         raise ValueError("malformed cursor")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import time
@@ -520,6 +521,14 @@ async def test_a_limit_of_thousands_of_digits_is_a_400(api: Api, path: str) -> N
     admin = await api.admin()
     body = await _get(api, admin, path, limit="0" * 5000 + "2")
     assert len(body["sessions" if path == "/audit/sessions" else "events"]) <= 2
+
+
+@pytest.mark.parametrize("path", ["/audit/sessions", "/audit/security-events"])
+async def test_a_cursor_nested_too_deep_for_json_is_a_400(api: Api, path: str) -> None:
+    """json.loads raises RecursionError (not a ValueError) on arrays nested
+    deeper than the interpreter's recursion limit: such a cursor was a 500."""
+    cursor = base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=")
+    await _refused_and_recorded(api, path, {"cursor": cursor}, "deep")
 
 
 async def test_security_events_kind_since_and_paging(api: Api) -> None:
