@@ -218,6 +218,9 @@ def _cursor(request: web.Request) -> tuple[str, str] | None:
             raise ValueError
         if format_ts(parse_ts(ts)) != ts:
             raise ValueError
+        # JSON's "\ud800" is a lone surrogate, which no query can bind:
+        # UnicodeEncodeError (a ValueError) here, not in the spool's query.
+        key.encode("utf-8")
     except (ValueError, TypeError, OverflowError):
         raise bad_request("cursor is not valid") from None
     return ts, key

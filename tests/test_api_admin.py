@@ -531,6 +531,15 @@ async def test_a_cursor_nested_too_deep_for_json_is_a_400(api: Api, path: str) -
     await _refused_and_recorded(api, path, {"cursor": cursor}, "deep")
 
 
+@pytest.mark.parametrize("path", ["/audit/sessions", "/audit/security-events"])
+async def test_a_cursor_whose_id_is_no_utf_8_text_is_a_400(api: Api, path: str) -> None:
+    """JSON's "\\ud800" decodes to a lone surrogate, which SQLite cannot bind
+    (UnicodeEncodeError in the spool's query): such a cursor was a 500."""
+    raw = b'["2026-11-27T04:46:00.000Z","\\ud800"]'
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    await _refused_and_recorded(api, path, {"cursor": cursor}, "surrogate")
+
+
 async def test_security_events_kind_since_and_paging(api: Api) -> None:
     admin = await api.admin()
     for i in range(3):
