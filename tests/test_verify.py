@@ -320,6 +320,15 @@ async def _verify_security(path: Any, key: bytes, batches: list[list[dict[str, A
         await sink.close()
 
 
+async def _three_security_events(tmp_path: Any, key: bytes) -> tuple[list[dict[str, Any]], Any]:
+    """A chain of three security events in a new sqlite sink that verifies
+    OK, and the sink's path (for a test to change a row of it)."""
+    chain = _security_chain(key, 3, "c")
+    path = tmp_path / "sec.db"
+    assert (await _verify_security(path, key, [chain])).ok
+    return chain, path
+
+
 async def test_a_quiet_chain_is_still_followed_after_many_others(tmp_path, audit_key):
     """A long-lived server writes rarely while hundreds of one-event chains
     (servers started with fresh data directories) come and go."""
@@ -704,9 +713,7 @@ async def test_the_sinks_query_columns_are_held_to_its_documents(stored, audit_k
                                " (session_start_time, final) are not the stored document's:"
                                " the admin API's listings filter on them")]
 
-    chain = _security_chain(audit_key, 3, "c")
-    path = tmp_path / "sec.db"
-    assert (await _verify_security(path, audit_key, [chain])).ok
+    chain, path = await _three_security_events(tmp_path, audit_key)
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE security_events SET action = 'auth.logout' WHERE id = ?",
                      (chain[1]["_id"],))
@@ -963,9 +970,7 @@ async def test_a_key_given_twice_or_escaped_cannot_steer_the_sqlite_listings(
                                " or has a key twice in one object (readers differ on which"
                                " value counts)")]
 
-    chain = _security_chain(audit_key, 3, "c")
-    path = tmp_path / "sec.db"
-    assert (await _verify_security(path, audit_key, [chain])).ok
+    chain, path = await _three_security_events(tmp_path, audit_key)
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         (doc,) = conn.execute("SELECT doc FROM security_events WHERE id = ?",
                               (chain[1]["_id"],)).fetchone()
