@@ -89,7 +89,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return seconds
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    # OverflowError: a field past what a C long holds ("99999999999999999999:28:00").
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # "-0000" means UTC per RFC 5322
         return None

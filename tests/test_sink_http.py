@@ -922,3 +922,50 @@ async def test_a_rate_limited_resend_one_by_one_gets_further_each_time(
             assert exc.retry_after is not None
             now[0] += exc.retry_after  # as the flusher waits
     assert receiver.security_events == {e["_id"]: e for e in events}
+
+
+# A Retry-After HTTP-date whose hour (or day, year, zone) is a number past
+# what a C long holds: parsedate_to_datetime raises OverflowError, which is
+# not a ValueError.
+HUGE_DATE = "Wed, 21 Oct 2015 99999999999999999999:28:00 GMT"
+
+
+@pytest.mark.parametrize("value", [
+    HUGE_DATE,
+    "Wed, 99999999999999999999 Oct 2015 07:28:00 GMT",
+    "Wed, 21 Oct 99999999999999999999 07:28:00 GMT",
+    "Wed, 21 Oct 2015 07:28:00 +99999999999999999999",
+])
+def test_a_retry_after_date_with_an_enormous_number_is_no_hint(value: str) -> None:
+    assert parse_retry_after(value, NOW) is None
+
+
+async def test_an_enormous_retry_after_date_is_retried_not_dead_lettered(
+    start_receiver: Start, make_config, engines, fake_clock, fake_monotonic
+) -> None:
+    """Found by probing with odd receivers: such a Retry-After on any answer
+    but a success (a 429, a 503, a 500) raised OverflowError out of the sink,
+    an unclassified error, and after UNEXPECTED_LIMIT of them in a row the
+    flusher dead-lettered the part, which the receiver had only asked to be
+    sent again."""
+    from audit import queries
+    from audit.events import Draft, Source
+    from audit.flusher import UNEXPECTED_LIMIT
+
+    receiver, url = await start_receiver()
+    receiver.script(*[Fault(status, {"Retry-After": HUGE_DATE})
+                      for status in [503, 500] * UNEXPECTED_LIMIT + [429]])
+    config = make_config(sink={"type": "http", "http": {"url": url}},
+                         flush={"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
+    engine = await engines.open(config, HttpSink(config.sink.http),
+                                clock=fake_clock, monotonic=fake_monotonic)
+    src = Source(user="alice", role="user")
+    session = await engine.start_session("alice", "user", src, 3600)
+    await engine.record(session.session_id, Draft("document.list"))
+    await engine.end_session(session.session_id, src)
+    await engines.drain(engine, fake_monotonic)
+
+    counts = await engine.spool.read(lambda c: queries.counts(c, fake_clock()))
+    assert counts["dead_letter_parts"] == 0
+    assert list(receiver.parts) == [f"{session.session_id}:0"]
+    assert receiver.stats["requests"] == 2 * UNEXPECTED_LIMIT + 2
