@@ -124,8 +124,14 @@ class OpenAIProvider:
         client: aiohttp.ClientSession = self._app[CLIENT]
         timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_seconds)
         try:
+            # Redirects are not followed: the document goes only to base_url
+            # (a 307 or 308 would send it on to any host, in clear text too).
             async with client.post(self._url, json=payload, headers=headers,
-                                   timeout=timeout) as resp:
+                                   timeout=timeout, allow_redirects=False) as resp:
+                if 300 <= resp.status < 400:
+                    raise AIUnavailable(f"provider answered HTTP {resp.status}: a redirect,"
+                                        " not followed; set ai.openai.base_url to the"
+                                        " provider's address")
                 if resp.status != 200:
                     raise AIUnavailable(f"provider answered HTTP {resp.status}")
                 body = await _read_capped(resp, ANSWER_MAX_BYTES)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 from api_fixtures import Api, MakeApi, api, expect_error, make_api
 from openai_stub import OpenAIStub
 from waiting import wait_for
@@ -581,3 +582,37 @@ async def test_a_long_key_echoed_in_the_model_is_redacted_before_the_cut(
         assert "k" * 20 not in json.dumps(ev) and ev["details"]["model"] == "m-[redacted]"
     finally:
         await stub.stop()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_from_the_provider_is_not_followed(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """Found by probing with odd providers: the client followed redirects, so
+    a 307 or 308 from base_url re-sent the whole document and the message to
+    any host it named (only the key was dropped, by aiohttp, on a change of
+    origin; https to http, too, past the clear-text warning at start), and
+    whatever answered there was taken as the provider's reply and recorded
+    as a success. Now a redirect is a failing provider, as for the http sink:
+    base_url is where the documents may go."""
+    async def moved(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status,
+                            headers={"Location": stub.base_url + "/chat/completions"})
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/chat/completions", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+        api = await make_api(ai={"provider": "openai", "openai": {
+            "base_url": f"http://127.0.0.1:{port}/v1", "api_key_env": "TEST_OPENAI_KEY"}})
+        _, ev = await _failed_chat(api, 502, "ai_unavailable")
+    finally:
+        await runner.cleanup()
+    assert stub.requests == []
+    assert ev["details"]["error"].startswith(f"provider answered HTTP {status}: a redirect")
