@@ -343,6 +343,9 @@ class HttpSink(Sink):
             # Not about the part: the receiver moved or ``url`` is wrong.
             target = ""
             if location:
+                # Bytes that are not UTF-8 arrive as lone surrogates, which no
+                # message may hold: the spool stores it as UTF-8 text.
+                location = location.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                 try:
                     loc = urlsplit(_strip_userinfo(location.strip()))
                 except ValueError:  # "http://[::1": not a URL to name

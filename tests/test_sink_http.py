@@ -22,8 +22,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from api_fixtures import MakeApi, make_api
 from receiver import Fault, Receiver, ReceiverOptions, sample_part, sample_security_event, serve
+from waiting import wait_for
 
+from audit import queries
 from audit.config import HttpSinkConfig
 from sinks.base import (
     SinkConflict,
@@ -37,6 +40,8 @@ from sinks.http import BODY_CAP, HttpSink, _strip_userinfo, parse_retry_after
 TOKEN = "tok-9f8e7d6c5b4a-secret"
 TOKEN_ENV = "SESSION_AUDIT_TEST_HTTP_TOKEN"
 NOW = 1_764_167_467.0  # 2025-11-26T14:31:07Z
+
+__all__ = ["make_api"]
 
 Start = Callable[..., Awaitable[tuple[Receiver, str]]]
 
@@ -969,3 +974,44 @@ async def test_an_enormous_retry_after_date_is_retried_not_dead_lettered(
     assert counts["dead_letter_parts"] == 0
     assert list(receiver.parts) == [f"{session.session_id}:0"]
     assert receiver.stats["requests"] == 2 * UNEXPECTED_LIMIT + 2
+
+
+async def test_a_redirect_to_a_location_that_is_not_utf8_is_retried_and_shown(
+    raw_server: Callable[[Answer], Awaitable[RawServer]], make_api: MakeApi
+) -> None:
+    """Found by probing with odd receivers: aiohttp hands a header's bytes
+    that are not UTF-8 on as lone surrogates, which the redirect's message
+    quoted. Storing that message with the part in the spool raised
+    UnicodeEncodeError out of the flusher, whose task died: nothing was
+    sent any more until a restart, /readyz said 503 and /audit/status,
+    quoting the last error, was a 500."""
+    moved = True
+
+    async def answer(_: RawServer, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 307 X\r\nLocation: http://a/b\xff\xfe\r\nContent-Length: 0\r\n\r\n"
+                     if moved else b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    raw = await raw_server(answer)
+    api = await make_api(sink={"type": "http", "http": {"url": raw.url}},
+                         flush={"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
+    admin = await api.admin()
+    alice = await api.user("alice")
+    assert (await api.client.post("/logout", headers=alice.headers)).status == 200
+    # Three tries: a few backoffs of at most 0.05 s; a flusher that crashes
+    # is started again after 1 s, then 2 s.
+    await wait_for(lambda: len(raw.headers) >= 3, message="the part sent three times")
+    assert api.engine.task_crashes == {}
+    assert (await api.client.get("/readyz")).status == 200
+    resp = await api.client.get("/audit/status", headers=admin.headers)
+    assert resp.status == 200
+    shown = (await resp.json())["sink"]["last_error"]
+    assert "HTTP 307: redirect to http://a/b\ufffd\ufffd not followed" in shown
+
+    moved = False  # the receiver is back where it was: the part goes out
+
+    async def stored() -> bool:
+        counts = await api.engine.spool.read(lambda c: queries.counts(c, time.time()))
+        return counts["pending_parts"] == 0 and counts["dead_letter_parts"] == 0
+
+    await wait_for(stored, message="alice's part stored")
