@@ -325,6 +325,8 @@ def _validate(config: Config) -> None:
     ):
         if key.startswith("sink.") and key.split(".")[1] != config.sink.type:
             continue  # (not used)
+        if "\0" in value:  # TOML's \u0000: no path has one (Path.resolve raised ValueError)
+            raise ConfigError(f"{key}: must not contain a NUL character")
         try:
             getattr(config, path)
         except RuntimeError:  # Path.resolve on a loop of symbolic links (Python < 3.13)

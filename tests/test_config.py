@@ -172,6 +172,10 @@ def test_unknown_key_is_named(data, key):
         ({"server": {"host": "  "}}, "server.host"),
         ({"server": {"data_dir": "d"}, "sink": {"sqlite": {"path": "d/spool.db"}}},
          "sink.sqlite.path"),
+        # TOML's "\u0000": Path.resolve raised ValueError, a traceback at start.
+        ({"server": {"data_dir": "data\0x"}}, "server.data_dir"),
+        ({"sink": {"sqlite": {"path": "a\0.db"}}}, "sink.sqlite.path"),
+        ({"sink": {"type": "jsonl", "jsonl": {"dir": "j\0"}}}, "sink.jsonl.dir"),
         # From a review: values that passed here and failed later, or forever.
         ({"auth": {"token_ttl_seconds": 10**12}}, "auth.token_ttl_seconds"),  # login 500
         ({"flush": {"backoff_max_seconds": 1e12}}, "flush.backoff_max_seconds"),
