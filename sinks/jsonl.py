@@ -389,7 +389,7 @@ class _Index:
                 return
             try:
                 count = int(doc.get("event_count", 0))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # JSON's 1e400 is infinity
                 count = 0
             loc = _pack(part, no, offset)
             s = self.sessions.get(sid)

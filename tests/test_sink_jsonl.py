@@ -122,6 +122,29 @@ async def test_a_line_nested_past_the_json_parsers_stack_is_not_json(
     assert ids == ["a:0", "b:0"]
 
 
+async def test_a_part_line_whose_event_count_is_past_a_float_is_still_indexed(
+    tmp_path: Path, audit_key: bytes
+) -> None:
+    """JSON's 1e400 is a float infinity, and int() of it raises OverflowError,
+    not the ValueError of a count that is no number: one such line (appended
+    by whoever may write to the directory) stopped the sink for good. It
+    never opened again (nothing sent until the spool filled), every query
+    failed, and verify ended in a traceback instead of reporting the line."""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    forged = {**sample_part("x"), "event_count": 1e400, "type": "session_part"}
+    path.write_bytes(part_line(sample_part("a")) + json.dumps(forged).encode() + b"\n")
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("b"))
+        sessions, _ = await sink.list_sessions(limit=10)
+        assert sorted(x["session_id"] for x in sessions) == ["a", "b", "x"]
+        report = await verify_sink(sink, audit_key)
+        assert "x" in {problem.session_id for problem in report.problems}
+    finally:
+        await sink.close()
+
+
 FILE_SIZE_LIMIT_SCRIPT = """
 import asyncio, os, resource, sys
 from pathlib import Path
