@@ -343,8 +343,9 @@ class _Index:
         self.repeats: list[tuple[str, Any, int, int]] = []
         self.more_repeats = 0  # ... past the 10,000 kept: not compared, but counted
         # Lines that are no document the index can place (not JSON; no _id;
-        # no known type; a part without its session id and number, a
-        # security event without its time): (file, offset, why), the first
+        # no known type; a part without its session id, number and start
+        # time, a security event without its time and a string _id): (file,
+        # offset, why), the first
         # 10,000, and how many more. Queries and verify never see them; a
         # reader of the files may take them.
         self.unplaced: list[tuple[int, int, str]] = []
@@ -383,9 +384,13 @@ class _Index:
             self.unplace(no, offset, f"a line of type {kind!r}, neither {PART!r} nor {SECURITY!r}")
         elif kind == PART:
             sid, part = doc.get("session_id"), doc.get("part")
-            if not isinstance(sid, str) or not isinstance(part, int):
-                self.unplace(no, offset, "a session part without a string session_id"
-                             " and an integer part")
+            # Listings sort and filter by the start time, and the admin API
+            # merges them with the spool's: a part without one as a string
+            # (an int, null) made every listing a 500.
+            if (not isinstance(sid, str) or not isinstance(part, int)
+                    or not isinstance(doc.get("session_start_time"), str)):
+                self.unplace(no, offset, "a session part without a string session_id,"
+                             " an integer part and a string session_start_time")
                 return
             try:
                 count = int(doc.get("event_count", 0))
@@ -399,10 +404,12 @@ class _Index:
                 s.add(part, doc, count, loc)
         else:
             ts = doc.get("ts")
-            if isinstance(ts, str):
+            # Sorted by (ts, _id): an _id of another type beside a string at
+            # the same ts made the listing a 500.
+            if isinstance(ts, str) and isinstance(doc["_id"], str):
                 self.events.append((ts, doc["_id"], _intern(doc.get("action")), no, offset))
             else:
-                self.unplace(no, offset, "a security event without a string ts")
+                self.unplace(no, offset, "a security event without a string ts and _id")
 
 
 class JsonlSink(Sink):

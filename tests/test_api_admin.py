@@ -25,6 +25,7 @@ from api_fixtures import (
     wait_for,
 )
 from live_server import free_port
+from receiver import sample_part, sample_security_event
 
 from audit.events import Draft, format_ts
 from audit.store import Writer
@@ -672,3 +673,34 @@ async def test_an_answer_whose_session_ends_meanwhile_is_not_handed_out(
     admin = await api.admin()
     await logged_out_while_held(api, monkeypatch, api.engine.sink, "list_sessions",
                                 "/audit/sessions", admin, "audit.query")
+
+
+async def test_listings_over_jsonl_lines_with_a_start_or_an_id_of_another_type(
+    make_api: MakeApi,
+) -> None:
+    """Lines appended to a day file by another process: a part whose
+    session_start_time is a number or missing, a security event whose _id is
+    a number. Listings sort by (start, id) and (ts, _id), in the sink and
+    again when merged with the spool's: every /audit/sessions was a 500 (and
+    /audit/security-events, with another event at the same ts) until the
+    line was removed. Such lines are now left out, like one without a ts
+    (verify reports them)."""
+    api = await make_api(sink={"type": "jsonl"})
+    admin = await api.admin()
+    d = api.config.jsonl_dir
+    await wait_for(d.exists, message="the jsonl directory")
+    good, event = sample_part("a" * 32), sample_security_event("e1")
+    lines = [{**good, "type": "session_part"},
+             {**sample_part("b" * 32), "session_start_time": 5, "type": "session_part"},
+             {**sample_part("c" * 32), "session_start_time": None, "type": "session_part"},
+             {**event, "type": "security_event"},
+             {**sample_security_event("e2"), "_id": 7, "type": "security_event"}]
+    (d / "audit-2025-01-01.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for url in ("/audit/sessions", "/audit/sessions?since=2000-01-01T00:00:00.000Z"):
+        async with api.client.get(url, headers=admin.headers) as r:
+            assert r.status == 200, await r.text()
+            listed = {s["session_id"] for s in (await r.json())["sessions"]}
+        assert "a" * 32 in listed and not {"b" * 32, "c" * 32} & listed
+    async with api.client.get("/audit/security-events", headers=admin.headers) as r:
+        assert r.status == 200, await r.text()
+        assert [e["_id"] for e in (await r.json())["events"]] == ["e1"]

@@ -922,9 +922,10 @@ async def test_jsonl_lines_verify_cannot_place_are_found(make_config, engines, a
     assert where[0] == size and where == sorted(where) and len(where) == 5
     assert [p.detail.split(": ")[1] for p in report.problems] == [
         "a line that is not JSON (or not UTF-8)",
-        "a session part without a string session_id and an integer part",
+        "a session part without a string session_id, an integer part and a string"
+        " session_start_time",
         "a line of type None, neither 'session_part' nor 'security_event'",
-        "a security event without a string ts",
+        "a security event without a string ts and _id",
         "a line that is not an object with an _id"]
     assert {p.kind for p in report.problems} == {"changed"}
 
