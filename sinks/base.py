@@ -51,6 +51,15 @@ class QueryNotSupported(SinkError):
     pass
 
 
+def event_count(part: Doc) -> int:
+    """A stored part's ``event_count``; 0 if it is no count (a part another
+    process wrote: a string, null, or JSON's 1e400, a float infinity)."""
+    try:
+        return int(part.get("event_count", 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def summarize_parts(parts: list[Doc]) -> Doc:
     """A session summary (API.md) from the stored parts of one session.
 
@@ -68,7 +77,7 @@ def summarize_parts(parts: list[Doc]) -> Doc:
         "session_start_time": first.get("session_start_time"),
         "session_end_time": last.get("session_end_time") if final else None,
         "session_duration_seconds": last.get("session_duration_seconds") if final else None,
-        "event_count": sum(int(p.get("event_count", 0)) for p in parts),
+        "event_count": sum(event_count(p) for p in parts),
         "seal_reason": last.get("seal_reason") if final else None,
         "parts": len(parts),
     }

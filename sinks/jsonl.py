@@ -132,6 +132,7 @@ from .base import (
     decode_cursor,
     dumps,
     encode_cursor,
+    event_count,
 )
 
 log = logging.getLogger(__name__)
@@ -392,10 +393,7 @@ class _Index:
                 self.unplace(no, offset, "a session part without a string session_id,"
                              " an integer part and a string session_start_time")
                 return
-            try:
-                count = int(doc.get("event_count", 0))
-            except (TypeError, ValueError, OverflowError):  # JSON's 1e400 is infinity
-                count = 0
+            count = event_count(doc)
             loc = _pack(part, no, offset)
             s = self.sessions.get(sid)
             if s is None:

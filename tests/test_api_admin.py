@@ -704,3 +704,26 @@ async def test_listings_over_jsonl_lines_with_a_start_or_an_id_of_another_type(
     async with api.client.get("/audit/security-events", headers=admin.headers) as r:
         assert r.status == 200, await r.text()
         assert [e["_id"] for e in (await r.json())["events"]] == ["e1"]
+
+
+@pytest.mark.parametrize("count", ["many", "1e400"])
+async def test_a_session_over_a_jsonl_part_whose_event_count_is_no_count(
+    make_api: MakeApi, count: str
+) -> None:
+    """A part line from another process whose event_count is a string, or
+    JSON's 1e400 (a float infinity): its summary took int() of it, and
+    GET /audit/sessions/{id} was a 500 (ValueError, OverflowError). The
+    count falls back to 0, as in the sink's listings."""
+    api = await make_api(sink={"type": "jsonl"})
+    admin = await api.admin()
+    d = api.config.jsonl_dir
+    await wait_for(d.exists, message="the jsonl directory")
+    sid = "a" * 32
+    line = json.dumps({**sample_part(sid), "event_count": 0, "type": "session_part"})
+    line = line.replace('"event_count": 0', f'"event_count": {json.dumps(count)}'
+                        if count == "many" else f'"event_count": {count}')
+    (d / "audit-2025-01-01.jsonl").write_text(line + "\n")
+    async with api.client.get(f"/audit/sessions/{sid}", headers=admin.headers) as r:
+        assert r.status == 200, await r.text()
+        body = await r.json()
+    assert body["event_count"] == 0 and len(body["events"]) == 2
