@@ -112,6 +112,11 @@ class OpenAIProvider:
         if any(ord(c) < 32 or ord(c) == 127 for c in key):
             raise AIUnavailable(f"the API key in ${env} contains a control character (a line"
                                 " break?); it cannot be sent as a header")
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:  # aiohttp would drop the bytes and send the rest
+            raise AIUnavailable(f"the API key in ${env} is not UTF-8 text; it cannot be sent"
+                                " as it is") from None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         payload = {
             "model": self.model,

@@ -169,12 +169,18 @@ class HttpSink(Sink):
         a header would fail every write (aiohttp refuses header injection)
         with an error naming neither the token nor its variable. A control
         character inside is refused here, once, with a message that says
-        which variable (never the token)."""
+        which variable (never the token); so is one that is not UTF-8
+        (bytes of another encoding), which aiohttp would send without them."""
         env = self.cfg.token_env
         token = (os.environ.get(env) or "").strip() if env else ""
         if any(ord(c) < 32 or ord(c) == 127 for c in token):
             raise SinkUnavailable(f"http sink: the token in ${env} contains a control"
                                   " character (a line break?); it cannot be sent as a header")
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:  # aiohttp would drop the bytes and send the rest
+            raise SinkUnavailable(f"http sink: the token in ${env} is not UTF-8 text; it"
+                                  " cannot be sent as it is") from None
         return token or None
 
     async def close(self) -> None:

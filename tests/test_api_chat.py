@@ -153,6 +153,24 @@ async def test_failing_provider_gives_502_and_a_failure_event(
     assert ev["details"]["error"] in warned and "sk-" not in warned
 
 
+async def test_an_openai_key_that_is_not_utf8_is_refused_not_sent_without_its_bytes(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A key set in another encoding (a Latin-1 shell: "\\xe9" for "é")
+    reaches Python as lone surrogates, which aiohttp dropped from the header:
+    the provider was sent another key than the one configured (a 401 at
+    best; here the stub takes what is left). Refused, naming the variable."""
+    monkeypatch.setattr(chat_module, "_provider_warned", -chat_module.PROVIDER_WARN_SECONDS)
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub\udce9-key")
+    api = await make_api(ai={"provider": "openai", "openai": {
+        "base_url": stub.base_url, "api_key_env": "TEST_OPENAI_KEY", "timeout_seconds": 5.0}})
+    await _failed_chat(api, 502, "ai_unavailable")
+    assert stub.requests == []
+    assert any("the API key in $TEST_OPENAI_KEY is not UTF-8 text" in r.getMessage()
+               for r in caplog.records)
+
+
 def completion(reply: str = '"fine"', model: str = '"m"', prompt_tokens: str = "3",
                completion_tokens: str = "2") -> bytes:
     """A completion body written as JSON text: values no encoder would write."""

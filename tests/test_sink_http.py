@@ -842,6 +842,28 @@ async def test_a_token_with_a_control_character_inside_is_refused_at_open(
         await sink.close()
 
 
+async def test_a_token_that_is_not_utf8_is_refused_at_open(
+    start_receiver: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token set in another encoding (a Latin-1 shell) reaches Python as
+    lone surrogates, which aiohttp dropped from the header: the receiver got
+    another token than the one configured, and answered 401, a rejection
+    that dead-lettered every part. Refused at open, naming the variable."""
+    monkeypatch.setenv(TOKEN_ENV, TOKEN[:4] + "\udcf6" + TOKEN[4:])
+    receiver, url = await start_receiver(token=TOKEN[:4] + "\u00f6" + TOKEN[4:])
+    sink = HttpSink(HttpSinkConfig(url=url, token_env=TOKEN_ENV))
+    try:
+        with pytest.raises(SinkUnavailable) as info:
+            await sink.open()
+            await sink.write_part(sample_part("latin1"))
+        text = str(info.value)
+        assert f"${TOKEN_ENV} is not UTF-8 text" in text, text
+        assert TOKEN[4:] not in text
+        assert not receiver.headers_seen
+    finally:
+        await sink.close()
+
+
 # -- security events: a 409 to a batch --------------------------------------------
 
 
