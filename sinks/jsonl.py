@@ -53,7 +53,9 @@ rebuilt by the next attempt: a partial index never answers "stored already".
 The write lock
 --------------
 Every write and every repair holds an exclusive ``flock`` on
-``<dir>/.audit-jsonl.lock`` (``LOCK_NAME``), and before appending reads what
+``<dir>/.audit-jsonl.lock`` (``LOCK_NAME``), the file at that path now (a
+directory moved away and made anew is locked through its new lock file, not
+the one this sink opened first), and before appending reads what
 other processes appended since this one last looked. So ``server.py drain``
 (or any second writer) beside a running server waits for the lock (at most
 ``LOCK_WAIT_SECONDS``, then :class:`~sinks.base.SinkUnavailable`, which the
@@ -584,21 +586,42 @@ class JsonlSink(Sink):
     # -- the write lock ----------------------------------------------------
 
     def _acquire(self, wait: float) -> bool:
-        """Take the directory's write lock (``flock``), waiting up to ``wait`` s."""
-        if self._lock_fd is None:
-            # Not through a symlink either: O_CREAT would create its target.
-            self._lock_fd = _open_regular(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        """Take the directory's write lock (``flock``), waiting up to ``wait`` s.
+
+        The lock is the one of the file now at ``<dir>/LOCK_NAME``: if the
+        directory was moved away and made anew (or remounted) since this
+        sink opened its lock file, a lock on the old file would exclude no
+        writer that opened the new one, and a repair here could cut off the
+        line that writer is appending.
+        """
         deadline = time.monotonic() + wait
         pause = 0.001
         while True:
+            if self._lock_fd is None:
+                # Not through a symlink either: O_CREAT would create its target.
+                self._lock_fd = _open_regular(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
+                continue
+            if self._lock_is_current():
+                return True
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)  # (its lock goes with it)
+
+    def _lock_is_current(self) -> bool:
+        """Whether the open lock file is still the one at its path."""
+        assert self._lock_fd is not None
+        try:
+            st = os.lstat(self.dir / LOCK_NAME)
+        except FileNotFoundError:
+            return False
+        fst = os.fstat(self._lock_fd)
+        return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
     def _release(self) -> None:
         if self._lock_fd is not None:

@@ -306,6 +306,45 @@ async def test_a_sink_opened_while_another_writes_leaves_its_line_alone(tmp_path
     assert [d["_id"] for d in lines(path)] == ["a:0", "e1", "b:0"]
 
 
+async def test_a_directory_made_anew_is_locked_through_its_new_lock_file(
+    tmp_path: Path,
+) -> None:
+    """The directory moved away (to archive it) and made anew while the
+    server runs, then ``server.py drain`` beside it appending a line: the
+    server kept its lock on the old directory's lock file, which excludes
+    no one, so it took the drain's half-written line for a crash's torn
+    tail, cut it off and appended its own; the drain's rest then ended up
+    after it, as a line no reader can parse. The server must wait for the
+    lock of the directory as it is now."""
+    d = tmp_path / "audit-jsonl"
+    d.mkdir(mode=0o700)
+    server = JsonlSink(d, clock=lambda: DAY1)
+    await server.open()
+    try:
+        await server.write_part(sample_part("a"))
+        d.rename(tmp_path / "archived")
+        d.mkdir(mode=0o700)
+        path = d / "audit-2025-11-26.jsonl"
+        line = part_line(sample_part("b"))
+        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)  # the drain
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with path.open("ab") as f:
+                f.write(line[:70])
+            write = asyncio.ensure_future(server.write_part(sample_part("c")))
+            await asyncio.sleep(0.3)
+            assert not write.done() and path.read_bytes() == line[:70]
+            with path.open("ab") as f:
+                f.write(line[70:])
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        await asyncio.wait_for(write, 5)
+    finally:
+        await server.close()
+    assert [d["_id"] for d in lines(path)] == ["b:0", "c:0"]
+
+
 async def test_two_writers_of_one_directory_append_nothing_twice(tmp_path: Path) -> None:
     """Each writer reads what the other appended before it appends itself."""
     one = JsonlSink(tmp_path, clock=lambda: DAY1)
