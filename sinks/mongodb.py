@@ -188,10 +188,26 @@ _RETRY_AFTER_MS = re.compile(r"RetryAfterMs=(\d+)", re.IGNORECASE)
 _MAX_MESSAGE = 300
 
 
+# Digits of a hint past any real one (and past what int() takes, 4,300, or a
+# float holds): read as this many ms, which the flusher caps as it caps any
+# long hint (ratelimit.MAX_HINT).
+_HINT_DIGITS = 12
+
+
 def retry_after_from(message: str) -> float | None:
-    """Seconds from a Cosmos DB ``RetryAfterMs=NNN`` in an error message."""
+    """Seconds from a Cosmos DB ``RetryAfterMs=NNN`` in an error message.
+
+    A number of hundreds of digits (an answer no real server gives) made
+    ``int()`` or the division raise: an unexpected sink error, and after a
+    few the part went to the dead letters, though the server had asked for
+    a pause; it is a long hint instead."""
     m = _RETRY_AFTER_MS.search(message)
-    return int(m.group(1)) / 1000.0 if m else None
+    if m is None:
+        return None
+    digits = m.group(1).lstrip("0")
+    if len(digits) > _HINT_DIGITS:
+        digits = "9" * _HINT_DIGITS
+    return int(digits or "0") / 1000.0
 
 
 def _uri_secrets(uri: str) -> list[str]:

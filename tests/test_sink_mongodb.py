@@ -167,6 +167,11 @@ async def test_16500_with_retry_after_ms_is_rate_limited(server: MockupDB, sink:
         ("retryafterms=2000", 2.0),
         ("RetryAfterMs=0", 0.0),
         ("Request rate is large", None),
+        ("RetryAfterMs=000000000000000000000000000000250", 0.25),
+        # Hundreds or thousands of digits (int() refuses more than 4,300, a
+        # float holds about 308): a long hint, which the flusher caps.
+        ("RetryAfterMs=" + "9" * 400, 999_999_999.999),
+        ("RetryAfterMs=" + "1" * 5000 + ", Details=''", 999_999_999.999),
     ],
 )
 def test_retry_after_from(message: str, seconds: float | None) -> None:
