@@ -254,7 +254,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     if state is None:
         page, more = await _merged_page(engine, user, window, cursor, limit, state)
         if more and page:
-            resume = (page[-1]["session_start_time"], page[-1]["session_id"])
+            resume = _session_key(page[-1])
     else:
         # The state filter drops sessions after the merge: page on until the
         # page is full, so that a short page really is the last one.
@@ -264,17 +264,40 @@ async def list_sessions(request: web.Request) -> web.Response:
                                            limit + 1 - len(page), state)
             if not got:
                 break  # no step forward: never hand back the cursor it was given
-            after = (got[-1]["session_start_time"], got[-1]["session_id"])
+            after = _session_key(got[-1])
             page += [s for s in got if s["state"] == state]
             if len(page) > limit or not more:
                 break
         if len(page) > limit:
             page = page[:limit]
-            resume = (page[-1]["session_start_time"], page[-1]["session_id"])
+            resume = _session_key(page[-1])
         elif more and after != cursor:
             resume = after
     next_cursor = encode_cursor(*resume) if resume is not None else None
     return json_response({"sessions": page, "next_cursor": next_cursor})
+
+
+# Where a time that is no string sorts (:func:`_session_key`): last, and in
+# a cursor as a time a cursor may hold.
+_NO_TIME = format_ts(0)
+
+
+def _text(value: Any, default: str = "") -> str:
+    return value if isinstance(value, str) else default
+
+
+def _session_key(s: Doc) -> tuple[str, str]:
+    """Where a session sorts in a listing (and its page's cursor): by start,
+    then id, newest first. A sink's document another process changed may
+    hold a start of another type (a number, null): sorted beside strings it
+    was a TypeError, every listing a 500. It sorts as the epoch, last;
+    verify reports the document."""
+    return _text(s.get("session_start_time"), _NO_TIME), _text(s.get("session_id"))
+
+
+def _event_key(e: Doc) -> tuple[str, str]:
+    """:func:`_session_key` for a security event: by ts, then _id."""
+    return _text(e.get("ts"), _NO_TIME), _text(e.get("_id"))
 
 
 async def _merged_page(
@@ -320,8 +343,7 @@ async def _merged_page(
         known = await engine.spool.read(lambda c: queries.sessions_by_id(c, ids))
         merged.update({s["session_id"]: s for s in known})
     merged.update({s["session_id"]: s for s in from_spool})  # the spool knows more
-    ordered = sorted(merged.values(),
-                     key=lambda s: (s["session_start_time"], s["session_id"]), reverse=True)
+    ordered = sorted(merged.values(), key=_session_key, reverse=True)
     return ordered[:limit], len(ordered) > limit or spool_more or sink_more
 
 
@@ -386,13 +408,13 @@ async def security_events(request: web.Request) -> web.Response:
         pass
     except SinkError as exc:
         raise _sink_unavailable(engine, exc) from None
-    merged = {e["_id"]: e for e in from_sink}
+    merged = {e.get("_id"): e for e in from_sink}  # (a changed document may have none)
     merged.update({e["_id"]: e for e in spooled})
-    ordered = sorted(merged.values(), key=lambda e: (e["ts"], e["_id"]), reverse=True)
+    ordered = sorted(merged.values(), key=_event_key, reverse=True)
     page = ordered[:limit]
     next_cursor = None
     if (len(ordered) > limit or sink_more) and page:
-        next_cursor = encode_cursor(page[-1]["ts"], page[-1]["_id"])
+        next_cursor = encode_cursor(*_event_key(page[-1]))
     return json_response({"events": page, "next_cursor": next_cursor})
 
 
