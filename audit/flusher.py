@@ -184,7 +184,17 @@ class Flusher:
             except Exception as exc:
                 return self._retryable(exc)
             self.sink_open = True
-            log.info("sink %s open", self.sink.type)
+            if self._failed_in_a_row:
+                # The sink takes writes again: healthy now, not only once a
+                # write goes through (with nothing pending, none would).
+                log.warning("sink %s open, after %d failed attempts", self.sink.type,
+                            self._failed_in_a_row)
+                self._failed_in_a_row = 0
+                self._log.reset()
+                self.backoff.succeeded()
+                self.healthy = True
+            else:
+                log.info("sink %s open", self.sink.type)
         # One flusher at a time per spool file: ``server.py drain`` may run
         # beside the server, and both must not send the same pending item.
         if not self._lock():
