@@ -510,13 +510,24 @@ class AuditEngine:
             self._uncut_since = kept
         results = await asyncio.gather(*futs, return_exceptions=True)
         done = 0
+        failed: list[BaseException] = []
         for r in results:
             if isinstance(r, SessionNotOpen):
                 continue  # sealed meanwhile by logout
             if isinstance(r, BaseException):
-                log.error("reaper job failed: %s", r)
+                failed.append(r)
             else:
                 done += 1
+        if failed:
+            # The jobs of one pass fail together (a spool that cannot commit
+            # fails the whole batch), and again on the next pass: one line for
+            # them, once a minute, not one a session a second.
+            left_out = self._reaper_log.allow("jobs")
+            if left_out is not None:
+                log.error("reaper: %d of %d jobs failed: %s%s", len(failed), len(results),
+                          failed[0], more(left_out))
+        elif done:
+            self._reaper_log.reset("jobs")
         return done
 
     async def _reaper(self) -> None:

@@ -36,3 +36,35 @@ async def test_a_sink_that_opens_after_failing_to_is_healthy_with_nothing_pendin
     admin = await api.admin()
     resp = await api.client.get("/audit/status", headers=admin.headers)
     assert (await resp.json())["sink"]["healthy"] is True
+
+
+async def test_a_spool_that_cannot_commit_gets_one_reaper_line_not_one_a_session(
+    make_config, engines, fake_clock, caplog
+) -> None:
+    """With the spool's disk full, the reaper's seals of the sessions due
+    failed together, and each logged its own error line, on every pass (once
+    a second): 1,000 idle sessions due made 1,000 lines a second, on a disk
+    already full. Now one line a minute, like the spool's own."""
+    import logging
+
+    from audit.events import Source
+
+    engine = await engines.open(make_config(), clock=fake_clock)
+    src = Source(user="alice", role="user")
+    for _ in range(50):
+        await engine.start_session("alice", "user", src, 60)
+    spool = engine.spool
+    pages = await spool.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await spool.submit(lambda w: w.conn.execute(f"PRAGMA max_page_count = {pages}"),
+                       needs_space=False)  # a disk with no page left
+    fake_clock.advance(120)  # every session's token has expired
+    with caplog.at_level(logging.ERROR, logger="session_audit.engine"):
+        for _ in range(3):
+            assert await engine.reap_once() == 0
+    assert len(spool.open_sessions()) == 50  # none sealed, all still due
+    lines = [r.getMessage() for r in caplog.records if "reaper" in r.getMessage()]
+    assert len(lines) == 1, [*lines[:3], f"... {len(lines)} lines"]
+    assert "50 of 50 jobs failed: the audit spool could not commit" in lines[0]
+    await spool.submit(lambda w: w.conn.execute("PRAGMA max_page_count = 1073741823"),
+                       needs_space=False)
+    assert await engine.reap_once() == 50
