@@ -24,6 +24,7 @@ from aiohttp import web
 
 from audit.engine import AuditEngine
 from audit.events import Draft, Source, format_ts
+from audit.logthrottle import LogThrottle, more
 from audit.middleware import anonymous_source, client_ip
 from audit.store import OpenSession, Writer
 
@@ -153,6 +154,9 @@ class Accounts:
         self._dummy: str | None = None
         self._dummy_lock = asyncio.Lock()
         self._revoking = asyncio.Lock()
+        # Revoked sessions that cannot be ended (the spool cannot commit) are
+        # tried again twice a second: said once a minute, not once a session.
+        self._revoke_log = LogThrottle()
 
     async def _dummy_hash(self) -> str:
         """A hash to check unknown users against, made once (in a bcrypt slot);
@@ -232,12 +236,21 @@ class Accounts:
                     for sid, cause, at in rows]
             results = await asyncio.gather(*futs, return_exceptions=True)
         ended = 0
+        failed: list[tuple[str, BaseException]] = []
         for (sid, cause, _), result in zip(rows, results, strict=True):
             if isinstance(result, BaseException):
-                log.error("could not end revoked session %s (%s): %s", sid, cause, result)
+                failed.append((str(sid), result))
             elif result:
                 ended += 1
                 log.info("ended session %s: %s", sid, str(cause).replace("_", " "))
+        if failed:
+            left_out = self._revoke_log.allow("revoke")
+            if left_out is not None:
+                sid, exc = failed[0]
+                log.error("%d revoked sessions not ended yet (tried again within a second;"
+                          " %s first: %s)%s", len(failed), sid, exc, more(left_out))
+        else:
+            self._revoke_log.reset()
         return ended
 
     @staticmethod

@@ -68,3 +68,41 @@ async def test_a_spool_that_cannot_commit_gets_one_reaper_line_not_one_a_session
     await spool.submit(lambda w: w.conn.execute("PRAGMA max_page_count = 1073741823"),
                        needs_space=False)
     assert await engine.reap_once() == 50
+
+
+async def test_revoked_sessions_that_cannot_be_ended_get_one_line_not_one_each(
+    make_api: MakeApi, caplog
+) -> None:
+    """``disable`` beside the server names the user's open sessions for it to
+    end; while the spool cannot commit, the server's check (twice a second:
+    its own task and the reaper) logged an error line for each of them on
+    every pass. Now one line a minute."""
+    import logging
+
+    from audit.spool import connect
+    from handlers.auth import change_user_sync
+    from handlers.keys import ACCOUNTS
+
+    api = await make_api()
+    await api.add_user("alice")
+    logins = [await api.login("alice") for _ in range(20)]
+    accounts, spool = api.app[ACCOUNTS], api.engine.spool
+    async with accounts._revoking:  # the server's checks wait meanwhile
+        conn = connect(api.config.spool_path, "normal")  # the command line's
+        try:
+            assert change_user_sync(conn, "alice", disabled=True)
+        finally:
+            conn.close()
+        pages = await spool.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        await spool.submit(lambda w: w.conn.execute(f"PRAGMA max_page_count = {pages}"),
+                           needs_space=False)  # the server's disk with no page left
+    with caplog.at_level(logging.ERROR, logger="session_audit.accounts"):
+        for _ in range(3):
+            assert await accounts.end_revoked_sessions() == 0
+    lines = [r.getMessage() for r in caplog.records if "revoked" in r.getMessage()]
+    assert len(lines) == 1, [*lines[:3], f"... {len(lines)} lines"]
+    assert "20 revoked sessions not ended yet" in lines[0]
+    await spool.submit(lambda w: w.conn.execute("PRAGMA max_page_count = 1073741823"),
+                       needs_space=False)
+    await wait_for(lambda: not any(spool.open_session(x.session_id) for x in logins),
+                   message="the revoked sessions to end")
