@@ -133,6 +133,7 @@ class AuditEngine:
         self._restarts: dict[str, asyncio.TimerHandle] = {}
         self._closing = False
         self._reaper_log = LogThrottle()
+        self._fast_log = LogThrottle()  # events lost under ack = "fast"
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -366,8 +367,12 @@ class AuditEngine:
 
     def _fast_done(self, fut: asyncio.Future[Any]) -> None:
         self._inflight.discard(fut)
-        if not fut.cancelled() and fut.exception() is not None:
-            log.error("event not recorded (ack=fast): %s", fut.exception())
+        if not fut.cancelled() and (exc := fut.exception()) is not None:
+            # While the spool cannot commit, every request's event fails so:
+            # one line a minute per cause, with how many were left out.
+            left_out = self._fast_log.allow(type(exc).__name__)
+            if left_out is not None:
+                log.error("event not recorded (ack=fast): %s%s", exc, more(left_out))
 
     async def record_security(
         self, draft: Draft, session_id: str | None = None, *, happened: bool = False

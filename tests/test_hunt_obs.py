@@ -106,3 +106,29 @@ async def test_revoked_sessions_that_cannot_be_ended_get_one_line_not_one_each(
                        needs_space=False)
     await wait_for(lambda: not any(spool.open_session(x.session_id) for x in logins),
                    message="the revoked sessions to end")
+
+
+async def test_events_lost_under_ack_fast_get_one_line_a_minute_not_one_each(
+    make_api: MakeApi, caplog
+) -> None:
+    """Under ``ack = "fast"`` a request is answered before its event commits;
+    while the spool cannot commit, each lost event logged its own error line:
+    one a request, from any logged-in client, onto a disk already full (a
+    503 ``audit_unavailable`` says so once a minute). Now one line a minute
+    too, counting the lines left out."""
+    import logging
+
+    api = await make_api(audit={"ack": "fast"})
+    alice = await api.user("alice")
+    engine = api.engine
+    pages = await engine.spool.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await engine.spool.submit(lambda w: w.conn.execute(f"PRAGMA max_page_count = {pages}"),
+                              needs_space=False)  # a disk with no page left
+    with caplog.at_level(logging.ERROR, logger="session_audit.engine"):
+        for _ in range(20):  # bad input: refused, its attempt recorded (not awaited)
+            resp = await api.client.post("/documents", data=b"{", headers={
+                **alice.headers, "Content-Type": "application/json"})
+            assert resp.status == 400
+        await wait_for(lambda: not engine._inflight, message="the records to fail")
+    lines = [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()]
+    assert len(lines) == 1, [*lines[:3], f"... {len(lines)} lines"]
