@@ -544,14 +544,24 @@ class MalformedRequestFilter(logging.Filter):
     over its limits: scanners send them all day) at error level with a
     traceback. One warning line naming the kind of problem is what an
     operator needs; the exception's text is left out, as it quotes the
-    request (a header line, which may carry a token)."""
+    request (a header line, which may carry a token). Any client can send
+    them as fast as it likes: one line per kind, then one a minute saying
+    how many like it were left out (each has its 400 in the access log)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttle = LogThrottle()
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
+            kind = type(exc).__name__
+            left_out = self.throttle.allow(f"{exc.code} {kind}")  # (a bounded set of keys)
+            if left_out is None:
+                return False
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = "malformed HTTP request refused with %s: %s"
-            record.args = (exc.code, type(exc).__name__)
+            record.msg = "malformed HTTP request refused with %s: %s%s"
+            record.args = (exc.code, kind, more(left_out))
             record.exc_info = record.exc_text = None
         return True
 
