@@ -307,6 +307,7 @@ class AuditEngine:
     async def record(
         self, session_id: str, draft: Draft, change: Change | None = None,
         *, read_only: bool = False, needs_space: bool = True, durable: bool = False,
+        document: str | None = None,
     ) -> Any:
         """Record an event in the caller's session, atomically with ``change``.
 
@@ -321,6 +322,9 @@ class AuditEngine:
         ``needs_space`` the event is taken even by a full spool: for the record
         of an action that has already happened (a chat the provider answered).
         With ``durable`` it returns after the commit even under ``ack = "fast"``.
+        With ``document`` (an id; ``read_only`` only), ``change`` is
+        ``check(row, draft)``: it gets that document's row, read with the
+        batch's other reads (:class:`~audit.store.Read`), not the connection.
         """
         if change is None:
             append = Append(session_id, draft)
@@ -345,7 +349,7 @@ class AuditEngine:
             w.append(session_id, draft)
             return result
 
-        job = Read(session_id, draft, change) if read_only else changing
+        job = Read(session_id, draft, change, document) if read_only else changing
         try:
             result = await self.spool.submit(job, needs_space=needs_space)
         finally:

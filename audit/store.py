@@ -9,6 +9,7 @@ state: a failed job or a failed commit puts them back as they were.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sqlite3
@@ -183,6 +184,30 @@ SECURITY_STREAM = "security"
 # shorter scan for reads of the newest events (the flusher's reads of parts
 # in event_keys skip it).
 KEYS_EVERY = 4096
+
+# The writer's SQL, a statement at a time, gives up the GIL at every step of
+# every statement; the event loop, busy, takes it, and the writer waits for
+# it back (the loop's callback, or the 5 ms switch interval) before its next
+# step. So a batch inserts its event rows with a few multi-row INSERTs (of
+# 2**k rows, a handful of statements SQLite's cache keeps) rather than one
+# step per row, and reads the documents its audited reads need with one
+# statement (:meth:`Writer.read_ahead`) rather than two steps per read.
+_ROWS_AT_MOST = 256  # rows an INSERT takes (6 values each: SQLite allows 32,766)
+_INSERT_ROWS = {
+    n: "INSERT INTO events (rowid, sk, session_id, seq, ts, json) VALUES "
+    + ", ".join(["(?, ?, ?, ?, ?, ?)"] * n)
+    for n in (1 << k for k in range(_ROWS_AT_MOST.bit_length()))
+}
+DOCUMENT_COLUMNS = "id, title, content, owner, version, created_at, updated_at"
+# A document read ahead is one element of one JSON text (one step, not one a
+# row); larger ones are read by their own job, so that a batch of reads of
+# 8 MiB documents is not one text of hundreds of MB.
+READ_AHEAD_MAX_BYTES = 65536
+_READ_AHEAD = (
+    f"SELECT json_group_array(json_array({DOCUMENT_COLUMNS})) FROM documents"
+    " WHERE id IN (SELECT value FROM json_each(?))"
+    f" AND length(CAST(content AS BLOB)) + length(CAST(title AS BLOB)) <= {READ_AHEAD_MAX_BYTES}"
+)
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
@@ -493,24 +518,34 @@ class Read:
     """The job of a read-only change and its event: ``read(conn, draft)``
     checks and reads (it must not write), then the event is appended.
 
+    With ``document`` (an id), the read is of that one document: ``read``
+    gets its row (``DOCUMENT_COLUMNS``, None if there is none) instead of
+    the connection, ``read(row, draft)``; the writer reads the rows of a
+    batch's reads with one statement (:meth:`Writer.read_ahead`).
+
     Like :class:`Append` it runs without a savepoint (a read has nothing to
     roll back). If the read raises :class:`ActionError`, the event is
     recorded with that outcome, plus ``access.denied`` when denied, in a
     savepoint of its own, and the error is the job's result.
     """
 
-    __slots__ = ("draft", "read", "session_id")
+    __slots__ = ("document", "draft", "read", "session_id")
 
-    def __init__(self, session_id: str, draft: Draft, read: Change) -> None:
+    def __init__(self, session_id: str, draft: Draft, read: Callable[[Any, Draft], Any],
+                 document: str | None = None) -> None:
         self.session_id = session_id
         self.draft = draft
         self.read = read
+        self.document = document
 
     def __call__(self, w: Writer) -> Any:
         w.session(self.session_id)  # fail before the read if the session is gone
         changes = w.conn.total_changes
         try:
-            result = self.read(w.conn, self.draft)
+            if self.document is None:
+                result = self.read(w.conn, self.draft)
+            else:
+                result = self.read(w.document(self.document), self.draft)
         except ActionError as err:
             result = err
         finally:
@@ -568,6 +603,9 @@ class Writer:
         self.new_parts = 0
         self.new_security = 0
         self.appended = 0
+        # Rows of documents read ahead for the reads at the head of the
+        # running batch (read_ahead); emptied before any other job runs.
+        self._ahead: dict[str, tuple[Any, ...]] = {}
 
     # -- loading -----------------------------------------------------------
 
@@ -738,8 +776,15 @@ class Writer:
         append = results.append
         rows = self._rows
         rows.clear()
+        ahead = self._ahead
         c.execute("BEGIN IMMEDIATE")
         try:
+            try:
+                self.read_ahead(jobs)
+            except sqlite3.Error as exc:  # each read then reads its own, and may fail alone
+                if not c.in_transaction:
+                    raise TransactionLost() from exc
+                ahead.clear()
             for job in jobs:
                 if type(job) in _PLAIN:  # Append or Read
                     mark = len(rows)
@@ -755,6 +800,7 @@ class Writer:
                     else:
                         append((True, value))
                     continue
+                ahead.clear()  # this job may change documents: reads after it read them anew
                 self._insert_rows()
                 try:
                     value = self.atomic(partial(job, self))
@@ -770,6 +816,7 @@ class Writer:
             c.execute("COMMIT")
         except BaseException:
             rows.clear()
+            ahead.clear()
             self._undo = None
             try:
                 if c.in_transaction:
@@ -781,17 +828,48 @@ class Writer:
                 # reloads it first (or fails, and tries again the time after).
                 self._stale = True
             raise
+        ahead.clear()
         return results
+
+    def read_ahead(self, jobs: list[Callable[[Writer], Any]]) -> None:
+        """Read, with one statement, the documents the reads at the head of
+        the batch will look at (:class:`Read` with ``document``), up to the
+        first job that may change one. A document it does not find (none,
+        or past ``READ_AHEAD_MAX_BYTES``) its read reads itself."""
+        ids: list[str] = []
+        for job in jobs:
+            if type(job) is Read:
+                if job.document is not None:
+                    ids.append(job.document)
+            elif type(job) is not Append:
+                break
+        if len(ids) < 2:  # one statement either way
+            return
+        row = self.conn.execute(_READ_AHEAD, (json.dumps(ids),)).fetchone()
+        self._ahead.update((doc[0], tuple(doc)) for doc in json.loads(row[0]))
+
+    def document(self, doc_id: str) -> tuple[Any, ...] | None:
+        """The row of the document ``doc_id`` (``DOCUMENT_COLUMNS``), None if
+        there is none: read ahead for this batch, or read now."""
+        row = self._ahead.get(doc_id)
+        if row is None:
+            row = self.conn.execute(
+                f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE id = ?", (doc_id,)).fetchone()
+        return row
 
     def _insert_rows(self) -> None:
         rows = self._rows
         if rows:
-            self.conn.executemany(
-                "INSERT INTO events (rowid, sk, session_id, seq, ts, json)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            self.tail += len(rows)
+            n, i = len(rows), 0
+            while i < n:
+                # The largest 2**k rows left (at most _ROWS_AT_MOST): 29 rows
+                # are 4 statements (16 + 8 + 4 + 1), not 29 steps.
+                k = min(n - i, _ROWS_AT_MOST)
+                k = 1 << (k.bit_length() - 1)
+                self.conn.execute(_INSERT_ROWS[k],
+                                  list(itertools.chain.from_iterable(rows[i:i + k])))
+                i += k
+            self.tail += n
             rows.clear()
 
     def index_tail(self) -> None:

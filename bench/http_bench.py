@@ -220,7 +220,14 @@ def wait_idle(srv: Server, user: str, limit: float = 2.0, timeout: float = 120.0
 
 
 def _spy(pid: int, name: str, duration: float) -> subprocess.Popen[bytes] | None:
-    """py-spy (if installed) sampling the server, collapsed stacks to results/."""
+    """py-spy (if installed) sampling the server, collapsed stacks to results/;
+    with ``BENCH_PERF`` set, Linux perf instead (CPU samples of every thread,
+    kernel included: results/perf_NAME.data, read with ``perf report``)."""
+    if os.environ.get("BENCH_PERF"):
+        data = Path(__file__).resolve().parent / "results" / f"perf_{name}.data"
+        return subprocess.Popen(["perf", "record", "-F", "499", "-g", "-p", str(pid),
+                                 "-o", str(data), "--", "sleep", str(int(duration))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     exe = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
     if not Path(exe).exists():
         print("py-spy is not installed: pip install py-spy", file=sys.stderr)
@@ -228,9 +235,13 @@ def _spy(pid: int, name: str, duration: float) -> subprocess.Popen[bytes] | None
     out = Path(__file__).resolve().parent / "results" / f"profile_{name}.txt"
     out.parent.mkdir(exist_ok=True)
     extra = ["--gil"] if os.environ.get("BENCH_PYSPY_GIL") else []
+    if os.environ.get("BENCH_PYSPY_NATIVE"):  # SQLite's C frames too (pauses the server)
+        extra.append("--native")
+    else:
+        extra.append("--nonblocking")
     return subprocess.Popen([exe, "record", "-p", str(pid), "-d", str(int(duration)),
                              "-r", os.environ.get("BENCH_PYSPY_RATE", "100"),
-                             "--nonblocking", "-f", "raw", "-t", *extra,
+                             "-f", "raw", "-t", *extra,
                              "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from audit.events import Draft, format_ts, new_id
 from audit.middleware import RequestContext
 from audit.spool import SpoolFull
-from audit.store import ActionError
+from audit.store import DOCUMENT_COLUMNS, ActionError
 
 from .errors import ApiError, bad_request, json_response
 from .keys import CTX, ENGINE
@@ -26,7 +26,7 @@ from .requests import CLIENT_MAX_SIZE, INT64_MAX, audited_input, json_object, re
 TITLE_MAX_CHARS = 200
 CONTENT_MAX_BYTES = 1024 * 1024
 DOC_ID_MAX = 64
-_COLS = "id, title, content, owner, version, created_at, updated_at"
+_COLS = DOCUMENT_COLUMNS
 T = TypeVar("T")
 
 
@@ -42,7 +42,14 @@ def _target(doc_id: str) -> dict[str, str]:
 def fetch_visible(conn: sqlite3.Connection, ctx: RequestContext, doc_id: str) -> tuple[Any, ...]:
     """The document row if the caller may see it; ActionError otherwise."""
     row = conn.execute(f"SELECT {_COLS} FROM documents WHERE id = ?", (doc_id,)).fetchone()
+    return visible(ctx, row)
+
+
+def visible(ctx: RequestContext, row: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    """A document's row (None: no such document) if the caller may see it;
+    ActionError otherwise."""
     _check_visible(ctx, None if row is None else row[3])
+    assert row is not None
     return tuple(row)
 
 
@@ -71,12 +78,13 @@ def _map(err: ActionError) -> ApiError:
 
 async def _record(
     request: web.Request, draft: Draft, change: Any = None, *, read_only: bool = False,
-    durable: bool = False,
+    durable: bool = False, document: str | None = None,
 ) -> Any:
     ctx = request[CTX]
     try:
         return await request.app[ENGINE].record(ctx.session_id, draft, change,
-                                                read_only=read_only, durable=durable)
+                                                read_only=read_only, durable=durable,
+                                                document=document)
     except ActionError as err:
         raise _map(err) from None
 
@@ -228,12 +236,15 @@ async def get_document(request: web.Request) -> web.Response:
     doc_id = _doc_id(request)
     draft = _draft(request, "document.access", doc_id[:DOC_ID_MAX * 2])
 
-    def change(conn: sqlite3.Connection, d: Draft) -> tuple[Any, ...]:
-        if not _valid_id(doc_id):
+    if _valid_id(doc_id):
+        # The row is read with the other reads of its batch (one statement).
+        row = await _record(request, draft, lambda row, d: visible(ctx, row), read_only=True,
+                            document=doc_id)
+    else:
+        def missing(conn: sqlite3.Connection, d: Draft) -> tuple[Any, ...]:
             raise ActionError("not_found", message="no such document")
-        return fetch_visible(conn, ctx, doc_id)
 
-    row = await _record(request, draft, change, read_only=True)
+        row = await _record(request, draft, missing, read_only=True)
     return json_response(document_json(row))
 
 

@@ -259,3 +259,100 @@ async def test_an_event_that_cannot_be_stored_takes_its_change_with_it(make_conf
     assert committed(config, "SELECT id FROM documents") == [("d2",)]
     assert events_of(config, s.session_id) == before
     assert events_of(config, other.session_id)[-1]["action"] == "document.create"
+
+
+# -- reads of one document (engine.record(..., document=id)): read ahead ------
+
+
+def title_of(row, draft: Draft) -> str:
+    """The check of a document read: the row's title, or not_found."""
+    if row is None:
+        raise ActionError("not_found")
+    return str(row[1])
+
+
+def set_title(doc_id: str, title: str):
+    def change(conn: sqlite3.Connection, draft: Draft) -> None:
+        conn.execute("UPDATE documents SET title = ? WHERE id = ?", (title, doc_id))
+
+    return change
+
+
+async def test_document_reads_of_a_batch_are_one_statement_and_see_its_changes(setup):
+    """A batch's reads of documents take their rows from one statement (not
+    two steps of the writer's each, see store.py), up to the first job that
+    may change one: a read after an update in the same batch reads anew and
+    sees it, and a read of no document is not_found, recorded."""
+    config, engine, sid = setup
+    for d in ("r1", "r2"):
+        await engine.record(sid, Draft("document.create"), insert_doc(d))
+    seen = trace_sql(engine)
+
+    def read(doc_id: str) -> asyncio.Future:
+        draft = Draft("document.access", target={"type": "document", "id": doc_id})
+        return asyncio.ensure_future(
+            engine.record(sid, draft, title_of, read_only=True, document=doc_id))
+
+    # One batch: created here, in one turn of the loop, before the writer runs.
+    futs = [read("r1"), read("r2"), read("nope"), read("r1"),
+            asyncio.ensure_future(engine.record(sid, Draft("document.update"),
+                                                set_title("r1", "new"))),
+            read("r1"), read("r2")]
+    results = await asyncio.gather(*futs, return_exceptions=True)
+    assert results[:2] == ["t", "t"] and results[3] == "t"
+    assert isinstance(results[2], ActionError) and results[2].reason == "not_found"
+    assert results[4] is None and results[5:] == ["new", "t"]
+    reads = [q for q in seen if "FROM documents" in q]
+    # The four at the head at once, then "nope" (not found ahead: none, or a
+    # large one) by itself; after the update, r1 and r2 each.
+    assert len(reads) == 4, reads
+    assert "json_each" in reads[0]
+    outcomes = [(e["target"]["id"], e["outcome"]) for e in events_of(config, sid)[-7:]
+                if e["action"] == "document.access"]
+    assert outcomes == [("r1", "success"), ("r2", "success"), ("nope", "failure"),
+                        ("r1", "success"), ("r1", "success"), ("r2", "success")]
+
+
+async def test_a_large_document_is_read_by_its_own_read(setup):
+    """Past READ_AHEAD_MAX_BYTES a document is not in the batch's one text:
+    its read reads it, whole."""
+    from audit.store import READ_AHEAD_MAX_BYTES
+
+    _, engine, sid = setup
+    big = "x" * (READ_AHEAD_MAX_BYTES + 1)
+
+    def create(conn: sqlite3.Connection, draft: Draft) -> None:
+        for doc_id, content in (("big", big), ("small", "\x00\u2028 a NUL, a separator")):
+            conn.execute("INSERT INTO documents VALUES (?, 't', ?, 'alice', 1, ?, ?)",
+                         (doc_id, content, NOW, NOW))
+
+    await engine.record(sid, Draft("document.create"), create)
+
+    def content_of(row, draft: Draft) -> str:
+        return str(row[2])
+
+    seen = trace_sql(engine)
+    got = await asyncio.gather(*(
+        engine.record(sid, Draft("document.access"), content_of, read_only=True, document=d)
+        for d in ("big", "small")))
+    assert got == [big, "\x00\u2028 a NUL, a separator"]
+    assert [q for q in seen if "FROM documents" in q][1:] == [
+        "SELECT id, title, content, owner, version, created_at, updated_at FROM documents"
+        " WHERE id = 'big'"]
+
+
+async def test_a_batch_inserts_its_events_with_a_few_statements(setup):
+    """Event rows go in with multi-row INSERTs of 2**k rows (each statement
+    step gives up the GIL, see store.py): 300 appends of one batch are 4
+    statements (256 + 32 + 8 + 4), every event stored once, in order."""
+    config, engine, sid = setup
+    before = len(events_of(config, sid))
+    seen = trace_sql(engine)
+    drafts = [Draft("document.list") for _ in range(300)]
+    await asyncio.gather(*(engine.record(sid, d) for d in drafts))
+    inserts = [q for q in seen if q.startswith("INSERT INTO events")]
+    # (The trace has the values in: a row is "(rowid, sk, ...)".)
+    assert [q.count("), (") + 1 for q in inserts] == [256, 32, 8, 4], [len(q) for q in inserts]
+    events = events_of(config, sid)
+    assert [e["event_id"] for e in events[before:]] == [d.event_id for d in drafts]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
