@@ -36,6 +36,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
 from audit import queries
 from audit.config import (
@@ -546,7 +547,13 @@ class MalformedRequestFilter(logging.Filter):
     operator needs; the exception's text is left out, as it quotes the
     request (a header line, which may carry a token). Any client can send
     them as fast as it likes: one line per kind, then one a minute saying
-    how many like it were left out (each has its 400 in the access log)."""
+    how many like it were left out (each has its 400 in the access log).
+
+    So is a body that cannot be read (a gzip body that does not inflate, a
+    broken chunked framing) of a request answered without reading it (a
+    401, a GET, ``/healthz``): aiohttp reads what is left of it after the
+    answer, and logged that read's failure as an "Unhandled exception" with
+    a traceback (it then closes the connection, as it should)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -562,6 +569,15 @@ class MalformedRequestFilter(logging.Filter):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = "malformed HTTP request refused with %s: %s%s"
             record.args = (exc.code, kind, more(left_out))
+            record.exc_info = record.exc_text = None
+        elif isinstance(exc, RequestPayloadError):
+            kind = type(exc.__cause__ if exc.__cause__ is not None else exc).__name__
+            left_out = self.throttle.allow(f"body {kind}")
+            if left_out is None:
+                return False
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "malformed HTTP request body dropped after its answer: %s%s"
+            record.args = (kind, more(left_out))
             record.exc_info = record.exc_text = None
         return True
 
