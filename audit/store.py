@@ -203,10 +203,17 @@ DOCUMENT_COLUMNS = "id, title, content, owner, version, created_at, updated_at"
 # row); larger ones are read by their own job, so that a batch of reads of
 # 8 MiB documents is not one text of hundreds of MB.
 READ_AHEAD_MAX_BYTES = 65536
+# Only a row of the types the schema names goes through JSON unchanged: a
+# REAL (which the INTEGER column keeps when another process stored one) is
+# written with 15 digits, an infinity as Inf (no JSON: json.loads fails),
+# and a BLOB fails the whole statement. Such a row its read reads itself.
 _READ_AHEAD = (
     f"SELECT json_group_array(json_array({DOCUMENT_COLUMNS})) FROM documents"
     " WHERE id IN (SELECT value FROM json_each(?))"
     f" AND length(CAST(content AS BLOB)) + length(CAST(title AS BLOB)) <= {READ_AHEAD_MAX_BYTES}"
+    " AND typeof(version) = 'integer' AND typeof(title) = 'text'"
+    " AND typeof(content) = 'text' AND typeof(owner) = 'text'"
+    " AND typeof(created_at) = 'text' AND typeof(updated_at) = 'text'"
 )
 
 
@@ -781,7 +788,8 @@ class Writer:
         try:
             try:
                 self.read_ahead(jobs)
-            except sqlite3.Error as exc:  # each read then reads its own, and may fail alone
+            except (sqlite3.Error, ValueError) as exc:  # each read then reads its own,
+                # and may fail alone (ValueError: a text json.loads cannot take)
                 if not c.in_transaction:
                     raise TransactionLost() from exc
                 ahead.clear()

@@ -356,3 +356,61 @@ async def test_a_batch_inserts_its_events_with_a_few_statements(setup):
     events = events_of(config, sid)
     assert [e["event_id"] for e in events[before:]] == [d.event_id for d in drafts]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+def set_version(doc_id: str, version):
+    """A change that sets a document's version to any value SQLite keeps as
+    it is (another process writing the file could store a REAL there)."""
+
+    def change(conn: sqlite3.Connection, draft: Draft) -> None:
+        conn.execute("UPDATE documents SET version = ? WHERE id = ?", (version, doc_id))
+
+    return change
+
+
+def row_of(row, draft: Draft):
+    if row is None:
+        raise ActionError("not_found")
+    return tuple(row)
+
+
+async def test_a_non_finite_version_read_ahead_fails_nothing_but_its_read(setup):
+    """A document whose version is a REAL infinity (INTEGER affinity keeps
+    it; SQLite's JSON writes it as Inf, which is no JSON): reads of it in a
+    batch, and the other jobs of that batch, go on as with a SELECT each;
+    the spool does not fail."""
+    config, engine, sid = setup
+    for d in ("r1", "r2"):
+        await engine.record(sid, Draft("document.create"), insert_doc(d))
+    await engine.record(sid, Draft("document.update"), set_version("r1", float("inf")))
+
+    def read(doc_id: str) -> asyncio.Future:
+        draft = Draft("document.access", target={"type": "document", "id": doc_id})
+        return asyncio.ensure_future(
+            engine.record(sid, draft, row_of, read_only=True, document=doc_id))
+
+    futs = [read("r1"), read("r2"), asyncio.ensure_future(engine.record(sid, Draft("x.y")))]
+    results = await asyncio.gather(*futs, return_exceptions=True)
+    assert results[0][4] == float("inf"), results
+    assert results[1][4] == 1, results
+    assert isinstance(results[2], str), results
+    assert engine.spool.failure is None
+    # and the spool still takes events
+    await engine.record(sid, Draft("document.list"))
+
+
+async def test_a_read_ahead_row_has_the_values_of_its_own_select(setup):
+    """A REAL version (any value another process stored) is the same float
+    read ahead as read by a SELECT of its own: SQLite 3.40's JSON writes a
+    REAL with 15 significant digits."""
+    config, engine, sid = setup
+    for d in ("r1", "r2"):
+        await engine.record(sid, Draft("document.create"), insert_doc(d))
+    await engine.record(sid, Draft("document.update"), set_version("r1", 0.1 + 0.2))
+    alone = await engine.record(sid, Draft("document.access"), row_of, read_only=True,
+                                document="r1")
+    together = await asyncio.gather(*(
+        engine.record(sid, Draft("document.access"), row_of, read_only=True, document=d)
+        for d in ("r1", "r2")))
+    assert alone[4] == 0.1 + 0.2
+    assert together[0] == alone
