@@ -341,23 +341,6 @@ async def test_a_large_document_is_read_by_its_own_read(setup):
         " WHERE id = 'big'"]
 
 
-async def test_a_batch_inserts_its_events_with_a_few_statements(setup):
-    """Event rows go in with multi-row INSERTs of 2**k rows (each statement
-    step gives up the GIL, see store.py): 300 appends of one batch are 4
-    statements (256 + 32 + 8 + 4), every event stored once, in order."""
-    config, engine, sid = setup
-    before = len(events_of(config, sid))
-    seen = trace_sql(engine)
-    drafts = [Draft("document.list") for _ in range(300)]
-    await asyncio.gather(*(engine.record(sid, d) for d in drafts))
-    inserts = [q for q in seen if q.startswith("INSERT INTO events")]
-    # (The trace has the values in: a row is "(rowid, sk, ...)".)
-    assert [q.count("), (") + 1 for q in inserts] == [256, 32, 8, 4], [len(q) for q in inserts]
-    events = events_of(config, sid)
-    assert [e["event_id"] for e in events[before:]] == [d.event_id for d in drafts]
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-
-
 def set_version(doc_id: str, version):
     """A change that sets a document's version to any value SQLite keeps as
     it is (another process writing the file could store a REAL there)."""
@@ -379,7 +362,7 @@ async def test_a_non_finite_version_read_ahead_fails_nothing_but_its_read(setup)
     it; SQLite's JSON writes it as Inf, which is no JSON): reads of it in a
     batch, and the other jobs of that batch, go on as with a SELECT each;
     the spool does not fail."""
-    config, engine, sid = setup
+    _config, engine, sid = setup
     for d in ("r1", "r2"):
         await engine.record(sid, Draft("document.create"), insert_doc(d))
     await engine.record(sid, Draft("document.update"), set_version("r1", float("inf")))
@@ -403,7 +386,7 @@ async def test_a_read_ahead_row_has_the_values_of_its_own_select(setup):
     """A REAL version (any value another process stored) is the same float
     read ahead as read by a SELECT of its own: SQLite 3.40's JSON writes a
     REAL with 15 significant digits."""
-    config, engine, sid = setup
+    _config, engine, sid = setup
     for d in ("r1", "r2"):
         await engine.record(sid, Draft("document.create"), insert_doc(d))
     await engine.record(sid, Draft("document.update"), set_version("r1", 0.1 + 0.2))
