@@ -131,7 +131,7 @@ def main() -> None:
     med = {reads: {k: round(statistics.median(x[k] for x in rs), 1) for k in rs[0]}
            for reads, rs in runs.items()}
     print(json.dumps({"medians": med, "document_vs_conn_cpu": round(
-        med["document"]["cpu_us"] / med["conn"]["cpu_us"], 3)}, indent=2))
+        med["document"]["cpu_us"] / med["conn"]["cpu_us"], 3)}))
 
 
 if __name__ == "__main__":

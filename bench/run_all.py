@@ -22,11 +22,12 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
 # Benchmarks that print their JSON on stdout instead of writing results/NAME.json.
-CAPTURE = {"spool"}
+CAPTURE = {"spool", "engine_cpu"}
 
 # name -> (script, full args, quick args); scripts that do not exist are skipped
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "spool": ("spool_bench.py", ["--json"], ["--json", "--repeats", "1"]),
+    "engine_cpu": ("engine_cpu_bench.py", [], ["--rounds", "1", "--events", "10000"]),
     "backlog": ("backlog_bench.py", [], []),
     "http": ("http_bench.py", [], ["--duration", "4", "--rounds", "1"]),
     "sink_writes": ("sink_writes_bench.py", [], ["--repeat", "1"]),
