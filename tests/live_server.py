@@ -39,6 +39,17 @@ def free_port() -> int:
         return port
 
 
+def raw_request(port: int, request: bytes) -> bytes:
+    """Send ``request`` as it is (no client library checks it) to the server
+    on ``port`` and read the answer to the end of the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

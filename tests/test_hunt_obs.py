@@ -134,17 +134,6 @@ async def test_events_lost_under_ack_fast_get_one_line_a_minute_not_one_each(
     assert len(lines) == 1, [*lines[:3], f"... {len(lines)} lines"]
 
 
-def _send_raw(port: int, request: bytes) -> bytes:
-    """Send ``request`` as it is and read the answer to the end of the connection."""
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(request)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out
-
 
 async def test_malformed_requests_are_one_warning_a_minute_not_one_each(tmp_path) -> None:
     """Anybody could make the server write a warning line per request: each
@@ -154,14 +143,14 @@ async def test_malformed_requests_are_one_warning_a_minute_not_one_each(tmp_path
     client can cause (503 audit_unavailable, dropped connections)."""
     import asyncio
 
-    from live_server import Live
+    from live_server import Live, raw_request
 
     lv = Live(tmp_path)  # SESSION_AUDIT_LOG_LEVEL=warning
     try:
         await lv.start()
         for i in range(20):
             answer = await asyncio.to_thread(
-                _send_raw, lv.port, f"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header{i}: x"
+                raw_request, lv.port, f"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header{i}: x"
                                     "\r\nConnection: close\r\n\r\n".encode())
             assert b" 400 " in answer.split(b"\r\n", 1)[0], answer[:80]
         await lv.stop()

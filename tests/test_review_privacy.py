@@ -11,22 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_server import Live
+from live_server import Live, raw_request
 
 from audit.spool import Spool
 from audit.store import Limits
-
-
-def _raw_request(port: int, request: bytes) -> bytes:
-    """Send ``request`` as it is (no client library checks it) and read the answer."""
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(request)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out
 
 
 async def _metrics(lv: Live) -> str:
@@ -54,7 +42,7 @@ async def test_a_path_cannot_split_or_reorder_a_log_line(live_info: Live) -> Non
     await lv.start()
     forged = "%E2%80%A8{%22level%22:%22error%22}%E2%80%A9%E2%80%AEgnp.%E2%81%A6x%E2%81%A9"
     answer = await asyncio.to_thread(
-        _raw_request, lv.port,
+        raw_request, lv.port,
         f"GET /nothing-{forged} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 404")
     await lv.stop()
@@ -82,7 +70,7 @@ async def test_made_up_methods_do_not_become_metric_labels(
         await lv.start()
         for i in range(5):
             answer = await asyncio.to_thread(
-                _raw_request, lv.port,
+                raw_request, lv.port,
                 f"X{i}{'A' * 200} /me HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
             assert answer.startswith(b"HTTP/1.1 405"), answer[:80]
         text = await _metrics(lv)
