@@ -31,7 +31,9 @@ MAX_DETAILS_DEPTH = 32
 EVENTS_BODY_MAX = 4 * 1024 * 1024
 MAX_TARGET_CHARS = 128
 # What a refused POST /audit/events records (outcome "failure", with the
-# error's code): a name in the client.* namespace of API.md.
+# error's code): a name in the client.* namespace of API.md. A client may send
+# it too (API.md takes every name its pattern matches): its event is a
+# "success" with the client's details, never the server's "failure".
 REJECTED = "client.rejected"
 
 
@@ -45,8 +47,6 @@ def _parse_one(item: Any, i: int) -> tuple[str, dict[str, str] | None, dict[str,
     action = item.get("action")
     if not isinstance(action, str) or not ACTION_RE.fullmatch(action):
         raise bad_request(where + "action must match ^client\\.[a-z0-9_.:-]{1,64}$")
-    if action == REJECTED:
-        raise bad_request(where + f"{REJECTED} is the server's own record of a refused request")
     target = item.get("target")
     if target is not None and (
         not isinstance(target, dict)

@@ -469,11 +469,12 @@ async def test_odd_unicode_round_trips_and_is_audited(api: Api) -> None:
         "action": "client.odd", "details": {"ok": [{"$ref": "orders", "$id": 1}]}})
     assert status == 400 and body is not None and "'$'" in body["error"]["message"]
     await api.recorded(rid, "client.rejected", outcome="failure")
-    # client.rejected is the server's record of a refused request, not a client's.
+    # client.rejected matches API.md's pattern: a client's is taken, as a
+    # success (the server's record of a refused request is a failure).
     rid, status, body = await api.send("POST", "/audit/events", token=alice, json_body={
         "action": "client.rejected"})
-    assert status == 400 and body is not None, body
-    await api.recorded(rid, "client.rejected", outcome="failure")
+    assert status == 202 and body == {"accepted": 1}, body
+    await api.recorded(rid, "client.rejected", outcome="success")
     # The 64-bit integers at the edges are fine.
     rid, status, _ = await api.send("POST", "/audit/events", token=alice, json_body={
         "action": "client.edges", "details": {"max": 2 ** 63 - 1, "min": -(2 ** 63)}})
