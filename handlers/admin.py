@@ -195,7 +195,7 @@ def _shown(epoch: float) -> tuple[str, int]:
 
 
 def _limit(request: web.Request) -> int:
-    raw = request.query.get("limit", "50")
+    raw = request.query.get("limit") or "50"  # empty, as every other parameter: not given
     # isdigit() alone lets '²' or '٣' through to int(), which then raises (500);
     # so does int() of more than 4300 digits (leading zeros included): what
     # has more digits than MAX_LIMIT past its zeros is out of range unread.
