@@ -1154,7 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a --config given before the command is not overwritten by
     # the command's default.
-    common.add_argument("--config", default=argparse.SUPPRESS,
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
                         help="config file (default: $SESSION_AUDIT_CONFIG or ./config.toml)")
     sub.add_parser("serve", parents=[common], help="serve the API (default)")
     add = sub.add_parser("adduser", parents=[common], help="add a user")

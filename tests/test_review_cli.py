@@ -512,3 +512,19 @@ async def test_an_openai_key_with_a_newline_is_sent_without_it(
         log = live.log_tail()
         assert "the API key in $TEST_OPENAI_KEY contains a control character" in log, log
         assert "stub-key" not in log
+
+
+@pytest.mark.parametrize("command", ["serve", "adduser", "status", "verify", "drain",
+                                     "passwd", "disable", "enable", "users", "retry-dead"])
+def test_every_command_s_help_names_config_path_as_api_md_does(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """API.md: every command takes ``--config PATH`` after its name. The help
+    named its argument after the option (``--config CONFIG``)."""
+    import server
+
+    with pytest.raises(SystemExit) as exc:
+        server.main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config PATH" in out and "--config CONFIG" not in out
