@@ -117,10 +117,23 @@ class Flusher:
         # write goes through again, the parts put aside during it are due.
         self._streak: set[str] = set()  # (two are enough to tell)
         self._streak_deferred: set[tuple[str, int]] = set()
+        # (clock) the end of the pause the last rate-limit answer asked for,
+        # which flush_now leaves as it is.
+        self._rate_limited_until = 0.0
 
     # -- control -------------------------------------------------------------
 
     def wake(self, *_: Any) -> None:
+        self._wake.set()
+
+    def flush_now(self) -> None:
+        """``POST /audit/flush``: try now what waits for a failure's backoff
+        (up to ``backoff_max_seconds``) or was put aside after failing again
+        and again, say once an operator has mended the sink. A pause a
+        rate-limit answer asked for stands: it pauses all sending
+        (DESIGN.md), and the token bucket still spaces the writes."""
+        self.backoff.until = min(self.backoff.until, self._rate_limited_until)
+        self._deferred.clear()
         self._wake.set()
 
     def stop(self) -> None:
@@ -456,6 +469,8 @@ class Flusher:
         self.healthy = isinstance(exc, SinkRateLimited)
         self._note_error(exc)
         pause = self.backoff.failed(hint)
+        if isinstance(exc, SinkRateLimited):
+            self._rate_limited_until = max(self._rate_limited_until, self.clock() + pause)
         left_out = self._log.allow(type(exc).__name__)
         if left_out is not None:
             log.warning("sink %s: %s; pausing %.2fs%s", self.sink.type, self.last_error, pause,

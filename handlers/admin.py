@@ -449,5 +449,5 @@ async def status(request: web.Request) -> web.Response:
 @audited_operational
 async def flush(request: web.Request) -> web.Response:
     _params(request, set())
-    request.app[ENGINE].flusher.wake()
+    request.app[ENGINE].flusher.flush_now()
     return json_response({"message": "flush requested"}, status=202)

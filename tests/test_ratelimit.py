@@ -303,3 +303,51 @@ def test_flood_guard_restore_stays_bounded(monkeypatch):
     left = guard.take_summaries()
     assert len(left) <= 11
     assert sum(c.count for c in left) == 5 * 20
+
+
+async def test_flush_now_ends_a_failure_s_backoff_not_a_rate_limit_s_pause(
+    paused_setup, fake_monotonic
+):
+    """POST /audit/flush "wakes the flusher now": after failures, the next
+    try waited out the backoff (up to backoff_max_seconds, 60 s by default)
+    however the operator had mended the sink. It is tried at once now; a
+    pause a rate-limit answer asked for still stands (it pauses all
+    sending)."""
+    engine, sink = paused_setup
+    sink.script.extend([SinkUnavailable("down"), SinkUnavailable("down")])
+    assert await engine.flusher.step() == 0.5
+    fake_monotonic.advance(0.5)
+    assert await engine.flusher.step() == 1.0
+    assert await engine.flusher.step() == 1.0  # waiting out the backoff
+    engine.flusher.flush_now()
+    assert await engine.flusher.step() == 0.0  # tried at once, and stored
+    assert sink.calls == ["part", "part", "part"]
+    assert await engine.flusher.step() is None
+
+    await engine.record_security(Draft("auth.login_failed", outcome="denied"))
+    sink.script.append(SinkRateLimited(retry_after=7))
+    assert await engine.flusher.step() == pytest.approx(7.0)
+    engine.flusher.flush_now()
+    assert await engine.flusher.step() == pytest.approx(7.0)  # the pause stands
+    assert sink.calls[3:] == ["security"]
+    fake_monotonic.advance(7.0)
+    assert await engine.flusher.step() == 0.0
+    assert sink.calls[3:] == ["security", "security"]
+
+
+async def test_flush_now_tries_parts_put_aside(paused_setup, fake_monotonic):
+    """A part that failed again and again is put aside (later parts go
+    first); a flush tries it at once too."""
+    from audit.flusher import DEFER_AFTER
+
+    engine, sink = paused_setup
+    sink.script.extend([SinkUnavailable("down")] * DEFER_AFTER)
+    for _ in range(DEFER_AFTER):
+        await engine.flusher.step()
+        fake_monotonic.advance(engine.flusher.backoff.remaining())
+    assert engine.flusher._deferred, "the part was put aside"
+    assert await engine.flusher.step() > 0  # nothing else pending: it waits
+    engine.flusher.flush_now()
+    assert await engine.flusher.step() == 0.0
+    assert sink.calls == ["part"] * (DEFER_AFTER + 1)
+    assert await engine.flusher.step() is None
