@@ -287,10 +287,9 @@ class AuditEngine:
         thread); whatever it raises refuses the start, and nothing is recorded.
         """
         # A whole second: the token's ``exp`` is one, and /me, token.issue and
-        # the session's end must name the same moment. ``ttl_seconds`` after
-        # the second the session starts in, which is the token's ``iat``:
-        # ``exp - iat`` is the ttl (rounded up from now, it was a second more).
-        expires_at = float(math.floor(self.clock()) + math.ceil(ttl_seconds))
+        # the session's end must name the same moment. Rounded up, so that
+        # the token lives at least ``ttl_seconds``.
+        expires_at = float(math.ceil(self.clock() + ttl_seconds))
         src = replace(source, user=user, role=role)
         drafts = [
             Draft("session.start", source=src),

@@ -61,11 +61,8 @@ class TokenService:
         self.ttl = ttl_seconds
         self.clock = clock
 
-    def issue(self, user: str, session_id: str, role: str, expires_at: float,
-              issued_at: int | None = None) -> str:
-        """A token for the session; ``iat`` is ``issued_at`` (a whole second,
-        not after now), else now."""
-        now = int(self.clock()) if issued_at is None else issued_at
+    def issue(self, user: str, session_id: str, role: str, expires_at: float) -> str:
+        now = int(self.clock())
         claims = {
             "sub": user,
             "sid": session_id,

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import re
 import sqlite3
 import time
@@ -596,17 +597,15 @@ async def login(request: web.Request) -> web.Response:
         )
         raise ApiError(401, "invalid_credentials", "invalid username or password")
     throttle.succeeded(username, ip)
-    # Issued in the second the session started in (engine.start_session):
-    # exp - iat is token_ttl_seconds, as expires_in says.
-    ttl = config.auth.token_ttl_seconds
     token = request.app[TOKENS].issue(found.user, session.session_id, found.role,
-                                      session.expires_at, int(session.expires_at) - ttl)
+                                      session.expires_at)
     return json_response({
         "access_token": token,
         "token_type": "bearer",
-        # The token's lifetime (RFC 6749), exp - iat: from the second it was
-        # issued in, of which less than a second has gone.
-        "expires_in": ttl,
+        # The token lives token_ttl_seconds, and up to a second more (its
+        # exp is a whole second, rounded up); less only after a slow start.
+        "expires_in": max(0, min(config.auth.token_ttl_seconds,
+                                 math.ceil(session.expires_at - time.time()))),
         "session_id": session.session_id,
     })
 
