@@ -129,11 +129,15 @@ class Flusher:
     def flush_now(self) -> None:
         """``POST /audit/flush``: try now what waits for a failure's backoff
         (up to ``backoff_max_seconds``) or was put aside after failing again
-        and again, say once an operator has mended the sink. A pause a
+        and again, say once an operator has mended the sink (once each: one
+        that fails again is put aside again at once). A pause a
         rate-limit answer asked for stands: it pauses all sending
         (DESIGN.md), and the token bucket still spaces the writes."""
         self.backoff.until = min(self.backoff.until, self._rate_limited_until)
-        self._deferred.clear()
+        # Due now, but how often each was put aside is kept: one still failing
+        # is put aside again after one try (for longer), not DEFER_AFTER tries
+        # in a row with every later part waiting, its pause started over.
+        self._deferred = {k: (0.0, times) for k, (_, times) in self._deferred.items()}
         self._wake.set()
 
     def stop(self) -> None:

@@ -351,3 +351,55 @@ async def test_flush_now_tries_parts_put_aside(paused_setup, fake_monotonic):
     assert await engine.flusher.step() == 0.0
     assert sink.calls == ["part"] * (DEFER_AFTER + 1)
     assert await engine.flusher.step() is None
+
+
+async def test_flush_now_keeps_how_often_a_part_was_put_aside(
+    make_config, engines, fake_monotonic
+):
+    """Review: flush_now forgot how many times a part had been put aside
+    (its escalating pause, up to DEFER_MAX_SECONDS). A part the sink still
+    cannot take (too large to write within the timeout) was then tried
+    DEFER_AFTER times in a row again, every later part waiting behind it,
+    and its pause started over from the shortest. A flush tries it once:
+    failing again, it is put aside again at once, for longer."""
+    from audit.flusher import DEFER_AFTER
+
+    config = make_config(
+        flush={"max_writes_per_second": 100.0, "burst": 10, "backoff_base_seconds": 0.5}
+    )
+    src = Source(user="alice", role="user")
+
+    class OnePartFails(CountingSink):
+        bad = ""
+
+        async def write_part(self, part: dict[str, Any]) -> None:
+            self.calls.append(part["session_id"])
+            if part["session_id"] == self.bad:
+                raise SinkUnavailable("no answer within 10 s")
+
+    sink = OnePartFails()
+    engine = await engines.open(config, sink, monotonic=fake_monotonic)
+    engine.flusher.backoff.rand = lambda: 1.0
+    big = await engine.start_session("alice", "user", src, 3600)
+    await engine.end_session(big.session_id, src)
+    sink.bad = big.session_id
+    for _ in range(DEFER_AFTER):
+        await engine.flusher.step()
+        fake_monotonic.advance(engine.flusher.backoff.remaining())
+    (until, times), = engine.flusher._deferred.values()
+    assert times == 1
+    later = await engine.start_session("bob", "user", src, 3600)
+    await engine.end_session(later.session_id, src)
+    assert await engine.flusher.step() == 0.0  # the later part goes first
+    assert sink.calls[-1] == later.session_id
+    other = await engine.start_session("carol", "user", src, 3600)
+    await engine.end_session(other.session_id, src)
+
+    engine.flusher.flush_now()
+    await engine.flusher.step()  # the part put aside, tried at once: fails again
+    assert sink.calls[-1] == big.session_id
+    fake_monotonic.advance(engine.flusher.backoff.remaining())
+    assert await engine.flusher.step() == 0.0
+    assert sink.calls[-1] == other.session_id  # not the failing part again
+    (until, times), = engine.flusher._deferred.values()
+    assert times == 2 and until - fake_monotonic() > 0.5 * 2 ** DEFER_AFTER
