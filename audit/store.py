@@ -211,6 +211,13 @@ _READ_AHEAD = (
 )
 
 
+def read_document(conn: sqlite3.Connection, doc_id: str) -> tuple[Any, ...] | None:
+    """The row of the document ``doc_id`` (``DOCUMENT_COLUMNS``), None if there is none."""
+    row = conn.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE id = ?",
+                       (doc_id,)).fetchone()
+    return None if row is None else tuple(row)
+
+
 def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
     return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
 
@@ -854,10 +861,7 @@ class Writer:
         """The row of the document ``doc_id`` (``DOCUMENT_COLUMNS``), None if
         there is none: read ahead for this batch, or read now."""
         row = self._ahead.get(doc_id)
-        if row is None:
-            row = self.conn.execute(
-                f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE id = ?", (doc_id,)).fetchone()
-        return row
+        return read_document(self.conn, doc_id) if row is None else row
 
     def _insert_rows(self) -> None:
         rows = self._rows

@@ -17,7 +17,7 @@ from aiohttp import web
 from audit.events import Draft, format_ts, new_id
 from audit.middleware import RequestContext
 from audit.spool import SpoolFull
-from audit.store import DOCUMENT_COLUMNS, ActionError
+from audit.store import DOCUMENT_COLUMNS, ActionError, read_document
 
 from .errors import ApiError, bad_request, json_response
 from .keys import CTX, ENGINE
@@ -26,7 +26,6 @@ from .requests import CLIENT_MAX_SIZE, INT64_MAX, audited_input, json_object, re
 TITLE_MAX_CHARS = 200
 CONTENT_MAX_BYTES = 1024 * 1024
 DOC_ID_MAX = 64
-_COLS = DOCUMENT_COLUMNS
 T = TypeVar("T")
 
 
@@ -41,8 +40,7 @@ def _target(doc_id: str) -> dict[str, str]:
 
 def fetch_visible(conn: sqlite3.Connection, ctx: RequestContext, doc_id: str) -> tuple[Any, ...]:
     """The document row if the caller may see it; ActionError otherwise."""
-    row = conn.execute(f"SELECT {_COLS} FROM documents WHERE id = ?", (doc_id,)).fetchone()
-    return visible(ctx, row)
+    return visible(ctx, read_document(conn, doc_id))
 
 
 def visible(ctx: RequestContext, row: tuple[Any, ...] | None) -> tuple[Any, ...]:
@@ -199,7 +197,8 @@ async def create(request: web.Request) -> web.Response:
     row = (doc_id, fields["title"], fields["content"], ctx.user, 1, now, now)
 
     def change(conn: sqlite3.Connection, d: Draft) -> tuple[Any, ...]:
-        conn.execute(f"INSERT INTO documents ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        conn.execute(f"INSERT INTO documents ({DOCUMENT_COLUMNS})"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?)", row)
         return row
 
     await _record(request, draft, change)
