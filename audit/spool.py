@@ -170,6 +170,22 @@ def check_key(conn: sqlite3.Connection, key: bytes, path: Path) -> None:
             " chaining on under this one would leave sessions no key verifies")
 
 
+def check_writable(conn: sqlite3.Connection) -> None:
+    """Raise SQLite's ``SQLITE_READONLY`` error if the spool cannot be
+    written. SQLite opens a file it may not write (mode 0400, another
+    owner, an immutable file or a read-only mount) read-only without a word,
+    and a spool whose layout is current needs no write to open: ``serve``
+    then said it was ready and answered every login 500 ``internal_error``,
+    with a traceback in the log. The statement writes nothing (no row
+    matches), but SQLite refuses it on a read-only file."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("UPDATE meta SET value = value WHERE 0")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
 def create_private(path: Path) -> None:
     """Create ``path`` (empty, mode 0600) unless it exists.
 
@@ -466,6 +482,7 @@ class Spool:
         try:
             prepare(conn, self.path)
             check_key(conn, self.key, self.path)
+            check_writable(conn)
             writer = Writer(conn, self.key, self.limits, self.clock)
             writer.load()
             if self.cut_to_limits:

@@ -1,0 +1,65 @@
+"""Damaged or odd local files (found by a hunt for them): a spool the
+server may not write, lock files planted in the data directory. Real
+server subprocesses and commands, real files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from live_server import Live
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` not writable by this process: mode 0400, or, for root (whom
+    modes do not stop), the immutable attribute."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        os.chmod(path, 0o400)
+        try:
+            yield
+        finally:
+            os.chmod(path, mode)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(path)],
+                                        capture_output=True).returncode != 0:
+        pytest.skip("root, and the file cannot be made immutable here")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(path)], check=True)
+
+
+async def test_a_spool_the_server_may_not_write_is_refused_at_start(live: Live) -> None:
+    """SQLite opens a database file it may not write read-only, without a
+    word, and a spool of the current layout needs no write to open: ``serve``
+    on it said it was ready (``/readyz`` 200, then and later) and answered
+    every login 500 ``internal_error``, a traceback in the log; ``drain``
+    would send parts it could not mark stored. Now each refuses in one line."""
+    await live.start()
+    assert await live.stop() == 0
+    spool = live.data_dir / "spool.db"
+    before = spool.read_bytes()
+    with read_only(spool):
+        r = await live.cli("serve", timeout=20)  # (a guard against one that serves)
+        assert r.returncode == 1, (r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("session-audit: serve: the spool ") and (
+            "attempt to write a readonly database") in last, r.stderr
+        for command in ("drain", "retry-dead"):
+            r = await live.cli(command)
+            assert r.returncode == 1 and "readonly database" in r.stderr, (command, r.stderr)
+            assert "Traceback" not in r.stderr
+        r = await live.cli("status")  # reading it still works
+        assert r.returncode == 0, r.stderr
+    assert spool.read_bytes() == before
+    await live.start()  # writable again: it serves
+    assert await live.stop() == 0
