@@ -60,6 +60,7 @@ from audit.spool import (
     key_check,
     loose_dir,
     make_private_dirs,
+    open_lock,
     prepare,
     stored_key_check,
     unsafe_dir,
@@ -678,7 +679,7 @@ def serve_lock(config: Config) -> int:
     not take this lock.
     """
     path = config.spool_path.with_name(config.spool_path.name + ".serve-lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

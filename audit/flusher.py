@@ -30,7 +30,7 @@ from .config import FlushConfig
 from .logthrottle import LogThrottle, more
 from .metrics import Stats
 from .ratelimit import Backoff, TokenBucket
-from .spool import Spool, SpoolUnavailable
+from .spool import Spool, SpoolUnavailable, open_lock
 from .store import Writer
 
 log = logging.getLogger("session_audit.flusher")
@@ -224,7 +224,7 @@ class Flusher:
     def _lock(self) -> bool:
         if self._lock_fd is None:
             path = self.spool.path.with_name(self.spool.path.name + ".flush-lock")
-            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = open_lock(path)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -197,6 +199,37 @@ def create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+def open_lock(path: Path) -> int:
+    """A descriptor of the lock file ``path`` (created 0600 if missing) for
+    ``flock``, never through a symbolic link.
+
+    A symlink planted at a lock file's name (by whoever may write to the
+    data directory: its group, where it is group-writable) was followed:
+    ``O_CREAT`` created its target, and the serve lock, which is truncated
+    to take the server's pid, truncated whatever file of the server's user
+    it named (the sqlite sink's database too). ``O_NOFOLLOW`` refuses a
+    symlink, ``O_NONBLOCK`` a FIFO's wait; anything but a regular file is
+    :class:`SpoolUnavailable`, in words."""
+    fd = -1
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+    if fd >= 0:
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.set_blocking(fd, True)
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise SpoolUnavailable(
+        f"{path} is not a regular file (a symbolic link, a directory or a FIFO; whoever"
+        f" may write to {path.parent} may have planted it): remove it, it is made anew")
+
+
 def make_private_dirs(path: Path) -> None:
     """Create ``path`` and its missing parents, each owner-only (0700) whatever
     the umask (under ``umask 000`` ``mkdir(parents=True)`` makes them 0777: any
@@ -267,7 +300,7 @@ def prepare(conn: sqlite3.Connection, path: Path) -> None:
     (``adduser`` five times at once on a new data dir), and one that looked
     at the file while another was half way through creating it would take
     it for an earlier layout and fail converting it."""
-    fd = os.open(f"{path}.schema-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_lock(Path(f"{path}.schema-lock"))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         check_layout(conn, path)

@@ -11,8 +11,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
-from live_server import Live
+from live_server import Live, to_toml
 
 
 @contextlib.contextmanager
@@ -63,3 +64,35 @@ async def test_a_spool_the_server_may_not_write_is_refused_at_start(live: Live) 
     assert spool.read_bytes() == before
     await live.start()  # writable again: it serves
     assert await live.stop() == 0
+
+
+@pytest.mark.parametrize("lock", ["serve-lock", "schema-lock", "flush-lock"])
+async def test_a_lock_file_planted_as_a_symlink_is_not_followed(live: Live, lock: str) -> None:
+    """A symlink planted at a lock file's name in the data directory (its
+    group may write there: a warning, not a refusal) was followed: the serve
+    lock, truncated to take the server's pid, truncated the file it named
+    (here one outside the data directory, as the sqlite sink's may be), and
+    the others created their target. Now the command stops in one line
+    naming the file, and the target is left as it was."""
+    live.settings["sink"] = {"type": "http", "http": {"url": "http://127.0.0.1:9/x"}}
+    live.config_path.write_text(to_toml(live.settings), encoding="utf-8")
+    await live.start()
+    async with aiohttp.ClientSession() as http, http.post(
+            live.base + "/token", json={"username": "admin", "password": "wrong"}) as r:
+        assert r.status == 401  # a security event the down sink leaves pending
+    assert await live.stop() == 0
+    victim = live.workdir / "victim"
+    victim.write_text("someone's data\n")
+    link = live.data_dir / f"spool.db.{lock}"
+    link.unlink()
+    link.symlink_to(victim if lock == "serve-lock" else live.workdir / "made-by-the-server")
+    # serve takes the serve lock and the schema lock before it serves; drain
+    # (with a security event pending) the flush lock.
+    args = ("drain", "--timeout", "5") if lock == "flush-lock" else ("serve",)
+    r = await live.cli(*args, timeout=20)  # (a guard against one that serves)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"{link} is not a regular file" in last, r.stderr
+    assert victim.read_text() == "someone's data\n"
+    assert not (live.workdir / "made-by-the-server").exists()
