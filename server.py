@@ -667,9 +667,10 @@ def _handle_signals(app: web.Application) -> None:
     app.on_shutdown.insert(0, shutting_down)
 
 
-def serve_lock(config: Config) -> int:
-    """Hold the data directory for this server: an open descriptor with an
-    exclusive ``flock`` on ``<spool>.serve-lock``, released when the process
+def serve_lock(config: Config) -> tuple[int, int]:
+    """Hold the data directory for this server: open descriptors with an
+    exclusive ``flock`` on the directory itself and on
+    ``<spool>.serve-lock`` (which names the pid), released when the process
     ends however it ends (``kill -9`` too).
 
     Two servers on one spool would each keep its own cache of the open
@@ -677,24 +678,45 @@ def serve_lock(config: Config) -> int:
     append over each other: forked chains, commits refused. The commands
     meant to run beside a server (``drain``, ``adduser``, ``status``...) do
     not take this lock.
+
+    The directory's lock is what keeps a second server out: a lock held
+    only on the file held nothing once the file was deleted (a clean-up of
+    the data directory while the server ran): the next ``serve`` made a
+    new file, locked it, and served on the same spool. The file's lock is
+    kept for a server of an earlier release, which takes only that one.
     """
     path = config.spool_path.with_name(config.spool_path.name + ".serve-lock")
-    fd = open_lock(path)
+    dfd = os.open(config.spool_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    fd = -1
     try:
+        fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = open_lock(path)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode("ascii", "replace").strip()
-        os.close(fd)
+    except BaseException as exc:
+        for d in (fd, dfd):
+            if d >= 0:
+                os.close(d)
+        if not isinstance(exc, BlockingIOError):
+            raise
+        holder = _lock_holder(path)
         pid = f" (pid {holder})" if holder.isdigit() else ""
         raise StartupError(f"another server is running on {config.spool_path}{pid}:"
                            " stop it first, or give this one another server.data_dir"
                            ) from None
-    except BaseException:
-        os.close(fd)
-        raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    return fd
+    return dfd, fd
+
+
+def _lock_holder(path: Path) -> str:
+    """What the serve lock's file says (the pid), or "" (the file is gone)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            return os.read(fd, 32).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+    return ""
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
@@ -716,7 +738,8 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     try:
         return _serve(config, uvloop.new_event_loop())
     finally:
-        os.close(lock)
+        for fd in lock:
+            os.close(fd)
 
 
 def _serve(config: Config, loop: asyncio.AbstractEventLoop) -> int:

@@ -4,16 +4,18 @@ server subprocesses and commands, real files."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from live_server import Live, to_toml
+from live_server import SERVER, Live, free_port, server_env, to_toml
 
 
 @contextlib.contextmanager
@@ -96,3 +98,30 @@ async def test_a_lock_file_planted_as_a_symlink_is_not_followed(live: Live, lock
     assert f"{link} is not a regular file" in last, r.stderr
     assert victim.read_text() == "someone's data\n"
     assert not (live.workdir / "made-by-the-server").exists()
+
+
+async def test_a_deleted_serve_lock_file_lets_no_second_server_in(live: Live) -> None:
+    """The one-server lock was a ``flock`` on ``spool.db.serve-lock`` only:
+    with that file deleted while the server ran (a clean-up of the data
+    directory), a second ``serve`` on the same directory made a new file,
+    locked it and served on the same spool, each server with its own cache
+    of the chain heads; four failed logins, two on each, left the security
+    chain forked in two, which ``verify`` took for two spools' chains and
+    called OK. The directory itself is locked now."""
+    await live.start()
+    (live.data_dir / "spool.db.serve-lock").unlink()
+    settings = dict(live.settings)
+    settings["server"] = {**settings["server"], "port": free_port()}
+    second = live.workdir / "second.toml"
+    second.write_text(to_toml(settings), encoding="utf-8")
+    r = await asyncio.to_thread(  # (the timeout: a guard against one that serves)
+        subprocess.run, [sys.executable, str(SERVER), "serve", "--config", str(second)],
+        cwd=live.workdir, env=server_env(), capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"session-audit: another server is running on"
+                                f" {live.data_dir / 'spool.db'}: stop it first, or give this"
+                                " one another server.data_dir"), r.stderr
+    assert live.proc is not None and live.proc.poll() is None
+    assert await live.stop() == 0
+    await live.start()  # the first one gone, the next one starts
+    assert await live.stop() == 0
