@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sinks.base import Sink, SinkError
+from sinks.base import Sink, SinkError, SinkUnreadable
 
 from .events import canonical_json, chain_hash, event_hash, genesis, parse_ts
 from .store import SECURITY_STREAM
@@ -370,6 +370,10 @@ async def verify_sink(
                 overdue = _overdue(sid, parts, anchor, overdue_after, now)
                 if overdue is not None:
                     report.problems.append(overdue)
+            except SinkUnreadable as exc:  # a document the sink cannot hand out
+                report.problems.append(Problem(
+                    sid, "bad_part", "the session's parts cannot be checked"
+                    f" ({type(exc.__cause__ or exc).__name__})"))
             except SinkError:
                 raise
             except Exception as exc:  # a document too odd to follow is a finding

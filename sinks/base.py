@@ -43,6 +43,12 @@ class SinkRejected(SinkError):
     pass
 
 
+class SinkUnreadable(SinkError):
+    """A query's answer holds a document the sink cannot hand out (text that
+    is not UTF-8, a damaged page, no JSON: another process's doing): the
+    admin API's 503 ``sink_unavailable``, a finding of ``verify``."""
+
+
 class SinkConflict(SinkRejected):
     """The ``_id`` is stored already with a different ``hash``."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from .base import (
     SinkConflict,
     SinkRejected,
     SinkUnavailable,
+    SinkUnreadable,
     decode_cursor,
     dumps,
     encode_cursor,
@@ -82,6 +84,21 @@ async def _has_tables(db: aiosqlite.Connection) -> None:
     if row is None or row[0] != 2:
         raise SinkUnavailable("the file holds no audit tables (parts, security_events): not"
                               " this sink's file, or they were dropped")
+
+
+@contextlib.asynccontextmanager
+async def _readable(name: str) -> AsyncIterator[None]:
+    """A query over rows SQLite cannot hand out (text that is not UTF-8, a
+    damaged page) or that hold no JSON (written by another process):
+    :class:`SinkUnreadable` (the admin API's 503 ``sink_unavailable``, the
+    words in the log; a finding of ``verify``), not a 500 with a traceback."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise SinkUnreadable(f"sqlite sink: {name} cannot be read: {exc}") from exc
+    except ValueError as exc:  # json.loads
+        raise SinkUnreadable(f"sqlite sink: {name} holds a document that is not JSON:"
+                             f" {exc}") from exc
 
 
 def _classified(exc: sqlite3.Error) -> SinkUnavailable | SinkRejected:
@@ -291,7 +308,7 @@ class SqliteSink(Sink):
         # Under the lock, as the queries below: a write that finds the file
         # deleted or renamed closes this connection (a query on it was a
         # ProgrammingError, a 500), and the pages come from one file.
-        async with self._lock:
+        async with self._lock, _readable(self.path.name):
             return await self._list_sessions(user, since, until, limit, cursor)
 
     async def _list_sessions(self, user: str | None, since: str | None, until: str | None,
@@ -376,7 +393,7 @@ class SqliteSink(Sink):
         return out
 
     async def get_session_parts(self, session_id: str) -> list[Doc]:
-        async with self._lock:  # (see list_sessions)
+        async with self._lock, _readable(self.path.name):  # (see list_sessions)
             return await self._session_parts(self._conn(), session_id)
 
     @staticmethod
@@ -427,7 +444,7 @@ class SqliteSink(Sink):
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[Doc], str | None]:
-        async with self._lock:  # (see list_sessions)
+        async with self._lock, _readable(self.path.name):  # (see list_sessions)
             return await self._list_security_events(since, kind, limit, cursor)
 
     async def _list_security_events(self, since: str | None, kind: str | None, limit: int,

@@ -799,3 +799,30 @@ async def test_listings_over_sqlite_sink_rows_with_a_start_or_an_id_of_another_t
         events = [e.get("_id", "none") for e in (await r.json())["events"]]
     planted = [e for e in events if e in ("e1", 7, "e3", "none")]
     assert planted[0] == "e1" and planted[-1] == "e3" and len(planted) == 4
+
+
+async def test_an_unreadable_embedded_sink_document_is_503_not_500(make_api: MakeApi) -> None:
+    """A row of the embedded sink that SQLite cannot hand out (text that is
+    not UTF-8, as a damaged page gives) or that is no JSON (another
+    process's write): the listings and the session detail were a 500 with
+    a traceback; they are 503 sink_unavailable, the sink's words in the log
+    (verify reports the row)."""
+    api = await make_api()
+    admin = await api.admin()
+    await api.engine.sink.write_part(sample_part("a" * 32))
+    await api.engine.sink.write_part(sample_part("b" * 32))
+    await api.engine.sink.write_security_events([sample_security_event("e1")])
+    db = sqlite3.connect(api.config.sqlite_sink_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("UPDATE parts SET doc = CAST(X'7bff7d' AS TEXT) WHERE session_id = ?",
+                   ("a" * 32,))
+        db.execute("UPDATE parts SET doc = '{' WHERE session_id = ?", ("b" * 32,))
+        db.execute("UPDATE security_events SET doc = CAST(X'ff' AS TEXT) WHERE id = 'e1'")
+    finally:
+        db.close()
+    for url in ("/audit/sessions", f"/audit/sessions/{'a' * 32}", f"/audit/sessions/{'b' * 32}",
+                "/audit/security-events"):
+        async with api.client.get(url, headers=admin.headers) as r:
+            assert r.status == 503, (url, r.status, await r.text())
+            assert (await r.json())["error"]["code"] == "sink_unavailable", url
