@@ -313,13 +313,11 @@ class AuditEngine:
 
         Returns what ``change`` returned; without ``change``, the event as
         stored (its canonical JSON text), or None under ``ack = "fast"``.
-        ``change(conn, draft)`` runs inside the same transaction, on the
-        spool's writer thread (with ``read_only``, on the event loop when its
-        batch holds only appends and reads: a read must be quick). If it
-        raises :class:`ActionError`, the change is rolled back, the event
-        is recorded with that outcome and reason (plus a security event
-        ``access.denied`` when denied), and the error is raised here after
-        the commit. With ``read_only``, ``change`` only
+        ``change(conn, draft)`` runs on the writer thread inside the same
+        transaction. If it raises :class:`ActionError`, the change is rolled
+        back, the event is recorded with that outcome and reason (plus a
+        security event ``access.denied`` when denied), and the error is
+        raised here after the commit. With ``read_only``, ``change`` only
         reads: it runs without savepoints (a :class:`Read` job). Without
         ``needs_space`` the event is taken even by a full spool: for the record
         of an action that has already happened (a chat the provider answered).

@@ -31,16 +31,7 @@ from typing import Any, TypeVar
 from .events import event_hash, genesis
 from .logthrottle import LogThrottle, more
 from .metrics import Stats
-from .store import (
-    BUSY_TIMEOUT_MS,
-    PLAIN_JOBS,
-    SCHEMA,
-    Limits,
-    OpenSession,
-    Writer,
-    migrate,
-    note_earlier_stretch,
-)
+from .store import SCHEMA, Limits, OpenSession, Writer, migrate, note_earlier_stretch
 
 log = logging.getLogger("session_audit.spool")
 
@@ -350,7 +341,7 @@ def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.
         )
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA busy_timeout = 10000")
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
         # A deleted document or purged record is overwritten, not left in
@@ -627,26 +618,10 @@ class Spool:
             jobs = [job for job, _ in batch]
             started = time.perf_counter()
             try:
-                # A batch of plain jobs runs on the event loop, and only its
-                # COMMIT on the writer thread: handing the whole batch to the
-                # thread made the two threads trade the GIL at every SQLite
-                # step (bench/README.md, "the jobs on the event loop").
-                ran = self._run_here(jobs)
-                if ran is None:
-                    results, nbytes, new_parts, new_sec, appended = await loop.run_in_executor(
-                        self._wexec, self._commit, jobs
-                    )
-                else:
-                    nbytes, new_parts, new_sec, appended = await loop.run_in_executor(
-                        self._wexec, self._finish
-                    )
-                    results = ran
+                results, nbytes, new_parts, new_sec, appended = await loop.run_in_executor(
+                    self._wexec, self._commit, jobs
+                )
             except Exception as exc:
-                if self._writer is not None and self._writer.stale:
-                    # A batch the event loop ran failed whole: the cache is
-                    # reloaded (on the writer thread) before anyone hears of it.
-                    with contextlib.suppress(Exception):  # else the next batch does
-                        await loop.run_in_executor(self._wexec, self._writer.reload)
                 # Nothing of the batch was committed: every caller hears so.
                 self.stats.commit_failures += 1
                 err = SpoolUnavailable("the audit spool could not commit")
@@ -682,32 +657,12 @@ class Spool:
                 self.on_commit(new_parts, new_sec)
 
     def _commit(self, jobs: list[Job]) -> tuple[list[tuple[bool, Any]], int, int, int, int]:
-        """The whole batch, on the writer thread."""
         w = self._writer
         assert w is not None and self._wconn is not None
         w.new_parts = w.new_security = w.appended = 0
         results = w.run_batch(jobs)
         nbytes = used_bytes(self._wconn)
         return results, nbytes, w.new_parts, w.new_security, w.appended
-
-    def _run_here(self, jobs: list[Job]) -> list[tuple[bool, Any]] | None:
-        """The jobs of a batch of plain jobs (small, bounded: appends and
-        reads), run on the event loop up to the COMMIT; None if the batch is
-        for the writer thread: another job, a cache to reload, or the write
-        lock held by another connection (waiting for it would block the loop)."""
-        w = self._writer
-        assert w is not None
-        if w.stale or not all(type(job) in PLAIN_JOBS for job in jobs):
-            return None
-        w.new_parts = w.new_security = w.appended = 0
-        return w.run_jobs(jobs, wait=False)
-
-    def _finish(self) -> tuple[int, int, int, int]:
-        """The COMMIT of a batch :meth:`_run_here` ran, on the writer thread."""
-        w = self._writer
-        assert w is not None and self._wconn is not None
-        w.finish_batch()
-        return used_bytes(self._wconn), w.new_parts, w.new_security, w.appended
 
     def _measure_app(self) -> int:
         conn = connect(self.path, self.synchronous, readonly=True)

@@ -1,11 +1,9 @@
-"""The spool's write side: schema and every write.
+"""The spool's write side: schema and every write, run on the writer thread.
 
 :class:`Writer` owns the one write connection. The spool hands it batches of
-jobs on its writer thread; a batch of plain appends and reads runs on the
-event loop instead, and only its ``COMMIT`` on the thread. A job that fails
-leaves no trace while the others of its batch commit (its savepoint is
-rolled back; a plain job's buffered row is dropped). The session heads kept
-in memory (next ``seq``, chain head, uncut counts) are a cache of committed
+jobs; each job runs inside a savepoint of the batch's transaction, so a job
+that fails leaves no trace while the others commit. The session heads kept in
+memory (next ``seq``, chain head, uncut counts) are a cache of committed
 state: a failed job or a failed commit puts them back as they were.
 """
 
@@ -568,17 +566,13 @@ class Read:
         return result
 
 
-PLAIN_JOBS = (Append, Read)
-# How long a statement waits for a lock another connection holds (ms).
-BUSY_TIMEOUT_MS = 10000
+_PLAIN = (Append, Read)
 _MISSING = object()
 T = TypeVar("T")
 
 
 class Writer:
-    """All writes of the spool, from one thread at a time: the spool's writer
-    thread, or the event loop for the jobs of a batch of plain jobs
-    (:meth:`run_jobs` with ``wait=False``; the writer thread commits it)."""
+    """All writes of the spool; only ever called from the writer thread."""
 
     def __init__(
         self,
@@ -779,58 +773,19 @@ class Writer:
         (:meth:`atomic`). Event rows are inserted with one ``executemany``
         before the next savepoint job and before ``COMMIT``. If the batch
         fails as a whole, the cache is reloaded from the committed state.
-
-        It is :meth:`run_jobs` then :meth:`finish_batch`, which the spool
-        may call from two threads (one after the other, never at once).
-        """
-        if self._stale:  # the last failed batch could not reload the cache
-            self.reload()
-        results = self.run_jobs(jobs)
-        assert results is not None
-        self.finish_batch()
-        return results
-
-    @property
-    def stale(self) -> bool:
-        """The cache must be reloaded (:meth:`reload`) before a batch runs."""
-        return self._stale
-
-    def reload(self) -> None:
-        """The cache from the committed state, after a batch that failed whole."""
-        if self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
-        self.load()
-        self._stale = False
-
-    def run_jobs(self, jobs: list[Callable[[Writer], Any]], *,
-                 wait: bool = True) -> list[tuple[bool, Any]] | None:
-        """``BEGIN IMMEDIATE`` and the jobs, their event rows inserted: the
-        batch up to :meth:`finish_batch`, which commits it.
-
-        With ``wait=False`` it does not wait for the write lock another
-        connection holds (None: nothing was done), and a failure of the
-        batch as a whole leaves the cache to be reloaded by the next
-        :meth:`run_batch` (:attr:`stale`): the event loop calls it so, and
-        must not block on either.
         """
         c = self.conn
+        if self._stale:  # the last failed batch could not reload the cache
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            self.load()
+            self._stale = False
         results: list[tuple[bool, Any]] = []
         append = results.append
         rows = self._rows
         rows.clear()
         ahead = self._ahead
-        if wait:
-            c.execute("BEGIN IMMEDIATE")
-        else:
-            c.execute("PRAGMA busy_timeout = 0")
-            try:
-                c.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
-                    raise
-                return None
-            finally:
-                c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        c.execute("BEGIN IMMEDIATE")
         try:
             try:
                 self.read_ahead(jobs)
@@ -840,7 +795,7 @@ class Writer:
                     raise TransactionLost() from exc
                 ahead.clear()
             for job in jobs:
-                if type(job) in PLAIN_JOBS:  # Append or Read
+                if type(job) in _PLAIN:  # Append or Read
                     mark = len(rows)
                     try:
                         value = job(self)
@@ -865,43 +820,25 @@ class Writer:
                 else:
                     append((True, value))
             self._insert_rows()
-        except BaseException:
-            self._abort_batch(reload=wait)
-            raise
-        finally:
-            ahead.clear()
-        return results
-
-    def finish_batch(self) -> None:
-        """Index the unindexed tail if it is due, and ``COMMIT`` the batch
-        :meth:`run_jobs` ran; if that fails, roll it back."""
-        try:
             if self.tail >= KEYS_EVERY and not self.keys_failed:
                 self._index_tail_in_batch()
-            self.conn.execute("COMMIT")
+            c.execute("COMMIT")
         except BaseException:
-            self._abort_batch(reload=True)
-            raise
-
-    def _abort_batch(self, *, reload: bool) -> None:
-        """Roll back the running batch and reload the cache from the
-        committed state (with ``reload=False``, leave that to the next batch)."""
-        c = self.conn
-        self._rows.clear()
-        self._ahead.clear()
-        self._undo = None
-        try:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            if reload:
+            rows.clear()
+            ahead.clear()
+            self._undo = None
+            try:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
                 self.load()  # what the batch changed in the cache is gone with it
-                return
-        except Exception:
-            # The same I/O error, most likely: the cache may be ahead of
-            # what is committed, so no job may run on it; the next batch
-            # reloads it first (or fails, and tries again the time after).
-            pass
-        self._stale = True
+            except Exception:
+                # The same I/O error, most likely: the cache may be ahead of
+                # what is committed, so no job may run on it; the next batch
+                # reloads it first (or fails, and tries again the time after).
+                self._stale = True
+            raise
+        ahead.clear()
+        return results
 
     def read_ahead(self, jobs: list[Callable[[Writer], Any]]) -> None:
         """Read, with one statement, the documents the reads at the head of

@@ -12,7 +12,7 @@ import pytest
 from waiting import LoopTurns, wait_for
 
 from audit.events import Draft, Source, event_hash
-from audit.spool import Spool, SpoolClosed, SpoolFull, SpoolUnavailable
+from audit.spool import Spool, SpoolClosed, SpoolFull
 from audit.store import SCHEMA, Append, Limits, SessionNotOpen, Writer
 
 
@@ -545,71 +545,3 @@ def test_prepare_brings_the_file_up_one_process_at_a_time(tmp_path, monkeypatch)
     first.join(10)
     second.join(10)
     assert order == ["enter", "leave", "enter", "leave"]
-
-
-async def test_a_write_lock_held_elsewhere_does_not_hold_up_the_event_loop(tmp_path, audit_key):
-    """A batch of appends runs its jobs on the event loop and its COMMIT on the
-    writer thread. While another connection (a CLI command beside the server)
-    holds the write lock, the batch must wait for it on the writer thread: the
-    event loop goes on, and the appends commit once the lock is released."""
-    path = tmp_path / "spool.db"
-    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
-    await sp.open()
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, []))
-        other.execute("BEGIN IMMEDIATE")
-        async with LoopTurns(pause=0.01) as turns:
-            futs = [sp.submit_nowait(Append(s.session_id, Draft("document.list")))
-                    for _ in range(3)]
-            await asyncio.sleep(0.5)
-            assert not any(f.done() for f in futs)
-            assert turns.n >= 10  # the loop ran on (it stopped for 10 s at BEGIN)
-        other.execute("COMMIT")
-        texts = await asyncio.wait_for(asyncio.gather(*futs), 10)
-        assert [json.loads(t)["seq"] for t in texts] == [1, 2, 3]
-        # The busy timeout is back for the writer thread's own statements.
-        assert await sp.submit(lambda w: w.conn.execute(
-            "PRAGMA busy_timeout").fetchone()[0]) == 10000
-    finally:
-        other.close()
-        await sp.close()
-
-
-async def test_a_batch_of_appends_lost_on_the_event_loop_leaves_no_trace(tmp_path, audit_key):
-    """When a batch the event loop runs fails as a whole (here a read that
-    wrote, a bug), it is rolled back, and the cached session heads are
-    reloaded from the committed state before the next batch runs: the next
-    event takes the seq the failed batch had used."""
-    from audit.store import Read
-
-    path = tmp_path / "spool.db"
-    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
-    await sp.open()
-    try:
-        s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
-        sid = s.session_id
-
-        def sneaky(conn: sqlite3.Connection, draft: Draft) -> None:
-            conn.execute("INSERT INTO meta (key, value) VALUES ('x', 'y')")
-
-        before = sp.stats.commit_failures
-        results = await asyncio.gather(
-            sp.submit(Append(sid, Draft("document.list"))),
-            sp.submit(Read(sid, Draft("document.access"), sneaky)),
-            return_exceptions=True)
-        assert sp.stats.commit_failures == before + 1
-        assert all(isinstance(r, SpoolUnavailable) for r in results), results
-        head = sp.open_session(sid)
-        assert head is not None and head.next_seq == 2  # the cache is reloaded at once
-        ev = json.loads(await sp.submit(Append(sid, Draft("document.list"))))
-        assert ev["seq"] == 2
-        rows = await sp.read(lambda c: c.execute(
-            "SELECT seq, json FROM events ORDER BY seq").fetchall())
-        assert [r[0] for r in rows] == [1, 2]
-        first = json.loads(rows[0][1])
-        assert ev["hash"] == event_hash(audit_key, first["hash"], ev)
-        assert await sp.read(lambda c: c.execute(
-            "SELECT COUNT(*) FROM meta WHERE key = 'x'").fetchone()[0]) == 0
-    finally:
-        await sp.close()
