@@ -661,7 +661,12 @@ class Spool:
         assert w is not None and self._wconn is not None
         w.new_parts = w.new_security = w.appended = 0
         results = w.run_batch(jobs)
-        nbytes = used_bytes(self._wconn)
+        try:
+            nbytes = used_bytes(self._wconn)
+        except sqlite3.Error:
+            # The batch is committed: its callers must hear so. The size is
+            # measured again after the next commit.
+            nbytes = self.used_bytes
         return results, nbytes, w.new_parts, w.new_security, w.appended
 
     def _measure_app(self) -> int:

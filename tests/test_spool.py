@@ -545,3 +545,37 @@ def test_prepare_brings_the_file_up_one_process_at_a_time(tmp_path, monkeypatch)
     first.join(10)
     second.join(10)
     assert order == ["enter", "leave", "enter", "leave"]
+
+
+async def test_a_committed_batch_is_success_even_if_the_size_check_after_it_fails(
+        tmp_path, audit_key):
+    """The spool's size is read after each commit. If that read fails, the
+    batch is committed all the same: its callers must hear success (a 503
+    for a committed document change invites the client to do it twice)."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    try:
+        s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, []))
+        size = sp.used_bytes
+
+        def deny_pragmas(action: int, *args: object) -> int:  # the size check reads pragmas
+            return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_PRAGMA else sqlite3.SQLITE_OK
+
+        def change_and_break_the_size_check(w: Writer) -> str:
+            w.conn.execute("INSERT INTO meta (key, value) VALUES ('probe', 'committed')")
+            w.conn.set_authorizer(deny_pragmas)
+            return w.append(s.session_id, Draft("document.create"))
+
+        before = sp.stats.commit_failures
+        text = await sp.submit(change_and_break_the_size_check)
+        assert json.loads(text)["seq"] == 1
+        assert sp.stats.commit_failures == before
+        assert sp.used_bytes == size  # kept until the next measure
+        await sp.submit(lambda w: w.conn.set_authorizer(None))
+        assert await sp.read(lambda c: c.execute(
+            "SELECT COUNT(*) FROM meta WHERE key = 'probe'").fetchone()[0]) == 1
+        assert await sp.read(lambda c: c.execute(
+            "SELECT COUNT(*) FROM events").fetchone()[0]) == 1
+    finally:
+        await sp.close()
