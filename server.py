@@ -1200,7 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
         "drain", parents=[common], help="flush everything pending, then exit",
         description="Flush everything pending to the sink, then exit: 0 when all is"
         " written, 1 with dead letters or at --timeout (what is left stays pending),"
-        " 130 on Ctrl-C.")
+        " 130 on Ctrl-C, 143 on SIGTERM (each after closing the sink and the spool).")
     drain.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS", default=None,
                        help="give up after this long (default: wait as long as it takes)")
     sub.add_parser("retry-dead", parents=[common], help="make dead-lettered items pending")
