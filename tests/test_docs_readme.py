@@ -5,9 +5,16 @@ each a test that fails without its fix.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from api_fixtures import Api, api, make_api
 
 import server
+
+__all__ = ["api", "make_api"]
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_drain_help_names_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
@@ -20,3 +27,20 @@ def test_drain_help_names_every_exit_code(capsys: pytest.CaptureFixture[str]) ->
     for code in ("0 when all is written", "1 with dead letters", "130 on Ctrl-C",
                  "143 on SIGTERM"):
         assert code in text, code
+
+
+async def test_every_metric_is_named_in_the_readme(api: Api) -> None:
+    # /metrics served five families README named nowhere (active sessions,
+    # the flusher's pause, parts written, summarised security events, group
+    # commit batch sizes), nor the sink write outcomes failed/dead_lettered.
+    readme = README.read_text(encoding="utf-8")
+    resp = await api.client.get("/metrics")
+    assert resp.status == 200
+    text = await resp.text()
+    families = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert families
+    for name in families:
+        assert f"`{name}`" in readme, name
+    for outcome in ("ok", "failed", "rate_limited", "dead_lettered"):
+        assert f'session_audit_sink_writes_total{{outcome="{outcome}"}}' in text
+        assert f"`{outcome}`" in readme, outcome
