@@ -203,7 +203,8 @@ _ENV_CHECK = (lambda v: v == "" or _ENV_NAME.fullmatch(v) is not None,
 MONGODB_PART_MAX_BYTES = 3 * 1024 * 1024
 
 _CHECKS: dict[str, tuple[Any, str]] = {
-    "server.port": (lambda v: 0 <= v <= 65535, "must be between 0 and 65535"),
+    # Not 0: the OS would pick a port that nothing (the log included) names.
+    "server.port": (lambda v: 1 <= v <= 65535, "must be between 1 and 65535"),
     "server.data_dir": (lambda v: v != "", "must not be empty"),
     # An empty host listens on every interface: say so with 0.0.0.0 or ::.
     "server.host": (lambda v: v.strip() != "",

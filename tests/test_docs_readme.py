@@ -13,6 +13,7 @@ import yaml
 from api_fixtures import Api, api, make_api
 
 import server
+from audit.config import ConfigError, parse_config
 
 __all__ = ["api", "make_api"]
 
@@ -68,3 +69,13 @@ async def test_every_status_field_is_in_openapi(api: Api) -> None:
     assert resp.status == 200
     status = await resp.json()
     assert _undocumented(status, spec["components"]["schemas"]["Status"], "") == []
+
+
+def test_port_0_is_refused_with_its_key() -> None:
+    # server.port = 0 was taken: the OS picked a free port, and serve logged
+    # "serving on http://127.0.0.1:0", a port no client can reach, with no
+    # word of the real one anywhere.
+    with pytest.raises(ConfigError) as info:
+        parse_config({"server": {"port": 0}})
+    assert str(info.value).startswith("server.port: must be between 1 and 65535")
+    assert parse_config({"server": {"port": 1}}).server.port == 1
