@@ -742,6 +742,11 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
             os.close(fd)
 
 
+def serving_url(host: str, port: int) -> str:
+    """The URL a client uses: an IPv6 address in brackets (``http://[::1]:8080``)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _serve(config: Config, loop: asyncio.AbstractEventLoop) -> int:
     app = create_app(config)
     app.on_startup.append(_tune_gc)
@@ -750,8 +755,8 @@ def _serve(config: Config, loop: asyncio.AbstractEventLoop) -> int:
     def serving(_banner: str) -> None:
         # run_app's banner, printed once the socket listens (not on_startup,
         # which runs before the bind and would announce a port in use).
-        log.info("serving on http://%s:%d with the %s sink", config.server.host,
-                 config.server.port, config.sink.type)
+        log.info("serving on %s with the %s sink",
+                 serving_url(config.server.host, config.server.port), config.sink.type)
 
     try:
         web.run_app(

@@ -79,3 +79,11 @@ def test_port_0_is_refused_with_its_key() -> None:
         parse_config({"server": {"port": 0}})
     assert str(info.value).startswith("server.port: must be between 1 and 65535")
     assert parse_config({"server": {"port": 1}}).server.port == 1
+
+
+def test_the_serving_line_names_a_url_for_an_ipv6_host() -> None:
+    # serve announced "serving on http://::1:8080", which no client takes as
+    # a URL; IPv6 addresses go in brackets (RFC 3986).
+    assert server.serving_url("::1", 8080) == "http://[::1]:8080"
+    assert server.serving_url("127.0.0.1", 8080) == "http://127.0.0.1:8080"
+    assert server.serving_url("localhost", 8081) == "http://localhost:8081"
