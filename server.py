@@ -279,10 +279,16 @@ async def _ensure_admin(app: web.Application) -> None:
     accounts = app[ACCOUNTS]
     if await accounts.has_admin():
         return
-    if await accounts.exists("admin"):
+    existing = await accounts.alike("admin")
+    if existing == "admin":
         raise StartupError(
             "no user has the admin role, and the name 'admin' belongs to a user without it:"
             " add an admin with `server.py adduser NAME --admin`")
+    if existing is not None:
+        # adduser refuses such a pair: the two would read alike in the trail.
+        raise StartupError(
+            f"no user has the admin role, and the user {existing!r} would read alike the"
+            " 'admin' a first start makes: add an admin with `server.py adduser NAME --admin`")
     password = admin_password_from_env()
     if password:
         await accounts.create("admin", password, "admin")

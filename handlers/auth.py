@@ -277,11 +277,15 @@ class Accounts:
 
         await self.engine.spool.submit(insert, needs_space=False)
 
-    async def exists(self, username: str) -> bool:
+    async def alike(self, username: str) -> str | None:
+        """The user of that name, or of one that differs only in case (which
+        :func:`add_user_sync` refuses to add beside it), or None."""
         row = await self.engine.spool.read(
-            lambda c: c.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone()
+            lambda c: c.execute("SELECT username FROM users WHERE lower(username) = lower(?)"
+                                " ORDER BY username = ? DESC LIMIT 1",
+                                (username, username)).fetchone()
         )
-        return row is not None
+        return str(row[0]) if row is not None else None
 
     async def has_admin(self) -> bool:
         row = await self.engine.spool.read(

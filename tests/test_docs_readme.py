@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from api_fixtures import Api, api, make_api
+from live_server import Live
 
 import server
 from audit.config import ConfigError, parse_config
@@ -87,3 +88,27 @@ def test_the_serving_line_names_a_url_for_an_ipv6_host() -> None:
     assert server.serving_url("::1", 8080) == "http://[::1]:8080"
     assert server.serving_url("127.0.0.1", 8080) == "http://127.0.0.1:8080"
     assert server.serving_url("localhost", 8081) == "http://localhost:8081"
+
+
+@pytest.mark.parametrize("name", ["Admin", "ADMIN"])
+async def test_first_start_makes_no_admin_that_reads_alike_an_existing_user(
+        live: Live, name: str) -> None:
+    # README: a name that differs from an existing one only in case is
+    # refused. adduser kept to it, but a first start beside a user "Admin"
+    # (added before it) created "admin" too: two users reading alike.
+    r = await live.cli("adduser", name, "--password-stdin", stdin="user-password-1\n")
+    assert r.returncode == 0, r.stderr
+    r = await live.cli("serve", timeout=30)  # the timeout: a guard against serving on
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"the user {name!r} would read alike the 'admin'" in r.stderr
+    assert "adduser NAME --admin" in r.stderr
+    r = await live.cli("users")
+    assert [line.split("\t")[:2] for line in r.stdout.splitlines()] == [[name, "user"]]
+    # With an admin of another name, it serves, and makes no "admin".
+    r = await live.cli("adduser", "root", "--admin", "--password-stdin",
+                       stdin="root-password-1\n")
+    assert r.returncode == 0, r.stderr
+    await live.start()
+    assert await live.stop() == 0
+    r = await live.cli("users")
+    assert sorted(line.split("\t")[0] for line in r.stdout.splitlines()) == [name, "root"]
