@@ -1030,7 +1030,8 @@ async def _verify(config: Config) -> int:
     finally:
         await sink.close()
     for p in report.problems:
-        print(printable(f"{p.session_id}: {p.kind}: {p.detail}"))
+        # A problem of no one session (a line the sink cannot place) is the sink's.
+        print(printable(f"{p.session_id or 'sink'}: {p.kind}: {p.detail}"))
     chains = (f" in {report.security_chains} chains (one per spool that wrote them)"
               if report.security_chains > 1 else "")
     print(f"verified {report.sessions} sessions, {report.parts} parts, {report.events} events,"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from api_fixtures import Api, api, make_api
-from live_server import Live
+from live_server import Live, to_toml
 
 import server
 from audit.config import ConfigError, parse_config
@@ -112,3 +112,23 @@ async def test_first_start_makes_no_admin_that_reads_alike_an_existing_user(
     assert await live.stop() == 0
     r = await live.cli("users")
     assert sorted(line.split("\t")[0] for line in r.stdout.splitlines()) == [name, "root"]
+
+
+async def test_verify_names_the_sink_for_a_problem_of_no_session(live: Live) -> None:
+    # README (jsonl): a line verify cannot place is a problem (`changed`).
+    # It printed as ": changed: audit-....jsonl, byte N: ...", a line opening
+    # with an empty session id.
+    live.settings["sink"] = {"type": "jsonl"}
+    live.config_path.write_text(to_toml(live.settings), encoding="utf-8")
+    await live.start()
+    assert await live.stop() == 0
+    day = next((live.data_dir / "audit-jsonl").glob("audit-*.jsonl"), None)
+    if day is None:  # nothing written yet: the first line of a day file
+        day = live.data_dir / "audit-jsonl" / "audit-2026-01-01.jsonl"
+    with day.open("a", encoding="utf-8") as f:
+        f.write('{"foo": 1}\n')
+    r = await live.cli("verify")
+    assert r.returncode == 1, r.stdout + r.stderr
+    problems = [line for line in r.stdout.splitlines() if "changed" in line]
+    assert len(problems) == 1, r.stdout
+    assert problems[0].startswith(f"sink: changed: {day.name}, byte "), problems[0]
