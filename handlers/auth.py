@@ -378,6 +378,11 @@ class LoginThrottle:
     An IPv6 client counts by its /64 (:meth:`client_key`): one host is
     usually given a whole /64, and each of its addresses its own budget
     would make the throttle moot.
+
+    Keys are kept in the order of their last failure: those whose last
+    failure is out of the window go from the front at every attempt
+    (:meth:`_forget_expired`), so memory follows the failures of the last
+    window, not every (username, client IP) ever tried up to ``MAX_KEYS``.
     """
 
     MAX_KEYS = 100_000
@@ -417,6 +422,21 @@ class LoginThrottle:
             del self._fails[key]
         return q
 
+    def _forget_expired(self, now: float) -> None:
+        """Drop the keys whose last failure is out of the window: they block
+        nothing. Only failures move a key to the end, with a time that
+        never goes back, so they are the ones at the front. Without this a
+        key was dropped only when its own pair came back, or by ``MAX_KEYS``:
+        every pair ever tried stayed (one failed login from each of 50,000
+        addresses held 100,000 keys, some 120 MB, long after the window)."""
+        fails = self._fails
+        cutoff = now - self.window
+        while fails:
+            key, q = next(iter(fails.items()))
+            if q and q[-1] > cutoff:
+                return
+            del fails[key]
+
     def retry_after(self, username: str, ip: str) -> int | None:
         """Seconds until another attempt is allowed, or None when allowed now."""
         return self._blocked(username, ip)[0]
@@ -425,6 +445,7 @@ class LoginThrottle:
         """:meth:`retry_after`, and whether only checks still running hold the
         attempt back (the failures alone would let it through)."""
         now = self.clock()
+        self._forget_expired(now)
         waits = []
         failures_block = False
         for key, limit in (((username, ip), self.max_failures),
@@ -477,6 +498,7 @@ class LoginThrottle:
 
     def failed(self, username: str, ip: str) -> None:
         now = self.clock()
+        self._forget_expired(now)
         for key in ((username, ip), ("", ip)):
             q = self._fails.setdefault(key, deque())
             q.append(now)
