@@ -66,8 +66,15 @@ _PART_COLUMNS = (("id", "_id"), ("session_id", "session_id"), ("part", "part"),
 _SECURITY_COLUMNS = (("id", "_id"), ("ts", "ts"), ("action", "action"), ("hash", "hash"))
 
 
+# Bytes the -wal file is cut back to once checkpointed (SQLite's
+# journal_size_limit): else it keeps the largest size it ever reached, say
+# while a backup or a sqlite3 shell held a snapshot and writes went on.
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+
+
 async def _prepare(db: aiosqlite.Connection) -> None:
     await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     await db.execute("PRAGMA synchronous=FULL")
     await db.execute("PRAGMA busy_timeout=5000")
     await db.executescript(_SCHEMA)

@@ -70,3 +70,38 @@ async def test_spool_wal_shrinks_back_after_a_large_purge(make_config, engines, 
         s = await engine.start_session("alice", "user", src, 3600)
         await engine.end_session(s.session_id, src)
     assert _size(wal) <= spool_mod.WAL_SIZE_LIMIT
+
+
+async def test_sqlite_sink_wal_shrinks_back_after_a_reader_held_it(tmp_path):
+    """While another connection reads the sink (a backup, a sqlite3 shell,
+    ``verify`` beside the server), the WAL cannot start over and grows with
+    every part written meanwhile. Without a journal_size_limit it kept that
+    size once the reader had gone, for the life of the sink."""
+    import sqlite3
+
+    from receiver import sample_part
+
+    from sinks import sqlite as sink_mod
+
+    path = tmp_path / "audit.db"
+    sink = sink_mod.SqliteSink(path)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("s-first"))
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM parts").fetchone()  # holds its snapshot
+        n = 0
+        while _size(f"{path}-wal") <= sink_mod.WAL_SIZE_LIMIT:
+            part = sample_part(f"s{n}", events=40)
+            for e in part["events"]:
+                e["details"] = {"p": "x" * 10_000}
+            await sink.write_part(part)
+            n += 1
+        reader.execute("COMMIT")
+        reader.close()
+        for i in range(3):  # checkpointed now; the WAL starts over and is cut back
+            await sink.write_part(sample_part(f"later{i}"))
+        assert _size(f"{path}-wal") <= sink_mod.WAL_SIZE_LIMIT
+    finally:
+        await sink.close()
