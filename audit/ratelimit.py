@@ -3,6 +3,7 @@ and the flood guard on security events."""
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
 from collections import OrderedDict
@@ -110,11 +111,29 @@ class Backoff:
         return max(0.0, self.until - self.clock())
 
 
+def client_key(ip: str | None) -> str:
+    """The key a client address is budgeted under: IPv4 as it is, IPv6 by
+    its /64 (one host is usually given a whole /64: a budget per address
+    would give it as many budgets as it likes)."""
+    if not ip:
+        return "-"
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return ip
+
+
 class FloodGuard:
     """How many security events a client IP may have recorded one by one.
 
-    Every client IP has a token bucket (``rate`` a second, ``burst`` saved
-    up) and all of them share one more, ten times as large: an event within
+    Every client IP (an IPv6 one by its /64, :func:`client_key`) has a
+    token bucket (``rate`` a second, ``burst`` saved up) and all of them
+    share one more, ten times as large: an event within
     both budgets is recorded as it comes; past them it is counted instead,
     per (IP, action), with up to ``MAX_USERS`` of the usernames it named,
     and :meth:`take_summaries` hands the counts out, to be recorded as one
@@ -148,13 +167,14 @@ class FloodGuard:
     ) -> bool:
         """True: record this event now; False: it has been counted."""
         key = ip or "-"
-        bucket = self._buckets.get(key)
+        budget = client_key(ip)
+        bucket = self._buckets.get(budget)
         if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, self.clock)
+            bucket = self._buckets[budget] = TokenBucket(self.rate, self.burst, self.clock)
             while len(self._buckets) > self.MAX_KEYS:
                 self._buckets.popitem(last=False)
         else:
-            self._buckets.move_to_end(key)
+            self._buckets.move_to_end(budget)
         if bucket.try_take():
             if self._all.try_take():
                 return True

@@ -7,7 +7,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import math
 import re
@@ -26,6 +25,7 @@ from audit.engine import AuditEngine
 from audit.events import Draft, Source, format_ts
 from audit.logthrottle import LogThrottle, more
 from audit.middleware import anonymous_source, client_ip
+from audit.ratelimit import client_key
 from audit.store import OpenSession, Writer
 
 from .errors import ApiError, bad_request, json_response
@@ -387,20 +387,8 @@ class LoginThrottle:
 
     MAX_KEYS = 100_000
 
-    @staticmethod
-    def client_key(ip: str | None) -> str:
-        """The key a client address counts under: IPv4 as it is, IPv6 by /64."""
-        if not ip:
-            return "-"
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return ip
-        if isinstance(addr, ipaddress.IPv6Address):
-            if addr.ipv4_mapped is not None:
-                return str(addr.ipv4_mapped)
-            return str(ipaddress.IPv6Network((addr, 64), strict=False))
-        return ip
+    # The key a client address counts under: IPv4 as it is, IPv6 by /64.
+    client_key = staticmethod(client_key)
 
     def __init__(self, max_failures: int, window: float,
                  clock: Callable[[], float] = time.monotonic) -> None:

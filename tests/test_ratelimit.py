@@ -243,6 +243,23 @@ def test_flood_guard_admits_a_burst_per_ip_then_counts():
     assert guard.take_summaries() == []  # counted once
 
 
+def test_flood_guard_budgets_an_ipv6_client_by_its_64():
+    """One host is usually given a whole /64: with a budget per address it
+    could take as many budgets as it likes, drain the shared one, and have
+    every other client's security events counted instead of recorded. Its
+    events are still counted under the addresses they came from."""
+    from audit.ratelimit import FloodGuard
+
+    guard = FloodGuard(rate=1.0, burst=3, clock=Clock())
+    admitted = [guard.admit(f"2001:db8:1:2::{i}", "auth.invalid_token", 10.0 + i)
+                for i in range(1, 7)]
+    assert admitted == [True, True, True, False, False, False]
+    assert guard.admit("2001:db8:1:3::1", "auth.invalid_token", 20.0)  # another /64
+    assert guard.admit("192.0.2.1", "auth.invalid_token", 21.0)
+    assert [(c.ip, c.count) for c in guard.take_summaries()] == [
+        (f"2001:db8:1:2::{i}", 1) for i in (4, 5, 6)]
+
+
 def test_flood_guard_keeps_a_bounded_set_of_usernames(monkeypatch):
     from audit.ratelimit import FloodGuard
 
