@@ -393,14 +393,16 @@ class Flusher:
 
     async def _purge(self) -> bool:
         """Delete acknowledged rows past their keep time, a bounded batch of
-        each (:data:`PURGE_BATCH` parts, :data:`PURGE_SECURITY_BATCH`
-        security events); returns whether a batch was full (more may wait)."""
+        each (:data:`PURGE_BATCH` parts of at most
+        :data:`~audit.store.PURGE_MAX_EVENTS` events in all,
+        :data:`PURGE_SECURITY_BATCH` security events); returns whether a
+        batch was full (more may wait)."""
         cutoff = self.spool.clock() - self.keep  # the clock that stamped stored_ts
 
         def purge(w: Writer) -> bool:
-            parts = w.purge_stored(cutoff, PURGE_BATCH)
+            _, more = w.purge_stored(cutoff, PURGE_BATCH)
             sec = w.purge_stored_security(cutoff, PURGE_SECURITY_BATCH)
-            return parts >= PURGE_BATCH or sec >= PURGE_SECURITY_BATCH
+            return more or sec >= PURGE_SECURITY_BATCH
 
         more: bool = await self.spool.submit(purge, needs_space=False)
         return more
