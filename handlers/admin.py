@@ -336,10 +336,14 @@ async def _merged_page(
         except SinkError as exc:
             raise _sink_unavailable(engine, exc) from None
     merged: dict[str, Doc] = {s["session_id"]: s for s in from_sink}
-    if state is not None and from_sink:
-        # A session the sink holds whole may be open or pending in the spool
-        # beyond the spool's window above: the spool knows more.
-        ids = [s["session_id"] for s in from_sink]
+    spooled = {s["session_id"] for s in from_spool}
+    ids = [s["session_id"] for s in from_sink if s["session_id"] not in spooled]
+    if ids:
+        # A session the sink holds (a part of) may be open or pending in the
+        # spool, yet not in the spool's answer above: beyond its window (a
+        # state filter), or begun after that read, with a checkpoint part
+        # flushed before the sink's (it looked ended: "pending"). The spool
+        # knows more.
         known = await engine.spool.read(lambda c: queries.sessions_by_id(c, ids))
         merged.update({s["session_id"]: s for s in known})
     merged.update({s["session_id"]: s for s in from_spool})  # the spool knows more
