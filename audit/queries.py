@@ -6,9 +6,10 @@ CLI (``status`` works against the file of a running server).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from sinks.base import RawJSON, sql_where
@@ -165,18 +166,27 @@ def _uncut_counts(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> dict
     return counts
 
 
-def _summaries(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Row]:
-    # One read transaction: the writer may index the tail between the
-    # statements, and each event must be counted in one half or the other.
+@contextlib.contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction (unless the caller has one): what is read inside
+    is one state of the spool."""
     own = not conn.in_transaction
     if own:
         conn.execute("BEGIN")
     try:
-        uncut = _uncut_counts(conn, rows)
-        return [_summary(conn, r, uncut.get(r[9], 0)) for r in rows]
+        yield
     finally:
         if own:
             conn.execute("COMMIT")
+
+
+def _summaries(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Row]:
+    # One read transaction: the writer may index the tail between the
+    # statements, and each event must be counted in one half or the other.
+    # The callers read ``rows`` in it too (see list_sessions).
+    with _snapshot(conn):
+        uncut = _uncut_counts(conn, rows)
+        return [_summary(conn, r, uncut.get(r[9], 0)) for r in rows]
 
 
 def _summary(conn: sqlite3.Connection, row: tuple[Any, ...], uncut: int) -> Row:
@@ -227,38 +237,43 @@ def list_sessions(
         ("start_ms <= ?", until),
         ("(start_ms, session_id) < (?, ?)", before),
     )
-    rows = conn.execute(
-        f"SELECT {_SESSION_COLS} FROM sessions WHERE {where}"
-        " ORDER BY start_ms DESC, session_id DESC LIMIT ?",
-        (*args, limit),
-    ).fetchall()
-    return _summaries(conn, rows)
+    # The rows and their counts in one snapshot: a session that ended, was
+    # flushed and purged between the two was shown open with its uncut
+    # events gone from the count (0 for a session of one part).
+    with _snapshot(conn):
+        rows = conn.execute(
+            f"SELECT {_SESSION_COLS} FROM sessions WHERE {where}"
+            " ORDER BY start_ms DESC, session_id DESC LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return _summaries(conn, rows)
 
 
 def sessions_by_id(conn: sqlite3.Connection, ids: list[str]) -> list[Row]:
     """The summaries of those of ``ids`` that the spool still holds."""
-    rows = conn.execute(
-        f"SELECT {_SESSION_COLS} FROM sessions"
-        " WHERE session_id IN (SELECT value FROM json_each(?))",
-        (json.dumps(ids),),
-    ).fetchall()
-    return _summaries(conn, rows)
+    with _snapshot(conn):  # (see list_sessions)
+        rows = conn.execute(
+            f"SELECT {_SESSION_COLS} FROM sessions"
+            " WHERE session_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids),),
+        ).fetchall()
+        return _summaries(conn, rows)
 
 
 def get_session(conn: sqlite3.Connection, session_id: str) -> Row | None:
-    """A spool session's summary plus the events the spool still holds."""
-    row = conn.execute(
-        f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)
-    ).fetchone()
-    if row is None:
-        return None
-    summary = _summaries(conn, [row])[0]
-    events = [
-        json.loads(r[0])
-        for r in conn.execute(
+    """A spool session's summary plus the events the spool still holds, in
+    one snapshot (see list_sessions)."""
+    with _snapshot(conn):
+        row = conn.execute(
+            f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        summary = _summaries(conn, [row])[0]
+        rows = conn.execute(
             "SELECT json FROM session_events WHERE sk = ? ORDER BY seq", (row[-1],)
         ).fetchall()
-    ]
+    events = [json.loads(r[0]) for r in rows]
     summary["events"] = events
     return summary
 
