@@ -202,7 +202,7 @@ class AuditEngine:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reaper
             try:
-                await self.record_summaries()
+                await self.record_summaries(final=True)
             except Exception as exc:  # the spool may have failed
                 log.error("security event counts not recorded at shutdown: %s", exc)
             if self._inflight:
@@ -398,12 +398,14 @@ class AuditEngine:
             return
         await self.spool.submit(lambda w: w.append_security(draft, session_id))
 
-    async def record_summaries(self) -> int:
+    async def record_summaries(self, *, final: bool = False) -> int:
         """Record one event per (client IP, action) counted by the flood guard
         since the last call: ``details`` ``{"reason": "over_budget", "count",
         "first_ts", "last_ts", "usernames", "more_usernames", "session_ids"}``.
         Returns how many were recorded. If the spool refuses them (full,
-        failing), the counts are kept for the next call."""
+        failing), the counts are kept for the next call. The ``final`` call,
+        at shutdown, has no next one: a full spool takes them (they are
+        requests already answered; at most ``FloodGuard.MAX_KEYS`` events)."""
         flood = self.flood
         if flood is None:
             return 0
@@ -425,7 +427,7 @@ class AuditEngine:
             return len(drafts)
 
         try:
-            fut = self.spool.submit_nowait(job)
+            fut = self.spool.submit_nowait(job, needs_space=not final)
         except (SpoolFull, SpoolUnavailable, SpoolClosed):
             flood.restore(summaries)
             raise

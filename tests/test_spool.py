@@ -579,3 +579,36 @@ async def test_a_committed_batch_is_success_even_if_the_size_check_after_it_fail
             "SELECT COUNT(*) FROM events").fetchone()[0]) == 1
     finally:
         await sp.close()
+
+
+async def test_flood_counts_are_recorded_at_shutdown_even_by_a_full_spool(make_config, engines):
+    """Security events past an IP's budget are counted, and the counts become
+    summary events every 10 s; a full spool refuses those (they are tried
+    again), but at shutdown there is no next time: the counts of requests
+    already answered were only logged, and lost. The last call's summaries
+    are taken by a full spool (a bounded batch)."""
+    config = make_config(audit={"spool_max_bytes": 262144, "on_spool_full": "reject",
+                                "security_events_per_ip_per_second": 0.001,
+                                "security_events_per_ip_burst": 1})
+    engine = await engines.open(config)
+    src = Source(user="u", role="user")
+    s = await engine.start_session("u", "user", src, 3600)
+    with pytest.raises(SpoolFull):
+        for _ in range(1000):
+            await engine.record(s.session_id, Draft("document.list", details=BIG))
+    bad = Source(ip="203.0.113.9")
+    with pytest.raises(SpoolFull):  # within the budget: recorded one by one, or refused
+        await engine.record_security(Draft("auth.invalid_token", outcome="denied",
+                                           source=bad, details={"reason": "malformed"}))
+    for _ in range(4):  # past it: counted
+        await engine.record_security(Draft("auth.invalid_token", outcome="denied",
+                                           source=bad, details={"reason": "malformed"}))
+    with pytest.raises(SpoolFull):  # while running, a full spool keeps them for later
+        await engine.record_summaries()
+    await engine.close(flush_window=0.2)
+    with contextlib.closing(sqlite3.connect(config.spool_path)) as conn:
+        rows = [json.loads(r[0]) for r in conn.execute("SELECT json FROM security_events")]
+    (summary,) = [e for e in rows if e["action"] == "auth.invalid_token"]
+    assert summary["details"]["reason"] == "over_budget"
+    assert summary["details"]["count"] == 4
+    assert summary["source"]["ip"] == "203.0.113.9"
