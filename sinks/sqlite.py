@@ -291,7 +291,12 @@ class SqliteSink(Sink):
                     await self._check_same(db, "security_events", ev["_id"], ev["hash"])
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                # SQLite may have rolled the transaction back itself (on
+                # SQLITE_FULL, IOERR, NOMEM): a ROLLBACK then fails with "no
+                # transaction is active", and that error, not the full disk,
+                # was what the flusher, the log and /audit/status reported.
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise _classified(exc) from exc

@@ -218,3 +218,31 @@ async def test_admin_queries_beside_a_write_that_starts_the_file_anew_are_answer
     finally:
         await sink.close()
     assert _stored(path) == {sample_part("new2")["_id"]}
+
+
+async def test_a_full_sink_file_says_so_for_a_security_batch(tmp_path: Path) -> None:
+    """Found by the full-disk hunt (a real tmpfs and ext4 image): SQLite rolls
+    the batch's transaction back itself on SQLITE_FULL, and the sink's own
+    ROLLBACK then failed with "cannot rollback - no transaction is active":
+    that, not the full disk, was the flusher's error, its log line and
+    /audit/status's ``last_error``. (``max_page_count`` stands in for the disk.)
+    The batch is not stored, is retryable, and goes in once there is room."""
+    path = tmp_path / "audit.db"
+    sink = SqliteSink(path)
+    await sink.open()
+    try:
+        db = sink._conn()
+        await db.execute("PRAGMA max_page_count = 12")
+        events = [{"_id": f"sec-{i}", "ts": "2026-11-26T14:00:00.000Z",
+                   "action": "auth.login_failed", "hash": f"h{i}", "pad": "x" * 3000}
+                  for i in range(20)]
+        with pytest.raises(SinkUnavailable, match="full") as caught:
+            await sink.write_security_events(events)
+        assert "rollback" not in str(caught.value)
+        assert not db.in_transaction
+        await db.execute("PRAGMA max_page_count = 1073741823")
+        await sink.write_security_events(events)
+    finally:
+        await sink.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM security_events").fetchone()[0] == 20
