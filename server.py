@@ -709,8 +709,20 @@ def serve_lock(config: Config) -> tuple[int, int]:
         raise StartupError(f"another server is running on {config.spool_path}{pid}:"
                            " stop it first, or give this one another server.data_dir"
                            ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    # The pid is for the message above only: a lock file that cannot take it
+    # (a full disk: the file new or empty, so the write needs a block) must
+    # not stop a server that can otherwise start and say why it cannot
+    # record (readyz 503), nor leave another server's stale pid in it.
+    mine = f"{os.getpid()}\n".encode("ascii")
+    try:
+        if os.pwrite(fd, mine, 0) != len(mine):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.ftruncate(fd, len(mine))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # (frees; needs no space)
+        log.warning("%s: the server's pid could not be written (%s); serving without it",
+                    path, exc.strerror or exc)
     return dfd, fd
 
 
