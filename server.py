@@ -136,15 +136,25 @@ def _write_private(path: Path, text: str) -> None:
     with: every later start would be refused, and no chain verified)."""
     make_private_dirs(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        # On a full disk (or past RLIMIT_FSIZE) the write fails after the
+        # file was made: "serve: [Errno 28] No space left on device" named
+        # no file, and the empty file left behind was taken, at the next
+        # start, for one a crash had left half made. The file is this
+        # call's own (O_EXCL): it goes, and the error names it.
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise StartupError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _key_made(path: Path) -> bool:

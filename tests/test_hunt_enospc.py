@@ -6,13 +6,19 @@ injected ENOSPC at the one call."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import logging
 import os
+import resource
+import subprocess
+import sys
 from collections.abc import Callable
 
+import live_server
 import pytest
+from live_server import Live
 
 import server
 from audit.config import Config
@@ -53,3 +59,44 @@ def test_the_serve_lock_is_taken_when_its_pid_cannot_be_written(
         os.close(fd)
         os.close(dfd)
 
+
+def _keys_from_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = live_server.server_env()
+    for name in ("SESSION_AUDIT_JWT_SECRET", "SESSION_AUDIT_AUDIT_KEY"):
+        env.pop(name)
+    monkeypatch.setattr(live_server, "server_env", lambda: dict(env))
+
+
+def _no_file_growth() -> None:
+    # Python ignores SIGXFSZ: a write past the limit fails (EFBIG), as on a
+    # full disk (ENOSPC) a write that needs a new block does.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+
+
+@pytest.mark.timeout(120)
+async def test_a_first_start_that_cannot_write_its_keys_names_the_file_and_leaves_none(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first start on a full disk: the audit key's file was made (O_EXCL)
+    and its write failed. The start ended with "serve: [Errno 28] No space
+    left on device", naming no file; the empty audit.key stayed, and the
+    next start, with room again, warned it was "empty (a crash while it was
+    made)"."""
+    _keys_from_files(monkeypatch)
+    # (Its output to a pipe: a log file would be past the limit too.)
+    r = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(live_server.SERVER), "serve", "--config", str(live.config_path)],
+        cwd=live.workdir, env=live_server.server_env(), preexec_fn=_no_file_growth,
+        capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    key = live.data_dir / "audit.key"
+    assert r.returncode == 2, out
+    assert f"cannot write {key}" in out, out
+    assert "Traceback" not in out, out
+    assert not key.exists() and not (live.data_dir / "jwt.key").exists()
+
+    await live.start()
+    assert await live.stop() == 0
+    assert "empty" not in live.log_tail(), live.log_tail()
+    assert len(key.read_text().strip()) >= 32
