@@ -611,7 +611,8 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         if StderrHandler.progress_showing:
             StderrHandler.progress_showing = False
-            self.stream.write("\n")
+            with contextlib.suppress(OSError):  # (as a failed log line is: not raised)
+                self.stream.write("\n")
         super().emit(record)
 
 
@@ -1073,9 +1074,12 @@ def _progress(total: list[int]) -> Callable[[dict[str, Any]], None]:
         done = total[0] - left
         width = 30
         filled = width * done // total[0] if total[0] else width
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total[0]}"
-                         f" written, {c['dead_letter']} dead-lettered ")
-        sys.stderr.flush()
+        # Only a display: stderr on a full disk (a log file, 2>/dev/full)
+        # failed the drain at its first line, before anything was sent.
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total[0]}"
+                             f" written, {c['dead_letter']} dead-lettered ")
+            sys.stderr.flush()
         StderrHandler.progress_showing = True
 
     return show
@@ -1084,7 +1088,8 @@ def _progress(total: list[int]) -> Callable[[dict[str, Any]], None]:
 def _end_progress() -> None:
     if StderrHandler.progress_showing:
         StderrHandler.progress_showing = False
-        sys.stderr.write("\n")
+        with contextlib.suppress(OSError):
+            sys.stderr.write("\n")
 
 
 async def _drain(config: Config, timeout: float | None = None) -> int:  # noqa: ASYNC109

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import json
 import logging
 import os
 import resource
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import aiohttp
 import live_server
 import pytest
 from live_server import Live
@@ -100,3 +103,50 @@ async def test_a_first_start_that_cannot_write_its_keys_names_the_file_and_leave
     assert await live.stop() == 0
     assert "empty" not in live.log_tail(), live.log_tail()
     assert len(key.read_text().strip()) >= 32
+
+
+def _stderr_full(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    with open("/dev/full", "w") as full:
+        return subprocess.run(cmd, cwd=cwd, env=live_server.server_env(),
+                              stdout=subprocess.PIPE, stderr=full, text=True, timeout=60)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+async def test_drain_with_its_stderr_on_a_full_disk_still_drains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``drain 2>>drain.log`` with that log's disk full (here /dev/full,
+    where every write fails with ENOSPC): the progress bar's first write
+    raised, and drain exited 1 having sent nothing. Its progress is only a
+    display; the spool and the sink are elsewhere."""
+    rport = live_server.free_port()
+    live = Live(tmp_path, {
+        "sink": {"type": "http", "http": {"url": f"http://127.0.0.1:{rport}",
+                                          "timeout_seconds": 2.0}},
+        "flush": {"max_writes_per_second": 50.0, "burst": 10},
+    })
+    try:
+        await live.adduser("alice", "alice-password")
+        await live.start()
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):  # three sessions, each a pending part (the sink is down)
+                async with http.post(live.base + "/token", json={
+                        "username": "alice", "password": "alice-password"}) as r:
+                    assert r.status == 200
+                    token = (await r.json())["access_token"]
+                async with http.post(live.base + "/logout", json={},
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 200
+        assert await live.stop() == 0
+        await live.start_receiver(rport, tmp_path / "received.db")
+        r = await asyncio.to_thread(
+            _stderr_full, [sys.executable, str(live_server.SERVER), "drain", "--config",
+                           str(live.config_path)], tmp_path)
+        assert r.returncode == 0, r.stdout
+        assert "drained; 0 dead-lettered" in r.stdout
+        status = json.loads((await live.cli("status")).stdout)
+        assert status["pending_parts"] == 0 and status["pending_security_events"] == 0
+    finally:
+        await live.stop_receiver()
+        live.close()
