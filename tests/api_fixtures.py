@@ -111,6 +111,15 @@ class Api:
 
     # -- audit records -------------------------------------------------------
 
+    async def wait_parts_in_sink(self, session_id: str, at_least: int) -> None:
+        """Wait until the sink holds ``at_least`` parts of ``session_id``."""
+
+        async def there() -> bool:
+            rows = self._sink("SELECT COUNT(*) FROM parts WHERE session_id = ?", (session_id,))
+            return bool(rows) and rows[0][0] >= at_least
+
+        await wait_for(there, message=f"{at_least} part(s) of {session_id} in the sink")
+
     def _sink(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         path = self.config.sqlite_sink_path
         if not path.exists():
@@ -261,10 +270,5 @@ async def session_with_checkpoints_in_sink(make_api: MakeApi) -> tuple[Api, Logi
                                   headers=alice.headers)
         assert r.status == 202
 
-    async def parts_in_sink() -> bool:
-        rows = api._sink("SELECT COUNT(*) FROM parts WHERE session_id = ?",
-                         (alice.session_id,))
-        return bool(rows) and rows[0][0] >= 3
-
-    await wait_for(parts_in_sink, message="checkpoint parts in the sink")
+    await api.wait_parts_in_sink(alice.session_id, 3)
     return api, admin, alice

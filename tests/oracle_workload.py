@@ -1181,17 +1181,23 @@ async def readback(o: Oracle, http: aiohttp.ClientSession, base: str,
                 return None
             return body
 
-    listed: list[dict[str, Any]] = []
-    cursor = None
-    for _ in range(200):
-        q = "/audit/sessions?limit=7&state=stored" + (f"&cursor={cursor}" if cursor else "")
-        page = await get(q)
-        if page is None:
-            return
-        listed += page["sessions"]
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
+    async def all_pages(q: str, key: str, limit: int) -> list[dict[str, Any]] | None:
+        out: list[dict[str, Any]] = []
+        cur = None
+        for _ in range(500):
+            sep = "&" if "?" in q else "?"
+            page = await get(q + f"{sep}limit={limit}" + (f"&cursor={cur}" if cur else ""))
+            if page is None:
+                return None
+            out += page[key]
+            cur = page["next_cursor"]
+            if not cur:
+                return out
+        return out
+
+    listed = await all_pages("/audit/sessions?state=stored", "sessions", 7)
+    if listed is None:
+        return
     ids = [s["session_id"] for s in listed]
     if len(ids) != len(set(ids)):
         o.bad(f"session listing repeats sessions: {len(ids)} listed, {len(set(ids))} distinct")
@@ -1229,19 +1235,6 @@ async def readback(o: Oracle, http: aiohttp.ClientSession, base: str,
         if events and events[-1]["ts"] != ps[-1]["session_end_time"]:
             o.bad(f"session {sid}: end {ps[-1]['session_end_time']} != session.end ts"
                   f" {events[-1]['ts']}")
-    async def all_pages(q: str, key: str, limit: int) -> list[dict[str, Any]] | None:
-        out: list[dict[str, Any]] = []
-        cur = None
-        for _ in range(500):
-            page = await get(q + f"&limit={limit}" + (f"&cursor={cur}" if cur else ""))
-            if page is None:
-                return None
-            out += page[key]
-            cur = page["next_cursor"]
-            if not cur:
-                return out
-        return out
-
     from urllib.parse import quote
     starts_by = {sid: ps[0]["session_start_time"] for sid, ps in parts.items()
                  for ps in [sorted(ps, key=lambda p: p["part"])]}
@@ -1276,17 +1269,10 @@ async def readback(o: Oracle, http: aiohttp.ClientSession, base: str,
                 o.bad(f"listing {q}: open sessions {opened}")
         elif opened:
             o.bad(f"listing {q}: open sessions {opened}")
-    got_sec: list[dict[str, Any]] = []
-    cursor = None
-    for _ in range(500):
-        q = "/audit/security-events?limit=13" + (f"&cursor={cursor}" if cursor else "")
-        page = await get(q)
-        if page is None:
-            return
-        got_sec += page["events"]
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
+    sec_pages = await all_pages("/audit/security-events", "events", 13)
+    if sec_pages is None:
+        return
+    got_sec: list[dict[str, Any]] = sec_pages
     known_rids = {e.rid for e in o.security}
     got_sec = [e for e in got_sec if e["request_id"] in known_rids
                or e["action"] != "auth.login_throttled"]

@@ -39,13 +39,7 @@ async def test_a_session_begun_between_the_spool_and_the_sink_reads_is_listed_op
                 r = await api.client.post("/audit/events", json={"action": f"client.n{i}"},
                                           headers=alice.headers)
                 assert r.status == 202
-
-            async def in_sink() -> bool:
-                rows = api._sink("SELECT COUNT(*) FROM parts WHERE session_id = ?",
-                                 (alice.session_id,))
-                return bool(rows) and rows[0][0] >= 1
-
-            await wait_for(in_sink, message="a checkpoint part in the sink")
+            await api.wait_parts_in_sink(alice.session_id, 1)
         return await real(**kwargs)
 
     sink.list_sessions = between  # type: ignore[method-assign]

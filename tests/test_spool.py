@@ -187,6 +187,13 @@ async def test_wal_mode_and_synchronous(tmp_path, audit_key):
 BIG = {"blob": "x" * 2000}
 
 
+async def _fill(engine, session_id: str) -> None:
+    """Record large events in ``session_id`` until the spool is full."""
+    with pytest.raises(SpoolFull):
+        for _ in range(1000):
+            await engine.record(session_id, Draft("document.list", details=BIG))
+
+
 async def test_spool_full_rejects_under_reject(make_config, engines):
     config = make_config(audit={"spool_max_bytes": 262144, "on_spool_full": "reject"})
     engine = await engines.open(config)
@@ -227,9 +234,7 @@ async def test_spool_full_clears_once_flushed(make_config, engines):
     engine = await engines.open(config)
     src = Source(user="u", role="user")
     s = await engine.start_session("u", "user", src, 3600)
-    with pytest.raises(SpoolFull):
-        for _ in range(1000):
-            await engine.record(s.session_id, Draft("document.list", details=BIG))
+    await _fill(engine, s.session_id)
     await engine.end_session(s.session_id, src)
     await engines.drain(engine)
     # The freed pages are reused: below the limit again after the next commit.
@@ -593,9 +598,7 @@ async def test_flood_counts_are_recorded_at_shutdown_even_by_a_full_spool(make_c
     engine = await engines.open(config)
     src = Source(user="u", role="user")
     s = await engine.start_session("u", "user", src, 3600)
-    with pytest.raises(SpoolFull):
-        for _ in range(1000):
-            await engine.record(s.session_id, Draft("document.list", details=BIG))
+    await _fill(engine, s.session_id)
     bad = Source(ip="203.0.113.9")
     with pytest.raises(SpoolFull):  # within the budget: recorded one by one, or refused
         await engine.record_security(Draft("auth.invalid_token", outcome="denied",
