@@ -985,7 +985,9 @@ class Writer:
         if self._undo is not None:
             self._touch(s)
         if now is None:
-            now = self.clock()
+            # Never before the session's last activity: a wall clock stepped
+            # back (NTP) must not send the times of its chain backwards.
+            now = max(self.clock(), s.last_activity)
         seq = s.next_seq
         digest, text = seal_text(self.key, s.head, draft, session_id, seq, now)
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
@@ -1102,10 +1104,11 @@ class Writer:
 
         It ends now, or ``at`` (the deadline that ended it, which the reaper
         may see late: after downtime, a paused VM) but never before its last
-        activity, so that times in its chain do not go backwards.
+        activity (even now, after a wall clock stepped back), so that times
+        in its chain do not go backwards.
         """
         s = self.session(session_id)
-        now = self.clock() if at is None else max(at, s.last_activity)
+        now = max(self.clock() if at is None else at, s.last_activity)
         self.append(session_id, end, now)  # at the session's end time: verify compares the two
         self._touch(s)
         self._cut(s, final=True, reason=reason, end_ts=now)

@@ -1,0 +1,43 @@
+"""The wall clock stepping (NTP, a VM resumed) under a running engine: the
+times of a session's events do not go backwards, and the session's end is
+not before its events. Real spool and sink files; the clocks are the test's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from audit.events import Draft, Source, parse_ts
+from audit.verify import verify_sink
+
+SRC = Source(user="alice", role="user", ip="127.0.0.1")
+FAST = {"max_writes_per_second": 1000.0, "burst": 1000}
+
+
+async def parts_of(engines: Any, engine: Any, session_id: str) -> list[dict[str, Any]]:
+    await engines.drain(engine)
+    parts: list[dict[str, Any]] = await engine.sink.get_session_parts(session_id)
+    return parts
+
+
+async def test_a_wall_clock_stepped_back_does_not_send_event_times_backwards(
+    make_config, engines, fake_clock, audit_key
+):
+    """Found by the clock hunt: each event took the wall clock as it was, so
+    after NTP stepped it back an hour the next events (and the logout's
+    session.end) were an hour older than the ones before them in the chain,
+    and the session lasted a negative time. They now take the session's
+    last activity when the clock reads earlier."""
+    engine = await engines.open(make_config(flush=FAST), clock=fake_clock)
+    s = await engine.start_session("alice", "user", SRC, 3 * 3600)
+    fake_clock.advance(10)
+    await engine.record(s.session_id, Draft("document.list"))
+    fake_clock.now -= 3600  # NTP steps the wall clock back an hour
+    await engine.record(s.session_id, Draft("document.list"))
+    fake_clock.advance(5)
+    await engine.end_session(s.session_id, SRC)
+    (part,) = await parts_of(engines, engine, s.session_id)
+    times = [parse_ts(e["ts"]) for e in part["events"]]
+    assert times == sorted(times), [e["ts"] for e in part["events"]]
+    assert part["session_duration_seconds"] >= 0
+    assert parse_ts(part["session_end_time"]) >= parse_ts(part["session_start_time"])
+    assert (await verify_sink(engine.sink, audit_key)).ok
