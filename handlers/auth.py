@@ -446,7 +446,9 @@ class LoginThrottle:
                 waits.append(1.0)  # decided within about a second
         if not waits:
             return None, False
-        return max(1, int(max(waits) + 0.999)), not failures_block
+        # Rounded up: a client back after Retry-After seconds is let in (by
+        # int(wait + 0.999), 299.0005 s said 299, and then 429 again).
+        return max(1, math.ceil(max(waits))), not failures_block
 
     async def admit(self, username: str, ip: str,
                     patience: float = ADMIT_PATIENCE_SECONDS) -> int | None:

@@ -1,13 +1,17 @@
 """The wall clock stepping (NTP, a VM resumed) under a running engine: the
 times of a session's events do not go backwards, and the session's end is
-not before its events. Real spool and sink files; the clocks are the test's."""
+not before its events; a throttled login is let in when its Retry-After
+says. Real spool and sink files; the clocks are the test's."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from conftest import FakeClock
+
 from audit.events import Draft, Source, parse_ts
 from audit.verify import verify_sink
+from handlers.auth import LoginThrottle
 
 SRC = Source(user="alice", role="user", ip="127.0.0.1")
 FAST = {"max_writes_per_second": 1000.0, "burst": 1000}
@@ -41,3 +45,19 @@ async def test_a_wall_clock_stepped_back_does_not_send_event_times_backwards(
     assert part["session_duration_seconds"] >= 0
     assert parse_ts(part["session_end_time"]) >= parse_ts(part["session_start_time"])
     assert (await verify_sink(engine.sink, audit_key)).ok
+
+
+def test_a_throttled_login_may_try_again_when_its_retry_after_says() -> None:
+    """Found by the clock hunt: Retry-After was the wait rounded as
+    int(wait + 0.999), so a wait of 299.0005 s said 299, and a client that
+    came back after exactly those 299 s was refused again (429, Retry-After
+    1). It is rounded up now: coming back then is let in."""
+    clock = FakeClock(1000.0005)
+    throttle = LoginThrottle(5, 300.0, clock=clock)
+    for _ in range(5):
+        throttle.failed("alice", "10.0.0.1")
+    clock.now = 1001.0
+    wait = throttle.retry_after("alice", "10.0.0.1")
+    assert wait is not None
+    clock.advance(wait)
+    assert throttle.retry_after("alice", "10.0.0.1") is None
