@@ -93,6 +93,7 @@ from .base import (
     SinkRateLimited,
     SinkRejected,
     SinkUnavailable,
+    SinkUnreadable,
     decode_cursor,
     encode_cursor,
     summarize_parts,
@@ -273,6 +274,27 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
+
+
+# What JSON carries (bool is an int, Int64 too); a dict or list is looked into.
+_JSON_LEAVES = (str, int, float, type(None))
+
+
+def _not_json(value: Any) -> str | None:
+    """The type name of the first value in ``value`` (after :func:`_plain`)
+    that JSON cannot carry: a BSON date, ObjectId, Decimal128, binary, regex,
+    timestamp, MinKey/MaxKey, as another writer (mongosh, an import, a
+    driver inserting without ``_id``) may leave them; else ``None``."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for v in value:
+            if not isinstance(v, _JSON_LEAVES):
+                found = _not_json(v)
+                if found is not None:
+                    return found
+        return None
+    return None if isinstance(value, _JSON_LEAVES) else type(value).__name__
 
 
 # The query indexes: (collection, keys, name). The sort keys follow each
@@ -577,6 +599,26 @@ class MongoSink(Sink):
 
     # -- queries -------------------------------------------------------------
 
+    def _handed_out(self, what: str, docs: Iterable[Doc]) -> list[Doc]:
+        """``docs`` as the admin API hands them out (:func:`_plain`); a
+        document holding a value JSON cannot carry is :class:`SinkUnreadable`
+        (503 ``sink_unavailable``, verify's finding), not a 500 when the
+        answer is encoded."""
+        out = []
+        for doc in docs:
+            doc = _plain(doc)
+            odd = _not_json(doc)
+            if odd is not None:
+                raise SinkUnreadable(self._redact(
+                    f"mongodb sink: {what}: the document with _id {doc.get('_id')!r} holds"
+                    f" a {odd}, which JSON cannot carry (another writer's)"))
+            out.append(doc)
+        return out
+
+    def _undecodable(self, what: str, exc: BSONError) -> SinkUnreadable:
+        """A document the driver cannot decode (a string that is not UTF-8)."""
+        return SinkUnreadable(self._message(what, exc))
+
     async def list_sessions(
         self,
         *,
@@ -617,8 +659,10 @@ class MongoSink(Sink):
                 found = await sessions.find({"session_id": {"$in": ids}}, {"events": 0}).to_list(
                     None
                 )
-                for p in found:
+                for p in self._handed_out("list sessions", found):
                     parts[str(p["session_id"])].append(p)
+        except BSONError as exc:
+            raise self._undecodable("list sessions", exc) from exc
         except PyMongoError as exc:
             raise self._classify("list sessions", exc) from None
         out = [summarize_parts(parts[sid]) for sid in ids]
@@ -711,9 +755,11 @@ class MongoSink(Sink):
             parts = await (
                 sessions.find({"session_id": session_id}).sort("part", ASCENDING).to_list(None)
             )
+        except BSONError as exc:
+            raise self._undecodable("get session parts", exc) from exc
         except PyMongoError as exc:
             raise self._classify("get session parts", exc) from None
-        return [_plain(p) for p in parts]
+        return self._handed_out("get session parts", parts)
 
     async def list_security_events(
         self,
@@ -739,9 +785,11 @@ class MongoSink(Sink):
                 .limit(limit + 1)
                 .to_list(None)
             )
+        except BSONError as exc:
+            raise self._undecodable("list security events", exc) from exc
         except PyMongoError as exc:
             raise self._classify("list security events", exc) from None
         more = len(docs) > limit
-        docs = [_plain(d) for d in docs[:limit]]
+        docs = self._handed_out("list security events", docs[:limit])
         next_cursor = encode_cursor(docs[-1]["ts"], docs[-1]["_id"]) if more and docs else None
         return docs, next_cursor

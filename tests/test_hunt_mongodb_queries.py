@@ -1,0 +1,136 @@
+"""The mongodb sink's admin queries against what another writer may leave in
+the collections, found by a bug hunt. Through the real PyMongo driver against
+the scripted wire-protocol server of tests/test_sink_mongodb.py (mockupdb):
+each test checks the command the driver sends and answers it as a MongoDB
+holding such documents would."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import bson
+import mockupdb
+import pytest
+from bson import Decimal128, ObjectId
+from bson.raw_bson import RawBSONDocument
+from mockupdb import MockupDB
+from receiver import sample_part, sample_security_event
+from test_sink_mongodb import (
+    URI_ENV,
+    answer_create_indexes,
+    cursor_reply,
+    new_sink,
+    receive,
+    start,
+    start_server,
+    uri,
+)
+
+from sinks.base import SinkUnreadable
+from sinks.mongodb import MongoSink
+
+
+@pytest.fixture(scope="module")
+def mongo() -> Iterator[MockupDB]:
+    server = start_server()
+    answer_create_indexes(server)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def server(mongo: MockupDB) -> Iterator[MockupDB]:
+    yield mongo
+    assert not mongo.got(timeout=0), "a request was left unanswered"
+
+
+@pytest.fixture
+async def sink(server: MockupDB, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MongoSink]:
+    monkeypatch.setenv(URI_ENV, uri(server))
+    s = new_sink()
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+SESSIONS, SECURITY = "audit.session_audit", "audit.security_audit"
+Query = Callable[[MongoSink], Awaitable[Any]]
+
+
+def _head(part: dict[str, Any]) -> dict[str, Any]:
+    return {"_id": part["_id"], "session_id": part["session_id"]}
+
+
+def _without_events(part: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in part.items() if k != "events"}
+
+
+async def _answer(server: MockupDB, query: Query, sink: MongoSink,
+                  doc: Any, ns: str) -> Any:
+    """Run ``query``; its find (after the session listing's heads) is
+    answered with ``doc``."""
+    task = start(query(sink))
+    find = await receive(server, "find")
+    if find["find"] == "session_audit" and find.doc.get("projection") == {"session_id": 1}:
+        find.replies(cursor_reply(ns, [_head(sample_part("s1"))]))
+        find = await receive(server, "find")
+    find.replies(cursor_reply(ns, [doc]))
+    return await task
+
+
+QUERIES: list[tuple[str, Query, str]] = [
+    ("list_security_events", lambda s: s.list_security_events(limit=5), SECURITY),
+    ("list_sessions", lambda s: s.list_sessions(limit=5), SESSIONS),
+    ("get_session_parts", lambda s: s.get_session_parts("s1"), SESSIONS),
+]
+
+
+def _sample(ns: str) -> dict[str, Any]:
+    if ns == SECURITY:
+        return sample_security_event("e1")
+    return _without_events(sample_part("s1", 0, final=True))
+
+
+@pytest.mark.parametrize("name,query,ns", QUERIES, ids=[q[0] for q in QUERIES])
+@pytest.mark.parametrize("field,value", [
+    ("ts", datetime.datetime(2026, 11, 26, 14, 0)),  # mongosh's new Date()
+    ("session_start_time", datetime.datetime(2026, 11, 26, 14, 0)),
+    ("_id", ObjectId("65a1b2c3d4e5f60718293a4b")),  # inserted without an _id
+    ("details", {"amount": Decimal128("1.5")}),
+])
+async def test_a_value_json_cannot_carry_is_unreadable_not_a_500(
+    server: MockupDB, sink: MongoSink, name: str, query: Query, ns: str,
+    field: str, value: Any,
+) -> None:
+    """A document holding a BSON date, an ObjectId or a Decimal128 (what
+    another writer puts into MongoDB without thinking) came back from the
+    admin queries as it was decoded, and the admin API's JSON encoding of
+    its answer raised TypeError: a 500 for every listing holding it (a date
+    ``ts`` sorts before every string, so on every first page). It is the
+    documented SinkUnreadable: 503 ``sink_unavailable``, verify's finding."""
+    doc = {**_sample(ns), field: value}
+    with pytest.raises(SinkUnreadable, match="JSON cannot carry"):
+        await _answer(server, query, sink, doc, ns)
+
+
+@pytest.mark.parametrize("name,query,ns", QUERIES, ids=[q[0] for q in QUERIES])
+async def test_a_string_that_is_not_utf8_is_unreadable_not_a_500(
+    server: MockupDB, sink: MongoSink, monkeypatch: pytest.MonkeyPatch,
+    name: str, query: Query, ns: str,
+) -> None:
+    """A stored string that is not UTF-8 (a writer that does not check, as
+    the server does not) makes the driver raise InvalidBSON, a BSONError and
+    no PyMongoError: it escaped the sink, a 500. SinkUnreadable says what
+    it is (sinks.base: "text that is not UTF-8")."""
+    monkeypatch.setattr(mockupdb, "docs_repr", lambda *docs: "<docs>")  # (its log decodes)
+    doc = _sample(ns)
+    doc["user"] = "alice-user"
+    raw = bson.encode(doc).replace(b"alice-user", b"alice\xffuser")
+    with pytest.raises(SinkUnreadable, match="InvalidBSON"):
+        await _answer(server, query, sink, RawBSONDocument(raw), ns)
