@@ -629,7 +629,10 @@ class MongoSink(Sink):
         cursor: str | None = None,
     ) -> tuple[list[Doc], str | None]:
         sessions, _ = self._colls()
-        query: dict[str, Any] = {"part": 0}
+        # A part 0 without a string session_id (another writer's: missing, a
+        # number, an array) has no parts to summarize by it (a KeyError or an
+        # IndexError, a 500); verify lists it among its unchecked_records.
+        query: dict[str, Any] = {"part": 0, **_a_string("session_id")}
         start_range: dict[str, Any] = {}
         if user is not None:
             query["user"] = user
@@ -656,9 +659,10 @@ class MongoSink(Sink):
             ids = [str(h["session_id"]) for h in heads[:limit]]
             parts: dict[str, list[Doc]] = {sid: [] for sid in ids}
             if ids:
-                found = await sessions.find({"session_id": {"$in": ids}}, {"events": 0}).to_list(
-                    None
-                )
+                # (An array holding one of the ids matches $in, and is no key.)
+                found = await sessions.find(
+                    {"session_id": {"$in": ids, "$not": {"$type": "array"}}}, {"events": 0}
+                ).to_list(None)
                 for p in self._handed_out("list sessions", found):
                     parts[str(p["session_id"])].append(p)
         except BSONError as exc:

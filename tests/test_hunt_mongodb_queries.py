@@ -134,3 +134,31 @@ async def test_a_string_that_is_not_utf8_is_unreadable_not_a_500(
     raw = bson.encode(doc).replace(b"alice-user", b"alice\xffuser")
     with pytest.raises(SinkUnreadable, match="InvalidBSON"):
         await _answer(server, query, sink, RawBSONDocument(raw), ns)
+
+
+STRING_ID = {"$type": "string", "$not": {"$type": "array"}}
+
+
+async def test_a_part_0_without_a_string_session_id_is_not_listed(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    """The listing starts from each session's part 0 and summarizes the
+    parts found by its ``session_id``. A part 0 without one (another
+    writer's) was a KeyError, one with a number had no part found by its
+    text (an IndexError), and an array holding a listed id matched that
+    id's ``$in`` and was no key: each a 500 for every listing reaching it.
+    MongoDB compares by type: the filters now take only a string id, as
+    verify's listings do (which report the others as unchecked records)."""
+    task = start(sink.list_sessions(since="2026-11-26T00:00:00.000Z", limit=1))
+    heads = await receive(server, "find")
+    assert heads["filter"] == {"part": 0, "session_id": STRING_ID,
+                               "session_start_time": {"$gte": "2026-11-26T00:00:00.000Z"}}
+    # What MongoDB answers to that filter: only parts with a string id.
+    b0 = sample_part("b", 0, final=True, start="2026-11-26T14:00:00.000Z")
+    a0 = sample_part("a", 0, final=True, start="2026-11-26T14:00:00.000Z")
+    heads.replies(cursor_reply(SESSIONS, [_head(b0), _head(a0)]))
+    parts = await receive(server, "find")
+    assert parts["filter"] == {"session_id": {"$in": ["b"], "$not": {"$type": "array"}}}
+    parts.replies(cursor_reply(SESSIONS, [_without_events(b0)]))
+    page, next_cursor = await task
+    assert [s["session_id"] for s in page] == ["b"] and next_cursor is not None

@@ -664,12 +664,12 @@ async def test_references_come_back_as_the_objects_stored(
 async def test_list_sessions_queries(server: MockupDB, sink: MongoSink) -> None:
     task = start(sink.list_sessions(user="alice", limit=1))
     heads = await receive(server, "find")
-    assert heads["filter"] == {"part": 0, "user": "alice"}
+    assert heads["filter"] == {"part": 0, **STRING_SESSION_ID, "user": "alice"}
     assert list(heads["sort"].items()) == [("session_start_time", -1), ("session_id", -1)]
     assert heads["limit"] == 2
     heads.replies(cursor_reply("audit.session_audit", [{"session_id": "b"}, {"session_id": "a"}]))
     parts = await receive(server, "find")
-    assert parts["filter"] == {"session_id": {"$in": ["b"]}}
+    assert parts["filter"] == {"session_id": {"$in": ["b"], "$not": {"$type": "array"}}}
     assert parts["projection"] == {"events": 0}
     p0 = sample_part("b", 0, final=False, start="2026-11-26T14:00:00.000Z")
     p1 = sample_part("b", 1, final=True, start="2026-11-26T14:00:00.000Z")
