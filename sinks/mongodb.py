@@ -615,6 +615,24 @@ class MongoSink(Sink):
             out.append(doc)
         return out
 
+    def _parts_handed_out(self, what: str, docs: Iterable[Doc]) -> list[Doc]:
+        """:meth:`_handed_out` for session parts, which the admin API orders
+        by ``part`` and merges by each event's ``seq``: a part whose ``part``
+        is no number (missing, null, text: another writer's) was a KeyError
+        or TypeError there, or whose ``events`` are not events with an
+        integer ``seq``: a 500. It is :class:`SinkUnreadable` too."""
+        parts = self._handed_out(what, docs)
+        for p in parts:
+            number, events = p.get("part"), p.get("events", [])
+            if (not isinstance(number, (int, float)) or isinstance(number, bool)
+                    or not isinstance(events, list)
+                    or not all(isinstance(e, dict) and isinstance(e.get("seq"), int)
+                               and not isinstance(e["seq"], bool) for e in events)):
+                raise SinkUnreadable(self._redact(
+                    f"mongodb sink: {what}: the part with _id {p.get('_id')!r} has no"
+                    " number or events without a seq (another writer's)"))
+        return parts
+
     def _undecodable(self, what: str, exc: BSONError) -> SinkUnreadable:
         """A document the driver cannot decode (a string that is not UTF-8)."""
         return SinkUnreadable(self._message(what, exc))
@@ -663,7 +681,7 @@ class MongoSink(Sink):
                 found = await sessions.find(
                     {"session_id": {"$in": ids, "$not": {"$type": "array"}}}, {"events": 0}
                 ).to_list(None)
-                for p in self._handed_out("list sessions", found):
+                for p in self._parts_handed_out("list sessions", found):
                     parts[str(p["session_id"])].append(p)
         except BSONError as exc:
             raise self._undecodable("list sessions", exc) from exc
@@ -763,7 +781,7 @@ class MongoSink(Sink):
             raise self._undecodable("get session parts", exc) from exc
         except PyMongoError as exc:
             raise self._classify("get session parts", exc) from None
-        return self._handed_out("get session parts", parts)
+        return self._parts_handed_out("get session parts", parts)
 
     async def list_security_events(
         self,

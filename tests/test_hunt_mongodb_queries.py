@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import bson
+import bson.int64
 import mockupdb
 import pytest
 from bson import Decimal128, ObjectId
@@ -162,3 +163,44 @@ async def test_a_part_0_without_a_string_session_id_is_not_listed(
     parts.replies(cursor_reply(SESSIONS, [_without_events(b0)]))
     page, next_cursor = await task
     assert [s["session_id"] for s in page] == ["b"] and next_cursor is not None
+
+
+PART_QUERIES = QUERIES[1:]
+
+
+@pytest.mark.parametrize("name,query,ns", PART_QUERIES, ids=[q[0] for q in PART_QUERIES])
+@pytest.mark.parametrize("change", [
+    {"part": None}, {"part": "1"}, {"events": "x"}, {"events": [{"seq": "1"}]},
+    {"events": [["seq", 1]]},
+], ids=["null part", "text part", "events text", "seq text", "event no object"])
+async def test_a_part_without_a_number_or_seqs_is_unreadable_not_a_500(
+    server: MockupDB, sink: MongoSink, name: str, query: Query, ns: str,
+    change: dict[str, Any],
+) -> None:
+    """The session summary orders a session's parts by ``part``, and the
+    admin API's session merges their events by ``seq``: a part another
+    writer left with no number (or null, or text, beside the others' int)
+    was a KeyError or TypeError, and events that are not objects with an
+    integer ``seq`` likewise, a 500 for the listing or the session."""
+    p0 = sample_part("s1", 0, final=False)
+    p1 = {**sample_part("s1", 1, final=True), **change}
+    task = start(query(sink))
+    find = await receive(server, "find")
+    if find.doc.get("projection") == {"session_id": 1}:
+        find.replies(cursor_reply(ns, [_head(p0)]))
+        find = await receive(server, "find")
+    find.replies(cursor_reply(ns, [p0, p1]))
+    with pytest.raises(SinkUnreadable, match="no number or events without a seq"):
+        await task
+
+
+async def test_a_part_as_mongosh_rewrites_it_is_read(server: MockupDB, sink: MongoSink) -> None:
+    """A number mongosh writes is a double, and a large one is a BSON int64
+    (the driver's Int64): both are still the part's number and seq."""
+    p0 = sample_part("s1", 0, final=False)
+    p1 = sample_part("s1", 1, final=True)
+    p1["part"] = 1.0
+    p1["events"][0]["seq"] = bson.int64.Int64(p1["events"][0]["seq"])
+    task = start(sink.get_session_parts("s1"))
+    (await receive(server, "find")).replies(cursor_reply(SESSIONS, [p0, p1]))
+    assert [p["part"] for p in await task] == [0, 1]
