@@ -813,5 +813,7 @@ class MongoSink(Sink):
             raise self._classify("list security events", exc) from None
         more = len(docs) > limit
         docs = self._handed_out("list security events", docs[:limit])
-        next_cursor = encode_cursor(docs[-1]["ts"], docs[-1]["_id"]) if more and docs else None
+        # (An event without ts, another writer's, sorts last: a page ends at it.)
+        last = docs[-1] if docs else {}
+        next_cursor = encode_cursor(last.get("ts"), last.get("_id")) if more and docs else None
         return docs, next_cursor

@@ -204,3 +204,23 @@ async def test_a_part_as_mongosh_rewrites_it_is_read(server: MockupDB, sink: Mon
     task = start(sink.get_session_parts("s1"))
     (await receive(server, "find")).replies(cursor_reply(SESSIONS, [p0, p1]))
     assert [p["part"] for p in await task] == [0, 1]
+
+
+async def test_a_page_of_security_events_ending_at_one_without_ts(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    """MongoDB sorts a missing ``ts`` as null, below every string: an event
+    another writer left without one ends the newest-first listing, and a
+    page ending at it took its cursor from ``docs[-1]["ts"]``: a KeyError,
+    a 500 whenever the listing had one more event."""
+    e2 = sample_security_event("e2", ts="2026-11-26T14:00:02.000Z")
+    e1 = sample_security_event("e1")
+    e1.pop("ts")
+    e0 = sample_security_event("e0")
+    e0.pop("ts")
+    task = start(sink.list_security_events(limit=2))
+    find = await receive(server, "find")
+    assert list(find["sort"].items()) == [("ts", -1), ("_id", -1)] and find["limit"] == 3
+    find.replies(cursor_reply(SECURITY, [e2, e1, e0]))
+    page, next_cursor = await task
+    assert page == [e2, e1] and next_cursor is not None
