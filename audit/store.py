@@ -298,7 +298,8 @@ def migrate(conn: sqlite3.Connection) -> None:
         )
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # (SQLite may have rolled it back itself: a full disk)
+            conn.execute("ROLLBACK")
         raise
 
 
@@ -338,7 +339,8 @@ def _migrate_shown_ms(conn: sqlite3.Connection) -> None:
                          f" WHERE {column} IS NULL")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # (SQLite may have rolled it back itself: a full disk)
+                conn.execute("ROLLBACK")
             raise
 
 
@@ -374,7 +376,8 @@ def note_earlier_stretch(conn: sqlite3.Connection) -> None:
         noted = _note_earlier_stretch(conn)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # (SQLite may have rolled it back itself: a full disk)
+            conn.execute("ROLLBACK")
         raise
     if noted:
         log.info("spool: noted where the security chain stood in the sink an earlier"

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from waiting import LoopTurns, wait_for
@@ -615,3 +617,52 @@ async def test_flood_counts_are_recorded_at_shutdown_even_by_a_full_spool(make_c
     assert summary["details"]["reason"] == "over_budget"
     assert summary["details"]["count"] == 4
     assert summary["source"]["ip"] == "203.0.113.9"
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+_MIGRATE_WITH_NO_ROOM = """
+import resource, signal, sqlite3, sys
+from audit.store import migrate
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the -wal and -shm opened
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # the -wal cannot grow
+try:
+    migrate(conn)
+except sqlite3.Error as exc:
+    print(exc, "| in transaction:", conn.in_transaction)
+"""
+
+
+async def test_a_migration_that_cannot_write_says_why(tmp_path, audit_key):
+    """A layout upgrade runs in one transaction. When its writes fail (a full
+    disk) SQLite rolls it back itself, and the migration's own ROLLBACK then
+    failed with "cannot rollback - no transaction is active": that, not the
+    write error, was what the start said. The file stays as it was and is
+    upgraded once the writes succeed."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+    for _ in range(20):
+        await asyncio.gather(*(sp.submit(Append(s.session_id, Draft("document.list", details=BIG)))
+                               for _ in range(50)))
+    await sp.close()
+    _downgrade(path, "sk_index")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MIGRATE_WITH_NO_ROOM, str(path), cwd=_ROOT,
+        stdout=asyncio.subprocess.PIPE)
+    raw, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    out = raw.decode()
+    assert "cannot rollback" not in out
+    assert "disk I/O error" in out or "full" in out, out
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()  # upgraded now
+    try:
+        ev = json.loads(await sp.submit(Append(s.session_id, Draft("document.list"))))
+        assert ev["seq"] == 1002
+        assert await sp.read(lambda c: c.execute(
+            "SELECT COUNT(*) FROM event_keys").fetchone()[0]) >= 1001
+    finally:
+        await sp.close()
