@@ -218,9 +218,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "audit.part_max_events": (lambda v: v >= 1, "must be at least 1"),
     "audit.part_max_bytes": (lambda v: v >= 4096, "must be at least 4096"),
     "audit.checkpoint_seconds": _positive_seconds(),
-    # An empty spool's own tables and indexes take about 72 KiB.
+    # An empty spool's own tables and indexes take about 120 KiB (30 pages of 4 KiB):
+    # the smallest limit leaves room for a few KiB of events only.
     "audit.spool_max_bytes": (lambda v: v >= 131072,
-                              "must be at least 131072 (an empty spool takes about 72 KiB)"),
+                              "must be at least 131072 (an empty spool takes about 120 KiB)"),
     "audit.keep_stored_seconds": (lambda v: 0 <= v <= MAX_SECONDS,
                                   f"must be from 0 to {MAX_SECONDS} (ten years)"),
     "audit.security_events_per_ip_per_second": (lambda v: v >= 0, "must not be negative"),
