@@ -162,18 +162,31 @@ def _audited(handler: Handler, *, needs_space: bool) -> Handler:
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
 
-def _time_param(request: web.Request, name: str) -> tuple[str, int] | None:
-    """The time as clients see times (whole ms, UTC) and in ms since the epoch."""
+def _time_param(request: web.Request, name: str, *, upper: bool = False) -> tuple[str, int] | None:
+    """The time as clients see times (whole ms, UTC) and in ms since the epoch.
+
+    Both bounds are inclusive of the times shown: a time given finer than a
+    millisecond is taken at the first shown time not before it (``since``),
+    or the last not after it (``until``, ``upper``). Rounded to the nearest,
+    ``since=...07.1231Z`` listed a session shown as ``...07.123Z``, before
+    it, and ``until=...07.1229Z`` one shown as ``...07.123Z``, after it."""
     value = request.query.get(name)
     if value is None or value == "":
         return None
-    if not _RFC3339.fullmatch(value):
+    m = _RFC3339.fullmatch(value)
+    if not m:
         raise bad_request(f"{name} must be an RFC 3339 time (2026-11-26T14:31:07Z)")
+    digits = (m.group(1) or ".")[1:]
     try:
-        epoch = parse_ts(value)
+        # Whole seconds (exact as a float), the fraction read from the text:
+        # the parser keeps 6 digits at most, and a float no exact thousandths.
+        seconds = round(parse_ts(value[:m.start(1)] + value[m.end(1):] if digits else value))
     except ValueError:
         raise bad_request(f"{name} must be an RFC 3339 time (2026-11-26T14:31:07Z)") from None
-    return _shown(epoch)
+    ms = int((digits + "000")[:3])
+    if not upper and digits[3:].strip("0"):
+        ms += 1  # past the millisecond: the next one shown is the first within
+    return _shown(seconds * 1000 + ms)
 
 
 # The range of times as shown: format_ts writes a year below 1000 without its
@@ -182,16 +195,16 @@ def _time_param(request: web.Request, name: str) -> tuple[str, int] | None:
 _EARLIEST, _LATEST = "1000-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"
 
 
-def _shown(epoch: float) -> tuple[str, int]:
-    """``epoch`` as a time is shown, and in whole ms, within years 1000-9999:
-    a valid RFC 3339 time with an offset (``9999-12-31T23:59:59-23:00``) can
+def _shown(ms: int) -> tuple[str, int]:
+    """``ms`` since the epoch as a time is shown, within years 1000-9999: a
+    valid RFC 3339 time with an offset (``9999-12-31T23:59:59-23:00``) can
     fall outside them in UTC."""
-    if epoch < parse_ts(_EARLIEST):
-        return _EARLIEST, shown_ms(parse_ts(_EARLIEST))
-    try:
-        return format_ts(epoch), shown_ms(epoch)
-    except (ValueError, OverflowError):
-        return _LATEST, shown_ms(parse_ts(_LATEST))
+    earliest, latest = shown_ms(parse_ts(_EARLIEST)), shown_ms(parse_ts(_LATEST))
+    if ms < earliest:
+        return _EARLIEST, earliest
+    if ms > latest:
+        return _LATEST, latest
+    return format_ts(ms / 1000), ms
 
 
 def _limit(request: web.Request) -> int:
@@ -240,7 +253,7 @@ def _params(request: web.Request, allowed: set[str]) -> None:
 @audited
 async def list_sessions(request: web.Request) -> web.Response:
     _params(request, {"user", "since", "until", "state", "limit", "cursor"})
-    window = (_time_param(request, "since"), _time_param(request, "until"))
+    window = (_time_param(request, "since"), _time_param(request, "until", upper=True))
     limit = _limit(request)
     cursor = _cursor(request)
     state = request.query.get("state") or None

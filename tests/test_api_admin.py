@@ -28,7 +28,7 @@ from api_fixtures import (
 from live_server import free_port
 from receiver import sample_part, sample_security_event
 
-from audit.events import Draft, format_ts
+from audit.events import Draft, format_ts, parse_ts
 from audit.store import Writer
 from sinks.base import encode_cursor
 
@@ -262,6 +262,62 @@ async def test_filters_user_since_until_limit(api: Api) -> None:
     # An offset form of RFC 3339 works too.
     got = await _get(api, admin, "/audit/sessions", since="2000-01-01T00:00:00+02:00")
     assert len(got["sessions"]) == 4
+
+
+def _finer(shown: str, ms_delta: int, tail: str) -> str:
+    """The time ``ms_delta`` ms after ``shown`` (``...07.123Z``), with
+    ``tail`` digits past its milliseconds."""
+    return format_ts(parse_ts(shown) + ms_delta / 1000)[:-1] + tail + "Z"
+
+
+@pytest.mark.parametrize(("param", "ms_delta", "tail", "listed"), [
+    ("since", 0, "", True),
+    ("since", 0, "0", True),
+    ("since", 0, "000000000", True),
+    ("since", 0, "0000000001", False),  # past what the parser keeps (6 digits)
+    ("since", 0, "1", False),
+    ("since", 0, "4999", False),
+    ("since", 0, "5", False),
+    ("since", 0, "9", False),
+    ("since", -1, "9", True),
+    ("since", -1, "5", True),
+    ("until", 0, "", True),
+    ("until", 0, "0", True),
+    ("until", 0, "9", True),
+    ("until", 0, "999999999", True),
+    ("until", -1, "9999999", False),
+    ("until", -1, "5", False),
+    ("until", -1, "4", False),
+    ("until", -1, "0", False),
+])
+async def test_since_and_until_finer_than_a_millisecond_bound_the_times_shown(
+    api: Api, param: str, ms_delta: int, tail: str, listed: bool
+) -> None:
+    """since and until are inclusive bounds on session_start_time as shown
+    (whole ms). A bound given finer than that was rounded to the nearest ms:
+    since=07.1235Z listed a session shown 07.123Z and until=07.1225Z one
+    shown 07.123Z, both outside the window asked for."""
+    admin = await api.admin()
+    alice = await api.user("alice")
+    shown = (await _get(api, admin, f"/audit/sessions/{alice.session_id}"))[
+        "session_start_time"]
+    bound = _finer(shown, ms_delta, tail)
+    got = await _get(api, admin, "/audit/sessions", user="alice", **{param: bound})
+    assert (alice.session_id in {s["session_id"] for s in got["sessions"]}) is listed, (
+        shown, bound)
+
+
+@pytest.mark.parametrize(("tail", "listed"), [("", True), ("0001", False), ("5", False)])
+async def test_security_events_since_finer_than_a_millisecond(
+    api: Api, tail: str, listed: bool
+) -> None:
+    admin = await api.admin()
+    resp = await api.client.get("/me", headers={"Authorization": "Bearer nope"})
+    assert resp.status == 401
+    event = (await api.wait_security("auth.invalid_token"))[-1]
+    got = await _get(api, admin, "/audit/security-events", kind="auth.invalid_token",
+                     since=_finer(event["ts"], 0, tail))
+    assert (event["event_id"] in {e["event_id"] for e in got["events"]}) is listed
 
 
 async def _in_one_instant(api: Api, fn: Callable[[Writer], Any]) -> None:
