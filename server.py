@@ -881,6 +881,8 @@ def cmd_adduser(config: Config, args: argparse.Namespace) -> int:
     except sqlite3.IntegrityError:  # added beside it a moment ago
         print(f"adduser: user {name!r} exists already", file=sys.stderr)
         return 1
+    except sqlite3.OperationalError as exc:
+        return _busy("adduser", exc)
     finally:
         conn.close()
     print(f"added {'admin' if args.admin else 'user'} {name}")

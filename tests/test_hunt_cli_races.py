@@ -1,0 +1,57 @@
+"""The command line racing a busy server and itself: real server and
+command processes on one spool, the interleaving driven where it can be.
+Each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from pathlib import Path
+
+from live_server import Live
+from waiting import wait_for
+
+from audit.spool import open_lock
+
+
+def _waiting_on(path: Path) -> int:
+    """How many processes wait for a flock on ``path`` (Linux /proc/locks)."""
+    st = os.stat(path)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+               if "->" in line and line.split()[-3] == ident)
+
+
+async def test_adduser_of_names_alike_in_case_at_once_adds_one(tmp_path: Path) -> None:
+    """``adduser`` refuses a name that differs from an existing one only in
+    case. The check and the insert were two statements with the password's
+    hash between them (a quarter of a second at the default cost, no lock
+    held): ``adduser Bob`` and ``adduser bob`` run at once each found no
+    such name, and both were added. The three here are let go together
+    (each waits for the spool's schema lock, which the test holds)."""
+    live = Live(tmp_path, {"auth": {"bcrypt_rounds": 12}})
+    try:
+        await live.start()
+        lock = live.data_dir / "spool.db.schema-lock"
+        fd = open_lock(lock)
+        names = ["Bob", "bob", "BOB"]
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            runs = [asyncio.create_task(live.cli("adduser", n, "--password-stdin",
+                                                 stdin="a-password-1\n")) for n in names]
+            await wait_for(lambda: _waiting_on(lock) == len(names), timeout=60)
+        finally:
+            os.close(fd)
+        results = await asyncio.gather(*runs)
+        assert sorted(r.returncode for r in results) == [0, 1, 1], [
+            (r.returncode, r.stderr) for r in results]
+        for r in results:
+            if r.returncode:
+                assert "exists already" in r.stderr, r.stderr
+        users = await live.cli("users")
+        listed = [line.split("\t")[0] for line in users.stdout.splitlines()]
+        assert len([n for n in listed if n.lower() == "bob"]) == 1, listed
+    finally:
+        live.close()
+
