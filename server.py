@@ -285,31 +285,49 @@ def admin_password_from_env() -> str | None:
     return password or None
 
 
+def _no_first_admin(existing: str) -> StartupError:
+    if existing == "admin":
+        return StartupError(
+            "no user has the admin role, and the name 'admin' belongs to a user without it:"
+            " add an admin with `server.py adduser NAME --admin`")
+    # adduser refuses such a pair: the two would read alike in the trail.
+    return StartupError(
+        f"no user has the admin role, and the user {existing!r} would read alike the"
+        " 'admin' a first start makes: add an admin with `server.py adduser NAME --admin`")
+
+
 async def _ensure_admin(app: web.Application) -> None:
     accounts = app[ACCOUNTS]
     if await accounts.has_admin():
         return
     existing = await accounts.alike("admin")
-    if existing == "admin":
-        raise StartupError(
-            "no user has the admin role, and the name 'admin' belongs to a user without it:"
-            " add an admin with `server.py adduser NAME --admin`")
     if existing is not None:
-        # adduser refuses such a pair: the two would read alike in the trail.
-        raise StartupError(
-            f"no user has the admin role, and the user {existing!r} would read alike the"
-            " 'admin' a first start makes: add an admin with `server.py adduser NAME --admin`")
+        raise _no_first_admin(existing)
     password = admin_password_from_env()
-    if password:
-        await accounts.create("admin", password, "admin")
+    path = None
+    if not password:
+        password = secrets.token_urlsafe(18)
+        path = app[CONFIG].data_dir / "initial_admin_password"
+        path.unlink(missing_ok=True)
+        _write_private(path, password + "\n")
+    # Checked again in the insert's transaction: `adduser` may have added an
+    # admin, or a user alike 'admin', since (beside this start).
+    try:
+        made = await accounts.create_first_admin("admin", password)
+    except BaseException as exc:
+        if path is not None:
+            path.unlink(missing_ok=True)  # not the password of any user
+        if isinstance(exc, UserExists):
+            raise _no_first_admin(exc.existing) from None
+        raise
+    if not made:
+        if path is not None:
+            path.unlink(missing_ok=True)
+        log.info("an admin was added beside this first start: no user 'admin' created")
+    elif path is None:
         log.info("created user 'admin' with the password from %s", ADMIN_PASSWORD_ENV)
-        return
-    password = secrets.token_urlsafe(18)
-    path = app[CONFIG].data_dir / "initial_admin_password"
-    path.unlink(missing_ok=True)
-    _write_private(path, password + "\n")
-    await accounts.create("admin", password, "admin")
-    log.info("created user 'admin'; its password is in %s (mode 0600)", path)
+    else:
+        log.info("created user 'admin'; its password is in %s (mode 0600)", path)
 
 
 async def _first_sink_attempt(engine: AuditEngine, wait: float = SINK_OPEN_WAIT) -> None:

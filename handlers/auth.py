@@ -277,6 +277,33 @@ class Accounts:
 
         await self.engine.spool.submit(insert, needs_space=False)
 
+    async def create_first_admin(self, username: str, password: str) -> bool:
+        """Add ``username`` as an admin unless a user has the admin role by
+        then (False). A user whose name is ``username`` or differs from it
+        only in case raises :class:`UserExists`. The checks and the insert
+        are one transaction: ``adduser admin --admin`` beside a first start
+        had, between the start's check and its insert, the insert fail
+        (the start stopped on "UNIQUE constraint failed"), and ``adduser
+        Admin --admin`` left two admins whose names read alike."""
+        stored = await asyncio.to_thread(hash_password, password, self.rounds)
+        now = format_ts(time.time())
+
+        def insert(w: Any) -> bool:
+            c = w.conn
+            if c.execute("SELECT 1 FROM users WHERE role = 'admin' LIMIT 1").fetchone():
+                return False
+            row = c.execute("SELECT username FROM users WHERE lower(username) = lower(?)"
+                            " ORDER BY username = ? DESC LIMIT 1",
+                            (username, username)).fetchone()
+            if row is not None:
+                raise UserExists(row[0])
+            c.execute("INSERT INTO users (username, password_hash, role, created_at)"
+                      " VALUES (?, ?, 'admin', ?)", (username, stored, now))
+            return True
+
+        made: bool = await self.engine.spool.submit(insert, needs_space=False)
+        return made
+
     async def alike(self, username: str) -> str | None:
         """The user of that name, or of one that differs only in case (which
         :func:`add_user_sync` refuses to add beside it), or None."""

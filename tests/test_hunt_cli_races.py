@@ -8,11 +8,17 @@ import asyncio
 import fcntl
 import os
 from pathlib import Path
+from typing import Any
 
+import pytest
+from aiohttp import web
 from live_server import Live
 from waiting import wait_for
 
+import server
 from audit.spool import open_lock
+from handlers.auth import Accounts, add_user_sync
+from handlers.keys import ACCOUNTS, CONFIG
 
 
 def _waiting_on(path: Path) -> int:
@@ -55,3 +61,48 @@ async def test_adduser_of_names_alike_in_case_at_once_adds_one(tmp_path: Path) -
     finally:
         live.close()
 
+
+@pytest.mark.parametrize(("name", "role"), [("admin", "admin"), ("Admin", "admin"),
+                                            ("admin", "user")])
+async def test_adduser_beside_a_first_start_between_its_check_and_its_insert(
+    make_config: Any, engines: Any, monkeypatch: pytest.MonkeyPatch, name: str, role: str,
+) -> None:
+    """A first start with no admin checks for one (and for a user alike
+    'admin'), then creates 'admin'. ``adduser`` beside it, between the two:
+    with ``admin --admin`` the insert failed and the start stopped on
+    "UNIQUE constraint failed: users.username" (5 of 6 real races); with
+    ``Admin --admin`` two admins whose names read alike were left, and the
+    start wrote an initial_admin_password that was no user's password
+    either way. Now the start checks again in the insert's transaction."""
+    monkeypatch.delenv(server.ADMIN_PASSWORD_ENV, raising=False)
+    config = make_config(auth={"bcrypt_rounds": 4})
+    engine = await engines.open(config)
+    accounts = Accounts(engine, rounds=4)
+    app = web.Application()
+    app[ACCOUNTS] = accounts
+    app[CONFIG] = config
+    real_alike = accounts.alike
+
+    def add() -> None:  # what `server.py adduser` does, through its own connection
+        conn = server._spool_conn(config)
+        try:
+            add_user_sync(conn, name, "a-password-1", role, 4)
+        finally:
+            conn.close()
+
+    async def alike_then_adduser(username: str) -> str | None:
+        found = await real_alike(username)
+        await asyncio.to_thread(add)
+        return found
+
+    monkeypatch.setattr(accounts, "alike", alike_then_adduser)
+    initial = config.data_dir / "initial_admin_password"
+    if role == "user":
+        with pytest.raises(server.StartupError, match="belongs to a user without it"):
+            await server._ensure_admin(app)
+    else:
+        await server._ensure_admin(app)
+    rows = await engine.spool.read(
+        lambda c: c.execute("SELECT username, role FROM users").fetchall())
+    assert rows == [(name, role)]
+    assert not initial.exists()  # it would hold no user's password
