@@ -401,7 +401,8 @@ class AuditEngine:
     async def record_summaries(self, *, final: bool = False) -> int:
         """Record one event per (client IP, action) counted by the flood guard
         since the last call: ``details`` ``{"reason": "over_budget", "count",
-        "first_ts", "last_ts", "usernames", "more_usernames", "session_ids"}``.
+        "first_ts", "last_ts", "usernames", "more_usernames", "session_ids",
+        "more_session_ids"}``.
         Returns how many were recorded. If the spool refuses them (full,
         failing), the counts are kept for the next call. The ``final`` call,
         at shutdown, has no next one: a full spool takes them (they are
@@ -417,7 +418,8 @@ class AuditEngine:
                   details={"reason": "over_budget", "count": c.count,
                            "first_ts": format_ts(c.first), "last_ts": format_ts(c.last),
                            "usernames": sorted(c.users), "more_usernames": c.more_users,
-                           "session_ids": sorted(c.sessions)})
+                           "session_ids": sorted(c.sessions),
+                           "more_session_ids": c.more_sessions})
             for c in summaries
         ]
 

@@ -135,11 +135,11 @@ class FloodGuard:
     token bucket (``rate`` a second, ``burst`` saved up) and all of them
     share one more, ten times as large: an event within
     both budgets is recorded as it comes; past them it is counted instead,
-    per (IP, action), with up to ``MAX_USERS`` of the usernames it named,
-    and :meth:`take_summaries` hands the counts out, to be recorded as one
-    summary event each. A flood of bad tokens or failed logins cannot fill
-    the spool and the sink one event a request, and what it did is still on
-    the record, counted.
+    per (IP, action), with up to ``MAX_USERS`` of the usernames and session
+    ids it named (and whether there were more), and :meth:`take_summaries`
+    hands the counts out, to be recorded as one summary event each. A flood
+    of bad tokens or failed logins cannot fill the spool and the sink one
+    event a request, and what it did is still on the record, counted.
 
     Memory is bounded: at most ``MAX_KEYS`` buckets (the least recently
     seen are forgotten: they refill) and ``MAX_KEYS`` counts (past that,
@@ -219,6 +219,7 @@ class Counted:
     users: set[str] = field(default_factory=set)
     more_users: bool = False
     sessions: set[str] = field(default_factory=set)
+    more_sessions: bool = False
 
     def add(self, wall: float, user: str | None, session_id: str | None, most: int) -> None:
         self.count += 1
@@ -229,8 +230,11 @@ class Counted:
                 self.users.add(user)
             else:
                 self.more_users = True
-        if session_id is not None and len(self.sessions) < most:
-            self.sessions.add(session_id)
+        if session_id is not None and session_id not in self.sessions:
+            if len(self.sessions) < most:
+                self.sessions.add(session_id)
+            else:
+                self.more_sessions = True
 
     def merge(self, other: Counted, most: int) -> None:
         if self is other:
@@ -242,4 +246,7 @@ class Counted:
         extra = sorted(other.users - self.users)
         self.users |= set(extra[:room])
         self.more_users = self.more_users or other.more_users or len(extra) > room
-        self.sessions |= set(sorted(other.sessions)[: max(0, most - len(self.sessions))])
+        room = max(0, most - len(self.sessions))
+        extra = sorted(other.sessions - self.sessions)
+        self.sessions |= set(extra[:room])
+        self.more_sessions = self.more_sessions or other.more_sessions or len(extra) > room
