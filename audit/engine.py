@@ -69,6 +69,11 @@ def _username(draft: Draft) -> str | None:
     return name[:128] if isinstance(name, str) else None
 
 
+def _reason(draft: Draft) -> str | None:
+    reason = draft.details.get("reason")
+    return reason[:64] if isinstance(reason, str) else None
+
+
 class AuditEngine:
     def __init__(
         self,
@@ -393,7 +398,8 @@ class AuditEngine:
             self.flood is not None
             and draft.action in UNAUTHENTICATED
             and not self.flood.admit(draft.source.ip, draft.action, self.clock(),
-                                     draft.source.user or _username(draft), session_id)
+                                     draft.source.user or _username(draft), session_id,
+                                     _reason(draft))
         ):
             return
         await self.spool.submit(lambda w: w.append_security(draft, session_id))
@@ -402,7 +408,8 @@ class AuditEngine:
         """Record one event per (client IP, action) counted by the flood guard
         since the last call: ``details`` ``{"reason": "over_budget", "count",
         "first_ts", "last_ts", "usernames", "more_usernames", "session_ids",
-        "more_session_ids"}``.
+        "more_session_ids", "reasons"}`` (``reasons``: the counted events'
+        own ``details.reason``, each with its count).
         Returns how many were recorded. If the spool refuses them (full,
         failing), the counts are kept for the next call. The ``final`` call,
         at shutdown, has no next one: a full spool takes them (they are
@@ -419,7 +426,8 @@ class AuditEngine:
                            "first_ts": format_ts(c.first), "last_ts": format_ts(c.last),
                            "usernames": sorted(c.users), "more_usernames": c.more_users,
                            "session_ids": sorted(c.sessions),
-                           "more_session_ids": c.more_sessions})
+                           "more_session_ids": c.more_sessions,
+                           "reasons": dict(sorted(c.reasons.items()))})
             for c in summaries
         ]
 

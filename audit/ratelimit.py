@@ -136,10 +136,11 @@ class FloodGuard:
     share one more, ten times as large: an event within
     both budgets is recorded as it comes; past them it is counted instead,
     per (IP, action), with up to ``MAX_USERS`` of the usernames and session
-    ids it named (and whether there were more), and :meth:`take_summaries`
-    hands the counts out, to be recorded as one summary event each. A flood
-    of bad tokens or failed logins cannot fill the spool and the sink one
-    event a request, and what it did is still on the record, counted.
+    ids it named (and whether there were more), and a count per
+    ``details.reason``; :meth:`take_summaries` hands the counts out, to be
+    recorded as one summary event each. A flood of bad tokens or failed
+    logins cannot fill the spool and the sink one event a request, and what
+    it did is still on the record, counted.
 
     Memory is bounded: at most ``MAX_KEYS`` buckets (the least recently
     seen are forgotten: they refill) and ``MAX_KEYS`` counts (past that,
@@ -163,7 +164,7 @@ class FloodGuard:
 
     def admit(
         self, ip: str | None, action: str, wall: float,
-        user: str | None = None, session_id: str | None = None,
+        user: str | None = None, session_id: str | None = None, reason: str | None = None,
     ) -> bool:
         """True: record this event now; False: it has been counted."""
         key = ip or "-"
@@ -180,7 +181,7 @@ class FloodGuard:
                 return True
             bucket.tokens = min(bucket.burst, bucket.tokens + 1.0)  # not spent after all
         entry = self._entry(key, action, wall)
-        entry.add(wall, user, session_id, self.MAX_USERS)
+        entry.add(wall, user, session_id, self.MAX_USERS, reason)
         self.suppressed += 1
         return False
 
@@ -220,8 +221,14 @@ class Counted:
     more_users: bool = False
     sessions: set[str] = field(default_factory=set)
     more_sessions: bool = False
+    # details.reason -> count: what the events were (a right password of a
+    # disabled account, a token of another algorithm), which the summary's
+    # own reason ("over_budget") would otherwise hide. Reasons are the
+    # server's own words, a handful; past ``most`` of them, under "other".
+    reasons: dict[str, int] = field(default_factory=dict)
 
-    def add(self, wall: float, user: str | None, session_id: str | None, most: int) -> None:
+    def add(self, wall: float, user: str | None, session_id: str | None, most: int,
+            reason: str | None = None) -> None:
         self.count += 1
         self.first = min(self.first, wall)
         self.last = max(self.last, wall)
@@ -235,6 +242,12 @@ class Counted:
                 self.sessions.add(session_id)
             else:
                 self.more_sessions = True
+        self._reason(reason or "-", 1, most)
+
+    def _reason(self, reason: str, n: int, most: int) -> None:
+        if reason not in self.reasons and len(self.reasons) >= most:
+            reason = "other"
+        self.reasons[reason] = self.reasons.get(reason, 0) + n
 
     def merge(self, other: Counted, most: int) -> None:
         if self is other:
@@ -250,3 +263,5 @@ class Counted:
         extra = sorted(other.sessions - self.sessions)
         self.sessions |= set(extra[:room])
         self.more_sessions = self.more_sessions or other.more_sessions or len(extra) > room
+        for reason, n in other.reasons.items():
+            self._reason(reason, n, most)

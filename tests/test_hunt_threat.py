@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from api_fixtures import Api, MakeApi, expect_error, make_api
+from api_fixtures import USER_PASSWORD, Api, MakeApi, expect_error, make_api
+
+from audit.spool import connect
+from handlers.auth import change_user_sync
 
 __all__ = ["make_api"]
 
@@ -60,4 +63,45 @@ async def test_a_flood_summary_says_when_it_names_only_some_session_ids(
     assert d["usernames"] == ["bob", "mallory"]
     assert len(d["session_ids"]) == 20 and bob.session_id not in d["session_ids"]
     assert d["more_session_ids"] is True
+    assert d["reasons"] == {"session_ended": 22}
 
+
+async def test_a_flood_summary_keeps_why_each_login_failed(make_api: MakeApi) -> None:
+    """The right password of a disabled account is recorded as
+    ``auth.login_failed`` with reason ``user_disabled``: the sign that the
+    password is known. Sent from an address past its budget, it was counted
+    into a summary whose reason is ``over_budget`` alone, the same as a
+    wrong guess's: an attacker spending the budget first (3 junk tokens
+    here) hid that it held the password."""
+    api = await make_api(audit=FLOOD)
+    await api.add_user("carol")
+    conn = connect(api.config.spool_path, "normal")
+    try:
+        assert change_user_sync(conn, "carol", disabled=True)
+    finally:
+        conn.close()
+    await _spend_the_budget(api)
+    for password in ("wrong-password-1", USER_PASSWORD, "wrong-password-2"):
+        resp = await api.client.post("/token", json={"username": "carol", "password": password})
+        await expect_error(resp, 401, "invalid_credentials")  # the answer does not tell
+
+    d = await _summary(api, "auth.login_failed")
+    assert (d["count"], d["usernames"]) == (3, ["carol"])
+    assert d["reasons"] == {"invalid_credentials": 2, "user_disabled": 1}
+    assert d["more_session_ids"] is False
+
+
+def test_reasons_survive_a_refused_commit_and_stay_bounded(monkeypatch: Any) -> None:
+    from audit.ratelimit import FloodGuard
+
+    monkeypatch.setattr(FloodGuard, "MAX_USERS", 2)
+    guard = FloodGuard(rate=1e-9, burst=1, clock=lambda: 0.0)
+    assert guard.admit("ip", "auth.invalid_token", 1.0, reason="malformed")
+    guard.admit("ip", "auth.invalid_token", 2.0, reason="wrong_algorithm")
+    taken = guard.take_summaries()  # and the spool refuses them
+    for reason in ("wrong_algorithm", "bad_signature", "missing_claim", None):
+        guard.admit("ip", "auth.invalid_token", 3.0, reason=reason)
+    guard.restore(taken)
+    (c,) = guard.take_summaries()
+    assert c.count == 5 == sum(c.reasons.values())
+    assert c.reasons == {"wrong_algorithm": 2, "bad_signature": 1, "other": 2}
