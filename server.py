@@ -85,6 +85,7 @@ from handlers.auth import (
     valid_username,
 )
 from handlers.errors import error_middleware, install_parser_error_answer, security_headers
+from handlers.inflight import IN_FLIGHT, InFlight, requests_ctx
 from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
 from handlers.ops import COUNTS, DURATIONS, REQUESTS, SharedCounts, new_registry
 from handlers.requests import CLIENT_MAX_SIZE, transfer_seconds
@@ -525,8 +526,10 @@ def create_app(
     app[AI] = create_provider(config, app)
     app[CHAT_SLOTS] = asyncio.Semaphore(CHAT_CONCURRENCY)
     app[COUNTS] = SharedCounts(engine)
+    app[IN_FLIGHT] = in_flight = InFlight()
+    app.on_shutdown.append(in_flight.on_shutdown)
     app.middlewares.extend(
-        [send_middleware, _metrics_middleware(app), error_middleware,
+        [in_flight.middleware, send_middleware, _metrics_middleware(app), error_middleware,
          session_middleware(engine, tokens)]
     )
     app.on_response_prepare.append(security_headers)
@@ -534,6 +537,9 @@ def create_app(
     app.cleanup_ctx.append(_client_ctx)
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_accounts_ctx)  # after the engine opens, before it closes
+    # Torn down first: requests still running (their clients gone) end
+    # before the engine closes, within the time the others get.
+    app.cleanup_ctx.append(requests_ctx(2 * SHUTDOWN_REQUESTS_SECONDS))
     return app
 
 

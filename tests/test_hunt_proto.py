@@ -1,0 +1,142 @@
+"""Clients that go away mid-request, and HTTP protocol details (found by a
+hunt from that angle). The real app factory under aiohttp's own runner, as
+``serve`` runs it, real SQLite files, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from api_fixtures import ADMIN_PASSWORD, USER_PASSWORD, api_config
+from openai_stub import OpenAIStub
+from waiting import wait_for
+
+import server
+from handlers.keys import ACCOUNTS
+
+
+@contextlib.asynccontextmanager
+async def _served(config: Any, monkeypatch: pytest.MonkeyPatch
+                  ) -> AsyncIterator[tuple[web.Application, web.AppRunner, str]]:
+    """The real app on loopback under aiohttp's runner as ``serve`` has it
+    (handlers not cancelled when their client goes), with a short wait for
+    requests in flight (serve's is 10 s): the app, its runner, its URL."""
+    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
+    app = server.create_app(config)
+    runner = web.AppRunner(app, shutdown_timeout=0.3)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield app, runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+
+
+async def _login_and_doc(app: web.Application, base: str) -> tuple[dict[str, Any], str]:
+    await app[ACCOUNTS].create("alice", USER_PASSWORD, "user")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/token", json={"username": "alice",
+                                                    "password": USER_PASSWORD}) as r:
+            assert r.status == 200
+            login = await r.json()
+        async with http.post(base + "/documents",
+                             headers={"Authorization": f"Bearer {login['access_token']}"},
+                             json={"title": "t", "content": "the document"}) as r:
+            assert r.status == 201
+            return login, (await r.json())["id"]
+
+
+def _events(config: Any, session_id: str) -> list[dict[str, Any]]:
+    with contextlib.closing(sqlite3.connect(config.spool_path)) as spool:
+        return [json.loads(j) for (j,) in spool.execute(
+            "SELECT json FROM events WHERE session_id = ? ORDER BY seq", (session_id,))]
+
+
+async def test_a_chat_whose_client_left_is_waited_for_by_the_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client of a chat goes away while the provider has the document,
+    then the server is told to stop. aiohttp lets such a handler run on, but
+    its shutdown waits for it only as long as for the first phase (10 s in
+    ``serve``), neither waits for it nor cancels it after that, and the
+    engine closed under it: the interaction went unrecorded ("audit
+    unavailable: the spool is closed", seen with ``serve`` and a provider
+    answering 10 s after SIGTERM). The shutdown now waits for it like any
+    request in flight, before the engine closes."""
+    caplog.set_level(logging.INFO, logger="session_audit")
+    stub = OpenAIStub()
+    stub.mode = "held"
+    base_url = await stub.start()
+    config = api_config(tmp_path, ai={"provider": "openai", "openai": {
+        "base_url": base_url, "timeout_seconds": 60.0}})
+    try:
+        async with _served(config, monkeypatch) as (app, runner, base):
+            login, doc = await _login_and_doc(app, base)
+            body = json.dumps({"message": "hi"}).encode()
+            _, writer = await asyncio.open_connection(*runner.addresses[0][:2])
+            writer.write(f"POST /documents/{doc}/chat HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {login['access_token']}\r\n"
+                         "X-Request-ID: client-gone\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+            await asyncio.wait_for(stub.arrived.wait(), 10)
+            writer.close()  # the client goes away while the provider has the document
+            await writer.wait_closed()
+            stopping = asyncio.ensure_future(runner.cleanup())
+            # Either the shutdown waits for the chat, or it is over without it.
+            await wait_for(lambda: "requests still running" in caplog.text or stopping.done(),
+                           timeout=10)
+            stub.gate.set()  # the provider answers
+            await asyncio.wait_for(stopping, 20)
+    finally:
+        await stub.stop()
+    chats = [e for e in _events(config, login["session_id"])
+             if e["request_id"] == "client-gone"]
+    assert [(e["action"], e["outcome"]) for e in chats] == [("ai.interaction", "success")], (
+        caplog.text[-3000:])
+
+
+async def test_a_request_whose_client_left_is_cancelled_at_the_end_of_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the shutdown's wait, a request whose client went away is
+    cancelled before the engine closes, like one whose client is still
+    there: a chat so cut off is recorded as ``cancelled`` (it was cancelled
+    only by ``run_app``'s last sweep, after the engine had closed)."""
+    monkeypatch.setattr(server, "SHUTDOWN_REQUESTS_SECONDS", 0.3)  # serve's is 10 s
+    stub = OpenAIStub()
+    stub.mode = "held"  # never answers
+    base_url = await stub.start()
+    config = api_config(tmp_path, ai={"provider": "openai", "openai": {
+        "base_url": base_url, "timeout_seconds": 60.0}})
+    try:
+        async with _served(config, monkeypatch) as (app, runner, base):
+            login, doc = await _login_and_doc(app, base)
+            async with aiohttp.ClientSession() as http:
+                asking = asyncio.ensure_future(http.post(
+                    f"{base}/documents/{doc}/chat", json={"message": "hi"},
+                    headers={"Authorization": f"Bearer {login['access_token']}",
+                             "X-Request-ID": "client-gone"}, raise_for_status=False))
+                await asyncio.wait_for(stub.arrived.wait(), 10)
+                asking.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asking
+            # The session closed: the client's connection is gone.
+            await asyncio.wait_for(runner.cleanup(), 20)
+    finally:
+        await stub.stop()
+    chats = [e for e in _events(config, login["session_id"])
+             if e["request_id"] == "client-gone"]
+    assert [(e["action"], e["outcome"], e["details"]["reason"]) for e in chats] == [
+        ("ai.interaction", "failure", "cancelled")]
