@@ -557,7 +557,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
                                            keep_blank_values=True, max_num_fields=16)
         except (ValueError, LookupError):  # bytes not in the charset, too many fields
             raise bad_request("the form body is malformed") from None
-        data = dict(pairs)
+        data = _once(pairs)
     elif ctype == "multipart/form-data":
         if request.content_length is None or "Content-Encoding" in request.headers:
             # aiohttp reads a multipart body itself: its size must be known first.
@@ -571,7 +571,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
             # in the (possibly unknown) charset, a part with an unknown
             # Content-Transfer-Encoding (RuntimeError): aiohttp raises these, not 400.
             raise bad_request("the form body is malformed") from None
-        data = {k: v for k, v in form.items() if isinstance(v, str)}
+        data = _once([(k, v) for k, v in form.items() if isinstance(v, str)])
     else:
         data = await read_json(request, limit=LOGIN_BODY_MAX)
         if not isinstance(data, dict):
@@ -591,6 +591,17 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
         # which bcrypt's prehash cannot encode (a 500); JSON refuses them already.
         raise bad_request("username and password must be valid Unicode")
     return username, password
+
+
+def _once(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """A login form's fields, each given at most once (RFC 6749, 3.1: the
+    token endpoint's parameters "MUST NOT be included more than once"; which
+    of two usernames counts differs from one reader to the next, a proxy
+    or filter in front of the server included)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        raise bad_request("a form field is given more than once")
+    return data
 
 
 def is_utf8(text: str) -> bool:

@@ -122,7 +122,9 @@ async def read_json(
     numbers too large to be finite (``1e400``), which the audit trail's
     canonical JSON cannot carry, and what a sink's format cannot (MongoDB's
     BSON): integers outside 64 bits and object keys with a NUL character.
-    Recorded, they would make a whole session part undeliverable.
+    Recorded, they would make a whole session part undeliverable. So is an
+    object with a key twice (``{"title": "a", "title": "b"}``): which one
+    counts differs from one reader to the next.
     """
     raw = await read_body(request, limit)
     if not raw.strip():
@@ -133,7 +135,11 @@ async def read_json(
     # and only for bodies where they can apply: 19 digits in a row somewhere,
     # a \u0000 escape (JSON strings hold no raw NUL). The first look costs
     # 15 ms for 8 MiB; the hooks up to 3-4 x the parse, for such bodies only.
-    hooks: dict[str, Any] = {}
+    # Every object's keys are checked for repeats (RFC 7493's I-JSON: readers
+    # differ on which value of a repeated key counts, and a proxy or filter in
+    # front may have judged another one than the one applied and recorded):
+    # measured, 4 % more for 100 client events, 2 x for a body of tiny objects.
+    hooks: dict[str, Any] = {"object_pairs_hook": _unique_keys}
     try:
         text = raw.decode("utf-8")
         if _DIGIT_RUN in raw.translate(_DIGITS_ONLY):
@@ -145,6 +151,8 @@ async def read_json(
         raise bad_request("integers must fit in 64 bits") from None
     except _NulKey:
         raise bad_request("object keys must not contain NUL characters") from None
+    except _RepeatedKey:
+        raise bad_request("an object has the same key twice") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     try:
@@ -187,11 +195,22 @@ class _NulKey(Exception):
     pass
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _RepeatedKey
+    return obj
+
+
 def _no_nul_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for key, _ in pairs:
         if "\x00" in key:
             raise _NulKey
-    return dict(pairs)
+    return _unique_keys(pairs)
 
 
 def json_object(value: Any) -> dict[str, Any]:

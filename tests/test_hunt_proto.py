@@ -16,12 +16,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from api_fixtures import ADMIN_PASSWORD, USER_PASSWORD, api_config
+from api_fixtures import ADMIN_PASSWORD, USER_PASSWORD, MakeApi, api_config, make_api
 from openai_stub import OpenAIStub
 from waiting import wait_for
 
 import server
 from handlers.keys import ACCOUNTS
+
+__all__ = ["make_api"]
 
 
 @contextlib.asynccontextmanager
@@ -140,3 +142,70 @@ async def test_a_request_whose_client_left_is_cancelled_at_the_end_of_the_wait(
              if e["request_id"] == "client-gone"]
     assert [(e["action"], e["outcome"], e["details"]["reason"]) for e in chats] == [
         ("ai.interaction", "failure", "cancelled")]
+
+
+async def test_a_key_given_twice_is_refused_and_recorded(make_api: MakeApi) -> None:
+    """``{"title": "a", "title": "b"}``: the last value was applied (and
+    recorded so), where another reader in front of the server (a proxy, a
+    filter, a log) may take the first. An object with a key twice, at any
+    depth, is refused with 400 ``invalid_request`` and recorded like any
+    refused body; nothing is done."""
+    api = await make_api()
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="kept")
+    cases = [
+        ("POST", "/documents", b'{"title": "a", "title": "b", "content": "c"}',
+         "document.create"),
+        ("PUT", f"/documents/{doc['id']}", b'{"title": "x", "version": 9, "version": 1}',
+         "document.update"),
+        ("POST", f"/documents/{doc['id']}/chat", b'{"message": "a", "message": "b"}',
+         "ai.interaction"),
+        ("POST", "/audit/events", b'{"action": "client.a", "action": "client.b"}',
+         "client.rejected"),
+        ("POST", "/audit/events", b'[{"action": "client.a", "details": {"k": 1, "\\u006b": 2}}]',
+         "client.rejected"),
+        ("POST", "/logout", b'{"session_id": "x", "session_id": "%s"}'
+         % alice.session_id.encode(), "session.end"),
+    ]
+    for i, (method, path, body, action) in enumerate(cases):
+        resp = await api.client.request(method, path, data=body, headers={
+            **alice.headers, "Content-Type": "application/json", "X-Request-ID": f"twice-{i}"})
+        answer = await resp.json()
+        assert (resp.status, answer["error"]["code"]) == (400, "invalid_request"), (path, answer)
+        (ev,) = [e for e in await api.events(alice.session_id)
+                 if e["request_id"] == f"twice-{i}"]
+        assert (ev["action"], ev["outcome"], ev["details"]["reason"]) == (
+            action, "failure", "invalid_request"), ev
+    assert api.documents_in_db() == [(doc["id"], "kept", doc["content"], "alice", 1)]
+    assert api.engine.session(alice.session_id) is not None  # not logged out
+
+
+async def test_a_login_field_given_twice_is_refused(make_api: MakeApi) -> None:
+    """RFC 6749, 3.1: the token endpoint's parameters "MUST NOT be included
+    more than once". A second username (JSON, form or multipart) was taken
+    over the first: alice was logged in by a request whose first username
+    was somebody else's."""
+    api = await make_api()
+    await api.add_user("alice")
+    form = aiohttp.FormData()
+    for k, v in (("username", "mallory"), ("username", "alice"), ("password", USER_PASSWORD)):
+        form.add_field(k, v)
+    multipart = form()
+    bodies: list[tuple[Any, dict[str, str]]] = [
+        (json.dumps({"username": "mallory", "password": USER_PASSWORD})
+         .replace('"password"', '"username": "alice", "password"').encode(),
+         {"Content-Type": "application/json"}),
+        (f"username=mallory&username=alice&password={USER_PASSWORD}".encode(),
+         {"Content-Type": "application/x-www-form-urlencoded"}),
+        (f"username=alice&password=wrong-one&password={USER_PASSWORD}".encode(),
+         {"Content-Type": "application/x-www-form-urlencoded"}),
+    ]
+    for body, headers in bodies:
+        resp = await api.client.post("/token", data=body, headers=headers)
+        answer = await resp.json()
+        assert (resp.status, answer["error"]["code"]) == (400, "invalid_request"), (body, answer)
+    resp = await api.client.post("/token", data=multipart)
+    answer = await resp.json()
+    assert (resp.status, answer["error"]["code"]) == (400, "invalid_request"), answer
+    assert "more than once" in answer["error"]["message"]
+    await api.login("alice")  # given once, the same fields log in
