@@ -800,8 +800,48 @@ def serving_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bind ``host:port`` (every address the host resolves to) as asyncio's
+    ``create_server`` would, before anything else is opened: a port in use,
+    or a host that is not this machine's, then stops the start with the spool
+    untouched. Bound after the spool and sink were opened (run_app's order),
+    such a start had already cut parts to new limits, sent pending parts to
+    the sink for up to 3 s and made the first admin before it failed."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        socks: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, addr in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # (asyncio's too: one family a socket)
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(addr)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"error while attempting to bind on address"
+                                  f" {addr!r}: {(exc.strerror or '').lower()}") from None
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+    except OSError as exc:
+        # A host that does not resolve or is not ours, a port in use or not allowed.
+        raise StartupError(f"server.host / server.port: cannot listen on"
+                           f" {host}:{port}: {exc}") from None
+    return socks
+
+
 def _serve(config: Config, loop: asyncio.AbstractEventLoop) -> int:
-    app = create_app(config)
+    socks = listening_sockets(config.server.host, config.server.port)
+    try:
+        app = create_app(config)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
     app.on_startup.append(_tune_gc)
     _handle_signals(app)
 
@@ -814,23 +854,16 @@ def _serve(config: Config, loop: asyncio.AbstractEventLoop) -> int:
     try:
         web.run_app(
             app,
-            host=config.server.host,
-            port=config.server.port,
+            sock=socks,
             loop=loop,
             access_log_class=AccessLog,
             print=serving,
             shutdown_timeout=SHUTDOWN_REQUESTS_SECONDS,
             handle_signals=False,  # _handle_signals
         )
-    except OSError as exc:
-        # The listening socket: a host that does not resolve or is not ours,
-        # a port in use or not allowed. Anything else is not a startup error.
-        if not isinstance(exc, socket.gaierror) and exc.errno not in (
-            errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES
-        ):
-            raise
-        raise StartupError(f"server.host / server.port: cannot listen on"
-                           f" {config.server.host}:{config.server.port}: {exc}") from None
+    finally:
+        for sock in socks:
+            sock.close()
     return 0
 
 
