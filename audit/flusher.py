@@ -310,7 +310,9 @@ class Flusher:
                 log.error("security event %s dead-lettered: %s%s", batch[0][1]["_id"], exc,
                           more(left_out))
             msg = str(exc)
-            await self.spool.submit(lambda w: w.mark_security_dead(ids, msg), needs_space=False)
+            sink = self.remember[0] if self.remember is not None else None
+            await self.spool.submit(lambda w: w.mark_security_dead(ids, msg, sink),
+                                    needs_space=False)
             self._single_security = max(0, self._single_security - 1)
             return 0.0
         except Exception as exc:

@@ -157,6 +157,23 @@ CREATE TABLE IF NOT EXISTS sink_stretches (
     took_to TEXT NOT NULL,
     PRIMARY KEY (sink, took_from)
 );
+-- Where a sink's chain resumes besides its stretches' starts: a security
+-- event dead-lettered in one sink and stored in another (retry-dead after a
+-- switch) leaves a gap in the first, whose chain resumes after it (took_to
+-- ''), and stands alone in the second, which must hold it (took_to: its hash).
+CREATE TABLE IF NOT EXISTS sink_resumes (
+    sink TEXT NOT NULL,
+    took_from TEXT NOT NULL,
+    took_to TEXT NOT NULL,
+    PRIMARY KEY (sink, took_from)
+);
+-- Each dead-lettered security event: the hash before it in the chain, and
+-- the sink whose stretch it belonged to (the one that refused it first).
+CREATE TABLE IF NOT EXISTS security_late (
+    id INTEGER PRIMARY KEY,
+    prev TEXT NOT NULL,
+    sink TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL UNIQUE,
@@ -1263,6 +1280,7 @@ class Writer:
         q = ",".join("?" * len(ids))
         if sink is not None:
             self._note_stretch(sink, ids)
+            self._note_late(sink, ids)
         if keep_seconds > 0:
             self.conn.execute(
                 f"UPDATE security_events SET state = 'stored', stored_ts = ? WHERE id IN ({q})",
@@ -1312,8 +1330,51 @@ class Writer:
             [("security_stretch", json.dumps(current)),
              ("security_taken", json.dumps([newest, last]))])
 
-    def mark_security_dead(self, ids: list[int], error: str) -> None:
+    def _note_late(self, sink: str, ids: list[int]) -> None:
+        """Of ``ids``, the events dead-lettered before: stored now in another
+        sink than the one whose stretch of the chain they belong to, each
+        leaves a gap there and stands alone here. Both are noted (sink_resumes),
+        or verify reports a break in each sink for good."""
         q = ",".join("?" * len(ids))
+        late = self.conn.execute(
+            f"SELECT l.prev, l.sink, e.json FROM security_late l"
+            f" JOIN security_events e ON e.id = l.id WHERE l.id IN ({q})", ids).fetchall()
+        if not late:
+            return
+        for prev, first_sink, text in late:
+            if first_sink == sink:
+                continue  # the gap filled where it was
+            own = json.loads(text)["hash"]
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO sink_resumes (sink, took_from, took_to) VALUES (?, ?, ?)",
+                [(first_sink, own, ""), (sink, prev, own)])
+        self.conn.execute(f"DELETE FROM security_late WHERE id IN ({q})", ids)
+
+    def _hash_before(self, rid: int) -> str | None:
+        """The hash of the security event before ``rid`` in the chain (ids
+        count up from 1 with it), while the spool can tell."""
+        if rid == 1:
+            return genesis(self.key, SECURITY_STREAM)
+        row = self.conn.execute(
+            "SELECT json FROM security_events WHERE id = ?", (rid - 1,)).fetchone()
+        if row is not None:
+            return str(json.loads(row[0])["hash"])
+        raw = self.conn.execute(
+            "SELECT value FROM meta WHERE key = 'security_taken'").fetchone()
+        taken = _taken(raw[0] if raw else None)
+        return str(taken[1]) if taken is not None and taken[0] == rid - 1 else None
+
+    def mark_security_dead(self, ids: list[int], error: str, sink: str | None = None) -> None:
+        """With ``sink`` (its identity), each event's place in the chain is
+        noted the first time (security_late), for when another sink takes it."""
+        q = ",".join("?" * len(ids))
+        if sink is not None:
+            for rid in ids:
+                prev = self._hash_before(rid)
+                if prev is not None:
+                    self.conn.execute(
+                        "INSERT OR IGNORE INTO security_late (id, prev, sink) VALUES (?, ?, ?)",
+                        (rid, prev, sink))
         self.conn.execute(
             f"UPDATE security_events SET state = 'dead', last_error = ? WHERE id IN ({q})",
             (error[:500], *ids),

@@ -307,9 +307,16 @@ def _stretches(
     left = rows and current is not None and json.loads(current[0])[0] != sink
     first = conn.execute("SELECT took_from FROM sink_stretches ORDER BY rowid LIMIT 1").fetchone()
     took_none = not rows and first is not None and first[0] == start
+    # Where its chain resumes around a security event one sink refused and
+    # another took (the gap it left in the one, the event alone in the other).
+    resumes: list[tuple[str, str]] = []
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sink_resumes'").fetchone():
+        resumes = conn.execute(
+            "SELECT took_from, took_to FROM sink_resumes WHERE sink = ?", (sink,)).fetchall()
     # (The last stretch's end is held by the checks of the chain's end.)
-    return (frozenset(r[0] for r in rows if r[0]), rows[-1][1] if left else None,
-            frozenset(r[1] for r in rows[:-1]), took_none)
+    return (frozenset(r[0] for r in [*rows, *resumes] if r[0]),
+            rows[-1][1] if left else None,
+            frozenset(r[1] for r in [*rows[:-1], *resumes] if r[1]), took_none)
 
 
 def _overdue(session_id: str, parts: list[Any], anchor: SpoolAnchor | None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import socket
 import sqlite3
 import subprocess
@@ -77,3 +78,67 @@ async def test_a_start_that_cannot_listen_leaves_the_spool_and_sinks_alone(
     assert await live.stop() == 0
     assert _digest(spool) != before
     assert jsonl.is_dir()
+
+
+async def _failed_login(http: aiohttp.ClientSession, live: Live, name: str) -> None:
+    async with http.post(live.base + "/token",
+                         json={"username": name, "password": "wrong-password"}) as r:
+        assert r.status == 401
+
+
+async def _settled(live: Live, *, dead: int) -> None:
+    """Until nothing is pending in the spool and ``dead`` items are dead letters."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        r = await live.cli("status")
+        assert r.returncode == 0, r.stderr
+        counts = json.loads(r.stdout)
+        if (counts["pending_security_events"] == 0 and counts["pending_parts"] == 0
+                and counts["dead_letter"] == dead):
+            return
+        assert asyncio.get_running_loop().time() < deadline, counts
+        await asyncio.sleep(0.1)
+
+
+async def test_a_security_dead_letter_retried_into_the_next_sink_is_no_break_in_either(
+        live: Live) -> None:
+    # The sqlite sink refuses one security event (a constraint its owner
+    # added): a dead letter. The operator moves to the jsonl sink and runs
+    # retry-dead. The chain is whole across the two: the refused event is in
+    # the new sink, its neighbours in the old one; verify on each said the
+    # chain broke there, for good.
+    await live.start()
+    async with aiohttp.ClientSession() as http:
+        await _failed_login(http, live, "first")
+        await _settled(live, dead=0)
+        with contextlib.closing(sqlite3.connect(live.data_dir / "audit.db")) as c, c:
+            c.execute("CREATE TRIGGER refuse BEFORE INSERT ON security_events"
+                      " WHEN NEW.doc LIKE '%\"refused\"%' BEGIN SELECT RAISE(ABORT, 'no'); END")
+        await _failed_login(http, live, "refused")
+        await _settled(live, dead=1)
+        await _failed_login(http, live, "third")
+        await _settled(live, dead=1)
+    assert await live.stop() == 0
+    old = {"type": "sqlite"}
+    _reconfigure(live, {"sink": {"type": "jsonl"}})
+    await live.start()
+    async with aiohttp.ClientSession() as http:
+        await _failed_login(http, live, "fourth")
+    r = await live.cli("retry-dead")
+    assert r.returncode == 0, r.stderr
+    await _settled(live, dead=0)
+    assert await live.stop() == 0
+
+    r = await live.cli("verify")  # the new sink: "refused" and "fourth"
+    assert r.returncode == 0 and "2 security events" in r.stdout, r.stdout + r.stderr
+    _reconfigure(live, {"sink": old})
+    r = await live.cli("verify")  # the old one: "first" and "third"
+    assert r.returncode == 0 and "2 security events" in r.stdout, r.stdout + r.stderr
+
+    # Still held: the event the new sink took alone, removed there, is found.
+    _reconfigure(live, {"sink": {"type": "jsonl"}})
+    jsonl = next((live.data_dir / "audit-jsonl").glob("audit-*.jsonl"))
+    lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+    jsonl.write_text("".join(x for x in lines if '"refused"' not in x), encoding="utf-8")
+    r = await live.cli("verify")
+    assert r.returncode == 1 and "earlier stretch" in r.stdout, r.stdout
