@@ -206,9 +206,11 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     # Not 0: the OS would pick a port that nothing (the log included) names.
     "server.port": (lambda v: 1 <= v <= 65535, "must be between 1 and 65535"),
     "server.data_dir": (lambda v: v != "", "must not be empty"),
-    # An empty host listens on every interface: say so with 0.0.0.0 or ::.
+    # An empty host listens on every interface: say so with 0.0.0.0 or ::
+    # (one family each: a socket on :: takes IPv6 only, as asyncio's does).
     "server.host": (lambda v: v.strip() != "",
-                    "must not be empty (0.0.0.0 or :: listen on every interface)"),
+                    "must not be empty (0.0.0.0 listens on every IPv4 interface,"
+                    " :: on every IPv6 one)"),
     "auth.token_ttl_seconds": _at_least_seconds(1),
     "auth.bcrypt_rounds": (lambda v: 4 <= v <= 31, "must be between 4 and 31"),
     "auth.login_max_failures": (lambda v: v >= 1, "must be at least 1"),
