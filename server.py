@@ -89,6 +89,7 @@ from handlers.inflight import IN_FLIGHT, InFlight, requests_ctx
 from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
 from handlers.ops import COUNTS, DURATIONS, REQUESTS, SharedCounts, new_registry
 from handlers.requests import CLIENT_MAX_SIZE, transfer_seconds
+from handlers.streaming import StreamedJson
 from sinks import QueryNotSupported, Sink, SinkError, create_sink
 
 log = logging.getLogger("session_audit")
@@ -465,7 +466,12 @@ async def send_middleware(
     resp = await handler(request)
     allowed = transfer_seconds(SEND_SECONDS, resp.content_length or 0)
     try:
-        async with asyncio.timeout(allowed):
+        async with asyncio.timeout(allowed) as deadline:
+            if isinstance(resp, StreamedJson):
+                # Of unknown length: the same allowance, for what is sent so far.
+                started = asyncio.get_running_loop().time()
+                resp.on_sent = lambda sent: deadline.reschedule(
+                    started + transfer_seconds(SEND_SECONDS, sent))
             await resp.prepare(request)
             await resp.write_eof()
     except TimeoutError:

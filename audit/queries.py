@@ -278,6 +278,41 @@ def get_session(conn: sqlite3.Connection, session_id: str) -> Row | None:
     return summary
 
 
+def session_plan(conn: sqlite3.Connection, session_id: str) -> Row | None:
+    """What the admin API streams a spool session's events by (see
+    ``handlers/admin.py``), in one snapshot, holding no event: its summary;
+    ``sk``; ``held``, how many of its events the spool holds; and
+    ``segments``, ``[part, first_seq, last_seq]`` of each part the spool
+    holds, by part, then the uncut events of an open session under the number
+    of the part they will be cut into (up to the last one now). Each range is
+    within the part limits, as :func:`segment_events` reads it."""
+    with _snapshot(conn):
+        row = conn.execute(
+            f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        summary = _summaries(conn, [row])[0]
+        next_part, cut_seq, sk = row[6], row[8], row[9]
+        held, top = conn.execute(
+            "SELECT COUNT(*), MAX(seq) FROM session_events WHERE sk = ?", (sk,)).fetchone()
+        segments = [list(r) for r in conn.execute(
+            "SELECT part, first_seq, last_seq FROM parts WHERE session_id = ? ORDER BY part",
+            (session_id,))]
+    if top is not None and top > cut_seq:
+        segments.append([next_part, cut_seq + 1, top])
+    return {"summary": summary, "sk": sk, "held": held, "segments": segments}
+
+
+def segment_events(conn: sqlite3.Connection, sk: int, first: int, last: int) -> list[Row]:
+    """The events the spool still holds of session ``sk`` from ``first`` to
+    ``last``, by seq (parsed, as :func:`get_session` gives them). ``sk`` is
+    never given to another session while this process runs."""
+    return [json.loads(r[0]) for r in conn.execute(
+        "SELECT json FROM session_events WHERE sk = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+        (sk, first, last))]
+
+
 def list_security(
     conn: sqlite3.Connection,
     *,

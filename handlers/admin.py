@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -26,13 +27,15 @@ from sinks.base import (
     Doc,
     QueryNotSupported,
     SinkError,
+    SinkUnreadable,
     decode_cursor,
     encode_cursor,
     summarize_parts,
 )
 
 from .errors import ApiError, bad_request, json_response, not_found
-from .keys import CONFIG, CTX, ENGINE
+from .keys import CONFIG, CTX, ENGINE, REQUEST_ID
+from .streaming import StreamCut, StreamedJson
 
 log = logging.getLogger("session_audit.admin")
 
@@ -43,7 +46,7 @@ STATES = ("open", "pending", "stored")
 _MAX_PAGES = 20
 
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _sink_unavailable(engine: AuditEngine, exc: SinkError) -> ApiError:
@@ -107,7 +110,7 @@ def operational_reserve(max_bytes: int) -> int:
 def _audited(handler: Handler, *, needs_space: bool) -> Handler:
 
     @functools.wraps(handler)
-    async def run(request: web.Request) -> web.Response:
+    async def run(request: web.Request) -> web.StreamResponse:
         ctx = request[CTX]
         engine = request.app[ENGINE]
         spool = engine.spool
@@ -365,40 +368,121 @@ async def _merged_page(
 
 
 @audited
-async def get_session(request: web.Request) -> web.Response:
+async def get_session(request: web.Request) -> web.StreamResponse:
+    """The session's summary, then its events, merged from the spool and the
+    sink a part at a time and written as they come (:class:`StreamedJson`):
+    memory for about one part, whatever the session's length.
+
+    Everything that can fail with an error answer is done before the first
+    byte: the spool's plan of the session (its summary, the ranges of events
+    it holds) and the sink's parts without their events (a part that cannot
+    be read, a sink down). A part found unreadable later cuts the answer
+    off (see ``handlers/streaming.py``)."""
     _params(request, set())
     sid = request.match_info["session_id"]
     engine = request.app[ENGINE]
-    spooled = await engine.spool.read(lambda c: queries.get_session(c, sid))
-    parts: list[Doc] = []
+    plan = await engine.spool.read(lambda c: queries.session_plan(c, sid))
+    heads: list[Doc] | None = None
+    queryable = True
     try:
-        parts = await engine.sink.get_session_parts(sid)
+        heads = await engine.sink.session_part_heads(sid)
+        for head in heads:
+            if not _a_number(head.get("part")):
+                raise SinkUnreadable(f"{engine.sink.type} sink: a part of session {sid!r}"
+                                     f" has no number: {head.get('part')!r}")
     except QueryNotSupported:
-        pass
+        queryable = False
     except SinkError as exc:
         # The spool alone answers only while it still holds every event.
-        if spooled is None or len(spooled["events"]) < spooled["event_count"]:
+        if plan is None or plan["held"] < plan["summary"]["event_count"]:
             raise _sink_unavailable(engine, exc) from None
-    if spooled is None and not parts:
+        heads = None
+    if plan is None and not heads:
         raise not_found("no such session")
-    events: dict[int, Doc] = {}
-    for part in parts:
-        for e in part.get("events") or []:
-            events[e["seq"]] = e
-    if spooled is not None:
-        for e in spooled.pop("events"):
-            events[e["seq"]] = e
-        summary = spooled
-    else:
-        summary = summarize_parts(parts)
-    seqs = sorted(events)
-    summary["events"] = [events[k] for k in seqs]
+    summary = plan["summary"] if plan is not None else summarize_parts(heads or [])
+    return StreamedJson(_session_json(engine, sid, summary, plan, heads, queryable),
+                        request_id=request[REQUEST_ID])
+
+
+def _a_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+async def _session_json(engine: AuditEngine, sid: str, summary: Doc, plan: Doc | None,
+                        heads: list[Doc] | None, queryable: bool) -> AsyncIterator[str]:
+    """The text of ``summary`` plus ``"events"`` (every event, by seq, each
+    seq once: the spool's copy over the sink's) and ``"events_complete"``,
+    as ``json_response`` wrote it whole: the same bytes.
+
+    The events come by part number, each part the events the spool holds of
+    it (read first) and the sink's copies of it (read after: a part the
+    flusher stores and the spool drops meanwhile is found in the sink), then
+    the uncut events of an open session as they were at the plan, with the
+    sink's part they were cut into since, if any. Without ``heads`` (the
+    sink was down and the spool held everything) the sink is asked only for
+    a part the spool no longer holds whole; a sink that cannot be queried
+    (http), never."""
+    head = _encode(summary)
+    yield head[:-1] + ("," if summary else "") + '"events":['
+    spooled = {int(p): (first, last) for p, first, last in plan["segments"]} if plan else {}
+    stored = {h["part"] for h in heads or ()}
+    count = 0
+    contiguous = True
+    last_seq: int | None = None
+    try:
+        for number in sorted(set(spooled) | stored):
+            events: dict[Any, Doc] = {}
+            from_spool: list[Doc] = []
+            short = False
+            if number in spooled and plan is not None:
+                first, last = spooled[number]
+                from_spool = await engine.spool.read(functools.partial(
+                    queries.segment_events, sk=plan["sk"], first=first, last=last))
+                short = len(from_spool) < last - first + 1
+            if number in stored or (short and queryable):
+                for part in await engine.sink.session_part(sid, number):
+                    for e in _part_events(engine, sid, part):
+                        events[e["seq"]] = e
+            for e in from_spool:
+                events[e["seq"]] = e
+            if not events:
+                continue
+            seqs = sorted(events)
+            if last_seq is not None and seqs[0] <= last_seq:
+                raise SinkUnreadable(
+                    f"{engine.sink.type} sink: part {number} of session {sid!r} holds events"
+                    f" at or before seq {last_seq}, which an earlier part holds")
+            pieces = []
+            for seq in seqs:
+                count += 1
+                contiguous = contiguous and seq == count
+                pieces.append(_encode(events[seq]))
+            yield ("," if last_seq is not None else "") + ",".join(pieces)
+            last_seq = seqs[-1]
+    except (SinkError, SpoolFull, SpoolUnavailable, SpoolClosed) as exc:
+        log.warning("admin query: the events of session %s were cut short after %d of them,"
+                    " the answer left unfinished: %s", sid, count, exc)
+        raise StreamCut(str(exc)) from None
     # Behind a sink that cannot be queried (http), the parts already sent are
     # gone from here (and from a sink, a part may be missing): say so rather
     # than pass a partial list off as whole.
-    summary["events_complete"] = (len(seqs) >= summary["event_count"]
-                                  and seqs == list(range(1, len(seqs) + 1)))
-    return json_response(summary)
+    complete = count >= summary["event_count"] and contiguous
+    yield '],"events_complete":' + _encode(complete) + "}"
+
+
+def _part_events(engine: AuditEngine, sid: str, part: Doc) -> list[Doc]:
+    """A stored part's events; a part whose events are no list of objects
+    with an integer seq is unreadable (another writer's)."""
+    events = part.get("events") or []
+    if not isinstance(events, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("seq"), int)
+            and not isinstance(e["seq"], bool) for e in events):
+        raise SinkUnreadable(f"{engine.sink.type} sink: part {part.get('part')!r} of session"
+                             f" {sid!r} holds events that are not events with a seq")
+    return events
 
 
 @audited

@@ -196,6 +196,22 @@ class Sink(ABC):
         """Every stored part of one session, by ``part``; ``[]`` if none."""
         raise QueryNotSupported(f"the {self.type} sink cannot be queried")
 
+    async def session_part_heads(self, session_id: str) -> list[Doc]:
+        """:meth:`get_session_parts` without their ``events``: what a session's
+        summary is made of, and which parts to read one at a time with
+        :meth:`session_part` (the admin API streams a session's events so).
+
+        By default from :meth:`get_session_parts`, which holds every event of
+        the session at once: a queryable sink overrides both."""
+        return [{k: v for k, v in p.items() if k != "events"}
+                for p in await self.get_session_parts(session_id)]
+
+    async def session_part(self, session_id: str, part: Any) -> list[Doc]:
+        """The stored parts of one session numbered ``part``, whole, as
+        :meth:`get_session_parts` gives them: one, or ``[]`` if none (more
+        only where another writer stored a second under another ``_id``)."""
+        return [p for p in await self.get_session_parts(session_id) if p.get("part") == part]
+
     async def conflicting_copies(self) -> list[tuple[str, str, str]]:
         """Documents stored twice under one ``_id`` with different content,
         that the sink keeps both of (an append-only file can): ``(_id, "part"

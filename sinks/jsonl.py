@@ -968,6 +968,36 @@ class JsonlSink(Sink):
 
         return await self._run_query(query)
 
+    def _parts_numbered(self, session_id: str, numbers: Callable[[int], bool],
+                        strip_events: bool) -> Callable[[_Index, _Reader], list[Doc]]:
+        """A query for :meth:`get_session_parts` restricted to the parts whose
+        number passes ``numbers``, each read alone (a part's line at a time)."""
+        def query(index: _Index, read: _Reader) -> list[Doc]:
+            s = index.sessions.get(session_id)
+            out = []
+            for loc in sorted(s.locations()) if s is not None else ():  # by part first
+                part, no, offset = _unpack(loc)
+                if not numbers(part):
+                    continue
+                doc = read(no, offset)
+                if doc.get("session_id") != session_id or doc.get("part") != part:
+                    raise _Stale
+                if strip_events:
+                    doc.pop("events", None)
+                out.append(_strip(doc))
+            return out
+
+        return query
+
+    async def session_part_heads(self, session_id: str) -> list[Doc]:
+        """Each part's line is read and parsed, one at a time, and its events
+        dropped: memory for one part, whatever the session's length."""
+        return await self._run_query(self._parts_numbered(session_id, lambda _: True, True))
+
+    async def session_part(self, session_id: str, part: Any) -> list[Doc]:
+        return await self._run_query(
+            self._parts_numbered(session_id, lambda n: n == part, False))
+
     async def conflicting_copies(self) -> list[tuple[str, str, str]]:
         """Later lines with a stored ``_id`` whose document differs from the
         first copy's in anything (its hash or not: whoever appends a line

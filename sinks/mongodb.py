@@ -783,6 +783,34 @@ class MongoSink(Sink):
             raise self._classify("get session parts", exc) from None
         return self._parts_handed_out("get session parts", parts)
 
+    async def session_part_heads(self, session_id: str) -> list[Doc]:
+        """Without their events, on the server's side (a projection): what
+        one session costs here is its parts' few fields, not its events."""
+        sessions, _ = self._colls()
+        try:
+            heads = await (
+                sessions.find({"session_id": session_id}, {"events": 0})
+                .sort("part", ASCENDING).to_list(None)
+            )
+        except BSONError as exc:
+            raise self._undecodable("get session part heads", exc) from exc
+        except PyMongoError as exc:
+            raise self._classify("get session part heads", exc) from None
+        return self._parts_handed_out("get session part heads", heads)
+
+    async def session_part(self, session_id: str, part: Any) -> list[Doc]:
+        sessions, _ = self._colls()
+        try:
+            parts = await (
+                sessions.find({"session_id": session_id, "part": part}).sort("_id", ASCENDING)
+                .to_list(None)
+            )
+        except BSONError as exc:
+            raise self._undecodable("get session part", exc) from exc
+        except PyMongoError as exc:
+            raise self._classify("get session part", exc) from None
+        return self._parts_handed_out("get session part", parts)
+
     async def list_security_events(
         self,
         *,

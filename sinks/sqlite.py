@@ -415,6 +415,23 @@ class SqliteSink(Sink):
         ) as cur:
             return [json.loads(r[0]) for r in await cur.fetchall()]
 
+    async def session_part_heads(self, session_id: str) -> list[Doc]:
+        """The events are cut out by SQLite (its JSON parser, in C, holding one
+        document at a time): a document that is no JSON is found here, before
+        the admin API's answer begins. The rest is the document's own text.
+        (Under the lock, as list_sessions.)"""
+        async with self._lock, _readable(self.path.name), self._conn().execute(
+            "SELECT json_remove(doc, '$.events') FROM parts WHERE session_id = ?"
+            " ORDER BY part", (session_id,)
+        ) as cur:
+            return [json.loads(r[0]) for r in await cur.fetchall()]
+
+    async def session_part(self, session_id: str, part: object) -> list[Doc]:
+        async with self._lock, _readable(self.path.name), self._conn().execute(
+            "SELECT doc FROM parts WHERE session_id = ? AND part = ?", (session_id, part)
+        ) as cur:
+            return [json.loads(r[0]) for r in await cur.fetchall()]
+
     async def session_ids(self) -> AsyncIterator[str]:
         """Every session with any part, from the (session_id, part) index: no
         document is read (verify then reads each session's parts itself)."""

@@ -89,6 +89,8 @@ QUERIES: list[tuple[str, Query, str]] = [
     ("list_security_events", lambda s: s.list_security_events(limit=5), SECURITY),
     ("list_sessions", lambda s: s.list_sessions(limit=5), SESSIONS),
     ("get_session_parts", lambda s: s.get_session_parts("s1"), SESSIONS),
+    ("session_part_heads", lambda s: s.session_part_heads("s1"), SESSIONS),
+    ("session_part", lambda s: s.session_part("s1", 1), SESSIONS),
 ]
 
 
@@ -224,3 +226,21 @@ async def test_a_page_of_security_events_ending_at_one_without_ts(
     find.replies(cursor_reply(SECURITY, [e2, e1, e0]))
     page, next_cursor = await task
     assert page == [e2, e1] and next_cursor is not None
+
+
+async def test_a_session_is_read_a_part_at_a_time(server: MockupDB, sink: MongoSink) -> None:
+    """The admin API streams a session: the parts' heads come without their
+    events (a projection, on the server), then each part alone by number."""
+    p0 = sample_part("s1", 0, final=False)
+    p1 = sample_part("s1", 1, final=True)
+    task = start(sink.session_part_heads("s1"))
+    find = await receive(server, "find")
+    assert find["filter"] == {"session_id": "s1"} and find["projection"] == {"events": 0}
+    assert list(find["sort"].items()) == [("part", 1)]
+    find.replies(cursor_reply(SESSIONS, [_without_events(p0), _without_events(p1)]))
+    assert await task == [_without_events(p0), _without_events(p1)]
+    task = start(sink.session_part("s1", 1))
+    find = await receive(server, "find")
+    assert find["filter"] == {"session_id": "s1", "part": 1} and "projection" not in find.doc
+    find.replies(cursor_reply(SESSIONS, [p1]))
+    assert await task == [p1]

@@ -21,7 +21,7 @@ async def test_get_session_is_503_not_partial_when_the_sink_fails(make_api: Make
     async def down(session_id: str) -> list:
         raise SinkUnavailable("sqlite sink: database is locked")
 
-    api.engine.sink.get_session_parts = down  # type: ignore[method-assign]
+    api.engine.sink.session_part_heads = down  # type: ignore[method-assign]
     r = await api.client.get(f"/audit/sessions/{alice.session_id}", headers=admin.headers)
     body = await r.json()
     assert r.status == 503, body
@@ -44,7 +44,7 @@ async def test_get_session_says_when_a_sink_that_cannot_be_queried_holds_part_of
     whole = await r.json()
     assert r.status == 200 and whole["events_complete"] is True
     assert len(whole["events"]) == whole["event_count"]
-    api.engine.sink.get_session_parts = not_queryable  # type: ignore[method-assign]
+    api.engine.sink.session_part_heads = not_queryable  # type: ignore[method-assign]
     r = await api.client.get(f"/audit/sessions/{alice.session_id}", headers=admin.headers)
     body = await r.json()
     assert r.status == 200 and body["events_complete"] is False

@@ -324,6 +324,28 @@ async def test_session_parts_sorted_and_summarised(harness: Harness, sink: Sink)
     assert newest[0]["session_end_time"] is None
 
 
+async def test_session_parts_one_at_a_time(harness: Harness, sink: Sink) -> None:
+    """What the admin API streams a session by: its parts without events
+    (as get_session_parts gives them, less the events), then each part
+    alone by its number."""
+    needs_queries(harness, sink)
+    p0 = sample_part("multi", 0, final=False, events=3)
+    p1 = sample_part("multi", 1, final=False, events=2)
+    p2 = sample_part("multi", 2, final=True, events=4)
+    for p in (p2, p0, p1):
+        await sink.write_part(p)
+    await sink.write_part(sample_part("other", 1, final=True))
+    whole = await sink.get_session_parts("multi")
+    heads = await sink.session_part_heads("multi")
+    assert heads == [{k: v for k, v in p.items() if k != "events"} for p in whole]
+    assert [p["part"] for p in heads] == [0, 1, 2]
+    for n, p in enumerate((p0, p1, p2)):
+        assert [without_type(x) for x in await sink.session_part("multi", n)] == [p]
+    assert await sink.session_part("multi", 3) == []
+    assert await sink.session_part_heads("unknown") == []
+    assert await sink.session_part("unknown", 0) == []
+
+
 async def test_session_ids_include_a_session_without_part_0(harness: Harness, sink: Sink) -> None:
     """verify walks ``session_ids()``: a session whose part 0 is missing from
     the sink must be in it (once), or its loss would never be reported."""
