@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "sink_writes": ("sink_writes_bench.py", [], ["--repeat", "1"]),
     "baseline": ("baseline_per_event.py", [], ["--users", "10", "--span", "8"]),
     "startup": ("startup_bench.py", [], ["--sessions", "200", "--starts", "1", "--watch", "3"]),
+    "session_detail": ("session_detail_bench.py", [], ["--events", "20000"]),
 }
 
 
