@@ -157,23 +157,6 @@ CREATE TABLE IF NOT EXISTS sink_stretches (
     took_to TEXT NOT NULL,
     PRIMARY KEY (sink, took_from)
 );
--- Where a sink's chain resumes besides its stretches' starts: a security
--- event dead-lettered in one sink and stored in another (retry-dead after a
--- switch) leaves a gap in the first, whose chain resumes after it (took_to
--- ''), and stands alone in the second, which must hold it (took_to: its hash).
-CREATE TABLE IF NOT EXISTS sink_resumes (
-    sink TEXT NOT NULL,
-    took_from TEXT NOT NULL,
-    took_to TEXT NOT NULL,
-    PRIMARY KEY (sink, took_from)
-);
--- Each dead-lettered security event: the hash before it in the chain, and
--- the sink whose stretch it belonged to (the one that refused it first).
-CREATE TABLE IF NOT EXISTS security_late (
-    id INTEGER PRIMARY KEY,
-    prev TEXT NOT NULL,
-    sink TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id TEXT NOT NULL UNIQUE,
@@ -593,6 +576,35 @@ class Read:
 _PLAIN = (Append, Read)
 _MISSING = object()
 T = TypeVar("T")
+
+
+# Made the first time a security event is dead-lettered with its sink known
+# (not with the schema: every table is a page or two of an empty spool, whose
+# size the smallest spool_max_bytes allows for).
+# security_late: each dead-lettered security event's hash before it in the
+# chain, and the sink whose stretch it belonged to (the one that refused it
+# first). sink_resumes: where a sink's chain resumes besides its stretches'
+# starts: such an event stored in another sink (retry-dead after a switch)
+# leaves a gap in the first, whose chain resumes after it (took_to ''), and
+# stands alone in the second, which must hold it (took_to: its hash).
+LATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS security_late (
+    id INTEGER PRIMARY KEY,
+    prev TEXT NOT NULL,
+    sink TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sink_resumes (
+    sink TEXT NOT NULL,
+    took_from TEXT NOT NULL,
+    took_to TEXT NOT NULL,
+    PRIMARY KEY (sink, took_from)
+);
+"""
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (name,)).fetchone() is not None
 
 
 class Writer:
@@ -1335,6 +1347,8 @@ class Writer:
         sink than the one whose stretch of the chain they belong to, each
         leaves a gap there and stands alone here. Both are noted (sink_resumes),
         or verify reports a break in each sink for good."""
+        if not _has_table(self.conn, "security_late"):
+            return  # no security event was ever dead-lettered with its sink known
         q = ",".join("?" * len(ids))
         late = self.conn.execute(
             f"SELECT l.prev, l.sink, e.json FROM security_late l"
@@ -1369,6 +1383,8 @@ class Writer:
         noted the first time (security_late), for when another sink takes it."""
         q = ",".join("?" * len(ids))
         if sink is not None:
+            for stmt in LATE_SCHEMA.split(";")[:-1]:  # in this transaction, as the rest
+                self.conn.execute(stmt)
             for rid in ids:
                 prev = self._hash_before(rid)
                 if prev is not None:
