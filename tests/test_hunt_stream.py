@@ -91,10 +91,11 @@ async def test_a_session_in_the_sink_the_spool_and_its_open_tail_is_the_old_answ
     await _client_events(api, alice, 20)  # 22 events: parts 0-3 of 5 events, 2 uncut
 
     async def three_stored() -> bool:
-        return await _stored_parts(api, alice.session_id) == 3
+        # In the sink, and marked so in the spool (the sink has it first).
+        return (await _stored_parts(api, alice.session_id) == 3
+                and (await api.engine.status())["pending_parts"] == 1)  # part 3 waits
 
     await wait_for(three_stored, message="parts 0-2 in the sink")
-    assert (await api.engine.status())["pending_parts"] == 1  # part 3 waits
     r, body = await _detail(api, admin, alice.session_id)
     assert r.status == 200
     assert r.headers["Content-Type"] == "application/json; charset=utf-8"
