@@ -248,7 +248,8 @@ class AuditEngine:
 
     @property
     def ready(self) -> bool:
-        return self.spool.accepting and self.task_failure is None
+        return (self.spool.accepting and self.task_failure is None
+                and self.spool.damaged is None)
 
     # -- sessions ----------------------------------------------------------
 
@@ -614,6 +615,9 @@ class AuditEngine:
             "spool_bytes": self.spool.spool_bytes,
             "spool_max_bytes": self.spool.max_bytes,
             "accepting": self.spool.accepting,
+            # What SQLite said when it found the spool file damaged (null: it
+            # has not), until the server is stopped and the file repaired.
+            "spool_damaged": self.spool.damaged,
             "events_recorded": st.events_recorded,
             "security_events_recorded": st.security_events_recorded,
             "security_events_summarised": self.flood.suppressed if self.flood else 0,

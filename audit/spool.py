@@ -58,9 +58,44 @@ _RESOURCE_CODES = frozenset({sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_IOERR, sqlite3
                              sqlite3.SQLITE_CANTOPEN})
 
 
+class SpoolDamaged(SpoolUnavailable):
+    """The spool file is damaged: SQLite found a page it cannot make sense of
+    (``SQLITE_CORRUPT``, ``SQLITE_NOTADB``: a bad disk, a bad copy, a file
+    written over), or a text in it is not UTF-8 (which this server never
+    writes). Not the caller's fault, nor a bug, and it does not pass."""
+
+
+# SQLite's primary result codes for a file it finds damaged.
+_DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+# Python's sqlite3 raises this (an OperationalError with no SQLite code) for a
+# TEXT value that is not UTF-8; the value follows it, and is left out.
+_NOT_UTF8 = "Could not decode to UTF-8 column "
+
+
+def damage(exc: BaseException, path: Path | None = None) -> SpoolDamaged | None:
+    """``exc`` as :class:`SpoolDamaged` when it says the spool file is
+    damaged, else None. The message never quotes the damaged text (a
+    document's content, a password hash)."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    spool = "the audit spool" if path is None else f"the audit spool {path}"
+    if code is not None and code & 0xFF in _DAMAGE_CODES:
+        err = SpoolDamaged(f"{spool} is damaged: {text}")
+    elif text.startswith(_NOT_UTF8):
+        column = text[len(_NOT_UTF8):].split(" with text ", 1)[0][:80]
+        err = SpoolDamaged(f"{spool} is damaged: a text in column {column} is not UTF-8")
+    else:
+        return None
+    err.__cause__ = exc
+    return err
+
+
 def resource_failure(exc: BaseException) -> SpoolUnavailable | None:
     """``exc`` as :class:`SpoolUnavailable` when SQLite raised it for want of
-    a resource, else None.
+    a resource, or as :class:`SpoolDamaged` when it found the file damaged,
+    else None.
 
     A job or a read may need a resource of its own: a change of a large
     document spills its statement journal to a temporary file, a listing
@@ -68,6 +103,8 @@ def resource_failure(exc: BaseException) -> SpoolUnavailable | None:
     failed alone (the rest of its batch committed), as a 500
     ``internal_error`` with a traceback; it is the 503 ``audit_unavailable``
     of a spool that cannot write: nothing done, nothing recorded."""
+    if (damaged := damage(exc)) is not None:
+        return damaged
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _RESOURCE_CODES:
         err = SpoolUnavailable(f"the audit spool cannot do this now: {exc}")
@@ -469,6 +506,9 @@ class Spool:
         # disk, an I/O error): not accepting until one succeeds again.
         self.commit_error: str | None = None
         self._commit_failures = 0  # in a row
+        # What SQLite said the first time it found the file damaged: it stays
+        # so (readyz says so) until the file is repaired, the server stopped.
+        self.damaged: str | None = None
         self._log = LogThrottle()
 
     # -- lifecycle ---------------------------------------------------------
@@ -537,6 +577,16 @@ class Spool:
         self.used_bytes = used_bytes(conn)
         self.app_bytes = app_bytes(conn)
         self._app_measured = time.monotonic()
+
+    def _failure(self, exc: BaseException) -> SpoolUnavailable | None:
+        """:func:`resource_failure`, noting damage (logged once)."""
+        failure = damage(exc, self.path) or resource_failure(exc)
+        if isinstance(failure, SpoolDamaged) and self.damaged is None:
+            self.damaged = str(failure)[:300]
+            log.error("%s: what it cannot read gets 503 audit_unavailable, and /readyz 503"
+                      " from now on; stop the server and repair the file (README: A damaged"
+                      " spool)", failure)
+        return failure
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -639,6 +689,7 @@ class Spool:
                     if not fut.done():
                         fut.set_exception(err)
                 if isinstance(exc, sqlite3.Error):  # disk full, I/O error: may pass
+                    self._failure(exc)
                     self.commit_error = str(exc)[:200]
                     self._commit_failures += 1
                     left_out = self._log.allow("commit")
@@ -662,7 +713,7 @@ class Spool:
                 if ok:
                     fut.set_result(value)
                 else:
-                    fut.set_exception(resource_failure(value) or value)
+                    fut.set_exception(self._failure(value) or value)
             if (new_parts or new_sec) and self.on_commit is not None:
                 self.on_commit(new_parts, new_sec)
 
@@ -718,7 +769,7 @@ class Spool:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, conn)
         except sqlite3.Error as exc:
-            if (failure := resource_failure(exc)) is None:
+            if (failure := self._failure(exc)) is None:
                 raise
             raise failure from exc
 
@@ -731,7 +782,7 @@ class Spool:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._bexec, self._apart, fn)
         except sqlite3.Error as exc:
-            if (failure := resource_failure(exc)) is None:
+            if (failure := self._failure(exc)) is None:
                 raise
             raise failure from exc
 

@@ -53,6 +53,8 @@ async def readyz(request: web.Request) -> web.Response:
     reason = "spool full" if engine.spool.full else "spool unavailable"
     if engine.spool.commit_error is not None:
         reason = f"spool cannot commit: {engine.spool.commit_error}"
+    if engine.spool.damaged is not None:
+        reason = engine.spool.damaged
     if engine.task_failure:
         reason = f"background task failed: {engine.task_failure}"
     return json_response({"status": "not_ready", "reason": reason}, status=503)
