@@ -30,8 +30,8 @@ from .config import FlushConfig
 from .logthrottle import LogThrottle, more
 from .metrics import Stats
 from .ratelimit import Backoff, TokenBucket
-from .spool import Spool, SpoolUnavailable, open_lock
-from .store import Writer
+from .spool import Spool, SpoolDamaged, SpoolUnavailable, open_lock
+from .store import Writer, part_document
 
 log = logging.getLogger("session_audit.flusher")
 
@@ -242,15 +242,33 @@ class Flusher:
             os.close(fd)
 
     async def _flush_one(self) -> float | None:
-        security = await self.spool.read(
-            lambda c: queries.pending_security(c, 1 if self._single_security else SECURITY_BATCH)
-        )
+        limit = 1 if self._single_security else SECURITY_BATCH
+        damaged: list[tuple[int, str]] = []
+        try:
+            security = await self.spool.read(
+                lambda c: queries.pending_security(c, limit, damaged))
+        except SpoolDamaged as exc:
+            # A page of security events the spool cannot read: the parts
+            # still go (each step tries the security events again).
+            self._damage_noted("security events", exc)
+            security = []
+        if damaged:  # texts damaged in the spool: never sent, kept as dead letters
+            await self._security_damaged(damaged)
+            return 0.0
         if security and not self._part_turn:
             return await self._send_security(security)
         raw = self.sink.raw_events
         now = self.clock()
         skip = {k for k, (until, _) in self._deferred.items() if until > now}
-        part = await self.spool.read(lambda c: queries.load_part(c, raw, skip))
+        meta = await self.spool.read(lambda c: queries.next_pending_part(c, skip))
+        part = None
+        if meta is not None:
+            try:
+                events = await self.spool.read(lambda c: queries.part_events(c, meta, raw))
+            except SpoolDamaged as exc:
+                await self._part_damaged(meta, exc)
+                return 0.0
+            part = part_document(meta, events)
         if ((self.keep > 0 and (part is None or self.clock() >= self._purge_due))
                 or self._leftovers):
             # Also while a backlog drains: acknowledged parts past their keep
@@ -366,6 +384,42 @@ class Flusher:
         self._failing = ("", 0)
         self._ok()
         return 0.0
+
+    def _damage_noted(self, what: str, exc: SpoolDamaged) -> None:
+        left_out = self._log.allow("damaged")
+        if left_out is not None:
+            log.error("flusher: %s cannot be read: %s%s", what, exc, more(left_out))
+
+    async def _part_damaged(self, meta: dict[str, Any], exc: SpoolDamaged) -> None:
+        """A part the spool cannot read (a page of its events damaged, or an
+        event's text): dead-lettered, kept and counted, so that the parts
+        behind it go (it held every one of them back, for good), and never
+        sent half read or as text that is not JSON. Not the sink's fault:
+        the sink stays healthy. ``retry-dead`` once the spool is repaired."""
+        sid, part = meta["session_id"], meta["part"]
+        self._damage_noted(f"part {sid}:{part}", exc)
+        msg = f"the spool cannot read this part: {exc}"
+        await self.spool.submit(lambda w: w.mark_part_failed(sid, part, msg, dead=True),
+                                needs_space=False)
+
+    async def _security_damaged(self, damaged: list[tuple[int, str]]) -> None:
+        """Security events whose text in the spool is damaged (not UTF-8, not
+        JSON): dead-lettered, each with what is wrong (one crashed the
+        flusher at each start, and nothing was sent any more)."""
+        rid, why = damaged[0]
+        more_ids = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        exc = SpoolDamaged(f"the audit spool is damaged: the text of security event {rid}"
+                           f" is {why}{more_ids}")
+        self.spool.note_damage(exc)
+        self._damage_noted("security events", exc)
+        sink = self.remember[0] if self.remember is not None else None
+
+        def dead(w: Writer) -> None:
+            for rid, why in damaged:
+                w.mark_security_dead([rid], f"the spool cannot read this event: its text is"
+                                     f" {why}", sink)
+
+        await self.spool.submit(dead, needs_space=False)
 
     async def _part_failed(self, doc_id: str, sid: str, part: int, error: str) -> None:
         """Count a retryable failure of a part (in the spool: ``attempts``,

@@ -15,19 +15,55 @@ from typing import Any
 from sinks.base import RawJSON, sql_where
 
 from .events import format_ts
+from .spool import SpoolDamaged
 from .store import part_document
 
 Row = dict[str, Any]
 
 
-def pending_security(conn: sqlite3.Connection, limit: int) -> list[tuple[int, Row]]:
+def _text(blob: bytes) -> str | None:
+    """A stored record's text, read as bytes (``CAST(json AS BLOB)``): None
+    if it is not UTF-8 (damage: this server writes only UTF-8). Read so, one
+    such row does not fail the statement for every other row."""
+    try:
+        return blob.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _event(blob: bytes) -> Row | str:
+    """A stored event, or what is wrong with its text (the spool file damaged)."""
+    text = _text(blob)
+    if text is None:
+        return "not UTF-8"
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(doc, dict) or not isinstance(doc.get("event_id"), str):
+        return "not an event"
+    return doc
+
+
+def pending_security(
+    conn: sqlite3.Connection, limit: int, damaged: list[tuple[int, str]] | None = None,
+) -> list[tuple[int, Row]]:
+    """The oldest pending security events as sink documents. One whose
+    stored text is not UTF-8, not JSON or not an event (the spool file
+    damaged) is left out and, given a ``damaged`` list, put there as
+    ``(id, what is wrong)``."""
     rows = conn.execute(
-        "SELECT id, json FROM security_events WHERE state = 'pending' ORDER BY id LIMIT ?",
+        "SELECT id, CAST(json AS BLOB) FROM security_events WHERE state = 'pending'"
+        " ORDER BY id LIMIT ?",
         (limit,),
     ).fetchall()
     out = []
-    for rid, text in rows:
-        doc = json.loads(text)
+    for rid, blob in rows:
+        doc = _event(blob)
+        if isinstance(doc, str):
+            if damaged is not None:
+                damaged.append((rid, doc))
+            continue
         doc["_id"] = doc["event_id"]
         out.append((rid, doc))
     return out
@@ -73,21 +109,34 @@ def part_events(conn: sqlite3.Connection, meta: Row, raw: bool = False) -> list[
     With ``raw``, each event is its stored canonical JSON as :class:`RawJSON`.
     A part of the backlog is found whole in ``event_keys``; only a part of
     the newest events needs the scan of the unindexed tail.
+
+    An event whose stored text is not UTF-8, or not JSON, is the spool
+    file's damage: :class:`~audit.spool.SpoolDamaged` naming it (sent as it
+    is, a raw text that is not JSON made the sink's whole document unreadable).
     """
     args = (meta["sk"], meta["first_seq"], meta["last_seq"])
     rows = conn.execute(
-        "SELECT e.json FROM event_keys k JOIN events e ON e.rowid = k.rid"
-        " WHERE k.sk = ? AND k.seq BETWEEN ? AND ? ORDER BY k.seq",
+        "SELECT k.seq, CAST(e.json AS BLOB), json_valid(e.json) FROM event_keys k"
+        " JOIN events e ON e.rowid = k.rid WHERE k.sk = ? AND k.seq BETWEEN ? AND ?"
+        " ORDER BY k.seq",
         args,
     ).fetchall()
     if len(rows) != args[2] - args[1] + 1:  # one statement: one snapshot of both
         rows = conn.execute(
-            "SELECT json FROM session_events WHERE sk = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+            "SELECT seq, CAST(json AS BLOB), json_valid(json) FROM session_events"
+            " WHERE sk = ? AND seq BETWEEN ? AND ? ORDER BY seq",
             args,
         ).fetchall()
-    if raw:
-        return [RawJSON(r[0]) for r in rows]
-    return [json.loads(r[0]) for r in rows]
+    out: list[Any] = []
+    for seq, blob, valid in rows:
+        text = _text(blob)
+        if text is None or not valid:
+            what = "UTF-8" if text is None else "JSON"
+            raise SpoolDamaged(
+                f"the audit spool is damaged: the text of event {seq} of part"
+                f" {meta['session_id']}:{meta['part']} is not {what}")
+        out.append(RawJSON(text) if raw else json.loads(text))
+    return out
 
 
 def load_part(

@@ -580,13 +580,18 @@ class Spool:
 
     def _failure(self, exc: BaseException) -> SpoolUnavailable | None:
         """:func:`resource_failure`, noting damage (logged once)."""
-        failure = damage(exc, self.path) or resource_failure(exc)
-        if isinstance(failure, SpoolDamaged) and self.damaged is None:
-            self.damaged = str(failure)[:300]
-            log.error("%s: what it cannot read gets 503 audit_unavailable, and /readyz 503"
-                      " from now on; stop the server and repair the file (README: A damaged"
-                      " spool)", failure)
+        failure = (exc if isinstance(exc, SpoolDamaged)  # (a damaged text a query found)
+                   else damage(exc, self.path) or resource_failure(exc))
+        if isinstance(failure, SpoolDamaged):
+            self.note_damage(failure)
         return failure
+
+    def note_damage(self, exc: SpoolDamaged) -> None:
+        """The spool file is damaged: said once, and /readyz 503 from now on."""
+        if self.damaged is None:
+            self.damaged = str(exc)[:300]
+            log.error("%s: /readyz is 503 from now on; stop the server and repair the file"
+                      " (README: A damaged spool)", exc)
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -768,8 +773,8 @@ class Spool:
         conn = self._rconn
         try:
             return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, conn)
-        except sqlite3.Error as exc:
-            if (failure := self._failure(exc)) is None:
+        except (sqlite3.Error, SpoolDamaged) as exc:
+            if (failure := self._failure(exc)) in (None, exc):
                 raise
             raise failure from exc
 
@@ -781,8 +786,8 @@ class Spool:
             raise SpoolClosed("the spool is closed")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._bexec, self._apart, fn)
-        except sqlite3.Error as exc:
-            if (failure := self._failure(exc)) is None:
+        except (sqlite3.Error, SpoolDamaged) as exc:
+            if (failure := self._failure(exc)) in (None, exc):
                 raise
             raise failure from exc
 

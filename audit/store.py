@@ -1369,10 +1369,13 @@ class Writer:
         count up from 1 with it), while the spool can tell."""
         if rid == 1:
             return genesis(self.key, SECURITY_STREAM)
-        row = self.conn.execute(
-            "SELECT json FROM security_events WHERE id = ?", (rid - 1,)).fetchone()
+        row = self.conn.execute(  # (as bytes: a text that is not UTF-8 fails only here)
+            "SELECT CAST(json AS BLOB) FROM security_events WHERE id = ?", (rid - 1,)).fetchone()
         if row is not None:
-            return str(json.loads(row[0])["hash"])
+            try:
+                return str(json.loads(row[0])["hash"])
+            except (ValueError, TypeError, KeyError):  # its text damaged: cannot tell
+                return None
         raw = self.conn.execute(
             "SELECT value FROM meta WHERE key = 'security_taken'").fetchone()
         taken = _taken(raw[0] if raw else None)

@@ -84,3 +84,70 @@ async def test_a_text_that_is_not_utf8_is_damage_and_not_quoted(
     assert "secret plan" not in caplog.text
     resp = await api.client.get("/readyz")
     assert resp.status == 503
+
+
+def _damage_text(path: Path, table: str, rowid: int, text: bytes) -> None:
+    """Write ``text`` as a row's stored JSON behind the server's back, as a
+    flipped byte does (SQLite checks no text)."""
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"UPDATE {table} SET json = CAST(? AS TEXT) WHERE rowid = ?",
+                     (text, rowid))
+    conn.close()
+
+
+async def test_records_damaged_in_the_spool_are_dead_letters_and_the_rest_flows(
+    make_config: Any, engines: Any,
+) -> None:
+    """Pending records whose text in the spool was damaged: a security
+    event that is not JSON crashed the flusher at each step (restarted with
+    a traceback, 1 s, 2 s, 4 s... apart) and nothing was sent any more; a
+    part with an event that is not UTF-8 held back every part behind it, for
+    good; a part with an event that is not JSON was sent as it was (the sinks
+    splice raw events) and made the sink's document unreadable. Each is now
+    a dead letter saying what is wrong, the rest goes to the sink, and the
+    spool is marked damaged."""
+    from audit import queries
+    from audit.events import Draft, Source
+
+    config = make_config()
+    engine = await engines.open(config)
+    src = Source(user="alice", role="user")
+    sessions = [await engine.start_session("alice", "user", src, 3600) for _ in range(3)]
+    for s in sessions:
+        await engine.record(s.session_id, Draft("document.list"))
+        await engine.end_session(s.session_id, src)
+    for _ in range(2):
+        await engine.record_security(Draft("auth.login_failed", outcome="denied", source=src))
+
+    def rows(c: sqlite3.Connection) -> tuple[list[int], list[int]]:
+        events = [c.execute("SELECT e.rowid FROM events e JOIN sessions s USING (sk)"
+                            " WHERE s.session_id = ? AND e.seq = 3", (s.session_id,)
+                            ).fetchone()[0] for s in sessions[:2]]
+        return events, [r[0] for r in c.execute("SELECT id FROM security_events ORDER BY id")]
+
+    (not_json, not_utf8), (bad_security, _) = await engine.spool.read(rows)
+    path = config.spool_path
+    text = await engine.spool.read(
+        lambda c: c.execute("SELECT json FROM events WHERE rowid = ?", (not_json,)).fetchone()[0])
+    _damage_text(path, "events", not_json, b"#" + text[1:].encode())
+    _damage_text(path, "events", not_utf8, b'{"action":\xff\xfe}')
+    _damage_text(path, "security_events", bad_security, b'{"event_id": "x", ')
+
+    await engines.drain(engine)
+
+    counts = await engine.spool.read(lambda c: queries.counts(c, 0))
+    assert counts["pending_parts"] == counts["pending_security_events"] == 0, counts
+    assert counts["dead_letter_parts"] == 2 and counts["dead_letter_security_events"] == 1
+    assert await engine.sink.get_session_parts(sessions[2].session_id)  # not held back
+    for s in sessions[:2]:  # nothing of theirs sent half read or unreadable
+        assert await engine.sink.get_session_parts(s.session_id) == []
+    errors = await engine.spool.read(lambda c: c.execute(
+        "SELECT last_error FROM parts WHERE state = 'dead' UNION ALL"
+        " SELECT last_error FROM security_events WHERE state = 'dead'").fetchall())
+    text = " | ".join(e[0] for e in errors)
+    assert "event 3 of part" in text and "is not JSON" in text and "is not UTF-8" in text
+    assert "this event: its text is not JSON" in text
+    stored = [e async for e in engine.sink.security_events_oldest_first()]
+    assert [e["action"] for e in stored] == ["auth.login_failed"]  # the one not damaged
+    assert engine.spool.damaged is not None and engine.flusher.healthy
+    assert not engine.task_failure
