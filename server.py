@@ -57,6 +57,7 @@ from audit.spool import (
     SpoolUnavailable,
     app_bytes,
     connect,
+    damage,
     key_check,
     loose_dir,
     make_private_dirs,
@@ -1101,9 +1102,9 @@ async def _verify(config: Config) -> int:
                 anchor = spool_anchor(conn, key, sink_identity(config))
             finally:
                 conn.close()
-        except sqlite3.Error as exc:
-            print(f"verify: the spool cannot be read ({exc}); the end of this server's"
-                  " security chain is not checked", file=sys.stderr)
+        except (sqlite3.Error, ValueError) as exc:  # (ValueError: a damaged text in it)
+            print(f"verify: the spool cannot be read ({damage(exc) or exc}); the end of this"
+                  " server's security chain is not checked", file=sys.stderr)
     sink = create_sink(config, readonly=True)
     try:
         await sink.open()

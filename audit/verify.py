@@ -276,8 +276,16 @@ def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) 
     :func:`~audit.config.sink_identity`; None: in any sink)."""
     row = conn.execute("SELECT value FROM meta WHERE key = 'security_head'").fetchone()
     first = conn.execute(
-        "SELECT json FROM security_events WHERE state != 'stored' ORDER BY id LIMIT 1"
+        "SELECT id, CAST(json AS BLOB) FROM security_events WHERE state != 'stored'"
+        " ORDER BY id LIMIT 1"
     ).fetchone()
+    unsent = None
+    if first is not None:
+        try:
+            unsent = json.loads(first[1])  # (bytes: not UTF-8 is a ValueError too)
+        except ValueError:
+            raise ValueError(f"the text of security event {first[0]} in the spool is damaged"
+                             " (not UTF-8 or not JSON)") from None
     unfinished = frozenset(r[0] for r in conn.execute(
         "SELECT session_id FROM sessions WHERE state = 'open'"
         " UNION SELECT session_id FROM parts WHERE state != 'stored'"))
@@ -285,7 +293,7 @@ def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) 
         "SELECT session_id FROM stored_sessions WHERE ?1 IS NULL OR sink = ?1", (sink,)))
     starts, end, ends, took_none = _stretches(conn, sink, genesis(key, SECURITY_STREAM))
     return SpoolAnchor(row[0] if row else genesis(key, SECURITY_STREAM),
-                       json.loads(first[0]) if first else None, unfinished, stored - unfinished,
+                       unsent, unfinished, stored - unfinished,
                        starts, end, ends, took_none)
 
 

@@ -151,3 +151,29 @@ async def test_records_damaged_in_the_spool_are_dead_letters_and_the_rest_flows(
     assert [e["action"] for e in stored] == ["auth.login_failed"]  # the one not damaged
     assert engine.spool.damaged is not None and engine.flusher.healthy
     assert not engine.task_failure
+
+
+async def test_verify_says_a_damaged_security_event_in_the_spool_in_one_line(
+    make_config: Any, engines: Any, audit_key: bytes, monkeypatch: Any, capsys: Any,
+) -> None:
+    """verify reads the oldest security event the sink has not taken from the
+    spool (to check the sink's chain reaches it). With its text damaged (a
+    dead letter the flusher could not read), verify died with a
+    JSONDecodeError traceback. It says so in one line and checks the sink."""
+    import server
+    from audit.events import Draft, Source
+
+    config = make_config()
+    engine = await engines.open(config)
+    draft = Draft("auth.login_failed", outcome="denied", source=Source(user="mallory", role=None))
+    await engine.record_security(draft)
+    await engines.drain(engine)  # the first in the sink, the second not yet
+    await engine.record_security(draft)
+    await engines.close(engine)
+    _damage_text(config.spool_path, "security_events", 2, b"\xff not JSON")
+    monkeypatch.setenv(server.AUDIT_KEY_ENV, audit_key.decode())
+
+    assert await server._verify(config) == 0  # the sink holds nothing to fault
+    err = capsys.readouterr().err
+    assert "the text of security event 2 in the spool is damaged" in err
+    assert "Traceback" not in err
