@@ -32,6 +32,7 @@ from .events import event_hash, genesis
 from .logthrottle import LogThrottle, more
 from .metrics import Stats
 from .store import SCHEMA, Limits, OpenSession, Writer, migrate, note_earlier_stretch
+from .walcheck import dropped_commits, keep_copy
 
 log = logging.getLogger("session_audit.spool")
 
@@ -563,6 +564,7 @@ class Spool:
     def _open_writer(self) -> None:
         conn = connect(self.path, self.synchronous)
         try:
+            self._check_wal()  # (SQLite's recovery has run; nothing written yet)
             prepare(conn, self.path)
             check_key(conn, self.key, self.path)
             check_writable(conn)
@@ -592,6 +594,25 @@ class Spool:
             self.damaged = str(exc)[:300]
             log.error("%s: /readyz is 503 from now on; stop the server and repair the file"
                       " (README: A damaged spool)", exc)
+
+    def _check_wal(self) -> None:
+        """Say it when SQLite dropped committed transactions of a damaged
+        -wal (:mod:`audit.walcheck`), and keep a copy of it first: the
+        writer's first commits reuse those frames."""
+        wal = Path(f"{self.path}-wal")
+        found = dropped_commits(wal)
+        if found is None or found[1] < 2:  # (one: the transaction a crash cut off)
+            return
+        frames, commits = found
+        try:
+            kept = f"kept as {keep_copy(wal)}"
+        except OSError as exc:
+            kept = f"not kept: {exc}"
+        self.note_damage(SpoolDamaged(
+            f"the audit spool {self.path} is damaged: its -wal holds {commits} committed"
+            f" transactions past a frame SQLite cannot read (after frame {frames}), which it"
+            f" dropped, and with them records that may have been acknowledged; the -wal"
+            f" was {kept}"))
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():

@@ -177,3 +177,76 @@ async def test_verify_says_a_damaged_security_event_in_the_spool_in_one_line(
     err = capsys.readouterr().err
     assert "the text of security event 2 in the spool is damaged" in err
     assert "Traceback" not in err
+
+
+def _commit_frames(wal: Path) -> list[int]:
+    """The frames of ``wal`` that end a transaction (0-based)."""
+    import struct
+
+    data = wal.read_bytes()
+    page = struct.unpack(">I", data[8:12])[0]
+    return [i for i in range((len(data) - 32) // (page + 24))
+            if struct.unpack_from(">I", data, 32 + i * (page + 24) + 4)[0]]
+
+
+def _garble_frame(wal: Path, frame: int) -> None:
+    """Flip a byte of the page in ``frame`` (0-based) of ``wal``."""
+    import struct
+
+    with open(wal, "r+b") as f:
+        page = struct.unpack(">I", f.read(12)[8:12])[0]
+        f.seek(32 + frame * (page + 24) + 24 + 100)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def test_a_wal_sqlite_cannot_read_past_a_damaged_frame_is_said_and_kept(
+    make_config: Any, engines: Any, tmp_path: Path,
+) -> None:
+    """The spool as a kill -9 leaves it (its -wal holding the last commits),
+    then a frame of the -wal garbled (a bad copy, a bad sector): SQLite drops
+    that frame and every transaction committed after it, events that were
+    acknowledged, and the server started as if nothing had happened. It
+    now says so (the spool damaged, /readyz 503) and keeps a copy of the
+    -wal before its first commit reuses those frames; an intact -wal, or
+    one whose last transaction was cut off, is not taken for damage."""
+    import shutil
+
+    from audit.events import Draft, Source
+
+    config = make_config()
+    engine = await engines.open(config)
+    src = Source(user="alice", role="user")
+    for _ in range(6):  # a commit each
+        s = await engine.start_session("alice", "user", src, 3600)
+        await engine.record(s.session_id, Draft("document.list"))
+
+    def crashed(name: str) -> Any:  # the files as the process left them
+        other = make_config(server={"data_dir": str(tmp_path / name)})
+        other.data_dir.mkdir(mode=0o700)
+        for suffix in ("", "-wal"):
+            shutil.copyfile(f"{config.spool_path}{suffix}", f"{other.spool_path}{suffix}")
+        return other
+
+    intact, cut, damaged = crashed("intact"), crashed("cut"), crashed("damaged")
+    await engines.close(engine)
+    commits = _commit_frames(Path(f"{damaged.spool_path}-wal"))
+    assert len(commits) > 5
+    _garble_frame(Path(f"{damaged.spool_path}-wal"), commits[2] + 1)  # after the third commit
+    cut_wal = Path(f"{cut.spool_path}-wal")
+    _garble_frame(cut_wal, _commit_frames(cut_wal)[-2] + 1)  # the last transaction torn
+
+    for ok in (intact, cut):
+        engine = await engines.open(ok)
+        assert engine.spool.damaged is None, engine.spool.damaged
+        await engines.close(engine)
+    engine = await engines.open(damaged)
+    assert engine.spool.damaged is not None
+    assert "its -wal holds" in engine.spool.damaged
+    assert f"past a frame SQLite cannot read (after frame {commits[2] + 1})" \
+        in engine.spool.damaged
+    assert not engine.ready
+    (kept,) = damaged.data_dir.glob("spool.db-wal.damaged-*")
+    assert len(_commit_frames(kept)) == len(commits)  # every frame, as it was
+    assert kept.stat().st_mode & 0o777 == 0o600
