@@ -594,14 +594,22 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
 
 
 def _once(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """A login form's fields, each given at most once (RFC 6749, 3.1: the
+    """A login form's fields, each it reads given at most once (RFC 6749, 3.1: the
     token endpoint's parameters "MUST NOT be included more than once"; which
     of two usernames counts differs from one reader to the next, a proxy
     or filter in front of the server included)."""
     data = dict(pairs)
     if len(data) != len(pairs):
-        raise bad_request("a form field is given more than once")
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in _LOGIN_FIELDS and key in seen:
+                raise bad_request(f"the form field {key} is given more than once")
+            seen.add(key)
     return data
+
+
+# The fields a login reads: another field, ignored, may come as often as it likes.
+_LOGIN_FIELDS = frozenset({"username", "password", "grant_type"})
 
 
 def is_utf8(text: str) -> bool:

@@ -343,9 +343,15 @@ async def test_three_concurrent_users_three_opens_each(
         assert acts.count("document.access") == 3
         total += acts.count("document.access")
     assert total == 9
-    # The admin API agrees.
-    listing = await admin.call("GET", "/audit/sessions?state=stored")
-    counts = {s["session_id"]: s["event_count"] for s in listing["sessions"]}
+    # The admin API agrees, once the spool has marked the final parts stored
+    # too (the sink has a part a moment before the spool marks it so).
+    async def listed() -> dict[str, int] | None:
+        listing = await admin.call("GET", "/audit/sessions?state=stored")
+        counts = {s["session_id"]: s["event_count"] for s in listing["sessions"]}
+        return counts if all(sid in counts for sid in sids) else None
+
+    counts = await wait_for(listed, timeout=20, message="the three sessions listed as stored",
+                            interval=0.1)
     assert all(counts[sid] == 7 for sid in sids)
 
 

@@ -209,3 +209,8 @@ async def test_a_login_field_given_twice_is_refused(make_api: MakeApi) -> None:
     assert (resp.status, answer["error"]["code"]) == (400, "invalid_request"), answer
     assert "more than once" in answer["error"]["message"]
     await api.login("alice")  # given once, the same fields log in
+    # A field the login does not read is ignored, however often it comes.
+    resp = await api.client.post(
+        "/token", data=f"scope=a&scope=b&username=alice&password={USER_PASSWORD}".encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status == 200, await resp.text()
