@@ -78,6 +78,29 @@ async def _prepare(db: aiosqlite.Connection) -> None:
     await db.execute("PRAGMA synchronous=FULL")
     await db.execute("PRAGMA busy_timeout=5000")
     await db.executescript(_SCHEMA)
+    for table, columns in (("parts", _PART_COLUMNS), ("security_events", _SECURITY_COLUMNS)):
+        await _check_columns(db, table, {c for c, _ in columns} | {"doc"})
+
+
+async def _check_columns(db: aiosqlite.Connection, table: str, ours: set[str]) -> None:
+    """The table found in the file takes the sink's rows: it has every column
+    the sink fills, and no other that must be filled (NOT NULL without a
+    default). A table of that name another program made (or one changed by
+    hand) refused every row with an IntegrityError, which is the verdict on
+    a document: every part and security event was dead-lettered in turn."""
+    # table_xinfo: (cid, name, type, notnull, default, pk, hidden); hidden
+    # columns (generated ones, 2 and 3) are never filled by an INSERT.
+    async with db.execute(f"PRAGMA table_xinfo({table})") as cur:
+        rows = list(await cur.fetchall())
+    missing = ours - {r[1] for r in rows}
+    unfilled = [r[1] for r in rows
+                if r[1] not in ours and r[3] and r[4] is None and r[5] == 0 and r[6] == 0]
+    if missing or unfilled:
+        why = (f"it lacks the column(s) {', '.join(sorted(missing))}" if missing else
+               f"its column(s) {', '.join(unfilled)} must be filled (NOT NULL, no default),"
+               " and the sink does not fill them")
+        raise SinkUnavailable(f"table {table} is not this sink's: {why}; the file is another"
+                              " program's, or the table was changed by hand")
 
 
 async def _has_tables(db: aiosqlite.Connection) -> None:
@@ -108,15 +131,24 @@ async def _readable(name: str) -> AsyncIterator[None]:
                              f" {exc}") from exc
 
 
+# The constraints a row of the sink's own tables can fail: a field the
+# document lacks (NOT NULL). The primary key's is answered by ON CONFLICT.
+_DOCUMENT_CONSTRAINTS = frozenset({"SQLITE_CONSTRAINT_NOTNULL"})
+
+
 def _classified(exc: sqlite3.Error) -> SinkUnavailable | SinkRejected:
-    """Rejected only for what is wrong with the document (a constraint, a
+    """Rejected only for what is wrong with the document (a field it lacks, a
     value SQLite cannot bind or store); the file's trouble is unavailable:
     locked, read only, full (OperationalError), and corrupt or not a
     database (a plain DatabaseError), which would otherwise dead-letter the
-    whole backlog one write after another until an operator repairs it."""
+    whole backlog one write after another until an operator repairs it. So
+    is a constraint the sink never made (a CHECK, a trigger's RAISE, a
+    UNIQUE index, a column type that takes no text id: someone changed the
+    table), which fails every row alike."""
     if isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError)) or (
         type(exc) is sqlite3.DatabaseError
-    ):
+    ) or (isinstance(exc, sqlite3.IntegrityError)
+          and getattr(exc, "sqlite_errorname", None) not in _DOCUMENT_CONSTRAINTS):
         return SinkUnavailable(f"sqlite sink: {exc}")
     return SinkRejected(f"sqlite sink: {exc}")
 
