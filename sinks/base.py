@@ -66,6 +66,25 @@ def event_count(part: Doc) -> int:
         return 0
 
 
+def odd_part(part: Any, *, events: bool = True) -> bool:
+    """Whether a stored part is one the admin API cannot hand out: it sorts
+    parts by ``part``, summarises them by ``session_id`` and merges their
+    events by ``seq``. A document another writer put in the sink (not an
+    object, without a string ``session_id`` or a number, or with events
+    that are not objects with an integer ``seq``) was a KeyError or
+    TypeError there, a 500 with a traceback; a sink raises
+    :class:`SinkUnreadable` for it instead (503, and verify's finding).
+    Without ``events``, only what a listing's summary reads is looked at."""
+    if not isinstance(part, dict):
+        return True
+    number, found = part.get("part"), part.get("events", []) if events else []
+    return (not isinstance(part.get("session_id"), str)
+            or not isinstance(number, (int, float)) or isinstance(number, bool)
+            or not isinstance(found, list)
+            or not all(isinstance(e, dict) and isinstance(e.get("seq"), int)
+                       and not isinstance(e["seq"], bool) for e in found))
+
+
 def summarize_parts(parts: list[Doc]) -> Doc:
     """A session summary (API.md) from the stored parts of one session.
 

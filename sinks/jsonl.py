@@ -131,10 +131,12 @@ from .base import (
     SinkConflict,
     SinkRejected,
     SinkUnavailable,
+    SinkUnreadable,
     decode_cursor,
     dumps,
     encode_cursor,
     event_count,
+    odd_part,
 )
 
 log = logging.getLogger(__name__)
@@ -963,6 +965,10 @@ class JsonlSink(Sink):
                 doc = read(no, offset)
                 if doc.get("session_id") != session_id or doc.get("part") != part:
                     raise _Stale
+                if odd_part(doc):  # (a line another process appended: see odd_part)
+                    raise SinkUnreadable(
+                        f"jsonl sink: {index.names[no]}, byte {offset}: a part the admin"
+                        " API cannot show (its events are not events with a seq)")
                 out.append(_strip(doc))
             return out
 

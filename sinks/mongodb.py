@@ -96,6 +96,7 @@ from .base import (
     SinkUnreadable,
     decode_cursor,
     encode_cursor,
+    odd_part,
     summarize_parts,
 )
 
@@ -623,11 +624,7 @@ class MongoSink(Sink):
         integer ``seq``: a 500. It is :class:`SinkUnreadable` too."""
         parts = self._handed_out(what, docs)
         for p in parts:
-            number, events = p.get("part"), p.get("events", [])
-            if (not isinstance(number, (int, float)) or isinstance(number, bool)
-                    or not isinstance(events, list)
-                    or not all(isinstance(e, dict) and isinstance(e.get("seq"), int)
-                               and not isinstance(e["seq"], bool) for e in events)):
+            if odd_part(p):
                 raise SinkUnreadable(self._redact(
                     f"mongodb sink: {what}: the part with _id {p.get('_id')!r} has no"
                     " number or events without a seq (another writer's)"))

@@ -25,6 +25,7 @@ from .base import (
     decode_cursor,
     dumps,
     encode_cursor,
+    odd_part,
     sql_where,
     summarize_parts,
 )
@@ -384,7 +385,7 @@ class SqliteSink(Sink):
         ids = ids[:limit]
         out = []
         for sid in ids:
-            parts = await self._session_parts(db, sid)
+            parts = await self._session_parts(db, sid, events=False)
             out.append(summarize_parts(parts))
         next_cursor = None
         if more and out:
@@ -441,11 +442,23 @@ class SqliteSink(Sink):
             return await self._session_parts(self._conn(), session_id)
 
     @staticmethod
-    async def _session_parts(db: aiosqlite.Connection, session_id: str) -> list[Doc]:
+    async def _session_parts(db: aiosqlite.Connection, session_id: str, *,
+                             events: bool = True) -> list[Doc]:
+        """The session's parts; without ``events``, for a summary: their
+        events are not looked at (see :func:`~sinks.base.odd_part`)."""
         async with db.execute(
-            "SELECT doc FROM parts WHERE session_id = ? ORDER BY part", (session_id,)
+            "SELECT id, doc FROM parts WHERE session_id = ? ORDER BY part", (session_id,)
         ) as cur:
-            return [json.loads(r[0]) for r in await cur.fetchall()]
+            rows = list(await cur.fetchall())
+        parts = []
+        for row_id, text in rows:
+            part = json.loads(text)
+            if odd_part(part, events=events):  # (another writer's row: see odd_part)
+                raise SinkUnreadable(f"sqlite sink: the part with id {row_id!r} is not a part"
+                                     " the admin API can show: no object with a session_id"
+                                     " and a number, or events without a seq")
+            parts.append(part)
+        return parts
 
     async def session_part_heads(self, session_id: str) -> list[Doc]:
         """The events are cut out by SQLite (its JSON parser, in C, holding one
