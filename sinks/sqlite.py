@@ -533,10 +533,21 @@ class SqliteSink(Sink):
             ("action = ?", kind),
             ("(ts, id) < (?, ?)", after),
         )
-        sql = f"SELECT doc FROM security_events WHERE {where} ORDER BY ts DESC, id DESC LIMIT ?"
+        sql = (f"SELECT ts, id, doc FROM security_events WHERE {where}"
+               " ORDER BY ts DESC, id DESC LIMIT ?")
         async with db.execute(sql, (*args, limit + 1)) as cur:
-            docs = [json.loads(r[0]) for r in await cur.fetchall()]
-        more = len(docs) > limit
-        docs = docs[:limit]
-        next_cursor = encode_cursor(docs[-1]["ts"], docs[-1]["_id"]) if more and docs else None
+            rows = list(await cur.fetchall())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        docs = []
+        for _, row_id, text in rows:
+            doc = json.loads(text)
+            if not isinstance(doc, dict):  # another writer's row
+                raise SinkUnreadable(f"sqlite sink: the security event with id {row_id!r}"
+                                     " is no JSON object")
+            docs.append(doc)
+        # The cursor is where the page ends in the order read, the columns'
+        # (a document another writer left without its ts or _id was a
+        # KeyError here, a 500, whenever more events followed).
+        next_cursor = encode_cursor(rows[-1][0], rows[-1][1]) if more and rows else None
         return docs, next_cursor
