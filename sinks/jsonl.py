@@ -789,6 +789,13 @@ class JsonlSink(Sink):
     def _write_sync(self, docs: list[Doc], kind: str) -> None:
         with self._writing:
             try:
+                if not os.path.lexists(self.dir):
+                    # Removed while the sink ran (a cleanup of shipped files
+                    # gone too far): made anew as ``open`` would, not
+                    # "cannot lock ...: No such file or directory" at every
+                    # write until someone made it by hand or restarted.
+                    log.warning("%s was removed; making it anew", self.dir.name)
+                    self._make_dir()
                 locked = self._acquire(LOCK_WAIT_SECONDS)
             except OSError as exc:
                 raise SinkUnavailable(f"jsonl sink: cannot lock {self.dir.name}: {exc}") from exc

@@ -6,7 +6,9 @@ another process put in the sink."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from receiver import sample_part, sample_security_event
 from audit.verify import verify_sink
 from sinks import create_sink
 from sinks.base import SinkUnavailable
+from sinks.jsonl import JsonlSink
 from sinks.sqlite import SqliteSink
 
 __all__ = ["make_api"]
@@ -194,3 +197,29 @@ async def test_a_security_event_another_writer_put_in_audit_db_is_no_500(
     # (Where the forged one shows, if at all, is the admin API's order of
     # documents, not the columns': verify reports the row as changed.)
     assert seen[0] == "ev2" and "ev0" in seen, seen
+
+
+async def test_a_jsonl_directory_removed_while_the_sink_runs_is_made_anew(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every write after the directory was removed (``rm -rf`` of shipped
+    files gone one level too far) failed with "cannot lock audit-jsonl:
+    [Errno 2] No such file or directory", for as long as the server ran,
+    though a restart made the directory again at open. The next write now
+    makes it (0700, as open does) and goes through."""
+    d = tmp_path / "data" / "audit-jsonl"
+    sink = JsonlSink(d)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("s1"))
+        shutil.rmtree(d)
+        await sink.write_part(sample_part("s2"))
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+        assert "audit-jsonl was removed; making it anew" in caplog.text
+        lines = [json.loads(line) for f in sorted(d.glob("audit-*.jsonl"))
+                 for line in f.read_text().splitlines()]
+        assert [line["_id"] for line in lines] == ["s2:0"]
+        assert await sink.get_session_parts("s1") == []
+        assert [p["_id"] for p in await sink.get_session_parts("s2")] == ["s2:0"]
+    finally:
+        await sink.close()
