@@ -21,6 +21,7 @@ from audit import queries
 from audit.config import Config
 from audit.engine import AuditEngine
 from audit.events import SECURITY_ACTIONS, Draft, format_ts, parse_ts
+from audit.logthrottle import LogThrottle, more
 from audit.spool import SpoolClosed, SpoolFull, SpoolUnavailable
 from audit.store import SessionNotOpen, Writer, shown_ms
 from sinks.base import (
@@ -49,10 +50,19 @@ _MAX_PAGES = 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# While one cause lasts (the sink down, a document it cannot hand out), an
+# admin's page polled every few seconds logged a line each time.
+_QUERY_LOG = LogThrottle()
+
+
 def _sink_unavailable(engine: AuditEngine, exc: SinkError) -> ApiError:
     """503 ``sink_unavailable``; the sink's own words (a file path, a driver's
-    message) go to the log, not to the client."""
-    log.warning("admin query: the %s sink cannot be queried: %s", engine.sink.type, exc)
+    message) go to the log, not to the client: once, then at most once a
+    minute while the same kind of error lasts."""
+    left_out = _QUERY_LOG.allow(type(exc).__name__)
+    if left_out is not None:
+        log.warning("admin query: the %s sink cannot be queried: %s%s", engine.sink.type, exc,
+                    more(left_out))
     return ApiError(503, "sink_unavailable", "the sink cannot be queried now; try again"
                     " later", {"Retry-After": "5"})
 

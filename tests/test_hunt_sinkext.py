@@ -17,7 +17,9 @@ import pytest
 from api_fixtures import MakeApi, expect_error, make_api
 from receiver import sample_part, sample_security_event
 
+from audit.logthrottle import LogThrottle
 from audit.verify import verify_sink
+from handlers import admin as admin_handlers
 from sinks import create_sink
 from sinks.base import SinkUnavailable
 from sinks.jsonl import JsonlSink
@@ -223,3 +225,23 @@ async def test_a_jsonl_directory_removed_while_the_sink_runs_is_made_anew(
         assert [p["_id"] for p in await sink.get_session_parts("s2")] == ["s2:0"]
     finally:
         await sink.close()
+
+
+async def test_admin_queries_while_the_sink_is_down_log_once_not_per_request(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each admin query answered 503 sink_unavailable logged a warning of its
+    own: a dashboard polling a page every few seconds through a sink outage
+    wrote one a poll, where the flusher's warnings for the same outage come
+    once a minute. Now so do these, saying how many were left out."""
+    monkeypatch.setattr(admin_handlers, "_QUERY_LOG", LogThrottle(), raising=False)
+    api = await make_api(sink={"type": "jsonl"})
+    admin = await api.admin()
+    (api.config.jsonl_dir / "audit-2026-11-26.jsonl").mkdir()  # not a regular file
+    for _ in range(5):
+        r = await api.client.get("/audit/security-events", headers=admin.headers)
+        await expect_error(r, 503, "sink_unavailable")
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("admin query: the jsonl sink cannot be queried")]
+    assert len(lines) == 1, lines
+    assert "audit-2026-11-26.jsonl is a symbolic link or not a regular file" in lines[0]
