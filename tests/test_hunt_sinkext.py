@@ -5,7 +5,9 @@ another process put in the sink."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import sqlite3
 import stat
@@ -17,8 +19,10 @@ import pytest
 from api_fixtures import MakeApi, expect_error, make_api
 from receiver import sample_part, sample_security_event
 
+from audit.config import Config, sink_identity
+from audit.events import Draft, Source
 from audit.logthrottle import LogThrottle
-from audit.verify import verify_sink
+from audit.verify import Report, spool_anchor, verify_sink
 from handlers import admin as admin_handlers
 from sinks import create_sink
 from sinks.base import SinkUnavailable
@@ -245,3 +249,67 @@ async def test_admin_queries_while_the_sink_is_down_log_once_not_per_request(
              if r.getMessage().startswith("admin query: the jsonl sink cannot be queried")]
     assert len(lines) == 1, lines
     assert "audit-2026-11-26.jsonl is a symbolic link or not a regular file" in lines[0]
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _readme_resend_sql() -> str:
+    """The SQL README.md gives to send again what the spool keeps."""
+    block = re.search(r'sqlite3 data/spool.db "(UPDATE parts SET state = .pending.[^"]*)"',
+                      README.read_text())
+    assert block is not None, "README.md no longer shows the statements"
+    return block.group(1)
+
+
+async def _verify(engine: Any, config: Config, key: bytes) -> Report:
+    anchor = await engine.spool.read(lambda c: spool_anchor(c, key, sink_identity(config)))
+    return await verify_sink(engine.sink, key, anchor)
+
+
+async def test_a_sink_restored_from_an_older_backup_is_said_and_mended_as_readme_says(
+    make_config: Callable[..., Config], engines: Any, audit_key: bytes,
+) -> None:
+    """audit.db restored from a backup older than the spool lacks the parts
+    and security events stored since, which the spool marked stored and
+    sends no more. Nothing said what verify reports then, nor whether they
+    can be sent again: README.md now does, with the statements that make
+    what keep_stored_seconds kept pending again. This holds it to them."""
+    config = make_config(audit={"keep_stored_seconds": 3600},
+                         flush={"max_writes_per_second": 1000.0, "burst": 100})
+    src = Source(user="alice", role="user", ip="127.0.0.1")
+    engine = await engines.open(config)
+    sids = []
+    backup = config.sqlite_sink_path.with_name("backup.db")
+    for i in range(2):
+        s = await engine.start_session("alice", "user", src, 3600)
+        await engine.end_session(s.session_id, src)
+        await engine.record_security(Draft("auth.login_failed", outcome="denied", source=src,
+                                           details={"username": f"u{i}"}), happened=True)
+        sids.append(s.session_id)
+        await engines.drain(engine)
+        if i == 0:
+            with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as live, \
+                    contextlib.closing(sqlite3.connect(backup)) as copy:
+                live.backup(copy)
+    await engines.close(engine)
+    for suffix in ("", "-wal", "-shm"):
+        config.sqlite_sink_path.with_name(config.sqlite_sink_path.name + suffix).unlink(
+            missing_ok=True)
+    shutil.copy(backup, config.sqlite_sink_path)
+
+    engine = await engines.open(config)
+    await engines.drain(engine)  # (opens the sink; nothing is pending)
+    report = await _verify(engine, config, audit_key)
+    assert {(p.session_id, p.kind) for p in report.problems} == {
+        (sids[1], "missing_part"), ("security", "security_chain")}, report.problems
+    await engines.close(engine)  # (stopped, as README.md says)
+
+    with contextlib.closing(sqlite3.connect(config.spool_path)) as spool, spool:
+        spool.executescript(_readme_resend_sql())
+    engine = await engines.open(config)
+    await engines.drain(engine)
+    report = await _verify(engine, config, audit_key)
+    assert report.ok, report.problems
+    for sid in sids:
+        assert len(await engine.sink.get_session_parts(sid)) == 1
