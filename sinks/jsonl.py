@@ -497,12 +497,30 @@ class JsonlSink(Sink):
             complete = isinstance(obj, dict) and "_id" in obj
         except (ValueError, RecursionError):
             complete = False
-        with os.fdopen(_open_regular(path, os.O_RDWR), "r+b") as f:
+        f: IO[bytes]
+        try:
+            f = os.fdopen(_open_regular(path, os.O_RDWR), "r+b")
+            append_only = False
+        except PermissionError:
+            # An append-only file (``chattr +a``, a hardening of audit logs)
+            # opens for appending only, and takes no truncate: the sink then
+            # could neither open nor write, for good. Its torn line is ended
+            # instead, and stays as a line that is not JSON (verify reports
+            # it). A file that takes no append either raises as before.
+            f = os.fdopen(_open_regular(path, os.O_WRONLY | os.O_APPEND), "ab")
+            append_only = True
+        with f:
             st = os.fstat(f.fileno())
             if (st.st_dev, st.st_ino) != (scanned.st_dev, scanned.st_ino):
                 raise _Stale
-            if complete:
-                log.warning("%s: last line lacked its newline; terminated it", path.name)
+            if complete or append_only:
+                if complete:
+                    log.warning("%s: last line lacked its newline; terminated it", path.name)
+                else:
+                    log.warning(
+                        "%s: a torn last line of %d bytes (crash during a write), in a file"
+                        " that takes no truncate (append-only): ended it with a newline; it"
+                        " stays, as a line that is not JSON", path.name, len(fragment))
                 f.seek(0, os.SEEK_END)
                 f.write(b"\n")
             else:
@@ -514,10 +532,12 @@ class JsonlSink(Sink):
                 f.truncate(pos)
             f.flush()
             os.fsync(f.fileno())
-        end = pos + len(fragment) + 1 if complete else pos
+        end = pos + len(fragment) + 1 if complete or append_only else pos
         index.synced[path.name] = end  # the fsync covered every byte before it
         if complete:
             index.add(obj, obj.get("type"), no, pos)
+        elif append_only:
+            index.unplace(no, pos, "a line that is not JSON (or not UTF-8)")
         return end
 
     def _catch_up(self, repair: bool, fresh: bool = False) -> _Index:

@@ -11,6 +11,7 @@ import re
 import shutil
 import sqlite3
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -313,3 +314,54 @@ async def test_a_sink_restored_from_an_older_backup_is_said_and_mended_as_readme
     assert report.ok, report.problems
     for sid in sids:
         assert len(await engine.sink.get_session_parts(sid)) == 1
+
+
+@contextlib.contextmanager
+def _append_only(path: Path) -> Any:
+    """``chattr +a``: the file opens for appending only and takes no truncate."""
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+a", str(path)],
+                                        capture_output=True).returncode != 0:
+        pytest.skip("the file cannot be made append-only here (chattr +a needs root)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-a", str(path)], check=True)
+
+
+async def test_a_torn_line_in_an_append_only_day_file_is_ended_not_a_sink_down_for_good(
+    tmp_path: Path,
+) -> None:
+    """Append-only day files (``chattr +a``, a common hardening of audit
+    logs) open for appending only: the repair of a torn last line (a crash
+    during a write) opened the file read-write to truncate it, and failed
+    with "[Errno 1] Operation not permitted", at open and before every
+    write, for as long as the attribute stayed: no part reached the sink
+    again. The torn line is now ended with a newline instead (it stays, as
+    a line that is not JSON, which verify reports) and writing goes on."""
+    d = tmp_path / "audit-jsonl"
+    sink = JsonlSink(d)
+    await sink.open()
+    await sink.write_part(sample_part("s1"))
+    await sink.close()
+    (day,) = d.glob("audit-*.jsonl")
+    with day.open("a") as f:
+        f.write('{"_id": "s2:0", "type": "session_pa')  # the crash
+    with _append_only(day):
+        sink = JsonlSink(d)
+        await sink.open()
+        try:
+            await sink.write_part(sample_part("s2"))
+        finally:
+            await sink.close()
+    lines = day.read_bytes().split(b"\n")
+    assert lines[1] == b'{"_id": "s2:0", "type": "session_pa' and lines[-1] == b""
+    assert [json.loads(line)["_id"] for line in (lines[0], lines[2])] == ["s1:0", "s2:0"]
+    reader = JsonlSink(d, readonly=True)
+    await reader.open()
+    try:
+        assert [p["_id"] for p in await reader.get_session_parts("s2")] == ["s2:0"]
+        (unchecked,) = await reader.unchecked_records()
+        assert "a line that is not JSON" in unchecked
+    finally:
+        await reader.close()
