@@ -352,8 +352,12 @@ class SqliteSink(Sink):
     ) -> tuple[list[Doc], str | None]:
         # Under the lock, as the queries below: a write that finds the file
         # deleted or renamed closes this connection (a query on it was a
-        # ProgrammingError, a 500), and the pages come from one file.
+        # ProgrammingError, a 500), and the pages come from one file. And
+        # from the file at ``path``, as a write's: a file renamed away (an
+        # archive) was still shown, as if the sink held it, until the next
+        # write, which might be hours later; verify found none of it.
         async with self._lock, _readable(self.path.name):
+            await self._current()
             return await self._list_sessions(user, since, until, limit, cursor)
 
     async def _list_sessions(self, user: str | None, since: str | None, until: str | None,
@@ -439,7 +443,7 @@ class SqliteSink(Sink):
 
     async def get_session_parts(self, session_id: str) -> list[Doc]:
         async with self._lock, _readable(self.path.name):  # (see list_sessions)
-            return await self._session_parts(self._conn(), session_id)
+            return await self._session_parts(await self._current(), session_id)
 
     @staticmethod
     async def _session_parts(db: aiosqlite.Connection, session_id: str, *,
@@ -519,6 +523,7 @@ class SqliteSink(Sink):
         cursor: str | None = None,
     ) -> tuple[list[Doc], str | None]:
         async with self._lock, _readable(self.path.name):  # (see list_sessions)
+            await self._current()
             return await self._list_security_events(since, kind, limit, cursor)
 
     async def _list_security_events(self, since: str | None, kind: str | None, limit: int,

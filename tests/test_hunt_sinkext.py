@@ -365,3 +365,28 @@ async def test_a_torn_line_in_an_append_only_day_file_is_ended_not_a_sink_down_f
         assert "a line that is not JSON" in unchecked
     finally:
         await reader.close()
+
+
+async def test_admin_queries_read_the_sink_file_at_its_path_not_one_renamed_away(
+    tmp_path: Path,
+) -> None:
+    """audit.db renamed away (an archive) went on answering the admin API's
+    queries, as if the sink held it, until the flusher's next write noticed
+    (hours later on a quiet server), while verify, reading the path, found
+    none of it. A query now notices as a write does: it reads the file at
+    the path (made anew), and the renamed file keeps what it had."""
+    path = tmp_path / "audit.db"
+    sink = SqliteSink(path)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("s1"))
+        await sink.write_security_events([sample_security_event("e1")])
+        archive = path.with_name("audit-2026-11.db")
+        path.rename(archive)
+        assert await sink.get_session_parts("s1") == []
+        assert await sink.list_sessions() == ([], None)
+        assert await sink.list_security_events() == ([], None)
+    finally:
+        await sink.close()
+    with contextlib.closing(sqlite3.connect(archive)) as db:
+        assert db.execute("SELECT id FROM parts").fetchall() == [("s1:0",)]
