@@ -436,6 +436,9 @@ class JsonlSink(Sink):
         self._writing = threading.Lock()  # ... and in this sink's threads
         self._mu = threading.Lock()  # guards _index (threads read and extend it)
         self._lock_fd: int | None = None
+        # Set by close(): a write waiting for another process's lock gives up
+        # (the shutdown's window is short; the part stays pending).
+        self._closing = threading.Event()
         self._file: IO[bytes] | None = None
         self._file_name: str | None = None
         self._dir_synced: str | None = None  # the day file whose directory entry is fsynced
@@ -625,7 +628,7 @@ class JsonlSink(Sink):
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or self._closing.is_set():
                     return False
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
@@ -713,6 +716,7 @@ class JsonlSink(Sink):
                 self._release()
 
     async def open(self) -> None:
+        self._closing.clear()
         async with self._lock:
             try:
                 await asyncio.to_thread(self._open_sync)
@@ -736,6 +740,10 @@ class JsonlSink(Sink):
                     os.close(fd)
 
     async def close(self) -> None:
+        # Before the lock: a write holding it may be waiting for another
+        # process's flock (up to LOCK_WAIT_SECONDS), and would hold the
+        # shutdown that long.
+        self._closing.set()
         async with self._lock:
             await asyncio.to_thread(self._close_sync)
 

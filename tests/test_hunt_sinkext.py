@@ -5,8 +5,11 @@ another process put in the sink."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -19,13 +22,14 @@ from typing import Any
 import pytest
 from api_fixtures import MakeApi, expect_error, make_api
 from receiver import sample_part, sample_security_event
+from waiting import wait_for
 
 from audit.config import Config, sink_identity
 from audit.events import Draft, Source
 from audit.logthrottle import LogThrottle
 from audit.verify import Report, spool_anchor, verify_sink
 from handlers import admin as admin_handlers
-from sinks import create_sink
+from sinks import create_sink, jsonl
 from sinks.base import SinkUnavailable
 from sinks.jsonl import JsonlSink
 from sinks.sqlite import SqliteSink
@@ -390,3 +394,31 @@ async def test_admin_queries_read_the_sink_file_at_its_path_not_one_renamed_away
         await sink.close()
     with contextlib.closing(sqlite3.connect(archive)) as db:
         assert db.execute("SELECT id FROM parts").fetchall() == [("s1:0",)]
+
+
+async def test_closing_the_jsonl_sink_does_not_wait_out_another_processs_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write waits up to LOCK_WAIT_SECONDS (10 s) for the directory's lock
+    while another process holds it (a drain, a `flock` by hand); a SIGTERM
+    meanwhile cancelled the flusher after its 2 s window, but the sink's
+    close waited for the write's thread, which waited out the lock: the
+    server took 9 s to stop here. close() now makes the wait give up."""
+    monkeypatch.setattr(jsonl, "LOCK_WAIT_SECONDS", 3600.0)  # without the fix: a hang
+    d = tmp_path / "audit-jsonl"
+    sink = JsonlSink(d)
+    await sink.open()
+    await sink.write_part(sample_part("s1"))
+    other = os.open(d / jsonl.LOCK_NAME, os.O_RDWR)  # another open file: another holder
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        write = asyncio.ensure_future(sink.write_part(sample_part("s2")))
+        await wait_for(sink._writing.locked)  # its thread is waiting for the lock
+        write.cancel()  # the engine's shutdown cancels the flusher
+        await asyncio.wait_for(sink.close(), timeout=10)
+        with pytest.raises(asyncio.CancelledError):
+            await write
+    finally:
+        os.close(other)
+    assert [json.loads(line)["_id"] for f in d.glob("audit-*.jsonl")
+            for line in f.read_text().splitlines()] == ["s1:0"]
