@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -152,6 +153,21 @@ def _classified(exc: sqlite3.Error) -> SinkUnavailable | SinkRejected:
           and getattr(exc, "sqlite_errorname", None) not in _DOCUMENT_CONSTRAINTS):
         return SinkUnavailable(f"sqlite sink: {exc}")
     return SinkRejected(f"sqlite sink: {exc}")
+
+
+def _checked_parts(rows: Iterable[Any], *, events: bool = True) -> list[Doc]:
+    """Rows ``(id, doc)`` of ``parts`` as documents; a row another writer put
+    there that the admin API cannot show (:func:`~sinks.base.odd_part`; without
+    ``events``, their events are not looked at) is :class:`SinkUnreadable`."""
+    parts = []
+    for row_id, text in rows:
+        part = json.loads(text)
+        if odd_part(part, events=events):  # (another writer's row: see odd_part)
+            raise SinkUnreadable(f"sqlite sink: the part with id {row_id!r} is not a part"
+                                 " the admin API can show: no object with a session_id"
+                                 " and a number, or events without a seq")
+        parts.append(part)
+    return parts
 
 
 class SqliteSink(Sink):
@@ -453,33 +469,24 @@ class SqliteSink(Sink):
         async with db.execute(
             "SELECT id, doc FROM parts WHERE session_id = ? ORDER BY part", (session_id,)
         ) as cur:
-            rows = list(await cur.fetchall())
-        parts = []
-        for row_id, text in rows:
-            part = json.loads(text)
-            if odd_part(part, events=events):  # (another writer's row: see odd_part)
-                raise SinkUnreadable(f"sqlite sink: the part with id {row_id!r} is not a part"
-                                     " the admin API can show: no object with a session_id"
-                                     " and a number, or events without a seq")
-            parts.append(part)
-        return parts
+            return _checked_parts(await cur.fetchall(), events=events)
 
     async def session_part_heads(self, session_id: str) -> list[Doc]:
         """The events are cut out by SQLite (its JSON parser, in C, holding one
         document at a time): a document that is no JSON is found here, before
         the admin API's answer begins. The rest is the document's own text.
-        (Under the lock, as list_sessions.)"""
-        async with self._lock, _readable(self.path.name), self._conn().execute(
-            "SELECT json_remove(doc, '$.events') FROM parts WHERE session_id = ?"
+        (Under the lock, and from the file at ``path``, as list_sessions.)"""
+        async with self._lock, _readable(self.path.name), (await self._current()).execute(
+            "SELECT id, json_remove(doc, '$.events') FROM parts WHERE session_id = ?"
             " ORDER BY part", (session_id,)
         ) as cur:
-            return [json.loads(r[0]) for r in await cur.fetchall()]
+            return _checked_parts(await cur.fetchall(), events=False)
 
     async def session_part(self, session_id: str, part: object) -> list[Doc]:
-        async with self._lock, _readable(self.path.name), self._conn().execute(
-            "SELECT doc FROM parts WHERE session_id = ? AND part = ?", (session_id, part)
+        async with self._lock, _readable(self.path.name), (await self._current()).execute(
+            "SELECT id, doc FROM parts WHERE session_id = ? AND part = ?", (session_id, part)
         ) as cur:
-            return [json.loads(r[0]) for r in await cur.fetchall()]
+            return _checked_parts(await cur.fetchall())
 
     async def session_ids(self) -> AsyncIterator[str]:
         """Every session with any part, from the (session_id, part) index: no
