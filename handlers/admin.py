@@ -36,7 +36,7 @@ from sinks.base import (
 
 from .errors import ApiError, bad_request, json_response, not_found
 from .keys import CONFIG, CTX, ENGINE, REQUEST_ID
-from .streaming import StreamCut, StreamedJson
+from .streaming import StreamedJson
 
 log = logging.getLogger("session_audit.admin")
 
@@ -385,9 +385,11 @@ async def get_session(request: web.Request) -> web.StreamResponse:
 
     Everything that can fail with an error answer is done before the first
     byte: the spool's plan of the session (its summary, the ranges of events
-    it holds) and the sink's parts without their events (a part that cannot
-    be read, a sink down). A part found unreadable later cuts the answer
-    off (see ``handlers/streaming.py``)."""
+    it holds), the sink's parts without their events (a part that cannot be
+    read, a sink down) and the answer's first chunk (all of it, for most
+    sessions: a part of it found unreadable is a 503, recorded as such). A
+    part found unreadable later cuts the answer off (see
+    ``handlers/streaming.py``)."""
     _params(request, set())
     sid = request.match_info["session_id"]
     engine = request.app[ENGINE]
@@ -410,8 +412,14 @@ async def get_session(request: web.Request) -> web.StreamResponse:
     if plan is None and not heads:
         raise not_found("no such session")
     summary = plan["summary"] if plan is not None else summarize_parts(heads or [])
-    return StreamedJson(_session_json(engine, sid, summary, plan, heads, queryable),
-                        request_id=request[REQUEST_ID])
+    resp = StreamedJson(_session_json(engine, sid, summary, plan, heads, queryable),
+                        request_id=request[REQUEST_ID], what=f"the events of session {sid}",
+                        expected=(SinkError, SpoolFull, SpoolUnavailable, SpoolClosed))
+    try:
+        await resp.begin()  # (the spool's errors are 503 audit_unavailable as they are)
+    except SinkError as exc:
+        raise _sink_unavailable(engine, exc) from None
+    return resp
 
 
 def _a_number(value: Any) -> bool:
@@ -442,40 +450,35 @@ async def _session_json(engine: AuditEngine, sid: str, summary: Doc, plan: Doc |
     count = 0
     contiguous = True
     last_seq: int | None = None
-    try:
-        for number in sorted(set(spooled) | stored):
-            events: dict[Any, Doc] = {}
-            from_spool: list[Doc] = []
-            short = False
-            if number in spooled and plan is not None:
-                first, last = spooled[number]
-                from_spool = await engine.spool.read(functools.partial(
-                    queries.segment_events, sk=plan["sk"], first=first, last=last))
-                short = len(from_spool) < last - first + 1
-            if number in stored or (short and queryable):
-                for part in await engine.sink.session_part(sid, number):
-                    for e in _part_events(engine, sid, part):
-                        events[e["seq"]] = e
-            for e in from_spool:
-                events[e["seq"]] = e
-            if not events:
-                continue
-            seqs = sorted(events)
-            if last_seq is not None and seqs[0] <= last_seq:
-                raise SinkUnreadable(
-                    f"{engine.sink.type} sink: part {number} of session {sid!r} holds events"
-                    f" at or before seq {last_seq}, which an earlier part holds")
-            pieces = []
-            for seq in seqs:
-                count += 1
-                contiguous = contiguous and seq == count
-                pieces.append(_encode(events[seq]))
-            yield ("," if last_seq is not None else "") + ",".join(pieces)
-            last_seq = seqs[-1]
-    except (SinkError, SpoolFull, SpoolUnavailable, SpoolClosed) as exc:
-        log.warning("admin query: the events of session %s were cut short after %d of them,"
-                    " the answer left unfinished: %s", sid, count, exc)
-        raise StreamCut(str(exc)) from None
+    for number in sorted(set(spooled) | stored):
+        events: dict[Any, Doc] = {}
+        from_spool: list[Doc] = []
+        short = False
+        if number in spooled and plan is not None:
+            first, last = spooled[number]
+            from_spool = await engine.spool.read(functools.partial(
+                queries.segment_events, sk=plan["sk"], first=first, last=last))
+            short = len(from_spool) < last - first + 1
+        if number in stored or (short and queryable):
+            for part in await engine.sink.session_part(sid, number):
+                for e in _part_events(engine, sid, part):
+                    events[e["seq"]] = e
+        for e in from_spool:
+            events[e["seq"]] = e
+        if not events:
+            continue
+        seqs = sorted(events)
+        if last_seq is not None and seqs[0] <= last_seq:
+            raise SinkUnreadable(
+                f"{engine.sink.type} sink: part {number} of session {sid!r} holds events"
+                f" at or before seq {last_seq}, which an earlier part holds")
+        pieces = []
+        for seq in seqs:
+            count += 1
+            contiguous = contiguous and seq == count
+            pieces.append(_encode(events[seq]))
+        yield ("," if last_seq is not None else "") + ",".join(pieces)
+        last_seq = seqs[-1]
     # Behind a sink that cannot be queried (http), the parts already sent are
     # gone from here (and from a sink, a part may be missing): say so rather
     # than pass a partial list off as whole.

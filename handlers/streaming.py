@@ -1,13 +1,16 @@
 """A JSON answer written while it is produced, for answers too long to hold.
 
 The status and headers are decided before the first byte: a handler checks
-everything it can, then returns a :class:`StreamedJson` whose body aiohttp
-writes after the middlewares are done with it (they set ``X-Request-ID``
-and the security headers as on any answer). The body goes out in chunks
-(``Transfer-Encoding: chunked``), each awaited, so a slow client holds back
-the producer, not a growing buffer.
+everything it can, then has :meth:`StreamedJson.begin` produce the body up
+to its first chunk (the whole body, for most answers, then sent with its
+``Content-Length`` as a built answer) and returns it; what fails by then is
+raised as it is, for the handler to answer with an error as API.md says
+(and to record as a failure). aiohttp writes the rest after the middlewares
+are done with the answer (they set ``X-Request-ID`` and the security
+headers as on any answer), in chunks (``Transfer-Encoding: chunked``), each
+awaited, so a slow client holds back the producer, not a growing buffer.
 
-What a client sees when producing the body fails once it has begun (a
+What a client sees when producing the body fails after its first chunk (a
 sink that cannot be read any more): the connection is closed at once,
 without the chunked body's last chunk, so an HTTP/1.1 client reports an
 incomplete body; and the body written so far never holds the JSON
@@ -29,27 +32,51 @@ log = logging.getLogger("session_audit.http")
 CHUNK_BYTES = 64 * 1024
 
 
-class StreamCut(Exception):
-    """Producing the body failed after it began: logged by whoever raised
-    it; the answer is cut off (see the module's docstring)."""
-
-
 class StreamedJson(web.StreamResponse):
     """200 ``application/json; charset=utf-8``, its body the pieces of text
     ``pieces`` yields, which together must be one JSON value.
 
+    An exception of the kinds ``expected`` that cuts the answer off is
+    logged as a warning naming ``what``; any other with its traceback.
     ``on_sent``, if set, is called with the body's bytes written so far
     after each chunk (the server's send deadline moves with them)."""
 
-    def __init__(self, pieces: AsyncIterator[str], *, request_id: str) -> None:
+    def __init__(self, pieces: AsyncIterator[str], *, request_id: str,
+                 what: str = "the answer",
+                 expected: tuple[type[BaseException], ...] = ()) -> None:
         super().__init__(status=200)
         self.content_type = "application/json"
         self.charset = "utf-8"
         self.on_sent: Callable[[int], None] | None = None
         self._pieces = pieces
         self._request_id = request_id
+        self._what = what
+        self._expected = expected
+        self._buf: list[str] = []  # produced by begin, not written yet
+        self._size = 0
+        self._body: bytes | None = None  # the whole body, when begin produced it all
         self._began = False
         self._whole = False
+
+    async def begin(self) -> None:
+        """Produce the body up to its first chunk, before anything is sent:
+        an exception raised meanwhile is raised here as it is (the handler
+        answers it with an error: no header is out yet). A body produced
+        whole here gets its ``Content-Length``."""
+        try:
+            while self._size < CHUNK_BYTES:
+                try:
+                    piece = await anext(self._pieces)
+                except StopAsyncIteration:
+                    self._body = "".join(self._buf).encode("utf-8")
+                    self._buf, self._size = [], 0
+                    self.content_length = len(self._body)
+                    return
+                self._buf.append(piece)
+                self._size += len(piece)
+        except BaseException:
+            await self._close_pieces()
+            raise
 
     async def write_eof(self, data: bytes = b"") -> None:
         """Called once the headers are out (by the server's send, then again
@@ -62,8 +89,13 @@ class StreamedJson(web.StreamResponse):
                 raise ConnectionResetError("the answer was cut short")
             return
         self._began = True
-        buf: list[str] = []
-        size = sent = 0
+        if self._body is not None:
+            await super().write_eof(self._body + data)
+            self._whole = True
+            return
+        buf, size = self._buf, self._size
+        self._buf, self._size = [], 0
+        sent = 0
         try:
             async for piece in self._pieces:
                 buf.append(piece)
@@ -78,7 +110,10 @@ class StreamedJson(web.StreamResponse):
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away, or the send's deadline passed
         except Exception as exc:
-            if not isinstance(exc, StreamCut):
+            if isinstance(exc, self._expected):
+                log.warning("%s cut short after %d bytes of the answer, left unfinished"
+                            " (rid=%s): %s", self._what, sent, self._request_id, exc)
+            else:
                 log.exception("streamed answer failed rid=%s", self._request_id)
             raise ConnectionResetError("the answer was cut short") from exc
         finally:

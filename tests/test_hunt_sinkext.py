@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from api_fixtures import MakeApi, expect_error, make_api
 from receiver import sample_part, sample_security_event
@@ -155,14 +154,7 @@ async def test_a_part_another_writer_put_in_the_sink_is_a_503_not_a_500(
         with (api.config.jsonl_dir / "audit-2026-11-26.jsonl").open("a") as f:
             f.write(json.dumps({**part, "type": "session_part"}) + "\n")
     r = await api.client.get("/audit/sessions/forged", headers=admin.headers)
-    if forge is _no_number:  # found before the answer begins
-        await expect_error(r, 503, "sink_unavailable")
-    else:
-        # The events are read as the answer is streamed, after its headers:
-        # it is cut off (handlers/streaming.py), never passed off as whole.
-        assert r.status == 200
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await r.read()
+    await expect_error(r, 503, "sink_unavailable")
     r = await api.client.get("/audit/sessions", headers=admin.headers)
     assert r.status == listing, await r.text()
     sink = create_sink(api.config, readonly=True)

@@ -1,0 +1,62 @@
+"""Found reviewing the session's merged work at the seams between its parts:
+the streamed session detail (handlers/streaming.py) beside the sinks' checks
+of a part's events, ..."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from api_fixtures import MakeApi, expect_error, make_api
+from receiver import sample_part
+
+from audit import queries
+
+__all__ = ["make_api"]
+
+
+@pytest.mark.parametrize("sink", ["sqlite", "jsonl"])
+async def test_a_short_session_with_an_unreadable_part_is_a_503_recorded_as_a_failure(
+    make_api: MakeApi, sink: str,
+) -> None:
+    """The streamed detail read a stored part's events only after its
+    headers went out: a one-part session whose events another writer left
+    without a seq (the sinks' check, 2fc4239) became a 200 whose body was
+    cut off, and the admin's audit.query said success, where the answer
+    built whole was the documented 503 sink_unavailable, recorded as a
+    failure. The answer's first chunk (here all of it) is now produced
+    before anything is sent."""
+    api = await make_api(sink={"type": sink})
+    admin = await api.admin()
+    part = sample_part("forged")
+    del part["events"][1]["seq"]
+    if sink == "sqlite":
+        with sqlite3.connect(api.config.sqlite_sink_path) as db:
+            db.execute("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       ("forged:0", "forged", 0, "alice", part["session_start_time"], 1,
+                        part["hash"], json.dumps(part)))
+    else:
+        with (api.config.jsonl_dir / "audit-2026-11-26.jsonl").open("a") as f:
+            f.write(json.dumps({**part, "type": "session_part"}) + "\n")
+    r = await api.client.get("/audit/sessions/forged",
+                             headers={**admin.headers, "X-Request-ID": "forged-1"})
+    await expect_error(r, 503, "sink_unavailable")
+    mine = await api.engine.spool.read(lambda c: queries.get_session(c, admin.session_id))
+    assert mine is not None
+    query = [e for e in mine["events"] if e["request_id"] == "forged-1"]
+    assert [(e["action"], e["outcome"], e["details"].get("reason")) for e in query] == [
+        ("audit.query", "failure", "sink_unavailable")]
+
+
+async def test_a_short_session_is_sent_whole_with_its_length(make_api: MakeApi) -> None:
+    """Produced whole before anything is sent, a short detail goes out as
+    the answer built whole did: with its Content-Length, not chunked."""
+    api = await make_api()
+    admin = await api.admin()
+    r = await api.client.get(f"/audit/sessions/{admin.session_id}", headers=admin.headers)
+    body = await r.read()
+    assert r.status == 200
+    assert r.headers["Content-Length"] == str(len(body))
+    assert "Transfer-Encoding" not in r.headers
+    assert json.loads(body)["events_complete"] is True
