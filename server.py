@@ -807,13 +807,25 @@ def serving_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+# run_app's default: connections a start queues until it serves.
+LISTEN_BACKLOG = 128
+
+
 def listening_sockets(host: str, port: int) -> list[socket.socket]:
     """Bind ``host:port`` (every address the host resolves to) as asyncio's
-    ``create_server`` would, before anything else is opened: a port in use,
-    or a host that is not this machine's, then stops the start with the spool
-    untouched. Bound after the spool and sink were opened (run_app's order),
-    such a start had already cut parts to new limits, sent pending parts to
-    the sink for up to 3 s and made the first admin before it failed."""
+    ``create_server`` would, and listen, before anything else is opened: a
+    port in use, or a host that is not this machine's, then stops the start
+    with the spool untouched. Bound after the spool and sink were opened
+    (run_app's order), such a start had already cut parts to new limits,
+    sent pending parts to the sink for up to 3 s and made the first admin
+    before it failed.
+
+    Listening at once holds the port: under SO_REUSEADDR (set, as asyncio
+    does, for a restart beside the last run's TIME_WAIT connections) a port
+    bound but not yet listening can be bound again. A second server started
+    meanwhile then bound it too, the first to listen served, and the other,
+    on uvloop, said it served while it listened on nothing. Connections that
+    come while the start goes on wait in the backlog until it serves."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
@@ -827,6 +839,7 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
                     sock.bind(addr)
+                    sock.listen(LISTEN_BACKLOG)
                 except OSError as exc:
                     raise OSError(exc.errno, f"error while attempting to bind on address"
                                   f" {addr!r}: {(exc.strerror or '').lower()}") from None

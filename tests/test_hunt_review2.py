@@ -1,16 +1,22 @@
 """Found reviewing the session's merged work at the seams between its parts:
 the streamed session detail (handlers/streaming.py) beside the sinks' checks
-of a part's events, ..."""
+of a part's events; the listening socket bound before the spool opens."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 from api_fixtures import MakeApi, expect_error, make_api
+from live_server import SERVER, Live, server_env
 from receiver import sample_part
 
+import server
 from audit import queries
 
 __all__ = ["make_api"]
@@ -60,3 +66,33 @@ async def test_a_short_session_is_sent_whole_with_its_length(make_api: MakeApi) 
     assert r.headers["Content-Length"] == str(len(body))
     assert "Transfer-Encoding" not in r.headers
     assert json.loads(body)["events_complete"] is True
+
+
+async def test_a_start_holds_its_port_from_the_first_step(live: Live) -> None:
+    """The socket was bound before the spool opened, but listened only once
+    the server was ready to serve: under SO_REUSEADDR a second server started
+    meanwhile on the same port bound it too (both then 'serving on' it; the
+    one that listened second, on uvloop, listened on nothing). Bound and
+    listening at once, the port is taken: the second start stops at once,
+    its spool untouched."""
+    held = server.listening_sockets("127.0.0.1", live.port)  # a start under way
+    try:
+        with pytest.raises(server.StartupError, match="cannot listen"):
+            server.listening_sockets("127.0.0.1", live.port)
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, str(SERVER), "serve", "--config",
+                             str(live.config_path)],
+            cwd=live.workdir, env=server_env(), capture_output=True, text=True, timeout=60)
+    finally:
+        for sock in held:
+            sock.close()
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{live.port}" in done.stderr
+    assert not (live.data_dir / "spool.db").exists()
+    # A restart beside the last run's connections in TIME_WAIT still binds.
+    await live.start()
+    with socket.create_connection(("127.0.0.1", live.port)) as c:
+        c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert c.recv(100).startswith(b"HTTP/1.1 200")
+    assert await live.stop() == 0
+    await live.start()
