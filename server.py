@@ -847,8 +847,10 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
             for sock in socks:
                 sock.close()
             raise
-    except OSError as exc:
-        # A host that does not resolve or is not ours, a port in use or not allowed.
+    except (OSError, UnicodeError) as exc:
+        # A host that does not resolve or is not ours, a port in use or not
+        # allowed; a name that is none (a label over 63 characters: the IDNA
+        # codec's UnicodeError, a traceback).
         raise StartupError(f"server.host / server.port: cannot listen on"
                            f" {host}:{port}: {exc}") from None
     return socks

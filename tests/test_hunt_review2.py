@@ -96,3 +96,10 @@ async def test_a_start_holds_its_port_from_the_first_step(live: Live) -> None:
         assert c.recv(100).startswith(b"HTTP/1.1 200")
     assert await live.stop() == 0
     await live.start()
+
+
+def test_a_host_name_that_is_none_is_a_startup_error() -> None:
+    """A label over 63 characters made serve die with a UnicodeError
+    traceback (the IDNA codec's, raised before any lookup)."""
+    with pytest.raises(server.StartupError, match=r"cannot listen on a+\.example"):
+        server.listening_sockets("a" * 64 + ".example", 8080)
