@@ -564,7 +564,7 @@ class Spool:
     def _open_writer(self) -> None:
         conn = connect(self.path, self.synchronous)
         try:
-            self._check_wal()  # (SQLite's recovery has run; nothing written yet)
+            self._check_wal(conn)  # (SQLite's recovery has run; nothing written yet)
             prepare(conn, self.path)
             check_key(conn, self.key, self.path)
             check_writable(conn)
@@ -595,12 +595,12 @@ class Spool:
             log.error("%s: /readyz is 503 from now on; stop the server and repair the file"
                       " (README: A damaged spool)", exc)
 
-    def _check_wal(self) -> None:
+    def _check_wal(self, conn: sqlite3.Connection) -> None:
         """Say it when SQLite dropped committed transactions of a damaged
         -wal (:mod:`audit.walcheck`), and keep a copy of it first: the
         writer's first commits reuse those frames."""
         wal = Path(f"{self.path}-wal")
-        found = dropped_commits(wal)
+        found = dropped_commits(conn, wal)
         if found is None or found[1] < 2:  # (one: the transaction a crash cut off)
             return
         frames, commits = found

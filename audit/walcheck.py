@@ -2,21 +2,30 @@
 one whose checksum fails, without a word, and with them every transaction
 committed after it (acknowledged events, sessions, seals).
 
-SQLite's recovery, run by the first connection, leaves the number of valid
-frames in the -shm's index header (``mxFrame``, SQLite's documented WAL-index
-format: native byte order, at offset 16); the frames it dropped stay in the
-file until a write reuses them. A frame of the current log (its salts the
-header's) beyond ``mxFrame`` that ends a transaction (its "database size
-after commit" set) is such a transaction; one may be the transaction that was
-being written when the machine stopped (never acknowledged), two or more mean
-a committed one was dropped. Reading the frame headers costs a few ms for a
-16 MiB -wal; the frames' checksums are SQLite's to check (too slow here).
+SQLite's recovery, run by the first connection, keeps the valid frames
+(``mxFrame`` of its wal-index, which ``PRAGMA wal_checkpoint(PASSIVE)``
+gives as its second column); the frames it dropped stay in the file until
+a write reuses them. A frame of the current log (its salts the header's)
+beyond ``mxFrame`` that ends a transaction (its "database size after
+commit" set) is such a transaction; one may be the transaction that was
+being written when the machine stopped (never acknowledged), two or more
+mean a committed one was dropped. Reading the frame headers costs a few ms
+for a 16 MiB -wal; the frames' checksums are SQLite's to check (too slow
+here).
+
+The -shm is never opened here: SQLite's locks on it are POSIX locks, and
+closing any descriptor of the file drops every one this process holds. A
+server that read mxFrame from the file lost its lock marking the -shm in
+use, and the next command run beside it (``status``) took itself for the
+only user, truncated the -shm and rebuilt it under the server, which died
+of SIGBUS on its mapping of the file.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import struct
 import time
 from pathlib import Path
@@ -26,24 +35,25 @@ _WAL_HEADER = 32
 _FRAME_HEADER = 24
 
 
-def _mx_frame(shm: Path) -> int | None:
+def _mx_frame(conn: sqlite3.Connection) -> int | None:
+    """The frames of the -wal SQLite holds valid, through ``conn``. The
+    checkpoint copies them into the database file, as the first commit's
+    would (it writes no frame: those past them stay as they are)."""
     try:
-        with open(shm, "rb") as f:
-            head = f.read(48)
-    except OSError:
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    except sqlite3.Error:
         return None
-    if len(head) < 48:
+    if row is None or row[1] is None or row[1] < 0:  # (-1: not in WAL mode, or busy)
         return None
-    return int(struct.unpack_from("=I", head, 16)[0])
+    return int(row[1])
 
 
-def dropped_commits(wal: Path) -> tuple[int, int] | None:
+def dropped_commits(conn: sqlite3.Connection, wal: Path) -> tuple[int, int] | None:
     """``(mxFrame, commits)``: the transactions of the current log that SQLite
-    could not read past a damaged frame, once a connection has opened the
-    spool; None when there is no -wal or index to look at, or it changed
-    while it was read (another process writing)."""
-    shm = Path(f"{os.fspath(wal)[:-4]}-shm")
-    before = _mx_frame(shm)
+    could not read past a damaged frame, once ``conn`` has opened the spool
+    (and written nothing); None when there is no -wal to look at, or it
+    changed while it was read (another process writing)."""
+    before = _mx_frame(conn)
     if before is None:
         return None
     try:
@@ -67,7 +77,7 @@ def dropped_commits(wal: Path) -> tuple[int, int] | None:
                     commits += 1
     except OSError:
         return None
-    if _mx_frame(shm) != before:
+    if _mx_frame(conn) != before:
         return None
     return before, commits
 

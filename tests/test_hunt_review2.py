@@ -1,16 +1,21 @@
 """Found reviewing the session's merged work at the seams between its parts:
 the streamed session detail (handlers/streaming.py) beside the sinks' checks
-of a part's events; the listening socket bound before the spool opens."""
+of a part's events; the listening socket bound before the spool opens; the
+-wal check at open beside SQLite's locks."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import socket
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
+import aiohttp
 import pytest
 from api_fixtures import MakeApi, expect_error, make_api
 from live_server import SERVER, Live, server_env
@@ -103,3 +108,36 @@ def test_a_host_name_that_is_none_is_a_startup_error() -> None:
     traceback (the IDNA codec's, raised before any lookup)."""
     with pytest.raises(server.StartupError, match=r"cannot listen on a+\.example"):
         server.listening_sockets("a" * 64 + ".example", 8080)
+
+
+def _shm_in_use(shm: Path) -> bool:
+    """Whether a process holds SQLite's lock marking ``shm`` in use (its
+    "DMS" byte, 128; a process that opens the database and can lock it
+    alone takes itself for the only user, and truncates and rebuilds the
+    -shm). Probed with a lock taken and released at once."""
+    fd = os.open(shm, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (and the lock, if it was taken)
+    return False
+
+
+async def test_a_command_run_beside_the_server_leaves_its_shm_alone(live: Live) -> None:
+    """The -wal check at open (walcheck) read mxFrame from the -shm file and
+    closed it, which dropped every POSIX lock SQLite held on the -shm in the
+    server's process, among them the one marking it in use: the next
+    command run beside the server (status) truncated the -shm and rebuilt
+    it under the server, which died of SIGBUS (here after its second
+    status). It reads mxFrame through SQLite now."""
+    await live.start()
+    shm = live.data_dir / "spool.db-shm"
+    assert _shm_in_use(shm)
+    for _ in range(3):
+        r = await live.cli("status")
+        assert r.returncode == 0, r.stderr
+        assert live.proc is not None and live.proc.poll() is None, live.log_tail()
+    async with aiohttp.ClientSession() as http, http.get(live.base + "/readyz") as r:
+        assert r.status == 200, await r.text()
