@@ -309,16 +309,24 @@ def sessions_by_id(conn: sqlite3.Connection, ids: list[str]) -> list[Row]:
         return _summaries(conn, rows)
 
 
+def _session_summary(conn: sqlite3.Connection, session_id: str) -> tuple[Row, Any] | None:
+    """A spool session's summary and its row (within the caller's snapshot)."""
+    row = conn.execute(
+        f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    return _summaries(conn, [row])[0], row
+
+
 def get_session(conn: sqlite3.Connection, session_id: str) -> Row | None:
     """A spool session's summary plus the events the spool still holds, in
     one snapshot (see list_sessions)."""
     with _snapshot(conn):
-        row = conn.execute(
-            f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)
-        ).fetchone()
-        if row is None:
+        found = _session_summary(conn, session_id)
+        if found is None:
             return None
-        summary = _summaries(conn, [row])[0]
+        summary, row = found
         rows = conn.execute(
             "SELECT json FROM session_events WHERE sk = ? ORDER BY seq", (row[-1],)
         ).fetchall()
@@ -336,12 +344,10 @@ def session_plan(conn: sqlite3.Connection, session_id: str) -> Row | None:
     of the part they will be cut into (up to the last one now). Each range is
     within the part limits, as :func:`segment_events` reads it."""
     with _snapshot(conn):
-        row = conn.execute(
-            f"SELECT {_SESSION_COLS} FROM sessions WHERE session_id = ?", (session_id,)
-        ).fetchone()
-        if row is None:
+        found = _session_summary(conn, session_id)
+        if found is None:
             return None
-        summary = _summaries(conn, [row])[0]
+        summary, row = found
         next_part, cut_seq, sk = row[6], row[8], row[9]
         held, top = conn.execute(
             "SELECT COUNT(*), MAX(seq) FROM session_events WHERE sk = ?", (sk,)).fetchone()
