@@ -272,3 +272,18 @@ async def session_with_checkpoints_in_sink(make_api: MakeApi) -> tuple[Api, Logi
 
     await api.wait_parts_in_sink(alice.session_id, 3)
     return api, admin, alice
+
+
+def plant_part(config: Config, kind: str, part: dict[str, Any], doc: str | None = None) -> None:
+    """Put ``part`` into the ``kind`` sink's files as another writer would:
+    a row of audit.db (its document ``doc`` if given, else the part's JSON)
+    or a line of a jsonl day file."""
+    if kind == "sqlite":
+        with sqlite3.connect(config.sqlite_sink_path) as db:
+            db.execute("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (f"{part['session_id']}:0", part["session_id"], 0, "alice",
+                        part["session_start_time"], 1, part["hash"],
+                        json.dumps(part) if doc is None else doc))
+    else:
+        with (config.jsonl_dir / "audit-2026-11-26.jsonl").open("a") as f:
+            f.write(json.dumps({**part, "type": "session_part"}) + "\n")

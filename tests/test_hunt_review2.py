@@ -10,14 +10,13 @@ import fcntl
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
-from api_fixtures import MakeApi, expect_error, make_api
+from api_fixtures import MakeApi, expect_error, make_api, plant_part
 from live_server import SERVER, Live, server_env
 from receiver import sample_part
 
@@ -42,14 +41,7 @@ async def test_a_short_session_with_an_unreadable_part_is_a_503_recorded_as_a_fa
     admin = await api.admin()
     part = sample_part("forged")
     del part["events"][1]["seq"]
-    if sink == "sqlite":
-        with sqlite3.connect(api.config.sqlite_sink_path) as db:
-            db.execute("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       ("forged:0", "forged", 0, "alice", part["session_start_time"], 1,
-                        part["hash"], json.dumps(part)))
-    else:
-        with (api.config.jsonl_dir / "audit-2026-11-26.jsonl").open("a") as f:
-            f.write(json.dumps({**part, "type": "session_part"}) + "\n")
+    plant_part(api.config, sink, part)
     r = await api.client.get("/audit/sessions/forged",
                              headers={**admin.headers, "X-Request-ID": "forged-1"})
     await expect_error(r, 503, "sink_unavailable")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_fixtures import MakeApi, expect_error, make_api
+from api_fixtures import MakeApi, expect_error, make_api, plant_part
 from receiver import sample_part, sample_security_event
 from waiting import wait_for
 
@@ -145,14 +145,7 @@ async def test_a_part_another_writer_put_in_the_sink_is_a_503_not_a_500(
     admin = await api.admin()
     part = sample_part("forged")
     forge(part)
-    if kind == "sqlite":
-        with sqlite3.connect(api.config.sqlite_sink_path) as db:
-            db.execute("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       ("forged:0", "forged", 0, "alice", part["session_start_time"], 1,
-                        part["hash"], json.dumps(part)))
-    else:
-        with (api.config.jsonl_dir / "audit-2026-11-26.jsonl").open("a") as f:
-            f.write(json.dumps({**part, "type": "session_part"}) + "\n")
+    plant_part(api.config, kind, part)
     r = await api.client.get("/audit/sessions/forged", headers=admin.headers)
     await expect_error(r, 503, "sink_unavailable")
     r = await api.client.get("/audit/sessions", headers=admin.headers)
@@ -435,9 +428,6 @@ async def test_a_part_row_of_audit_db_that_is_no_object_is_a_503_for_its_detail(
     api = await make_api()
     admin = await api.admin()
     part = sample_part("forged")
-    with sqlite3.connect(api.config.sqlite_sink_path) as db:
-        db.execute("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   ("forged:0", "forged", 0, "alice", part["session_start_time"], 1,
-                    part["hash"], doc))
+    plant_part(api.config, "sqlite", part, doc)
     r = await api.client.get("/audit/sessions/forged", headers=admin.headers)
     await expect_error(r, 503, "sink_unavailable")
