@@ -9,10 +9,11 @@ in that order, so reading in this order never misses one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,3 +288,24 @@ def plant_part(config: Config, kind: str, part: dict[str, Any], doc: str | None 
     else:
         with (config.jsonl_dir / "audit-2026-11-26.jsonl").open("a") as f:
             f.write(json.dumps({**part, "type": "session_part"}) + "\n")
+
+
+@contextlib.asynccontextmanager
+async def served_app(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[web.Application, web.AppRunner, int]]:
+    """The real app on loopback under aiohttp's own runner and shutdown path,
+    as ``serve`` runs it (handlers not cancelled when their client goes),
+    with a short wait for requests in flight (serve's is 10 s): the app, its
+    runner and its port."""
+    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
+    app = server.create_app(config)
+    runner = web.AppRunner(app, shutdown_timeout=0.3)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield app, runner, runner.addresses[0][1]
+    finally:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()

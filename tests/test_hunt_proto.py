@@ -9,14 +9,13 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from api_fixtures import ADMIN_PASSWORD, USER_PASSWORD, MakeApi, api_config, make_api
+from api_fixtures import USER_PASSWORD, MakeApi, api_config, make_api, served_app
 from openai_stub import OpenAIStub
 from waiting import wait_for
 
@@ -24,25 +23,6 @@ import server
 from handlers.keys import ACCOUNTS
 
 __all__ = ["make_api"]
-
-
-@contextlib.asynccontextmanager
-async def _served(config: Any, monkeypatch: pytest.MonkeyPatch
-                  ) -> AsyncIterator[tuple[web.Application, web.AppRunner, str]]:
-    """The real app on loopback under aiohttp's runner as ``serve`` has it
-    (handlers not cancelled when their client goes), with a short wait for
-    requests in flight (serve's is 10 s): the app, its runner, its URL."""
-    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
-    app = server.create_app(config)
-    runner = web.AppRunner(app, shutdown_timeout=0.3)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield app, runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        with contextlib.suppress(Exception):
-            await runner.cleanup()
 
 
 async def _login_and_doc(app: web.Application, base: str) -> tuple[dict[str, Any], str]:
@@ -83,7 +63,8 @@ async def test_a_chat_whose_client_left_is_waited_for_by_the_shutdown(
     config = api_config(tmp_path, ai={"provider": "openai", "openai": {
         "base_url": base_url, "timeout_seconds": 60.0}})
     try:
-        async with _served(config, monkeypatch) as (app, runner, base):
+        async with served_app(config, monkeypatch) as (app, runner, port):
+            base = f"http://127.0.0.1:{port}"
             login, doc = await _login_and_doc(app, base)
             body = json.dumps({"message": "hi"}).encode()
             _, writer = await asyncio.open_connection(*runner.addresses[0][:2])
@@ -123,7 +104,8 @@ async def test_a_request_whose_client_left_is_cancelled_at_the_end_of_the_wait(
     config = api_config(tmp_path, ai={"provider": "openai", "openai": {
         "base_url": base_url, "timeout_seconds": 60.0}})
     try:
-        async with _served(config, monkeypatch) as (app, runner, base):
+        async with served_app(config, monkeypatch) as (app, runner, port):
+            base = f"http://127.0.0.1:{port}"
             login, doc = await _login_and_doc(app, base)
             async with aiohttp.ClientSession() as http:
                 asking = asyncio.ensure_future(http.post(

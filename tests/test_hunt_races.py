@@ -9,48 +9,25 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from api_fixtures import (
-    ADMIN_PASSWORD,
     USER_PASSWORD,
     Api,
     MakeApi,
     api_config,
     expect_error,
     make_api,
+    served_app,
 )
 
-import server
 from audit.events import Source
 from handlers.keys import ACCOUNTS, ENGINE, TOKENS
 
 __all__ = ["make_api"]
-
-
-@contextlib.asynccontextmanager
-async def _stopping_app(
-    config: Any, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[web.Application, web.AppRunner, int]]:
-    """The real app on loopback under aiohttp's own shutdown path, with a
-    short wait for requests in flight (serve's is 10 s): the app, its
-    runner and its port."""
-    monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
-    app = server.create_app(config)
-    runner = web.AppRunner(app, shutdown_timeout=0.3)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield app, runner, runner.addresses[0][1]
-    finally:
-        with contextlib.suppress(Exception):
-            await runner.cleanup()
 
 
 async def _answer_at_shutdown(runner: web.AppRunner, reader: asyncio.StreamReader,
@@ -74,7 +51,7 @@ async def test_a_body_cut_off_by_the_shutdown_is_answered_and_recorded(
     attempt was not recorded, unlike a body cut off by the client. Now it
     is refused (400, the connection closed after) and recorded as a failure."""
     config = api_config(tmp_path)
-    async with _stopping_app(config, monkeypatch) as (app, runner, port):
+    async with served_app(config, monkeypatch) as (app, runner, port):
         base = f"http://127.0.0.1:{port}"
         await app[ACCOUNTS].create("alice", USER_PASSWORD, "user")
         async with aiohttp.ClientSession() as http:
@@ -124,7 +101,7 @@ async def test_a_multipart_login_cut_off_by_the_shutdown_is_answered(
     its stream with CancelledError, which went through ``request.post()``
     uncaught (only ``read_body`` caught it): no answer, the connection just
     closed. It is 400 ``invalid_request`` like a JSON or form body's."""
-    async with _stopping_app(api_config(tmp_path), monkeypatch) as (_, runner, port):
+    async with served_app(api_config(tmp_path), monkeypatch) as (_, runner, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /token HTTP/1.1\r\nHost: t\r\n"
