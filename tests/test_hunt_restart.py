@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from live_server import ADMIN_PASSWORD, SERVER, Live, merge, server_env, to_toml
+from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -88,16 +89,15 @@ async def _failed_login(http: aiohttp.ClientSession, live: Live, name: str) -> N
 
 async def _settled(live: Live, *, dead: int) -> None:
     """Until nothing is pending in the spool and ``dead`` items are dead letters."""
-    deadline = asyncio.get_running_loop().time() + 20
-    while True:
+    async def settled() -> bool:
         r = await live.cli("status")
         assert r.returncode == 0, r.stderr
         counts = json.loads(r.stdout)
-        if (counts["pending_security_events"] == 0 and counts["pending_parts"] == 0
-                and counts["dead_letter"] == dead):
-            return
-        assert asyncio.get_running_loop().time() < deadline, counts
-        await asyncio.sleep(0.1)
+        return bool(counts["pending_security_events"] == 0 and counts["pending_parts"] == 0
+                    and counts["dead_letter"] == dead)
+
+    await wait_for(settled, timeout=20, message=f"nothing pending, {dead} dead letters",
+                   interval=0.1)
 
 
 async def test_a_security_dead_letter_retried_into_the_next_sink_is_no_break_in_either(

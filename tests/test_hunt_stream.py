@@ -70,6 +70,14 @@ async def _stored_parts(api: Api, sid: str) -> int:
         return 0
 
 
+async def _gone_from_the_spool(api: Api, sid: str) -> None:
+    """Until every part of ``sid`` is stored and purged from the spool."""
+    async def gone() -> bool:
+        return await api.engine.spool.read(lambda c: queries.get_session(c, sid)) is None
+
+    await wait_for(gone, message="every part stored and purged")
+
+
 async def _detail(api: Api, admin: Login, sid: str) -> tuple[aiohttp.ClientResponse, bytes]:
     r = await api.client.get(f"/audit/sessions/{sid}", headers=admin.headers)
     return r, await r.read()
@@ -117,11 +125,7 @@ async def test_a_session_in_the_sink_alone_is_the_old_answer(
     r = await api.client.post("/logout", headers=alice.headers)
     assert r.status == 200
 
-    async def gone_from_the_spool() -> bool:
-        return await api.engine.spool.read(
-            lambda c: queries.get_session(c, alice.session_id)) is None
-
-    await wait_for(gone_from_the_spool, message="every part stored and purged")
+    await _gone_from_the_spool(api, alice.session_id)
     r, body = await _detail(api, admin, alice.session_id)
     assert r.status == 200 and body == await _old_answer(api, alice.session_id)
     got = json.loads(body)
@@ -143,11 +147,7 @@ async def test_a_part_found_unreadable_mid_answer_cuts_it_off(
     r = await api.client.post("/logout", headers=alice.headers)
     assert r.status == 200
 
-    async def gone_from_the_spool() -> bool:
-        return await api.engine.spool.read(
-            lambda c: queries.get_session(c, alice.session_id)) is None
-
-    await wait_for(gone_from_the_spool, message="every part stored and purged")
+    await _gone_from_the_spool(api, alice.session_id)
     with contextlib.closing(sqlite3.connect(api.config.sqlite_sink_path)) as db, db:
         db.execute("PRAGMA busy_timeout = 10000")
         db.execute("UPDATE parts SET doc = json_set(doc, '$.events[1].seq', 'x')"
