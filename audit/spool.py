@@ -311,6 +311,28 @@ def loose_dir(path: Path) -> str | None:
     return None
 
 
+def _note_earlier_late(conn: sqlite3.Connection, writer: Writer) -> None:
+    """Security events an earlier release dead-lettered, noted as the later
+    ones are (:meth:`Writer.note_earlier_late`). A failure leaves them as they
+    were: retried into another sink, each is then a break in both chains."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            n = writer.note_earlier_late()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        log.warning("security events dead-lettered by an earlier release could not be"
+                    " noted: %s", exc)
+        return
+    if n:
+        log.info("noted the place in the security chain of %d security events an earlier"
+                 " release dead-lettered (for verify, should another sink take them)", n)
+
+
 def _split_oversized(conn: sqlite3.Connection, writer: Writer) -> None:
     """Sessions in progress cut to the part limits of this run
     (:meth:`Writer.split_oversized`). A failure leaves them as they were:
@@ -572,6 +594,7 @@ class Spool:
             writer.load()
             if self.cut_to_limits:
                 _split_oversized(conn, writer)
+                _note_earlier_late(conn, writer)
         except BaseException:
             conn.close()
             raise

@@ -1381,6 +1381,38 @@ class Writer:
         taken = _taken(raw[0] if raw else None)
         return str(taken[1]) if taken is not None and taken[0] == rid - 1 else None
 
+    def note_earlier_late(self) -> int:
+        """Note (security_late) the dead-lettered security events a release
+        before those notes left, as :meth:`mark_security_dead` does now, with
+        the sink of the current stretch: the one that refused them, unless the
+        sink was switched before the upgrade too. Without it, such an event
+        retried into another sink broke the chain in both, as before the notes
+        were made. At open; nothing to do (one indexed read) once noted."""
+        dead = [r[0] for r in self.conn.execute(
+            "SELECT id FROM security_events WHERE state = 'dead' ORDER BY id")]
+        if not dead:
+            return 0
+        if _has_table(self.conn, "security_late"):
+            noted = {r[0] for r in self.conn.execute("SELECT id FROM security_late")}
+            dead = [rid for rid in dead if rid not in noted]
+            if not dead:
+                return 0
+        raw = self.conn.execute(
+            "SELECT value FROM meta WHERE key = 'security_stretch'").fetchone()
+        if raw is None:
+            return 0  # never flushed a security event: no sink to name
+        sink = str(json.loads(raw[0])[0])
+        for stmt in LATE_SCHEMA.split(";")[:-1]:
+            self.conn.execute(stmt)
+        n = 0
+        for rid in dead:
+            prev = self._hash_before(rid)
+            if prev is not None:
+                n += self.conn.execute(
+                    "INSERT OR IGNORE INTO security_late (id, prev, sink) VALUES (?, ?, ?)",
+                    (rid, prev, sink)).rowcount
+        return n
+
     def mark_security_dead(self, ids: list[int], error: str, sink: str | None = None) -> None:
         """With ``sink`` (its identity), each event's place in the chain is
         noted the first time (security_late), for when another sink takes it."""

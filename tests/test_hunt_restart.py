@@ -147,3 +147,46 @@ async def test_a_security_dead_letter_retried_into_the_next_sink_is_no_break_in_
     jsonl.write_text("".join(x for x in lines if '"refused"' not in x), encoding="utf-8")
     r = await live.cli("verify")
     assert r.returncode == 1 and "earlier stretch" in r.stdout, r.stdout
+
+
+async def test_a_security_dead_letter_an_earlier_release_left_is_no_break_after_a_switch(
+        live: Live) -> None:
+    # As above, but the dead letter is an earlier release's: a spool from
+    # before security_late (97b0b1d) has no note of its place in the chain.
+    # Upgraded, moved to the jsonl sink and retry-dead: verify on the old
+    # sink said its successor 'does not continue a security chain', for good.
+    # (Its place is known while the event before it is in the spool: kept.)
+    _reconfigure(live, {"audit": {"keep_stored_seconds": 3600}})
+    await live.start()
+    async with aiohttp.ClientSession() as http:
+        await _failed_login(http, live, "first")
+        await _settled(live, dead=0)
+        with contextlib.closing(sqlite3.connect(live.data_dir / "audit.db")) as c, c:
+            c.execute("CREATE TRIGGER refuse BEFORE INSERT ON security_events"
+                      " WHEN NEW.doc LIKE '%\"refused\"%' BEGIN"
+                      " INSERT INTO security_events (id, ts, action, hash, doc)"
+                      " VALUES (NEW.id, NEW.ts, NEW.action, 'another hash', NEW.doc); END")
+        await _failed_login(http, live, "refused")
+        await _settled(live, dead=1)
+        await _failed_login(http, live, "third")
+        await _settled(live, dead=1)
+    assert await live.stop() == 0
+    with contextlib.closing(sqlite3.connect(live.data_dir / "spool.db")) as c, c:
+        assert c.execute("SELECT count(*) FROM security_late").fetchone() == (1,)
+        c.execute("DROP TABLE security_late")  # the earlier release's spool:
+        c.execute("DROP TABLE IF EXISTS sink_resumes")  # neither table
+    old = {"type": "sqlite"}
+    _reconfigure(live, {"sink": {"type": "jsonl"}})
+    await live.start()
+    async with aiohttp.ClientSession() as http:
+        await _failed_login(http, live, "fourth")
+    r = await live.cli("retry-dead")
+    assert r.returncode == 0, r.stderr
+    await _settled(live, dead=0)
+    assert await live.stop() == 0
+
+    r = await live.cli("verify")  # the new sink: "refused" and "fourth"
+    assert r.returncode == 0 and "2 security events" in r.stdout, r.stdout + r.stderr
+    _reconfigure(live, {"sink": old})
+    r = await live.cli("verify")  # the old one: "first" and "third"
+    assert r.returncode == 0 and "2 security events" in r.stdout, r.stdout + r.stderr
