@@ -631,11 +631,19 @@ class Spool:
             kept = f"kept as {keep_copy(wal)}"
         except OSError as exc:
             kept = f"not kept: {exc}"
-        self.note_damage(SpoolDamaged(
-            f"the audit spool {self.path} is damaged: its -wal holds {commits} committed"
-            f" transactions past a frame SQLite cannot read (after frame {frames}), which it"
-            f" dropped, and with them records that may have been acknowledged; the -wal"
-            f" was {kept}"))
+        what = (f"its -wal holds {commits} committed transactions past a frame SQLite"
+                f" cannot read (after frame {frames}), which it dropped, and with them"
+                f" records that may have been acknowledged; the -wal was {kept}")
+        if self.synchronous != "full":
+            # Under "normal" the -wal is not synced at each commit: a power
+            # loss or an OS crash may leave its later frames on disk and not
+            # an earlier one, which is this, and the loss README documents
+            # for that setting. Said, not taken for a damaged file.
+            log.error("the audit spool %s lost committed transactions at the last stop: %s"
+                      " (synchronous = \"normal\" does not survive a power loss or an OS"
+                      " crash; \"full\" does)", self.path, what)
+            return
+        self.note_damage(SpoolDamaged(f"the audit spool {self.path} is damaged: {what}"))
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
