@@ -100,13 +100,9 @@ async def _settled(live: Live, *, dead: int) -> None:
                    interval=0.1)
 
 
-async def test_a_security_dead_letter_retried_into_the_next_sink_is_no_break_in_either(
-        live: Live) -> None:
-    # The sqlite sink refuses one security event (it holds another event
-    # under its _id): a dead letter. The operator moves to the jsonl sink and runs
-    # retry-dead. The chain is whole across the two: the refused event is in
-    # the new sink, its neighbours in the old one; verify on each said the
-    # chain broke there, for good.
+async def _three_failed_logins_the_second_dead_lettered(live: Live) -> None:
+    """The sqlite sink takes auth.login_failed of "first" and "third" and
+    refuses "refused"'s (a dead letter); the server stopped after."""
     await live.start()
     async with aiohttp.ClientSession() as http:
         await _failed_login(http, live, "first")
@@ -124,6 +120,16 @@ async def test_a_security_dead_letter_retried_into_the_next_sink_is_no_break_in_
         await _failed_login(http, live, "third")
         await _settled(live, dead=1)
     assert await live.stop() == 0
+
+
+async def test_a_security_dead_letter_retried_into_the_next_sink_is_no_break_in_either(
+        live: Live) -> None:
+    # The sqlite sink refuses one security event (it holds another event
+    # under its _id): a dead letter. The operator moves to the jsonl sink and runs
+    # retry-dead. The chain is whole across the two: the refused event is in
+    # the new sink, its neighbours in the old one; verify on each said the
+    # chain broke there, for good.
+    await _three_failed_logins_the_second_dead_lettered(live)
     old = {"type": "sqlite"}
     _reconfigure(live, {"sink": {"type": "jsonl"}})
     await live.start()
@@ -157,20 +163,7 @@ async def test_a_security_dead_letter_an_earlier_release_left_is_no_break_after_
     # sink said its successor 'does not continue a security chain', for good.
     # (Its place is known while the event before it is in the spool: kept.)
     _reconfigure(live, {"audit": {"keep_stored_seconds": 3600}})
-    await live.start()
-    async with aiohttp.ClientSession() as http:
-        await _failed_login(http, live, "first")
-        await _settled(live, dead=0)
-        with contextlib.closing(sqlite3.connect(live.data_dir / "audit.db")) as c, c:
-            c.execute("CREATE TRIGGER refuse BEFORE INSERT ON security_events"
-                      " WHEN NEW.doc LIKE '%\"refused\"%' BEGIN"
-                      " INSERT INTO security_events (id, ts, action, hash, doc)"
-                      " VALUES (NEW.id, NEW.ts, NEW.action, 'another hash', NEW.doc); END")
-        await _failed_login(http, live, "refused")
-        await _settled(live, dead=1)
-        await _failed_login(http, live, "third")
-        await _settled(live, dead=1)
-    assert await live.stop() == 0
+    await _three_failed_logins_the_second_dead_lettered(live)
     with contextlib.closing(sqlite3.connect(live.data_dir / "spool.db")) as c, c:
         assert c.execute("SELECT count(*) FROM security_late").fetchone() == (1,)
         c.execute("DROP TABLE security_late")  # the earlier release's spool:

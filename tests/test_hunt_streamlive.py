@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from api_fixtures import ADMIN_PASSWORD, Api, MakeApi, api_config, make_api, served_app
+from api_fixtures import ADMIN_PASSWORD, Api, Login, MakeApi, api_config, make_api, served_app
 from waiting import wait_for
 
 from audit import queries
@@ -135,6 +135,17 @@ def _check(body: bytes, stored: dict[int, str], event_count: int) -> dict[str, A
     return got
 
 
+async def _racing(make_api: MakeApi, monkeypatch: pytest.MonkeyPatch, sink: str
+                  ) -> tuple[Api, Login, asyncio.Event]:
+    """An app of 20-event parts, purged once stored, its flusher quick but
+    held until the event returned is set; and its admin."""
+    api: Api = await make_api(audit={"part_max_events": 20, "keep_stored_seconds": 0},
+                              flush={"max_writes_per_second": 1000.0, "burst": 1000},
+                              sink={"type": sink})
+    admin = await api.admin()
+    return api, admin, _hold_the_flusher(api.engine, monkeypatch)
+
+
 @pytest.mark.parametrize("sink", ["sqlite", "jsonl"])
 @pytest.mark.parametrize("hold_at", [3, 20, 0], ids=["before-headers", "mid-answer", "racing"])
 async def test_parts_stored_and_purged_while_the_detail_streams(
@@ -144,12 +155,8 @@ async def test_parts_stored_and_purged_while_the_detail_streams(
     begins; the flusher stores and purges every one of them while the answer
     is at its 3rd part (the first chunk not made yet), its 20th (headers and
     chunks out), or from its 3rd on without waiting (racing it)."""
-    api: Api = await make_api(audit={"part_max_events": 20, "keep_stored_seconds": 0},
-                              flush={"max_writes_per_second": 1000.0, "burst": 1000},
-                              sink={"type": sink})
-    admin = await api.admin()
+    api, admin, flusher = await _racing(make_api, monkeypatch, sink)
     engine = api.engine
-    flusher = _hold_the_flusher(engine, monkeypatch)
     sid = await _session(engine, 800, 300, seal=True)
     segments = _Segments(engine, monkeypatch, hold_at or 3)
     asking = asyncio.ensure_future(
@@ -183,12 +190,8 @@ async def test_an_open_session_cuts_parts_while_the_detail_streams(
     parts 40-43 more, 15 uncut) and, if ``flushed``, parts 0-43 are stored
     and purged. The answer has the 790 events; with the sink's part 39
     read in place of the purged uncut events, 800."""
-    api: Api = await make_api(audit={"part_max_events": 20, "keep_stored_seconds": 0},
-                              flush={"max_writes_per_second": 1000.0, "burst": 1000},
-                              sink={"type": sink})
-    admin = await api.admin()
+    api, admin, flusher = await _racing(make_api, monkeypatch, sink)
     engine = api.engine
-    flusher = _hold_the_flusher(engine, monkeypatch)
     sid = await _session(engine, 790, 300, seal=False)
     segments = _Segments(engine, monkeypatch, 40)
     asking = asyncio.ensure_future(
