@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -29,7 +30,7 @@ from . import queries
 from .config import FlushConfig
 from .logthrottle import LogThrottle, more
 from .metrics import Stats
-from .ratelimit import Backoff, TokenBucket
+from .ratelimit import MAX_HINT, Backoff, TokenBucket
 from .spool import Spool, SpoolDamaged, SpoolUnavailable, open_lock
 from .store import Writer, part_document
 
@@ -56,6 +57,10 @@ DEFERRED_MAX = 1000  # parts remembered as deferred (the oldest are forgotten)
 # With audit.keep_stored_seconds, acknowledged parts past their keep time are
 # deleted whenever nothing is pending, and at most this long apart otherwise.
 PURGE_EVERY_SECONDS = 5.0
+# The spool's meta row holding the end of the pause the sink's last rate-limit
+# answer asked for (wall time) and which sink asked: a restart, say a crash
+# loop, goes on waiting for it rather than writing again at once.
+PAUSE_KEY = "sink_pause"
 PURGE_BATCH = 500  # stored parts deleted in one job
 PURGE_SECURITY_BATCH = 5000  # stored security events deleted in one job
 
@@ -120,6 +125,10 @@ class Flusher:
         # (clock) the end of the pause the last rate-limit answer asked for,
         # which flush_now leaves as it is.
         self._rate_limited_until = 0.0
+        # (wall time) a rate-limit pause not yet written to the spool.
+        self._pause_to_save: float | None = None
+        self._pause_resumed = False
+        self._pause_kept = False  # the spool holds a pause that may not have ended
 
     # -- control -------------------------------------------------------------
 
@@ -190,8 +199,57 @@ class Flusher:
             if delay > 0:
                 await asyncio.sleep(delay)
 
+    def _sink_name(self) -> str:
+        return self.remember[0] if self.remember else self.sink.type
+
+    async def _resume_pause(self) -> None:
+        """Once: go on with the pause a rate-limit answer asked for before this
+        process started, if the same sink asked and it has not ended. Bounded as
+        a hint is (a wall clock stepped back must not stop the trail)."""
+        if self._pause_resumed:
+            return
+        row = await self.spool.read(lambda c: c.execute(
+            "SELECT value FROM meta WHERE key = ?", (PAUSE_KEY,)).fetchone())
+        self._pause_resumed = True
+        try:
+            saved = json.loads(row[0]) if row else {}
+            until, sink = float(saved["until"]), saved["sink"]
+        except (KeyError, TypeError, ValueError):
+            return
+        left = min(until - time.time(), max(self.backoff.cap, MAX_HINT))
+        if sink != self._sink_name() or not left > 0:
+            return
+        self._pause_kept = True
+        resumed = self.clock() + left
+        self.backoff.until = max(self.backoff.until, resumed)
+        self._rate_limited_until = max(self._rate_limited_until, resumed)
+        log.warning("sink %s asked for a pause (rate limited) that has not ended:"
+                    " sending nothing for %.1f s more", self.sink.type, left)
+
+    async def _save_pause(self) -> None:
+        until, self._pause_to_save = self._pause_to_save, None
+        if until is None:
+            return
+        text = json.dumps({"until": until, "sink": self._sink_name()})
+        try:
+            await self.spool.submit(lambda w: w.conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (PAUSE_KEY, text)), needs_space=False)
+        except Exception:
+            if self._pause_to_save is None:
+                self._pause_to_save = until  # tried again after the next step
+            raise
+        self._pause_kept = until > 0
+
     async def step(self) -> float | None:
         """One unit of work. Returns None when idle, else seconds to wait first."""
+        await self._resume_pause()
+        delay = await self._step()
+        await self._save_pause()
+        return delay
+
+    async def _step(self) -> float | None:
         pause = self.backoff.remaining()
         if pause > 0:
             return pause
@@ -494,6 +552,9 @@ class Flusher:
                          self.sink.type, len(back))
         self._streak.clear()
         self._streak_deferred.clear()
+        if self._pause_kept:  # the sink takes writes again: a restart need not wait
+            self._pause_kept = False
+            self._pause_to_save = 0.0
         self._failed_in_a_row = 0
         if not self.healthy:
             self._log.reset()
@@ -533,6 +594,7 @@ class Flusher:
         pause = self.backoff.failed(hint)
         if isinstance(exc, SinkRateLimited):
             self._rate_limited_until = max(self._rate_limited_until, self.clock() + pause)
+            self._pause_to_save = time.time() + (self._rate_limited_until - self.clock())
         left_out = self._log.allow(type(exc).__name__)
         if left_out is not None:
             log.warning("sink %s: %s; pausing %.2fs%s", self.sink.type, self.last_error, pause,

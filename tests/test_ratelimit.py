@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections import deque
 from typing import Any
 
 import pytest
+from conftest import FakeClock
 
+from audit.config import sink_identity
 from audit.events import Draft, Source
-from audit.ratelimit import Backoff, TokenBucket, backoff_delay
+from audit.ratelimit import MAX_HINT, Backoff, TokenBucket, backoff_delay
 from sinks.base import Sink, SinkRateLimited, SinkUnavailable
 
 
@@ -167,6 +171,82 @@ async def test_rate_limit_pauses_security_events_and_parts_until_the_hint(
     assert await engine.flusher.step() == 0.0  # then the part
     assert sink.calls == ["security", "security", "part"]
     assert await engine.flusher.step() is None
+
+
+async def test_a_restart_goes_on_with_the_pause_a_rate_limit_answer_asked_for(
+    make_config, engines, fake_monotonic
+):
+    """A sink billed per request answered 429 with Retry-After: 60, and the
+    server crashed (or was restarted) a moment later. The new process wrote
+    to it again at once, and a crash loop would have written at every start:
+    the pause is kept in the spool, and a new process waits out what is left
+    of it, for security events and parts alike, as long as the same sink
+    asked."""
+    config = make_config(
+        flush={"max_writes_per_second": 100.0, "burst": 10, "backoff_base_seconds": 0.5}
+    )
+    sink = CountingSink()
+    first = await engines.open(config, sink, monotonic=fake_monotonic)
+    src = Source(user="alice", role="user")
+    s = await first.start_session("alice", "user", src, 3600)
+    await first.end_session(s.session_id, src)
+    sink.script.append(SinkRateLimited(retry_after=60))
+    assert await first.flusher.step() == pytest.approx(60.0)
+    await engines.abandon(first)  # kill -9
+
+    again = FakeClock(start=50.0)  # a new process: its own monotonic clock
+    sink = CountingSink()
+    second = await engines.open(config, sink, monotonic=again)
+    await second.record_security(Draft("auth.login_failed", outcome="denied"))
+    assert await second.flusher.step() == pytest.approx(60.0, abs=5.0)
+    assert sink.calls == []
+    assert second.sink_status()["backoff_until"] is not None
+    again.advance(60.0)
+    assert await second.flusher.step() == 0.0
+    assert await second.flusher.step() == 0.0
+    assert sink.calls == ["security", "part"]
+    await engines.close(second)
+
+    # The pause has ended: a third start waits for nothing.
+    sink = CountingSink()
+    third = await engines.open(config, sink, monotonic=FakeClock(start=10.0))
+    await third.record_security(Draft("auth.login_failed", outcome="denied"))
+    assert await third.flusher.step() == 0.0
+    assert sink.calls == ["security"]
+
+
+async def test_a_saved_pause_binds_only_the_sink_that_asked_and_is_bounded(
+    make_config, engines, fake_monotonic
+):
+    """Another sink configured since is not paused for the old one's answer,
+    and a pause ending far off (the wall clock stepped back since) waits no
+    longer than a hint may ask for."""
+    config = make_config(flush={"backoff_base_seconds": 0.5, "backoff_max_seconds": 30.0})
+    sink = CountingSink()
+    first = await engines.open(config, sink, monotonic=fake_monotonic)
+    await first.record_security(Draft("auth.login_failed", outcome="denied"))
+    sink.script.append(SinkRateLimited(retry_after=120))
+    assert await first.flusher.step() == pytest.approx(120.0)
+    await engines.close(first)
+
+    other = make_config(flush={"backoff_base_seconds": 0.5},
+                        sink={"type": "jsonl"})
+    sink = CountingSink()
+    moved = await engines.open(other, sink, monotonic=FakeClock(start=10.0))
+    assert await moved.flusher.step() == 0.0
+    assert sink.calls == ["security"]
+    await engines.close(moved)
+
+    far = json.dumps({"until": time.time() + 10**7, "sink": sink_identity(config)})
+    back = await engines.open(config, CountingSink(), monotonic=FakeClock(start=10.0))
+    await back.spool.submit(lambda w: w.conn.execute(
+        "UPDATE meta SET value = ? WHERE key = 'sink_pause'", (far,)))
+    await back.record_security(Draft("auth.login_failed", outcome="denied"))
+    await engines.close(back)
+    sink = CountingSink()
+    bounded = await engines.open(config, sink, monotonic=FakeClock(start=10.0))
+    assert await bounded.flusher.step() == pytest.approx(MAX_HINT)
+    assert sink.calls == []
 
 
 async def test_pause_is_the_backoff_when_it_is_later_than_the_hint(
