@@ -88,7 +88,7 @@ from handlers.auth import (
 from handlers.errors import error_middleware, install_parser_error_answer, security_headers
 from handlers.inflight import IN_FLIGHT, InFlight, requests_ctx
 from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
-from handlers.ops import COUNTS, DURATIONS, REQUESTS, SharedCounts, new_registry
+from handlers.ops import COUNTS, CUT, DURATIONS, REQUESTS, SharedCounts, new_registry
 from handlers.requests import CLIENT_MAX_SIZE, transfer_seconds
 from handlers.streaming import StreamedJson
 from sinks import QueryNotSupported, Sink, SinkError, create_sink
@@ -484,7 +484,12 @@ async def send_middleware(
                         " was made (%s %s, %d)%s", allowed, request.method,
                         request.path[:256], resp.status, more(left_out))
     except ConnectionError:
-        pass  # the client is gone: aiohttp's own send finds that out again
+        # The client is gone (aiohttp's own send finds that out again), or the
+        # answer was cut short, which the request count took for its 200.
+        if isinstance(resp, StreamedJson) and resp.cut:
+            route = request.match_info.route
+            request.app[CUT].labels((route.name if route is not None else None)
+                                    or "unmatched").inc()
     return resp
 
 
@@ -519,7 +524,7 @@ def create_app(
     engine.before_reap.append(app[ACCOUNTS].end_revoked_sessions)
     app[THROTTLE] = LoginThrottle(config.auth.login_max_failures,
                                   config.auth.login_window_seconds)
-    app[REGISTRY], app[REQUESTS], app[DURATIONS] = new_registry()
+    app[REGISTRY], app[REQUESTS], app[DURATIONS], app[CUT] = new_registry()
     app[PUBLIC] = routes.PUBLIC_ROUTES
     app[TRUSTED_PROXIES] = proxies = config.server.proxy_networks()
     if any(net.prefixlen == 0 for net in proxies):

@@ -34,6 +34,7 @@ from .keys import ENGINE, REGISTRY
 
 REQUESTS = web.AppKey("requests_total", Counter)
 DURATIONS = web.AppKey("request_seconds", PromHistogram)
+CUT = web.AppKey("answers_cut_total", Counter)
 # Seconds from the request's headers read to its response made (not sent), by
 # route: an audited request waits for its group commit (an fsync), a chat for
 # the AI provider.
@@ -181,7 +182,7 @@ class EngineCollector(Collector):
                          st.commit_seconds)
 
 
-def new_registry() -> tuple[CollectorRegistry, Counter, PromHistogram]:
+def new_registry() -> tuple[CollectorRegistry, Counter, PromHistogram, Counter]:
     # No *_created series beside each counter: they double the series and
     # carry nothing an operator uses (process-wide in prometheus_client).
     disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -192,4 +193,8 @@ def new_registry() -> tuple[CollectorRegistry, Counter, PromHistogram]:
         "session_audit_http_request_duration_seconds",
         "Time to answer an HTTP request, by route (an audited one includes its group commit)",
         ["route"], buckets=REQUEST_BUCKETS, registry=registry)
-    return registry, requests, durations
+    cut = Counter("session_audit_http_answers_cut",
+                  "Answers cut short after their status 200 and first bytes went out (a"
+                  " streamed answer's source failed mid-way: no complete JSON reached the"
+                  " client), by route", ["route"], registry=registry)
+    return registry, requests, durations, cut

@@ -57,6 +57,10 @@ class StreamedJson(web.StreamResponse):
         self._body: bytes | None = None  # the whole body, when begin produced it all
         self._began = False
         self._whole = False
+        # Cut short by a failure to produce it (not by the client going away),
+        # after its status 200 and first chunk went out: counted apart in
+        # /metrics, whose request count took it for a 200.
+        self.cut = False
 
     async def begin(self) -> None:
         """Produce the body up to its first chunk, before anything is sent:
@@ -110,6 +114,7 @@ class StreamedJson(web.StreamResponse):
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away, or the send's deadline passed
         except Exception as exc:
+            self.cut = True
             if isinstance(exc, self._expected):
                 log.warning("%s cut short after %d bytes of the answer, left unfinished"
                             " (rid=%s): %s", self._what, sent, self._request_id, exc)

@@ -166,6 +166,10 @@ async def test_a_part_found_unreadable_mid_answer_cuts_it_off(
     assert b"events_complete" not in received
     assert any("cut short" in rec.getMessage() and alice.session_id in rec.getMessage()
                for rec in caplog.records)
+    # Counted apart in /metrics, whose request count took it for a 200.
+    r = await api.client.get("/metrics", headers=admin.headers)
+    assert r.status == 200
+    assert 'session_audit_http_answers_cut_total{route="admin_session"} 1.0' in await r.text()
     # The server goes on answering.
     r = await api.client.get("/audit/status", headers=admin.headers)
     assert r.status == 200
