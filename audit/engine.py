@@ -406,11 +406,13 @@ class AuditEngine:
         await self.spool.submit(lambda w: w.append_security(draft, session_id))
 
     async def record_summaries(self, *, final: bool = False) -> int:
-        """Record one event per (client IP, action) counted by the flood guard
-        since the last call: ``details`` ``{"reason": "over_budget", "count",
+        """Record one event per (client IP, an IPv6 one by its /64, action)
+        counted by the flood guard since the last call, ``source.ip`` the first
+        address counted: ``details`` ``{"reason": "over_budget", "count",
         "first_ts", "last_ts", "usernames", "more_usernames", "session_ids",
-        "more_session_ids", "reasons"}`` (``reasons``: the counted events'
-        own ``details.reason``, each with its count).
+        "more_session_ids", "addresses", "more_addresses", "reasons"}``
+        (``reasons``: the counted events' own ``details.reason``, each with its
+        count).
         Returns how many were recorded. If the spool refuses them (full,
         failing), the counts are kept for the next call. The ``final`` call,
         at shutdown, has no next one: a full spool takes them (they are
@@ -428,6 +430,8 @@ class AuditEngine:
                            "usernames": sorted(c.users), "more_usernames": c.more_users,
                            "session_ids": sorted(c.sessions),
                            "more_session_ids": c.more_sessions,
+                           "addresses": sorted(c.addresses),
+                           "more_addresses": c.more_addresses,
                            "reasons": dict(sorted(c.reasons.items()))})
             for c in summaries
         ]

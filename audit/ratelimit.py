@@ -180,19 +180,24 @@ class FloodGuard:
             if self._all.try_take():
                 return True
             bucket.tokens = min(bucket.burst, bucket.tokens + 1.0)  # not spent after all
-        entry = self._entry(key, action, wall)
-        entry.add(wall, user, session_id, self.MAX_USERS, reason)
+        entry = self._entry(budget, key, action, wall)
+        entry.add(wall, user, session_id, self.MAX_USERS, reason, key)
         self.suppressed += 1
         return False
 
-    def _entry(self, ip: str, action: str, wall: float) -> Counted:
-        """The count of (ip, action); past ``MAX_KEYS`` counts, of ("*", action)."""
-        key = (ip, action)
+    def _entry(self, budget: str, ip: str, action: str, wall: float) -> Counted:
+        """The count of (``budget``, action), ``ip`` the first address counted
+        under it; past ``MAX_KEYS`` counts, of ("*", action). Counted by the
+        budget's key, as the buckets are: one host's /64 is one count, not one
+        an address (which would fill the table, and every other client's
+        counts would go under "*")."""
+        key = (budget, action)
         if key not in self._counts and len(self._counts) >= self.MAX_KEYS:
             key = (self.MANY, action)
+            ip = self.MANY
         entry = self._counts.get(key)
         if entry is None:
-            entry = self._counts[key] = Counted(key[0], action, 0, wall, wall)
+            entry = self._counts[key] = Counted(ip, action, 0, wall, wall, budget=key[0])
         return entry
 
     def take_summaries(self) -> list[Counted]:
@@ -204,19 +209,25 @@ class FloodGuard:
     def restore(self, summaries: list[Counted]) -> None:
         """Put back summaries that could not be recorded (the spool refused)."""
         for old in summaries:
-            entry = self._entry(old.ip, old.action, old.first)
+            entry = self._entry(old.budget, old.ip, old.action, old.first)
             entry.merge(old, self.MAX_USERS)
 
 
 @dataclass
 class Counted:
-    """Security events of one client IP and action counted, not recorded."""
+    """Security events of one client IP (an IPv6 one by its /64) and action
+    counted, not recorded. ``ip`` is the first address counted, ``budget``
+    the key they were counted under (the /64, or the address itself)."""
 
     ip: str
     action: str
     count: int
     first: float
     last: float
+    budget: str = ""
+    # The client addresses counted (up to ``most``): the many of one /64.
+    addresses: set[str] = field(default_factory=set)
+    more_addresses: bool = False
     users: set[str] = field(default_factory=set)
     more_users: bool = False
     sessions: set[str] = field(default_factory=set)
@@ -228,8 +239,13 @@ class Counted:
     reasons: dict[str, int] = field(default_factory=dict)
 
     def add(self, wall: float, user: str | None, session_id: str | None, most: int,
-            reason: str | None = None) -> None:
+            reason: str | None = None, ip: str | None = None) -> None:
         self.count += 1
+        if ip is not None and ip != "-" and ip not in self.addresses:
+            if len(self.addresses) < most:
+                self.addresses.add(ip)
+            else:
+                self.more_addresses = True
         self.first = min(self.first, wall)
         self.last = max(self.last, wall)
         if user is not None and user not in self.users:
@@ -263,5 +279,9 @@ class Counted:
         extra = sorted(other.sessions - self.sessions)
         self.sessions |= set(extra[:room])
         self.more_sessions = self.more_sessions or other.more_sessions or len(extra) > room
+        room = max(0, most - len(self.addresses))
+        extra = sorted(other.addresses - self.addresses)
+        self.addresses |= set(extra[:room])
+        self.more_addresses = self.more_addresses or other.more_addresses or len(extra) > room
         for reason, n in other.reasons.items():
             self._reason(reason, n, most)

@@ -327,7 +327,7 @@ def test_flood_guard_budgets_an_ipv6_client_by_its_64():
     """One host is usually given a whole /64: with a budget per address it
     could take as many budgets as it likes, drain the shared one, and have
     every other client's security events counted instead of recorded. Its
-    events are still counted under the addresses they came from."""
+    events are counted by the /64 too, naming the addresses they came from."""
     from audit.ratelimit import FloodGuard
 
     guard = FloodGuard(rate=1.0, burst=3, clock=Clock())
@@ -336,8 +336,32 @@ def test_flood_guard_budgets_an_ipv6_client_by_its_64():
     assert admitted == [True, True, True, False, False, False]
     assert guard.admit("2001:db8:1:3::1", "auth.invalid_token", 20.0)  # another /64
     assert guard.admit("192.0.2.1", "auth.invalid_token", 21.0)
+    assert [(c.ip, c.count, c.addresses, c.more_addresses)
+            for c in guard.take_summaries()] == [
+        ("2001:db8:1:2::4", 3, {f"2001:db8:1:2::{i}" for i in (4, 5, 6)}, False)]
+
+
+def test_flood_guard_counts_one_64_spraying_addresses_as_one_client(monkeypatch):
+    """Counted per address, a host spraying the addresses of its /64 made a
+    count (and a summary event every 10 s) of each, filled the table, and
+    every other client's counts went under "*", their address lost."""
+    from audit.ratelimit import FloodGuard
+
+    monkeypatch.setattr(FloodGuard, "MAX_KEYS", 100)
+    guard = FloodGuard(rate=1.0, burst=1, clock=Clock())
+    for i in range(1, 1001):
+        guard.admit(f"2001:db8:7:7::{i:x}", "auth.invalid_token", float(i))
+    guard.admit("192.0.2.9", "auth.invalid_token", 2000.0)
+    guard.admit("192.0.2.9", "auth.invalid_token", 2001.0, "victim")
+    summaries = guard.take_summaries()
+    assert [(c.ip, c.count) for c in summaries] == [
+        ("2001:db8:7:7::2", 999), ("192.0.2.9", 1)]
+    spray, other = summaries
+    assert len(spray.addresses) == FloodGuard.MAX_USERS and spray.more_addresses
+    assert other.users == {"victim"} and other.addresses == {"192.0.2.9"}
+    guard.restore(summaries)  # put back (a refused commit): merged by the same keys
     assert [(c.ip, c.count) for c in guard.take_summaries()] == [
-        (f"2001:db8:1:2::{i}", 1) for i in (4, 5, 6)]
+        ("2001:db8:7:7::2", 999), ("192.0.2.9", 1)]
 
 
 def test_flood_guard_keeps_a_bounded_set_of_usernames(monkeypatch):
@@ -360,8 +384,8 @@ def test_flood_guard_shared_budget_and_bounded_memory(monkeypatch):
     guard = FloodGuard(rate=1.0, burst=2, clock=clock)  # all IPs together: 20
     admitted = sum(guard.admit(f"10.0.{i}.1", "auth.invalid_token", 1.0) for i in range(30))
     assert admitted == 20, "the shared budget is ten times one IP's"
-    for i in range(200):  # many addresses, each over the shared budget
-        assert not guard.admit(f"2001:db8::{i}", "auth.invalid_token", 2.0)
+    for i in range(200):  # many clients (/64s), each over the shared budget
+        assert not guard.admit(f"2001:db8:{i:x}::1", "auth.invalid_token", 2.0)
     assert len(guard._buckets) <= 50
     summaries = guard.take_summaries()
     assert len(summaries) <= 51

@@ -36,6 +36,7 @@ async def test_bad_tokens_past_the_budget_become_one_summary(make_api: MakeApi) 
     assert summary["source"]["ip"] == one_by_one[0]["source"]["ip"]
     d = summary["details"]
     assert (d["reason"], d["count"], d["usernames"]) == ("over_budget", 7, [])
+    assert (d["addresses"], d["more_addresses"]) == ([summary["source"]["ip"]], False)
     assert parse_ts(d["first_ts"]) <= parse_ts(d["last_ts"])
     status = await api.engine.status()
     assert status["security_events_summarised"] == 7
