@@ -51,6 +51,7 @@ from audit.config import (
 from audit.engine import AuditEngine
 from audit.logthrottle import LogThrottle, more
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
+from audit.rollback import catch_up_security_chain
 from audit.runtime import tune_gc
 from audit.spool import (
     AuditKeyMismatch,
@@ -372,6 +373,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await _sink_switched(engine)
         await _ensure_admin(app)
         await _first_sink_attempt(engine)
+        if engine.flusher.sink_open:  # (before any request can append a security event)
+            await catch_up_security_chain(engine.spool, engine.sink, engine.spool.key)
         yield
     finally:
         log.info("shutting down: sending what the sink takes within %.0f s; the rest"

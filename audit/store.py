@@ -1174,6 +1174,21 @@ class Writer:
         self.new_security += 1
         return event
 
+    def adopt_security_head(self, old: str, new: str) -> bool:
+        """Continue the security chain from ``new`` (the end of what the sink
+        holds after ``old``: a spool restored from a backup older than the
+        sink), unless an event was appended since ``old`` was read."""
+        if self.security_head != old:
+            return False
+        self._remember("security_head", self.security_head)
+        self.security_head = new
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('security_head', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (new,),
+        )
+        return True
+
     def record_failure(self, session_id: str, draft: Draft, err: ActionError) -> None:
         """Record a refused action: its event with the error's outcome and
         reason, and ``access.denied`` as well when it was denied."""
