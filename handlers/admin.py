@@ -18,7 +18,6 @@ from typing import Any
 from aiohttp import web
 
 from audit import queries
-from audit.config import Config
 from audit.engine import AuditEngine
 from audit.events import SECURITY_ACTIONS, Draft, format_ts, parse_ts
 from audit.logthrottle import LogThrottle, more
@@ -34,7 +33,7 @@ from sinks.base import (
     summarize_parts,
 )
 
-from .errors import ApiError, bad_request, json_response, not_found
+from .errors import ApiError, bad_request, json_response, not_found, without_paths
 from .keys import CONFIG, CTX, ENGINE, REQUEST_ID
 from .streaming import StreamedJson
 
@@ -532,31 +531,19 @@ async def security_events(request: web.Request) -> web.Response:
     return json_response({"events": page, "next_cursor": next_cursor})
 
 
-# A quoted absolute file path in an error's text, as the OS quotes them
-# ("[Errno 20] Not a directory: '/srv/audit/x'").
-_QUOTED_PATH = re.compile(r"'/[^']*'")
-
-
-def _without_paths(text: str, config: Config) -> str:
-    """``text`` without the server's own file paths (data dir, sink file or
-    directory) and without quoted absolute paths."""
-    for path in sorted({str(config.data_dir), str(config.sqlite_sink_path),
-                        str(config.sqlite_sink_path.parent), str(config.jsonl_dir),
-                        str(config.spool_path)}, key=len, reverse=True):
-        text = text.replace(path, "<path>")
-    return _QUOTED_PATH.sub("'<path>'", text)
-
-
 @audited_operational
 async def status(request: web.Request) -> web.Response:
     _params(request, set())
     body = await request.app[ENGINE].status()
+    config = request.app[CONFIG]
+    # No file paths to a client (API.md); `server.py status` shows them.
+    if body.get("spool_damaged"):
+        body["spool_damaged"] = without_paths(body["spool_damaged"], config)
     sink = body.get("sink")
     if isinstance(sink, dict):
-        # No file paths to a client (API.md); `server.py status` shows them.
         sink.pop("where", None)
         if sink.get("last_error"):
-            sink["last_error"] = _without_paths(sink["last_error"], request.app[CONFIG])
+            sink["last_error"] = without_paths(sink["last_error"], config)
     return json_response(body)
 
 

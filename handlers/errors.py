@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from audit.config import Config
 from audit.events import Draft, new_id
 from audit.logthrottle import LogThrottle, more
 from audit.middleware import AuthError
@@ -50,6 +51,22 @@ class ApiError(Exception):
 # Set on a request whose body could not be read: its connection closes after
 # the answer, whatever the answer (the HTTP parser cannot go on after it).
 CLOSE_AFTER = web.RequestKey("close_after", bool)
+
+
+# A quoted absolute file path in an error's text, as the OS quotes them
+# ("[Errno 20] Not a directory: '/srv/audit/x'").
+_QUOTED_PATH = re.compile(r"'/[^']*'")
+
+
+def without_paths(text: str, config: Config) -> str:
+    """``text`` without the server's own file paths (data dir, spool, sink
+    file or directory) and without quoted absolute paths: API.md lets no
+    file path reach a client (the log and ``server.py status`` keep them)."""
+    for path in sorted({str(config.data_dir), str(config.sqlite_sink_path),
+                        str(config.sqlite_sink_path.parent), str(config.jsonl_dir),
+                        str(config.spool_path)}, key=len, reverse=True):
+        text = text.replace(path, "<path>")
+    return _QUOTED_PATH.sub("'<path>'", text)
 
 
 def bad_request(message: str) -> ApiError:

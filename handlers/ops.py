@@ -29,8 +29,8 @@ from audit import queries
 from audit.engine import AuditEngine
 from audit.metrics import Histogram
 
-from .errors import json_response, not_found
-from .keys import ENGINE, REGISTRY
+from .errors import json_response, not_found, without_paths
+from .keys import CONFIG, ENGINE, REGISTRY
 
 REQUESTS = web.AppKey("requests_total", Counter)
 DURATIONS = web.AppKey("request_seconds", PromHistogram)
@@ -58,6 +58,8 @@ async def readyz(request: web.Request) -> web.Response:
         reason = engine.spool.damaged
     if engine.task_failure:
         reason = f"background task failed: {engine.task_failure}"
+    # Unauthenticated: the reason says what is wrong, not where (API.md).
+    reason = without_paths(reason, request.app[CONFIG])
     return json_response({"status": "not_ready", "reason": reason}, status=503)
 
 
