@@ -378,14 +378,24 @@ def _check_url(key: str, url: str) -> None:
         raise ConfigError(f"{key}: the URL names no host")
 
 
+def path_text(path: Path) -> str:
+    """``path`` as text that can be stored, compared and sent. A name whose
+    bytes do not decode in the file system's encoding (a Latin-1 directory
+    name under UTF-8; any non-ASCII name under a locale that is not UTF-8)
+    holds lone surrogates as Python text, which neither SQLite nor UTF-8
+    takes. Its bytes are read as UTF-8 here, and those that are not UTF-8
+    shown as ``\\xNN``; any other path is its ``str`` unchanged."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def sink_where(config: Config) -> str:
     """Which sink of its type, without secrets: its file or directory, its URL
     without credentials or query, its database and collections."""
     sink = config.sink
     if sink.type == "sqlite":
-        return str(config.sqlite_sink_path)
+        return path_text(config.sqlite_sink_path)
     if sink.type == "jsonl":
-        return str(config.jsonl_dir)
+        return path_text(config.jsonl_dir)
     if sink.type == "http":
         u = urlsplit(sink.http.url)
         return urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path.rstrip("/"), "", ""))

@@ -387,8 +387,12 @@ def check_layout(conn: sqlite3.Connection, path: Path) -> None:
 def readonly_uri(path: Path) -> str:
     """The ``file:`` URI that opens ``path`` read-only. The path is
     percent-encoded: a ``#``, ``?`` or ``%`` in a directory name would
-    otherwise cut it short, and SQLite would open (and create) another file."""
-    return f"file:{urllib.parse.quote(str(path))}?mode=ro"
+    otherwise cut it short, and SQLite would open (and create) another file.
+    It is the path's bytes that are encoded: a name that is not UTF-8 (a
+    Latin-1 directory name, or any non-ASCII one under a locale that is not
+    UTF-8) holds lone surrogates as Python text, which ``quote`` cannot
+    encode."""
+    return f"file:{urllib.parse.quote(os.fsencode(path))}?mode=ro"
 
 
 # Bytes a spool's -wal file is cut back to after a checkpoint (SQLite's

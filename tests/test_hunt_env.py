@@ -1,0 +1,76 @@
+"""The real server and the command line in the environments deployments
+give them: locales that are not UTF-8, paths whose names are not UTF-8,
+closed standard streams. Real processes; each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from live_server import ADMIN_PASSWORD, Live
+from waiting import wait_for
+
+# A directory name in Latin-1 (a legacy name on a UTF-8 system): its bytes are
+# no UTF-8, so Python holds it as text with a lone surrogate (surrogateescape).
+LATIN1_NAME = os.fsdecode(b"caf\xe9")
+
+
+async def _session(live: Live) -> tuple[dict[str, str], str]:
+    """Log in as admin: the headers to send and the session id."""
+    async with aiohttp.ClientSession(live.base) as http, http.post(
+            "/token", json={"username": "admin", "password": ADMIN_PASSWORD}) as r:
+        body = await r.json()
+        assert r.status == 200, body
+    return {"Authorization": f"Bearer {body['access_token']}"}, body["session_id"]
+
+
+async def _call(live: Live, method: str, path: str, headers: dict[str, str],
+                body: Any = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession(live.base) as http, http.request(
+            method, path, json=body, headers=headers) as r:
+        return r.status, await r.json()
+
+
+async def _status(live: Live) -> dict[str, Any]:
+    r = await live.cli("status")
+    assert r.returncode == 0, r.stderr
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
+
+
+async def test_a_data_directory_whose_name_is_not_utf8_flushes_and_is_verified(
+    tmp_path: Path,
+) -> None:
+    """A data directory under a directory named in Latin-1: the flusher
+    crashed on every part it stored (the sink's path went into the spool as
+    text: "surrogates not allowed"), so no session ever reached the sink,
+    and ``status`` and ``verify`` died with a traceback (the read-only URI
+    of the spool and the sink quoted the path as UTF-8 text). Now the
+    path's bytes are quoted, and the sink's place is kept as text with the
+    bytes that are not UTF-8 shown as \\xNN."""
+    workdir = tmp_path / LATIN1_NAME
+    workdir.mkdir()
+    live = Live(workdir, {"server": {"data_dir": "data"}})  # relative to the cwd
+    try:
+        await live.start()
+        headers, _ = await _session(live)
+        status, _ = await _call(live, "POST", "/logout", headers)
+        assert status == 200
+
+        async def stored() -> bool:
+            now = await _status(live)
+            return now["active_sessions"] == 0 and now["pending_parts"] == 0
+
+        await wait_for(stored, timeout=20, interval=0.2,
+                       message="the session's part stored in the sink")
+        assert (await _status(live))["sink"]["where"] == (
+            str(tmp_path) + "/caf\\xe9/data/audit.db")
+        r = await live.cli("verify")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "verified 1 sessions, 1 parts" in r.stdout, r.stdout
+        assert "Traceback" not in live.log_tail(100_000)
+    finally:
+        live.close()
