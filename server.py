@@ -44,6 +44,7 @@ from audit.config import (
     ConfigError,
     load_config,
     open_window,
+    path_text,
     resolve_config_path,
     sink_identity,
     sink_where,
@@ -1083,7 +1084,7 @@ def cmd_users(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if not config.spool_path.exists():
-        print(json.dumps({"spool": "absent", "path": str(config.spool_path)}))
+        print(json.dumps({"spool": "absent", "path": path_text(config.spool_path)}))
         return 1
     conn = connect(config.spool_path, config.audit.synchronous, readonly=True)
     try:

@@ -137,7 +137,7 @@ class Config:
 
     @property
     def data_dir(self) -> Path:
-        return (Path(self.base_dir) / self.server.data_dir).resolve()
+        return (Path(self.base_dir) / _file_name(self.server.data_dir)).resolve()
 
     @property
     def spool_path(self) -> Path:
@@ -146,12 +146,23 @@ class Config:
     @property
     def sqlite_sink_path(self) -> Path:
         p = self.sink.sqlite.path
-        return (Path(self.base_dir) / p).resolve() if p else self.data_dir / "audit.db"
+        return (Path(self.base_dir) / _file_name(p)).resolve() if p else self.data_dir / "audit.db"
 
     @property
     def jsonl_dir(self) -> Path:
         d = self.sink.jsonl.dir
-        return (Path(self.base_dir) / d).resolve() if d else self.data_dir / "audit-jsonl"
+        return ((Path(self.base_dir) / _file_name(d)).resolve() if d
+                else self.data_dir / "audit-jsonl")
+
+
+def _file_name(text: str) -> str:
+    """A path from the file (TOML is UTF-8) as the file system name of its
+    UTF-8 bytes, whatever the locale: under one that is not UTF-8 (LC_ALL=C
+    with PYTHONUTF8=0, a Latin-1 one) Python encodes names in the locale's
+    encoding, which made ``data_dir = "données"`` a UnicodeEncodeError
+    traceback at every command, or another directory than the server's
+    under a UTF-8 locale. Unchanged under a UTF-8 locale."""
+    return os.fsdecode(text.encode("utf-8"))
 
 
 # Durations end as dates (a token's expiry, a pause's end), formatted as

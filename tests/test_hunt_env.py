@@ -74,3 +74,29 @@ async def test_a_data_directory_whose_name_is_not_utf8_flushes_and_is_verified(
         assert "Traceback" not in live.log_tail(100_000)
     finally:
         live.close()
+
+
+# A locale that is not UTF-8: Python then names files in ASCII (or Latin-1...).
+ASCII_LOCALE = {"LC_ALL": "C", "PYTHONUTF8": "0", "LANG": "C"}
+
+
+async def test_a_non_ascii_data_dir_is_one_directory_whatever_the_locale(
+    tmp_path: Path,
+) -> None:
+    """``data_dir = "données"`` (TOML is UTF-8) under a locale that is not
+    UTF-8: every command died with a UnicodeEncodeError traceback as the
+    path was resolved (Python encodes file names in the locale's encoding).
+    It is now the directory named by the text's UTF-8 bytes under any
+    locale: adduser under LC_ALL=C adds to the spool that users under
+    UTF-8 reads."""
+    live = Live(tmp_path, {"server": {"data_dir": "données d'audit"}})
+    r = await live.cli("adduser", "bob", "--password-stdin", stdin="a-password-1\n",
+                       env=ASCII_LOCALE)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "données d'audit" / "spool.db").is_file()
+    r = await live.cli("users", env={"LC_ALL": "C.UTF-8"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("bob\tuser\tenabled"), r.stdout
+    r = await live.cli("status", env=ASCII_LOCALE)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["pending_parts"] == 0
