@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import errno
 import fcntl
@@ -671,6 +672,41 @@ def setup_logging() -> None:
     # usernames tried, captured chat text): never, whatever the level.
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
+
+
+def _utf8_stream(stream: Any) -> bool:
+    """Whether ``stream`` encodes every character (None: closed at start)."""
+    try:
+        return codecs.lookup(getattr(stream, "encoding", None) or "utf-8").name == "utf-8"
+    except LookupError:
+        return False
+
+
+def _for_terminal(exc: UnicodeError) -> tuple[str | bytes, int]:
+    """An encoding error handler for a command's output: a file name's bytes
+    that are not text in the locale (held as lone surrogates) go out as they
+    are, as Python's own handler for stdout under the C locale does; any
+    other character the locale's encoding lacks is escaped (``\\xfc``)."""
+    try:
+        return codecs.lookup_error("surrogateescape")(exc)
+    except UnicodeError:
+        return codecs.lookup_error("backslashreplace")(exc)
+
+
+codecs.register_error("session_audit.terminal", _for_terminal)
+
+
+def setup_output() -> None:
+    """Standard output under a locale that is not UTF-8 (LC_ALL=C with
+    PYTHONUTF8=0, a Latin-1 one) takes every character, escaped where it
+    must be: what verify prints of the sink (a session id, a detail) is
+    anyone's text, and an ``ë`` in it made verify die with a
+    UnicodeEncodeError traceback before the rest of its report. (So does a
+    strict UTF-8 one, PYTHONIOENCODING=utf-8, for a file name's bytes.)"""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and (not _utf8_stream(sys.stdout)
+                                    or getattr(sys.stdout, "errors", "strict") == "strict"):
+        reconfigure(errors="session_audit.terminal")
 
 
 QUIET_LOGGERS = ("aiosqlite", "pymongo")
@@ -1338,6 +1374,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "serve"
     config: Config | None = None
     try:
+        setup_output()
         setup_logging()
         config = load_config(args.config)
         if command == "serve":

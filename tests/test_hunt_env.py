@@ -100,3 +100,25 @@ async def test_a_non_ascii_data_dir_is_one_directory_whatever_the_locale(
     r = await live.cli("status", env=ASCII_LOCALE)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["pending_parts"] == 0
+
+
+async def test_verify_reports_a_non_ascii_session_id_under_an_ascii_locale(
+    tmp_path: Path,
+) -> None:
+    """What verify reports of a sink is anyone's text (a session id another
+    writer put there). Under a locale that is not UTF-8 an ``ë`` in it made
+    verify die with a UnicodeEncodeError traceback at the first line of its
+    report, the rest of it lost; it is escaped now."""
+    live = Live(tmp_path, {"server": {"data_dir": "data"}, "sink": {"type": "jsonl"}})
+    (tmp_path / "data" / "audit-jsonl").mkdir(parents=True)
+    part = {"type": "session_part", "_id": "sëssion:0", "session_id": "sëssion", "part": 0,
+            "final": True, "session_start_time": "2026-01-01T00:00:00.000Z", "events": []}
+    (tmp_path / "data" / "audit-jsonl" / "audit-2026-01-01.jsonl").write_text(
+        json.dumps(part) + "\n", encoding="utf-8")
+    r = await live.cli("verify", env=ASCII_LOCALE)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("s\\xebssion: bad_part: part 0:"), lines
+    assert lines[-1].startswith("verified 1 sessions, 1 parts, 0 events"), lines
+
