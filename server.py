@@ -564,7 +564,16 @@ def create_app(
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line; messages never carry secrets or tokens."""
+    """One JSON object per line; messages never carry secrets or tokens.
+
+    ``ascii_only`` for a stream that cannot take every character (stderr
+    under a locale that is not UTF-8): its encoder wrote what it could not
+    encode as ``\\xfc``, no JSON escape, and a log shipper could not read
+    the line (a client's path with an ``ü`` in the access log)."""
+
+    def __init__(self, ascii_only: bool = False) -> None:
+        super().__init__()
+        self.ascii_only = ascii_only
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -581,7 +590,7 @@ class JsonFormatter(logging.Formatter):
         # are the line and paragraph separators (a line break to str.splitlines
         # and older JavaScript) and the bidirectional controls, which make a
         # line read as something else than it holds (Trojan Source).
-        return json.dumps(out, ensure_ascii=False).translate(_LOG_ESCAPES)
+        return json.dumps(out, ensure_ascii=self.ascii_only).translate(_LOG_ESCAPES)
 
 
 _LOG_ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0x061C, 0x200E, 0x200F,
@@ -660,7 +669,7 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 def setup_logging() -> None:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # once, however often called
     handler = StderrHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(ascii_only=not _utf8_stream(sys.stderr)))
     level = os.environ.get("SESSION_AUDIT_LOG_LEVEL", "INFO").strip().upper() or "INFO"
     if level not in LOG_LEVELS:
         raise ConfigError(f"SESSION_AUDIT_LOG_LEVEL: {level.lower()!r} is not one of"

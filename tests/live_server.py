@@ -116,6 +116,8 @@ class Live:
         self.starts = 0
         # Run in the server's process before it starts (e.g. a lower rlimit).
         self.preexec_fn: Callable[[], None] | None = None
+        # More environment for the server's process (e.g. another locale).
+        self.env: dict[str, str] = {}
         self.kills = 0
 
     # -- the server --------------------------------------------------------
@@ -127,7 +129,8 @@ class Live:
             log.flush()
             self.proc = subprocess.Popen(
                 [sys.executable, str(SERVER), "serve", "--config", str(self.config_path)],
-                cwd=self.workdir, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.workdir, env={**server_env(), **self.env}, stdout=log,
+                stderr=subprocess.STDOUT,
                 preexec_fn=self.preexec_fn,
             )
         self.starts += 1

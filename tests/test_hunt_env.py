@@ -122,3 +122,23 @@ async def test_verify_reports_a_non_ascii_session_id_under_an_ascii_locale(
     assert lines[0].startswith("s\\xebssion: bad_part: part 0:"), lines
     assert lines[-1].startswith("verified 1 sessions, 1 parts, 0 events"), lines
 
+
+async def test_log_lines_stay_json_under_an_ascii_locale(tmp_path: Path) -> None:
+    """The log is one JSON object per line. Under a locale that is not UTF-8
+    stderr's encoder wrote a character it lacks as ``\\xfc``, which is no
+    JSON escape: the access log line of a request for ``/documents/ü☃`` was
+    no JSON to a log shipper. Such a stream now gets ``\\u00fc``."""
+    live = Live(tmp_path)
+    live.env = {**ASCII_LOCALE, "SESSION_AUDIT_LOG_LEVEL": "INFO"}
+    try:
+        await live.start()
+        async with aiohttp.ClientSession(live.base) as http, http.get(
+                "/documents/%C3%BC%E2%98%83") as r:
+            assert r.status == 401
+        assert await live.stop() == 0
+    finally:
+        live.close()
+    lines = [line for line in live.log_path.read_text("utf-8").splitlines()
+             if not line.startswith("--- start")]
+    records = [json.loads(line) for line in lines]
+    assert any('"GET /documents/ü☃"' in rec["msg"] for rec in records), lines
