@@ -179,9 +179,15 @@ def load_secret(env: str, path: Path) -> bytes:
     """A key from the environment, else from ``path`` (created, 0600)."""
     value = os.environ.get(env)
     if value:
+        # The variable's bytes, whatever the locale: Python decodes the
+        # environment in the locale's encoding, so under a Latin-1 one an
+        # "ü" in the key was re-encoded into other bytes than the server's
+        # (verify: "the audit key is not the one the server's spool uses"),
+        # and under LC_ALL=C PYTHONUTF8=0 it was refused as not UTF-8.
+        key = os.fsencode(value)
         try:
-            key = value.encode("utf-8")
-        except UnicodeEncodeError:  # bytes that are not UTF-8: the error would quote them
+            key.decode("utf-8")
+        except UnicodeDecodeError:  # (the error would quote them)
             raise StartupError(f"{env} is not UTF-8 text") from None
     else:
         if not _key_made(path):

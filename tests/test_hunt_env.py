@@ -142,3 +142,34 @@ async def test_log_lines_stay_json_under_an_ascii_locale(tmp_path: Path) -> None
              if not line.startswith("--- start")]
     records = [json.loads(line) for line in lines]
     assert any('"GET /documents/ü☃"' in rec["msg"] for rec in records), lines
+
+
+# Keys with a character past ASCII: the variables' bytes are UTF-8.
+KEYS = {"SESSION_AUDIT_AUDIT_KEY": "schlüssel-für-die-audit-kette-0123456789",
+        "SESSION_AUDIT_JWT_SECRET": "schlüssel-für-die-tokens-0123456789abcdef"}
+
+
+async def test_keys_from_the_environment_are_their_bytes_whatever_the_locale(
+    tmp_path: Path,
+) -> None:
+    """SESSION_AUDIT_AUDIT_KEY and SESSION_AUDIT_JWT_SECRET are used as their
+    UTF-8 bytes (API.md). They were decoded in the locale's encoding and
+    encoded again as UTF-8: under LC_ALL=C PYTHONUTF8=0 a key with a 'ü'
+    was refused ("is not UTF-8 text": the server did not start), and under
+    a Latin-1 locale it became other bytes (verify there said "the audit key
+    is not the one the server's spool uses"). Now the server under one
+    locale and verify under another use the same key."""
+    live = Live(tmp_path)
+    live.env = {**ASCII_LOCALE, **KEYS}
+    try:
+        await live.start()
+        headers, _ = await _session(live)
+        assert (await _call(live, "GET", "/me", headers))[0] == 200
+        assert (await _call(live, "POST", "/logout", headers))[0] == 200
+        assert await live.stop() == 0
+    finally:
+        live.close()
+    r = await live.cli("verify", env={**KEYS, "LC_ALL": "C.UTF-8"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    # (The spool's record of its key is checked first: another key is refused.)
+    assert r.stdout.rstrip().endswith(": OK"), r.stdout
