@@ -286,6 +286,7 @@ def admin_password_from_env() -> str | None:
     longer one would make every login slower); else :class:`StartupError`."""
     password = os.environ.get(ADMIN_PASSWORD_ENV)
     if password:
+        password = utf8_first(os.fsencode(password), password)
         if not is_utf8(password):  # no login could send it (nor could it be hashed)
             raise StartupError(f"{ADMIN_PASSWORD_ENV} is not UTF-8 text")
         if len(password) < MIN_PASSWORD_CHARS:
@@ -961,12 +962,35 @@ def _spool_conn(config: Config) -> sqlite3.Connection:
     return conn
 
 
+def utf8_first(raw: bytes, text: str) -> str:
+    """A password given as bytes (the environment, a pipe) is their UTF-8
+    text, which is what a login sends, if they are UTF-8; else ``text``,
+    what the locale reads in them (a Latin-1 terminal's 'ä'). Python reads
+    both in the locale's encoding: under a Latin-1 one, the UTF-8 of
+    'pässwort' became 'pÃ¤sswort', a password no login could give, and
+    under LC_ALL=C PYTHONUTF8=0 it was refused as not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return text
+
+
+def _stdin_line() -> str:
+    """The first line of standard input (see :func:`utf8_first`)."""
+    stdin = sys.stdin
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # (text already)
+        return stdin.readline()
+    line: bytes = raw.readline()
+    return utf8_first(line, line.decode(stdin.encoding, stdin.errors or "strict"))
+
+
 def _read_password(command: str, name: str, from_stdin: bool) -> str | None:
     """A new password from stdin's first line or asked twice on the terminal;
     None (after saying why on stderr) if there is none fit to use."""
     if from_stdin:
         try:
-            password = sys.stdin.readline().rstrip("\r\n")
+            password = _stdin_line().rstrip("\r\n")
         except UnicodeDecodeError:  # (a locale whose stdin is strict)
             print(f"{command}: the password is not UTF-8 text", file=sys.stderr)
             return None

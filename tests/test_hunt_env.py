@@ -173,3 +173,26 @@ async def test_keys_from_the_environment_are_their_bytes_whatever_the_locale(
     assert r.returncode == 0, r.stdout + r.stderr
     # (The spool's record of its key is checked first: another key is refused.)
     assert r.stdout.rstrip().endswith(": OK"), r.stdout
+
+
+async def test_passwords_given_as_utf8_log_in_whatever_the_locale(tmp_path: Path) -> None:
+    """SESSION_AUDIT_ADMIN_PASSWORD and ``adduser --password-stdin`` read
+    the password in the locale's encoding: under LC_ALL=C PYTHONUTF8=0 a
+    'pässwort' in UTF-8 was refused ("is not UTF-8 text": no start, no
+    user), and under a Latin-1 locale it became 'pÃ¤sswort', a password no
+    login could give. Their bytes are now read as UTF-8 when they are."""
+    password = "pässwort-für-admin"
+    live = Live(tmp_path)
+    live.env = {**ASCII_LOCALE, "SESSION_AUDIT_ADMIN_PASSWORD": password}
+    r = await live.cli("adduser", "bob", "--password-stdin", stdin="pässwort-für-bob\n",
+                       env=ASCII_LOCALE)
+    assert r.returncode == 0, r.stderr
+    try:
+        await live.start()
+        async with aiohttp.ClientSession(live.base) as http:
+            for user, given in (("admin", password), ("bob", "pässwort-für-bob")):
+                async with http.post("/token", json={"username": user,
+                                                     "password": given}) as resp:
+                    assert resp.status == 200, (user, await resp.json())
+    finally:
+        live.close()
