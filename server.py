@@ -988,6 +988,10 @@ def _stdin_line() -> str:
 def _read_password(command: str, name: str, from_stdin: bool) -> str | None:
     """A new password from stdin's first line or asked twice on the terminal;
     None (after saying why on stderr) if there is none fit to use."""
+    if sys.stdin is None:  # started with 0<&- (an AttributeError traceback)
+        print(f"{command}: standard input is closed: give the password on it with"
+              " --password-stdin", file=sys.stderr)
+        return None
     if from_stdin:
         try:
             password = _stdin_line().rstrip("\r\n")

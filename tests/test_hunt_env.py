@@ -4,13 +4,17 @@ closed standard streams. Real processes; each test failed before its fix."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from live_server import ADMIN_PASSWORD, Live
+import pytest
+from live_server import ADMIN_PASSWORD, SERVER, Live, server_env
 from waiting import wait_for
 
 # A directory name in Latin-1 (a legacy name on a UTF-8 system): its bytes are
@@ -196,3 +200,25 @@ async def test_passwords_given_as_utf8_log_in_whatever_the_locale(tmp_path: Path
                     assert resp.status == 200, (user, await resp.json())
     finally:
         live.close()
+
+
+@pytest.mark.parametrize("args", [("adduser", "bob", "--password-stdin"), ("adduser", "bob"),
+                                  ("passwd", "admin", "--password-stdin")])
+async def test_a_password_command_with_stdin_closed_says_so(
+    live: Live, args: tuple[str, ...],
+) -> None:
+    """adduser and passwd started with standard input closed (``0<&-``, a
+    service manager's job with no stdin) died with an AttributeError
+    traceback ('NoneType' object has no attribute 'readline'); they say
+    why in one line now, and change nothing."""
+    await live.start()
+    assert await live.stop() == 0
+    r = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(SERVER), args[0], "--config", str(live.config_path), *args[1:]],
+        cwd=live.workdir, env=server_env(), stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=60, preexec_fn=lambda: os.close(0))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (f"{args[0]}: standard input is closed: give the password on it with"
+                        " --password-stdin\n")
+    assert "bob" not in (await live.cli("users")).stdout
