@@ -1379,7 +1379,26 @@ def _run_interruptible(command: Coroutine[Any, Any, int]) -> int:
     return code
 
 
+def hold_standard_descriptors() -> None:
+    """Descriptors 0, 1 and 2 that the process was started without (``serve
+    0<&- 1>&- 2>&-``, a daemon's wrapper) are opened on /dev/null, before
+    anything else takes them. Else the next files opened took them: the data
+    directory's lock, the serve lock, and uvloop's epoll descriptor, which
+    libuv refuses to close ("uv__close: Assertion fd > STDERR_FILENO"): every
+    shutdown ended in SIGABRT (exit -6, a core dump) after its clean stop;
+    and a file of ours on 1 or 2 would take whatever is written there."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # (the lowest free one: fd itself)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: list[str] | None = None) -> int:
+    hold_standard_descriptors()
     parser = argparse.ArgumentParser(prog="server.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")

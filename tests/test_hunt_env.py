@@ -222,3 +222,30 @@ async def test_a_password_command_with_stdin_closed_says_so(
     assert r.stderr == (f"{args[0]}: standard input is closed: give the password on it with"
                         " --password-stdin\n")
     assert "bob" not in (await live.cli("users")).stdout
+
+
+def _close_standard_descriptors() -> None:
+    for fd in (0, 1, 2):
+        os.close(fd)
+
+
+async def test_a_server_started_without_standard_descriptors_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    """``serve 0<&- 1>&- 2>&-``: the files opened first took descriptors 0-2,
+    among them uvloop's epoll descriptor, which libuv will not close
+    (an assertion): the server served, recorded and stopped, then died of
+    SIGABRT (exit -6, a core dump) at every SIGTERM. They are /dev/null now."""
+    live = Live(tmp_path)
+    live.preexec_fn = _close_standard_descriptors
+    try:
+        await live.start()
+        assert live.proc is not None
+        held = {fd: os.readlink(f"/proc/{live.proc.pid}/fd/{fd}") for fd in (0, 1, 2)}
+        headers, _ = await _session(live)
+        assert (await _call(live, "POST", "/logout", headers))[0] == 200
+        assert await live.stop() == 0
+    finally:
+        live.close()
+    assert held == dict.fromkeys((0, 1, 2), os.devnull), held
+    assert (await _status(live))["active_sessions"] == 0
