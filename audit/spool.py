@@ -38,6 +38,11 @@ log = logging.getLogger("session_audit.spool")
 
 T = TypeVar("T")
 Job = Callable[[Writer], Any]
+# What a job taken under spool_max_bytes is counted to add until its commit
+# measures the file, unless its caller says more (a request of client events
+# says its size): about one event's row and index entries (README: ~700
+# bytes an event).
+JOB_BYTES = 1024
 
 
 class SpoolClosed(RuntimeError):
@@ -525,6 +530,13 @@ class Spool:
         self._bexec: ThreadPoolExecutor | None = None  # long reads (read_apart)
         self._bconn: sqlite3.Connection | None = None
         self._pending: list[tuple[Job, asyncio.Future[Any]]] = []
+        # What the jobs taken under the limit and not yet committed are
+        # counted to add (JOB_BYTES or their caller's size): queued, and in
+        # the batch committing. The file's size is known only after a commit,
+        # so without them every job submitted meanwhile was taken (256
+        # requests of client events at once took a 64 MiB spool to 183 MB).
+        self._queued_bytes = 0
+        self._committing_bytes = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._state = "new"  # new | open | closing | closed
@@ -560,7 +572,10 @@ class Spool:
 
     @property
     def full(self) -> bool:
-        return self.on_full == "reject" and self.spool_bytes >= self.max_bytes
+        """At the limit under ``reject``, counting what the jobs taken and
+        not yet committed add."""
+        return (self.on_full == "reject" and self.spool_bytes + self._queued_bytes
+                + self._committing_bytes >= self.max_bytes)
 
     async def open(self) -> None:
         if self._state != "new":
@@ -658,6 +673,7 @@ class Spool:
             log.error("spool writer stopped", exc_info=exc)
             # Jobs queued behind the failed batch will never run: say so.
             pending, self._pending = self._pending, []
+            self._queued_bytes = self._committing_bytes = 0
             for _, fut in pending:
                 if not fut.done():
                     fut.set_exception(SpoolUnavailable("the spool writer has failed"))
@@ -706,8 +722,11 @@ class Spool:
 
     # -- writing -----------------------------------------------------------
 
-    def submit_nowait(self, job: Job, *, needs_space: bool = True) -> asyncio.Future[Any]:
-        """Queue a job; the future resolves after its commit."""
+    def submit_nowait(self, job: Job, *, needs_space: bool = True,
+                      size: int = JOB_BYTES) -> asyncio.Future[Any]:
+        """Queue a job; the future resolves after its commit. With
+        ``needs_space``, a full spool refuses it, and until its commit it
+        counts as ``size`` bytes more in the spool."""
         if self._state != "open":
             raise SpoolClosed("the spool is closed")
         if self.failure is not None:
@@ -715,14 +734,16 @@ class Spool:
         if needs_space and self.full:
             raise SpoolFull("the audit spool is full")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if needs_space:
+            self._queued_bytes += size
         self._pending.append((job, fut))
         if len(self._pending) == 1:
             assert self._wake is not None
             self._wake.set()
         return fut
 
-    async def submit(self, job: Job, *, needs_space: bool = True) -> Any:
-        return await self.submit_nowait(job, needs_space=needs_space)
+    async def submit(self, job: Job, *, needs_space: bool = True, size: int = JOB_BYTES) -> Any:
+        return await self.submit_nowait(job, needs_space=needs_space, size=size)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -736,6 +757,7 @@ class Spool:
                 await wake.wait()
                 continue
             batch, self._pending = self._pending, []
+            self._committing_bytes, self._queued_bytes = self._queued_bytes, 0
             jobs = [job for job, _ in batch]
             started = time.perf_counter()
             try:
@@ -744,6 +766,7 @@ class Spool:
                 )
             except Exception as exc:
                 # Nothing of the batch was committed: every caller hears so.
+                self._committing_bytes = 0
                 self.stats.commit_failures += 1
                 err = SpoolUnavailable("the audit spool could not commit")
                 for _, fut in batch:
@@ -767,7 +790,7 @@ class Spool:
             self.stats.observe_commit(len(batch), time.perf_counter() - started)
             self.stats.events_recorded += appended
             self.stats.security_events_recorded += new_sec
-            self.used_bytes = nbytes
+            self.used_bytes, self._committing_bytes = nbytes, 0
             for (_, fut), (ok, value) in zip(batch, results, strict=True):
                 if fut.done():  # cancelled by its caller; the commit stands
                     continue

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from audit.events import Draft, canonical_json
+from audit.spool import JOB_BYTES
 from audit.store import Writer
 
 from .errors import bad_request, json_response
@@ -37,7 +38,11 @@ MAX_TARGET_CHARS = 128
 REJECTED = "client.rejected"
 
 
-def _parse_one(item: Any, i: int) -> tuple[str, dict[str, str] | None, dict[str, Any]]:
+Parsed = tuple[str, dict[str, str] | None, dict[str, Any], int]
+
+
+def _parse_one(item: Any, i: int) -> Parsed:
+    """The event's action, target, details, and its details' size as JSON."""
     where = f"event {i}: "
     if not isinstance(item, dict):
         raise bad_request(where + "must be an object")
@@ -60,14 +65,15 @@ def _parse_one(item: Any, i: int) -> tuple[str, dict[str, str] | None, dict[str,
         details = {}
     if not isinstance(details, dict):
         raise bad_request(where + "details must be an object")
-    if len(canonical_json(details).encode("utf-8")) > MAX_DETAILS_BYTES:
+    size = len(canonical_json(details).encode("utf-8"))
+    if size > MAX_DETAILS_BYTES:
         raise bad_request(where + "details are larger than 4 KiB as JSON")
     depth, dollar = _shape(details)
     if depth > MAX_DETAILS_DEPTH:
         raise bad_request(where + f"details are nested deeper than {MAX_DETAILS_DEPTH} levels")
     if dollar:
         raise bad_request(where + "keys in details must not start with '$'")
-    return action, target, details
+    return action, target, details, size
 
 
 def _shape(value: Any) -> tuple[int, bool]:
@@ -91,7 +97,7 @@ def _shape(value: Any) -> tuple[int, bool]:
     return deepest, dollar
 
 
-def _parse(body: Any) -> list[tuple[str, dict[str, str] | None, dict[str, Any]]]:
+def _parse(body: Any) -> list[Parsed]:
     items = body if isinstance(body, list) else [body]
     if not items:
         raise bad_request("no events")
@@ -106,7 +112,10 @@ async def post_events(request: web.Request) -> web.Response:
     # Refused whole, none of them recorded; the attempt itself is.
     parsed = await audited_input(request, Draft(REJECTED, source=ctx.source()), _parse,
                                  limit=EVENTS_BODY_MAX)
-    drafts = [Draft(a, target=t, details=d, source=ctx.source()) for a, t, d in parsed]
+    drafts = [Draft(a, target=t, details=d, source=ctx.source()) for a, t, d, _ in parsed]
+    # Until its commit, the spool counts it as what it adds: a full request
+    # is some 400 KiB, not one event's JOB_BYTES.
+    size = sum(JOB_BYTES + n for *_, n in parsed)
     sid = ctx.session_id
 
     def job(w: Writer) -> int:
@@ -114,5 +123,5 @@ async def post_events(request: web.Request) -> web.Response:
             w.append(sid, d)
         return len(drafts)
 
-    n = await engine.spool.submit(job)
+    n = await engine.spool.submit(job, size=size)
     return json_response({"accepted": n}, status=202)
