@@ -88,9 +88,20 @@ from handlers.auth import (
     is_utf8,
     valid_username,
 )
+from handlers.chat import UserTurns
 from handlers.errors import error_middleware, install_parser_error_answer, security_headers
 from handlers.inflight import IN_FLIGHT, InFlight, requests_ctx
-from handlers.keys import ACCOUNTS, AI, CHAT_SLOTS, CLIENT, CONFIG, ENGINE, REGISTRY, TOKENS
+from handlers.keys import (
+    ACCOUNTS,
+    AI,
+    CHAT_SLOTS,
+    CHAT_TURNS,
+    CLIENT,
+    CONFIG,
+    ENGINE,
+    REGISTRY,
+    TOKENS,
+)
 from handlers.ops import COUNTS, CUT, DURATIONS, REQUESTS, SharedCounts, new_registry
 from handlers.requests import CLIENT_MAX_SIZE, transfer_seconds
 from handlers.streaming import StreamedJson
@@ -110,6 +121,11 @@ SHUTDOWN_REQUESTS_SECONDS = 10.0
 SINK_OPEN_WAIT = 1.0  # start to ready stays well under 3 s even when the sink hangs
 MIN_PASSWORD_CHARS = 8  # NIST SP 800-63B's floor for a chosen password
 CHAT_CONCURRENCY = 16  # chats holding their document (<= 1 MiB) at once; the others queue
+# One user's chats that may hold or wait for one of those slots at once; the
+# user's others wait behind them. Without it one user's many chats at once (a
+# script on 200 connections, a provider taking 3 s) filled the slots and their
+# queue: every other user's chat waited 30 s (10 times as long), or got ai_busy.
+CHAT_PER_USER = 4
 
 
 class AccessLog(AbstractAccessLogger):
@@ -549,6 +565,7 @@ def create_app(
                     config.auth.bcrypt_rounds, MIN_BCRYPT_ROUNDS)
     app[AI] = create_provider(config, app)
     app[CHAT_SLOTS] = asyncio.Semaphore(CHAT_CONCURRENCY)
+    app[CHAT_TURNS] = UserTurns(CHAT_PER_USER)
     app[COUNTS] = SharedCounts(engine)
     app[IN_FLIGHT] = in_flight = InFlight()
     app.on_shutdown.append(in_flight.on_shutdown)

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -27,7 +28,7 @@ from .documents import (
     refuse_action,
 )
 from .errors import ApiError, bad_request, json_response
-from .keys import AI, CHAT_SLOTS, CONFIG, CTX, ENGINE
+from .keys import AI, CHAT_SLOTS, CHAT_TURNS, CONFIG, CTX, ENGINE
 from .requests import json_object
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,31 @@ _provider_warned = -PROVIDER_WARN_SECONDS
 # A chat waits this long for one of the CHAT_SLOTS, then gets 502 ai_unavailable.
 CHAT_QUEUE_SECONDS = 30.0
 CHAT_BODY_MAX = 256 * 1024  # a 16 KiB message, with room for JSON escapes
+
+
+class UserTurns:
+    """Each user's turns at the chat slots: at most ``limit`` of a user's
+    chats hold or wait for one at once; the user's others wait here first
+    (within the same :data:`CHAT_QUEUE_SECONDS`). A user is forgotten when
+    none of theirs holds or waits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._users: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, user: str) -> AsyncIterator[None]:
+        sem, n = self._users.get(user) or (asyncio.Semaphore(self.limit), 0)
+        self._users[user] = (sem, n + 1)
+        try:
+            async with sem:
+                yield
+        finally:
+            sem, n = self._users[user]
+            if n == 1:
+                del self._users[user]
+            else:
+                self._users[user] = (sem, n - 1)
 
 
 def _digest(text: str) -> dict[str, Any]:
@@ -74,19 +100,21 @@ async def chat(request: web.Request) -> web.Response:
     except ActionError as err:
         raise await refuse_action(request, draft, err) from None
     slots = request.app[CHAT_SLOTS]  # taken before the document is read into memory
-    try:
-        async with asyncio.timeout(CHAT_QUEUE_SECONDS):
-            await slots.acquire()
-    except TimeoutError:
-        draft.outcome = "failure"
-        draft.details = {"reason": "ai_busy", "queued_seconds": CHAT_QUEUE_SECONDS}
-        await request.app[ENGINE].record(ctx.session_id, draft)
-        raise ApiError(502, "ai_unavailable", "the AI provider is busy; try again later",
-                       {"Retry-After": "5"}) from None
-    try:
-        return await _chat(request, draft, message)
-    finally:
-        slots.release()
+    async with contextlib.AsyncExitStack() as turn:
+        try:
+            async with asyncio.timeout(CHAT_QUEUE_SECONDS):
+                await turn.enter_async_context(request.app[CHAT_TURNS].turn(ctx.user))
+                await slots.acquire()
+        except TimeoutError:
+            draft.outcome = "failure"
+            draft.details = {"reason": "ai_busy", "queued_seconds": CHAT_QUEUE_SECONDS}
+            await request.app[ENGINE].record(ctx.session_id, draft)
+            raise ApiError(502, "ai_unavailable", "the AI provider is busy; try again later",
+                           {"Retry-After": "5"}) from None
+        try:
+            return await _chat(request, draft, message)
+        finally:
+            slots.release()
 
 
 async def _chat(request: web.Request, draft: Draft, message: str) -> web.Response:

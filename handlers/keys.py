@@ -17,6 +17,7 @@ from audit.tokens import TokenService
 if TYPE_CHECKING:
     from .ai import Provider
     from .auth import Accounts
+    from .chat import UserTurns
 
 CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", AuditEngine)
@@ -28,6 +29,8 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 # Chats in progress at once (each holds its document, up to 1 MiB); the others
 # wait before reading theirs.
 CHAT_SLOTS = web.AppKey("chat_slots", asyncio.Semaphore)
+# ... of which one user's chats may hold or wait for a few at a time.
+CHAT_TURNS: web.AppKey[UserTurns] = web.AppKey("chat_turns")
 
-__all__ = ["ACCOUNTS", "AI", "CHAT_SLOTS", "CLIENT", "CONFIG", "CTX", "ENGINE", "PUBLIC",
-           "REGISTRY", "REQUEST_ID", "TOKENS"]
+__all__ = ["ACCOUNTS", "AI", "CHAT_SLOTS", "CHAT_TURNS", "CLIENT", "CONFIG", "CTX", "ENGINE",
+           "PUBLIC", "REGISTRY", "REQUEST_ID", "TOKENS"]

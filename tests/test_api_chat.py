@@ -508,15 +508,17 @@ async def test_chats_hold_at_most_a_few_documents_at_once(
     make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each chat in progress holds its document (up to 1 MiB): past
-    CHAT_CONCURRENCY the others wait before reading theirs."""
+    CHAT_CONCURRENCY the others wait before reading theirs. (The chats are
+    several users', none past CHAT_PER_USER.)"""
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
     api = await make_api(ai=_openai(stub))
-    alice = await api.user("alice")
-    doc = await api.create_doc(alice, title="Reactor", content=DOC)
-    stub.mode = "held"
     n = server.CHAT_CONCURRENCY + 2
+    users = [await api.user(f"user{i}") for i in range(-(-n // server.CHAT_PER_USER))]
+    docs = [await api.create_doc(u, title="Reactor", content=DOC) for u in users]
+    stub.mode = "held"
     chats = [asyncio.ensure_future(api.client.post(
-        f"/documents/{doc['id']}/chat", json={"message": f"q{i}"}, headers=alice.headers))
+        f"/documents/{docs[i % len(users)]['id']}/chat", json={"message": f"q{i}"},
+        headers=users[i % len(users)].headers))
         for i in range(n)]
     slots = api.app[CHAT_SLOTS]
     await wait_for(lambda: len(stub.requests) == server.CHAT_CONCURRENCY

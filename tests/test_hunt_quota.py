@@ -8,6 +8,11 @@ from everyone else: the spool's space, the writer, the event loop.
   keeps ``GET /audit/status`` and ``POST /audit/flush`` answering, which
   then got 503 (21 of 24 polls). Now the jobs taken and not yet committed
   count too (a request of client events at its size).
+- One user's many chats at once took every chat slot and the queue for them:
+  a script on 200 connections against a provider taking 3 s had every other
+  user's chat wait 30 s (10 times as long), at the edge of ai_busy. Now one
+  user's chats hold or wait for at most ``server.CHAT_PER_USER`` slots at
+  once; the others wait behind their own.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from api_fixtures import MakeApi, make_api
 from live_server import free_port
+from openai_stub import OpenAIStub
 from waiting import wait_for
 
+import server
 from audit.store import Writer
 from handlers.admin import operational_reserve
 
@@ -83,3 +92,44 @@ async def test_requests_taken_while_a_commit_runs_stay_within_the_spools_limit(
     assert spool.full
     resp = await api.client.get("/readyz")
     assert resp.status == 503
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[OpenAIStub]:
+    s = OpenAIStub()
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def test_one_users_many_chats_leave_slots_for_the_others(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "CHAT_CONCURRENCY", server.CHAT_PER_USER + 2)
+    api = await make_api(ai={"provider": "openai", "openai": {"base_url": stub.base_url}})
+    alice, bob = await api.user("alice"), await api.user("bob")
+    adoc = await api.create_doc(alice, title="A", content="Alice's notes.")
+    bdoc = await api.create_doc(bob, title="B", content="Bob's notes.")
+    stub.mode = "held"  # every chat stays at the provider until the gate opens
+
+    def chat(who: Any, doc: dict[str, Any], message: str) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(api.client.post(
+            f"/documents/{doc['id']}/chat", json={"message": message}, headers=who.headers))
+
+    def asked(prefix: str) -> int:
+        return sum(prefix in json.dumps(r["body"]) for r in stub.requests)
+
+    chats = [chat(alice, adoc, f"alice-{i}") for i in range(server.CHAT_CONCURRENCY + 4)]
+    await wait_for(lambda: asked("alice-") >= server.CHAT_PER_USER,
+                   message="alice's first chats at the provider")
+    chats.append(chat(bob, bdoc, "bob-0"))
+    try:
+        # Bob's chat gets a slot while alice's others wait (past the wait
+        # for a slot, 30 s, it would be ai_busy).
+        await wait_for(lambda: asked("bob-") == 1, message="bob's chat at the provider")
+        assert asked("alice-") == server.CHAT_PER_USER
+    finally:
+        stub.gate.set()
+    assert [r.status for r in await asyncio.gather(*chats)] == [200] * len(chats)
+    assert asked("alice-") == server.CHAT_CONCURRENCY + 4
+    assert api.app[server.CHAT_TURNS]._users == {}  # nobody's turns kept
