@@ -13,6 +13,11 @@ from everyone else: the spool's space, the writer, the event loop.
   user's chat wait 30 s (10 times as long), at the edge of ai_busy. Now one
   user's chats hold or wait for at most ``server.CHAT_PER_USER`` slots at
   once; the others wait behind their own.
+- A full spool refused a request of client events only once its body was
+  read, parsed and checked (100 events of 4 KiB): the flood of one user on
+  64 connections, refused by the spool it had filled, took the event loop
+  from everyone (another user's ``GET /me``: 327 ms median, 68 ms now;
+  ``GET /audit/status`` 1.3 s, 0.3 s now). Now it is refused first.
 """
 
 from __future__ import annotations
@@ -133,3 +138,38 @@ async def test_one_users_many_chats_leave_slots_for_the_others(
     assert [r.status for r in await asyncio.gather(*chats)] == [200] * len(chats)
     assert asked("alice-") == server.CHAT_CONCURRENCY + 4
     assert api.app[server.CHAT_TURNS]._users == {}  # nobody's turns kept
+
+
+async def test_a_full_spool_refuses_client_events_before_reading_their_body(
+    make_api: MakeApi,
+) -> None:
+    api = await make_api()
+    alice = await api.user("alice")
+    spool = api.engine.spool
+    spool.max_bytes = spool.spool_bytes  # full from now on
+    assert spool.full
+    sent, finish = asyncio.Event(), asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:  # half a request, the rest held back
+        yield b'[{"action": "client.x", "details": {"k": "'
+        sent.set()
+        await finish.wait()
+        yield b'y"}}]'
+
+    try:
+        # A guard against the wait for the body (10 s), not a timing.
+        resp = await asyncio.wait_for(api.client.post(
+            "/audit/events", data=body(),
+            headers={**alice.headers, "Content-Type": "application/json"}), 5)
+        assert sent.is_set()
+        err = await resp.json()
+        assert resp.status == 503, err
+        assert err["error"]["code"] == "audit_unavailable"
+    finally:
+        finish.set()
+    # Room again: the same request is taken.
+    spool.max_bytes = 1 << 30
+    resp = await api.client.post("/audit/events", json={"action": "client.x"},
+                                 headers=alice.headers)
+    assert resp.status == 202
+    assert (await api.actions(alice.session_id))[-1] == "client.x"
