@@ -52,6 +52,7 @@ from audit.config import (
 )
 from audit.engine import AuditEngine
 from audit.logthrottle import LogThrottle, more
+from audit.logwriter import BackgroundStderr
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
 from audit.rollback import catch_up_security_chain
 from audit.runtime import tune_gc
@@ -690,15 +691,22 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
-def setup_logging() -> None:
+def setup_logging(*, background: bool = False) -> None:
+    """Log lines as JSON on stderr; with ``background`` (``serve``), written
+    by a thread of their own (audit.logwriter: a stalled reader of stderr
+    must not stop the event loop)."""
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # once, however often called
-    handler = StderrHandler(sys.stderr)
+    handler: logging.Handler = (BackgroundStderr(sys.stderr) if background
+                                else StderrHandler(sys.stderr))
     handler.setFormatter(JsonFormatter(ascii_only=not _utf8_stream(sys.stderr)))
     level = os.environ.get("SESSION_AUDIT_LOG_LEVEL", "INFO").strip().upper() or "INFO"
     if level not in LOG_LEVELS:
         raise ConfigError(f"SESSION_AUDIT_LOG_LEVEL: {level.lower()!r} is not one of"
                           f" {', '.join(name.lower() for name in LOG_LEVELS)}")
     root = logging.getLogger()
+    for old in root.handlers:  # (a thread of an earlier call's)
+        if isinstance(old, BackgroundStderr):
+            old.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Their DEBUG lines carry whole statements and documents (audit records,
@@ -1454,7 +1462,7 @@ def main(argv: list[str] | None = None) -> int:
     config: Config | None = None
     try:
         setup_output()
-        setup_logging()
+        setup_logging(background=command == "serve")
         config = load_config(args.config)
         if command == "serve":
             return cmd_serve(config, args)
@@ -1474,14 +1482,14 @@ def main(argv: list[str] | None = None) -> int:
             return _run_interruptible(_drain(config, args.timeout))
         return _run_interruptible(_retry_dead(config))
     except (ConfigError, StartupError, AuditKeyMismatch) as exc:
-        print(f"session-audit: {exc}", file=sys.stderr)
+        _say(f"session-audit: {exc}")
         return 2
     except (KeyboardInterrupt, Terminated) as exc:
         _end_progress()
         left = ("; what was not written stays pending in the spool"
                 if command in ("drain", "retry-dead") else "")
         how = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped by SIGTERM"
-        print(f"session-audit: {command}: {how}{left}", file=sys.stderr)
+        _say(f"session-audit: {command}: {how}{left}")
         return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
     except BrokenPipeError:
         # The reader of the output went away (`server.py verify | head`):
@@ -1498,9 +1506,17 @@ def main(argv: list[str] | None = None) -> int:
         where = (f" (in {config.data_dir})" if config is not None
                  and isinstance(exc, sqlite3.Error) and not isinstance(exc, SpoolUnavailable)
                  else "")
-        print(f"session-audit: {command}: {exc}{where}"
-              " (SESSION_AUDIT_LOG_LEVEL=debug logs where it happened)", file=sys.stderr)
+        _say(f"session-audit: {command}: {exc}{where}"
+             " (SESSION_AUDIT_LOG_LEVEL=debug logs where it happened)")
         return 1
+
+
+def _say(line: str) -> None:
+    """A command's last word on stderr, after the log lines before it (which
+    ``serve`` writes from a thread of its own)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":
