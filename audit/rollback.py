@@ -27,9 +27,13 @@ log = logging.getLogger("session_audit.rollback")
 
 # Security events read from the sink, newest first, looking for the spool's
 # head (about 0.3 s for 20,000 on the sqlite sink). A head deeper than that
-# in the sink is not found, and nothing is done.
+# in the sink is not found, and nothing is done. The head is nearly always
+# among the first page's; past it, the rest are read in one query: on a
+# sink other servers share, their events are the newest, and at each start
+# this server's head is found deep in them, or not at all. (The jsonl sink
+# scans its whole index for each page: 20 pages of 1,000 took 5 s there
+# with 200,000 security events, before the server served.)
 FIRST_PAGE = 50
-PAGE = 1000
 MAX_EVENTS = 20_000
 
 
@@ -71,10 +75,8 @@ async def sink_ahead(sink: Sink, key: bytes, head: str,
     events (from ``since`` when given); else None."""
     newer: list[dict[str, Any]] = []
     cursor: str | None = None
-    while len(newer) < MAX_EVENTS:
-        # (A small first page: the head is nearly always the sink's newest.)
-        page, cursor = await sink.list_security_events(
-            since=since, limit=PAGE if newer else FIRST_PAGE, cursor=cursor)
+    for limit in (FIRST_PAGE, MAX_EVENTS - FIRST_PAGE):
+        page, cursor = await sink.list_security_events(since=since, limit=limit, cursor=cursor)
         for ev in page:
             if isinstance(ev, dict) and ev.get("hash") == head:
                 return _follow(key, head, newer)
