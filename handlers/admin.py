@@ -480,8 +480,12 @@ async def _session_json(engine: AuditEngine, sid: str, summary: Doc, plan: Doc |
         last_seq = seqs[-1]
     # Behind a sink that cannot be queried (http), the parts already sent are
     # gone from here (and from a sink, a part may be missing): say so rather
-    # than pass a partial list off as whole.
-    complete = count >= summary["event_count"] and contiguous
+    # than pass a partial list off as whole. A session this spool does not
+    # know, of which the sink holds no final part, goes on elsewhere (in the
+    # spool of another server sharing the sink): its summary counts only the
+    # stored parts' events, and more are to come.
+    complete = (count >= summary["event_count"] and contiguous
+                and (plan is not None or summary.get("state") == "stored"))
     yield '],"events_complete":' + _encode(complete) + "}"
 
 

@@ -5,8 +5,14 @@ genesis value, and the others' events are the sink's newest."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import aiohttp
+import pytest
+from live_server import ADMIN_PASSWORD, Live
+from waiting import wait_for
 
 from audit.events import canonical_json, chain_hash, format_ts, genesis, new_id
 from audit.rollback import FIRST_PAGE, sink_ahead
@@ -15,6 +21,44 @@ from sinks.base import Doc
 from sinks.sqlite import SqliteSink
 
 KEY = b"one-audit-key-for-the-whole-fleet-0123"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Live, Live]]:
+    """Two servers (data directories a/ and b/, one audit key and JWT secret)
+    writing to one sqlite sink file, started; killed at teardown."""
+    sink = {"type": "sqlite", "sqlite": {"path": str(tmp_path / "shared" / "audit.db")}}
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        servers.append(Live(tmp_path / name, {
+            "sink": sink, "audit": {"part_max_events": 3},
+            "flush": {"max_writes_per_second": 100.0, "burst": 20}}))
+    try:
+        for live in servers:
+            await live.start()
+        yield servers[0], servers[1]
+    finally:
+        for live in servers:
+            live.close()
+
+
+async def _login(http: aiohttp.ClientSession, live: Live) -> tuple[str, dict[str, str]]:
+    async with http.post(live.base + "/token", json={
+            "username": "admin", "password": ADMIN_PASSWORD}) as r:
+        body = await r.json()
+        assert r.status == 200, body
+    return body["session_id"], {"Authorization": "Bearer " + body["access_token"]}
+
+
+async def _detail(http: aiohttp.ClientSession, live: Live, headers: dict[str, str],
+                  sid: str) -> dict[str, Any]:
+    async with http.get(f"{live.base}/audit/sessions/{sid}", headers=headers) as r:
+        body: dict[str, Any] = await r.json()
+        assert r.status == 200, body
+    return body
 
 
 def _chain(n: int, t0: float, prev: str | None = None, step: float = 0.001) -> list[Doc]:
@@ -91,3 +135,47 @@ async def test_the_start_check_follows_its_chain_through_other_servers_events(
         assert await sink_ahead(sink, KEY, head[-1]["hash"], None) == (later[-1]["hash"], 300)
     finally:
         await sink.close()
+
+
+async def test_another_servers_open_session_is_not_shown_complete(
+        fleet: tuple[Live, Live]) -> None:
+    # B's session is open, 3 of its 6 events in a checkpoint part in the
+    # shared sink. A's spool does not know it: A answered its detail from
+    # the sink with those 3 events and events_complete true, as if that were
+    # all of it (its summary counts only the stored parts' events).
+    a, b = fleet
+    async with aiohttp.ClientSession() as http:
+        sid, on_b = await _login(http, b)
+        for _ in range(4):
+            async with http.post(b.base + "/documents", json={"title": "t", "content": "c"},
+                                 headers=on_b) as r:
+                assert r.status == 201
+        _, on_a = await _login(http, a)
+
+        async def cut() -> bool:
+            async with http.get(f"{a.base}/audit/sessions/{sid}", headers=on_a) as r:
+                return r.status == 200
+
+        await wait_for(cut, 10, "B's checkpoint part in the shared sink")
+        seen = await _detail(http, a, on_a, sid)
+        assert seen["state"] == "pending"  # (open or pending: A cannot tell)
+        assert seen["event_count"] == len(seen["events"]) == 3
+        assert seen["events_complete"] is False
+        whole = await _detail(http, b, on_b, sid)  # B's own spool knows it all
+        assert whole["state"] == "open" and whole["events_complete"] is True
+
+        async with http.post(b.base + "/logout", headers=on_b) as r:
+            assert r.status == 200
+
+        async def stored() -> bool:
+            return (await _detail(http, a, on_a, sid))["state"] == "stored"
+
+        await wait_for(stored, 10, "B's session stored")
+        seen = await _detail(http, a, on_a, sid)
+        assert seen["event_count"] == len(seen["events"]) == 8  # (with B's audit.query)
+        assert seen["events_complete"] is True
+    for live in (a, b):
+        assert await live.stop() == 0
+    for live in (a, b):
+        r = await live.cli("verify")
+        assert r.returncode == 0, r.stdout + r.stderr
