@@ -56,6 +56,7 @@ from audit.logwriter import BackgroundStderr
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
 from audit.rollback import catch_up_security_chain
 from audit.runtime import tune_gc
+from audit.sharing import check_shared_key
 from audit.spool import (
     AuditKeyMismatch,
     SpoolUnavailable,
@@ -401,6 +402,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await _first_sink_attempt(engine)
         if engine.flusher.sink_open:  # (before any request can append a security event)
             await catch_up_security_chain(engine.spool, engine.sink, engine.spool.key)
+            await check_shared_key(engine.sink, engine.spool.key)
         yield
     finally:
         log.info("shutting down: sending what the sink takes within %.0f s; the rest"
@@ -1249,6 +1251,11 @@ async def _verify(config: Config) -> int:
     for p in report.problems:
         # A problem of no one session (a line the sink cannot place) is the sink's.
         print(printable(f"{p.session_id or 'sink'}: {p.kind}: {p.detail}"))
+    if report.other_key_sessions:
+        print(f"verify: sessions of the sink not begun from this audit key's genesis value:"
+              f" {report.other_key_sessions}; chained under another key (a server writing to"
+              " this sink with another audit key: servers sharing a sink must share one;"
+              " README: Several servers, one sink), or forged", file=sys.stderr)
     chains = (f" in {report.security_chains} chains (one per spool that wrote them)"
               if report.security_chains > 1 else "")
     print(f"verified {report.sessions} sessions, {report.parts} parts, {report.events} events,"

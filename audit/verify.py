@@ -50,6 +50,10 @@ class Report:
     # Security chains that start from the genesis value: one per spool that
     # wrote to the sink (servers sharing it, or a new data directory).
     security_chains: int = 0
+    # Sessions whose part 0 does not begin from this key's genesis value for
+    # them: chained under another audit key (a server sharing the sink with
+    # another key), or forged. Each is among the problems too.
+    other_key_sessions: int = 0
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -381,7 +385,12 @@ async def verify_sink(
                 report.parts += len(parts)
                 report.events += sum(len(p["events"]) for p in parts if isinstance(p, dict)
                                      and isinstance(p.get("events"), list))
-                report.problems.extend(check_session(key, sid, parts))
+                problems = check_session(key, sid, parts)
+                report.problems.extend(problems)
+                if problems and any(_obj(p).get("part") == 0
+                                    and _obj(p).get("prev_hash") != genesis(key, sid)
+                                    for p in parts):
+                    report.other_key_sessions += 1
                 overdue = _overdue(sid, parts, anchor, overdue_after, now)
                 if overdue is not None:
                     report.problems.append(overdue)

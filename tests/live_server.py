@@ -116,7 +116,8 @@ class Live:
         self.starts = 0
         # Run in the server's process before it starts (e.g. a lower rlimit).
         self.preexec_fn: Callable[[], None] | None = None
-        # More environment for the server's process (e.g. another locale).
+        # Set in the environment of the server and the CLI over server_env()'s
+        # (e.g. another locale, another audit key).
         self.env: dict[str, str] = {}
         self.kills = 0
 
@@ -191,7 +192,8 @@ class Live:
         cmd = [sys.executable, str(SERVER), *args[:1], "--config", str(self.config_path),
                *args[1:]]
         return await asyncio.to_thread(
-            subprocess.run, cmd, cwd=self.workdir, env={**server_env(), **(env or {})},
+            subprocess.run, cmd, cwd=self.workdir,
+            env={**server_env(), **self.env, **(env or {})},
             input=stdin, capture_output=True, text=True, timeout=timeout,
         )
 

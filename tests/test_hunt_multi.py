@@ -25,10 +25,9 @@ KEY = b"one-audit-key-for-the-whole-fleet-0123"
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Live, Live]]:
+def _pair(tmp_path: Path) -> list[Live]:
     """Two servers (data directories a/ and b/, one audit key and JWT secret)
-    writing to one sqlite sink file, started; killed at teardown."""
+    writing to one sqlite sink file."""
     sink = {"type": "sqlite", "sqlite": {"path": str(tmp_path / "shared" / "audit.db")}}
     servers = []
     for name in ("a", "b"):
@@ -36,6 +35,13 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Live, Live]]:
         servers.append(Live(tmp_path / name, {
             "sink": sink, "audit": {"part_max_events": 3},
             "flush": {"max_writes_per_second": 100.0, "burst": 20}}))
+    return servers
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Live, Live]]:
+    """:func:`_pair`, started; killed at teardown."""
+    servers = _pair(tmp_path)
     try:
         for live in servers:
             await live.start()
@@ -179,3 +185,51 @@ async def test_another_servers_open_session_is_not_shown_complete(
     for live in (a, b):
         r = await live.cli("verify")
         assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stderr == ""
+    await a.start()  # (its start looks at the sink's sessions: all of one key)
+    assert await a.stop() == 0
+    assert "audit key" not in a.log_tail(100_000)
+
+
+async def _session(live: Live) -> str:
+    """A session on ``live``, logged out and stored."""
+    async with aiohttp.ClientSession() as http:
+        sid, headers = await _login(http, live)
+        async with http.post(live.base + "/logout", headers=headers) as r:
+            assert r.status == 200
+
+        async def stored() -> bool:
+            async with http.get(f"{live.base}/audit/sessions/{sid}", headers=(
+                    await _login(http, live))[1]) as r:
+                return r.status == 200 and (await r.json())["state"] == "stored"
+
+        await wait_for(stored, 10, "the session stored")
+    return sid
+
+
+async def test_a_server_sharing_the_sink_with_another_audit_key_is_told(
+        tmp_path: Path) -> None:
+    # Each data directory makes its own audit.key unless one is set: two
+    # servers started so share a sink, each verify reports every record of
+    # the other as changed (8 lines a session), and nothing said why.
+    a, b = _pair(tmp_path)
+    b.env = {"SESSION_AUDIT_AUDIT_KEY": "another-audit-key-0123456789abcdefgh"}
+    try:
+        await a.start()
+        await b.start()
+        theirs = await _session(b)
+        await _session(a)
+        assert await a.stop() == 0
+        await a.start()  # the start looks at the sink's newest sessions
+        assert await a.stop() == 0
+        log = a.log_tail(100_000)
+        assert "1 of the sqlite sink's 2 newest sessions" in log, log
+        assert theirs in log and "servers sharing a sink must share one audit key" in log
+        r = await a.cli("verify")
+        assert r.returncode == 1
+        assert f"{theirs}: changed: seq 1: hash does not verify" in r.stdout
+        assert r.stderr.startswith("verify: sessions of the sink not begun from this audit"
+                                   " key's genesis value: 1; chained under another key"), r.stderr
+    finally:
+        a.close()
+        b.close()
