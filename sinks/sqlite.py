@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -74,14 +75,41 @@ _SECURITY_COLUMNS = (("id", "_id"), ("ts", "ts"), ("action", "action"), ("hash",
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
+# How long the open tries to make a new file WAL while another connection
+# holds it (as long as a write waits for another's lock: busy_timeout).
+WAL_WAIT_SECONDS = 5.0
+
+
 async def _prepare(db: aiosqlite.Connection) -> None:
-    await db.execute("PRAGMA journal_mode=WAL")
+    await _make_wal(db)
     await db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     await db.execute("PRAGMA synchronous=FULL")
     await db.execute("PRAGMA busy_timeout=5000")
     await db.executescript(_SCHEMA)
     for table, columns in (("parts", _PART_COLUMNS), ("security_events", _SECURITY_COLUMNS)):
         await _check_columns(db, table, {c for c, _ in columns} | {"doc"})
+
+
+async def _make_wal(db: aiosqlite.Connection) -> None:
+    """``journal_mode=WAL``, waiting for another connection that holds the file.
+
+    Servers sharing one sink file (README: Several servers, one sink) open a
+    new one at once as a fleet starts. While one is making it WAL (holding
+    its write lock, about to take it whole), SQLite answers another's
+    ``journal_mode=WAL`` "database is locked" at once, without waiting out
+    its busy timeout (waiting there could deadlock): that server's sink was
+    unavailable at start (7 of 600 opens, four processes at once), and its
+    start's checks against the sink were skipped. It is tried again."""
+    deadline = time.monotonic() + WAL_WAIT_SECONDS
+    while True:
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", None) != "SQLITE_BUSY" \
+                    or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(0.01)
 
 
 async def _check_columns(db: aiosqlite.Connection, table: str, ours: set[str]) -> None:

@@ -5,6 +5,9 @@ genesis value, and the others' events are the sink's newest."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -233,3 +236,25 @@ async def test_a_server_sharing_the_sink_with_another_audit_key_is_told(
     finally:
         a.close()
         b.close()
+
+
+async def test_a_new_sink_file_another_server_holds_is_waited_for_at_open(
+        tmp_path: Path) -> None:
+    # Servers of a fleet started at once open the new shared file together:
+    # while one held its write lock (on its way to making it WAL), another's
+    # journal_mode=WAL failed at once with "database is locked" (SQLite does
+    # not wait there: it could deadlock), 7 of 600 opens with four processes:
+    # its sink was unavailable at start, its start's checks skipped.
+    path = tmp_path / "audit.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        sink = SqliteSink(path)
+        opening = asyncio.ensure_future(sink.open())
+        await asyncio.sleep(0.3)  # (a slow start only makes the check below weaker)
+        assert not opening.done(), opening.exception()
+        other.execute("COMMIT")
+    await asyncio.wait_for(opening, 10)
+    try:
+        await sink.write_security_events(_chain(1, 3_000_000.0))
+    finally:
+        await sink.close()
