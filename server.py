@@ -396,15 +396,22 @@ async def _sink_switched(engine: AuditEngine) -> None:
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = app[ENGINE]
     await engine.open()
+    shared: asyncio.Task[list[str]] | None = None
     try:
         await _sink_switched(engine)
         await _ensure_admin(app)
         await _first_sink_attempt(engine)
         if engine.flusher.sink_open:  # (before any request can append a security event)
             await catch_up_security_chain(engine.spool, engine.sink, engine.spool.key)
-            await check_shared_key(engine.sink, engine.spool.key)
+            # Only a warning, of up to 21 queries of the sink: while it serves.
+            shared = asyncio.create_task(check_shared_key(engine.sink, engine.spool.key),
+                                         name="shared-key-check")
         yield
     finally:
+        if shared is not None:
+            shared.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await shared
         log.info("shutting down: sending what the sink takes within %.0f s; the rest"
                  " stays in the spool for the next start", SHUTDOWN_FLUSH_SECONDS)
         await engine.close(flush_window=SHUTDOWN_FLUSH_SECONDS)

@@ -223,7 +223,9 @@ async def test_a_server_sharing_the_sink_with_another_audit_key_is_told(
         theirs = await _session(b)
         await _session(a)
         assert await a.stop() == 0
-        await a.start()  # the start looks at the sink's newest sessions
+        await a.start()  # the start looks at the sink's newest sessions, while it serves
+        await wait_for(lambda: "newest sessions" in a.log_tail(100_000),
+                       message="the shared-key check's line")
         assert await a.stop() == 0
         log = a.log_tail(100_000)
         assert "1 of the sqlite sink's 2 newest sessions" in log, log
