@@ -244,7 +244,6 @@ class Flusher:
 
     async def step(self) -> float | None:
         """One unit of work. Returns None when idle, else seconds to wait first."""
-        await self._resume_pause()
         delay = await self._step()
         await self._save_pause()
         return delay
@@ -270,6 +269,14 @@ class Flusher:
                 self.healthy = True
             else:
                 log.info("sink %s open", self.sink.type)
+        # A pause kept from before this process started is waited out with the
+        # sink open (an open sends nothing of the trail): else the start took
+        # the sink for one not open yet, waited for it, skipped its checks
+        # against the sink, and status said unhealthy until the pause ended.
+        await self._resume_pause()
+        pause = self.backoff.remaining()
+        if pause > 0:
+            return pause
         # One flusher at a time per spool file: ``server.py drain`` may run
         # beside the server, and both must not send the same pending item.
         if not self._lock():

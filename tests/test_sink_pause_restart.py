@@ -68,7 +68,14 @@ async def test_a_killed_server_waits_out_the_retry_after_its_sink_asked_for(
         assert sum(receiver.stats[k] for k in receiver.stats
                    if k.startswith("status_")) == sent
         assert "that has not ended" in live.log_tail()
+        # ... with the sink open: a start took it for one not open yet (a
+        # second's wait, "not open yet; serving anyway", the start's checks
+        # against the sink skipped), and status and /metrics said it
+        # unhealthy until the pause ended (rate limited, it is healthy).
+        assert st["sink"]["healthy"] is True, st["sink"]
+        assert "not open yet" not in live.log_tail()
     finally:
         live.close()
         await runner.cleanup()
         receiver.close()
+
