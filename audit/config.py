@@ -394,9 +394,11 @@ def path_text(path: Path) -> str:
     bytes do not decode in the file system's encoding (a Latin-1 directory
     name under UTF-8; any non-ASCII name under a locale that is not UTF-8)
     holds lone surrogates as Python text, which neither SQLite nor UTF-8
-    takes. Its bytes are read as UTF-8 here, and those that are not UTF-8
-    shown as ``\\xNN``; any other path is its ``str`` unchanged."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    takes. Its bytes are read as UTF-8 here (what :func:`_file_name` makes
+    of the file's text, under any locale: under a Latin-1 one, its ``str``
+    is those bytes read as Latin-1), and those that are not UTF-8 shown as
+    ``\\xNN``; any other path is its ``str`` unchanged."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def sink_where(config: Config) -> str:

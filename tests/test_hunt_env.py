@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,39 @@ async def test_a_server_started_without_standard_descriptors_stops_cleanly(
         live.close()
     assert held == dict.fromkeys((0, 1, 2), os.devnull), held
     assert (await _status(live))["active_sessions"] == 0
+
+
+@pytest.fixture(scope="module")
+def latin1_locale(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a Latin-1 locale, made for the test (localedef)."""
+    if shutil.which("localedef") is None:
+        pytest.skip("no localedef here to make a Latin-1 locale with")
+    where = tmp_path_factory.mktemp("locale")
+    made = subprocess.run(["localedef", "-i", "de_DE", "-f", "ISO-8859-1",
+                           str(where / "de_DE.ISO-8859-1")], capture_output=True, check=False)
+    env = {"LOCPATH": str(where), "LC_ALL": "de_DE.ISO-8859-1", "PYTHONUTF8": "0"}
+    probe = subprocess.run([sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"],
+                           capture_output=True, text=True, env={**os.environ, **env}, check=False)
+    if made.returncode != 0 or probe.stdout.strip() != "iso8859-1":
+        pytest.skip("no Latin-1 locale can be made here (localedef)")
+    return env
+
+
+async def test_the_sink_is_one_place_under_a_latin1_locale(
+        tmp_path: Path, latin1_locale: dict[str, str]) -> None:
+    # data_dir = "données" names one directory under any locale (its UTF-8
+    # bytes); the sink's place as text was those bytes read in the locale's
+    # encoding: under Latin-1, ".../donnÃ©es/audit.db". A server started there
+    # said "the sink changed from sqlite (.../données/audit.db) to sqlite
+    # (.../donnÃ©es/audit.db)", and status took the server's sink for another.
+    live = Live(tmp_path, {"server": {"data_dir": "données"}})
+    try:
+        await live.start()
+        assert await live.stop() == 0
+        r = await live.cli("status", env=latin1_locale)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert "last_server_sink" not in out, out
+        assert out["sink"]["where"] == f"{tmp_path}/données/audit.db"
+    finally:
+        live.close()
