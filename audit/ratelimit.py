@@ -241,23 +241,14 @@ class Counted:
     def add(self, wall: float, user: str | None, session_id: str | None, most: int,
             reason: str | None = None, ip: str | None = None) -> None:
         self.count += 1
-        if ip is not None and ip != "-" and ip not in self.addresses:
-            if len(self.addresses) < most:
-                self.addresses.add(ip)
-            else:
-                self.more_addresses = True
+        if ip is not None and ip != "-" and _left_out(self.addresses, {ip}, most):
+            self.more_addresses = True
         self.first = min(self.first, wall)
         self.last = max(self.last, wall)
-        if user is not None and user not in self.users:
-            if len(self.users) < most:
-                self.users.add(user)
-            else:
-                self.more_users = True
-        if session_id is not None and session_id not in self.sessions:
-            if len(self.sessions) < most:
-                self.sessions.add(session_id)
-            else:
-                self.more_sessions = True
+        if user is not None and _left_out(self.users, {user}, most):
+            self.more_users = True
+        if session_id is not None and _left_out(self.sessions, {session_id}, most):
+            self.more_sessions = True
         self._reason(reason or "-", 1, most)
 
     def _reason(self, reason: str, n: int, most: int) -> None:
@@ -271,17 +262,20 @@ class Counted:
         self.count += other.count
         self.first = min(self.first, other.first)
         self.last = max(self.last, other.last)
-        room = max(0, most - len(self.users))
-        extra = sorted(other.users - self.users)
-        self.users |= set(extra[:room])
-        self.more_users = self.more_users or other.more_users or len(extra) > room
-        room = max(0, most - len(self.sessions))
-        extra = sorted(other.sessions - self.sessions)
-        self.sessions |= set(extra[:room])
-        self.more_sessions = self.more_sessions or other.more_sessions or len(extra) > room
-        room = max(0, most - len(self.addresses))
-        extra = sorted(other.addresses - self.addresses)
-        self.addresses |= set(extra[:room])
-        self.more_addresses = self.more_addresses or other.more_addresses or len(extra) > room
+        if _left_out(self.users, other.users, most) or other.more_users:
+            self.more_users = True
+        if _left_out(self.sessions, other.sessions, most) or other.more_sessions:
+            self.more_sessions = True
+        if _left_out(self.addresses, other.addresses, most) or other.more_addresses:
+            self.more_addresses = True
         for reason, n in other.reasons.items():
             self._reason(reason, n, most)
+
+
+def _left_out(kept: set[str], new: set[str], most: int) -> bool:
+    """Add to ``kept`` those of ``new`` it has room for (up to ``most``, the
+    first in sort order); True if any of them was left out."""
+    extra = sorted(new - kept)
+    room = max(0, most - len(kept))
+    kept.update(extra[:room])
+    return len(extra) > room
