@@ -1157,7 +1157,6 @@ class Writer:
     def append_security(self, draft: Draft, session_id: str | None) -> dict[str, Any]:
         if draft.action not in SECURITY_ACTIONS:
             raise ValueError(f"{draft.action!r} is not a security event action")
-        self._remember("security_head", self.security_head)
         now = self.clock()
         event, text = seal_event(self.key, self.security_head, draft, session_id, None, now)
         self.conn.execute(
@@ -1165,12 +1164,7 @@ class Writer:
             " VALUES (?, ?, ?, ?, ?, 'pending')",
             (event["event_id"], now, shown_ms(now), draft.action, text),
         )
-        self.security_head = event["hash"]
-        self.conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('security_head', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (self.security_head,),
-        )
+        self._move_security_head(event["hash"])
         self.new_security += 1
         return event
 
@@ -1180,6 +1174,11 @@ class Writer:
         sink), unless an event was appended since ``old`` was read."""
         if self.security_head != old:
             return False
+        self._move_security_head(new)
+        return True
+
+    def _move_security_head(self, new: str) -> None:
+        """The security chain goes on from ``new`` (put back if the batch fails)."""
         self._remember("security_head", self.security_head)
         self.security_head = new
         self.conn.execute(
@@ -1187,7 +1186,6 @@ class Writer:
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (new,),
         )
-        return True
 
     def record_failure(self, session_id: str, draft: Draft, err: ActionError) -> None:
         """Record a refused action: its event with the error's outcome and
