@@ -36,6 +36,7 @@ class BackgroundStderr(logging.Handler):
         self._lines: queue.Queue[_Item] = queue.Queue(max_lines)
         self._dropped = 0
         self._dropped_lock = threading.Lock()
+        self._gave_up = False  # a flush waited for a stalled reader in vain
         self._thread = threading.Thread(target=self._run, name="session-audit-log",
                                         daemon=True)
         self._thread.start()
@@ -107,22 +108,29 @@ class BackgroundStderr(logging.Handler):
             pass  # stderr closed or gone: as a failed log line, nothing is raised
 
     def flush(self) -> None:
-        """Wait (up to :data:`FLUSH_SECONDS`) for the lines queued so far."""
-        if not self._thread.is_alive():
+        """Wait (up to :data:`FLUSH_SECONDS`) for the lines queued so far.
+        Once such a wait ran out (the reader stalled), no later one waits:
+        at exit, a command's last line, ``logging.shutdown``'s flush and its
+        close each waited again for the same stalled reader (6 s, not 2)."""
+        if not self._thread.is_alive() or self._gave_up:
             return
+        deadline = time.monotonic() + FLUSH_SECONDS
         written = threading.Event()
         try:
             self._lines.put(written, timeout=FLUSH_SECONDS)
         except queue.Full:
+            self._gave_up = True
             return
-        written.wait(FLUSH_SECONDS)
+        if not written.wait(max(0.0, deadline - time.monotonic())):
+            self._gave_up = True
 
     def close(self) -> None:
         self.flush()
-        try:
-            self._lines.put_nowait(None)
-        except queue.Full:
-            pass
-        else:
-            self._thread.join(FLUSH_SECONDS)
+        if not self._gave_up:
+            try:
+                self._lines.put_nowait(None)
+            except queue.Full:
+                pass
+            else:
+                self._thread.join(FLUSH_SECONDS)
         super().close()

@@ -11,12 +11,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 from live_server import SERVER, Live, server_env
 
+from audit import logwriter
 from audit.logwriter import BackgroundStderr
 from server import JsonFormatter
 
@@ -79,6 +81,31 @@ def test_close_writes_what_is_queued() -> None:
     os.close(r)
     assert [json.loads(x)["msg"] for x in got.decode().splitlines()] == [
         f"line {i}" for i in range(100)]
+
+
+def test_exit_waits_once_for_a_reader_that_never_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # logging.shutdown at exit flushes, then closes (which flushed again, and
+    # joined the thread): each waited FLUSH_SECONDS for the same stalled
+    # reader, a server's exit 6 s where README says 2.
+    monkeypatch.setattr(logwriter, "FLUSH_SECONDS", 1.0)
+    r, w = os.pipe()
+    stream = os.fdopen(w, "w", encoding="utf-8")
+    handler = BackgroundStderr(stream)
+    handler.setFormatter(JsonFormatter())
+    try:
+        for i in range(100):  # 200 KB: the pipe is full, the writer blocked
+            handler.emit(_record(f"line {i} " + "x" * 2000))
+        started = time.monotonic()
+        handler.flush()
+        handler.close()
+        waited = time.monotonic() - started
+    finally:
+        os.close(r)  # (the writer's blocked write fails, and it goes on)
+        handler._lines.put(None)  # (its end, which close no longer waited for)
+        handler._thread.join(10)
+        with contextlib.suppress(OSError):
+            stream.close()
+    assert waited < 2 * logwriter.FLUSH_SECONDS, waited
 
 
 def _serve_with_stderr_piped(live: Live) -> subprocess.Popen[bytes]:
