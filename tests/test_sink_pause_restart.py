@@ -67,12 +67,14 @@ async def test_a_killed_server_waits_out_the_retry_after_its_sink_asked_for(
         assert st["pending_security_events"] >= 1
         assert sum(receiver.stats[k] for k in receiver.stats
                    if k.startswith("status_")) == sent
-        assert "that has not ended" in live.log_tail()
+        await wait_for(lambda: "that has not ended" in live.log_tail(),
+                       message="the resumed pause's log line")
         # ... with the sink open: a start took it for one not open yet (a
         # second's wait, "not open yet; serving anyway", the start's checks
         # against the sink skipped), and status and /metrics said it
         # unhealthy until the pause ended (rate limited, it is healthy).
         assert st["sink"]["healthy"] is True, st["sink"]
+        assert await live.stop() == 0  # (its log is all out once it stopped)
         assert "not open yet" not in live.log_tail()
     finally:
         live.close()
