@@ -68,4 +68,7 @@ async def check_shared_key(sink: Sink, key: bytes) -> list[str]:
             " audit key (SESSION_AUDIT_AUDIT_KEY, or the same audit.key in each data_dir)."
             " README: Several servers, one sink", len(other), sink.type, looked,
             ", ".join(other[:3]) + (", ..." if len(other) > 3 else ""))
+    elif looked:
+        log.info("the %s sink's %d newest sessions are chained under this server's audit key",
+                 sink.type, looked)
     return other
