@@ -255,8 +255,10 @@ async def test_a_new_sink_file_another_server_holds_is_waited_for_at_open(
         other.execute("BEGIN IMMEDIATE")
         sink = SqliteSink(path)
         opening = asyncio.ensure_future(sink.open())
-        await asyncio.sleep(0.3)  # (a slow start only makes the check below weaker)
-        assert not opening.done(), opening.exception()
+        # Without the wait it fails at once; with it, it is still waiting
+        # for the lock at this deadline (a slow start only makes this weaker).
+        done, _ = await asyncio.wait({opening}, timeout=0.3)
+        assert not done, opening.exception()
         other.execute("COMMIT")
     await asyncio.wait_for(opening, 10)
     try:

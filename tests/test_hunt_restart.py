@@ -122,15 +122,9 @@ async def _three_failed_logins_the_second_dead_lettered(live: Live) -> None:
     assert await live.stop() == 0
 
 
-async def test_a_security_dead_letter_retried_into_the_next_sink_is_no_break_in_either(
-        live: Live) -> None:
-    # The sqlite sink refuses one security event (it holds another event
-    # under its _id): a dead letter. The operator moves to the jsonl sink and runs
-    # retry-dead. The chain is whole across the two: the refused event is in
-    # the new sink, its neighbours in the old one; verify on each said the
-    # chain broke there, for good.
-    await _three_failed_logins_the_second_dead_lettered(live)
-    old = {"type": "sqlite"}
+async def _moved_to_jsonl_and_retried(live: Live) -> None:
+    """The operator moves from the sqlite sink to the jsonl one, a fourth
+    login fails, retry-dead; verify on each sink finds its two events whole."""
     _reconfigure(live, {"sink": {"type": "jsonl"}})
     await live.start()
     async with aiohttp.ClientSession() as http:
@@ -142,9 +136,20 @@ async def test_a_security_dead_letter_retried_into_the_next_sink_is_no_break_in_
 
     r = await live.cli("verify")  # the new sink: "refused" and "fourth"
     assert r.returncode == 0 and "2 security events" in r.stdout, r.stdout + r.stderr
-    _reconfigure(live, {"sink": old})
+    _reconfigure(live, {"sink": {"type": "sqlite"}})
     r = await live.cli("verify")  # the old one: "first" and "third"
     assert r.returncode == 0 and "2 security events" in r.stdout, r.stdout + r.stderr
+
+
+async def test_a_security_dead_letter_retried_into_the_next_sink_is_no_break_in_either(
+        live: Live) -> None:
+    # The sqlite sink refuses one security event (it holds another event
+    # under its _id): a dead letter. The operator moves to the jsonl sink and runs
+    # retry-dead. The chain is whole across the two: the refused event is in
+    # the new sink, its neighbours in the old one; verify on each said the
+    # chain broke there, for good.
+    await _three_failed_logins_the_second_dead_lettered(live)
+    await _moved_to_jsonl_and_retried(live)
 
     # Still held: the event the new sink took alone, removed there, is found.
     _reconfigure(live, {"sink": {"type": "jsonl"}})
@@ -168,18 +173,4 @@ async def test_a_security_dead_letter_an_earlier_release_left_is_no_break_after_
         assert c.execute("SELECT count(*) FROM security_late").fetchone() == (1,)
         c.execute("DROP TABLE security_late")  # the earlier release's spool:
         c.execute("DROP TABLE IF EXISTS sink_resumes")  # neither table
-    old = {"type": "sqlite"}
-    _reconfigure(live, {"sink": {"type": "jsonl"}})
-    await live.start()
-    async with aiohttp.ClientSession() as http:
-        await _failed_login(http, live, "fourth")
-    r = await live.cli("retry-dead")
-    assert r.returncode == 0, r.stderr
-    await _settled(live, dead=0)
-    assert await live.stop() == 0
-
-    r = await live.cli("verify")  # the new sink: "refused" and "fourth"
-    assert r.returncode == 0 and "2 security events" in r.stdout, r.stdout + r.stderr
-    _reconfigure(live, {"sink": old})
-    r = await live.cli("verify")  # the old one: "first" and "third"
-    assert r.returncode == 0 and "2 security events" in r.stdout, r.stdout + r.stderr
+    await _moved_to_jsonl_and_retried(live)
