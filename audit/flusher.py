@@ -1,7 +1,7 @@
 """The flusher: moves sealed parts and security events from the spool to the sink.
 
 Security events go first (batched), then parts, oldest first, one sink write
-each; while parts wait, a stored security batch lets one part go next, so that
+each; while parts wait, a stored (or refused) security batch lets one part go next, so that
 a steady trickle of security events (one caller's denied requests, a few a
 second) cannot take every token and hold every session back. Every write
 takes a token from the bucket; a rate-limit answer pauses *all* sending for
@@ -382,6 +382,10 @@ class Flusher:
                     raise
                 raise rejected from exc
         except SinkRejected as exc:
+            # Answered for good, stored or not: that write took a token, and a
+            # pending part takes the next (security events refused one by one
+            # must not hold every session back either).
+            self._part_turn = True
             if len(batch) > 1:
                 # Find the culprit: send this batch's events one at a time.
                 self.stats.writes_failed += 1

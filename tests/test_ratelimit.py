@@ -8,12 +8,15 @@ from collections import deque
 from typing import Any
 
 import pytest
+from aiohttp import web
 from conftest import FakeClock
+from receiver import Receiver, serve
 
-from audit.config import sink_identity
+from audit.config import HttpSinkConfig, sink_identity
 from audit.events import Draft, Source
 from audit.ratelimit import MAX_HINT, Backoff, TokenBucket, backoff_delay
 from sinks.base import Sink, SinkRateLimited, SinkUnavailable
+from sinks.http import HttpSink
 
 
 class Clock:
@@ -298,6 +301,47 @@ async def test_a_trickle_of_security_events_does_not_starve_parts(
         fake_monotonic.advance(0.2)
     assert sink.calls == ["security", "part", "security"]
     assert await engine.flusher.step() is None  # nothing left: the part is stored
+
+
+class PartsOnlyReceiver(Receiver):
+    """A receiver that takes parts and has no ``/security-events`` route: every
+    security event is answered 404, refused for good."""
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/sessions", self._sessions)
+        return app
+
+
+async def test_a_trickle_of_refused_security_events_does_not_starve_parts(
+    make_config, engines, fake_monotonic
+):
+    """A security event dead-lettered took a token as one stored does, but
+    gave no part its turn: behind a receiver refusing security events, a
+    caller whose denied requests came a little faster than
+    ``max_writes_per_second`` kept every session part out of the sink for as
+    long as it went on, each of its events written and dead-lettered in turn."""
+    receiver = PartsOnlyReceiver()
+    runner, port = await serve(receiver, "127.0.0.1", 0)
+    try:
+        config = make_config(flush={"max_writes_per_second": 5.0, "burst": 1})
+        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
+        engine = await engines.open(config, sink, monotonic=fake_monotonic)
+        src = Source(user="alice", role="user")
+        s = await engine.start_session("alice", "user", src, 3600)
+        await engine.end_session(s.session_id, src)  # one pending part
+        mallory = await engine.start_session("mallory", "user", src, 3600)
+        for _ in range(3):  # one new security event per token: always one pending
+            await engine.record_security(
+                Draft("auth.session_mismatch", outcome="denied"), mallory.session_id)
+            assert await engine.flusher.step() == 0.0
+            fake_monotonic.advance(0.2)
+        assert [p["session_id"] for p in receiver.parts.values()] == [s.session_id]
+        assert engine.stats.parts_written == 1 and engine.stats.dead_lettered >= 1
+        await engines.close(engine)
+    finally:
+        receiver.close()
+        await runner.cleanup()
 
 
 # -- the flood guard on security events --------------------------------------
