@@ -48,6 +48,11 @@ _MAX_PAGES = 20
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# An action of the handler done only once its audit.query is committed (the
+# flush): a record refused (503 "nothing was done", or 401 for a session
+# ended meanwhile) leaves it undone.
+AFTER_RECORD: web.RequestKey[Callable[[], None]] = web.RequestKey("after_record")
+
 
 # While one cause lasts (the sink down, a document it cannot hand out), an
 # admin's page polled every few seconds logged a line each time.
@@ -164,6 +169,9 @@ def _audited(handler: Handler, *, needs_space: bool) -> Handler:
         # Awaited whatever audit.ack says: the answer is out once this returns,
         # and a session ended meanwhile must get 401, not audit data unrecorded.
         await engine.record(sid, draft, needs_space=space, durable=True)
+        act = request.get(AFTER_RECORD)
+        if act is not None:
+            act()
         return resp
 
     return run
@@ -554,5 +562,5 @@ async def status(request: web.Request) -> web.Response:
 @audited_operational
 async def flush(request: web.Request) -> web.Response:
     _params(request, set())
-    request.app[ENGINE].flusher.flush_now()
+    request[AFTER_RECORD] = request.app[ENGINE].flusher.flush_now
     return json_response({"message": "flush requested"}, status=202)

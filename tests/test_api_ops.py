@@ -187,6 +187,28 @@ async def test_spool_full_leaves_status_and_flush_to_the_admin(
     await expect_error(resp, 503, "audit_unavailable")
 
 
+async def test_a_flush_the_spool_cannot_record_is_not_done(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /audit/flush past the spool's reserve is 503 audit_unavailable,
+    "nothing was done": the flusher's pause after failures is left as it
+    was (the flush used to be done before its record was refused)."""
+    api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
+    admin = await api.admin()
+    while not api.engine.spool.full:
+        resp = await api.client.post("/audit/events", headers=admin.headers, json=[
+            {"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(5)])
+        assert resp.status == 202
+    monkeypatch.setattr(admin_handlers, "operational_reserve", lambda max_bytes: 0)
+    backoff = api.engine.flusher.backoff
+    backoff.until = backoff.clock() + 3600  # as after a run of sink failures
+    resp = await api.client.post("/audit/flush", headers=admin.headers)
+    await expect_error(resp, 503, "audit_unavailable")
+    assert backoff.remaining() > 3000
+    assert "/audit/flush" not in [e["details"].get("endpoint")
+                                  for e in await api.events(admin.session_id)]
+
+
 async def test_spool_full_recovers_when_flushed(make_api: MakeApi) -> None:
     api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
     alice = await api.user("alice")
