@@ -75,16 +75,30 @@ async def sink_ahead(sink: Sink, key: bytes, head: str,
     events (from ``since`` when given); else None."""
     newer: list[dict[str, Any]] = []
     cursor: str | None = None
-    for limit in (FIRST_PAGE, MAX_EVENTS - FIRST_PAGE):
+    found, head_ts, read = False, None, 0
+    while True:
+        # Past the first page, the rest in one query; once the head is found,
+        # only what is left of its millisecond (a page at a time).
+        limit = FIRST_PAGE if not read or found else MAX_EVENTS - FIRST_PAGE
         page, cursor = await sink.list_security_events(since=since, limit=limit, cursor=cursor)
+        read += len(page)
         for ev in page:
-            if isinstance(ev, dict) and ev.get("hash") == head:
-                return _follow(key, head, newer)
-            if isinstance(ev, dict) and isinstance(ev.get("hash"), str):
+            if not isinstance(ev, dict):
+                continue
+            if found:
+                # Events of the head's millisecond are listed by their ids,
+                # so the next of the chain may come after the head.
+                if ev.get("ts") != head_ts:
+                    return _follow(key, head, newer)
+                if isinstance(ev.get("hash"), str):
+                    newer.append(ev)
+            elif ev.get("hash") == head:
+                found, head_ts = True, ev.get("ts")
+            elif isinstance(ev.get("hash"), str):
                 newer.append(ev)
-        if cursor is None:
+        if cursor is None or read >= MAX_EVENTS:
             break
-    return None
+    return _follow(key, head, newer) if found else None
 
 
 async def catch_up_security_chain(spool: Spool, sink: Sink, key: bytes) -> int:

@@ -130,3 +130,33 @@ async def test_a_start_check_that_fails_unexpectedly_does_not_stop_the_start(
     finally:
         await sink.close()
     assert any("is not ahead of the spool" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_sinks_events_of_the_heads_own_millisecond_are_followed_whatever_their_ids(
+    make_config: Any, engines: Any, audit_key: bytes, tmp_path: Path,
+) -> None:
+    """The sink lists its security events newest first, those of one
+    millisecond by their ids (random). The check looked only at the events
+    listed before the spool's head: the next event of the chain, of the
+    head's own millisecond (a burst of failed logins), with a smaller id, is
+    listed after the head and was not seen. The chain was taken for not
+    going on in the sink, nothing was adopted, and the next security event
+    continued the head a second time: a fork verify reports for good."""
+    now = 1_800_000_000.0
+    config = make_config()
+    engine = await engines.open(config, clock=lambda: now)
+    await engine.record_security(
+        Draft("auth.login_failed", outcome="denied", event_id="f" * 32))
+    await engines.drain(engine)
+    saved = tmp_path / "spool-backup.db"
+    _backup(config.spool_path, saved)
+    for i in range(3):  # the sink goes on, in the same millisecond, with smaller ids
+        await engine.record_security(
+            Draft("auth.login_failed", outcome="denied", event_id=f"{i}" * 32))
+    await engines.drain(engine)
+    await engines.close(engine)
+
+    _restore(saved, config.spool_path.parent, config.spool_path.name)
+    engine = await engines.open(config, clock=lambda: now)
+    await engine.sink.open()
+    assert await catch_up_security_chain(engine.spool, engine.sink, audit_key) == 3
