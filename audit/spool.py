@@ -350,7 +350,7 @@ def _split_oversized(conn: sqlite3.Connection, writer: Writer) -> None:
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            writer.load()
+            writer.reload()
             raise
     except sqlite3.Error as exc:
         log.warning("sessions in progress could not be cut to the part limits: %s", exc)

@@ -736,6 +736,17 @@ class Writer:
             sessions[sid] = s
         self.sessions = sessions
 
+    def reload(self) -> None:
+        """The cache back to the committed state after a transaction that
+        failed. If that fails too (the same I/O error, most likely), the
+        cache may be ahead of what is committed (a cut that was rolled back:
+        a part numbered after one never committed, beginning after events in
+        none): it is marked stale, and the next batch reloads it first."""
+        try:
+            self.load()
+        except Exception:
+            self._stale = True
+
     # -- undo --------------------------------------------------------------
 
     def _remember(self, name: str, value: Any) -> None:

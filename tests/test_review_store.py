@@ -179,3 +179,47 @@ def test_a_read_that_writes_fails_its_whole_batch(tmp_path, audit_key):
     assert w.conn.execute("SELECT COUNT(*) FROM meta WHERE key = 'x'").fetchone()[0] == 0
     assert w.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
     assert w.sessions["s1"].next_seq == 1
+
+
+def test_a_failed_cut_to_lowered_limits_whose_reload_fails_leaves_no_gap(tmp_path, audit_key):
+    """At open, a session's uncut events are cut to lowered part limits
+    (``_split_oversized``); a cut that fails rolls them all back, and the
+    cache is reloaded. If that reload failed too (the same I/O error), the
+    cache kept the cuts made before the failure: the session's next part was
+    numbered after a part that was never committed and began after events
+    that were in none, which never reached the sink. Both failures are SQLite's
+    own here: a trigger refuses the second cut, an authorizer the reload."""
+    from audit.spool import _split_oversized
+
+    w = _writer(tmp_path, audit_key)
+    w.run_batch([lambda w: w.start_session("u", "user", 1e12, [], session_id="s1")])
+    w.run_batch([Append("s1", Draft("document.list")) for _ in range(6)])
+    w.conn.close()
+
+    conn = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    w = Writer(conn, audit_key, Limits(2, 1 << 20), clock=lambda: 1_800_000_000.0)
+    w.load()
+    conn.execute("CREATE TEMP TRIGGER second_cut BEFORE INSERT ON parts"
+                 " WHEN NEW.part = 1 BEGIN SELECT RAISE(ABORT, 'a failing cut'); END")
+    rolled_back = False
+
+    def authorizer(action: int, arg1: object, *_: object) -> int:
+        nonlocal rolled_back
+        if action == sqlite3.SQLITE_TRANSACTION and arg1 == "ROLLBACK":
+            rolled_back = True
+        return sqlite3.SQLITE_DENY if rolled_back and action == sqlite3.SQLITE_SELECT \
+            else sqlite3.SQLITE_OK
+
+    conn.set_authorizer(authorizer)
+    _split_oversized(conn, w)  # (logged: the sessions stay as they were)
+    conn.set_authorizer(None)
+    conn.execute("DROP TRIGGER second_cut")
+    assert rolled_back
+    assert conn.execute("SELECT COUNT(*) FROM parts").fetchone()[0] == 0
+
+    w.run_batch([lambda w: w.seal("s1", "logout", Draft("session.end"))])
+    parts = conn.execute(
+        "SELECT part, first_seq, last_seq FROM parts ORDER BY part").fetchall()
+    # Every event in a part, the parts numbered from 0 (the six uncut events
+    # stay together, past the lowered limit, as when the cut fails alone).
+    assert parts == [(0, 1, 6), (1, 7, 7)]
