@@ -372,8 +372,17 @@ class SqliteSink(Sink):
                 # SQLITE_FULL, IOERR, NOMEM): a ROLLBACK then fails with "no
                 # transaction is active", and that error, not the full disk,
                 # was what the flusher, the log and /audit/status reported.
+                # So when the write was cancelled (Ctrl-C on drain, the end of
+                # the shutdown's flush window) while its COMMIT ran in
+                # aiosqlite's thread: the transaction still looked open, the
+                # ROLLBACK queued behind the COMMIT found none, and its error
+                # replaced the cancellation (drain went on sending).
                 if db.in_transaction:
-                    await db.execute("ROLLBACK")
+                    try:
+                        await db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        if db.in_transaction:
+                            raise
                 raise
         except sqlite3.Error as exc:
             raise _classified(exc) from exc

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from receiver import sample_part
+from receiver import sample_part, sample_security_event
 
 from sinks.base import SinkRejected, SinkUnavailable
 from sinks.sqlite import SqliteSink
@@ -246,3 +248,44 @@ async def test_a_full_sink_file_says_so_for_a_security_batch(tmp_path: Path) -> 
         await sink.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM security_events").fetchone()[0] == 20
+
+
+async def test_a_security_batch_cancelled_during_its_commit_stays_cancelled(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C on ``drain`` (or the shutdown's end of the flush window)
+    cancels a write that may be in its COMMIT, in aiosqlite's thread: the
+    transaction still looked open, so the sink queued a ROLLBACK behind the
+    COMMIT, which then failed ("cannot rollback - no transaction is
+    active"). That error replaced the cancellation: the write counted as
+    failed though its COMMIT landed, and drain went on sending after its
+    Ctrl-C. The cancellation goes on, and the batch is stored."""
+    path = tmp_path / "audit.db"
+    sink = SqliteSink(path)
+    await sink.open()
+    in_commit, release = threading.Event(), threading.Event()
+
+    def trace(sql: str) -> None:  # (in aiosqlite's thread, as each statement starts)
+        if sql.strip().upper() == "COMMIT":
+            in_commit.set()
+            release.wait(10)
+
+    try:
+        await sink._conn().set_trace_callback(trace)
+        events = [sample_security_event(f"c-{i}") for i in range(3)]
+        task = asyncio.create_task(sink.write_security_events(events))
+        assert await asyncio.to_thread(in_commit.wait, 10)
+        task.cancel()
+        for _ in range(5):  # the task handles its cancellation, the COMMIT still held
+            await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await sink._conn().set_trace_callback(None)
+        assert not sink._conn().in_transaction
+        await sink.write_security_events(events)  # the next try: duplicates, same hash
+    finally:
+        release.set()
+        await sink.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM security_events").fetchone()[0] == 3
