@@ -874,14 +874,20 @@ def _lock_holder(path: Path) -> str:
     return ""
 
 
+def mongodb_uri_set(config: Config) -> None:
+    """The mongodb sink's URI variable is set (else :class:`StartupError`): it
+    cannot appear later, and a server (or a drain) would retry for ever a
+    sink it can never open."""
+    uri_env = config.sink.mongodb.uri_env
+    if config.sink.type == "mongodb" and not os.environ.get(uri_env):
+        raise StartupError(f"sink.mongodb.uri_env: the environment variable {uri_env}"
+                           " (the MongoDB URI) is not set")
+
+
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     import uvloop
 
-    uri_env = config.sink.mongodb.uri_env
-    if config.sink.type == "mongodb" and not os.environ.get(uri_env):
-        # It cannot appear later: the server would retry a sink it can never open.
-        raise StartupError(f"sink.mongodb.uri_env: the environment variable {uri_env}"
-                           " (the MongoDB URI) is not set")
+    mongodb_uri_set(config)
     if not config.spool_path.exists():  # a first start: fail before anything is made
         admin_password_from_env()
     ensure_data_dir(config)
@@ -1310,7 +1316,10 @@ async def _drain(config: Config, timeout: float | None = None) -> int:  # noqa: 
         show = _progress([0])
         # The total to drain is what is pending before the first write; the
         # flusher reports only after each step, when the first item is gone.
-        show(await engine.spool.read(lambda c: queries.counts(c, time.time())))
+        counts = await engine.spool.read(lambda c: queries.counts(c, time.time()))
+        if counts["pending_parts"] or counts["pending_security_events"]:
+            mongodb_uri_set(config)  # (with nothing pending, no sink is needed)
+        show(counts)
         try:
             async with asyncio.timeout(timeout):
                 await engine.flusher.drain(show)

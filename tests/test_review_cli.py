@@ -161,6 +161,22 @@ async def test_drain_with_nothing_pending_needs_no_sink(live: Live) -> None:
     assert r.stdout.startswith("drained; 0 dead-lettered")
 
 
+async def test_drain_of_pending_work_without_the_mongodb_uri_says_so(live: Live) -> None:
+    """With something pending and the MongoDB URI's variable unset, drain
+    retried for ever a sink it could never open (0/1 written, a pause every
+    few seconds, until Ctrl-C), where serve refuses to start. It says so in
+    one line and exits 2, leaving what is pending in the spool."""
+    await _pending_behind_a_sink_that_is_down(live)
+    before = await _pending(live)
+    assert before >= 1
+    settings = {**live.settings, "sink": {"type": "mongodb"}}
+    live.config_path.write_text(to_toml(settings), encoding="utf-8")
+    r = await live.cli("drain", env={"SESSION_AUDIT_MONGODB_URI": ""}, timeout=30)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "SESSION_AUDIT_MONGODB_URI (the MongoDB URI) is not set" in r.stderr
+    assert await _pending(live) == before
+
+
 async def _pending_behind_a_sink_that_is_down(live: Live) -> None:
     """A failed login pending in the spool, the http sink unreachable."""
     live.settings = merge(live.settings, {"sink": {"type": "http", "http": {
