@@ -346,8 +346,11 @@ async def _ensure_admin(app: web.Application) -> None:
     try:
         made = await accounts.create_first_admin("admin", password)
     except BaseException as exc:
-        if path is not None:
-            path.unlink(missing_ok=True)  # not the password of any user
+        # Not the password of any user; unless cancelled (a signal during the
+        # start) while the insert waited for its commit, which goes on: then
+        # it may be the admin's, and a start that finds no admin replaces it.
+        if path is not None and not isinstance(exc, asyncio.CancelledError):
+            path.unlink(missing_ok=True)
         if isinstance(exc, UserExists):
             raise _no_first_admin(exc.existing) from None
         raise

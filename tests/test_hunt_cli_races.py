@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from waiting import wait_for
 
 import server
 from audit.spool import open_lock
-from handlers.auth import Accounts, add_user_sync
+from handlers.auth import Accounts, add_user_sync, check_password
 from handlers.keys import ACCOUNTS, CONFIG
 
 
@@ -106,3 +107,44 @@ async def test_adduser_beside_a_first_start_between_its_check_and_its_insert(
         lambda c: c.execute("SELECT username, role FROM users").fetchall())
     assert rows == [(name, role)]
     assert not initial.exists()  # it would hold no user's password
+
+
+async def test_a_first_start_stopped_while_its_admin_commits_keeps_its_password(
+    make_config: Any, engines: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signal during a first start cancels the creation of 'admin' while its
+    insert waits for the spool's commit, which goes on (the spool commits
+    what it was given). The start then deleted initial_admin_password as
+    'the password of no user': the admin was made with a password nobody
+    had, the log never said it was made, and the next start, finding an
+    admin, wrote none. The file stays (a start that finds no admin writes
+    a new one)."""
+    monkeypatch.delenv(server.ADMIN_PASSWORD_ENV, raising=False)
+    config = make_config(auth={"bcrypt_rounds": 4})
+    engine = await engines.open(config)
+    app = web.Application()
+    app[ACCOUNTS] = Accounts(engine, rounds=4)
+    app[CONFIG] = config
+    held, release = threading.Event(), threading.Event()
+
+    def hold(w: Any) -> None:  # the writer busy with a commit
+        held.set()
+        release.wait(10)
+
+    busy = asyncio.create_task(engine.spool.submit(hold, needs_space=False))
+    try:
+        assert await asyncio.to_thread(held.wait, 10)
+        start = asyncio.create_task(server._ensure_admin(app))
+        await wait_for(lambda: engine.spool._pending, message="the insert queued")
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+    finally:
+        release.set()
+    await busy
+    await engine.spool.submit(lambda w: None, needs_space=False)  # (after the insert's batch)
+    rows = await engine.spool.read(
+        lambda c: c.execute("SELECT username, role, password_hash FROM users").fetchall())
+    assert [r[:2] for r in rows] == [("admin", "admin")]
+    initial = config.data_dir / "initial_admin_password"
+    assert check_password(initial.read_text(encoding="utf-8").strip(), rows[0][2])
