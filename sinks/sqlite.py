@@ -529,18 +529,24 @@ class SqliteSink(Sink):
         """Every session with any part, from the (session_id, part) index: no
         document is read (verify then reads each session's parts itself)."""
         db = self._conn()
-        after = ""
+        # From "" itself (a session id "" is listed too), then past each page;
+        # two comparisons, as a search of the index each (an OR scans it).
+        # Past the page's last value as stored: a BLOB (another writer's)
+        # sorts after every text, and past its str() the text came again,
+        # page after page: verify never ended. (index_mismatches names it.)
+        after: object = ""
+        op = ">="
         while True:
             async with db.execute(
-                "SELECT DISTINCT session_id FROM parts WHERE session_id > ?"
+                f"SELECT DISTINCT session_id FROM parts WHERE session_id {op} ?"
                 " ORDER BY session_id LIMIT 1000", (after,),
             ) as cur:
-                ids = [str(r[0]) for r in await cur.fetchall()]
+                ids = [r[0] for r in await cur.fetchall()]
             if not ids:
                 return
             for sid in ids:
-                yield sid
-            after = ids[-1]
+                yield str(sid)
+            after, op = ids[-1], ">"
 
     async def security_events_oldest_first(self) -> AsyncIterator[Doc]:
         """In the order written (rowid): the security stream's chain order."""

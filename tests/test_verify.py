@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -1018,3 +1019,35 @@ async def test_a_security_event_with_a_lone_surrogate_does_not_end_the_check(
     assert any(d.startswith("event forged ") for d in chain_problems), chain_problems
     assert any(d.startswith("event bad-hash ") for d in chain_problems), chain_problems
     assert any(d.startswith(f"event {chain[8]['_id']} ") for d in chain_problems), chain_problems
+
+
+async def test_a_part_of_a_session_with_an_empty_id_is_verified(stored, audit_key):
+    """The sqlite sink listed session ids from after "": a part forged under
+    the session id "" (which the admin API's listing shows) was never
+    checked, and verify said OK."""
+    config, sids = stored
+    doc = stored_part(config, sids[0], 0)
+    doc["events"][1]["action"] = "document.delete"
+    insert_part(config, {**doc, "session_id": "", "_id": ":0"})
+    report = await report_of(config, audit_key)
+    assert report.sessions == 7
+    assert "" in {p.session_id for p in report.problems}
+
+
+async def test_a_part_whose_session_id_is_a_blob_ends_the_listing(stored, audit_key):
+    """A row another writer gave a BLOB session_id sorts after every text:
+    the sqlite sink paged on past its str(), where the text sessions came
+    again, and verify listed them for ever (report.sessions growing). It
+    ends, and the row is a finding."""
+    config, sids = stored
+    doc = stored_part(config, sids[0], 0)
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as conn, conn:
+        conn.execute(
+            "INSERT INTO parts (id, session_id, part, user, session_start_time, final, hash,"
+            " doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ("blob:0", sids[0].encode(), 0, doc["user"], doc["session_start_time"], 0,
+             doc["hash"], json.dumps({**doc, "_id": "blob:0"})))
+    async with asyncio.timeout(30):  # (a hang guard)
+        report = await report_of(config, audit_key)
+    assert report.sessions == 7
+    assert any("blob:0" in p.detail for p in report.problems), report.problems
