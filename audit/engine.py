@@ -231,6 +231,11 @@ class AuditEngine:
                     await self._save_sink_status()
                 except Exception as exc:  # the spool may have failed
                     log.error("sink state not saved at shutdown: %s", exc)
+            if flusher is None or flusher.done():  # no write under way any more
+                try:
+                    await self.flusher.save_bucket_at_exit()
+                except Exception as exc:  # the spool may have failed
+                    log.error("the sink's token bucket not saved at shutdown: %s", exc)
         finally:
             # Even when the above is cancelled: a sink or spool left open keeps
             # its connection's thread, and the process, alive.

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -61,6 +62,13 @@ PURGE_EVERY_SECONDS = 5.0
 # answer asked for (wall time) and which sink asked: a restart, say a crash
 # loop, goes on waiting for it rather than writing again at once.
 PAUSE_KEY = "sink_pause"
+# The spool's meta row holding the token bucket's level (tokens, at a wall
+# time) and the sink it spends on: a start goes on from it, not from a full
+# bucket (a crash loop sent ``burst`` writes at every start). It is saved in
+# the transaction that marks a write stored, before a process's first write,
+# before a write after one whose outcome was not saved (a failure), and at a
+# clean exit; a start after any other exit counts one token more as taken.
+BUCKET_KEY = "sink_bucket"
 PURGE_BATCH = 500  # stored parts deleted in one job
 PURGE_SECURITY_BATCH = 5000  # stored security events deleted in one job
 
@@ -129,6 +137,9 @@ class Flusher:
         self._pause_to_save: float | None = None
         self._pause_resumed = False
         self._pause_kept = False  # the spool holds a pause that may not have ended
+        self._bucket_resumed = False
+        # The spool's bucket (BUCKET_KEY) counts every token this process took.
+        self._bucket_saved = False
 
     # -- control -------------------------------------------------------------
 
@@ -242,6 +253,66 @@ class Flusher:
             raise
         self._pause_kept = until > 0
 
+    async def _resume_bucket(self) -> None:
+        """Once, before the first write: go on from the token bucket an earlier
+        process left in the spool, if it spent on the same sink."""
+        if self._bucket_resumed:
+            return
+        row = await self.spool.read(lambda c: c.execute(
+            "SELECT value FROM meta WHERE key = ?", (BUCKET_KEY,)).fetchone())
+        self._bucket_resumed = True
+        try:
+            saved = json.loads(row[0]) if row else {}
+            tokens, at, sink = float(saved["tokens"]), float(saved["at"]), saved["sink"]
+            clean = saved.get("clean") is True
+        except (KeyError, TypeError, ValueError):
+            return
+        if sink != self._sink_name() or not (math.isfinite(tokens) and math.isfinite(at)):
+            return
+        self.bucket.resume(tokens, time.time() - at, in_flight=not clean)
+        log.info("sink %s: the token bucket goes on from the last run's: %.2f of %d tokens",
+                 self.sink.type, self.bucket.level(), int(self.bucket.burst))
+
+    def _bucket_text(self, clean: bool = False) -> str:
+        saved: dict[str, Any] = {"tokens": self.bucket.level(), "at": time.time(),
+                                 "sink": self._sink_name()}
+        if clean:
+            saved["clean"] = True
+        return json.dumps(saved)
+
+    @staticmethod
+    def _put_bucket(w: Writer, text: str) -> None:
+        w.conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
+                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                       (BUCKET_KEY, text))
+
+    async def _save_bucket(self, clean: bool = False) -> None:
+        text = self._bucket_text(clean)
+        await self.spool.submit(lambda w: self._put_bucket(w, text), needs_space=False)
+        self._bucket_saved = True
+
+    async def save_bucket_at_exit(self) -> None:
+        """At a clean exit, no write under way any more: the bucket as it is,
+        every token this process took counted, so that the next start counts
+        none more for a write whose outcome was not saved."""
+        if self._bucket_resumed:
+            await self._save_bucket(clean=True)
+
+    async def _take(self) -> float:
+        """Take a token for one write; or, none there, the seconds until one is."""
+        wait = self.bucket.delay()
+        if wait > 0:
+            return wait
+        if not self._bucket_saved:
+            # This process's first write (the level it went on from counts a
+            # write an earlier process may have sent unsaved: the next start
+            # must count it too), or one after a write whose outcome was not
+            # saved: the spool counts every write but the one about to go.
+            await self._save_bucket()
+        self.bucket.try_take()
+        self._bucket_saved = False
+        return 0.0
+
     async def step(self) -> float | None:
         """One unit of work. Returns None when idle, else seconds to wait first."""
         delay = await self._step()
@@ -274,6 +345,7 @@ class Flusher:
         # the sink for one not open yet, waited for it, skipped its checks
         # against the sink, and status said unhealthy until the pause ended.
         await self._resume_pause()
+        await self._resume_bucket()
         pause = self.backoff.remaining()
         if pause > 0:
             return pause
@@ -357,18 +429,16 @@ class Flusher:
                 if pending:
                     return max(0.0, min(self._deferred[k][0] for k in pending) - now)
             return None
-        wait = self.bucket.delay()
+        wait = await self._take()
         if wait > 0:
             return wait
-        self.bucket.try_take()
         self._part_turn = False
         return await self._write_part(part)
 
     async def _send_security(self, batch: list[tuple[int, dict[str, Any]]]) -> float:
-        wait = self.bucket.delay()
+        wait = await self._take()
         if wait > 0:
             return wait
-        self.bucket.try_take()
         return await self._write_security(batch)
 
     async def _write_security(self, batch: list[tuple[int, dict[str, Any]]]) -> float:
@@ -408,8 +478,14 @@ class Flusher:
             return self._retryable(exc)
         keep = self.keep
         sink = self.remember[0] if self.remember is not None else None
-        await self.spool.submit(lambda w: w.mark_security_stored(ids, keep, sink),
-                                needs_space=False)
+        bucket = self._bucket_text()
+
+        def stored_security(w: Writer) -> None:
+            w.mark_security_stored(ids, keep, sink)
+            self._put_bucket(w, bucket)
+
+        await self.spool.submit(stored_security, needs_space=False)
+        self._bucket_saved = True
         self._single_security = max(0, self._single_security - len(batch))
         self.stats.security_written += len(batch)
         self._part_turn = True
@@ -443,11 +519,14 @@ class Flusher:
                 await self._part_failed(doc["_id"], sid, part, str(exc))
             return pause
         keep, remember = self.keep, self.remember
+        bucket = self._bucket_text()
 
         def stored(w: Writer) -> None:
             w.mark_part_stored(sid, part, keep, remember)
+            self._put_bucket(w, bucket)
 
         await self.spool.submit(stored, needs_space=False)
+        self._bucket_saved = True
         self.stats.parts_written += 1
         self._deferred.pop((sid, part), None)
         self._failing = ("", 0)

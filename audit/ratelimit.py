@@ -16,7 +16,8 @@ _EPSILON = 1e-9
 
 
 class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up; starts full."""
+    """``rate`` tokens per second, at most ``burst`` saved up; starts full (or
+    goes on from another process's level: :meth:`resume`)."""
 
     def __init__(
         self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
@@ -48,6 +49,26 @@ class TokenBucket:
             self.tokens = max(0.0, self.tokens - 1.0)
             return True
         return False
+
+    def level(self) -> float:
+        """The tokens there now (what :meth:`resume` goes on from)."""
+        self._refill()
+        return self.tokens
+
+    def resume(self, tokens: float, elapsed: float, in_flight: bool = True) -> None:
+        """Go on from the level another process (an earlier run) saw
+        ``elapsed`` seconds ago, ``tokens``, refilled since. With
+        ``in_flight``, one token more counts as taken, just now: a write that
+        run may have sent after it saved, whose outcome it never saved (killed
+        between the two), at a moment not known. A negative ``elapsed`` (the
+        wall clock stepped back) refills nothing. The level never rises above
+        what the bucket holds, nor falls below empty: the first write waits
+        ``1 / rate`` at most."""
+        level = min(self.burst, max(0.0, tokens) + max(0.0, elapsed) * self.rate)
+        if in_flight:
+            level -= 1.0
+        self._refill()
+        self.tokens = min(self.tokens, max(0.0, level))
 
 
 def backoff_delay(

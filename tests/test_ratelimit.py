@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import sqlite3
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from conftest import FakeClock
 from receiver import Receiver, serve
+from waiting import wait_for
 
 from audit.config import HttpSinkConfig, sink_identity
 from audit.events import Draft, Source
@@ -65,6 +70,44 @@ def test_bucket_clock_going_backwards_adds_nothing():
     assert bucket.try_take()
     clock.t -= 10
     assert not bucket.try_take()
+
+
+@pytest.mark.parametrize(
+    ("tokens", "elapsed", "in_flight", "level"),
+    [
+        (0.0, 0.0, True, 0.0),  # killed right after its last write: empty, not below
+        (0.0, 0.0, False, 0.0),
+        (2.0, 0.25, False, 3.0),  # refilled by the time it was down, rate 4
+        (2.0, 0.25, True, 2.0),  # ... less a write it may have sent unsaved
+        (2.0, 10.0, True, 3.0),  # down long enough: full but for that write
+        (2.0, 10.0, False, 4.0),  # a clean exit: full
+        (2.5, -100.0, True, 1.5),  # the wall clock stepped back: no refill
+        (-3.0, 0.0, False, 0.0),
+    ],
+)
+def test_bucket_resumes_from_another_process_s_level(tokens, elapsed, in_flight, level):
+    bucket = TokenBucket(rate=4.0, burst=4, clock=Clock())
+    bucket.resume(tokens, elapsed, in_flight=in_flight)
+    assert bucket.level() == pytest.approx(level)
+
+
+def test_a_resumed_bucket_refills_from_where_it_went_on_and_never_waits_past_a_token():
+    clock = Clock()
+    bucket = TokenBucket(rate=2.0, burst=5, clock=clock)
+    bucket.resume(0.0, 0.0)
+    assert bucket.delay() == pytest.approx(0.5)  # 1 / rate, not burst / rate
+    clock.t += 0.5
+    assert bucket.try_take() and not bucket.try_take()
+    clock.t += 100.0
+    assert [bucket.try_take() for _ in range(6)] == [True] * 5 + [False]
+
+
+def test_a_resume_never_adds_tokens():
+    clock = Clock()
+    bucket = TokenBucket(rate=1.0, burst=3, clock=clock)
+    assert bucket.try_take() and bucket.try_take()
+    bucket.resume(3.0, 1000.0, in_flight=False)
+    assert bucket.level() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (1, 0)])
@@ -250,6 +293,151 @@ async def test_a_saved_pause_binds_only_the_sink_that_asked_and_is_bounded(
     bounded = await engines.open(config, sink, monotonic=FakeClock(start=10.0))
     assert await bounded.flusher.step() == pytest.approx(MAX_HINT)
     assert sink.calls == []
+
+
+async def _parts(engine: Any, n: int) -> None:
+    src = Source(user="alice", role="user")
+    for _ in range(n):
+        s = await engine.start_session("alice", "user", src, 3600)
+        await engine.end_session(s.session_id, src)
+
+
+async def test_a_crash_loop_goes_on_with_the_token_bucket_not_a_full_one(
+    make_config, engines, fake_monotonic
+):
+    """A server killed and restarted at once, again and again (a crash loop
+    under a supervisor), started with a full bucket each time: ``burst``
+    writes at every start, past the sink's rate limit (burst 10, rate 5, a
+    restart a second: 10 writes a second). The bucket's level is kept in the
+    spool with each write's outcome, and a start goes on from it, less one
+    token for a write that may have gone out unsaved: security events and
+    parts alike wait."""
+    config = make_config(flush={"max_writes_per_second": 1.0, "burst": 3})
+    sink = CountingSink()
+    first = await engines.open(config, sink, monotonic=fake_monotonic)
+    await _parts(first, 6)
+    assert [await first.flusher.step() for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
+    assert sink.calls == ["part"] * 3
+    await engines.abandon(first)  # kill -9
+
+    for _ in range(3):  # restarted at once, again and again
+        sink = CountingSink()
+        again = await engines.open(config, sink, monotonic=FakeClock(start=10.0))
+        await again.record_security(Draft("auth.login_failed", outcome="denied"))
+        assert await again.flusher.step() == pytest.approx(1.0)
+        assert sink.calls == []
+        await engines.abandon(again)
+
+    clock = FakeClock(start=10.0)
+    sink = CountingSink()
+    last = await engines.open(config, sink, monotonic=clock)
+    assert await last.flusher.step() == pytest.approx(1.0)
+    clock.advance(1.0)
+    assert await last.flusher.step() == 0.0
+    assert await last.flusher.step() == pytest.approx(1.0)
+    assert sink.calls == ["security"]
+
+
+async def test_a_write_killed_before_its_outcome_was_saved_counts_as_sent(
+    make_config, engines, fake_monotonic
+):
+    """The process died between the sink's write and the spool's commit of
+    its outcome: that write counts as sent (1 + 2 writes for a burst of 3,
+    not 1 + 3)."""
+
+    class Hanging(CountingSink):
+        async def write_part(self, part: dict[str, Any]) -> None:
+            self.calls.append("part")
+            await asyncio.Event().wait()  # sent; the answer never comes
+
+    config = make_config(flush={"max_writes_per_second": 1.0, "burst": 3})
+    hanging = Hanging()
+    first = await engines.open(config, hanging, monotonic=fake_monotonic)
+    await _parts(first, 5)
+    step = asyncio.ensure_future(first.flusher.step())
+    await wait_for(lambda: hanging.calls == ["part"], message="the write sent")
+    step.cancel()
+    await asyncio.gather(step, return_exceptions=True)
+    await engines.abandon(first)  # kill -9
+
+    sink = CountingSink()
+    second = await engines.open(config, sink, monotonic=FakeClock(start=10.0))
+    assert [await second.flusher.step() for _ in range(3)] == [0.0, 0.0, 1.0]
+    assert sink.calls == ["part", "part"]
+
+
+async def test_failed_writes_count_against_the_bucket_across_a_restart(
+    make_config, engines, fake_monotonic
+):
+    """A write that failed (a 503, a timeout: billed all the same) is not
+    followed by a commit of the bucket; the next write is preceded by one,
+    so that a kill after it counts both."""
+    config = make_config(flush={"max_writes_per_second": 1.0, "burst": 3,
+                                "backoff_base_seconds": 0.5})
+    sink = CountingSink()
+    first = await engines.open(config, sink, monotonic=fake_monotonic)
+    first.flusher.backoff.rand = lambda: 1.0
+    await _parts(first, 3)
+    sink.script.extend([None, SinkUnavailable("down"), SinkUnavailable("down")])
+    assert await first.flusher.step() == 0.0
+    assert await first.flusher.step() == 0.5
+    fake_monotonic.advance(0.5)
+    assert await first.flusher.step() == 1.0
+    assert sink.calls == ["part"] * 3  # 3 - 3 + 0.5 tokens left
+    await engines.abandon(first)  # kill -9
+
+    sink = CountingSink()
+    second = await engines.open(config, sink, monotonic=FakeClock(start=10.0))
+    assert await second.flusher.step() == pytest.approx(0.5, abs=0.05)
+    assert sink.calls == []
+
+
+def _age_saved_bucket(spool: Path, seconds: float) -> None:
+    with contextlib.closing(sqlite3.connect(spool)) as c:
+        saved = json.loads(c.execute(
+            "SELECT value FROM meta WHERE key = 'sink_bucket'").fetchone()[0])
+        saved["at"] -= seconds
+        c.execute("UPDATE meta SET value = ? WHERE key = 'sink_bucket'", (json.dumps(saved),))
+        c.commit()
+
+
+async def test_a_stopped_server_s_bucket_refills_while_it_is_down(
+    make_config, engines, fake_monotonic
+):
+    """A clean stop leaves the bucket as it is (no write under way: none
+    counts as sent unsaved); a server down long enough for it to refill
+    sends its first writes at once, a whole burst after a clean stop, all
+    but one after a crash. Another sink does not spend this one's."""
+    config = make_config(flush={"max_writes_per_second": 1.0, "burst": 3})
+    sink = CountingSink()
+    first = await engines.open(config, sink, monotonic=fake_monotonic)
+    await _parts(first, 20)
+    assert [await first.flusher.step() for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
+    await engines.close(first)
+
+    sink = CountingSink()
+    second = await engines.open(config, sink, monotonic=FakeClock(start=10.0))
+    assert await second.flusher.step() == pytest.approx(1.0, abs=0.05)
+    assert sink.calls == []
+    await engines.close(second)
+
+    _age_saved_bucket(config.spool_path, 3600.0)  # down an hour
+    sink = CountingSink()
+    third = await engines.open(config, sink, monotonic=FakeClock(start=10.0))
+    assert [await third.flusher.step() for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
+    await engines.abandon(third)  # kill -9
+
+    _age_saved_bucket(config.spool_path, 3600.0)
+    sink = CountingSink()
+    fourth = await engines.open(config, sink, monotonic=FakeClock(start=10.0))
+    assert [await fourth.flusher.step() for _ in range(3)] == [0.0, 0.0, 1.0]
+    await engines.close(fourth)
+
+    other = make_config(flush={"max_writes_per_second": 1.0, "burst": 3},
+                        sink={"type": "jsonl"})
+    sink = CountingSink()
+    moved = await engines.open(other, sink, monotonic=FakeClock(start=10.0))
+    assert [await moved.flusher.step() for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
 
 
 async def test_pause_is_the_backoff_when_it_is_later_than_the_hint(
