@@ -163,9 +163,13 @@ class FloodGuard:
     logins cannot fill the spool and the sink one event a request, and what
     it did is still on the record, counted.
 
-    Memory is bounded: at most ``MAX_KEYS`` buckets (the least recently
-    seen are forgotten: they refill) and ``MAX_KEYS`` counts (past that,
-    counts go under the IP ``"*"``).
+    Memory is bounded: at most ``MAX_KEYS`` buckets and ``MAX_KEYS`` counts
+    (past that, counts go under the IP ``"*"``). A client quiet for
+    ``burst / rate`` seconds has its whole budget back, the bucket a new
+    client gets: such buckets are forgotten at every event (they are the
+    least recently seen, at the front), so the table holds the clients of
+    the last few seconds, not every address ever seen up to ``MAX_KEYS``;
+    past ``MAX_KEYS`` the least recently seen go.
     """
 
     MAX_KEYS = 10_000
@@ -190,6 +194,7 @@ class FloodGuard:
         """True: record this event now; False: it has been counted."""
         key = ip or "-"
         budget = client_key(ip)
+        self._forget_refilled()
         bucket = self._buckets.get(budget)
         if bucket is None:
             bucket = self._buckets[budget] = TokenBucket(self.rate, self.burst, self.clock)
@@ -205,6 +210,17 @@ class FloodGuard:
         entry.add(wall, user, session_id, self.MAX_USERS, reason, key)
         self.suppressed += 1
         return False
+
+    def _forget_refilled(self) -> None:
+        """Drop the buckets untouched for ``burst / rate`` seconds: full again.
+        Each event moves its bucket to the end and refills it (``updated`` is
+        then its time), so the oldest are at the front."""
+        buckets = self._buckets
+        cutoff = self.clock() - self.burst / self.rate
+        while buckets:
+            if next(iter(buckets.values())).updated > cutoff:
+                return
+            buckets.popitem(last=False)
 
     def _entry(self, budget: str, ip: str, action: str, wall: float) -> Counted:
         """The count of (``budget``, action), ``ip`` the first address counted

@@ -756,3 +756,32 @@ async def test_flush_now_keeps_how_often_a_part_was_put_aside(
     assert sink.calls[-1] == other.session_id  # not the failing part again
     (until, times), = engine.flusher._deferred.values()
     assert times == 2 and until - fake_monotonic() > 0.5 * 2 ** DEFER_AFTER
+
+
+def test_flood_guard_forgets_the_buckets_of_clients_gone_quiet():
+    """A client quiet for burst / rate seconds has its whole budget back: its
+    bucket is one a new client would get. They were kept until MAX_KEYS
+    (10,000) pushed them out: a spray of failed logins from many addresses,
+    one each, left 10,000 buckets (some 3 MB) for the rest of the process,
+    and a flooding client's spent bucket could be pushed out by them (its
+    budget whole again). The table holds the clients of the last burst /
+    rate seconds."""
+    from audit.ratelimit import FloodGuard
+
+    clock = Clock()
+    guard = FloodGuard(rate=1.0, burst=5, clock=clock)
+    guard._all = TokenBucket(1e6, 10**6, clock)  # the shared budget is not under test
+    for i in range(1000):  # a spray: each address once
+        guard.admit(f"10.1.{i // 250}.{i % 250}", "auth.login_failed", clock.t)
+    clock.t += 0.5
+    for _ in range(5):  # a client spends its budget
+        assert guard.admit("192.0.2.7", "auth.invalid_token", clock.t)
+    assert not guard.admit("192.0.2.7", "auth.invalid_token", clock.t)
+    clock.t += 4.7  # the spray's buckets are whole again, the spender's not yet
+    guard.admit("192.0.2.8", "auth.invalid_token", clock.t)
+    assert set(guard._buckets) == {"192.0.2.7", "192.0.2.8"}
+    assert guard._buckets["192.0.2.7"].delay() == 0.0  # 4.7 tokens back, of 5
+    assert guard._buckets["192.0.2.7"].tokens < 5
+    clock.t += 5.0
+    assert guard.admit("192.0.2.9", "auth.invalid_token", clock.t)
+    assert set(guard._buckets) == {"192.0.2.9"}
