@@ -6,7 +6,9 @@ a steady trickle of security events (one caller's denied requests, a few a
 second) cannot take every token and hold every session back. Every write
 takes a token from the bucket; a rate-limit answer pauses *all* sending for
 max(hint, jittered backoff); other retryable errors back off and retry
-forever with the same ``_id``; a rejection dead-letters the document. Only
+forever with the same ``_id``, and a part or security event that keeps
+failing so is put aside for a while (DEFER_AFTER), so that the rest goes;
+a rejection dead-letters the document. Only
 one part (at most ``part_max_bytes``) or one security batch is in memory at
 a time, whatever the backlog.
 """
@@ -52,9 +54,15 @@ UNEXPECTED_LIMIT = 5
 # of its own, doubling each time up to DEFER_MAX_SECONDS, and put aside again
 # after a single failure. One part the receiver cannot take in time must not
 # stop every part behind it. Rate limits pause everything instead.
+# A security batch failing so is sent in halves, each half that fails again
+# halved at once, until the one event it fails on is found: that event is
+# put aside as a part is (still pending, tried again after its own pause, of
+# at most backoff_max_seconds: a small write, and a lone event put aside while
+# the whole sink was down then waits no longer than it did before), and later
+# security events and parts go meanwhile.
 DEFER_AFTER = 3
 DEFER_MAX_SECONDS = 900.0
-DEFERRED_MAX = 1000  # parts remembered as deferred (the oldest are forgotten)
+DEFERRED_MAX = 1000  # parts and security events remembered as deferred (the oldest are forgotten)
 # With audit.keep_stored_seconds, acknowledged parts past their keep time are
 # deleted whenever nothing is pending, and at most this long apart otherwise.
 PURGE_EVERY_SECONDS = 5.0
@@ -71,6 +79,10 @@ PAUSE_KEY = "sink_pause"
 BUCKET_KEY = "sink_bucket"
 PURGE_BATCH = 500  # stored parts deleted in one job
 PURGE_SECURITY_BATCH = 5000  # stored security events deleted in one job
+
+
+# What is put aside: a part, (session_id, part), or a security event, its id in the spool.
+Aside = tuple[str, int] | int
 
 
 class Flusher:
@@ -104,6 +116,12 @@ class Flusher:
         self.last_error: str | None = None
         self.last_error_at: float | None = None  # wall time it was noted
         self._single_security = 0  # after a rejected batch: send one by one
+        # After a security batch failed DEFER_AFTER times in a row (retryable):
+        # how many of its events are not yet stored or put aside, and how many
+        # are sent at a time (halved at each failure, see DEFER_AFTER).
+        self._halving = 0
+        self._piece = SECURITY_BATCH
+        self._security_failing: tuple[str, int] = ("", 0)  # (first _id, failures in a row)
         # A security batch was stored: a pending part takes the next token, so
         # that security events arriving faster than the bucket refills (a few a
         # second from one logged-in caller's denied requests) cannot starve
@@ -118,8 +136,8 @@ class Flusher:
         self._leftovers = True  # stored rows an earlier run may have kept: purged first
         self._defer_base = config.backoff_base_seconds
         self._failing: tuple[str, int] = ("", 0)  # (_id, consecutive retryable failures)
-        # (session_id, part) -> (clock before which it waits, times deferred)
-        self._deferred: dict[tuple[str, int], tuple[float, int]] = {}
+        # Aside -> (clock before which it waits, times deferred)
+        self._deferred: dict[Aside, tuple[float, int]] = {}
         # While a cause lasts (a rate-limited, down or refusing sink), one
         # line a minute for it, not one a write.
         self._log = LogThrottle(clock=clock)
@@ -129,7 +147,7 @@ class Flusher:
         # failing is the sink's outage, not one part it cannot take: once a
         # write goes through again, the parts put aside during it are due.
         self._streak: set[str] = set()  # (two are enough to tell)
-        self._streak_deferred: set[tuple[str, int]] = set()
+        self._streak_deferred: set[Aside] = set()
         # (clock) the end of the pause the last rate-limit answer asked for,
         # which flush_now leaves as it is.
         self._rate_limited_until = 0.0
@@ -379,11 +397,16 @@ class Flusher:
             os.close(fd)
 
     async def _flush_one(self) -> float | None:
-        limit = 1 if self._single_security else SECURITY_BATCH
+        limit = (1 if self._single_security else
+                 min(self._piece, self._halving) if self._halving else SECURITY_BATCH)
+        now = self.clock()
+        waiting = [k for k, (until, _) in self._deferred.items() if until > now]
+        skip = {k for k in waiting if isinstance(k, tuple)}
+        held = {k for k in waiting if isinstance(k, int)}
         damaged: list[tuple[int, str]] = []
         try:
             security = await self.spool.read(
-                lambda c: queries.pending_security(c, limit, damaged))
+                lambda c: queries.pending_security(c, limit, damaged, held))
         except SpoolDamaged as exc:
             # A page of security events the spool cannot read: the parts
             # still go (each step tries the security events again).
@@ -392,11 +415,13 @@ class Flusher:
         if damaged:  # texts damaged in the spool: never sent, kept as dead letters
             await self._security_damaged(damaged)
             return 0.0
+        for i, (rid, _) in enumerate(security):
+            if rid in self._deferred:  # put aside before, due again: sent alone
+                security = security[:i] or security[:1]
+                break
         if security and not self._part_turn:
             return await self._send_security(security)
         raw = self.sink.raw_events
-        now = self.clock()
-        skip = {k for k, (until, _) in self._deferred.items() if until > now}
         meta = await self.spool.read(lambda c: queries.next_pending_part(c, skip))
         part = None
         if meta is not None:
@@ -422,9 +447,14 @@ class Flusher:
                 return await self._send_security(security)
             if self._leftovers:
                 return 0.0  # more purging first, at once
-            if skip:  # only parts put aside may be pending: the first is due then
-                pending = await self.spool.read(lambda c: queries.still_pending(c, skip))
-                for gone in skip - pending:  # stored or dead-lettered by another process
+            if waiting:  # only what was put aside may be pending: the first is due then
+                pending: set[Aside] = set()
+                if skip:
+                    pending |= await self.spool.read(lambda c: queries.still_pending(c, skip))
+                if held:
+                    pending |= await self.spool.read(
+                        lambda c: queries.security_still_pending(c, held))
+                for gone in set(waiting) - pending:  # stored or dead-lettered by another process
                     self._deferred.pop(gone, None)
                 if pending:
                     return max(0.0, min(self._deferred[k][0] for k in pending) - now)
@@ -470,12 +500,14 @@ class Flusher:
             sink = self.remember[0] if self.remember is not None else None
             await self.spool.submit(lambda w: w.mark_security_dead(ids, msg, sink),
                                     needs_space=False)
-            self._single_security = max(0, self._single_security - 1)
+            self._security_past(batch)
             return 0.0
         except Exception as exc:
+            pause = self._retryable(exc)
+            # (An unclassified error counts toward dead-lettering instead: _poison.)
             if isinstance(exc, SinkError) and not isinstance(exc, SinkRateLimited):
-                self._note_streak(str(batch[0][1]["_id"]))
-            return self._retryable(exc)
+                await self._security_failed(batch, str(exc))
+            return pause
         keep = self.keep
         sink = self.remember[0] if self.remember is not None else None
         bucket = self._bucket_text()
@@ -486,11 +518,57 @@ class Flusher:
 
         await self.spool.submit(stored_security, needs_space=False)
         self._bucket_saved = True
-        self._single_security = max(0, self._single_security - len(batch))
+        self._security_past(batch)
         self.stats.security_written += len(batch)
-        self._part_turn = True
+        # The first write through after an outage (more than one document
+        # failed) may be a piece of a halved batch, or an event put aside: the
+        # rest of the security events go next, whole, before a part's turn.
+        self._part_turn = len(self._streak) < 2
         self._ok()
         return 0.0
+
+    def _security_past(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
+        """These security events are no longer pending (stored, dead-lettered)."""
+        if self._deferred.pop(batch[0][0], None) is not None:
+            return  # put aside before (sent alone): not one of those counted below
+        self._single_security = max(0, self._single_security - len(batch))
+        self._halving = max(0, self._halving - len(batch))
+
+    async def _security_failed(self, batch: list[tuple[int, dict[str, Any]]], error: str) -> None:
+        """Count a retryable failure of a security batch; after
+        :data:`DEFER_AFTER` in a row, halve it until the one event it fails
+        on is found, and put that aside (see there)."""
+        rid, doc_id = batch[0][0], str(batch[0][1]["_id"])
+        self._note_streak(doc_id)
+        last, count = self._security_failing
+        count = count + 1 if last == doc_id else 1
+        self._security_failing = (doc_id, count)
+        # Put aside before, or a piece of a batch that kept failing: at once.
+        if count < (1 if rid in self._deferred or self._halving else DEFER_AFTER):
+            return
+        self._security_failing = ("", 0)
+        if len(batch) > 1:
+            if not self._halving:
+                self._log_aside("security events from %s: a batch of %d keeps failing; sent"
+                                " in halves to find the one it fails on", doc_id, len(batch))
+            self._halving = max(self._halving, len(batch))
+            self._piece = (len(batch) + 1) // 2
+            return
+        if rid not in self._deferred:  # found: whole batches again (another is found alike)
+            sink = self.remember[0] if self.remember is not None else None
+            await self.spool.submit(lambda w: w.mark_security_aside(rid, error, sink),
+                                    needs_space=False)
+            self._halving = 0
+            self._single_security = max(0, self._single_security - 1)
+        wait = self._put_aside(rid, self.backoff.cap)
+        self._log_aside("security event %s keeps failing; later events go first, it is"
+                        " tried again in %.1f s", doc_id, wait)
+
+    def _log_aside(self, msg: str, *args: object) -> None:
+        """Once a minute at most: an outage puts aside again and again."""
+        left_out = self._log.allow("aside")
+        if left_out is not None:
+            log.warning(msg + "%s", *args, more(left_out))
 
     async def _write_part(self, doc: dict[str, Any]) -> float:
         sid, part = doc["session_id"], doc["part"]
@@ -584,16 +662,22 @@ class Flusher:
         if count < (1 if times else DEFER_AFTER):  # put aside before: again at once
             return
         self._failing = ("", 0)
-        self._deferred.pop(key, None)  # re-inserted last: the oldest are forgotten first
-        # (The exponent is bounded: a part failing for weeks must not overflow it.)
-        wait = min(DEFER_MAX_SECONDS, self._defer_base * 2 ** min(DEFER_AFTER + times, 40))
+        wait = self._put_aside(key, DEFER_MAX_SECONDS)
+        log.warning("part %s keeps failing; later parts go first, it is tried again in"
+                    " %.1f s", doc_id, wait)  # (0.4 s with a 0.05 s backoff base: not "0 s")
+
+    def _put_aside(self, key: Aside, cap: float) -> float:
+        """``key`` waits a pause of its own, doubling each time it is put aside
+        up to ``cap``; returns it."""
+        times = self._deferred.pop(key, (0.0, 0))[1]  # re-inserted last: the oldest are
+        # forgotten first. (The exponent is bounded: one failing for weeks must not overflow it.)
+        wait: float = min(cap, self._defer_base * 2 ** min(DEFER_AFTER + times, 40))
         self._deferred[key] = (self.clock() + wait, times + 1)
         if len(self._streak_deferred) < DEFERRED_MAX:
             self._streak_deferred.add(key)
         while len(self._deferred) > DEFERRED_MAX:
             del self._deferred[next(iter(self._deferred))]
-        log.warning("part %s keeps failing; later parts go first, it is tried again in"
-                    " %.1f s", doc_id, wait)  # (0.4 s with a 0.05 s backoff base: not "0 s")
+        return wait
 
     async def _purge(self) -> bool:
         """Delete acknowledged rows past their keep time, a bounded batch of
@@ -635,11 +719,12 @@ class Flusher:
         if not self.healthy and self._failed_in_a_row:
             log.warning("sink %s: writes succeed again, after %d failed attempts",
                         self.sink.type, self._failed_in_a_row)
-        if len(self._streak) > 1:  # an outage, not one part: what it put aside is due
+        if len(self._streak) > 1:  # an outage, not one document: what it put aside is due
             back = [k for k in self._streak_deferred if self._deferred.pop(k, None)]
             if back:
-                log.info("sink %s: %d parts put aside while it failed are due again",
+                log.info("sink %s: %d documents put aside while it failed are due again",
                          self.sink.type, len(back))
+            self._halving = 0  # and security events go in whole batches again
         self._streak.clear()
         self._streak_deferred.clear()
         if self._pause_kept:  # the sink takes writes again: a restart need not wait

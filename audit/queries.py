@@ -47,18 +47,20 @@ def _event(blob: bytes) -> Row | str:
 
 def pending_security(
     conn: sqlite3.Connection, limit: int, damaged: list[tuple[int, str]] | None = None,
+    skip: Collection[int] = (),
 ) -> list[tuple[int, Row]]:
-    """The oldest pending security events as sink documents. One whose
+    """The oldest pending security events as sink documents; one whose id is
+    in ``skip`` is passed over. One whose
     stored text is not UTF-8, not JSON or not an event (the spool file
     damaged) is left out and, given a ``damaged`` list, put there as
     ``(id, what is wrong)``."""
     rows = conn.execute(
         "SELECT id, CAST(json AS BLOB) FROM security_events WHERE state = 'pending'"
         " ORDER BY id LIMIT ?",
-        (limit,),
+        (limit + len(skip),),
     ).fetchall()
     out = []
-    for rid, blob in rows:
+    for rid, blob in [r for r in rows if r[0] not in skip][:limit]:
         doc = _event(blob)
         if isinstance(doc, str):
             if damaged is not None:
@@ -101,6 +103,12 @@ def still_pending(
     return {key for key in keys if conn.execute(
         "SELECT 1 FROM parts WHERE session_id = ? AND part = ? AND state = 'pending'",
         key).fetchone()}
+
+
+def security_still_pending(conn: sqlite3.Connection, ids: Collection[int]) -> set[int]:
+    """Which of these security events (spool ids) are still pending."""
+    return {rid for rid in ids if conn.execute(
+        "SELECT 1 FROM security_events WHERE id = ? AND state = 'pending'", (rid,)).fetchone()}
 
 
 def part_events(conn: sqlite3.Connection, meta: Row, raw: bool = False) -> list[Any]:

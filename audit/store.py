@@ -578,11 +578,11 @@ _MISSING = object()
 T = TypeVar("T")
 
 
-# Made the first time a security event is dead-lettered with its sink known
-# (not with the schema: every table is a page or two of an empty spool, whose
-# size the smallest spool_max_bytes allows for).
-# security_late: each dead-lettered security event's hash before it in the
-# chain, and the sink whose stretch it belonged to (the one that refused it
+# Made the first time a security event is dead-lettered (or put aside by the
+# flusher) with its sink known (not with the schema: every table is a page or
+# two of an empty spool, whose size the smallest spool_max_bytes allows for).
+# security_late: each such security event's hash before it in the chain, and
+# the sink whose stretch it belonged to (the one that refused or failed it
 # first). sink_resumes: where a sink's chain resumes besides its stretches'
 # starts: such an event stored in another sink (retry-dead after a switch)
 # leaves a gap in the first, whose chain resumes after it (took_to ''), and
@@ -1319,7 +1319,8 @@ class Writer:
             self._note_late(sink, ids)
         if keep_seconds > 0:
             self.conn.execute(
-                f"UPDATE security_events SET state = 'stored', stored_ts = ? WHERE id IN ({q})",
+                f"UPDATE security_events SET state = 'stored', stored_ts = ?, last_error = NULL"
+                f" WHERE id IN ({q})",
                 (self.clock(), *ids),
             )
         else:
@@ -1442,18 +1443,32 @@ class Writer:
         noted the first time (security_late), for when another sink takes it."""
         q = ",".join("?" * len(ids))
         if sink is not None:
-            for stmt in LATE_SCHEMA.split(";")[:-1]:  # in this transaction, as the rest
-                self.conn.execute(stmt)
-            for rid in ids:
-                prev = self._hash_before(rid)
-                if prev is not None:
-                    self.conn.execute(
-                        "INSERT OR IGNORE INTO security_late (id, prev, sink) VALUES (?, ?, ?)",
-                        (rid, prev, sink))
+            self._note_place(ids, sink)
         self.conn.execute(
             f"UPDATE security_events SET state = 'dead', last_error = ? WHERE id IN ({q})",
             (error[:500], *ids),
         )
+
+    def mark_security_aside(self, rid: int, error: str, sink: str | None = None) -> None:
+        """A pending security event the sink keeps failing, put aside while
+        later ones go (the flusher): its ``last_error``, and with ``sink`` its
+        place in the chain, as a dead letter's (stored late, it may be stored
+        in another sink, after a switch)."""
+        if sink is not None:
+            self._note_place([rid], sink)
+        self.conn.execute(
+            "UPDATE security_events SET last_error = ? WHERE id = ? AND state = 'pending'",
+            (error[:500], rid))
+
+    def _note_place(self, ids: list[int], sink: str) -> None:
+        for stmt in LATE_SCHEMA.split(";")[:-1]:  # in this transaction, as the rest
+            self.conn.execute(stmt)
+        for rid in ids:
+            prev = self._hash_before(rid)
+            if prev is not None:
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO security_late (id, prev, sink) VALUES (?, ?, ?)",
+                    (rid, prev, sink))
 
     def purge_stored_security(self, older_than: float, limit: int = 5000) -> int:
         """Delete up to ``limit`` stored security events acknowledged before

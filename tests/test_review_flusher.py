@@ -334,3 +334,163 @@ async def test_what_an_earlier_keep_time_kept_is_purged_under_keep_zero(
     e = await engines.open(make_config(audit={"keep_stored_seconds": 0}, flush=fast))
     await engines.drain(e)  # nothing pending: the purge of leftovers is all it does
     assert await left(e) == (0, 0, 0)
+
+
+async def test_a_security_event_the_receiver_keeps_failing_lets_the_rest_go(
+    make_config, engines, fake_monotonic
+):
+    """Review: a security batch failing again and again with a retryable
+    error (a receiver answering 503 to any batch holding one event, a bug
+    tripping on its details) was sent again and again, whole, first: no part
+    and no later security event reached the sink for as long as it lasted,
+    the trail stopped but for the metrics. The batch is split until the event
+    is found; that event is put aside as a part is (pending, never dropped or
+    dead-lettered), and the rest goes. Once the receiver is mended it is
+    stored, once."""
+    from collections import Counter
+
+    from aiohttp import web
+    from receiver import Receiver, serve
+
+    from audit.config import HttpSinkConfig
+    from sinks.http import HttpSink
+
+    poison = "poison-event-0001"
+    accepted: Counter[str] = Counter()  # security events per 2xx answer
+
+    class PoisonReceiver(Receiver):
+        broken = True
+
+        def app(self) -> web.Application:
+            app = web.Application()
+            app.router.add_post("/sessions", self._sessions)
+            app.router.add_post("/security-events", self._poisoned)
+            return app
+
+        async def _poisoned(self, request: web.Request) -> web.Response:
+            ids = [e["_id"] for e in (await request.json())["events"]]
+            if self.broken and poison in ids:
+                return self._answer(503, {"error": "internal"})  # no Retry-After
+            resp = await self._security(request)
+            if resp.status == 200:
+                accepted.update(ids)
+            return resp
+
+    receiver = PoisonReceiver()
+    runner, port = await serve(receiver, "127.0.0.1", 0)
+    try:
+        config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                    "backoff_base_seconds": 0.05,
+                                    "backoff_max_seconds": 1.0})
+        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
+        e = await engines.open(config, sink, monotonic=fake_monotonic)
+        src = Source(user="alice", role="user")
+        s = await e.start_session("alice", "user", src, 3600)
+        await e.end_session(s.session_id, src)  # one pending part
+        mallory = await e.start_session("mallory", "user", src, 3600)
+        ids = []
+        for i in range(12):
+            draft = Draft("access.denied", outcome="denied", details={"n": i})
+            if i == 7:
+                draft = Draft("access.denied", outcome="denied", event_id=poison)
+            ids.append(draft.event_id)
+            await e.record_security(draft, mallory.session_id)
+        others = [i for i in ids if i != poison]
+
+        async def step_until(done: object, steps: int = 200) -> None:
+            for _ in range(steps):
+                if done():  # type: ignore[operator]
+                    return
+                delay = await e.flusher.step()
+                fake_monotonic.advance(min(delay or 0.0, 1.0))
+
+        await step_until(lambda: set(others) <= set(receiver.security_events)
+                         and receiver.parts)
+        assert set(others) <= set(receiver.security_events)
+        assert [p["session_id"] for p in receiver.parts.values()] == [s.session_id]
+        assert poison not in receiver.security_events
+        # Later events go too, while it waits.
+        later = Draft("access.denied", outcome="denied", details={"n": "later"})
+        await e.record_security(later, mallory.session_id)
+        await step_until(lambda: later.event_id in receiver.security_events)
+        assert later.event_id in receiver.security_events
+        status = await e.status()
+        assert status["pending_security_events"] == 1  # still pending, counted
+        assert status["dead_letter"] == 0 and status["pending_parts"] == 0
+        assert poison not in receiver.security_events
+
+        receiver.broken = False  # mended
+        await step_until(lambda: poison in receiver.security_events, steps=2000)
+        assert await e.flusher.step() is None  # nothing left
+        assert accepted[poison] == 1
+        assert all(accepted[i] == 1 for i in others), accepted
+        status = await e.status()
+        assert (status["pending_security_events"], status["dead_letter"]) == (0, 0)
+    finally:
+        receiver.close()
+        await runner.cleanup()
+
+
+async def test_security_events_still_go_first_after_an_outage(
+    make_config, engines, fake_monotonic
+):
+    """The sink down for every write: a security batch failing again and
+    again is halved, and its events put aside, as for one event the receiver
+    cannot take; once a write goes through, what was put aside is due again
+    and security events go first, in whole batches, as before: no part goes
+    ahead of more than the one security batch it always may, nothing is
+    dead-lettered, everything is stored once."""
+    from sinks.base import SinkUnavailable
+
+    written: list[tuple[str, list[str]]] = []
+
+    class Down(SqliteSink):
+        down = True
+
+        async def write_part(self, part):  # type: ignore[no-untyped-def]
+            if self.down:
+                raise SinkUnavailable("connection refused")
+            await super().write_part(part)
+            written.append(("part", [part["_id"]]))
+
+        async def write_security_events(self, events):  # type: ignore[no-untyped-def]
+            if self.down:
+                raise SinkUnavailable("connection refused")
+            await super().write_security_events(events)
+            written.append(("security", [e["_id"] for e in events]))
+
+    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
+    sink = Down(config.sqlite_sink_path)
+    e = await engines.open(config, sink, monotonic=fake_monotonic)
+    src = Source(user="alice", role="user")
+    s = await e.start_session("alice", "user", src, 3600)
+    await e.end_session(s.session_id, src)  # one pending part
+    mallory = await e.start_session("mallory", "user", src, 3600)
+    ids = []
+    for i in range(6):
+        draft = Draft("access.denied", outcome="denied", details={"n": i})
+        ids.append(draft.event_id)
+        await e.record_security(draft, mallory.session_id)
+    for _ in range(200):  # a long outage
+        fake_monotonic.advance(min(await e.flusher.step() or 0.0, 1.0))
+    assert written == []
+    assert e.flusher._deferred  # events were put aside meanwhile
+    sink.down = False
+    for _ in range(50):
+        delay = await e.flusher.step()
+        if delay is None:
+            break
+        fake_monotonic.advance(min(delay, 1.0))
+    kinds = [k for k, _ in written]
+    assert kinds[0] == "security", written
+    # At most the one part a stored security batch lets go ahead of the rest.
+    before_last = kinds[:max(i for i, k in enumerate(kinds) if k == "security")]
+    assert before_last.count("part") <= 1, written
+    assert sorted(i for k, batch in written if k == "security" for i in batch) == sorted(ids)
+    assert [b for k, b in written if k == "part"] == [[f"{s.session_id}:0"]]
+    assert len(written) <= 3, written  # whole batches again, not one event at a time
+    status = await e.status()
+    assert (status["pending_security_events"], status["pending_parts"],
+            status["dead_letter"]) == (0, 0, 0)
+    assert e.flusher._deferred == {} and e.flusher._halving == 0

@@ -16,7 +16,7 @@ from typing import Any
 from audit.config import Config, sink_identity
 from audit.events import Draft, Source
 from audit.verify import Report, spool_anchor, verify_sink
-from sinks.base import SinkRejected
+from sinks.base import SinkRejected, SinkUnavailable
 from sinks.jsonl import JsonlSink
 from sinks.sqlite import SqliteSink
 
@@ -110,6 +110,70 @@ async def test_a_dead_letter_retried_late_does_not_move_a_stretch_back(
     _delete(a, "rowid = 4")  # a4, the end of sqlite's stretch (stored before a1)
     assert not (await _verify(engine, a, audit_key)).ok
 
+
+
+class FailingOn(SqliteSink):
+    """Fails (retryably: a receiver's 5xx) every batch holding one user name's event."""
+
+    fail: str | None = "a1"
+
+    async def write_security_events(self, events: list[dict[str, Any]]) -> None:
+        if any(e["details"].get("username") == self.fail for e in events):
+            raise SinkUnavailable("HTTP 503")
+        await super().write_security_events(events)
+
+
+async def _put_aside(engine: Any, fake_monotonic: Any) -> None:
+    """Flush a0..a4 with a1 failing: the others stored, a1 put aside, pending."""
+    for name in ["a0", "a1", "a2", "a3", "a4"]:
+        await engine.record_security(
+            Draft("auth.login_failed", outcome="denied", source=Source(ip="10.0.0.1"),
+                  details={"username": name}), happened=True)
+    for _ in range(100):
+        if (await engine.status())["pending_security_events"] == 1:
+            break
+        fake_monotonic.advance(await engine.flusher.step() or 0)
+    assert (await engine.status())["pending_security_events"] == 1
+
+
+async def test_a_security_event_put_aside_and_stored_late_keeps_the_chain_whole(
+    make_config, engines, audit_key, fake_monotonic
+):
+    """One event the sink keeps failing (retryably) is put aside while the
+    later ones are stored: stored late, in the same sink, the chain there
+    is whole."""
+    a = make_config(flush={**FLUSH, "backoff_base_seconds": 0.01, "backoff_max_seconds": 0.1})
+    sink = FailingOn(a.sqlite_sink_path)
+    engine = await engines.open(a, sink, monotonic=fake_monotonic)
+    await _put_aside(engine, fake_monotonic)
+    sink.fail = None
+    await engines.drain(engine, fake_monotonic)
+    assert (await engine.status())["pending_security_events"] == 0
+    report = await _verify(engine, a, audit_key)
+    assert report.ok, report.problems
+
+
+async def test_a_security_event_put_aside_then_stored_in_another_sink_breaks_neither(
+    make_config, engines, audit_key, fake_monotonic
+):
+    """The same event still pending when the sink is switched is stored in
+    the new one: a gap in the first sink's chain and an event alone in the
+    second, noted as for a dead letter retried there, not a break in either."""
+    a = make_config(flush={**FLUSH, "backoff_base_seconds": 0.01, "backoff_max_seconds": 0.1})
+    b = make_config(flush=FLUSH, sink={"type": "jsonl"})
+    engine = await engines.open(a, FailingOn(a.sqlite_sink_path), monotonic=fake_monotonic)
+    await _put_aside(engine, fake_monotonic)
+    await engines.close(engine)
+    engine = await engines.open(b, JsonlSink(b.jsonl_dir))
+    await _failed_logins(engines, engine, ["b0", "b1"])
+    assert (await engine.status())["pending_security_events"] == 0
+    report = await _verify(engine, b, audit_key)
+    assert report.ok, report.problems
+    await engines.close(engine)
+    engine = await engines.open(a, SqliteSink(a.sqlite_sink_path))
+    await engines.drain(engine)
+    report = await _verify(engine, a, audit_key)
+    assert report.ok, report.problems
 
 
 async def _a_stored_session(engines: Any, engine: Any) -> None:
