@@ -680,6 +680,46 @@ async def test_parts_that_cannot_be_the_sessions_own_are_found(stored, audit_key
         ("bad_part", "part 0: fields outside the record: approved_by")]
 
 
+async def test_a_final_parts_hash_and_a_parts_last_event_are_checked(stored, audit_key):
+    """Found by mutation testing (each check removed, the suite passed):
+    the final part's own ``hash`` (outside the chain; what a sink compares a
+    retried write with) edited; and the last event of a checkpoint part
+    removed by a forger who fixes the count and the part's hash but leaves
+    ``last_seq``: verify names the missing seq."""
+    config, sids = stored
+    edited, truncated, *_, untouched = sids
+
+    def drop_last(doc):
+        doc["events"].pop()
+        doc["event_count"] -= 1
+        doc["hash"] = doc["events"][-1]["hash"]
+
+    tamper(config, edited, 2, lambda d: d.update(hash="0" * 64))
+    tamper(config, truncated, 1, drop_last)  # a checkpoint of seq 4-6
+    found = await findings(config, audit_key)
+    # (The sink's own hash column, not edited, is found as well.)
+    assert ("bad_part", "part 2: hash is not the last event's") in found[edited]
+    assert ("removed", "part 1: seq [6] missing") in found[truncated]
+    assert untouched not in found
+
+
+@pytest.mark.parametrize(("field", "value", "finding"), [
+    ("prev_hash", "0" * 64, "part 1: prev_hash does not continue the chain"),
+    ("first_seq", 5, "part 1: first_seq 5 != 4"),
+], ids=["prev_hash", "first_seq"])
+async def test_a_parts_chain_fields_edited_alone_are_named(
+    stored, audit_key, field, value, finding
+):
+    """A part's ``prev_hash`` or ``first_seq`` edited alone is reported as
+    that field of that part, not only as the events that then fail (found by
+    mutation testing: either check removed, the suite passed)."""
+    config, sids = stored
+    tamper(config, sids[0], 1, lambda d: d.update({field: value}))
+    found = await findings(config, audit_key)
+    assert set(found) == {sids[0]}
+    assert ("bad_part", finding) in found[sids[0]]
+
+
 async def test_an_empty_part_is_found(stored, audit_key):
     """Every cut takes at least one event: an empty part slipped in (the
     later parts renumbered, its hash its prev_hash) was not found before."""
