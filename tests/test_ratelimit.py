@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import FakeClock
-from receiver import Receiver, serve
+from receiver import Fault, Receiver, serve
 from waiting import wait_for
 
 from audit.config import HttpSinkConfig, sink_identity
@@ -530,6 +530,89 @@ async def test_a_trickle_of_refused_security_events_does_not_starve_parts(
     finally:
         receiver.close()
         await runner.cleanup()
+
+
+async def test_security_events_take_their_tokens_from_the_bucket(
+    make_config, engines, fake_monotonic
+):
+    """Every sink write takes a token, a batch of security events as a part
+    does (found by mutation testing: security batches could skip the bucket
+    with the suite passing, and a stream of them would then write to a
+    rate-limited sink as fast as they came)."""
+    receiver = Receiver()
+    runner, port = await serve(receiver, "127.0.0.1", 0)
+    try:
+        config = make_config(flush={"max_writes_per_second": 0.5, "burst": 1})
+        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
+        engine = await engines.open(config, sink, monotonic=fake_monotonic)
+        src = Source(user="mallory", role="user")
+        s = await engine.start_session("mallory", "user", src, 3600)
+        for n in (1, 2):
+            await engine.record_security(
+                Draft("auth.session_mismatch", outcome="denied", source=src), s.session_id)
+            if n == 2:  # the burst's one token went to the first batch
+                assert await engine.flusher.step() == pytest.approx(2.0)
+                assert len(receiver.security_events) == 1
+                fake_monotonic.advance(2.0)
+            assert await engine.flusher.step() == 0.0
+            assert len(receiver.security_events) == n
+        await engines.close(engine)
+    finally:
+        receiver.close()
+        await runner.cleanup()
+
+
+async def test_a_rate_limit_hint_of_a_day_pauses_at_most_max_hint(
+    make_config, engines, fake_monotonic
+):
+    """A receiver asking for a day's pause (Retry-After: 86400) is honoured up
+    to MAX_HINT (or the backoff cap if larger), not for a day: the flusher
+    never gives up, and a bad hint must not hold the trail back that long
+    (found by mutation testing: the bound could go, the suite passing)."""
+    receiver = Receiver()
+    runner, port = await serve(receiver, "127.0.0.1", 0)
+    try:
+        config = make_config(flush={"backoff_max_seconds": 60.0})
+        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
+        engine = await engines.open(config, sink, monotonic=fake_monotonic)
+        src = Source(user="alice", role="user")
+        s = await engine.start_session("alice", "user", src, 3600)
+        await engine.end_session(s.session_id, src)
+        receiver.script(Fault(429, {"Retry-After": "86400"}))
+        assert await engine.flusher.step() == MAX_HINT
+        assert receiver.parts == {}
+        fake_monotonic.advance(MAX_HINT)
+        assert await engine.flusher.step() == 0.0
+        assert list(receiver.parts) == [f"{s.session_id}:0"]
+        await engines.close(engine)
+    finally:
+        receiver.close()
+        await runner.cleanup()
+
+
+async def test_a_sink_that_cannot_open_is_not_tried_again_within_its_backoff(
+    make_config, engines, fake_monotonic, tmp_path
+):
+    """A wake-up during the backoff after a failed open (a commit wakes the
+    flusher) does not open the sink again before the backoff has passed
+    (found by mutation testing: the check could go, the suite passing; a busy
+    server would then try a down sink on every commit)."""
+    from sinks.sqlite import SqliteSink
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the sink's directory should be")
+    config = make_config(flush={"backoff_base_seconds": 0.5})
+    engine = await engines.open(config, SqliteSink(blocker / "audit.db"),
+                                monotonic=fake_monotonic)
+    engine.flusher.backoff.rand = lambda: 1.0
+    assert await engine.flusher.step() == 0.5
+    assert engine.stats.writes_failed == 1
+    fake_monotonic.advance(0.25)
+    assert await engine.flusher.step() == pytest.approx(0.25)  # woken early: waits on
+    assert engine.stats.writes_failed == 1
+    fake_monotonic.advance(0.25)
+    assert await engine.flusher.step() == 1.0  # tried again: backoff doubles
+    assert engine.stats.writes_failed == 2
 
 
 # -- the flood guard on security events --------------------------------------
