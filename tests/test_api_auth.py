@@ -200,6 +200,26 @@ async def test_throttle_per_ip_across_usernames(make_api: MakeApi) -> None:
     assert ev["details"]["username"] == "alice"
 
 
+async def test_a_successful_login_does_not_reset_the_ip_budget(make_api: MakeApi) -> None:
+    """A caller's own correct login resets that username's count only, not
+    its address's count across usernames: else one valid account interleaved
+    with guesses at other usernames (7 guesses, 1 own login, again) sprays
+    passwords without end (found by mutation testing: resetting both passed)."""
+    api = await make_api(auth={"login_max_failures": 2, "login_window_seconds": 3600})
+    await api.add_user("mallory")
+    for i in range(7):  # one below 4 x login_max_failures
+        resp = await api.client.post("/token", json={"username": f"u{i}", "password": "bad"})
+        await expect_error(resp, 401, "invalid_credentials")
+    await api.login("mallory")
+    resp = await api.client.post("/token", json={"username": "u7", "password": "bad"})
+    await expect_error(resp, 401, "invalid_credentials")  # the eighth failure
+    resp = await api.client.post("/token", json={"username": "u8", "password": "bad"})
+    await expect_error(resp, 429, "too_many_attempts")
+    resp = await api.client.post("/token", json={"username": "mallory",
+                                                  "password": USER_PASSWORD})
+    await expect_error(resp, 429, "too_many_attempts")
+
+
 async def test_successful_login_below_the_limit_resets_the_user_count(make_api: MakeApi) -> None:
     api = await make_api(auth={"login_max_failures": 3})
     await api.add_user("alice")
@@ -633,6 +653,27 @@ def test_throttle_keys() -> None:
     assert key("::ffff:192.0.2.1") == "192.0.2.1"
     assert key("192.0.2.1") == "192.0.2.1"
     assert key(None) == "-" and key("") == "-" and key("not-an-ip") == "not-an-ip"
+
+
+def test_failures_that_left_the_window_stop_counting_while_newer_ones_stay() -> None:
+    """Retry-After is counted from the oldest failure that holds the attempt
+    back; back after it, the attempt is let in although a newer failure is
+    still in the window (found by mutation testing: failures kept a second
+    past the window passed the suite, the key then being dropped whole only
+    when its newest failure had left too)."""
+    from conftest import FakeClock
+
+    clock = FakeClock(1000.0)
+    throttle = server.LoginThrottle(3, 300.0, clock=clock)
+    for _ in range(2):
+        throttle.failed("alice", "10.0.0.1")
+    clock.advance(100)
+    throttle.failed("alice", "10.0.0.1")  # the third: throttled now
+    clock.advance(50)
+    wait = throttle.retry_after("alice", "10.0.0.1")
+    assert wait == 150  # the first two leave the window at 1300
+    clock.advance(wait)
+    assert throttle.retry_after("alice", "10.0.0.1") is None
 
 
 async def test_forwarded_for_is_ignored_without_trusted_proxies(api: Api) -> None:
