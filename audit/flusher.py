@@ -243,7 +243,7 @@ class Flusher:
         try:
             saved = json.loads(row[0]) if row else {}
             until, sink = float(saved["until"]), saved["sink"]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # (a damaged row)
             return
         left = min(until - time.time(), max(self.backoff.cap, MAX_HINT))
         if sink != self._sink_name() or not left > 0:
@@ -283,7 +283,7 @@ class Flusher:
             saved = json.loads(row[0]) if row else {}
             tokens, at, sink = float(saved["tokens"]), float(saved["at"]), saved["sink"]
             clean = saved.get("clean") is True
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # (a damaged row)
             return
         if sink != self._sink_name() or not (math.isfinite(tokens) and math.isfinite(at)):
             return

@@ -440,6 +440,30 @@ async def test_a_stopped_server_s_bucket_refills_while_it_is_down(
     assert [await moved.flusher.step() for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
 
 
+@pytest.mark.parametrize(("key", "saved"), [
+    ("sink_bucket", '{"tokens": 1%s, "at": 0, "sink": "counting"}' % ("0" * 400)),
+    ("sink_bucket", '{"tokens": 1, "at": -1%s, "sink": "counting"}' % ("0" * 400)),
+    ("sink_pause", '{"until": 1%s, "sink": "counting"}' % ("0" * 400)),
+])
+async def test_a_damaged_saved_bucket_or_pause_is_ignored_not_a_crash(
+    make_config, engines, fake_monotonic, key, saved
+):
+    """The spool's meta row of the bucket (or of a pause) holding a number
+    too large for a float (a damaged or hand-edited spool): float() raised
+    OverflowError, which no handler expected, and every step failed with it:
+    the flusher task crashed at each start, and ``drain`` with a traceback.
+    Such a row is ignored, as one that is not JSON is."""
+    config = make_config(flush={"max_writes_per_second": 1.0, "burst": 3})
+    sink = CountingSink()
+    engine = await engines.open(config, sink, monotonic=fake_monotonic)
+    await engine.spool.submit(lambda w: w.conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, saved)))
+    await engine.record_security(Draft("auth.login_failed", outcome="denied"))
+    assert await engine.flusher.step() == 0.0
+    assert sink.calls == ["security"]
+
+
 async def test_pause_is_the_backoff_when_it_is_later_than_the_hint(
     paused_setup, fake_monotonic
 ):
