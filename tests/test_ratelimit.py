@@ -295,6 +295,29 @@ async def test_a_saved_pause_binds_only_the_sink_that_asked_and_is_bounded(
     assert sink.calls == []
 
 
+class _WallTime:
+    """The ``time`` module as the flusher sees it, its wall clock a fake one."""
+
+    def __init__(self, wall: FakeClock) -> None:
+        self.time = wall
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def frozen_wall(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The wall time the saved bucket is refilled by stands still: the time a
+    restart takes (engines opened and closed, fsyncs on a shared machine; some
+    50 ms idle, more under load) refilled it, and the waits asserted came
+    out that much shorter."""
+    import audit.flusher
+
+    wall = FakeClock()
+    monkeypatch.setattr(audit.flusher, "time", _WallTime(wall))
+    return wall
+
+
 async def _parts(engine: Any, n: int) -> None:
     src = Source(user="alice", role="user")
     for _ in range(n):
@@ -303,7 +326,7 @@ async def _parts(engine: Any, n: int) -> None:
 
 
 async def test_a_crash_loop_goes_on_with_the_token_bucket_not_a_full_one(
-    make_config, engines, fake_monotonic
+    make_config, engines, fake_monotonic, frozen_wall
 ):
     """A server killed and restarted at once, again and again (a crash loop
     under a supervisor), started with a full bucket each time: ``burst``
@@ -339,7 +362,7 @@ async def test_a_crash_loop_goes_on_with_the_token_bucket_not_a_full_one(
 
 
 async def test_a_write_killed_before_its_outcome_was_saved_counts_as_sent(
-    make_config, engines, fake_monotonic
+    make_config, engines, fake_monotonic, frozen_wall
 ):
     """The process died between the sink's write and the spool's commit of
     its outcome: that write counts as sent (1 + 2 writes for a burst of 3,
@@ -367,7 +390,7 @@ async def test_a_write_killed_before_its_outcome_was_saved_counts_as_sent(
 
 
 async def test_failed_writes_count_against_the_bucket_across_a_restart(
-    make_config, engines, fake_monotonic
+    make_config, engines, fake_monotonic, frozen_wall
 ):
     """A write that failed (a 503, a timeout: billed all the same) is not
     followed by a commit of the bucket; the next write is preceded by one,
@@ -402,7 +425,7 @@ def _age_saved_bucket(spool: Path, seconds: float) -> None:
 
 
 async def test_a_stopped_server_s_bucket_refills_while_it_is_down(
-    make_config, engines, fake_monotonic
+    make_config, engines, fake_monotonic, frozen_wall
 ):
     """A clean stop leaves the bucket as it is (no write under way: none
     counts as sent unsaved); a server down long enough for it to refill
