@@ -158,6 +158,7 @@ class Flusher:
         self._bucket_resumed = False
         # The spool's bucket (BUCKET_KEY) counts every token this process took.
         self._bucket_saved = False
+        self._bucket_took = False  # this process took a token (wrote) at all
 
     # -- control -------------------------------------------------------------
 
@@ -312,8 +313,11 @@ class Flusher:
     async def save_bucket_at_exit(self) -> None:
         """At a clean exit, no write under way any more: the bucket as it is,
         every token this process took counted, so that the next start counts
-        none more for a write whose outcome was not saved."""
-        if self._bucket_resumed:
+        none more for a write whose outcome was not saved. A process that
+        wrote nothing leaves the row as it found it: a ``drain`` beside a
+        running server would otherwise mark the server's level clean, and the
+        server's unsaved write, were it killed, would not be counted."""
+        if self._bucket_resumed and self._bucket_took:
             await self._save_bucket(clean=True)
 
     async def _take(self) -> float:
@@ -329,6 +333,7 @@ class Flusher:
             await self._save_bucket()
         self.bucket.try_take()
         self._bucket_saved = False
+        self._bucket_took = True
         return 0.0
 
     async def step(self) -> float | None:

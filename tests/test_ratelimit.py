@@ -463,6 +463,54 @@ async def test_a_stopped_server_s_bucket_refills_while_it_is_down(
     assert [await moved.flusher.step() for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
 
 
+async def test_a_process_that_wrote_nothing_leaves_the_saved_bucket_as_it_was(
+    make_config, engines, fake_monotonic, frozen_wall
+):
+    """A ``drain`` beside a running server (or any process that sent
+    nothing) saved its own level at its clean exit, marked clean: read when
+    it started, it missed the writes the server made since, and the mark
+    hid the server's write under way. The server killed after that, the
+    next start went on from a bucket with tokens already spent: 3 + 1
+    writes at once for a burst of 3. A process that wrote nothing leaves
+    the row as it found it."""
+
+    class Gated(CountingSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gates: deque[asyncio.Event] = deque()
+
+        async def write_part(self, part: dict[str, Any]) -> None:
+            self.calls.append("part")
+            if self.gates:
+                await self.gates.popleft().wait()
+
+    config = make_config(flush={"max_writes_per_second": 1.0, "burst": 3})
+    server_sink = Gated()
+    server = await engines.open(config, server_sink, monotonic=fake_monotonic)
+    await _parts(server, 5)
+    assert await server.flusher.step() == 0.0  # 1 written, saved: 2 left
+    held, hung = asyncio.Event(), asyncio.Event()
+    server_sink.gates.extend([held, hung])
+    second = asyncio.ensure_future(server.flusher.step())
+    await wait_for(lambda: len(server_sink.calls) == 2, message="the second write sent")
+
+    drain = await engines.open(config, CountingSink(), monotonic=FakeClock(start=10.0))
+    assert await drain.flusher.step() > 0  # went on from 2 saved; the server flushes
+    held.set()
+    assert await second == 0.0  # saved: 1 left
+    third = asyncio.ensure_future(server.flusher.step())
+    await wait_for(lambda: len(server_sink.calls) == 3, message="the third write sent")
+    await engines.close(drain)  # a clean exit, nothing written
+    third.cancel()
+    await asyncio.gather(third, return_exceptions=True)
+    await engines.abandon(server)  # kill -9, the third write's outcome unsaved
+
+    sink = CountingSink()
+    restarted = await engines.open(config, sink, monotonic=FakeClock(start=10.0))
+    assert await restarted.flusher.step() == pytest.approx(1.0)
+    assert sink.calls == []
+
+
 @pytest.mark.parametrize(("key", "saved"), [
     ("sink_bucket", '{"tokens": 1%s, "at": 0, "sink": "counting"}' % ("0" * 400)),
     ("sink_bucket", '{"tokens": 1, "at": -1%s, "sink": "counting"}' % ("0" * 400)),
