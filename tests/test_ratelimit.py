@@ -560,6 +560,22 @@ async def test_pause_is_the_backoff_when_it_is_later_than_the_hint(
     assert engine.stats.rate_limited == 1 and engine.stats.writes_failed == 2
 
 
+async def _one_part_and_a_trickle(engine: Any, monotonic: FakeClock) -> str:
+    """One session's part pending, then a security event of another session
+    recorded before each step, one a token (5 a second): always one pending.
+    Returns the part's session id."""
+    src = Source(user="alice", role="user")
+    s = await engine.start_session("alice", "user", src, 3600)
+    await engine.end_session(s.session_id, src)  # one pending part
+    mallory = await engine.start_session("mallory", "user", src, 3600)
+    for _ in range(3):
+        await engine.record_security(
+            Draft("auth.session_mismatch", outcome="denied"), mallory.session_id)
+        assert await engine.flusher.step() == 0.0
+        monotonic.advance(0.2)
+    return s.session_id
+
+
 async def test_a_trickle_of_security_events_does_not_starve_parts(
     make_config, engines, fake_monotonic
 ):
@@ -573,15 +589,7 @@ async def test_a_trickle_of_security_events_does_not_starve_parts(
     config = make_config(flush={"max_writes_per_second": 5.0, "burst": 1})
     sink = CountingSink()
     engine = await engines.open(config, sink, monotonic=fake_monotonic)
-    src = Source(user="alice", role="user")
-    s = await engine.start_session("alice", "user", src, 3600)
-    await engine.end_session(s.session_id, src)  # one pending part
-    mallory = await engine.start_session("mallory", "user", src, 3600)
-    for _ in range(3):  # one new security event per token: always one pending
-        await engine.record_security(
-            Draft("auth.session_mismatch", outcome="denied"), mallory.session_id)
-        assert await engine.flusher.step() == 0.0
-        fake_monotonic.advance(0.2)
+    await _one_part_and_a_trickle(engine, fake_monotonic)
     assert sink.calls == ["security", "part", "security"]
     assert await engine.flusher.step() is None  # nothing left: the part is stored
 
@@ -610,16 +618,8 @@ async def test_a_trickle_of_refused_security_events_does_not_starve_parts(
         config = make_config(flush={"max_writes_per_second": 5.0, "burst": 1})
         sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
         engine = await engines.open(config, sink, monotonic=fake_monotonic)
-        src = Source(user="alice", role="user")
-        s = await engine.start_session("alice", "user", src, 3600)
-        await engine.end_session(s.session_id, src)  # one pending part
-        mallory = await engine.start_session("mallory", "user", src, 3600)
-        for _ in range(3):  # one new security event per token: always one pending
-            await engine.record_security(
-                Draft("auth.session_mismatch", outcome="denied"), mallory.session_id)
-            assert await engine.flusher.step() == 0.0
-            fake_monotonic.advance(0.2)
-        assert [p["session_id"] for p in receiver.parts.values()] == [s.session_id]
+        session_id = await _one_part_and_a_trickle(engine, fake_monotonic)
+        assert [p["session_id"] for p in receiver.parts.values()] == [session_id]
         assert engine.stats.parts_written == 1 and engine.stats.dead_lettered >= 1
         await engines.close(engine)
     finally:
