@@ -63,6 +63,10 @@ UNEXPECTED_LIMIT = 5
 DEFER_AFTER = 3
 DEFER_MAX_SECONDS = 900.0
 DEFERRED_MAX = 1000  # parts and security events remembered as deferred (the oldest are forgotten)
+# The pause of one put aside while the whole sink was down, ended when a write
+# went through again: it goes as before (a security event in a whole batch),
+# but is put aside again after one more failure.
+AGAIN = -math.inf
 # With audit.keep_stored_seconds, acknowledged parts past their keep time are
 # deleted whenever nothing is pending, and at most this long apart otherwise.
 PURGE_EVERY_SECONDS = 5.0
@@ -176,7 +180,8 @@ class Flusher:
         # Due now, but how often each was put aside is kept: one still failing
         # is put aside again after one try (for longer), not DEFER_AFTER tries
         # in a row with every later part waiting, its pause started over.
-        self._deferred = {k: (0.0, times) for k, (_, times) in self._deferred.items()}
+        self._deferred = {k: (min(until, 0.0), times)
+                          for k, (until, times) in self._deferred.items()}
         self._wake.set()
 
     def stop(self) -> None:
@@ -421,7 +426,7 @@ class Flusher:
             await self._security_damaged(damaged)
             return 0.0
         for i, (rid, _) in enumerate(security):
-            if rid in self._deferred:  # put aside before, due again: sent alone
+            if self._deferred.get(rid, (AGAIN,))[0] != AGAIN:  # put aside, due: sent alone
                 security = security[:i] or security[:1]
                 break
         if security and not self._part_turn:
@@ -534,7 +539,10 @@ class Flusher:
 
     def _security_past(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
         """These security events are no longer pending (stored, dead-lettered)."""
-        if self._deferred.pop(batch[0][0], None) is not None:
+        first = self._deferred.get(batch[0][0], (AGAIN,))[0]
+        for rid, _ in batch:
+            self._deferred.pop(rid, None)
+        if first != AGAIN:
             return  # put aside before (sent alone): not one of those counted below
         self._single_security = max(0, self._single_security - len(batch))
         self._halving = max(0, self._halving - len(batch))
@@ -544,12 +552,24 @@ class Flusher:
         :data:`DEFER_AFTER` in a row, halve it until the one event it fails
         on is found, and put that aside (see there)."""
         rid, doc_id = batch[0][0], str(batch[0][1]["_id"])
+        if rid in self._deferred:
+            # Put aside before, due again: aside again at once. Not a sign of
+            # an outage (two such would end the pause of every one put aside at
+            # each write through, searched anew, and give no part its turn),
+            # and the failures in a row of the batch behind it still count.
+            if self._deferred[rid][0] == AGAIN:  # (sent in a batch, counted there)
+                self._single_security = max(0, self._single_security - 1)
+                self._halving = max(0, self._halving - 1)
+            wait = self._put_aside(rid, self._aside_cap(rid))
+            self._log_aside("security event %s keeps failing; later events go first, it is"
+                            " tried again in %.1f s", doc_id, wait)
+            return
         self._note_streak(doc_id)
         last, count = self._security_failing
         count = count + 1 if last == doc_id else 1
         self._security_failing = (doc_id, count)
-        # Put aside before, or a piece of a batch that kept failing: at once.
-        if count < (1 if rid in self._deferred or self._halving else DEFER_AFTER):
+        # A piece of a batch that kept failing: at once.
+        if count < (1 if self._halving else DEFER_AFTER):
             return
         self._security_failing = ("", 0)
         if len(batch) > 1:
@@ -559,15 +579,24 @@ class Flusher:
             self._halving = max(self._halving, len(batch))
             self._piece = (len(batch) + 1) // 2
             return
-        if rid not in self._deferred:  # found: whole batches again (another is found alike)
-            sink = self.remember[0] if self.remember is not None else None
-            await self.spool.submit(lambda w: w.mark_security_aside(rid, error, sink),
-                                    needs_space=False)
-            self._halving = 0
-            self._single_security = max(0, self._single_security - 1)
-        wait = self._put_aside(rid, self.backoff.cap)
+        # Found: whole batches again (another is found alike).
+        sink = self.remember[0] if self.remember is not None else None
+        await self.spool.submit(lambda w: w.mark_security_aside(rid, error, sink),
+                                needs_space=False)
+        self._halving = 0
+        self._single_security = max(0, self._single_security - 1)
+        wait = self._put_aside(rid, self._aside_cap(rid))
         self._log_aside("security event %s keeps failing; later events go first, it is"
                         " tried again in %.1f s", doc_id, wait)
+
+    def _aside_cap(self, rid: int) -> float:
+        """The longest pause of a security event put aside: backoff_max_seconds
+        (a small write; one put aside while the whole sink was down waits no
+        longer than it did before), times the number put aside, up to
+        DEFER_MAX_SECONDS: each one's retry that fails again pauses all
+        sending, and ten retried each minute took every write but a few."""
+        n = 1 + sum(isinstance(k, int) and k != rid for k in self._deferred)
+        return min(DEFER_MAX_SECONDS, max(self.backoff.cap * n, self.backoff.cap))
 
     def _log_aside(self, msg: str, *args: object) -> None:
         """Once a minute at most: an outage puts aside again and again."""
@@ -659,14 +688,16 @@ class Flusher:
         await self.spool.submit(
             lambda w: w.mark_part_failed(sid, part, error, dead=False), needs_space=False)
         key = (sid, part)
-        self._note_streak(doc_id)
-        last, count = self._failing
-        count = count + 1 if last == doc_id else 1
-        self._failing = (doc_id, count)
-        times = self._deferred.get(key, (0.0, 0))[1]
-        if count < (1 if times else DEFER_AFTER):  # put aside before: again at once
-            return
-        self._failing = ("", 0)
+        # Put aside before: again at once (not a sign of an outage, and the
+        # failures in a row of the part behind it still count).
+        if key not in self._deferred:
+            self._note_streak(doc_id)
+            last, count = self._failing
+            count = count + 1 if last == doc_id else 1
+            self._failing = (doc_id, count)
+            if count < DEFER_AFTER:
+                return
+            self._failing = ("", 0)
         wait = self._put_aside(key, DEFER_MAX_SECONDS)
         log.warning("part %s keeps failing; later parts go first, it is tried again in"
                     " %.1f s", doc_id, wait)  # (0.4 s with a 0.05 s backoff base: not "0 s")
@@ -725,7 +756,11 @@ class Flusher:
             log.warning("sink %s: writes succeed again, after %d failed attempts",
                         self.sink.type, self._failed_in_a_row)
         if len(self._streak) > 1:  # an outage, not one document: what it put aside is due
-            back = [k for k in self._streak_deferred if self._deferred.pop(k, None)]
+            # (how often each was put aside kept, as flush_now does: one that
+            # still fails is put aside again after one try, not searched anew)
+            back = [k for k in self._streak_deferred if k in self._deferred]
+            for k in back:
+                self._deferred[k] = (AGAIN, self._deferred[k][1])
             if back:
                 log.info("sink %s: %d documents put aside while it failed are due again",
                          self.sink.type, len(back))
