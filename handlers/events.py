@@ -15,7 +15,6 @@ from aiohttp import web
 
 from audit.events import Draft, canonical_json
 from audit.spool import JOB_BYTES, SpoolFull
-from audit.store import Writer
 
 from .errors import bad_request, json_response
 from .keys import CTX, ENGINE
@@ -124,12 +123,5 @@ async def post_events(request: web.Request) -> web.Response:
     # Until its commit, the spool counts it as what it adds: a full request
     # is some 400 KiB, not one event's JOB_BYTES.
     size = sum(JOB_BYTES + n for *_, n in parsed)
-    sid = ctx.session_id
-
-    def job(w: Writer) -> int:
-        for d in drafts:
-            w.append(sid, d)
-        return len(drafts)
-
-    n = await engine.spool.submit(job, size=size)
+    n = await engine.record_events(ctx.session_id, drafts, size=size)
     return json_response({"accepted": n}, status=202)

@@ -249,3 +249,50 @@ async def test_session_audit_jwt_secret_is_the_token_key(
     resp = await api.client.get("/me", headers={"Authorization": f"Bearer {forged}"})
     assert resp.status == 200
 
+
+
+# -- audit.ack ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ack", ["durable", "fast"])
+async def test_client_events_are_answered_before_their_commit_under_ack_fast(
+    make_api: MakeApi, ack: str
+) -> None:
+    """API.md: ack = "durable" answers after the event is committed, "fast"
+    before (README: for event-only actions). POST /audit/events is one: with
+    the spool's writer held in a commit, "fast" answers 202 at once and the
+    events are committed when the writer goes on; "durable" answers only
+    after the commit. (Client events waited for their commit whatever ack said.)"""
+    import asyncio
+    import threading
+
+    api = await make_api(audit={"ack": ack})
+    alice = await api.user("alice")
+    spool = api.engine.spool
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> None:
+        holding.set()
+        gate.wait(30)
+
+    held = spool.submit_nowait(hold, needs_space=False)
+    try:
+        await wait_for(holding.is_set, message="the writer held in a commit")
+        post = asyncio.ensure_future(api.client.post(
+            "/audit/events", json=[{"action": "client.a"}, {"action": "client.b"}],
+            headers=alice.headers))
+        if ack == "fast":
+            resp = await asyncio.wait_for(post, 10)
+            assert resp.status == 202
+            assert await resp.json() == {"accepted": 2}
+        else:
+            await wait_for(lambda: bool(spool._pending), message="the events queued")
+            assert not post.done()
+    finally:
+        gate.set()
+    await held
+    resp = await post
+    assert resp.status == 202
+    await wait_for(lambda: not api.engine._inflight, message="the events committed")
+    actions = await api.actions(alice.session_id)
+    assert actions[-2:] == ["client.a", "client.b"]
