@@ -272,6 +272,8 @@ def main() -> None:
                     help="experiment: run the server with sys.setswitchinterval(S)")
     ap.add_argument("--synchronous", choices=("full", "normal"), default="full",
                     help="the spool's audit.synchronous (default: full, the shipped default)")
+    ap.add_argument("--content-bytes", type=int, default=1200,
+                    help="size of each benchmark document's content (default 1200)")
     ap.add_argument("--out", default="http", help="results name (bench/results/NAME.json)")
     ap.add_argument("--client", help=argparse.SUPPRESS)
     ap.add_argument("--connections", type=int, default=CONNECTIONS, help=argparse.SUPPRESS)
@@ -285,6 +287,7 @@ def main() -> None:
         port = free_port()
         cfg = write_config(wd, port, bcrypt_rounds=12, synchronous=args.synchronous)
         users = [f"bench{i:03d}" for i in range(args.users)]
+        content = ("lorem ipsum " * (args.content_bytes // 12 + 1))[:args.content_bytes]
         add_users(cfg, users, rounds=12)
         srv = Server(cfg, port, switch_interval=args.switch_interval).start()
         try:
@@ -294,7 +297,7 @@ def main() -> None:
                 token = srv.login(u)["access_token"]
                 auth = {"Authorization": f"Bearer {token}"}
                 status, doc = http("POST", srv.base + "/documents",
-                                   {"title": f"doc of {u}", "content": "lorem ipsum " * 100},
+                                   {"title": f"doc of {u}", "content": content},
                                    token=token)
                 assert status == 201, (status, doc)
                 me_reqs.append(("GET", "/me", auth, None))
@@ -396,7 +399,8 @@ def main() -> None:
         "config": {"connections": CONNECTIONS, "threads": THREADS, "duration_s": args.duration,
                    "rounds": args.rounds, "users": args.users, "sink": "sqlite",
                    "ack": "durable", "synchronous": args.synchronous, "bcrypt_rounds": 12,
-                   "switch_interval": args.switch_interval},
+                   "switch_interval": args.switch_interval,
+                   "content_bytes": args.content_bytes},
         "summary": summary,
         "rounds": rounds,
         "logins": logins,
