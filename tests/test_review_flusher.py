@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from typing import Any
 
 from audit import queries
 from audit.events import Draft, Source
@@ -336,6 +337,22 @@ async def test_what_an_earlier_keep_time_kept_is_purged_under_keep_zero(
     assert await left(e) == (0, 0, 0)
 
 
+def _denied(n: int) -> Draft:
+    return Draft("access.denied", outcome="denied", details={"n": n})
+
+
+async def _a_part_and_security_events(e: Any, drafts: list[Draft]) -> tuple[Any, Any]:
+    """alice's session ended (one part pending), then ``drafts`` recorded as
+    security events of mallory's session; returns both sessions."""
+    src = Source(user="alice", role="user")
+    s = await e.start_session("alice", "user", src, 3600)
+    await e.end_session(s.session_id, src)
+    mallory = await e.start_session("mallory", "user", src, 3600)
+    for draft in drafts:
+        await e.record_security(draft, mallory.session_id)
+    return s, mallory
+
+
 async def test_a_security_event_the_receiver_keeps_failing_lets_the_rest_go(
     make_config, engines, fake_monotonic
 ):
@@ -384,18 +401,10 @@ async def test_a_security_event_the_receiver_keeps_failing_lets_the_rest_go(
                                     "backoff_max_seconds": 1.0})
         sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
         e = await engines.open(config, sink, monotonic=fake_monotonic)
-        src = Source(user="alice", role="user")
-        s = await e.start_session("alice", "user", src, 3600)
-        await e.end_session(s.session_id, src)  # one pending part
-        mallory = await e.start_session("mallory", "user", src, 3600)
-        ids = []
-        for i in range(12):
-            draft = Draft("access.denied", outcome="denied", details={"n": i})
-            if i == 7:
-                draft = Draft("access.denied", outcome="denied", event_id=poison)
-            ids.append(draft.event_id)
-            await e.record_security(draft, mallory.session_id)
-        others = [i for i in ids if i != poison]
+        drafts = [_denied(i) for i in range(12)]
+        drafts[7] = Draft("access.denied", outcome="denied", event_id=poison)
+        s, mallory = await _a_part_and_security_events(e, drafts)
+        others = [d.event_id for d in drafts if d.event_id != poison]
 
         async def step_until(done: object, steps: int = 200) -> None:
             for _ in range(steps):
@@ -463,15 +472,9 @@ async def test_security_events_still_go_first_after_an_outage(
                                 "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
     sink = Down(config.sqlite_sink_path)
     e = await engines.open(config, sink, monotonic=fake_monotonic)
-    src = Source(user="alice", role="user")
-    s = await e.start_session("alice", "user", src, 3600)
-    await e.end_session(s.session_id, src)  # one pending part
-    mallory = await e.start_session("mallory", "user", src, 3600)
-    ids = []
-    for i in range(6):
-        draft = Draft("access.denied", outcome="denied", details={"n": i})
-        ids.append(draft.event_id)
-        await e.record_security(draft, mallory.session_id)
+    drafts = [_denied(i) for i in range(6)]
+    s, _ = await _a_part_and_security_events(e, drafts)
+    ids = [d.event_id for d in drafts]
     for _ in range(200):  # a long outage
         fake_monotonic.advance(min(await e.flusher.step() or 0.0, 1.0))
     assert written == []
@@ -527,15 +530,10 @@ async def test_several_security_events_the_receiver_keeps_failing_let_the_rest_g
     config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
                                 "backoff_base_seconds": 0.5, "backoff_max_seconds": 60.0})
     e = await engines.open(config, Failing(config.sqlite_sink_path), monotonic=fake_monotonic)
-    src = Source(user="alice", role="user")
-    s = await e.start_session("alice", "user", src, 3600)
-    await e.end_session(s.session_id, src)  # one pending part
-    mallory = await e.start_session("mallory", "user", src, 3600)
-    others = []
-    for i in range(300):
-        draft = Draft("access.denied", outcome="denied", details={"n": i})
-        (poison.add if i % 60 == 0 else others.append)(draft.event_id)
-        await e.record_security(draft, mallory.session_id)
+    drafts = [_denied(i) for i in range(300)]
+    poison.update(d.event_id for i, d in enumerate(drafts) if i % 60 == 0)
+    others = [d.event_id for d in drafts if d.event_id not in poison]
+    s, _ = await _a_part_and_security_events(e, drafts)
     failed = 0
     for _ in range(400):
         if set(others) <= set(written) and f"{s.session_id}:0" in written:
