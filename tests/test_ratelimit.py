@@ -8,6 +8,7 @@ import json
 import sqlite3
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -604,6 +605,22 @@ class PartsOnlyReceiver(Receiver):
         return app
 
 
+@contextlib.asynccontextmanager
+async def _behind(receiver: Receiver, engines: Any, config: Any,
+                  monotonic: FakeClock) -> AsyncIterator[Any]:
+    """An engine whose sink is the http one, ``receiver`` serving it on
+    loopback; closed, and the receiver stopped, afterwards."""
+    runner, port = await serve(receiver, "127.0.0.1", 0)
+    try:
+        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
+        engine = await engines.open(config, sink, monotonic=monotonic)
+        yield engine
+        await engines.close(engine)
+    finally:
+        receiver.close()
+        await runner.cleanup()
+
+
 async def test_a_trickle_of_refused_security_events_does_not_starve_parts(
     make_config, engines, fake_monotonic
 ):
@@ -613,18 +630,11 @@ async def test_a_trickle_of_refused_security_events_does_not_starve_parts(
     ``max_writes_per_second`` kept every session part out of the sink for as
     long as it went on, each of its events written and dead-lettered in turn."""
     receiver = PartsOnlyReceiver()
-    runner, port = await serve(receiver, "127.0.0.1", 0)
-    try:
-        config = make_config(flush={"max_writes_per_second": 5.0, "burst": 1})
-        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
-        engine = await engines.open(config, sink, monotonic=fake_monotonic)
+    config = make_config(flush={"max_writes_per_second": 5.0, "burst": 1})
+    async with _behind(receiver, engines, config, fake_monotonic) as engine:
         session_id = await _one_part_and_a_trickle(engine, fake_monotonic)
         assert [p["session_id"] for p in receiver.parts.values()] == [session_id]
         assert engine.stats.parts_written == 1 and engine.stats.dead_lettered >= 1
-        await engines.close(engine)
-    finally:
-        receiver.close()
-        await runner.cleanup()
 
 
 async def test_security_events_take_their_tokens_from_the_bucket(
@@ -635,11 +645,8 @@ async def test_security_events_take_their_tokens_from_the_bucket(
     with the suite passing, and a stream of them would then write to a
     rate-limited sink as fast as they came)."""
     receiver = Receiver()
-    runner, port = await serve(receiver, "127.0.0.1", 0)
-    try:
-        config = make_config(flush={"max_writes_per_second": 0.5, "burst": 1})
-        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
-        engine = await engines.open(config, sink, monotonic=fake_monotonic)
+    config = make_config(flush={"max_writes_per_second": 0.5, "burst": 1})
+    async with _behind(receiver, engines, config, fake_monotonic) as engine:
         src = Source(user="mallory", role="user")
         s = await engine.start_session("mallory", "user", src, 3600)
         for n in (1, 2):
@@ -651,10 +658,6 @@ async def test_security_events_take_their_tokens_from_the_bucket(
                 fake_monotonic.advance(2.0)
             assert await engine.flusher.step() == 0.0
             assert len(receiver.security_events) == n
-        await engines.close(engine)
-    finally:
-        receiver.close()
-        await runner.cleanup()
 
 
 async def test_a_rate_limit_hint_of_a_day_pauses_at_most_max_hint(
@@ -665,11 +668,8 @@ async def test_a_rate_limit_hint_of_a_day_pauses_at_most_max_hint(
     never gives up, and a bad hint must not hold the trail back that long
     (found by mutation testing: the bound could go, the suite passing)."""
     receiver = Receiver()
-    runner, port = await serve(receiver, "127.0.0.1", 0)
-    try:
-        config = make_config(flush={"backoff_max_seconds": 60.0})
-        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
-        engine = await engines.open(config, sink, monotonic=fake_monotonic)
+    config = make_config(flush={"backoff_max_seconds": 60.0})
+    async with _behind(receiver, engines, config, fake_monotonic) as engine:
         src = Source(user="alice", role="user")
         s = await engine.start_session("alice", "user", src, 3600)
         await engine.end_session(s.session_id, src)
@@ -679,10 +679,6 @@ async def test_a_rate_limit_hint_of_a_day_pauses_at_most_max_hint(
         fake_monotonic.advance(MAX_HINT)
         assert await engine.flusher.step() == 0.0
         assert list(receiver.parts) == [f"{s.session_id}:0"]
-        await engines.close(engine)
-    finally:
-        receiver.close()
-        await runner.cleanup()
 
 
 async def test_a_sink_that_cannot_open_is_not_tried_again_within_its_backoff(
