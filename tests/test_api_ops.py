@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from api_fixtures import Api, Login, MakeApi, api, expect_error, make_api, wait_for
@@ -150,6 +151,15 @@ async def test_spool_full_refuses_audited_actions(make_api: MakeApi) -> None:
     assert (await resp.json())["event_count"] == events_before + 1
 
 
+async def _fill_in_small_steps(api: Any, admin: Any) -> None:
+    """Client events until the spool is full: past the limit by less than
+    the admin's reserve."""
+    while not api.engine.spool.full:
+        resp = await api.client.post("/audit/events", headers=admin.headers, json=[
+            {"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(5)])
+        assert resp.status == 202
+
+
 async def test_spool_full_leaves_status_and_flush_to_the_admin(
     make_api: MakeApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -157,11 +167,7 @@ async def test_spool_full_leaves_status_and_flush_to_the_admin(
     the way to see and clear it, answer, and are recorded all the same."""
     api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
     admin = await api.admin()
-    # Filled in small steps: past the limit by less than the reserve.
-    while not api.engine.spool.full:
-        resp = await api.client.post("/audit/events", headers=admin.headers, json=[
-            {"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(5)])
-        assert resp.status == 202
+    await _fill_in_small_steps(api, admin)
     resp = await api.client.get("/audit/sessions", headers=admin.headers)
     await expect_error(resp, 503, "audit_unavailable")
     resp = await api.client.get("/audit/status",
@@ -195,10 +201,7 @@ async def test_a_flush_the_spool_cannot_record_is_not_done(
     was (the flush used to be done before its record was refused)."""
     api = await make_api(audit={"spool_max_bytes": SPOOL_MAX})
     admin = await api.admin()
-    while not api.engine.spool.full:
-        resp = await api.client.post("/audit/events", headers=admin.headers, json=[
-            {"action": "client.fill", "details": {"pad": "p" * 4000}} for _ in range(5)])
-        assert resp.status == 202
+    await _fill_in_small_steps(api, admin)
     monkeypatch.setattr(admin_handlers, "operational_reserve", lambda max_bytes: 0)
     backoff = api.engine.flusher.backoff
     backoff.until = backoff.clock() + 3600  # as after a run of sink failures

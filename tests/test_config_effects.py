@@ -4,6 +4,7 @@ tests show only that they parse."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,13 +90,10 @@ async def test_commands_read_session_audit_config_and_hash_at_its_rounds(tmp_pat
     variable, work on that configuration's data_dir and hash at its
     bcrypt_rounds."""
     import asyncio
-    import sqlite3
     import subprocess
     import sys
 
     from live_server import SERVER, server_env, to_toml
-
-    from handlers.auth import hash_rounds
 
     conf = tmp_path / "elsewhere.toml"
     data = tmp_path / "the-data"
@@ -112,19 +110,24 @@ async def test_commands_read_session_audit_config_and_hash_at_its_rounds(tmp_pat
 
     r = await asyncio.to_thread(run, "adduser", "bob", "--password-stdin")
     assert r.returncode == 0, r.stderr
-    with sqlite3.connect(data / "spool.db") as db:
-        (stored,) = db.execute("SELECT password_hash FROM users WHERE username = 'bob'"
-                               ).fetchone()
-    assert hash_rounds(stored) == 5
+    assert _bobs_rounds(data) == 5
     conf.write_text(to_toml({"server": {"data_dir": str(data)},
                              "auth": {"bcrypt_rounds": 6}}), encoding="utf-8")
     r = await asyncio.to_thread(run, "passwd", "bob", "--password-stdin")
     assert r.returncode == 0, r.stderr
+    assert _bobs_rounds(data) == 6
+    assert not (cwd / "data").exists()  # not ./config.toml's default data_dir
+
+
+def _bobs_rounds(data: Path) -> int:
+    import sqlite3
+
+    from handlers.auth import hash_rounds
+
     with sqlite3.connect(data / "spool.db") as db:
         (stored,) = db.execute("SELECT password_hash FROM users WHERE username = 'bob'"
                                ).fetchone()
-    assert hash_rounds(stored) == 6
-    assert not (cwd / "data").exists()  # not ./config.toml's default data_dir
+    return hash_rounds(stored)
 
 
 # -- the default names of the secret variables -----------------------------------
