@@ -53,7 +53,9 @@ UNEXPECTED_LIMIT = 5
 # timeout, a 5xx) lets later parts go first: it is tried again after a pause
 # of its own, doubling each time up to DEFER_MAX_SECONDS, and put aside again
 # after a single failure. One part the receiver cannot take in time must not
-# stop every part behind it. Rate limits pause everything instead.
+# stop every part behind it. Rate limits pause everything instead. With only
+# what was put aside pending, the first of it goes backoff_max_seconds after
+# the last write at most, whatever its own pause (Flusher._aside_due).
 # A security batch failing so is sent in halves, each half that fails again
 # halved at once, until the one event it fails on is found: that event is
 # put aside as a part is (still pending, tried again after its own pause, of
@@ -163,6 +165,7 @@ class Flusher:
         # The spool's bucket (BUCKET_KEY) counts every token this process took.
         self._bucket_saved = False
         self._bucket_took = False  # this process took a token (wrote) at all
+        self._last_write = clock()  # (clock) the last write's start, or the start
 
     # -- control -------------------------------------------------------------
 
@@ -337,6 +340,7 @@ class Flusher:
             # saved: the spool counts every write but the one about to go.
             await self._save_bucket()
         self.bucket.try_take()
+        self._last_write = self.clock()
         self._bucket_saved = False
         self._bucket_took = True
         return 0.0
@@ -467,7 +471,7 @@ class Flusher:
                 for gone in set(waiting) - pending:  # stored or dead-lettered by another process
                     self._deferred.pop(gone, None)
                 if pending:
-                    return max(0.0, min(self._deferred[k][0] for k in pending) - now)
+                    return self._aside_due(pending, now)
             return None
         wait = await self._take()
         if wait > 0:
@@ -588,6 +592,25 @@ class Flusher:
         wait = self._put_aside(rid, self._aside_cap(rid))
         self._log_aside("security event %s keeps failing; later events go first, it is"
                         " tried again in %.1f s", doc_id, wait)
+
+    def _aside_due(self, pending: set[Aside], now: float) -> float:
+        """Only what was put aside is pending: the seconds until the first is
+        due, or until backoff_max_seconds have passed since the last write
+        (or the start), whichever is sooner; then that first one goes, alone,
+        and is put aside again at once if it fails. A pause of its own longer
+        than the backoff's keeps it from taking the writes of what else is
+        pending; nothing else is: the sink is idle. (A long outage put every
+        pending document aside for up to DEFER_MAX_SECONDS, and once the
+        sink was back nothing went for up to that long.)"""
+        first = min(pending, key=lambda k: self._deferred[k][0])
+        until, times = self._deferred[first]
+        probe = self._last_write + self.backoff.cap
+        if probe >= until:
+            return max(0.0, until - now)
+        if probe > now:
+            return probe - now
+        self._deferred[first] = (now, times)  # due: sent alone, not in a batch
+        return 0.0
 
     def _aside_cap(self, rid: int) -> float:
         """The longest pause of a security event put aside: backoff_max_seconds

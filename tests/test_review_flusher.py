@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sqlite3
 from typing import Any
@@ -243,7 +244,7 @@ async def test_a_part_put_aside_and_stored_by_another_process_is_forgotten(
     nothing else is pending, it goes idle instead of waiting for that part."""
     from audit import flusher as flusher_module
 
-    config = make_config()
+    config = make_config(flush={"backoff_max_seconds": 1000})  # (its pause, not a probe)
     e = await engines.open(config, monotonic=fake_monotonic)
     src = Source(user="a", role="user")
     s = await e.start_session("a", "user", src, 3600)
@@ -548,3 +549,76 @@ async def test_several_security_events_the_receiver_keeps_failing_let_the_rest_g
     status = await e.status()
     assert (status["pending_security_events"], status["dead_letter"]) == (5, 0)
     assert not poison & set(written)
+
+
+async def test_parts_put_aside_through_a_long_outage_go_soon_after_it_ends(
+    make_config, engines, fake_monotonic
+):
+    """A receiver down for an hour: the pending part failed again and again,
+    and was put aside for longer each time, up to DEFER_MAX_SECONDS. Once the
+    receiver was back, nothing was sent until that pause ended, up to fifteen
+    minutes later, although the backoff is at most backoff_max_seconds. With
+    only what was put aside pending, the first of it goes
+    backoff_max_seconds after the last write at most."""
+    from aiohttp import web
+    from receiver import Receiver, serve
+
+    from audit.config import HttpSinkConfig
+    from audit.flusher import DEFER_MAX_SECONDS
+    from sinks.http import HttpSink
+
+    attempts: list[float] = []  # (fake clock) each write's arrival
+
+    class Down(Receiver):
+        down = True
+
+        def app(self) -> web.Application:
+            app = web.Application()
+            app.router.add_post("/sessions", self._down_or_store)
+            return app
+
+        async def _down_or_store(self, request: web.Request) -> web.Response:
+            attempts.append(fake_monotonic())
+            if self.down:
+                return self._answer(503, {"error": "internal"})
+            return await self._sessions(request)
+
+    receiver = Down()
+    runner, port = await serve(receiver, "127.0.0.1", 0)
+    try:
+        backoff_max = 10.0
+        config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                    "backoff_base_seconds": 0.5,
+                                    "backoff_max_seconds": backoff_max})
+        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
+        e = await engines.open(config, sink, monotonic=fake_monotonic)
+        src = Source(user="alice", role="user")
+        s = await e.start_session("alice", "user", src, 3600)
+        await e.end_session(s.session_id, src)
+        start = fake_monotonic()
+        while fake_monotonic() - start < 3600:  # an hour's outage
+            fake_monotonic.advance(await e.flusher.step() or 0.0)
+        tried = len(attempts)
+        while len(attempts) == tried:  # the outage ends just after a failed try
+            fake_monotonic.advance(await e.flusher.step() or 0.0)
+        assert not receiver.parts
+        # The part's own pause has grown to the longest (the outage was long).
+        [(until, _)] = e.flusher._deferred.values()
+        assert until - fake_monotonic() >= DEFER_MAX_SECONDS - backoff_max
+        # Between tries, no longer than the backoff allows (and as long) either.
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
+        assert max(gaps) <= 2 * backoff_max, max(gaps)
+
+        receiver.down = False  # back
+        back = fake_monotonic()
+        while (delay := await e.flusher.step()) is not None:
+            fake_monotonic.advance(delay)
+        assert list(receiver.parts) == [f"{s.session_id}:0"]
+        # backoff_max_seconds after the last failed write at most, and its
+        # jittered backoff (at most backoff_max_seconds too).
+        assert fake_monotonic() - back <= 2 * backoff_max, fake_monotonic() - back
+        status = await e.status()
+        assert (status["pending_parts"], status["dead_letter"]) == (0, 0)
+    finally:
+        receiver.close()
+        await runner.cleanup()
