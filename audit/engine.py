@@ -14,7 +14,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from sinks.base import Sink
@@ -39,6 +39,16 @@ from .store import (
 )
 
 log = logging.getLogger("session_audit.engine")
+
+# The spool's meta rows of actions under way whose event is recorded only
+# once they end, but which act beyond the process before that: a chat sends
+# the document to the AI provider and waits seconds for its answer. A process
+# killed meanwhile (SIGKILL, the OOM killer, a power cut) left no trace that
+# the document had left the machine. Each such action is noted here, durably,
+# before it starts (AuditEngine.begin); its event deletes the note in the
+# same transaction (record_done); a start finds those left and records each,
+# outcome failure, reason "interrupted" (_record_interrupted).
+BEGUN = "begun:"
 
 REAPER_INTERVAL = 1.0
 # A background task (flusher, reaper) that crashed is started again after
@@ -139,6 +149,7 @@ class AuditEngine:
         self._closing = False
         self._reaper_log = LogThrottle()
         self._fast_log = LogThrottle()  # events lost under ack = "fast"
+        self.beside_server = beside_server
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -146,6 +157,8 @@ class AuditEngine:
         """Open the spool; with ``background``, start the flusher and reaper."""
         await self.spool.open()
         self.spool.on_commit = self.flusher.wake
+        if not self.beside_server:  # (beside a server, its actions are still under way)
+            await self._record_interrupted()
         if background:
             self._start("flusher", self.flusher.run)
             self._start("reaper", self._reaper)
@@ -389,6 +402,92 @@ class AuditEngine:
             return len(drafts)
         n: int = await self.spool.submit(job, size=size)
         return n
+
+    async def begin(self, session_id: str, draft: Draft) -> str:
+        """Note, durably, an action about to act beyond this process whose
+        event (``draft``) is recorded only once it ends (:data:`BEGUN`);
+        returns the note's key for :meth:`record_done`. Refused by a full
+        spool (:class:`SpoolFull`): not begun without room for its record."""
+        key = BEGUN + draft.event_id
+        text = json.dumps({"session_id": session_id, "started": self.clock(),
+                           "draft": asdict(draft)}, separators=(",", ":"))
+
+        def note(w: Writer) -> None:
+            w.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, text))
+
+        await self.spool.submit(note)
+        return key
+
+    async def record_done(self, session_id: str, draft: Draft, begun: str | None = None) -> None:
+        """Record the event of an action that has happened (a chat the
+        provider was asked), deleting its :meth:`begin` note ``begun`` in the
+        same transaction: taken even by a full spool, and durable whatever
+        ``audit.ack`` says. A session that ended meanwhile (logout, expiry,
+        idle timeout) does not lose it: it goes to the security stream as
+        ``auth.session_ended`` with the action's details, and
+        :class:`SessionNotOpen` is raised (marked recorded)."""
+
+        def done(w: Writer) -> None:
+            if begun is not None:
+                w.conn.execute("DELETE FROM meta WHERE key = ?", (begun,))
+
+        def event(w: Writer) -> str:
+            text = w.append(session_id, draft)
+            done(w)
+            return text
+
+        try:
+            await self.spool.submit(event if begun is not None else Append(session_id, draft),
+                                    needs_space=False)
+        except SessionNotOpen as exc:
+            ended = Draft(
+                "auth.session_ended", outcome="failure", target=draft.target,
+                source=draft.source,
+                details={"reason": "session_ended_during_action", "action": draft.action,
+                         "action_outcome": draft.outcome, "action_details": draft.details},
+            )
+
+            def security(w: Writer) -> None:
+                w.append_security(ended, session_id)
+                done(w)
+
+            await self.spool.submit(security, needs_space=False)
+            exc.recorded = True
+            raise
+
+    async def _record_interrupted(self) -> None:
+        """Record the actions an earlier process began and never recorded
+        (:data:`BEGUN`): outcome failure, reason ``interrupted``, with when
+        each began; a note that cannot be read is left, and said."""
+        rows = await self.spool.read(lambda c: c.execute(
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
+            (BEGUN, BEGUN[:-1] + chr(ord(BEGUN[-1]) + 1))).fetchall())
+        for key, text in rows:
+            try:
+                note = json.loads(text)
+                raw = note["draft"]
+                draft = Draft(**{**raw, "source": Source(**raw["source"])})
+                session_id = note["session_id"]
+                started = format_ts(float(note["started"]))
+                if not isinstance(session_id, str) or not isinstance(draft.details, dict):
+                    raise TypeError("not a session id and details")
+            except (ValueError, TypeError, KeyError, OverflowError) as exc:
+                log.error("the spool's note %r of an action under way cannot be read (%s):"
+                          " its event is not recorded", key, exc)
+                continue
+            draft.outcome = "failure"
+            draft.details = {**draft.details, "reason": "interrupted", "started_at": started}
+            log.warning("%s (event %s, session %s) was under way when the server stopped:"
+                        " recorded as interrupted", draft.action, draft.event_id, session_id)
+            try:
+                await self.record_done(session_id, draft, key)
+            except SessionNotOpen:
+                pass  # (recorded as a security event)
+            except (SpoolUnavailable, sqlite3.Error, OSError) as exc:
+                # The spool cannot commit (a full disk): the note stays, for the next start.
+                log.error("the interrupted %s (event %s) cannot be recorded yet: %s",
+                          draft.action, draft.event_id, exc)
+                return
 
     def detach(self, recording: Awaitable[Any]) -> asyncio.Future[Any]:
         """Run ``recording`` (the record of an action already done, its caller

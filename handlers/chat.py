@@ -13,7 +13,6 @@ from typing import Any
 
 from aiohttp import web
 
-from audit.engine import AuditEngine
 from audit.events import Draft
 from audit.spool import SpoolFull
 from audit.store import ActionError, SessionNotOpen
@@ -142,6 +141,10 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
     details: dict[str, Any] = {"model": provider.model, "prompt": _digest(message)}
     if capture:
         details["prompt_text"] = message
+    draft.details = details
+    # Noted before the document leaves: a process killed while the provider
+    # has it records the interaction at its next start (AuditEngine.begin).
+    begun = await engine.begin(ctx.session_id, draft)
     started = time.perf_counter()
     try:
         answer = await provider.answer(row[1], row[2], message)
@@ -151,7 +154,7 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         _warn_provider(details["error"])
         draft.outcome = "failure"
         draft.details = {**details, "reason": "ai_unavailable"}
-        await _record_asked(engine, ctx.session_id, draft)
+        await engine.record_done(ctx.session_id, draft, begun)
         raise ApiError(502, "ai_unavailable", "the AI provider is unavailable") from None
     except Exception:
         # A bug (a provider raising what it should not): the document may have
@@ -159,7 +162,7 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         details["latency_ms"] = round(1000 * (time.perf_counter() - started), 1)
         draft.outcome = "failure"
         draft.details = {**details, "reason": "internal_error"}
-        await _record_asked(engine, ctx.session_id, draft)
+        await engine.record_done(ctx.session_id, draft, begun)
         raise
     except asyncio.CancelledError:
         # Cut off while the provider had the document: by the shutdown once
@@ -169,7 +172,7 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         details["latency_ms"] = round(1000 * (time.perf_counter() - started), 1)
         draft.outcome = "failure"
         draft.details = {**details, "reason": "cancelled"}
-        recording = engine.detach(_record_asked(engine, ctx.session_id, draft))
+        recording = engine.detach(engine.record_done(ctx.session_id, draft, begun))
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.shield(recording)
         raise
@@ -183,7 +186,7 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
     if capture:
         details["reply_text"] = answer.reply
     draft.details = details
-    await _record_asked(engine, ctx.session_id, draft)
+    await engine.record_done(ctx.session_id, draft, begun)
     return json_response({
         "reply": answer.reply,
         "model": answer.model,
@@ -201,27 +204,6 @@ def _warn_provider(error: str) -> None:
         _provider_warned = now
         log.warning("AI provider unavailable: %s (chats get 502 ai_unavailable; logged at"
                     " most once a minute)", error)
-
-
-async def _record_asked(engine: AuditEngine, session_id: str, draft: Draft) -> None:
-    """Record the interaction once the provider was asked: the document has
-    been sent, so the record is taken even by a full spool, and a session that
-    ended meanwhile (logout, expiry, idle timeout) does not lose it: it goes
-    to the security stream as ``auth.session_ended`` with the interaction's
-    details (the texts too under ``capture_ai_content``), and the caller gets
-    401 ``session_ended``. Durable whatever ``audit.ack`` says: under
-    ``"fast"`` a session ended meanwhile would go unnoticed."""
-    try:
-        await engine.record(session_id, draft, needs_space=False, durable=True)
-    except SessionNotOpen as exc:
-        ended = Draft(
-            "auth.session_ended", outcome="failure", target=draft.target, source=draft.source,
-            details={"reason": "session_ended_during_action", "action": draft.action,
-                     "action_outcome": draft.outcome, "action_details": draft.details},
-        )
-        await engine.record_security(ended, session_id, happened=True)
-        exc.recorded = True
-        raise
 
 
 def _visible(conn: sqlite3.Connection, ctx: Any, doc_id: str) -> tuple[Any, ...]:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -133,6 +134,46 @@ async def test_sighup_ignored_by_nohup_stays_ignored(tmp_path: Path) -> None:
         lv.close()
 
 
+async def _a_chat_held_by_the_provider(
+    lv: Live, stub: OpenAIStub, http: aiohttp.ClientSession
+) -> tuple[dict[str, Any], str, asyncio.Future[None]]:
+    """alice logs in, creates a document and asks about it (request id
+    ``cut-off``); returns her login, the document's id and the chat's
+    request, once the provider holds it."""
+    await lv.adduser("alice", "alice-password")
+    await lv.start()
+    async with http.post(lv.base + "/token", json={"username": "alice",
+                                                    "password": "alice-password"}) as r:
+        assert r.status == 200
+        login = await r.json()
+    auth = {"Authorization": f"Bearer {login['access_token']}"}
+    async with http.post(lv.base + "/documents", headers=auth,
+                         json={"title": "t", "content": "the document"}) as r:
+        assert r.status == 201
+        doc = (await r.json())["id"]
+
+    async def chat() -> None:
+        async with http.post(f"{lv.base}/documents/{doc}/chat", json={"message": "hi"},
+                             headers={**auth, "X-Request-ID": "cut-off"}) as r:
+            await r.read()
+
+    asking = asyncio.ensure_future(chat())
+    await asyncio.wait_for(stub.arrived.wait(), 30)
+    return login, doc, asking
+
+
+def _the_chats_event(lv: Live, session_id: str) -> dict[str, Any]:
+    with contextlib.closing(sqlite3.connect(lv.data_dir / "spool.db")) as spool:
+        events = [json.loads(j) for (j,) in spool.execute(
+            "SELECT json FROM events WHERE session_id = ? ORDER BY seq", (session_id,))]
+        begun = spool.execute("SELECT key FROM meta WHERE key LIKE 'begun:%'").fetchall()
+    assert begun == []  # (the note of the chat under way: gone with its event)
+    (ev,) = [e for e in events if e["request_id"] == "cut-off"]
+    assert (ev["action"], ev["outcome"]) == ("ai.interaction", "failure"), ev
+    assert ev["details"]["prompt"]["length"] == 2 and ev["actor"]["user"] == "alice"
+    return ev
+
+
 async def test_a_chat_cut_off_by_the_shutdown_is_recorded(tmp_path: Path) -> None:
     """The provider holds the chat past the shutdown's wait for requests in
     flight: the server cancels it, and the interaction (the document was sent)
@@ -143,37 +184,46 @@ async def test_a_chat_cut_off_by_the_shutdown_is_recorded(tmp_path: Path) -> Non
     lv = Live(tmp_path, {"ai": {"provider": "openai",
                                 "openai": {"base_url": base_url, "timeout_seconds": 300}}})
     try:
-        await lv.adduser("alice", "alice-password")
-        await lv.start()
         async with aiohttp.ClientSession() as http:
-            async with http.post(lv.base + "/token", json={"username": "alice",
-                                                            "password": "alice-password"}) as r:
-                assert r.status == 200
-                login = await r.json()
-            auth = {"Authorization": f"Bearer {login['access_token']}"}
-            async with http.post(lv.base + "/documents", headers=auth,
-                                 json={"title": "t", "content": "the document"}) as r:
-                assert r.status == 201
-                doc = (await r.json())["id"]
-
-            async def chat() -> None:
-                async with http.post(f"{lv.base}/documents/{doc}/chat", json={"message": "hi"},
-                                     headers={**auth, "X-Request-ID": "cut-off"}) as r:
-                    await r.read()
-
-            asking = asyncio.ensure_future(chat())
-            await asyncio.wait_for(stub.arrived.wait(), 30)
+            login, doc, asking = await _a_chat_held_by_the_provider(lv, stub, http)
             assert await lv.stop(timeout=60) == 0, lv.log_tail()
             with contextlib.suppress(aiohttp.ClientError):
                 await asking
     finally:
         await stub.stop()
         lv.close()
-    with contextlib.closing(sqlite3.connect(lv.data_dir / "spool.db")) as spool:
-        events = [json.loads(j) for (j,) in spool.execute(
-            "SELECT json FROM events WHERE session_id = ? ORDER BY seq",
-            (login["session_id"],))]
-    (ev,) = [e for e in events if e["request_id"] == "cut-off"]
-    assert (ev["action"], ev["outcome"]) == ("ai.interaction", "failure"), ev
+    ev = _the_chats_event(lv, login["session_id"])
     assert ev["details"]["reason"] == "cancelled" and ev["target"]["id"] == doc
+    assert "Traceback" not in lv.log_tail(50_000)
+
+
+async def test_a_chat_cut_off_by_sigkill_is_recorded_at_the_next_start(tmp_path: Path) -> None:
+    """The server is killed (SIGKILL: the OOM killer, a power cut) while the
+    provider holds a chat: the document has left the machine, but its event
+    was to be recorded only once the provider answered, and nothing recorded
+    that it had been asked. The chat is noted before the document goes; the
+    next start records it, outcome failure, reason ``interrupted``, in its
+    session, with its request id and when it began; the chain verifies."""
+    stub = OpenAIStub()
+    stub.mode = "held"
+    base_url = await stub.start()
+    lv = Live(tmp_path, {"ai": {"provider": "openai",
+                                "openai": {"base_url": base_url, "timeout_seconds": 300}}})
+    try:
+        async with aiohttp.ClientSession() as http:
+            login, doc, asking = await _a_chat_held_by_the_provider(lv, stub, http)
+            await lv.kill()
+            with contextlib.suppress(aiohttp.ClientError):
+                await asking
+        await lv.start()
+        assert await lv.stop() == 0, lv.log_tail()
+        assert "recorded as interrupted" in lv.log_tail(50_000)
+        verify = await lv.cli("verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        await stub.stop()
+        lv.close()
+    ev = _the_chats_event(lv, login["session_id"])
+    assert ev["details"]["reason"] == "interrupted" and ev["target"]["id"] == doc
+    assert ev["details"]["started_at"] < ev["ts"]
     assert "Traceback" not in lv.log_tail(50_000)
