@@ -583,7 +583,11 @@ class SqliteSink(Sink):
         if cursor is not None:
             ts, eid = decode_cursor(cursor)
             after = (ts, eid)
+        # Only rows whose ts and id are text, as the sink writes them: a BLOB
+        # (a row changed by hand) sorts after every text, and a page ending
+        # at it had bytes in its cursor, no JSON: a 500. Verify reports it.
         where, args = sql_where(  # (a row value: see list_sessions)
+            ("typeof(ts) = 'text' AND typeof(id) = 'text'", ()),
             ("ts >= ?", since),
             ("action = ?", kind),
             ("(ts, id) < (?, ?)", after),

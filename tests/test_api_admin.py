@@ -882,3 +882,36 @@ async def test_an_unreadable_embedded_sink_document_is_503_not_500(make_api: Mak
         async with api.client.get(url, headers=admin.headers) as r:
             assert r.status == 503, (url, r.status, await r.text())
             assert (await r.json())["error"]["code"] == "sink_unavailable", url
+
+
+async def test_security_events_over_sqlite_sink_rows_whose_ts_or_id_is_a_blob(
+    make_api: MakeApi,
+) -> None:
+    """A row of the embedded sink whose ts or id column is a BLOB (changed
+    by hand, another program's) sorts after every text: a page ending at it
+    took the sink's cursor from those columns, and bytes are no JSON, a
+    TypeError: /audit/security-events?limit=1 was a 500. Such rows are left
+    out of the listing (verify reports them: the column is not the
+    document's); the others page through as before."""
+    api = await make_api()
+    admin = await api.admin()
+    await api.engine.sink.write_security_events(
+        [sample_security_event(f"e{i}", ts=f"2026-11-26T14:00:0{i}.000Z") for i in range(5)])
+    db = sqlite3.connect(api.config.sqlite_sink_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("UPDATE security_events SET ts = CAST(ts AS BLOB) WHERE id IN ('e1', 'e2')")
+        db.execute("UPDATE security_events SET id = CAST(id AS BLOB) WHERE id = 'e3'")
+    finally:
+        db.close()
+    listed, cursor, pages = [], "", 0
+    while cursor is not None and pages < 50:
+        async with api.client.get(
+                f"/audit/security-events?limit=1{cursor and '&cursor=' + cursor}",
+                headers=admin.headers) as r:
+            assert r.status == 200, await r.text()
+            body = await r.json()
+        listed += [e["_id"] for e in body["events"]]
+        cursor, pages = body["next_cursor"], pages + 1
+    assert cursor is None
+    assert [e for e in listed if e in {"e0", "e1", "e2", "e3", "e4"}] == ["e4", "e0"]
