@@ -533,7 +533,13 @@ async def security_events(request: web.Request) -> web.Response:
         pass
     except SinkError as exc:
         raise _sink_unavailable(engine, exc) from None
-    merged = {e.get("_id"): e for e in from_sink}  # (a changed document may have none)
+    # By _id, the spool's copy over the sink's. A document another writer
+    # changed may have none, or one of another type: an object (MongoDB
+    # takes one) was no dict key, a TypeError, a 500 for every listing
+    # holding it. Such an _id (the spool's are text) is nobody's copy.
+    merged: dict[Any, Doc] = {}
+    for i, e in enumerate(from_sink):
+        merged[e["_id"] if isinstance(e.get("_id"), str) else (i,)] = e
     merged.update({e["_id"]: e for e in spooled})
     ordered = sorted(merged.values(), key=_event_key, reverse=True)
     page = ordered[:limit]

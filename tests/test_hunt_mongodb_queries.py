@@ -14,6 +14,7 @@ import bson
 import bson.int64
 import mockupdb
 import pytest
+from api_fixtures import MakeApi, make_api
 from bson import Decimal128, ObjectId
 from bson.raw_bson import RawBSONDocument
 from mockupdb import MockupDB
@@ -31,6 +32,8 @@ from test_sink_mongodb import (
 
 from sinks.base import SinkUnreadable
 from sinks.mongodb import MongoSink
+
+__all__ = ["make_api"]
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +247,83 @@ async def test_a_session_is_read_a_part_at_a_time(server: MockupDB, sink: MongoS
     assert find["filter"] == {"session_id": "s1", "part": 1} and "projection" not in find.doc
     find.replies(cursor_reply(SESSIONS, [p1]))
     assert await task == [p1]
+
+
+# BSON's order of the types an _id may have here, descending: an object
+# sorts after a string, a number before one (sort by ts, then _id, newest first).
+def _bson_rank(value: Any) -> int:
+    return 2 if isinstance(value, dict) else 1 if isinstance(value, str) else 0
+
+
+def _before(value: Any, bound: Any) -> bool:
+    """MongoDB's ``{"$lt": bound}``: values of the bound's type only."""
+    return type(value) is type(bound) and value < bound
+
+
+async def test_security_events_with_an_id_that_is_no_string_are_listed_and_paged(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MongoDB takes an ``_id`` of any type but an array: another writer's
+    security event may have an object there (or a number). The admin API
+    merges the sink's events with the spool's by ``_id``, as dict keys: an
+    object was no key, a TypeError, and every /audit/security-events whose
+    page reached it answered 500. Through the real app and driver, against a
+    scripted server that answers the listing's queries as MongoDB would: it
+    is listed, and paging one at a time ends, each event at most once (a
+    cursor's ``_id`` is a string, and MongoDB's ``$lt`` compares strings
+    only: a page past them passes over the others, as before)."""
+    ts = "2026-11-26T14:00:0{}.000Z".format
+    stored = sorted([
+        sample_security_event("e3", ts=ts(3)),
+        {**sample_security_event("x", ts=ts(2)), "_id": {"day": 1}},
+        sample_security_event("e2", ts=ts(2)),
+        {**sample_security_event("y", ts=ts(2)), "_id": 7},
+        sample_security_event("e1", ts=ts(1)),
+    ], key=lambda e: (e["ts"], _bson_rank(e["_id"]), str(e["_id"])), reverse=True)
+
+    def answer(request: Any) -> bool:
+        name = next(iter(request.doc), "")
+        if name.lower() in ("ismaster", "hello"):
+            return False
+        if name == "find" and request["find"] == "security_audit":
+            docs = stored
+            if "$or" in request["filter"]:
+                older, same = request["filter"]["$or"]
+                docs = [e for e in stored if _before(e["ts"], older["ts"]["$lt"]) or (
+                    e["ts"] == same["ts"] and _before(e["_id"], same["_id"]["$lt"]))]
+            return bool(request.replies(cursor_reply(SECURITY, docs[:request["limit"]])))
+        if name == "find":
+            return bool(request.replies(cursor_reply(SESSIONS, [])))
+        if name == "insert":
+            return bool(request.replies({"ok": 1, "n": len(request.docs)}))
+        return bool(request.ok())
+
+    server = mockupdb.MockupDB(auto_ismaster={"ismaster": True, "minWireVersion": 0,
+                                              "maxWireVersion": 21}, request_timeout=10)
+    server.run()
+    server.autoresponds(answer)
+    try:
+        monkeypatch.setenv(URI_ENV, uri(server))
+        api = await make_api(sink={"type": "mongodb",
+                                   "mongodb": {"uri_env": URI_ENV, "database": "audit"}})
+        admin = await api.admin()
+        async with api.client.get("/audit/security-events", headers=admin.headers) as r:
+            assert r.status == 200, await r.text()
+            listed = [e["_id"] for e in (await r.json())["events"]]
+        assert [i for i in listed if i not in ("e3", "e2", "e1")] in ([{"day": 1}, 7],
+                                                                       [7, {"day": 1}])
+        paged: list[Any] = []
+        cursor, pages = "", 0
+        while cursor is not None and pages < 20:
+            async with api.client.get(
+                    f"/audit/security-events?limit=1{cursor and '&cursor=' + cursor}",
+                    headers=admin.headers) as r:
+                assert r.status == 200, await r.text()
+                body = await r.json()
+            paged += [e["_id"] for e in body["events"]]
+            cursor, pages = body["next_cursor"], pages + 1
+        assert cursor is None
+        assert [i for i in paged if i in ("e3", "e2", "e1")] == ["e3", "e2", "e1"]
+        assert all(paged.count(i) == 1 for i in paged), paged
+    finally:
+        server.stop()
