@@ -293,8 +293,12 @@ def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) 
     unfinished = frozenset(r[0] for r in conn.execute(
         "SELECT session_id FROM sessions WHERE state = 'open'"
         " UNION SELECT session_id FROM parts WHERE state != 'stored'"))
-    stored = frozenset(r[0] for r in conn.execute(
-        "SELECT session_id FROM stored_sessions WHERE ?1 IS NULL OR sink = ?1", (sink,)))
+    # A spool from before stored_sessions (not served since: verify opens it
+    # read only) noted none; "the spool cannot be read" was not so.
+    stored: frozenset[str] = frozenset()
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'stored_sessions'").fetchone():
+        stored = frozenset(r[0] for r in conn.execute(
+            "SELECT session_id FROM stored_sessions WHERE ?1 IS NULL OR sink = ?1", (sink,)))
     starts, end, ends, took_none = _stretches(conn, sink, genesis(key, SECURITY_STREAM))
     return SpoolAnchor(row[0] if row else genesis(key, SECURITY_STREAM),
                        unsent, unfinished, stored - unfinished,

@@ -1091,3 +1091,38 @@ async def test_a_part_whose_session_id_is_a_blob_ends_the_listing(stored, audit_
         report = await report_of(config, audit_key)
     assert report.sessions == 7
     assert any("blob:0" in p.detail for p in report.problems), report.problems
+
+
+async def test_verify_on_a_spool_from_before_stored_sessions(
+    make_config, engines, audit_key, monkeypatch, capsys
+):
+    """A spool of a release before stored_sessions, not served since (verify
+    opens it read only: nothing makes the table). verify said "the spool
+    cannot be read (no such table: stored_sessions); the end of this
+    server's security chain is not checked", which was not so: the spool
+    reads, and the newest security event removed from the sink went
+    unreported (exit 0, OK). Such a spool noted no session stored whole:
+    the rest is checked."""
+    import server
+
+    config = make_config(flush={"max_writes_per_second": 1000.0, "burst": 100})
+    engine = await engines.open(config)
+    for i in range(3):
+        await engine.record_security(Draft("auth.login_failed", outcome="denied",
+                                           source=Source(ip="10.0.0.3"),
+                                           details={"username": f"x{i}"}), happened=True)
+    await engines.drain(engine)
+    await engines.close(engine)
+    with contextlib.closing(sqlite3.connect(config.spool_path)) as c, c:
+        c.execute("DROP TABLE stored_sessions")
+    monkeypatch.setenv(server.AUDIT_KEY_ENV, audit_key.decode())
+
+    assert await server._verify(config) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and out.out.endswith(": OK\n"), out
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as c, c:
+        c.execute("DELETE FROM security_events WHERE rowid = (SELECT MAX(rowid)"
+                  " FROM security_events)")
+    assert await server._verify(config) == 1
+    out = capsys.readouterr()
+    assert out.err == "" and "security_chain" in out.out, out
