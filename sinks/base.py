@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
@@ -64,6 +65,26 @@ def event_count(part: Doc) -> int:
         return int(part.get("event_count", 0))
     except (TypeError, ValueError, OverflowError):
         return 0
+
+
+# JSON's escape of one half of a UTF-16 surrogate pair ("\ud800").
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(text: str, doc: Any) -> bool:
+    """Whether ``doc``, parsed from the JSON ``text``, holds a lone surrogate
+    (JSON's ``"\\ud800"`` alone: a pair is one character), which no answer
+    can encode as UTF-8: a UnicodeEncodeError, a 500, for every answer
+    holding the document. Text that is not UTF-8, as SQLite's that cannot
+    be decoded; the sink never writes one (its JSON is not ASCII-escaped,
+    and the spool stores none): another writer's."""
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return False
+    try:
+        _encode(doc).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def odd_part(part: Any, *, events: bool = True) -> bool:

@@ -136,6 +136,7 @@ from .base import (
     dumps,
     encode_cursor,
     event_count,
+    lone_surrogate,
     odd_part,
 )
 
@@ -475,9 +476,15 @@ class JsonlSink(Sink):
                         )
                     break
                 try:
-                    doc = json.loads(raw)
+                    # Decoded first: json.loads of bytes takes the UTF-8-like
+                    # bytes of a lone surrogate, which no answer can encode.
+                    text = raw.decode("utf-8")
+                    doc = json.loads(text)
+                    if lone_surrogate(text, doc):
+                        raise ValueError("a lone surrogate")
                 except (ValueError, RecursionError):  # nested past the parser's stack too
-                    log.warning("%s at byte %d: not JSON, ignored", path.name, pos)
+                    log.warning("%s at byte %d: not JSON (or not UTF-8), ignored", path.name,
+                                pos)
                     index.unplace(no, pos, "a line that is not JSON (or not UTF-8)")
                 else:
                     if isinstance(doc, dict) and "_id" in doc:

@@ -27,6 +27,7 @@ from .base import (
     decode_cursor,
     dumps,
     encode_cursor,
+    lone_surrogate,
     odd_part,
     sql_where,
     summarize_parts,
@@ -190,6 +191,9 @@ def _checked_parts(rows: Iterable[Any], *, events: bool = True) -> list[Doc]:
     parts = []
     for row_id, text in rows:
         part = json.loads(text)
+        if lone_surrogate(text, part):
+            raise SinkUnreadable(f"sqlite sink: the part with id {row_id!r} holds text that"
+                                 " is not UTF-8 (a lone surrogate)")
         if odd_part(part, events=events):  # (another writer's row: see odd_part)
             raise SinkUnreadable(f"sqlite sink: the part with id {row_id!r} is not a part"
                                  " the admin API can show: no object with a session_id"
@@ -601,9 +605,9 @@ class SqliteSink(Sink):
         docs = []
         for _, row_id, text in rows:
             doc = json.loads(text)
-            if not isinstance(doc, dict):  # another writer's row
+            if not isinstance(doc, dict) or lone_surrogate(text, doc):  # another writer's row
                 raise SinkUnreadable(f"sqlite sink: the security event with id {row_id!r}"
-                                     " is no JSON object")
+                                     " is no JSON object, or holds text that is not UTF-8")
             docs.append(doc)
         # The cursor is where the page ends in the order read, the columns'
         # (a document another writer left without its ts or _id was a

@@ -915,3 +915,51 @@ async def test_security_events_over_sqlite_sink_rows_whose_ts_or_id_is_a_blob(
         cursor, pages = body["next_cursor"], pages + 1
     assert cursor is None
     assert [e for e in listed if e in {"e0", "e1", "e2", "e3", "e4"}] == ["e4", "e0"]
+
+
+async def test_a_sink_document_holding_a_lone_surrogate_is_not_a_500(make_api: MakeApi) -> None:
+    """JSON's "\\ud800" alone parses to a lone surrogate, which no answer
+    can encode as UTF-8: a stored document holding one (another writer's:
+    the sink writes none) made the listings and the session detail a 500
+    (UnicodeEncodeError). The embedded sink's row is unreadable, 503
+    sink_unavailable, as one that is not UTF-8 text."""
+    api = await make_api()
+    admin = await api.admin()
+    await api.engine.sink.write_part(sample_part("a" * 32))
+    await api.engine.sink.write_security_events([sample_security_event("e1")])
+    db = sqlite3.connect(api.config.sqlite_sink_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("""UPDATE parts SET doc = json_set(doc, '$.user', json('"\\ud800"'))""")
+        db.execute("""UPDATE security_events SET doc = json_set(doc, '$.details',"""
+                   """ json('"\\udfff"'))""")
+    finally:
+        db.close()
+    for url in ("/audit/sessions", f"/audit/sessions/{'a' * 32}", "/audit/security-events"):
+        async with api.client.get(url, headers=admin.headers) as r:
+            assert r.status == 503, (url, r.status, await r.text())
+            assert (await r.json())["error"]["code"] == "sink_unavailable", url
+
+
+async def test_a_jsonl_line_holding_a_lone_surrogate_is_left_out(make_api: MakeApi) -> None:
+    """The same in a JSONL line, escaped or as the three bytes that spell a
+    surrogate (json.loads of bytes takes those): a 500 for the listings and
+    the session. Such a line is no document of the sink's, left out of the
+    queries as a line that is not UTF-8, and reported to verify."""
+    api = await make_api(sink={"type": "jsonl"})
+    admin = await api.admin()
+    d = api.config.jsonl_dir
+    await wait_for(d.exists, message="the jsonl directory")
+    part = json.dumps({**sample_part("a" * 32), "type": "session_part"}).encode()
+    event = json.dumps({**sample_security_event("e1"), "type": "security_event"}).encode()
+    (d / "audit-2025-01-01.jsonl").write_bytes(
+        part.replace(b'"user": "alice"', b'"user": "\\ud800"') + b"\n"
+        + event.replace(b'"user": "mallory"', b'"user": "\xed\xa0\x80"') + b"\n")
+    for url in ("/audit/sessions", "/audit/security-events"):
+        async with api.client.get(url, headers=admin.headers) as r:
+            assert r.status == 200, (url, await r.text())
+            assert "a" * 32 not in await r.text() and '"e1"' not in await r.text()
+    async with api.client.get(f"/audit/sessions/{'a' * 32}", headers=admin.headers) as r:
+        assert r.status == 404, await r.text()
+    unchecked = await api.engine.sink.unchecked_records()
+    assert len([u for u in unchecked if "not UTF-8" in u]) == 2, unchecked
