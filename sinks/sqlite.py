@@ -160,6 +160,9 @@ async def _readable(name: str) -> AsyncIterator[None]:
     except ValueError as exc:  # json.loads
         raise SinkUnreadable(f"sqlite sink: {name} holds a document that is not JSON:"
                              f" {exc}") from exc
+    except OverflowError as exc:  # a document's part number past 64 bits, bound in a query
+        raise SinkUnreadable(f"sqlite sink: {name} holds a number SQLite cannot hold:"
+                             f" {exc}") from exc
 
 
 # The constraints a row of the sink's own tables can fail: a field the

@@ -963,3 +963,22 @@ async def test_a_jsonl_line_holding_a_lone_surrogate_is_left_out(make_api: MakeA
         assert r.status == 404, await r.text()
     unchecked = await api.engine.sink.unchecked_records()
     assert len([u for u in unchecked if "not UTF-8" in u]) == 2, unchecked
+
+
+async def test_a_sqlite_sink_part_numbered_past_64_bits_is_not_a_500(make_api: MakeApi) -> None:
+    """A part whose document another writer numbered past SQLite's 64-bit
+    integers: the session's events are read a part at a time by that
+    number, and binding it raised OverflowError, a 500 for
+    GET /audit/sessions/{id}. It is a part the sink cannot hand out, 503."""
+    api = await make_api()
+    admin = await api.admin()
+    await api.engine.sink.write_part(sample_part("a" * 32))
+    db = sqlite3.connect(api.config.sqlite_sink_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute(f"UPDATE parts SET doc = json_set(doc, '$.part', json('{10**29}'))")
+    finally:
+        db.close()
+    async with api.client.get(f"/audit/sessions/{'a' * 32}", headers=admin.headers) as r:
+        assert r.status == 503, await r.text()
+        assert (await r.json())["error"]["code"] == "sink_unavailable"
