@@ -60,11 +60,13 @@ class QueryNotSupported(SinkError):
 
 def event_count(part: Doc) -> int:
     """A stored part's ``event_count``; 0 if it is no count (a part another
-    process wrote: a string, null, or JSON's 1e400, a float infinity)."""
+    process wrote: a string, null, or JSON's 1e400, a float infinity; or
+    past 64 bits: summed, JSON's digits went past the 4,300 Python prints)."""
     try:
-        return int(part.get("event_count", 0))
+        n = int(part.get("event_count", 0))
     except (TypeError, ValueError, OverflowError):
         return 0
+    return n if n < 1 << 63 else 0
 
 
 # JSON's escape of one half of a UTF-16 surrogate pair ("\ud800").

@@ -982,3 +982,26 @@ async def test_a_sqlite_sink_part_numbered_past_64_bits_is_not_a_500(make_api: M
     async with api.client.get(f"/audit/sessions/{'a' * 32}", headers=admin.headers) as r:
         assert r.status == 503, await r.text()
         assert (await r.json())["error"]["code"] == "sink_unavailable"
+
+
+async def test_stored_parts_whose_event_counts_sum_past_printing_are_not_a_500(
+    make_api: MakeApi,
+) -> None:
+    """JSON holds integers of any length, Python prints them up to 4,300
+    digits: two parts of one session whose documents another writer gave
+    a 4,300-digit event_count summed past that, and encoding the summary
+    raised ValueError, a 500 for the listings and the session. A count
+    past 64 bits is no count, as a string or an infinity already was (0)."""
+    api = await make_api()
+    admin = await api.admin()
+    await api.engine.sink.write_part(sample_part("a" * 32, 0, final=False))
+    await api.engine.sink.write_part(sample_part("a" * 32, 1, final=True))
+    db = sqlite3.connect(api.config.sqlite_sink_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute(f"UPDATE parts SET doc = json_set(doc, '$.event_count', json('{'9' * 4300}'))")
+    finally:
+        db.close()
+    for url in ("/audit/sessions", f"/audit/sessions/{'a' * 32}"):
+        async with api.client.get(url, headers=admin.headers) as r:
+            assert r.status == 200, (url, await r.text())
