@@ -368,6 +368,8 @@ async def _merged_page(
             pass
         except SinkError as exc:
             raise _sink_unavailable(engine, exc) from None
+    if cursor is not None:  # (see security_events)
+        from_sink = [s for s in from_sink if _session_key(s) < cursor]
     merged: dict[str, Doc] = {s["session_id"]: s for s in from_sink}
     spooled = {s["session_id"] for s in from_spool}
     ids = [s["session_id"] for s in from_sink if s["session_id"] not in spooled]
@@ -533,6 +535,13 @@ async def security_events(request: web.Request) -> web.Response:
         pass
     except SinkError as exc:
         raise _sink_unavailable(engine, exc) from None
+    if cursor is not None:
+        # Only what sorts after the cursor, by the fields the page's order and
+        # cursor come from. A sink that pages by columns of its own (sqlite)
+        # answers a row whose document another writer moved later than its
+        # columns past every cursor from then on: it ended every page, with
+        # the same next_cursor, page after page.
+        from_sink = [e for e in from_sink if _event_key(e) < cursor]
     # By _id, the spool's copy over the sink's. A document another writer
     # changed may have none, or one of another type: an object (MongoDB
     # takes one) was no dict key, a TypeError, a 500 for every listing

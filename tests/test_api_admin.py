@@ -1005,3 +1005,52 @@ async def test_stored_parts_whose_event_counts_sum_past_printing_are_not_a_500(
     for url in ("/audit/sessions", f"/audit/sessions/{'a' * 32}"):
         async with api.client.get(url, headers=admin.headers) as r:
             assert r.status == 200, (url, await r.text())
+
+
+async def _one_at_a_time(api: Api, admin: Login, path: str, items: str, key: str) -> list[Any]:
+    """``key`` of every item of a listing read a page of one at a time; the
+    paging must end within 30 pages."""
+    listed: list[Any] = []
+    cursor, pages = "", 0
+    while cursor is not None and pages < 30:
+        async with api.client.get(f"{path}?limit=1{cursor and '&cursor=' + cursor}",
+                                  headers=admin.headers) as r:
+            assert r.status == 200, await r.text()
+            body = await r.json()
+        listed += [x[key] for x in body[items]]
+        cursor, pages = body["next_cursor"], pages + 1
+    assert cursor is None, listed
+    return listed
+
+
+async def test_paging_ends_over_sqlite_sink_rows_whose_document_is_newer_than_its_columns(
+    make_api: MakeApi,
+) -> None:
+    """The embedded sink pages by its columns (ts, id; start, session id),
+    the admin API by the documents' fields. A row whose document another
+    writer moved later than its columns was answered by the sink past every
+    cursor from that later time on, and so ended every page: the same event
+    (or session) and the same next_cursor, page after page, for a client
+    paging to the end. The sink's answers before the cursor are dropped: it
+    is listed once."""
+    api = await make_api()
+    admin = await api.admin()
+    ts = "2026-11-26T14:00:0{}.000Z".format
+    await api.engine.sink.write_security_events(
+        [sample_security_event(f"e{i}", ts=ts(i)) for i in range(4)])
+    for i in range(4):
+        await api.engine.sink.write_part(sample_part(f"{i}" * 32, start=ts(i)))
+    db = sqlite3.connect(api.config.sqlite_sink_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("UPDATE security_events SET doc = json_set(doc, '$.ts', ?) WHERE id = 'e2'",
+                   (ts(9),))
+        db.execute("UPDATE parts SET doc = json_set(doc, '$.session_start_time', ?)"
+                   " WHERE session_id = ?", (ts(9), "2" * 32))
+    finally:
+        db.close()
+    events = await _one_at_a_time(api, admin, "/audit/security-events", "events", "_id")
+    assert events == ["e2", "e3", "e1", "e0"]
+    sessions = await _one_at_a_time(api, admin, "/audit/sessions", "sessions", "session_id")
+    assert [s for s in sessions if s != admin.session_id] == [
+        "2" * 32, "3" * 32, "1" * 32, "0" * 32]
