@@ -157,7 +157,7 @@ async def _readable(name: str) -> AsyncIterator[None]:
         yield
     except sqlite3.Error as exc:
         raise SinkUnreadable(f"sqlite sink: {name} cannot be read: {exc}") from exc
-    except ValueError as exc:  # json.loads
+    except (ValueError, RecursionError) as exc:  # json.loads (nested past its stack too)
         raise SinkUnreadable(f"sqlite sink: {name} holds a document that is not JSON:"
                              f" {exc}") from exc
     except OverflowError as exc:  # a document's part number past 64 bits, bound in a query

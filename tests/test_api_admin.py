@@ -1054,3 +1054,30 @@ async def test_paging_ends_over_sqlite_sink_rows_whose_document_is_newer_than_it
     sessions = await _one_at_a_time(api, admin, "/audit/sessions", "sessions", "session_id")
     assert [s for s in sessions if s != admin.session_id] == [
         "2" * 32, "3" * 32, "1" * 32, "0" * 32]
+
+
+async def test_a_sqlite_sink_document_nested_past_the_parser_is_503_not_500(
+    make_api: MakeApi,
+) -> None:
+    """A document another writer nested 5,000 arrays deep (SQLite takes it
+    as text) made json.loads raise RecursionError, no ValueError: the
+    listings were a 500. It is a document the sink cannot hand out, 503,
+    as one that is not JSON (the session detail, whose heads SQLite parses
+    itself, was one already)."""
+    api = await make_api()
+    admin = await api.admin()
+    await api.engine.sink.write_part(sample_part("a" * 32))
+    await api.engine.sink.write_security_events([sample_security_event("e1")])
+    deep = "[" * 5000 + "]" * 5000
+    db = sqlite3.connect(api.config.sqlite_sink_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        for table in ("parts", "security_events"):
+            db.execute(f"UPDATE {table} SET doc = substr(doc, 1, length(doc) - 1)"
+                       " || ',\"x\":' || ? || '}'", (deep,))
+    finally:
+        db.close()
+    for url in ("/audit/sessions", f"/audit/sessions/{'a' * 32}", "/audit/security-events"):
+        async with api.client.get(url, headers=admin.headers) as r:
+            assert r.status == 503, (url, r.status, await r.text())
+            assert (await r.json())["error"]["code"] == "sink_unavailable", url
