@@ -9,9 +9,11 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from audit.config import Config, OpenAIConfig
 from sinks import cleartext_to_remote
@@ -102,6 +104,7 @@ class OpenAIProvider:
         self.model = cfg.model
         self._app = app
         self._url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self._url_secrets = _userinfo_secrets(cfg.base_url)
 
     async def answer(self, document_title: str, document: str, message: str) -> Answer:
         # Without surrounding blanks, as the http sink's token: a key read
@@ -150,9 +153,12 @@ class OpenAIProvider:
             model = str(data.get("model") or self.model)
             if not isinstance(reply, str):
                 raise TypeError("content is not a string")
-            if len(key) >= 8:  # a provider echoing our request must not hand the key on
-                reply = reply.replace(key, "[redacted]")
-                model = model.replace(key, "[redacted]")
+            # A provider echoing our request must not hand the key, or the
+            # base_url's credentials (sent as Basic auth), on.
+            for secret in sorted({key, *self._url_secrets}, key=len, reverse=True):
+                if len(secret) >= 8:
+                    reply = reply.replace(secret, "[redacted]")
+                    model = model.replace(secret, "[redacted]")
             model = model[:MODEL_MAX_CHARS]  # after: a cut must not leave part of a key
             reply.encode("utf-8")  # a lone surrogate could be neither answered nor recorded
             model.encode("utf-8")
@@ -160,6 +166,18 @@ class OpenAIProvider:
                           _tokens(usage.get("completion_tokens", 0)))
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError):
             raise AIUnavailable("provider answered an unexpected body") from None
+
+
+def _userinfo_secrets(url: str) -> set[str]:
+    """The password of ``url``'s ``user:password@`` as written and decoded,
+    and the ``Authorization: Basic`` credential aiohttp makes of them."""
+    try:
+        password = urlsplit(url).password
+        auth = aiohttp.BasicAuth.from_url(URL(url))
+        basic = auth.encode().partition(" ")[2] if auth is not None else ""
+    except (ValueError, UnicodeError):  # then no request goes out either
+        return set()
+    return {s for s in (password, unquote(password or ""), basic) if s}
 
 
 class AnswerTooLarge(ValueError):

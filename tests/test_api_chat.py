@@ -636,3 +636,58 @@ async def test_a_redirect_from_the_provider_is_not_followed(
         await runner.cleanup()
     assert stub.requests == []
     assert ev["details"]["error"].startswith(f"provider answered HTTP {status}: a redirect")
+
+
+async def test_a_provider_echoing_the_base_urls_credentials_does_not_hand_them_on(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a secrets hunt: a ``base_url`` with a user and password (a
+    gateway behind Basic auth) has aiohttp send them as ``Authorization:
+    Basic <base64>``. A provider (or proxy) echoing our request put that
+    header, or the password, in its reply or model name: only an API key
+    was taken out, so the gateway's credentials reached the client, and the
+    record under ``capture_ai_content``."""
+    password = "gw-pass%2F0123456"  # as written in the URL; sent decoded
+    seen: list[str] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        seen.append(header)
+        return web.json_response({
+            "model": f"m-{header}",
+            "choices": [{"message": {"role": "assistant", "content":
+                                     f"your header was {header}; the password gw-pass/0123456,"
+                                     f" as written {password}"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        api = await make_api(audit={"capture_ai_content": True}, ai={
+            "provider": "openai",
+            "openai": {"base_url": f"http://gateway:{password}@127.0.0.1:{port}/v1"}})
+        alice = await api.user("alice")
+        doc = await api.create_doc(alice, content=DOC)
+        resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hi"},
+                                     headers=alice.headers)
+        body = await resp.json()
+        assert resp.status == 200, body
+        (sent,) = seen
+        basic = sent.removeprefix("Basic ")
+        assert basic != sent  # the gateway got its credentials
+        assert body["reply"] == ("your header was Basic [redacted]; the password [redacted],"
+                                 " as written [redacted]")
+        assert body["model"] == "m-Basic [redacted]"
+        (ev,) = await _ai_events(api, alice.session_id)
+        record = json.dumps(ev)
+        for secret in (basic, "gw-pass/0123456", password):
+            assert secret not in record
+        assert ev["details"]["reply_text"] == body["reply"]
+    finally:
+        await runner.cleanup()
