@@ -203,6 +203,9 @@ _COLLECTION = (_mongo_collection, "must be a MongoDB collection name (not empty,
 # refused without being quoted: the message goes to the log.
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENV_KEYS = frozenset({"sink.mongodb.uri_env", "sink.http.token_env", "ai.openai.api_key_env"})
+# Keys whose value is never quoted in a message: those above, and the URLs,
+# which may hold a password.
+_UNQUOTED = _ENV_KEYS | {"sink.http.url", "ai.openai.base_url"}
 _ENV_CHECK = (lambda v: v == "" or _ENV_NAME.fullmatch(v) is not None,
               "must be the name of an environment variable (letters, digits and _), not"
               " what it holds; the value is not shown")
@@ -277,9 +280,20 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            got = (f"{_toml_type(value)} (the value is not shown)" if key in _UNQUOTED
+                   else repr(value))
+            raise ConfigError(f"{key}: expected a string, got {got}")
         return value
     raise ConfigError(f"{key}: unsupported setting")  # pragma: no cover - schema bug
+
+
+def _toml_type(value: Any) -> str:
+    """What a TOML value is, in words (bool before int: it is one)."""
+    for kind, words in ((bool, "true or false"), (int, "an integer"), (float, "a number"),
+                        (list, "an array"), (dict, "a table")):
+        if isinstance(value, kind):
+            return words
+    return "a date or time"
 
 
 def _build(cls: type[Any], data: Any, prefix: str) -> Any:

@@ -223,6 +223,30 @@ def test_bad_value_is_named(data, key):
     assert "secret" not in str(info.value)  # a URL's password is never quoted
 
 
+@pytest.mark.parametrize(
+    ("data", "key", "secret"),
+    [
+        # Found by a secrets hunt: a value of the wrong type was quoted
+        # ("expected a string, got 73125..."), a secret pasted into a key
+        # that names its variable or holds a URL's password included.
+        ({"sink": {"http": {"token_env": 7312509938104472}}}, "sink.http.token_env",
+         "7312509938104472"),
+        ({"ai": {"openai": {"api_key_env": ["sk-secret0123"]}}}, "ai.openai.api_key_env",
+         "secret"),
+        ({"sink": {"mongodb": {"uri_env": {"uri": "mongodb://u:secret@h/"}}}},
+         "sink.mongodb.uri_env", "secret"),
+        ({"sink": {"http": {"url": ["http://u:secret@h/"]}}}, "sink.http.url", "secret"),
+        ({"ai": {"openai": {"base_url": ["https://u:secret@h/v1"]}}}, "ai.openai.base_url",
+         "secret"),
+    ],
+)
+def test_a_secret_of_the_wrong_type_is_not_quoted(data, key, secret):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert str(info.value).startswith(key + ": expected a string"), str(info.value)
+    assert secret not in str(info.value)
+
+
 def test_secret_variable_names_may_be_any_name_or_empty():
     c = parse_config({"sink": {"mongodb": {"uri_env": "AUDIT_MONGO_URI_2"},
                                "http": {"token_env": ""}},
