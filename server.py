@@ -556,6 +556,7 @@ def create_app(
     # still refuses with 400 before any of our code runs, in the API's
     # format with our headers (install_parser_error_answer).
     install_parser_error_answer()
+    routes.install_expect_handler()
     app = web.Application(client_max_size=CLIENT_MAX_SIZE, handler_args={
         "max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_HEADER_FIELD})
     app[CONFIG] = config

@@ -30,7 +30,14 @@ from audit.store import OpenSession, Writer
 
 from .errors import ApiError, bad_request, json_response
 from .keys import ACCOUNTS, CONFIG, CTX, ENGINE, TOKENS
-from .requests import audited_input, body_deadline, read_body, read_json, too_large
+from .requests import (
+    audited_input,
+    body_deadline,
+    read_body,
+    read_json,
+    send_continue,
+    too_large,
+)
 
 log = logging.getLogger("session_audit.accounts")
 
@@ -564,6 +571,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
             raise bad_request("a multipart login body needs a Content-Length and no"
                               " Content-Encoding")
         try:
+            await send_continue(request)
             async with body_deadline(request):
                 form = await request.post()
         except (ValueError, LookupError, RuntimeError):

@@ -51,6 +51,10 @@ class ApiError(Exception):
 # Set on a request whose body could not be read: its connection closes after
 # the answer, whatever the answer (the HTTP parser cannot go on after it).
 CLOSE_AFTER = web.RequestKey("close_after", bool)
+# Set on a request with ``Expect: 100-continue`` until its ``100 Continue`` is
+# sent, when the body is first read (routes.expect_handler). Answered with
+# the body unread, the client may never send it: the connection closes.
+CONTINUE_OWED = web.RequestKey("continue_owed", bool)
 
 
 # A quoted absolute file path in an error's text, as the OS quotes them
@@ -248,6 +252,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                       request.path)
         resp = error_response(request, 500, "internal_error", "internal server error")
     resp.headers["X-Request-ID"] = request[REQUEST_ID]
-    if request.get(CLOSE_AFTER):
+    if request.get(CLOSE_AFTER) or (request.get(CONTINUE_OWED)
+                                    and not request.content.is_eof()):
         resp.force_close()
     return resp

@@ -14,7 +14,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from audit.events import Draft
 
-from .errors import CLOSE_AFTER, ApiError, bad_request
+from .errors import CLOSE_AFTER, CONTINUE_OWED, ApiError, bad_request
 from .keys import CTX, ENGINE
 
 T = TypeVar("T")
@@ -40,6 +40,20 @@ def transfer_seconds(grace: float, size: int) -> float:
     return grace + size / MIN_BYTES_PER_SECOND
 
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def send_continue(request: web.Request) -> None:
+    """The ``100 Continue`` a request with ``Expect: 100-continue`` is owed
+    (routes.expect_handler), once, before its body is first read: only
+    then, past authentication and the route's size check. A client gone
+    meanwhile is not an error: the read of the body finds out."""
+    if request.pop(CONTINUE_OWED, False):
+        with contextlib.suppress(ConnectionError):
+            await request.writer.write(CONTINUE)
+        request.writer.output_size = 0  # the answer's own bytes have not begun
+
+
 def too_large() -> ApiError:
     return ApiError(413, "too_large", "the request body is too large")
 
@@ -52,6 +66,7 @@ async def read_body(request: web.Request, limit: int = CLIENT_MAX_SIZE) -> bytes
     within :data:`BODY_SECONDS`."""
     if request.content_length is not None and request.content_length > limit:
         raise too_large()
+    await send_continue(request)
     body = bytearray()
     try:
         async with body_deadline(request) as came:

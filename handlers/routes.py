@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any
 
-from aiohttp import HttpVersion11, hdrs, web
+from aiohttp import HttpVersion11, hdrs, web, web_urldispatcher
 
 from . import admin, auth, chat, documents, events, ops
+from .errors import CONTINUE_OWED
 
 # Routes that need no bearer token.
 PUBLIC_ROUTES = frozenset({"token", "healthz", "readyz", "metrics", "openapi"})
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
 
 async def expect_handler(request: web.Request) -> None:
-    """``Expect: 100-continue`` over HTTP/1.1 gets its ``100 Continue``, as
-    from aiohttp's own handler (private: ``_default_expect_handler``), which
-    runs before any middleware. Two differences:
+    """``Expect: 100-continue`` over HTTP/1.1: its ``100 Continue`` is owed
+    (:data:`CONTINUE_OWED`) and sent when the route first reads the body
+    (``requests.send_continue``), not here. aiohttp's own handler (private:
+    ``_default_expect_handler``) runs before any middleware and sent it at
+    once, before the token and the route's body limit were looked at: a
+    client with no token, or announcing 100 MB, was told to send it all and
+    then got its 401 or 413. An answer given without reading the body now
+    comes at once, with ``Connection: close`` (error_middleware): the client
+    may never send the body. Besides:
 
     - a client gone before the ``100 Continue`` could be written is not an
-      error (aiohttp logged it with a traceback, and the attempt went
-      unrecorded): the route goes on as for a client gone mid-body, refused
-      and recorded, with no answer to send;
+      error: the route goes on as for a client gone mid-body, refused and
+      recorded, with no answer to send;
     - another expectation is ignored (RFC 9110 lets a server answer 417 or
       not): aiohttp's plain-text 417 quoted the header back, and came before
       the middlewares, so the request went unrecorded. The route now answers
@@ -37,11 +40,18 @@ async def expect_handler(request: web.Request) -> None:
     # client waits for its 100 Continue all the same; the others are ignored.
     expected = {item.strip().lower() for value in request.headers.getall(hdrs.EXPECT, ())
                 for item in value.split(",")}
-    if "100-continue" not in expected:
-        return
-    with contextlib.suppress(ConnectionError):  # the client is gone: the route
-        await request.writer.write(CONTINUE)    # finds out reading the body
-    request.writer.output_size = 0  # the answer's own bytes have not begun
+    if "100-continue" in expected:
+        request[CONTINUE_OWED] = True
+
+
+def install_expect_handler() -> None:
+    """:func:`expect_handler` also for requests no route matches (404, 405):
+    aiohttp makes a route for each of those with its default handler, which
+    sent a ``100 Continue`` before the 404 and answered another expectation
+    with its plain-text 417 (the header quoted back, no ``X-Request-ID``).
+    For the process, like ``errors.install_parser_error_answer``; idempotent."""
+    assert callable(getattr(web_urldispatcher, "_default_expect_handler", None))
+    web_urldispatcher._default_expect_handler = expect_handler
 
 
 class _Router:

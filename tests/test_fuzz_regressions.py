@@ -111,14 +111,17 @@ async def test_100_continue_beside_another_expectation_still_gets_its_100(
     ``Expect`` header): the client waits for its ``100 Continue`` before it
     sends the body, and got none (only a lone ``100-continue`` was looked
     for): it waited until its own timeout, or for ever. The other
-    expectation is ignored; the request is answered (401: no token) and
-    recorded once."""
+    expectation is ignored; the request is answered (201) and recorded once.
+    Refused without its body (401: no token), the answer comes at once
+    instead, recorded once too."""
+    alice = await api.user("alice")
     server = api.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
     try:
         writer.write(b"POST /documents HTTP/1.1\r\nHost: x\r\n" + expect
                      + b"X-Request-ID: listed-expect\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 2\r\nConnection: close\r\n\r\n")
+                     + f"Authorization: Bearer {alice.token}\r\n".encode()
+                     + b"Content-Length: 2\r\nConnection: close\r\n\r\n")
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), 10)  # (none came: a timeout)
         assert line.startswith(b"HTTP/1.1 100 "), line
@@ -126,9 +129,22 @@ async def test_100_continue_beside_another_expectation_still_gets_its_100(
         raw = await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
-    assert b"HTTP/1.1 401 " in raw, raw
+    assert b"HTTP/1.1 400 " in raw, raw  # ({} is no document)
+    found = [e for e in await api.events(alice.session_id) if e["request_id"] == "listed-expect"]
+    assert [(e["action"], e["outcome"]) for e in found] == [("document.create", "failure")]
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(b"POST /documents HTTP/1.1\r\nHost: x\r\n" + expect
+                     + b"X-Request-ID: listed-expect-401\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2\r\n\r\n")
+        await writer.drain()
+        # (The server then waits a while for the body the client may send anyway.)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in head, head
     found = [e for e in await api.wait_security("auth.invalid_token")
-             if e["request_id"] == "listed-expect"]
+             if e["request_id"] == "listed-expect-401"]
     assert len(found) == 1
 
 
