@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -888,9 +889,39 @@ def mongodb_uri_set(config: Config) -> None:
                            " (the MongoDB URI) is not set")
 
 
+# The soft descriptor limit is raised to the hard one up to this (an
+# "unlimited" hard limit is not one the kernel takes for descriptors).
+MAX_NOFILE = 1 << 20
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft limit on open descriptors to the hard one, as Go's
+    runtime does, and return it. Every connection holds one until it is
+    closed, an idle one for up to aiohttp's keep-alive timeout (75 s) from
+    its start; at the limit, libuv closes every new connection at once.
+    Under the usual soft limit of 1024, a few hundred connections that sent
+    nothing locked every other client out (an idle connection costs the
+    server ≈ 3 kB, so a limit in the hundreds of thousands is affordable)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_NOFILE if hard == resource.RLIM_INFINITY else min(hard, MAX_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:  # (above the kernel's nr_open)
+            log.warning("could not raise the open file limit from %d to %d: %s",
+                        soft, want, exc)
+    return soft
+
+
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     import uvloop
 
+    nofile = raise_nofile_limit()
+    if nofile < 4096:
+        log.warning("the open file limit is %d (ulimit -n; LimitNOFILE= under systemd):"
+                    " that many connections at once, idle ones included, lock every other"
+                    " client out; raise the hard limit", nofile)
     mongodb_uri_set(config)
     if not config.spool_path.exists():  # a first start: fail before anything is made
         admin_password_from_env()

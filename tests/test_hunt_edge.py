@@ -11,12 +11,22 @@ sockets (a client library would hide what goes over the wire).
   before. Requests no route matches (404, 405) had aiohttp's own handler
   still: a ``100 Continue`` before the 404, and another expectation
   answered with a plain-text 417 that quoted the header back.
+- Connections that send nothing: aiohttp closes each 75 s after it came
+  (its keep-alive timeout), and at the descriptor limit libuv closes new
+  connections at once (no spin). Under a low soft limit with a higher hard
+  one (1024 and 524288 are common), a few hundred such connections locked
+  every other client out; ``serve`` now raises the soft limit to the hard one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import resource
+import socket
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -127,3 +137,100 @@ async def test_expect_100_continue_gets_the_final_answer_at_once_when_refused(
                 action, "failure", "too_large"), e
     log = live.log_tail(100_000)
     assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _nofile(pid: int) -> list[str]:
+    """The process's soft and hard limits on open descriptors."""
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    (line,) = [x for x in limits.splitlines() if x.startswith("Max open files")]
+    return line.split()[3:5]
+
+
+async def _healthz(live: Live) -> int | str:
+    try:
+        async with aiohttp.ClientSession() as http, http.get(
+                live.base + "/healthz", timeout=aiohttp.ClientTimeout(total=3)) as r:
+            return r.status
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return type(exc).__name__
+
+
+async def _hold_idle(live: Live, n: int) -> list[socket.socket]:
+    """``n`` connections to the server that send nothing (as many as it takes)."""
+    held: list[socket.socket] = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        held.append(s)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", live.port))
+    await asyncio.sleep(0.5)  # (accepted, or refused, by now)
+    return held
+
+
+SOFT, HARD = 128, 2048
+
+
+async def test_idle_connections_past_the_soft_descriptor_limit_do_not_lock_others_out(
+    tmp_path: Path,
+) -> None:
+    """A server started under a low soft descriptor limit (1024 is the usual
+    default) and a higher hard one: a few hundred connections that send
+    nothing (each kept 75 s, aiohttp's keep-alive timeout, then made anew)
+    took every descriptor, and every other client's connection was closed
+    at once, for as long as they were held. ``serve`` raises the soft limit
+    to the hard one at start."""
+    live = Live(tmp_path)
+    live.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (SOFT, HARD))
+    held: list[socket.socket] = []
+    try:
+        await live.start()
+        assert live.proc is not None
+        held = await _hold_idle(live, 3 * SOFT)
+        assert await _healthz(live) == 200
+        assert _nofile(live.proc.pid) == [str(HARD), str(HARD)]
+    finally:
+        for s in held:
+            s.close()
+        live.close()
+
+
+async def test_at_the_descriptor_limit_new_connections_are_refused_without_a_spin(
+    tmp_path: Path,
+) -> None:
+    """At the hard limit (nothing left to raise), connections past it are
+    accepted and closed at once by libuv (its spare-descriptor trick): no
+    busy loop, no error in the log, and once descriptors are free again
+    the server serves."""
+    live = Live(tmp_path)
+    live.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (SOFT, SOFT))
+    held: list[socket.socket] = []
+    try:
+        await live.start()
+        assert live.proc is not None
+        held = await _hold_idle(live, 2 * SOFT)
+        before = _cpu_seconds(live.proc.pid)
+        for _ in range(10):  # refused, not queued for ever
+            assert await _healthz(live) != 200
+            await asyncio.sleep(0.1)
+        assert _cpu_seconds(live.proc.pid) - before < 0.5  # (a spin is ≈ 1.5 s here)
+        for s in held:
+            s.close()
+        held.clear()
+
+        async def served() -> bool:
+            return await _healthz(live) == 200
+
+        await wait_for(served, timeout=5, message="served again")
+        assert await live.stop() == 0
+    finally:
+        for s in held:
+            s.close()
+        live.close()
+    log = live.log_tail(100_000)
+    assert "Traceback" not in log and '"level": "error"' not in log, log[-3000:]
