@@ -14,8 +14,10 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp import web, web_server
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from audit.config import Config
 from audit.events import Draft, new_id
@@ -204,7 +206,8 @@ def _parser_error_answer(
     if status >= 500:
         log.error("unhandled error outside the middlewares rid=%s", rid)
     code = _HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal_error")
-    text = ("the request is not well-formed HTTP, or its body's encoding cannot be decoded"
+    text = ("the request's header fields are too large" if status == 431 else
+            "the request is not well-formed HTTP, or its body's encoding cannot be decoded"
             if status < 500 else "internal server error")
     body = {"error": {"code": code, "message": text, "request_id": rid}}
     resp = json_response(body, status)
@@ -215,9 +218,81 @@ def _parser_error_answer(
 
 
 def install_parser_error_answer() -> None:
-    """Make :func:`_parser_error_answer` aiohttp's error answer (for the
+    """Make :func:`_parser_error_answer` aiohttp's error answer, and
+    :class:`BoundedRequestHandler` its connections' handler (for the
     process: aiohttp has no per-application hook). Idempotent."""
     RequestHandler.handle_error = _parser_error_answer  # type: ignore[method-assign]
+    web_server.RequestHandler = BoundedRequestHandler  # type: ignore[attr-defined]
+
+
+# A request's header block (request line, fields, the blank line) at most:
+# the request line (16 KiB) and a long junk token (32 KiB: recorded 401s)
+# with room for the rest.
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class HeadersTooLarge(BadHttpMessage):
+    code = 431
+
+
+# A chunked body's framing, at most, per byte of it: "1\r\nX\r\n" for a
+# byte sent alone (some clients send what a JSON encoder yields as it comes).
+FRAMING_PER_BODY_BYTE = 5
+
+
+class BoundedRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with a bound on a request's header
+    block as a whole. aiohttp bounds each field (server.MAX_HEADER_FIELD)
+    and their number (128), so a block that never ended held up to 4 MB
+    (7.5 MB of memory: parsed as bytes and as text) for the keep-alive
+    timeout, from any client: 100 such connections took 800 MB. So could
+    a chunked body's trailer fields, for the body's deadline.
+
+    What came since the last request's headers ended, less what went into
+    its body and that body's framing (at most :data:`FRAMING_PER_BODY_BYTE`
+    a byte), is the next block so far, or trailers; past
+    :data:`MAX_HEADER_BYTES` (and what came in the read that ended the last
+    request's headers: at most one read more) the request is refused with
+    431 (as aiohttp refuses one field over its limit with 400) and the
+    connection closes; not while reading is paused (the parser may hold
+    body bytes back until it resumes).
+    Private parts of aiohttp's handler are used (its message queue and
+    waiter, ``_close``, ``_ErrInfo``): tests/test_hunt_edge.py checks the
+    behaviour."""
+
+    # (no __slots__: the two below live in the instance's __dict__)
+    header_bytes = 0  # of the block so far
+    body: StreamReader | None = None  # the last request's
+
+    def data_received(self, data: bytes) -> None:
+        if self._force_close or self._close:
+            return
+        count, body = self._request_count, self.body
+        body_before = body.total_bytes if body is not None else 0
+        super().data_received(data)
+        if self._request_count != count:  # a request's headers ended: a new block begins
+            self.header_bytes = 0
+            self.body = self._messages[-1][1] if self._messages else None
+            return
+        into_body = body.total_bytes - body_before if body is not None else 0
+        # A running sum: body bytes the parser held back while its reader was
+        # paused (a tail it feeds on resuming) go into the body later.
+        self.header_bytes = max(0, self.header_bytes + len(data)
+                                - (1 + FRAMING_PER_BODY_BYTE) * into_body)
+        if (self.header_bytes <= MAX_HEADER_BYTES or self._close or self._force_close
+                or self._reading_paused or self._buffer_paused):
+            return
+        exc = HeadersTooLarge(f"the header block is over {MAX_HEADER_BYTES} bytes")
+        self._messages.append((_ErrInfo(status=431, exc=exc, message=exc.message),
+                               EMPTY_PAYLOAD))
+        self._close = True  # nothing more is read; the answer closes the connection
+        if body is not None and not body.is_eof():
+            # Trailers: the body's reader fails now (400, recorded as a body
+            # that could not be read) rather than wait out its deadline.
+            body.set_exception(exc)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 @web.middleware
