@@ -17,7 +17,12 @@ from typing import Any
 from aiohttp import web, web_server
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler
+
+try:  # (private: BoundedRequestHandler is installed only with it, see _handler_fits)
+    from aiohttp.web_protocol import _ErrInfo
+except ImportError:  # pragma: no cover - another aiohttp
+    _ErrInfo = None  # type: ignore[assignment,misc]
 
 from audit.config import Config
 from audit.events import Draft, new_id
@@ -222,7 +227,25 @@ def install_parser_error_answer() -> None:
     :class:`BoundedRequestHandler` its connections' handler (for the
     process: aiohttp has no per-application hook). Idempotent."""
     RequestHandler.handle_error = _parser_error_answer  # type: ignore[method-assign]
-    web_server.RequestHandler = BoundedRequestHandler  # type: ignore[attr-defined]
+    if handler_fits():
+        web_server.RequestHandler = BoundedRequestHandler  # type: ignore[attr-defined]
+    else:  # pragma: no cover - another aiohttp: its handler is kept, unbounded
+        log.warning("this aiohttp's connection handler is not the one session-audit knows:"
+                    " a request's header block is bounded field by field only")
+
+
+# The private parts of aiohttp's handler BoundedRequestHandler uses.
+_HANDLER_PARTS = ("_force_close", "_close", "_request_count", "_messages", "_reading_paused",
+                  "_buffer_paused", "_waiter")
+
+
+def handler_fits() -> bool:
+    """Whether this aiohttp's connection handler has what
+    :class:`BoundedRequestHandler` uses (an upgrade may rename its private
+    parts: the server then keeps aiohttp's own handler, and says so)."""
+    slots = {n for k in RequestHandler.__mro__ for n in getattr(k, "__slots__", ())}
+    return (_ErrInfo is not None and getattr(web_server, "RequestHandler", None) is not None
+            and all(n in slots for n in _HANDLER_PARTS))
 
 
 # A request's header block (request line, fields, the blank line) at most:

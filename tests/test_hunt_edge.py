@@ -361,3 +361,16 @@ async def test_trailers_that_never_end_are_refused_and_tiny_chunks_are_not(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 "), answer[:300]
     assert json.loads(body)["error"]["code"] == "too_large"
+
+
+def test_the_installed_aiohttp_has_what_the_bounded_handler_uses() -> None:
+    """The header block's bound rests on private parts of aiohttp's handler:
+    an aiohttp that renamed them would run without it (with a warning). Here,
+    the aiohttp installed has them, so the tests above test the bound."""
+    from aiohttp import web_server
+
+    from handlers.errors import BoundedRequestHandler, handler_fits, install_parser_error_answer
+
+    assert handler_fits()
+    install_parser_error_answer()
+    assert web_server.RequestHandler is BoundedRequestHandler  # type: ignore[attr-defined]
