@@ -480,6 +480,14 @@ class AuditEngine:
             log.warning("%s (event %s, session %s) was under way when the server stopped:"
                         " recorded as interrupted", draft.action, draft.event_id, session_id)
             try:
+                s = self.spool.open_session(session_id)
+                ended = self.ended(s, self.clock()) if s is not None else None
+                if s is not None and ended is not None:
+                    # Past a deadline while the server was down: it ends first, as
+                    # the reaper ends it (the record appended to it was activity
+                    # that took an idle session, and its token, back to life).
+                    with contextlib.suppress(SessionNotOpen):
+                        await self.spool.submit(_ender(s, *ended), needs_space=False)
                 await self.record_done(session_id, draft, key)
             except SessionNotOpen:
                 pass  # (recorded as a security event)
@@ -629,10 +637,7 @@ class AuditEngine:
                             or s.start_ts + longest <= now):
                         ended = self.ended(s, now)  # (which deadline came first)
                         if ended is not None:
-                            reason, when = ended
-                            src = Source(user=s.user, role=s.role)
-                            end = Draft("session.end", source=src, details={"reason": reason})
-                            futs.append(self.spool.submit_nowait(_sealer(sid, reason, end, when),
+                            futs.append(self.spool.submit_nowait(_ender(s, *ended),
                                                                  needs_space=False))
                             continue
                     first = s.uncut_first_ts
@@ -768,6 +773,13 @@ def _sealer(
     session_id: str, reason: str, end: Draft, when: float
 ) -> Callable[[Writer], OpenSession]:
     return lambda w: w.seal(session_id, reason, end, at=when)
+
+
+def _ender(s: OpenSession, reason: str, when: float) -> Callable[[Writer], OpenSession]:
+    """The reaper's job for a session past a deadline (``reason``, ``when``)."""
+    end = Draft("session.end", source=Source(user=s.user, role=s.role),
+                details={"reason": reason})
+    return _sealer(s.session_id, reason, end, when)
 
 
 def _checkpointer(session_id: str) -> Callable[[Writer], bool]:

@@ -227,3 +227,54 @@ async def test_a_chat_cut_off_by_sigkill_is_recorded_at_the_next_start(tmp_path:
     assert ev["details"]["reason"] == "interrupted" and ev["target"]["id"] == doc
     assert ev["details"]["started_at"] < ev["ts"]
     assert "Traceback" not in lv.log_tail(50_000)
+
+
+async def test_a_chat_cut_off_by_sigkill_does_not_wake_a_session_that_went_idle_since(
+    tmp_path: Path
+) -> None:
+    """The server is killed while the provider holds a chat and comes back
+    after the session's idle timeout has passed: the session ended idle
+    while the server was down. The chat's record at the start (in the
+    session) counted as its activity: the session was open again, and
+    alice's token, which should get 401, was taken for another idle
+    timeout. Now the session ends first, as the reaper ends it (at its idle
+    deadline), and the chat goes to the security stream as
+    ``auth.session_ended``; the token gets 401."""
+    idle = 3.0
+    stub = OpenAIStub()
+    stub.mode = "held"
+    base_url = await stub.start()
+    lv = Live(tmp_path, {"ai": {"provider": "openai",
+                                "openai": {"base_url": base_url, "timeout_seconds": 300}},
+                         "audit": {"idle_timeout_seconds": idle, "keep_stored_seconds": 3600}})
+    try:
+        async with aiohttp.ClientSession() as http:
+            login, doc, asking = await _a_chat_held_by_the_provider(lv, stub, http)
+            await lv.kill()
+            with contextlib.suppress(aiohttp.ClientError):
+                await asking
+            await asyncio.sleep(idle + 1)  # idle past its timeout while the server is down
+            await lv.start()
+            auth = {"Authorization": f"Bearer {login['access_token']}"}
+            async with http.get(lv.base + "/me", headers=auth) as r:
+                assert r.status == 401, (r.status, await r.text())
+        assert await lv.stop() == 0, lv.log_tail()
+        verify = await lv.cli("verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        await stub.stop()
+        lv.close()
+    with contextlib.closing(sqlite3.connect(lv.data_dir / "spool.db")) as spool:
+        assert spool.execute("SELECT key FROM meta WHERE key LIKE 'begun:%'").fetchall() == []
+        (reason,) = spool.execute("SELECT seal_reason FROM sessions WHERE session_id = ?",
+                                  (login["session_id"],)).fetchone()
+        events = [json.loads(j) for (j,) in spool.execute(
+            "SELECT json FROM events WHERE session_id = ? ORDER BY seq", (login["session_id"],))]
+        security = [json.loads(j) for (j,) in spool.execute(
+            "SELECT json FROM security_events ORDER BY id")]
+    assert reason == "idle_timeout"
+    assert [e for e in events if e["request_id"] == "cut-off"] == []
+    (ev,) = [e for e in security if e["request_id"] == "cut-off"]
+    assert (ev["action"], ev["session_id"]) == ("auth.session_ended", login["session_id"])
+    assert ev["details"]["action"] == "ai.interaction" and ev["target"]["id"] == doc
+    assert ev["details"]["action_details"]["reason"] == "interrupted"
