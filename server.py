@@ -399,7 +399,7 @@ async def _sink_switched(engine: AuditEngine) -> None:
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = app[ENGINE]
-    await engine.open()
+    await engine.open(interrupted=False)  # (below, once the security chain caught up)
     shared: asyncio.Task[list[str]] | None = None
     try:
         await _sink_switched(engine)
@@ -410,6 +410,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
             # Only a warning, of up to 21 queries of the sink: while it serves.
             shared = asyncio.create_task(check_shared_key(engine.sink, engine.spool.key),
                                          name="shared-key-check")
+        await engine.record_interrupted()
         yield
     finally:
         if shared is not None:

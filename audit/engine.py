@@ -47,7 +47,7 @@ log = logging.getLogger("session_audit.engine")
 # the document had left the machine. Each such action is noted here, durably,
 # before it starts (AuditEngine.begin); its event deletes the note in the
 # same transaction (record_done); a start finds those left and records each,
-# outcome failure, reason "interrupted" (_record_interrupted).
+# outcome failure, reason "interrupted" (record_interrupted).
 BEGUN = "begun:"
 
 REAPER_INTERVAL = 1.0
@@ -153,12 +153,15 @@ class AuditEngine:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def open(self, *, background: bool = True) -> None:
-        """Open the spool; with ``background``, start the flusher and reaper."""
+    async def open(self, *, background: bool = True, interrupted: bool = True) -> None:
+        """Open the spool; with ``background``, start the flusher and reaper.
+        With ``interrupted``, record what an earlier process left under way
+        (:meth:`record_interrupted`); the server does so itself, once the
+        security chain caught up with the sink's."""
         await self.spool.open()
         self.spool.on_commit = self.flusher.wake
-        if not self.beside_server:  # (beside a server, its actions are still under way)
-            await self._record_interrupted()
+        if interrupted:
+            await self.record_interrupted()
         if background:
             self._start("flusher", self.flusher.run)
             self._start("reaper", self._reaper)
@@ -455,10 +458,15 @@ class AuditEngine:
             exc.recorded = True
             raise
 
-    async def _record_interrupted(self) -> None:
+    async def record_interrupted(self) -> None:
         """Record the actions an earlier process began and never recorded
         (:data:`BEGUN`): outcome failure, reason ``interrupted``, with when
-        each began; a note that cannot be read is left, and said."""
+        each began; a note that cannot be read is left, and said. Not beside
+        a server (its actions are still under way). After the catch-up of the
+        security chain (:func:`~audit.rollback.catch_up_security_chain`): a
+        record there moved the spool's head past the one the sink continues."""
+        if self.beside_server:
+            return
         rows = await self.spool.read(lambda c: c.execute(
             "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
             (BEGUN, BEGUN[:-1] + chr(ord(BEGUN[-1]) + 1))).fetchall())

@@ -4,6 +4,7 @@ real server subprocesses: a spool restored from a backup older than its sink."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from pathlib import Path
@@ -160,3 +161,52 @@ async def test_the_sinks_events_of_the_heads_own_millisecond_are_followed_whatev
     engine = await engines.open(config, clock=lambda: now)
     await engine.sink.open()
     assert await catch_up_security_chain(engine.spool, engine.sink, audit_key) == 3
+
+
+async def test_a_restored_spools_chat_under_way_is_recorded_after_its_chain_caught_up(
+        tmp_path: Path) -> None:
+    """The spool is backed up while the provider holds a chat (its note is in
+    the copy), the server goes on (the chat and security events reach the
+    sink), the spool alone is restored later, when the chat's session is past
+    its idle timeout. The start recorded the noted chat as
+    ``auth.session_ended`` before it caught the security chain up with the
+    sink's: the spool's head had moved past the one the sink continues, the
+    catch-up found nothing, and the chain forked (verify: a break for good),
+    with nothing said. The notes are recorded once the chain caught up."""
+    from openai_stub import OpenAIStub
+    from test_shutdown import _a_chat_held_by_the_provider
+
+    idle = 3.0
+    stub = OpenAIStub()
+    stub.mode = "held"
+    base_url = await stub.start()
+    live = Live(tmp_path, {"ai": {"provider": "openai", "openai": {"base_url": base_url}},
+                           "audit": {"idle_timeout_seconds": idle}})
+    try:
+        async with aiohttp.ClientSession() as http:
+            _, _, asking = await _a_chat_held_by_the_provider(live, stub, http)
+            await _bad_token(live)
+            await _security_stored(live)
+            saved = live.workdir / "spool-backup.db"
+            _backup(live.data_dir / "spool.db", saved)
+            stub.gate.set()
+            await asking
+        for _ in range(3):
+            await _bad_token(live)
+        await _security_stored(live)
+        assert await live.stop() == 0
+
+        _restore(saved, live.data_dir, "spool.db")
+        await asyncio.sleep(idle + 1)
+        await live.start()
+        await _bad_token(live)
+        await _security_stored(live)
+        assert await live.stop() == 0
+    finally:
+        await stub.stop()
+        live.close()
+    log = live.log_tail(20000)
+    assert "The security chain goes on from the sink's newest" in log, log
+    assert "recorded as interrupted" in log
+    r = await live.cli("verify")
+    assert r.returncode == 0, r.stdout + r.stderr
