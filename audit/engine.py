@@ -26,7 +26,7 @@ from .flusher import Flusher
 from .logthrottle import LogThrottle, more
 from .metrics import Stats
 from .ratelimit import FloodGuard
-from .spool import Spool, SpoolClosed, SpoolFull, SpoolUnavailable
+from .spool import JOB_BYTES, Spool, SpoolClosed, SpoolFull, SpoolUnavailable
 from .store import (
     ActionError,
     Append,
@@ -418,8 +418,23 @@ class AuditEngine:
         def note(w: Writer) -> None:
             w.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, text))
 
-        await self.spool.submit(note)
+        noted = self.spool.submit_nowait(note, size=max(JOB_BYTES, len(text)))
+        try:
+            await asyncio.shield(noted)
+        except asyncio.CancelledError:
+            # (The shutdown cut the request off.) The note commits still, but
+            # the action does not begin: it is deleted once it has, or a start
+            # would record an interrupted chat that sent nothing.
+            self.detach(self._unnote(key, noted))
+            raise
         return key
+
+    async def _unnote(self, key: str, noted: Awaitable[Any]) -> None:
+        with contextlib.suppress(Exception):
+            await noted  # (not committed: nothing to delete)
+            await self.spool.submit(
+                lambda w: w.conn.execute("DELETE FROM meta WHERE key = ?", (key,)),
+                needs_space=False)
 
     async def record_done(self, session_id: str, draft: Draft, begun: str | None = None) -> None:
         """Record the event of an action that has happened (a chat the

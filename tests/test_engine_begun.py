@@ -4,6 +4,7 @@ in between records them at the next start, as interrupted (AuditEngine.begin).""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -127,3 +128,25 @@ async def test_a_damaged_note_is_left_and_said(
         e = await engines.open(config)
     assert caplog.text.count("cannot be read") == 2
     assert len(await _begun_notes(e)) == 2
+
+
+async def test_an_action_cut_off_while_its_note_commits_leaves_no_note(
+    make_config, engines
+) -> None:
+    """The shutdown cancels a chat while its note is committing: the chat
+    never asks the provider, so its note must not outlive it (the next start
+    would record an interrupted chat that sent nothing)."""
+    config = make_config()
+    e = await engines.open(config)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    for _ in range(20):  # cut off at each point of the commit it can be
+        task = asyncio.ensure_future(e.begin(s.session_id, _chat()))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.gather(*e._inflight)
+        assert await _begun_notes(e) == []
+    await engines.close(e)
+    e = await engines.open(config)
+    assert "ai.interaction" not in [ev["action"] for ev in await _events(e, s.session_id)]
