@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -890,6 +891,25 @@ def mongodb_uri_set(config: Config) -> None:
                            " (the MongoDB URI) is not set")
 
 
+def ai_credentials_single(config: Config) -> None:
+    """ai.openai.base_url with a user and password (sent as Basic auth) and
+    an API key set (sent as a Bearer token) both make the Authorization
+    header: aiohttp refuses such a request, and every chat got 502 (else
+    :class:`StartupError`, naming neither secret)."""
+    ai = config.ai.openai
+    if config.ai.provider != "openai" or not ai.api_key_env:
+        return
+    try:
+        userinfo = urlsplit(ai.base_url).password is not None
+    except ValueError:
+        return  # (the config's own check says what is wrong with it)
+    if userinfo and (os.environ.get(ai.api_key_env) or "").strip():
+        raise StartupError(f"ai.openai.base_url holds a user and password (sent as Basic auth)"
+                           f" and {ai.api_key_env} is set (sent as a Bearer token): both would"
+                           " be the Authorization header; use one (ai.openai.api_key_env ="
+                           " \"\" sends no key)")
+
+
 # The soft descriptor limit is raised to the hard one up to this (an
 # "unlimited" hard limit is not one the kernel takes for descriptors).
 MAX_NOFILE = 1 << 20
@@ -924,6 +944,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
                     " that many connections at once, idle ones included, lock every other"
                     " client out; raise the hard limit", nofile)
     mongodb_uri_set(config)
+    ai_credentials_single(config)
     if not config.spool_path.exists():  # a first start: fail before anything is made
         admin_password_from_env()
     ensure_data_dir(config)

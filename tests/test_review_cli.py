@@ -544,3 +544,23 @@ def test_every_command_s_help_names_config_path_as_api_md_does(
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--config PATH" in out and "--config CONFIG" not in out
+
+
+async def test_serve_refuses_ai_credentials_in_the_url_beside_an_api_key(tmp_path: Path) -> None:
+    """ai.openai.base_url with user:password@ (a gateway behind Basic auth)
+    and the API key's variable set: aiohttp refuses a request with both in
+    the Authorization header, and every chat got 502. serve says so at
+    start, exit 2, quoting neither secret; without the key it starts."""
+    settings = {"ai": {"provider": "openai", "openai": {
+        "base_url": "https://gw-user:gw-pass-1234@127.0.0.1:9/v1"}}}
+    lv = Live(tmp_path, settings)
+    try:
+        r = await lv.cli("serve", env={"OPENAI_API_KEY": "sk-key-5678"}, timeout=30)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "use one" in r.stderr and "OPENAI_API_KEY is set" in r.stderr
+        assert "gw-pass-1234" not in r.stderr + r.stdout
+        assert "sk-key-5678" not in r.stderr + r.stdout
+        lv.env = {"OPENAI_API_KEY": ""}
+        await lv.start()  # (no key: the URL's credentials alone)
+    finally:
+        lv.close()
