@@ -10,7 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,25 @@ async def test_sighup_ignored_by_nohup_stays_ignored(tmp_path: Path) -> None:
         lv.close()
 
 
+@contextlib.asynccontextmanager
+async def _a_held_provider(
+    tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[Live, OpenAIStub]]:
+    """A server whose AI provider (a stub) holds every chat: answers only
+    once its gate opens, never here; both stopped at the end."""
+    stub = OpenAIStub()
+    stub.mode = "held"
+    base_url = await stub.start()
+    lv = Live(tmp_path, {"ai": {"provider": "openai",
+                                "openai": {"base_url": base_url, "timeout_seconds": 300}},
+                         **settings})
+    try:
+        yield lv, stub
+    finally:
+        await stub.stop()
+        lv.close()
+
+
 async def _a_chat_held_by_the_provider(
     lv: Live, stub: OpenAIStub, http: aiohttp.ClientSession
 ) -> tuple[dict[str, Any], str, asyncio.Future[None]]:
@@ -178,20 +197,11 @@ async def test_a_chat_cut_off_by_the_shutdown_is_recorded(tmp_path: Path) -> Non
     """The provider holds the chat past the shutdown's wait for requests in
     flight: the server cancels it, and the interaction (the document was sent)
     is recorded all the same, as a failure with reason ``cancelled``."""
-    stub = OpenAIStub()
-    stub.mode = "held"  # answers only once the gate opens: never, here
-    base_url = await stub.start()
-    lv = Live(tmp_path, {"ai": {"provider": "openai",
-                                "openai": {"base_url": base_url, "timeout_seconds": 300}}})
-    try:
-        async with aiohttp.ClientSession() as http:
-            login, doc, asking = await _a_chat_held_by_the_provider(lv, stub, http)
-            assert await lv.stop(timeout=60) == 0, lv.log_tail()
-            with contextlib.suppress(aiohttp.ClientError):
-                await asking
-    finally:
-        await stub.stop()
-        lv.close()
+    async with _a_held_provider(tmp_path) as (lv, stub), aiohttp.ClientSession() as http:
+        login, doc, asking = await _a_chat_held_by_the_provider(lv, stub, http)
+        assert await lv.stop(timeout=60) == 0, lv.log_tail()
+        with contextlib.suppress(aiohttp.ClientError):
+            await asking
     ev = _the_chats_event(lv, login["session_id"])
     assert ev["details"]["reason"] == "cancelled" and ev["target"]["id"] == doc
     assert "Traceback" not in lv.log_tail(50_000)
@@ -204,12 +214,7 @@ async def test_a_chat_cut_off_by_sigkill_is_recorded_at_the_next_start(tmp_path:
     that it had been asked. The chat is noted before the document goes; the
     next start records it, outcome failure, reason ``interrupted``, in its
     session, with its request id and when it began; the chain verifies."""
-    stub = OpenAIStub()
-    stub.mode = "held"
-    base_url = await stub.start()
-    lv = Live(tmp_path, {"ai": {"provider": "openai",
-                                "openai": {"base_url": base_url, "timeout_seconds": 300}}})
-    try:
+    async with _a_held_provider(tmp_path) as (lv, stub):
         async with aiohttp.ClientSession() as http:
             login, doc, asking = await _a_chat_held_by_the_provider(lv, stub, http)
             await lv.kill()
@@ -220,9 +225,6 @@ async def test_a_chat_cut_off_by_sigkill_is_recorded_at_the_next_start(tmp_path:
         assert "recorded as interrupted" in lv.log_tail(50_000)
         verify = await lv.cli("verify")
         assert verify.returncode == 0, verify.stdout + verify.stderr
-    finally:
-        await stub.stop()
-        lv.close()
     ev = _the_chats_event(lv, login["session_id"])
     assert ev["details"]["reason"] == "interrupted" and ev["target"]["id"] == doc
     assert ev["details"]["started_at"] < ev["ts"]
@@ -241,13 +243,8 @@ async def test_a_chat_cut_off_by_sigkill_does_not_wake_a_session_that_went_idle_
     deadline), and the chat goes to the security stream as
     ``auth.session_ended``; the token gets 401."""
     idle = 3.0
-    stub = OpenAIStub()
-    stub.mode = "held"
-    base_url = await stub.start()
-    lv = Live(tmp_path, {"ai": {"provider": "openai",
-                                "openai": {"base_url": base_url, "timeout_seconds": 300}},
-                         "audit": {"idle_timeout_seconds": idle, "keep_stored_seconds": 3600}})
-    try:
+    async with _a_held_provider(tmp_path, audit={"idle_timeout_seconds": idle,
+                                                 "keep_stored_seconds": 3600}) as (lv, stub):
         async with aiohttp.ClientSession() as http:
             login, doc, asking = await _a_chat_held_by_the_provider(lv, stub, http)
             await lv.kill()
@@ -261,9 +258,6 @@ async def test_a_chat_cut_off_by_sigkill_does_not_wake_a_session_that_went_idle_
         assert await lv.stop() == 0, lv.log_tail()
         verify = await lv.cli("verify")
         assert verify.returncode == 0, verify.stdout + verify.stderr
-    finally:
-        await stub.stop()
-        lv.close()
     with contextlib.closing(sqlite3.connect(lv.data_dir / "spool.db")) as spool:
         assert spool.execute("SELECT key FROM meta WHERE key LIKE 'begun:%'").fetchall() == []
         (reason,) = spool.execute("SELECT seal_reason FROM sessions WHERE session_id = ?",
