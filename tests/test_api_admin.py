@@ -917,6 +917,14 @@ async def test_security_events_over_sqlite_sink_rows_whose_ts_or_id_is_a_blob(
     assert [e for e in listed if e in {"e0", "e1", "e2", "e3", "e4"}] == ["e4", "e0"]
 
 
+async def _every_listing_is_sink_unavailable(api: Any, admin: Any) -> None:
+    """Each admin read of the sink (listing, detail, security events): 503
+    sink_unavailable, not a 500."""
+    for url in ("/audit/sessions", f"/audit/sessions/{'a' * 32}", "/audit/security-events"):
+        async with api.client.get(url, headers=admin.headers) as r:
+            assert r.status == 503, (url, r.status, await r.text())
+            assert (await r.json())["error"]["code"] == "sink_unavailable", url
+
 async def test_a_sink_document_holding_a_lone_surrogate_is_not_a_500(make_api: MakeApi) -> None:
     """JSON's "\\ud800" alone parses to a lone surrogate, which no answer
     can encode as UTF-8: a stored document holding one (another writer's:
@@ -935,10 +943,7 @@ async def test_a_sink_document_holding_a_lone_surrogate_is_not_a_500(make_api: M
                    """ json('"\\udfff"'))""")
     finally:
         db.close()
-    for url in ("/audit/sessions", f"/audit/sessions/{'a' * 32}", "/audit/security-events"):
-        async with api.client.get(url, headers=admin.headers) as r:
-            assert r.status == 503, (url, r.status, await r.text())
-            assert (await r.json())["error"]["code"] == "sink_unavailable", url
+    await _every_listing_is_sink_unavailable(api, admin)
 
 
 async def test_a_jsonl_line_holding_a_lone_surrogate_is_left_out(make_api: MakeApi) -> None:
@@ -1077,7 +1082,4 @@ async def test_a_sqlite_sink_document_nested_past_the_parser_is_503_not_500(
                        " || ',\"x\":' || ? || '}'", (deep,))
     finally:
         db.close()
-    for url in ("/audit/sessions", f"/audit/sessions/{'a' * 32}", "/audit/security-events"):
-        async with api.client.get(url, headers=admin.headers) as r:
-            assert r.status == 503, (url, r.status, await r.text())
-            assert (await r.json())["error"]["code"] == "sink_unavailable", url
+    await _every_listing_is_sink_unavailable(api, admin)
