@@ -55,7 +55,7 @@ from audit.config import (
 from audit.engine import AuditEngine
 from audit.logthrottle import LogThrottle, more
 from audit.logwriter import BackgroundStderr
-from audit.middleware import PUBLIC, TRUSTED_PROXIES, session_middleware
+from audit.middleware import PUBLIC, TRUSTED_PROXIES, client_ip, session_middleware
 from audit.rollback import catch_up_security_chain
 from audit.runtime import tune_gc
 from audit.sharing import check_shared_key
@@ -144,7 +144,11 @@ class AccessLog(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)  # else aiohttp need not call log()
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info('%s "%s %s" %s %s %.6f', request.remote, request.method,
+        # The client's address as the audit records it: behind a trusted proxy
+        # (server.trusted_proxies) the one X-Forwarded-For names, not the
+        # proxy's, which was every line's.
+        remote = client_ip(request) if isinstance(request, web.Request) else request.remote
+        self.logger.info('%s "%s %s" %s %s %.6f', remote, request.method,
                          request.path, response.status, response.body_length, time)
 
 

@@ -107,3 +107,28 @@ async def test_a_deleted_document_is_not_left_in_the_spool_file(
     await sp.close()  # the last connection checkpoints the WAL into the file
     assert not path.with_name("spool.db-wal").exists()
     assert b"a-secret-that-was-deleted-" not in path.read_bytes()
+
+
+async def test_the_access_log_names_the_client_behind_a_trusted_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a load balancer (server.trusted_proxies) the audit records
+    name the client X-Forwarded-For gives; the access log named the proxy on
+    every line, so the two could not be matched by address. Now both name
+    the client; without a trusted proxy the header is ignored in both."""
+    monkeypatch.setenv("SESSION_AUDIT_LOG_LEVEL", "INFO")
+    lv = Live(tmp_path, {"server": {"trusted_proxies": "127.0.0.1/32"}})
+    try:
+        await lv.start()
+        answer = await asyncio.to_thread(
+            raw_request, lv.port,
+            b"GET /documents/proxied HTTP/1.1\r\nHost: x\r\n"
+            b"X-Forwarded-For: 198.51.100.9, 203.0.113.7"
+            b"\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 401")
+        assert await lv.stop() == 0
+        line = next(json.loads(t)["msg"] for t in lv.log_tail(50_000).splitlines()
+                    if t.startswith("{") and '"GET /documents/proxied' in t)
+        assert line.startswith('203.0.113.7 "GET /documents/proxied" 401'), line
+    finally:
+        lv.close()
