@@ -132,3 +132,26 @@ async def test_verify_names_the_sink_for_a_problem_of_no_session(live: Live) -> 
     problems = [line for line in r.stdout.splitlines() if "changed" in line]
     assert len(problems) == 1, r.stdout
     assert problems[0].startswith(f"sink: changed: {day.name}, byte "), problems[0]
+
+
+def _readme_block(lang: str, containing: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    blocks = text.split(f"```{lang}\n")[1:]
+    found = [block.split("```", 1)[0] for block in blocks if containing in block]
+    assert len(found) == 1, (lang, containing)
+    return found[0]
+
+
+def test_the_systemd_unit_gives_sqlite_a_writable_temporary_directory() -> None:
+    # README's unit had ProtectSystem=strict without PrivateTmp: /tmp and
+    # /var/tmp read-only, so SQLite could not spill a large sort or index
+    # build to a temporary file ("disk I/O error"). Tried in a mount
+    # namespace made like it: a start that builds the sqlite sink's index
+    # over 400,000 security events never opened the sink.
+    unit = _readme_block("ini", "ExecStart=")
+    settings = dict(line.split("=", 1) for line in unit.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert settings.get("ProtectSystem") == "strict"
+    assert settings.get("PrivateTmp") == "true"
+    assert settings.get("ReadWritePaths") == "/opt/session-audit/data"
+
