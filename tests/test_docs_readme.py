@@ -155,3 +155,16 @@ def test_the_systemd_unit_gives_sqlite_a_writable_temporary_directory() -> None:
     assert settings.get("PrivateTmp") == "true"
     assert settings.get("ReadWritePaths") == "/opt/session-audit/data"
 
+
+async def test_a_method_its_path_does_not_have_counts_as_unmatched(api: Api) -> None:
+    # README: route is "unmatched" for any unknown path; a known path with
+    # a method it does not have is counted so too.
+    resp = await api.client.patch("/me")
+    assert resp.status == 405
+    resp = await api.client.get("/metrics")
+    text = await resp.text()
+    assert 'session_audit_http_requests_total{method="PATCH",route="unmatched",status="405"}' \
+        in text
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    assert "(`unmatched` for a request no route takes: an unknown path, or a method" \
+        " its path does not have)" in readme
