@@ -147,7 +147,10 @@ class AccessLog(AbstractAccessLogger):
         # The client's address as the audit records it: behind a trusted proxy
         # (server.trusted_proxies) the one X-Forwarded-For names, not the
         # proxy's, which was every line's.
-        remote = client_ip(request) if isinstance(request, web.Request) else request.remote
+        try:
+            remote = client_ip(request)  # type: ignore[arg-type]
+        except (AssertionError, AttributeError):  # a request no route saw: the parser's 400
+            remote = request.remote
         self.logger.info('%s "%s %s" %s %s %.6f', remote, request.method,
                          request.path, response.status, response.body_length, time)
 
