@@ -62,6 +62,8 @@ async def _first_answer(port: int, head: bytes) -> tuple[bytes, dict[str, str], 
             reader.readexactly(int(headers.get("content-length", "0"))), 5)
     finally:
         writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()  # (its socket closed before the test's loop is)
     return status, headers, body
 
 
@@ -121,6 +123,8 @@ async def test_expect_100_continue_gets_the_final_answer_at_once_when_refused(
             raw = await asyncio.wait_for(reader.read(), 5)
         finally:
             writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
         assert raw.startswith(b"\r\nHTTP/1.1 201 "), raw[:200]
         # Every refused attempt of alice's is recorded, with its reason.
         admin = await _login(http, live, "admin", ADMIN_PASSWORD)
