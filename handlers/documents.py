@@ -202,7 +202,9 @@ async def create(request: web.Request) -> web.Response:
         return row
 
     await _record(request, draft, change)
-    return json_response(document_json(row), status=201)
+    resp = json_response(document_json(row), status=201)
+    resp.headers["Location"] = f"/documents/{doc_id}"  # RFC 9110 15.3.2
+    return resp
 
 
 async def list_documents(request: web.Request) -> web.Response:

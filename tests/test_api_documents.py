@@ -57,12 +57,16 @@ async def test_crud_round_trip_with_events(api: Api) -> None:
     assert doc["owner"] == "alice" and doc["version"] == 1
     assert isinstance(doc["id"], str) and doc["id"]
     assert TS_RE.match(doc["created_at"]) and doc["created_at"] == doc["updated_at"]
+    assert resp.headers["Location"] == f"/documents/{doc['id']}"
+    location = resp.headers["Location"]
     ev = await _last(api, alice)
     assert set(ev) == EVENT_KEYS
     assert ev["action"] == "document.create" and ev["outcome"] == "success"
     assert ev["target"] == {"type": "document", "id": doc["id"]}
     assert ev["request_id"] == "create-1"
     assert "Hello" not in str(ev["details"])  # content is not copied into the trail
+    resp = await c.get(location, headers=alice.headers)
+    assert resp.status == 200 and await resp.json() == doc
 
     resp = await c.get("/documents", headers=alice.headers)
     listing = await resp.json()
