@@ -178,8 +178,11 @@ def _audited(handler: Handler, *, needs_space: bool) -> Handler:
 
 
 # RFC 3339's date-time: a full date and time, with a zone (Python's parser
-# alone takes dates, hours, week dates and times without a zone).
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+# alone takes dates, hours, week dates and times without a zone). Its digits
+# are ASCII: \d alone is any Unicode digit, and int() reads a fraction of
+# Arabic-Indic or fullwidth ones.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})",
+                      re.ASCII)
 
 
 def _time_param(request: web.Request, name: str, *, upper: bool = False) -> tuple[str, int] | None:

@@ -602,6 +602,20 @@ async def test_a_limit_of_thousands_of_digits_is_a_400(api: Api, path: str) -> N
     assert len(body["sessions" if path == "/audit/sessions" else "events"]) <= 2
 
 
+@pytest.mark.parametrize(("path", "param"), [("/audit/sessions", "since"),
+                                           ("/audit/sessions", "until"),
+                                           ("/audit/security-events", "since")])
+@pytest.mark.parametrize("fraction", ["\u0661\u0662\u0663", "\uff11"])
+async def test_a_time_with_digits_other_than_ascii_is_a_400(
+    api: Api, path: str, param: str, fraction: str
+) -> None:
+    """RFC 3339's digits are ASCII. The pattern's \\d took any Unicode digit
+    in the fraction, and int() read them: since=...07.<Arabic-Indic 123>Z was
+    taken as 07.123Z and answered 200, not 400 as a time that is not one."""
+    await _refused_and_recorded(
+        api, path, {param: f"2026-11-26T14:31:07.{fraction}Z"}, f"{param}-{len(fraction)}")
+
+
 @pytest.mark.parametrize("path", ["/audit/sessions", "/audit/security-events"])
 async def test_a_cursor_nested_too_deep_for_json_is_a_400(api: Api, path: str) -> None:
     """json.loads raises RecursionError (not a ValueError) on arrays nested
