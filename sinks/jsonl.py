@@ -114,6 +114,7 @@ import heapq
 import json
 import logging
 import os
+import re
 import stat
 import sys
 import threading
@@ -153,10 +154,30 @@ EVENTS_PAGE = 1000
 _Reader = Callable[[int, int], Doc]  # (file number, offset) -> the parsed line
 
 
+# Characters JSON leaves raw inside a string that make a line read as
+# something else than it holds, written as JSON escapes (they read back as
+# the same characters), as the log lines write them: U+0085, U+2028 and
+# U+2029, which str.splitlines() (and JavaScript before ES2019) takes for
+# line breaks (a client's text holding one, in a client event's details or a
+# username tried at login, split its record in two for such a reader,
+# neither piece JSON); the other C1 controls (8-bit terminal escapes: U+009B
+# is CSI, to a terminal shown `cat audit-*.jsonl`); the bidirectional
+# controls (Trojan Source).
+_ESCAPED = [*range(0x80, 0xA0), 0x061C, 0x200E, 0x200F, *range(0x2028, 0x202F),
+            *range(0x2066, 0x206A)]
+_TO_ESCAPE = re.compile("[" + "".join(map(chr, _ESCAPED)) + "]")
+_ESCAPES = [(chr(c), f"\\u{c:04x}") for c in _ESCAPED]
+
+
 def _line(doc: Doc, kind: str) -> bytes:
     body = dict(doc)
     body["type"] = kind
-    return (dumps(body) + "\n").encode()
+    text = dumps(body)
+    if _TO_ESCAPE.search(text):  # rare: one scan of the line otherwise
+        for char, escape in _ESCAPES:
+            if char in text:
+                text = text.replace(char, escape)
+    return (text + "\n").encode()
 
 
 def _strip(doc: Doc) -> Doc:
