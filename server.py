@@ -117,11 +117,6 @@ JWT_SECRET_ENV = "SESSION_AUDIT_JWT_SECRET"
 AUDIT_KEY_ENV = "SESSION_AUDIT_AUDIT_KEY"
 ADMIN_PASSWORD_ENV = "SESSION_AUDIT_ADMIN_PASSWORD"
 SHUTDOWN_FLUSH_SECONDS = 2.0
-# aiohttp's shutdown_timeout: a graceful shutdown waits this long for requests
-# in flight, then as long again once it told them to stop (a chat waiting on
-# its provider does not hear that), then cancels them; a cancelled chat is
-# recorded.
-SHUTDOWN_REQUESTS_SECONDS = 10.0
 SINK_OPEN_WAIT = 1.0  # start to ready stays well under 3 s even when the sink hangs
 MIN_PASSWORD_CHARS = 8  # NIST SP 800-63B's floor for a chosen password
 CHAT_CONCURRENCY = 16  # chats holding their document (<= 1 MiB) at once; the others queue
@@ -604,7 +599,7 @@ def create_app(
     app.cleanup_ctx.append(_accounts_ctx)  # after the engine opens, before it closes
     # Torn down first: requests still running (their clients gone) end
     # before the engine closes, within the time the others get.
-    app.cleanup_ctx.append(requests_ctx(2 * SHUTDOWN_REQUESTS_SECONDS))
+    app.cleanup_ctx.append(requests_ctx(config.server.shutdown_grace_seconds))
     return app
 
 
@@ -793,18 +788,19 @@ def _handle_signals(app: web.Application) -> None:
     process group too) cancelled the engine's close half way, and an unclosed
     sink connection's thread kept the process from ever exiting."""
     stopping = False
+    grace = app[CONFIG].server.shutdown_grace_seconds
 
     def on_signal(name: str) -> None:
         nonlocal stopping
         if stopping:
-            log.warning("%s: already shutting down (requests in flight get up to %.0f s,"
-                        " then the flush window %.0f s); kill -9 is safe for the audit"
-                        " trail if it must be now", name, 2 * SHUTDOWN_REQUESTS_SECONDS,
+            log.warning("%s: already shutting down (requests in flight get up to %g s,"
+                        " then the flush window %g s); kill -9 is safe for the audit"
+                        " trail if it must be now", name, grace,
                         SHUTDOWN_FLUSH_SECONDS)
             return
         stopping = True
         log.info("%s: shutting down: no new connections; requests in flight get up to"
-                 " %.0f s", name, 2 * SHUTDOWN_REQUESTS_SECONDS)
+                 " %g s", name, grace)
         raise web.GracefulExit()
 
     async def install(app: web.Application) -> None:
@@ -1045,7 +1041,12 @@ def _serve(config: Config, loop: asyncio.AbstractEventLoop) -> int:
             loop=loop,
             access_log_class=AccessLog,
             print=serving,
-            shutdown_timeout=SHUTDOWN_REQUESTS_SECONDS,
+            # aiohttp's: it waits this long for requests in flight, then cuts
+            # off what they still read (a body still arriving) and tells them
+            # to stop (a chat waiting on its provider does not hear that); at
+            # the grace's end requests_ctx cancels them (a cancelled chat is
+            # recorded).
+            shutdown_timeout=config.server.shutdown_grace_seconds / 2,
             handle_signals=False,  # _handle_signals
         )
     finally:

@@ -35,6 +35,10 @@ class ServerConfig:
     # address of X-Forwarded-For that is not a trusted proxy. Empty: the
     # connection's address, X-Forwarded-For ignored.
     trusted_proxies: str = ""
+    # A graceful shutdown lets requests in flight run this long, then cancels
+    # them (a chat waiting on its provider); a request body still arriving
+    # is cut off at half of it.
+    shutdown_grace_seconds: float = 20.0
 
     def proxy_networks(self) -> tuple[IPNetwork, ...]:
         return parse_networks(self.trusted_proxies)
@@ -225,6 +229,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "server.host": (lambda v: v.strip() != "",
                     "must not be empty (0.0.0.0 listens on every IPv4 interface,"
                     " :: on every IPv6 one)"),
+    "server.shutdown_grace_seconds": _positive_seconds(),
     "auth.token_ttl_seconds": _at_least_seconds(1),
     "auth.bcrypt_rounds": (lambda v: 4 <= v <= 31, "must be between 4 and 31"),
     "auth.login_max_failures": (lambda v: v >= 1, "must be at least 1"),

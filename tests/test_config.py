@@ -83,7 +83,7 @@ def as_toml_dict(config: Config) -> dict:
 # with their defaults: additions only, so that every file written against
 # API.md still loads and means the same.
 EXTENSIONS = {
-    "server": {"trusted_proxies": ""},
+    "server": {"trusted_proxies": "", "shutdown_grace_seconds": 20.0},
     "audit": {"security_events_per_ip_per_second": 0.0, "security_events_per_ip_burst": 200},
 }
 
@@ -169,6 +169,7 @@ def test_unknown_key_is_named(data, key):
         ({"audit": {"idle_timeout_seconds": float("inf")}}, "audit.idle_timeout_seconds"),
         ({"sink": {"http": {"timeout_seconds": float("nan")}}}, "sink.http.timeout_seconds"),
         ({"server": {"host": ""}}, "server.host"),
+        ({"server": {"shutdown_grace_seconds": 0}}, "server.shutdown_grace_seconds"),
         ({"server": {"host": "  "}}, "server.host"),
         ({"server": {"data_dir": "d"}, "sink": {"sqlite": {"path": "d/spool.db"}}},
          "sink.sqlite.path"),

@@ -19,7 +19,6 @@ from api_fixtures import USER_PASSWORD, MakeApi, api_config, make_api, served_ap
 from openai_stub import OpenAIStub
 from waiting import wait_for
 
-import server
 from handlers.keys import ACCOUNTS
 
 __all__ = ["make_api"]
@@ -97,12 +96,13 @@ async def test_a_request_whose_client_left_is_cancelled_at_the_end_of_the_wait(
     cancelled before the engine closes, like one whose client is still
     there: a chat so cut off is recorded as ``cancelled`` (it was cancelled
     only by ``run_app``'s last sweep, after the engine had closed)."""
-    monkeypatch.setattr(server, "SHUTDOWN_REQUESTS_SECONDS", 0.3)  # serve's is 10 s
     stub = OpenAIStub()
     stub.mode = "held"  # never answers
     base_url = await stub.start()
-    config = api_config(tmp_path, ai={"provider": "openai", "openai": {
-        "base_url": base_url, "timeout_seconds": 60.0}})
+    # served_app's runner waits 0.3 s (half the grace, as serve's does).
+    config = api_config(tmp_path, server={"shutdown_grace_seconds": 0.6},
+                        ai={"provider": "openai", "openai": {
+                            "base_url": base_url, "timeout_seconds": 60.0}})
     try:
         async with served_app(config, monkeypatch) as (app, runner, port):
             base = f"http://127.0.0.1:{port}"
