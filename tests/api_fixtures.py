@@ -179,28 +179,40 @@ MakeApi = Callable[..., Awaitable[Api]]
 
 
 @pytest.fixture
-def make_api(aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MakeApi:
+async def make_api(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[MakeApi]:
     """``await make_api(audit={...}, setup=fn)``: a client on ``server.create_app``.
 
     ``setup(app)`` may add routes before the app starts. Each call gets its own
-    data directory.
+    data directory. ``flush_at_close=False``: for a test that leaves work its
+    sink will not take (rate limited for minutes, a closed port): the app is
+    closed at the end without the shutdown's flush window, 2 s of waiting
+    for nothing (nothing is sent or checked after the test's body).
     """
     monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
     monkeypatch.delenv(server.JWT_SECRET_ENV, raising=False)
     monkeypatch.delenv(server.AUDIT_KEY_ENV, raising=False)
     counter = [0]
+    unflushed: list[TestClient] = []
 
-    async def make(setup: Callable[[web.Application], None] | None = None,
-                   **sections: dict[str, Any]) -> Api:
+    async def make(setup: Callable[[web.Application], None] | None = None, *,
+                   flush_at_close: bool = True, **sections: dict[str, Any]) -> Api:
         counter[0] += 1
         config = api_config(tmp_path / f"app{counter[0]}", **sections)
         app = server.create_app(config)
         if setup is not None:
             setup(app)
         client = await aiohttp_client(app)
+        if not flush_at_close:
+            unflushed.append(client)
         return Api(client, config)
 
-    return make
+    yield make
+    # Before aiohttp_client's own teardown (closing twice is nothing).
+    monkeypatch.setattr(server, "SHUTDOWN_FLUSH_SECONDS", 0.0)
+    for client in unflushed:
+        await client.close()
 
 
 @pytest.fixture

@@ -143,7 +143,8 @@ async def test_admin_endpoints_need_a_token(api: Api, method: str, path: str) ->
 
 async def test_sessions_states_open_pending_stored(make_api: MakeApi) -> None:
     # One sink write per 100 s after the first: the second logout stays pending.
-    api = await make_api(flush={"max_writes_per_second": 0.01, "burst": 1})
+    api = await make_api(flush={"max_writes_per_second": 0.01, "burst": 1},
+                         flush_at_close=False)
     admin = await api.admin()
     stored = await api.user("alice")
     await api.client.post("/logout", headers=stored.headers)
@@ -340,7 +341,8 @@ async def test_many_security_events_in_one_millisecond_page_through(
     the spool pages by that time and the event id, as clients do. (It took
     a window of the newest rows: past it, paging ended early, silently.)"""
     api = await make_api(sink={"type": "http", "http": {"url": f"http://127.0.0.1:{free_port()}",
-                                                        "timeout_seconds": 1.0}})
+                                                        "timeout_seconds": 1.0}},
+                         flush_at_close=False)
     admin = await api.admin()
     burst = 45
 
@@ -472,7 +474,8 @@ async def test_state_filter_that_stops_early_still_pages_through(
     monkeypatch.setattr(handlers.admin, "_MAX_PAGES", 1)
     # Three sink writes at once, then one per 100 s: the first three logouts
     # are stored, the three after them (newer) stay pending.
-    api = await make_api(flush={"max_writes_per_second": 0.01, "burst": 3})
+    api = await make_api(flush={"max_writes_per_second": 0.01, "burst": 3},
+                         flush_at_close=False)
     admin = await api.admin()
     ended: list[str] = []
     for i in range(6):
@@ -695,7 +698,8 @@ async def test_status_names_no_file_path(make_api: MakeApi, tmp_path: Any) -> No
     no file paths to a client); `server.py status` keeps it for the operator."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    api = await make_api(sink={"sqlite": {"path": str(blocker / "sub" / "audit.db")}})
+    api = await make_api(sink={"sqlite": {"path": str(blocker / "sub" / "audit.db")}},
+                         flush_at_close=False)
     admin = await api.admin()
 
     async def failing() -> dict[str, Any] | None:
@@ -709,7 +713,8 @@ async def test_status_names_no_file_path(make_api: MakeApi, tmp_path: Any) -> No
     # A message naming the sink's directory without quotes.
     (tmp_path / "open").mkdir()
     os.chmod(tmp_path / "open", 0o777)
-    api = await make_api(sink={"sqlite": {"path": str(tmp_path / "open" / "audit.db")}})
+    api = await make_api(sink={"sqlite": {"path": str(tmp_path / "open" / "audit.db")}},
+                         flush_at_close=False)
     admin = await api.admin()
     body = await wait_for(failing, message="the sink's first failure")
     assert "writable by every user" in body["sink"]["last_error"]

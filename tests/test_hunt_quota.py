@@ -58,6 +58,7 @@ async def test_requests_taken_while_a_commit_runs_stay_within_the_spools_limit(
     api = await make_api(
         audit={"spool_max_bytes": 4 << 20},
         sink={"type": "http", "http": {"url": f"http://127.0.0.1:{free_port()}"}},
+        flush_at_close=False,
     )
     spool = api.engine.spool
     alice, admin = await api.user("alice"), await api.admin()

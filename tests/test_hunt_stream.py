@@ -93,7 +93,7 @@ async def test_a_session_in_the_sink_the_spool_and_its_open_tail_is_the_old_answ
     uncut events: the streamed answer is the old one's bytes."""
     api = await make_api(audit={"part_max_events": 5, "keep_stored_seconds": keep},
                          flush={"max_writes_per_second": 0.001, "burst": 3},
-                         sink={"type": sink})
+                         sink={"type": sink}, flush_at_close=False)
     admin = await api.admin()
     alice = await api.user("alice")
     await _client_events(api, alice, 20)  # 22 events: parts 0-3 of 5 events, 2 uncut
@@ -206,7 +206,8 @@ async def test_the_answer_holds_about_one_part_in_memory(
     12.6 MB here, and it grows with the session."""
     flush = {"max_writes_per_second": 1000.0} if where == "sink" else {
         "max_writes_per_second": 0.001, "burst": 1}
-    api = await make_api(audit={"part_max_events": 100}, flush=flush)
+    api = await make_api(audit={"part_max_events": 100}, flush=flush,
+                         flush_at_close=where == "sink")
     admin = await api.admin()
     if where == "spool":
         # The one token goes to another session's part: the long one stays pending.
