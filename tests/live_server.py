@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -198,9 +199,31 @@ class Live:
         )
 
     async def adduser(self, name: str, password: str, *, admin: bool = False) -> None:
-        args = ["adduser", name, "--password-stdin"] + (["--admin"] if admin else [])
-        r = await self.cli(*args, stdin=password + "\n")
-        assert r.returncode == 0, r.stderr
+        """A user for the test's setup, as ``server.py adduser`` adds it: its
+        own functions on the same spool file (beside the server, if it runs),
+        but in this process. A command's start (its imports: half a second
+        of CPU) per user made setups of several users take seconds (7 at
+        once: 4 s). The command itself is tested through ``cli("adduser")``."""
+        if self.env:  # another locale or key for this test's commands: the command
+            args = ["adduser", name, "--password-stdin"] + (["--admin"] if admin else [])
+            r = await self.cli(*args, stdin=password + "\n")
+            assert r.returncode == 0, r.stderr
+            return
+        await asyncio.to_thread(self._adduser_here, name, password, admin)
+
+    def _adduser_here(self, name: str, password: str, admin: bool) -> None:
+        import server
+        from audit.config import parse_config
+        from handlers.auth import add_user_sync
+
+        settings = tomllib.loads(self.config_path.read_text(encoding="utf-8"))
+        config = parse_config(settings, base_dir=str(self.workdir))  # (the command's cwd)
+        conn = server._spool_conn(config)
+        try:
+            add_user_sync(conn, name, password, "admin" if admin else "user",
+                          config.auth.bcrypt_rounds)
+        finally:
+            conn.close()
 
     # -- the receiver ------------------------------------------------------
 
