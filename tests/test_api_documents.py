@@ -436,6 +436,8 @@ async def test_documents_do_not_count_toward_spool_max_bytes(
     leave the spool full for good (no login, no delete, /readyz 503)."""
     monkeypatch.setattr(spool_module, "APP_BYTES_INTERVAL", 0.0)
     api = await make_api(audit={"spool_max_bytes": 300_000, "on_spool_full": "reject"})
+    # Measured by the reaper's passes: every 50 ms, not every second (5 s of waiting).
+    api.engine.reaper_interval = 0.05
     spool = api.engine.spool
     alice = await api.user("alice")
     docs = []
