@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -51,9 +52,39 @@ def test_format_ts(epoch, text):
     assert parse_ts(text) == pytest.approx(epoch, abs=0.0006)
 
 
-def test_parse_ts_accepts_offsets():
+def test_parse_ts_accepts_offsets(monkeypatch):
     assert parse_ts("1970-01-01T01:00:00.000+01:00") == 0.0
-    assert parse_ts("1970-01-01T00:00:01") == 1.0
+    assert parse_ts("1970-01-01T00:00:02.5z") == 2.5  # RFC 3339 allows a lower-case z
+    # A time without an offset is UTC, whatever the server's own time zone.
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_ts("1970-01-01T00:00:01") == 1.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize("target", [
+    {"id": "d1", "type": "document", "title": "x"},  # more than id and type
+    {"type": "document", "id": "d1"},
+    {"id": 7, "type": "document"},
+    {"id": "d1", "type": None},
+    {"id": "d1", "kind": "document"},
+    {"id": "d1"},
+    {},
+], ids=["three_keys", "reordered", "int_id", "null_type", "other_key", "one_key", "empty"])
+def test_a_target_of_any_shape_is_sealed_whole(target):
+    """The sealed text is the canonical JSON of the whole target, whatever
+    its keys: a shortcut for {"id", "type"} strings must not drop or mangle
+    the others (the hash covers the text)."""
+    draft = Draft("document.access", target=target)
+    event, text = seal_event(KEY, genesis(KEY, "s"), draft, "s", 1, 0.0)
+    assert event["target"] == target
+    assert json.loads(text)["target"] == target
+    assert text == canonical_json(event)
+    assert seal_text(KEY, genesis(KEY, "s"), draft, "s", 1, 0.0) == (event["hash"], text)
+    assert event["hash"] == event_hash(KEY, genesis(KEY, "s"), event)
 
 
 def test_new_id_is_128_random_bits():
@@ -148,12 +179,17 @@ def test_sealed_text_is_the_canonical_json_of_the_event(
 
 
 def test_lone_surrogates_are_scrubbed_and_the_event_kept():
-    draft = Draft("document.access", details={"path": "/a\udcff"},
+    draft = Draft("document.access", details={"path": "/a\udcff", "tags": ["ok", "b\udc80"]},
                   source=Source(user_agent="x\ud800"))
-    event, text = seal_event(KEY, genesis(KEY, "s"), draft, "s", 1, 0.0)
-    assert seal_text(KEY, genesis(KEY, "s"), draft, "s", 1, 0.0) == (event["hash"], text)
+    event, text = seal_event(KEY, genesis(KEY, "s"), draft, "s", 7, 0.0)
+    assert seal_text(KEY, genesis(KEY, "s"), draft, "s", 7, 0.0) == (event["hash"], text)
     text.encode("utf-8")
-    assert event["details"]["path"] == "/a?" and event["source"]["user_agent"] == "x?"
+    assert event["details"] == {"path": "/a?", "tags": ["ok", "b?"]}
+    assert event["source"]["user_agent"] == "x?"
+    # Only the odd strings change: the record keeps its session, seq and the
+    # rest, and the text stored is that record's canonical JSON.
+    assert (event["session_id"], event["seq"], event["action"]) == ("s", 7, "document.access")
+    assert text == canonical_json(event) and json.loads(text) == event
     assert event["hash"] == event_hash(KEY, genesis(KEY, "s"), event)
 
 
