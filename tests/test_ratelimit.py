@@ -959,3 +959,82 @@ def test_flood_guard_forgets_the_buckets_of_clients_gone_quiet():
     clock.t += 5.0
     assert guard.admit("192.0.2.9", "auth.invalid_token", clock.t)
     assert set(guard._buckets) == {"192.0.2.9"}
+
+
+def test_flood_guard_shared_budget_refills_at_ten_times_the_rate_and_keeps_an_ips_token():
+    """The shared budget refills at ten times one IP's rate, on the guard's
+    clock; an event refused by it alone is counted without spending its
+    IP's token (that client is not made to wait for others' flood)."""
+    from audit.ratelimit import FloodGuard
+
+    clock = Clock()
+    guard = FloodGuard(rate=2.0, burst=3, clock=clock)  # shared: 20 a second, 30 saved
+    k = "192.0.2.1"
+    assert guard.admit(k, "auth.invalid_token", 1.0)  # k: 2 tokens left
+    admitted = sum(guard.admit(f"10.0.{i}.1", "auth.invalid_token", 1.0)
+                   for i in range(10) for _ in range(3))
+    assert admitted == 29, "the shared budget is spent"
+    assert not guard.admit(k, "auth.invalid_token", 1.0)
+    assert not guard.admit(k, "auth.invalid_token", 1.0)
+    clock.t += 0.25  # shared: 5 tokens back; k: 2 kept + 0.5
+    assert [guard.admit(k, "auth.invalid_token", 2.0) for _ in range(3)] == [True, True, False]
+    clock.t += 0.5  # shared: 3 left + 10
+    fresh = sum(guard.admit(f"10.1.{i}.1", "auth.invalid_token", 3.0)
+                for i in range(10) for _ in range(3))
+    assert fresh == 13
+    assert guard.suppressed == 1 + 2 + 1 + 30 - 13
+
+
+def test_flood_guard_past_max_keys_forgets_the_least_recently_seen(monkeypatch):
+    """Past MAX_KEYS buckets the least recently seen client's goes (its
+    budget whole again), never the newcomer's: a client whose bucket were
+    dropped at once would get a whole budget with every event."""
+    from audit.ratelimit import FloodGuard
+
+    monkeypatch.setattr(FloodGuard, "MAX_KEYS", 2)
+    clock = Clock()
+    guard = FloodGuard(rate=1.0, burst=2, clock=clock)
+    guard._all = TokenBucket(1e6, 10**6, clock)  # the shared budget is not under test
+    assert [guard.admit("10.0.0.1", "a", 1.0) for _ in range(3)] == [True, True, False]
+    assert guard.admit("10.0.0.2", "a", 1.0)
+    assert [guard.admit("10.0.0.3", "a", 1.0) for _ in range(3)] == [True, True, False]
+    assert list(guard._buckets) == ["10.0.0.2", "10.0.0.3"]
+    assert guard.admit("10.0.0.1", "a", 1.0)  # forgotten: a new bucket
+
+
+def test_flood_guard_counts_up_to_max_users_and_merges_what_was_left_out(monkeypatch):
+    """Exactly MAX_USERS names (users, sessions, addresses) are all kept and
+    nothing is marked left out; a restored summary that had more, or that
+    overflows the count it is merged into, keeps saying so."""
+    from audit.ratelimit import FloodGuard
+
+    monkeypatch.setattr(FloodGuard, "MAX_USERS", 3)
+    guard = FloodGuard(rate=1.0, burst=1, clock=Clock())
+    assert guard.admit("2001:db8::9", "a", 1.0)
+    for i in (1, 2, 3):
+        assert not guard.admit(f"2001:db8::{i}", "a", 2.0, f"u{i}", f"s{i}")
+    (c,) = guard.take_summaries()
+    assert c.users == {"u1", "u2", "u3"} and c.sessions == {"s1", "s2", "s3"}
+    assert c.addresses == {"2001:db8::1", "2001:db8::2", "2001:db8::3"}
+    assert not (c.more_users or c.more_sessions or c.more_addresses)
+    assert not guard.admit("2001:db8::4", "a", 3.0, "u4", "s4")
+    guard.restore([c])  # merged into the count of u4: four of each
+    (m,) = guard.take_summaries()
+    assert m.count == 4 and len(m.users) == len(m.sessions) == len(m.addresses) == 3
+    assert m.more_users and m.more_sessions and m.more_addresses
+    guard.restore([m])  # into an empty table: nothing overflows, the flags stay
+    (again,) = guard.take_summaries()
+    assert again.count == 4 and again.more_users and again.more_sessions
+    assert again.more_addresses
+
+
+def test_flood_guard_counts_events_without_an_address_under_a_dash():
+    from audit.ratelimit import FloodGuard
+
+    guard = FloodGuard(rate=1.0, burst=1, clock=Clock())
+    assert guard.admit(None, "auth.invalid_token", 1.0)
+    assert not guard.admit(None, "auth.invalid_token", 2.0)
+    assert not guard.admit(None, "auth.invalid_token", 3.0, reason="bad_signature")
+    (c,) = guard.take_summaries()
+    assert (c.ip, c.count, c.addresses) == ("-", 2, set())
+    assert c.reasons == {"-": 1, "bad_signature": 1}
