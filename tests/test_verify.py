@@ -1126,3 +1126,148 @@ async def test_verify_on_a_spool_from_before_stored_sessions(
     assert await server._verify(config) == 1
     out = capsys.readouterr()
     assert out.err == "" and "security_chain" in out.out, out
+
+
+def _tampered(parts: list[dict[str, Any]], edit: Any) -> list[dict[str, Any]]:
+    out = json.loads(json.dumps(parts))
+    result = edit(out)
+    return out if result is None else result
+
+
+async def test_each_finding_names_its_part_kind_and_what_is_wrong(stored, audit_key):
+    """One session's parts (seq 1-3, 4-6, 7-8), each tampered alone, give
+    exactly the findings named (found by mutation testing: a finding's kind
+    or text could be changed, an extra false one added after a missing part,
+    and the parts after a bad-numbered or doubled one left unchecked, all
+    with the suite passing)."""
+    from audit.verify import check_session
+
+    config, sids = stored
+    sid = sids[0]
+    parts = [stored_part(config, sid, n) for n in range(3)]
+    assert check_session(audit_key, sid, parts) == []
+    changed_8 = ("changed", "seq 8: hash does not verify")
+
+    def edit_event(n: int, i: int, **fields: Any) -> Any:
+        return lambda ps: ps[n]["events"][i].update(fields)
+
+    def and_8_changed(extra: Any) -> Any:
+        def edit(ps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            ps[2]["events"][1]["details"] = {"reason": "logout", "note": "edited"}
+            return [*ps, extra(ps)]
+        return edit
+
+    cases: dict[str, tuple[Any, list[tuple[str, str]]]] = {
+        # A missing middle part is that finding alone: the next part is
+        # checked from its own prev_hash and first_seq.
+        "middle_part_removed": (lambda ps: [ps[0], ps[2]],
+                                [("missing_part", "part 1 is not stored")]),
+        "part_0_prev_hash": (lambda ps: ps[0].update(prev_hash="0" * 64), [
+            ("bad_part", "part 0: prev_hash does not continue the chain"),
+            ("changed", "seq 1: hash does not verify")]),
+        "part_0_first_seq": (lambda ps: ps[0].update(first_seq=2), [
+            ("bad_part", "part 0: first_seq 2 != 1"),
+            ("changed", "part 0: unexpected seq [1]")]),
+        "event_count": (lambda ps: ps[1].update(event_count=9),
+                        [("bad_part", "part 1: event_count 9 != 3")]),
+        "event_session_id": (edit_event(1, 0, session_id="f" * 32), [
+            ("changed", "seq 4: session_id changed"),
+            ("changed", "seq 4: hash does not verify")]),
+        "event_seq": (edit_event(1, 0, seq=99), [
+            ("removed", "part 1: seq [4] missing"),
+            ("changed", "part 1: unexpected seq [99]"),
+            ("changed", "seq 99: hash does not verify")]),
+        "swapped": (lambda ps: ps[1]["events"].reverse(), [
+            ("reordered", "part 1: events out of seq order"),
+            ("changed", "seq 6: hash does not verify"),
+            ("changed", "seq 5: hash does not verify"),
+            ("changed", "seq 4: hash does not verify"),
+            ("bad_part", "part 1: hash is not the last event's")]),
+        "part_names_another_session": (lambda ps: ps[1].update(session_id="f" * 32), [
+            ("bad_part", f"part 1 ('{sid}:1') names session '{'f' * 32}'")]),
+        # A bad-numbered or doubled part does not stop the check of the rest.
+        "bad_number_and_a_change": (
+            and_8_changed(lambda ps: {**ps[1], "part": "1"}),
+            [("bad_part", f"a part numbered '1' ('{sid}:1')"), changed_8]),
+        "twice_and_a_change": (
+            and_8_changed(lambda ps: {**ps[0], "_id": "another"}),
+            [("bad_part", "part 0 is stored under _id 'another'"),
+             ("changed", f"part 0 is stored twice ('{sid}:0', 'another'):"
+              " the first is the one checked"), changed_8]),
+        "start_time_unreadable": (lambda ps: ps[0].update(session_start_time="soon"), [
+            ("bad_part", "part 0: session_start_time is not the time of session.start")]),
+        "checkpoint_with_an_end_time": (
+            lambda ps: ps[1].update(session_end_time=ps[2]["session_end_time"]),
+            [("bad_part", "part 1: a non-final part must be a checkpoint"
+              " without end time or duration")]),
+        "final_not_a_bool": (lambda ps: ps[2].update(final="yes"),
+                             [("bad_part", "part 2: final is not true or false")]),
+        "final_unmarked": (lambda ps: ps[2].update(
+            final=False, seal_reason="checkpoint", session_end_time=None,
+            session_duration_seconds=None),
+            [("bad_part", "part 2: a part that ends with session.end is not marked final")]),
+        "final_without_its_end": (lambda ps: ps[1].update(final=True), [
+            ("bad_part", "part 1: the final part does not end with session.end"),
+            ("bad_part", "part 2 comes after the final part 1")]),
+        "end_time": (lambda ps: ps[2].update(session_end_time="2000-01-01T00:00:00Z"), [
+            ("bad_part", "part 2: session_end_time is not the time of session.end"),
+            ("bad_part", "part 2: session_duration_seconds is not end - start")]),
+        "duration": (lambda ps: ps[2].update(session_duration_seconds=3600),
+                     [("bad_part", "part 2: session_duration_seconds is not end - start")]),
+        # Fields of the wrong type or unreadable are findings, not a crash.
+        "duration_a_string": (lambda ps: ps[2].update(session_duration_seconds="0"), [
+            ("bad_part", "part 2: session_duration_seconds is not end - start")]),
+        "start_time_a_number": (lambda ps: ps[0].update(session_start_time=0), [
+            ("bad_part", "part 0: session_start_time is not the time of session.start")]),
+        "final_start_time_unreadable": (lambda ps: ps[2].update(session_start_time="soon"), [
+            ("bad_part", "part 2: session_start_time is not the time of session.start"),
+            ("bad_part", "part 2: session_duration_seconds is not end - start")]),
+        "end_time_unreadable": (lambda ps: ps[2].update(session_end_time="soon"), [
+            ("bad_part", "part 2: session_end_time is not the time of session.end"),
+            ("bad_part", "part 2: session_duration_seconds is not end - start")]),
+        "start_event_time_unreadable": (edit_event(0, 0, ts="soon"), [
+            ("changed", "seq 1: hash does not verify"),
+            *[("bad_part", f"part {n}: session_start_time is not the time of session.start")
+              for n in range(3)]]),
+    }
+    for name, (edit, expected) in cases.items():
+        found = [(p.kind, p.detail) for p in check_session(
+            audit_key, sid, _tampered(parts, edit))]
+        assert sorted(found) == sorted(expected), name
+
+
+async def test_a_session_still_open_in_the_spool_is_not_called_overdue(
+    make_config, engines, audit_key
+):
+    """A long session with checkpoint parts in the sink has no final part
+    yet: the spool anchor names it (open, or a part not yet sent) and verify
+    does not call its final part removed, however old it is (the anchor's
+    query of them was never run on such a spool by a test)."""
+    from audit.events import parse_ts
+    from audit.verify import spool_anchor
+
+    config = make_config(  # stored parts and security events kept in the spool
+        audit={"part_max_events": 3, "keep_stored_seconds": 3600},
+        flush={"max_writes_per_second": 1000.0, "burst": 100})
+    engine = await engines.open(config)
+    src = Source(user="alice", role="user", ip="127.0.0.1")
+    done = await engine.start_session("alice", "user", src, 3600)
+    await engine.end_session(done.session_id, src)
+    await engine.record_security(Draft("auth.login_failed", outcome="denied", source=src),
+                                 happened=True)
+    s = await engine.start_session("alice", "user", src, 3600)
+    for i in range(4):  # a checkpoint part cut
+        await engine.record(s.session_id, Draft("document.access",
+                                                target={"type": "document", "id": str(i)}))
+    await engines.drain(engine)
+    ended = await engine.start_session("alice", "user", src, 3600)
+    await engine.end_session(ended.session_id, src)  # its parts wait in the spool
+    anchor = await engine.spool.read(lambda c: spool_anchor(c, audit_key))
+    assert anchor.unfinished == {s.session_id, ended.session_id}
+    assert anchor.first_unsent is None and anchor.stored == {done.session_id}
+    (first, *_) = await engine.sink.get_session_parts(s.session_id)
+    much_later = parse_ts(first["session_start_time"]) + 10 * 86400
+    report = await verify_sink(engine.sink, audit_key, anchor, overdue_after=86400,
+                               now=much_later)
+    assert report.ok, report.problems
+    assert (report.sessions, report.parts, report.security_events) == (2, 2, 1)
