@@ -305,7 +305,7 @@ async def test_logout_ends_the_session_and_the_token(api: Api) -> None:
     await expect_error(r, 401, "session_ended")
     ended = await api.wait_security("auth.session_ended", 3)
     assert all(e["session_id"] == alice.session_id for e in ended)
-    assert all(e["actor"]["user"] == "alice" for e in ended)
+    assert all(e["actor"] == {"user": "alice", "role": "user"} for e in ended)
     # No event was added to the sealed session by the refused requests.
     assert len(await api.events(alice.session_id)) == 4
 
@@ -365,7 +365,7 @@ async def test_audit_session_header_of_another_session(api: Api) -> None:
     events = await api.wait_security("auth.session_mismatch", 3)
     for e in events:
         assert e["session_id"] == alice.session_id
-        assert e["actor"]["user"] == "alice"
+        assert e["actor"] == {"user": "alice", "role": "user"}
         assert e["outcome"] == "denied"
     # Nothing was written into either session.
     assert await api.actions(bob.session_id) == ["session.start", "token.issue"]
@@ -462,6 +462,15 @@ BAD_TOKENS = [
     ("missing_exp", "invalid_token", "auth.invalid_token", "missing_claim"),
     ("missing_jti", "invalid_token", "auth.invalid_token", "missing_claim"),
     ("iat_in_future", "invalid_token", "auth.invalid_token", "not_yet_valid"),
+    # Signed with our key but not of the types this server issues.
+    ("sid_empty", "invalid_token", "auth.invalid_token", "bad_claim"),
+    ("role_a_list", "invalid_token", "auth.invalid_token", "bad_claim"),
+    ("jti_a_number", "invalid_token", "auth.invalid_token", "invalid"),  # (PyJWT checks jti)
+    ("iat_a_bool", "invalid_token", "auth.invalid_token", "bad_claim"),
+    ("iat_a_word", "invalid_token", "auth.invalid_token", "invalid"),
+    # Issued after now and expired before it: not taken as expired.
+    ("iat_in_future_exp_past", "invalid_token", "auth.invalid_token", "not_yet_valid"),
+    ("nbf_in_future", "invalid_token", "auth.invalid_token", "not_yet_valid"),
     ("expired", "token_expired", "auth.token_expired", "token_expired"),
 ]
 
@@ -502,6 +511,16 @@ def _make_bad(name: str, key: bytes, sid: str) -> dict[str, str]:
         now = int(time.time())
         return bearer(jwt.encode(_claims(sid, iat=now + 3600, exp=now + 7200), key,
                                  algorithm="HS256"))
+    odd = {"sid_empty": {"sid": ""}, "role_a_list": {"role": ["admin"]},
+           "jti_a_number": {"jti": 7}, "iat_a_bool": {"iat": True}, "iat_a_word": {"iat": "x"}}
+    if name in odd:
+        return bearer(jwt.encode({**good, **odd[name]}, key, algorithm="HS256"))
+    if name == "nbf_in_future":
+        return bearer(jwt.encode({**good, "nbf": good["iat"] + 3600}, key, algorithm="HS256"))
+    if name == "iat_in_future_exp_past":
+        now = int(time.time())
+        return bearer(jwt.encode(_claims(sid, iat=now + 3600, exp=now - 60), key,
+                                 algorithm="HS256"))
     if name == "expired":
         now = int(time.time())
         return bearer(jwt.encode(_claims(sid, iat=now - 7200, exp=now - 3600), key,
@@ -526,10 +545,11 @@ async def test_bad_token(api: Api, name: str, code: str, action: str, reason: st
     assert ev["outcome"] == "denied"
     assert ev["request_id"] == f"bad-{name}"
     assert ev["seq"] is None
+    assert (ev["details"]["method"], ev["details"]["path"]) == ("GET", "/documents")
     if name == "expired":
-        # Validly signed: the session and user are known.
+        # Validly signed: the session, user and role are known.
         assert ev["session_id"] == alice.session_id
-        assert ev["actor"]["user"] == "alice"
+        assert ev["actor"] == {"user": "alice", "role": "user"}
     else:
         assert ev["session_id"] is None
     # The refused request did not act: no document.list in alice's session.
@@ -693,6 +713,7 @@ def test_a_bad_trusted_proxy_is_named() -> None:
     ("[2001:db8::1]:443", "2001:db8::1"),
     ("2001:db8::1", "2001:db8::1"),
     ("::ffff:203.0.113.9", "203.0.113.9"),
+    ("[fe80::1%eth0]:443", "fe80::1"),  # the zone dropped
     ("fe80::1%" + "A" * 5000, "127.0.0.1"),  # not an address: the proxy's
     ("unknown", "127.0.0.1"),
 ])
