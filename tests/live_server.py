@@ -188,6 +188,14 @@ class Live:
 
     # -- the CLI -----------------------------------------------------------
 
+    async def admin_login(self, http: aiohttp.ClientSession) -> tuple[str, dict[str, str]]:
+        """Log in as the first start's admin: the session id and the headers to send."""
+        async with http.post(self.base + "/token", json={
+                "username": "admin", "password": ADMIN_PASSWORD}) as r:
+            body = await r.json()
+            assert r.status == 200, body
+        return body["session_id"], {"Authorization": "Bearer " + body["access_token"]}
+
     async def cli(self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
                   timeout: float = 90.0) -> subprocess.CompletedProcess[str]:  # noqa: ASYNC109
         cmd = [sys.executable, str(SERVER), *args[:1], "--config", str(self.config_path),

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from live_server import ADMIN_PASSWORD, Live
+from live_server import Live
 from waiting import wait_for
 
 from audit.events import canonical_json, chain_hash, format_ts, genesis, new_id
@@ -52,14 +52,6 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Live, Live]]:
     finally:
         for live in servers:
             live.close()
-
-
-async def _login(http: aiohttp.ClientSession, live: Live) -> tuple[str, dict[str, str]]:
-    async with http.post(live.base + "/token", json={
-            "username": "admin", "password": ADMIN_PASSWORD}) as r:
-        body = await r.json()
-        assert r.status == 200, body
-    return body["session_id"], {"Authorization": "Bearer " + body["access_token"]}
 
 
 async def _detail(http: aiohttp.ClientSession, live: Live, headers: dict[str, str],
@@ -154,12 +146,12 @@ async def test_another_servers_open_session_is_not_shown_complete(
     # all of it (its summary counts only the stored parts' events).
     a, b = fleet
     async with aiohttp.ClientSession() as http:
-        sid, on_b = await _login(http, b)
+        sid, on_b = await b.admin_login(http)
         for _ in range(4):
             async with http.post(b.base + "/documents", json={"title": "t", "content": "c"},
                                  headers=on_b) as r:
                 assert r.status == 201
-        _, on_a = await _login(http, a)
+        _, on_a = await a.admin_login(http)
 
         async def cut() -> bool:
             async with http.get(f"{a.base}/audit/sessions/{sid}", headers=on_a) as r:
@@ -200,13 +192,13 @@ async def test_another_servers_open_session_is_not_shown_complete(
 async def _session(live: Live) -> str:
     """A session on ``live``, logged out and stored."""
     async with aiohttp.ClientSession() as http:
-        sid, headers = await _login(http, live)
+        sid, headers = await live.admin_login(http)
         async with http.post(live.base + "/logout", headers=headers) as r:
             assert r.status == 200
 
         async def stored() -> bool:
             async with http.get(f"{live.base}/audit/sessions/{sid}", headers=(
-                    await _login(http, live))[1]) as r:
+                    await live.admin_login(http))[1]) as r:
                 return r.status == 200 and (await r.json())["state"] == "stored"
 
         await wait_for(stored, 10, "the session stored")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from live_server import ADMIN_PASSWORD, SERVER, Live, merge, server_env, to_toml
+from live_server import SERVER, Live, merge, server_env, to_toml
 from waiting import wait_for
 
 from audit import queries
@@ -37,13 +37,9 @@ def _digest(path: Path) -> str:
 
 async def _open_session_with_events(live: Live, n: int) -> None:
     async with aiohttp.ClientSession() as http:
-        async with http.post(live.base + "/token",
-                             json={"username": "admin", "password": ADMIN_PASSWORD}) as r:
-            assert r.status == 200
-            token = (await r.json())["access_token"]
+        _, headers = await live.admin_login(http)
         events = [{"action": "client.step", "details": {"n": i}} for i in range(n)]
-        async with http.post(live.base + "/audit/events", json=events,
-                             headers={"Authorization": f"Bearer {token}"}) as r:
+        async with http.post(live.base + "/audit/events", json=events, headers=headers) as r:
             assert r.status == 202
 
 
@@ -141,12 +137,8 @@ async def _moved_to_jsonl_and_retried(live: Live) -> None:
         # The command wakes nothing in the server, whose idle flusher looks
         # again within 5 s (test_flusher_poison): woken here, as an operator
         # can, instead of waiting those seconds out.
-        async with http.post(live.base + "/token", json={
-                "username": "admin", "password": ADMIN_PASSWORD}) as t:
-            assert t.status == 200
-            token = (await t.json())["access_token"]
-        async with http.post(live.base + "/audit/flush",
-                             headers={"Authorization": f"Bearer {token}"}) as f:
+        _, headers = await live.admin_login(http)
+        async with http.post(live.base + "/audit/flush", headers=headers) as f:
             assert f.status == 202
     await _settled(live, dead=0)
     assert await live.stop() == 0

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from live_server import ADMIN_PASSWORD, Live, free_port
+from live_server import Live, free_port
 from receiver import Receiver, serve
 from waiting import wait_for
 
@@ -51,12 +51,8 @@ async def _sessions(live: Live, n: int) -> None:
     """``n`` logins and logouts of the admin: ``n`` parts to send."""
     async with aiohttp.ClientSession() as http:
         for _ in range(n):
-            async with http.post(live.base + "/token", json={
-                    "username": "admin", "password": ADMIN_PASSWORD}) as r:
-                assert r.status == 200
-                token = (await r.json())["access_token"]
-            async with http.post(live.base + "/logout",
-                                 headers={"Authorization": f"Bearer {token}"}) as r:
+            _, headers = await live.admin_login(http)
+            async with http.post(live.base + "/logout", headers=headers) as r:
                 assert r.status == 200
 
 

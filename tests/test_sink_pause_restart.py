@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from live_server import ADMIN_PASSWORD, Live, free_port
+from live_server import Live, free_port
 from receiver import Fault, Receiver, serve
 from waiting import wait_for
 
@@ -28,12 +28,8 @@ def _saved_pause(spool: Path) -> str | None:
 
 async def _status(live: Live) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http:
-        async with http.post(live.base + "/token",
-                             json={"username": "admin", "password": ADMIN_PASSWORD}) as r:
-            assert r.status == 200
-            token = (await r.json())["access_token"]
-        async with http.get(live.base + "/audit/status",
-                            headers={"Authorization": f"Bearer {token}"}) as r:
+        _, headers = await live.admin_login(http)
+        async with http.get(live.base + "/audit/status", headers=headers) as r:
             assert r.status == 200
             status: dict[str, Any] = await r.json()
             return status
