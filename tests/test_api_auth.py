@@ -824,3 +824,183 @@ async def test_a_token_issued_before_the_clock_stepped_back_still_works(
                         algorithm="HS256")
     resp = await api.client.get("/me", headers={"Authorization": f"Bearer {forged}"})
     await expect_error(resp, 401, "invalid_token")
+
+
+# -- edges of the middleware a mutation review found untested ----------------------------
+
+
+async def _raw_get(api: Api, path: str, headers: list[tuple[str, bytes]]) -> tuple[int, bytes]:
+    """``GET path`` with header values sent as the bytes given (aiohttp's client
+    encodes them): the status and the whole raw answer, headers and body."""
+    server_ = api.client.server
+    reader, writer = await asyncio.open_connection(server_.host, server_.port)
+    try:
+        head = b"".join(name.encode() + b": " + value + b"\r\n" for name, value in headers)
+        writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Connection: close\r\n" + head + b"\r\n")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    status = int(raw.split(b" ", 2)[1])
+    return status, raw
+
+
+def _raw_json(raw: bytes) -> Any:
+    return json.loads(raw.partition(b"\r\n\r\n")[2])
+
+
+async def test_no_user_agent_is_recorded_as_null_everywhere(api: Api) -> None:
+    """Without a User-Agent header (or with an empty one), every record of the
+    request says ``source.user_agent: null``, the same in security events
+    (refused tokens of every kind) and in session events (login, an action)."""
+    no_ua: dict[str, Any] = {"skip_auto_headers": ["User-Agent"]}
+    await api.add_user("alice")
+    resp = await api.client.post("/token", json={"username": "alice", "password": USER_PASSWORD},
+                                 **no_ua)
+    body = await resp.json()
+    assert resp.status == 200, body
+    alice_sid = body["session_id"]
+    headers = {"Authorization": f"Bearer {body['access_token']}"}
+    resp = await api.client.get("/documents", headers=headers, **no_ua)
+    assert resp.status == 200
+    resp = await api.client.get("/documents", headers={**headers, "User-Agent": ""})
+    assert resp.status == 200
+    events = await api.events(alice_sid)
+    assert [e["action"] for e in events] == [
+        "session.start", "token.issue", "document.list", "document.list"]
+    assert [e["source"] for e in events] == [{"ip": "127.0.0.1", "user_agent": None}] * 4
+
+    now = int(time.time())
+    expired = jwt.encode(_claims(alice_sid, iat=now - 7200, exp=now - 3600),
+                         server.jwt_key(api.config), algorithm="HS256")
+    for sent, code in (({}, "missing_token"),
+                       ({"Authorization": "Bearer not-a-jwt"}, "invalid_token"),
+                       ({"Authorization": f"Bearer {expired}"}, "token_expired")):
+        resp = await api.client.get("/documents", headers=sent, **no_ua)
+        await expect_error(resp, 401, code)
+    refused = await api.wait_security("auth.invalid_token", 2)
+    refused += await api.wait_security("auth.token_expired")
+    assert sorted(e["details"]["reason"] for e in refused) == [
+        "malformed", "missing_token", "token_expired"]
+    for e in refused:
+        assert e["source"] == {"ip": "127.0.0.1", "user_agent": None}, e
+        assert e["outcome"] == "denied"
+
+
+@pytest.mark.parametrize("xff", [None, "", " , "])
+async def test_a_trusted_proxy_without_forwarded_for_is_the_client(
+    make_api: MakeApi, xff: str | None
+) -> None:
+    """A request from a trusted proxy with no X-Forwarded-For, or an empty
+    one, is attributed to the connection's address (the proxy's: nothing
+    names another), in session and security events alike."""
+    api = await make_api(server={"trusted_proxies": "127.0.0.1"})
+    sent = {} if xff is None else {"X-Forwarded-For": xff}
+    await api.add_user("alice")
+    alice = await api.login("alice", headers=sent)
+    resp = await api.client.get("/documents", headers={**alice.headers, **sent})
+    assert resp.status == 200
+    events = await api.events(alice.session_id)
+    assert [e["action"] for e in events] == ["session.start", "token.issue", "document.list"]
+    assert {e["source"]["ip"] for e in events} == {"127.0.0.1"}
+    resp = await api.client.get("/documents", headers={"Authorization": "Bearer junk", **sent})
+    await expect_error(resp, 401, "invalid_token")
+    (ev,) = await api.wait_security("auth.invalid_token")
+    assert ev["source"]["ip"] == "127.0.0.1"
+
+
+async def test_a_session_id_header_of_bytes_that_are_not_utf8(api: Api) -> None:
+    """X-Audit-Session-ID of bytes that are not UTF-8 (aiohttp reads them as
+    lone surrogates): 403 session_mismatch, recorded, not a 500; the value
+    is neither echoed nor stored."""
+    alice = await api.user("alice")
+    bad = alice.session_id.encode()[:8] + b"\xff\xfe\xc3("
+    status, raw = await _raw_get(api, "/documents", [
+        ("Authorization", alice.headers["Authorization"].encode()),
+        ("X-Audit-Session-ID", bad),
+        ("X-Request-ID", b"raw-sid-1"),
+    ])
+    body = _raw_json(raw)
+    assert status == 403, raw
+    assert body["error"]["code"] == "session_mismatch"
+    assert body["error"]["request_id"] == "raw-sid-1"
+    assert b"\xff" not in raw and b"\xfe" not in raw
+    (ev,) = await api.wait_security("auth.session_mismatch")
+    assert ev["outcome"] == "denied" and ev["request_id"] == "raw-sid-1"
+    assert ev["session_id"] == alice.session_id
+    assert ev["actor"] == {"user": "alice", "role": "user"}
+    assert ev["details"] == {"reason": "session_mismatch", "method": "GET",
+                             "path": "/documents"}
+    rows = await api.engine.spool.read(lambda c: c.execute(
+        "SELECT json FROM security_events").fetchall())
+    assert all("\udcff" not in r[0] and "\\udcff" not in r[0] for r in rows)
+    assert await api.actions(alice.session_id) == ["session.start", "token.issue"]
+
+
+@pytest.mark.parametrize("token", [
+    "é" * 40,  # UTF-8, not ASCII
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.\u00e9\u00e9",
+    b"\xff\xfe\x80abc",  # not UTF-8 at all
+])
+async def test_a_token_that_is_not_ascii_is_malformed(api: Api, token: str | bytes) -> None:
+    """A bearer token with characters outside ASCII (a JWT is base64url and
+    dots) is 401 invalid_token, recorded as auth.invalid_token with reason
+    ``malformed``; not a 500, and not echoed."""
+    raw_token = token if isinstance(token, bytes) else token.encode()
+    status, raw = await _raw_get(api, "/documents", [
+        ("Authorization", b"Bearer " + raw_token), ("X-Request-ID", b"raw-token-1")])
+    assert status == 401, raw
+    body = _raw_json(raw)
+    assert body["error"]["code"] == "invalid_token"
+    assert raw_token not in raw
+    assert (b'WWW-Authenticate: Bearer realm="session-audit", error="invalid_token", '
+            b'error_description="invalid_token"') in raw
+    (ev,) = await api.wait_security("auth.invalid_token")
+    assert ev["details"] == {"reason": "malformed", "method": "GET", "path": "/documents"}
+    assert (ev["outcome"], ev["session_id"], ev["request_id"]) == ("denied", None, "raw-token-1")
+
+
+async def test_a_future_iat_is_taken_only_within_the_skew_of_its_session_start(
+    api: Api,
+) -> None:
+    """A signed token whose iat is after now is accepted when iat is within
+    ISSUED_AT_START_SECONDS of its open session's start (this server's own,
+    issued before its clock stepped back), refused as not_yet_valid just
+    outside it; once the session has ended, such a token gets session_ended
+    like any token of ours after logout."""
+    from audit.middleware import ISSUED_AT_START_SECONDS
+
+    key = server.jwt_key(api.config)
+    alice = await api.user("alice")
+    session = api.engine.session(alice.session_id)
+    assert session is not None
+    start = int(session.start_ts)  # at most a second before start_ts
+
+    def token(iat: int) -> dict[str, str]:
+        claims = _claims(alice.session_id, iat=iat, exp=int(time.time()) + 600)
+        return {"Authorization": f"Bearer {jwt.encode(claims, key, algorithm='HS256')}"}
+
+    inside = start + int(ISSUED_AT_START_SECONDS)  # within (start_ts - 1, start_ts]
+    resp = await api.client.get("/me", headers=token(inside))
+    assert resp.status == 200, await resp.json()
+    assert await api.security("auth.invalid_token") == []
+    outside = start + int(ISSUED_AT_START_SECONDS) + 2  # over a second past the skew
+    resp = await api.client.get("/documents", headers=token(outside))
+    await expect_error(resp, 401, "invalid_token")
+    (ev,) = await api.wait_security("auth.invalid_token")
+    assert ev["details"] == {"reason": "not_yet_valid", "method": "GET", "path": "/documents"}
+    assert ev["outcome"] == "denied"
+    assert await api.actions(alice.session_id) == ["session.start", "token.issue"]
+
+    assert (await api.client.post("/logout", headers=alice.headers)).status == 200
+    for iat in (inside, int(time.time()) + 3600):
+        resp = await api.client.get("/documents", headers=token(iat))
+        await expect_error(resp, 401, "session_ended")
+    ended = await api.wait_security("auth.session_ended", 2)
+    for ev in ended:
+        assert ev["session_id"] == alice.session_id
+        assert ev["actor"] == {"user": "alice", "role": "user"}
+        assert ev["details"] == {"reason": "session_ended", "method": "GET",
+                                 "path": "/documents"}
+    assert len(await api.security("auth.invalid_token")) == 1
