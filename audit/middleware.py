@@ -198,10 +198,13 @@ async def authenticate(
         # Issued (iat) after now: by this server before its clock stepped
         # back, if iat is its open session's start (or its session has ended:
         # session_ended below); else refused as before.
-        if not _issued_at_start(engine, exc.claims):
+        early = exc.claims
+        if not _issued_at_start(engine, early):
+            # Validly signed, as an expired token is: its session and actor are known.
             raise await _deny(request, engine, "auth.invalid_token", 401, "invalid_token",
-                              "the token is not valid", reason=exc.reason) from None
-        claims = exc.claims
+                              "the token is not valid", reason=exc.reason,
+                              session_id=early.sid, user=early.sub, role=early.role) from None
+        claims = early
     except TokenInvalid as exc:
         raise await _deny(request, engine, "auth.invalid_token", 401, "invalid_token",
                           "the token is not valid", reason=exc.reason) from None
