@@ -118,7 +118,6 @@ AUDIT_KEY_ENV = "SESSION_AUDIT_AUDIT_KEY"
 ADMIN_PASSWORD_ENV = "SESSION_AUDIT_ADMIN_PASSWORD"
 SHUTDOWN_FLUSH_SECONDS = 2.0
 SINK_OPEN_WAIT = 1.0  # start to ready stays well under 3 s even when the sink hangs
-MIN_PASSWORD_CHARS = 8  # NIST SP 800-63B's floor for a chosen password
 CHAT_CONCURRENCY = 16  # chats holding their document (<= 1 MiB) at once; the others queue
 # One user's chats that may hold or wait for one of those slots at once; the
 # user's others wait behind them. Without it one user's many chats at once (a
@@ -303,17 +302,18 @@ def _existing(what: str, path: Path) -> None:
 # -- the app -------------------------------------------------------------------
 
 
-def admin_password_from_env() -> str | None:
-    """``SESSION_AUDIT_ADMIN_PASSWORD`` if set, within adduser's limits (a
-    longer one would make every login slower); else :class:`StartupError`."""
+def admin_password_from_env(min_chars: int) -> str | None:
+    """``SESSION_AUDIT_ADMIN_PASSWORD`` if set, within adduser's limits
+    (``auth.min_password_chars``; a longer one would make every login
+    slower); else :class:`StartupError`."""
     password = os.environ.get(ADMIN_PASSWORD_ENV)
     if password:
         password = utf8_first(os.fsencode(password), password)
         if not is_utf8(password):  # no login could send it (nor could it be hashed)
             raise StartupError(f"{ADMIN_PASSWORD_ENV} is not UTF-8 text")
-        if len(password) < MIN_PASSWORD_CHARS:
+        if len(password) < min_chars:
             raise StartupError(
-                f"{ADMIN_PASSWORD_ENV} must have at least {MIN_PASSWORD_CHARS} characters")
+                f"{ADMIN_PASSWORD_ENV} must have at least {min_chars} characters")
         if len(password) > MAX_PASSWORD_CHARS:
             raise StartupError(
                 f"{ADMIN_PASSWORD_ENV} must have at most {MAX_PASSWORD_CHARS} characters")
@@ -338,10 +338,12 @@ async def _ensure_admin(app: web.Application) -> None:
     existing = await accounts.alike("admin")
     if existing is not None:
         raise _no_first_admin(existing)
-    password = admin_password_from_env()
+    password = admin_password_from_env(app[CONFIG].auth.min_password_chars)
     path = None
     if not password:
-        password = secrets.token_urlsafe(18)
+        # 24 characters, or auth.min_password_chars if more (passwd keeps to it)
+        need = app[CONFIG].auth.min_password_chars
+        password = secrets.token_urlsafe(max(18, -(-need * 3 // 4)))
         path = app[CONFIG].data_dir / "initial_admin_password"
         path.unlink(missing_ok=True)
         _write_private(path, password + "\n")
@@ -949,7 +951,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     mongodb_uri_set(config)
     ai_credentials_single(config)
     if not config.spool_path.exists():  # a first start: fail before anything is made
-        admin_password_from_env()
+        admin_password_from_env(config.auth.min_password_chars)
     ensure_data_dir(config)
     lock = serve_lock(config)
     source = resolve_config_path(getattr(args, "config", None))
@@ -1090,9 +1092,10 @@ def _stdin_line() -> str:
     return utf8_first(line, line.decode(stdin.encoding, stdin.errors or "strict"))
 
 
-def _read_password(command: str, name: str, from_stdin: bool) -> str | None:
+def _read_password(command: str, name: str, from_stdin: bool, min_chars: int) -> str | None:
     """A new password from stdin's first line or asked twice on the terminal;
-    None (after saying why on stderr) if there is none fit to use."""
+    None (after saying why on stderr) if there is none fit to use (shorter
+    than ``min_chars``: ``auth.min_password_chars``)."""
     if sys.stdin is None:  # started with 0<&- (an AttributeError traceback)
         print(f"{command}: standard input is closed: give the password on it with"
               " --password-stdin", file=sys.stderr)
@@ -1121,8 +1124,8 @@ def _read_password(command: str, name: str, from_stdin: bool) -> str | None:
     if not is_utf8(password):  # login could never send it
         print(f"{command}: the password is not UTF-8 text", file=sys.stderr)
         return None
-    if len(password) < MIN_PASSWORD_CHARS:
-        print(f"{command}: the password must have at least {MIN_PASSWORD_CHARS} characters",
+    if len(password) < min_chars:
+        print(f"{command}: the password must have at least {min_chars} characters",
               file=sys.stderr)
         return None
     if len(password) > MAX_PASSWORD_CHARS:  # login refuses longer ones
@@ -1137,7 +1140,8 @@ def cmd_adduser(config: Config, args: argparse.Namespace) -> int:
     if not valid_username(name):
         print("adduser: names are 1-64 characters of A-Z a-z 0-9 . _ @ -", file=sys.stderr)
         return 2
-    password = _read_password("adduser", name, args.password_stdin)
+    password = _read_password("adduser", name, args.password_stdin,
+                              config.auth.min_password_chars)
     if password is None:
         return 2
     conn = _spool_conn(config)
@@ -1195,7 +1199,8 @@ def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
     if conn is None:
         return 1
     try:
-        password = _read_password("passwd", name, args.password_stdin)
+        password = _read_password("passwd", name, args.password_stdin,
+                                  config.auth.min_password_chars)
         if password is None:
             return 2
         stored = hash_password(password, config.auth.bcrypt_rounds)

@@ -84,6 +84,7 @@ def as_toml_dict(config: Config) -> dict:
 # API.md still loads and means the same.
 EXTENSIONS = {
     "server": {"trusted_proxies": "", "shutdown_grace_seconds": 20.0},
+    "auth": {"min_password_chars": 8},
     "audit": {"security_events_per_ip_per_second": 0.0, "security_events_per_ip_burst": 200},
 }
 
@@ -145,6 +146,8 @@ def test_unknown_key_is_named(data, key):
         ({"server": {"port": True}}, "server.port"),
         ({"server": {"data_dir": ""}}, "server.data_dir"),
         ({"auth": {"bcrypt_rounds": 3}}, "auth.bcrypt_rounds"),
+        ({"auth": {"min_password_chars": 7}}, "auth.min_password_chars"),
+        ({"auth": {"min_password_chars": 1025}}, "auth.min_password_chars"),
         ({"audit": {"ack": "eventually"}}, "audit.ack"),
         ({"audit": {"synchronous": "off"}}, "audit.synchronous"),
         ({"audit": {"part_max_events": 0}}, "audit.part_max_events"),

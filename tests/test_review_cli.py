@@ -564,3 +564,37 @@ async def test_serve_refuses_ai_credentials_in_the_url_beside_an_api_key(tmp_pat
         await lv.start()  # (no key: the URL's credentials alone)
     finally:
         lv.close()
+
+
+async def test_min_password_chars_holds_for_adduser_passwd_and_the_first_admin(
+        tmp_path: Path) -> None:
+    """auth.min_password_chars (NIST SP 800-63B-4: 15 for a password that is
+    the only factor) is what adduser, passwd and SESSION_AUDIT_ADMIN_PASSWORD
+    are held to; the generated first admin password is at least as long."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    live = Live(tmp_path / "a", {"auth": {"min_password_chars": 15}})
+    try:
+        line = _one_line(await live.cli("serve", env={"SESSION_AUDIT_ADMIN_PASSWORD": "p" * 14}))
+        assert "SESSION_AUDIT_ADMIN_PASSWORD must have at least 15 characters" in line
+        short = await live.cli("adduser", "carol", "--password-stdin", stdin="x" * 14 + "\n")
+        assert short.returncode == 2 and "at least 15 characters" in short.stderr
+        ok = await live.cli("adduser", "carol", "--password-stdin", stdin="x" * 15 + "\n")
+        assert ok.returncode == 0, ok.stderr
+        short = await live.cli("passwd", "carol", "--password-stdin", stdin="y" * 14 + "\n")
+        assert short.returncode == 2 and "at least 15 characters" in short.stderr
+    finally:
+        live.close()
+
+    live = Live(tmp_path / "b", {"auth": {"min_password_chars": 40}})
+    live.env = {"SESSION_AUDIT_ADMIN_PASSWORD": ""}  # the first start generates one
+    try:
+        await live.start()
+        initial = (live.data_dir / "initial_admin_password").read_text().strip()
+        assert len(initial) >= 40
+        async with aiohttp.ClientSession() as http, http.post(live.base + "/token", json={
+                "username": "admin", "password": initial}) as r:
+            assert r.status == 200
+        assert await live.stop() == 0
+    finally:
+        live.close()
