@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from audit import events
 from audit.events import (
     EVENT_KEYS,
     Draft,
@@ -203,3 +204,45 @@ def test_format_ts_keeps_the_last_millisecond_right():
              1764253868.1241, 1764253867.1234, 0.0, 0.0004, 0.0006, 1764253867.9996]
     for t in times:
         assert format_ts(t) == plain(t), t
+
+
+@pytest.mark.parametrize("field", [
+    "user", "role", "details", "action", "outcome", "request_id", "session_id", "ip",
+    "user_agent", "target",
+])
+def test_a_lone_surrogate_in_any_one_field_is_scrubbed(field):
+    """One odd string (in the half of the record before ``hash`` or after it,
+    the rest plain ASCII) is still caught: the stored text is valid UTF-8 and
+    byte for byte the canonical JSON of the record whose hash it carries."""
+    odd = "x\udc80y"
+    src = Source(user="alice", role="user", ip="1.2.3.4", user_agent="ua", request_id="r1")
+    draft = Draft("document.access", "success", target={"type": "document", "id": "d"},
+                  details={"k": "v"}, source=src)
+    session_id = "s"
+    if field in ("user", "role", "ip", "user_agent", "request_id"):
+        setattr(src, field, odd)
+    elif field == "details":
+        draft.details = {"k": odd}
+    elif field == "target":
+        draft.target = {"type": "document", "id": odd}
+    elif field == "session_id":
+        session_id = odd
+    else:
+        setattr(draft, field, odd)
+    prev = genesis(KEY, "s")
+    event, text = seal_event(KEY, prev, draft, session_id, 3, 0.0)
+    assert "x?y" in text and "\udc80" not in text
+    text.encode("utf-8")
+    assert text == canonical_json(event) and json.loads(text) == event
+    assert event["hash"] == event_hash(KEY, prev, event)
+    assert seal_text(KEY, prev, draft, session_id, 3, 0.0) == (event["hash"], text)
+
+
+def test_format_ts_cache_stays_bounded():
+    """A long-running server formats a new second every second: the cache of
+    formatted seconds must not grow with them."""
+    most = 0
+    for sec in range(events._PREFIXES_MAX + 50):
+        assert format_ts(2_000_000_000 + sec + 0.5).endswith(".500Z")
+        most = max(most, len(events._PREFIXES))
+    assert most <= events._PREFIXES_MAX
