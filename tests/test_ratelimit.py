@@ -73,6 +73,19 @@ def test_bucket_clock_going_backwards_adds_nothing():
     assert not bucket.try_take()
 
 
+@pytest.mark.parametrize("level", [0.0, 0.5, 1.0 - 1e-6, 1.0 - 1e-9, 1.0 - 1e-12, 1.0, 1.5])
+def test_bucket_delay_is_zero_exactly_when_a_token_can_be_taken(level):
+    """The flusher waits ``delay()`` and then takes a token: the two must
+    agree, also at the rounding tolerance (a level within 1e-9 of a token is
+    a token), or it either spins on a zero wait or waits for nothing."""
+    bucket = TokenBucket(rate=2.0, burst=2, clock=Clock())
+    bucket.resume(level, 0.0, in_flight=False)
+    wait = bucket.delay()
+    assert (wait == 0.0) is bucket.try_take() is (level >= 1.0 - 1e-9)
+    if wait:
+        assert wait == pytest.approx((1.0 - level) / 2.0)
+
+
 @pytest.mark.parametrize(
     ("tokens", "elapsed", "in_flight", "level"),
     [
@@ -109,6 +122,25 @@ def test_a_resume_never_adds_tokens():
     assert bucket.try_take() and bucket.try_take()
     bucket.resume(3.0, 1000.0, in_flight=False)
     assert bucket.level() == pytest.approx(1.0)
+
+
+def test_a_resumed_level_is_the_budget_from_now_on():
+    """What :meth:`resume` sets is the level now: the time the bucket stood
+    before it (drained) must not refill it on top, or a restarted server
+    writes more than ``level + rate * t`` in its first ``t`` seconds. The
+    level saved for the next run is refilled up to the moment it is read.
+    And by default a write may have been in flight (the safe side)."""
+    clock = Clock()
+    bucket = TokenBucket(rate=2.0, burst=4, clock=clock)
+    assert all(bucket.try_take() for _ in range(4))
+    clock.t += 10.0  # long enough to refill the whole burst
+    bucket.resume(1.0, 0.0, in_flight=False)
+    assert [bucket.try_take() for _ in range(2)] == [True, False]
+    clock.t += 0.75  # 1.5 tokens
+    assert bucket.level() == pytest.approx(1.5)
+    default = TokenBucket(rate=2.0, burst=4, clock=clock)
+    default.resume(3.0, 0.0)
+    assert default.level() == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (1, 0)])
@@ -150,6 +182,11 @@ def test_backoff_doubles_resets_and_honours_a_larger_hint():
     assert b.failed(hint=7.0) == 7.0  # hint larger than backoff (2.0)
     assert b.remaining() == pytest.approx(7.0)
     assert b.failed(hint=0.1) == 4.0  # backoff larger than hint
+
+
+def test_a_new_backoff_does_not_pause_whatever_the_clock():
+    b = Backoff(0.5, 60.0, Clock(0.0), rand=lambda: 1.0)
+    assert b.remaining() == 0.0 and b.attempt == 0
 
 
 def test_backoff_deadline_never_moves_earlier():
