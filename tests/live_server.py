@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,24 @@ def server_env() -> dict[str, str]:
     )
     env.pop("SESSION_AUDIT_CONFIG", None)
     return env
+
+
+@contextlib.asynccontextmanager
+async def live_with_nofile(workdir: Path, soft: int, hard: int
+                           ) -> AsyncIterator[tuple[Live, list[socket.socket]]]:
+    """A started server whose descriptor limit is (soft, hard), and a list
+    for the connections the test holds open: closed, with the server, at
+    the end (a test may close and clear them earlier)."""
+    live = Live(workdir)
+    live.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    held: list[socket.socket] = []
+    try:
+        await live.start()
+        yield live, held
+    finally:
+        for s in held:
+            s.close()
+        live.close()
 
 
 class Live:

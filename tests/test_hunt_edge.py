@@ -27,13 +27,12 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from live_server import ADMIN_PASSWORD, Live
+from live_server import ADMIN_PASSWORD, Live, live_with_nofile
 from waiting import wait_for
 
 PASSWORD = "alice-password-for-tests"
@@ -192,19 +191,11 @@ async def test_idle_connections_past_the_soft_descriptor_limit_do_not_lock_other
     took every descriptor, and every other client's connection was closed
     at once, for as long as they were held. ``serve`` raises the soft limit
     to the hard one at start."""
-    live = Live(tmp_path)
-    live.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (SOFT, HARD))
-    held: list[socket.socket] = []
-    try:
-        await live.start()
+    async with live_with_nofile(tmp_path, SOFT, HARD) as (live, held):
         assert live.proc is not None
-        held = await _hold_idle(live, 3 * SOFT)
+        held += await _hold_idle(live, 3 * SOFT)
         assert await _healthz(live) == 200
         assert _nofile(live.proc.pid) == [str(HARD), str(HARD)]
-    finally:
-        for s in held:
-            s.close()
-        live.close()
 
 
 async def test_at_the_descriptor_limit_new_connections_are_refused_without_a_spin(
@@ -214,13 +205,9 @@ async def test_at_the_descriptor_limit_new_connections_are_refused_without_a_spi
     accepted and closed at once by libuv (its spare-descriptor trick): no
     busy loop, no error in the log, and once descriptors are free again
     the server serves."""
-    live = Live(tmp_path)
-    live.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (SOFT, SOFT))
-    held: list[socket.socket] = []
-    try:
-        await live.start()
+    async with live_with_nofile(tmp_path, SOFT, SOFT) as (live, held):
         assert live.proc is not None
-        held = await _hold_idle(live, 2 * SOFT)
+        held += await _hold_idle(live, 2 * SOFT)
         before = _cpu_seconds(live.proc.pid)
         for _ in range(10):  # refused, not queued for ever
             assert await _healthz(live) != 200
@@ -235,10 +222,6 @@ async def test_at_the_descriptor_limit_new_connections_are_refused_without_a_spi
 
         await wait_for(served, timeout=5, message="served again")
         assert await live.stop() == 0
-    finally:
-        for s in held:
-            s.close()
-        live.close()
     log = live.log_tail(100_000)
     assert "Traceback" not in log and '"level": "error"' not in log, log[-3000:]
 

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import resource
 import socket
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import aiohttp
 import pytest
 from api_fixtures import Api, Login, api, assert_clean, make_api
-from live_server import ADMIN_PASSWORD, Live
+from live_server import ADMIN_PASSWORD, live_with_nofile
 from waiting import wait_for
 
 import server
@@ -91,11 +90,7 @@ NOFILE = 64  # the server's descriptor limit: about 30 are in use once it serves
 
 
 async def test_out_of_descriptors_document_changes_are_503_not_500(tmp_path: Path) -> None:
-    live = Live(tmp_path)
-    live.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-    held: list[socket.socket] = []
-    try:
-        await live.start()
+    async with live_with_nofile(tmp_path, NOFILE, NOFILE) as (live, held):
         assert live.proc is not None
         fds = f"/proc/{live.proc.pid}/fd"
         # One connection, opened before the descriptors run out, kept alive.
@@ -140,10 +135,6 @@ async def test_out_of_descriptors_document_changes_are_503_not_500(tmp_path: Pat
                                 headers=headers) as r:
                 assert r.status == 200 and (await r.json())["version"] == 2
         assert "Traceback" not in live.log_tail(100_000)
-    finally:
-        for s in held:
-            s.close()
-        live.close()
 
 
 async def _big_document(api: Api, user: Login) -> dict[str, Any]:
