@@ -38,6 +38,7 @@ import json
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import oracle_workload
 from live_server import ADMIN_PASSWORD, Live
 from oracle_workload import ANY, UA, Exp, Oracle, compare, read_sink
 
@@ -81,11 +83,7 @@ def template_of(path: str) -> str:
 
 
 @dataclass
-class Sess:
-    user: str
-    role: str
-    token: str
-    sid: str
+class Sess(oracle_workload.Sess):
     open: bool = True
 
 
@@ -274,6 +272,27 @@ class ApiMachine(RuleBasedStateMachine):
         if r.status_code != status or (code is not None and got_code != code):
             raise Failure(f"{where}: got {r.status_code} {str(body)[:300]}, want {status}"
                           f" {code or ''}")
+
+    def pages(self, s: Sess, endpoint: str, key: str, id_key: str,
+              **params: Any) -> Iterator[dict[str, Any]]:
+        """Page through an admin listing as ``s`` (the parameters given, None
+        left out, then each next_cursor): every item, checked to come once,
+        each page's items before its own audit.query is expected."""
+        seen: set[str] = set()
+        query = {k: str(v) for k, v in params.items() if v is not None}
+        for _ in range(2000):
+            q = "&".join(f"{k}={v}" for k, v in query.items())
+            rid, r, b = self.call("GET", f"{endpoint}?{q}", token=s.token)
+            self.want(endpoint, r, b, 200)
+            for item in b[key]:
+                if item[id_key] in seen:
+                    raise Failure(f"{endpoint} listed {item[id_key]} twice")
+                seen.add(item[id_key])
+                yield item
+            self.exp(s, rid, "audit.query", details={"endpoint": endpoint, "query": dict(query)})
+            if not b["next_cursor"]:
+                break
+            query["cursor"] = b["next_cursor"]
 
     def exp(self, s: Sess, rid: str, action: str, **kw: Any) -> None:
         kw.setdefault("user", s.user)
@@ -478,24 +497,11 @@ class ApiMachine(RuleBasedStateMachine):
         admins = [s for s in self.open_sessions() if s.role == "admin"]
         s = admins[i % len(admins)]
         seen: dict[str, dict[str, Any]] = {}
-        cursor = None
-        for _ in range(2000):
-            q = f"limit={limit}&since={self.t0}" + (f"&kind={kind}" if kind else "") \
-                + (f"&cursor={cursor}" if cursor else "")
-            rid, r, b = self.call("GET", f"/audit/security-events?{q}", token=s.token)
-            self.want("security listing", r, b, 200)
-            for e in b["events"]:
-                if e["event_id"] in seen:
-                    raise Failure(f"security event listed twice: {e}")
-                seen[e["event_id"]] = e
-                if kind and e["action"] != kind:
-                    raise Failure(f"security listing of {kind} has {e}")
-            query = dict(x.split("=", 1) for x in q.split("&"))
-            self.exp(s, rid, "audit.query", details={"endpoint": "/audit/security-events",
-                                                     "query": query})
-            cursor = b["next_cursor"]
-            if not cursor:
-                break
+        for e in self.pages(s, "/audit/security-events", "events", "event_id",
+                            limit=limit, since=self.t0, kind=kind):
+            seen[e["event_id"]] = e
+            if kind and e["action"] != kind:
+                raise Failure(f"security listing of {kind} has {e}")
         got = sorted((e["request_id"], e["action"]) for e in seen.values()
                      if e.get("request_id") in self.rids)
         want = sorted((e.rid, e.action) for e in self.o.security
@@ -660,29 +666,15 @@ class ApiMachine(RuleBasedStateMachine):
         admins = [s for s in self.open_sessions() if s.role == "admin"]
         s = admins[i % len(admins)]
         seen: dict[str, dict[str, Any]] = {}
-        cursor = None
-        for _ in range(2000):
-            q = f"limit={limit}&since={self.t0}" + (f"&state={state}" if state else "") \
-                + (f"&user={user}" if user else "") + (f"&cursor={cursor}" if cursor else "")
-            path = f"/audit/sessions?{q}"
-            rid, r, b = self.call("GET", path, token=s.token)
-            self.want("listing", r, b, 200)
-            for x in b["sessions"]:
-                if x["session_id"] in seen:
-                    raise Failure(f"session {x['session_id']} listed twice")
-                seen[x["session_id"]] = x
-                if (state and x["state"] != state) or (user and x["user"] != user):
-                    raise Failure(f"listing {q} gave {x}")
-                # The count so far (this page's own audit.query not yet in it).
-                exps = self.o.sessions.get(x["session_id"])
-                if exps is not None and x["event_count"] != len(exps):
-                    raise Failure(f"listing has {x}, {len(exps)} events")
-            query = dict(x.split("=", 1) for x in q.split("&"))
-            self.exp(s, rid, "audit.query", details={"endpoint": "/audit/sessions",
-                                                     "query": query})
-            cursor = b["next_cursor"]
-            if not cursor:
-                break
+        for x in self.pages(s, "/audit/sessions", "sessions", "session_id",
+                            limit=limit, since=self.t0, state=state, user=user):
+            seen[x["session_id"]] = x
+            if (state and x["state"] != state) or (user and x["user"] != user):
+                raise Failure(f"listing state={state} user={user} gave {x}")
+            # The count so far (this page's own audit.query not yet in it).
+            exps = self.o.sessions.get(x["session_id"])
+            if exps is not None and x["event_count"] != len(exps):
+                raise Failure(f"listing has {x}, {len(exps)} events")
         times = [x["session_start_time"] for x in seen.values()]
         for sess in self.sessions:
             x = seen.get(sess.sid)
