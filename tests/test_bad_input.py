@@ -35,6 +35,7 @@ import bson
 import jwt
 import pytest
 from live_server import JWT_SECRET, Live
+from waiting import wait_for
 
 import server
 from audit.config import parse_config
@@ -352,15 +353,15 @@ async def test_a_body_the_client_cuts_short_is_recorded(live: Live) -> None:
                 sent.append((rid, action))
         admin = await token("admin", "admin-password-for-tests")
         admin_auth = {"Authorization": f"Bearer {admin['access_token']}"}
-        deadline = time.monotonic() + 20
-        while True:
+        got: dict[str, dict[str, Any]] = {}
+
+        async def all_recorded() -> bool:
             async with http.get(f"{live.base}/audit/sessions/{alice['session_id']}",
                                 headers=admin_auth) as r:
-                events = (await r.json())["events"]
-            got = {e["request_id"]: e for e in events}
-            if all(rid in got for rid, _ in sent) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+                got.update((e["request_id"], e) for e in (await r.json())["events"])
+            return all(rid in got for rid, _ in sent)
+
+        await wait_for(all_recorded, timeout=20, message=f"records of {sent}", interval=0.05)
         for rid, action in sent:
             assert rid in got, (rid, action, "not recorded")
             assert (got[rid]["action"], got[rid]["outcome"]) == (action, "failure"), got[rid]
