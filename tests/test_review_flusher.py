@@ -10,7 +10,9 @@ from typing import Any
 
 from audit import queries
 from audit.events import Draft, Source
+from audit.flusher import DEFER_AFTER
 from audit.store import Writer
+from sinks.base import SinkRejected, SinkUnavailable
 from sinks.sqlite import SqliteSink
 
 
@@ -622,3 +624,174 @@ async def test_parts_put_aside_through_a_long_outage_go_soon_after_it_ends(
     finally:
         receiver.close()
         await runner.cleanup()
+
+
+class _FlakySecuritySink(SqliteSink):
+    """A real SQLite sink that records the ids of every security batch it is
+    sent and fails any batch holding a ``bad`` event: retryably
+    (SinkUnavailable, a 503) or for good (SinkRejected, a 4xx)."""
+
+    def __init__(self, path: Any, bad: set[str], error: type[Exception]) -> None:
+        super().__init__(path)
+        self.bad = bad
+        self.error = error
+        self.batches: list[list[str]] = []
+
+    async def write_security_events(self, events: list[dict[str, Any]]) -> None:
+        ids = [str(e["_id"]) for e in events]
+        self.batches.append(ids)
+        if self.bad & set(ids):
+            raise self.error("the receiver trips on one event")
+        await super().write_security_events(events)
+
+
+async def _security_only(e: Any, n: int) -> list[str]:
+    """``n`` security events of one open session (no part pending); their ids."""
+    src = Source(user="mallory", role="user")
+    s = await e.start_session("mallory", "user", src, 3600)
+    drafts = [_denied(i) for i in range(n)]
+    for draft in drafts:
+        await e.record_security(draft, s.session_id)
+    return [d.event_id for d in drafts]
+
+
+async def test_a_failing_security_batch_is_halved_after_exactly_defer_after_tries(
+    make_config, engines, fake_monotonic
+):
+    """Pins the search DEFER_AFTER describes: a batch failing (retryably) is
+    sent whole DEFER_AFTER times, then in halves, each half that fails again
+    halved at once (one try), until the one event is found; that event is
+    put aside (still pending) and the rest of the batch is stored, each
+    event once."""
+    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
+    bad: set[str] = set()
+    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, SinkUnavailable)
+    e = await engines.open(config, sink, monotonic=fake_monotonic)
+    e.flusher.backoff.rand = lambda: 0.0  # no backoff: what is put aside stays aside
+    ids = await _security_only(e, 4)
+    bad.add(ids[2])
+
+    for _ in range(DEFER_AFTER + 4):
+        delay = await e.flusher.step()
+        fake_monotonic.advance(delay or 0.0)
+    assert sink.batches == [ids] * DEFER_AFTER + [ids[:2], ids[2:], [ids[2]], [ids[3]]]
+    stored = {d["_id"] for d in (await sink.list_security_events())[0]}
+    assert stored == {ids[0], ids[1], ids[3]}
+    status = await e.status()
+    assert (status["pending_security_events"], status["dead_letter"]) == (1, 0)
+
+
+async def test_a_single_failing_security_event_is_put_aside_after_defer_after_tries(
+    make_config, engines, fake_monotonic
+):
+    """A failure count is per event: an event that failed (retryably) but
+    then went through does not count toward the next one, which is tried
+    DEFER_AFTER times itself before it is put aside."""
+    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
+    bad: set[str] = set()
+    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, SinkUnavailable)
+    e = await engines.open(config, sink, monotonic=fake_monotonic)
+    e.flusher.backoff.rand = lambda: 0.0  # no backoff: what is put aside stays aside
+    (first,) = await _security_only(e, 1)
+    bad.add(first)
+    for _ in range(DEFER_AFTER - 1):
+        fake_monotonic.advance(await e.flusher.step() or 0.0)
+    bad.clear()
+    assert await e.flusher.step() == 0.0  # goes through at last
+    assert await e.flusher.step() is None
+    (second,) = await _security_only(e, 1)
+    bad.add(second)
+    for _ in range(DEFER_AFTER):
+        fake_monotonic.advance(await e.flusher.step() or 0.0)
+    # Put aside only now: the next step has nothing due to send.
+    assert sink.batches == [[first]] * DEFER_AFTER + [[second]] * DEFER_AFTER
+    assert await e.flusher.step() > 0
+    assert len(sink.batches) == 2 * DEFER_AFTER
+
+
+async def test_a_rejected_pair_of_security_events_dead_letters_only_the_bad_one(
+    make_config, engines, fake_monotonic
+):
+    """A security batch the sink refuses for good is sent again one event at
+    a time, down to a batch of two: only the event refused alone is
+    dead-lettered, the other is stored. The status counts the refused batch
+    and the dead letter as failed writes, the metrics one dead letter."""
+    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000})
+    bad: set[str] = set()
+    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, SinkRejected)
+    e = await engines.open(config, sink, monotonic=fake_monotonic)
+    ids = await _security_only(e, 2)
+    bad.add(ids[1])
+    await engines.drain(e, fake_monotonic)
+
+    assert sink.batches == [ids, [ids[0]], [ids[1]]]
+    assert {d["_id"] for d in (await sink.list_security_events())[0]} == {ids[0]}
+    status = await e.status()
+    assert (status["pending_security_events"], status["dead_letter"]) == (0, 1)
+    assert status["sink"]["writes_failed"] == 2
+    assert e.stats.dead_lettered == 1
+
+
+async def test_drain_flushes_everything_and_reports_after_each_step(make_config, engines):
+    """``server.py drain``: Flusher.drain goes on until nothing is pending,
+    security events alone included, and hands its progress callback the
+    spool's counts after each step."""
+    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000})
+    e = await engines.open(config)
+    src = Source(user="alice", role="user")
+    ids = await _security_only(e, 2)
+    seen: list[tuple[int, int]] = []
+
+    def progress(counts: dict[str, Any]) -> None:
+        seen.append((counts["pending_parts"], counts["pending_security_events"]))
+
+    await e.flusher.drain(progress)
+    assert {d["_id"] for d in (await e.sink.list_security_events())[0]} == set(ids)
+    assert seen == [(0, 0)]  # one batch
+
+    sessions = [await e.start_session("alice", "user", src, 3600) for _ in range(3)]
+    for s in sessions:
+        await e.end_session(s.session_id, src)
+    seen.clear()
+    await e.flusher.drain(progress)
+    for s in sessions:
+        assert len(await e.sink.get_session_parts(s.session_id)) == 1
+    # (one part a step)
+    assert seen == [(2, 0), (1, 0), (0, 0)]
+
+
+async def test_a_security_event_put_aside_in_an_outage_goes_first_once_it_ends(
+    make_config, engines, fake_monotonic
+):
+    """The sink down for every write, only security events pending: the
+    search puts the first event aside, then the rest fails too, a second
+    document, so the sink's outage, not one event it cannot take. Once a
+    write goes through again, the event put aside is due at once (not after
+    its own pause)."""
+    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
+    bad: set[str] = set()
+    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, SinkUnavailable)
+    e = await engines.open(config, sink, monotonic=fake_monotonic)
+    e.flusher.backoff.rand = lambda: 0.0  # no backoff: what is put aside stays aside
+    ids = await _security_only(e, 4)
+    bad.update(ids)
+
+    async def step_until(n: int) -> None:
+        for _ in range(50):
+            if len(sink.batches) >= n:
+                return
+            fake_monotonic.advance(await e.flusher.step() or 0.0)
+        raise AssertionError(sink.batches)
+
+    await step_until(DEFER_AFTER + 3)
+    assert sink.batches[DEFER_AFTER:] == [ids[:2], ids[:1], ids[1:]]  # ids[0] put aside
+    bad.clear()  # mended
+    await step_until(DEFER_AFTER + 4)
+    assert sink.batches[-1] == ids[1:]
+    assert await e.flusher.step() == 0.0
+    assert sink.batches[-1] == ids[:1]
+    assert await e.flusher.step() is None
+    assert {d["_id"] for d in (await sink.list_security_events())[0]} == set(ids)
