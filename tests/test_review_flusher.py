@@ -10,7 +10,7 @@ from typing import Any
 
 from audit import queries
 from audit.events import Draft, Source
-from audit.flusher import DEFER_AFTER
+from audit.flusher import DEFER_AFTER, UNEXPECTED_LIMIT
 from audit.store import Writer
 from sinks.base import SinkRejected, SinkUnavailable
 from sinks.sqlite import SqliteSink
@@ -678,6 +678,7 @@ async def test_a_failing_security_batch_is_halved_after_exactly_defer_after_trie
     assert sink.batches == [ids] * DEFER_AFTER + [ids[:2], ids[2:], [ids[2]], [ids[3]]]
     stored = {d["_id"] for d in (await sink.list_security_events())[0]}
     assert stored == {ids[0], ids[1], ids[3]}
+    assert e.stats.security_written == 3
     status = await e.status()
     assert (status["pending_security_events"], status["dead_letter"]) == (1, 0)
 
@@ -716,7 +717,7 @@ async def test_a_rejected_pair_of_security_events_dead_letters_only_the_bad_one(
 ):
     """A security batch the sink refuses for good is sent again one event at
     a time, down to a batch of two: only the event refused alone is
-    dead-lettered, the other is stored. The status counts the refused batch
+    dead-lettered, the others are stored. The status counts the refused batch
     and the dead letter as failed writes, the metrics one dead letter."""
     config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000})
     bad: set[str] = set()
@@ -732,6 +733,14 @@ async def test_a_rejected_pair_of_security_events_dead_letters_only_the_bad_one(
     assert (status["pending_security_events"], status["dead_letter"]) == (0, 1)
     assert status["sink"]["writes_failed"] == 2
     assert e.stats.dead_lettered == 1
+
+    # Three, the last refused: each of the batch's events goes alone.
+    sink.batches.clear()
+    more = await _security_only(e, 3)
+    bad.add(more[2])
+    await engines.drain(e, fake_monotonic)
+    assert sink.batches == [more, more[:1], more[1:2], more[2:]]
+    assert e.stats.dead_lettered == 2
 
 
 async def test_drain_flushes_everything_and_reports_after_each_step(make_config, engines):
@@ -795,3 +804,27 @@ async def test_a_security_event_put_aside_in_an_outage_goes_first_once_it_ends(
     assert sink.batches[-1] == ids[:1]
     assert await e.flusher.step() is None
     assert {d["_id"] for d in (await sink.list_security_events())[0]} == set(ids)
+
+
+async def test_a_security_event_the_sink_keeps_crashing_on_is_dead_lettered(
+    make_config, engines, fake_monotonic
+):
+    """A sink bug (an unclassified error) on one security event: its batch is
+    sent UNEXPECTED_LIMIT times, then one event at a time; the event it
+    crashes on is dead-lettered after UNEXPECTED_LIMIT tries of its own
+    (kept, counted, not retried for ever), and the other is stored."""
+    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                "backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
+    bad: set[str] = set()
+    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, KeyError)
+    e = await engines.open(config, sink, monotonic=fake_monotonic)
+    ids = await _security_only(e, 2)
+    bad.add(ids[0])
+    await engines.drain(e, fake_monotonic)
+
+    limit = UNEXPECTED_LIMIT
+    assert sink.batches == [ids] * limit + [ids[:1]] * limit + [ids[1:]]
+    assert {d["_id"] for d in (await sink.list_security_events())[0]} == {ids[1]}
+    status = await e.status()
+    assert (status["pending_security_events"], status["dead_letter"]) == (0, 1)
+    assert "unexpected sink error" in (status["sink"]["last_error"] or "")
