@@ -186,7 +186,7 @@ async def test_a_409_naming_another_hash_is_a_conflict(
     await sink.write_part(sample_part("s1"))  # the same part again: stored
     with pytest.raises(SinkConflict) as info:
         await sink.write_part(sample_part("s1", salt="other"))
-    assert "HTTP 409" in str(info.value) and "another hash" in str(info.value)
+    assert f"POST {url}/sessions: HTTP 409: s1:0 is stored with another hash" in str(info.value)
     assert receiver.parts["s1:0"]["hash"] == sample_part("s1")["hash"]
 
 
@@ -210,7 +210,8 @@ async def test_redirect_is_retried_and_names_the_target_without_secrets(
     with pytest.raises(SinkUnavailable) as info:
         await sink.write_part(sample_part("moved"))
     text = str(info.value)
-    assert "HTTP 308" in text and "redirect to https://moved.example/v1/sessions" in text
+    assert ("HTTP 308: redirect to https://moved.example/v1/sessions not followed;"
+            " set [sink.http] url to the receiver's address") in text, text
     for secret in ("hunter22", "bob", "s3cr3t-sig", "frag"):
         assert secret not in text
     assert receiver.parts == {}
@@ -252,6 +253,7 @@ async def test_url_credentials_and_query_are_sent_but_never_shown(
         ("http://u:p@[fe80::1%25eth0]:80/v1", "http://[fe80::1%25eth0]:80/v1"),
         ("http://u:p@Receiver.Example:8080/v1", "http://Receiver.Example:8080/v1"),
         ("http://u:p%40ss@h.example/v1", "http://h.example/v1"),
+        ("http://u:p@ss@h.example/v1", "http://h.example/v1"),  # an "@" left unescaped
         ("http://h.example:8080/v1", "http://h.example:8080/v1"),
         ("http://[::1]:8099/v1", "http://[::1]:8099/v1"),
     ],
@@ -355,7 +357,7 @@ async def test_timeout_is_unavailable_and_the_retry_is_idempotent(
     part = sample_part("slow")
     receiver.script(Fault(hang=True, apply=True))
     # A guard, not a timing: without its own timeout the write would hang 30 s.
-    with pytest.raises(SinkUnavailable, match=r"no answer within 1 s"):
+    with pytest.raises(SinkUnavailable, match=rf"POST {url}/sessions: no answer within 1 s$"):
         async with asyncio.timeout(20):
             await sink.write_part(part)
     assert receiver.parts == {"slow:0": part}  # it landed although we timed out
@@ -508,6 +510,7 @@ class RawServer:
         self.answer = answer
         self.url = ""
         self.headers: list[dict[str, str]] = []  # each request's, names lowercased
+        self.targets: list[str] = []  # each request's path and query
         self.connections = 0
         self.sent = 0  # body bytes that endless() got out before the client left
         self.left = asyncio.Event()  # the client closed a connection
@@ -522,7 +525,9 @@ class RawServer:
         try:
             while not self.stopping.is_set():
                 head = await reader.readuntil(b"\r\n\r\n")
-                fields = (line.partition(":") for line in head.decode("latin-1").split("\r\n")[1:])
+                lines = head.decode("latin-1").split("\r\n")
+                self.targets.append(lines[0].split(" ")[1])
+                fields = (line.partition(":") for line in lines[1:])
                 headers = {k.strip().lower(): v.strip() for k, _, v in fields if k}
                 self.headers.append(headers)
                 await reader.readexactly(int(headers.get("content-length", "0")))
@@ -890,9 +895,12 @@ async def test_a_409_to_one_security_event_naming_another_hash_is_a_conflict(
     sink = await make_sink(url)
     await sink.write_security_events([sample_security_event("c1")])
     await sink.write_security_events([sample_security_event("c1")])  # the same: stored
+    # One event is sent alone from the start: its 409 is unambiguous.
+    assert receiver.stats["requests"] == 2
     other = sample_security_event("c1", salt="other")
     for batch in ([other], [sample_security_event("c2"), other]):
-        with pytest.raises(SinkConflict, match="HTTP 409: c1 is stored with another hash"):
+        with pytest.raises(SinkConflict,
+                           match="/security-events: HTTP 409: c1 is stored with another hash"):
             await sink.write_security_events(batch)
     assert receiver.security_events["c1"] == sample_security_event("c1")
     assert "c2" in receiver.security_events
@@ -1037,3 +1045,213 @@ async def test_a_redirect_to_a_location_that_is_not_utf8_is_retried_and_shown(
         return counts["pending_parts"] == 0 and counts["dead_letter_parts"] == 0
 
     await wait_for(stored, message="alice's part stored")
+
+
+# -- answers pinned down by a mutation review ---------------------------------------
+
+OTHER_HASH = "f" * 64
+HASH_BODY = json.dumps({"duplicate": True, "hash": OTHER_HASH}).encode()
+
+
+def padded(body: bytes, size: int) -> bytes:
+    """``body`` followed by blanks to ``size`` bytes: JSON still, read whole."""
+    return body + b" " * (size - len(body))
+
+
+def packed(data: bytes, wbits: int) -> bytes:
+    """gzip (``wbits`` 31), zlib (15) or raw deflate (-15) of ``data``."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.mark.parametrize(("status", "body", "headers", "conflict"), [
+    # A 409's body of BODY_CAP bytes is read whole: its hash is checked; one
+    # byte more, and it is not all read: success unchecked.
+    (409, padded(HASH_BODY, BODY_CAP), (), True),
+    (409, padded(HASH_BODY, BODY_CAP + 1), (), False),
+    # The same, unpacked: the cap is on what it unpacks to.
+    (409, packed(padded(HASH_BODY, BODY_CAP), 31), ("Content-Encoding: gzip",), True),
+    (409, packed(padded(HASH_BODY, BODY_CAP + 1), 31), ("Content-Encoding: gzip",), False),
+    # Every encoding the sink unpacks, "deflate" as zlib or raw.
+    (409, packed(HASH_BODY, 31), ("Content-Encoding: x-gzip",), True),
+    (409, packed(HASH_BODY, 15), ("Content-Encoding: deflate",), True),
+    (409, packed(HASH_BODY, -15), ("Content-Encoding: Deflate",), True),
+    (409, HASH_BODY, ("Content-Encoding: identity",), True),
+    # A hash that is no string, or a body that is no object: no stored hash.
+    (409, b'{"hash": 5}', (), False),
+    (409, b'["hash"]', (), False),
+    # Only a 409 names a stored hash: a 2xx stored the part, whatever its body.
+    (200, HASH_BODY, (), False),
+], ids=["cap", "cap+1", "gzip-cap", "gzip-cap+1", "x-gzip", "deflate-zlib", "deflate-raw",
+        "identity", "hash-not-str", "not-object", "200"])
+async def test_a_stored_hash_is_read_from_a_409_body_within_the_cap(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    status: int,
+    body: bytes,
+    headers: tuple[str, ...],
+    conflict: bool,
+) -> None:
+    raw = await raw_server(fixed(status, body, *headers))
+    sink = await make_sink(raw.url)
+    if conflict:
+        with pytest.raises(SinkConflict, match=r"/sessions: HTTP 409: s1:0 is stored with"):
+            await sink.write_part(sample_part("s1"))
+    else:
+        await sink.write_part(sample_part("s1"))
+
+
+@pytest.mark.parametrize(("body", "headers", "shown"), [
+    (b"", (), ""),  # no detail: nothing after the status
+    (b"bad \xff byte", (), ": bad \ufffd byte"),  # not UTF-8: replaced, not an error
+    (b'{"error": "x"}', ("Content-Encoding: identity",), ': {"error": "x"}'),
+    (b"whatever", ("Content-Encoding: br",), ""),  # not unpacked: no detail
+    (b"not gzip at all", ("Content-Encoding: gzip",), ""),  # does not unpack: none
+    # A last word that ends at the decoding's limit is whole; one byte more
+    # and it was cut there: shown as an ellipsis.
+    (padded(b"", 4096 - 6) + b"ending", (), ": ending"),
+    (padded(b"", 4097 - 6) + b"ending", (), ": \u2026"),
+], ids=["empty", "not-utf8", "identity", "br", "bad-gzip", "4096", "4097"])
+async def test_an_error_body_is_shown_as_its_detail(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    body: bytes,
+    headers: tuple[str, ...],
+    shown: str,
+) -> None:
+    raw = await raw_server(fixed(400, body, *headers))
+    sink = await make_sink(raw.url)
+    with pytest.raises(SinkRejected) as info:
+        await sink.write_part(sample_part("s1"))
+    assert str(info.value) == f"http sink: POST {raw.url}/sessions: HTTP 400{shown}"
+
+
+@pytest.mark.parametrize("status", [300, 302])
+async def test_a_redirect_without_a_location_is_retried_and_says_so(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    status: int,
+) -> None:
+    """300 (Multiple Choices) is a redirect like the others, not a success."""
+    raw = await raw_server(status_line(f"HTTP/1.1 {status} X".encode()))
+    sink = await make_sink(raw.url)
+    with pytest.raises(SinkUnavailable) as info:
+        await sink.write_part(sample_part("s1"))
+    assert str(info.value) == (
+        f"http sink: POST {raw.url}/sessions: HTTP {status}: redirect not followed;"
+        " set [sink.http] url to the receiver's address")
+
+
+async def test_not_open_and_not_json_say_so() -> None:
+    sink = HttpSink(HttpSinkConfig(url="http://127.0.0.1:9"))
+    with pytest.raises(SinkUnavailable, match=r"^http sink is not open$"):
+        await sink.write_security_events([sample_security_event("e1")])
+    await sink.open()
+    try:
+        part = sample_part("s1") | {"odd": {1, 2}}
+        with pytest.raises(SinkRejected, match=r"^http sink: not JSON serialisable: "):
+            await sink.write_part(part)
+    finally:
+        await sink.close()
+
+
+async def test_a_sink_closed_mid_resend_sends_the_next_batch_whole(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    """Going on one by one is for the resend of the batch that stopped; a
+    sink opened again (the sink swapped back, say) starts with batches."""
+    receiver, url = await start_receiver(batch_dup_status=409)
+    sink = await make_sink(url)
+    events = [sample_security_event(f"m{i}") for i in range(3)]
+    await sink.write_security_events(events[:1])
+    receiver.script(Fault(409), Fault(409), Fault(503))
+    with pytest.raises(SinkUnavailable):
+        await sink.write_security_events(events)
+    await sink.close()
+    await sink.open()
+    before = receiver.stats["requests"]
+    fresh = [sample_security_event("n0"), sample_security_event("n1")]
+    await sink.write_security_events(fresh)
+    assert receiver.stats["requests"] - before == 1
+    assert {"n0", "n1"} <= set(receiver.security_events)
+
+
+@pytest.mark.parametrize(("url", "text", "expected"), [
+    # What is hidden shows as ***, where it stood.
+    ("http://h.example/x", f"echo {TOKEN}!", "echo ***!"),
+    ("http://h.example/x", "sent Bearer abc.def to", "sent Bearer *** to"),
+    ("http://h.example/x", "at /v1/sessions?x=1 now", "at /v1/sessions?*** now"),
+    ("http://u:pw@h.example/x", f"got {base64.b64encode(b'u:pw').decode()}.", "got ***."),
+    # The query whole, although no value in it looks like a key.
+    ("http://h.example/x?tenant=ab12&region=eu", "query tenant=ab12&region=eu refused",
+     "query *** refused"),
+    # A value with "=" in it (base64's padding) is the value whole.
+    ("http://h.example/x?sig=c2lnbmF0dXJl==", "bad signature c2lnbmF0dXJl==",
+     "bad signature ***"),
+    # Each parameter is looked at, not only the first.
+    ("http://h.example/x?format=json&key=k1", "unknown key k1", "unknown key ***"),
+    # Eight characters count as long: hidden inside words too.
+    ("http://h.example/x?tenant=abcd1234", "no tenant xabcd1234y", "no tenant x***y"),
+    # A longer secret holding a shorter one goes first, or its rest would show.
+    ("http://u:s3cretpw@h.example/x?key=extra-s3cretpw", "key extra-s3cretpw", "key ***"),
+], ids=["token", "bearer", "query-after-path", "basic", "whole-query", "padded-value",
+        "second-param", "eight-chars", "longest-first"])
+def test_redaction_replaces_each_secret_whole_with_stars(
+    url: str, text: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    sink = HttpSink(HttpSinkConfig(url=url, token_env=TOKEN_ENV))
+    sink._token = sink._read_token()  # as open() reads it
+    assert sink._redact(text) == expected
+
+
+async def test_a_base_path_with_a_trailing_slash_and_a_query(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+) -> None:
+    raw = await raw_server(fixed(400, b""))
+    sink = await make_sink(f"{raw.url}/v1/?k=abc")
+    with pytest.raises(SinkRejected) as info:
+        await sink.write_security_events([sample_security_event("e1")])
+    assert raw.targets == ["/v1/security-events?k=abc"]
+    assert str(info.value) == f"http sink: POST {raw.url}/v1/security-events: HTTP 400"
+
+
+@pytest.mark.parametrize(("userinfo", "authorization"), [
+    ("", None),  # no token variable, no credentials: no Authorization at all
+    ("sinkuser@", "Basic " + base64.b64encode(b"sinkuser:").decode()),  # no password
+])
+async def test_without_a_token_variable_the_url_alone_says_the_credentials(
+    start_receiver: Start, userinfo: str, authorization: str | None
+) -> None:
+    receiver, url = await start_receiver()
+    sink = HttpSink(HttpSinkConfig(url=url.replace("http://", f"http://{userinfo}"), token_env=""))
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("s1"))
+    finally:
+        await sink.close()
+    assert receiver.headers_seen[-1].get("Authorization") == authorization
+
+
+async def test_a_409_body_that_arrives_in_pieces_is_read_whole(
+    raw_server: Callable[[Answer], Awaitable[RawServer]],
+    make_sink: Callable[..., Awaitable[HttpSink]],
+) -> None:
+    """The part's own hash, cut in two by the chunks: a duplicate, stored."""
+    part = sample_part("s1")
+    body = json.dumps({"duplicate": True, "hash": part["hash"]}).encode()
+    cut = body.index(part["hash"].encode()) + 8
+
+    async def answer(_: RawServer, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 409 X\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in (body[:cut], body[cut:]):
+            writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # apart, so most likely read apart (no timing asserted)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    raw = await raw_server(answer)
+    sink = await make_sink(raw.url)
+    await sink.write_part(part)
