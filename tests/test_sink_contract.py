@@ -23,7 +23,7 @@ import pytest
 from receiver import Receiver, sample_part, sample_security_event, serve
 
 from audit.config import HttpSinkConfig, MongoSinkConfig
-from sinks.base import Doc, QueryNotSupported, Sink, SinkConflict
+from sinks.base import Doc, QueryNotSupported, Sink, SinkConflict, SinkUnavailable
 
 MONGO_URI_ENV = "SESSION_AUDIT_TEST_MONGODB_URI"
 SINK_URI_ENV = "SESSION_AUDIT_TEST_SINK_MONGODB_URI"
@@ -220,6 +220,34 @@ async def test_close_and_reopen_keeps_data_and_duplicate_detection(harness: Harn
         await second.close()
 
 
+async def test_a_closed_sink_takes_no_write_and_answers_no_query(harness: Harness) -> None:
+    """After close (the end of a shutdown) the sink is unavailable, as before
+    open: it does not open itself again behind the owner's back (a
+    connection nobody closes), and what it was handed is not stored."""
+    closed = harness.make()
+    await closed.open()
+    await closed.close()
+    try:
+        with pytest.raises(SinkUnavailable):
+            await closed.write_part(sample_part("s-closed"))
+        with pytest.raises(SinkUnavailable):
+            await closed.write_security_events([sample_security_event("ev-closed")])
+        if closed.queryable:
+            with pytest.raises(SinkUnavailable):
+                await closed.list_sessions()
+            with pytest.raises(SinkUnavailable):
+                await closed.get_session_parts("s-closed")
+    finally:
+        await closed.close()  # (whatever a failing sink opened again)
+    again = harness.make()
+    await again.open()
+    try:
+        assert await harness.stored_part(again, "s-closed:0") is None
+        assert await harness.stored_security_ids(again) == []
+    finally:
+        await again.close()
+
+
 # -- queries ------------------------------------------------------------------
 
 
@@ -260,6 +288,9 @@ async def _all_pages(sink: Sink, limit: int, **filters: Any) -> list[str]:
     for _ in range(100):
         page, cursor = await sink.list_sessions(limit=limit, cursor=cursor, **filters)
         assert len(page) <= limit
+        # A page that ends at the last session has no cursor: a cursor that
+        # leads to an empty page is one request too many for every client.
+        assert page or not seen, "a cursor that led to an empty page"
         seen += [s["session_id"] for s in page]
         if cursor is None:
             return seen
@@ -375,6 +406,7 @@ async def test_list_security_events_order_paging_filters(harness: Harness, sink:
         cursor = None
         for _ in range(100):
             page, cursor = await sink.list_security_events(limit=limit, cursor=cursor, **filters)
+            assert page or not out, "a cursor that led to an empty page"
             out += [e["_id"] for e in page]
             if cursor is None:
                 return out
