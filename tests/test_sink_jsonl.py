@@ -204,9 +204,33 @@ async def test_complete_last_line_without_newline_is_kept(tmp_path: Path) -> Non
         with pytest.raises(SinkConflict):
             await sink.write_part(sample_part("c", salt="x"))
         await sink.write_part(sample_part("d"))
+        # The newline the repair added is part of the line it ended, not a
+        # line of its own that is no JSON (verify would report one).
+        assert await sink.unchecked_records() == []
     finally:
         await sink.close()
     assert [d["_id"] for d in lines(path)] == ["c:0", "d:0"]
+
+
+async def test_a_last_line_that_is_json_but_no_document_does_not_stop_the_open(
+    tmp_path: Path,
+) -> None:
+    """A tail without its newline that parses but is no object with an
+    ``_id`` (a writer's other JSON; a line cut where it still parses) is
+    not taken for a document the repair keeps: indexing it wanted its
+    ``_id`` (a KeyError from open, no sink at all). The sink opens and
+    writes, and every line of the file is whole."""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    path.write_bytes(part_line(sample_part("a")) + b'{"note": "no _id"}')
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("b"))
+        assert [p["_id"] for p in await sink.get_session_parts("b")] == ["b:0"]
+    finally:
+        await sink.close()
+    ids = [d.get("_id") for d in lines(path)]  # (each line whole JSON)
+    assert [i for i in ids if i is not None] == ["a:0", "b:0"]
 
 
 async def test_day_rollover_and_index_across_files(tmp_path: Path) -> None:
@@ -579,6 +603,10 @@ async def test_normal_operation_never_rebuilds_the_index(tmp_path: Path) -> None
             eids |= {e["_id"] for e in batch}
             for reader in (one, two):
                 await _read_everything(reader, sids, eids)
+        # Nor does it read its own lines back as copies of themselves (each
+        # write then re-read the day file from that writer's last line on).
+        for writer in (one, two):
+            assert writer._index is not None and writer._index.repeats == []
     finally:
         await one.close()
         await two.close()
