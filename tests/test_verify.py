@@ -937,7 +937,8 @@ async def test_jsonl_lines_verify_cannot_place_are_found(make_config, engines, a
     """Lines the index skipped were never checked, and verify said OK, while
     jq (which reads invalid UTF-8 as U+FFFD) or a shipper takes them: a forged
     part with one byte that is not UTF-8, one whose part is a string, one
-    without a type; a security event whose ts is a number; an array."""
+    without a type; a security event whose ts is a number; an array; a part
+    without its _id."""
     config, sid, path = await _jsonl_session(make_config, engines)
     lines = path.read_text().splitlines()
     (part,) = [json.loads(ln) for ln in lines if f'"{sid}:0"' in ln]
@@ -958,15 +959,18 @@ async def test_jsonl_lines_verify_cannot_place_are_found(make_config, engines, a
                 + b"\n")
         f.write(json.dumps({**sec, "_id": "x", "event_id": "x", "ts": 1.8e9}).encode() + b"\n")
         f.write(b"[1, 2]\n")
+        f.write(json.dumps({k: v for k, v in forged(part=3).items() if k != "_id"}).encode()
+                + b"\n")  # an object, but no _id (was a KeyError: no sink, no verify)
     report = await _jsonl_report(config, audit_key)
     where = [int(p.detail.split(", byte ")[1].split(":")[0]) for p in report.problems]
-    assert where[0] == size and where == sorted(where) and len(where) == 5
+    assert where[0] == size and where == sorted(where) and len(where) == 6
     assert [p.detail.split(": ")[1] for p in report.problems] == [
         "a line that is not JSON (or not UTF-8)",
         "a session part without a string session_id, an integer part and a string"
         " session_start_time",
         "a line of type None, neither 'session_part' nor 'security_event'",
         "a security event without a string ts and _id",
+        "a line that is not an object with an _id",
         "a line that is not an object with an _id"]
     assert {p.kind for p in report.problems} == {"changed"}
 
