@@ -1,0 +1,352 @@
+"""The writer's part cutting and session lifecycle, pinned exactly (gaps a
+mutation run of audit/store.py found: boundaries, the lowered-limits split,
+session times and keys)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from audit.events import Draft
+from audit.store import SCHEMA, Append, Limits, Writer
+
+T0 = 1_800_000_000.0
+
+
+class Ticking:
+    """A clock that moves on by ``step`` at every reading."""
+
+    def __init__(self, step: float = 0.0) -> None:
+        self.now, self.step = T0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def _writer(conn: sqlite3.Connection, key: bytes, limits: Limits, clock=None) -> Writer:
+    w = Writer(conn, key, limits, clock=clock or (lambda: T0))
+    w.load()
+    return w
+
+
+def _conn(tmp_path) -> sqlite3.Connection:
+    conn = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def _start(w: Writer, sid: str, drafts: list[Draft] | None = None) -> None:
+    [(ok, value)] = w.run_batch([lambda w: w.start_session("u", "user", 1e12, drafts or [],
+                                                           session_id=sid)])
+    assert ok, value
+
+
+def _append(w: Writer, sid: str, n: int, details: dict | None = None) -> None:
+    results = w.run_batch([Append(sid, Draft("document.list", details=details or {}))
+                           for _ in range(n)])
+    assert all(ok for ok, _ in results), results
+
+
+def _parts(conn: sqlite3.Connection, sid: str) -> list[tuple[int, int, str]]:
+    return conn.execute("SELECT first_seq, last_seq, seal_reason FROM parts"
+                        " WHERE session_id = ? ORDER BY part", (sid,)).fetchall()
+
+
+def _sizes(conn: sqlite3.Connection, sid: str) -> list[int]:
+    return [r[0] for r in conn.execute(
+        "SELECT LENGTH(CAST(json AS BLOB)) FROM events WHERE session_id = ? ORDER BY seq",
+        (sid,))]
+
+
+def _event_size(tmp_path, key: bytes, details: dict) -> int:
+    """The byte size of each event of ``_append(w, "s1", n, details)`` (all the
+    same: one-digit seqs, one clock reading, ids of one length)."""
+    conn = sqlite3.connect(tmp_path / "probe.db", isolation_level=None)
+    conn.executescript(SCHEMA)
+    w = _writer(conn, key, Limits(500, 1 << 20))
+    _start(w, "s1")
+    _append(w, "s1", 3, details)
+    sizes = _sizes(conn, "s1")
+    conn.close()
+    assert len(set(sizes)) == 1, sizes
+    return sizes[0]
+
+
+@pytest.mark.parametrize("details", [{"b": "x" * 300}, {"b": "é" * 1000}],
+                         ids=["ascii", "utf8"])
+def test_part_max_bytes_counts_utf8_bytes_and_keeps_an_exact_fit(tmp_path, audit_key, details):
+    """Two events fill part_max_bytes to the byte: they make one part (the
+    limit is a maximum, not a bound to stay under), and the third goes to
+    the next. The size is the event's UTF-8 bytes (what the sink gets), not
+    its characters."""
+    size = _event_size(tmp_path, audit_key, details)
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(500, 2 * size))
+    _start(w, "s1")
+    _append(w, "s1", 5, details)
+    assert _sizes(conn, "s1") == [size] * 5
+    assert _parts(conn, "s1") == [(1, 2, "checkpoint"), (3, 4, "checkpoint")]
+    s = w.sessions["s1"]
+    assert (s.uncut_count, s.uncut_bytes, s.cut_seq, s.next_part) == (1, size, 4, 2)
+
+
+def test_lowered_limits_split_each_oversized_session_exactly(tmp_path, audit_key):
+    """At a start with lowered limits, the uncut events of every open
+    session past them are cut into parts that fill the limits (an exact
+    byte fit included); a session within them, whichever comes first, is
+    left alone; the rest stays uncut, counted and aged from its own first
+    event, and the next appends go on cutting from there."""
+    big = {"b": "x" * 600}
+    size = _event_size(tmp_path, audit_key, big)
+    conn = _conn(tmp_path)
+    clock = Ticking()
+    w = _writer(conn, audit_key, Limits(500, 1 << 20), clock)
+    _start(w, "s0")  # within the lowered limits: two events fill them to the byte
+    _append(w, "s0", 2, big)
+    clock.now += 1
+    _start(w, "s1")  # small events, past part_max_events
+    for _ in range(9):
+        clock.now += 10
+        _append(w, "s1", 1)
+    clock.now += 1
+    _start(w, "s2")  # past part_max_bytes
+    _append(w, "s2", 5, big)
+    ts = dict(conn.execute("SELECT seq, ts FROM events WHERE session_id = 's1'").fetchall())
+    small = _sizes(conn, "s1")
+    assert 5 * max(small) <= 2 * size  # s1 is cut by its count alone
+
+    w = _writer(conn, audit_key, Limits(4, 2 * size), clock)
+    assert list(w.sessions) == ["s0", "s1", "s2"]
+    conn.execute("BEGIN IMMEDIATE")
+    assert w.split_oversized() == 4
+    conn.execute("COMMIT")
+    assert _parts(conn, "s0") == []
+    assert _parts(conn, "s1") == [(1, 4, "checkpoint"), (5, 8, "checkpoint")]
+    assert _parts(conn, "s2") == [(1, 2, "checkpoint"), (3, 4, "checkpoint")]
+    s1, s2 = w.sessions["s1"], w.sessions["s2"]
+    assert (s1.uncut_count, s1.uncut_bytes, s1.uncut_first_ts) == (1, small[8], ts[9])
+    assert (s2.uncut_count, s2.uncut_bytes, s2.uncut_first_ts) == (1, size, T0 + 92)
+    assert (s1.cut_seq, s1.next_part, s1.event_count) == (8, 2, 9)
+
+    _append(w, "s1", 4)  # 9..12 fill a part; the 13th cuts it
+    assert _parts(conn, "s1")[2:] == [(9, 12, "checkpoint")]
+    assert w.sessions["s1"].uncut_count == 1
+    _append(w, "s2", 2, big)  # 5, 6 fill a part; the 7th cuts it
+    assert _parts(conn, "s2")[2:] == [(5, 6, "checkpoint")]
+
+
+def test_session_start_events_carry_the_start_time_and_seal_the_end_time(tmp_path, audit_key):
+    """verify compares a session's start and end times with its first and
+    last events: with a clock that moves at every reading, the start's
+    events still carry the session's start time, and a seal ``at`` a
+    deadline past carries that time in its event, its part and its row
+    (never before the last activity)."""
+    conn = _conn(tmp_path)
+    clock = Ticking(step=0.25)
+    w = _writer(conn, audit_key, Limits(500, 1 << 20), clock)
+    _start(w, "s1", [Draft("session.start"), Draft("document.list")])
+    [(start,)] = conn.execute("SELECT start_ts FROM sessions").fetchall()
+    assert conn.execute("SELECT ts FROM events ORDER BY seq").fetchall() == [(start,), (start,)]
+    _append(w, "s1", 1)
+    last = w.sessions["s1"].last_activity
+    assert last > start
+    deadline = last + 5  # the reaper sees it late: the clock is past it
+    clock.now = deadline + 100
+    [(ok, _)] = w.run_batch([lambda w: w.seal("s1", "idle_timeout", Draft("session.end"),
+                                              at=deadline)])
+    assert ok
+    assert conn.execute("SELECT ts FROM events WHERE seq = 4").fetchone() == (deadline,)
+    assert conn.execute("SELECT end_ts, state, seal_reason FROM sessions").fetchone() == (
+        deadline, "sealed", "idle_timeout")
+    assert _parts(conn, "s1") == [(1, 4, "idle_timeout")]
+    assert conn.execute("SELECT end_ts, final FROM parts").fetchone() == (deadline, 1)
+    assert "s1" not in w.sessions
+
+    _start(w, "s2")
+    _append(w, "s2", 1)
+    last = w.sessions["s2"].last_activity
+    [(ok, _)] = w.run_batch([lambda w: w.seal("s2", "token_expired", Draft("session.end"),
+                                              at=last - 60)])  # before its last activity
+    assert ok
+    assert conn.execute("SELECT end_ts FROM sessions WHERE session_id = 's2'").fetchone() == (
+        last,)
+
+
+def test_session_keys_stay_unique_across_a_restart_and_a_failed_start(tmp_path, audit_key):
+    """Each session gets its own key (events find their session by it); a
+    start rolled back leaves no session behind, in the file or the cache."""
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(500, 1 << 20))
+    _start(w, "s1")
+    _start(w, "s2")
+
+    def fails(w: Writer) -> None:
+        w.start_session("u", "user", 1e12, [Draft("session.start")], session_id="gone")
+        raise RuntimeError("a start that fails after its row")
+
+    [(ok, err)] = w.run_batch([fails])
+    assert not ok and isinstance(err, RuntimeError)
+    assert "gone" not in w.sessions
+    w = _writer(conn, audit_key, Limits(500, 1 << 20))  # a restart
+    _start(w, "s3")
+    _start(w, "s4")
+    _start(w, "gone")  # the id is free: nothing of the failed start is left
+    keys = [r[0] for r in conn.execute("SELECT sk FROM sessions ORDER BY start_ts, rowid")]
+    assert len(set(keys)) == 5
+    for sid in ("s1", "s2", "s3", "s4", "gone"):
+        _append(w, sid, 1)
+    assert conn.execute("SELECT COUNT(DISTINCT sk), COUNT(*) FROM events").fetchone() == (5, 5)
+
+
+def _in_spool(conn: sqlite3.Connection, sid: str) -> tuple[list[int], int, int]:
+    """The seqs of a session's events left, its event_keys rows, its session rows."""
+    [(sk,)] = conn.execute("SELECT sk FROM sessions WHERE session_id = ?", (sid,)).fetchall() or [
+        (None,)]
+    seqs = [r[0] for r in conn.execute(
+        "SELECT seq FROM events WHERE session_id = ? ORDER BY seq", (sid,))]
+    keys = conn.execute("SELECT COUNT(*) FROM event_keys WHERE sk = ?", (sk,)).fetchone()[0]
+    rows = conn.execute("SELECT COUNT(*) FROM sessions WHERE session_id = ?",
+                        (sid,)).fetchone()[0]
+    return seqs, keys, rows
+
+
+def _run(w: Writer, job):
+    [(ok, value)] = w.run_batch([job])
+    assert ok, value
+    return value
+
+
+def test_stored_parts_go_kept_or_deleted_and_the_session_with_its_last(tmp_path, audit_key):
+    """An acknowledged part is deleted at once (keep_stored_seconds 0) or
+    marked stored and purged once acknowledged before the cut-off (strictly),
+    its events and their keys with it; the sealed session's row goes with
+    its last part, an open session's stays."""
+    conn = _conn(tmp_path)
+    clock = Ticking()
+    w = _writer(conn, audit_key, Limits(4, 1 << 20), clock)
+    _start(w, "s1")
+    _append(w, "s1", 6)  # part 0: 1-4
+    _run(w, lambda w: w.index_tail())  # 1-6 indexed, the rest in the tail
+    _append(w, "s1", 3)  # part 1: 5-8
+    _run(w, lambda w: w.seal("s1", "logout", Draft("session.end")))  # part 2: 9-10
+    _start(w, "s2")
+    _append(w, "s2", 5)  # part 0: 1-4, open
+    assert _parts(conn, "s1") == [(1, 4, "checkpoint"), (5, 8, "checkpoint"), (9, 10, "logout")]
+
+    _run(w, lambda w: w.mark_part_failed("s1", 1, "x" * 600, dead=False))
+    assert conn.execute("SELECT state, attempts, LENGTH(last_error) FROM parts"
+                        " WHERE session_id = 's1' AND part = 1").fetchone() == ("pending", 1, 500)
+    sink = ("jsonl /sink", 3600.0)  # stored_sessions: sessions whose final part it took
+    _run(w, lambda w: w.mark_part_stored("s1", 0, 0, remember=sink))
+    assert _in_spool(conn, "s1") == (list(range(5, 11)), 6, 1)  # (the tail indexed first)
+    assert conn.execute("SELECT COUNT(*) FROM stored_sessions").fetchone() == (0,)
+    clock.now = t1 = T0 + 100
+    _run(w, lambda w: w.mark_part_stored("s1", 1, 0.5))  # (kept for half a second)
+    clock.now = t2 = T0 + 110
+    _run(w, lambda w: w.mark_part_stored("s1", 2, 60, remember=sink))
+    assert conn.execute("SELECT * FROM stored_sessions").fetchall() == [("s1", sink[0], t2)]
+    assert conn.execute("SELECT part, state, stored_ts, last_error, attempts FROM parts"
+                        " WHERE session_id = 's1' ORDER BY part").fetchall() == [
+        (1, "stored", t1, None, 1), (2, "stored", t2, None, 0)]
+    assert _in_spool(conn, "s1") == (list(range(5, 11)), 6, 1)
+
+    assert _run(w, lambda w: w.purge_stored(t1)) == (0, False)
+    assert _run(w, lambda w: w.purge_stored(t2)) == (1, False)
+    assert _in_spool(conn, "s1") == ([9, 10], 2, 1)
+    assert _run(w, lambda w: w.purge_stored(t2 + 1)) == (1, False)
+    assert _in_spool(conn, "s1") == ([], 0, 0)
+
+    _run(w, lambda w: w.mark_part_stored("s2", 0, 0))  # open: its row stays
+    assert _in_spool(conn, "s2") == ([5], 1, 1)
+    assert conn.execute("SELECT COUNT(*) FROM parts").fetchone()[0] == 0
+
+
+def test_a_failed_part_counts_its_attempts_and_goes_dead_only_from_pending(tmp_path, audit_key):
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(2, 1 << 20))
+    _start(w, "s1")
+    _append(w, "s1", 5)  # parts 0 and 1
+    _run(w, lambda w: w.mark_part_stored("s1", 0, 60))
+    for dead in (False, True, True):
+        _run(w, lambda w, dead=dead: w.mark_part_failed("s1", 1, f"dead={dead}", dead=dead))
+    _run(w, lambda w: w.mark_part_failed("s1", 0, "late", dead=True))  # stored: stays so
+    assert conn.execute("SELECT part, state, attempts, last_error FROM parts"
+                        " ORDER BY part").fetchall() == [
+        (0, "stored", 0, None), (1, "dead", 2, "dead=True")]
+    assert _run(w, lambda w: w.retry_dead()) == 1
+    assert conn.execute("SELECT state, attempts, last_error FROM parts WHERE part = 1"
+                        ).fetchone() == ("pending", 2, None)
+
+
+def test_purge_stored_stops_at_its_bounds_and_says_more_waits(tmp_path, audit_key):
+    """A purge deletes up to ``limit`` parts and stops before the part that
+    would take it past ``max_events`` (an exact fit goes; a first part
+    larger than that goes alone), and says whether more may wait."""
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(4, 1 << 20))
+    _start(w, "s1")
+    _append(w, "s1", 21)  # parts 0-4 of 4 events each
+    for part in range(5):
+        _run(w, lambda w, part=part: w.mark_part_stored("s1", part, 60))
+    later = T0 + 1
+    assert _run(w, lambda w: w.purge_stored(later, max_events=8)) == (2, True)
+    assert _run(w, lambda w: w.purge_stored(later, max_events=1)) == (1, True)
+    assert _run(w, lambda w: w.purge_stored(later, limit=1)) == (1, True)
+    assert _run(w, lambda w: w.purge_stored(later, max_events=4)) == (1, False)
+    assert _run(w, lambda w: w.purge_stored(later)) == (0, False)
+    assert _in_spool(conn, "s1")[0] == [21]
+
+
+def test_a_cut_that_fails_fails_its_append_alone(tmp_path, audit_key):
+    """A size cut runs inside a plain append (no savepoint of its own): when
+    its SQL fails, the append fails with that error, nothing of it stays in
+    the file or the cache, and the rest of the batch commits."""
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(2, 1 << 20))
+    _start(w, "s1")
+    _append(w, "s1", 2)
+    conn.execute("INSERT INTO parts (session_id, part, first_seq, last_seq, final, seal_reason,"
+                 " prev_hash, hash, state, created_ts) VALUES ('s1', 0, 1, 1, 0, 'checkpoint',"
+                 " '', '', 'stored', 0)")  # in the way of the cut
+    before = w.sessions["s1"].copy()
+    (ok1, err), (ok2, _) = w.run_batch([
+        Append("s1", Draft("document.list")),
+        lambda w: w.start_session("u", "user", 1e12, [], session_id="s2")])
+    assert not ok1 and isinstance(err, sqlite3.IntegrityError), err
+    assert ok2 and not conn.in_transaction
+    assert w.sessions["s1"] == before
+    assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 2
+    assert conn.execute("SELECT COUNT(*), MAX(seq) FROM events").fetchone() == (2, 2)
+    conn.execute("DELETE FROM parts")
+    _append(w, "s1", 1)
+    assert _parts(conn, "s1") == [(1, 2, "checkpoint")]
+    assert conn.execute("SELECT MAX(seq) FROM events").fetchone() == (3,)
+
+
+async def test_events_recorded_counts_each_committed_event_once(tmp_path, audit_key):
+    """The events_recorded metric: every event committed, once; none of a
+    job that failed after appending (its savepoint undid them)."""
+    from audit.spool import Spool
+
+    sp = Spool(tmp_path / "spool.db", audit_key, limits=Limits(2, 1 << 20))
+    await sp.open()
+    try:
+        s = await sp.submit(lambda w: w.start_session("u", "user", 1e12,
+                                                      [Draft("session.start")]))
+        for _ in range(3):
+            await sp.submit(Append(s.session_id, Draft("document.list")))
+
+        def fails(w: Writer) -> None:
+            w.append(s.session_id, Draft("document.list"))
+            w.append(s.session_id, Draft("document.list"))  # (and a cut)
+            raise RuntimeError("after its appends")
+
+        with pytest.raises(RuntimeError):
+            await sp.submit(fails)
+        assert sp.stats.events_recorded == 4
+        events = await sp.read(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        assert events == 4
+    finally:
+        await sp.close()
