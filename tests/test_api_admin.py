@@ -1102,3 +1102,371 @@ async def test_a_sqlite_sink_document_nested_past_the_parser_is_503_not_500(
     finally:
         db.close()
     await _every_listing_is_sink_unavailable(api, admin)
+
+
+# -- found by mutation testing of handlers/admin.py ---------------------------
+
+
+async def test_the_filters_apply_to_the_sessions_the_sink_holds(api: Api) -> None:
+    """user, since and until bound the stored sessions (asked of the sink)
+    as they bound the spool's: every other filter test listed open sessions
+    only, and the listing was the same with the sink asked for every user
+    and every time."""
+    admin = await api.admin()
+    start = "2025-01-01T00:00:0{}.000Z".format
+    for i, user in enumerate(("alice", "bob", "alice")):
+        await api.engine.sink.write_part(sample_part(f"{i}" * 32, user=user, start=start(i)))
+
+    async def listed(**params: str) -> list[str]:
+        return [s["session_id"] for s in (await _get(api, admin, "/audit/sessions",
+                                                     **params))["sessions"]]
+
+    assert await listed(user="alice") == ["2" * 32, "0" * 32]
+    assert await listed(user="bob") == ["1" * 32]
+    assert await listed(since=start(1), until=start(1)) == ["1" * 32]
+    assert await listed(until=start(1)) == ["1" * 32, "0" * 32]
+    assert (await listed(since=start(1)))[-2:] == ["2" * 32, "1" * 32]
+    assert await listed(user="alice", since=start(1)) == ["2" * 32]
+
+
+async def test_a_page_of_stored_sessions_is_filled_past_the_sinks_default(api: Api) -> None:
+    """The sink is asked for the page's limit: with its own default (50) a
+    page of 60 held 50 stored sessions and a next_cursor."""
+    admin = await api.admin()
+    for i in range(55):
+        await api.engine.sink.write_part(
+            sample_part(f"{i:032x}", start=f"2025-01-01T00:00:{i:02d}.000Z"))
+    body = await _get(api, admin, "/audit/sessions", user="alice", limit="60")
+    assert len(body["sessions"]) == 55 and body["next_cursor"] is None
+
+
+async def test_a_page_that_holds_exactly_the_last_ones_has_no_next_cursor(api: Api) -> None:
+    """As many sessions as the limit, from the spool or from the sink (or
+    security events): the page is the last one (next_cursor null), not one
+    more empty page."""
+    admin = await api.admin()
+    alice = [await api.user("alice"), await api.login("alice")]
+    body = await _get(api, admin, "/audit/sessions", user="alice", limit="2")
+    assert sorted(s["session_id"] for s in body["sessions"]) == sorted(
+        a.session_id for a in alice)
+    assert body["next_cursor"] is None
+    for i in range(2):
+        await api.engine.sink.write_part(sample_part(f"{i}" * 32, user="carol"))
+    body = await _get(api, admin, "/audit/sessions", user="carol", limit="2")
+    assert [s["session_id"] for s in body["sessions"]] == ["1" * 32, "0" * 32]
+    assert body["next_cursor"] is None
+    body = await _get(api, admin, "/audit/sessions", user="carol", limit="1")
+    assert [s["session_id"] for s in body["sessions"]] == ["1" * 32] and body["next_cursor"]
+    await api.engine.sink.write_security_events([sample_security_event(i) for i in "ab"])
+    body = await _get(api, admin, "/audit/security-events", limit="2")
+    assert [e["_id"] for e in body["events"]] == ["b", "a"] and body["next_cursor"] is None
+
+
+async def test_paging_security_events_past_a_sink_event_whose_ts_is_no_text(
+    make_api: MakeApi,
+) -> None:
+    """A sink document whose ts another writer made a number sorts last, as
+    the epoch; a page ending at it gets a cursor at that time, which the
+    next request takes (a cursor with an empty time would be a 400)."""
+    api = await make_api()
+    admin = await api.admin()
+    await api.engine.sink.write_security_events(
+        [sample_security_event(i) for i in ("e1", "e0", "d0")])
+    db = sqlite3.connect(api.config.sqlite_sink_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("UPDATE security_events SET doc = json_set(doc, '$.ts', 8)"
+                   " WHERE id IN ('e0', 'd0')")
+    finally:
+        db.close()
+    body = await _get(api, admin, "/audit/security-events")
+    assert [e["_id"] for e in body["events"]] == ["e1", "e0", "d0"]
+    listed = await _one_at_a_time(api, admin, "/audit/security-events", "events", "_id")
+    assert listed[:2] == ["e1", "e0"]
+
+
+async def test_a_session_begun_between_the_spool_and_the_sink_reads_is_shown_as_the_spool_has_it(
+    api: Api, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The spool is read first, the sink after: a session begun between
+    the two, whose checkpoint part reached the sink, is in the sink's
+    answer only, looking ended (``pending``). The spool is asked about it
+    again and its summary (open) is listed."""
+    admin = await api.admin()
+    list_sessions = api.engine.sink.list_sessions
+    late: list[Login] = []
+
+    async def after_the_spool_read(**kwargs: Any) -> Any:
+        if not late:
+            late.append(await api.user("alice"))
+            await api.engine.sink.write_part(sample_part(late[0].session_id, final=False))
+        return await list_sessions(**kwargs)
+
+    monkeypatch.setattr(api.engine.sink, "list_sessions", after_the_spool_read)
+    body = await _get(api, admin, "/audit/sessions")
+    (alice,) = [s for s in body["sessions"] if s["session_id"] == late[0].session_id]
+    assert (alice["state"], alice["user"], alice["session_end_time"]) == ("open", "alice", None)
+
+
+async def test_a_sink_that_cannot_be_queried_is_logged_once_a_minute_saying_how_many_were_left_out(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One warning per kind of sink error, then one a minute while it lasts,
+    saying how many were left out; the client gets a 503 without the sink's
+    words."""
+    import handlers.admin
+    from audit.logthrottle import LogThrottle
+    from sinks.base import SinkUnavailable, SinkUnreadable
+
+    now = [1000.0]
+    monkeypatch.setattr(handlers.admin, "_QUERY_LOG", LogThrottle(clock=lambda: now[0]))
+    admin = await api.admin()
+    error: list[Exception] = [SinkUnavailable("sqlite sink: /secret/audit.db is locked")]
+
+    async def down(**kwargs: Any) -> Any:
+        raise error[0]
+
+    async def ask() -> None:
+        resp = await api.client.get("/audit/sessions", headers=admin.headers)
+        body = await expect_error(resp, 503, "sink_unavailable")
+        assert body["error"]["message"] == "the sink cannot be queried now; try again later"
+        assert resp.headers["Retry-After"] == "5"
+
+    monkeypatch.setattr(api.engine.sink, "list_sessions", down)
+    for _ in range(3):
+        await ask()
+    error[0] = SinkUnreadable("sqlite sink: a row is not JSON")
+    await ask()  # another kind of error: logged at once
+    error[0] = SinkUnavailable("sqlite sink: /secret/audit.db is locked")
+    now[0] += 61
+    await ask()
+    lines = [r.getMessage() for r in caplog.records if r.name == "session_audit.admin"]
+    locked = ("admin query: the sqlite sink cannot be queried:"
+              " sqlite sink: /secret/audit.db is locked")
+    assert lines == [
+        locked,
+        "admin query: the sqlite sink cannot be queried: sqlite sink: a row is not JSON",
+        locked + " (2 more like it since the last such line)"]
+
+
+def test_the_operational_reserve_is_as_readme_says() -> None:
+    """README: status and flush are recorded up to a reserve past the limit,
+    1 % of it, at least 256 KiB."""
+    from handlers.admin import operational_reserve
+
+    assert operational_reserve(1 << 20) == 256 * 1024
+    assert operational_reserve(25_600_000) == 256 * 1024  # 1 % would be less
+    assert operational_reserve(1_000_000_099) == 10_000_000
+
+
+async def test_a_state_filter_reads_on_past_sessions_of_other_states(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """state=stored with pending sessions newer and older than the one
+    stored session: the first page reads past the newer ones to list it,
+    and past the older one to know it is the last (next_cursor null), with
+    limit=1 as with a larger one."""
+    from sinks.base import SinkUnavailable
+
+    api = await make_api(flush_at_close=False)
+    admin = await api.admin()
+
+    async def down(part: Any) -> Any:
+        raise SinkUnavailable("sqlite sink: down for this test")
+
+    write_part = api.engine.sink.write_part
+    monkeypatch.setattr(api.engine.sink, "write_part", down)  # every ended session pending
+    ended = []
+    for i in range(4):
+        who = await api.user(f"user{i}")
+        await api.client.post("/logout", headers=who.headers)
+        ended.append(who.session_id)
+    start = (await _get(api, admin, f"/audit/sessions/{ended[0]}"))["session_start_time"]
+    stored = "f" * 32  # just after ended[0], before the others
+    await write_part(sample_part(stored, user="user0", start=start))
+    for limit in ("1", "2", "50"):
+        body = await _get(api, admin, "/audit/sessions", state="stored", limit=limit)
+        assert ([s["session_id"] for s in body["sessions"]], body["next_cursor"]) == (
+            [stored], None), limit
+    body = await _get(api, admin, "/audit/sessions", state="pending", limit="50")
+    assert sorted(s["session_id"] for s in body["sessions"]) == sorted(ended)
+
+
+async def test_flush_ends_the_flushers_pause_after_failures(make_api: MakeApi) -> None:
+    """POST /audit/flush: what waits for a failure's backoff is sent now."""
+    api = await make_api(flush_at_close=False)
+    admin = await api.admin()
+    backoff = api.engine.flusher.backoff
+    backoff.until = backoff.clock() + 3600  # as after a run of sink failures
+    alice = await api.user("alice")
+    await api.client.post("/logout", headers=alice.headers)
+    assert await _session_state(api, admin, alice.session_id) == "pending"
+    resp = await api.client.post("/audit/flush", headers=admin.headers)
+    assert resp.status == 202 and await resp.json() == {"message": "flush requested"}
+    await wait_for(lambda: _is(api, admin, alice.session_id, "stored"), message="stored")
+
+
+async def test_a_session_the_spool_holds_whole_is_answered_with_the_sink_down(
+    make_api: MakeApi,
+) -> None:
+    """GET /audit/sessions/{id} answers from the spool alone, the sink down,
+    while the spool holds every event of the session (as it does of an open
+    session none of whose parts was stored)."""
+    api = await make_api()
+    admin = await api.admin()
+    alice = await api.user("alice")
+    whole = await _get(api, admin, f"/audit/sessions/{alice.session_id}")
+
+    async def down(session_id: str) -> Any:
+        from sinks.base import SinkUnavailable
+        raise SinkUnavailable("sqlite sink: database is locked")
+
+    api.engine.sink.session_part_heads = down  # type: ignore[method-assign]
+    body = await _get(api, admin, f"/audit/sessions/{alice.session_id}")
+    assert body == whole and body["events_complete"] is True
+    assert [e["seq"] for e in body["events"]] == list(range(1, body["event_count"] + 1))
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("part", True), ("events", {"seq": 1}), ("events", [1, 2]), ("seq", "1"), ("seq", True),
+])
+async def test_a_sink_part_that_is_no_part_of_events_is_503(
+    make_api: MakeApi, key: str, value: Any
+) -> None:
+    """A stored part another writer appended (a jsonl line) whose number is
+    no number, or whose events are no list of events with an integer seq:
+    the session cannot be told whole, 503 sink_unavailable (not a 500, nor
+    an answer missing events or holding a seq that is no number)."""
+    api = await make_api(sink={"type": "jsonl"})
+    admin = await api.admin()
+    d = api.config.jsonl_dir
+    await wait_for(d.exists, message="the jsonl directory")
+    sid = "a" * 32
+    part = {**sample_part(sid), "type": "session_part"}
+    if key == "seq":
+        part["events"][1]["seq"] = value
+    else:
+        part[key] = value
+    (d / "audit-2025-01-01.jsonl").write_text(json.dumps(part) + "\n")
+    resp = await api.client.get(f"/audit/sessions/{sid}", headers=admin.headers)
+    await expect_error(resp, 503, "sink_unavailable")
+
+
+@pytest.mark.parametrize(("path", "params", "message"), [
+    ("/audit/sessions", {"since": "yesterday"},
+     "since must be an RFC 3339 time (2026-11-26T14:31:07Z)"),
+    ("/audit/sessions", {"until": "2026-02-30T00:00:00Z"},
+     "until must be an RFC 3339 time (2026-11-26T14:31:07Z)"),
+    ("/audit/security-events", {"limit": "501"}, "limit must be an integer from 1 to 500"),
+    ("/audit/sessions", {"cursor": "e30"}, "cursor is not valid"),
+    ("/audit/security-events", {"user": "x", "state": "open"}, "unknown parameters: state, user"),
+    ("/audit/sessions", {"z" * 150: "1", "y" * 150: "2"},
+     "unknown parameters: " + ("y" * 150 + ", " + "z" * 150)[:200]),
+])
+async def test_a_bad_parameter_is_named_in_the_message(
+    api: Api, path: str, params: dict[str, str], message: str
+) -> None:
+    admin = await api.admin()
+    resp = await api.client.get(path, params=params, headers=admin.headers)
+    body = await expect_error(resp, 400, "invalid_request")
+    assert body["error"]["message"] == message
+
+
+@pytest.mark.parametrize("path", ["/audit/sessions", "/audit/security-events"])
+async def test_limits_up_to_500_are_taken(api: Api, path: str) -> None:
+    admin = await api.admin()
+    for limit in ("500", "0500", "100", "1"):
+        await _get(api, admin, path, limit=limit)
+
+
+@pytest.mark.parametrize("cursor", [
+    encode_cursor("2026-11-27T04:46:00.000Z", 5),  # type: ignore[arg-type]
+    encode_cursor(5, "z"),  # type: ignore[arg-type]
+    encode_cursor("2026-11-27T04:46:00.000Z", None),  # type: ignore[arg-type]
+])
+@pytest.mark.parametrize("path", ["/audit/sessions", "/audit/security-events"])
+async def test_a_cursor_of_other_types_is_a_400(api: Api, path: str, cursor: str) -> None:
+    admin = await api.admin()
+    resp = await api.client.get(path, params={"cursor": cursor}, headers=admin.headers)
+    await expect_error(resp, 400, "invalid_request")
+
+
+async def test_a_bound_with_a_fraction_and_an_offset_is_taken_in_its_zone(api: Api) -> None:
+    """since/until finer than a millisecond and with an offset from UTC: the
+    fraction read from the text, the offset still applied."""
+    admin = await api.admin()
+    alice = await api.user("alice")
+    shown = (await _get(api, admin, f"/audit/sessions/{alice.session_id}"))[
+        "session_start_time"]
+    t = parse_ts(shown)
+
+    def in_plus_one(seconds: float, tail: str) -> str:  # the time in +01:00
+        return format_ts(seconds + 3600)[:-1] + tail + "+01:00"
+
+    async def listed(**params: str) -> bool:
+        got = await _get(api, admin, "/audit/sessions", user="alice", **params)
+        return alice.session_id in {s["session_id"] for s in got["sessions"]}
+
+    assert await listed(since=in_plus_one(t, "0"), until=in_plus_one(t, "9"))
+    assert not await listed(since=in_plus_one(t, "1"))
+    assert not await listed(until=in_plus_one(t - 0.001, "9"))
+
+
+async def test_a_stored_session_the_spool_still_keeps_is_listed_as_stored(
+    make_api: MakeApi,
+) -> None:
+    """With keep_stored_seconds, the spool keeps a stored session, and its
+    summary is the one listed (the spool's over the sink's): state stored,
+    with its end time and duration, as the sink's would have."""
+    api = await make_api(audit={"keep_stored_seconds": 3600})
+    admin = await api.admin()
+    alice = await api.user("alice")
+    await api.client.post("/audit/events", json={"action": "client.x"}, headers=alice.headers)
+    resp = await api.client.post("/logout", headers=alice.headers)
+    assert resp.status == 200
+
+    async def all_stored() -> bool:
+        return (await api.engine.status())["pending_parts"] == 0
+
+    await wait_for(all_stored, message="the session stored")
+    kept = await api.engine.spool.read(lambda c: c.execute(
+        "SELECT COUNT(*) FROM sessions WHERE session_id = ?", (alice.session_id,)).fetchone()[0])
+    assert kept == 1
+    (s,) = (await _get(api, admin, "/audit/sessions", user="alice"))["sessions"]
+    assert (s["session_id"], s["state"], s["seal_reason"]) == (alice.session_id, "stored", "logout")
+    assert TS_RE.match(s["session_end_time"]) and s["session_end_time"] >= s["session_start_time"]
+    duration = parse_ts(s["session_end_time"]) - parse_ts(s["session_start_time"])
+    assert isinstance(s["session_duration_seconds"], float)
+    assert abs(s["session_duration_seconds"] - duration) < 0.002
+    assert s["session_duration_seconds"] == round(s["session_duration_seconds"], 3)
+    assert (s["event_count"], s["parts"]) == (4, 1)
+    detail = await _get(api, admin, f"/audit/sessions/{alice.session_id}")
+    assert {k: detail[k] for k in s} == s
+
+
+async def test_status_and_flush_take_no_parameters(api: Api) -> None:
+    admin = await api.admin()
+    resp = await api.client.get("/audit/status", params={"verbose": "1"}, headers=admin.headers)
+    await expect_error(resp, 400, "invalid_request")
+    resp = await api.client.post("/audit/flush", params={"now": "1"}, headers=admin.headers)
+    await expect_error(resp, 400, "invalid_request")
+
+
+async def test_the_record_of_a_query_is_bounded(api: Api) -> None:
+    """details.query holds the first 20 names, each cut at 64 characters, and
+    their values cut at 200; a repeated name is named cut at 64 too."""
+    admin = await api.admin()
+    params = [(f"{i:02d}" + "n" * 70, "v" * 250) for i in range(25)]
+    resp = await api.client.get("/audit/sessions", params=params,
+                                headers={**admin.headers, "X-Request-ID": "big"})
+    await expect_error(resp, 400, "invalid_request")
+    long = "r" * 70
+    resp = await api.client.get("/audit/sessions", params=[(long, "1"), (long, "2")],
+                                headers={**admin.headers, "X-Request-ID": "twice"})
+    body = await expect_error(resp, 400, "invalid_request")
+    assert body["error"]["message"] == f"parameter {long[:64]!r} is given more than once"
+    recorded = {e["request_id"]: e for e in await api.events(admin.session_id)
+                if e["action"] == "audit.query"}
+    assert recorded["big"]["details"]["query"] == {
+        (f"{i:02d}" + "n" * 70)[:64]: "v" * 200 for i in range(20)}
+    assert recorded["twice"]["details"]["query"] == {long[:64]: "1"}
