@@ -1470,3 +1470,42 @@ async def test_the_record_of_a_query_is_bounded(api: Api) -> None:
     assert recorded["big"]["details"]["query"] == {
         (f"{i:02d}" + "n" * 70)[:64]: "v" * 200 for i in range(20)}
     assert recorded["twice"]["details"]["query"] == {long[:64]: "1"}
+
+
+async def _jsonl_session(make_api: MakeApi, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """GET /audit/sessions/{id} of a session whose parts are these jsonl lines
+    (another writer's): status and body."""
+    api = await make_api(sink={"type": "jsonl"})
+    admin = await api.admin()
+    d = api.config.jsonl_dir
+    await wait_for(d.exists, message="the jsonl directory")
+    (d / "audit-2025-01-01.jsonl").write_text(
+        "".join(json.dumps({**p, "type": "session_part"}) + "\n" for p in parts))
+    resp = await api.client.get(f"/audit/sessions/{parts[0]['session_id']}",
+                                headers=admin.headers)
+    return {"status": resp.status, "body": await resp.json()}
+
+
+async def test_a_stored_part_without_events_does_not_end_the_session_s_events(
+    make_api: MakeApi,
+) -> None:
+    """A part whose events another writer emptied: the events of the parts
+    after it are still listed (the answer says it is not complete)."""
+    sid = "a" * 32
+    first = {**sample_part(sid, 0, final=False), "events": []}
+    got = await _jsonl_session(make_api, [first, sample_part(sid, 1, final=True)])
+    assert got["status"] == 200, got
+    assert [e["seq"] for e in got["body"]["events"]] == [3, 4]
+    assert got["body"]["events_complete"] is False
+
+
+async def test_stored_parts_holding_the_same_seq_are_503(make_api: MakeApi) -> None:
+    """Part 1 holding an event at the last seq of part 0 (another writer's
+    overlapping parts): the session cannot be told in seq order, each seq
+    once; 503 sink_unavailable, not an answer listing seq 2 twice."""
+    sid = "a" * 32
+    second = sample_part(sid, 1, final=True)
+    second["events"][0]["seq"] = 2
+    got = await _jsonl_session(make_api, [sample_part(sid, 0, final=False), second])
+    assert got["status"] == 503, got
+    assert got["body"]["error"]["code"] == "sink_unavailable"
