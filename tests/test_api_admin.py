@@ -1509,3 +1509,31 @@ async def test_stored_parts_holding_the_same_seq_are_503(make_api: MakeApi) -> N
     got = await _jsonl_session(make_api, [sample_part(sid, 0, final=False), second])
     assert got["status"] == 503, got
     assert got["body"]["error"]["code"] == "sink_unavailable"
+
+
+async def test_status_counts_what_waits_for_the_sink(make_api: MakeApi) -> None:
+    """The sink unreachable: /audit/status counts the pending parts, their
+    events and the pending security events, and the oldest pending record's
+    age (here a security event recorded 100 s ago)."""
+    api = await make_api(sink={"type": "http", "http": {"url": f"http://127.0.0.1:{free_port()}",
+                                                        "timeout_seconds": 1.0}},
+                         flush_at_close=False)
+    admin = await api.admin()
+    alice = await api.user("alice")
+    resp = await api.client.post("/logout", headers=alice.headers)
+    ended = (await resp.json())["event_count"]
+
+    def old_event(w: Writer) -> None:
+        clock, w.clock = w.clock, lambda: time.time() - 100
+        try:
+            w.append_security(Draft("auth.invalid_token", outcome="denied"), None)
+        finally:
+            w.clock = clock
+
+    await api.engine.spool.submit(old_event)
+    body = await _get(api, admin, "/audit/status")
+    assert body["pending_parts"] == 1
+    assert body["pending_part_events"] == ended
+    assert body["pending_security_events"] == 1
+    assert 99 < body["oldest_pending_age_seconds"] < 200
+    assert body["dead_letter"] == 0
