@@ -655,6 +655,25 @@ async def _security_only(e: Any, n: int) -> list[str]:
     return [d.event_id for d in drafts]
 
 
+async def _flaky_engine(
+    make_config: Any, engines: Any, fake_monotonic: Any, error: type[Exception],
+    *, backoff: tuple[float, float] | None = (0.05, 1.0), no_backoff: bool = False,
+) -> tuple[Any, _FlakySecuritySink, set[str]]:
+    """An engine over a :class:`_FlakySecuritySink` failing with ``error``
+    on the events put in the returned ``bad`` set; with ``no_backoff`` the
+    backoff's jitter is 0 (what is put aside stays aside)."""
+    flush: dict[str, Any] = {"max_writes_per_second": 1000, "burst": 1000}
+    if backoff is not None:
+        flush.update(backoff_base_seconds=backoff[0], backoff_max_seconds=backoff[1])
+    config = make_config(flush=flush)
+    bad: set[str] = set()
+    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, error)
+    e = await engines.open(config, sink, monotonic=fake_monotonic)
+    if no_backoff:
+        e.flusher.backoff.rand = lambda: 0.0
+    return e, sink, bad
+
+
 async def test_a_failing_security_batch_is_halved_after_exactly_defer_after_tries(
     make_config, engines, fake_monotonic
 ):
@@ -663,12 +682,8 @@ async def test_a_failing_security_batch_is_halved_after_exactly_defer_after_trie
     halved at once (one try), until the one event is found; that event is
     put aside (still pending) and the rest of the batch is stored, each
     event once."""
-    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
-                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
-    bad: set[str] = set()
-    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, SinkUnavailable)
-    e = await engines.open(config, sink, monotonic=fake_monotonic)
-    e.flusher.backoff.rand = lambda: 0.0  # no backoff: what is put aside stays aside
+    e, sink, bad = await _flaky_engine(make_config, engines, fake_monotonic, SinkUnavailable,
+                                       no_backoff=True)
     ids = await _security_only(e, 4)
     bad.add(ids[2])
 
@@ -689,12 +704,8 @@ async def test_a_single_failing_security_event_is_put_aside_after_defer_after_tr
     """A failure count is per event: an event that failed (retryably) but
     then went through does not count toward the next one, which is tried
     DEFER_AFTER times itself before it is put aside."""
-    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
-                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
-    bad: set[str] = set()
-    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, SinkUnavailable)
-    e = await engines.open(config, sink, monotonic=fake_monotonic)
-    e.flusher.backoff.rand = lambda: 0.0  # no backoff: what is put aside stays aside
+    e, sink, bad = await _flaky_engine(make_config, engines, fake_monotonic, SinkUnavailable,
+                                       no_backoff=True)
     (first,) = await _security_only(e, 1)
     bad.add(first)
     for _ in range(DEFER_AFTER - 1):
@@ -719,10 +730,8 @@ async def test_a_rejected_pair_of_security_events_dead_letters_only_the_bad_one(
     a time, down to a batch of two: only the event refused alone is
     dead-lettered, the others are stored. The status counts the refused batch
     and the dead letter as failed writes, the metrics one dead letter."""
-    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000})
-    bad: set[str] = set()
-    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, SinkRejected)
-    e = await engines.open(config, sink, monotonic=fake_monotonic)
+    e, sink, bad = await _flaky_engine(make_config, engines, fake_monotonic, SinkRejected,
+                                       backoff=None)
     ids = await _security_only(e, 2)
     bad.add(ids[1])
     await engines.drain(e, fake_monotonic)
@@ -779,12 +788,8 @@ async def test_a_security_event_put_aside_in_an_outage_goes_first_once_it_ends(
     document, so the sink's outage, not one event it cannot take. Once a
     write goes through again, the event put aside is due at once (not after
     its own pause)."""
-    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
-                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
-    bad: set[str] = set()
-    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, SinkUnavailable)
-    e = await engines.open(config, sink, monotonic=fake_monotonic)
-    e.flusher.backoff.rand = lambda: 0.0  # no backoff: what is put aside stays aside
+    e, sink, bad = await _flaky_engine(make_config, engines, fake_monotonic, SinkUnavailable,
+                                       no_backoff=True)
     ids = await _security_only(e, 4)
     bad.update(ids)
 
@@ -813,11 +818,8 @@ async def test_a_security_event_the_sink_keeps_crashing_on_is_dead_lettered(
     sent UNEXPECTED_LIMIT times, then one event at a time; the event it
     crashes on is dead-lettered after UNEXPECTED_LIMIT tries of its own
     (kept, counted, not retried for ever), and the other is stored."""
-    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
-                                "backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
-    bad: set[str] = set()
-    sink = _FlakySecuritySink(config.sqlite_sink_path, bad, KeyError)
-    e = await engines.open(config, sink, monotonic=fake_monotonic)
+    e, sink, bad = await _flaky_engine(make_config, engines, fake_monotonic, KeyError,
+                                       backoff=(0.01, 0.05))
     ids = await _security_only(e, 2)
     bad.add(ids[0])
     await engines.drain(e, fake_monotonic)
