@@ -406,6 +406,30 @@ def readonly_uri(path: Path) -> str:
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
+BUSY_TIMEOUT_SECONDS = 10.0
+
+
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode = WAL``, waiting as ``busy_timeout`` would. On a
+    file not yet in WAL mode (a new spool) the change takes a lock for which
+    SQLite answers SQLITE_BUSY at once, without the busy handler: commands
+    started together before the first start (``adduser`` in parallel from a
+    provisioning script, or beside the first ``serve``) failed with
+    "database is locked"."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    pause = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if (exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY
+                    or time.monotonic() + pause > deadline):
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+
+
 def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.Connection:
     """A spool connection with the pragmas every user of the file needs."""
     if not readonly:
@@ -416,9 +440,9 @@ def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.
         )
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
     if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
+        _set_wal(conn)
         # A deleted document or purged record is overwritten, not left in
         # free pages (and in every backup) for whoever reads the file. Many
         # builds do so by default (Debian's); not all do.
