@@ -440,21 +440,21 @@ def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.
         )
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
-    if not readonly:
-        _set_wal(conn)
-        # A deleted document or purged record is overwritten, not left in
-        # free pages (and in every backup) for whoever reads the file. Many
-        # builds do so by default (Debian's); not all do.
-        conn.execute("PRAGMA secure_delete = ON")
-        # The WAL goes back to this size once checkpointed: else it stays as
-        # large as the largest transaction ever made it, for good (a purge of
-        # 500 kept parts of 200 kB left a 107 MB -wal beside 266 kB of data).
-        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-    conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
     try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        if not readonly:
+            _set_wal(conn)
+            # A deleted document or purged record is overwritten, not left in
+            # free pages (and in every backup) for whoever reads the file. Many
+            # builds do so by default (Debian's); not all do.
+            conn.execute("PRAGMA secure_delete = ON")
+            # The WAL goes back to this size once checkpointed: else it stays as
+            # large as the largest transaction ever made it, for good (a purge of
+            # 500 kept parts of 200 kB left a 107 MB -wal beside 266 kB of data).
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
         check_layout(conn, Path(path))
-    except BaseException:
+    except BaseException:  # (a pragma or the layout check: no connection left open)
         conn.close()
         raise
     return conn
