@@ -471,7 +471,8 @@ def resolve_config_path(path: str | None) -> Path:
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load the configuration file; a missing default file means all defaults.
+    """Load the configuration file; a missing default file (no file, nor a
+    link to one) means all defaults.
 
     Relative paths inside it (``data_dir``, sink paths) are relative to the
     working directory, as API.md says.
@@ -483,7 +484,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        if explicit:
+        # A symbolic link to a file that is gone was a choice too: not the
+        # defaults, in another directory than the operator's, without a word.
+        if explicit or p.is_symlink():
             raise ConfigError(f"config file {p} does not exist") from None
         return parse_config({}, base_dir=os.getcwd())
     except OSError as exc:  # a directory, no permission

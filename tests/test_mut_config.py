@@ -307,3 +307,18 @@ def test_path_text_shows_bytes_that_are_not_utf8_escaped():
     assert path_text(Path(name)) == "/srv/audit-\\xe9t\u00e9"
     assert path_text(Path("/srv/données")) == "/srv/données"
 
+
+def test_a_default_config_toml_that_is_a_dangling_link_is_an_error(tmp_path, monkeypatch):
+    """./config.toml a symbolic link to a file that is gone (a deployment's
+    link to /etc, the target moved): the file was chosen, and is missing.
+    It was taken for no file at all, and the server started on the defaults,
+    its spool and sink somewhere else than the operator's, without a word."""
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").symlink_to(tmp_path / "etc" / "session-audit.toml")
+    with pytest.raises(ConfigError) as info:
+        load_config()
+    assert str(info.value) == "config file config.toml does not exist"
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "session-audit.toml").write_text("[audit]\npart_max_events = 3\n")
+    assert load_config().audit.part_max_events == 3
