@@ -7,6 +7,7 @@ import hmac
 import json
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -74,7 +75,10 @@ def test_parse_ts_accepts_offsets(monkeypatch):
     {"id": "d1", "kind": "document"},
     {"id": "d1"},
     {},
-], ids=["three_keys", "reordered", "int_id", "null_type", "other_key", "one_key", "empty"])
+    ["document", "d1"],
+    "d1",
+], ids=["three_keys", "reordered", "int_id", "null_type", "other_key", "one_key", "empty",
+        "a_list_of_two", "a_string_of_two"])
 def test_a_target_of_any_shape_is_sealed_whole(target):
     """The sealed text is the canonical JSON of the whole target, whatever
     its keys: a shortcut for {"id", "type"} strings must not drop or mangle
@@ -130,11 +134,18 @@ def test_security_event_shape():
     assert e["session_id"] is None and e["seq"] is None and e["outcome"] == "denied"
 
 
-@pytest.mark.parametrize("key", [b"", b"k", b"k" * 32, b"k" * 64, b"k" * 65, bytes(range(200))])
-def test_chain_hash_is_hmac_sha256(key):
+@pytest.mark.parametrize("key", [b"", b"k", b"k" * 32, b"k" * 63, b"k" * 64, b"k" * 65,
+                                 bytes(range(200))])
+def test_chain_hash_is_hmac_sha256(key, monkeypatch):
+    # The key pads are computed here, not taken from an earlier test's cache
+    # (mutation testing: each step of computing them could be changed unseen).
+    monkeypatch.setattr(events, "_key_pads", {})
     body = canonical_json({"a": "é", "b": [1, 2.5, None]})
     expected = hmac.new(key, b"f" * 64 + body.encode(), hashlib.sha256).hexdigest()
     assert chain_hash(key, "f" * 64, body) == expected
+    assert chain_hash(key, "f" * 64, body) == expected  # and from the cache
+    assert chain_hash(key, "e" * 64, body) == hmac.new(
+        key, b"e" * 64 + body.encode(), hashlib.sha256).hexdigest()
 
 
 JSON_LEAF = st.one_of(
@@ -238,6 +249,22 @@ def test_a_lone_surrogate_in_any_one_field_is_scrubbed(field):
     assert seal_text(KEY, prev, draft, session_id, 3, 0.0) == (event["hash"], text)
 
 
+def test_format_ts_is_utc_whatever_the_servers_time_zone(monkeypatch):
+    """The documented record time is UTC ("…Z"): a server in another time
+    zone must not write its local time (found by mutation testing: the
+    tests ran only in UTC)."""
+    monkeypatch.setattr(events, "_PREFIXES", {})
+    monkeypatch.setattr(events, "_last_ts", (-1, ""))
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert format_ts(1_795_000_267.1234) == "2026-11-18T11:11:07.123Z"
+        assert format_ts(0.5) == "1970-01-01T00:00:00.500Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_format_ts_cache_stays_bounded():
     """A long-running server formats a new second every second: the cache of
     formatted seconds must not grow with them."""
@@ -246,3 +273,36 @@ def test_format_ts_cache_stays_bounded():
         assert format_ts(2_000_000_000 + sec + 0.5).endswith(".500Z")
         most = max(most, len(events._PREFIXES))
     assert most <= events._PREFIXES_MAX
+
+
+@pytest.mark.parametrize("value", [7, 1.5, True, None, ["a", 1], {"k": "v"}, "", []],
+                         ids=["int", "float", "bool", "none", "list", "dict", "empty_string",
+                              "empty_list"])
+def test_any_json_value_in_any_field_is_sealed_as_its_canonical_json(value):
+    """The sealed text is the record's canonical JSON whatever a field holds:
+    the shortcuts for strings (and an int seq, empty details) must hand any
+    other value to the encoder whole
+    (found by mutation testing: a non-string became null, or raised)."""
+    prev = genesis(KEY, "s")
+    for field in ("action", "outcome", "event_id", "details", "user", "role", "ip",
+                  "user_agent", "request_id", "session_id", "seq"):
+        src = Source(user="alice", role="user", ip="1.2.3.4", user_agent="ua",
+                     request_id="r1")
+        draft = Draft("document.access", source=src)
+        session_id: Any = "s"
+        seq: Any = 3
+        if field in ("action", "outcome", "event_id", "details"):
+            setattr(draft, field, value)
+        elif field == "session_id":
+            session_id = value
+        elif field == "seq":
+            seq = value
+        else:
+            setattr(src, field, value)
+        event, text = seal_event(KEY, prev, draft, session_id, seq, 0.0)
+        assert text == canonical_json(event) and json.loads(text) == event, field
+        where = {"user": event["actor"], "role": event["actor"], "ip": event["source"],
+                 "user_agent": event["source"]}.get(field, event)
+        assert where[field] == value and type(where[field]) is type(value), field
+        assert event["hash"] == event_hash(KEY, prev, event)
+        assert seal_text(KEY, prev, draft, session_id, seq, 0.0) == (event["hash"], text)
