@@ -228,3 +228,21 @@ async def test_a_new_sink_given_none_yet_is_not_held_but_the_old_one_is(
     assert (await _verify(engine, a, audit_key)).ok
     _delete(a, "rowid = 3")  # a2, the newest: sqlite took it
     assert not (await _verify(engine, a, audit_key)).ok
+
+
+async def test_the_newest_event_removed_from_the_sink_in_use_is_one_finding(
+    make_config, engines, audit_key
+):
+    """One sink, one stretch (still going on): its end is the spool head's
+    check, not also an earlier stretch's (found by mutation testing: the
+    last stretch counted as an earlier one reported the removal twice)."""
+    a = make_config(flush=FLUSH)
+    engine = await engines.open(a, SqliteSink(a.sqlite_sink_path))
+    await _failed_logins(engines, engine, ["a0", "a1", "a2"])
+    assert (await _verify(engine, a, audit_key)).ok
+    _delete(a, "rowid = 3")
+    report = await _verify(engine, a, audit_key)
+    assert [p.detail for p in report.problems] == [
+        "the sink lacks this server's newest security events: its chain there ends before"
+        " where the spool has it (they were removed, or the spool and the sink do not"
+        " belong together)"]

@@ -485,6 +485,27 @@ async def test_forged_security_events_that_continue_nothing_stay_linear(
     assert report.security_chains == 1
 
 
+async def test_past_the_waiting_bound_a_single_forged_row_goes_not_a_chain(
+    tmp_path, audit_key, monkeypatch
+):
+    """Of the chains waiting for their first event's predecessor, a run of
+    two or more (only the key makes one) is kept past SECURITY_WAITING and
+    linked once the predecessor comes; single rows are given up first (found
+    by mutation testing: every chain counted as two events, and the run was
+    reported as a break)."""
+    from audit import verify
+
+    monkeypatch.setattr(verify, "SECURITY_WAITING", 3)
+    chain = _security_chain(audit_key, 3, "real")
+    forged = [{**chain[0], "_id": f"forged-{i}", "event_id": f"forged-{i}",
+               "hash": f"{i:032x}" * 2} for i in range(5)]
+    report = await _verify_security(tmp_path / "w.db", audit_key,
+                                    [chain[1:], forged, chain[:1]])
+    assert sorted(p.detail.split()[1] for p in report.problems) == [
+        f["_id"] for f in forged]
+    assert (report.security_events, report.security_chains) == (8, 1)
+
+
 async def test_rows_the_sink_cannot_decode_are_findings(stored, audit_key):
     config, sids = stored
     with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as c, c:

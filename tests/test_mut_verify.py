@@ -1,0 +1,178 @@
+"""verify's findings for parts and events a tamperer left odd, and the chain
+recipe's exact inputs (found by mutation testing of audit/events.py and
+audit/verify.py: each of these checks could be changed with the suite
+passing). Sessions are sealed here as the spool seals them, no server."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from audit.events import Draft, Source, genesis, seal_event
+from audit.store import SECURITY_STREAM, part_document
+from audit.verify import SpoolAnchor, check_session, verify_sink
+from sinks.sqlite import SqliteSink
+
+KEY = b"mut-verify-audit-key-0123456789!"
+SID = "0123456789abcdef0123456789abcdef"
+T0 = 1_700_000_000.0  # (2023: in the past, for the overdue check)
+
+
+def _session(sizes: tuple[int, ...] = (3, 3, 2)) -> list[dict[str, Any]]:
+    """One session of ``sum(sizes)`` events (session.start first, a logout's
+    session.end last) cut into parts of ``sizes``, as the server stores it."""
+    n = sum(sizes)
+    src = Source(user="alice", role="user", ip="127.0.0.1")
+    head, events = genesis(KEY, SID), []
+    for seq in range(1, n + 1):
+        if seq == 1:
+            draft = Draft("session.start", source=src)
+        elif seq == n:
+            draft = Draft("session.end", details={"reason": "logout"}, source=src)
+        else:
+            draft = Draft("document.access", target={"type": "document", "id": f"d{seq}"},
+                          source=src)
+        ev, _ = seal_event(KEY, head, draft, SID, seq, T0 + seq)
+        events.append(ev)
+        head = ev["hash"]
+    parts, first = [], 1
+    for number, size in enumerate(sizes):
+        mine = events[first - 1:first - 1 + size]
+        final = number == len(sizes) - 1
+        meta = {"session_id": SID, "part": number, "final": final,
+                "end_ts": T0 + n if final else None, "user": "alice", "start_ts": T0 + 1,
+                "first_seq": first, "last_seq": first + size - 1,
+                "seal_reason": "logout" if final else "checkpoint",
+                "prev_hash": events[first - 2]["hash"] if first > 1 else genesis(KEY, SID),
+                "hash": mine[-1]["hash"]}
+        parts.append(part_document(meta, mine))
+        first += size
+    assert check_session(KEY, SID, parts) == []
+    return parts
+
+
+def _findings(parts: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(p.kind, p.detail) for p in check_session(KEY, SID, parts)]
+
+
+def test_findings_come_in_part_order_whatever_order_the_sink_gives():
+    """Parts are checked sorted by number, a bad-numbered one first."""
+    parts = _session()
+    parts[0]["approved_by"] = "x"
+    parts[1]["event_count"] = 9
+    parts[2]["note"] = "y"
+    bad = {**copy.deepcopy(parts[1]), "part": "1"}
+    expected = [
+        ("bad_part", f"a part numbered '1' ('{SID}:1')"),
+        ("bad_part", "part 0: fields outside the record: approved_by"),
+        ("bad_part", "part 2: fields outside the record: note"),
+        ("bad_part", "part 1: event_count 9 != 3"),
+    ]
+    for order in ([*parts, bad], [bad, *reversed(parts)], [parts[2], bad, parts[0], parts[1]]):
+        assert _findings(order) == expected, order
+
+
+def test_several_unknown_fields_and_several_runs_of_removed_seqs_are_listed():
+    parts = _session((3, 5, 2))
+    parts[0].update(zeta=1, alpha=2)
+    del parts[1]["events"][3]  # seq 7
+    del parts[1]["events"][1]  # seq 5
+    parts[1]["event_count"] = 3
+    found = _findings(parts)
+    assert ("bad_part", "part 0: fields outside the record: alpha, zeta") in found
+    assert ("removed", "part 1: seq [5, 7] missing") in found
+
+
+def test_a_session_with_only_a_bad_numbered_part_is_that_finding():
+    """No part numbered from 0 at all: the bad number is reported, and the
+    check does not fail (nor invent a missing part 1)."""
+    parts = _session((3,))
+    parts[0]["part"] = None
+    assert _findings(parts) == [("bad_part", f"a part numbered None ('{SID}:0')")]
+
+
+def test_a_part_without_first_seq_is_named_and_its_events_still_checked():
+    parts = _session()
+    del parts[0]["first_seq"]
+    assert _findings(parts) == [("bad_part", "part 0: first_seq None != 1")]
+
+
+def test_a_part_without_last_seq_is_found_and_the_next_part_checked():
+    parts = _session()
+    del parts[0]["last_seq"]
+    assert _findings(parts) == [
+        ("changed", "part 0: unexpected seq [1, 2, 3]"),
+        ("bad_part", "part 1: first_seq 4 != 1"),
+    ]
+
+
+def test_a_part_without_its_hash_is_one_finding():
+    """The next part is checked from its own prev_hash (its events verify)."""
+    parts = _session()
+    del parts[1]["hash"]
+    assert _findings(parts) == [("bad_part", "part 1: hash is not the last event's")]
+
+
+def test_a_part_without_prev_hash_after_a_missing_part_is_still_checked():
+    parts = _session((3, 3, 2, 2))
+    del parts[1]
+    del parts[1]["prev_hash"]
+    assert _findings(parts) == [
+        ("missing_part", "part 1 is not stored"),
+        ("changed", "seq 7: hash does not verify"),
+    ]
+
+
+def test_an_event_without_a_hash_breaks_the_chain_at_it_and_the_next():
+    parts = _session()
+    del parts[1]["events"][0]["hash"]
+    assert _findings(parts) == [
+        ("changed", "seq 4: hash does not verify"),
+        ("changed", "seq 5: hash does not verify"),
+    ]
+
+
+def test_a_part_whose_last_event_has_no_hash_is_found():
+    parts = _session()
+    del parts[1]["events"][-1]["hash"]
+    parts[1]["hash"] = ""
+    assert _findings(parts) == [("changed", "seq 6: hash does not verify")]
+
+
+async def _verified(tmp_path: Any, parts: list[dict[str, Any]], anchor: SpoolAnchor,
+                    **kwargs: Any) -> list[tuple[str, str, str]]:
+    sink = SqliteSink(tmp_path / "sink.db")
+    await sink.open()
+    try:
+        for part in parts:
+            await sink.write_part(part)
+        report = await verify_sink(sink, KEY, anchor, **kwargs)
+    finally:
+        await sink.close()
+    return [(p.session_id, p.kind, p.detail) for p in report.problems]
+
+
+async def test_a_session_without_its_final_part_is_overdue_only_past_the_limit(tmp_path):
+    """Its start and the limit given, "now" is verify's own clock unless
+    told: the CLI passes none (found by mutation testing: with the clock
+    never read, the check failed and said only "cannot be checked")."""
+    import time
+
+    parts = _session()[:2]  # the final part removed
+    anchor = SpoolAnchor(genesis(KEY, SECURITY_STREAM), None)
+    start = T0 + 1
+    day = 86400.0
+    assert await _verified(tmp_path, parts, anchor, overdue_after=day, now=start + day) == []
+    late = await _verified(tmp_path, parts, anchor, overdue_after=day, now=start + day + 1)
+    assert late == [(SID, "missing_part", "no final part, and the session started 86401 s"
+                     " ago, longer than any session lasts (86400 s with the margin): its"
+                     " final part was removed, or waits in another server's spool")]
+    ((sid, kind, detail),) = await _verified(tmp_path, parts, anchor, overdue_after=day)
+    assert (sid, kind) == (SID, "missing_part") and detail.startswith("no final part")
+    ago = int(detail.split("started ")[1].split(" s ago")[0])
+    assert abs(time.time() - start - ago) < 3600
+    # Stored whole in this sink by this server's spool: removed, whatever the time.
+    stored = SpoolAnchor(anchor.head, None, stored=frozenset({SID}))
+    assert await _verified(tmp_path, parts, stored, overdue_after=day, now=start) == [
+        (SID, "missing_part",
+         "no final part, which this server's spool stored in this sink: it was removed")]
