@@ -18,12 +18,13 @@ SID = "0123456789abcdef0123456789abcdef"
 T0 = 1_700_000_000.0  # (2023: in the past, for the overdue check)
 
 
-def _session(sizes: tuple[int, ...] = (3, 3, 2)) -> list[dict[str, Any]]:
+def _session(sizes: tuple[int, ...] = (3, 3, 2), key: bytes = KEY,
+             sid: str = SID) -> list[dict[str, Any]]:
     """One session of ``sum(sizes)`` events (session.start first, a logout's
     session.end last) cut into parts of ``sizes``, as the server stores it."""
     n = sum(sizes)
     src = Source(user="alice", role="user", ip="127.0.0.1")
-    head, events = genesis(KEY, SID), []
+    head, events = genesis(key, sid), []
     for seq in range(1, n + 1):
         if seq == 1:
             draft = Draft("session.start", source=src)
@@ -32,22 +33,22 @@ def _session(sizes: tuple[int, ...] = (3, 3, 2)) -> list[dict[str, Any]]:
         else:
             draft = Draft("document.access", target={"type": "document", "id": f"d{seq}"},
                           source=src)
-        ev, _ = seal_event(KEY, head, draft, SID, seq, T0 + seq)
+        ev, _ = seal_event(key, head, draft, sid, seq, T0 + seq)
         events.append(ev)
         head = ev["hash"]
     parts, first = [], 1
     for number, size in enumerate(sizes):
         mine = events[first - 1:first - 1 + size]
         final = number == len(sizes) - 1
-        meta = {"session_id": SID, "part": number, "final": final,
+        meta = {"session_id": sid, "part": number, "final": final,
                 "end_ts": T0 + n if final else None, "user": "alice", "start_ts": T0 + 1,
                 "first_seq": first, "last_seq": first + size - 1,
                 "seal_reason": "logout" if final else "checkpoint",
-                "prev_hash": events[first - 2]["hash"] if first > 1 else genesis(KEY, SID),
+                "prev_hash": events[first - 2]["hash"] if first > 1 else genesis(key, sid),
                 "hash": mine[-1]["hash"]}
         parts.append(part_document(meta, mine))
         first += size
-    assert check_session(KEY, SID, parts) == []
+    assert check_session(key, sid, parts) == []
     return parts
 
 
@@ -85,7 +86,7 @@ def test_several_unknown_fields_and_several_runs_of_removed_seqs_are_listed():
 
 def test_a_session_with_only_a_bad_numbered_part_is_that_finding():
     """No part numbered from 0 at all: the bad number is reported, and the
-    check does not fail (nor invent a missing part 1)."""
+    check does not fail (nor invent missing parts)."""
     parts = _session((3,))
     parts[0]["part"] = None
     assert _findings(parts) == [("bad_part", f"a part numbered None ('{SID}:0')")]
@@ -111,6 +112,14 @@ def test_a_part_without_its_hash_is_one_finding():
     parts = _session()
     del parts[1]["hash"]
     assert _findings(parts) == [("bad_part", "part 1: hash is not the last event's")]
+
+
+def test_a_part_without_its_hash_before_one_without_prev_hash():
+    parts = _session()
+    del parts[1]["hash"]
+    del parts[2]["prev_hash"]
+    assert _findings(parts) == [("bad_part", "part 1: hash is not the last event's"),
+                                ("changed", "seq 7: hash does not verify")]
 
 
 def test_a_part_without_prev_hash_after_a_missing_part_is_still_checked():
@@ -139,16 +148,21 @@ def test_a_part_whose_last_event_has_no_hash_is_found():
     assert _findings(parts) == [("changed", "seq 6: hash does not verify")]
 
 
-async def _verified(tmp_path: Any, parts: list[dict[str, Any]], anchor: SpoolAnchor,
-                    **kwargs: Any) -> list[tuple[str, str, str]]:
+async def _report(tmp_path: Any, parts: list[dict[str, Any]], anchor: SpoolAnchor | None,
+                  **kwargs: Any) -> Any:
     sink = SqliteSink(tmp_path / "sink.db")
     await sink.open()
     try:
         for part in parts:
             await sink.write_part(part)
-        report = await verify_sink(sink, KEY, anchor, **kwargs)
+        return await verify_sink(sink, KEY, anchor, **kwargs)
     finally:
         await sink.close()
+
+
+async def _verified(tmp_path: Any, parts: list[dict[str, Any]], anchor: SpoolAnchor | None,
+                    **kwargs: Any) -> list[tuple[str, str, str]]:
+    report = await _report(tmp_path, parts, anchor, **kwargs)
     return [(p.session_id, p.kind, p.detail) for p in report.problems]
 
 
@@ -176,3 +190,40 @@ async def test_a_session_without_its_final_part_is_overdue_only_past_the_limit(t
     assert await _verified(tmp_path, parts, stored, overdue_after=day, now=start) == [
         (SID, "missing_part",
          "no final part, which this server's spool stored in this sink: it was removed")]
+
+
+async def test_sessions_chained_under_another_key_are_counted_apart(tmp_path):
+    """verify's "chained under another key" count: a session whose part 0
+    does not begin from this key's genesis value, and not one of this key
+    with a changed event in a later part (the count was never tested)."""
+    other = "f" * 32
+    ours = _session()
+    ours[1]["events"][1]["details"] = {"note": "edited"}
+    theirs = _session(key=b"another-servers-audit-key-012345", sid=other)
+    report = await _report(tmp_path, [*ours, *theirs], None)
+    assert report.other_key_sessions == 1
+    found = {(p.session_id, p.kind, p.detail) for p in report.problems}
+    assert (SID, "changed", "seq 5: hash does not verify") in found
+    assert (other, "bad_part", "part 0: prev_hash does not continue the chain") in found
+
+
+async def test_a_session_too_odd_to_follow_is_one_finding_and_the_rest_checked(tmp_path):
+    """check_session raising on a document (a first_seq that is not a number)
+    is that session's finding, by name; the next session is still checked."""
+    other = "f" * 32
+    odd = _session()
+    odd[1]["first_seq"] = "4"
+    fine = _session(sid=other)
+    fine[0]["events"][1]["outcome"] = "failure"
+    assert await _verified(tmp_path, [*odd, *fine], None) == [
+        (SID, "bad_part", "the session's parts cannot be checked (TypeError)"),
+        (other, "changed", "seq 2: hash does not verify")]
+
+
+async def test_a_part_the_sink_cannot_hand_out_is_that_sessions_finding(tmp_path):
+    """A stored event that is not an object: the sink refuses the document
+    (SinkUnreadable), and verify names the session and why."""
+    odd = _session()
+    odd[1]["events"][1] = "not an event"
+    assert await _verified(tmp_path, odd, None) == [
+        (SID, "bad_part", "the session's parts cannot be checked (SinkUnreadable)")]
