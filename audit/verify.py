@@ -113,17 +113,38 @@ def check_session(key: bytes, session_id: str, parts: list[dict[str, Any]]) -> l
         if n != (numbers[i - 1] + 1 if i else 0):
             prev_hash = ""  # the chain across a missing part cannot be checked
             expected_seq = -1
+        # A tampered document may hold any JSON value in any field: each odd
+        # one is a finding of its own, and the rest of the session is still
+        # checked (a string first_seq or a number for a hash raised, and the
+        # session's only finding was "cannot be checked").
         events = part.get("events") or []
+        if not isinstance(events, list):
+            add("bad_part", f"part {n}: events is not a list")
+            events = []
         if not events:  # every cut takes at least one event (a seal: session.end)
             add("bad_part", f"part {n}: holds no events")
-        if prev_hash and part.get("prev_hash") != prev_hash:
+        for e in events:
+            if not isinstance(e, dict):
+                add("changed", f"part {n}: an event that is not an object: {_short(e)}")
+        events = [_obj(e) for e in events]
+        stored_prev = part.get("prev_hash")
+        if prev_hash and stored_prev != prev_hash:
             add("bad_part", f"part {n}: prev_hash does not continue the chain")
-        chain = part.get("prev_hash") or prev_hash
-        if expected_seq > 0 and part.get("first_seq") != expected_seq:
-            add("bad_part", f"part {n}: first_seq {part.get('first_seq')} != {expected_seq}")
+        chain = stored_prev if isinstance(stored_prev, str) and stored_prev else prev_hash
+        first, last = part.get("first_seq"), part.get("last_seq")
+        if expected_seq > 0 and (type(first) is not int or first != expected_seq):
+            add("bad_part", f"part {n}: first_seq {_short(first)} != {expected_seq}")
         seqs = [e.get("seq") for e in events]
+        if type(first) is not int:
+            if expected_seq <= 0:
+                add("bad_part", f"part {n}: first_seq {_short(first)} is not a number")
+            first = (expected_seq if expected_seq > 0
+                     else seqs[0] if seqs and type(seqs[0]) is int else 1)
+        if type(last) is not int:
+            add("bad_part", f"part {n}: last_seq {_short(last)} is not a number")
+            last = first + len(events) - 1
         # A range, never listed whole: last_seq is the part's own word.
-        want = range(part.get("first_seq", 1), part.get("last_seq", 0) + 1)
+        want = range(first, last + 1)
         if not _listed(seqs, want):
             ints = sorted(s for s in seqs if isinstance(s, int))
             if _listed(ints, want):
@@ -136,20 +157,23 @@ def check_session(key: bytes, session_id: str, parts: list[dict[str, Any]]) -> l
                 if extra:
                     add("changed", f"part {n}: unexpected seq {extra}")
         if part.get("event_count") != len(events):
-            add("bad_part", f"part {n}: event_count {part.get('event_count')} != {len(events)}")
+            add("bad_part", f"part {n}: event_count {_short(part.get('event_count'))}"
+                f" != {len(events)}")
         for e in events:
             if e.get("session_id") != session_id:
                 add("changed", f"seq {e.get('seq')}: session_id changed")
             h = event_hash(key, chain, e)
             if h != e.get("hash"):
                 add("changed", f"seq {e.get('seq')}: hash does not verify")
-            chain = e.get("hash", "")
+            stored = e.get("hash")
+            chain = stored if isinstance(stored, str) else ""
         if events and part.get("hash") != chain:
             add("bad_part", f"part {n}: hash is not the last event's")
         for problem in _part_fields(part, events, by_number.get(0)):
             add("bad_part", f"part {n}: {problem}")
-        prev_hash = part.get("hash", "")
-        expected_seq = part.get("last_seq", 0) + 1
+        stored = part.get("hash")
+        prev_hash = stored if isinstance(stored, str) else ""
+        expected_seq = last + 1
     return out
 
 
@@ -190,6 +214,12 @@ def _seconds(value: Any) -> float | None:
         return parse_ts(value) if isinstance(value, str) else None
     except ValueError:
         return None
+
+
+def _short(value: Any) -> str:
+    """A stored value as a finding quotes it: ``repr``, cut at 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _obj(value: Any) -> dict[str, Any]:

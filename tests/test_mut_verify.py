@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
+
 from audit.events import Draft, Source, genesis, seal_event
 from audit.store import SECURITY_STREAM, part_document
 from audit.verify import SpoolAnchor, check_session, verify_sink
@@ -101,10 +103,7 @@ def test_a_part_without_first_seq_is_named_and_its_events_still_checked():
 def test_a_part_without_last_seq_is_found_and_the_next_part_checked():
     parts = _session()
     del parts[0]["last_seq"]
-    assert _findings(parts) == [
-        ("changed", "part 0: unexpected seq [1, 2, 3]"),
-        ("bad_part", "part 1: first_seq 4 != 1"),
-    ]
+    assert _findings(parts) == [("bad_part", "part 0: last_seq None is not a number")]
 
 
 def test_a_part_without_its_hash_is_one_finding():
@@ -149,8 +148,8 @@ def test_a_part_whose_last_event_has_no_hash_is_found():
 
 
 async def _report(tmp_path: Any, parts: list[dict[str, Any]], anchor: SpoolAnchor | None,
-                  **kwargs: Any) -> Any:
-    sink = SqliteSink(tmp_path / "sink.db")
+                  sink_class: type[SqliteSink] = SqliteSink, **kwargs: Any) -> Any:
+    sink = sink_class(tmp_path / "sink.db")
     await sink.open()
     try:
         for part in parts:
@@ -207,16 +206,64 @@ async def test_sessions_chained_under_another_key_are_counted_apart(tmp_path):
     assert (other, "bad_part", "part 0: prev_hash does not continue the chain") in found
 
 
+def _odd(parts: list[dict[str, Any]], where: str, value: Any) -> None:
+    """Set ``where`` (``"1.first_seq"`` or ``"0.events.1.hash"``) to ``value``."""
+    keys: list[Any] = [int(k) if k.isdigit() else k for k in where.split(".")]
+    doc: Any = parts
+    for k in keys[:-1]:
+        doc = doc[k]
+    doc[keys[-1]] = value
+
+
+@pytest.mark.parametrize(("where", "value", "found"), [
+    ("1.first_seq", "4", [("bad_part", "part 1: first_seq '4' != 4")]),
+    ("1.first_seq", 4.0, [("bad_part", "part 1: first_seq 4.0 != 4")]),
+    ("1.first_seq", True, [("bad_part", "part 1: first_seq True != 4")]),
+    ("1.last_seq", "6", [("bad_part", "part 1: last_seq '6' is not a number")]),
+    ("1.last_seq", [6], [("bad_part", "part 1: last_seq [6] is not a number")]),
+    ("1.prev_hash", 5, [("bad_part", "part 1: prev_hash does not continue the chain")]),
+    ("0.hash", 5, [("bad_part", "part 0: hash is not the last event's")]),
+    ("0.events.1.hash", 5, [("changed", "seq 2: hash does not verify"),
+                            ("changed", "seq 3: hash does not verify")]),
+    ("1.event_count", "3", [("bad_part", "part 1: event_count '3' != 3")]),
+    ("1.events", {"seq": 4}, [("bad_part", "part 1: events is not a list"),
+                              ("bad_part", "part 1: holds no events"),
+                              ("removed", "part 1: seq [4-6] missing"),
+                              ("bad_part", "part 1: event_count 3 != 0")]),
+    ("2.events.0", "x" * 100, [
+        ("changed", "part 2: an event that is not an object: '" + "x" * 56 + "..."),
+        ("removed", "part 2: seq [7] missing"),
+        ("changed", "seq None: session_id changed"),
+        ("changed", "seq None: hash does not verify"),
+        ("changed", "seq 8: hash does not verify")]),
+])
+def test_a_field_of_the_wrong_type_is_its_own_finding(where, value, found):
+    """Any JSON value may stand in a tampered document's field: each is named
+    and the rest of the session still checked (a string first_seq, a number
+    for a hash or a prev_hash raised TypeError, and the session's only
+    finding was "cannot be checked")."""
+    parts = _session()
+    _odd(parts, where, value)
+    assert _findings(parts) == found
+
+
 async def test_a_session_too_odd_to_follow_is_one_finding_and_the_rest_checked(tmp_path):
-    """check_session raising on a document (a first_seq that is not a number)
-    is that session's finding, by name; the next session is still checked."""
+    """A plug-in sink handing out a part that is not a document makes
+    check_session raise: that session's finding, by name; the next session
+    is still checked."""
     other = "f" * 32
-    odd = _session()
-    odd[1]["first_seq"] = "4"
     fine = _session(sid=other)
     fine[0]["events"][1]["outcome"] = "failure"
-    assert await _verified(tmp_path, [*odd, *fine], None) == [
-        (SID, "bad_part", "the session's parts cannot be checked (TypeError)"),
+
+    class OddSink(SqliteSink):
+        async def get_session_parts(self, session_id: str) -> list[dict[str, Any]]:
+            if session_id == SID:
+                return ["not a part"]  # type: ignore[list-item]
+            return await super().get_session_parts(session_id)
+
+    report = await _report(tmp_path, [*_session(), *fine], None, sink_class=OddSink)
+    assert [(p.session_id, p.kind, p.detail) for p in report.problems] == [
+        (SID, "bad_part", "the session's parts cannot be checked (AttributeError)"),
         (other, "changed", "seq 2: hash does not verify")]
 
 
