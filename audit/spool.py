@@ -563,6 +563,7 @@ class Spool:
         self._committing_bytes = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None  # close(), once begun
         self._state = "new"  # new | open | closing | closed
         self.failure: BaseException | None = None
         # The last commit's error while commits fail (a full or read-only
@@ -703,10 +704,17 @@ class Spool:
                     fut.set_exception(SpoolUnavailable("the spool writer has failed"))
 
     async def close(self) -> None:
-        """Commit what is queued, then close; safe to call twice."""
-        if self._state in ("closing", "closed"):
-            if self._task is not None and self._state == "closing":
-                await asyncio.shield(self._task)
+        """Commit what is queued, then close; safe to call twice, and at once:
+        every call returns once the spool is closed (its connections too: a
+        second call at once returned when the writer stopped, before them).
+        A call cancelled leaves the close to go on (cancelling the writer
+        halfway left the jobs queued behind it unanswered)."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        if self._state == "closed":  # (an open that failed)
             return
         if self._state == "new":
             self._state = "closed"

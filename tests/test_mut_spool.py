@@ -204,3 +204,50 @@ async def test_every_connection_has_the_pragmas_of_the_spool(tmp_path: Path, aud
             assert conn["journal_mode"] == "wal"
             assert conn["synchronous"] == level and conn["busy_timeout"] == 10000
 
+
+async def test_a_second_close_returns_only_once_the_spool_is_closed(tmp_path: Path,
+                                                                    audit_key: bytes) -> None:
+    """Two closes at once (the server's shutdown and a signal's): neither
+    returns before the connections are closed, SQLite has checkpointed and
+    removed the -wal, and every job queued before them is committed."""
+    path = tmp_path / "spool.db"
+    s = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await s.open()
+    opened = await s.submit(lambda w: w.start_session("u", "user", 1e12, []))
+    jobs = [s.submit_nowait(lambda w: w.append(opened.session_id, Draft("document.list")))
+            for _ in range(5)]
+    closes = [asyncio.ensure_future(s.close()) for _ in range(2)]
+    await asyncio.wait(closes, return_when=asyncio.FIRST_COMPLETED)
+    assert not (tmp_path / "spool.db-wal").exists()
+    assert [json.loads(j.result())["seq"] for j in jobs] == [1, 2, 3, 4, 5]
+    await asyncio.gather(*closes)
+
+
+async def test_a_close_cancelled_still_commits_what_is_queued_and_closes(
+        tmp_path: Path, audit_key: bytes) -> None:
+    """Cancelling a close (a shutdown given up on) cancelled the writer in
+    the middle of its batch: the jobs of that batch and those queued behind
+    it were never answered, and the connections stayed open. The close goes
+    on: every job queued is committed and answered, and the spool closes."""
+    path = tmp_path / "spool.db"
+    s = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await s.open()
+    opened = await s.submit(lambda w: w.start_session("u", "user", 1e12, []))
+    gate = Gate()
+    held = s.submit_nowait(gate)
+    try:
+        await gate.wait_entered()
+        jobs = [s.submit_nowait(lambda w: w.append(opened.session_id, Draft("document.list")))
+                for _ in range(3)]
+        closing = asyncio.ensure_future(s.close())
+        await asyncio.sleep(0)  # (the close is under way)
+        closing.cancel()
+    finally:
+        gate.release.set()
+    # (a deadline against a hang, not a timing)
+    assert await asyncio.wait_for(held, 10) == "held"
+    answered = await asyncio.wait_for(asyncio.gather(*jobs), 10)
+    assert [json.loads(a)["seq"] for a in answered] == [1, 2, 3]
+    await asyncio.wait_for(s.close(), 10)
+    assert not (tmp_path / "spool.db-wal").exists()
+    assert not s.is_open
