@@ -97,6 +97,12 @@ QUERIES: list[tuple[str, Query, str]] = [
 ]
 
 
+# What each query's errors name.
+WHAT = {"list_security_events": "list security events", "list_sessions": "list sessions",
+        "get_session_parts": "get session parts", "session_part_heads": "get session part heads",
+        "session_part": "get session part"}
+
+
 def _sample(ns: str) -> dict[str, Any]:
     if ns == SECURITY:
         return sample_security_event("e1")
@@ -121,7 +127,7 @@ async def test_a_value_json_cannot_carry_is_unreadable_not_a_500(
     ``ts`` sorts before every string, so on every first page). It is the
     documented SinkUnreadable: 503 ``sink_unavailable``, verify's finding."""
     doc = {**_sample(ns), field: value}
-    with pytest.raises(SinkUnreadable, match="JSON cannot carry"):
+    with pytest.raises(SinkUnreadable, match=f"^mongodb sink: {WHAT[name]}: .*JSON cannot carry"):
         await _answer(server, query, sink, doc, ns)
 
 
@@ -138,7 +144,7 @@ async def test_a_string_that_is_not_utf8_is_unreadable_not_a_500(
     doc = _sample(ns)
     doc["user"] = "alice-user"
     raw = bson.encode(doc).replace(b"alice-user", b"alice\xffuser")
-    with pytest.raises(SinkUnreadable, match="InvalidBSON"):
+    with pytest.raises(SinkUnreadable, match=f"^mongodb sink: {WHAT[name]}: InvalidBSON"):
         await _answer(server, query, sink, RawBSONDocument(raw), ns)
 
 
@@ -195,7 +201,8 @@ async def test_a_part_without_a_number_or_seqs_is_unreadable_not_a_500(
         find.replies(cursor_reply(ns, [_head(p0)]))
         find = await receive(server, "find")
     find.replies(cursor_reply(ns, [p0, p1]))
-    with pytest.raises(SinkUnreadable, match="no number or events without a seq"):
+    with pytest.raises(SinkUnreadable,
+                       match=f"^mongodb sink: {WHAT[name]}: .*no number or events without a seq"):
         await task
 
 

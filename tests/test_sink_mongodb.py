@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import socket
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -25,7 +25,6 @@ from audit.config import MongoSinkConfig
 from audit.events import canonical_json
 from sinks.base import (
     SinkConflict,
-    SinkError,
     SinkRateLimited,
     SinkRejected,
     SinkUnavailable,
@@ -168,6 +167,7 @@ async def test_16500_with_retry_after_ms_is_rate_limited(server: MockupDB, sink:
         ("RetryAfterMs=0", 0.0),
         ("Request rate is large", None),
         ("RetryAfterMs=000000000000000000000000000000250", 0.25),
+        ("RetryAfterMs=100000000000", 100_000_000.0),  # 12 digits: read as they are
         # Hundreds or thousands of digits (int() refuses more than 4,300, a
         # float holds about 308): a long hint, which the flusher caps.
         ("RetryAfterMs=" + "9" * 400, 999_999_999.999),
@@ -190,6 +190,7 @@ async def test_duplicate_key_checks_the_stored_hash(
     find = await receive(server, "find")
     assert find["find"] == "session_audit"
     assert find["filter"] == {"_id": {"$in": ["s1:0"]}}
+    assert find["projection"] == {"hash": 1}  # not the whole stored part back
     stored_hash = part["hash"] if stored_same else "f" * 64
     find.replies(cursor_reply("audit.session_audit", [{"_id": "s1:0", "hash": stored_hash}]))
     if stored_same:
@@ -203,6 +204,9 @@ async def test_duplicate_key_checks_the_stored_hash(
     ("reply", "error"),
     [
         ({"ok": 0, "code": 50, "errmsg": "Request timed out."}, SinkUnavailable),
+        # Cosmos DB's throttling in words, under a code of no meaning here.
+        ({"ok": 0, "code": 1, "errmsg": "Response status code does not indicate success: "
+          "TooManyRequests (429)"}, SinkRateLimited),
         (
             {"ok": 0, "code": 463, "errmsg": "too many ops", "errorLabels": ["RetryableError"]},
             SinkUnavailable,
@@ -229,6 +233,12 @@ async def test_duplicate_key_checks_the_stored_hash(
         ({"ok": 0, "code": 2, "errmsg": "BadValue"}, SinkUnavailable),
         ({"ok": 0, "code": 14, "errmsg": "TypeMismatch"}, SinkUnavailable),
         ({"ok": 0, "code": 10334, "errmsg": "BSONObjectTooLarge"}, SinkRejected),
+        # ... unless the server labels it retryable: then it passes.
+        ({"ok": 0, "code": 10334, "errmsg": "BSONObjectTooLarge",
+          "errorLabels": ["RetryableWriteError"]}, SinkUnavailable),
+        ({"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 2, "errmsg": "b",
+                                            "errorLabels": ["RetryableError"]}]},
+         SinkUnavailable),
         # Nested deeper than MongoDB's 100 levels: the document itself.
         ({"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 15, "errmsg": "depth"}]},
          SinkRejected),
@@ -250,7 +260,16 @@ async def test_error_mapping(
     with pytest.raises(error) as info:
         await task
     assert type(info.value) is error
-    assert str(info.value).startswith("mongodb sink:")
+    # The server's code and message, not the driver's dump of its whole reply.
+    answer = reply
+    if "writeErrors" in reply:
+        answer = reply["writeErrors"][0]
+    elif "writeConcernError" in reply:
+        answer = reply["writeConcernError"]
+    assert str(info.value).startswith("mongodb sink: insert s1:0: ")
+    assert str(info.value).endswith(f": {answer['errmsg']}"), info.value
+    # (A not-primary answer is the driver's NotPrimaryError, without a code.)
+    assert f"(code {answer['code']})" in str(info.value) or "NotPrimaryError" in str(info.value)
 
 
 COSMOS_RETRYABLE_WRITES = (
@@ -266,11 +285,15 @@ async def test_cosmos_retryable_writes_answer_is_retried_with_a_hint(
     # a configuration to fix, not a part (nor a batch) to dead-letter.
     task = start(sink.write_part(sample_part("s1")))
     (await receive(server, "insert")).command_err(2, COSMOS_RETRYABLE_WRITES)
-    with pytest.raises(SinkUnavailable, match="add retryWrites=false to the URI"):
+    with pytest.raises(SinkUnavailable) as info:
         await task
+    assert str(info.value) == (
+        f"mongodb sink: insert s1:0: OperationFailure (code 2): {COSMOS_RETRYABLE_WRITES}"
+        " (add retryWrites=false to the URI)")
     task = start(sink.write_security_events([sample_security_event("e1")]))
     (await receive(server, "insert")).command_err(2, COSMOS_RETRYABLE_WRITES)
-    with pytest.raises(SinkUnavailable, match="add retryWrites=false"):
+    with pytest.raises(SinkUnavailable, match=r"^mongodb sink: insert_many: OperationFailure "
+                                              r"\(code 2\): .*add retryWrites=false"):
         await task
 
 
@@ -329,6 +352,23 @@ async def test_document_too_large_is_rejected(monkeypatch: pytest.MonkeyPatch) -
             await sink.close()
     finally:
         server.stop()
+
+
+async def test_a_document_bson_cannot_carry_is_rejected_without_a_request(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    """An integer past 64 bits (a client's details may hold one) cannot be
+    encoded: that document can never be stored, so the part, or the batch
+    (which the flusher then sends an event at a time), is rejected, not
+    retried for ever. Nothing reaches the server (the fixture checks)."""
+    part = sample_part("s1")
+    part["events"][0]["details"] = {"n": 2**64}
+    with pytest.raises(SinkRejected, match=r"^mongodb sink: insert s1:0: OverflowError: "):
+        await sink.write_part(part)
+    event = sample_security_event("e1")
+    event["details"] = {"n": 2**64}
+    with pytest.raises(SinkRejected, match=r"^mongodb sink: insert_many: OverflowError: "):
+        await sink.write_security_events([sample_security_event("e0"), event])
 
 
 # -- durability: write concern and read preference are the sink's, not the URI's
@@ -440,7 +480,8 @@ async def test_duplicate_without_a_committed_document_is_retried_not_dead_letter
         {"ok": 1, "n": 0, "writeErrors": [dup_key(0, "nc:0")]}
     )
     (await receive(server, "find")).replies(cursor_reply("audit.session_audit", []))
-    with pytest.raises(SinkUnavailable, match="nc:0") as info:
+    with pytest.raises(SinkUnavailable, match="nc:0 but no majority-committed document with"
+                       " that _id yet") as info:
         await task
     assert type(info.value) is SinkUnavailable
     events = [sample_security_event("nc-e")]
@@ -458,7 +499,8 @@ async def test_duplicate_without_a_committed_document_is_retried_not_dead_letter
         {"ok": 1, "n": 0, "writeErrors": [dup_key(0, "nc:0")]}
     )
     (await receive(server, "find")).command_err(148, "majority read concern not enabled")
-    with pytest.raises(SinkUnavailable, match="code 148") as info:
+    with pytest.raises(SinkUnavailable,
+                       match=r"reading stored hashes: OperationFailure \(code 148\)") as info:
         await task
     assert type(info.value) is SinkUnavailable
 
@@ -479,7 +521,8 @@ async def test_unacknowledged_write_is_not_stored(
         with pytest.raises(SinkUnavailable, match="not acknowledged"):
             await sink.write_part(sample_part("w0"))
         assert (await receive(server, "insert"))["writeConcern"] == {"w": 0}
-        with pytest.raises(SinkUnavailable, match="not acknowledged"):
+        with pytest.raises(SinkUnavailable,
+                           match=r"^mongodb sink: insert_many: write not acknowledged$"):
             await sink.write_security_events([sample_security_event("w0-e")])
         assert (await receive(server, "insert"))["writeConcern"] == {"w": 0}
     finally:
@@ -542,20 +585,36 @@ async def test_bulk_duplicate_with_other_hash_is_conflict(
         await task
 
 
+def _limited(index: int, errmsg: str) -> dict[str, Any]:
+    return {"index": index, "code": 16500, "errmsg": errmsg}
+
+
 @pytest.mark.parametrize(
-    ("write_errors", "extra", "error", "retry_after"),
+    ("write_errors", "extra", "error", "retry_after", "text"),
     [
-        # Rate limited wins over the rest, with the longest hint.
+        # Rate limited wins over the rest, with the longest hint (the message
+        # is that write error's).
         (
             [
-                {"index": 0, "code": 16500, "errmsg": "RetryAfterMs=20"},
-                {"index": 1, "code": 16500, "errmsg": "RetryAfterMs=250"},
+                _limited(0, "RetryAfterMs=20"),
+                _limited(1, "RetryAfterMs=250"),
                 {"index": 2, "code": 2, "errmsg": "bad"},
             ],
             {},
             SinkRateLimited,
             0.25,
+            "write error (code 16500) at index 1: RetryAfterMs=250",
         ),
+        # The longest hint whatever the order, a write error without one
+        # (None, read as 0) never replacing it, and the first of equal ones.
+        ([_limited(0, "RetryAfterMs=250"), _limited(1, "RetryAfterMs=20")], {},
+         SinkRateLimited, 0.25, "at index 0"),
+        ([_limited(0, "RetryAfterMs=250"), _limited(1, "Request rate is large")], {},
+         SinkRateLimited, 0.25, "at index 0"),
+        ([_limited(0, "Request rate is large"), _limited(1, "RetryAfterMs=500")], {},
+         SinkRateLimited, 0.5, "at index 1"),
+        ([_limited(0, "RetryAfterMs=30"), _limited(1, "RetryAfterMs=30")], {},
+         SinkRateLimited, 0.03, "at index 0"),
         (
             [
                 {"index": 0, "code": 2, "errmsg": "bad"},
@@ -564,16 +623,36 @@ async def test_bulk_duplicate_with_other_hash_is_conflict(
             {},
             SinkUnavailable,
             None,
+            "write error (code 463) at index 1: busy",
         ),
-        ([{"index": 0, "code": 2, "errmsg": "bad"}], {}, SinkRejected, None),
+        ([{"index": 2, "code": 2, "errmsg": "bad"}], {}, SinkRejected, None,
+         "write error (code 2) at index 2: bad"),
+        # A document code the server labels retryable is not about the document.
+        (
+            [{"index": 0, "code": 2, "errmsg": "bad", "errorLabels": ["RetryableWriteError"]}],
+            {},
+            SinkUnavailable,
+            None,
+            "code 2",
+        ),
         # Cosmos DB's throttling words under another code: as in a single insert.
         ([{"index": 0, "code": 1, "errmsg": "Request rate is large. RetryAfterMs=40"}], {},
-         SinkRateLimited, 0.04),
+         SinkRateLimited, 0.04, "code 1"),
         (
             [],
             {"writeConcernError": {"code": 64, "errmsg": "waiting for replication"}},
             SinkUnavailable,
             None,
+            "code 64",
+        ),
+        # A write concern error beside a rejected document: the batch is
+        # retried (the others may not be majority-committed), not split up.
+        (
+            [{"index": 0, "code": 2, "errmsg": "bad"}],
+            {"writeConcernError": {"code": 64, "errmsg": "waiting for replication"}},
+            SinkUnavailable,
+            None,
+            "write concern error (code 64): waiting for replication",
         ),
     ],
 )
@@ -584,6 +663,7 @@ async def test_bulk_error_priority(
     extra: dict[str, Any],
     error: type[Exception],
     retry_after: float | None,
+    text: str,
 ) -> None:
     events = [sample_security_event(f"e{i}") for i in range(3)]
     task = start(sink.write_security_events(events))
@@ -593,8 +673,28 @@ async def test_bulk_error_priority(
     with pytest.raises(error) as info:
         await task
     assert type(info.value) is error
+    assert str(info.value).startswith("mongodb sink: insert_many: ")
+    assert text in str(info.value)
     if isinstance(info.value, SinkRateLimited):
         assert info.value.retry_after == pytest.approx(retry_after)
+
+
+async def test_bulk_duplicates_with_a_write_concern_error_are_retried(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    """A retried batch whose other events were inserted now but not
+    acknowledged by a majority (a write concern error beside the duplicate
+    key errors): not a success, though every duplicate is stored with its
+    hash. The inserted events may be rolled back; the batch goes again."""
+    events = [sample_security_event(f"e{i}") for i in range(2)]
+    task = start(sink.write_security_events(events))
+    (await receive(server, "insert")).replies({
+        "ok": 1, "n": 1, "writeErrors": [dup_key(0, "e0")],
+        "writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"},
+    })
+    with pytest.raises(SinkUnavailable, match="write concern error") as info:
+        await task
+    assert type(info.value) is SinkUnavailable
 
 
 # -- queries (the commands sent; semantics in the contract suite) ---------------
@@ -747,15 +847,72 @@ async def test_documents_verify_cannot_place_are_reported(
     assert "5:0" in report.problems[0].detail
 
 
-async def test_session_ids_error_is_classified(server: MockupDB, sink: MongoSink) -> None:
-    async def collect() -> list[str]:
-        return [sid async for sid in sink.session_ids()]
+async def _all(items: AsyncIterator[T]) -> list[T]:
+    return [item async for item in items]
 
-    task = start(collect())
-    ids = await receive(server, "find")
-    ids.replies({"ok": 0, "code": 13, "errmsg": "not authorized on audit"})
-    with pytest.raises(SinkError):
+
+QUERY_COMMANDS: list[tuple[str, Callable[[MongoSink], Awaitable[Any]], dict[str, Any], str]] = [
+    ("list_sessions", lambda s: s.list_sessions(limit=5),
+     {"session_start_time": -1, "session_id": -1}, "list sessions"),
+    ("list_security_events", lambda s: s.list_security_events(limit=5),
+     {"ts": -1, "_id": -1}, "list security events"),
+    ("get_session_parts", lambda s: s.get_session_parts("s1"), {"part": 1},
+     "get session parts"),
+    ("session_part_heads", lambda s: s.session_part_heads("s1"), {"part": 1},
+     "get session part heads"),
+    ("session_part", lambda s: s.session_part("s1", 1), {"_id": 1}, "get session part"),
+    ("session_ids", lambda s: _all(s.session_ids()), {"session_id": 1, "part": 1},
+     "list session ids"),
+    ("security_events_oldest_first", lambda s: _all(s.security_events_oldest_first()),
+     {"ts": 1, "_id": 1}, "list security events"),
+    ("unchecked_records", lambda s: s.unchecked_records(), {"_id": 1},
+     "list a session parts without a string session_id"),
+]
+
+
+@pytest.mark.parametrize(("name", "query", "sort", "what"), QUERY_COMMANDS,
+                         ids=[q[0] for q in QUERY_COMMANDS])
+async def test_query_errors_are_classified_and_say_which_query(
+    server: MockupDB, sink: MongoSink, name: str,
+    query: Callable[[MongoSink], Awaitable[Any]], sort: dict[str, int], what: str,
+) -> None:
+    """Each admin and verify query sends its sort (the index's order), and
+    an error answering it is the classified sink error naming the query: a
+    rate limit with its hint (the admin API's 429 or verify's retry), not a
+    bare unavailable."""
+    task = start(query(sink))
+    find = await receive(server, "find")
+    assert find["sort"] == sort
+    find.replies({"ok": 0, "code": 16500, "errmsg": "Request rate is large, RetryAfterMs=8"})
+    with pytest.raises(SinkRateLimited) as info:
         await task
+    assert info.value.retry_after == pytest.approx(0.008)
+    assert str(info.value).startswith(f"mongodb sink: {what}: OperationFailure (code 16500)")
+
+
+async def test_unchecked_records_reads_ids_only_and_says_when_there_are_more(
+    server: MockupDB, sink: MongoSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sinks import mongodb
+
+    monkeypatch.setattr(mongodb, "ID_PAGE", 1)
+    task = start(sink.unchecked_records())
+    parts = await receive(server, "find")
+    assert parts["projection"] == {"_id": 1} and parts["limit"] == 1
+    parts.replies(cursor_reply("audit.session_audit", [{"_id": 5}]))
+    events = await receive(server, "find")
+    assert events["projection"] == {"_id": 1} and events["sort"] == {"_id": 1}
+    events.replies({"ok": 0, "code": 13, "errmsg": "not authorized on audit"})
+    with pytest.raises(SinkUnavailable) as info:
+        await task
+    assert type(info.value) is SinkUnavailable
+    assert str(info.value).startswith(
+        "mongodb sink: list a security events without a string ts: OperationFailure (code 13)")
+    task = start(sink.unchecked_records())
+    (await receive(server, "find")).replies(cursor_reply("audit.session_audit", [{"_id": 5}]))
+    (await receive(server, "find")).replies(cursor_reply("audit.security_audit", []))
+    assert await task == ["a session part with _id 5 and no string session_id",
+                          "(the first 1 such; there may be more)"]
 
 
 async def test_session_ids_and_security_events_come_in_pages(
@@ -766,19 +923,21 @@ async def test_session_ids_and_security_events_come_in_pages(
     does not hold every security event."""
     from sinks import mongodb
 
-    monkeypatch.setattr(mongodb, "ID_PAGE", 2)
+    monkeypatch.setattr(mongodb, "ID_PAGE", 3)
     ids = sink.session_ids()
     task = start(ids.__anext__())
     first = await receive(server, "find")
-    assert first["filter"] == STRING_SESSION_ID and first["limit"] == 2
+    assert first["filter"] == STRING_SESSION_ID and first["limit"] == 3
     first.replies(cursor_reply("audit.session_audit",
-                               [{"session_id": "a"}, {"session_id": "a"}]))
+                               [{"session_id": "a"}, {"session_id": "a"}, {"session_id": "b"}]))
     assert await task == "a"
+    assert await ids.__anext__() == "b"  # no request: the page is held
     task = start(ids.__anext__())
     second = await receive(server, "find")
-    assert second["filter"] == {"$and": [STRING_SESSION_ID, {"session_id": {"$gt": "a"}}]}
-    second.replies(cursor_reply("audit.session_audit", [{"session_id": "b"}]))
-    assert await task == "b"
+    # Past the page's last session (its other parts, if any, are skipped).
+    assert second["filter"] == {"$and": [STRING_SESSION_ID, {"session_id": {"$gt": "b"}}]}
+    second.replies(cursor_reply("audit.session_audit", [{"session_id": "c"}]))
+    assert await task == "c"
     with pytest.raises(StopAsyncIteration):
         await ids.__anext__()
 
@@ -792,15 +951,16 @@ async def test_session_ids_and_security_events_come_in_pages(
     assert page["filter"] == {"ts": {"$type": "string", "$not": {"$type": "array"}}}
     page.replies(cursor_reply("audit.security_audit", [
         {"_id": "e1", "ts": "2026-11-26T14:00:00.000Z"},
-        {"_id": "e2", "ts": "2026-11-26T14:00:00.000Z"}]))
+        {"_id": "e2", "ts": "2026-11-26T14:00:01.000Z"},
+        {"_id": "e3", "ts": "2026-11-26T14:00:02.000Z"}]))
     assert (await task)["_id"] == "e1"
-    assert (await events.__anext__())["_id"] == "e2"  # no request: the page is held
+    assert [(await events.__anext__())["_id"] for _ in range(2)] == ["e2", "e3"]  # held
     task = start(events.__anext__())
     nxt = await receive(server, "find")
     assert nxt["filter"] == {"$and": [
         {"ts": {"$type": "string", "$not": {"$type": "array"}}},
-        {"$or": [{"ts": {"$gt": "2026-11-26T14:00:00.000Z"}},
-                 {"ts": "2026-11-26T14:00:00.000Z", "_id": {"$gt": "e2"}}]}]}
+        {"$or": [{"ts": {"$gt": "2026-11-26T14:00:02.000Z"}},
+                 {"ts": "2026-11-26T14:00:02.000Z", "_id": {"$gt": "e3"}}]}]}
     nxt.replies(cursor_reply("audit.security_audit", []))
     with pytest.raises(StopAsyncIteration):
         await task
@@ -828,6 +988,13 @@ async def test_open_creates_indexes(
         # The first try fails (the login refused): unavailable, tried again.
         (await receive(server, "createIndexes")).command_err(18, "Authentication failed.")
         with pytest.raises(SinkUnavailable, match="code 18"):
+            await task
+        # So does one answered by a time limit (262, no retry label): it
+        # passes, and a warning would have left the indexes unbuilt for good.
+        task = start(sink.open())
+        (await receive(server, "createIndexes")).command_err(262, "ExceededTimeLimit")
+        with pytest.raises(SinkUnavailable, match=r"mongodb sink: open: "
+                                                   r"OperationFailure \(code 262\)"):
             await task
         task = start(sink.open())
         indexes: dict[str, list[dict[str, Any]]] = {}
@@ -915,6 +1082,37 @@ async def test_error_messages_never_contain_the_uri(
         assert secret_uri not in text and "***" in text
     finally:
         await sink.close()
+
+
+@pytest.mark.parametrize(("uri_text", "pieces"), [
+    # The user name and password, as written and decoded, the URI itself
+    # first (longest first: replaced before its pieces); hosts, database and
+    # options are no secret.
+    ("mongodb://auditor:p%40ss%2Fw0rd@h1:27017,h2/audit?authSource=admin",
+     ["p%40ss%2Fw0rd", "p@ss/w0rd", "auditor"]),
+    ("mongodb+srv://only-user@cluster0.example.net/", ["only-user"]),
+    ("mongodb://:passw0rd@h1/?appname=a@b", ["passw0rd"]),
+    ("mongodb://a%3Ab:c%3A%3Ad@h1?replicaSet=rs0", ["c%3A%3Ad", "a%3Ab", "c::d", "a:b"]),
+    # No credentials; and pieces shorter than 3 characters (replacing them
+    # would garble every message) are left.
+    ("mongodb://127.0.0.1:27017/?appname=x", []),
+    ("mongodb://ab:cd@h1/", []),
+])
+def test_uri_secrets(uri_text: str, pieces: list[str]) -> None:
+    from sinks.mongodb import _uri_secrets
+
+    assert _uri_secrets(uri_text) == [uri_text, *pieces]
+
+
+async def test_long_messages_are_shortened_after_redaction(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    task = start(sink.write_part(sample_part("s1")))
+    (await receive(server, "insert")).command_err(2, "x" * 400)
+    with pytest.raises(SinkUnavailable) as info:
+        await task
+    head = "mongodb sink: insert s1:0: OperationFailure (code 2): "
+    assert str(info.value) == head + "x" * (300 - len(head)) + "..."
 
 
 async def test_not_open_is_unavailable() -> None:
