@@ -243,7 +243,15 @@ def _labels(exc: PyMongoError) -> bool:
 
 
 def _rate_limited(code: Any, errmsg: str) -> bool:
-    return code in RATE_LIMITED or "TooManyRequests" in errmsg or "Request rate is large" in errmsg
+    """Throttled: a throttling code, or Cosmos DB's words under another code,
+    but never under a code that is about the document. Such a message may
+    quote the document (KeyTooLong quotes the key, a field-name error the
+    field): a record holding "TooManyRequests" was retried as rate limited
+    for good, and rate limits never count towards a dead letter."""
+    return code in RATE_LIMITED or (
+        code not in DOCUMENT_ERRORS
+        and ("TooManyRequests" in errmsg or "Request rate is large" in errmsg)
+    )
 
 
 def _failed_login(exc: PyMongoError) -> bool:

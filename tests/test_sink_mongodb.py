@@ -223,6 +223,14 @@ async def test_duplicate_key_checks_the_stored_hash(
         ({"ok": 0, "code": 100, "errmsg": "Not enough data-bearing nodes"}, SinkUnavailable),
         ({"ok": 1, "n": 0, "writeConcernError": {"code": 64, "errmsg": "wt"}}, SinkUnavailable),
         ({"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 2, "errmsg": "b"}]}, SinkRejected),
+        # A document error quoting the document, which holds the throttling
+        # words: still the document (retried for good before).
+        ({"ok": 1, "n": 0, "writeErrors": [{
+            "index": 0, "code": 17280,
+            "errmsg": "key too large to index: {user: \"TooManyRequests\"}"}]}, SinkRejected),
+        ({"ok": 1, "n": 0, "writeErrors": [{
+            "index": 0, "code": 57, "errmsg": "bad field 'Request rate is large.x'"}]},
+         SinkRejected),
         (
             {"ok": 1, "n": 0, "writeErrors": [{"index": 0, "code": 121, "errmsg": "v"}]},
             SinkRejected,
@@ -635,6 +643,9 @@ def _limited(index: int, errmsg: str) -> dict[str, Any]:
             None,
             "code 2",
         ),
+        # A document error whose message quotes throttling words: rejected.
+        ([{"index": 1, "code": 17280, "errmsg": "key {user: 'TooManyRequests'} too large"}], {},
+         SinkRejected, None, "code 17280"),
         # Cosmos DB's throttling words under another code: as in a single insert.
         ([{"index": 0, "code": 1, "errmsg": "Request rate is large. RetryAfterMs=40"}], {},
          SinkRateLimited, 0.04, "code 1"),
