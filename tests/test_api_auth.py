@@ -143,9 +143,10 @@ async def test_throttle_per_username_and_ip(make_api: MakeApi) -> None:
     resp = await api.client.post("/token", data={"username": "alice", "password": "bad"})
     await expect_error(resp, 429, "too_many_attempts")
     throttled = await api.wait_security("auth.login_throttled", 2)
-    assert throttled[0]["details"]["username"] == "alice"
-    assert throttled[0]["details"]["reason"] == "too_many_attempts"
+    assert throttled[0]["details"] == {"username": "alice", "reason": "too_many_attempts",
+                                       "retry_after": retry_after}
     assert throttled[0]["outcome"] == "denied"
+    assert throttled[0]["source"]["ip"] == "127.0.0.1"
     # Another user from the same address is not affected by alice's failures.
     resp = await api.client.post("/token", json={"username": "admin", "password": ADMIN_PASSWORD})
     assert resp.status == 200
@@ -261,7 +262,8 @@ async def test_logins_past_the_waiting_limit_are_refused_at_once(api: Api) -> No
             slots.release()
     (ev,) = [e for e in await api.wait_security("auth.login_throttled", 2)
              if e["request_id"] == "busy-1"]
-    assert ev["details"]["reason"] == "server_busy" and ev["details"]["username"] == "alice"
+    assert ev["details"] == {"username": "alice", "reason": "server_busy", "retry_after": 1}
+    assert ev["outcome"] == "denied" and ev["source"]["ip"] == "127.0.0.1"
     resp = await api.client.post("/token", json={"username": "alice",
                                                  "password": USER_PASSWORD})
     assert resp.status == 200
@@ -329,6 +331,7 @@ async def test_logout_with_another_session_id_is_refused(api: Api, claimed: str)
     ev = (await api.wait_security("auth.session_mismatch"))[0]
     assert ev["session_id"] == alice.session_id
     assert ev["details"] == {"reason": "logout_session_id", "method": "POST", "path": "/logout"}
+    assert (ev["outcome"], ev["actor"]) == ("denied", {"user": "alice", "role": "user"})
     # Neither session ended.
     for who in (alice, bob):
         r = await api.client.get("/me", headers=who.headers)
