@@ -146,7 +146,7 @@ async def test_verify_shows_what_a_sink_holds_without_terminal_controls(tmp_path
     done = await live.cli("verify")
     assert done.returncode == 1, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[-1].endswith(": 6 problems"), done.stdout
+    assert lines[-1].endswith(": 7 problems"), done.stdout
     for line in lines:
         assert line.isprintable(), repr(line)
     assert "\\x1b[1A\\x1b[2K\\x0dverified 3 sessions" in lines[0], lines[0]
