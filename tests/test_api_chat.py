@@ -264,6 +264,30 @@ async def test_a_provider_echoing_the_key_does_not_hand_it_on(
     assert key not in json.dumps(ev) and ev["details"]["model"] == "m-[redacted]"
 
 
+async def test_an_echoed_key_is_redacted_from_8_characters(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: a key echoed back is redacted "when 8 characters or more"; a
+    shorter one is not (a mutation review: the boundary was untested)."""
+    s = OpenAIStub()  # no key check: the key changes between the chats
+    await s.start()
+    try:
+        api = await make_api(ai={"provider": "openai", "openai": {
+            "base_url": s.base_url, "api_key_env": "TEST_OPENAI_KEY"}})
+        alice = await api.user("alice")
+        doc = await api.create_doc(alice, content=DOC)
+        for key, shown in (("Kq7Wz3Xp", "[redacted]"), ("Kq7Wz3X", "Kq7Wz3X")):
+            monkeypatch.setenv("TEST_OPENAI_KEY", key)
+            s.mode, s.raw_body = "raw", completion(reply=json.dumps(f"echo {key}."))
+            resp = await api.client.post(f"/documents/{doc['id']}/chat",
+                                         json={"message": "hi"}, headers=alice.headers)
+            body = await resp.json()
+            assert resp.status == 200, body
+            assert body["reply"] == f"echo {shown}."
+    finally:
+        await s.stop()
+
+
 async def test_with_every_slot_busy_a_wrong_user_chat_is_still_denied_at_once(
     make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -554,8 +578,40 @@ async def test_a_chat_queued_past_its_session_sends_nothing(
     assert all("Bob secret" not in json.dumps(r["body"]) for r in stub.requests)
     (ev,) = await api.wait_security("auth.session_ended")
     assert ev["session_id"] == bob.session_id
+    assert (ev["outcome"], ev["actor"]["user"]) == ("denied", "bob")
+    assert ev["target"] == {"type": "document", "id": bdoc["id"]}
     assert (ev["details"]["reason"], ev["details"]["action"]) == ("session_ended",
                                                                   "ai.interaction")
+
+
+async def test_a_document_deleted_while_its_chat_waits_is_not_found(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The document is read again once the chat has its slot: deleted while
+    the chat waited, it is 404 not_found, recorded as a failure, and nothing
+    is sent (a mutation review: the second read was unchecked)."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    monkeypatch.setattr(server, "CHAT_CONCURRENCY", 1)
+    api = await make_api(ai=_openai(stub))
+    alice = await api.user("alice")
+    adoc = await api.create_doc(alice, title="A", content=DOC)
+    gone = await api.create_doc(alice, title="Gone", content="Soon deleted plans.")
+    first = await _held_chat(api, stub, alice, adoc["id"], "a?")
+    queued = asyncio.ensure_future(api.client.post(
+        f"/documents/{gone['id']}/chat", json={"message": "b?"}, headers=alice.headers))
+    slots = api.app[CHAT_SLOTS]
+    await wait_for(lambda: len(getattr(slots, "_waiters", None) or ()) == 1,
+                   message="the second chat waiting for the slot")
+    resp = await api.client.delete(f"/documents/{gone['id']}", headers=alice.headers)
+    assert resp.status == 204
+    stub.gate.set()
+    assert (await first).status == 200
+    await expect_error(await queued, 404, "not_found")
+    ev = (await _ai_events(api, alice.session_id))[-1]
+    assert (ev["outcome"], ev["details"]["reason"]) == ("failure", "not_found")
+    assert ev["target"] == {"type": "document", "id": gone["id"]}
+    assert len(stub.requests) == 1
+    assert await api.security("access.denied") == []
 
 
 async def test_a_chat_that_waits_too_long_for_a_slot_is_refused_and_recorded(

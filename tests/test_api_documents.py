@@ -100,6 +100,8 @@ async def test_crud_round_trip_with_events(api: Api) -> None:
     assert await resp.read() == b""
     ev = await _last(api, alice)
     assert (ev["action"], ev["outcome"]) == ("document.delete", "success")
+    assert ev["target"] == {"type": "document", "id": doc["id"]}
+    assert ev["details"] == {"version": 3}  # which version went
 
     resp = await c.get(f"/documents/{doc['id']}", headers=alice.headers)
     await expect_error(resp, 404, "not_found")
@@ -144,7 +146,8 @@ async def test_wrong_user_gets_not_found_and_is_recorded(api: Api, op: str) -> N
     events = [e for e in await api.events(bob.session_id) if e["action"] == action]
     denied, missing_ev = events
     assert denied["outcome"] == "denied"
-    assert denied["details"]["reason"] == "not_owner"
+    # Nothing of alice's document (its version, say) in bob's record.
+    assert denied["details"] == {"reason": "not_owner"}
     assert denied["target"] == {"type": "document", "id": doc["id"]}
     assert denied["request_id"] == f"steal-{op}"
     assert missing_ev["outcome"] == "failure"
@@ -154,7 +157,7 @@ async def test_wrong_user_gets_not_found_and_is_recorded(api: Api, op: str) -> N
     assert sec[0]["session_id"] == bob.session_id
     assert sec[0]["actor"]["user"] == "bob"
     assert sec[0]["target"] == {"type": "document", "id": doc["id"]}
-    assert sec[0]["details"]["action"] == action
+    assert sec[0]["details"] == {"action": action, "reason": "not_owner"}
     assert sec[0]["request_id"] == f"steal-{op}"
     # Nothing changed.
     assert api.documents_in_db() == [

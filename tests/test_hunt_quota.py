@@ -132,7 +132,11 @@ async def test_one_users_many_chats_leave_slots_for_the_others(
     def asked(prefix: str) -> int:
         return sum(prefix in json.dumps(r["body"]) for r in stub.requests)
 
-    chats = [chat(alice, adoc, f"alice-{i}") for i in range(server.CHAT_CONCURRENCY + 4)]
+    # Her turns are hers, not a session's: her chats from a second session
+    # count with the first's (a mutation review: keyed by session, they did not).
+    alice2 = await api.login("alice")
+    chats = [chat((alice, alice2)[i % 2], adoc, f"alice-{i}")
+             for i in range(server.CHAT_CONCURRENCY + 4)]
     await wait_for(lambda: asked("alice-") >= server.CHAT_PER_USER,
                    message="alice's first chats at the provider")
     chats.append(chat(bob, bdoc, "bob-0"))
