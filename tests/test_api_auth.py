@@ -365,7 +365,15 @@ async def test_audit_session_header_of_another_session(api: Api) -> None:
         kwargs: dict[str, Any] = {"json": {"action": "client.x"}} if method == "POST" else {}
         resp = await api.client.request(method, path, headers=headers, **kwargs)
         await expect_error(resp, 403, "session_mismatch")
-    events = await api.wait_security("auth.session_mismatch", 3)
+    # A token of her session claiming a role it does not have: the event
+    # names the session's role (a mutation review: the claim's went unseen).
+    claims = _claims(alice.session_id, role="admin")
+    forged = jwt.encode(claims, server.jwt_key(api.config), algorithm="HS256")
+    resp = await api.client.get("/me", headers={"Authorization": f"Bearer {forged}",
+                                                "X-Audit-Session-ID": bob.session_id})
+    await expect_error(resp, 403, "session_mismatch")
+    events = await api.wait_security("auth.session_mismatch", 4)
+    assert len(events) == 4
     for e in events:
         assert e["session_id"] == alice.session_id
         assert e["actor"] == {"user": "alice", "role": "user"}
@@ -373,6 +381,16 @@ async def test_audit_session_header_of_another_session(api: Api) -> None:
     # Nothing was written into either session.
     assert await api.actions(bob.session_id) == ["session.start", "token.issue"]
     assert await api.actions(alice.session_id) == ["session.start", "token.issue"]
+
+
+async def test_the_bearer_scheme_is_case_insensitive(api: Api) -> None:
+    """RFC 9110 11.1: an authentication scheme's name is case-insensitive
+    (a mutation review: no test sent another case)."""
+    alice = await api.user("alice")
+    for scheme in ("bearer", "BEARER"):
+        resp = await api.client.get("/me", headers={"Authorization": f"{scheme} {alice.token}"})
+        assert resp.status == 200, await resp.json()
+    assert await api.security() == []
 
 
 async def test_audit_session_header_matching_is_fine(api: Api) -> None:
@@ -995,12 +1013,24 @@ async def test_a_future_iat_is_taken_only_within_the_skew_of_its_session_start(
     assert ev["details"] == {"reason": "not_yet_valid", "method": "GET", "path": "/documents"}
     assert ev["outcome"] == "denied"
     assert await api.actions(alice.session_id) == ["session.start", "token.issue"]
+    # One of bob's naming alice's open session names no session of his: it
+    # goes on to the session check, as after logout (a mutation review: the
+    # skew was measured against her session's start instead).
+    bobs = {**_claims(alice.session_id, iat=int(time.time()) + 3600,
+                      exp=int(time.time()) + 7200), "sub": "bob"}
+    resp = await api.client.get("/documents", headers={
+        "Authorization": f"Bearer {jwt.encode(bobs, key, algorithm='HS256')}"})
+    await expect_error(resp, 401, "session_ended")
+    (ev,) = await api.wait_security("auth.session_ended")
+    assert (ev["session_id"], ev["actor"]) == (alice.session_id,
+                                               {"user": "bob", "role": "user"})
 
     assert (await api.client.post("/logout", headers=alice.headers)).status == 200
     for iat in (inside, int(time.time()) + 3600):
         resp = await api.client.get("/documents", headers=token(iat))
         await expect_error(resp, 401, "session_ended")
-    ended = await api.wait_security("auth.session_ended", 2)
+    ended = (await api.wait_security("auth.session_ended", 3))[1:]
+    assert len(ended) == 2
     for ev in ended:
         assert ev["session_id"] == alice.session_id
         assert ev["actor"] == {"user": "alice", "role": "user"}
