@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from waiting import LoopTurns, wait_for
 
 import audit.engine as engine_module
 from audit.events import Draft, Source, parse_ts
+from audit.spool import SpoolFull
 from audit.verify import verify_sink
 
 SRC = Source(user="alice", role="user")
@@ -32,6 +34,8 @@ async def stored_part(engines: Any, engine: Any, session_id: str) -> dict[str, A
         (600, 1800, 43200, "token_expired", 600),
         (3600, 1800, 300, "max_duration", 300),
         (1860, 1800, 43200, "token_expired", 1860),  # a tie: the order of old
+        (300, 1800, 300, "token_expired", 300),  # a tie of expiry and max_duration
+        (3600, 240, 300, "max_duration", 300),  # a tie of max_duration and idle
     ],
 )
 async def test_after_downtime_the_first_deadline_ends_the_session(
@@ -218,9 +222,9 @@ async def test_the_reaper_forgets_sessions_that_ended(
     fake_monotonic.advance(1)
     assert await e.reap_once() == 0
     assert a in e._uncut_since  # not yet
-    fake_clock.advance(engine_module.UNCUT_PRUNE_INTERVAL)
-    fake_monotonic.advance(engine_module.UNCUT_PRUNE_INTERVAL)
-    assert await e.reap_once() == 0
+    fake_clock.advance(engine_module.UNCUT_PRUNE_INTERVAL - 1)
+    fake_monotonic.advance(engine_module.UNCUT_PRUNE_INTERVAL - 1)
+    assert await e.reap_once() == 0  # UNCUT_PRUNE_INTERVAL since the first look
     assert set(e._uncut_since) == {b}
 
 
@@ -288,3 +292,68 @@ async def test_the_reaper_lets_the_loop_run_at_its_real_chunk_size(
     done, at_submit = await reap_counting_turns(e, monkeypatch)
     assert done == n
     assert len(at_submit) == n and at_submit[-1] > at_submit[0]
+
+
+async def test_a_failing_before_reap_hook_is_logged_and_the_reaping_goes_on(
+    make_config, engines, fake_clock, caplog
+):
+    """A before_reap hook that raises (the revocation pass on a failing
+    spool) is logged, by its name, with its traceback; the sessions due
+    are sealed all the same."""
+    config = make_config(audit={"idle_timeout_seconds": 60}, flush=FAST)
+    e = await engines.open(config, clock=fake_clock)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    calls: list[int] = []
+
+    async def revoke_pass() -> None:
+        calls.append(1)
+        raise RuntimeError("the revocations cannot be read")
+
+    e.before_reap.append(revoke_pass)
+    fake_clock.advance(60)
+    with caplog.at_level(logging.ERROR, logger="session_audit.engine"):
+        assert await e.reap_once() == 1
+    assert calls == [1]
+    (record,) = [r for r in caplog.records if r.name == "session_audit.engine"]
+    assert record.getMessage() == "reaper: revoke_pass failed"
+    assert record.exc_info is not None and "cannot be read" in str(record.exc_info[1])
+    part = await stored_part(engines, e, s.session_id)
+    assert part["seal_reason"] == "idle_timeout"
+
+
+async def test_a_full_spool_still_takes_the_reapers_seals_and_checkpoints(
+    make_config, engines, fake_clock
+):
+    """A spool at spool_max_bytes (on_spool_full = "reject") refuses new
+    events, not the end of a session: the reaper's seals and time
+    checkpoints, and a logout, are taken (the sessions' events would
+    otherwise wait, and their tokens stay usable, until the sink drains)."""
+    config = make_config(audit={"idle_timeout_seconds": 60, "checkpoint_seconds": 30,
+                                "spool_max_bytes": 200_000}, flush=FAST)
+    e = await engines.open(config, clock=fake_clock)
+    idle = (await e.start_session("alice", "user", SRC, 3600)).session_id
+    busy = (await e.start_session("bob", "user", SRC, 3600)).session_id
+    leaving = (await e.start_session("carol", "user", SRC, 3600)).session_id
+    fake_clock.advance(35)
+    await e.record(leaving, Draft("document.list"))
+    pad = {"pad": "p" * 4000}
+    for _ in range(200):
+        if e.spool.full:
+            break
+        await e.record(busy, Draft("document.list", details=pad))
+    assert e.spool.full
+    with pytest.raises(SpoolFull):
+        await e.record(busy, Draft("document.list"))
+    fake_clock.advance(30)  # alice idle 65 s; bob's and carol's first uncut events 65 s old
+    assert await e.reap_once() == 3
+    assert e.spool.open_session(idle) is None
+    assert e.session(busy) is not None  # a checkpoint: still open
+    assert await e.end_session(leaving, SRC) == 4
+    await engines.drain(e)
+    (ended,) = await e.sink.get_session_parts(idle)
+    assert ended["seal_reason"] == "idle_timeout"
+    cut = await e.sink.get_session_parts(busy)
+    assert [(p["final"], p["seal_reason"]) for p in cut] == [(False, "checkpoint")]
+    left = await e.sink.get_session_parts(leaving)
+    assert [(p["final"], p["seal_reason"]) for p in left] == [
+        (False, "checkpoint"), (True, "logout")]
