@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import asdict
 from typing import Any
 
 import pytest
 
 from audit.events import Draft, Source
+from audit.spool import SpoolUnavailable
 from audit.store import SessionNotOpen
 
 SRC = Source(user="alice", role="user", ip="192.0.2.1", request_id="req-chat")
@@ -57,6 +59,7 @@ async def test_an_action_under_way_at_a_crash_is_recorded_at_the_next_start(
     with caplog.at_level(logging.WARNING, logger="session_audit.engine"):
         e = await engines.open(config)
     assert "recorded as interrupted" in caplog.text
+    assert draft.event_id in caplog.text and s.session_id in caplog.text
     assert await _begun_notes(e) == []
     ev = (await _events(e, s.session_id))[-1]
     assert (ev["event_id"], ev["action"], ev["outcome"]) == (
@@ -120,14 +123,31 @@ async def test_a_damaged_note_is_left_and_said(
 ) -> None:
     config = make_config()
     e = await engines.open(config)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    draft = asdict(_chat())
+    notes = [
+        ("begun:x", "not json"),
+        ("begun:y", json.dumps({"draft": {}})),
+        # A session id that is not a string; details that are not an object.
+        ("begun:z", json.dumps({"session_id": 7, "started": 1.0, "draft": draft})),
+        ("begun:w", json.dumps({"session_id": s.session_id, "started": 1.0,
+                                "draft": {**draft, "details": ["not", "an", "object"]}})),
+    ]
     await e.spool.submit(lambda w: w.conn.executemany(
-        "INSERT INTO meta (key, value) VALUES (?, ?)",
-        [("begun:x", "not json"), ("begun:y", json.dumps({"draft": {}}))]))
+        "INSERT INTO meta (key, value) VALUES (?, ?)", notes))
     await engines.close(e)
     with caplog.at_level(logging.ERROR, logger="session_audit.engine"):
         e = await engines.open(config)
-    assert caplog.text.count("cannot be read") == 2
-    assert len(await _begun_notes(e)) == 2
+    lines = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(lines) == 4
+    for key in ("begun:z", "begun:w"):
+        (line,) = [x for x in lines if repr(key) in x]
+        assert "not a session id and details" in line
+    assert sorted(await _begun_notes(e)) == sorted(notes)
+    assert [ev["action"] for ev in await _events(e, s.session_id)] == [
+        "session.start", "token.issue"]
+    assert await e.spool.read(lambda c: c.execute(
+        "SELECT COUNT(*) FROM security_events").fetchone()[0]) == 0
 
 
 async def test_an_action_cut_off_while_its_note_commits_leaves_no_note(
@@ -150,3 +170,73 @@ async def test_an_action_cut_off_while_its_note_commits_leaves_no_note(
     await engines.close(e)
     e = await engines.open(config)
     assert "ai.interaction" not in [ev["action"] for ev in await _events(e, s.session_id)]
+
+
+async def test_an_interrupted_action_of_a_session_past_its_deadline_meanwhile_ends_it_first(
+    make_config, engines, fake_clock
+) -> None:
+    """A crash while a chat was under way, and the server down past the
+    session's idle deadline: at the next start the session ends at that
+    deadline, idle_timeout, as the reaper would have ended it (the late
+    record must not take an idle session, and its token, back to life);
+    the interrupted chat goes to the security stream. A full spool takes
+    both: they are the record of what has happened."""
+    config = make_config(audit={"idle_timeout_seconds": 60, "spool_max_bytes": 200_000})
+    e = await engines.open(config, clock=fake_clock)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    draft = _chat()
+    await e.begin(s.session_id, draft)
+    pad = {"pad": "p" * 4000}
+    for _ in range(200):
+        if e.spool.full:
+            break
+        await e.record(s.session_id, Draft("document.list", details=pad))
+    assert e.spool.full
+    await engines.abandon(e)  # killed while the provider had the document
+    fake_clock.advance(3600)
+    e = await engines.open(config, clock=fake_clock)
+    assert e.spool.full
+    assert await _begun_notes(e) == []
+    assert e.spool.open_session(s.session_id) is None
+    events = await _events(e, s.session_id)
+    end = events[-1]
+    assert (end["action"], end["details"]) == ("session.end", {"reason": "idle_timeout"})
+    assert draft.event_id not in [ev["event_id"] for ev in events]
+    rows = await e.spool.read(lambda c: c.execute(
+        "SELECT json FROM security_events ORDER BY id").fetchall())
+    (ev,) = [json.loads(j) for (j,) in rows]
+    assert (ev["action"], ev["session_id"]) == ("auth.session_ended", s.session_id)
+    assert ev["details"]["action"] == "ai.interaction"
+    assert ev["details"]["action_details"]["reason"] == "interrupted"
+
+
+async def test_an_interrupted_action_the_spool_cannot_take_waits_for_the_next_start(
+    make_config, engines, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config()
+    e = await engines.open(config)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    draft = _chat()
+    draft.details["pad"] = "p" * 50_000  # (its event needs pages of its own)
+    key = await e.begin(s.session_id, draft)
+    spool = e.spool
+    pages = await spool.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await spool.submit(lambda w: w.conn.execute(f"PRAGMA max_page_count = {pages}"),
+                       needs_space=False)  # a disk with no page left
+    for size in (50_000, 5_000, 500):  # what free pages it had are taken
+        with pytest.raises(SpoolUnavailable):
+            for _ in range(100):
+                await e.record(s.session_id, Draft("document.list", details={"p": "p" * size}))
+    with caplog.at_level(logging.ERROR, logger="session_audit.engine"):
+        await e.record_interrupted()
+    (line,) = [r.getMessage() for r in caplog.records if "cannot be recorded yet" in r.getMessage()]
+    assert f"the interrupted ai.interaction (event {draft.event_id})" in line
+    assert "could not commit" in line
+    assert [k for k, _ in await _begun_notes(e)] == [key]
+    await spool.submit(lambda w: w.conn.execute("PRAGMA max_page_count = 1073741823"),
+                       needs_space=False)
+    await e.record_interrupted()
+    assert await _begun_notes(e) == []
+    ev = (await _events(e, s.session_id))[-1]
+    assert (ev["event_id"], ev["outcome"], ev["details"]["reason"]) == (
+        draft.event_id, "failure", "interrupted")
