@@ -357,3 +357,29 @@ async def test_a_full_spool_still_takes_the_reapers_seals_and_checkpoints(
     left = await e.sink.get_session_parts(leaving)
     assert [(p["final"], p["seal_reason"]) for p in left] == [
         (False, "checkpoint"), (True, "logout")]
+
+
+async def test_a_request_that_records_nothing_still_keeps_its_session_from_idling(
+    make_config, engines, fake_clock
+):
+    """touch (every authenticated request) is activity: the idle deadline
+    moves to idle_timeout_seconds after it; a wall clock stepped back does
+    not move it earlier; an unknown session is ignored."""
+    config = make_config(audit={"idle_timeout_seconds": 60}, flush=FAST)
+    e = await engines.open(config, clock=fake_clock)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    fake_clock.advance(50)
+    e.touch(s.session_id)
+    e.touch("no-such-session")
+    fake_clock.now -= 30  # NTP steps the wall clock back
+    e.touch(s.session_id)
+    fake_clock.now += 30
+    fake_clock.advance(59)
+    assert await e.reap_once() == 0
+    assert e.session(s.session_id) is not None
+    fake_clock.advance(1)  # 60 s after the last request
+    assert e.session(s.session_id) is None
+    assert await e.reap_once() == 1
+    part = await stored_part(engines, e, s.session_id)
+    assert part["seal_reason"] == "idle_timeout"
+    assert part["session_duration_seconds"] == pytest.approx(110, abs=0.002)
