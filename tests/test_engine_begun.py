@@ -91,7 +91,10 @@ async def test_an_interrupted_action_of_a_session_ended_since_goes_to_the_securi
         "SELECT json FROM security_events ORDER BY id").fetchall())
     (ev,) = [json.loads(j) for (j,) in rows]
     assert (ev["action"], ev["session_id"]) == ("auth.session_ended", s.session_id)
+    assert (ev["outcome"], ev["target"]) == ("failure", {"type": "document", "id": "d1"})
+    assert ev["details"]["reason"] == "session_ended_during_action"
     assert ev["details"]["action"] == "ai.interaction"
+    assert ev["details"]["action_outcome"] == "failure"
     assert ev["details"]["action_details"]["reason"] == "interrupted"
     # And a chat ending normally after its session did: the same, and raised.
     s2 = await e.start_session("alice", "user", SRC, 3600)

@@ -383,3 +383,23 @@ async def test_a_request_that_records_nothing_still_keeps_its_session_from_idlin
     part = await stored_part(engines, e, s.session_id)
     assert part["seal_reason"] == "idle_timeout"
     assert part["session_duration_seconds"] == pytest.approx(110, abs=0.002)
+
+
+async def test_a_logout_that_commits_before_the_reapers_seal_wins_the_race(
+    make_config, engines, fake_clock
+):
+    """A logout queued just before a reaper pass seals the same idle
+    session first: the reaper's seal of it fails (SessionNotOpen) without
+    failing the pass, and the other sessions due are still sealed."""
+    config = make_config(audit={"idle_timeout_seconds": 60}, flush=FAST)
+    e = await engines.open(config, clock=fake_clock)
+    a = (await e.start_session("alice", "user", SRC, 3600)).session_id
+    b = (await e.start_session("bob", "user", SRC, 3600)).session_id
+    fake_clock.advance(61)
+    end = Draft("session.end", source=SRC, details={"reason": "logout"})
+    logout = e.spool.submit_nowait(lambda w: w.seal(a, "logout", end), needs_space=False)
+    assert await e.reap_once() == 1  # bob's; alice's was sealed meanwhile
+    await logout
+    assert e.spool.open_sessions() == []
+    assert (await stored_part(engines, e, a))["seal_reason"] == "logout"
+    assert (await stored_part(engines, e, b))["seal_reason"] == "idle_timeout"
