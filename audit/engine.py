@@ -612,13 +612,11 @@ class AuditEngine:
         n: int = await asyncio.shield(fut)
         return n
 
-    async def end_session(
-        self, session_id: str, source: Source, reason: str = "logout", *, cause: str | None = None
-    ) -> int:
+    async def end_session(self, session_id: str, source: Source, reason: str = "logout") -> int:
         """Record ``session.end`` and seal; returns the session's event count.
-        ``cause`` (in ``details``) says why a session was ended for its user."""
-        details = {"reason": reason} if cause is None else {"reason": reason, "cause": cause}
-        end = Draft("session.end", source=source, details=details)
+        (Sessions revoked by the command line get their ``cause`` from
+        ``Accounts.end_revoked_sessions``' own ``session.end``.)"""
+        end = Draft("session.end", source=source, details={"reason": reason})
         s: OpenSession = await self.spool.submit(
             lambda w: w.seal(session_id, reason, end), needs_space=False
         )
