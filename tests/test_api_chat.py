@@ -452,6 +452,17 @@ async def _held_chat(api: Api, stub: OpenAIStub, who: Any, doc_id: str,
     return chat
 
 
+async def _queued_chat(api: Api, who: Any, doc_id: str) -> asyncio.Future[Any]:
+    """Start a chat and return once it waits for the one slot (CHAT_CONCURRENCY
+    1, the slot held by a :func:`_held_chat`)."""
+    chat = asyncio.ensure_future(api.client.post(
+        f"/documents/{doc_id}/chat", json={"message": "b?"}, headers=who.headers))
+    slots = api.app[CHAT_SLOTS]
+    await wait_for(lambda: len(getattr(slots, "_waiters", None) or ()) == 1,
+                   message="the second chat waiting for the slot")
+    return chat
+
+
 def _openai(stub: OpenAIStub) -> dict[str, Any]:
     return {"provider": "openai", "openai": {
         "base_url": stub.base_url, "model": "stub-model-1",
@@ -566,11 +577,7 @@ async def test_a_chat_queued_past_its_session_sends_nothing(
     adoc = await api.create_doc(alice, title="A", content=DOC)
     bdoc = await api.create_doc(bob, title="B", content="Bob secret plans.")
     first = await _held_chat(api, stub, alice, adoc["id"], "a?")
-    queued = asyncio.ensure_future(api.client.post(
-        f"/documents/{bdoc['id']}/chat", json={"message": "b?"}, headers=bob.headers))
-    slots = api.app[CHAT_SLOTS]
-    await wait_for(lambda: len(getattr(slots, "_waiters", None) or ()) == 1,
-                   message="bob's chat waiting for the slot")
+    queued = await _queued_chat(api, bob, bdoc["id"])
     assert (await api.client.post("/logout", headers=bob.headers)).status == 200
     stub.gate.set()
     assert (await first).status == 200
@@ -597,11 +604,7 @@ async def test_a_document_deleted_while_its_chat_waits_is_not_found(
     adoc = await api.create_doc(alice, title="A", content=DOC)
     gone = await api.create_doc(alice, title="Gone", content="Soon deleted plans.")
     first = await _held_chat(api, stub, alice, adoc["id"], "a?")
-    queued = asyncio.ensure_future(api.client.post(
-        f"/documents/{gone['id']}/chat", json={"message": "b?"}, headers=alice.headers))
-    slots = api.app[CHAT_SLOTS]
-    await wait_for(lambda: len(getattr(slots, "_waiters", None) or ()) == 1,
-                   message="the second chat waiting for the slot")
+    queued = await _queued_chat(api, alice, gone["id"])
     resp = await api.client.delete(f"/documents/{gone['id']}", headers=alice.headers)
     assert resp.status == 204
     stub.gate.set()
