@@ -22,7 +22,15 @@ from api_fixtures import USER_PASSWORD, Api, Login, MakeApi, api, expect_error, 
 import server
 from audit.spool import connect
 from audit.store import Writer
-from handlers.auth import Accounts, LastAdmin, change_user_sync, hash_password
+from handlers.auth import (
+    Accounts,
+    LastAdmin,
+    UserExists,
+    add_user_sync,
+    change_user_sync,
+    check_password,
+    hash_password,
+)
 from handlers.keys import ACCOUNTS
 
 __all__ = ["api", "make_api"]
@@ -196,6 +204,30 @@ async def test_the_last_enabled_admin_cannot_be_disabled(api: Api) -> None:
         cli_change(api, "root2", disabled=True)
     assert cli_change(api, "root2", password_hash=hash_password("a-new-password-1", 4))
     assert not cli_change(api, "nobody", disabled=True)
+
+
+async def test_adduser_refuses_a_name_alike_in_case_and_changes_nothing(api: Api) -> None:
+    """What ``server.py adduser`` does: ``Carol`` beside ``carol`` is refused
+    naming the existing user, the transaction is rolled back (the connection
+    is usable and nothing was added), and a new name is added with its role
+    and a hash of its password."""
+    conn = connect(api.config.spool_path, "normal")
+    try:
+        add_user_sync(conn, "carol", "a-password-1", "admin", 4)
+        for alike in ("Carol", "carol"):
+            with pytest.raises(UserExists) as refused:
+                add_user_sync(conn, alike, "a-password-2", "user", 4)
+            assert refused.value.existing == "carol"
+            assert not conn.in_transaction
+        add_user_sync(conn, "dave", "a-password-3", "user", 4)
+        rows = conn.execute("SELECT username, role, password_hash FROM users"
+                            " WHERE lower(username) IN ('carol', 'dave') ORDER BY username"
+                            ).fetchall()
+    finally:
+        conn.close()
+    assert [(name, role) for name, role, _ in rows] == [("carol", "admin"), ("dave", "user")]
+    assert check_password("a-password-1", rows[0][2])
+    assert check_password("a-password-3", rows[1][2])
 
 
 async def test_a_change_made_while_the_server_was_down_applies_at_start(
