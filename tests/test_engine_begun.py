@@ -24,6 +24,15 @@ def _chat() -> Draft:
                  details={"model": "m", "prompt": {"sha256": "ab", "length": 2}})
 
 
+async def _chat_begun(e: Any, draft: Draft | None = None) -> tuple[Any, Draft, str]:
+    """alice's session, and a chat begun in it (the provider has it): the
+    session, the chat's draft and its note's key."""
+    s = await e.start_session("alice", "user", SRC, 3600)
+    draft = draft or _chat()
+    key: str = await e.begin(s.session_id, draft)
+    return s, draft, key
+
+
 async def _begun_notes(e: Any) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = await e.spool.read(lambda c: c.execute(
         "SELECT key, value FROM meta WHERE key LIKE 'begun:%'").fetchall())
@@ -38,9 +47,7 @@ async def _events(e: Any, session_id: str) -> list[dict[str, Any]]:
 
 async def test_an_action_done_deletes_its_note_with_its_event(make_config, engines) -> None:
     e = await engines.open(make_config())
-    s = await e.start_session("alice", "user", SRC, 3600)
-    draft = _chat()
-    key = await e.begin(s.session_id, draft)
+    s, draft, key = await _chat_begun(e)
     assert [k for k, _ in await _begun_notes(e)] == [key]
     await e.record_done(s.session_id, draft, key)
     assert await _begun_notes(e) == []
@@ -52,9 +59,7 @@ async def test_an_action_under_way_at_a_crash_is_recorded_at_the_next_start(
 ) -> None:
     config = make_config()
     e = await engines.open(config)
-    s = await e.start_session("alice", "user", SRC, 3600)
-    draft = _chat()
-    await e.begin(s.session_id, draft)
+    s, draft, _ = await _chat_begun(e)
     await engines.abandon(e)  # killed while the provider had the document
     with caplog.at_level(logging.WARNING, logger="session_audit.engine"):
         e = await engines.open(config)
@@ -80,9 +85,7 @@ async def test_an_interrupted_action_of_a_session_ended_since_goes_to_the_securi
 ) -> None:
     config = make_config()
     e = await engines.open(config)
-    s = await e.start_session("alice", "user", SRC, 3600)
-    draft = _chat()
-    await e.begin(s.session_id, draft)
+    s, _, _ = await _chat_begun(e)
     await e.end_session(s.session_id, SRC)  # a logout while the provider had it
     await engines.abandon(e)
     e = await engines.open(config)
@@ -186,9 +189,7 @@ async def test_an_interrupted_action_of_a_session_past_its_deadline_meanwhile_en
     both: they are the record of what has happened."""
     config = make_config(audit={"idle_timeout_seconds": 60, "spool_max_bytes": 200_000})
     e = await engines.open(config, clock=fake_clock)
-    s = await e.start_session("alice", "user", SRC, 3600)
-    draft = _chat()
-    await e.begin(s.session_id, draft)
+    s, draft, _ = await _chat_begun(e)
     pad = {"pad": "p" * 4000}
     for _ in range(200):
         if e.spool.full:
@@ -218,10 +219,9 @@ async def test_an_interrupted_action_the_spool_cannot_take_waits_for_the_next_st
 ) -> None:
     config = make_config()
     e = await engines.open(config)
-    s = await e.start_session("alice", "user", SRC, 3600)
     draft = _chat()
     draft.details["pad"] = "p" * 50_000  # (its event needs pages of its own)
-    key = await e.begin(s.session_id, draft)
+    s, draft, key = await _chat_begun(e, draft)
     spool = e.spool
     pages = await spool.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
     await spool.submit(lambda w: w.conn.execute(f"PRAGMA max_page_count = {pages}"),
