@@ -77,12 +77,12 @@ def check_session(key: bytes, session_id: str, parts: list[dict[str, Any]]) -> l
     for p in sorted(parts, key=lambda p: _number(p.get("part"))):
         n = p.get("part")
         if type(n) is not int or n < 0:
-            add("bad_part", f"a part numbered {n!r} ({_doc_id(p)})")
+            add("bad_part", f"a part numbered {_short(n)} ({_doc_id(p)})")
             continue
         if p.get("session_id") != session_id:
-            add("bad_part", f"part {n} ({_doc_id(p)}) names session {p.get('session_id')!r}")
+            add("bad_part", f"part {n} ({_doc_id(p)}) names session {_short(p.get('session_id'))}")
         if p.get("_id") != f"{session_id}:{n}":
-            add("bad_part", f"part {n} is stored under _id {p.get('_id')!r}")
+            add("bad_part", f"part {n} is stored under _id {_short(p.get('_id'))}")
         if n in by_number:
             add("changed", f"part {n} is stored twice ({_doc_id(by_number[n])},"
                 f" {_doc_id(p)}): the first is the one checked")
@@ -206,7 +206,7 @@ def _number(value: Any) -> int:
 
 
 def _doc_id(part: dict[str, Any]) -> str:
-    return repr(part.get("_id"))
+    return _short(part.get("_id"))
 
 
 def _seconds(value: Any) -> float | None:
@@ -217,7 +217,8 @@ def _seconds(value: Any) -> float | None:
 
 
 def _short(value: Any) -> str:
-    """A stored value as a finding quotes it: ``repr``, cut at 60 characters."""
+    """A stored value as every finding quotes it: ``repr``, cut at 60
+    characters (a tampered field may hold a megabyte)."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -240,7 +241,7 @@ def _part_fields(
     if start_ev.get("action") == "session.start":
         user = _obj(start_ev.get("actor")).get("user")
         if part.get("user") != user:
-            out.append(f"user {part.get('user')!r} is not the session's ({user!r})")
+            out.append(f"user {_short(part.get('user'))} is not the session's ({_short(user)})")
         a, b = _seconds(part.get("session_start_time")), _seconds(start_ev.get("ts"))
         if a is None or b is None or abs(a - b) > TIME_SLACK_SECONDS:
             out.append("session_start_time is not the time of session.start")
@@ -264,7 +265,7 @@ def _part_fields(
         return out
     if not (isinstance(reason, str) and reason in FINAL_REASONS
             and reason == _obj(last.get("details")).get("reason")):
-        out.append(f"seal_reason {reason!r} is not session.end's")
+        out.append(f"seal_reason {_short(reason)} is not session.end's")
     end, ended = _seconds(end_time), _seconds(last.get("ts"))
     if end is None or ended is None or abs(end - ended) > TIME_SLACK_SECONDS:
         out.append("session_end_time is not the time of session.end")
@@ -632,7 +633,8 @@ async def check_security_stream(
             if ev["hash"] and ev.get("_id") != ev.get("event_id"):  # outside the hash
                 report.problems.append(Problem(
                     SECURITY_STREAM, "security_chain",
-                    f"event {ev.get('event_id')!r} is stored under _id {ev.get('_id')!r}"))
+                    f"event {_short(ev.get('event_id'))} is stored under _id"
+                    f" {_short(ev.get('_id'))}"))
             body = _security_body(ev)
             chain = find(ev, body)
             new_chain = chain is None and continues(start, body, ev)

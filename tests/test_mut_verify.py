@@ -274,3 +274,17 @@ async def test_a_part_the_sink_cannot_hand_out_is_that_sessions_finding(tmp_path
     odd[1]["events"][1] = "not an event"
     assert await _verified(tmp_path, odd, None) == [
         (SID, "bad_part", "the session's parts cannot be checked (SinkUnreadable)")]
+
+
+def test_every_stored_value_a_finding_quotes_is_cut():
+    """A tampered field may hold a megabyte: each finding quotes at most 60
+    characters of it, whichever field it is."""
+    big = "x" * 100_000
+    parts = _session()
+    parts[0]["part"] = big
+    parts[1]["session_id"] = big
+    quoted = "'" + "x" * 56 + "..."
+    found = _findings(parts)
+    assert found[0] == ("bad_part", f"a part numbered {quoted} ({SID + ':0'!r})")
+    assert ("bad_part", f"part 1 ({SID + ':1'!r}) names session {quoted}") in found
+    assert all(len(d) < 300 for _, d in found), found
