@@ -1,0 +1,235 @@
+"""The command line's exit codes, output and effect on the data, as API.md and
+README's "Operations" say, found unpinned by a mutation review of server.py
+(hand mutants: the commands are ``main``'s branches, run here through
+``server.main`` on real files, with a real HTTP receiver on loopback).
+
+- ``drain`` exits 1 with dead letters (README: "Exit 0 when all is written,
+  1 with dead letters"), and ``retry-dead`` makes them pending again, saying
+  how many; a drain once the receiver takes them exits 0.
+- ``verify`` exits 1 (not 2: "the sink could not be read") for a changed
+  event, and names the session on stdout.
+- The user commands and ``status`` pointed at a data directory with no
+  spool say so and make nothing; ``passwd`` of another user leaves the
+  first admin's password file alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import server
+from audit.config import parse_config
+from audit.engine import AuditEngine
+from audit.events import Draft, Source
+from sinks.sqlite import SqliteSink
+
+AUDIT_KEY = "cli-audit-key-0123456789abcdef-0123"
+
+
+@pytest.fixture(autouse=True)
+def _cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = logging.getLogger()  # server.main sets up logging: put it back after
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setenv("SESSION_AUDIT_AUDIT_KEY", AUDIT_KEY)
+    monkeypatch.setenv("SESSION_AUDIT_LOG_LEVEL", "warning")
+    monkeypatch.delenv("SESSION_AUDIT_HTTP_TOKEN", raising=False)
+    monkeypatch.delenv("SESSION_AUDIT_CONFIG", raising=False)
+
+
+def _config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n[auth]\nbcrypt_rounds = 4\n'
+                    + extra, encoding="utf-8")
+    return path
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``server.py ARGV`` in this process: its exit code, stdout and stderr."""
+    capsys.readouterr()
+    code = server.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class _Receiver:
+    """An http sink's receiver on loopback: answers every POST with ``status``."""
+
+    def __init__(self) -> None:
+        self.status = 400
+        self.bodies: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if outer.status == 200:
+                    outer.bodies.append(json.loads(body))
+                payload = b'{"error": "refused"}' if outer.status != 200 else b"{}"
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def receiver() -> Iterator[_Receiver]:
+    r = _Receiver()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _engine(config_path: Path, tmp_path: Path, sink: Any = None) -> AuditEngine:
+    import tomllib
+
+    config = parse_config(tomllib.loads(config_path.read_text()), base_dir=str(tmp_path))
+    return AuditEngine(config, sink if sink is not None else SqliteSink(config.sqlite_sink_path),
+                       AUDIT_KEY.encode())
+
+
+def _status(capsys: pytest.CaptureFixture[str], config: Path) -> dict[str, Any]:
+    code, out, err = _run(capsys, "status", "--config", str(config))
+    assert code == 0, err
+    return dict(json.loads(out))
+
+
+def test_drain_exits_1_with_dead_letters_and_retry_dead_makes_them_pending(
+        tmp_path: Path, receiver: _Receiver, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path, f'[sink]\ntype = "http"\n[sink.http]\nurl = "{receiver.url}"\n'
+                               '[flush]\nmax_writes_per_second = 1000.0\nburst = 100\n')
+
+    async def a_failed_login() -> None:
+        engine = _engine(config, tmp_path)
+        await engine.open(background=False)
+        try:
+            await engine.record_security(Draft("auth.login_failed", outcome="denied",
+                                               source=Source(user="mallory")))
+        finally:
+            await engine.close(flush_window=0)
+
+    asyncio.run(a_failed_login())
+    assert _status(capsys, config)["pending_security_events"] == 1
+
+    # The receiver refuses it for good (400): a dead letter, and drain says so.
+    code, out, err = _run(capsys, "drain", "--config", str(config))
+    assert (code, out) == (1, "drained; 1 dead-lettered, 0 sessions still open\n"), err
+    status = _status(capsys, config)
+    assert (status["pending_security_events"], status["dead_letter"]) == (0, 1)
+
+    code, out, err = _run(capsys, "retry-dead", "--config", str(config))
+    assert (code, out) == (0, "1 dead-lettered items are pending again\n"), err
+    status = _status(capsys, config)
+    assert (status["pending_security_events"], status["dead_letter"]) == (1, 0)
+
+    receiver.status = 200  # its cause fixed
+    code, out, err = _run(capsys, "drain", "--config", str(config))
+    assert (code, out) == (0, "drained; 0 dead-lettered, 0 sessions still open\n"), err
+    assert "1/1 written" in err  # the progress bar, on stderr
+    assert [e["action"] for b in receiver.bodies for e in b["events"]] == ["auth.login_failed"]
+    status = _status(capsys, config)
+    assert (status["pending_security_events"], status["dead_letter"]) == (0, 0)
+
+    code, out, err = _run(capsys, "retry-dead", "--config", str(config))
+    assert (code, out) == (0, "0 dead-lettered items are pending again\n"), err
+
+
+def test_verify_exits_1_for_a_changed_event_and_names_its_session(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path)
+
+    async def a_stored_session() -> str:
+        engine = _engine(config, tmp_path)
+        await engine.open(background=False)
+        try:
+            src = Source(user="alice", role="user")
+            s = await engine.start_session("alice", "user", src, 3600)
+            await engine.record(s.session_id, Draft("document.list"))
+            await engine.end_session(s.session_id, src)
+            await engine.flusher.drain()
+        finally:
+            await engine.close(flush_window=0)
+        return str(s.session_id)
+
+    sid = asyncio.run(a_stored_session())
+    code, out, err = _run(capsys, "verify", "--config", str(config))
+    assert code == 0, out + err
+    assert out.endswith(": OK\n") and "verified 1 sessions, 1 parts" in out, out
+
+    sink = tmp_path / "data" / "audit.db"
+    with sqlite3.connect(sink) as conn:
+        (doc,) = conn.execute("SELECT doc FROM parts").fetchone()
+        part = json.loads(doc)
+        part["events"][-2]["outcome"] = "failure"
+        conn.execute("UPDATE parts SET doc = ?", (json.dumps(part),))
+    conn.close()
+    code, out, err = _run(capsys, "verify", "--config", str(config))
+    assert code == 1, out + err  # problems found; 2 is "the sink could not be read"
+    assert out.startswith(f"{sid}: ") and out.rstrip().endswith("problem"), out
+
+
+@pytest.mark.parametrize("argv", [("users",), ("passwd", "alice", "--password-stdin"),
+                                  ("disable", "alice"), ("enable", "alice")])
+def test_user_commands_without_a_spool_say_so_and_make_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        argv: tuple[str, ...]) -> None:
+    """Pointed at the wrong --config: one line, exit 1, and no data directory
+    (nor spool) made where the server has none."""
+    config = _config(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-new-password-1\n"))
+    code, out, err = _run(capsys, argv[0], "--config", str(config), *argv[1:])
+    assert (code, out) == (1, ""), err
+    assert err == f"{argv[0]}: no spool at {tmp_path / 'data' / 'spool.db'}\n"
+    assert not (tmp_path / "data").exists()
+
+
+def test_status_without_a_spool_says_absent_and_makes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path)
+    code, out, _ = _run(capsys, "status", "--config", str(config))
+    assert code == 1
+    assert json.loads(out) == {"spool": "absent", "path": str(tmp_path / "data" / "spool.db")}
+    assert not (tmp_path / "data").exists()
+
+
+def test_passwd_of_another_user_leaves_the_first_admin_s_password_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-password-1\n"))
+    code, out, err = _run(capsys, "adduser", "alice", "--password-stdin", "--config", str(config))
+    assert (code, out) == (0, "added user alice\n"), err
+    initial = tmp_path / "data" / "initial_admin_password"
+    initial.write_text("the-generated-one\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-new-password-2\n"))
+    code, out, err = _run(capsys, "passwd", "alice", "--password-stdin", "--config", str(config))
+    assert code == 0, err
+    assert out.startswith("changed the password of alice;") and "removed" not in out
+    assert initial.read_text() == "the-generated-one\n"  # still the admin's
+
