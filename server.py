@@ -1409,6 +1409,16 @@ async def _drain(config: Config, timeout: float | None = None) -> int:  # noqa: 
                         f" the spool), {status['dead_letter']} dead-lettered; the sink:"
                         f" {error}"), file=sys.stderr)
         return 1
+    if left and status.get("spool_damaged"):
+        # The flusher stops when it finds nothing it can send: with some
+        # pending, what it cannot read (a damaged page of the spool's
+        # security events). "drained", exit 0, told a script that all was in
+        # the sink and the spool could go. (Pending without damage: a server
+        # beside this drain recorded more since; drained as before.)
+        print(printable(f"drain: stopped with {left} still pending (kept in the spool),"
+                        f" {status['dead_letter']} dead-lettered: {status['spool_damaged']}"),
+              file=sys.stderr)
+        return 1
     print(f"drained; {status['dead_letter']} dead-lettered, "
           f"{status['active_sessions']} sessions still open")
     return 0 if status["dead_letter"] == 0 else 1
@@ -1544,7 +1554,8 @@ def main(argv: list[str] | None = None) -> int:
     drain = sub.add_parser(
         "drain", parents=[common], help="flush everything pending, then exit",
         description="Flush everything pending to the sink, then exit: 0 when all is"
-        " written, 1 with dead letters or at --timeout (what is left stays pending),"
+        " written, 1 with dead letters, at --timeout or when a damaged spool keeps some"
+        " from being read (what is left stays pending),"
         " 130 on Ctrl-C, 143 on SIGTERM (each after closing the sink and the spool).")
     drain.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS", default=None,
                        help="give up after this long (default: wait as long as it takes)")

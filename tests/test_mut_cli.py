@@ -11,6 +11,8 @@ README's "Operations" say, found unpinned by a mutation review of server.py
 - The user commands and ``status`` pointed at a data directory with no
   spool say so and make nothing; ``passwd`` of another user leaves the
   first admin's password file alone.
+- ``drain`` that leaves what a damaged spool page keeps it from reading
+  does not say ``drained`` (it did, exit 0).
 """
 
 from __future__ import annotations
@@ -233,3 +235,45 @@ def test_passwd_of_another_user_leaves_the_first_admin_s_password_file(
     assert out.startswith("changed the password of alice;") and "removed" not in out
     assert initial.read_text() == "the-generated-one\n"  # still the admin's
 
+
+def test_drain_that_leaves_what_it_cannot_read_pending_does_not_say_drained(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A page of the spool's security events damaged (a bad sector) past the
+    first batch: drain sent what it could read, then the flusher found
+    nothing it could send and drain said ``drained; 0 dead-lettered`` and
+    exited 0 with the rest still pending: a script that drains before
+    decommissioning a machine (README) took the spool for empty. It says how
+    many are left and why, and exits 1."""
+    config = _config(tmp_path, '[flush]\nmax_writes_per_second = 1000.0\nburst = 100\n')
+
+    async def failed_logins() -> None:
+        engine = _engine(config, tmp_path)
+        await engine.open(background=False)
+        try:
+            for i in range(200):
+                await engine.record_security(Draft(
+                    "auth.login_failed", outcome="denied",
+                    source=Source(user=f"u{i}", user_agent="x" * 200)))
+        finally:
+            await engine.close(flush_window=0)
+
+    asyncio.run(failed_logins())
+    spool = tmp_path / "data" / "spool.db"
+    conn = sqlite3.connect(spool, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (last_leaf,) = conn.execute("SELECT MAX(pageno) FROM dbstat WHERE name ="
+                                    " 'security_events' AND pagetype = 'leaf'").fetchone()
+    finally:
+        conn.close()
+    with open(spool, "r+b") as f:  # the newest events' page zeroed
+        f.seek((last_leaf - 1) * size)
+        f.write(bytes(size))
+
+    code, out, err = _run(capsys, "drain", "--config", str(config))
+    left = _status(capsys, config)["pending_security_events"]
+    assert 0 < left < 200
+    assert (code, out) == (1, ""), err
+    assert f"drain: stopped with {left} still pending (kept in the spool)" in err
+    assert "is damaged: database disk image is malformed" in err
