@@ -387,13 +387,27 @@ async def _first_sink_attempt(engine: AuditEngine, wait: float = SINK_OPEN_WAIT)
         await asyncio.sleep(0.01)
 
 
+def saved_sink_status(row: tuple[Any, ...] | None) -> dict[str, Any] | None:
+    """The sink's state a server last saved in the spool's ``meta`` (for
+    ``status``), or None: none saved, or a row the spool holds damaged (not
+    JSON, not an object). Only a display: such a row stopped every start
+    and ``status`` with a traceback (the flusher reads its own rows so)."""
+    if row is None:
+        return None
+    try:
+        saved = json.loads(row[0])
+    except (TypeError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 async def _sink_switched(engine: AuditEngine) -> None:
     """Warn when the spool was last flushed to another sink type."""
     row = await engine.spool.read(
         lambda c: c.execute("SELECT value FROM meta WHERE key = 'sink_status'").fetchone())
-    if row is None:
+    saved = saved_sink_status(row)
+    if saved is None:
         return
-    saved = json.loads(row[0])
     where = engine.sink_where()
     if (saved.get("type"), saved.get("where", where)) != (engine.sink.type, where):
         log.warning("the sink changed from %s (%s) to %s (%s): parts already stored stay in"
@@ -1284,7 +1298,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         conn.close()
     # The state a server last saved (with its saved_at): of the configured
     # sink only if the server used that one; after a switch, apart.
-    saved = json.loads(row[0]) if row else None
+    saved = saved_sink_status(row)
     where = sink_where(config)
     if saved is not None and (saved.get("type"), saved.get("where", where)) \
             == (config.sink.type, where):

@@ -13,6 +13,8 @@ README's "Operations" say, found unpinned by a mutation review of server.py
   first admin's password file alone.
 - ``drain`` that leaves what a damaged spool page keeps it from reading
   does not say ``drained`` (it did, exit 0).
+- A damaged ``sink_status`` row in the spool (what ``status`` shows) stops
+  neither ``serve`` nor ``status`` (each ended in a traceback).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from api_fixtures import MakeApi, make_api  # noqa: F401
 
 import server
 from audit.config import parse_config
@@ -277,3 +280,31 @@ def test_drain_that_leaves_what_it_cannot_read_pending_does_not_say_drained(
     assert (code, out) == (1, ""), err
     assert f"drain: stopped with {left} still pending (kept in the spool)" in err
     assert "is damaged: database disk image is malformed" in err
+
+
+@pytest.mark.parametrize("damaged", ['{"type": "sqlite", "whe', "[1, 2]"])
+async def test_a_damaged_saved_sink_state_stops_neither_serve_nor_status(
+        make_api: MakeApi, capsys: pytest.CaptureFixture[str],  # noqa: F811
+        damaged: str) -> None:
+    """The sink's state a server saves in the spool for ``status`` (meta
+    ``sink_status``), its text damaged (a flipped byte, cut short): every
+    start failed with a JSONDecodeError (or AttributeError) traceback, exit
+    1, and so did ``status``. Only a display: the server starts, status
+    shows the configured sink, and the next save replaces the row."""
+    api = await make_api()
+    config = api.config
+    await api.client.close()
+    with sqlite3.connect(config.spool_path) as conn:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('sink_status', ?) ON CONFLICT (key)"
+                     " DO UPDATE SET value = excluded.value", (damaged,))
+    conn.close()
+
+    path = config.data_dir.parent / "config.toml"
+    path.write_text(f'[server]\ndata_dir = "{config.data_dir}"\n', encoding="utf-8")
+    code, out, err = _run(capsys, "status", "--config", str(path))
+    assert code == 0, err
+    assert json.loads(out)["sink"] == {"type": "sqlite", "where": str(config.sqlite_sink_path)}
+
+    restarted = await make_api(server={"data_dir": str(config.data_dir)})
+    resp = await restarted.client.get("/healthz")
+    assert resp.status == 200
