@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -84,6 +85,38 @@ async def test_a_stalled_body_is_refused_recorded_and_its_connection_closed(
     # The server still answers, and the document is as it was.
     resp = await api.client.get(f"/documents/{doc['id']}", headers=alice.headers)
     assert resp.status == 200 and (await resp.json())["version"] == 1
+
+
+async def test_a_body_trickled_a_byte_at_a_time_is_refused_while_it_trickles(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte now and then (far below MIN_BYTES_PER_SECOND) buys almost no
+    time: the time since the last byte counts against the deadline. Had each
+    byte reset it, a client sending one every 50 ms would hold its connection
+    for as long as it liked; here it is refused long before its 200 bytes
+    (10 s of trickle) are out."""
+    monkeypatch.setattr(requests, "BODY_SECONDS", 0.3)
+    server = api.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    answer = asyncio.ensure_future(reader.read())
+    try:
+        writer.write(b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n")
+        sent = 0
+        while not answer.done() and sent < 200:
+            writer.write(b" ")
+            sent += 1
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            await asyncio.wait([answer], timeout=0.05)
+        assert answer.done(), "a trickle of 200 bytes, one every 50 ms, was not refused"
+        raw = await answer
+    finally:
+        answer.cancel()
+        writer.close()
+    head, _, text = raw.decode("latin-1").partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400"), raw[:300]
+    assert json.loads(text)["error"]["code"] == "invalid_request"
 
 
 NOFILE = 64  # the server's descriptor limit: about 30 are in use once it serves
