@@ -227,6 +227,8 @@ def assert_error(status: int, body: Any, headers: Any, expected_status: int,
     assert set(body) == {"error"}, body
     assert set(body["error"]) == ERROR_KEYS, body
     assert body["error"]["code"] == code, body
+    message = body["error"]["message"]
+    assert isinstance(message, str) and message.strip(), body  # human text, always
     assert body["error"]["request_id"] == headers["X-Request-ID"]
     assert_clean(json.dumps(body))
 
