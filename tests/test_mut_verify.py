@@ -288,3 +288,26 @@ def test_every_stored_value_a_finding_quotes_is_cut():
     assert found[0] == ("bad_part", f"a part numbered {quoted} ({SID + ':0'!r})")
     assert ("bad_part", f"part 1 ({SID + ':1'!r}) names session {quoted}") in found
     assert all(len(d) < 300 for _, d in found), found
+
+
+async def test_a_sink_failing_while_a_session_is_read_fails_verify(tmp_path):
+    """The sink going down (timeout, 5xx) while verify reads a session's
+    parts ends verify with the sink's error: it is not a finding against
+    that session ("cannot be checked"), which an operator would take for
+    tampering, with every later session unread (found by mutation testing:
+    a SinkError there was taken for an odd document)."""
+    from sinks.base import SinkUnavailable
+
+    class Failing(SqliteSink):
+        async def get_session_parts(self, session_id: str) -> list[dict[str, Any]]:
+            raise SinkUnavailable("the sink went down")
+
+    sink = Failing(tmp_path / "s.db")
+    await sink.open()
+    try:
+        for part in _session():
+            await sink.write_part(part)
+        with pytest.raises(SinkUnavailable):
+            await verify_sink(sink, KEY)
+    finally:
+        await sink.close()

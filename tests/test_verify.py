@@ -506,6 +506,47 @@ async def test_past_the_waiting_bound_a_single_forged_row_goes_not_a_chain(
     assert (report.security_events, report.security_chains) == (8, 1)
 
 
+async def test_a_run_joined_from_events_that_came_backwards_is_kept_past_the_waiting_bound(
+    tmp_path, audit_key, monkeypatch
+):
+    """A run of a chain's events that came newest first (a sink ordering by
+    ts alone, equal times) is joined into one waiting chain of two: it is
+    kept past SECURITY_WAITING as a run built forwards is, and linked when
+    its predecessor comes; only the single forged rows are given up (found
+    by mutation testing: a joined run's size not counted, it was given up
+    as a single row and reported as a break)."""
+    from audit import verify
+
+    monkeypatch.setattr(verify, "SECURITY_WAITING", 2)
+    chain = _security_chain(audit_key, 4, "real")
+    forged = [{**chain[0], "_id": f"forged-{i}", "event_id": f"forged-{i}",
+               "hash": f"{i:032x}" * 2} for i in range(3)]
+    report = await _verify_security(tmp_path / "b.db", audit_key,
+                                    [[chain[0]], [chain[3]], [chain[2]], forged, [chain[1]]])
+    assert sorted(p.detail.split()[1] for p in report.problems) == [
+        f["_id"] for f in forged]
+    assert (report.security_events, report.security_chains) == (7, 1)
+
+
+async def test_events_linked_late_no_longer_count_toward_the_window(
+    tmp_path, audit_key, monkeypatch
+):
+    """SECURITY_WINDOW bounds the events waiting for a predecessor; once a
+    waiting run is linked its events wait no more. Two runs that came
+    before their predecessors, each of exactly the window, one after the
+    other, are whole (found by mutation testing: linked events still
+    counted, and the second run, or one at the bound, was taken for a
+    break)."""
+    from audit import verify
+
+    monkeypatch.setattr(verify, "SECURITY_WINDOW", 3)
+    c = _security_chain(audit_key, 9, "late")
+    order = [c[1], c[2], c[3], c[0], c[5], c[6], c[7], c[4], c[8]]
+    report = await _verify_security(tmp_path / "w.db", audit_key, [[e] for e in order])
+    assert report.ok, report.problems
+    assert (report.security_events, report.security_chains) == (9, 1)
+
+
 async def test_rows_the_sink_cannot_decode_are_findings(stored, audit_key):
     config, sids = stored
     with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as c, c:
@@ -856,6 +897,13 @@ async def test_a_recently_stored_session_removed_whole_is_found(stored, audit_ke
     with contextlib.closing(sqlite3.connect(config.spool_path)) as conn:
         remembered = conn.execute("SELECT COUNT(*) FROM stored_sessions").fetchone()[0]
     assert remembered == len(sids)
+
+    # Two removed: each is named (found by mutation testing: one alone passed).
+    with contextlib.closing(sqlite3.connect(config.sqlite_sink_path)) as conn, conn:
+        conn.execute("DELETE FROM parts WHERE session_id = ?", (sids[0],))
+    report = await verified(sink_identity(config))
+    assert [(p.session_id, p.kind) for p in report.problems] == [
+        (sid, "missing_part") for sid in sorted((sids[0], sids[2]))]
 
 
 async def test_sessions_stored_whole_are_remembered_only_so_long(
