@@ -285,6 +285,11 @@ async def test_a_restart_goes_on_with_the_pause_a_rate_limit_answer_asked_for(
     assert await second.flusher.step() == pytest.approx(60.0, abs=5.0)
     assert sink.calls == []
     assert second.sink_status()["backoff_until"] is not None
+    # POST /audit/flush ends a failure's backoff, not this pause (found by
+    # mutation testing: the pause kept from before the start was ended).
+    second.flusher.flush_now()
+    assert await second.flusher.step() == pytest.approx(60.0, abs=5.0)
+    assert sink.calls == []
     again.advance(60.0)
     assert await second.flusher.step() == 0.0
     assert await second.flusher.step() == 0.0
@@ -1075,3 +1080,31 @@ def test_flood_guard_counts_events_without_an_address_under_a_dash():
     (c,) = guard.take_summaries()
     assert (c.ip, c.count, c.addresses) == ("-", 2, set())
     assert c.reasons == {"-": 1, "bad_signature": 1}
+
+
+async def test_rate_limit_answers_do_not_split_a_security_batch(
+    paused_setup, fake_monotonic
+):
+    """A rate-limit answer pauses all sending; it is not the batch's fault:
+    a batch answered 429 again and again goes whole once the pauses end,
+    not in halves as one that keeps failing does (found by mutation
+    testing: counted as the batch's failures, it was halved after three,
+    each half a write more under the sink's rate limit)."""
+    engine, sink = paused_setup
+    sizes: list[int] = []
+    write = sink.write_security_events
+
+    async def counted(events: list[dict[str, Any]]) -> None:
+        sizes.append(len(events))
+        await write(events)
+
+    sink.write_security_events = counted  # type: ignore[method-assign]
+    for _ in range(2):
+        await engine.record_security(Draft("auth.login_failed", outcome="denied"))
+    sink.script.extend([SinkRateLimited(retry_after=5)] * 4)
+    for _ in range(4):
+        assert await engine.flusher.step() > 0
+        fake_monotonic.advance(engine.flusher.backoff.remaining())
+    assert await engine.flusher.step() == 0.0
+    assert sizes == [2] * 5
+    assert engine.stats.security_written == 2
