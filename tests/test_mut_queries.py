@@ -6,11 +6,13 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+import pytest
 from api_fixtures import (
     Api,
     Login,
     MakeApi,
     api,
+    expect_error,
     make_api,
     session_with_checkpoints_in_sink,
     wait_for,
@@ -147,3 +149,33 @@ async def test_an_open_session_whose_every_event_is_in_the_sink_is_read_whole(
     assert detail["state"] == "open" and detail["event_count"] == 9
     assert [e["seq"] for e in detail["events"]] == list(range(1, 10))
     assert detail["events_complete"] is True
+
+
+async def test_a_session_of_checkpoint_parts_only_the_sink_holds_is_not_complete(
+    api: Api,
+) -> None:
+    """A session this spool does not know (another server's, sharing the
+    sink) of which the sink holds no final part: its events so far, and
+    ``events_complete`` false, though they are all its summary counts."""
+    admin = await api.admin()
+    sid = "c" * 32
+    await api.engine.sink.write_part(sample_part(sid, final=False, events=2))
+    detail = await _get(api, admin, f"/audit/sessions/{sid}")
+    assert detail["state"] == "pending" and detail["event_count"] == 2
+    assert [e["seq"] for e in detail["events"]] == [1, 2]
+    assert detail["events_complete"] is False
+
+
+@pytest.mark.parametrize("path", ["/audit/sessions", "/audit/security-events"])
+@pytest.mark.parametrize("query", ["limit=5&limit=6", "limit=0", "bogus=1"])
+async def test_a_non_admin_is_refused_before_the_parameters_are_read(
+    api: Api, path: str, query: str
+) -> None:
+    """The role is checked first: a non-admin's malformed or repeated
+    parameters are 403 forbidden with admin.denied recorded, not a 400
+    telling them how to shape a query they may not make."""
+    alice = await api.user("alice")
+    resp = await api.client.get(f"{path}?{query}", headers=alice.headers)
+    await expect_error(resp, 403, "forbidden")
+    (ev,) = await api.wait_security("admin.denied")
+    assert ev["session_id"] == alice.session_id and ev["details"]["endpoint"] == path
