@@ -123,9 +123,20 @@ async def _check_columns(db: aiosqlite.Connection, table: str, ours: set[str]) -
     # columns (generated ones, 2 and 3) are never filled by an INSERT.
     async with db.execute(f"PRAGMA table_xinfo({table})") as cur:
         rows = list(await cur.fetchall())
+    # table_list: (schema, name, type, ncol, wr, strict); wr: WITHOUT ROWID.
+    async with db.execute(f"PRAGMA table_list({table})") as cur:
+        listed = await cur.fetchone()
+    without_rowid = listed is not None and bool(listed[4])
+    # Of a key, SQLite fills only a rowid table's one INTEGER PRIMARY KEY (the
+    # rowid). Another key column of the table's own was taken for filled: NOT
+    # NULL (always so in a WITHOUT ROWID table), it refused every row alike.
+    key = [r for r in rows if r[5]]
+    rowid = (key[0][1] if not without_rowid and len(key) == 1
+             and str(key[0][2]).upper() == "INTEGER" else None)
     missing = ours - {r[1] for r in rows}
     unfilled = [r[1] for r in rows
-                if r[1] not in ours and r[3] and r[4] is None and r[5] == 0 and r[6] == 0]
+                if r[1] not in ours and r[1] != rowid and r[4] is None and r[6] == 0
+                and (r[3] or (r[5] and without_rowid))]
     if missing or unfilled:
         why = (f"it lacks the column(s) {', '.join(sorted(missing))}" if missing else
                f"its column(s) {', '.join(unfilled)} must be filled (NOT NULL, no default),"

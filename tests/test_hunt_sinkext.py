@@ -38,11 +38,17 @@ __all__ = ["make_api"]
 
 _COLUMNS = ("id TEXT PRIMARY KEY, session_id TEXT, part INTEGER, user TEXT,"
             " session_start_time TEXT, final INTEGER, hash TEXT, doc TEXT")
+_UNIQUE_ID = _COLUMNS.replace("id TEXT PRIMARY KEY", "id TEXT UNIQUE")
 
 
 @pytest.mark.parametrize(("schema", "said"), [
     # Another program's table of that name: a column the sink does not fill.
     (f"CREATE TABLE parts ({_COLUMNS}, tenant TEXT NOT NULL)", "tenant must be filled"),
+    # A key of its own, which SQLite does not fill (only a rowid table's
+    # INTEGER PRIMARY KEY is filled): NOT NULL, or in a WITHOUT ROWID table.
+    (f"CREATE TABLE parts ({_UNIQUE_ID}, k TEXT NOT NULL PRIMARY KEY)", "k must be filled"),
+    (f"CREATE TABLE parts ({_UNIQUE_ID}, k TEXT, PRIMARY KEY (k)) WITHOUT ROWID",
+     "k must be filled"),
     (f"CREATE TABLE parts ({_COLUMNS.replace('doc TEXT', 'body TEXT')})", "lacks the column"),
     # Constraints the sink never made: each fails every row alike.
     (f"CREATE TABLE parts ({_COLUMNS.replace('id TEXT', 'id INTEGER')})", "datatype mismatch"),
@@ -99,11 +105,14 @@ async def test_a_security_events_table_of_another_shape_is_unavailable(tmp_path:
 async def test_a_table_with_a_column_of_its_own_that_may_be_left_empty_takes_the_rows(
     tmp_path: Path,
 ) -> None:
-    """An operator's own column (nullable, or with a default) is no reason to stop."""
+    """An operator's own column (nullable, or with a default, or the rowid as
+    an INTEGER PRIMARY KEY, which SQLite fills) is no reason to stop."""
     path = tmp_path / "audit.db"
     with sqlite3.connect(path) as db:
         db.execute(f"CREATE TABLE parts ({_COLUMNS}, note TEXT,"
                    " checked INTEGER NOT NULL DEFAULT 0)")
+        db.execute("CREATE TABLE security_events (n INTEGER PRIMARY KEY NOT NULL,"
+                   " id TEXT UNIQUE, ts TEXT, action TEXT, hash TEXT, doc TEXT)")
     sink = SqliteSink(path)
     await sink.open()
     try:
