@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from audit import queries
 from audit.engine import AuditEngine
 from audit.metrics import Histogram
+from audit.spool import SpoolUnavailable
 
 from .errors import json_response, not_found, without_paths
 from .keys import CONFIG, ENGINE, REGISTRY
@@ -95,24 +96,30 @@ COUNTS_MAX_AGE = 1.0
 
 class SharedCounts:
     """The spool's counts for /metrics: at most :data:`COUNTS_MAX_AGE` old,
-    one query at a time, shared by the scrapes waiting for it."""
+    one query at a time, shared by the scrapes waiting for it; None while
+    the spool cannot be read (damaged, failing): the rest is served, and
+    session_audit_ready and /readyz say why."""
 
     def __init__(self, engine: AuditEngine) -> None:
         self.engine = engine
-        self._counts: dict[str, Any] = {}
+        self._counts: dict[str, Any] | None = {}
         self._read_at = -float("inf")
-        self._reading: asyncio.Future[dict[str, Any]] | None = None
+        self._reading: asyncio.Future[dict[str, Any] | None] | None = None
 
-    async def get(self) -> dict[str, Any]:
+    async def get(self) -> dict[str, Any] | None:
         if time.monotonic() - self._read_at <= COUNTS_MAX_AGE:
             return self._counts
         if self._reading is None or self._reading.done():
             self._reading = asyncio.ensure_future(self._read())
         return await asyncio.shield(self._reading)
 
-    async def _read(self) -> dict[str, Any]:
+    async def _read(self) -> dict[str, Any] | None:
         started = time.monotonic()
-        counts = await self.engine.spool.read(lambda c: queries.counts(c, time.time()))
+        counts: dict[str, Any] | None
+        try:
+            counts = await self.engine.spool.read(lambda c: queries.counts(c, time.time()))
+        except SpoolUnavailable:  # (the spool logs it; not ready says so)
+            counts = None
         self._counts, self._read_at = counts, started
         return counts
 
@@ -123,7 +130,7 @@ COUNTS = web.AppKey("spool_counts", SharedCounts)
 class EngineCollector(Collector):
     """Engine counters and spool gauges, read at scrape time."""
 
-    def __init__(self, engine: AuditEngine, counts: dict[str, Any]) -> None:
+    def __init__(self, engine: AuditEngine, counts: dict[str, Any] | None) -> None:
         self.engine = engine
         self.counts = counts
 
@@ -158,7 +165,9 @@ class EngineCollector(Collector):
         for task in ("flusher", "reaper"):
             crashes.add_metric([task], e.task_crashes.get(task, 0))
         yield crashes
-        for name, doc, key in (
+        # Not read (the spool damaged or failing): left out, not made up.
+        counts = {} if self.counts is None else self.counts
+        for name, doc, key in () if self.counts is None else (
             ("session_audit_active_sessions", "Open sessions", "active_sessions"),
             ("session_audit_pending_parts", "Parts waiting for the sink", "pending_parts"),
             ("session_audit_pending_security_events", "Security events waiting",
@@ -167,7 +176,7 @@ class EngineCollector(Collector):
             ("session_audit_oldest_pending_age_seconds", "Age of the oldest pending item",
              "oldest_pending_age_seconds"),
         ):
-            yield GaugeMetricFamily(name, doc, value=self.counts.get(key, 0))
+            yield GaugeMetricFamily(name, doc, value=counts.get(key, 0))
         yield GaugeMetricFamily("session_audit_spool_bytes", "Bytes used in the spool",
                                 value=e.spool.spool_bytes)
         yield GaugeMetricFamily("session_audit_spool_max_bytes", "audit.spool_max_bytes",
