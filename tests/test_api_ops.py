@@ -123,7 +123,7 @@ async def test_spool_full_refuses_audited_actions(make_api: MakeApi) -> None:
 
     resp = await api.client.get("/readyz")
     assert resp.status == 503
-    assert (await resp.json())["status"] != "ready"
+    assert await resp.json() == {"status": "not_ready", "reason": "spool full"}
     assert (await api.client.get("/healthz")).status == 200  # still serving
 
     url = f"/documents/{doc['id']}"
