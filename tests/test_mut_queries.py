@@ -100,6 +100,14 @@ async def test_paging_ends_over_sink_rows_whose_documents_moved_past_whole_reads
         assert len(listed) == len(set(listed)), (state, listed)
 
 
+async def _assert_read_whole(api: Api, admin: Login, alice: Login, count: int) -> None:
+    """alice's open session, read by the admin: every event once, in order."""
+    detail = await _get(api, admin, f"/audit/sessions/{alice.session_id}")
+    assert detail["state"] == "open" and detail["event_count"] == count
+    assert [e["seq"] for e in detail["events"]] == list(range(1, count + 1))
+    assert detail["events_complete"] is True
+
+
 async def _alice_with_events(api: Api, total: int) -> Login:
     """alice logged in (2 events) with client events up to ``total``."""
     alice = await api.user("alice")
@@ -119,10 +127,7 @@ async def test_an_open_session_whose_cut_parts_the_spool_keeps_is_read_whole(
     api = await make_api(audit={"part_max_events": 3, "keep_stored_seconds": 3600})
     admin = await api.admin()
     alice = await _alice_with_events(api, 10)
-    detail = await _get(api, admin, f"/audit/sessions/{alice.session_id}")
-    assert detail["state"] == "open" and detail["event_count"] == 10
-    assert [e["seq"] for e in detail["events"]] == list(range(1, 11))
-    assert detail["events_complete"] is True
+    await _assert_read_whole(api, admin, alice, 10)
 
 
 async def test_an_open_session_whose_every_event_is_in_the_sink_is_read_whole(
@@ -145,10 +150,7 @@ async def test_an_open_session_whose_every_event_is_in_the_sink_is_read_whole(
         return held == 0
 
     await wait_for(dropped, message="alice's stored parts dropped from the spool")
-    detail = await _get(api, admin, f"/audit/sessions/{alice.session_id}")
-    assert detail["state"] == "open" and detail["event_count"] == 9
-    assert [e["seq"] for e in detail["events"]] == list(range(1, 10))
-    assert detail["events_complete"] is True
+    await _assert_read_whole(api, admin, alice, 9)
 
 
 async def test_a_session_of_checkpoint_parts_only_the_sink_holds_is_not_complete(
