@@ -673,13 +673,14 @@ class MongoSink(Sink):
             ]
         try:
             heads = await (
-                sessions.find(query, {"session_id": 1})
+                sessions.find(query, {"session_id": 1, "session_start_time": 1})
                 .sort([("session_start_time", DESCENDING), ("session_id", DESCENDING)])
                 .limit(limit + 1)
                 .to_list(None)
             )
             more = len(heads) > limit
-            ids = [str(h["session_id"]) for h in heads[:limit]]
+            heads = heads[:limit]
+            ids = [str(h["session_id"]) for h in heads]
             parts: dict[str, list[Doc]] = {sid: [] for sid in ids}
             if ids:
                 # (An array holding one of the ids matches $in, and is no key.)
@@ -692,11 +693,15 @@ class MongoSink(Sink):
             raise self._undecodable("list sessions", exc) from exc
         except PyMongoError as exc:
             raise self._classify("list sessions", exc) from None
-        out = [summarize_parts(parts[sid]) for sid in ids]
+        # A session with no parts by now was removed after its part 0 was
+        # read, or the second read went to a secondary behind the first (the
+        # URI's read preference): left out (summarize_parts([]) was an
+        # IndexError, a 500). The page still ends at its last head.
+        out = [summarize_parts(parts[sid]) for sid in ids if parts[sid]]
         next_cursor = None
-        if more and out:
-            last = out[-1]
-            next_cursor = encode_cursor(last["session_start_time"], last["session_id"])
+        if more and heads:
+            last = heads[-1]
+            next_cursor = encode_cursor(last.get("session_start_time"), ids[-1])
         return out, next_cursor
 
     async def session_ids(self) -> AsyncIterator[str]:

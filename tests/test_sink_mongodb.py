@@ -778,7 +778,10 @@ async def test_list_sessions_queries(server: MockupDB, sink: MongoSink) -> None:
     assert heads["filter"] == {"part": 0, **STRING_SESSION_ID, "user": "alice"}
     assert list(heads["sort"].items()) == [("session_start_time", -1), ("session_id", -1)]
     assert heads["limit"] == 2
-    heads.replies(cursor_reply("audit.session_audit", [{"session_id": "b"}, {"session_id": "a"}]))
+    assert heads["projection"] == {"session_id": 1, "session_start_time": 1}
+    heads.replies(cursor_reply("audit.session_audit", [
+        {"session_id": "b", "session_start_time": "2026-11-26T14:00:00.000Z"},
+        {"session_id": "a", "session_start_time": "2026-11-26T13:00:00.000Z"}]))
     parts = await receive(server, "find")
     assert parts["filter"] == {"session_id": {"$in": ["b"], "$not": {"$type": "array"}}}
     assert parts["projection"] == {"events": 0}
@@ -792,6 +795,32 @@ async def test_list_sessions_queries(server: MockupDB, sink: MongoSink) -> None:
     assert sessions[0]["parts"] == 2 and sessions[0]["state"] == "stored"
     assert next_cursor is not None
     assert decode_cursor(next_cursor) == ["2026-11-26T14:00:00.000Z", "b"]
+
+
+async def test_a_listed_session_whose_parts_are_gone_is_left_out_not_a_500(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    """The listing reads its page's part 0s, then their sessions' parts: two
+    reads. A session removed in between (a DBA's erasure), or the second
+    read answered by a secondary behind the first (the URI's read
+    preference holds for admin queries), has no parts: summarize_parts([])
+    was an IndexError, a 500 for the listing. The session is left out, and
+    the page still ends where its first read did."""
+    task = start(sink.list_sessions(limit=2))
+    heads = await receive(server, "find")
+    heads.replies(cursor_reply("audit.session_audit", [
+        {"session_id": "c", "session_start_time": "2026-11-26T14:00:03.000Z"},
+        {"session_id": "b", "session_start_time": "2026-11-26T14:00:02.000Z"},
+        {"session_id": "a", "session_start_time": "2026-11-26T14:00:01.000Z"}]))
+    parts = await receive(server, "find")
+    assert parts["filter"] == {"session_id": {"$in": ["c", "b"], "$not": {"$type": "array"}}}
+    p0 = sample_part("c", 0, start="2026-11-26T14:00:03.000Z")
+    p0.pop("events")
+    parts.replies(cursor_reply("audit.session_audit", [p0]))
+    sessions, next_cursor = await task
+    assert [s["session_id"] for s in sessions] == ["c"]
+    assert next_cursor is not None
+    assert decode_cursor(next_cursor) == ["2026-11-26T14:00:02.000Z", "b"]
 
 
 async def test_verify_sees_a_session_whose_part_0_is_missing(
