@@ -737,6 +737,17 @@ async def test_security_event_query_and_cursor(server: MockupDB, sink: MongoSink
     assert decode_cursor(next_cursor) == ["2026-11-26T14:00:03.000Z", "e3"]
 
 
+async def test_security_events_page_exactly_full_has_no_cursor(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    task = start(sink.list_security_events(limit=2))
+    find = await receive(server, "find")
+    assert find["filter"] == {} and find["limit"] == 3
+    docs = [sample_security_event(f"e{i}", ts=f"2026-11-26T14:00:0{i}.000Z") for i in (4, 3)]
+    find.replies(cursor_reply("audit.security_audit", docs))
+    assert await task == (docs, None)
+
+
 def _dbref_shaped(event_id: str) -> dict[str, Any]:
     """A security event whose details a client shaped as a MongoDB reference."""
     event = sample_security_event(event_id)
@@ -795,6 +806,46 @@ async def test_list_sessions_queries(server: MockupDB, sink: MongoSink) -> None:
     assert sessions[0]["parts"] == 2 and sessions[0]["state"] == "stored"
     assert next_cursor is not None
     assert decode_cursor(next_cursor) == ["2026-11-26T14:00:00.000Z", "b"]
+
+
+async def test_list_sessions_bounds_and_cursor(server: MockupDB, sink: MongoSink) -> None:
+    """since and until bound the start inclusively (as the sqlite sink's
+    >= and <=), and a cursor continues strictly after (start, id), newest
+    first; a page that is exactly full has no next cursor."""
+    cursor = encode_cursor("2026-11-26T14:00:05.000Z", "s5")
+    task = start(sink.list_sessions(since="2026-11-26T00:00:00.000Z",
+                                    until="2026-11-26T23:59:59.999Z", limit=2, cursor=cursor))
+    heads = await receive(server, "find")
+    assert heads["filter"] == {
+        "part": 0, **STRING_SESSION_ID,
+        "session_start_time": {"$gte": "2026-11-26T00:00:00.000Z",
+                               "$lte": "2026-11-26T23:59:59.999Z"},
+        "$or": [
+            {"session_start_time": {"$lt": "2026-11-26T14:00:05.000Z"}},
+            {"session_start_time": "2026-11-26T14:00:05.000Z", "session_id": {"$lt": "s5"}},
+        ],
+    }
+    assert heads["limit"] == 3
+    starts = {"s4": "2026-11-26T14:00:05.000Z", "s3": "2026-11-26T14:00:04.000Z"}
+    heads.replies(cursor_reply("audit.session_audit", [
+        {"session_id": sid, "session_start_time": st} for sid, st in starts.items()]))
+    parts = await receive(server, "find")
+    assert parts["filter"] == {"session_id": {"$in": ["s4", "s3"], "$not": {"$type": "array"}}}
+    found = []
+    for sid, st in starts.items():
+        p0 = sample_part(sid, 0, start=st)
+        p0.pop("events")
+        found.append(p0)
+    parts.replies(cursor_reply("audit.session_audit", found))
+    sessions, next_cursor = await task
+    assert [s["session_id"] for s in sessions] == ["s4", "s3"]
+    assert next_cursor is None
+    # Nothing found: one read, no cursor.
+    task = start(sink.list_sessions())
+    heads = await receive(server, "find")
+    assert heads["filter"] == {"part": 0, **STRING_SESSION_ID} and heads["limit"] == 51
+    heads.replies(cursor_reply("audit.session_audit", []))
+    assert await task == ([], None)
 
 
 async def test_a_listed_session_whose_parts_are_gone_is_left_out_not_a_500(
@@ -1137,6 +1188,11 @@ async def test_error_messages_never_contain_the_uri(
     # would garble every message) are left.
     ("mongodb://127.0.0.1:27017/?appname=x", []),
     ("mongodb://ab:cd@h1/", []),
+    # "://" again in an option's value (an OIDC TOKEN_RESOURCE, an appname):
+    # the credentials are still those after the scheme.
+    ("mongodb://auditor:s3cr3tpw9@h1/?appname=svc://audit", ["s3cr3tpw9", "auditor"]),
+    ("mongodb+srv://auditor:s3cr3t%2Bpw@c0.example.net/?appname=a://b",
+     ["s3cr3t%2Bpw", "s3cr3t+pw", "auditor"]),
 ])
 def test_uri_secrets(uri_text: str, pieces: list[str]) -> None:
     from sinks.mongodb import _uri_secrets
@@ -1155,9 +1211,36 @@ async def test_long_messages_are_shortened_after_redaction(
     assert str(info.value) == head + "x" * (300 - len(head)) + "..."
 
 
+NOT_OPEN_QUERIES: list[Callable[[MongoSink], Awaitable[Any]]] = [
+    q for _, q, _, _ in QUERY_COMMANDS]
+
+
 async def test_not_open_is_unavailable() -> None:
     sink = new_sink()
     with pytest.raises(SinkUnavailable):
         await sink.write_part(sample_part("x"))
     with pytest.raises(SinkUnavailable):
         await sink.write_security_events([sample_security_event("e")])
+    for query in NOT_OPEN_QUERIES:  # the admin API's 503, not an AttributeError's 500
+        with pytest.raises(SinkUnavailable, match="not open"):
+            await query(sink)
+
+
+async def test_closed_twice_then_opened_again(server: MockupDB, sink: MongoSink) -> None:
+    """close is safe twice; a closed sink takes nothing and answers nothing
+    (the 503), and opening it again really reconnects (a stale client kept
+    would make open a no-op and every write fail)."""
+    await sink.close()
+    await sink.close()
+    with pytest.raises(SinkUnavailable, match="not open"):
+        await sink.write_part(sample_part("s1"))
+    for query in NOT_OPEN_QUERIES:
+        with pytest.raises(SinkUnavailable, match="not open"):
+            await query(sink)
+    await sink.open()
+    task = start(sink.write_part(sample_part("s1")))
+    (await receive(server, "insert")).replies({"ok": 1, "n": 1})
+    await task
+    task = start(sink.list_security_events(limit=1))
+    (await receive(server, "find")).replies(cursor_reply("audit.security_audit", []))
+    assert await task == ([], None)
