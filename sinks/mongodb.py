@@ -688,7 +688,12 @@ class MongoSink(Sink):
                     {"session_id": {"$in": ids, "$not": {"$type": "array"}}}, {"events": 0}
                 ).to_list(None)
                 for p in self._parts_handed_out("list sessions", found):
-                    parts[str(p["session_id"])].append(p)
+                    # A part whose id only matched $in under the collection's
+                    # collation (a case-insensitive default a DBA set): not
+                    # one of this page's sessions (was a KeyError, a 500).
+                    mine = parts.get(str(p["session_id"]))
+                    if mine is not None:
+                        mine.append(p)
         except BSONError as exc:
             raise self._undecodable("list sessions", exc) from exc
         except PyMongoError as exc:

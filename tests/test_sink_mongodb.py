@@ -874,6 +874,29 @@ async def test_a_listed_session_whose_parts_are_gone_is_left_out_not_a_500(
     assert decode_cursor(next_cursor) == ["2026-11-26T14:00:02.000Z", "b"]
 
 
+async def test_a_part_matched_only_by_collation_is_not_a_500(
+    server: MockupDB, sink: MongoSink
+) -> None:
+    """A sessions collection with a case-insensitive default collation (a
+    DBA's choice) answers the listing's ``$in`` with parts of a session
+    whose id differs in case from the page's: they are not this page's and
+    are left out (was a KeyError, a 500 for GET /audit/sessions)."""
+    task = start(sink.list_sessions(limit=5))
+    heads = await receive(server, "find")
+    heads.replies(cursor_reply("audit.session_audit", [
+        {"session_id": "ab", "session_start_time": "2026-11-26T14:00:03.000Z"}]))
+    parts = await receive(server, "find")
+    mine = sample_part("ab", 0, start="2026-11-26T14:00:03.000Z")
+    other = sample_part("AB", 0, start="2026-11-26T14:00:01.000Z")
+    for p in (mine, other):
+        p.pop("events")
+    parts.replies(cursor_reply("audit.session_audit", [mine, other]))
+    sessions, next_cursor = await task
+    assert [s["session_id"] for s in sessions] == ["ab"]
+    assert sessions[0]["session_start_time"] == "2026-11-26T14:00:03.000Z"
+    assert next_cursor is None
+
+
 async def test_verify_sees_a_session_whose_part_0_is_missing(
     server: MockupDB, sink: MongoSink
 ) -> None:
