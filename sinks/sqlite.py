@@ -237,7 +237,11 @@ class SqliteSink(Sink):
     async def open(self) -> None:
         # Said before aiosqlite tries: its thread, failing to connect, may
         # outlive a command's event loop and print a traceback as it ends.
-        if self.path.is_dir() or (self.readonly and not self.path.is_file()):
+        try:
+            unusable = self.path.is_dir() or (self.readonly and not self.path.is_file())
+        except OSError as exc:  # a name too long; a directory on the way not searchable
+            raise SinkUnavailable(f"cannot open {self.path.name}: {exc}") from exc
+        if unusable:
             raise SinkUnavailable(f"cannot open {self.path.name}: not a database file")
         if self.readonly:
             await self._connect(readonly_uri(self.path), uri=True, setup=_has_tables)

@@ -289,3 +289,20 @@ async def test_a_security_batch_cancelled_during_its_commit_stays_cancelled(
         await sink.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM security_events").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+async def test_a_sink_path_the_system_refuses_to_look_at_is_unavailable_not_a_sink_bug(
+    tmp_path: Path, readonly: bool,
+) -> None:
+    """The look at the path before opening (is it a directory, a file) let an
+    OSError through, where the path cannot even be looked up: a name longer
+    than the file system takes, or (as a user other than root) a directory on
+    the way that may not be searched. The flusher took it for a bug of the
+    sink and logged a traceback at every attempt; verify ended with it."""
+    sink = SqliteSink(tmp_path / ("a" * 300 + ".db"), readonly=readonly)
+    try:
+        with pytest.raises(SinkUnavailable, match="File name too long"):
+            await sink.open()
+    finally:
+        await sink.close()
