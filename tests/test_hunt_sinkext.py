@@ -49,6 +49,9 @@ _UNIQUE_ID = _COLUMNS.replace("id TEXT PRIMARY KEY", "id TEXT UNIQUE")
     (f"CREATE TABLE parts ({_UNIQUE_ID}, k TEXT NOT NULL PRIMARY KEY)", "k must be filled"),
     (f"CREATE TABLE parts ({_UNIQUE_ID}, k TEXT, PRIMARY KEY (k)) WITHOUT ROWID",
      "k must be filled"),
+    # An INTEGER PRIMARY KEY is the rowid only in a rowid table.
+    (f"CREATE TABLE parts (n INTEGER PRIMARY KEY, {_UNIQUE_ID}) WITHOUT ROWID",
+     "n must be filled"),
     (f"CREATE TABLE parts ({_COLUMNS.replace('doc TEXT', 'body TEXT')})", "lacks the column"),
     # Constraints the sink never made: each fails every row alike.
     (f"CREATE TABLE parts ({_COLUMNS.replace('id TEXT', 'id INTEGER')})", "datatype mismatch"),

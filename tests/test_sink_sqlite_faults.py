@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from receiver import sample_part, sample_security_event
 
+from sinks import sqlite as sqlite_sink
 from sinks.base import SinkRejected, SinkUnavailable
 from sinks.sqlite import SqliteSink
 
@@ -305,4 +307,31 @@ async def test_a_sink_path_the_system_refuses_to_look_at_is_unavailable_not_a_si
         with pytest.raises(SinkUnavailable, match="File name too long"):
             await sink.open()
     finally:
+        await sink.close()
+
+
+async def test_a_new_sink_file_held_past_the_wait_is_unavailable_then_opens_once_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another connection holding the new file's write lock makes SQLite answer
+    ``journal_mode=WAL`` "database is locked" at once; the open tries again
+    until WAL_WAIT_SECONDS have passed (tests/test_hunt_multi.py: a lock let go
+    in time), then says unavailable: not a hang, nor an error of another kind.
+    Closed after that failed open (twice), the same sink opens once free."""
+    monkeypatch.setattr(sqlite_sink, "WAL_WAIT_SECONDS", 0.05)
+    path = tmp_path / "audit.db"
+    sink = SqliteSink(path)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(SinkUnavailable, match=r"audit\.db: database is locked"):
+            await asyncio.wait_for(sink.open(), 10)
+        await sink.close()
+        await sink.close()
+        other.execute("COMMIT")
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("s1"))
+        assert [p["_id"] for p in await sink.get_session_parts("s1")] == ["s1:0"]
+    finally:
+        await sink.close()
         await sink.close()
