@@ -130,8 +130,13 @@ async def _check_columns(db: aiosqlite.Connection, table: str, ours: set[str]) -
     # Of a key, SQLite fills only a rowid table's one INTEGER PRIMARY KEY (the
     # rowid). Another key column of the table's own was taken for filled: NOT
     # NULL (always so in a WITHOUT ROWID table), it refused every row alike.
+    # index_list: (seq, name, unique, origin, partial); a key that is not the
+    # rowid has an index of origin "pk" (so "INTEGER PRIMARY KEY DESC", which
+    # SQLite does not take for the rowid, a quirk kept for compatibility).
+    async with db.execute(f"PRAGMA index_list({table})") as cur:
+        key_index = any(r[3] == "pk" for r in await cur.fetchall())
     key = [r for r in rows if r[5]]
-    rowid = (key[0][1] if not without_rowid and len(key) == 1
+    rowid = (key[0][1] if not without_rowid and not key_index and len(key) == 1
              and str(key[0][2]).upper() == "INTEGER" else None)
     missing = ours - {r[1] for r in rows}
     unfilled = [r[1] for r in rows

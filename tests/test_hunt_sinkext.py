@@ -52,6 +52,9 @@ _UNIQUE_ID = _COLUMNS.replace("id TEXT PRIMARY KEY", "id TEXT UNIQUE")
     # An INTEGER PRIMARY KEY is the rowid only in a rowid table.
     (f"CREATE TABLE parts (n INTEGER PRIMARY KEY, {_UNIQUE_ID}) WITHOUT ROWID",
      "n must be filled"),
+    # Nor one declared DESC on the column (SQLite's quirk): it has an index.
+    (f"CREATE TABLE parts (n INTEGER PRIMARY KEY DESC NOT NULL, {_UNIQUE_ID})",
+     "n must be filled"),
     (f"CREATE TABLE parts ({_COLUMNS.replace('doc TEXT', 'body TEXT')})", "lacks the column"),
     # Constraints the sink never made: each fails every row alike.
     (f"CREATE TABLE parts ({_COLUMNS.replace('id TEXT', 'id INTEGER')})", "datatype mismatch"),
