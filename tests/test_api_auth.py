@@ -781,6 +781,40 @@ def test_ipv4_mapped_proxy_ranges_and_addresses() -> None:
     assert ip("::ffff:198.51.100.1", "203.0.113.7") == "198.51.100.1"  # not a proxy
 
 
+@pytest.mark.parametrize(("lines", "seen"), [
+    # One X-Forwarded-For field per hop (RFC 9110: the same as one list):
+    # the lines are read in order, the client's own first, the proxies' last.
+    (["198.51.100.9", "203.0.113.7", "10.1.2.3"], "203.0.113.7"),
+    (["198.51.100.9, 203.0.113.7", "10.1.2.3"], "203.0.113.7"),
+    # A hop that is not an address (a proxy's "unknown") stops the walk: what
+    # the client wrote left of it is not taken instead.
+    (["198.51.100.9, unknown"], "10.0.0.1"),
+    (["198.51.100.9, unknown, 10.1.2.3"], "10.1.2.3"),
+    # A fully written IPv6 address with a port is still an address.
+    (["[2001:0db8:0000:0000:0000:ff00:0042:8329]:65535"], "2001:db8::ff00:42:8329"),
+])
+def test_forwarded_for_over_several_lines_and_past_a_bad_hop(lines: list[str], seen: str) -> None:
+    """A mutation review: only the first (or last) X-Forwarded-For line read,
+    a bad hop skipped over to the client's own entries, or a long hop taken
+    as not an address: each passed the suite."""
+    from aiohttp.test_utils import make_mocked_request
+    from aiohttp.web import Application
+
+    from audit.config import parse_networks
+    from audit.middleware import TRUSTED_PROXIES, client_ip
+
+    app = Application()
+    app[TRUSTED_PROXIES] = parse_networks("10.0.0.0/8")
+
+    class Transport:
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("10.0.0.1", 443) if name == "peername" else default
+
+    headers = CIMultiDict(("X-Forwarded-For", line) for line in lines)
+    req = make_mocked_request("GET", "/", headers=headers, app=app, transport=Transport())
+    assert client_ip(req) == seen
+
+
 async def test_a_request_whose_session_ends_on_the_way_is_recorded(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -907,6 +941,29 @@ async def test_no_user_agent_is_recorded_as_null_everywhere(api: Api) -> None:
     for e in refused:
         assert e["source"] == {"ip": "127.0.0.1", "user_agent": None}, e
         assert e["outcome"] == "denied"
+
+
+async def test_long_user_agents_and_paths_are_cut_and_spaces_after_bearer_are_fine(
+    api: Api,
+) -> None:
+    """A mutation review: the 512-character cut of User-Agent (in session and
+    security events) and the 256-character cut of a refused request's path
+    went untested, as did RFC 6750's ``1*SP`` between ``Bearer`` and the token."""
+    alice = await api.user("alice")
+    ua = "u" * 600
+    token = alice.headers["Authorization"].partition(" ")[2]
+    resp = await api.client.get("/documents", headers={"Authorization": f"Bearer   {token}",
+                                                       "User-Agent": ua})
+    assert resp.status == 200, await resp.json()
+    listed = (await api.events(alice.session_id))[-1]
+    assert listed["action"] == "document.list"
+    assert listed["source"]["user_agent"] == ua[:512]
+    path = "/documents/" + "d" * 300
+    resp = await api.client.get(path, headers={"Authorization": "Bearer junk", "User-Agent": ua})
+    await expect_error(resp, 401, "invalid_token")
+    (ev,) = await api.wait_security("auth.invalid_token")
+    assert ev["source"]["user_agent"] == ua[:512]
+    assert ev["details"]["path"] == path[:256]
 
 
 @pytest.mark.parametrize("xff", [None, "", " , "])

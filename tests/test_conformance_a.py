@@ -125,7 +125,8 @@ async def test_authentication_and_conventions(api: Api) -> None:
 
     # X-Request-ID: at most 128 of [A-Za-z0-9._-] is echoed, anything else replaced.
     for given, echoed in (("r" * 128, True), ("r" * 129, False), ("a b", False),
-                          ("a/b", False), ("", False), ("._-", True)):
+                          ("a/b", False), ("", False), ("._-", True), ("a:b", False),
+                          ('a"b', False), ("a;b", False)):
         resp = await c.get("/me", headers={**alice.headers, "X-Request-ID": given})
         got = resp.headers["X-Request-ID"]
         assert (got == given) is echoed, (given, got)
