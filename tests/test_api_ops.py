@@ -90,6 +90,8 @@ async def test_a_full_spool_refuses_a_listing_before_it_reads(
     monkeypatch.setattr(api.engine.spool, "read_apart", not_read)
     resp = await api.client.get("/documents", headers=alice.headers)
     await expect_error(resp, 503, "audit_unavailable")
+    # A client is told when to try again, as for the sink's own 503s.
+    assert resp.headers.get("Retry-After") == "5"
 
 
 async def test_a_body_that_does_not_decode_closes_the_connection(make_api: MakeApi) -> None:
