@@ -202,7 +202,17 @@ def check_key(conn: sqlite3.Connection, key: bytes, path: Path) -> None:
     want = key_check(key)
     have = stored_key_check(conn)
     if have is None:
-        if _made_with(conn, key) is False:
+        try:
+            made = _made_with(conn, key)
+        except sqlite3.Error as exc:
+            if (damaged := damage(exc, path)) is None:
+                raise
+            raise damaged from exc
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise SpoolDamaged(
+                f"the audit spool {path} is damaged: the text of an event the audit key"
+                " is checked against is not an event's JSON") from exc
+        if made is False:
             have = ""  # not this key's
         if have is None:
             conn.execute("INSERT INTO meta (key, value) VALUES ('key_check', ?)"

@@ -14,7 +14,7 @@ import pytest
 from waiting import LoopTurns, wait_for
 
 from audit.events import Draft, Source, event_hash
-from audit.spool import Spool, SpoolClosed, SpoolFull, connect
+from audit.spool import Spool, SpoolClosed, SpoolDamaged, SpoolFull, connect
 from audit.store import SCHEMA, Append, Limits, SessionNotOpen, Writer
 
 
@@ -704,3 +704,43 @@ def test_connections_opened_together_on_a_new_spool_all_open(tmp_path: Path) -> 
         for t in threads:
             t.join()
     assert failures == []
+
+
+# A first event's text as a bad disk or copy leaves it: not UTF-8 (the
+# bytes of a document title, cut), or not the JSON of an event.
+_DAMAGED_FIRST_EVENT = {
+    "not_utf8": "CAST(X'7B227469746C65223A2022706179726F6C6C2032303236FF' AS TEXT)",
+    "not_json": "'payroll 2026 (written over)'",
+    "not_an_object": "'[\"payroll 2026\"]'",
+}
+
+
+@pytest.mark.parametrize("how", sorted(_DAMAGED_FIRST_EVENT))
+async def test_a_damaged_first_event_in_a_spool_from_before_the_key_check(
+        tmp_path, audit_key, how):
+    """A spool from before the key check is held to its first event at the
+    first open of a release with the check. With that event's text damaged
+    the start stopped with a JSONDecodeError or AttributeError traceback (not
+    the one line naming the file README promises for damage in what a start
+    reads), or with the damaged text quoted (what damage() never does: a
+    document's title). It is SpoolDamaged, in words, and the file is left as
+    it was."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+    await sp.submit(Append(s.session_id, Draft("document.list")))
+    await sp.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("DELETE FROM meta WHERE key = 'key_check'")
+        conn.execute(f"UPDATE events SET json = {_DAMAGED_FIRST_EVENT[how]} WHERE seq = 1")
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    with pytest.raises(SpoolDamaged) as err:
+        await sp.open()
+    assert str(err.value).startswith(f"the audit spool {path} is damaged: "), err.value
+    assert "payroll" not in str(err.value)
+    assert not sp.is_open
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 2
+        assert conn.execute("SELECT COUNT(*) FROM meta WHERE key = 'key_check'"
+                            ).fetchone()[0] == 0
