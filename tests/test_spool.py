@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 import sys
 import threading
@@ -744,3 +745,50 @@ async def test_a_damaged_first_event_in_a_spool_from_before_the_key_check(
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 2
         assert conn.execute("SELECT COUNT(*) FROM meta WHERE key = 'key_check'"
                             ).fetchone()[0] == 0
+
+
+async def test_a_damaged_page_is_noted_once_by_name_and_the_rest_goes_on(
+        tmp_path, audit_key, caplog):
+    """A page SQLite cannot read, found by a read: that read is SpoolDamaged
+    naming the file (the log names it; /readyz and status put <path> in its
+    place), the spool is noted damaged by the first damage found (kept, and
+    logged once, however often it is found again), and what it can still
+    read and write goes on: the session's events are taken and read."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, [Draft("session.start")]))
+    await sp.close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.executemany("INSERT INTO documents VALUES (?, 't', ?, 'u', 1, 'x', 'x')",
+                         [(f"d{i}", "c" * 3000) for i in range(8)])
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = [r[0] for r in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'documents'")]
+    with path.open("r+b") as f:
+        for page in pages:
+            f.seek((page - 1) * size)
+            f.write(bytes(size))
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()  # (a start does not read the documents)
+    try:
+        assert sp.damaged is None
+        said = f"the audit spool {path} is damaged: database disk image is malformed"
+        caplog.set_level(logging.ERROR, logger="session_audit.spool")
+        for read in (sp.read, sp.read_apart, sp.read):
+            with pytest.raises(SpoolDamaged) as err:
+                await read(lambda c: c.execute("SELECT * FROM documents").fetchall())
+            assert str(err.value) == said
+            assert isinstance(err.value.__cause__, sqlite3.DatabaseError)
+        assert sp.damaged == said
+        logged = [r for r in caplog.records if "is damaged" in r.getMessage()]
+        assert len(logged) == 1 and logged[0].getMessage().startswith(said), logged
+        # The rest of the spool works: taken, committed, read.
+        ev = json.loads(await sp.submit(Append(s.session_id, Draft("document.list"))))
+        assert ev["seq"] == 2 and sp.accepting
+        assert await sp.read(lambda c: c.execute(
+            "SELECT COUNT(*) FROM events").fetchone()[0]) == 2
+        assert sp.damaged == said
+    finally:
+        await sp.close()
