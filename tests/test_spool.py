@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from waiting import LoopTurns, wait_for
 
+from audit import queries
 from audit.events import Draft, Source, event_hash
 from audit.spool import Spool, SpoolClosed, SpoolDamaged, SpoolFull, connect
 from audit.store import SCHEMA, Append, Limits, SessionNotOpen, Writer
@@ -710,7 +711,9 @@ def test_connections_opened_together_on_a_new_spool_all_open(tmp_path: Path) -> 
 # A first event's text as a bad disk or copy leaves it: not UTF-8 (the
 # bytes of a document title, cut), or not the JSON of an event.
 _DAMAGED_FIRST_EVENT = {
-    "not_utf8": "CAST(X'7B227469746C65223A2022706179726F6C6C2032303236FF' AS TEXT)",
+    # (" with text " in it: the column's name ends at the first one)
+    "not_utf8": ("CAST(X'7B227469746C65223A2022706179726F6C6C2077697468207465787420"
+                 "32303236FF' AS TEXT)"),
     "not_json": "'payroll 2026 (written over)'",
     "not_an_object": "'[\"payroll 2026\"]'",
 }
@@ -790,5 +793,26 @@ async def test_a_damaged_page_is_noted_once_by_name_and_the_rest_goes_on(
         assert await sp.read(lambda c: c.execute(
             "SELECT COUNT(*) FROM events").fetchone()[0]) == 2
         assert sp.damaged == said
+    finally:
+        await sp.close()
+
+
+async def test_a_damaged_text_a_query_finds_is_noted(tmp_path, audit_key):
+    """SpoolDamaged raised by a query itself (a part's event text that is
+    not JSON, found by queries.part_events) notes the spool damaged as
+    SQLite's own damage does: /readyz then says so."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    try:
+        s = await sp.submit(lambda w: w.start_session("u", "user", 1e12,
+                                                      [Draft("session.start")]))
+        await sp.submit(lambda w: w.seal(s.session_id, "logout", Draft("session.end")))
+        await sp.submit(lambda w: w.conn.execute(
+            "UPDATE events SET json = 'written over' WHERE seq = 1"), needs_space=False)
+        meta = await sp.read(queries.next_pending_part)
+        with pytest.raises(SpoolDamaged, match=r"event 1 of part .* is not JSON"):
+            await sp.read(lambda c: queries.part_events(c, meta))
+        assert sp.damaged is not None and "event 1 of part" in sp.damaged
     finally:
         await sp.close()
