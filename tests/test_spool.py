@@ -16,7 +16,7 @@ from waiting import LoopTurns, wait_for
 
 from audit import queries
 from audit.events import Draft, Source, event_hash
-from audit.spool import Spool, SpoolClosed, SpoolDamaged, SpoolFull, connect
+from audit.spool import Spool, SpoolClosed, SpoolDamaged, SpoolFull, SpoolUnavailable, connect
 from audit.store import SCHEMA, Append, Limits, SessionNotOpen, Writer
 
 
@@ -816,3 +816,20 @@ async def test_a_damaged_text_a_query_finds_is_noted(tmp_path, audit_key):
         assert sp.damaged is not None and "event 1 of part" in sp.damaged
     finally:
         await sp.close()
+
+
+async def test_a_file_that_is_not_a_spool_is_refused_and_left_as_it_is(tmp_path, audit_key):
+    """A spool file SQLite cannot take for a database (written over, a bad
+    copy) is refused in words naming it, and never made anew: its bytes are
+    what they were (what was in it may yet be recovered)."""
+    path = tmp_path / "spool.db"
+    junk = bytes(range(256)) * 64
+    path.write_bytes(junk)
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    with pytest.raises(SpoolUnavailable) as err:
+        await sp.open()
+    assert str(err.value) == f"the spool {path} cannot be opened: file is not a database"
+    assert isinstance(err.value.__cause__, sqlite3.DatabaseError)
+    assert not sp.is_open
+    await sp.close()  # (safe after a failed open)
+    assert path.read_bytes() == junk
