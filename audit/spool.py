@@ -362,8 +362,12 @@ def _split_oversized(conn: sqlite3.Connection, writer: Writer) -> None:
                 conn.execute("ROLLBACK")
             writer.reload()
             raise
-    except sqlite3.Error as exc:
-        log.warning("sessions in progress could not be cut to the part limits: %s", exc)
+    except (sqlite3.Error, ValueError, TypeError, KeyError) as exc:
+        # (A damaged event's text, which the cut reads for its hash: not JSON,
+        # not an object, no hash. The start goes on; the part that holds it is
+        # dead-lettered when it is sent, as any part with a damaged event.)
+        log.warning("sessions in progress could not be cut to the part limits: %s",
+                    type(exc).__name__ if not isinstance(exc, sqlite3.Error) else exc)
         return
     if n:
         log.info("cut %d parts from sessions in progress to the (lowered) part limits", n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
@@ -173,6 +174,43 @@ async def test_lowered_part_limits_cut_the_sessions_in_progress_at_start(
     assert [p["final"] for p in parts] == [False] * (len(parts) - 1) + [True]
     report = await verify_sink(engine.sink, audit_key)
     assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("damaged", ["{not json", "[1, 2]", '{"seq": 5}'])
+async def test_a_damaged_event_where_lowered_limits_cut_does_not_stop_the_start(
+    make_config, engines, damaged, caplog
+):
+    """Found by the spool review: the cut to lowered limits reads the hash of
+    the last event before each cut. A damaged text there (not JSON, not an
+    object, no hash) escaped as a raw ValueError, TypeError or KeyError and
+    stopped the start with a traceback; the cut's docstring promises that a
+    failure leaves the sessions as they were. The start goes on, uncut, and
+    no event is lost from the spool."""
+    engine = await engines.open(make_config(flush=FAST))
+    s = await engine.start_session("alice", "user", SRC, 3600)
+    for _ in range(11):
+        await engine.record(s.session_id, Draft("document.list"))
+    spool = engine.config.spool_path
+    held = await engine.spool.read(lambda c: c.execute(
+        "SELECT COUNT(*) FROM events WHERE session_id = ?", (s.session_id,)).fetchone()[0])
+    await engine.close()
+    with sqlite3.connect(spool) as conn:  # seq 5 ends the first part of 5 events
+        assert conn.execute("UPDATE events SET json = ? WHERE session_id = ? AND seq = 5",
+                            (damaged, s.session_id)).rowcount == 1
+    conn.close()
+
+    engine = await engines.open(make_config(audit={"part_max_events": 5}, flush=FAST))
+    assert "could not be cut to the part limits" in caplog.text
+    assert damaged not in caplog.text
+    counts = await engine.spool.read(lambda c: (
+        c.execute("SELECT COUNT(*) FROM events WHERE session_id = ?",
+                  (s.session_id,)).fetchone()[0],
+        c.execute("SELECT COUNT(*) FROM parts WHERE session_id = ?",
+                  (s.session_id,)).fetchone()[0]))
+    assert counts == (held, 0)  # kept, and uncut
+    # The session goes on and ends; its part holding the damaged event is
+    # the flusher's to dead-letter, as any part with a damaged event.
+    assert await engine.end_session(s.session_id, SRC) == held + 1
 
 
 async def test_a_command_beside_the_server_leaves_its_sessions_uncut(
