@@ -566,7 +566,8 @@ class Flusher:
                 self._halving = max(0, self._halving - 1)
             wait = self._put_aside(rid, self._aside_cap(rid))
             self._log_aside("security event %s keeps failing; later events go first, it is"
-                            " tried again in %.1f s", doc_id, wait)
+                            " tried again within %.1f s (sooner while nothing else is"
+                            " pending)", doc_id, wait)
             return
         self._note_streak(doc_id)
         last, count = self._security_failing
@@ -591,7 +592,8 @@ class Flusher:
         self._single_security = max(0, self._single_security - 1)
         wait = self._put_aside(rid, self._aside_cap(rid))
         self._log_aside("security event %s keeps failing; later events go first, it is"
-                        " tried again in %.1f s", doc_id, wait)
+                        " tried again within %.1f s (sooner while nothing else is pending)",
+                        doc_id, wait)
 
     def _aside_due(self, pending: set[Aside], now: float) -> float:
         """Only what was put aside is pending: the seconds until the first is
@@ -722,8 +724,9 @@ class Flusher:
                 return
             self._failing = ("", 0)
         wait = self._put_aside(key, DEFER_MAX_SECONDS)
-        log.warning("part %s keeps failing; later parts go first, it is tried again in"
-                    " %.1f s", doc_id, wait)  # (0.4 s with a 0.05 s backoff base: not "0 s")
+        log.warning("part %s keeps failing; later parts go first, it is tried again within"
+                    " %.1f s (sooner while nothing else is pending)",
+                    doc_id, wait)  # (0.4 s with a 0.05 s backoff base: not "0 s")
 
     def _put_aside(self, key: Aside, cap: float) -> float:
         """``key`` waits a pause of its own, doubling each time it is put aside

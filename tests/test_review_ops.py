@@ -171,4 +171,5 @@ async def test_the_put_aside_log_line_gives_a_wait_under_a_second_as_it_is(
             fake_monotonic.advance(await engine.flusher.step() or 0)
     lines = [r.getMessage() for r in caplog.records if "keeps failing" in r.getMessage()]
     assert len(lines) == 1 and lines[0].endswith(
-        f"tried again in {0.05 * 2 ** DEFER_AFTER:.1f} s"), lines
+        f"tried again within {0.05 * 2 ** DEFER_AFTER:.1f} s"
+        " (sooner while nothing else is pending)"), lines
