@@ -559,9 +559,14 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
     data: dict[str, Any]
     if ctype == "application/x-www-form-urlencoded":
         raw = await read_body(request, LOGIN_BODY_MAX)  # chunked or gzip: the limit holds
+        charset = request.charset or "utf-8"
         try:
-            pairs = urllib.parse.parse_qsl(raw.decode(request.charset or "utf-8"),
-                                           keep_blank_values=True, max_num_fields=16)
+            # %XX escapes are bytes of the same charset as the rest (they were
+            # read as UTF-8, with U+FFFD for any other byte: a Latin-1 form's
+            # right password, escaped, got 401).
+            pairs = urllib.parse.parse_qsl(raw.decode(charset), keep_blank_values=True,
+                                           max_num_fields=16, encoding=charset,
+                                           errors="strict")
         except (ValueError, LookupError):  # bytes not in the charset, too many fields
             raise bad_request("the form body is malformed") from None
         data = _once(pairs)

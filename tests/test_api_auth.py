@@ -637,6 +637,30 @@ async def test_passwords_over_72_bytes_count_in_full(api: Api) -> None:
     assert resp.status == 200
 
 
+async def test_a_forms_percent_escapes_are_read_in_its_charset(api: Api) -> None:
+    """A login form's %XX escapes are bytes of the charset the form names, as
+    its other bytes are: a Latin-1 form's 'p%E4sswort' is 'pässwort'. They
+    were read as UTF-8 whatever the charset, with U+FFFD for what was not
+    UTF-8: the right password, escaped, got 401 (and counted as a failed
+    guess) while sent unescaped it got 200; and an escape that is no text
+    of the charset was checked as U+FFFD instead of refused as malformed."""
+    await api.add_user("alice", password="pässwort-1234")
+    latin1 = "application/x-www-form-urlencoded; charset=iso-8859-1"
+    for body in ("username=alice&password=pässwort-1234".encode("latin-1"),
+                 b"username=alice&password=p%E4sswort-1234"):
+        resp = await api.client.post("/token", data=body, headers={"Content-Type": latin1})
+        assert resp.status == 200, await resp.json()
+    form = "application/x-www-form-urlencoded"
+    resp = await api.client.post("/token", data=b"username=alice&password=p%C3%A4sswort-1234",
+                                 headers={"Content-Type": form})
+    assert resp.status == 200, await resp.json()
+    for body in (b"username=alice&password=p\xe4sswort-1234",
+                 b"username=alice&password=p%E4sswort-1234"):
+        resp = await api.client.post("/token", data=body, headers={"Content-Type": form})
+        await expect_error(resp, 400, "invalid_request")
+    assert await api.security("auth.login_failed") == []
+
+
 async def test_client_address_behind_a_trusted_proxy(make_api: MakeApi) -> None:
     """With server.trusted_proxies, a request from the proxy is attributed to
     the rightmost X-Forwarded-For address that is not a proxy (what the client
