@@ -661,6 +661,30 @@ async def test_a_forms_percent_escapes_are_read_in_its_charset(api: Api) -> None
     assert await api.security("auth.login_failed") == []
 
 
+async def test_a_blank_login_form_field_counts_as_given(api: Api) -> None:
+    """``password=`` is a password given (empty), not none: given besides
+    another it is a field given twice, refused (RFC 6749 3.1), as a filter in
+    front that read the first (blank) value would otherwise see another
+    request than the one served; alone it is an empty password, refused.
+    A login form of more than 16 fields is refused before it is looked at
+    (mutation review: dropping blank values, or the field limit, passed)."""
+    await api.add_user("alice")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    pw = USER_PASSWORD
+    for body in (f"username=alice&password=&password={pw}",
+                 f"username=&username=alice&password={pw}",
+                 f"username=alice&password={pw}&grant_type=&grant_type=password",
+                 "username=alice&password=",
+                 f"username=alice&password={pw}&" + "&".join(f"f{i}=" for i in range(15))):
+        resp = await api.client.post("/token", data=body.encode(), headers=form)
+        await expect_error(resp, 400, "invalid_request")
+    # 16 fields: a login.
+    body = f"username=alice&password={pw}&" + "&".join(f"f{i}=" for i in range(14))
+    resp = await api.client.post("/token", data=body.encode(), headers=form)
+    assert resp.status == 200, await resp.json()
+    assert await api.security("auth.login_failed") == []
+
+
 async def test_client_address_behind_a_trusted_proxy(make_api: MakeApi) -> None:
     """With server.trusted_proxies, a request from the proxy is attributed to
     the rightmost X-Forwarded-For address that is not a proxy (what the client
