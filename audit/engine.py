@@ -226,7 +226,7 @@ class AuditEngine:
                 await self.record_summaries(final=True)
             except Exception as exc:  # the spool may have failed
                 log.error("security event counts not recorded at shutdown: %s", exc)
-            if self._inflight:
+            while self._inflight:  # (one that ends may start another: _fast_done)
                 await asyncio.gather(*self._inflight, return_exceptions=True)
             if flusher is not None:
                 deadline = time.monotonic() + flush_window
@@ -356,9 +356,8 @@ class AuditEngine:
         if change is None:
             append = Append(session_id, draft)
             if self.config.audit.ack == "fast" and not durable:
-                fut = self.spool.submit_nowait(append, needs_space=needs_space)
-                self._inflight.add(fut)
-                fut.add_done_callback(self._fast_done)
+                self._fast(self.spool.submit_nowait(append, needs_space=needs_space),
+                           session_id, [draft])
                 return None
             return await self.spool.submit_nowait(append, needs_space=needs_space)
 
@@ -399,9 +398,7 @@ class AuditEngine:
             return len(drafts)
 
         if self.config.audit.ack == "fast":
-            fut = self.spool.submit_nowait(job, size=size)
-            self._inflight.add(fut)
-            fut.add_done_callback(self._fast_done)
+            self._fast(self.spool.submit_nowait(job, size=size), session_id, drafts)
             return len(drafts)
         n: int = await self.spool.submit(job, size=size)
         return n
@@ -458,12 +455,7 @@ class AuditEngine:
             await self.spool.submit(event if begun is not None else Append(session_id, draft),
                                     needs_space=False)
         except SessionNotOpen as exc:
-            ended = Draft(
-                "auth.session_ended", outcome="failure", target=draft.target,
-                source=draft.source,
-                details={"reason": "session_ended_during_action", "action": draft.action,
-                         "action_outcome": draft.outcome, "action_details": draft.details},
-            )
+            ended = _ended_during(draft)
 
             def security(w: Writer) -> None:
                 w.append_security(ended, session_id)
@@ -530,14 +522,43 @@ class AuditEngine:
         fut.add_done_callback(self._inflight.discard)
         return fut
 
-    def _fast_done(self, fut: asyncio.Future[Any]) -> None:
+    def _fast(self, fut: asyncio.Future[Any], session_id: str, drafts: list[Draft]) -> None:
+        """Follow the commit of events answered before it (``ack = "fast"``)."""
+        self._inflight.add(fut)
+        fut.add_done_callback(lambda f: self._fast_done(f, session_id, drafts))
+
+    def _fast_done(self, fut: asyncio.Future[Any], session_id: str,
+                   drafts: list[Draft]) -> None:
         self._inflight.discard(fut)
-        if not fut.cancelled() and (exc := fut.exception()) is not None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if isinstance(exc, SessionNotOpen):
+            # The session ended (a logout, a deadline) between the request's
+            # token check and this commit. The caller has its 2xx: the action
+            # happened, and its record goes to the security stream, as a
+            # chat's does (record_done). It was dropped with a log line.
+            self.detach(self._ended_meanwhile(session_id, drafts))
+            return
+        if exc is not None:
             # While the spool cannot commit, every request's event fails so:
             # one line a minute per cause, with how many were left out.
             left_out = self._fast_log.allow(type(exc).__name__)
             if left_out is not None:
                 log.error("event not recorded (ack=fast): %s%s", exc, more(left_out))
+
+    async def _ended_meanwhile(self, session_id: str, drafts: list[Draft]) -> None:
+        ended = [_ended_during(d) for d in drafts]
+
+        def security(w: Writer) -> None:
+            for e in ended:
+                w.append_security(e, session_id)
+
+        try:
+            await self.spool.submit(security, needs_space=False)
+        except Exception as exc:
+            log.error("event not recorded (ack=fast; its session %s ended first): %s",
+                      session_id, exc)
 
     async def record_security(
         self, draft: Draft, session_id: str | None = None, *, happened: bool = False
@@ -805,3 +826,13 @@ def _ender(s: OpenSession, reason: str, when: float) -> Callable[[Writer], OpenS
 
 def _checkpointer(session_id: str) -> Callable[[Writer], bool]:
     return lambda w: w.checkpoint(session_id)
+
+
+def _ended_during(draft: Draft) -> Draft:
+    """The security event that records ``draft``, an action done while its
+    session ended: its outcome and details kept under ``details``."""
+    return Draft(
+        "auth.session_ended", outcome="failure", target=draft.target, source=draft.source,
+        details={"reason": "session_ended_during_action", "action": draft.action,
+                 "action_outcome": draft.outcome, "action_details": draft.details},
+    )

@@ -299,3 +299,50 @@ async def test_client_events_are_answered_before_their_commit_under_ack_fast(
     await wait_for(lambda: not api.engine._inflight, message="the events committed")
     actions = await api.actions(alice.session_id)
     assert actions[-2:] == ["client.a", "client.b"]
+
+
+async def test_under_ack_fast_events_whose_session_ended_before_their_commit_are_kept(
+    make_api: MakeApi,
+) -> None:
+    """Under ack = "fast" a request answered 2xx before its commit, whose
+    session ended between its token check and that commit (a logout queued
+    ahead of it), was dropped with a log line: an action done, and its record
+    lost. It goes to the security stream as ``auth.session_ended``, as a
+    chat's record does."""
+    import asyncio
+    import threading
+
+    from audit.events import Draft
+
+    api = await make_api(audit={"ack": "fast"})
+    alice = await api.user("alice")
+    spool = api.engine.spool
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> None:
+        holding.set()
+        gate.wait(30)
+
+    held = spool.submit_nowait(hold, needs_space=False)
+    try:
+        await wait_for(holding.is_set, message="the writer held in a commit")
+        logout = asyncio.ensure_future(api.client.post("/logout", headers=alice.headers))
+        await wait_for(lambda: bool(spool._pending), message="the logout queued")
+        resp = await asyncio.wait_for(api.client.post(
+            "/audit/events", json=[{"action": "client.a"}, {"action": "client.b"}],
+            headers=alice.headers), 10)
+        assert resp.status == 202
+        # A plain record (no app change), as the handlers make under "fast".
+        assert await api.engine.record(alice.session_id, Draft("document.list")) is None
+    finally:
+        gate.set()
+    await held
+    assert (await logout).status == 200
+    await wait_for(lambda: not api.engine._inflight, message="the records committed")
+    ended = await api.security("auth.session_ended")
+    assert sorted(e["details"]["action"] for e in ended) == [
+        "client.a", "client.b", "document.list"]
+    for e in ended:
+        assert e["session_id"] == alice.session_id
+        assert e["details"]["reason"] == "session_ended_during_action"
+    assert "client.a" not in await api.actions(alice.session_id)
