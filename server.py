@@ -90,6 +90,7 @@ from handlers.auth import (
     change_user_sync,
     hash_password,
     is_utf8,
+    password_chars,
     valid_username,
 )
 from handlers.chat import UserTurns
@@ -311,7 +312,7 @@ def admin_password_from_env(min_chars: int) -> str | None:
         password = utf8_first(os.fsencode(password), password)
         if not is_utf8(password):  # no login could send it (nor could it be hashed)
             raise StartupError(f"{ADMIN_PASSWORD_ENV} is not UTF-8 text")
-        if len(password) < min_chars:
+        if password_chars(password) < min_chars:  # normalised, as it is hashed
             raise StartupError(
                 f"{ADMIN_PASSWORD_ENV} must have at least {min_chars} characters")
         if len(password) > MAX_PASSWORD_CHARS:
@@ -1138,7 +1139,7 @@ def _read_password(command: str, name: str, from_stdin: bool, min_chars: int) ->
     if not is_utf8(password):  # login could never send it
         print(f"{command}: the password is not UTF-8 text", file=sys.stderr)
         return None
-    if len(password) < min_chars:
+    if password_chars(password) < min_chars:  # normalised, as it is hashed
         print(f"{command}: the password must have at least {min_chars} characters",
               file=sys.stderr)
         return None

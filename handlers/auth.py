@@ -12,6 +12,7 @@ import math
 import re
 import sqlite3
 import time
+import unicodedata
 import urllib.parse
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -42,6 +43,12 @@ from .requests import (
 log = logging.getLogger("session_audit.accounts")
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+# The longest password a login takes, and so adduser, passwd and
+# SESSION_AUDIT_ADMIN_PASSWORD: counted on the text as given, not as
+# normalised (NFKC can make a character up to 18): it bounds what a client
+# may send and have processed, and set and login count alike, so that any
+# password set logs in when typed as it was set. (The shortest, which only
+# setting checks, is counted as normalised: see password_chars.)
 MAX_PASSWORD_CHARS = 1024
 # Login and logout bodies hold a few short strings: 64 KiB is ample, and keeps
 # an anonymous client from having 8 MiB parsed on the event loop per request.
@@ -59,15 +66,43 @@ def _prehash(password: str) -> bytes:
     return base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
 
 
+def normalise_password(password: str) -> str:
+    """The password as it is hashed: NFKC (NIST SP 800-63B 5.1.1.2), so that
+    the same password typed as NFD ('cafe' + U+0301, as macOS and some
+    keyboards give it) or as NFC ('caf' + U+00E9) is the same password."""
+    return unicodedata.normalize("NFKC", password)
+
+
+def password_chars(password: str) -> int:
+    """The length ``auth.min_password_chars`` is checked on: that of the
+    normalised text, what is hashed and guessed, so that a password's forms
+    all pass or all fail it (NFD 'café...' has one code point more than NFC
+    'café...': counted as given, a password one character short passed
+    typed as NFD and failed typed as NFC)."""
+    return len(normalise_password(password))
+
+
 def hash_password(password: str, rounds: int) -> str:
-    digest = bcrypt.hashpw(_prehash(password), bcrypt.gensalt(rounds))
+    digest = bcrypt.hashpw(_prehash(normalise_password(password)), bcrypt.gensalt(rounds))
     return PREFIX + digest.decode("ascii")
 
 
 def check_password(password: str, stored: str) -> bool:
+    """Whether ``password`` is the one ``stored`` was made from.
+
+    Hashes made before passwords were normalised are of the text as given:
+    a password whose normalised form differs and fails is tried as given
+    too. That can only match such a hash: a hash made since is of an NFKC
+    text, which a text that is not NFKC never equals. The unknown user's
+    check (against the dummy hash, which fails) runs here too, and so takes
+    the same second try as a known user's wrong password does."""
     if not stored.startswith(PREFIX):
         return False
-    return bcrypt.checkpw(_prehash(password), stored[len(PREFIX):].encode("ascii"))
+    digest = stored[len(PREFIX):].encode("ascii")
+    normal = normalise_password(password)
+    if bcrypt.checkpw(_prehash(normal), digest):
+        return True
+    return normal != password and bcrypt.checkpw(_prehash(password), digest)
 
 
 def hash_rounds(stored: str) -> int | None:
@@ -597,6 +632,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
         raise bad_request("username and password are required strings")
     if not username or not password:
         raise bad_request("username and password must not be empty")
+    # As given, not normalised (see MAX_PASSWORD_CHARS); normalised when checked.
     if len(username) > 256 or len(password) > MAX_PASSWORD_CHARS:
         raise bad_request("username or password too long")
     if not (is_utf8(username) and is_utf8(password)):
