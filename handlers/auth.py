@@ -436,10 +436,12 @@ def change_user_sync(conn: sqlite3.Connection, username: str, *,
         changed = conn.execute(f"UPDATE users SET {', '.join(sets)} WHERE username = ?",
                                (*params, username)).rowcount
         if changed and cause is not None:
+            # A session named already keeps the first change's cause, as its
+            # time: it ends as a pass run between the two would have ended it.
             conn.execute(
                 "INSERT INTO revocations (session_id, cause, created_ts)"
                 " SELECT session_id, ?, ? FROM sessions WHERE user = ? AND state = 'open'"
-                " ON CONFLICT (session_id) DO UPDATE SET cause = excluded.cause",
+                " ON CONFLICT (session_id) DO NOTHING",
                 (cause, time.time(), username))
         conn.execute("COMMIT")
     except BaseException:

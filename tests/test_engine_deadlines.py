@@ -192,12 +192,16 @@ async def test_a_revoked_session_logged_out_before_the_pass_keeps_its_logout(
     assert part["events"][-1]["details"] == {"reason": "logout"}
 
 
-async def test_the_latest_change_before_the_pass_gives_the_cause(
+async def test_the_first_change_before_the_pass_gives_the_cause(
     make_config, engines, fake_clock, caplog
 ):
-    """``passwd`` then ``disable`` before the server's pass end the session as
-    ``user_disabled`` (the second revocation of a session updates its cause);
-    a change of both at once is a disable too, and sets both. A cause this
+    """Two changes of a user before the server's pass end the session as the
+    first did, when it ran: ``passwd`` then ``disable`` as
+    ``password_changed``, ``disable`` then ``passwd`` as ``user_disabled``,
+    what a pass run between the two would have recorded (the session is
+    sealed at the first change's time: the second's cause there told of a
+    change not yet made). A change of both at once is a disable, and sets
+    both. A cause this
     release does not know (a row of a later one) is recorded as ``revoked``,
     not copied into the trail. Enabling a user ends none of their sessions.
     The pass says which session it ended, why."""
@@ -211,12 +215,15 @@ async def test_the_latest_change_before_the_pass_gives_the_cause(
     alice = await e.start_session("alice", "user", SRC, 3600)
     bob = await e.start_session("bob", "user", Source(user="bob", role="user"), 3600)
     erin = await e.start_session("erin", "user", Source(user="erin", role="user"), 3600)
+    dora = await e.start_session("dora", "user", Source(user="dora", role="user"), 3600)
     new_hash = hash_password("a-new-password-1", 4)
     with contextlib.closing(connect(config.spool_path, "normal")) as conn:
-        for name in ("alice", "bob", "carol", "erin"):
+        for name in ("alice", "bob", "carol", "dora", "erin"):
             add_user_sync(conn, name, "a-password-1", "user", 4)
         assert change_user_sync(conn, "alice", password_hash=new_hash)
         assert change_user_sync(conn, "alice", disabled=True)
+        assert change_user_sync(conn, "dora", disabled=True)
+        assert change_user_sync(conn, "dora", password_hash=new_hash)
         assert change_user_sync(conn, "bob", password_hash=new_hash, disabled=True)
         assert change_user_sync(conn, "erin", disabled=False)  # enable revokes nothing
     carol = await e.start_session("carol", "user", Source(user="carol", role="user"), 3600)
@@ -224,17 +231,20 @@ async def test_the_latest_change_before_the_pass_gives_the_cause(
         "INSERT INTO revocations (session_id, cause, created_ts) VALUES (?, 'sold', ?)",
         (carol.session_id, fake_clock())), needs_space=False)
     with caplog.at_level(logging.INFO, "session_audit.accounts"):
-        assert await Accounts(e, 4).end_revoked_sessions() == 3
-    for s, cause in ((alice, "user_disabled"), (bob, "user_disabled"), (carol, "revoked")):
+        assert await Accounts(e, 4).end_revoked_sessions() == 4
+    for s, cause in ((alice, "password_changed"), (bob, "user_disabled"),
+                     (carol, "revoked"), (dora, "user_disabled")):
         part = await stored_part(engines, e, s.session_id)
         assert part["events"][-1]["details"] == {"reason": "logout", "cause": cause}
     assert e.spool.open_session(erin.session_id) is not None
     said = [r.getMessage() for r in caplog.records if r.name == "session_audit.accounts"]
-    assert f"ended session {alice.session_id}: user disabled" in said
+    assert f"ended session {alice.session_id}: password changed" in said
+    assert f"ended session {dora.session_id}: user disabled" in said
     users = await e.spool.read(lambda c: c.execute(
         "SELECT username, password_hash = ?, disabled FROM users ORDER BY username",
         (new_hash,)).fetchall())
-    assert users == [("alice", 1, 1), ("bob", 1, 1), ("carol", 0, 0), ("erin", 0, 0)]
+    assert users == [("alice", 1, 1), ("bob", 1, 1), ("carol", 0, 0), ("dora", 1, 1),
+                     ("erin", 0, 0)]
 
 
 def test_the_server_registers_the_revocation_pass_with_the_reaper(make_config) -> None:
