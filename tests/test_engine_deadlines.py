@@ -247,6 +247,69 @@ async def test_the_first_change_before_the_pass_gives_the_cause(
                      ("erin", 0, 0)]
 
 
+async def test_a_full_spool_still_takes_a_revocation(make_config, engines, fake_clock):
+    """``disable`` beside a server whose spool is full (on_spool_full =
+    "reject") still ends the user's session at the next pass, like a logout
+    or a deadline: the end of a session is not a new event the full spool
+    refuses, and a revoked token must not stay usable until the sink drains."""
+    import contextlib
+
+    from audit.spool import connect
+    from handlers.auth import Accounts, add_user_sync, change_user_sync
+
+    config = make_config(audit={"spool_max_bytes": 200_000}, flush=FAST)
+    e = await engines.open(config, clock=fake_clock)
+    alice = (await e.start_session("alice", "user", SRC, 3600)).session_id
+    bob = (await e.start_session("bob", "user", Source(user="bob", role="user"),
+                                 3600)).session_id
+    pad = {"pad": "p" * 4000}
+    for _ in range(200):
+        if e.spool.full:
+            break
+        await e.record(bob, Draft("document.list", details=pad))
+    assert e.spool.full
+    with contextlib.closing(connect(config.spool_path, "normal")) as conn:
+        add_user_sync(conn, "alice", "a-password-1", "user", 4)
+        assert change_user_sync(conn, "alice", disabled=True)
+    assert await Accounts(e, 4).end_revoked_sessions() == 1
+    assert e.session(alice) is None and e.session(bob) is not None
+    part = await stored_part(engines, e, alice)
+    assert part["events"][-1]["details"] == {"reason": "logout", "cause": "user_disabled"}
+
+
+async def test_a_session_started_after_the_change_is_not_revoked(
+    make_config, engines, fake_clock
+):
+    """``passwd`` names the sessions open when it ran: one the user opens
+    with the new password before the server's pass stays open, and the pass
+    ends each of the others once (a second pass, and a pass run beside it,
+    end nothing more)."""
+    import contextlib
+
+    from audit.spool import connect
+    from handlers.auth import Accounts, add_user_sync, change_user_sync, hash_password
+
+    config = make_config(flush=FAST)
+    e = await engines.open(config, clock=fake_clock)
+    old = [(await e.start_session("alice", "user", SRC, 3600)).session_id for _ in range(3)]
+    with contextlib.closing(connect(config.spool_path, "normal")) as conn:
+        add_user_sync(conn, "alice", "a-password-1", "user", 4)
+        assert change_user_sync(conn, "alice", password_hash=hash_password("new-pass-1", 4))
+    fake_clock.advance(5)
+    fresh = (await e.start_session("alice", "user", SRC, 3600)).session_id
+    accounts = Accounts(e, 4)
+    assert sorted(await asyncio.gather(accounts.end_revoked_sessions(),
+                                       accounts.end_revoked_sessions())) == [0, 3]
+    assert await accounts.end_revoked_sessions() == 0
+    assert e.session(fresh) is not None
+    for sid in old:
+        assert e.session(sid) is None
+        part = await stored_part(engines, e, sid)
+        assert [ev["action"] for ev in part["events"]].count("session.end") == 1
+        assert part["events"][-1]["details"] == {"reason": "logout",
+                                                 "cause": "password_changed"}
+
+
 def test_the_server_registers_the_revocation_pass_with_the_reaper(make_config) -> None:
     import server
     from handlers.keys import ACCOUNTS, ENGINE

@@ -102,6 +102,10 @@ async def test_revoked_sessions_that_cannot_be_ended_get_one_line_not_one_each(
     lines = [r.getMessage() for r in caplog.records if "revoked" in r.getMessage()]
     assert len(lines) == 1, [*lines[:3], f"... {len(lines)} lines"]
     assert "20 revoked sessions not ended yet" in lines[0]
+    # It names one of them and why it was not ended.
+    named = lines[0].split("; ", 1)[1].split(" first: ")
+    assert named[0] in {x.session_id for x in logins}
+    assert named[1].startswith("the audit spool could not commit")
     await spool.submit(lambda w: w.conn.execute("PRAGMA max_page_count = 1073741823"),
                        needs_space=False)
     await wait_for(lambda: not any(spool.open_session(x.session_id) for x in logins),
