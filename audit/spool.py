@@ -366,8 +366,11 @@ def _split_oversized(conn: sqlite3.Connection, writer: Writer) -> None:
         # (A damaged event's text, which the cut reads for its hash: not JSON,
         # not an object, no hash. The start goes on; the part that holds it is
         # dead-lettered when it is sent, as any part with a damaged event.)
+        # (Not a damaged text's own words: "Could not decode to UTF-8 column
+        # 'json' with text '...'" quotes the event, a document's title say.)
         log.warning("sessions in progress could not be cut to the part limits: %s",
-                    type(exc).__name__ if not isinstance(exc, sqlite3.Error) else exc)
+                    type(exc).__name__ if not isinstance(exc, sqlite3.Error)
+                    else damage(exc) or exc)
         return
     if n:
         log.info("cut %d parts from sessions in progress to the (lowered) part limits", n)
