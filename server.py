@@ -73,6 +73,7 @@ from audit.spool import (
     stored_key_check,
     unsafe_dir,
     used_bytes,
+    without_text,
 )
 from audit.tokens import MIN_KEY_BYTES, TokenService
 from audit.verify import spool_anchor, verify_sink
@@ -388,11 +389,17 @@ async def _first_sink_attempt(engine: AuditEngine, wait: float = SINK_OPEN_WAIT)
         await asyncio.sleep(0.01)
 
 
+# Read as bytes: a text that is not UTF-8 (a flipped byte) is damaged as one
+# that is not JSON is, not an error quoting it from SQLite.
+SINK_STATUS_SQL = "SELECT CAST(value AS BLOB) FROM meta WHERE key = 'sink_status'"
+
+
 def saved_sink_status(row: tuple[Any, ...] | None) -> dict[str, Any] | None:
     """The sink's state a server last saved in the spool's ``meta`` (for
     ``status``), or None: none saved, or a row the spool holds damaged (not
-    JSON, not an object). Only a display: such a row stopped every start
-    and ``status`` with a traceback (the flusher reads its own rows so)."""
+    UTF-8, not JSON, not an object). Only a display: such a row stopped
+    every start and ``status`` with a traceback (the flusher reads its own
+    rows so)."""
     if row is None:
         return None
     try:
@@ -405,7 +412,7 @@ def saved_sink_status(row: tuple[Any, ...] | None) -> dict[str, Any] | None:
 async def _sink_switched(engine: AuditEngine) -> None:
     """Warn when the spool was last flushed to another sink type."""
     row = await engine.spool.read(
-        lambda c: c.execute("SELECT value FROM meta WHERE key = 'sink_status'").fetchone())
+        lambda c: c.execute(SINK_STATUS_SQL).fetchone())
     saved = saved_sink_status(row)
     if saved is None:
         return
@@ -1294,7 +1301,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     try:
         out = queries.counts(conn, time.time())
         out["spool_bytes"] = max(0, used_bytes(conn) - app_bytes(conn))
-        row = conn.execute("SELECT value FROM meta WHERE key = 'sink_status'").fetchone()
+        row = conn.execute(SINK_STATUS_SQL).fetchone()
     finally:
         conn.close()
     # The state a server last saved (with its saved_at): of the configured
@@ -1625,7 +1632,7 @@ def main(argv: list[str] | None = None) -> int:
         where = (f" (in {config.data_dir})" if config is not None
                  and isinstance(exc, sqlite3.Error) and not isinstance(exc, SpoolUnavailable)
                  else "")
-        _say(f"session-audit: {command}: {exc}{where}"
+        _say(f"session-audit: {command}: {without_text(exc)}{where}"
              " (SESSION_AUDIT_LOG_LEVEL=debug logs where it happened)")
         return 1
 

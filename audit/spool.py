@@ -90,12 +90,22 @@ def damage(exc: BaseException, path: Path | None = None) -> SpoolDamaged | None:
     if code is not None and code & 0xFF in _DAMAGE_CODES:
         err = SpoolDamaged(f"{spool} is damaged: {text}")
     elif text.startswith(_NOT_UTF8):
-        column = text[len(_NOT_UTF8):].split(" with text ", 1)[0][:80]
-        err = SpoolDamaged(f"{spool} is damaged: a text in column {column} is not UTF-8")
+        err = SpoolDamaged(f"{spool} is damaged: {without_text(exc)}")
     else:
         return None
     err.__cause__ = exc
     return err
+
+
+def without_text(exc: BaseException) -> str:
+    """``str(exc)``, but of SQLite's "Could not decode to UTF-8 column 'x'
+    with text '...'" only the column: the text it quotes is a damaged row's
+    (a document's title, a session's user), not for a log or a terminal."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.Error) and text.startswith(_NOT_UTF8):
+        column = text[len(_NOT_UTF8):].split(" with text ", 1)[0][:80]
+        return f"a text in column {column} is not UTF-8"
+    return text
 
 
 def resource_failure(exc: BaseException) -> SpoolUnavailable | None:
@@ -341,7 +351,7 @@ def _note_earlier_late(conn: sqlite3.Connection, writer: Writer) -> None:
             raise
     except sqlite3.Error as exc:
         log.warning("security events dead-lettered by an earlier release could not be"
-                    " noted: %s", exc)
+                    " noted: %s", without_text(exc))
         return
     if n:
         log.info("noted the place in the security chain of %d security events an earlier"
@@ -637,7 +647,8 @@ class Spool:
             await self._shutdown_threads()
             self._state = "closed"
             if isinstance(exc, sqlite3.DatabaseError):  # not a database, damaged
-                raise SpoolUnavailable(f"the spool {self.path} cannot be opened: {exc}") from exc
+                raise SpoolUnavailable(f"the spool {self.path} cannot be opened:"
+                                       f" {without_text(exc)}") from exc
             raise
         self._wake = asyncio.Event()
         self._state = "open"

@@ -385,8 +385,11 @@ def note_earlier_stretch(conn: sqlite3.Connection) -> None:
 
 
 def _note_earlier_stretch(conn: sqlite3.Connection) -> bool:
+    # sink_status as bytes: a damaged one (not UTF-8) is only not used below,
+    # not an error that stops the start quoting it.
     meta = dict(conn.execute(
-        "SELECT key, value FROM meta WHERE key IN"
+        "SELECT key, CASE key WHEN 'sink_status' THEN CAST(value AS BLOB) ELSE value END"
+        " FROM meta WHERE key IN"
         " ('sink_status', 'security_taken', 'security_stretch', 'security_head')"))
     if ("sink_status" not in meta or "security_head" not in meta
             or "security_taken" in meta or "security_stretch" in meta):

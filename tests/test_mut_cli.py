@@ -282,12 +282,14 @@ def test_drain_that_leaves_what_it_cannot_read_pending_does_not_say_drained(
     assert "is damaged: database disk image is malformed" in err
 
 
-@pytest.mark.parametrize("damaged", ['{"type": "sqlite", "whe', "[1, 2]"])
+@pytest.mark.parametrize("damaged", ['{"type": "sqlite", "whe', "[1, 2]",
+                                     b'{"type": "sqlite", "where": "Q3 layoffs \xff"}'])
 async def test_a_damaged_saved_sink_state_stops_neither_serve_nor_status(
         make_api: MakeApi, capsys: pytest.CaptureFixture[str],  # noqa: F811
-        damaged: str) -> None:
+        damaged: str | bytes) -> None:
     """The sink's state a server saves in the spool for ``status`` (meta
-    ``sink_status``), its text damaged (a flipped byte, cut short): every
+    ``sink_status``), its text damaged (a flipped byte, cut short; as bytes:
+    stored as text that is not UTF-8, which SQLite's error quoted): every
     start failed with a JSONDecodeError (or AttributeError) traceback, exit
     1, and so did ``status``. Only a display: the server starts, status
     shows the configured sink, and the next save replaces the row."""
@@ -295,8 +297,8 @@ async def test_a_damaged_saved_sink_state_stops_neither_serve_nor_status(
     config = api.config
     await api.client.close()
     with sqlite3.connect(config.spool_path) as conn:
-        conn.execute("INSERT INTO meta (key, value) VALUES ('sink_status', ?) ON CONFLICT (key)"
-                     " DO UPDATE SET value = excluded.value", (damaged,))
+        conn.execute("INSERT INTO meta (key, value) VALUES ('sink_status', CAST(? AS TEXT))"
+                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (damaged,))
     conn.close()
 
     path = config.data_dir.parent / "config.toml"
@@ -308,3 +310,22 @@ async def test_a_damaged_saved_sink_state_stops_neither_serve_nor_status(
     restarted = await make_api(server={"data_dir": str(config.data_dir)})
     resp = await restarted.client.get("/healthz")
     assert resp.status == 200
+
+
+async def test_a_command_stopped_by_a_text_that_is_not_utf8_does_not_quote_it(
+        make_api: MakeApi, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """A command that meets a damaged text (not UTF-8) ends in one line, as
+    for other damage, naming the column: SQLite's words quoted the text."""
+    api = await make_api()
+    config = api.config
+    await api.user("alice")
+    await api.client.close()
+    with sqlite3.connect(config.spool_path) as conn:
+        conn.execute("UPDATE users SET username = CAST(? AS TEXT) WHERE username = 'alice'",
+                     (b"alice Q3 layoffs \xff",))
+    conn.close()
+    path = config.data_dir.parent / "config.toml"
+    path.write_text(f'[server]\ndata_dir = "{config.data_dir}"\n', encoding="utf-8")
+    code, out, err = _run(capsys, "users", "--config", str(path))
+    assert code == 1 and "layoffs" not in out + err, (out, err)
+    assert "a text in column 'username' is not UTF-8" in err

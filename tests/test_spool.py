@@ -833,3 +833,23 @@ async def test_a_file_that_is_not_a_spool_is_refused_and_left_as_it_is(tmp_path,
     assert not sp.is_open
     await sp.close()  # (safe after a failed open)
     assert path.read_bytes() == junk
+
+
+async def test_a_text_that_is_not_utf8_stops_the_open_without_being_quoted(tmp_path, audit_key):
+    """A damaged text the open reads (an open session's user, a flipped
+    byte) refuses the spool in words naming the column: SQLite's own error
+    quoted the row's text ("... with text '...'") into the start's last line."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    await sp.open()
+    await sp.submit(lambda w: w.start_session("u", "user", 1e12, []))
+    await sp.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE sessions SET user = CAST(? AS TEXT)", (b"Q3 layoffs \xff",))
+    conn.close()
+    sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
+    with pytest.raises(SpoolUnavailable) as err:
+        await sp.open()
+    assert "layoffs" not in str(err.value)
+    assert str(err.value).endswith("cannot be opened: a text in column 'user' is not UTF-8")
+    await sp.close()
