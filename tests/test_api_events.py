@@ -66,6 +66,7 @@ BAD = [
     ({"action": 7}, "not a string"),
     ({}, "missing action"),
     ({"action": "client.a", "details": "x"}, "details not an object"),
+    ({"action": "client.a", "details": ["x"]}, "details a list"),
     ({"action": "client.a", "details": {"k": "v" * 4096}}, "details over 4 KiB"),
     ({"action": "client.a", "target": "doc"}, "target not an object"),
     ({"action": "client.a", "target": {"type": "doc"}}, "target without id"),
