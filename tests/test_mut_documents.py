@@ -193,6 +193,8 @@ async def test_client_event_target_shape(api: Api, target: dict[str, Any]) -> No
     ({"$x": {"y": 1}}, "'$'"),
     ({"a": {"x": 1}, "b": {"$ref": "orders", "$id": 1}}, "'$'"),
     ({"a": [], "b": nested(32)}, "32 levels"),  # 33 levels, beside a shallow list
+    ({"a": {"$ref": "orders"}, "z": 1}, "'$'"),  # beside a number
+    ({"a": nested(32), "z": "s"}, "32 levels"),
 ])
 async def test_client_details_are_checked_whole(
     api: Api, details: dict[str, Any], why: str
@@ -207,3 +209,4 @@ async def test_client_details_are_checked_whole(
     ev = (await api.events(alice.session_id))[-1]
     assert (ev["action"], ev["outcome"], ev["details"]) == (
         "client.rejected", "failure", {"reason": "invalid_request"})
+
