@@ -268,14 +268,19 @@ async def update_document(request: web.Request) -> web.Response:
                               message=f"the document is at version {version}")
         title = fields.get("title", row[1])
         content = fields.get("content", row[2])
+        # Never before the document's last change (nor so its creation): a
+        # wall clock stepped back (NTP) made updated_at < created_at, and the
+        # listing, newest first, put the update below older ones. (RFC 3339
+        # texts of one width compare as their times do.)
+        stamp = max(now, row[6]) if isinstance(row[6], str) else now
         conn.execute(
             "UPDATE documents SET title = ?, content = ?, version = ?, updated_at = ?"
             " WHERE id = ?",
-            (title, content, version + 1, now, doc_id),
+            (title, content, version + 1, stamp, doc_id),
         )
         d.details = {"version": version + 1, "fields": sorted(k for k in fields
                                                              if k != "version")}
-        return (doc_id, title, content, row[3], version + 1, row[5], now)
+        return (doc_id, title, content, row[3], version + 1, row[5], stamp)
 
     row = await _record(request, draft, change)
     return json_response(document_json(row))

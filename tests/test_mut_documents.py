@@ -65,6 +65,32 @@ async def test_an_update_changes_what_it_names_and_moves_updated_at(api: Api) ->
     assert api.documents_in_db() == [(doc["id"], "Renamed", "Body text.", "alice", 4)]
 
 
+async def test_an_update_under_a_clock_stepped_back_is_not_dated_before_the_last(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wall clock stepped back an hour (NTP) between two updates: the
+    second is dated no earlier than the first (it was an hour before it, and
+    before the document's creation), and stays first in the listing."""
+    from types import SimpleNamespace
+
+    from handlers import documents
+
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="Notes", content="Body text.")
+    other = await api.create_doc(alice, title="Other", content="x")
+    url = f"/documents/{doc['id']}"
+    first = await (await api.client.put(url, json={"content": "one"},
+                                        headers=alice.headers)).json()
+    monkeypatch.setattr(documents, "time", SimpleNamespace(time=lambda: time.time() - 3600))
+    resp = await api.client.put(url, json={"content": "two"}, headers=alice.headers)
+    assert resp.status == 200
+    second = await resp.json()
+    assert second["version"] == 3
+    assert second["updated_at"] >= first["updated_at"] >= doc["created_at"]
+    listed = await (await api.client.get("/documents", headers=alice.headers)).json()
+    assert [d["id"] for d in listed["documents"]][:2] == [doc["id"], other["id"]]
+
+
 async def test_the_listing_is_most_recently_updated_first(api: Api) -> None:
     """openapi.yaml: "Documents, most recently updated first"."""
     alice = await api.user("alice")
