@@ -919,19 +919,21 @@ def mongodb_uri_set(config: Config) -> None:
 
 
 def ai_credentials_single(config: Config) -> None:
-    """ai.openai.base_url with a user and password (sent as Basic auth) and
-    an API key set (sent as a Bearer token) both make the Authorization
-    header: aiohttp refuses such a request, and every chat got 502 (else
+    """ai.openai.base_url with a user and password, or a user alone (a
+    gateway's token: ``https://TOKEN@host``), sent as Basic auth, and an API
+    key set (sent as a Bearer token) both make the Authorization header:
+    aiohttp refuses such a request, and every chat got 502 (else
     :class:`StartupError`, naming neither secret)."""
     ai = config.ai.openai
     if config.ai.provider != "openai" or not ai.api_key_env:
         return
     try:
-        userinfo = urlsplit(ai.base_url).password is not None
+        parts = urlsplit(ai.base_url)
+        userinfo = bool(parts.username) or parts.password is not None
     except ValueError:
         return  # (the config's own check says what is wrong with it)
     if userinfo and (os.environ.get(ai.api_key_env) or "").strip():
-        raise StartupError(f"ai.openai.base_url holds a user and password (sent as Basic auth)"
+        raise StartupError(f"ai.openai.base_url holds a user or password (sent as Basic auth)"
                            f" and {ai.api_key_env} is set (sent as a Bearer token): both would"
                            " be the Authorization header; use one (ai.openai.api_key_env ="
                            " \"\" sends no key)")
