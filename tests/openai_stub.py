@@ -5,8 +5,9 @@
 ``"ok"``, ``"error"`` (HTTP 500 with an OpenAI-style error body), ``"slow"``
 (holds the request until the stub stops, so the client times out),
 ``"held"`` (sets ``arrived``, then answers normally once ``gate`` is set),
-``"garbage"`` (200 with a body that is not a completion), ``"raw"`` (200
-with ``raw_body``, bytes as they are: odd completions) or ``"raw_chunked"``
+``"garbage"`` (200 with a body that is not a completion), ``"raw"``
+(``raw_status``, 200 unless set, with ``raw_body``, bytes as they are: odd
+completions) or ``"raw_chunked"``
 (the same, chunked: no Content-Length). Every request is kept
 in ``requests`` for assertions.
 """
@@ -26,6 +27,7 @@ class OpenAIStub:
         self.api_key = api_key
         self.mode = "ok"
         self.raw_body = b""
+        self.raw_status = 200
         self.requests: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
         self._release = asyncio.Event()
@@ -72,7 +74,8 @@ class OpenAIStub:
         if self.mode == "garbage":
             return web.json_response({"unexpected": True})
         if self.mode == "raw":
-            return web.Response(body=self.raw_body, content_type="application/json")
+            return web.Response(body=self.raw_body, status=self.raw_status,
+                                content_type="application/json")
         if self.mode == "raw_chunked":  # raw_body without a Content-Length
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             resp.enable_chunked_encoding()
