@@ -3,7 +3,10 @@ an OpenAI-compatible provider played by a real server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from api_fixtures import MakeApi, api_config, expect_error, make_api
 from openai_stub import OpenAIStub
 
 import server
+from handlers.keys import AI
 
 __all__ = ["make_api"]
 
@@ -273,3 +277,49 @@ async def test_a_failing_provider_is_logged_once_a_minute_not_each_chat(
     assert [e["details"]["error"] for e in events] == ["provider answered HTTP 500"] * 3
     warned = [r for r in caplog.records if r.getMessage().startswith("AI provider unavailable")]
     assert len(warned) == 1
+
+
+def _notes(api: Any) -> list[str]:
+    """The spool's notes of chats under way (read as another process would)."""
+    with contextlib.closing(sqlite3.connect(api.config.spool_path)) as spool:
+        return [k for (k,) in spool.execute("SELECT key FROM meta WHERE key LIKE 'begun:%'")]
+
+
+async def test_a_chat_is_noted_while_the_provider_has_it_and_its_record_ends_the_note(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: the chat is noted in the spool before the document goes, and
+    its record deletes the note, whatever the outcome. A note left behind
+    is recorded again at the next start as "interrupted": a chat that
+    succeeded, failed at the provider or hit a provider bug would have two
+    records (a mutation review: only the shutdown's cut-off chat, in a
+    subprocess test, checked the note was gone)."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "")
+    api = await make_api(ai={"provider": "openai", "openai": {
+        "base_url": stub.base_url, "api_key_env": "TEST_OPENAI_KEY"}})
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    url = f"/documents/{doc['id']}/chat"
+    stub.mode = "held"
+    chat = asyncio.ensure_future(api.client.post(url, json={"message": "hi"},
+                                                 headers=alice.headers))
+    await asyncio.wait_for(stub.arrived.wait(), 10)
+    assert len(_notes(api)) == 1  # while the provider has the document
+    stub.gate.set()
+    assert (await chat).status == 200
+    assert _notes(api) == []
+    stub.mode = "error"
+    await expect_error(await api.client.post(url, json={"message": "hi"},
+                                             headers=alice.headers), 502, "ai_unavailable")
+    assert _notes(api) == []
+
+    async def broken(title: str, document: str, message: str) -> Any:
+        raise RuntimeError("a provider bug")
+
+    monkeypatch.setattr(api.app[AI], "answer", broken)
+    await expect_error(await api.client.post(url, json={"message": "hi"},
+                                             headers=alice.headers), 500, "internal_error")
+    assert _notes(api) == []
+    events = [e for e in await api.events(alice.session_id) if e["action"] == "ai.interaction"]
+    assert [(e["outcome"], e["details"].get("reason")) for e in events] == [
+        ("success", None), ("failure", "ai_unavailable"), ("failure", "internal_error")]
