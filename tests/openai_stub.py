@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 
@@ -99,3 +101,12 @@ class OpenAIStub:
                       "completion_tokens": len(reply.split()),
                       "total_tokens": prompt_tokens + len(reply.split())},
         })
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[OpenAIStub]:
+    """A started stub without an API key of its own (import it as a fixture)."""
+    s = OpenAIStub()
+    await s.start()
+    yield s
+    await s.stop()

@@ -257,6 +257,22 @@ async def test_session_audit_jwt_secret_is_the_token_key(
 # -- audit.ack ---------------------------------------------------------------------
 
 
+async def _hold_writer(spool: Any) -> tuple[Any, Any]:
+    """The spool's writer held in a commit until the gate (a
+    ``threading.Event``) is set; returns it and the holding job's future."""
+    import threading
+
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> None:
+        holding.set()
+        gate.wait(30)
+
+    held = spool.submit_nowait(hold, needs_space=False)
+    await wait_for(holding.is_set, message="the writer held in a commit")
+    return gate, held
+
+
 @pytest.mark.parametrize("ack", ["durable", "fast"])
 async def test_client_events_are_answered_before_their_commit_under_ack_fast(
     make_api: MakeApi, ack: str
@@ -267,20 +283,12 @@ async def test_client_events_are_answered_before_their_commit_under_ack_fast(
     events are committed when the writer goes on; "durable" answers only
     after the commit. (Client events waited for their commit whatever ack said.)"""
     import asyncio
-    import threading
 
     api = await make_api(audit={"ack": ack})
     alice = await api.user("alice")
     spool = api.engine.spool
-    gate, holding = threading.Event(), threading.Event()
-
-    def hold(_: Any) -> None:
-        holding.set()
-        gate.wait(30)
-
-    held = spool.submit_nowait(hold, needs_space=False)
+    gate, held = await _hold_writer(spool)
     try:
-        await wait_for(holding.is_set, message="the writer held in a commit")
         post = asyncio.ensure_future(api.client.post(
             "/audit/events", json=[{"action": "client.a"}, {"action": "client.b"}],
             headers=alice.headers))
@@ -310,22 +318,14 @@ async def test_under_ack_fast_events_whose_session_ended_before_their_commit_are
     lost. It goes to the security stream as ``auth.session_ended``, as a
     chat's record does."""
     import asyncio
-    import threading
 
     from audit.events import Draft
 
     api = await make_api(audit={"ack": "fast"})
     alice = await api.user("alice")
     spool = api.engine.spool
-    gate, holding = threading.Event(), threading.Event()
-
-    def hold(_: Any) -> None:
-        holding.set()
-        gate.wait(30)
-
-    held = spool.submit_nowait(hold, needs_space=False)
+    gate, held = await _hold_writer(spool)
     try:
-        await wait_for(holding.is_set, message="the writer held in a commit")
         logout = asyncio.ensure_future(api.client.post("/logout", headers=alice.headers))
         await wait_for(lambda: bool(spool._pending), message="the logout queued")
         resp = await asyncio.wait_for(api.client.post(

@@ -27,6 +27,17 @@ async def stored_part(engines: Any, engine: Any, session_id: str) -> dict[str, A
     return part
 
 
+async def _fill(e: Any, sid: str) -> None:
+    """Record padded events in ``sid`` until the spool is full."""
+    pad = {"pad": "p" * 4000}
+    for _ in range(200):
+        if e.spool.full:
+            break
+        await e.record(sid, Draft("document.list", details=pad))
+    assert e.spool.full
+
+
+
 @pytest.mark.parametrize(
     ("ttl", "idle", "max_len", "reason", "ends_after"),
     [
@@ -262,12 +273,7 @@ async def test_a_full_spool_still_takes_a_revocation(make_config, engines, fake_
     alice = (await e.start_session("alice", "user", SRC, 3600)).session_id
     bob = (await e.start_session("bob", "user", Source(user="bob", role="user"),
                                  3600)).session_id
-    pad = {"pad": "p" * 4000}
-    for _ in range(200):
-        if e.spool.full:
-            break
-        await e.record(bob, Draft("document.list", details=pad))
-    assert e.spool.full
+    await _fill(e, bob)
     with contextlib.closing(connect(config.spool_path, "normal")) as conn:
         add_user_sync(conn, "alice", "a-password-1", "user", 4)
         assert change_user_sync(conn, "alice", disabled=True)
@@ -487,12 +493,7 @@ async def test_a_full_spool_still_takes_the_reapers_seals_and_checkpoints(
     leaving = (await e.start_session("carol", "user", SRC, 3600)).session_id
     fake_clock.advance(35)
     await e.record(leaving, Draft("document.list"))
-    pad = {"pad": "p" * 4000}
-    for _ in range(200):
-        if e.spool.full:
-            break
-        await e.record(busy, Draft("document.list", details=pad))
-    assert e.spool.full
+    await _fill(e, busy)
     with pytest.raises(SpoolFull):
         await e.record(busy, Draft("document.list"))
     fake_clock.advance(30)  # alice idle 65 s; bob's and carol's first uncut events 65 s old

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 from api_fixtures import MakeApi, make_api
 from live_server import free_port
-from openai_stub import OpenAIStub
+from openai_stub import OpenAIStub, stub
 from waiting import wait_for
 
 import server
@@ -45,7 +45,7 @@ from audit.store import Writer
 from handlers import requests
 from handlers.admin import operational_reserve
 
-__all__ = ["make_api"]
+__all__ = ["make_api", "stub"]
 
 EVENTS = 100
 DETAILS = 4000  # bytes of details an event, about API.md's 4 KiB
@@ -105,14 +105,6 @@ async def test_requests_taken_while_a_commit_runs_stay_within_the_spools_limit(
     assert spool.full
     resp = await api.client.get("/readyz")
     assert resp.status == 503
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[OpenAIStub]:
-    s = OpenAIStub()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 async def test_one_users_many_chats_leave_slots_for_the_others(

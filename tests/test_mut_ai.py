@@ -7,28 +7,19 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from api_fixtures import MakeApi, api_config, expect_error, make_api
-from openai_stub import OpenAIStub
+from openai_stub import OpenAIStub, stub
 
 import server
 from handlers.keys import AI
 
-__all__ = ["make_api"]
+__all__ = ["make_api", "stub"]
 
 DOC = "The reactor uses heavy water. Maintenance happens every spring."
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[OpenAIStub]:
-    s = OpenAIStub()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 async def _chat(make_api: MakeApi, base_url: str) -> tuple[Any, list[dict[str, Any]]]:

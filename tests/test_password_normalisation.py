@@ -81,6 +81,17 @@ async def test_a_hash_of_a_password_as_given_before_normalising_still_logs_in(ap
         await expect_error(resp, 401, "invalid_credentials")
 
 
+def _stored_hash(tmp_path: Path, user: str) -> str:
+    """``user``'s password hash as the spool holds it."""
+    conn = sqlite3.connect(tmp_path / "data" / "spool.db")
+    try:
+        (stored,) = conn.execute(
+            "SELECT password_hash FROM users WHERE username = ?", (user,)).fetchone()
+    finally:
+        conn.close()
+    return str(stored)
+
+
 async def test_an_unknown_user_costs_the_checks_a_known_users_wrong_password_does(
     api: Api, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -140,21 +151,11 @@ def test_min_password_chars_counts_the_normalised_text(
     assert code == 0, err
     code, err = cli("passwd", "carol", stdin=nfd)
     assert code == 2 and "at least 10 characters" in err, err
-    conn = sqlite3.connect(tmp_path / "data" / "spool.db")
-    try:
-        (stored,) = conn.execute(
-            "SELECT password_hash FROM users WHERE username = 'carol'").fetchone()
-    finally:
-        conn.close()
+    stored = _stored_hash(tmp_path, "carol")
     assert check_password(enough, stored)  # set as NFD, checked as NFC
     code, err = cli("passwd", "carol", stdin=enough + "x")
     assert code == 0, err
-    conn = sqlite3.connect(tmp_path / "data" / "spool.db")
-    try:
-        (stored,) = conn.execute(
-            "SELECT password_hash FROM users WHERE username = 'carol'").fetchone()
-    finally:
-        conn.close()
+    stored = _stored_hash(tmp_path, "carol")
     assert check_password(unicodedata.normalize("NFD", enough + "x"), stored)
     monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, unicodedata.normalize("NFD", enough))
     assert server.admin_password_from_env(10) is not None
