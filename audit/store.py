@@ -1340,9 +1340,11 @@ class Writer:
         start; its end is still checked), unless ``ids`` hold the chain's
         first event (id 1: ids count up from it)."""
         newest = max(ids)
+        # (sink_status only as there or not, as bytes: a damaged one, not
+        # UTF-8, is a display; read as text, it stopped the spool.)
         meta = dict(self.conn.execute(
-            "SELECT key, value FROM meta"
-            " WHERE key IN ('security_stretch', 'security_taken', 'sink_status')"))
+            "SELECT key, CASE key WHEN 'sink_status' THEN CAST(value AS BLOB) ELSE value END"
+            " FROM meta WHERE key IN ('security_stretch', 'security_taken', 'sink_status')"))
         taken = _taken(meta.get("security_taken"))
         if taken is not None and newest <= taken[0]:
             return

@@ -246,3 +246,31 @@ async def test_the_newest_event_removed_from_the_sink_in_use_is_one_finding(
         "the sink lacks this server's newest security events: its chain there ends before"
         " where the spool has it (they were removed, or the spool and the sink do not"
         " belong together)"]
+
+
+async def test_a_saved_sink_state_that_is_not_utf8_does_not_stop_the_security_flush(
+    make_config: Any, engines: Any
+) -> None:
+    """The sink's state saved for ``status`` (meta ``sink_status``), damaged
+    into a text that is not UTF-8 (a flipped byte): only a display, the
+    start goes on (see test_mut_cli). But noting a sink's stretch read it as
+    text: the first security event stored after the start failed with
+    SQLite's decode error, and the spool was declared damaged (readyz 503
+    for good, "stop the server and repair the file"), its event left
+    pending though the sink had it."""
+    a = make_config(flush=FLUSH)
+    engine = await engines.open(a, SqliteSink(a.sqlite_sink_path))
+    await _failed_logins(engines, engine, ["a0"])
+    await engines.close(engine)
+    with contextlib.closing(sqlite3.connect(a.spool_path)) as c, c:
+        c.execute("INSERT INTO meta (key, value) VALUES ('sink_status', CAST(? AS TEXT))"
+                  " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                  (b'{"type": "sqlite", "where": "Q3 layoffs \xff"}',))
+    engine = await engines.open(a, SqliteSink(a.sqlite_sink_path))
+    await _failed_logins(engines, engine, ["b0"])
+    assert engine.spool.is_open
+    with contextlib.closing(sqlite3.connect(a.spool_path)) as c:
+        assert c.execute("SELECT count(*) FROM security_events"
+                         " WHERE state = 'pending'").fetchone() == (0,)
+    with contextlib.closing(sqlite3.connect(a.sqlite_sink_path)) as c:
+        assert c.execute("SELECT count(*) FROM security_events").fetchone() == (2,)
