@@ -170,9 +170,11 @@ class OpenAIProvider:
 
 def _userinfo_secrets(url: str) -> set[str]:
     """The password of ``url``'s ``user:password@`` as written and decoded,
-    and the ``Authorization: Basic`` credential aiohttp makes of them."""
+    and the ``Authorization: Basic`` credential aiohttp makes of them.
+    Without a password, the user (a gateway's token: ``TOKEN@``) is it."""
     try:
-        password = urlsplit(url).password
+        parts = urlsplit(url)
+        password = parts.password or parts.username
         auth = aiohttp.BasicAuth.from_url(URL(url))
         basic = auth.encode().partition(" ")[2] if auth is not None else ""
     except (ValueError, UnicodeError):  # then no request goes out either

@@ -314,3 +314,26 @@ async def test_a_chat_is_noted_while_the_provider_has_it_and_its_record_ends_the
     events = [e for e in await api.events(alice.session_id) if e["action"] == "ai.interaction"]
     assert [(e["outcome"], e["details"].get("reason")) for e in events] == [
         ("success", None), ("failure", "ai_unavailable"), ("failure", "internal_error")]
+
+
+async def test_a_user_alone_in_the_url_echoed_by_the_provider_is_redacted(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway's token as the URL's user (``https://TOKEN@host``, no key
+    sent: the credential): a provider or proxy echoing it had it reach the
+    client and the record, as a password is not (only the password and the
+    Basic header's base64 were taken out)."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "")
+    token = "gw-token%2F1234"  # as written in the URL; gw-token/1234 decoded
+    stub.mode = "raw"
+    stub.raw_body = json.dumps({
+        "model": "m-gw-token/1234",
+        "choices": [{"message": {"role": "assistant",
+                                 "content": f"you are gw-token/1234, as written {token}"}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+    resp, (ev,) = await _chat(make_api, stub.base_url.replace("http://", f"http://{token}@"))
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["reply"] == "you are [redacted], as written [redacted]"
+    assert body["model"] == "m-[redacted]"
+    assert "gw-token" not in json.dumps(ev)
