@@ -384,11 +384,15 @@ def note_earlier_stretch(conn: sqlite3.Connection) -> None:
                  " release flushed to (for verify after a sink switch)")
 
 
+# A meta row's value, but sink_status's as bytes: the server's display of
+# its sink, which a reader only parses or looks for; a damaged one (not
+# UTF-8) is then not used, not an error that stops the spool quoting it.
+_META_VALUE = "CASE key WHEN 'sink_status' THEN CAST(value AS BLOB) ELSE value END"
+
+
 def _note_earlier_stretch(conn: sqlite3.Connection) -> bool:
-    # sink_status as bytes: a damaged one (not UTF-8) is only not used below,
-    # not an error that stops the start quoting it.
     meta = dict(conn.execute(
-        "SELECT key, CASE key WHEN 'sink_status' THEN CAST(value AS BLOB) ELSE value END"
+        f"SELECT key, {_META_VALUE}"
         " FROM meta WHERE key IN"
         " ('sink_status', 'security_taken', 'security_stretch', 'security_head')"))
     if ("sink_status" not in meta or "security_head" not in meta
@@ -1340,10 +1344,8 @@ class Writer:
         start; its end is still checked), unless ``ids`` hold the chain's
         first event (id 1: ids count up from it)."""
         newest = max(ids)
-        # (sink_status only as there or not, as bytes: a damaged one, not
-        # UTF-8, is a display; read as text, it stopped the spool.)
         meta = dict(self.conn.execute(
-            "SELECT key, CASE key WHEN 'sink_status' THEN CAST(value AS BLOB) ELSE value END"
+            f"SELECT key, {_META_VALUE}"
             " FROM meta WHERE key IN ('security_stretch', 'security_taken', 'sink_status')"))
         taken = _taken(meta.get("security_taken"))
         if taken is not None and newest <= taken[0]:

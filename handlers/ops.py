@@ -127,6 +127,18 @@ class SharedCounts:
 COUNTS = web.AppKey("spool_counts", SharedCounts)
 
 
+# The gauges of the spool's counts (SharedCounts): name, help, key.
+SPOOL_GAUGES = (
+    ("session_audit_active_sessions", "Open sessions", "active_sessions"),
+    ("session_audit_pending_parts", "Parts waiting for the sink", "pending_parts"),
+    ("session_audit_pending_security_events", "Security events waiting",
+     "pending_security_events"),
+    ("session_audit_dead_letter", "Dead-lettered parts and events", "dead_letter"),
+    ("session_audit_oldest_pending_age_seconds", "Age of the oldest pending item",
+     "oldest_pending_age_seconds"),
+)
+
+
 class EngineCollector(Collector):
     """Engine counters and spool gauges, read at scrape time."""
 
@@ -166,17 +178,9 @@ class EngineCollector(Collector):
             crashes.add_metric([task], e.task_crashes.get(task, 0))
         yield crashes
         # Not read (the spool damaged or failing): left out, not made up.
-        counts = {} if self.counts is None else self.counts
-        for name, doc, key in () if self.counts is None else (
-            ("session_audit_active_sessions", "Open sessions", "active_sessions"),
-            ("session_audit_pending_parts", "Parts waiting for the sink", "pending_parts"),
-            ("session_audit_pending_security_events", "Security events waiting",
-             "pending_security_events"),
-            ("session_audit_dead_letter", "Dead-lettered parts and events", "dead_letter"),
-            ("session_audit_oldest_pending_age_seconds", "Age of the oldest pending item",
-             "oldest_pending_age_seconds"),
-        ):
-            yield GaugeMetricFamily(name, doc, value=counts.get(key, 0))
+        if self.counts is not None:
+            for name, doc, key in SPOOL_GAUGES:
+                yield GaugeMetricFamily(name, doc, value=self.counts.get(key, 0))
         yield GaugeMetricFamily("session_audit_spool_bytes", "Bytes used in the spool",
                                 value=e.spool.spool_bytes)
         yield GaugeMetricFamily("session_audit_spool_max_bytes", "audit.spool_max_bytes",
