@@ -90,7 +90,7 @@ def damage(exc: BaseException, path: Path | None = None) -> SpoolDamaged | None:
     if code is not None and code & 0xFF in _DAMAGE_CODES:
         err = SpoolDamaged(f"{spool} is damaged: {text}")
     elif text.startswith(_NOT_UTF8):
-        err = SpoolDamaged(f"{spool} is damaged: {without_text(exc)}")
+        err = SpoolDamaged(f"{spool} is damaged: {forget_text(exc)}")
     else:
         return None
     err.__cause__ = exc
@@ -105,6 +105,17 @@ def without_text(exc: BaseException) -> str:
     if isinstance(exc, sqlite3.Error) and text.startswith(_NOT_UTF8):
         column = text[len(_NOT_UTF8):].split(" with text ", 1)[0][:80]
         return f"a text in column {column} is not UTF-8"
+    return text
+
+
+def forget_text(exc: BaseException) -> str:
+    """:func:`without_text`, and ``exc`` says no more itself: it is the cause
+    of what is raised for it, and a traceback logged of that (``reaper: ...
+    failed``, ``log.exception``) printed the cause's words, the damaged text
+    with them."""
+    text = without_text(exc)
+    if text != str(exc):
+        exc.args = (text,)
     return text
 
 

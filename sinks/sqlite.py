@@ -15,7 +15,14 @@ from typing import Any
 
 import aiosqlite
 
-from audit.spool import create_private, loose_dir, make_private_dirs, readonly_uri, unsafe_dir
+from audit.spool import (
+    create_private,
+    forget_text,
+    loose_dir,
+    make_private_dirs,
+    readonly_uri,
+    unsafe_dir,
+)
 
 from .base import (
     Doc,
@@ -172,7 +179,8 @@ async def _readable(name: str) -> AsyncIterator[None]:
     try:
         yield
     except sqlite3.Error as exc:
-        raise SinkUnreadable(f"sqlite sink: {name} cannot be read: {exc}") from exc
+        # (Not "... with text '...'": an audit record's text, for no log.)
+        raise SinkUnreadable(f"sqlite sink: {name} cannot be read: {forget_text(exc)}") from exc
     except (ValueError, RecursionError) as exc:  # json.loads (nested past its stack too)
         raise SinkUnreadable(f"sqlite sink: {name} holds a document that is not JSON:"
                              f" {exc}") from exc

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from api_fixtures import Api, MakeApi, expect_error, make_api  # noqa: F401
+from receiver import sample_security_event
+from waiting import wait_for
 
 
 def zero_pages(path: Path, table: str) -> list[int]:
@@ -265,3 +267,40 @@ async def test_a_wal_sqlite_cannot_read_past_a_damaged_frame_is_said_and_kept(
     assert "lost committed transactions at the last stop" in caplog.text
     (kept,) = normal.data_dir.glob("spool.db-wal.damaged-*")
     assert len(_commit_frames(kept)) == len(commits)
+
+
+async def test_a_damaged_text_is_not_quoted_by_a_logged_traceback(
+    make_api: MakeApi, caplog: Any,  # noqa: F811
+) -> None:
+    """A revocation row whose cause is not UTF-8 (a bad disk): the reaper's
+    hook and the server's check each logged the damage as a traceback every
+    second, and its cause, SQLite's "Could not decode to UTF-8 column 'cause'
+    with text '...'", quoted the text. The traceback names the column only.
+    So does the log line of a query the embedded sink cannot read."""
+    caplog.set_level(logging.INFO)
+    api: Api = await make_api()
+    admin = await api.admin()
+    with sqlite3.connect(api.config.spool_path) as conn:
+        conn.execute("INSERT INTO revocations (session_id, cause, created_ts)"
+                     " VALUES ('x', CAST(? AS TEXT), 0)", (b"secret payroll \xff",))
+    conn.close()
+
+    async def logged() -> bool | None:
+        return "end_revoked_sessions failed" in caplog.text or None
+
+    await wait_for(logged, message="the reaper's hook failing")
+    assert "column 'cause' is not UTF-8" in caplog.text
+    assert "payroll" not in caplog.text
+
+    await api.engine.sink.write_security_events([sample_security_event("e1")])
+    db = sqlite3.connect(api.config.sqlite_sink_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("UPDATE security_events SET doc = CAST(? AS TEXT) WHERE id = 'e1'",
+                   (b'{"title": "salaries 2027 \xff"}',))
+    finally:
+        db.close()
+    async with api.client.get("/audit/security-events", headers=admin.headers) as r:
+        assert r.status == 503, await r.text()
+    assert "column 'doc' is not UTF-8" in caplog.text
+    assert "salaries" not in caplog.text
