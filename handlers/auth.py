@@ -284,7 +284,10 @@ class Accounts:
                 failed.append((str(sid), result))
             elif result:
                 ended += 1
-                log.info("ended session %s: %s", sid, str(cause).replace("_", " "))
+                # (A cause this release does not know is any text the spool
+                # file holds: the log says what the trail does.)
+                said = cause if cause in CAUSES else "revoked"
+                log.info("ended session %s: %s", sid, said.replace("_", " "))
         if failed:
             left_out = self._revoke_log.allow("revoke")
             if left_out is not None:

@@ -214,7 +214,7 @@ async def test_the_first_change_before_the_pass_gives_the_cause(
     change not yet made). A change of both at once is a disable, and sets
     both. A cause this
     release does not know (a row of a later one) is recorded as ``revoked``,
-    not copied into the trail. Enabling a user ends none of their sessions.
+    not copied into the trail, nor into the log. Enabling a user ends none of their sessions.
     The pass says which session it ended, why."""
     import contextlib
 
@@ -239,8 +239,9 @@ async def test_the_first_change_before_the_pass_gives_the_cause(
         assert change_user_sync(conn, "erin", disabled=False)  # enable revokes nothing
     carol = await e.start_session("carol", "user", Source(user="carol", role="user"), 3600)
     await e.spool.submit(lambda w: w.conn.execute(
-        "INSERT INTO revocations (session_id, cause, created_ts) VALUES (?, 'sold', ?)",
-        (carol.session_id, fake_clock())), needs_space=False)
+        "INSERT INTO revocations (session_id, cause, created_ts) VALUES (?, ?, ?)",
+        (carol.session_id, "sold\nERROR a line of its own " + "x" * 300, fake_clock())),
+        needs_space=False)
     with caplog.at_level(logging.INFO, "session_audit.accounts"):
         assert await Accounts(e, 4).end_revoked_sessions() == 4
     for s, cause in ((alice, "password_changed"), (bob, "user_disabled"),
@@ -251,6 +252,9 @@ async def test_the_first_change_before_the_pass_gives_the_cause(
     said = [r.getMessage() for r in caplog.records if r.name == "session_audit.accounts"]
     assert f"ended session {alice.session_id}: password changed" in said
     assert f"ended session {dora.session_id}: user disabled" in said
+    # (the unknown cause is a text from the spool file: not copied into the log either)
+    assert f"ended session {carol.session_id}: revoked" in said
+    assert not any("a line of its own" in m for m in said)
     users = await e.spool.read(lambda c: c.execute(
         "SELECT username, password_hash = ?, disabled FROM users ORDER BY username",
         (new_hash,)).fetchall())
