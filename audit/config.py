@@ -398,8 +398,9 @@ def _validate(config: Config) -> None:
 
 def _check_url(key: str, url: str) -> None:
     """An http(s) URL with a host and, if any, a valid port. The message
-    never quotes the URL: it may hold a password."""
-    if not url.startswith(("http://", "https://")):
+    never quotes the URL: it may hold a password. The scheme in any case
+    (RFC 3986: ``HTTPS://`` is ``https://``), as aiohttp takes it."""
+    if not url[:8].lower().startswith(("http://", "https://")):
         raise ConfigError(f"{key}: an http:// or https:// URL is required")
     try:
         parts = urlsplit(url)

@@ -1255,3 +1255,26 @@ async def test_a_409_body_that_arrives_in_pieces_is_read_whole(
     raw = await raw_server(answer)
     sink = await make_sink(raw.url)
     await sink.write_part(part)
+
+
+async def test_a_url_whose_scheme_is_in_capitals_is_taken(start_receiver: Start) -> None:
+    """A scheme is case-insensitive (RFC 3986 3.1), and aiohttp sends to
+    ``HTTP://host``: the start refused it ("an http:// or https:// URL is
+    required"). It is the same URL, and the same sink, as in lower case."""
+    from audit.config import parse_config, sink_identity
+
+    receiver, url = await start_receiver()
+    upper = "HTTP://" + url.removeprefix("http://")
+    config = parse_config({"sink": {"type": "http", "http": {"url": upper}}})
+    assert sink_identity(config) == sink_identity(
+        parse_config({"sink": {"type": "http", "http": {"url": url}}}))
+    ai = parse_config({"ai": {"provider": "openai",
+                              "openai": {"base_url": "HttpS://ai.example/v1"}}})
+    assert ai.ai.openai.base_url == "HttpS://ai.example/v1"
+    sink = HttpSink(config.sink.http)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("upper"))
+    finally:
+        await sink.close()
+    assert receiver.urls_seen[-1] == "/sessions"
