@@ -363,10 +363,12 @@ def _validate(config: Config) -> None:
         ("sink.sqlite.path", config.sink.sqlite.path, "sqlite_sink_path"),
         ("sink.jsonl.dir", config.sink.jsonl.dir, "jsonl_dir"),
     ):
-        if key.startswith("sink.") and key.split(".")[1] != config.sink.type:
-            continue  # (not used)
         if "\0" in value:  # TOML's \u0000: no path has one (Path.resolve raised ValueError)
+            # (Of a sink not in use too: a bad value, and it was resolved by
+            # handlers.errors.without_paths, a 500 for /readyz not ready.)
             raise ConfigError(f"{key}: must not contain a NUL character")
+        if key.startswith("sink.") and key.split(".")[1] != config.sink.type:
+            continue  # (not used: its file system is not looked at)
         try:
             getattr(config, path)
         except RuntimeError:  # Path.resolve on a loop of symbolic links (Python < 3.13)

@@ -73,9 +73,14 @@ def without_paths(text: str, config: Config) -> str:
     """``text`` without the server's own file paths (data dir, spool, sink
     file or directory) and without quoted absolute paths: API.md lets no
     file path reach a client (the log and ``server.py status`` keep them)."""
-    for path in sorted({str(config.data_dir), str(config.sqlite_sink_path),
-                        str(config.sqlite_sink_path.parent), str(config.jsonl_dir),
-                        str(config.spool_path)}, key=len, reverse=True):
+    paths = {str(config.data_dir), str(config.spool_path)}
+    # The sink in use only: another's path is in no text, and is not checked
+    # at start (a loop of symbolic links there raised RuntimeError: a 500).
+    if config.sink.type == "sqlite":
+        paths |= {str(config.sqlite_sink_path), str(config.sqlite_sink_path.parent)}
+    elif config.sink.type == "jsonl":
+        paths.add(str(config.jsonl_dir))
+    for path in sorted(paths, key=len, reverse=True):
         text = text.replace(path, "<path>")
     return _QUOTED_PATH.sub("'<path>'", text)
 

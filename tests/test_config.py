@@ -180,6 +180,9 @@ def test_unknown_key_is_named(data, key):
         ({"server": {"data_dir": "data\0x"}}, "server.data_dir"),
         ({"sink": {"sqlite": {"path": "a\0.db"}}}, "sink.sqlite.path"),
         ({"sink": {"type": "jsonl", "jsonl": {"dir": "j\0"}}}, "sink.jsonl.dir"),
+        # (of a sink not in use too: a 500 for /readyz not ready, which resolved it)
+        ({"sink": {"jsonl": {"dir": "j\0"}}}, "sink.jsonl.dir"),
+        ({"sink": {"type": "jsonl", "sqlite": {"path": "a\0.db"}}}, "sink.sqlite.path"),
         # From a review: values that passed here and failed later, or forever.
         ({"auth": {"token_ttl_seconds": 10**12}}, "auth.token_ttl_seconds"),  # login 500
         ({"flush": {"backoff_max_seconds": 1e12}}, "flush.backoff_max_seconds"),

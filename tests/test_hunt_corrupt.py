@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +305,26 @@ async def test_a_damaged_text_is_not_quoted_by_a_logged_traceback(
         assert r.status == 503, await r.text()
     assert "column 'doc' is not UTF-8" in caplog.text
     assert "salaries" not in caplog.text
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="resolve() no longer raises on a loop")
+async def test_a_loop_in_the_path_of_a_sink_not_in_use_is_no_500(
+    make_api: MakeApi, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The path of a sink not in use is not looked at by the start; the
+    reason of /readyz not ready (a damaged spool here), made path-free,
+    resolved it anyway: a loop of symbolic links there was RuntimeError, a
+    500 for an unauthenticated probe."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    api: Api = await make_api(sink={"type": "sqlite", "jsonl": {"dir": str(tmp_path / "a/j")}})
+    with sqlite3.connect(api.config.spool_path) as conn:
+        conn.execute("INSERT INTO revocations (session_id, cause, created_ts)"
+                     " VALUES ('x', CAST(X'FF' AS TEXT), 0)")
+    conn.close()
+
+    async def not_ready() -> int | None:
+        resp = await api.client.get("/readyz")
+        return resp.status if resp.status != 200 else None
+
+    assert await wait_for(not_ready, message="/readyz not ready") == 503
