@@ -53,7 +53,7 @@ from audit.config import (
     sink_where,
 )
 from audit.engine import AuditEngine
-from audit.logthrottle import LogThrottle, more
+from audit.logthrottle import FailingPass, LogThrottle, more
 from audit.logwriter import BackgroundStderr
 from audit.middleware import PUBLIC, TRUSTED_PROXIES, client_ip, session_middleware
 from audit.rollback import catch_up_security_chain
@@ -450,25 +450,29 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("stopped")
 
 
-async def _end_revoked_sessions(accounts: Accounts) -> None:
+async def _revocation_pass(accounts: Accounts, said: FailingPass) -> None:
+    try:
+        await accounts.end_revoked_sessions()
+    except Exception as exc:  # a stopped check would leave revoked sessions open: go on
+        said.failed(exc)  # (each second while a damaged spool lasts: not in full)
+    else:
+        said.succeeded()
+
+
+async def _end_revoked_sessions(accounts: Accounts, said: FailingPass) -> None:
     """For as long as the server runs: end the sessions of users that
     ``passwd`` or ``disable`` changed beside it, within about a second."""
     while True:
-        try:
-            await accounts.end_revoked_sessions()
-        except Exception:  # a stopped check would leave revoked sessions open: go on
-            log.exception("looking for sessions of disabled or changed users failed")
+        await _revocation_pass(accounts, said)
         await asyncio.sleep(REVOKE_CHECK_SECONDS)
 
 
 async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     # Sessions revoked while the server was down end before it serves: the
     # task below races the first requests (a disabled user's token worked).
-    try:
-        await app[ACCOUNTS].end_revoked_sessions()
-    except Exception:  # the task tries again
-        log.exception("looking for sessions of disabled or changed users failed")
-    task = asyncio.create_task(_end_revoked_sessions(app[ACCOUNTS]), name="revocations")
+    said = FailingPass(log, "looking for sessions of disabled or changed users")
+    await _revocation_pass(app[ACCOUNTS], said)  # (failed: the task tries again)
+    task = asyncio.create_task(_end_revoked_sessions(app[ACCOUNTS], said), name="revocations")
     # The unknown users' hash, made while the server already serves.
     dummy = asyncio.create_task(app[ACCOUNTS].prepare(), name="dummy-hash")
     try:

@@ -23,7 +23,7 @@ from . import queries
 from .config import Config, open_window, sink_identity, sink_where
 from .events import Draft, Source, format_ts
 from .flusher import Flusher
-from .logthrottle import LogThrottle, more
+from .logthrottle import FailingPass, LogThrottle, more
 from .metrics import Stats
 from .ratelimit import FloodGuard
 from .spool import JOB_BYTES, Spool, SpoolClosed, SpoolFull, SpoolUnavailable
@@ -148,6 +148,7 @@ class AuditEngine:
         self._restarts: dict[str, asyncio.TimerHandle] = {}
         self._closing = False
         self._reaper_log = LogThrottle()
+        self._hook_logs: dict[str, FailingPass] = {}  # before_reap hook -> its log
         self._fast_log = LogThrottle()  # events lost under ack = "fast"
         self.beside_server = beside_server
 
@@ -650,10 +651,17 @@ class AuditEngine:
         revoked (``passwd``, ``disable``) end as they did then, with their
         cause, before a deadline that came later could claim them."""
         for hook in self.before_reap:
+            name = str(getattr(hook, "__name__", hook))
+            said = self._hook_logs.get(name)
+            if said is None:
+                said = self._hook_logs[name] = FailingPass(
+                    log, f"reaper: {name}", LogThrottle(clock=self.monotonic))
             try:
                 await hook()
-            except Exception:  # the reaping goes on; the hook's rows wait
-                log.exception("reaper: %s failed", getattr(hook, "__name__", hook))
+            except Exception as exc:  # the reaping goes on; the hook's rows wait
+                said.failed(exc)  # (each second while a damaged spool lasts: not in full)
+            else:
+                said.succeeded()
         now = self.clock()
         mono = self.monotonic()
         a = self.config.audit

@@ -5,6 +5,7 @@ left out meanwhile."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -41,3 +42,42 @@ class LogThrottle:
 def more(n: int) -> str:
     """`` (N more like it in the last minute)`` for a count left out, else ``""``."""
     return f" ({n} more like it since the last such line)" if n else ""
+
+
+class FailingPass:
+    """A pass that runs again on a timer (the reaper's hooks, the check for
+    revoked sessions) and fails on each while one cause lasts (a damaged
+    spool): its first failure of a kind is logged with its traceback, the
+    repeats at most once a :attr:`LogThrottle.every` seconds in one line
+    that counts them, and a line says when a pass succeeds again. Logged in
+    full every second, the same traceback filled an operator's log."""
+
+    def __init__(self, logger: logging.Logger, what: str,
+                 throttle: LogThrottle | None = None) -> None:
+        self.logger = logger
+        self.what = what
+        self.throttle = throttle or LogThrottle()
+        self.failures = 0  # in a row
+        self._told: set[str] = set()  # kinds logged with their traceback this time
+
+    def failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        kind = type(exc).__name__  # (a bounded set of keys)
+        left_out = self.throttle.allow(kind)
+        if left_out is None:
+            return
+        if kind not in self._told:
+            self._told.add(kind)
+            self.logger.error("%s failed", self.what, exc_info=exc)
+        else:  # (not its words: the first line had them, and a damaged text's may be in them)
+            self.logger.error("%s failed again, %d times in a row: %s, as logged before%s",
+                              self.what, self.failures, kind, more(left_out))
+
+    def succeeded(self) -> None:
+        if not self.failures:
+            return
+        self.logger.warning("%s succeeds again, after %d failed passes", self.what,
+                            self.failures)
+        self.failures = 0
+        self._told.clear()
+        self.throttle.reset()

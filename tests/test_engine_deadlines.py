@@ -482,6 +482,40 @@ async def test_a_failing_before_reap_hook_is_logged_and_the_reaping_goes_on(
     assert part["seal_reason"] == "idle_timeout"
 
 
+async def test_a_before_reap_hook_failing_on_every_pass_is_not_logged_in_full_each_time(
+    make_config, engines, fake_monotonic, caplog
+):
+    """The revocation pass on a damaged spool fails on every pass of the
+    reaper (each second): its traceback was logged each time. Now once,
+    then a line a minute counting the repeats, then one when it succeeds."""
+    e = await engines.open(make_config(), monotonic=fake_monotonic)
+    broken = [True]
+
+    async def revoke_pass() -> None:
+        if broken[0]:
+            raise RuntimeError("the revocations cannot be read")
+
+    e.before_reap.append(revoke_pass)
+    with caplog.at_level(logging.WARNING, logger="session_audit.engine"):
+        for _ in range(30):  # half a minute of passes
+            fake_monotonic.advance(1)
+            await e.reap_once()
+        (first,) = [r for r in caplog.records if r.name == "session_audit.engine"]
+        assert first.getMessage() == "reaper: revoke_pass failed" and first.exc_info
+        fake_monotonic.advance(31)
+        await e.reap_once()
+        broken[0] = False
+        await e.reap_once()
+        await e.reap_once()
+    lines = [r for r in caplog.records if r.name == "session_audit.engine"]
+    assert [r.getMessage() for r in lines[1:]] == [
+        "reaper: revoke_pass failed again, 31 times in a row: RuntimeError, as logged before"
+        " (29 more like it since the last such line)",
+        "reaper: revoke_pass succeeds again, after 31 failed passes",
+    ]
+    assert lines[1].exc_info is None
+
+
 async def test_a_full_spool_still_takes_the_reapers_seals_and_checkpoints(
     make_config, engines, fake_clock
 ):

@@ -328,3 +328,66 @@ async def test_a_loop_in_the_path_of_a_sink_not_in_use_is_no_500(
         return resp.status if resp.status != 200 else None
 
     assert await wait_for(not_ready, message="/readyz not ready") == 503
+
+
+async def test_a_revocation_pass_failing_every_second_is_logged_once_and_its_recovery(
+    make_api: MakeApi, caplog: Any, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    """A revocation row whose cause is not UTF-8: the reaper's hook and the
+    server's own check of revoked sessions each failed on every pass, and
+    each logged its full traceback every second, for as long as the row
+    was there. Now the first failure is logged in full, the repeats are
+    counted (at most a line a minute), and each says when it succeeds
+    again (the row deleted by hand)."""
+    import server
+    from handlers.keys import ACCOUNTS, ENGINE
+
+    monkeypatch.setattr(server, "REVOKE_CHECK_SECONDS", 0.01)
+    passes = {"reaper": 0, "check": 0}
+
+    def setup(app: Any) -> None:
+        app[ENGINE].reaper_interval = 0.01
+        accounts = app[ACCOUNTS]
+        check = accounts.end_revoked_sessions  # (the reaper's hook, bound before)
+
+        async def counted() -> int:  # the server's own check, counted
+            passes["check"] += 1
+            return await check()
+
+        async def reaper_pass() -> None:  # after the revocation hook
+            passes["reaper"] += 1
+
+        accounts.end_revoked_sessions = counted  # type: ignore[method-assign]
+        app[ENGINE].before_reap.append(reaper_pass)
+
+    caplog.set_level(logging.INFO)
+    api: Api = await make_api(setup=setup)
+    with sqlite3.connect(api.config.spool_path) as conn:
+        conn.execute("INSERT INTO revocations (session_id, cause, created_ts)"
+                     " VALUES ('x', CAST(? AS TEXT), 0)", (b"secret payroll \xff",))
+    conn.close()
+    failing = dict(passes)
+    await wait_for(lambda: all(passes[k] >= failing[k] + 6 for k in passes),
+                   message="a few passes of each over the damaged row")
+
+    def lines(text: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if text in r.getMessage()]
+
+    hook = lines("reaper: end_revoked_sessions failed")
+    check = lines("looking for sessions of disabled or changed users failed")
+    assert len(hook) == 1 and hook[0].exc_info is not None, [r.getMessage() for r in hook]
+    assert len(check) == 1 and check[0].exc_info is not None, [r.getMessage() for r in check]
+    assert "payroll" not in caplog.text
+
+    with sqlite3.connect(api.config.spool_path) as conn:
+        conn.execute("DELETE FROM revocations WHERE session_id = 'x'")
+    conn.close()
+    await wait_for(lambda: lines("succeeds again") if len(lines("succeeds again")) == 2
+                   else None, message="both passes saying they succeed again")
+    said = sorted(r.getMessage() for r in lines("succeeds again"))
+    assert said[0].startswith("looking for sessions of disabled or changed users succeeds"
+                              " again, after ")
+    assert said[1].startswith("reaper: end_revoked_sessions succeeds again, after ")
+    errors = [r for r in caplog.records
+              if r.levelno >= logging.ERROR and r.name != "session_audit.spool"]
+    assert errors == hook + check  # nothing more
