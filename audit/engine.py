@@ -479,17 +479,24 @@ class AuditEngine:
             "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
             (BEGUN, BEGUN[:-1] + chr(ord(BEGUN[-1]) + 1))).fetchall())
         for key, text in rows:
+            # What is wrong is named, not quoted: the words of float() or
+            # Draft(**...) quoted the note's value or an unknown field's name.
+            wrong = "not JSON"
             try:
                 note = json.loads(text)
+                wrong = "its draft is not one this release can read"
                 raw = note["draft"]
                 draft = Draft(**{**raw, "source": Source(**raw["source"])})
+                wrong = "it has no session_id"
                 session_id = note["session_id"]
+                wrong = "its started is missing or not a time"
                 started = format_ts(float(note["started"]))
                 if not isinstance(session_id, str) or not isinstance(draft.details, dict):
-                    raise TypeError("not a session id and details")
+                    wrong = "not a session id and details"
+                    raise TypeError(wrong)
             except (ValueError, TypeError, KeyError, OverflowError) as exc:
-                log.error("the spool's note %r of an action under way cannot be read (%s):"
-                          " its event is not recorded", key, exc)
+                log.error("the spool's note %r of an action under way cannot be read (%s, %s):"
+                          " its event is not recorded", key, wrong, type(exc).__name__)
                 continue
             draft.outcome = "failure"
             draft.details = {**draft.details, "reason": "interrupted", "started_at": started}

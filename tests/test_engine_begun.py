@@ -156,6 +156,38 @@ async def test_a_damaged_note_is_left_and_said(
         "SELECT COUNT(*) FROM security_events").fetchone()[0]) == 0
 
 
+async def test_a_damaged_note_is_said_without_quoting_its_text(
+    make_config, engines, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A note whose start time or draft field is damaged: the log line
+    quoted float()'s or Draft()'s words, the stored value or an unknown
+    field's name with them. It names what is wrong instead."""
+    config = make_config()
+    e = await engines.open(config)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    draft = asdict(_chat())
+    notes = [
+        ("begun:a", json.dumps({"session_id": s.session_id, "started": "secret payroll",
+                                "draft": draft})),
+        ("begun:b", json.dumps({"session_id": s.session_id, "started": 1.0,
+                                "draft": {**draft, "salaries 2027": 1}})),
+    ]
+    await e.spool.submit(lambda w: w.conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?)", notes))
+    await engines.close(e)
+    with caplog.at_level(logging.ERROR, logger="session_audit.engine"):
+        e = await engines.open(config)
+    lines = sorted(r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage())
+    assert lines == [
+        "the spool's note 'begun:a' of an action under way cannot be read (its started is"
+        " missing or not a time, ValueError): its event is not recorded",
+        "the spool's note 'begun:b' of an action under way cannot be read (its draft is not"
+        " one this release can read, TypeError): its event is not recorded",
+    ]
+    assert "payroll" not in caplog.text and "salaries" not in caplog.text
+    assert sorted(await _begun_notes(e)) == sorted(notes)
+
+
 async def test_an_action_cut_off_while_its_note_commits_leaves_no_note(
     make_config, engines
 ) -> None:
