@@ -450,7 +450,14 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("stopped")
 
 
-async def _revocation_pass(accounts: Accounts, said: FailingPass) -> None:
+async def _revocation_pass(accounts: Accounts, said: FailingPass, recorded: FailingPass) -> None:
+    if accounts.record_changes:
+        try:
+            await accounts.record_account_changes()
+        except Exception as exc:  # the rows wait for the next pass
+            recorded.failed(exc)
+        else:
+            recorded.succeeded()
     try:
         await accounts.end_revoked_sessions()
     except Exception as exc:  # a stopped check would leave revoked sessions open: go on
@@ -459,20 +466,27 @@ async def _revocation_pass(accounts: Accounts, said: FailingPass) -> None:
         said.succeeded()
 
 
-async def _end_revoked_sessions(accounts: Accounts, said: FailingPass) -> None:
-    """For as long as the server runs: end the sessions of users that
-    ``passwd`` or ``disable`` changed beside it, within about a second."""
+async def _end_revoked_sessions(accounts: Accounts, said: FailingPass,
+                                recorded: FailingPass) -> None:
+    """For as long as the server runs: record the changes of accounts the
+    command line made beside it (``audit.record_account_changes``), and end
+    the sessions of users that ``passwd`` or ``disable`` changed, within
+    about a second."""
     while True:
-        await _revocation_pass(accounts, said)
+        await _revocation_pass(accounts, said, recorded)
         await asyncio.sleep(REVOKE_CHECK_SECONDS)
 
 
 async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     # Sessions revoked while the server was down end before it serves: the
     # task below races the first requests (a disabled user's token worked).
+    # Changes of accounts made meanwhile are recorded first: after the
+    # engine's start, which caught the security chain up.
     said = FailingPass(log, "looking for sessions of disabled or changed users")
-    await _revocation_pass(app[ACCOUNTS], said)  # (failed: the task tries again)
-    task = asyncio.create_task(_end_revoked_sessions(app[ACCOUNTS], said), name="revocations")
+    recorded = FailingPass(log, "recording the changes of accounts")
+    await _revocation_pass(app[ACCOUNTS], said, recorded)  # (failed: the task tries again)
+    task = asyncio.create_task(_end_revoked_sessions(app[ACCOUNTS], said, recorded),
+                               name="revocations")
     # The unknown users' hash, made while the server already serves.
     dummy = asyncio.create_task(app[ACCOUNTS].prepare(), name="dummy-hash")
     try:
@@ -595,7 +609,8 @@ def create_app(
     app[CONFIG] = config
     app[ENGINE] = engine
     app[TOKENS] = tokens
-    app[ACCOUNTS] = Accounts(engine, config.auth.bcrypt_rounds)
+    app[ACCOUNTS] = Accounts(engine, config.auth.bcrypt_rounds,
+                             record_changes=config.audit.record_account_changes)
     engine.before_reap.append(app[ACCOUNTS].end_revoked_sessions)
     app[THROTTLE] = LoginThrottle(config.auth.login_max_failures,
                                   config.auth.login_window_seconds)

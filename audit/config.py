@@ -69,6 +69,10 @@ class AuditConfig:
     on_spool_full: Literal["reject", "accept"] = "reject"
     keep_stored_seconds: float = 0
     capture_ai_content: bool = False
+    # Opt-in: the command line's changes of accounts (adduser, passwd,
+    # disable, enable) as security events `user.*`, which API.md's list of
+    # security events does not have. Off, the changes wait in the spool.
+    record_account_changes: bool = False
     # Opt-in flood guard: security events of callers without a valid session
     # that one client IP may have recorded one by one (a token bucket); past
     # it they are counted into summary events. 0 (default): every one recorded.

@@ -32,7 +32,19 @@ EVENT_KEYS = (
     "hash",
 )
 
-SECURITY_ACTIONS = frozenset(
+# Changes of accounts (the command line's adduser, passwd, disable, enable):
+# security events of outcome success, recorded
+# from the spool's account_changes (handlers.auth.Accounts.record_account_changes).
+USER_ACTIONS = frozenset(
+    {
+        "user.create",
+        "user.password_change",
+        "user.disable",
+        "user.enable",
+    }
+)
+
+SECURITY_ACTIONS = USER_ACTIONS | frozenset(
     {
         "auth.login_failed",
         "auth.login_throttled",

@@ -47,6 +47,20 @@ CREATE TABLE IF NOT EXISTS revocations (
     cause TEXT NOT NULL,                  -- password_changed | user_disabled
     created_ts REAL NOT NULL
 );
+-- Changes of accounts still to record (adduser, passwd, disable, enable),
+-- each written in the transaction of its change;
+-- the server turns each into a security event and deletes its row in one
+-- transaction (Accounts.record_account_changes). Never a password or hash.
+CREATE TABLE IF NOT EXISTS account_changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,        -- the security event's
+    action TEXT NOT NULL,                 -- user.create | user.password_change | ...
+    username TEXT NOT NULL,
+    actor_user TEXT,                      -- the OS account that ran the command
+    actor_role TEXT NOT NULL,             -- cli
+    details TEXT NOT NULL,                -- a JSON object
+    created_ts REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS documents (
     id TEXT PRIMARY KEY,
     title TEXT NOT NULL,

@@ -7,8 +7,10 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import math
+import os
 import re
 import sqlite3
 import time
@@ -23,7 +25,7 @@ import bcrypt
 from aiohttp import web
 
 from audit.engine import AuditEngine
-from audit.events import Draft, Source, format_ts
+from audit.events import USER_ACTIONS, Draft, Source, format_ts, new_id
 from audit.logthrottle import LogThrottle, more
 from audit.middleware import anonymous_source, client_ip
 from audit.ratelimit import client_key
@@ -141,6 +143,65 @@ REVOKE_CHECK_SECONDS = 1.0
 CAUSES = ("password_changed", "user_disabled")
 
 
+def os_user() -> str | None:
+    """The OS account running this process (its effective uid's name, not
+    the environment's ``USER``: the audit trail's ``actor.user`` of a
+    command-line change); ``uid:N`` for a uid without a name; None where
+    there are no uids."""
+    try:
+        import pwd  # (POSIX)
+    except ImportError:  # pragma: no cover - other systems
+        return None
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # (a container's uid with no passwd entry)
+        return f"uid:{uid}"
+
+
+def note_account_change(conn: sqlite3.Connection, action: str, username: str,
+                        details: dict[str, Any], *, actor_user: str | None,
+                        actor_role: str = "cli") -> None:
+    """Name a change of ``username``'s account in ``account_changes``, in the
+    caller's transaction (that of the change): the server records it as a
+    security event (:meth:`Accounts.record_account_changes`). Nothing of a
+    password goes in."""
+    if action not in USER_ACTIONS:
+        raise ValueError(f"{action!r} is not an account change")
+    conn.execute(
+        "INSERT INTO account_changes (event_id, action, username, actor_user, actor_role,"
+        " details, created_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (new_id(), action, username, actor_user, actor_role, json.dumps(details), time.time()))
+
+
+def _change_recorder(row: tuple[Any, ...]) -> Callable[[Writer], bool]:
+    """The job recording one row of ``account_changes``: its security event
+    and the deletion of its row commit together, so each change is recorded
+    once (a failure leaves the row for the next pass; a row another pass
+    took meanwhile records nothing). The event's ``ts`` is the server's, as
+    every event in the chain; ``details.changed_at`` is when the change
+    committed."""
+    rid, event_id, action, username, actor_user, actor_role, details, created = row
+    try:
+        extra = json.loads(details)
+    except (TypeError, ValueError):
+        extra = None
+    draft = Draft(
+        str(action), outcome="success", target={"type": "user", "id": str(username)},
+        details={**(extra if isinstance(extra, dict) else {}),
+                 "changed_at": format_ts(float(created))},
+        source=Source(user=None if actor_user is None else str(actor_user),
+                      role=str(actor_role)),
+        event_id=str(event_id))
+
+    def record(w: Writer) -> bool:
+        if not w.conn.execute("DELETE FROM account_changes WHERE id = ?", (rid,)).rowcount:
+            return False
+        w.append_security(draft, None)
+        return True
+    return record
+
+
 def _revoker(
     session_id: str, cause: str, revoked_at: float,
     ended: Callable[[OpenSession, float], tuple[str, float] | None],
@@ -183,9 +244,10 @@ class Accounts:
     """Users in the spool database; password checks on worker threads."""
 
     def __init__(self, engine: AuditEngine, rounds: int, concurrency: int = 2,
-                 max_waiting: int | None = None) -> None:
+                 max_waiting: int | None = None, *, record_changes: bool = False) -> None:
         self.engine = engine
         self.rounds = rounds
+        self.record_changes = record_changes  # audit.record_account_changes
         self._slots = asyncio.Semaphore(concurrency)
         # Password checks waiting for a slot: past this, a login is refused at
         # once (429) rather than queued for seconds behind a flood from many
@@ -199,6 +261,7 @@ class Accounts:
         # Revoked sessions that cannot be ended (the spool cannot commit) are
         # tried again twice a second: said once a minute, not once a session.
         self._revoke_log = LogThrottle()
+        self._record_log = LogThrottle()  # (changes of accounts, likewise)
 
     async def _dummy_hash(self) -> str:
         """A hash to check unknown users against, made once (in a bcrypt slot);
@@ -298,6 +361,34 @@ class Accounts:
             self._revoke_log.reset()
         return ended
 
+    async def record_account_changes(self) -> int:
+        """Record the changes of accounts named in ``account_changes`` (by
+        the command line, beside the server or while it was down) as
+        security events, oldest first; returns how many. Each is recorded
+        once: its event and the deletion of its row are one transaction.
+        Taken by a full spool: the change happened."""
+        spool = self.engine.spool
+        if spool.failure is not None:
+            return 0  # the spool reports itself; the rows wait for a restart
+        rows = await spool.read(lambda c: c.execute(
+            "SELECT id, event_id, action, username, actor_user, actor_role, details,"
+            " created_ts FROM account_changes ORDER BY id").fetchall())
+        if not rows:
+            return 0
+        futs = [spool.submit_nowait(_change_recorder(tuple(row)), needs_space=False)
+                for row in rows]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        recorded = sum(1 for r in results if r is True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            left_out = self._record_log.allow("record")
+            if left_out is not None:
+                log.error("%d changes of accounts not recorded yet (tried again within a"
+                          " second; first: %s)%s", len(failed), failed[0], more(left_out))
+        else:
+            self._record_log.reset()
+        return recorded
+
     @staticmethod
     def unchanged(account: Account) -> Callable[[sqlite3.Connection], None]:
         """A check for :meth:`AuditEngine.start_session`: the account is still
@@ -385,7 +476,9 @@ def add_user_sync(conn: sqlite3.Connection, username: str, password: str, role: 
     The check and the insert are one write transaction, the password hashed
     before it: ``adduser Bob`` and ``adduser bob`` run at once each found
     no alike name while the other hashed (a quarter of a second at the
-    default cost, with no lock held) and both were added."""
+    default cost, with no lock held) and both were added. The insert is
+    named in ``account_changes`` in the same transaction, for the server to
+    record as ``user.create`` (:func:`note_account_change`)."""
     stored = hash_password(password, rounds)
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -397,6 +490,8 @@ def add_user_sync(conn: sqlite3.Connection, username: str, password: str, role: 
             "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?)",
             (username, stored, role, format_ts(time.time())),
         )
+        note_account_change(conn, "user.create", username, {"role": role},
+                            actor_user=os_user())
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -416,6 +511,9 @@ def change_user_sync(conn: sqlite3.Connection, username: str, *,
     (:meth:`Accounts.end_revoked_sessions`; at its start, if it is not
     running). A login the server commits after this transaction sees the
     change and is refused (:meth:`Accounts.unchanged`): no clock is compared.
+    The change is named in ``account_changes`` in the same transaction, for
+    the server to record (``user.password_change``, ``user.disable``,
+    ``user.enable``; :func:`note_account_change`).
     """
     sets: list[str] = []
     params: list[Any] = []
@@ -438,14 +536,25 @@ def change_user_sync(conn: sqlite3.Connection, username: str, *,
             raise LastAdmin(username)
         changed = conn.execute(f"UPDATE users SET {', '.join(sets)} WHERE username = ?",
                                (*params, username)).rowcount
+        revoked = 0
         if changed and cause is not None:
             # A session named already keeps the first change's cause, as its
             # time: it ends as a pass run between the two would have ended it.
-            conn.execute(
+            revoked = conn.execute(
                 "INSERT INTO revocations (session_id, cause, created_ts)"
                 " SELECT session_id, ?, ? FROM sessions WHERE user = ? AND state = 'open'"
                 " ON CONFLICT (session_id) DO NOTHING",
-                (cause, time.time(), username))
+                (cause, time.time(), username)).rowcount
+        if changed:
+            by = os_user()
+            if password_hash is not None:
+                note_account_change(conn, "user.password_change", username, {
+                    "sessions_revoked": revoked if cause == "password_changed" else 0},
+                    actor_user=by)
+            if disabled is not None:
+                note_account_change(conn, "user.disable" if disabled else "user.enable",
+                                    username, {"sessions_revoked": revoked} if disabled
+                                    else {}, actor_user=by)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

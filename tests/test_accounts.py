@@ -11,6 +11,7 @@ it too, so they assert what became of sessions, not which call ended them.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -30,6 +31,7 @@ from handlers.auth import (
     change_user_sync,
     check_password,
     hash_password,
+    os_user,
 )
 from handlers.keys import ACCOUNTS
 
@@ -285,3 +287,60 @@ def test_passwd_and_disable_on_a_spool_of_an_earlier_release(
     finally:
         conn.close()
     assert hashed.startswith("bcrypt-sha256$") and disabled == 1
+
+
+async def user_events(api: Api, admin: Login, kind: str | None = None) -> list[dict[str, Any]]:
+    """The changes of accounts an admin reads at GET /audit/security-events."""
+    params = {"limit": "500", **({"kind": kind} if kind else {})}
+    resp = await api.client.get("/audit/security-events", params=params,
+                                headers=admin.headers)
+    body = await resp.json()
+    assert resp.status == 200, body
+    return [e for e in body["events"] if e["action"].startswith("user.")]
+
+
+async def test_changes_of_accounts_are_security_events_recorded_once(api: Api) -> None:
+    """adduser, passwd, disable, enable beside the server each become one
+    security event (no password in it); the
+    change and its record commit together, the server records each once."""
+    with pytest.raises(LastAdmin):  # refused: nothing changed, nothing recorded
+        cli_change(api, "admin", disabled=True)
+    conn = connect(api.config.spool_path, "normal")
+    try:
+        add_user_sync(conn, "carol", "carols-secret-password", "admin", 4)
+    finally:
+        conn.close()
+    carol = await api.login("carol", "carols-secret-password")
+    new_hash = hash_password("carols-next-password", 4)
+    assert cli_change(api, "carol", password_hash=new_hash)
+    assert cli_change(api, "carol", disabled=True)
+    assert cli_change(api, "carol", disabled=False)
+    assert not cli_change(api, "nobody", disabled=True)  # no change: nothing recorded
+    await accounts(api).record_account_changes()
+    assert await accounts(api).record_account_changes() == 0  # each once
+    assert await api.engine.spool.read(
+        lambda c: c.execute("SELECT COUNT(*) FROM account_changes").fetchone()[0]) == 0
+
+    admin = await api.admin()
+    events = await user_events(api, admin)
+    assert sorted((e["action"], e["target"]["id"]) for e in events) == [
+        ("user.create", "carol"), ("user.disable", "carol"),
+        ("user.enable", "carol"), ("user.password_change", "carol")]
+    me = os_user()
+    for e in events:
+        assert (e["outcome"], e["session_id"], e["seq"], e["request_id"]) == (
+            "success", None, None, None)
+        assert e["target"]["type"] == "user"
+        assert e["actor"] == {"user": me, "role": "cli"}
+        assert e["details"]["changed_at"].endswith("Z")
+    by = {e["action"]: e["details"] for e in events if e["target"]["id"] == "carol"}
+    assert by["user.create"]["role"] == "admin"
+    assert by["user.password_change"]["sessions_revoked"] == 1  # carol's session
+    # kind= takes the new actions
+    assert [e["action"] for e in await user_events(api, admin, "user.enable")] == ["user.enable"]
+    # Nothing of a password anywhere: not in the records, not in the spool's rows.
+    text = json.dumps(events)
+    for secret in ("carols-secret-password", "carols-next-password", new_hash, "bcrypt"):
+        assert secret not in text
+    await revoked(api)
+    assert await status_of(api, carol) == 401

@@ -85,7 +85,8 @@ def as_toml_dict(config: Config) -> dict:
 EXTENSIONS = {
     "server": {"trusted_proxies": "", "shutdown_grace_seconds": 20.0},
     "auth": {"min_password_chars": 8},
-    "audit": {"security_events_per_ip_per_second": 0.0, "security_events_per_ip_burst": 200},
+    "audit": {"security_events_per_ip_per_second": 0.0, "security_events_per_ip_burst": 200,
+              "record_account_changes": False},
 }
 
 
