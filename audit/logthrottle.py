@@ -31,6 +31,11 @@ class LogThrottle:
         self._last[key] = now
         return self._left_out.pop(key, 0)
 
+    def due(self, key: str) -> float:
+        """Seconds before a line of ``key`` may go out (0.0: now)."""
+        last = self._last.get(key)
+        return 0.0 if last is None else max(0.0, last + self.every - self.clock())
+
     def reset(self, key: str | None = None) -> None:
         """Forget ``key`` (every key if None): its next line goes out at once
         (the cause ended; its own "succeed again" line says so)."""

@@ -608,6 +608,11 @@ class Spool:
         # disk, an I/O error): not accepting until one succeeds again.
         self.commit_error: str | None = None
         self._commit_failures = 0  # in a row
+        # This run of failed commits was logged: its end is logged too. A run
+        # not logged (the failure line said a minute ago: a spool whose
+        # commits fail and pass by turns, on a nearly full disk) ends
+        # unsaid, else each turn logged two lines.
+        self._commit_said = False
         # What SQLite said the first time it found the file damaged: it stays
         # so (readyz says so) until the file is repaired, the server stopped.
         self.damaged: str | None = None
@@ -825,6 +830,17 @@ class Spool:
                 if self._state != "open":
                     return
                 wake.clear()
+                if self.commit_error is not None and not self._commit_said:
+                    # The failure was left out (a line said less than a
+                    # minute ago), and no commit since to say it on: said
+                    # when the minute is out, so that the log's last word is
+                    # not "succeed again" while audited actions get 503.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), self._log.due("commit"))
+                    if (self.commit_error is not None and not self._commit_said
+                            and not self._log.due("commit")):
+                        self._commit_failed(self.commit_error)
+                    continue
                 await wake.wait()
                 continue
             batch, self._pending = self._pending, []
@@ -847,17 +863,15 @@ class Spool:
                     self._failure(exc)
                     self.commit_error = str(exc)[:200]
                     self._commit_failures += 1
-                    left_out = self._log.allow("commit")
-                    if left_out is not None:
-                        log.error("spool commit failed: %s; audited actions get 503 until a"
-                                  " commit succeeds%s", exc, more(left_out))
+                    self._commit_failed(exc)
                     continue
                 raise  # a bug: the done-callback marks the spool failed
             if self.commit_error is not None:
-                log.warning("spool commits succeed again, after %d failed: %s",
-                            self._commit_failures, self.commit_error)
+                if self._commit_said:
+                    log.warning("spool commits succeed again, after %d failed: %s",
+                                self._commit_failures, self.commit_error)
                 self.commit_error, self._commit_failures = None, 0
-                self._log.reset("commit")
+                self._commit_said = False
             self.stats.observe_commit(len(batch), time.perf_counter() - started)
             self.stats.events_recorded += appended
             self.stats.security_events_recorded += new_sec
@@ -871,6 +885,16 @@ class Spool:
                     fut.set_exception(self._failure(value) or value)
             if (new_parts or new_sec) and self.on_commit is not None:
                 self.on_commit(new_parts, new_sec)
+
+    def _commit_failed(self, exc: object) -> None:
+        """The failure line: at once for the first, then at most once a
+        minute, counting those left out (the window is not started over when
+        a commit passes: a spool failing and passing by turns logs no more)."""
+        left_out = self._log.allow("commit")
+        if left_out is not None:
+            self._commit_said = True
+            log.error("spool commit failed: %s; audited actions get 503 until a"
+                      " commit succeeds%s", exc, more(left_out))
 
     def _commit(self, jobs: list[Job]) -> tuple[list[tuple[bool, Any]], int, int, int, int]:
         w = self._writer

@@ -96,7 +96,7 @@ async def _held_full(sp: Spool, gate: Gate) -> None:
 
 
 async def test_a_failed_commit_counts_nothing_beyond_the_file_and_is_said_once(
-        sp: Spool, caplog: pytest.LogCaptureFixture) -> None:
+        sp: Spool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     s = await sp.submit(lambda w: w.start_session("u", "user", 1e12, []))
     pages = await sp.submit(lambda w: w.conn.execute("PRAGMA page_count").fetchone()[0])
     await sp.submit(lambda w: w.conn.execute(f"PRAGMA max_page_count = {pages + 2}"),
@@ -132,7 +132,9 @@ async def test_a_failed_commit_counts_nothing_beyond_the_file_and_is_said_once(
     assert ev["seq"] == 1  # nothing of the failed batches was kept
     assert sp.stats.commit_failures == before + 2
 
-    # A later run of failures is counted from none.
+    # A later run of failures (a minute later) is counted from none.
+    later = time.monotonic() + 61
+    monkeypatch.setattr(sp._log, "clock", lambda: later)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="session_audit.spool"):
         await sp.submit(lambda w: w.conn.execute(f"PRAGMA max_page_count = {pages + 2}"),
@@ -143,6 +145,68 @@ async def test_a_failed_commit_counts_nothing_beyond_the_file_and_is_said_once(
                         needs_space=False)
     again = [r.getMessage() for r in caplog.records if "succeed again" in r.getMessage()]
     assert len(again) == 1 and "after 1 failed" in again[0], again
+
+
+async def test_commits_failing_and_passing_by_turns_log_a_few_lines_not_two_a_turn(
+        sp: Spool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A nearly full disk: big batches fail with SQLITE_FULL, small ones
+    pass. Each turn logged "commit failed" and "succeed again" (the second
+    reset the first's throttle): a flood while the disk is in trouble. Now
+    one line a minute for the failures, counting those left out, and a
+    "succeed again" only for a run of failures that was said."""
+    skew = [0.0]  # the throttle's minutes pass at once
+    monkeypatch.setattr(sp._log, "clock", lambda: time.monotonic() + skew[0])
+    pages = await sp.submit(lambda w: w.conn.execute("PRAGMA page_count").fetchone()[0])
+    await sp.submit(lambda w: w.conn.execute(f"PRAGMA max_page_count = {pages + 2}"),
+                    needs_space=False)  # a disk with 2 pages left
+
+    def big(w: Writer) -> None:
+        w.conn.execute("INSERT INTO meta VALUES ('big', ?)", ("x" * 100_000,))
+
+    def small(w: Writer) -> None:
+        w.conn.execute("INSERT OR REPLACE INTO meta VALUES ('small', 'x')")
+
+    def lines(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+    async def turns(n: int) -> None:
+        for _ in range(n):
+            with pytest.raises(SpoolUnavailable):
+                await sp.submit(big)
+            assert sp.commit_error is not None and not sp.accepting  # 503 while failing
+            await sp.submit(small)
+            assert sp.commit_error is None and sp.accepting
+
+    before = sp.stats.commit_failures
+    with caplog.at_level(logging.WARNING, logger="session_audit.spool"):
+        await turns(30)
+        assert sp.stats.commit_failures == before + 30  # each one counted all the same
+        assert len(lines("spool commit failed")) == 1, lines("spool commit failed")
+        again = lines("succeed again")
+        assert len(again) == 1 and again[0].startswith(
+            "spool commits succeed again, after 1 failed: "), again
+
+        skew[0] += 61  # a minute later: the next failure is said, counting the rest
+        await turns(30)
+        failed = lines("spool commit failed")
+        assert len(failed) == 2 and "(29 more like it since the last such line)" in failed[1]
+        assert len(lines("succeed again")) == 2
+
+        # A failure left out, and no commit after it: said all the same once
+        # its minute is out (the log's last word is not "succeed again").
+        skew[0] += 60 - 0.2
+        with pytest.raises(SpoolUnavailable):
+            await sp.submit(big)
+        assert len(lines("spool commit failed")) == 2
+        for _ in range(200):
+            if len(lines("spool commit failed")) == 3:
+                break
+            await asyncio.sleep(0.025)
+        failed = lines("spool commit failed")
+        assert len(failed) == 3 and "(30 more like it" in failed[2], failed
+        assert sp.commit_error is not None and not sp.accepting
+        await sp.submit(small)
+        assert len(lines("succeed again")) == 3
 
 
 async def test_each_commit_is_counted_with_its_batch_and_what_it_recorded(sp: Spool) -> None:
