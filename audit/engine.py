@@ -733,13 +733,13 @@ class AuditEngine:
         if failed:
             # The jobs of one pass fail together (a spool that cannot commit
             # fails the whole batch), and again on the next pass: one line for
-            # them, once a minute, not one a session a second.
+            # them, once a minute, not one a session a second. (The minute
+            # is not started over by a pass that succeeds: passes failing
+            # and succeeding by turns logged a line each second.)
             left_out = self._reaper_log.allow("jobs")
             if left_out is not None:
                 log.error("reaper: %d of %d jobs failed: %s%s", len(failed), len(results),
                           failed[0], more(left_out))
-        elif done:
-            self._reaper_log.reset("jobs")
         return done
 
     async def _reaper(self) -> None:

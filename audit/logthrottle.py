@@ -54,8 +54,11 @@ class FailingPass:
     revoked sessions) and fails on each while one cause lasts (a damaged
     spool): its first failure of a kind is logged with its traceback, the
     repeats at most once a :attr:`LogThrottle.every` seconds in one line
-    that counts them, and a line says when a pass succeeds again. Logged in
-    full every second, the same traceback filled an operator's log."""
+    that counts them, and a line says when a pass succeeds again after
+    failures that were logged. Logged in full every second, the same
+    traceback filled an operator's log. (A pass failing and succeeding by
+    turns logs no more: its "succeeds again" started the minute over, and
+    each turn logged a traceback and that line.)"""
 
     def __init__(self, logger: logging.Logger, what: str,
                  throttle: LogThrottle | None = None) -> None:
@@ -64,6 +67,7 @@ class FailingPass:
         self.throttle = throttle or LogThrottle()
         self.failures = 0  # in a row
         self._told: set[str] = set()  # kinds logged with their traceback this time
+        self._said = False  # a failure of this run was logged: its end is too
 
     def failed(self, exc: BaseException) -> None:
         self.failures += 1
@@ -71,6 +75,7 @@ class FailingPass:
         left_out = self.throttle.allow(kind)
         if left_out is None:
             return
+        self._said = True
         if kind not in self._told:
             self._told.add(kind)
             self.logger.error("%s failed", self.what, exc_info=exc)
@@ -81,8 +86,9 @@ class FailingPass:
     def succeeded(self) -> None:
         if not self.failures:
             return
-        self.logger.warning("%s succeeds again, after %d failed passes", self.what,
-                            self.failures)
+        if self._said:  # (the throttle's minute is not started over)
+            self.logger.warning("%s succeeds again, after %d failed passes", self.what,
+                                self.failures)
+            self._told.clear()
         self.failures = 0
-        self._told.clear()
-        self.throttle.reset()
+        self._said = False

@@ -163,3 +163,47 @@ async def test_malformed_requests_are_one_warning_a_minute_not_one_each(tmp_path
     lines = [line for line in lv.log_path.read_text().splitlines()
              if "malformed HTTP request" in line]
     assert len(lines) == 1, [*lines[:3], f"... {len(lines)} lines"]
+
+
+async def test_reaper_passes_failing_and_passing_by_turns_log_one_line_a_minute(
+    make_config, engines, fake_clock, caplog
+) -> None:
+    """A nearly full disk: the reaper's pass fails, the next one passes, and
+    so on. A pass that succeeded started the failure lines' minute over, and
+    a hook's "succeeds again" did too: each turn logged its lines (a hook's
+    with its traceback), every reaper interval, onto a disk in trouble. Now
+    one line a minute for each, and no "succeeds again" for what was not said."""
+    import logging
+
+    from audit.events import Source
+
+    engine = await engines.open(make_config(), clock=fake_clock)
+    spool = engine.spool
+
+    async def disk(full: bool) -> None:
+        pages = await spool.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        await spool.submit(lambda w: w.conn.execute(
+            f"PRAGMA max_page_count = {pages if full else 1073741823}"), needs_space=False)
+
+    async def hook() -> None:  # a hook writing to the spool (no page left: it fails)
+        await spool.submit(lambda w: w.conn.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('hook', ?)", ("x" * 50_000,)),
+            needs_space=False)
+
+    engine.before_reap.append(hook)
+    with caplog.at_level(logging.WARNING, logger="session_audit.engine"):
+        for _ in range(10):
+            for _ in range(20):
+                await engine.start_session("alice", "user", Source(user="alice", role="user"),
+                                           60)
+            fake_clock.advance(120)  # their tokens expired: due
+            await disk(full=True)
+            assert await engine.reap_once() == 0
+            await disk(full=False)
+            assert await engine.reap_once() == 20
+    lines = [r.getMessage() for r in caplog.records if "reaper" in r.getMessage()]
+    assert len([x for x in lines if "jobs failed" in x]) == 1, lines
+    assert len([x for x in lines if "hook failed" in x]) == 1, lines
+    assert len([x for x in lines if "hook succeeds again, after 1 failed" in x]) == 1, lines
+    assert len(lines) == 3, lines
+
