@@ -52,8 +52,7 @@ CREATE TABLE IF NOT EXISTS revocations (
 -- the server turns each into a security event and deletes its row in one
 -- transaction (Accounts.record_account_changes). Never a password or hash.
 CREATE TABLE IF NOT EXISTS account_changes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id TEXT NOT NULL UNIQUE,        -- the security event's
+    id INTEGER PRIMARY KEY AUTOINCREMENT, -- (no other key: one page in an empty spool)
     action TEXT NOT NULL,                 -- user.create | user.password_change | ...
     username TEXT NOT NULL,
     actor_user TEXT,                      -- the OS account that ran the command

@@ -169,9 +169,9 @@ def note_account_change(conn: sqlite3.Connection, action: str, username: str,
     if action not in USER_ACTIONS:
         raise ValueError(f"{action!r} is not an account change")
     conn.execute(
-        "INSERT INTO account_changes (event_id, action, username, actor_user, actor_role,"
-        " details, created_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (new_id(), action, username, actor_user, actor_role, json.dumps(details), time.time()))
+        "INSERT INTO account_changes (action, username, actor_user, actor_role,"
+        " details, created_ts) VALUES (?, ?, ?, ?, ?, ?)",
+        (action, username, actor_user, actor_role, json.dumps(details), time.time()))
 
 
 def _change_recorder(row: tuple[Any, ...]) -> Callable[[Writer], bool]:
@@ -181,7 +181,7 @@ def _change_recorder(row: tuple[Any, ...]) -> Callable[[Writer], bool]:
     took meanwhile records nothing). The event's ``ts`` is the server's, as
     every event in the chain; ``details.changed_at`` is when the change
     committed."""
-    rid, event_id, action, username, actor_user, actor_role, details, created = row
+    rid, action, username, actor_user, actor_role, details, created = row
     try:
         extra = json.loads(details)
     except (TypeError, ValueError):
@@ -192,7 +192,7 @@ def _change_recorder(row: tuple[Any, ...]) -> Callable[[Writer], bool]:
                  "changed_at": format_ts(float(created))},
         source=Source(user=None if actor_user is None else str(actor_user),
                       role=str(actor_role)),
-        event_id=str(event_id))
+        event_id=new_id())  # (once: the event and its row's deletion are one commit)
 
     def record(w: Writer) -> bool:
         if not w.conn.execute("DELETE FROM account_changes WHERE id = ?", (rid,)).rowcount:
@@ -371,7 +371,7 @@ class Accounts:
         if spool.failure is not None:
             return 0  # the spool reports itself; the rows wait for a restart
         rows = await spool.read(lambda c: c.execute(
-            "SELECT id, event_id, action, username, actor_user, actor_role, details,"
+            "SELECT id, action, username, actor_user, actor_role, details,"
             " created_ts FROM account_changes ORDER BY id").fetchall())
         if not rows:
             return 0
