@@ -148,6 +148,13 @@ class Flusher:
         # line a minute for it, not one a write.
         self._log = LogThrottle(clock=clock)
         self._failed_in_a_row = 0
+        # A failure line of this run of failed attempts was logged: its end
+        # is logged too. The throttle's minute is not started over when a
+        # write goes through: a sink failing and passing by turns (503 on
+        # every other write) logged its failure and "writes succeed again"
+        # at each turn, and the lines of dead letters, of what was put
+        # aside and of a damaged spool went out again too.
+        self._said = False
         # Documents that failed (retryable) since the last write that went
         # through, and the parts put aside meanwhile. More than one document
         # failing is the sink's outage, not one part it cannot take: once a
@@ -364,10 +371,13 @@ class Flusher:
             if self._failed_in_a_row:
                 # The sink takes writes again: healthy now, not only once a
                 # write goes through (with nothing pending, none would).
-                log.warning("sink %s open, after %d failed attempts", self.sink.type,
-                            self._failed_in_a_row)
+                if self._said:
+                    log.warning("sink %s open, after %d failed attempts", self.sink.type,
+                                self._failed_in_a_row)
+                else:
+                    log.info("sink %s open", self.sink.type)
                 self._failed_in_a_row = 0
-                self._log.reset()
+                self._said = False
                 self.backoff.succeeded()
                 self.healthy = True
             else:
@@ -508,6 +518,7 @@ class Flusher:
             self._dead_lettered(exc)
             left_out = self._log.allow("dead")
             if left_out is not None:
+                self._said = True
                 log.error("security event %s dead-lettered: %s%s", batch[0][1]["_id"], exc,
                           more(left_out))
             msg = str(exc)
@@ -643,6 +654,7 @@ class Flusher:
             self._dead_lettered(exc)
             left_out = self._log.allow("dead")
             if left_out is not None:
+                self._said = True
                 log.error("part %s dead-lettered: %s%s", doc["_id"], exc, more(left_out))
             msg = str(exc)
             await self.spool.submit(
@@ -778,7 +790,7 @@ class Flusher:
             self._streak.add(doc_id)
 
     def _ok(self) -> None:
-        if not self.healthy and self._failed_in_a_row:
+        if not self.healthy and self._failed_in_a_row and self._said:
             log.warning("sink %s: writes succeed again, after %d failed attempts",
                         self.sink.type, self._failed_in_a_row)
         if len(self._streak) > 1:  # an outage, not one document: what it put aside is due
@@ -797,8 +809,7 @@ class Flusher:
             self._pause_kept = False
             self._pause_to_save = 0.0
         self._failed_in_a_row = 0
-        if not self.healthy:
-            self._log.reset()
+        self._said = False
         self._unexpected = ("", 0)
         self.stats.writes_ok += 1
         self.backoff.succeeded()
@@ -829,6 +840,7 @@ class Flusher:
             self._failed_in_a_row += 1
             if not isinstance(exc, (SinkUnavailable, SinkError)):
                 # A sink bug must not lose anything either: log it and retry.
+                self._said = True
                 log.error("unexpected sink error", exc_info=exc)
         self.healthy = isinstance(exc, SinkRateLimited)
         self._note_error(exc)
@@ -838,6 +850,8 @@ class Flusher:
             self._pause_to_save = time.time() + (self._rate_limited_until - self.clock())
         left_out = self._log.allow(type(exc).__name__)
         if left_out is not None:
+            if not isinstance(exc, SinkRateLimited):
+                self._said = True
             log.warning("sink %s: %s; pausing %.2fs%s", self.sink.type, self.last_error, pause,
                         more(left_out))
         return pause

@@ -207,3 +207,64 @@ async def test_reaper_passes_failing_and_passing_by_turns_log_one_line_a_minute(
     assert len([x for x in lines if "hook succeeds again, after 1 failed" in x]) == 1, lines
     assert len(lines) == 3, lines
 
+
+
+async def test_a_sink_failing_every_other_write_logs_a_few_lines_not_two_a_write(
+    make_config, engines, fake_monotonic, caplog
+) -> None:
+    """A receiver that answers 503 to every other write (overloaded, a
+    flapping balancer): each write that went through started the throttle's
+    minute over, so every failure logged its line and every write after it
+    "writes succeed again": two lines a write, for as long as it lasted. Now
+    one failure line a minute, counting those left out, and "succeed again"
+    only after a failure line that was logged; status as before."""
+    import logging
+
+    from receiver import Fault, Receiver, serve
+
+    from audit.config import HttpSinkConfig
+    from audit.events import Source
+    from sinks.http import HttpSink
+
+    class Flapping(Receiver):
+        writes = 0
+
+        def _pick_fault(self) -> Fault | None:
+            self.writes += 1
+            return Fault(503) if self.writes % 2 else None  # (no Retry-After: a failure)
+
+    receiver = Flapping()
+    runner, port = await serve(receiver, "127.0.0.1", 0)
+    try:
+        config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                    "backoff_base_seconds": 0.05,
+                                    "backoff_max_seconds": 1.0})
+        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
+        e = await engines.open(config, sink, monotonic=fake_monotonic)
+        src = Source(user="alice", role="user")
+
+        async def flap(n: int) -> None:
+            for _ in range(n):
+                s = await e.start_session("alice", "user", src, 3600)
+                await e.end_session(s.session_id, src)
+            await engines.drain(e, fake_monotonic)
+
+        def lines(text: str) -> list[str]:
+            return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+        with caplog.at_level(logging.WARNING, logger="session_audit.flusher"):
+            await flap(15)
+            assert len(receiver.parts) == 15 and e.flusher.stats.writes_failed == 15
+            assert len(lines("HTTP 503")) == 1, lines("HTTP 503")
+            assert len(lines("writes succeed again, after 1 failed")) == 1, lines("succeed")
+            fake_monotonic.advance(61)  # a minute later: said again, counting the rest
+            await flap(15)
+            failed = lines("HTTP 503")
+            assert len(failed) == 2 and "(14 more like it since" in failed[1], failed
+            assert len(lines("writes succeed again")) == 2
+        assert len(receiver.parts) == 30
+        status = await e.status()
+        assert status["sink"]["healthy"] is True
+    finally:
+        receiver.close()
+        await runner.cleanup()
