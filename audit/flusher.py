@@ -211,7 +211,14 @@ class Flusher:
                 # The spool could not read or commit (disk full, I/O error):
                 # that may pass, and what was being flushed is still pending.
                 delay = self.spool_backoff.failed()
-                log.error("flusher: the spool failed: %s; retrying in %.1fs", exc, delay)
+                # At most a line a minute, counting those left out: a step
+                # that goes through resets the backoff (and a wake-up cuts
+                # the wait short), so a spool failing every other step (a
+                # nearly full disk) logged this line at each.
+                left_out = self._log.allow("spool")
+                if left_out is not None:
+                    log.error("flusher: the spool failed: %s; retrying in %.1fs%s", exc, delay,
+                              more(left_out))
             else:
                 self.spool_backoff.succeeded()
             if delay is None:  # nothing pending: sleep until woken, or look again

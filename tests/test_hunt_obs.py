@@ -268,3 +268,48 @@ async def test_a_sink_failing_every_other_write_logs_a_few_lines_not_two_a_write
     finally:
         receiver.close()
         await runner.cleanup()
+
+
+async def test_a_spool_failing_every_other_flusher_step_logs_one_line_a_minute(
+    make_config, engines, caplog, monkeypatch
+) -> None:
+    """A nearly full disk: marking a part stored fails, the next try goes
+    through, and so on. A step that goes through resets the spool's backoff,
+    and the flusher's "the spool failed" line had no throttle: a line at
+    every other step, onto a disk in trouble. Now one a minute, counting
+    those left out; the parts are all stored all the same."""
+    import logging
+    import sqlite3
+
+    from audit import queries
+    from audit.events import Source
+    from audit.store import Writer
+
+    config = make_config(flush={"backoff_base_seconds": 0.001, "backoff_max_seconds": 0.01})
+    engine = await engines.open(config, background=True)
+    src = Source(user="alice", role="user")
+    real = Writer.mark_part_stored
+    calls = [0]
+
+    def flapping(self, *args):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] % 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, *args)
+
+    monkeypatch.setattr(Writer, "mark_part_stored", flapping)
+
+    async def flushed() -> bool:
+        c = await engine.spool.read(lambda conn: queries.counts(conn, 0))
+        return c["pending_parts"] == 0
+
+    with caplog.at_level(logging.ERROR, logger="session_audit.flusher"):
+        for _ in range(6):
+            s = await engine.start_session("alice", "user", src, 3600)
+            await engine.end_session(s.session_id, src)
+            await wait_for(flushed, message="the part to be marked stored")
+    assert calls[0] == 12  # each part failed once, then went through
+    lines = [r.getMessage() for r in caplog.records if "the spool failed" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "database or disk is full" in lines[0]
+    assert engine.ready and engine.task_failure is None
