@@ -357,8 +357,8 @@ class Accounts:
                 sid, exc = failed[0]
                 log.error("%d revoked sessions not ended yet (tried again within a second;"
                           " %s first: %s)%s", len(failed), sid, exc, more(left_out))
-        else:
-            self._revoke_log.reset()
+        # (A pass that ends every one does not start the minute over: passes
+        # failing and passing by turns, on a nearly full disk, logged a line each.)
         return ended
 
     async def record_account_changes(self) -> int:
@@ -385,8 +385,7 @@ class Accounts:
             if left_out is not None:
                 log.error("%d changes of accounts not recorded yet (tried again within a"
                           " second; first: %s)%s", len(failed), failed[0], more(left_out))
-        else:
-            self._record_log.reset()
+        # (Nor here: see end_revoked_sessions.)
         return recorded
 
     @staticmethod

@@ -313,3 +313,53 @@ async def test_a_spool_failing_every_other_flusher_step_logs_one_line_a_minute(
     assert len(lines) == 1, lines
     assert "database or disk is full" in lines[0]
     assert engine.ready and engine.task_failure is None
+
+
+async def test_revoked_sessions_and_changes_failing_by_turns_log_one_line_a_minute(
+    make_config, engines, caplog
+) -> None:
+    """A nearly full disk: the server's pass cannot end the sessions that
+    ``passwd`` revoked, nor record the changes of accounts, and the next pass
+    can. A pass that went through reset the lines' throttle: each pass that
+    failed after one logged its line again (twice a second at worst). Now one
+    line a minute each, and every session is ended, every change recorded."""
+    import contextlib
+    import logging
+
+    from audit.events import Source
+    from audit.spool import connect
+    from handlers.auth import Accounts, add_user_sync, change_user_sync, hash_password
+
+    config = make_config()
+    engine = await engines.open(config)
+    accounts = Accounts(engine, 4, record_changes=True)
+    spool = engine.spool
+    src = Source(user="alice", role="user")
+    new_hash = hash_password("a-new-password-1", 4)
+    with contextlib.closing(connect(config.spool_path, "normal")) as conn:
+        add_user_sync(conn, "alice", "a-password-1", "user", 4)
+    assert await accounts.record_account_changes() == 1  # (user.create)
+
+    async def disk(full: bool) -> None:
+        pages = await spool.read(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        await spool.submit(lambda w: w.conn.execute(
+            f"PRAGMA max_page_count = {pages if full else 1073741823}"), needs_space=False)
+
+    with caplog.at_level(logging.ERROR, logger="session_audit.accounts"):
+        for _ in range(5):
+            for _ in range(20):
+                await engine.start_session("alice", "user", src, 3600)
+            with contextlib.closing(connect(config.spool_path, "normal")) as conn:
+                for _ in range(20):  # (the command line's: its disk is not full)
+                    assert change_user_sync(conn, "alice", password_hash=new_hash)
+            await disk(full=True)
+            assert await accounts.end_revoked_sessions() == 0
+            assert await accounts.record_account_changes() == 0
+            await disk(full=False)
+            assert await accounts.end_revoked_sessions() == 20
+            assert await accounts.record_account_changes() == 20
+    assert not spool.open_sessions()
+    lines = [r.getMessage() for r in caplog.records if r.name == "session_audit.accounts"]
+    assert len([x for x in lines if "revoked sessions not ended yet" in x]) == 1, lines
+    assert len([x for x in lines if "changes of accounts not recorded yet" in x]) == 1, lines
+    assert len(lines) == 2, lines
