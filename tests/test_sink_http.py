@@ -959,6 +959,29 @@ async def test_a_rate_limited_resend_one_by_one_gets_further_each_time(
     assert receiver.security_events == {e["_id"]: e for e in events}
 
 
+async def test_a_resend_one_by_one_skips_a_taken_event_only_with_its_hash(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    """The events a rate-limited one-by-one send got through are skipped on
+    the resend by ``_id`` and ``hash``: one resent with another hash is sent
+    again, and the receiver's 409 naming the stored hash is a conflict, not a
+    success taken on trust."""
+    now = [0.0]
+    receiver, url = await start_receiver(
+        clock=lambda: now[0], rate=1.0, burst=3, batch_dup_status=409)
+    sink = await make_sink(url)
+    events = [sample_security_event(f"k{i}") for i in range(3)]
+    await sink.write_security_events(events[-1:])  # the duplicate that makes the batch 409
+    with pytest.raises(SinkRateLimited):  # the batch (409), k0 alone, then k1 is 429
+        await sink.write_security_events(events)
+    assert set(receiver.security_events) == {"k0", "k2"}
+    now[0] += 100.0
+    changed = [sample_security_event("k0", salt="other"), *events[1:]]
+    with pytest.raises(SinkConflict, match="k0 is stored with another hash"):
+        await sink.write_security_events(changed)
+    assert receiver.security_events["k0"] == events[0]
+
+
 # A Retry-After HTTP-date whose hour (or day, year, zone) is a number past
 # what a C long holds: parsedate_to_datetime raises OverflowError, which is
 # not a ValueError.
