@@ -23,7 +23,14 @@ import pytest
 from receiver import Receiver, sample_part, sample_security_event, serve
 
 from audit.config import HttpSinkConfig, MongoSinkConfig
-from sinks.base import Doc, QueryNotSupported, Sink, SinkConflict, SinkUnavailable
+from sinks.base import (
+    Doc,
+    QueryNotSupported,
+    Sink,
+    SinkConflict,
+    SinkUnavailable,
+    summarize_parts,
+)
 
 MONGO_URI_ENV = "SESSION_AUDIT_TEST_MONGODB_URI"
 SINK_URI_ENV = "SESSION_AUDIT_TEST_SINK_MONGODB_URI"
@@ -348,11 +355,14 @@ async def test_session_parts_sorted_and_summarised(harness: Harness, sink: Sink)
     assert summary["session_id"] == "multi"
     assert summary["parts"] == 3 and summary["event_count"] == 9
     assert summary["state"] == "stored" and summary["seal_reason"] == "logout"
+    # The last part written first: the summary is still the stored parts'.
+    assert summary == summarize_parts([p0, p1, p2])
     # Only checkpoints stored: still pending.
     await sink.write_part(sample_part("ckpt", 0, final=False, start="2026-11-27T00:00:00.000Z"))
     newest, _ = await sink.list_sessions(limit=1)
     assert newest[0]["session_id"] == "ckpt" and newest[0]["state"] == "pending"
     assert newest[0]["session_end_time"] is None
+    assert newest[0]["seal_reason"] is None  # a checkpoint's is not the session's
 
 
 async def test_session_parts_one_at_a_time(harness: Harness, sink: Sink) -> None:
@@ -424,6 +434,25 @@ async def test_list_security_events_order_paging_filters(harness: Harness, sink:
     )
     page, _ = await sink.list_security_events(limit=1)
     assert without_type(page[0]) == next(e for e in events if e["_id"] == expected[0])
+
+
+async def test_security_events_at_one_ts_page_by_id(harness: Harness, sink: Sink) -> None:
+    """Events of one ts sort by ``_id`` (newest first), whatever order they
+    were written in: the cursor is ``(ts, _id)``, and a page ordered any
+    other way would skip or repeat events from one page to the next."""
+    needs_queries(harness, sink)
+    ts = "2026-11-26T14:00:00.000Z"
+    await sink.write_security_events([sample_security_event(f"t{i}", ts=ts) for i in range(3)])
+    await sink.write_security_events([sample_security_event(f"t{i}", ts=ts) for i in range(3, 6)])
+    for limit in (1, 2, 4):
+        got: list[str] = []
+        cursor = None
+        for _ in range(10):
+            page, cursor = await sink.list_security_events(limit=limit, cursor=cursor)
+            got += [e["_id"] for e in page]
+            if cursor is None:
+                break
+        assert got == [f"t{i}" for i in reversed(range(6))], f"limit={limit}"
 
 
 async def test_http_receiver_is_real(harness: Harness, sink: Sink) -> None:

@@ -893,3 +893,26 @@ async def test_parts_are_found_by_number_in_any_file_even_below_zero(tmp_path: P
         assert sink.rebuilds == 0
     finally:
         await sink.close()
+
+
+async def test_security_events_oldest_first_pages_on_past_the_second_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify walks the security stream a page at a time: each page starts
+    where the one before ended, however many pages there are (a page that
+    started again at the second would repeat it for ever)."""
+    monkeypatch.setattr(jsonl, "EVENTS_PAGE", 2)
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    try:
+        ids = [f"p{i}" for i in range(7)]
+        await sink.write_security_events([sample_security_event(i) for i in ids[:4]])
+        await sink.write_security_events([sample_security_event(i) for i in ids[4:]])
+        got: list[str] = []
+        async for doc in sink.security_events_oldest_first():
+            got.append(doc["_id"])
+            if len(got) > 2 * len(ids):
+                break
+        assert got == ids
+    finally:
+        await sink.close()
