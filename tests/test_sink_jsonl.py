@@ -679,6 +679,47 @@ async def test_a_day_file_planted_as_a_symlink_is_refused_and_its_target_untouch
     assert "jsonl/audit-2000-01-01.jsonl is a symbolic link" in refused
 
 
+async def test_a_duplicate_in_a_later_file_is_fsynced_after_an_earlier_synced_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file with lines not known fsynced is fsynced before a duplicate
+    is answered from it, not only those before the first already synced."""
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("a"))  # today's file: fsynced by this sink
+        later = tmp_path / "audit-2025-11-27.jsonl"
+        b = sample_part("b")
+        later.write_bytes(part_line(b))  # another process's, never fsynced
+        synced = _recording_fsyncs(monkeypatch)
+        st = later.stat()
+        await sink.write_part(b)  # the flusher's retry: stored already
+        assert (st.st_dev, st.st_ino) in synced
+    finally:
+        await sink.close()
+    assert [d["_id"] for d in lines(later)] == ["b:0"]
+
+
+async def test_day_files_are_named_by_the_utc_date_whatever_the_local_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """API.md: ``audit-YYYY-MM-DD.jsonl`` by UTC date. At 12:00 UTC it is
+    already tomorrow at UTC+14."""
+    monkeypatch.setenv("TZ", "Etc/GMT-14")
+    time.tzset()
+    try:
+        sink = JsonlSink(tmp_path, clock=lambda: DAY1 + 12 * 3600)
+        await sink.open()
+        try:
+            await sink.write_part(sample_part("a"))
+        finally:
+            await sink.close()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert names(tmp_path) == ["audit-2025-11-26.jsonl"]
+
+
 def _recording_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """The (device, inode) of every file or directory fsynced from now on (the
     real fsync still runs: a power cut cannot be simulated, only the calls seen)."""
