@@ -207,6 +207,9 @@ async def test_complete_last_line_without_newline_is_kept(tmp_path: Path) -> Non
         # The newline the repair added is part of the line it ended, not a
         # line of its own that is no JSON (verify would report one).
         assert await sink.unchecked_records() == []
+        # ... and the index's offset is after that newline, not past it (the
+        # next catch-up then took the file for one that shrank).
+        assert sink.rebuilds == 0
     finally:
         await sink.close()
     assert [d["_id"] for d in lines(path)] == ["c:0", "d:0"]
