@@ -1439,6 +1439,10 @@ async def _drain(config: Config, timeout: float | None = None) -> int:  # noqa: 
         except TimeoutError:
             finished = False
         status = await engine.status()
+        # (the server records them, not a drain, which may run beside it)
+        waiting = await engine.spool.read(lambda c: c.execute(
+            "SELECT COUNT(*) FROM account_changes").fetchone()[0]) \
+            if config.audit.record_account_changes else 0
     finally:
         await engine.close(flush_window=0)
     _end_progress()
@@ -1463,7 +1467,9 @@ async def _drain(config: Config, timeout: float | None = None) -> int:  # noqa: 
               file=sys.stderr)
         return 1
     print(f"drained; {status['dead_letter']} dead-lettered, "
-          f"{status['active_sessions']} sessions still open")
+          f"{status['active_sessions']} sessions still open"
+          + (f", {waiting} changes of accounts still to record (at the server's next start:"
+             " keep the spool)" if waiting else ""))
     return 0 if status["dead_letter"] == 0 else 1
 
 

@@ -81,6 +81,9 @@ async def test_changes_of_accounts_are_kept_until_recording_is_on_then_listed_on
     assert r.returncode == 0, r.stderr
     live.settings["audit"] = {"record_account_changes": True}
     live.config_path.write_text(to_toml(live.settings), encoding="utf-8")
+    # A drain leaves them to the server, and says so (the spool must stay).
+    r = await live.cli("drain")
+    assert "3 changes of accounts still to record" in r.stdout, (r.stdout, r.stderr)
     await live.start()
     want = Counter({("user.create", "carol"): 1, ("user.password_change", "carol"): 1,
                     ("user.disable", "carol"): 1})
