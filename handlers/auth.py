@@ -375,11 +375,22 @@ class Accounts:
             " created_ts FROM account_changes ORDER BY id").fetchall())
         if not rows:
             return 0
-        futs = [spool.submit_nowait(_change_recorder(tuple(row)), needs_space=False)
-                for row in rows]
+        futs = []
+        failed: list[object] = []
+        for row in rows:
+            try:
+                job = _change_recorder(tuple(row))
+            except (ValueError, TypeError, OverflowError, OSError) as exc:
+                # A damaged row is left, and said (named, not quoted): the
+                # others go on. (Raised here, it stopped the pass at each
+                # try, and every change after it waited for good.)
+                failed.append(f"row {row[0]}: its created_ts is not a time"
+                              f" ({type(exc).__name__})")
+                continue
+            futs.append(spool.submit_nowait(job, needs_space=False))
         results = await asyncio.gather(*futs, return_exceptions=True)
         recorded = sum(1 for r in results if r is True)
-        failed = [r for r in results if isinstance(r, BaseException)]
+        failed += [r for r in results if isinstance(r, BaseException)]
         if failed:
             left_out = self._record_log.allow("record")
             if left_out is not None:

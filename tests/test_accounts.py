@@ -344,3 +344,28 @@ async def test_changes_of_accounts_are_security_events_recorded_once(api: Api) -
         assert secret not in text
     await revoked(api)
     assert await status_of(api, carol) == 401
+
+
+@pytest.mark.parametrize("created", ["not a time", 1e300])
+async def test_a_damaged_change_of_an_account_does_not_hold_up_the_others(
+        api: Api, created: Any) -> None:
+    """A row of account_changes that cannot be read (its time damaged) is
+    left, and said; the changes after it are recorded all the same."""
+    alice = await api.user("alice")
+    conn = connect(api.config.spool_path, "normal")
+    try:
+        conn.execute(
+            "INSERT INTO account_changes (action, username, actor_user, actor_role,"
+            " details, created_ts) VALUES ('user.disable', 'bob', 'root', 'cli', '{}', ?)",
+            (created,))
+    finally:
+        conn.close()
+    assert cli_change(api, "alice", disabled=True)
+    assert await accounts(api).record_account_changes() == 1
+    assert await accounts(api).record_account_changes() == 0
+    events = await user_events(api, await api.admin())
+    assert [(e["action"], e["target"]["id"]) for e in events] == [("user.disable", "alice")]
+    assert await api.engine.spool.read(lambda c: c.execute(
+        "SELECT username FROM account_changes").fetchall()) == [("bob",)]
+    await revoked(api)
+    assert await status_of(api, alice) == 401
