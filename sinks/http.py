@@ -150,9 +150,10 @@ class HttpSink(Sink):
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
         # Security events the receiver took one by one, of a batch not yet
-        # all stored; and whether to go on one by one (write_security_events).
+        # all stored; and the events of the batch that needed one by one, to go
+        # on so when it is sent again (write_security_events).
         self._taken: set[tuple[str, Any]] = set()
-        self._one_by_one = False
+        self._one_by_one: set[tuple[str, Any]] = set()
 
     async def open(self) -> None:
         if self._session is not None:
@@ -187,7 +188,7 @@ class HttpSink(Sink):
         session, self._session = self._session, None
         self._token = None
         self._taken.clear()
-        self._one_by_one = False
+        self._one_by_one.clear()
         if session is not None:
             await session.close()
 
@@ -240,21 +241,31 @@ class HttpSink(Sink):
         sends the batch again: this sink then goes on one by one, skipping
         the events the receiver took. Starting over with the batch would
         spend the receiver's rate limit on the same events each time, and
-        might never get further.
+        might never get further. Only that batch's events go on one by one:
+        more events sent after them (the batch grew meanwhile), or another
+        batch, go as a batch first (they need not hold a duplicate).
         """
         if not events:
             return
         keys = {_event_key(e) for e in events}
         self._taken &= keys  # only this batch's progress is worth keeping
+        self._one_by_one &= keys
         todo = [e for e in events if _event_key(e) not in self._taken]
-        if len(todo) > 1 and not self._one_by_one:
+        resumed = 0
+        while resumed < len(todo) and _event_key(todo[resumed]) in self._one_by_one:
+            resumed += 1
+        for event in todo[:resumed]:
+            await self._write_event(event)
+        todo = todo[resumed:]
+        if len(todo) > 1:
             status, _ = await self._post("/security-events", {"events": todo}, {})
             if status != 409:
                 todo = []
-            self._one_by_one = bool(todo)
+            else:
+                self._one_by_one = keys
         for event in todo:
             await self._write_event(event)
-        self._one_by_one = False
+        self._one_by_one.clear()
         self._taken.clear()
 
     async def _write_event(self, event: Doc) -> None:

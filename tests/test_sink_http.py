@@ -937,25 +937,76 @@ async def test_an_error_among_the_events_sent_one_by_one_raises_and_the_resend_g
     assert receiver.stats["requests"] - before == 2  # m1 and m2, alone
 
 
-async def test_a_rate_limited_resend_one_by_one_gets_further_each_time(
+@pytest.mark.parametrize(("fault", "error"), [
+    (Fault(429, {"Retry-After": "2"}), SinkRateLimited),
+    (Fault(400), SinkRejected),
+], ids=["429", "400"])
+async def test_one_by_one_is_for_the_batch_that_needed_it_not_the_next(
+    start_receiver: Start,
+    make_sink: Callable[..., Awaitable[HttpSink]],
+    fault: Fault,
+    error: type[SinkError],
+) -> None:
+    """A batch left half sent one by one (rate limited, or an event the
+    flusher then dead-letters) does not send another batch one by one: that
+    one goes whole first. Each request is billed and rate limited."""
+    receiver, url = await start_receiver(batch_dup_status=409)
+    sink = await make_sink(url)
+    events = [sample_security_event(f"u{i}") for i in range(3)]
+    await sink.write_security_events(events[:1])
+    receiver.script(Fault(409), Fault(409), fault)  # the batch, u0 alone, u1: the fault
+    with pytest.raises(error):
+        await sink.write_security_events(events)
+    before = receiver.stats["requests"]
+    others = [sample_security_event(f"w{i}") for i in range(4)]
+    await sink.write_security_events(others)
+    assert receiver.stats["requests"] - before == 1  # the batch, whole
+    assert set(receiver.security_events) == {"u0"} | {e["_id"] for e in others}
+
+
+async def test_a_batch_that_grew_goes_on_one_by_one_then_sends_its_new_events_whole(
     start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]]
+) -> None:
+    """The resend of a batch that grew meanwhile (more events arrived): the
+    events of the batch that needed one by one go on so, the new ones go
+    as a batch."""
+    receiver, url = await start_receiver(batch_dup_status=409)
+    sink = await make_sink(url)
+    events = [sample_security_event(f"g{i}") for i in range(3)]
+    await sink.write_security_events(events[:1])
+    receiver.script(Fault(409), Fault(409), Fault(429))  # the batch, g0 alone, g1: 429
+    with pytest.raises(SinkRateLimited):
+        await sink.write_security_events(events)
+    grown = [*events, sample_security_event("g3"), sample_security_event("g4")]
+    before = receiver.stats["requests"]
+    await sink.write_security_events(grown)
+    assert receiver.stats["requests"] - before == 3  # g1 and g2 alone; g3 and g4 together
+    assert receiver.security_events == {e["_id"]: e for e in grown}
+
+
+@pytest.mark.parametrize("grows", [False, True], ids=["same", "grows"])
+async def test_a_rate_limited_resend_one_by_one_gets_further_each_time(
+    start_receiver: Start, make_sink: Callable[..., Awaitable[HttpSink]], grows: bool
 ) -> None:
     """With one request allowed per Retry-After, a resend that started over
     with the batch (409 again: its duplicate is still in it) would spend that
-    request on the batch every time and store nothing more."""
+    request on the batch every time and store nothing more; so would one
+    that sent the batch again whole because an event arrived meanwhile."""
     now = [0.0]
     receiver, url = await start_receiver(
         clock=lambda: now[0], rate=1.0, burst=2, batch_dup_status=409)
     sink = await make_sink(url)
     events = [sample_security_event(f"r{i}") for i in range(6)]
     await sink.write_security_events(events[-1:])  # the duplicate comes last
-    for _ in range(20):
+    for i in range(20):
         try:
             await sink.write_security_events(events)
             break
         except SinkRateLimited as exc:
             assert exc.retry_after is not None
             now[0] += exc.retry_after  # as the flusher waits
+            if grows:  # an event arrived meanwhile: the resend holds it too
+                events.append(sample_security_event(f"n{i}"))
     assert receiver.security_events == {e["_id"]: e for e in events}
 
 
