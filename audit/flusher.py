@@ -743,9 +743,14 @@ class Flusher:
                 return
             self._failing = ("", 0)
         wait = self._put_aside(key, DEFER_MAX_SECONDS)
-        log.warning("part %s keeps failing; later parts go first, it is tried again within"
-                    " %.1f s (sooner while nothing else is pending)",
-                    doc_id, wait)  # (0.4 s with a 0.05 s backoff base: not "0 s")
+        # Once a minute at most: an outage puts parts aside again and again.
+        left_out = self._log.allow("part aside")
+        if left_out is not None:
+            self._said = True
+            log.warning("part %s keeps failing; later parts go first, it is tried again within"
+                        " %.1f s (sooner while nothing else is pending)%s",
+                        doc_id, wait,  # (0.4 s with a 0.05 s backoff base: not "0 s")
+                        more(left_out))
 
     def _put_aside(self, key: Aside, cap: float) -> float:
         """``key`` waits a pause of its own, doubling each time it is put aside
@@ -847,8 +852,12 @@ class Flusher:
             self._failed_in_a_row += 1
             if not isinstance(exc, (SinkUnavailable, SinkError)):
                 # A sink bug must not lose anything either: log it and retry.
-                self._said = True
-                log.error("unexpected sink error", exc_info=exc)
+                # Its traceback once a minute at most (a sink failing every
+                # other write logged it in full at each).
+                left_out = self._log.allow("unexpected")
+                if left_out is not None:
+                    self._said = True
+                    log.error("unexpected sink error%s", more(left_out), exc_info=exc)
         self.healthy = isinstance(exc, SinkRateLimited)
         self._note_error(exc)
         pause = self.backoff.failed(hint)

@@ -3,8 +3,10 @@ dead-lettered after a few tries, so it cannot block what is queued behind it."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
 from waiting import wait_for
 
 from audit import queries
@@ -67,6 +69,27 @@ async def test_poison_part_is_dead_lettered_and_the_rest_flows(
     (part,) = await sink.get_session_parts(first.session_id)
     assert [e["action"] for e in part["events"]] == [
         "session.start", "token.issue", "document.list", "session.end"]
+
+
+async def test_a_poison_part_is_logged_in_full_once_a_minute_not_at_each_try(
+    make_config, engines, fake_clock, fake_monotonic, caplog: pytest.LogCaptureFixture
+):
+    """The first unexpected error's traceback goes out; the tries after it
+    within the minute are left out (the warning line counts them)."""
+    wall, mono = fake_clock, fake_monotonic
+    config = make_config(flush={"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
+    poisoned: set[str] = set()
+    sink = PoisonedSink(config.sqlite_sink_path, poisoned)
+    engine = await engines.open(config, sink, clock=wall, monotonic=mono)
+    src = Source(user="alice", role="user")
+    s = await engine.start_session("alice", "user", src, 3600)
+    poisoned.add(s.session_id)
+    await engine.end_session(s.session_id, src)
+    with caplog.at_level(logging.WARNING, logger="session_audit.flusher"):
+        await engines.drain(engine, mono)
+    assert sink.crashes == UNEXPECTED_LIMIT
+    full = [r for r in caplog.records if r.getMessage().startswith("unexpected sink error")]
+    assert len(full) == 1 and full[0].exc_info is not None
 
 
 async def test_a_running_flusher_takes_up_what_another_process_retried(

@@ -153,6 +153,38 @@ async def test_parts_put_aside_during_an_outage_are_due_once_the_sink_is_back(
     assert engine.flusher._deferred == {}
 
 
+async def test_a_part_put_aside_again_and_again_is_logged_once_a_minute(
+    make_config, engines, fake_monotonic, caplog
+):
+    """A receiver that refuses connections: the part is put aside after
+    DEFER_AFTER tries, then again after each single retry; its line went out
+    at each, without the throttle the other failure lines have."""
+    import socket
+
+    from audit.flusher import DEFER_AFTER
+    from sinks.http import HttpSink
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = make_config(sink={"type": "http", "http": {"url": f"http://127.0.0.1:{port}"}},
+                         flush={"max_writes_per_second": 1000.0, "burst": 1000,
+                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
+    engine = await engines.open(config, HttpSink(config.sink.http), monotonic=fake_monotonic)
+    await _parts(engine, 1)
+    with caplog.at_level(logging.WARNING, logger="session_audit.flusher"):
+        for _ in range(DEFER_AFTER + 8):
+            fake_monotonic.advance(await engine.flusher.step() or 0)
+        ((_, times),) = engine.flusher._deferred.values()
+        assert times >= 3  # put aside again and again
+        assert len(_lines(caplog, "keeps failing")) == 1
+        fake_monotonic.advance(60.0)
+        for _ in range(4):
+            fake_monotonic.advance(await engine.flusher.step() or 0)
+    lines = _lines(caplog, "keeps failing")
+    assert len(lines) == 2 and "more like it since the last such line" in lines[1], lines
+
+
 async def test_the_put_aside_log_line_gives_a_wait_under_a_second_as_it_is(
     make_config, engines, fake_monotonic, caplog
 ):
