@@ -137,7 +137,11 @@ class Flusher:
         self._idle = asyncio.Event()
         self._stopping = False
         self._lock_fd: int | None = None
-        self._unexpected: tuple[str, int] = ("", 0)  # (_id, consecutive count)
+        # _id -> unexpected sink errors in a row on that document: its own
+        # tries, which the writes of other documents between them (a security
+        # batch stored at each turn) do not start over. (The oldest are
+        # forgotten past DEFERRED_MAX.)
+        self._unexpected: dict[str, int] = {}
         self._purge_due = 0.0  # (clock) the next purge while parts are pending
         self._leftovers = True  # stored rows an earlier run may have kept: purged first
         self._defer_base = config.backoff_base_seconds
@@ -508,7 +512,7 @@ class Flusher:
             try:
                 await self.sink.write_security_events([doc for _, doc in batch])
             except Exception as exc:
-                rejected = self._poison(batch[0][1]["_id"], exc)
+                rejected = self._poison(str(batch[0][1]["_id"]), exc)
                 if rejected is None:
                     raise
                 raise rejected from exc
@@ -550,6 +554,7 @@ class Flusher:
 
         await self.spool.submit(stored_security, needs_space=False)
         self._bucket_saved = True
+        self._unexpected.pop(str(batch[0][1]["_id"]), None)
         self._security_past(batch)
         self.stats.security_written += len(batch)
         # The first write through after an outage (more than one document
@@ -653,7 +658,7 @@ class Flusher:
             try:
                 await self.sink.write_part(doc)
             except Exception as exc:
-                rejected = self._poison(doc["_id"], exc)
+                rejected = self._poison(str(doc["_id"]), exc)
                 if rejected is None:
                     raise
                 raise rejected from exc
@@ -686,6 +691,7 @@ class Flusher:
         self.stats.parts_written += 1
         self._deferred.pop((sid, part), None)
         self._failing = ("", 0)
+        self._unexpected.pop(str(doc["_id"]), None)
         self._ok()
         return 0.0
 
@@ -784,16 +790,17 @@ class Flusher:
     # -- outcomes ------------------------------------------------------------
 
     def _poison(self, doc_id: str, exc: Exception) -> SinkRejected | None:
-        """A rejection once the same document kept raising unclassified errors."""
+        """A rejection once the same document kept raising unclassified errors
+        (at its own tries in a row: another document's write between them
+        does not count)."""
+        count = self._unexpected.pop(doc_id, 0) + 1
         if isinstance(exc, SinkError):
-            self._unexpected = ("", 0)
             return None
-        last, count = self._unexpected
-        count = count + 1 if last == doc_id else 1
-        self._unexpected = (doc_id, count)
         if count < UNEXPECTED_LIMIT:
+            self._unexpected[doc_id] = count  # (re-inserted last: the oldest go first)
+            while len(self._unexpected) > DEFERRED_MAX:
+                del self._unexpected[next(iter(self._unexpected))]
             return None
-        self._unexpected = ("", 0)
         return SinkRejected(f"unexpected sink error {UNEXPECTED_LIMIT} times in a row:"
                             f" {type(exc).__name__}: {exc}"[:300])
 
@@ -822,7 +829,6 @@ class Flusher:
             self._pause_to_save = 0.0
         self._failed_in_a_row = 0
         self._said = False
-        self._unexpected = ("", 0)
         self.stats.writes_ok += 1
         self.backoff.succeeded()
         self.healthy = True

@@ -92,6 +92,40 @@ async def test_a_poison_part_is_logged_in_full_once_a_minute_not_at_each_try(
     assert len(full) == 1 and full[0].exc_info is not None
 
 
+async def test_a_poison_part_is_dead_lettered_while_other_writes_go_through(
+    make_config, engines, fake_clock, fake_monotonic
+):
+    """The tries in a row that dead-letter a document are its own: security
+    events stored between them (a part gets the token after each) did not
+    start its count over, and the part, retried for ever, held every part
+    behind it back."""
+    wall, mono = fake_clock, fake_monotonic
+    config = make_config(flush={"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
+    poisoned: set[str] = set()
+    sink = PoisonedSink(config.sqlite_sink_path, poisoned)
+    engine = await engines.open(config, sink, clock=wall, monotonic=mono)
+    src = Source(user="alice", role="user")
+    s = await engine.start_session("alice", "user", src, 3600)
+    poisoned.add(s.session_id)
+    await engine.end_session(s.session_id, src)
+    for n in range(3 * UNEXPECTED_LIMIT):
+        if await _dead_parts(engine):
+            break
+        # A denied request's security event arrives while the part fails.
+        await engine.record_security(
+            Draft("access.denied", outcome="denied", source=Source(ip="192.0.2.1"),
+                  details={"n": n}), happened=True)
+        crashes = sink.crashes
+        for _ in range(20):
+            mono.advance(await engine.flusher.step() or 0.0)
+            if sink.crashes > crashes:
+                break
+    assert await _dead_parts(engine) == 1
+    assert sink.crashes == UNEXPECTED_LIMIT
+    stored, _ = await sink.list_security_events(limit=100)
+    assert len(stored) >= UNEXPECTED_LIMIT - 1  # written between the part's tries
+
+
 async def test_a_running_flusher_takes_up_what_another_process_retried(
     make_config, engines, monkeypatch
 ):
