@@ -43,7 +43,9 @@ when it differs. So:
 * if today's file is deleted or renamed while the sink is open, the next
   write notices (``fstat`` of the open file against ``stat`` of its path,
   under the lock) and appends to a new file at the expected path, never to
-  the old inode.
+  the old inode. The index knows each file it read by its inode too: a
+  file at that name made anew by another writer is read from its start
+  (the index is rebuilt), not from where the old one ended.
 
 If the directory keeps changing while it is read (files vanishing between
 listing and reading, three times in a row), a write or query raises
@@ -231,14 +233,15 @@ def _open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
     return fd
 
 
-def _sizes(directory: Path) -> dict[str, int]:
-    """The size of every ``audit-*.jsonl`` file in ``directory`` (one ``scandir``).
+def _sizes(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """``(size, st_dev, st_ino)`` of every ``audit-*.jsonl`` file in ``directory``
+    (one ``scandir``).
 
     A name of that pattern that is not a regular file (a symlink, even to a
     regular file; a FIFO; a directory) raises :class:`SinkUnavailable`: see
     :func:`_not_a_file`.
     """
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, int, int]] = {}
     with os.scandir(directory) as it:
         for entry in it:
             name = entry.name
@@ -247,7 +250,7 @@ def _sizes(directory: Path) -> dict[str, int]:
                     st = entry.stat(follow_symlinks=False)
                     if not stat.S_ISREG(st.st_mode):
                         raise _not_a_file(directory / name)
-                    out[name] = st.st_size
+                    out[name] = (st.st_size, st.st_dev, st.st_ino)
     return out
 
 
@@ -361,6 +364,10 @@ class _Index:
         self.names: list[str] = []  # file number -> file name
         self.numbers: dict[str, int] = {}
         self.seen: dict[str, int] = {}  # file name -> bytes indexed (whole lines)
+        # file name -> (st_dev, st_ino) of the file those bytes were read from:
+        # a file made anew at the name (today's file moved away, then another
+        # writer appended) is another file, read from its start.
+        self.files: dict[str, tuple[int, int]] = {}
         self.ids: dict[bytes, bytes] = {}  # _digest(_id) -> _digest(hash)
         self.synced: dict[str, int] = {}  # file name -> bytes known fsynced
         self.sessions: dict[str, _Session] = {}
@@ -481,6 +488,8 @@ class JsonlSink(Sink):
         no = index.number(path.name)
         pos = start
         with os.fdopen(_open_regular(path, os.O_RDONLY), "rb") as f:
+            st = os.fstat(f.fileno())
+            index.files[path.name] = (st.st_dev, st.st_ino)
             f.seek(start)
             for raw in f:
                 if not raw.endswith(b"\n"):
@@ -587,9 +596,11 @@ class JsonlSink(Sink):
         rebuilt = fresh
         for _ in range(3):
             sizes = _sizes(self.dir)
-            stale = any(name not in sizes for name in index.seen)
+            # Gone, or another file at the name now (moved away, made anew):
+            stale = any(name not in sizes or sizes[name][1:] != index.files.get(name)
+                        for name in index.seen)
             for name in sorted(sizes) if not stale else ():
-                size, start = sizes[name], index.seen.get(name)
+                size, start = sizes[name][0], index.seen.get(name)
                 if size == start:
                     continue
                 if start is not None and size < start:
@@ -897,6 +908,10 @@ class JsonlSink(Sink):
         index.synced[name] = max(index.synced.get(name, 0), start + len(data))
         if index.seen.get(name, 0) != start:
             return  # bytes we have not read precede ours: the next catch-up reads both
+        if name not in index.files:  # a file new to the index: the one just appended to
+            assert self._file is not None
+            st = os.fstat(self._file.fileno())
+            index.files[name] = (st.st_dev, st.st_ino)
         no = index.number(name)
         pos = start
         for doc, raw in zip(new.values(), lines, strict=True):

@@ -396,6 +396,35 @@ async def test_two_writers_of_one_directory_append_nothing_twice(tmp_path: Path)
     assert [d["_id"] for d in lines(tmp_path / "audit-2025-11-27.jsonl")] == ["e1"]
 
 
+async def test_todays_file_moved_away_and_made_anew_by_another_writer_is_read_from_its_start(
+    tmp_path: Path,
+) -> None:
+    """Today's file shipped (renamed away) while the server runs, and
+    ``server.py drain`` beside it then made the file anew, as long as the
+    old one was: the server's index knew the name only by its size, took
+    the new file for the one it had read to its end, and never read the
+    drain's line, so the server's own retry of that part appended it a
+    second time."""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    server = JsonlSink(tmp_path, clock=lambda: DAY1)
+    drain = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await server.open()
+    await drain.open()
+    try:
+        await server.write_part(sample_part("a"))
+        path.rename(tmp_path / "shipped.jsonl.bak")
+        await drain.write_part(sample_part("b"))  # a line as long as a's
+        await server.write_part(sample_part("b"))  # the same spool's retry: stored
+        assert [p["_id"] for p in await server.get_session_parts("b")] == ["b:0"]
+        assert await server.get_session_parts("a") == []
+        with pytest.raises(SinkConflict):
+            await server.write_part(sample_part("b", salt="x"))
+    finally:
+        await server.close()
+        await drain.close()
+    assert [d["_id"] for d in lines(path)] == ["b:0"]
+
+
 @pytest.mark.parametrize("how", ["delete", "rename_away", "rename_to_another_audit_name"])
 async def test_a_write_after_todays_file_was_deleted_or_renamed_is_not_lost(
     tmp_path: Path, how: str
@@ -456,7 +485,7 @@ async def test_a_directory_that_keeps_changing_is_retryable_never_a_duplicate(
 
         def racing(directory: Path) -> dict[str, int]:
             # Listed, and gone by the time it is read (every time).
-            return {**real_sizes(directory), "audit-2025-11-25.jsonl": 100}
+            return {**real_sizes(directory), "audit-2025-11-25.jsonl": (100, 0, 0)}
 
         monkeypatch.setattr(jsonl, "_sizes", racing)
         with pytest.raises(SinkUnavailable):
