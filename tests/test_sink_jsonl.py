@@ -989,3 +989,51 @@ async def test_security_events_oldest_first_pages_on_past_the_second_page(
         assert got == ids
     finally:
         await sink.close()
+
+
+async def test_a_second_copy_of_a_security_event_is_compared_with_its_first(
+    tmp_path: Path,
+) -> None:
+    """verify's check of later lines with a stored ``_id`` covers security
+    events too (their first copy is found among the events, not the
+    sessions): an identical copy is harmless, one with other content (its
+    hash unchanged: whoever appends it chooses it) is named, as a security
+    event, at its file and byte."""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    await sink.write_security_events([sample_security_event("e1"), sample_security_event("e2")])
+    await sink.write_part(sample_part("a"))
+    await sink.close()
+    (e1, e2, part) = path.read_bytes().splitlines(keepends=True)
+    forged = json.loads(e2)
+    forged["actor"]["user"] = "alice"
+    with path.open("ab") as f:
+        f.write(e1 + part)  # identical copies: not reported
+        at = f.tell()
+        f.write(json.dumps(forged).encode() + b"\n")
+    reader = JsonlSink(tmp_path, readonly=True)
+    await reader.open()
+    try:
+        assert await reader.conflicting_copies() == [
+            ("e2", "security event", f"audit-2025-11-26.jsonl, byte {at}")]
+        assert await reader.unchecked_records() == []
+    finally:
+        await reader.close()
+
+
+async def test_lines_past_the_10000_unplaced_ones_noted_are_counted(tmp_path: Path) -> None:
+    """The index notes where the first 10,000 lines it cannot place are, and
+    counts the rest: verify reports them all, not only those noted."""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    path.write_bytes(b"[1]\n" * 10_002)  # JSON, but no object with an _id
+    reader = JsonlSink(tmp_path, readonly=True)
+    await reader.open()
+    try:
+        unchecked = await reader.unchecked_records()
+    finally:
+        await reader.close()
+    assert len(unchecked) == 10_001
+    assert unchecked[0] == (
+        "audit-2025-11-26.jsonl, byte 0: a line that is not an object with an _id")
+    assert unchecked[-1] == "2 more lines that are no document of the sink"
