@@ -1037,3 +1037,49 @@ async def test_lines_past_the_10000_unplaced_ones_noted_are_counted(tmp_path: Pa
     assert unchecked[0] == (
         "audit-2025-11-26.jsonl, byte 0: a line that is not an object with an _id")
     assert unchecked[-1] == "2 more lines that are no document of the sink"
+
+
+async def test_a_file_that_shrank_under_the_index_is_read_again(tmp_path: Path) -> None:
+    """Lines another process appended, read by a query before that process's
+    fsync failed and its write was truncated back: the file is shorter than
+    the index says, so the index is rebuilt, and those lines (gone) are not
+    taken for stored by a later write of the same part."""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("a"))
+        size = path.stat().st_size
+        with path.open("ab") as f:
+            f.write(part_line(sample_part("b")) + part_line(sample_part("c")))
+        assert [p["_id"] for p in await sink.get_session_parts("b")] == ["b:0"]
+        os.truncate(path, size)  # the other writer's failed write, undone
+        await sink.write_part(sample_part("b"))
+        assert [p["_id"] for p in await sink.get_session_parts("b")] == ["b:0"]
+        assert await sink.get_session_parts("c") == []
+        assert sink.rebuilds == 1
+    finally:
+        await sink.close()
+    assert [d["_id"] for d in lines(path)] == ["a:0", "b:0"]
+
+
+async def test_a_line_not_where_the_index_says_is_read_again_once(tmp_path: Path) -> None:
+    """A query that finds another line at an indexed offset (the file was
+    rewritten in place, as long as it was) re-reads every file once and
+    answers from what is there, not "keeps changing"."""
+    path = tmp_path / "audit-2025-11-26.jsonl"
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("a"))
+        await sink.write_part(sample_part("b"))
+        b_line, c_line = part_line(sample_part("b")), part_line(sample_part("c"))
+        assert len(b_line) == len(c_line)
+        with path.open("r+b") as f:
+            f.seek(path.stat().st_size - len(b_line))
+            f.write(c_line)
+        assert await sink.get_session_parts("b") == []
+        assert sink.rebuilds == 1
+        assert [p["_id"] for p in await sink.get_session_parts("c")] == ["c:0"]
+    finally:
+        await sink.close()
