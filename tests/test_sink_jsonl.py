@@ -1083,3 +1083,30 @@ async def test_a_line_not_where_the_index_says_is_read_again_once(tmp_path: Path
         assert [p["_id"] for p in await sink.get_session_parts("c")] == ["c:0"]
     finally:
         await sink.close()
+
+
+async def test_a_lock_file_removed_while_the_sink_runs_is_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sink keeps its lock file open: removed by hand, a lock on the
+    old one would exclude no writer that opens the path (and makes a new
+    file there). The next write locks through a file at the path again."""
+    sink = JsonlSink(tmp_path, clock=lambda: DAY1)
+    await sink.open()
+    try:
+        await sink.write_part(sample_part("a"))
+        (tmp_path / LOCK_NAME).unlink()
+        await sink.write_part(sample_part("b"))
+        assert (tmp_path / LOCK_NAME).is_file()
+        # A second writer opening the path now is excluded while the sink writes.
+        fd = os.open(tmp_path / LOCK_NAME, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            monkeypatch.setattr(jsonl, "LOCK_WAIT_SECONDS", 0.05)
+            with pytest.raises(SinkUnavailable, match="is locked by another writer"):
+                await sink.write_part(sample_part("c"))
+        finally:
+            os.close(fd)
+    finally:
+        await sink.close()
+    assert [d["_id"] for d in lines(tmp_path / "audit-2025-11-26.jsonl")] == ["a:0", "b:0"]
