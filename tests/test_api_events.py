@@ -162,3 +162,114 @@ async def test_too_large_body_is_refused_and_recorded(api: Api) -> None:
     ev = (await api.events(alice.session_id))[-1]
     assert (ev["action"], ev["outcome"], ev["details"]["reason"]) == (
         "client.rejected", "failure", "too_large")
+
+
+# Mutation review (handlers/events.py): the bounds and the walk of details.
+
+TARGET_OK = [{"type": "t", "id": "i"}, {"type": "t" * 128, "id": "i" * 128}]
+TARGET_BAD = [{"type": "", "id": "i"}, {"type": "t", "id": ""},
+              {"type": "t" * 129, "id": "i"}, {"type": "t", "id": "i" * 129},
+              {"type": "t", "id": "i", "extra": "x"}]
+
+
+async def test_target_fields_of_1_to_128_characters(api: Api) -> None:
+    alice = await api.user("alice")
+    for target in TARGET_OK:
+        resp = await api.client.post("/audit/events", json={"action": "client.t",
+                                                            "target": target},
+                                     headers=alice.headers)
+        assert resp.status == 202, target
+        assert (await api.events(alice.session_id))[-1]["target"] == target
+    for target in TARGET_BAD:
+        resp = await api.client.post("/audit/events", json={"action": "client.t",
+                                                            "target": target},
+                                     headers=alice.headers)
+        body = await expect_error(resp, 400, "invalid_request")
+        assert "target" in body["error"]["message"], target
+    assert (await api.actions(alice.session_id))[2:] == (
+        ["client.t"] * len(TARGET_OK) + ["client.rejected"] * len(TARGET_BAD))
+
+
+async def test_null_target_and_details_are_none_and_empty(api: Api) -> None:
+    alice = await api.user("alice")
+    resp = await api.client.post("/audit/events", json={"action": "client.n", "target": None,
+                                                        "details": None},
+                                 headers=alice.headers)
+    assert resp.status == 202
+    ev = (await api.events(alice.session_id))[-1]
+    assert (ev["action"], ev["target"], ev["details"]) == ("client.n", None, {})
+
+
+async def test_details_of_exactly_4096_bytes_as_json(api: Api) -> None:
+    """The 4 KiB of API.md counts the details' canonical JSON in UTF-8 bytes:
+    4096 is taken, 4097 is not (``{"k":"…"}`` is 8 bytes around the value;
+    "é" is 2 bytes)."""
+    alice = await api.user("alice")
+    for details, status in (({"k": "v" * 4088}, 202), ({"k": "é" * 2044}, 202),
+                            ({"k": "v" * 4089}, 400), ({"k": "é" * 2044 + "v"}, 400)):
+        resp = await api.client.post("/audit/events", json={"action": "client.big",
+                                                            "details": details},
+                                     headers=alice.headers)
+        assert resp.status == status, (len(details["k"]), await resp.text())
+    assert (await api.actions(alice.session_id))[2:] == ["client.big"] * 2 + [
+        "client.rejected"] * 2
+
+
+async def test_every_branch_of_details_is_walked(api: Api) -> None:
+    """A scalar met first does not end the walk: a deep value or a '$' key
+    after it (in the walk's order) is still found, in objects and arrays."""
+    alice = await api.user("alice")
+    for details, why in (({"a": nested(32), "z": 1}, "32 levels"),
+                         ({"a": ["x", nested(31)]}, "32 levels"),
+                         ({"a": {"$ref": "orders"}, "z": 1}, "'$'"),
+                         ({"a": [{"b": {"$id": 1}}, 2]}, "'$'")):
+        resp = await api.client.post("/audit/events", json={"action": "client.walk",
+                                                            "details": details},
+                                     headers=alice.headers)
+        body = await expect_error(resp, 400, "invalid_request")
+        assert why in body["error"]["message"], details
+    assert (await api.actions(alice.session_id))[2:] == ["client.rejected"] * 4
+
+
+async def test_a_bad_event_in_a_list_is_named_by_its_index(api: Api) -> None:
+    alice = await api.user("alice")
+    resp = await api.client.post("/audit/events",
+                                 json=[{"action": "client.a"}, {"action": "client.b"}, 7],
+                                 headers=alice.headers)
+    body = await expect_error(resp, 400, "invalid_request")
+    assert body["error"]["message"].startswith("event 2: ")
+
+
+async def test_a_body_over_4_mib_is_too_large_before_it_is_parsed(api: Api) -> None:
+    """The route's own limit (100 events of 4 KiB with room for escapes), not
+    the server's 8 MiB: 413, recorded."""
+    alice = await api.user("alice")
+    body = json.dumps([{"action": "client.a", "details": {"k": "v" * 4000}}] * 1100).encode()
+    assert 4 * 1024 * 1024 < len(body) < 8 * 1024 * 1024
+    resp = await api.client.post("/audit/events", data=io.BytesIO(body),
+                                 headers={**alice.headers, "Content-Type": "application/json"})
+    await expect_error(resp, 413, "too_large")
+    ev = (await api.events(alice.session_id))[-1]
+    assert (ev["action"], ev["outcome"], ev["details"]) == (
+        "client.rejected", "failure", {"reason": "too_large"})
+
+
+async def test_events_join_only_the_callers_own_session(api: Api) -> None:
+    """bob cannot write into alice's session: naming it is 403
+    session_mismatch (a security event), nothing lands in it; his own
+    events are his, with his actor."""
+    alice = await api.user("alice")
+    bob = await api.user("bob")
+    resp = await api.client.post("/audit/events", json={"action": "client.forged"},
+                                 headers={**bob.headers,
+                                          "X-Audit-Session-ID": alice.session_id})
+    await expect_error(resp, 403, "session_mismatch")
+    resp = await api.client.post("/audit/events", json={"action": "client.mine"},
+                                 headers={**bob.headers, "X-Audit-Session-ID": bob.session_id})
+    assert resp.status == 202
+    assert await api.actions(alice.session_id) == ["session.start", "token.issue"]
+    ev = (await api.events(bob.session_id))[-1]
+    assert (ev["action"], ev["actor"], ev["session_id"]) == (
+        "client.mine", {"user": "bob", "role": "user"}, bob.session_id)
+    (mismatch,) = await api.security("auth.session_mismatch")
+    assert mismatch["actor"]["user"] == "bob"
