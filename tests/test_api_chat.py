@@ -750,3 +750,44 @@ async def test_a_provider_echoing_the_base_urls_credentials_does_not_hand_them_o
         assert ev["details"]["reply_text"] == body["reply"]
     finally:
         await runner.cleanup()
+
+
+# Mutation review (handlers/chat.py): what _message takes and _digest records.
+
+async def test_digest_is_of_the_utf8_bytes_and_counts_characters(make_api: MakeApi) -> None:
+    """Non-ASCII text: the SHA-256 of its UTF-8 bytes, its length in
+    characters (not bytes), for the prompt and the reply alike."""
+    api = await make_api(audit={"capture_ai_content": True})
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content="Le réacteur utilise de l'eau lourde ☢. " + DOC)
+    question = "Quelle eau le réacteur ☢ utilise-t-il ?"
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": question},
+                                 headers=alice.headers)
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert not body["reply"].isascii()
+    (ev,) = await _ai_events(api, alice.session_id)
+    d = ev["details"]
+    assert d["prompt"] == {"sha256": sha(question), "length": len(question)}
+    assert d["reply"] == {"sha256": sha(body["reply"]), "length": len(body["reply"])}
+    assert (d["prompt_text"], d["reply_text"]) == (question, body["reply"])
+
+
+@pytest.mark.parametrize(("message", "status", "code"), [
+    (" \t\n ", 400, "invalid_request"),  # blank is empty
+    ("x" * (16 * 1024), 200, None),  # exactly 16 KiB of UTF-8
+    ("é" * (8 * 1024), 200, None),
+    ("é" * (8 * 1024) + "x", 413, "too_large"),
+])
+async def test_message_bounds(api: Api, message: str, status: int, code: str | None) -> None:
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": message},
+                                 headers=alice.headers)
+    (ev,) = await _ai_events(api, alice.session_id)
+    if code is None:
+        assert resp.status == 200
+        assert ev["outcome"] == "success"
+    else:
+        await expect_error(resp, status, code)
+        assert (ev["outcome"], ev["details"]) == ("failure", {"reason": code})
