@@ -630,10 +630,11 @@ async def test_a_chat_that_waits_too_long_for_a_slot_is_refused_and_recorded(
     resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "b?"},
                                  headers=alice.headers)
     await expect_error(resp, 502, "ai_unavailable")
+    assert resp.headers["Retry-After"] == "5"
     stub.gate.set()
     assert (await first).status == 200
     busy = [e for e in await _ai_events(api, alice.session_id) if e["outcome"] == "failure"]
-    assert [e["details"]["reason"] for e in busy] == ["ai_busy"]
+    assert [e["details"] for e in busy] == [{"reason": "ai_busy", "queued_seconds": 0.2}]
     assert len(stub.requests) == 1
 
 
@@ -791,3 +792,26 @@ async def test_message_bounds(api: Api, message: str, status: int, code: str | N
     else:
         await expect_error(resp, status, code)
         assert (ev["outcome"], ev["details"]) == ("failure", {"reason": code})
+
+
+async def test_a_chat_body_over_256_kib_is_too_large_whatever_it_holds(api: Api) -> None:
+    """The route's own limit, not the server's 8 MiB: a short message padded
+    with whitespace past 256 KiB is 413, recorded as a failure."""
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, content=DOC)
+    body = b'{"message": "hi"}' + b" " * (256 * 1024)
+    resp = await api.client.post(f"/documents/{doc['id']}/chat", data=io.BytesIO(body),
+                                 headers={**alice.headers, "Content-Type": "application/json"})
+    await expect_error(resp, 413, "too_large")
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert (ev["outcome"], ev["details"]) == ("failure", {"reason": "too_large"})
+
+
+async def test_a_long_document_id_is_recorded_cut_to_128_characters(api: Api) -> None:
+    alice = await api.user("alice")
+    resp = await api.client.post("/documents/" + "a" * 300 + "/chat", json={"message": "hi"},
+                                 headers=alice.headers)
+    await expect_error(resp, 404, "not_found")
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["target"] == {"type": "document", "id": "a" * 128}
+    assert (ev["outcome"], ev["details"]["reason"]) == ("failure", "not_found")
