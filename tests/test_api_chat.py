@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,22 +47,33 @@ async def _failed_chat(api: Api, status: int, code: str) -> tuple[Any, dict[str,
     body and the one ``ai.interaction`` (a failure) recorded for it."""
     alice = await api.user("alice")
     doc = await api.create_doc(alice, content=DOC)
+    started = time.perf_counter()
     resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": "hello?"},
                                  headers=alice.headers)
     body = await expect_error(resp, status, code)
+    elapsed_ms = 1000 * (time.perf_counter() - started)
     (ev,) = await _ai_events(api, alice.session_id)
     assert ev["outcome"] == "failure"
     assert ev["details"]["prompt"]["sha256"] == sha("hello?")
+    _check_latency(ev["details"]["latency_ms"], elapsed_ms)
     return body, ev
+
+
+def _check_latency(latency_ms: Any, elapsed_ms: float) -> None:
+    """The provider's time, in ms to a tenth: within the request's own."""
+    assert isinstance(latency_ms, float) and round(latency_ms, 1) == latency_ms
+    assert 0 <= latency_ms <= elapsed_ms + 0.1
 
 
 async def test_extractive_reply_and_event_without_texts(api: Api) -> None:
     alice = await api.user("alice")
     doc = await api.create_doc(alice, title="Reactor", content=DOC)
     question = "What is the core temperature?"
+    started = time.perf_counter()
     resp = await api.client.post(f"/documents/{doc['id']}/chat", json={"message": question},
                                  headers={**alice.headers, "X-Request-ID": "chat-1"})
     body = await resp.json()
+    elapsed_ms = 1000 * (time.perf_counter() - started)
     assert resp.status == 200, body
     assert set(body) == {"reply", "model", "usage"}
     assert "core temperature stays below 300" in body["reply"]
@@ -77,7 +89,7 @@ async def test_extractive_reply_and_event_without_texts(api: Api) -> None:
     assert d["reply"] == {"sha256": sha(body["reply"]), "length": len(body["reply"])}
     assert d["prompt_tokens"] == body["usage"]["prompt_tokens"]
     assert d["completion_tokens"] == body["usage"]["completion_tokens"]
-    assert isinstance(d["latency_ms"], (int, float)) and d["latency_ms"] >= 0
+    _check_latency(d["latency_ms"], elapsed_ms)
     assert "prompt_text" not in d and "reply_text" not in d
     text = json.dumps(ev)
     assert question not in text and "300 degrees" not in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import sqlite3
 from pathlib import Path
@@ -296,6 +297,18 @@ async def test_a_chat_is_noted_while_the_provider_has_it_and_its_record_ends_the
                                                  headers=alice.headers))
     await asyncio.wait_for(stub.arrived.wait(), 10)
     assert len(_notes(api)) == 1  # while the provider has the document
+    # What a crash now would record at the next start: alice's chat, in her
+    # session, with what it sent (a mutation review: noted in no session, or
+    # without its details, it passed).
+    with contextlib.closing(sqlite3.connect(api.config.spool_path)) as spool:
+        (value,) = spool.execute("SELECT value FROM meta WHERE key LIKE 'begun:%'").fetchone()
+    note = json.loads(value)
+    assert note["session_id"] == alice.session_id
+    assert (note["draft"]["action"], note["draft"]["target"]) == (
+        "ai.interaction", {"type": "document", "id": doc["id"]})
+    assert note["draft"]["details"]["prompt"] == {
+        "sha256": hashlib.sha256(b"hi").hexdigest(), "length": 2}
+    assert note["draft"]["details"]["model"]
     stub.gate.set()
     assert (await chat).status == 200
     assert _notes(api) == []
