@@ -496,6 +496,7 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await app[ACCOUNTS].stop_rehashing()
 
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:

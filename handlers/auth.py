@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import enum
 import hashlib
 import hmac
 import json
@@ -89,8 +90,21 @@ def hash_password(password: str, rounds: int) -> str:
     return PREFIX + digest.decode("ascii")
 
 
+class Match(enum.IntEnum):
+    """How a password matched a stored hash: false when it did not."""
+
+    NONE = 0
+    NORMAL = 1  # its normalised form: the hash is of an NFKC text
+    RAW = 2  # only as given: a hash made before passwords were normalised
+
+
 def check_password(password: str, stored: str) -> bool:
-    """Whether ``password`` is the one ``stored`` was made from.
+    """Whether ``password`` is the one ``stored`` was made from (:func:`match_password`)."""
+    return bool(match_password(password, stored))
+
+
+def match_password(password: str, stored: str) -> Match:
+    """Whether (and how) ``password`` is the one ``stored`` was made from.
 
     Hashes made before passwords were normalised are of the text as given:
     a password whose normalised form differs and fails is tried as given
@@ -99,12 +113,14 @@ def check_password(password: str, stored: str) -> bool:
     check (against the dummy hash, which fails) runs here too, and so takes
     the same second try as a known user's wrong password does."""
     if not stored.startswith(PREFIX):
-        return False
+        return Match.NONE
     digest = stored[len(PREFIX):].encode("ascii")
     normal = normalise_password(password)
     if bcrypt.checkpw(_prehash(normal), digest):
-        return True
-    return normal != password and bcrypt.checkpw(_prehash(password), digest)
+        return Match.NORMAL
+    if normal != password and bcrypt.checkpw(_prehash(password), digest):
+        return Match.RAW
+    return Match.NONE
 
 
 def hash_rounds(stored: str) -> int | None:
@@ -126,6 +142,10 @@ class Account:
     role: str
     password_hash: str = field(repr=False)
     disabled: bool
+    # The password matched a hash of another cost than ``auth.bcrypt_rounds``,
+    # or only as given (a hash made before passwords were normalised): a
+    # successful login hashes it anew (:meth:`Accounts.rehash_later`).
+    stale: bool = field(default=False, repr=False)
 
 
 class LastAdmin(Exception):
@@ -262,6 +282,14 @@ class Accounts:
         # tried again twice a second: said once a minute, not once a session.
         self._revoke_log = LogThrottle()
         self._record_log = LogThrottle()  # (changes of accounts, likewise)
+        # Hashes renewed at login (rehash_later): the users being renewed
+        # now, the tasks doing it, and each user's last renewal as (the hash
+        # checked, its renewal), written by the writer thread in the renewal's
+        # transaction and read there by unchanged().
+        self._rehashing: set[str] = set()
+        self._rehash_tasks: set[asyncio.Task[bool]] = set()
+        self._rehashed: dict[str, tuple[str, str]] = {}
+        self._rehash_log = LogThrottle()
 
     async def _dummy_hash(self) -> str:
         """A hash to check unknown users against, made once (in a bcrypt slot);
@@ -287,7 +315,7 @@ class Accounts:
     async def prepare(self) -> None:
         await self._dummy_hash()
 
-    async def _hash_check(self, password: str, stored: str) -> bool:
+    async def _hash_check(self, password: str, stored: str) -> Match:
         if self._slots.locked() and self._waiting >= self.max_waiting:
             raise LoginBusy()
         self._waiting += 1
@@ -296,7 +324,7 @@ class Accounts:
         finally:
             self._waiting -= 1
         try:
-            return await asyncio.to_thread(check_password, password, stored)
+            return await asyncio.to_thread(match_password, password, stored)
         finally:
             self._slots.release()
 
@@ -315,8 +343,78 @@ class Accounts:
         if row is None:
             await self._hash_check(password, await self._dummy_hash())
             return None
-        ok = await self._hash_check(password, row[1])
-        return Account(row[0], row[2], row[1], bool(row[3])) if ok else None
+        match = await self._hash_check(password, row[1])
+        if not match:
+            return None
+        stale = match == Match.RAW or hash_rounds(row[1]) != self.rounds
+        return Account(row[0], row[2], row[1], bool(row[3]), stale)
+
+    def rehash_later(self, account: Account, password: str) -> None:
+        """After a successful login of a :attr:`Account.stale` hash: hash the
+        password anew (:meth:`rehash`) in a task of its own, so that the
+        login's answer does not wait for it. One at a time per user."""
+        user = account.user
+        if user in self._rehashing:
+            return
+        self._rehashing.add(user)
+        task = asyncio.create_task(self.rehash(account, password), name="rehash")
+        self._rehash_tasks.add(task)
+
+        def done(t: asyncio.Task[bool]) -> None:
+            self._rehash_tasks.discard(t)
+            self._rehashing.discard(user)
+        task.add_done_callback(done)
+
+    async def rehash(self, account: Account, password: str) -> bool:
+        """Store a hash of ``password`` (normalised) at ``auth.bcrypt_rounds``
+        for ``account``, whose password it is: True when stored. Made in a
+        bcrypt slot; stored only if the hash is still the one the password
+        was checked against (compare-and-set in one write transaction: a
+        ``passwd`` or another renewal meanwhile wins).
+
+        Not a change of password: no revocation, no ``user.password_change``,
+        no event; the sessions of the user stay open, and a login checked
+        against the hash before goes through (:meth:`unchanged`). A failure
+        (a full or failing spool) is logged, at most once a minute, and the
+        next login tries again."""
+        user, old = account.user, account.password_hash
+        rehashed = self._rehashed
+        try:
+            async with self._slots:
+                new = await asyncio.to_thread(hash_password, password, self.rounds)
+
+            def store(w: Writer) -> bool:
+                if not w.conn.execute(
+                    "UPDATE users SET password_hash = ? WHERE username = ? AND password_hash = ?",
+                    (new, user, old),
+                ).rowcount:
+                    return False  # changed meanwhile: that change stands
+                rehashed[user] = (old, new)
+                return True
+
+            stored: bool = await self.engine.spool.submit(store)
+        except Exception as exc:
+            left_out = self._rehash_log.allow("rehash")
+            if left_out is not None:
+                log.warning("could not store a new hash of %s's password (of bcrypt cost %s,"
+                            " now %d; tried again at a later login): %s%s", user,
+                            hash_rounds(old), self.rounds, str(exc) or type(exc).__name__,
+                            more(left_out))
+            return False
+        if stored:
+            log.info("hashed %s's password anew at bcrypt cost %d (was %s%s)", user,
+                     self.rounds, hash_rounds(old),
+                     ", of the text as given" if account.stale and hash_rounds(old)
+                     == self.rounds else "")
+        return stored
+
+    async def stop_rehashing(self) -> None:
+        """Cancel the renewals still running (at shutdown): the next login
+        of each user tries again."""
+        tasks = list(self._rehash_tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def end_revoked_sessions(self) -> int:
         """End the sessions that the command line revoked beside the running
@@ -399,15 +497,24 @@ class Accounts:
         # (Nor here: see end_revoked_sessions.)
         return recorded
 
-    @staticmethod
-    def unchanged(account: Account) -> Callable[[sqlite3.Connection], None]:
+    def unchanged(self, account: Account) -> Callable[[sqlite3.Connection], None]:
         """A check for :meth:`AuditEngine.start_session`: the account is still
         as its password was checked (no ``passwd`` or ``disable`` meanwhile:
-        the check of a login takes a bcrypt hash's time)."""
+        the check of a login takes a bcrypt hash's time). A hash this server
+        renewed meanwhile (:meth:`rehash`, another login's) is the same
+        password: the login goes on."""
+        rehashed = self._rehashed
+
         def check(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT password_hash, disabled FROM users WHERE username = ?",
                                (account.user,)).fetchone()
-            if row is None or row[1] or not hmac.compare_digest(row[0], account.password_hash):
+            if row is None or row[1]:
+                raise AccountChanged(account.user)
+            if hmac.compare_digest(row[0], account.password_hash):
+                return
+            renewed = rehashed.get(account.user)
+            if renewed is None or not (hmac.compare_digest(renewed[0], account.password_hash)
+                                       and hmac.compare_digest(renewed[1], row[0])):
                 raise AccountChanged(account.user)
         return check
 
@@ -847,6 +954,10 @@ async def login(request: web.Request) -> web.Response:
     throttle.succeeded(username, ip)
     token = request.app[TOKENS].issue(found.user, session.session_id, found.role,
                                       session.expires_at)
+    if found.stale:
+        # Hashed anew at auth.bcrypt_rounds (and normalised) beside the
+        # answer, which does not wait for it: not a change of password.
+        accounts.rehash_later(found, password)
     return json_response({
         "access_token": token,
         "token_type": "bearer",

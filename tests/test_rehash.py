@@ -1,0 +1,211 @@
+"""A successful login of a password whose hash has another bcrypt cost than
+``auth.bcrypt_rounds``, or that matched only as given (a hash made before
+passwords were NFKC-normalised), hashes the password anew at the configured
+cost, normalised, and stores it if the hash is still the one checked. It is
+not a change of password: no revocation, no ``user.password_change``, the
+user's sessions stay open and parallel logins go through.
+
+Real bcrypt (rounds 4 and 5), real spool files, the app over loopback HTTP;
+the command line's changes through a connection of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import sqlite3
+import unicodedata
+from typing import Any
+
+import bcrypt
+import pytest
+from api_fixtures import USER_PASSWORD, Api, Login, MakeApi, api, make_api, wait_for
+
+from audit.spool import connect
+from handlers.auth import (
+    PREFIX,
+    AccountChanged,
+    Accounts,
+    Match,
+    change_user_sync,
+    hash_password,
+    hash_rounds,
+    match_password,
+)
+from handlers.keys import ACCOUNTS
+
+__all__ = ["api", "make_api"]
+
+NFC = unicodedata.normalize("NFC", "café-crème-brûlée")
+NFD = unicodedata.normalize("NFD", NFC)
+
+
+def legacy_hash(password: str) -> str:
+    """A hash as made before passwords were normalised: of the text as given."""
+    prehashed = base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
+    return PREFIX + bcrypt.hashpw(prehashed, bcrypt.gensalt(4)).decode("ascii")
+
+
+def set_hash(api: Api, name: str, stored: str) -> None:
+    """A hash left by an earlier setting or release: written as it was then,
+    not as a ``passwd`` (which revokes and is recorded)."""
+    conn = sqlite3.connect(api.config.spool_path)
+    try:
+        with conn:
+            assert conn.execute("UPDATE users SET password_hash = ? WHERE username = ?",
+                                (stored, name)).rowcount == 1
+    finally:
+        conn.close()
+
+
+async def stored_hash(api: Api, name: str) -> str:
+    row = await api.engine.spool.read(lambda c: c.execute(
+        "SELECT password_hash FROM users WHERE username = ?", (name,)).fetchone())
+    return str(row[0])
+
+
+async def rehashed(api: Api, name: str, old: str) -> str:
+    """The user's hash once the login's renewal has stored it."""
+    async def renewed() -> str | None:
+        now = await stored_hash(api, name)
+        return now if now != old else None
+    new: str = await wait_for(renewed, message=f"{name}'s hash renewed")
+    await wait_for(lambda: not api.app[ACCOUNTS]._rehash_tasks, message="renewals done")
+    return new
+
+
+async def me(api: Api, who: Login) -> int:
+    resp = await api.client.get("/me", headers=who.headers)
+    await resp.read()
+    return resp.status
+
+
+async def count(api: Api, table: str) -> int:
+    n: int = await api.engine.spool.read(
+        lambda c: c.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+    return n
+
+
+async def test_a_login_renews_a_hash_of_another_cost_and_changes_nothing_else(
+    make_api: MakeApi,
+) -> None:
+    api = await make_api(audit={"record_account_changes": True})
+    accounts: Accounts = api.app[ACCOUNTS]
+    await accounts.prepare()
+    await api.add_user("alice")
+    await api.add_user("bob")  # at the server's cost: left as it is
+    old = hash_password(USER_PASSWORD, 5)
+    set_hash(api, "alice", old)
+    bob_hash = await stored_hash(api, "bob")
+
+    alice = await api.login("alice")
+    new = await rehashed(api, "alice", old)
+    assert hash_rounds(new) == 4 and match_password(USER_PASSWORD, new) == Match.NORMAL
+    bob = await api.login("bob")
+    assert await stored_hash(api, "bob") == bob_hash
+
+    # Not a change of password: the session and token work, nothing revoked.
+    await accounts.end_revoked_sessions()
+    assert await me(api, alice) == 200
+    again = await api.login("alice")
+    assert await me(api, again) == 200 and await me(api, alice) == 200
+    assert await stored_hash(api, "alice") == new  # at the cost now: not renewed again
+    assert await count(api, "revocations") == 0
+    assert await count(api, "account_changes") == 0
+    await accounts.record_account_changes()
+    # The login's records are those of any login; no account change is recorded.
+    assert await api.actions(alice.session_id) == await api.actions(bob.session_id)
+    assert "session.end" not in await api.actions(alice.session_id)
+    assert not [e for e in await api.security() if e["action"].startswith("user.")
+                or e["action"].startswith("auth.login")]
+
+
+async def test_a_hash_of_the_text_as_given_is_renewed_normalised(api: Api) -> None:
+    """A password set as NFD before normalising logged in only typed as NFD
+    (the raw-text fallback): once it has, its NFC form logs in too."""
+    await api.add_user("old-nfd")
+    old = legacy_hash(NFD)
+    set_hash(api, "old-nfd", old)
+    resp = await api.client.post("/token", json={"username": "old-nfd", "password": NFC})
+    assert resp.status == 401
+    first = await api.login("old-nfd", NFD)
+    new = await rehashed(api, "old-nfd", old)
+    assert hash_rounds(new) == 4 and match_password(NFC, new) == Match.NORMAL
+    second = await api.login("old-nfd", NFC)
+    assert await me(api, first) == 200 and await me(api, second) == 200
+    assert await count(api, "revocations") == 0
+
+
+async def test_a_passwd_between_the_check_and_the_store_wins(api: Api) -> None:
+    await api.add_user("alice")
+    set_hash(api, "alice", hash_password(USER_PASSWORD, 5))
+    accounts: Accounts = api.app[ACCOUNTS]
+    found = await accounts.verify("alice", USER_PASSWORD)
+    assert found is not None and found.stale
+    theirs = hash_password("a-new-password-1", 4)
+    conn = connect(api.config.spool_path, "normal")
+    try:
+        assert change_user_sync(conn, "alice", password_hash=theirs)
+    finally:
+        conn.close()
+    assert not await accounts.rehash(found, USER_PASSWORD)
+    assert await stored_hash(api, "alice") == theirs
+    # And a login checked against the old hash is still refused.
+    with pytest.raises(AccountChanged):
+        await api.engine.spool.submit(lambda w: accounts.unchanged(found)(w.conn))
+
+
+async def test_a_parallel_login_checked_against_the_old_hash_goes_through(
+    api: Api, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two logins of one user at once: the first's renewal is stored while
+    the second's password is checked against the hash before it. That is not
+    a change of password: the second login gets its session."""
+    await api.add_user("alice")
+    old = hash_password(USER_PASSWORD, 5)
+    set_hash(api, "alice", old)
+    real_check = Accounts._hash_check
+    first: list[Login] = []
+    calls = []
+
+    async def another_login_meanwhile(self: Accounts, password: str, stored: str) -> Any:
+        match = await real_check(self, password, stored)
+        calls.append(stored)
+        if len(calls) == 1 and stored == old:  # (the second login's check)
+            first.append(await api.login("alice"))  # (the first login's: the next call)
+            await rehashed(api, "alice", old)
+        return match
+
+    monkeypatch.setattr(Accounts, "_hash_check", another_login_meanwhile)
+    second = await api.login("alice")
+    assert first and await me(api, first[0]) == 200 and await me(api, second) == 200
+    assert not await api.security("auth.login_failed")
+
+
+async def test_a_renewal_that_fails_does_not_fail_the_login(
+    api: Api, caplog: pytest.LogCaptureFixture,
+) -> None:
+    await api.add_user("alice")
+    old = hash_password(USER_PASSWORD, 5)
+    set_hash(api, "alice", old)
+    conn = sqlite3.connect(api.config.spool_path)
+    try:
+        with conn:  # the spool refuses this one write (a real SQLite error)
+            conn.execute("CREATE TRIGGER no_renewal BEFORE UPDATE OF password_hash ON users"
+                         " BEGIN SELECT RAISE(ABORT, 'refused for the test'); END")
+    finally:
+        conn.close()
+    accounts: Accounts = api.app[ACCOUNTS]
+    caplog.set_level(logging.WARNING, "session_audit.accounts")
+    logins = []
+    for _ in range(2):
+        logins.append(await api.login("alice"))
+        await wait_for(lambda: not accounts._rehash_tasks, message="the renewal tried")
+        await asyncio.sleep(0)
+    said = [r for r in caplog.records if "new hash" in r.getMessage()]
+    assert len(said) == 1 and "refused for the test" in said[0].getMessage()  # once a minute
+    assert await stored_hash(api, "alice") == old
+    for who in logins:
+        assert await me(api, who) == 200
