@@ -390,4 +390,6 @@ async def test_a_revocation_pass_failing_every_second_is_logged_once_and_its_rec
     assert said[1].startswith("reaper: end_revoked_sessions succeeds again, after ")
     errors = [r for r in caplog.records
               if r.levelno >= logging.ERROR and r.name != "session_audit.spool"]
-    assert errors == hook + check  # nothing more
+    # Nothing more; in either order (the reaper's hook and the server's check
+    # are two tasks: which one meets the damaged row first is theirs to say).
+    assert sorted(errors, key=id) == sorted(hook + check, key=id)
