@@ -9,15 +9,19 @@ in that order, so reading in this order never misses one).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import re
 import sqlite3
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -26,7 +30,20 @@ from waiting import wait_for
 import server
 from audit.config import Config, parse_config
 from audit.engine import AuditEngine
+from handlers.auth import PREFIX
 from handlers.keys import ACCOUNTS, ENGINE
+
+# A password whose NFC and NFD forms differ, and its hash as made before
+# passwords were normalised (tests of the normalisation and of renewing it).
+NFC = unicodedata.normalize("NFC", "café-crème-brûlée")
+NFD = unicodedata.normalize("NFD", NFC)
+
+
+def legacy_hash(password: str) -> str:
+    """A hash as made before passwords were normalised: of the text as given."""
+    prehashed = base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
+    return PREFIX + bcrypt.hashpw(prehashed, bcrypt.gensalt(4)).decode("ascii")
+
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 USER_PASSWORD = "user-password-for-tests"

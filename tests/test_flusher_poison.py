@@ -71,12 +71,10 @@ async def test_poison_part_is_dead_lettered_and_the_rest_flows(
         "session.start", "token.issue", "document.list", "session.end"]
 
 
-async def test_a_poison_part_is_logged_in_full_once_a_minute_not_at_each_try(
-    make_config, engines, fake_clock, fake_monotonic, caplog: pytest.LogCaptureFixture
-):
-    """The first unexpected error's traceback goes out; the tries after it
-    within the minute are left out (the warning line counts them)."""
-    wall, mono = fake_clock, fake_monotonic
+async def _one_poisoned_session(make_config: Any, engines: Any, wall: Any, mono: Any
+                                ) -> tuple[Any, PoisonedSink]:
+    """An engine on fake clocks over a sink that crashes on its one ended
+    session's part."""
     config = make_config(flush={"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
     poisoned: set[str] = set()
     sink = PoisonedSink(config.sqlite_sink_path, poisoned)
@@ -85,6 +83,16 @@ async def test_a_poison_part_is_logged_in_full_once_a_minute_not_at_each_try(
     s = await engine.start_session("alice", "user", src, 3600)
     poisoned.add(s.session_id)
     await engine.end_session(s.session_id, src)
+    return engine, sink
+
+
+async def test_a_poison_part_is_logged_in_full_once_a_minute_not_at_each_try(
+    make_config, engines, fake_clock, fake_monotonic, caplog: pytest.LogCaptureFixture
+):
+    """The first unexpected error's traceback goes out; the tries after it
+    within the minute are left out (the warning line counts them)."""
+    mono = fake_monotonic
+    engine, sink = await _one_poisoned_session(make_config, engines, fake_clock, mono)
     with caplog.at_level(logging.WARNING, logger="session_audit.flusher"):
         await engines.drain(engine, mono)
     assert sink.crashes == UNEXPECTED_LIMIT
@@ -99,15 +107,8 @@ async def test_a_poison_part_is_dead_lettered_while_other_writes_go_through(
     events stored between them (a part gets the token after each) did not
     start its count over, and the part, retried for ever, held every part
     behind it back."""
-    wall, mono = fake_clock, fake_monotonic
-    config = make_config(flush={"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
-    poisoned: set[str] = set()
-    sink = PoisonedSink(config.sqlite_sink_path, poisoned)
-    engine = await engines.open(config, sink, clock=wall, monotonic=mono)
-    src = Source(user="alice", role="user")
-    s = await engine.start_session("alice", "user", src, 3600)
-    poisoned.add(s.session_id)
-    await engine.end_session(s.session_id, src)
+    mono = fake_monotonic
+    engine, sink = await _one_poisoned_session(make_config, engines, fake_clock, mono)
     for n in range(3 * UNEXPECTED_LIMIT):
         if await _dead_parts(engine):
             break

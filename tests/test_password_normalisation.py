@@ -11,8 +11,6 @@ command line through ``server.main``.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import logging
 import sqlite3
@@ -21,23 +19,13 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from api_fixtures import Api, MakeApi, api, expect_error, make_api
+from api_fixtures import NFC, NFD, Api, MakeApi, api, expect_error, legacy_hash, make_api
 
 import server
 from audit.spool import connect
-from handlers.auth import PREFIX, change_user_sync, check_password
+from handlers.auth import change_user_sync, check_password
 
 __all__ = ["api", "make_api"]
-
-NFC = unicodedata.normalize("NFC", "café-crème-brûlée")
-NFD = unicodedata.normalize("NFD", NFC)
-
-
-def legacy_hash(password: str) -> str:
-    """A hash as made before passwords were normalised: of the text as given."""
-    prehashed = base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
-    return PREFIX + bcrypt.hashpw(prehashed, bcrypt.gensalt(4)).decode("ascii")
-
 
 async def status(api: Api, username: str, password: str) -> int:
     resp = await api.client.post("/token", json={"username": username, "password": password})

@@ -12,20 +12,26 @@ the command line's changes through a connection of their own.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
 import sqlite3
-import unicodedata
 from typing import Any
 
-import bcrypt
 import pytest
-from api_fixtures import USER_PASSWORD, Api, Login, MakeApi, api, make_api, wait_for
+from api_fixtures import (
+    NFC,
+    NFD,
+    USER_PASSWORD,
+    Api,
+    Login,
+    MakeApi,
+    api,
+    legacy_hash,
+    make_api,
+    wait_for,
+)
 
 from audit.spool import connect
 from handlers.auth import (
-    PREFIX,
     AccountChanged,
     Accounts,
     Match,
@@ -37,16 +43,6 @@ from handlers.auth import (
 from handlers.keys import ACCOUNTS
 
 __all__ = ["api", "make_api"]
-
-NFC = unicodedata.normalize("NFC", "café-crème-brûlée")
-NFD = unicodedata.normalize("NFD", NFC)
-
-
-def legacy_hash(password: str) -> str:
-    """A hash as made before passwords were normalised: of the text as given."""
-    prehashed = base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
-    return PREFIX + bcrypt.hashpw(prehashed, bcrypt.gensalt(4)).decode("ascii")
-
 
 def set_hash(api: Api, name: str, stored: str) -> None:
     """A hash left by an earlier setting or release: written as it was then,
