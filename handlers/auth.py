@@ -368,7 +368,8 @@ class Accounts:
     async def rehash(self, account: Account, password: str) -> bool:
         """Store a hash of ``password`` (normalised) at ``auth.bcrypt_rounds``
         for ``account``, whose password it is: True when stored. Made in a
-        bcrypt slot; stored only if the hash is still the one the password
+        bcrypt slot, only if one is free now (else left for a later login:
+        logins do not wait behind renewals); stored only if the hash is still the one the password
         was checked against (compare-and-set in one write transaction: a
         ``passwd`` or another renewal meanwhile wins).
 
@@ -379,8 +380,14 @@ class Accounts:
         next login tries again."""
         user, old = account.user, account.password_hash
         rehashed = self._rehashed
+        if self._slots.locked():
+            # Every slot busy, or logins waiting for one: a renewal queued
+            # with them took the next free slot ahead of the logins behind
+            # it (a burst after a change of the cost: more of them 429), and
+            # held the plaintext meanwhile. Left for a later login.
+            return False
         try:
-            async with self._slots:
+            async with self._slots:  # (free: taken at once, ahead of no login)
                 new = await asyncio.to_thread(hash_password, password, self.rounds)
 
             def store(w: Writer) -> bool:

@@ -205,3 +205,40 @@ async def test_a_renewal_that_fails_does_not_fail_the_login(
     assert await stored_hash(api, "alice") == old
     for who in logins:
         assert await me(api, who) == 200
+
+
+async def test_a_renewal_does_not_queue_for_a_bcrypt_slot_ahead_of_logins(api: Api) -> None:
+    """A renewal is not a login: with every bcrypt slot busy it is left for a
+    later login rather than queued (it held the user's plaintext meanwhile,
+    and took the next free slot before the logins waiting behind it, which
+    a burst after a change of ``auth.bcrypt_rounds`` turned into 429s)."""
+    await api.add_user("alice")
+    await api.add_user("bob")
+    old = hash_password(USER_PASSWORD, 5)
+    set_hash(api, "alice", old)
+    accounts: Accounts = api.app[ACCOUNTS]
+    await accounts.prepare()
+    found = await accounts.verify("alice", USER_PASSWORD)
+    assert found is not None and found.stale
+    slots = accounts._slots
+    held = 0
+    while not slots.locked():  # every slot busy, as with other users' logins
+        await slots.acquire()
+        held += 1
+    try:
+        renewal = asyncio.create_task(accounts.rehash(found, USER_PASSWORD))
+        login = asyncio.create_task(accounts.verify("bob", USER_PASSWORD))
+        await wait_for(lambda: accounts._waiting == 1, message="bob's check waiting")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert renewal.done(), "the renewal waits for a slot ahead of a login"
+        assert renewal.result() is False
+    finally:
+        for _ in range(held):
+            slots.release()
+    assert await login is not None
+    assert await stored_hash(api, "alice") == old
+    # A later login, with a slot free, renews it.
+    who = await api.login("alice")
+    assert hash_rounds(await rehashed(api, "alice", old)) == 4
+    assert await me(api, who) == 200
