@@ -144,6 +144,56 @@ async def test_one_users_many_chats_leave_slots_for_the_others(
     assert api.app[server.CHAT_TURNS]._users == {}  # nobody's turns kept
 
 
+async def test_a_users_limit_of_chats_holds_after_one_of_them_ends(
+    make_api: MakeApi, stub: OpenAIStub,
+) -> None:
+    """The limit is on the chats a user has at once, not on a first batch: once
+    one of her chats ends, the one waiting takes its place and her later
+    chats wait as before (a mutation review: a fresh turn of hers when one
+    ended, and her next ones all went to the provider beside those held)."""
+    limit = server.CHAT_PER_USER
+    assert limit + 4 <= server.CHAT_CONCURRENCY  # her limit, not the server's, holds
+    api = await make_api(ai={"provider": "openai", "openai": {"base_url": stub.base_url}})
+    alice, bob = await api.user("alice"), await api.user("bob")
+    adoc = await api.create_doc(alice, title="A", content="Alice's notes.")
+    bdoc = await api.create_doc(bob, title="B", content="Bob's notes.")
+    turns = api.app[server.CHAT_TURNS]
+    stub.mode = "held"
+
+    def chat(who: Any, doc: dict[str, Any], message: str) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(api.client.post(
+            f"/documents/{doc['id']}/chat", json={"message": message}, headers=who.headers))
+
+    def asked(name: str) -> int:
+        return sum(name in json.dumps(r["body"]) for r in stub.requests)
+
+    def hers() -> int:  # her chats holding or waiting for a turn
+        return turns._users["alice"][1] if "alice" in turns._users else 0
+
+    first, rest = stub.gate, asyncio.Event()
+    done = chat(alice, adoc, "alice-first")  # held until ``first`` is set
+    await wait_for(lambda: asked("alice-first") == 1, message="her first chat at the provider")
+    stub.gate = rest  # (the held ones wait on the gate they found)
+    chats = [chat(alice, adoc, f"alice-held-{c}") for c in "abc"]
+    chats.append(chat(alice, adoc, "alice-next"))  # waits for a turn
+    try:
+        await wait_for(lambda: asked("alice-held-") == limit - 1 and hers() == limit + 1,
+                       message="her limit at the provider and one waiting")
+        first.set()
+        assert (await done).status == 200
+        await wait_for(lambda: asked("alice-next") == 1, message="her waiting chat's turn")
+        chats += [chat(alice, adoc, f"alice-later-{c}") for c in "xy"]
+        await wait_for(lambda: hers() == limit + 2, message="her later chats taken")
+        chats.append(chat(bob, bdoc, "bob-0"))
+        await wait_for(lambda: asked("bob-") == 1, message="bob's chat at the provider")
+        assert asked("alice-later-") == 0  # still at her limit: they wait
+    finally:
+        rest.set()
+    assert [r.status for r in await asyncio.gather(*chats)] == [200] * len(chats)
+    assert asked("alice-later-") == 2
+    assert turns._users == {}
+
+
 async def test_a_full_spool_refuses_client_events_before_reading_their_body(
     make_api: MakeApi,
 ) -> None:
