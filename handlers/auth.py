@@ -658,6 +658,8 @@ def change_user_sync(conn: sqlite3.Connection, username: str, *,
             (username,),
         ).fetchone():
             raise LastAdmin(username)
+        was = conn.execute("SELECT disabled FROM users WHERE username = ?",
+                           (username,)).fetchone()
         changed = conn.execute(f"UPDATE users SET {', '.join(sets)} WHERE username = ?",
                                (*params, username)).rowcount
         revoked = 0
@@ -675,7 +677,8 @@ def change_user_sync(conn: sqlite3.Connection, username: str, *,
                 note_account_change(conn, "user.password_change", username, {
                     "sessions_revoked": revoked if cause == "password_changed" else 0},
                     actor_user=by)
-            if disabled is not None:
+            if disabled is not None and was is not None and bool(was[0]) != disabled:
+                # (disable of a disabled user, enable of an enabled one: no change)
                 note_account_change(conn, "user.disable" if disabled else "user.enable",
                                     username, {"sessions_revoked": revoked} if disabled
                                     else {}, actor_user=by)

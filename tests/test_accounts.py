@@ -314,7 +314,9 @@ async def test_changes_of_accounts_are_security_events_recorded_once(api: Api) -
     new_hash = hash_password("carols-next-password", 4)
     assert cli_change(api, "carol", password_hash=new_hash)
     assert cli_change(api, "carol", disabled=True)
+    assert cli_change(api, "carol", disabled=True)  # already disabled: no second record
     assert cli_change(api, "carol", disabled=False)
+    assert cli_change(api, "carol", disabled=False)  # already enabled: likewise
     assert not cli_change(api, "nobody", disabled=True)  # no change: nothing recorded
     await accounts(api).record_account_changes()
     assert await accounts(api).record_account_changes() == 0  # each once
