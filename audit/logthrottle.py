@@ -6,6 +6,7 @@ left out meanwhile."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -49,6 +50,17 @@ def more(n: int) -> str:
     return f" ({n} more like it since the last such line)" if n else ""
 
 
+def failure_kind(exc: BaseException) -> str:
+    """``exc``'s type, and for a SQLite error (``exc`` or its cause) its
+    code: ``SpoolUnavailable (SQLITE_FULL)``. A disk full and then a disk
+    failing are two causes, each logged at once (keyed by the type alone,
+    the second was left out as the first one's repeat). A bounded set."""
+    kind = type(exc).__name__
+    cause = exc if isinstance(exc, sqlite3.Error) else exc.__cause__
+    code = getattr(cause, "sqlite_errorname", None) if isinstance(cause, sqlite3.Error) else None
+    return f"{kind} ({code})" if code else kind
+
+
 class FailingPass:
     """A pass that runs again on a timer (the reaper's hooks, the check for
     revoked sessions) and fails on each while one cause lasts (a damaged
@@ -71,7 +83,7 @@ class FailingPass:
 
     def failed(self, exc: BaseException) -> None:
         self.failures += 1
-        kind = type(exc).__name__  # (a bounded set of keys)
+        kind = failure_kind(exc)  # (a bounded set of keys)
         left_out = self.throttle.allow(kind)
         if left_out is None:
             return
