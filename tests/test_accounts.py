@@ -10,10 +10,12 @@ it too, so they assert what became of sessions, not which call ended them.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +348,44 @@ async def test_changes_of_accounts_are_security_events_recorded_once(api: Api) -
         assert secret not in text
     await revoked(api)
     assert await status_of(api, carol) == 401
+
+
+async def test_passes_at_once_record_each_change_of_an_account_once(api: Api) -> None:
+    """Two passes running at once (each reads the rows before the other's
+    commits): a row the other took records nothing and is not counted."""
+    await api.user("alice")
+    for disabled in (True, False, True):
+        assert cli_change(api, "alice", disabled=disabled)
+    spool = api.engine.spool
+    gate = threading.Event()  # the writer held until both passes read the rows
+    held = asyncio.ensure_future(spool.submit(lambda w: gate.wait(10), needs_space=False))
+    passes = asyncio.gather(accounts(api).record_account_changes(),
+                            accounts(api).record_account_changes())
+    try:
+        await wait_for(lambda: len(spool._pending) == 6, timeout=10, interval=0.01,
+                       message="both passes' jobs queued")
+    finally:
+        gate.set()
+    await held
+    counts = await passes
+    assert sum(counts) == 3, counts
+    events = await user_events(api, await api.admin())
+    assert sorted(e["action"] for e in events) == ["user.disable", "user.disable",
+                                                   "user.enable"]
+    assert len({e["event_id"] for e in events}) == 3
+
+
+async def test_a_full_spool_still_records_a_change_of_an_account(api: Api) -> None:
+    """The change happened (the command line committed it): a spool at its
+    limit under on_spool_full = "reject" takes its record all the same."""
+    await api.user("alice")
+    assert cli_change(api, "alice", disabled=True)
+    spool = api.engine.spool
+    spool.on_full, spool.max_bytes = "reject", 1
+    assert spool.full
+    assert await accounts(api).record_account_changes() == 1
+    assert await spool.read(lambda c: c.execute(
+        "SELECT COUNT(*) FROM account_changes").fetchone()[0]) == 0
 
 
 @pytest.mark.parametrize("created", ["not a time", 1e300])

@@ -205,6 +205,17 @@ async def test_a_renewal_that_fails_does_not_fail_the_login(
     assert await stored_hash(api, "alice") == old
     for who in logins:
         assert await me(api, who) == 200
+    # Once the spool takes it, the next login renews it (a failed renewal
+    # leaves none running for the user).
+    conn = sqlite3.connect(api.config.spool_path)
+    try:
+        with conn:
+            conn.execute("DROP TRIGGER no_renewal")
+    finally:
+        conn.close()
+    who = await api.login("alice")
+    assert hash_rounds(await rehashed(api, "alice", old)) == 4
+    assert await me(api, who) == 200
 
 
 async def test_a_renewal_does_not_queue_for_a_bcrypt_slot_ahead_of_logins(api: Api) -> None:
@@ -242,3 +253,39 @@ async def test_a_renewal_does_not_queue_for_a_bcrypt_slot_ahead_of_logins(api: A
     who = await api.login("alice")
     assert hash_rounds(await rehashed(api, "alice", old)) == 4
     assert await me(api, who) == 200
+
+
+async def test_a_renewal_lets_through_only_logins_checked_against_the_hash_it_replaced(
+    api: Api,
+) -> None:
+    """A renewal stands for the hash it replaced, and only while its own
+    hash is stored: a login checked against an older hash (a passwd came
+    between), or against the renewed one after a passwd replaced the
+    renewal, is refused (the old password is not let in)."""
+    await api.add_user("alice")
+    accounts: Accounts = api.app[ACCOUNTS]
+
+    def passwd(stored: str) -> None:
+        conn = connect(api.config.spool_path, "normal")
+        try:
+            assert change_user_sync(conn, "alice", password_hash=stored)
+        finally:
+            conn.close()
+
+    async def goes_on(found: Any) -> bool:
+        try:
+            await api.engine.spool.submit(lambda w: accounts.unchanged(found)(w.conn))
+        except AccountChanged:
+            return False
+        return True
+
+    before = await accounts.verify("alice", USER_PASSWORD)  # checked, not yet committed
+    assert before is not None
+    passwd(hash_password("alices-next-password", 5))  # then a passwd (another cost)
+    found = await accounts.verify("alice", "alices-next-password")
+    assert found is not None and found.stale
+    assert await accounts.rehash(found, "alices-next-password")
+    assert await goes_on(found)  # checked against the hash the renewal replaced
+    assert not await goes_on(before)  # the password before the passwd
+    passwd(hash_password("alices-third-password", 4))
+    assert not await goes_on(found)  # the renewal's password, replaced since
