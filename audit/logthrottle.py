@@ -56,9 +56,11 @@ def failure_kind(exc: BaseException) -> str:
     failing are two causes, each logged at once (keyed by the type alone,
     the second was left out as the first one's repeat). A bounded set."""
     kind = type(exc).__name__
-    cause = exc if isinstance(exc, sqlite3.Error) else exc.__cause__
-    code = getattr(cause, "sqlite_errorname", None) if isinstance(cause, sqlite3.Error) else None
-    return f"{kind} ({code})" if code else kind
+    for e in (exc, exc.__cause__):  # (the cause: SpoolUnavailable, TransactionLost)
+        code = getattr(e, "sqlite_errorname", None) if isinstance(e, sqlite3.Error) else None
+        if code:
+            return f"{kind} ({code})"
+    return kind
 
 
 class FailingPass:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .events import event_hash, genesis
-from .logthrottle import LogThrottle, more
+from .logthrottle import LogThrottle, failure_kind, more
 from .metrics import Stats
 from .store import SCHEMA, Limits, OpenSession, Writer, migrate, note_earlier_stretch
 from .walcheck import dropped_commits, keep_copy
@@ -613,6 +613,9 @@ class Spool:
         # commits fail and pass by turns, on a nearly full disk) ends
         # unsaid, else each turn logged two lines.
         self._commit_said = False
+        # The throttle's key of the last failure: its cause's (a disk full,
+        # then another process holding the write lock, are each said at once).
+        self._commit_key = "commit"
         # What SQLite said the first time it found the file damaged: it stays
         # so (readyz says so) until the file is repaired, the server stopped.
         self.damaged: str | None = None
@@ -836,9 +839,9 @@ class Spool:
                     # when the minute is out, so that the log's last word is
                     # not "succeed again" while audited actions get 503.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), self._log.due("commit"))
+                        await asyncio.wait_for(wake.wait(), self._log.due(self._commit_key))
                     if (self.commit_error is not None and not self._commit_said
-                            and not self._log.due("commit")):
+                            and not self._log.due(self._commit_key)):
                         self._commit_failed(self.commit_error)
                     continue
                 await wake.wait()
@@ -863,6 +866,7 @@ class Spool:
                     self._failure(exc)
                     self.commit_error = str(exc)[:200]
                     self._commit_failures += 1
+                    self._commit_key = f"commit {failure_kind(exc)}"
                     self._commit_failed(exc)
                     continue
                 raise  # a bug: the done-callback marks the spool failed
@@ -890,7 +894,7 @@ class Spool:
         """The failure line: at once for the first, then at most once a
         minute, counting those left out (the window is not started over when
         a commit passes: a spool failing and passing by turns logs no more)."""
-        left_out = self._log.allow("commit")
+        left_out = self._log.allow(self._commit_key)
         if left_out is not None:
             self._commit_said = True
             log.error("spool commit failed: %s; audited actions get 503 until a"

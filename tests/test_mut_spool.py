@@ -319,3 +319,40 @@ async def test_a_close_cancelled_still_commits_what_is_queued_and_closes(
     await asyncio.wait_for(s.close(), 10)
     assert not (tmp_path / "spool.db-wal").exists()
     assert not s.is_open
+
+
+async def test_a_commit_failing_of_another_cause_within_the_minute_is_said_at_once(
+        sp: Spool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk full (said), then, within the minute, another process holding
+    the spool's write lock (SQLITE_BUSY): the second cause was left out as
+    the first one's repeat, and with no commit after it never said. Each
+    cause is said at once; its repeats once a minute."""
+    now = [time.monotonic()]
+    monkeypatch.setattr(sp._log, "clock", lambda: now[0])
+    pages = await sp.submit(lambda w: w.conn.execute("PRAGMA page_count").fetchone()[0])
+    await sp.submit(lambda w: w.conn.execute(f"PRAGMA max_page_count = {pages + 2}"),
+                    needs_space=False)  # a disk with 2 pages left
+    await sp.submit(lambda w: w.conn.execute("PRAGMA busy_timeout = 0"), needs_space=False)
+
+    def big(w: Writer) -> None:
+        w.conn.execute("INSERT INTO meta VALUES ('big', ?)", ("x" * 100_000,))
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("spool commit failed")]
+
+    with caplog.at_level(logging.WARNING, logger="session_audit.spool"):
+        for _ in range(2):
+            with pytest.raises(SpoolUnavailable):
+                await sp.submit(big)
+        assert len(lines()) == 1, lines()
+        other = sqlite3.connect(sp.path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process writing
+            now[0] += 1
+            for _ in range(2):
+                with pytest.raises(SpoolUnavailable):
+                    await sp.submit(lambda w: None, needs_space=False)
+        finally:
+            other.close()
+        assert len(lines()) == 2 and "locked" in lines()[1], lines()
