@@ -100,6 +100,7 @@ async def test_a_login_renews_a_hash_of_another_cost_and_changes_nothing_else(
     new = await rehashed(api, "alice", old)
     assert hash_rounds(new) == 4 and match_password(USER_PASSWORD, new) == Match.NORMAL
     bob = await api.login("bob")
+    await wait_for(lambda: not accounts._rehash_tasks, message="no renewal running")
     assert await stored_hash(api, "bob") == bob_hash
 
     # Not a change of password: the session and token work, nothing revoked.
@@ -107,6 +108,7 @@ async def test_a_login_renews_a_hash_of_another_cost_and_changes_nothing_else(
     assert await me(api, alice) == 200
     again = await api.login("alice")
     assert await me(api, again) == 200 and await me(api, alice) == 200
+    await wait_for(lambda: not accounts._rehash_tasks, message="no renewal running")
     assert await stored_hash(api, "alice") == new  # at the cost now: not renewed again
     assert await count(api, "revocations") == 0
     assert await count(api, "account_changes") == 0
