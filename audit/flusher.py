@@ -859,8 +859,9 @@ class Flusher:
             if not isinstance(exc, (SinkUnavailable, SinkError)):
                 # A sink bug must not lose anything either: log it and retry.
                 # Its traceback once a minute at most (a sink failing every
-                # other write logged it in full at each).
-                left_out = self._log.allow("unexpected")
+                # other write logged it in full at each); another type of
+                # error (another bug) at once, not left out as its repeat.
+                left_out = self._log.allow(f"unexpected {type(exc).__name__}")
                 if left_out is not None:
                     self._said = True
                     log.error("unexpected sink error%s", more(left_out), exc_info=exc)

@@ -4,6 +4,7 @@ dead-lettered after a few tries, so it cannot block what is queued behind it."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -188,3 +189,47 @@ async def test_a_sink_that_refuses_every_write_is_not_healthy(
     assert await engine.retry_dead_letters() == 1
     await engines.drain(engine, mono)
     assert (await engine.status())["sink"]["healthy"] is True
+
+
+class TwoBugsSink(SqliteSink):
+    """A real SQLite sink with two bugs: one session's part raises KeyError,
+    another's AttributeError."""
+
+    def __init__(self, path: Any, bugs: dict[str, type[Exception]]) -> None:
+        super().__init__(path)
+        self.bugs = bugs
+        self.crashes: list[str] = []
+
+    async def write_part(self, part: dict[str, Any]) -> None:
+        bug = self.bugs.get(part["session_id"])
+        if bug is not None:
+            self.crashes.append(part["session_id"])
+            raise bug("bug in the sink")
+        await super().write_part(part)
+
+
+async def test_a_second_bug_of_the_sink_is_logged_in_full_at_once(
+    make_config, engines, fake_clock, fake_monotonic, caplog: pytest.LogCaptureFixture
+):
+    """Two unexpected errors of different types within the minute: the
+    second one's traceback was left out as the first's repeat (and each
+    minute after, only the one that happened to come first was shown). Each
+    type of error is logged in full at once; each part is dead-lettered
+    after its own UNEXPECTED_LIMIT tries."""
+    wall, mono = fake_clock, fake_monotonic
+    config = make_config(flush={"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05})
+    bugs: dict[str, type[Exception]] = {}
+    sink = TwoBugsSink(config.sqlite_sink_path, bugs)
+    engine = await engines.open(config, sink, clock=wall, monotonic=mono)
+    src = Source(user="alice", role="user")
+    for bug in (KeyError, AttributeError):
+        s = await engine.start_session("alice", "user", src, 3600)
+        bugs[s.session_id] = bug
+        await engine.end_session(s.session_id, src)
+    with caplog.at_level(logging.WARNING, logger="session_audit.flusher"):
+        await engines.drain(engine, mono)
+    assert sorted(Counter(sink.crashes).values()) == [UNEXPECTED_LIMIT] * 2, sink.crashes
+    assert await _dead_parts(engine) == 2
+    full = [r for r in caplog.records if r.getMessage().startswith("unexpected sink error")]
+    assert sorted(type(r.exc_info[1]).__name__ for r in full if r.exc_info) == [
+        "AttributeError", "KeyError"], [r.getMessage() for r in full]
