@@ -70,3 +70,47 @@ def test_a_pass_failing_of_another_cause_says_it_at_once_with_its_words(
     assert caplog.records[-1].getMessage().startswith(
         "the pass failed again, 6 times in a row: SpoolUnavailable (SQLITE_CANTOPEN),"
         " as logged before (1 more like it")
+
+
+def test_a_failing_pass_says_each_run_in_full_its_end_and_its_counts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A run's first failure with its traceback (again after a run that was
+    said ended), its end only if it was said, the counts of the run."""
+    now = [1000.0]
+    said = FailingPass(log, "the pass", LogThrottle(clock=lambda: now[0]))
+    boom = RuntimeError("boom")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(3):
+            said.failed(boom)
+        said.succeeded()
+        now[0] += 1  # a run within the minute: left out, and its end too
+        said.failed(boom)
+        said.succeeded()
+        now[0] += 60  # a run a minute later: in full again, counted from one
+        said.failed(boom)
+        said.failed(boom)
+        now[0] += 61
+        said.failed(boom)
+        said.succeeded()
+    lines = [r for r in caplog.records if r.name == log.name]
+    assert [(r.getMessage(), r.exc_info is not None) for r in lines] == [
+        ("the pass failed", True),
+        ("the pass succeeds again, after 3 failed passes", False),
+        ("the pass failed", True),
+        ("the pass failed again, 3 times in a row: RuntimeError, as logged before"
+         " (1 more like it since the last such line)", False),
+        ("the pass succeeds again, after 3 failed passes", False),
+    ]
+
+
+def test_due_is_the_time_left_of_the_minute_and_never_below_nothing() -> None:
+    """The spool waits ``due`` before it says a failure left out, and says
+    it only once ``due`` is nothing: a time past the minute is 0.0."""
+    now = [1000.0]
+    throttle = LogThrottle(clock=lambda: now[0])
+    assert throttle.due("k") == 0.0  # never said
+    assert throttle.allow("k") == 0
+    now[0] += 10
+    assert throttle.due("k") == 50.0
+    now[0] += 100
+    assert throttle.due("k") == 0.0
