@@ -248,6 +248,8 @@ async def test_a_change_made_while_the_server_was_down_applies_at_start(
         conn.close()
     assert cli_change(api, "alice", disabled=True)
     restarted = await make_api(server={"data_dir": str(api.config.data_dir)})
+    # Ended before the server serves: its token is refused at the first request.
+    assert await status_of(restarted, alice) == 401
 
     async def ended() -> bool:
         # Its session.end committed (the writer's cache drops the session
@@ -386,6 +388,46 @@ async def test_a_full_spool_still_records_a_change_of_an_account(api: Api) -> No
     assert await accounts(api).record_account_changes() == 1
     assert await spool.read(lambda c: c.execute(
         "SELECT COUNT(*) FROM account_changes").fetchone()[0]) == 0
+
+
+async def test_a_change_with_damaged_details_is_recorded_with_its_time(api: Api) -> None:
+    """A row whose details are not JSON (damaged) is recorded all the same:
+    the change happened; its details say when."""
+    conn = connect(api.config.spool_path, "normal")
+    try:
+        conn.execute(
+            "INSERT INTO account_changes (action, username, actor_user, actor_role,"
+            " details, created_ts) VALUES ('user.disable', 'bob', 'root', 'cli', '{bad', 0)")
+    finally:
+        conn.close()
+    assert await accounts(api).record_account_changes() == 1
+    (event,) = await user_events(api, await api.admin())
+    assert (event["action"], event["target"]["id"], event["details"]) == (
+        "user.disable", "bob", {"changed_at": "1970-01-01T00:00:00.000Z"})
+
+
+async def test_a_recording_pass_that_fails_is_logged_and_the_revocations_go_on(
+        make_api: MakeApi, caplog: pytest.LogCaptureFixture) -> None:
+    """The server's pass: a failure to record the changes of accounts (here
+    their table gone under it) is logged, in full once, and the sessions of
+    a disabled user are ended all the same."""
+    api = await make_api(audit={"record_account_changes": True})
+    alice = await api.user("alice")
+    assert cli_change(api, "alice", disabled=True)
+    conn = sqlite3.connect(api.config.spool_path)
+    try:
+        conn.execute("DROP TABLE account_changes")
+    finally:
+        conn.close()
+    said = server.FailingPass(server.log, "looking for sessions")
+    recorded = server.FailingPass(server.log, "recording the changes of accounts")
+    with caplog.at_level(logging.WARNING, logger=server.log.name):
+        await server._revocation_pass(accounts(api), said, recorded)
+    (line,) = [r for r in caplog.records if "recording the changes" in r.getMessage()]
+    assert line.getMessage() == "recording the changes of accounts failed" and line.exc_info
+    assert "account_changes" in str(line.exc_info[1])
+    assert (said.failures, recorded.failures) == (0, 1)
+    assert await status_of(api, alice) == 401
 
 
 @pytest.mark.parametrize("created", ["not a time", 1e300])
