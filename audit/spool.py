@@ -864,10 +864,15 @@ class Spool:
                         fut.set_exception(err)
                 if isinstance(exc, sqlite3.Error):  # disk full, I/O error: may pass
                     self._failure(exc)
-                    self.commit_error = str(exc)[:200]
+                    said = str(exc)
+                    if isinstance(exc.__cause__, sqlite3.Error):
+                        # (SQLite rolled the transaction back: why, a disk
+                        # full say, is its cause's words, not the text above)
+                        said = f"{said}: {without_text(exc.__cause__)}"
+                    self.commit_error = said[:200]
                     self._commit_failures += 1
                     self._commit_key = f"commit {failure_kind(exc)}"
-                    self._commit_failed(exc)
+                    self._commit_failed(said)
                     continue
                 raise  # a bug: the done-callback marks the spool failed
             if self.commit_error is not None:

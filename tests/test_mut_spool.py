@@ -123,6 +123,9 @@ async def test_a_failed_commit_counts_nothing_beyond_the_file_and_is_said_once(
         assert not sp.full  # the failed batches' bytes are not counted on
         failed = [r for r in caplog.records if "spool commit failed" in r.getMessage()]
         assert len(failed) == 1  # said once, not once a commit
+        # with SQLite's cause, not only "rolled back" (/readyz says it too)
+        assert "database or disk is full" in failed[0].getMessage()
+        assert "database or disk is full" in sp.commit_error
         await sp.submit(lambda w: w.conn.execute("PRAGMA max_page_count = 1073741823"),
                         needs_space=False)
     assert sp.commit_error is None and sp.accepting
