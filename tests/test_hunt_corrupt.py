@@ -270,6 +270,117 @@ async def test_a_wal_sqlite_cannot_read_past_a_damaged_frame_is_said_and_kept(
     assert len(_commit_frames(kept)) == len(commits)
 
 
+def _salted_commits(wal: Path) -> tuple[list[int], list[int]]:
+    """The frames of ``wal`` that end a transaction: those of its current log
+    (the header's salts) and those left of an earlier one."""
+    import struct
+
+    data = wal.read_bytes()
+    page = struct.unpack(">I", data[8:12])[0]
+    salts = data[16:24]
+    current, stale = [], []
+    for i in range((len(data) - 32) // (page + 24)):
+        at = 32 + i * (page + 24)
+        if struct.unpack_from(">I", data, at + 4)[0]:
+            (current if data[at + 8:at + 16] == salts else stale).append(i)
+    return current, stale
+
+
+async def _sessions(engine: Any, n: int) -> None:
+    from audit.events import Draft, Source
+
+    src = Source(user="alice", role="user")
+    for _ in range(n):  # a commit each
+        s = await engine.start_session("alice", "user", src, 3600)
+        await engine.record(s.session_id, Draft("document.list"))
+
+
+def _crash_copy(make_config: Any, config: Any, tmp_path: Path, name: str) -> Any:
+    """The spool's files as a kill -9 of the process would leave them."""
+    import shutil
+
+    other = make_config(server={"data_dir": str(tmp_path / name)})
+    other.data_dir.mkdir(mode=0o700)
+    for suffix in ("", "-wal"):
+        shutil.copyfile(f"{config.spool_path}{suffix}", f"{other.spool_path}{suffix}")
+    return other
+
+
+async def test_a_wal_restarted_after_a_checkpoint_is_not_taken_for_damage(
+    make_config: Any, engines: Any, tmp_path: Path,
+) -> None:
+    """Once a checkpoint has copied the whole log into the file, the next
+    commit starts the -wal over from its first frame, under new salts; the
+    frames of the earlier log past the new one's end stay in the file, with
+    their commit marks, until they are written over (nearly always, after
+    the first automatic checkpoint). They are not transactions SQLite
+    dropped: a server killed then is not told its spool is damaged."""
+    config = make_config()
+    engine = await engines.open(config)
+    await _sessions(engine, 6)
+    conn = sqlite3.connect(config.spool_path, isolation_level=None)
+    try:
+        assert conn.execute("PRAGMA wal_checkpoint(FULL)").fetchone()[0] == 0
+    finally:
+        conn.close()
+    await _sessions(engine, 1)  # the log starts over
+    crashed = _crash_copy(make_config, config, tmp_path, "crashed")
+    await engines.close(engine)
+    current, stale = _salted_commits(Path(f"{crashed.spool_path}-wal"))
+    assert current and len(stale) > 2, (current, stale)
+
+    engine = await engines.open(crashed)
+    assert engine.spool.damaged is None, engine.spool.damaged
+    assert not list(crashed.data_dir.glob("spool.db-wal.damaged-*"))
+
+
+async def test_a_wal_whose_first_frame_is_damaged_is_said(
+    make_config: Any, engines: Any, tmp_path: Path,
+) -> None:
+    """A damaged first frame: SQLite reads no frame of the -wal at all, and
+    drops every transaction in it. That is said, as a later frame's is."""
+    config = make_config()
+    engine = await engines.open(config)
+    await _sessions(engine, 4)
+    crashed = _crash_copy(make_config, config, tmp_path, "crashed")
+    await engines.close(engine)
+    wal = Path(f"{crashed.spool_path}-wal")
+    commits = _commit_frames(wal)
+    _garble_frame(wal, 0)
+
+    engine = await engines.open(crashed)
+    assert engine.spool.damaged is not None
+    assert f"its -wal holds {len(commits)} committed transactions past a frame SQLite" \
+        " cannot read (after frame 0)" in engine.spool.damaged
+    assert len(list(crashed.data_dir.glob("spool.db-wal.damaged-*"))) == 1
+
+
+async def test_a_wal_held_by_a_reader_across_a_restart_is_not_taken_for_damage(
+    make_config: Any, engines: Any,
+) -> None:
+    """An online backup (README: Backups) or a sqlite3 shell reading the
+    spool while the server restarts: the checkpoint at open copies the
+    log only up to that reader's snapshot, and the -wal holds committed
+    frames past it, all valid. The server is not told its spool is damaged."""
+    config = make_config()
+    engine = await engines.open(config)
+    await _sessions(engine, 2)
+    reader = sqlite3.connect(config.spool_path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM meta").fetchone()  # its snapshot, from now on
+        await _sessions(engine, 4)
+        await engines.close(engine)
+        assert _salted_commits(Path(f"{config.spool_path}-wal"))[0]  # (past the snapshot)
+
+        engine = await engines.open(config)
+        assert engine.spool.damaged is None, engine.spool.damaged
+        assert engine.ready
+        await engines.close(engine)
+    finally:
+        reader.close()
+
+
 async def test_a_damaged_text_is_not_quoted_by_a_logged_traceback(
     make_api: MakeApi, caplog: Any,  # noqa: F811
 ) -> None:
