@@ -15,6 +15,7 @@ import pytest
 from live_server import Live
 from waiting import wait_for
 
+import server
 from audit.events import Draft
 from audit.rollback import catch_up_security_chain
 from sinks.sqlite import SqliteSink
@@ -135,6 +136,7 @@ async def test_a_start_check_that_fails_unexpectedly_does_not_stop_the_start(
 
 async def test_the_sinks_events_of_the_heads_own_millisecond_are_followed_whatever_their_ids(
     make_config: Any, engines: Any, audit_key: bytes, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The sink lists its security events newest first, those of one
     millisecond by their ids (random). The check looked only at the events
@@ -142,10 +144,13 @@ async def test_the_sinks_events_of_the_heads_own_millisecond_are_followed_whatev
     head's own millisecond (a burst of failed logins), with a smaller id, is
     listed after the head and was not seen. The chain was taken for not
     going on in the sink, nothing was adopted, and the next security event
-    continued the head a second time: a fork verify reports for good."""
-    now = 1_800_000_000.0
+    continued the head a second time: a fork verify reports for good. (An
+    event of an earlier millisecond, listed after the head's, ends the look.)"""
+    now = [1_799_999_999.0]
     config = make_config()
-    engine = await engines.open(config, clock=lambda: now)
+    engine = await engines.open(config, clock=lambda: now[0])
+    await engine.record_security(Draft("auth.login_failed", outcome="denied"))
+    now[0] = 1_800_000_000.0
     await engine.record_security(
         Draft("auth.login_failed", outcome="denied", event_id="f" * 32))
     await engines.drain(engine)
@@ -158,9 +163,45 @@ async def test_the_sinks_events_of_the_heads_own_millisecond_are_followed_whatev
     await engines.close(engine)
 
     _restore(saved, config.spool_path.parent, config.spool_path.name)
-    engine = await engines.open(config, clock=lambda: now)
-    await engine.sink.open()
-    assert await catch_up_security_chain(engine.spool, engine.sink, audit_key) == 3
+    engine = await engines.open(config, clock=lambda: now[0])
+    sink = SqliteSink(config.sqlite_sink_path)
+    await sink.open()
+    try:
+        assert await catch_up_security_chain(engine.spool, sink, audit_key) == 3
+    finally:
+        await sink.close()
+    # The spool's next security event continues the sink's newest: no fork.
+    await engine.record_security(Draft("auth.login_failed", outcome="denied"))
+    await engines.drain(engine)
+    await engines.close(engine)
+    monkeypatch.setenv(server.AUDIT_KEY_ENV, audit_key.decode())
+    assert await server._verify(config) == 0
+    assert "6 security events: OK" in capsys.readouterr().out
+
+
+async def test_a_spool_head_the_sink_does_not_hold_yet_is_left_as_it_is(
+    make_config: Any, engines: Any, audit_key: bytes,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The spool's newest security events not sent yet (a server killed
+    before its flusher sent them): the sink does not hold the spool's head,
+    nothing is adopted, and the start goes on."""
+    config = make_config()
+    engine = await engines.open(config)
+    await engine.record_security(Draft("auth.login_failed", outcome="denied"))
+    await engines.drain(engine)
+    await engine.record_security(Draft("auth.login_failed", outcome="denied"))
+    sink = SqliteSink(config.sqlite_sink_path)
+    await sink.open()
+    try:
+        assert await catch_up_security_chain(engine.spool, sink, audit_key) == 0
+    finally:
+        await sink.close()
+    await engines.drain(engine)
+    await engines.close(engine)
+    monkeypatch.setenv(server.AUDIT_KEY_ENV, audit_key.decode())
+    assert await server._verify(config) == 0
+    assert "2 security events: OK" in capsys.readouterr().out
 
 
 async def test_a_restored_spools_chat_under_way_is_recorded_after_its_chain_caught_up(
