@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -233,6 +234,58 @@ async def test_a_server_sharing_the_sink_with_another_audit_key_is_told(
     finally:
         a.close()
         b.close()
+
+
+async def test_the_start_check_names_the_sessions_of_another_key_and_no_others(
+    make_config: Any, engines: Any, audit_key: bytes, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Two servers' engines (own data directories and keys) sharing one sink
+    # file, their sessions of several parts each: the check of each names
+    # exactly the other's sessions, by their part 0; a sink of one key's
+    # sessions gives nothing to say.
+    from audit.engine import AuditEngine
+    from audit.events import Draft, Source
+    from audit.sharing import check_shared_key
+
+    sink = {"type": "sqlite", "sqlite": {"path": str(tmp_path / "shared" / "audit.db")}}
+    a_config, b_config = (
+        make_config(server={"data_dir": str(tmp_path / n)}, sink=sink,
+                    audit={"part_max_events": 2}) for n in ("a", "b"))
+    other_key = b"another-servers-audit-key-012345"
+    sids: dict[str, list[str]] = {"a": [], "b": []}
+
+    async def sessions(name: str, engine: Any) -> None:
+        src = Source(user="alice", role="user")
+        for _ in range(2):
+            s = await engine.start_session("alice", "user", src, 3600)
+            for _ in range(4):
+                await engine.record(s.session_id, Draft("document.list"))
+            await engine.end_session(s.session_id, src)
+            sids[name].append(s.session_id)
+        await engines.drain(engine)
+
+    await sessions("a", await engines.open(a_config))
+    shared = SqliteSink(a_config.sqlite_sink_path)
+    await shared.open()
+    try:
+        assert len(await shared.session_part_heads(sids["a"][0])) > 1  # (part 0, and more)
+        with caplog.at_level(logging.INFO, logger="session_audit.sharing"):
+            assert await check_shared_key(shared, audit_key) == []  # one key's: nothing said
+        assert "sink's 2 newest sessions are chained under this server's audit key" \
+            in caplog.text
+        b = AuditEngine(b_config, SqliteSink(b_config.sqlite_sink_path), other_key)
+        await b.open(background=False)
+        try:
+            await sessions("b", b)
+        finally:
+            await b.close(flush_window=0)
+        with caplog.at_level(logging.INFO, logger="session_audit.sharing"):
+            assert sorted(await check_shared_key(shared, audit_key)) == sorted(sids["b"])
+        assert "2 of the sqlite sink's 4 newest sessions" in caplog.text
+        assert sorted(await check_shared_key(shared, other_key)) == sorted(sids["a"])
+    finally:
+        await shared.close()
 
 
 async def test_a_new_sink_file_another_server_holds_is_waited_for_at_open(
