@@ -76,11 +76,30 @@ def test_close_writes_what_is_queued() -> None:
     for i in range(100):
         handler.emit(_record(f"line {i}"))
     handler.close()
+    assert not handler._thread.is_alive()  # (it ended: close did not wait out its time)
     stream.close()
     reader.join(10)
     os.close(r)
     assert [json.loads(x)["msg"] for x in got.decode().splitlines()] == [
         f"line {i}" for i in range(100)]
+
+
+def test_flush_returns_once_the_lines_queued_are_written_and_lines_go_on(
+        tmp_path: Path) -> None:
+    # A command's last line, flushed before it exits; and the lines after a
+    # flush are written as before (a flush is not the end).
+    with open(tmp_path / "stderr", "w", encoding="utf-8") as stream:
+        handler = BackgroundStderr(stream)
+        handler.setFormatter(JsonFormatter())
+        for i in range(10):
+            handler.emit(_record(f"line {i}"))
+        handler.flush()
+        lines = (tmp_path / "stderr").read_text().splitlines()
+        assert [json.loads(x)["msg"] for x in lines] == [f"line {i}" for i in range(10)]
+        handler.emit(_record("after the flush"))
+        handler.close()
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert [json.loads(x)["msg"] for x in lines][10:] == ["after the flush"]
 
 
 def test_exit_waits_once_for_a_reader_that_never_reads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,6 +114,42 @@ def test_exit_waits_once_for_a_reader_that_never_reads(monkeypatch: pytest.Monke
     try:
         for i in range(100):  # 200 KB: the pipe is full, the writer blocked
             handler.emit(_record(f"line {i} " + "x" * 2000))
+        started = time.monotonic()
+        handler.flush()
+        handler.close()
+        waited = time.monotonic() - started
+    finally:
+        os.close(r)  # (the writer's blocked write fails, and it goes on)
+        handler._lines.put(None)  # (its end, which close no longer waited for)
+        handler._thread.join(10)
+        with contextlib.suppress(OSError):
+            stream.close()
+    assert waited < 2 * logwriter.FLUSH_SECONDS, waited
+
+
+@pytest.mark.timeout(20)
+def test_exit_waits_once_with_the_queue_of_a_stalled_reader_full(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # As above, with the queue full too (the reader stalled long ago): the
+    # flush cannot queue its mark, waits FLUSH_SECONDS for room, and no
+    # later flush or close waits again.
+    monkeypatch.setattr(logwriter, "FLUSH_SECONDS", 1.0)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:  # the pipe full: the writer's first write blocks
+            os.write(w, b"x" * 65536)
+    os.set_blocking(w, True)
+    stream = os.fdopen(w, "w", encoding="utf-8")
+    handler = BackgroundStderr(stream, max_lines=10)
+    handler.setFormatter(JsonFormatter())
+    try:
+        for i in range(5000):  # (a line every ms: the queue fills once the writer blocked)
+            handler.emit(_record(f"line {i}"))
+            if handler.dropped:
+                break
+            time.sleep(0.001)
+        assert handler.dropped
         started = time.monotonic()
         handler.flush()
         handler.close()
