@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 import pytest
@@ -102,6 +103,16 @@ def test_flush_returns_once_the_lines_queued_are_written_and_lines_go_on(
     assert [json.loads(x)["msg"] for x in lines][10:] == ["after the flush"]
 
 
+def _unblock(handler: BackgroundStderr, r: int, stream: IO[str]) -> None:
+    """The stalled reader goes: the writer's blocked write fails, and it
+    ends (at the end mark, which close no longer waited for)."""
+    os.close(r)
+    handler._lines.put(None)
+    handler._thread.join(10)
+    with contextlib.suppress(OSError):
+        stream.close()
+
+
 def test_exit_waits_once_for_a_reader_that_never_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     # logging.shutdown at exit flushes, then closes (which flushed again, and
     # joined the thread): each waited FLUSH_SECONDS for the same stalled
@@ -119,11 +130,7 @@ def test_exit_waits_once_for_a_reader_that_never_reads(monkeypatch: pytest.Monke
         handler.close()
         waited = time.monotonic() - started
     finally:
-        os.close(r)  # (the writer's blocked write fails, and it goes on)
-        handler._lines.put(None)  # (its end, which close no longer waited for)
-        handler._thread.join(10)
-        with contextlib.suppress(OSError):
-            stream.close()
+        _unblock(handler, r, stream)
     assert waited < 2 * logwriter.FLUSH_SECONDS, waited
 
 
@@ -155,11 +162,7 @@ def test_exit_waits_once_with_the_queue_of_a_stalled_reader_full(
         handler.close()
         waited = time.monotonic() - started
     finally:
-        os.close(r)  # (the writer's blocked write fails, and it goes on)
-        handler._lines.put(None)  # (its end, which close no longer waited for)
-        handler._thread.join(10)
-        with contextlib.suppress(OSError):
-            stream.close()
+        _unblock(handler, r, stream)
     assert waited < 2 * logwriter.FLUSH_SECONDS, waited
 
 
