@@ -46,7 +46,7 @@ import signal
 import sqlite3
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,6 +423,26 @@ async def _main(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+    finally:
+        receiver.close()
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def engine_behind(receiver: Receiver, engines: Any, config: Any,
+                        monotonic: Any) -> AsyncIterator[Any]:
+    """For tests: an engine (the ``engines`` fixture's) whose sink is the
+    http one, ``receiver`` serving it on loopback; closed, and the receiver
+    stopped, afterwards."""
+    from audit.config import HttpSinkConfig  # (this file also runs on its own)
+    from sinks.http import HttpSink
+
+    runner, port = await serve(receiver, "127.0.0.1", 0)
+    try:
+        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
+        engine = await engines.open(config, sink, monotonic=monotonic)
+        yield engine
+        await engines.close(engine)
     finally:
         receiver.close()
         await runner.cleanup()

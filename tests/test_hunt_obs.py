@@ -220,11 +220,9 @@ async def test_a_sink_failing_every_other_write_logs_a_few_lines_not_two_a_write
     only after a failure line that was logged; status as before."""
     import logging
 
-    from receiver import Fault, Receiver, serve
+    from receiver import Fault, Receiver, engine_behind
 
-    from audit.config import HttpSinkConfig
     from audit.events import Source
-    from sinks.http import HttpSink
 
     class Flapping(Receiver):
         writes = 0
@@ -234,13 +232,9 @@ async def test_a_sink_failing_every_other_write_logs_a_few_lines_not_two_a_write
             return Fault(503) if self.writes % 2 else None  # (no Retry-After: a failure)
 
     receiver = Flapping()
-    runner, port = await serve(receiver, "127.0.0.1", 0)
-    try:
-        config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
-                                    "backoff_base_seconds": 0.05,
-                                    "backoff_max_seconds": 1.0})
-        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
-        e = await engines.open(config, sink, monotonic=fake_monotonic)
+    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
+    async with engine_behind(receiver, engines, config, fake_monotonic) as e:
         src = Source(user="alice", role="user")
 
         async def flap(n: int) -> None:
@@ -265,9 +259,6 @@ async def test_a_sink_failing_every_other_write_logs_a_few_lines_not_two_a_write
         assert len(receiver.parts) == 30
         status = await e.status()
         assert status["sink"]["healthy"] is True
-    finally:
-        receiver.close()
-        await runner.cleanup()
 
 
 async def test_a_spool_failing_every_other_flusher_step_logs_one_line_a_minute(

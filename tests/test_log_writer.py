@@ -103,6 +103,14 @@ def test_flush_returns_once_the_lines_queued_are_written_and_lines_go_on(
     assert [json.loads(x)["msg"] for x in lines][10:] == ["after the flush"]
 
 
+def _exit_time(handler: BackgroundStderr) -> float:
+    """How long an exit's logging.shutdown takes with it: a flush, then close."""
+    started = time.monotonic()
+    handler.flush()
+    handler.close()
+    return time.monotonic() - started
+
+
 def _unblock(handler: BackgroundStderr, r: int, stream: IO[str]) -> None:
     """The stalled reader goes: the writer's blocked write fails, and it
     ends (at the end mark, which close no longer waited for)."""
@@ -125,10 +133,7 @@ def test_exit_waits_once_for_a_reader_that_never_reads(monkeypatch: pytest.Monke
     try:
         for i in range(100):  # 200 KB: the pipe is full, the writer blocked
             handler.emit(_record(f"line {i} " + "x" * 2000))
-        started = time.monotonic()
-        handler.flush()
-        handler.close()
-        waited = time.monotonic() - started
+        waited = _exit_time(handler)
     finally:
         _unblock(handler, r, stream)
     assert waited < 2 * logwriter.FLUSH_SECONDS, waited
@@ -157,10 +162,7 @@ def test_exit_waits_once_with_the_queue_of_a_stalled_reader_full(
                 break
             time.sleep(0.001)
         assert handler.dropped
-        started = time.monotonic()
-        handler.flush()
-        handler.close()
-        waited = time.monotonic() - started
+        waited = _exit_time(handler)
     finally:
         _unblock(handler, r, stream)
     assert waited < 2 * logwriter.FLUSH_SECONDS, waited

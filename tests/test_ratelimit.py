@@ -8,21 +8,19 @@ import json
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from conftest import FakeClock
-from receiver import Fault, Receiver, serve
+from receiver import Fault, Receiver, engine_behind
 from waiting import wait_for
 
-from audit.config import HttpSinkConfig, sink_identity
+from audit.config import sink_identity
 from audit.events import Draft, Source
 from audit.ratelimit import MAX_HINT, Backoff, TokenBucket, backoff_delay
 from sinks.base import Sink, SinkRateLimited, SinkUnavailable
-from sinks.http import HttpSink
 
 
 class Clock:
@@ -647,22 +645,6 @@ class PartsOnlyReceiver(Receiver):
         return app
 
 
-@contextlib.asynccontextmanager
-async def _behind(receiver: Receiver, engines: Any, config: Any,
-                  monotonic: FakeClock) -> AsyncIterator[Any]:
-    """An engine whose sink is the http one, ``receiver`` serving it on
-    loopback; closed, and the receiver stopped, afterwards."""
-    runner, port = await serve(receiver, "127.0.0.1", 0)
-    try:
-        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
-        engine = await engines.open(config, sink, monotonic=monotonic)
-        yield engine
-        await engines.close(engine)
-    finally:
-        receiver.close()
-        await runner.cleanup()
-
-
 async def test_a_trickle_of_refused_security_events_does_not_starve_parts(
     make_config, engines, fake_monotonic
 ):
@@ -673,7 +655,7 @@ async def test_a_trickle_of_refused_security_events_does_not_starve_parts(
     long as it went on, each of its events written and dead-lettered in turn."""
     receiver = PartsOnlyReceiver()
     config = make_config(flush={"max_writes_per_second": 5.0, "burst": 1})
-    async with _behind(receiver, engines, config, fake_monotonic) as engine:
+    async with engine_behind(receiver, engines, config, fake_monotonic) as engine:
         session_id = await _one_part_and_a_trickle(engine, fake_monotonic)
         assert [p["session_id"] for p in receiver.parts.values()] == [session_id]
         assert engine.stats.parts_written == 1 and engine.stats.dead_lettered >= 1
@@ -688,7 +670,7 @@ async def test_security_events_take_their_tokens_from_the_bucket(
     rate-limited sink as fast as they came)."""
     receiver = Receiver()
     config = make_config(flush={"max_writes_per_second": 0.5, "burst": 1})
-    async with _behind(receiver, engines, config, fake_monotonic) as engine:
+    async with engine_behind(receiver, engines, config, fake_monotonic) as engine:
         src = Source(user="mallory", role="user")
         s = await engine.start_session("mallory", "user", src, 3600)
         for n in (1, 2):
@@ -711,7 +693,7 @@ async def test_a_rate_limit_hint_of_a_day_pauses_at_most_max_hint(
     (found by mutation testing: the bound could go, the suite passing)."""
     receiver = Receiver()
     config = make_config(flush={"backoff_max_seconds": 60.0})
-    async with _behind(receiver, engines, config, fake_monotonic) as engine:
+    async with engine_behind(receiver, engines, config, fake_monotonic) as engine:
         src = Source(user="alice", role="user")
         s = await engine.start_session("alice", "user", src, 3600)
         await engine.end_session(s.session_id, src)

@@ -370,10 +370,7 @@ async def test_a_security_event_the_receiver_keeps_failing_lets_the_rest_go(
     from collections import Counter
 
     from aiohttp import web
-    from receiver import Receiver, serve
-
-    from audit.config import HttpSinkConfig
-    from sinks.http import HttpSink
+    from receiver import Receiver, engine_behind
 
     poison = "poison-event-0001"
     accepted: Counter[str] = Counter()  # security events per 2xx answer
@@ -397,13 +394,9 @@ async def test_a_security_event_the_receiver_keeps_failing_lets_the_rest_go(
             return resp
 
     receiver = PoisonReceiver()
-    runner, port = await serve(receiver, "127.0.0.1", 0)
-    try:
-        config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
-                                    "backoff_base_seconds": 0.05,
-                                    "backoff_max_seconds": 1.0})
-        sink = HttpSink(HttpSinkConfig(url=f"http://127.0.0.1:{port}", token_env=""))
-        e = await engines.open(config, sink, monotonic=fake_monotonic)
+    config = make_config(flush={"max_writes_per_second": 1000, "burst": 1000,
+                                "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})
+    async with engine_behind(receiver, engines, config, fake_monotonic) as e:
         drafts = [_denied(i) for i in range(12)]
         drafts[7] = Draft("access.denied", outcome="denied", event_id=poison)
         s, mallory = await _a_part_and_security_events(e, drafts)
@@ -438,9 +431,6 @@ async def test_a_security_event_the_receiver_keeps_failing_lets_the_rest_go(
         assert all(accepted[i] == 1 for i in others), accepted
         status = await e.status()
         assert (status["pending_security_events"], status["dead_letter"]) == (0, 0)
-    finally:
-        receiver.close()
-        await runner.cleanup()
 
 
 async def test_security_events_still_go_first_after_an_outage(
