@@ -559,6 +559,12 @@ class Accounts:
                 raise UserExists(row[0])
             c.execute("INSERT INTO users (username, password_hash, role, created_at)"
                       " VALUES (?, ?, 'admin', ?)", (username, stored, now))
+            # Recorded as the command line's additions are (user.create,
+            # under audit.record_account_changes), by the OS account that ran
+            # the server: an admin made at a first start was not in the trail.
+            note_account_change(c, "user.create", username,
+                                {"role": "admin", "first_start": True},
+                                actor_user=os_user(), actor_role="server")
             return True
 
         made: bool = await self.engine.spool.submit(insert, needs_space=False)
