@@ -307,7 +307,13 @@ def open_lock(path: Path) -> int:
 def make_private_dirs(path: Path) -> None:
     """Create ``path`` and its missing parents, each owner-only (0700) whatever
     the umask (under ``umask 000`` ``mkdir(parents=True)`` makes them 0777: any
-    local user could swap the files in them). Existing ones are left alone."""
+    local user could swap the files in them). Existing ones are left alone.
+
+    The parent of each level created is fsynced: a new directory is an entry
+    in its parent, and without that a power cut after the first durable
+    write in it (a key, the spool's first commit) could take the directory
+    away with what was written there. One created meanwhile by another
+    process is its creator's to sync."""
     missing: list[Path] = []
     p = path
     while not p.exists() and p != p.parent:
@@ -319,6 +325,11 @@ def make_private_dirs(path: Path) -> None:
         except FileExistsError:
             continue
         os.chmod(d, 0o700)  # a umask can only take bits away: it took none here
+        fd = os.open(d.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def unsafe_dir(path: Path) -> str | None:

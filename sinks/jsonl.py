@@ -693,24 +693,6 @@ class JsonlSink(Sink):
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _make_dir(self) -> None:
-        """Create the directory (and missing parents) as
-        :func:`~audit.spool.make_private_dirs` does, then fsync the parent of
-        each level created: a new directory's entry is in its parent, and
-        without that fsync a power cut after the first acknowledged write
-        could lose the directory with the day file in it (the day file's
-        own entry is fsynced at its first write). Existing levels are left
-        alone; one created meanwhile by another process costs one fsync.
-        """
-        missing = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
-        make_private_dirs(self.dir)
-        for parent in dict.fromkeys(d.parent for d in reversed(missing)):
-            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
     def _open_read_only(self) -> None:
         """Index the files as they are: nothing created, locked or repaired.
 
@@ -730,7 +712,7 @@ class JsonlSink(Sink):
         if self.readonly:
             self._open_read_only()
             return
-        self._make_dir()
+        make_private_dirs(self.dir)
         unsafe = unsafe_dir(self.dir)
         if unsafe is not None:  # another user could swap or plant day files
             raise SinkUnavailable(f"jsonl sink: {unsafe}")
@@ -862,7 +844,7 @@ class JsonlSink(Sink):
                     # "cannot lock ...: No such file or directory" at every
                     # write until someone made it by hand or restarted.
                     log.warning("%s was removed; making it anew", self.dir.name)
-                    self._make_dir()
+                    make_private_dirs(self.dir)
                 locked = self._acquire(LOCK_WAIT_SECONDS)
             except OSError as exc:
                 raise SinkUnavailable(f"jsonl sink: cannot lock {self.dir.name}: {exc}") from exc

@@ -12,6 +12,7 @@ import pytest
 from live_server import Live
 
 import server
+from audit.spool import Limits, Spool, make_private_dirs
 
 
 def _keys_from_files(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,5 +79,32 @@ def test_a_key_file_is_durable_with_its_directory_entry(
     monkeypatch.setattr(os, "fsync", recording)
     path = tmp_path / "data" / "audit.key"
     server._write_private(path, "k" * 64)
-    assert synced == [(path.stat().st_ino, stat.S_IFREG),
+    # (first the directory made for it: its entry, in tmp_path)
+    assert synced == [(tmp_path.stat().st_ino, stat.S_IFDIR),
+                      (path.stat().st_ino, stat.S_IFREG),
                       (path.parent.stat().st_ino, stat.S_IFDIR)]
+
+
+async def test_the_directories_a_spool_makes_have_their_entries_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``server.data_dir`` made at a first start (and its missing parents):
+    each is an entry in its parent, fsynced before the spool's first commit
+    is acknowledged, or a power cut could take the directory away with the
+    spool in it. A directory that exists costs no fsync."""
+    real = os.fsync
+    synced: list[int] = []
+
+    def recording(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    data = tmp_path / "a" / "data"
+    spool = Spool(data / "spool.db", b"k" * 32, limits=Limits(500, 1 << 20))
+    await spool.open()
+    await spool.close()
+    assert [os.stat(tmp_path).st_ino, os.stat(tmp_path / "a").st_ino] == synced[:2]
+    synced.clear()
+    make_private_dirs(data)
+    assert synced == []
