@@ -4,6 +4,7 @@ session times and keys)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -350,3 +351,109 @@ async def test_events_recorded_counts_each_committed_event_once(tmp_path, audit_
         assert events == 4
     finally:
         await sp.close()
+
+
+def test_a_denied_read_records_its_event_and_an_access_denied_with_its_target_and_source(
+        tmp_path, audit_key):
+    """A read refused as denied (another's document) is recorded in the
+    caller's session with outcome ``denied`` and its reason, and as the
+    security event ``access.denied``: outcome ``denied``, the caller's
+    session, the document as its target, the caller's actor and address."""
+    from audit.events import Source
+    from audit.store import ActionError, Read
+
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(500, 1 << 20))
+    _start(w, "s1")
+    src = Source(user="mallory", role="user", ip="10.0.0.9", user_agent="ua/1",
+                 request_id="r-1")
+    target = {"type": "document", "id": "d1"}
+
+    def refuse(row, d):
+        raise ActionError("not_owner", "denied", "no such document")
+
+    draft = Draft("document.access", target=target, source=src)
+    [(ok, err)] = w.run_batch([Read("s1", draft, refuse, document="d1")])
+    assert ok and isinstance(err, ActionError) and err.reason == "not_owner"
+    [(text,)] = conn.execute("SELECT json FROM events WHERE session_id = 's1'").fetchall()
+    ev = json.loads(text)
+    assert (ev["action"], ev["outcome"], ev["details"], ev["target"]) == (
+        "document.access", "denied", {"reason": "not_owner"}, target)
+    [(action, text)] = conn.execute("SELECT action, json FROM security_events").fetchall()
+    sec = json.loads(text)
+    assert (action, sec["action"], sec["outcome"], sec["session_id"]) == (
+        "access.denied", "access.denied", "denied", "s1")
+    assert sec["target"] == target
+    assert sec["actor"] == {"user": "mallory", "role": "user"}
+    assert sec["source"] == {"ip": "10.0.0.9", "user_agent": "ua/1"}
+    assert sec["request_id"] == "r-1"
+    assert sec["details"] == {"action": "document.access", "reason": "not_owner"}
+
+    def fail(row, d):
+        raise ActionError("not_found", message="no such document")
+
+    [(ok, err)] = w.run_batch([Read("s1", Draft("document.access", target=target), fail,
+                                    document="d1")])
+    assert ok and isinstance(err, ActionError) and err.outcome == "failure"
+    assert conn.execute("SELECT COUNT(*) FROM security_events").fetchone() == (1,)
+
+
+def test_users_of_an_earlier_release_stay_enabled_after_the_upgrade(tmp_path):
+    """A users table from before ``disabled`` gets the column with every
+    existing user enabled (0): an upgrade locks no one out."""
+    from audit.store import migrate
+
+    conn = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    conn.executescript(
+        "CREATE TABLE users (username TEXT PRIMARY KEY, password_hash TEXT NOT NULL,"
+        " role TEXT NOT NULL, created_at TEXT NOT NULL);"
+        "INSERT INTO users VALUES ('alice', 'h', 'user', '2026-11-26T00:00:00.000Z');"
+        "INSERT INTO users VALUES ('root', 'h', 'admin', '2026-11-26T00:00:00.000Z');")
+    migrate(conn)
+    conn.executescript(SCHEMA)
+    assert conn.execute("SELECT username, disabled FROM users ORDER BY username").fetchall() == [
+        ("alice", 0), ("root", 0)]
+
+
+def test_stored_security_events_go_kept_or_deleted(tmp_path, audit_key):
+    """Security events the sink took are deleted at once (keep_stored_seconds
+    0) or marked stored, their error cleared, for any time kept, even under
+    a second, and purged once acknowledged before the cut-off (strictly)."""
+    conn = _conn(tmp_path)
+    clock = Ticking()
+    w = _writer(conn, audit_key, Limits(500, 1 << 20), clock)
+    for _ in range(4):
+        _run(w, lambda w: w.append_security(Draft("auth.login_failed", outcome="failure"), None))
+    _run(w, lambda w: w.mark_security_aside(2, "x" * 600))
+    assert conn.execute("SELECT LENGTH(last_error) FROM security_events WHERE id = 2"
+                        ).fetchone() == (500,)
+    _run(w, lambda w: w.mark_security_stored([1], 0))
+    clock.now = t1 = T0 + 100
+    _run(w, lambda w: w.mark_security_stored([2, 3], 0.5))
+    assert conn.execute("SELECT id, state, stored_ts, last_error FROM security_events"
+                        " ORDER BY id").fetchall() == [
+        (2, "stored", t1, None), (3, "stored", t1, None), (4, "pending", None, None)]
+    assert _run(w, lambda w: w.purge_stored_security(t1)) == 0
+    assert _run(w, lambda w: w.purge_stored_security(t1 + 1, limit=1)) == 1
+    assert _run(w, lambda w: w.purge_stored_security(t1 + 1)) == 1
+    assert [r[0] for r in conn.execute("SELECT id FROM security_events")] == [4]
+
+
+def test_the_security_chain_adopts_a_sinks_head_only_if_nothing_was_appended_since(
+        tmp_path, audit_key):
+    """A spool older than its sink goes on from the sink's newest hash, but
+    not over a security event appended since the spool's head was read (its
+    successor would chain to a hash that skips it): the adoption is refused
+    and the chain goes on from that event. An adoption is in the file."""
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(500, 1 << 20))
+    old = w.security_head
+    ev = _run(w, lambda w: w.append_security(Draft("auth.login_failed", outcome="failure"),
+                                             None))
+    assert w.security_head == ev["hash"] != old
+    assert _run(w, lambda w: w.adopt_security_head(old, "f" * 64)) is False
+    assert w.security_head == ev["hash"]
+    assert conn.execute("SELECT value FROM meta WHERE key = 'security_head'").fetchone() == (
+        ev["hash"],)
+    assert _run(w, lambda w: w.adopt_security_head(ev["hash"], "f" * 64)) is True
+    assert _writer(conn, audit_key, Limits(500, 1 << 20)).security_head == "f" * 64
