@@ -457,3 +457,37 @@ def test_the_security_chain_adopts_a_sinks_head_only_if_nothing_was_appended_sin
         ev["hash"],)
     assert _run(w, lambda w: w.adopt_security_head(ev["hash"], "f" * 64)) is True
     assert _writer(conn, audit_key, Limits(500, 1 << 20)).security_head == "f" * 64
+
+
+def test_a_failed_job_puts_back_the_security_head_and_the_sessions_it_changed(
+        tmp_path, audit_key):
+    """A job that fails after appending a security event leaves the chain's
+    head where the committed chain ends (else the next event would chain to
+    one rolled back: a break for verify), and one that started and sealed a
+    session fails with its own error, leaving no session behind."""
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(500, 1 << 20))
+    first = _run(w, lambda w: w.append_security(Draft("auth.login_failed", outcome="failure"),
+                                                None))
+
+    def fails_after_a_security_event(w: Writer) -> None:
+        w.append_security(Draft("auth.login_failed", outcome="failure"), None)
+        raise RuntimeError("after its security event")
+
+    [(ok, err)] = w.run_batch([fails_after_a_security_event])
+    assert not ok and isinstance(err, RuntimeError)
+    assert w.security_head == first["hash"]
+    second = _run(w, lambda w: w.append_security(Draft("auth.login_failed", outcome="failure"),
+                                                 None))
+    assert _writer(conn, audit_key, Limits(500, 1 << 20)).security_head == second["hash"]
+    assert w.security_head == second["hash"]
+
+    def start_seal_fail(w: Writer) -> None:
+        w.start_session("u", "user", 1e12, [Draft("session.start")], session_id="s9")
+        w.seal("s9", "logout", Draft("session.end"))
+        raise RuntimeError("after its seal")
+
+    [(ok, err)] = w.run_batch([start_seal_fail])
+    assert not ok and isinstance(err, RuntimeError), err
+    assert "s9" not in w.sessions
+    assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone() == (0,)
