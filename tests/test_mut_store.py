@@ -491,3 +491,37 @@ def test_a_failed_job_puts_back_the_security_head_and_the_sessions_it_changed(
     assert not ok and isinstance(err, RuntimeError), err
     assert "s9" not in w.sessions
     assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone() == (0,)
+
+
+def test_a_sink_taking_the_chain_batch_by_batch_holds_one_stretch_of_it(tmp_path, audit_key):
+    """Batches of security events stored in one sink extend one stretch,
+    from where that sink began to its newest event: a stretch begun at each
+    batch would let verify take a chain starting there, so the events
+    before it could be removed from the sink unnoticed. A switch to another
+    sink begins its stretch after the last event the first took; an event
+    retried late does not move either back."""
+    from audit.events import genesis
+    from audit.store import SECURITY_STREAM
+
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(500, 1 << 20))
+    evs = [_run(w, lambda w: w.append_security(Draft("auth.login_failed", outcome="failure"),
+                                               None)) for _ in range(5)]
+    h = [genesis(audit_key, SECURITY_STREAM)] + [e["hash"] for e in evs]
+    a, b = "jsonl /a", "jsonl /b"
+
+    def stretches():
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN"
+                                 " ('security_stretch', 'security_taken')"))
+        return (conn.execute("SELECT sink, took_from, took_to FROM sink_stretches"
+                             " ORDER BY rowid").fetchall(),
+                json.loads(meta["security_stretch"]), json.loads(meta["security_taken"]))
+
+    _run(w, lambda w: w.mark_security_stored([1, 2], 60, sink=a))
+    _run(w, lambda w: w.mark_security_stored([3], 60, sink=a))
+    assert stretches() == ([(a, h[0], h[3])], [a, h[0]], [3, h[3]])
+    _run(w, lambda w: w.mark_security_stored([4], 60, sink=b))
+    _run(w, lambda w: w.mark_security_stored([5], 60, sink=b))
+    assert stretches() == ([(a, h[0], h[3]), (b, h[3], h[5])], [b, h[3]], [5, h[5]])
+    _run(w, lambda w: w.mark_security_stored([2], 60, sink=b))  # a dead letter retried late
+    assert stretches() == ([(a, h[0], h[3]), (b, h[3], h[5])], [b, h[3]], [5, h[5]])
