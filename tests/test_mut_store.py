@@ -525,3 +525,24 @@ def test_a_sink_taking_the_chain_batch_by_batch_holds_one_stretch_of_it(tmp_path
     assert stretches() == ([(a, h[0], h[3]), (b, h[3], h[5])], [b, h[3]], [5, h[5]])
     _run(w, lambda w: w.mark_security_stored([2], 60, sink=b))  # a dead letter retried late
     assert stretches() == ([(a, h[0], h[3]), (b, h[3], h[5])], [b, h[3]], [5, h[5]])
+
+
+def test_dead_letters_stored_together_each_note_where_their_chain_resumes(tmp_path, audit_key):
+    """Dead letters retried in one batch: one stored in the sink that refused
+    it first fills its gap there (nothing to note), and one refused first
+    by another sink still has its gap there and its place here noted, after
+    the first as before it."""
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(500, 1 << 20))
+    evs = [_run(w, lambda w: w.append_security(Draft("auth.login_failed", outcome="failure"),
+                                               None)) for _ in range(5)]
+    h = {i + 1: e["hash"] for i, e in enumerate(evs)}
+    b, c = "jsonl /b", "jsonl /c"
+    _run(w, lambda w: w.mark_security_dead([2], "refused", sink=b))
+    _run(w, lambda w: w.mark_security_dead([4], "refused", sink=c))
+    assert conn.execute("SELECT id, prev, sink FROM security_late ORDER BY id").fetchall() == [
+        (2, h[1], b), (4, h[3], c)]
+    _run(w, lambda w: w.mark_security_stored([2, 4], 60, sink=b))
+    assert sorted(conn.execute("SELECT sink, took_from, took_to FROM sink_resumes")) == sorted(
+        [(c, h[4], ""), (b, h[3], h[4])])
+    assert conn.execute("SELECT COUNT(*) FROM security_late").fetchone() == (0,)
