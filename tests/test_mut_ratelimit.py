@@ -100,3 +100,20 @@ def test_bucket_refuses_what_could_never_refill_and_says_so(rate, burst):
     with pytest.raises(ValueError) as info:
         TokenBucket(rate, burst)
     assert str(info.value) == "rate must be positive and burst at least 1"
+
+
+def test_a_flooding_client_under_a_rate_below_one_gets_no_budget_back_early():
+    """A client's bucket is forgotten (its budget whole again) only after
+    burst / rate seconds quiet, not burst * rate: at 0.5 a second and 4
+    saved up, 3 s after spending it a client has 1.5 tokens back, so one
+    more event is recorded, not a new burst of 4."""
+    clock = Clock()
+    guard = FloodGuard(rate=0.5, burst=4, clock=clock)
+    k = "192.0.2.1"
+    assert [guard.admit(k, "auth.login_failed", 1.0) for _ in range(5)] == [
+        True, True, True, True, False]
+    clock.t += 3.0
+    assert [guard.admit(k, "auth.login_failed", 2.0) for _ in range(3)] == [True, False, False]
+    clock.t += 8.0  # quiet for burst / rate: the whole budget is back
+    assert [guard.admit(k, "auth.login_failed", 3.0) for _ in range(5)] == [
+        True, True, True, True, False]
