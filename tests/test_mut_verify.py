@@ -131,6 +131,30 @@ def test_a_part_without_prev_hash_after_a_missing_part_is_still_checked():
     ]
 
 
+def test_a_part_without_first_seq_after_a_missing_part_is_named_and_still_checked():
+    """Where the seqs cannot be followed across a gap, a missing first_seq is
+    a bad part of its own, and the part's events are checked from their own
+    first seq."""
+    parts = _session((3, 3, 2, 2))
+    del parts[1]
+    parts[1]["first_seq"] = "7"
+    assert _findings(parts) == [
+        ("missing_part", "part 1 is not stored"),
+        ("bad_part", "part 2: first_seq '7' is not a number"),
+    ]
+
+
+@pytest.mark.parametrize("number", [0, 1])
+def test_a_removed_first_event_is_found_when_first_seq_is_gone_too(number):
+    """Without its first_seq a part's seqs are held to where the previous
+    part ended, not to its own first event: that event removed is still a
+    removal."""
+    parts = _session()
+    del parts[number]["first_seq"]
+    first = parts[number]["events"].pop(0)["seq"]
+    assert ("removed", f"part {number}: seq [{first}] missing") in _findings(parts)
+
+
 def test_an_event_without_a_hash_breaks_the_chain_at_it_and_the_next():
     parts = _session()
     del parts[1]["events"][0]["hash"]
