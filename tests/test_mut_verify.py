@@ -335,3 +335,22 @@ async def test_a_sink_failing_while_a_session_is_read_fails_verify(tmp_path):
             await verify_sink(sink, KEY)
     finally:
         await sink.close()
+
+
+async def test_a_session_the_sink_did_not_list_to_the_end_is_not_called_removed(tmp_path):
+    """Sessions the spool stored whole are held to be in the sink only when
+    the sink listed all its sessions: one the listing broke off before is
+    not reported removed (the broken listing is the finding)."""
+    other = "f" * 32
+
+    class BreaksOff(SqliteSink):
+        async def session_ids(self):  # type: ignore[override]
+            async for sid in super().session_ids():
+                yield sid
+                raise ValueError("a row the sink cannot list")
+
+    parts = [*_session(), *_session(sid=other)]
+    anchor = SpoolAnchor(genesis(KEY, SECURITY_STREAM), None, stored=frozenset({SID, other}))
+    report = await _report(tmp_path, parts, anchor, sink_class=BreaksOff)
+    assert [(p.session_id, p.kind, p.detail) for p in report.problems] == [
+        ("", "bad_part", "the sink's sessions cannot be listed to the end (ValueError)")]

@@ -600,6 +600,35 @@ async def test_the_newest_security_events_cannot_go_missing_unseen(
     assert len((await verified()).problems) == 2
 
 
+async def test_security_events_sent_between_reading_the_spool_and_the_sink_are_no_gap(
+    make_config, engines, audit_key
+):
+    """verify reads the spool first, then the sink: a flush in between stores
+    the spool's first unsent event and more after it. The sink's chain then
+    ends past that event, which it holds: the chain is whole."""
+    from audit.verify import spool_anchor
+
+    config = make_config(flush={"max_writes_per_second": 1000.0, "burst": 100})
+    engine = await engines.open(config)
+
+    async def record(n: int) -> None:
+        for i in range(n):
+            await engine.record_security(
+                Draft("auth.login_failed", outcome="denied", source=Source(ip="10.0.0.3"),
+                      details={"username": f"x{i}"}), happened=True)
+
+    await engines.drain(engine)  # opens the sink
+    await record(2)
+    await engines.drain(engine)
+    await record(3)
+    anchor = await engine.spool.read(lambda c: spool_anchor(c, audit_key))
+    assert anchor.first_unsent is not None
+    await engines.drain(engine)  # the three are sent after the spool was read
+    report = await verify_sink(engine.sink, audit_key, anchor)
+    assert report.ok, report.problems
+    assert report.security_events == 5
+
+
 async def test_a_removed_final_part_is_found_once_the_session_cannot_be_open(
     stored, audit_key
 ):
