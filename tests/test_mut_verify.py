@@ -354,3 +354,13 @@ async def test_a_session_the_sink_did_not_list_to_the_end_is_not_called_removed(
     report = await _report(tmp_path, parts, anchor, sink_class=BreaksOff)
     assert [(p.session_id, p.kind, p.detail) for p in report.problems] == [
         ("", "bad_part", "the sink's sessions cannot be listed to the end (ValueError)")]
+
+
+def test_a_changed_user_or_seal_reason_is_quoted_beside_the_sessions_own():
+    parts = _session()
+    parts[1]["user"] = "mallory"
+    parts[2]["seal_reason"] = "idle_timeout"
+    assert _findings(parts) == [
+        ("bad_part", "part 1: user 'mallory' is not the session's ('alice')"),
+        ("bad_part", "part 2: seal_reason 'idle_timeout' is not session.end's"),
+    ]
