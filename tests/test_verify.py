@@ -429,6 +429,24 @@ async def test_security_copies_and_joined_gaps(tmp_path, audit_key):
     assert report.security_events == 7
 
 
+async def test_security_breaks_and_copies_are_the_streams_findings(tmp_path, audit_key):
+    """Copies and breaks are security_chain findings of the security stream,
+    a copy counted once among the events; a row whose hash is not text is a
+    break, and the events after it are still followed."""
+    chain = _security_chain(audit_key, 6, "u")
+    copy = {**chain[1], "_id": "a-copy"}
+    report = await _verify_security(tmp_path / "copy.db", audit_key, [chain[:2], [copy], chain[2:]])
+    assert [(p.session_id, p.kind) for p in report.problems] == [("security", "security_chain")]
+    assert report.security_events == 7
+    odd = {**chain[2], "hash": 5}
+    report = await _verify_security(tmp_path / "odd.db", audit_key,
+                                    [[e] for e in [*chain[:2], odd, *chain[3:]]])
+    breaks = [(p.session_id, p.detail.split()[1]) for p in report.problems
+              if p.kind == "security_chain"]
+    assert breaks == [("security", chain[2]["_id"]), ("security", chain[3]["_id"])]
+    assert report.security_events == 6
+
+
 def _count_hmacs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count verify's HMACs from now on (in the list's one item)."""
     from audit import verify
