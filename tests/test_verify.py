@@ -876,8 +876,9 @@ async def test_a_security_event_under_another_id_is_found(tmp_path, audit_key):
     chain = _security_chain(audit_key, 3, "i")
     chain[1]["_id"] = "chosen-by-someone"
     report = await _verify_security(tmp_path / "s.db", audit_key, [chain])
-    assert [p.detail for p in report.problems] == [
-        f"event {chain[1]['event_id']!r} is stored under _id 'chosen-by-someone'"]
+    assert [(p.session_id, p.kind, p.detail) for p in report.problems] == [
+        ("security", "security_chain",
+         f"event {chain[1]['event_id']!r} is stored under _id 'chosen-by-someone'")]
 
 
 async def test_verify_reads_the_sqlite_sink_without_writing_it(stored, audit_key):
