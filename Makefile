@@ -15,7 +15,7 @@ run: $(STAMP)
 	$(BIN)/python server.py serve
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q -n 2 --durations=20
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
