@@ -333,6 +333,36 @@ async def _in_one_instant(api: Api, fn: Callable[[Writer], Any]) -> None:
     await api.engine.spool.submit(job)
 
 
+async def test_security_events_the_spool_holds_are_filtered_by_kind(make_api: MakeApi) -> None:
+    """The sink down, the spool alone holds the security events: kind=
+    lists those of that kind only, paged by them."""
+    api = await make_api(sink={"type": "http", "http": {"url": f"http://127.0.0.1:{free_port()}",
+                                                        "timeout_seconds": 1.0}},
+                         flush_at_close=False)
+    admin = await api.admin()
+
+    def job(w: Writer) -> None:
+        for i in range(3):
+            w.append_security(Draft("auth.login_failed", outcome="failure",
+                                    details={"i": i}), None)
+            w.append_security(Draft("auth.invalid_token", outcome="denied",
+                                    details={"i": i}), None)
+
+    await api.engine.spool.submit(job)
+    body = await _get(api, admin, "/audit/security-events", kind="auth.login_failed")
+    assert sorted(e["details"]["i"] for e in body["events"]) == [0, 1, 2]
+    assert {e["action"] for e in body["events"]} == {"auth.login_failed"}
+    assert body["next_cursor"] is None
+    first = await _get(api, admin, "/audit/security-events", kind="auth.invalid_token",
+                       limit="2")
+    rest = await _get(api, admin, "/audit/security-events", kind="auth.invalid_token",
+                      cursor=first["next_cursor"])
+    listed = first["events"] + rest["events"]
+    assert [e["action"] for e in listed] == ["auth.invalid_token"] * 3
+    assert sorted(e["details"]["i"] for e in listed) == [0, 1, 2]
+    assert rest["next_cursor"] is None
+
+
 @pytest.mark.parametrize("limit", [1, 7])
 async def test_many_security_events_in_one_millisecond_page_through(
     make_api: MakeApi, limit: int
@@ -553,6 +583,12 @@ async def test_unknown_session_is_404(api: Api) -> None:
         ("/audit/sessions", {"cursor": encode_cursor("2026-11-27T04:46:00+00:00", "z")}),
         ("/audit/security-events", {"cursor": encode_cursor("2026-11-27T04:46:00Z", "z")}),
         ("/audit/sessions/" + "0" * 32, {"foo": "1"}),
+        # The other listing's filters: taken, they would be ignored silently
+        # (every user's security events listed as if filtered by one).
+        ("/audit/sessions", {"kind": "auth.login_failed"}),
+        ("/audit/security-events", {"user": "alice"}),
+        ("/audit/security-events", {"until": "2026-11-27T04:46:00Z"}),
+        ("/audit/security-events", {"state": "open"}),
     ],
 )
 async def test_bad_query_parameters(api: Api, path: str, params: dict[str, str]) -> None:
