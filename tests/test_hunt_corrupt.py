@@ -63,6 +63,8 @@ async def test_a_damaged_spool_page_is_503_audit_unavailable_and_not_ready(
     status = await resp.json()
     assert resp.status == 200, status
     assert "is damaged" in status["spool_damaged"]
+    # No file path to a client (API.md): the spool's is left out.
+    assert str(api.config.spool_path) not in status["spool_damaged"]
     # The rest of the spool still takes records: the session ends as usual.
     resp = await api.client.post("/logout", headers=admin.headers)
     assert resp.status == 200, await resp.text()
