@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from api_fixtures import Api, MakeApi, expect_error, make_api  # noqa: F401
+from live_server import free_port
 from receiver import sample_security_event
 from waiting import wait_for
 
@@ -506,3 +507,25 @@ async def test_a_revocation_pass_failing_every_second_is_logged_once_and_its_rec
     # Nothing more; in either order (the reaper's hook and the server's check
     # are two tasks: which one meets the damaged row first is theirs to say).
     assert sorted(errors, key=id) == sorted(hook + check, key=id)
+
+
+async def test_an_admin_listing_the_damaged_spool_cannot_read_is_recorded_as_such(
+    make_api: MakeApi,  # noqa: F811
+) -> None:
+    """The spool's security events table damaged: GET /audit/security-events
+    is 503 audit_unavailable, and its audit.query (the session's tables
+    still take it) says why: reason audit_unavailable, not internal_error."""
+    api: Api = await make_api(
+        sink={"type": "http", "http": {"url": f"http://127.0.0.1:{free_port()}",
+                                       "timeout_seconds": 1.0}},
+        flush_at_close=False)
+    admin = await api.admin()
+    await api.client.get("/me", headers={"Authorization": "Bearer junk"})
+    await api.wait_security("auth.invalid_token")
+    zero_pages(api.config.spool_path, "security_events")
+    resp = await api.client.get("/audit/security-events",
+                                headers={**admin.headers, "X-Request-ID": "damaged"})
+    await expect_error(resp, 503, "audit_unavailable")
+    (ev,) = [e for e in await api.events(admin.session_id) if e["request_id"] == "damaged"]
+    assert ev["action"] == "audit.query"
+    assert (ev["outcome"], ev["details"]["reason"]) == ("failure", "audit_unavailable")
