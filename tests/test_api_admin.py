@@ -1328,6 +1328,38 @@ async def test_a_state_filter_reads_on_past_sessions_of_other_states(
     assert sorted(s["session_id"] for s in body["sessions"]) == sorted(ended)
 
 
+async def test_a_state_filter_asks_the_spool_for_that_state_only(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """state=open and state=pending are answered from the spool's sessions
+    of that state: sessions of other states newer than them are not read
+    page by page (one merged page allowed here), which answered a short
+    page with a cursor instead of the sessions asked for."""
+    from handlers import admin as admin_handlers
+    from sinks.base import SinkUnavailable
+
+    api = await make_api(flush_at_close=False)
+    admin = await api.admin()
+
+    async def down(part: Any) -> Any:
+        raise SinkUnavailable("sqlite sink: down for this test")
+
+    monkeypatch.setattr(api.engine.sink, "write_part", down)  # every ended session pending
+    ended = []
+    for i in range(3):
+        who = await api.user(f"user{i}")
+        await api.client.post("/logout", headers=who.headers)
+        ended.append(who.session_id)
+    still_open = [(await api.user(f"user{i}")).session_id for i in (3, 4)]
+    monkeypatch.setattr(admin_handlers, "_MAX_PAGES", 1)
+    body = await _get(api, admin, "/audit/sessions", state="pending", limit="1")
+    (listed,) = body["sessions"]
+    assert listed["session_id"] in ended and listed["state"] == "pending"
+    body = await _get(api, admin, "/audit/sessions", state="open", limit="3")
+    assert {s["session_id"] for s in body["sessions"]} == {*still_open, admin.session_id}
+    assert body["next_cursor"] is None
+
+
 async def test_flush_ends_the_flushers_pause_after_failures(make_api: MakeApi) -> None:
     """POST /audit/flush: what waits for a failure's backoff is sent now."""
     api = await make_api(flush_at_close=False)
