@@ -546,3 +546,145 @@ def test_dead_letters_stored_together_each_note_where_their_chain_resumes(tmp_pa
     assert sorted(conn.execute("SELECT sink, took_from, took_to FROM sink_resumes")) == sorted(
         [(c, h[4], ""), (b, h[3], h[4])])
     assert conn.execute("SELECT COUNT(*) FROM security_late").fetchone() == (0,)
+
+
+def test_a_reopened_spool_resumes_every_open_session_where_it_stood(tmp_path, audit_key):
+    """At a restart the cache of open sessions is rebuilt from the file: for
+    each session with events cut, indexed, in the unindexed tail, or none,
+    it is what the writer had (head, next seq, uncut events counted, sized
+    and aged from the first, last activity from the newest event), and new
+    event rows are numbered above every indexed one even after the newest
+    were deleted (else a later restart would not find them: the session
+    would resume from an older head, its next event forking the chain). A
+    batch that fails whole reloads the cache the same way, keeping activity
+    seen since in memory only (else an idle timeout would come early)."""
+    from audit.store import Read, ReadOnlyViolation
+
+    conn = _conn(tmp_path)
+    clock = Ticking(step=1.0)
+    limits = Limits(4, 1 << 20)
+    w = _writer(conn, audit_key, limits, clock)
+    _start(w, "s0")
+    _append(w, "s0", 11)
+    _run(w, lambda w: w.seal("s0", "logout", Draft("session.end")))  # parts 0-2
+    for part in range(3):
+        _run(w, lambda w, part=part: w.mark_part_stored("s0", part, 0))  # indexed, deleted
+    assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
+
+    w = _writer(conn, audit_key, limits, clock)  # a restart
+    _start(w, "s1")
+    _append(w, "s1", 6)  # part 0: 1-4; 5, 6 uncut
+    _start(w, "s2")
+    _append(w, "s2", 2)
+    _start(w, "s3")  # no events
+    _run(w, lambda w: w.index_tail())
+    _append(w, "s1", 2)  # 7, 8 in the tail
+    _start(w, "s4")
+    _append(w, "s4", 3)  # all in the tail
+    _start(w, "s5")
+    _append(w, "s5", 4)
+    _run(w, lambda w: w.checkpoint("s5"))  # all cut
+
+    def state(w: Writer) -> dict:
+        return {sid: (s.sk, s.start_ts, s.last_activity, s.next_seq, s.head, s.cut_seq,
+                      s.cut_hash, s.cut_events, s.next_part, s.uncut_count, s.uncut_bytes,
+                      s.uncut_first_ts) for sid, s in w.sessions.items()}
+
+    before = state(w)
+    clock.now += 50
+    w.touch("s2")  # activity without an event: kept in memory
+    with pytest.raises(ReadOnlyViolation):  # a batch failing whole reloads the cache
+        w.run_batch([Read("s1", Draft("document.list"),
+                          lambda c, d: c.execute("INSERT INTO meta VALUES ('x', 'y')"))])
+    touched = dict(before, s2=(*before["s2"][:2], clock.now, *before["s2"][3:]))
+    assert state(w) == touched
+    w2 = _writer(conn, audit_key, limits, clock)
+    assert state(w2) == before
+    assert w2.sessions["s1"].uncut_count == 4 and w2.sessions["s4"].uncut_count == 3
+    assert w2.next_sk == w.next_sk
+    for sid in ("s1", "s2", "s3", "s4", "s5"):
+        _append(w2, sid, 1)
+    w3 = _writer(conn, audit_key, limits, clock)  # once more: what w2 wrote is found
+    assert state(w3) == state(w2)
+    assert [s.next_seq for s in w3.sessions.values()] == [10, 4, 2, 5, 6]
+
+
+def test_a_job_failing_in_a_batch_fails_alone_and_drops_no_other_event(tmp_path, audit_key):
+    """A plain job failing (an append to a session not open, a denied read
+    whose record fails in its part cut, a read of a damaged document that
+    also spoils the batch's read-ahead) fails alone: the events the other
+    jobs of its batch appended before and after it are all committed, and
+    their sessions' heads go on from them."""
+    from audit.events import event_hash, genesis
+    from audit.store import ActionError, Read
+
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(2, 1 << 20))
+    _start(w, "s1")
+    _start(w, "s2")
+    _append(w, "s2", 2)
+    conn.execute("INSERT INTO parts (session_id, part, first_seq, last_seq, final, seal_reason,"
+                 " prev_hash, hash, state, created_ts) VALUES ('s2', 0, 1, 1, 0, 'checkpoint',"
+                 " '', '', 'stored', 0)")  # in the way of s2's next cut
+    conn.execute("INSERT INTO documents VALUES ('ok', 't', 'c', 'u', 1, 'x', 'x')")
+    conn.execute("INSERT INTO documents VALUES ('bad', CAST(x'ff' AS TEXT), 'c', 'u', 1, 'x',"
+                 " 'x')")  # not UTF-8: its own read fails, and so does the read-ahead
+
+    def deny(row, d):
+        raise ActionError("not_owner", "denied")
+
+    results = w.run_batch([
+        Append("s1", Draft("document.list")),
+        Read("s1", Draft("document.read"), lambda row, d: row[0], document="ok"),
+        Read("s1", Draft("document.read"), lambda row, d: row[0], document="bad"),
+        Append("s1", Draft("document.list")),
+        Append("gone", Draft("document.list")),
+        Append("s1", Draft("document.list")),
+        Read("s2", Draft("document.read"), deny),
+        Append("s1", Draft("document.list")),
+    ])
+    assert [ok for ok, _ in results] == [True, True, False, True, False, True, False, True]
+    assert results[1][1] == "ok"
+    seqs = [r[0] for r in conn.execute("SELECT seq FROM events WHERE session_id = 's1'"
+                                       " ORDER BY seq")]
+    assert seqs == [1, 2, 3, 4, 5]
+    assert w.sessions["s1"].next_seq == 6
+    assert conn.execute("SELECT COUNT(*) FROM events WHERE session_id = 's2'").fetchone() == (2,)
+    assert conn.execute("SELECT COUNT(*) FROM security_events").fetchone() == (0,)
+    conn.execute("DELETE FROM parts")
+    _append(w, "s1", 1)
+    events = [json.loads(r[0]) for r in conn.execute(
+        "SELECT json FROM events WHERE session_id = 's1' ORDER BY seq")]
+    prev = genesis(audit_key, "s1")
+    for ev in events:  # one unbroken chain: no event dropped under a head that moved on
+        assert event_hash(audit_key, prev, ev) == ev["hash"]
+        prev = ev["hash"]
+    assert [ev["seq"] for ev in events] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_upgraded_spool_knows_where_the_chain_stood_for_the_next_dead_letter(
+        tmp_path, audit_key):
+    """A spool an earlier release flushed (every security event stored and
+    deleted, no stretch noted) notes at the upgrade where the chain stood:
+    the newest id and hash. The next security event, dead-lettered before
+    anything else is stored, then has its place noted (the hash before it),
+    so that a sink switch and a retry leave no false break for verify."""
+    from audit.store import note_earlier_stretch
+
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(500, 1 << 20))
+    evs = [_run(w, lambda w: w.append_security(Draft("auth.login_failed", outcome="failure"),
+                                               None)) for _ in range(3)]
+    _run(w, lambda w: w.mark_security_stored([1, 2, 3], 0))  # deleted at once
+    conn.execute("DELETE FROM meta WHERE key IN ('security_taken', 'security_stretch')")
+    conn.execute("DELETE FROM sink_stretches")
+    conn.execute("INSERT INTO meta VALUES ('sink_status', ?)",
+                 (json.dumps({"type": "jsonl", "where": "/a", "healthy": True}),))
+    note_earlier_stretch(conn)  # the upgrade
+    assert conn.execute("SELECT sink, took_from, took_to FROM sink_stretches").fetchall() == [
+        ("jsonl /a", "", evs[-1]["hash"])]
+    w = _writer(conn, audit_key, Limits(500, 1 << 20))
+    _run(w, lambda w: w.append_security(Draft("auth.login_failed", outcome="failure"), None))
+    _run(w, lambda w: w.mark_security_dead([4], "refused", sink="jsonl /a"))
+    assert conn.execute("SELECT id, prev, sink FROM security_late").fetchall() == [
+        (4, evs[-1]["hash"], "jsonl /a")]
