@@ -688,3 +688,26 @@ def test_an_upgraded_spool_knows_where_the_chain_stood_for_the_next_dead_letter(
     _run(w, lambda w: w.mark_security_dead([4], "refused", sink="jsonl /a"))
     assert conn.execute("SELECT id, prev, sink FROM security_late").fetchall() == [
         (4, evs[-1]["hash"], "jsonl /a")]
+
+
+def test_lowered_limits_split_after_a_sessions_earlier_parts(tmp_path, audit_key):
+    """The split at a start with lowered limits begins after the session's
+    last part: its parts fill the new limit from the first uncut event (the
+    event already cut is neither counted nor sized again)."""
+    conn = _conn(tmp_path)
+    w = _writer(conn, audit_key, Limits(4, 1 << 20))
+    _start(w, "s1")
+    _append(w, "s1", 11)  # parts 1-4, 5-8; 9-11 uncut
+    w = _writer(conn, audit_key, Limits(2, 1 << 20))
+    conn.execute("BEGIN IMMEDIATE")
+    assert w.split_oversized() == 1
+    conn.execute("COMMIT")
+    assert _parts(conn, "s1")[2:] == [(9, 10, "checkpoint")]
+    s = w.sessions["s1"]
+    assert (s.cut_seq, s.uncut_count, s.uncut_bytes) == (10, 1, _sizes(conn, "s1")[10])
+    hashes = [json.loads(r[0])["hash"] for r in conn.execute(
+        "SELECT json FROM events ORDER BY seq")]
+    # Not final (the session goes on), and chained: from the part before to its last event.
+    assert conn.execute("SELECT final, prev_hash, hash FROM parts WHERE part = 2").fetchone() == (
+        0, hashes[7], hashes[9])
+    assert s.cut_hash == hashes[9]
