@@ -551,7 +551,8 @@ def test_dead_letters_stored_together_each_note_where_their_chain_resumes(tmp_pa
 def test_a_reopened_spool_resumes_every_open_session_where_it_stood(tmp_path, audit_key):
     """At a restart the cache of open sessions is rebuilt from the file: for
     each session with events cut, indexed, in the unindexed tail, or none,
-    it is what the writer had (head, next seq, uncut events counted, sized
+    it is what the writer had (its user, role and expiry, which requests
+    are checked against; head, next seq, uncut events counted, sized
     and aged from the first, last activity from the newest event), and new
     event rows are numbered above every indexed one even after the newest
     were deleted (else a later restart would not find them: the session
@@ -576,7 +577,7 @@ def test_a_reopened_spool_resumes_every_open_session_where_it_stood(tmp_path, au
     _append(w, "s1", 6)  # part 0: 1-4; 5, 6 uncut
     _start(w, "s2")
     _append(w, "s2", 2)
-    _start(w, "s3")  # no events
+    _run(w, lambda w: w.start_session("root", "admin", 2e12, [], session_id="s3"))  # no events
     _run(w, lambda w: w.index_tail())
     _append(w, "s1", 2)  # 7, 8 in the tail
     _start(w, "s4")
@@ -586,9 +587,10 @@ def test_a_reopened_spool_resumes_every_open_session_where_it_stood(tmp_path, au
     _run(w, lambda w: w.checkpoint("s5"))  # all cut
 
     def state(w: Writer) -> dict:
-        return {sid: (s.sk, s.start_ts, s.last_activity, s.next_seq, s.head, s.cut_seq,
-                      s.cut_hash, s.cut_events, s.next_part, s.uncut_count, s.uncut_bytes,
-                      s.uncut_first_ts) for sid, s in w.sessions.items()}
+        return {sid: (s.sk, s.user, s.role, s.expires_at, s.start_ts, s.last_activity,
+                      s.next_seq, s.head, s.cut_seq, s.cut_hash, s.cut_events, s.next_part,
+                      s.uncut_count, s.uncut_bytes, s.uncut_first_ts)
+                for sid, s in w.sessions.items()}
 
     before = state(w)
     clock.now += 50
@@ -596,7 +598,7 @@ def test_a_reopened_spool_resumes_every_open_session_where_it_stood(tmp_path, au
     with pytest.raises(ReadOnlyViolation):  # a batch failing whole reloads the cache
         w.run_batch([Read("s1", Draft("document.list"),
                           lambda c, d: c.execute("INSERT INTO meta VALUES ('x', 'y')"))])
-    touched = dict(before, s2=(*before["s2"][:2], clock.now, *before["s2"][3:]))
+    touched = dict(before, s2=(*before["s2"][:5], clock.now, *before["s2"][6:]))
     assert state(w) == touched
     w2 = _writer(conn, audit_key, limits, clock)
     assert state(w2) == before
