@@ -1295,6 +1295,24 @@ def test_the_operational_reserve_is_as_readme_says() -> None:
     assert operational_reserve(1_000_000_099) == 10_000_000
 
 
+async def _ended_with_the_sink_down(api: Api, monkeypatch: pytest.MonkeyPatch,
+                                    n: int) -> list[str]:
+    """The session ids of ``n`` users (user0...) logged in and out while the
+    sink takes no part: every ended session stays pending in the spool."""
+    from sinks.base import SinkUnavailable
+
+    async def down(part: Any) -> Any:
+        raise SinkUnavailable("sqlite sink: down for this test")
+
+    monkeypatch.setattr(api.engine.sink, "write_part", down)
+    ended = []
+    for i in range(n):
+        who = await api.user(f"user{i}")
+        await api.client.post("/logout", headers=who.headers)
+        ended.append(who.session_id)
+    return ended
+
+
 async def test_a_state_filter_reads_on_past_sessions_of_other_states(
     make_api: MakeApi, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1302,21 +1320,11 @@ async def test_a_state_filter_reads_on_past_sessions_of_other_states(
     stored session: the first page reads past the newer ones to list it,
     and past the older one to know it is the last (next_cursor null), with
     limit=1 as with a larger one."""
-    from sinks.base import SinkUnavailable
-
     api = await make_api(flush_at_close=False)
     admin = await api.admin()
 
-    async def down(part: Any) -> Any:
-        raise SinkUnavailable("sqlite sink: down for this test")
-
     write_part = api.engine.sink.write_part
-    monkeypatch.setattr(api.engine.sink, "write_part", down)  # every ended session pending
-    ended = []
-    for i in range(4):
-        who = await api.user(f"user{i}")
-        await api.client.post("/logout", headers=who.headers)
-        ended.append(who.session_id)
+    ended = await _ended_with_the_sink_down(api, monkeypatch, 4)
     start = (await _get(api, admin, f"/audit/sessions/{ended[0]}"))["session_start_time"]
     stored = "f" * 32  # just after ended[0], before the others
     await write_part(sample_part(stored, user="user0", start=start))
@@ -1336,20 +1344,11 @@ async def test_a_state_filter_asks_the_spool_for_that_state_only(
     page by page (one merged page allowed here), which answered a short
     page with a cursor instead of the sessions asked for."""
     from handlers import admin as admin_handlers
-    from sinks.base import SinkUnavailable
 
     api = await make_api(flush_at_close=False)
     admin = await api.admin()
 
-    async def down(part: Any) -> Any:
-        raise SinkUnavailable("sqlite sink: down for this test")
-
-    monkeypatch.setattr(api.engine.sink, "write_part", down)  # every ended session pending
-    ended = []
-    for i in range(3):
-        who = await api.user(f"user{i}")
-        await api.client.post("/logout", headers=who.headers)
-        ended.append(who.session_id)
+    ended = await _ended_with_the_sink_down(api, monkeypatch, 3)
     still_open = [(await api.user(f"user{i}")).session_id for i in (3, 4)]
     monkeypatch.setattr(admin_handlers, "_MAX_PAGES", 1)
     body = await _get(api, admin, "/audit/sessions", state="pending", limit="1")

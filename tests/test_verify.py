@@ -576,6 +576,14 @@ async def test_rows_the_sink_cannot_decode_are_findings(stored, audit_key):
     assert (sids[0], "bad_part") in kinds and ("security", "security_chain") in kinds
 
 
+async def failed_logins(engine: Any, n: int) -> None:
+    """``n`` security events (failed logins) recorded by ``engine``."""
+    for i in range(n):
+        await engine.record_security(
+            Draft("auth.login_failed", outcome="denied", source=Source(ip="10.0.0.3"),
+                  details={"username": f"x{i}"}), happened=True)
+
+
 async def test_the_newest_security_events_cannot_go_missing_unseen(
     make_config, engines, audit_key
 ):
@@ -587,10 +595,7 @@ async def test_the_newest_security_events_cannot_go_missing_unseen(
     engine = await engines.open(config)
 
     async def record(n: int) -> None:
-        for i in range(n):
-            await engine.record_security(
-                Draft("auth.login_failed", outcome="denied", source=Source(ip="10.0.0.3"),
-                      details={"username": f"x{i}"}), happened=True)
+        await failed_logins(engine, n)
 
     async def verified() -> Any:
         anchor = await engine.spool.read(lambda c: spool_anchor(c, audit_key))
@@ -630,10 +635,7 @@ async def test_security_events_sent_between_reading_the_spool_and_the_sink_are_n
     engine = await engines.open(config)
 
     async def record(n: int) -> None:
-        for i in range(n):
-            await engine.record_security(
-                Draft("auth.login_failed", outcome="denied", source=Source(ip="10.0.0.3"),
-                      details={"username": f"x{i}"}), happened=True)
+        await failed_logins(engine, n)
 
     await engines.drain(engine)  # opens the sink
     await record(2)
