@@ -364,3 +364,20 @@ def test_a_changed_user_or_seal_reason_is_quoted_beside_the_sessions_own():
         ("bad_part", "part 1: user 'mallory' is not the session's ('alice')"),
         ("bad_part", "part 2: seal_reason 'idle_timeout' is not session.end's"),
     ]
+
+
+async def test_only_sessions_begun_under_another_key_are_counted_as_such(tmp_path):
+    """The count behind verify's "chained under another audit key" warning:
+    one per such session, and a session of this key with a problem is not
+    among them (found by mutation testing: counted "= 1", or counting this
+    key's sessions in place of the others, passed)."""
+    ours = _session()
+    ours[0]["events"][1]["details"] = {"note": "edited"}  # a problem in part 0
+    other_key = b"another-servers-audit-key-012345"
+    theirs = [*_session(key=other_key, sid="e" * 32), *_session(key=other_key, sid="f" * 32)]
+    report = await _report(tmp_path, [*ours, *theirs], None)
+    assert report.other_key_sessions == 2
+    assert (SID, "changed", "seq 2: hash does not verify") in {
+        (p.session_id, p.kind, p.detail) for p in report.problems}
+    only_ours = await _report(tmp_path / "ours", ours, None)
+    assert only_ours.other_key_sessions == 0 and not only_ours.ok

@@ -870,8 +870,8 @@ async def test_the_sinks_query_columns_are_held_to_its_documents(stored, audit_k
         conn.execute("UPDATE security_events SET action = 'auth.logout' WHERE id = ?",
                      (chain[1]["_id"],))
     report = await _verify_security(path, audit_key, [])
-    assert [(p.kind, p.detail.split(":")[0]) for p in report.problems] == [
-        ("changed", f"security event {chain[1]['_id']}")]
+    assert [(p.session_id, p.kind, p.detail.split(":")[0]) for p in report.problems] == [
+        ("security", "changed", f"security event {chain[1]['_id']}")]
 
 
 async def test_a_security_event_under_another_id_is_found(tmp_path, audit_key):
