@@ -1091,7 +1091,24 @@ async def test_jsonl_lines_verify_cannot_place_are_found(make_config, engines, a
         "a security event without a string ts and _id",
         "a line that is not an object with an _id",
         "a line that is not an object with an _id"]
-    assert {p.kind for p in report.problems} == {"changed"}
+    assert {(p.session_id, p.kind) for p in report.problems} == {("", "changed")}
+
+
+async def test_a_second_jsonl_copy_of_a_security_event_is_the_sinks_finding(
+    make_config, engines, audit_key
+):
+    """A forged copy of a stored security event appended to the file (verify
+    follows the first): "changed", named by the event, under no session."""
+    config, _, path = await _jsonl_session(make_config, engines)
+    (line,) = [ln for ln in path.read_text().splitlines() if '"security_event"' in ln]
+    forged = json.loads(line)
+    forged["details"]["username"] = "mallory"
+    with path.open("a") as f:
+        f.write(json.dumps(forged) + "\n")
+    report = await _jsonl_report(config, audit_key)
+    assert [(p.session_id, p.kind, p.detail.split(": ")[0]) for p in report.problems] == [
+        ("", "changed", f"security event {forged['_id']}")]
+    assert "another copy" in report.problems[0].detail
 
 
 async def test_a_key_given_twice_or_escaped_cannot_steer_the_sqlite_listings(
