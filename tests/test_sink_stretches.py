@@ -63,9 +63,10 @@ async def test_after_a_switch_back_the_end_of_the_first_stretch_is_held(
     assert (await _verify(engine, a, audit_key)).ok
     _delete(a, "rowid IN (4, 5)")  # the end of the first stretch (a3, a4)
     report = await _verify(engine, a, audit_key)
-    assert [p.detail for p in report.problems] == [
-        "the sink lacks the last security event of 1 earlier stretch(es) of this server's"
-        " chain it took (between sink switches): removed"]
+    assert [(p.session_id, p.kind, p.detail) for p in report.problems] == [
+        ("security", "security_chain",
+         "the sink lacks the last security event of 1 earlier stretch(es) of this server's"
+         " chain it took (between sink switches): removed")]
 
 
 async def test_after_a_switch_back_a_whole_first_stretch_removed_is_found(

@@ -574,6 +574,8 @@ async def test_rows_the_sink_cannot_decode_are_findings(stored, audit_key):
     report = await report_of(config, audit_key)
     kinds = {(p.session_id, p.kind) for p in report.problems}
     assert (sids[0], "bad_part") in kinds and ("security", "security_chain") in kinds
+    assert ("the sink's security events cannot be read to the end (JSONDecodeError)"
+            in {p.detail for p in report.problems})
 
 
 async def failed_logins(engine: Any, n: int) -> None:
@@ -615,7 +617,9 @@ async def test_the_newest_security_events_cannot_go_missing_unseen(
     await record(3)  # unsent, behind the five in the sink
     assert (await verified()).ok
     drop_newest_stored()
-    assert [p.kind for p in (await verified()).problems] == ["security_chain"]
+    assert [(p.session_id, p.kind, p.detail.split(":")[0]) for p in
+            (await verified()).problems] == [
+        ("security", "security_chain", "the sink lacks this server's newest security events")]
     await engines.drain(engine)  # the three are sent: the spool's head is the check now
     report = await verified()
     assert len(report.problems) == 1  # the gap the drop left, nothing more
