@@ -13,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import re
 import sqlite3
 import unicodedata
@@ -248,6 +249,15 @@ def assert_error(status: int, body: Any, headers: Any, expected_status: int,
     assert isinstance(message, str) and message.strip(), body  # human text, always
     assert body["error"]["request_id"] == headers["X-Request-ID"]
     assert_clean(json.dumps(body))
+
+
+def full_ttl_or_what_is_left(expires_in: int, exp: int, ttl: int, sent: float,
+                             answered: float) -> bool:
+    """Whether a login's ``expires_in`` is what the server should have said
+    at some moment of the request (``sent`` .. ``answered``): the whole
+    ``ttl`` if the login took under a second, else the whole seconds left
+    to ``exp`` then (handlers/auth.py: less only after a slow start)."""
+    return min(ttl, math.ceil(exp - answered)) <= expires_in <= min(ttl, math.ceil(exp - sent))
 
 
 def assert_clean(text: str) -> None:
