@@ -392,6 +392,11 @@ def test_log_lines_escape_control_characters_and_stay_quiet_on_records(monkeypat
     monkeypatch.setenv("SESSION_AUDIT_LOG_LEVEL", "DEBUG")
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    # (and what setup_logging sets beside the root, for the tests after this
+    # one in the same process: aiohttp.server's filter, the quiet loggers)
+    aiohttp_server = logging.getLogger("aiohttp.server")
+    filters = aiohttp_server.filters[:]
+    quiet = {name: logging.getLogger(name).level for name in server.QUIET_LOGGERS}
     try:
         server.setup_logging()
         out = io.StringIO()
@@ -403,6 +408,9 @@ def test_log_lines_escape_control_characters_and_stay_quiet_on_records(monkeypat
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+        aiohttp_server.filters[:] = filters
+        for name, was in quiet.items():
+            logging.getLogger(name).setLevel(was)
     assert "SECRET_DETAIL" not in text
     assert "our own debug line" in text
 
