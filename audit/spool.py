@@ -313,7 +313,8 @@ def make_private_dirs(path: Path) -> None:
     in its parent, and without that a power cut after the first durable
     write in it (a key, the spool's first commit) could take the directory
     away with what was written there. One created meanwhile by another
-    process is its creator's to sync."""
+    process is its creator's to sync; one in a parent this account cannot
+    read (only write) is left unsynced."""
     missing: list[Path] = []
     p = path
     while not p.exists() and p != p.parent:
@@ -325,7 +326,13 @@ def make_private_dirs(path: Path) -> None:
         except FileExistsError:
             continue
         os.chmod(d, 0o700)  # a umask can only take bits away: it took none here
-        fd = os.open(d.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open(d.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except PermissionError:
+            # A parent this account may write but not read (mode 0733): its
+            # entry cannot be synced from here. The directory is made;
+            # refusing it failed a start the next one, finding it, passed.
+            continue
         try:
             os.fsync(fd)
         finally:

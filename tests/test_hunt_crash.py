@@ -4,8 +4,11 @@ own files. Real subprocesses, real files, loopback HTTP."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
+from typing import Any
 
 import live_server
 import pytest
@@ -108,3 +111,28 @@ async def test_the_directories_a_spool_makes_have_their_entries_fsynced(
     synced.clear()
     make_private_dirs(data)
     assert synced == []
+
+
+def test_a_directory_made_in_a_parent_not_readable_is_made_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent this account may write but not read (a drop-box, mode 0733):
+    ``mkdir`` works there, but the parent cannot be opened to fsync its
+    entry. The directory made stands and is the caller's: refusing it
+    failed a first start with "cannot create ...: Permission denied" for a
+    data directory it had made, and the next start, finding it, went on."""
+    parent = tmp_path / "dropbox"
+    parent.mkdir(mode=0o733)
+    parent.chmod(0o733)
+    real_open = os.open
+
+    def unreadable(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        # (as root the mode alone does not refuse: say it as the kernel would)
+        if Path(path) == parent and flags & os.O_DIRECTORY:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", unreadable)
+    make_private_dirs(parent / "audit" / "data")
+    assert (parent / "audit" / "data").is_dir()
+    assert stat.S_IMODE((parent / "audit").stat().st_mode) == 0o700
