@@ -69,8 +69,6 @@ def test_a_key_file_is_durable_with_its_directory_entry(
     "full") survived, and every later start would be refused. A power cut
     cannot be made here: the fsyncs are recorded instead (of the file, then
     of its directory)."""
-    import stat
-
     real = os.fsync
     synced: list[tuple[int, int]] = []
 
