@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections import Counter
@@ -41,7 +42,8 @@ async def run_and_kill(data_dir: Path, acks_before_kill: int,
                 elif parts[0] == "start":
                     sessions.add(parts[1])
     finally:
-        proc.send_signal(signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # (it exited early: the error above)
+            proc.send_signal(signal.SIGKILL)
         # Acks already in the pipe were acknowledged before the kill: count them too.
         rest = await proc.stdout.read()
         await proc.wait()
