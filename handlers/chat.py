@@ -110,6 +110,17 @@ async def chat(request: web.Request) -> web.Response:
             await request.app[ENGINE].record(ctx.session_id, draft)
             raise ApiError(502, "ai_unavailable", "the AI provider is busy; try again later",
                            {"Retry-After": "5"}) from None
+        except asyncio.CancelledError:
+            # Cut off by the shutdown while waiting (every slot held by a slow
+            # provider): nothing was sent, but the attempt is recorded, as
+            # :func:`_chat` records one cut off while the provider has it.
+            draft.outcome = "failure"
+            draft.details = {"reason": "cancelled"}
+            recording = request.app[ENGINE].detach(
+                request.app[ENGINE].record(ctx.session_id, draft))
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(recording)
+            raise
         try:
             return await _chat(request, draft, message)
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -10,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from api_fixtures import Api, MakeApi, api, expect_error, make_api
@@ -18,6 +20,7 @@ from waiting import wait_for
 
 import server
 from handlers import chat as chat_module
+from handlers.inflight import IN_FLIGHT
 from handlers.keys import AI, CHAT_SLOTS
 
 __all__ = ["api", "make_api"]
@@ -827,3 +830,34 @@ async def test_a_long_document_id_is_recorded_cut_to_128_characters(api: Api) ->
     (ev,) = await _ai_events(api, alice.session_id)
     assert ev["target"] == {"type": "document", "id": "a" * 128}
     assert (ev["outcome"], ev["details"]["reason"]) == ("failure", "not_found")
+
+
+async def test_a_chat_cut_off_by_the_shutdown_while_it_waits_is_recorded(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review of the chat path: the shutdown, its grace over,
+    cancels the requests still running (InFlight.finish, as aiohttp's own
+    shutdown does). A chat the provider has is recorded as ``cancelled``;
+    one still waiting for a slot (every slot held by a slow provider), or
+    for its user's turn, was recorded nowhere: an attempted chat without
+    its ``ai.interaction``. Now a failure, reason ``cancelled``, and
+    nothing was sent."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    monkeypatch.setattr(server, "CHAT_CONCURRENCY", 1)
+    api = await make_api(ai=_openai(stub))
+    alice, bob = await api.user("alice"), await api.user("bob")
+    adoc = await api.create_doc(alice, title="A", content=DOC)
+    bdoc = await api.create_doc(bob, title="B", content="Bob secret plans.")
+    first = await _held_chat(api, stub, alice, adoc["id"], "a?")
+    queued = await _queued_chat(api, bob, bdoc["id"])
+    await api.app[IN_FLIGHT].finish(0.0)  # the grace is over: what still runs is cancelled
+    for chat in (first, queued):
+        with contextlib.suppress(aiohttp.ClientError):
+            await chat
+    (held,) = await _ai_events(api, alice.session_id)
+    assert (held["outcome"], held["details"]["reason"]) == ("failure", "cancelled")
+    (ev,) = await _ai_events(api, bob.session_id)
+    assert (ev["outcome"], ev["details"]) == ("failure", {"reason": "cancelled"})
+    assert ev["target"] == {"type": "document", "id": bdoc["id"]}
+    assert len(stub.requests) == 1
+    assert all("Bob secret" not in json.dumps(r["body"]) for r in stub.requests)
