@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from audit.engine import BEGUN
 from audit.events import Draft
 from audit.spool import SpoolFull
 from audit.store import ActionError, SessionNotOpen
@@ -112,14 +113,8 @@ async def chat(request: web.Request) -> web.Response:
                            {"Retry-After": "5"}) from None
         except asyncio.CancelledError:
             # Cut off by the shutdown while waiting (every slot held by a slow
-            # provider): nothing was sent, but the attempt is recorded, as
-            # :func:`_chat` records one cut off while the provider has it.
-            draft.outcome = "failure"
-            draft.details = {"reason": "cancelled"}
-            recording = request.app[ENGINE].detach(
-                request.app[ENGINE].record(ctx.session_id, draft))
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(recording)
+            # provider): nothing was sent, but the attempt is recorded.
+            await _cut_off_unsent(request, draft)
             raise
         try:
             return await _chat(request, draft, message)
@@ -155,7 +150,15 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
     draft.details = details
     # Noted before the document leaves: a process killed while the provider
     # has it records the interaction at its next start (AuditEngine.begin).
-    begun = await engine.begin(ctx.session_id, draft)
+    try:
+        begun = await engine.begin(ctx.session_id, draft)
+    except asyncio.CancelledError:
+        # Cut off while the note commits: nothing is sent. The record deletes
+        # the note in its own commit (begin's deletion comes later), so that
+        # a kill between the two does not record the chat again at the next
+        # start, as interrupted.
+        await _cut_off_unsent(request, draft, BEGUN + draft.event_id)
+        raise
     started = time.perf_counter()
     try:
         answer = await provider.answer(row[1], row[2], message)
@@ -204,6 +207,23 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         "usage": {"prompt_tokens": answer.prompt_tokens,
                   "completion_tokens": answer.completion_tokens},
     })
+
+
+async def _cut_off_unsent(request: web.Request, draft: Draft, begun: str | None = None) -> None:
+    """Record a chat cut off (by the shutdown, its grace over) before its
+    document was sent: a failure, reason ``cancelled``, with no other details
+    (one cut off while the provider has it keeps its model, prompt and
+    latency). Detached from the cancelled task, as :func:`_chat` records
+    that one: the engine's close waits for it. As that one, it is taken by
+    a full spool (the request is over: a refusal would reach nobody), and
+    if the session has ended it goes to the security stream. ``begun``: the
+    key of the chat's note, deleted in the record's commit."""
+    engine = request.app[ENGINE]
+    draft.outcome = "failure"
+    draft.details = {"reason": "cancelled"}
+    recording = engine.detach(engine.record_done(request[CTX].session_id, draft, begun))
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.shield(recording)
 
 
 def _warn_provider(error: str) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -832,8 +833,9 @@ async def test_a_long_document_id_is_recorded_cut_to_128_characters(api: Api) ->
     assert (ev["outcome"], ev["details"]["reason"]) == ("failure", "not_found")
 
 
+@pytest.mark.parametrize("logged_out", [False, True])
 async def test_a_chat_cut_off_by_the_shutdown_while_it_waits_is_recorded(
-    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch, logged_out: bool
 ) -> None:
     """Found by a review of the chat path: the shutdown, its grace over,
     cancels the requests still running (InFlight.finish, as aiohttp's own
@@ -841,7 +843,7 @@ async def test_a_chat_cut_off_by_the_shutdown_while_it_waits_is_recorded(
     one still waiting for a slot (every slot held by a slow provider), or
     for its user's turn, was recorded nowhere: an attempted chat without
     its ``ai.interaction``. Now a failure, reason ``cancelled``, and
-    nothing was sent."""
+    nothing was sent; if its session ended meanwhile, in the security stream."""
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
     monkeypatch.setattr(server, "CHAT_CONCURRENCY", 1)
     api = await make_api(ai=_openai(stub))
@@ -850,14 +852,65 @@ async def test_a_chat_cut_off_by_the_shutdown_while_it_waits_is_recorded(
     bdoc = await api.create_doc(bob, title="B", content="Bob secret plans.")
     first = await _held_chat(api, stub, alice, adoc["id"], "a?")
     queued = await _queued_chat(api, bob, bdoc["id"])
+    if logged_out:
+        assert (await api.client.post("/logout", headers=bob.headers)).status == 200
     await api.app[IN_FLIGHT].finish(0.0)  # the grace is over: what still runs is cancelled
     for chat in (first, queued):
         with contextlib.suppress(aiohttp.ClientError):
             await chat
     (held,) = await _ai_events(api, alice.session_id)
     assert (held["outcome"], held["details"]["reason"]) == ("failure", "cancelled")
-    (ev,) = await _ai_events(api, bob.session_id)
-    assert (ev["outcome"], ev["details"]) == ("failure", {"reason": "cancelled"})
+    if logged_out:
+        assert await _ai_events(api, bob.session_id) == []
+        (ev,) = await api.wait_security("auth.session_ended")
+        assert (ev["session_id"], ev["details"]["action"]) == (bob.session_id, "ai.interaction")
+        assert ev["details"]["action_details"] == {"reason": "cancelled"}
+    else:
+        (ev,) = await _ai_events(api, bob.session_id)
+        assert (ev["outcome"], ev["details"]) == ("failure", {"reason": "cancelled"})
     assert ev["target"] == {"type": "document", "id": bdoc["id"]}
     assert len(stub.requests) == 1
     assert all("Bob secret" not in json.dumps(r["body"]) for r in stub.requests)
+
+
+async def test_a_chat_cut_off_by_the_shutdown_while_its_note_commits_is_recorded(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same, cut off while the note of the chat under way commits (the
+    writer busy: here held by a job of the test's): the note is deleted,
+    nothing is sent, and the attempt was recorded nowhere."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    api = await make_api(ai=_openai(stub))
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="A", content=DOC)
+    spool = api.engine.spool
+    held, release = threading.Event(), threading.Event()
+
+    def hold(w: Any) -> None:
+        held.set()
+        release.wait(10)
+
+    holding = spool.submit_nowait(hold, needs_space=False)
+    try:
+        await asyncio.to_thread(held.wait, 10)
+        chat = asyncio.ensure_future(api.client.post(
+            f"/documents/{doc['id']}/chat", json={"message": "a?"}, headers=alice.headers))
+        await wait_for(lambda: len(spool._pending) == 1,
+                       message="the chat's note queued behind the held job")
+        in_flight = api.app[IN_FLIGHT]
+        finishing = asyncio.ensure_future(in_flight.finish(0.0))
+        await wait_for(lambda: all(t.cancelling() for t in in_flight._tasks),
+                       message="the chat cancelled")
+    finally:
+        release.set()
+    await holding
+    await finishing
+    with contextlib.suppress(aiohttp.ClientError):
+        await chat
+    await wait_for(lambda: not api.engine._inflight, message="the records of the cut-off chat")
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert (ev["outcome"], ev["details"]) == ("failure", {"reason": "cancelled"})
+    assert stub.requests == []
+    notes = await spool.read(lambda c: c.execute(
+        "SELECT key FROM meta WHERE key LIKE 'begun:%'").fetchall())
+    assert notes == []
