@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from audit.engine import BEGUN
+from audit.engine import BEGUN, AuditEngine
 from audit.events import Draft
 from audit.spool import SpoolFull
 from audit.store import ActionError, SessionNotOpen
@@ -168,7 +168,7 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         _warn_provider(details["error"])
         draft.outcome = "failure"
         draft.details = {**details, "reason": "ai_unavailable"}
-        await engine.record_done(ctx.session_id, draft, begun)
+        await _record_done(engine, ctx.session_id, draft, begun)
         raise ApiError(502, "ai_unavailable", "the AI provider is unavailable") from None
     except Exception:
         # A bug (a provider raising what it should not): the document may have
@@ -176,7 +176,7 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         details["latency_ms"] = round(1000 * (time.perf_counter() - started), 1)
         draft.outcome = "failure"
         draft.details = {**details, "reason": "internal_error"}
-        await engine.record_done(ctx.session_id, draft, begun)
+        await _record_done(engine, ctx.session_id, draft, begun)
         raise
     except asyncio.CancelledError:
         # Cut off while the provider had the document: by the shutdown once
@@ -200,13 +200,24 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
     if capture:
         details["reply_text"] = answer.reply
     draft.details = details
-    await engine.record_done(ctx.session_id, draft, begun)
+    await _record_done(engine, ctx.session_id, draft, begun)
     return json_response({
         "reply": answer.reply,
         "model": answer.model,
         "usage": {"prompt_tokens": answer.prompt_tokens,
                   "completion_tokens": answer.completion_tokens},
     })
+
+
+async def _record_done(engine: AuditEngine, session_id: str, draft: Draft, begun: str) -> None:
+    """:meth:`AuditEngine.record_done`, not left half way by a cancelled
+    request (the shutdown, its grace over): the record of a chat whose
+    document was sent runs on in a task of its own, which the engine's
+    close waits for. (Cancelled with the request, a record that found the
+    session ended never took its way into the security stream, and the
+    chat's note was left for the next start, which recorded the chat as
+    interrupted.)"""
+    await asyncio.shield(engine.detach(engine.record_done(session_id, draft, begun)))
 
 
 async def _cut_off_unsent(request: web.Request, draft: Draft, begun: str | None = None) -> None:

@@ -914,3 +914,53 @@ async def test_a_chat_cut_off_by_the_shutdown_while_its_note_commits_is_recorded
     notes = await spool.read(lambda c: c.execute(
         "SELECT key FROM meta WHERE key LIKE 'begun:%'").fetchall())
     assert notes == []
+
+
+async def test_a_chat_cut_off_while_its_record_commits_after_a_logout_keeps_it(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider answered, the session was logged out meanwhile, and the
+    shutdown cut the chat off while its record was committing (the writer
+    busy: held here by a job of the test's, the logout queued before the
+    record): the record found the session sealed, and its way into the
+    security stream was run by the cancelled task, so never. The chat was
+    recorded nowhere until the next start, which found its note and
+    recorded it as ``interrupted`` (a failure, without its reply and token
+    counts). Now it goes on in a task of its own: the success, at once."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    api = await make_api(ai=_openai(stub))
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="A", content=DOC)
+    chat = await _held_chat(api, stub, alice, doc["id"], "a?")
+    spool, in_flight = api.engine.spool, api.app[IN_FLIGHT]
+    held, release = threading.Event(), threading.Event()
+
+    def hold(w: Any) -> None:
+        held.set()
+        release.wait(10)
+
+    holding = spool.submit_nowait(hold, needs_space=False)
+    try:
+        await asyncio.to_thread(held.wait, 10)
+        logout = asyncio.ensure_future(api.client.post("/logout", headers=alice.headers))
+        await wait_for(lambda: len(spool._pending) == 1, message="the logout's seal queued")
+        stub.gate.set()
+        await wait_for(lambda: len(spool._pending) == 2, message="the chat's record queued")
+        finishing = asyncio.ensure_future(in_flight.finish(0.0))
+        await wait_for(lambda: all(t.cancelling() for t in in_flight._tasks),
+                       message="the chat cancelled")
+    finally:
+        release.set()
+    await holding
+    await finishing
+    for request in (chat, logout):
+        with contextlib.suppress(aiohttp.ClientError):
+            await request
+    (ev,) = await api.wait_security("auth.session_ended")
+    assert ev["session_id"] == alice.session_id
+    d = ev["details"]
+    assert (d["reason"], d["action"], d["action_outcome"]) == (
+        "session_ended_during_action", "ai.interaction", "success")
+    notes = await spool.read(lambda c: c.execute(
+        "SELECT key FROM meta WHERE key LIKE 'begun:%'").fetchall())
+    assert notes == []
