@@ -283,6 +283,12 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
+    if isinstance(value, int) and not isinstance(value, bool) and not (
+            -(2**63) <= value < 2**63):
+        # TOML's integers are 64-bit, and one past them an error; tomllib
+        # takes any (a 400-digit one was math.isfinite's OverflowError, a
+        # traceback for a number key).
+        raise ConfigError(f"{key}: an integer past TOML's 64-bit range (-2**63 to 2**63 - 1)")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")

@@ -282,6 +282,23 @@ def test_ints_are_accepted_for_floats():
     assert isinstance(c.flush.max_writes_per_second, float)
 
 
+@pytest.mark.parametrize("key", ["audit.idle_timeout_seconds", "flush.max_writes_per_second",
+                                 "audit.spool_max_bytes", "flush.burst"])
+def test_an_integer_past_tomls_64_bits_is_named(key):
+    """TOML's integers are 64-bit (the spec: one that cannot be held must be
+    an error); tomllib takes any. A 400-digit one for a duration was an
+    OverflowError traceback (math.isfinite on it); for a count, a value no
+    SQLite column or float holds, taken."""
+    section, name = key.split(".")
+    for bad in (2**63, -(2**63) - 1, int("9" * 400)):
+        with pytest.raises(ConfigError) as info:
+            parse_config({section: {name: bad}})
+        assert str(info.value) == (f"{key}: an integer past TOML's 64-bit range"
+                                   " (-2**63 to 2**63 - 1)")
+    c = parse_config({"audit": {"spool_max_bytes": 2**63 - 1, "idle_timeout_seconds": 2**20}})
+    assert c.audit.spool_max_bytes == 2**63 - 1 and c.audit.idle_timeout_seconds == 2.0**20
+
+
 def test_load_config_paths(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(CONFIG_ENV, raising=False)

@@ -492,6 +492,19 @@ async def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert r.returncode == 2 and "flush.burst" in r.stderr
 
 
+async def test_bad_numbers_in_the_config_file_are_one_line_not_a_traceback(
+        tmp_path: Path) -> None:
+    """Numbers TOML has and a setting cannot take: exit 2, one line naming the
+    key. A 400-digit duration was an OverflowError traceback (exit 1)."""
+    config = write_config(tmp_path, free_port(),
+                          audit={"idle_timeout_seconds": int("9" * 400)})
+    r = await acli(config, "status")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == ("session-audit: audit.idle_timeout_seconds: an integer past TOML's"
+                        " 64-bit range (-2**63 to 2**63 - 1)\n")
+    assert not (tmp_path / "data").exists()
+
+
 async def serve_refuses(config: Path, says: str, env: dict[str, str] | None = None) -> str:
     """``serve`` exits 2 with one clear message naming the cause; its stderr."""
     r = await acli(config, "serve", env=env)
