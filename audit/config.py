@@ -508,4 +508,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except ValueError:
+        # tomllib's int() on more than 4300 digits (Python's limit on reading
+        # integers), not a TOMLDecodeError: its words advise a Python call.
+        raise ConfigError(f"{p}: not valid TOML: an integer past TOML's 64-bit range"
+                          " (-2**63 to 2**63 - 1)") from None
     return parse_config(data, base_dir=os.getcwd())

@@ -341,6 +341,18 @@ def test_load_config_bad_toml_and_bad_key(tmp_path: Path):
         load_config(tmp_path / "nope.toml")
 
 
+def test_an_integer_of_more_digits_than_python_reads_is_not_valid_toml(tmp_path: Path):
+    """Past 4300 digits tomllib's int() raises a plain ValueError (Python's
+    limit on reading integers), not TOMLDecodeError: it was a traceback at
+    every command, whose last line advised sys.set_int_max_str_digits()."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[audit]\npart_max_events = " + "9" * 4301 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert str(info.value) == (f"{bad}: not valid TOML: an integer past TOML's 64-bit range"
+                               " (-2**63 to 2**63 - 1)")
+
+
 def test_config_is_frozen():
     c = parse_config({})
     with pytest.raises(dataclasses.FrozenInstanceError):

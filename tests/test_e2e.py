@@ -502,6 +502,13 @@ async def test_bad_numbers_in_the_config_file_are_one_line_not_a_traceback(
     assert r.returncode == 2, r.stderr
     assert r.stderr == ("session-audit: audit.idle_timeout_seconds: an integer past TOML's"
                         " 64-bit range (-2**63 to 2**63 - 1)\n")
+    # Past 4300 digits tomllib raises ValueError, not TOMLDecodeError.
+    config = write_config(tmp_path, free_port())
+    config.write_text(config.read_text() + "[audit]\npart_max_events = " + "9" * 5000 + "\n")
+    r = await acli(config, "status")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"session-audit: {config}: not valid TOML: ")
+    assert r.stderr.count("\n") == 1
     assert not (tmp_path / "data").exists()
 
 
