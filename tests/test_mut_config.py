@@ -322,3 +322,52 @@ def test_a_default_config_toml_that_is_a_dangling_link_is_an_error(tmp_path, mon
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "session-audit.toml").write_text("[audit]\npart_max_events = 3\n")
     assert load_config().audit.part_max_events == 3
+
+
+def test_the_settings_of_a_sink_or_provider_not_in_use_are_not_checked_against_it(tmp_path):
+    """A sink's settings are checked when it is the one in use: those of
+    another (left from before a switch) stop no start, as the comment in
+    _validate says of their file system; likewise the OpenAI URL under the
+    extractive provider."""
+    spool = tmp_path / "data" / "spool.db"
+    c = parse_config({"sink": {"type": "jsonl", "sqlite": {"path": str(spool)},
+                               "mongodb": {"sessions_collection": "c",
+                                           "security_collection": "c"}},
+                      "ai": {"openai": {"base_url": "ftp://not-used"}}},
+                     base_dir=str(tmp_path))
+    assert c.sink.sqlite.path == str(spool) and c.ai.openai.base_url == "ftp://not-used"
+    with pytest.raises(ConfigError, match=r"^sink\.sqlite\.path: must not be the spool's"):
+        parse_config({"sink": {"sqlite": {"path": str(spool)}}}, base_dir=str(tmp_path))
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="resolve() no longer raises on a loop")
+def test_only_the_sink_in_use_has_its_path_resolved(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    looped = {"sqlite": {"path": "a/x.db"}, "jsonl": {"dir": "a/x"}}
+    for in_use, key, value in (("jsonl", "sink.jsonl.dir", "a/x"),
+                               ("sqlite", "sink.sqlite.path", "a/x.db")):
+        with pytest.raises(ConfigError) as info:
+            parse_config({"sink": {"type": in_use, **looped}}, base_dir=str(tmp_path))
+        assert str(info.value) == f"{key}: {value!r} leads into a loop of symbolic links"
+    # The other's is not looked at.
+    c = parse_config({"sink": {"type": "sqlite", "jsonl": {"dir": "a/x"}}},
+                     base_dir=str(tmp_path))
+    assert c.sink.jsonl.dir == "a/x"
+
+
+def test_the_64_bit_range_takes_its_ends():
+    """-2**63 and 2**63 - 1 are TOML integers: range checks speak of them."""
+    key = "audit.security_events_per_ip_per_second"
+    with pytest.raises(ConfigError) as info:
+        parse_config(_set(key, -(2**63)))
+    assert str(info.value) == f"{key}: must not be negative (got {-(2**63)})"
+    assert parse_config(_set("flush.burst", 2**63 - 1)).flush.burst == 2**63 - 1
+
+
+def test_config_given_on_the_command_line_wins_over_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "env.toml").write_text("[audit]\npart_max_events = 3\n")
+    (tmp_path / "arg.toml").write_text("[audit]\npart_max_events = 4\n")
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "env.toml"))
+    assert load_config(tmp_path / "arg.toml").audit.part_max_events == 4
+    assert load_config(str(tmp_path / "arg.toml")).audit.part_max_events == 4
