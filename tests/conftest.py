@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_server import Live
+from live_server import Live, release_ports
 from waiting import wait_for
 
 import handlers.admin
@@ -42,6 +42,13 @@ def _fresh_log_throttles(monkeypatch: pytest.MonkeyPatch) -> None:
     for module, name in ((handlers.admin, "_QUERY_LOG"), (handlers.errors, "_UNAVAILABLE_LOG"),
                          (server, "_SEND_LOG")):
         monkeypatch.setattr(module, name, LogThrottle())
+
+
+@pytest.fixture(autouse=True)
+def _release_ports() -> Iterator[None]:
+    """The ports live_server.free_port() held for the test, let go at its end."""
+    yield
+    release_ports()
 
 
 @pytest.fixture

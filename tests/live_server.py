@@ -34,11 +34,54 @@ JWT_SECRET = "jwt-secret-for-tests-0123456789abcdef"
 AUDIT_KEY = "audit-key-for-tests-0123456789abcdef"
 
 
+# The sockets free_port() holds its ports with: closed when the test ends
+# (conftest's release_ports fixture).
+_HELD: list[socket.socket] = []
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port that stays this test's until it ends.
+
+    Chosen with bind(0) and then closed, the port was free for anyone until
+    the server bound it, and again between a kill -9 and the restart: another
+    xdist worker's free_port(), the receiver it started, or any client's
+    ephemeral port could take it, and the start failed ("cannot listen on").
+    Held instead by a socket bound with SO_REUSEADDR that never listens: a
+    bind(0) or connect() elsewhere does not pick a bound port, and a plain
+    bind of it is refused, while a server (SO_REUSEADDR, as server.py,
+    aiohttp and asyncio set it) can still bind and listen on it, and a
+    connection to it, with nothing listening, is refused as before. A test
+    that must show a port in use takes it with SO_REUSEADDR and listens."""
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    except BaseException:
+        s.close()
+        raise
+    _HELD.append(s)
+    port: int = s.getsockname()[1]
+    return port
+
+
+def release_ports() -> None:
+    """Let go of the ports free_port() gave out (at the end of each test)."""
+    while _HELD:
+        _HELD.pop().close()
+
+
+def take_port(port: int) -> socket.socket:
+    """A socket listening on ``port``, as another server holding it would
+    (with SO_REUSEADDR: beside free_port()'s hold, not refused by it)."""
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def raw_request(port: int, request: bytes) -> bytes:

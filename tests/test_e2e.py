@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from live_server import free_port
 from waiting import wait_for
 
 from audit.spool import LAYOUT
@@ -36,12 +37,6 @@ SECRETS = (JWT_SECRET, AUDIT_KEY, ADMIN_PASSWORD, USER_PASSWORD)
 DOC_TEXT = "Quarterly numbers. Revenue grew by ten percent. Costs stayed flat."
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(tmp: Path, port: int, **extra: dict[str, Any]) -> Path:

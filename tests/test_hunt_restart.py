@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from live_server import SERVER, Live, merge, server_env, to_toml
+from live_server import SERVER, Live, merge, server_env, take_port, to_toml
 from waiting import wait_for
 
 from audit import queries
@@ -56,9 +55,7 @@ async def test_a_start_that_cannot_listen_leaves_the_spool_and_sinks_alone(
     jsonl = live.workdir / "new-sink"
     _reconfigure(live, {"audit": {"part_max_events": 10},
                         "sink": {"type": "jsonl", "jsonl": {"dir": str(jsonl)}}})
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", live.port))
-        taken.listen()
+    with take_port(live.port):
         done = await asyncio.to_thread(
             subprocess.run, [sys.executable, str(SERVER), "serve", "--config",
                              str(live.config_path)],

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from live_server import SERVER, Live, free_port, merge, server_env, to_toml
+from live_server import SERVER, Live, free_port, merge, server_env, take_port, to_toml
 
 from audit.events import Draft
 from audit.spool import AuditKeyMismatch, Spool, stored_key_check
@@ -212,9 +211,7 @@ async def test_drain_timeout_before_any_answer_says_so_not_none(live: Live) -> N
     url = live.settings["sink"]["http"]["url"]
     live.settings = merge(live.settings, {"sink": {"http": {"timeout_seconds": 30.0}}})
     live.config_path.write_text(to_toml(live.settings), encoding="utf-8")
-    with socket.socket() as hang:  # takes the connection, never answers
-        hang.bind(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-        hang.listen()
+    with take_port(int(url.rsplit(":", 1)[1])):  # takes the connection, never answers
         r = await live.cli("drain", "--timeout", "1", timeout=60)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "gave up after 1 s" in r.stderr

@@ -6,6 +6,7 @@ import logging
 import time
 
 import pytest
+from live_server import free_port
 
 from audit.events import Source, parse_ts
 from sinks.base import SinkRateLimited, SinkUnavailable
@@ -159,14 +160,10 @@ async def test_a_part_put_aside_again_and_again_is_logged_once_a_minute(
     """A receiver that refuses connections: the part is put aside after
     DEFER_AFTER tries, then again after each single retry; its line went out
     at each, without the throttle the other failure lines have."""
-    import socket
-
     from audit.flusher import DEFER_AFTER
     from sinks.http import HttpSink
 
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a loopback port nothing listens on
     config = make_config(sink={"type": "http", "http": {"url": f"http://127.0.0.1:{port}"}},
                          flush={"max_writes_per_second": 1000.0, "burst": 1000,
                                 "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0})

@@ -24,7 +24,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from live_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_PASSWORD = "schemathesis-admin-" + secrets.token_hex(8)
@@ -48,12 +48,6 @@ SEED = os.environ.get("SA_SCHEMATHESIS_SEED", "20261126")
 NEGATIVE_EXPECTED = "400,401,403,404,405,406,409,413,415,422,428,429"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -73,7 +67,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     tmp = tmp_path_factory.mktemp("schemathesis")
-    port = _free_port()
+    port = free_port()  # (held until the first test ends: served by then)
     config = tmp / "config.toml"
     config.write_text(
         f"""

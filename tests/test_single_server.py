@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from live_server import SERVER, Live, free_port, server_env, to_toml
+from live_server import SERVER, Live, free_port, server_env, take_port, to_toml
 
 pytestmark = pytest.mark.timeout(180)
 INFO_ENV = {**server_env(), "SESSION_AUDIT_LOG_LEVEL": "INFO"}  # to see "serving on"
@@ -77,9 +77,7 @@ async def test_the_next_server_starts_once_the_first_is_gone(live: Live, how: st
 
 
 async def test_serving_is_logged_only_once_the_port_listens(live: Live) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", live.port))
-        taken.listen()
+    with take_port(live.port):
         done = await asyncio.to_thread(serve, live, live.config_path)
     assert done.returncode == 2
     assert "cannot listen on 127.0.0.1:" in done.stderr

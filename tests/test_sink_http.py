@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from api_fixtures import MakeApi, make_api
+from live_server import free_port
 from receiver import Fault, Receiver, ReceiverOptions, sample_part, sample_security_event, serve
 from waiting import wait_for
 
@@ -369,10 +370,7 @@ async def test_timeout_is_unavailable_and_the_retry_is_idempotent(
 async def test_connection_refused_is_unavailable(
     make_sink: Callable[..., Awaitable[HttpSink]],
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    sink = await make_sink(f"http://127.0.0.1:{port}")
+    sink = await make_sink(f"http://127.0.0.1:{free_port()}")  # (nothing listens)
     with pytest.raises(SinkUnavailable, match=r"127\.0\.0\.1"):
         async with asyncio.timeout(20):  # a guard against a hang, not a timing
             await sink.write_part(sample_part("nowhere"))

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from live_server import free_port
 from mockupdb import MockupDB, Request
 from receiver import sample_part, sample_security_event
 
@@ -1144,10 +1144,7 @@ async def test_open_creates_indexes(
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+    return free_port()  # (held for the test: nothing listens there)
 
 
 async def test_unreachable_server_is_unavailable_quickly_and_hides_the_uri(

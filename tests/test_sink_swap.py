@@ -7,24 +7,17 @@ flow once the sink is reachable.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
 from api_fixtures import MakeApi, make_api, wait_for
+from live_server import free_port
 from receiver import Receiver, serve
 
 import sinks
 from audit.config import parse_config
 
 __all__ = ["make_api"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.mark.parametrize(
@@ -51,7 +44,7 @@ async def _status(api: Any, headers: dict[str, str]) -> dict[str, Any]:
 
 
 async def test_http_sink_down_at_start_then_reachable(make_api: MakeApi) -> None:
-    port = _free_port()
+    port = free_port()
     api = await make_api(sink={"type": "http", "http": {"url": f"http://127.0.0.1:{port}",
                                                          "timeout_seconds": 1.0}},
                          flush={"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.2})
