@@ -13,8 +13,9 @@ the reaper). The configuration makes every transition frequent: small parts,
 time checkpoints, a fast reaper, stored parts kept a moment and then purged,
 and a sink that rejects some writes (dead letters, for ``retry-dead``).
 
-Acknowledgements on stdout, each after its commit returned:
-``start SID``, ``ack EVENT_ID SID SEQ``, ``end SID`` (a logout that sealed),
+First ``begin`` (the imports done: the test's kill timer starts there),
+``ready`` once the engine opened; then acknowledgements, each after its
+commit returned: ``start SID``, ``ack EVENT_ID SID SEQ``, ``end SID`` (a logout that sealed),
 ``gone SID`` (a logout the reaper beat).
 """
 
@@ -102,6 +103,7 @@ async def producer(engine: AuditEngine, n: int, rng: random.Random) -> None:
 
 
 async def main() -> None:
+    ack("begin")
     data_dir, seed = sys.argv[1], int(sys.argv[2])
     sessions = int(sys.argv[3]) if len(sys.argv) > 3 else 6
     config = parse_config(settings(data_dir, os.environ.get("CRASH_SINK", "sqlite"),
