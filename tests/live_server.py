@@ -199,11 +199,11 @@ class Live:
             )
         self.starts += 1
 
-    async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - a deadline
+    async def start(self, timeout: float = 60.0) -> None:  # noqa: ASYNC109 - a deadline
         self.spawn()
         await self.wait_healthy(timeout)
 
-    async def wait_healthy(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    async def wait_healthy(self, timeout: float = 60.0) -> None:  # noqa: ASYNC109
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:
             while True:
@@ -229,7 +229,7 @@ class Live:
         await asyncio.to_thread(proc.wait, 10)
         self.kills += 1
 
-    async def stop(self, timeout: float = 20.0) -> int:  # noqa: ASYNC109
+    async def stop(self, timeout: float = 60.0) -> int:  # noqa: ASYNC109
         """SIGTERM (graceful shutdown) and wait; SIGKILL at the deadline."""
         proc = self.proc
         if proc is None or proc.poll() is not None:
@@ -311,7 +311,7 @@ class Live:
 
     async def start_receiver(self, port: int, store: Path, *, rate: float = 0.0,
                              fail_share: float = 0.0, hang_seconds: float = 2.0,
-                             seed: int = 1, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+                             seed: int = 1, timeout: float = 60.0) -> None:  # noqa: ASYNC109
         """Start tests/receiver.py on ``port`` and wait for its banner."""
         proc = self.spawn_receiver(port, store, rate=rate, fail_share=fail_share,
                                    hang_seconds=hang_seconds, seed=seed)

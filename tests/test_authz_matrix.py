@@ -270,7 +270,7 @@ async def _dead_sessions(live: Live, c: Client) -> dict[str, Session]:
                 return False
         return True
 
-    await wait_for(all_sealed, timeout=10, message="the dead sessions sealed")
+    await wait_for(all_sealed, timeout=60, message="the dead sessions sealed")
     seals = {}
     for name, s in sessions.items():
         _, body = await c.call("GET", f"/audit/sessions/{s.session_id}", admin.headers)

@@ -361,7 +361,7 @@ async def test_a_body_the_client_cuts_short_is_recorded(live: Live) -> None:
                 got.update((e["request_id"], e) for e in (await r.json())["events"])
             return all(rid in got for rid, _ in sent)
 
-        await wait_for(all_recorded, timeout=20, message=f"records of {sent}", interval=0.05)
+        await wait_for(all_recorded, timeout=60, message=f"records of {sent}", interval=0.05)
         for rid, action in sent:
             assert rid in got, (rid, action, "not recorded")
             assert (got[rid]["action"], got[rid]["outcome"]) == (action, "failure"), got[rid]

@@ -69,7 +69,7 @@ async def _storm(lv: Live, seed: int, think: float = 0.0) -> tuple[Oracle, dict[
 
     async def wait_up() -> None:
         await asyncio.wait_for(up.wait(), 60)
-        await lv.wait_healthy(30)
+        await lv.wait_healthy(60)
 
     async def killer() -> None:
         for _ in range(KILLS):

@@ -124,7 +124,7 @@ class Server:
             except aiohttp.ClientError:
                 return False
 
-        await wait_for(healthy, timeout=30, message="/healthz")
+        await wait_for(healthy, timeout=60, message="/healthz")
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -170,7 +170,7 @@ class Server:
             parts = self.parts(session_id)
             return parts if parts and parts[-1]["final"] else None
 
-        result: list[dict[str, Any]] = await wait_for(final, timeout=20,
+        result: list[dict[str, Any]] = await wait_for(final, timeout=60,
                                                       message=f"{session_id} stored")
         return result
 
@@ -345,7 +345,7 @@ async def test_three_concurrent_users_three_opens_each(
         counts = {s["session_id"]: s["event_count"] for s in listing["sessions"]}
         return counts if all(sid in counts for sid in sids) else None
 
-    counts = await wait_for(listed, timeout=20, message="the three sessions listed as stored",
+    counts = await wait_for(listed, timeout=60, message="the three sessions listed as stored",
                             interval=0.1)
     assert all(counts[sid] == 7 for sid in sids)
 
@@ -700,7 +700,7 @@ async def session_ends(client: Client, cause: str) -> None:
             assert r.status == 401 and (await r.json())["error"]["code"] == "session_ended"
             return True
 
-    await wait_for(refused, timeout=20, message=f"the session to end ({cause})")
+    await wait_for(refused, timeout=60, message=f"the session to end ({cause})")
 
 
 async def test_disable_enable_and_users_beside_a_running_server(

@@ -69,7 +69,7 @@ async def test_a_data_directory_whose_name_is_not_utf8_flushes_and_is_verified(
             now = await _status(live)
             return now["active_sessions"] == 0 and now["pending_parts"] == 0
 
-        await wait_for(stored, timeout=20, interval=0.2,
+        await wait_for(stored, timeout=60, interval=0.2,
                        message="the session's part stored in the sink")
         assert (await _status(live))["sink"]["where"] == (
             str(tmp_path) + "/caf\\xe9/data/audit.db")

@@ -51,7 +51,7 @@ async def test_a_spool_the_server_may_not_write_is_refused_at_start(live: Live) 
     spool = live.data_dir / "spool.db"
     before = spool.read_bytes()
     with read_only(spool):
-        r = await live.cli("serve", timeout=20)  # (a guard against one that serves)
+        r = await live.cli("serve", timeout=60)  # (a guard against one that serves)
         assert r.returncode == 1, (r.returncode, r.stderr)
         assert "Traceback" not in r.stderr
         last = r.stderr.strip().splitlines()[-1]
@@ -91,7 +91,7 @@ async def test_a_lock_file_planted_as_a_symlink_is_not_followed(live: Live, lock
     # serve takes the serve lock and the schema lock before it serves; drain
     # (with a security event pending) the flush lock.
     args = ("drain", "--timeout", "5") if lock == "flush-lock" else ("serve",)
-    r = await live.cli(*args, timeout=20)  # (a guard against one that serves)
+    r = await live.cli(*args, timeout=60)  # (a guard against one that serves)
     assert r.returncode == 1, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -116,7 +116,7 @@ async def test_a_deleted_serve_lock_file_lets_no_second_server_in(live: Live) ->
     second.write_text(to_toml(settings), encoding="utf-8")
     r = await asyncio.to_thread(  # (the timeout: a guard against one that serves)
         subprocess.run, [sys.executable, str(SERVER), "serve", "--config", str(second)],
-        cwd=live.workdir, env=server_env(), capture_output=True, text=True, timeout=20)
+        cwd=live.workdir, env=server_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == (f"session-audit: another server is running on"
                                 f" {live.data_dir / 'spool.db'}: stop it first, or give this"

@@ -158,7 +158,7 @@ async def test_another_servers_open_session_is_not_shown_complete(
             async with http.get(f"{a.base}/audit/sessions/{sid}", headers=on_a) as r:
                 return r.status == 200
 
-        await wait_for(cut, 10, "B's checkpoint part in the shared sink")
+        await wait_for(cut, 60, "B's checkpoint part in the shared sink")
         seen = await _detail(http, a, on_a, sid)
         assert seen["state"] == "pending"  # (open or pending: A cannot tell)
         assert seen["event_count"] == len(seen["events"]) == 3
@@ -172,7 +172,7 @@ async def test_another_servers_open_session_is_not_shown_complete(
         async def stored() -> bool:
             return (await _detail(http, a, on_a, sid))["state"] == "stored"
 
-        await wait_for(stored, 10, "B's session stored")
+        await wait_for(stored, 60, "B's session stored")
         seen = await _detail(http, a, on_a, sid)
         assert seen["event_count"] == len(seen["events"]) == 8  # (with B's audit.query)
         assert seen["events_complete"] is True
@@ -202,7 +202,7 @@ async def _session(live: Live) -> str:
                     await live.admin_login(http))[1]) as r:
                 return r.status == 200 and (await r.json())["state"] == "stored"
 
-        await wait_for(stored, 10, "the session stored")
+        await wait_for(stored, 60, "the session stored")
     return sid
 
 

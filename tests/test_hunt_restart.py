@@ -96,7 +96,7 @@ async def _settled(live: Live, *, dead: int) -> None:
         return bool(counts["pending_security_events"] == 0 and counts["pending_parts"] == 0
                     and counts["dead_letter"] == dead)
 
-    await wait_for(settled, timeout=20, message=f"nothing pending, {dead} dead letters",
+    await wait_for(settled, timeout=60, message=f"nothing pending, {dead} dead letters",
                    interval=0.05)
 
 

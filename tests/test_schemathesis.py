@@ -50,7 +50,7 @@ NEGATIVE_EXPECTED = "400,401,403,404,405,406,409,413,415,422,428,429"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -53,7 +53,7 @@ async def test_a_second_signal_during_shutdown_does_not_cut_it_short(
         except aiohttp.ClientError:
             return True
 
-    await wait_for(shutting_down, 20, "the server to begin shutting down", interval=0.02)
+    await wait_for(shutting_down, 60, "the server to begin shutting down", interval=0.02)
     proc.send_signal(second)
     try:
         # A guard against a hang (the bug: forever), not a timing.

@@ -460,7 +460,7 @@ async def test_receiver_command_line_stores_to_a_file(
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
         assert line.startswith(b"listening on http://127.0.0.1:"), line
         sink = await make_sink(line.split()[-1].decode())
         part = sample_part("cli")
@@ -470,7 +470,7 @@ async def test_receiver_command_line_stores_to_a_file(
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
     with closing(sqlite3.connect(store)) as db:
         parts = db.execute("SELECT id, doc FROM parts").fetchall()
         stats = dict(db.execute("SELECT key, n FROM stats").fetchall())

@@ -10,7 +10,7 @@ from typing import Any
 
 async def wait_for(
     predicate: Callable[[], Any | Awaitable[Any]],
-    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline, not a cancellation scope
+    timeout: float = 60.0,  # noqa: ASYNC109 - a deadline, not a cancellation scope
     message: str = "condition",
     interval: float = 0.01,
 ) -> Any:
