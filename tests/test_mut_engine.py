@@ -227,3 +227,29 @@ async def test_close_waits_for_a_detached_record_to_reach_the_security_stream(
     assert ev["details"]["action_details"]["reply"] == {"sha256": "cd", "length": 2}
     assert await e.spool.read(lambda c: c.execute(
         "SELECT key FROM meta WHERE key LIKE 'begun:%'").fetchall()) == []
+
+
+async def test_a_full_spool_takes_the_security_events_counted_at_shutdown(
+    make_config, engines
+) -> None:
+    """Security events past their client IP's budget are only counted; the
+    count becomes a summary event later. At shutdown there is no later: a
+    full spool must take the summary (AuditEngine.record_summaries, final),
+    or the counted events are recorded nowhere."""
+    config = make_config(audit={"spool_max_bytes": 200_000,
+                                "security_events_per_ip_burst": 3,
+                                "security_events_per_ip_per_second": 0.001})
+    e = await engines.open(config)
+    bad = Source(ip="198.51.100.7")
+    for _ in range(5):  # three recorded, two counted
+        await e.record_security(Draft("auth.invalid_token", outcome="denied", source=bad))
+    s = await e.start_session("alice", "user", SRC, 3600)
+    await e.record(s.session_id, Draft("document.list", details={"pad": "p" * 300_000}),
+                   needs_space=False)
+    assert e.spool.full
+    await engines.close(e)
+    e = await engines.open(config)
+    (summary,) = [ev for ev in await _security(e)
+                  if ev["details"].get("reason") == "over_budget"]
+    assert (summary["action"], summary["details"]["count"]) == ("auth.invalid_token", 2)
+    assert summary["source"]["ip"] == "198.51.100.7"
