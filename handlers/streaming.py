@@ -38,8 +38,10 @@ class StreamedJson(web.StreamResponse):
 
     An exception of the kinds ``expected`` that cuts the answer off is
     logged as a warning naming ``what``; any other with its traceback.
-    ``on_sent``, if set, is called with the body's bytes written so far
-    after each chunk (the server's send deadline moves with them)."""
+    ``on_sent``, if set, is called with the body's bytes handed over so far
+    before each chunk is written, that chunk's included (the server's send
+    deadline moves with them: a chunk as large as a part, written to a slow
+    client, is given its transfer time as a built answer of its size is)."""
 
     def __init__(self, pieces: AsyncIterator[str], *, request_id: str,
                  what: str = "the answer",
@@ -107,10 +109,9 @@ class StreamedJson(web.StreamResponse):
                 if size >= CHUNK_BYTES:
                     chunk = "".join(buf).encode("utf-8")
                     buf, size = [], 0
+                    self._sending(sent + len(chunk))
                     await self.write(chunk)
                     sent += len(chunk)
-                    if self.on_sent is not None:
-                        self.on_sent(sent)
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away, or the send's deadline passed
         except Exception as exc:
@@ -123,8 +124,14 @@ class StreamedJson(web.StreamResponse):
             raise ConnectionResetError("the answer was cut short") from exc
         finally:
             await self._close_pieces()
-        await super().write_eof("".join(buf).encode("utf-8") + data)
+        last = "".join(buf).encode("utf-8") + data
+        self._sending(sent + len(last))
+        await super().write_eof(last)
         self._whole = True
+
+    def _sending(self, total: int) -> None:
+        if self.on_sent is not None:
+            self.on_sent(total)
 
     async def _close_pieces(self) -> None:
         aclose = getattr(self._pieces, "aclose", None)

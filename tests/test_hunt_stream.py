@@ -4,16 +4,20 @@ as whole, when a part turns out unreadable after the headers went out."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import socket
 import sqlite3
 import tracemalloc
 
 import aiohttp
 import pytest
 from api_fixtures import Api, Login, MakeApi, make_api, wait_for
+from test_hunt_streamlive import _dechunk
 
+import server
 from audit import queries
 from audit.events import Draft, Source
 from audit.store import Writer
@@ -239,3 +243,56 @@ async def test_the_answer_holds_about_one_part_in_memory(
         tracemalloc.stop()
     assert size > 1_500_000
     assert peak < 3_000_000, f"{peak:,} bytes at the peak"
+
+
+async def test_a_chunk_larger_than_the_buffers_is_given_its_transfer_time(
+    make_api: MakeApi, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A streamed answer gets the send allowance a built one gets: SEND_SECONDS
+    plus a second for every MIN_BYTES_PER_SECOND handed over. A part is one
+    chunk (up to part_max_bytes, 1 MiB by default: 256 s at the minimum
+    rate); its bytes counted only once written, a client on a slow link that
+    kept to the minimum rate was dropped SEND_SECONDS after the answer
+    began, mid-chunk, where the same answer built whole was given its time.
+    Here one part of ~10 MB (more than the socket buffers hold), SEND_SECONDS
+    0.2, and a client that reads nothing for 0.6 s: it gets the whole body."""
+    monkeypatch.setattr(server, "SEND_SECONDS", 0.2)
+    api = await make_api(audit={"part_max_events": 5000, "part_max_bytes": 64 << 20},
+                         flush={"max_writes_per_second": 0.001, "burst": 1},
+                         flush_at_close=False)
+    admin = await api.admin()
+    src = Source("alice", "user", "127.0.0.1", "test", "req-big")
+    s = await api.engine.spool.submit(lambda w: w.start_session(
+        "alice", "user", 4102444800.0, [Draft("session.start", source=src)]))
+    sid = s.session_id
+
+    def job(w: Writer) -> None:
+        for i in range(2500):
+            w.append(sid, Draft("document.access", source=src,
+                                target={"type": "document", "id": f"doc{i:06d}"},
+                                details={"note": "x" * 4000}))
+        w.seal(sid, "logout", Draft("session.end", source=src))
+
+    await api.engine.spool.submit(job)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", api.client.server.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    try:
+        writer.write(f"GET /audit/sessions/{sid} HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: {admin.headers['Authorization']}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"transfer-encoding: chunked" in head.lower()
+        await asyncio.sleep(0.6)  # a slow link: past SEND_SECONDS, with ~10 MB to go
+        raw = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    body = json.loads(_dechunk(raw))
+    assert body["events_complete"] is True and len(body["events"]) == 2502
+
