@@ -185,6 +185,51 @@ async def test_a_start_notes_the_dead_letters_an_earlier_release_left(tmp_path, 
                 (2, evs[0]["hash"], "jsonl /a")]
             assert c.execute("SELECT id, state FROM security_events ORDER BY id").fetchall() \
                 == [(1, "stored"), (2, "dead"), (3, "stored")]
+    # Retried into another sink: where each sink's chain resumes is noted.
+    sp = Spool(path, audit_key, limits=LIMITS)
+    await sp.open()
+    try:
+        await sp.submit(lambda w: w.retry_dead())
+        await sp.submit(lambda w: w.mark_security_stored([2], 60, sink="jsonl /b"))
+    finally:
+        await sp.close()
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        assert sorted(c.execute("SELECT sink, took_from, took_to FROM sink_resumes")) == [
+            ("jsonl /a", evs[1]["hash"], ""), ("jsonl /b", evs[0]["hash"], evs[1]["hash"])]
+        assert c.execute("SELECT COUNT(*) FROM security_late").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("left", ["no security event", "no sink_status"])
+async def test_a_spool_whose_stretch_cannot_be_told_opens_and_notes_none(
+        tmp_path, audit_key, left):
+    """An earlier release's spool that flushed with no security event ever
+    (sink_status, no security_head), or whose security events all went
+    before sink_status was saved (security_head, no sink_status): the start
+    notes no stretch, and opens."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=LIMITS)
+    await sp.open()
+    try:
+        if left == "no sink_status":
+            await sp.submit(lambda w: w.append_security(
+                Draft("auth.login_failed", outcome="denied"), None))
+            await sp.submit(lambda w: w.mark_security_stored([1], 0))
+    finally:
+        await sp.close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        if left == "no security event":
+            c.execute("INSERT INTO meta (key, value) VALUES ('sink_status', ?)",
+                      (json.dumps({"type": "jsonl", "where": "/a", "healthy": True}),))
+        keys = {r[0] for r in c.execute("SELECT key FROM meta")}
+    assert ("sink_status" in keys, "security_head" in keys) == (
+        left == "no security event", left == "no sink_status")
+    sp = Spool(path, audit_key, limits=LIMITS)
+    await sp.open()
+    await sp.close()
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        assert c.execute("SELECT key FROM meta WHERE key IN"
+                         " ('security_taken', 'security_stretch')").fetchall() == []
+        assert c.execute("SELECT COUNT(*) FROM sink_stretches").fetchone() == (0,)
 
 
 async def test_security_events_an_earlier_release_wrote_since_get_their_shown_ms(
