@@ -329,3 +329,30 @@ def test_a_dead_letter_after_events_an_earlier_release_sent_notes_no_place(
     _run(w, lambda w: w.mark_security_dead([2], "refused again", sink="jsonl /a"))
     assert conn.execute("SELECT id, state FROM security_events").fetchall() == [(2, "dead")]
     assert conn.execute("SELECT COUNT(*) FROM security_late").fetchone() == (0,)
+
+
+def test_the_stretch_noted_at_an_upgrade_goes_on_in_the_same_sink(tmp_path, audit_key):
+    """The stretch an earlier release's sink holds, noted at the upgrade from
+    an unknown start ("") to the security head, is the one the same sink's
+    next acknowledgement extends: one stretch, not a second beginning at the
+    head (nor a failure to read the current stretch, which failed every
+    acknowledgement of a security event)."""
+    from audit.store import note_earlier_stretch
+
+    conn, w = _writer(tmp_path / "spool.db", audit_key)
+    evs = [_run(w, lambda w: w.append_security(Draft("auth.login_failed", outcome="failure"),
+                                               None)) for _ in range(3)]
+    _run(w, lambda w: w.mark_security_stored([1, 2, 3], 0))  # as that release: no stretch
+    conn.execute("INSERT INTO meta (key, value) VALUES ('sink_status', ?)",
+                 (json.dumps({"type": "jsonl", "where": "/a", "healthy": True}),))
+    note_earlier_stretch(conn)  # the upgrade
+    conn, w = _writer(tmp_path / "spool.db", audit_key)
+    evs.append(_run(w, lambda w: w.append_security(
+        Draft("auth.login_failed", outcome="failure"), None)))
+    _run(w, lambda w: w.mark_security_stored([4], 0, sink="jsonl /a"))
+    assert conn.execute("SELECT sink, took_from, took_to FROM sink_stretches").fetchall() == [
+        ("jsonl /a", "", evs[3]["hash"])]
+    meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN"
+                             " ('security_stretch', 'security_taken')"))
+    assert json.loads(meta["security_stretch"]) == ["jsonl /a", ""]
+    assert json.loads(meta["security_taken"]) == [4, evs[3]["hash"]]
