@@ -356,3 +356,41 @@ def test_the_stretch_noted_at_an_upgrade_goes_on_in_the_same_sink(tmp_path, audi
                              " ('security_stretch', 'security_taken')"))
     assert json.loads(meta["security_stretch"]) == ["jsonl /a", ""]
     assert json.loads(meta["security_taken"]) == [4, evs[3]["hash"]]
+
+
+async def test_a_shown_ms_upgrade_that_cannot_write_says_why(tmp_path, audit_key):
+    """As test_spool's migration with no room: the start_ms column and its
+    values are one transaction, which SQLite rolls back itself when a write
+    fails; what the start says is the disk's error (not a failed ROLLBACK),
+    and the next start with room upgrades the file."""
+    from test_spool import _MIGRATE_WITH_NO_ROOM
+
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=LIMITS)
+    await sp.open()
+    try:
+        await asyncio.gather(*(sp.submit(lambda w: w.start_session(
+            "u", "user", 1e12, [_as("u", "session.start")])) for _ in range(200)))
+    finally:
+        await sp.close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        c.executescript(
+            "BEGIN; DROP INDEX sessions_start; DROP INDEX sessions_state_start;"
+            " DROP INDEX sessions_user; ALTER TABLE sessions DROP COLUMN start_ms; COMMIT;"
+            " PRAGMA wal_checkpoint(TRUNCATE);")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MIGRATE_WITH_NO_ROOM, str(path), cwd=_ROOT,
+        stdout=asyncio.subprocess.PIPE)
+    raw, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    out = raw.decode()
+    assert "cannot rollback" not in out and "in transaction: False" in out, out
+    assert "disk I/O error" in out or "full" in out, out
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        assert "start_ms" not in [r[1] for r in c.execute("PRAGMA table_info(sessions)")]
+    sp = Spool(path, audit_key, limits=LIMITS)
+    await sp.open()
+    await sp.close()
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        assert c.execute("SELECT COUNT(*) FROM sessions WHERE start_ms = ROUND(start_ts * 1000)"
+                         ).fetchone() == (200,)
