@@ -99,6 +99,11 @@ async def chat(request: web.Request) -> web.Response:
         await request.app[ENGINE].spool.read(lambda c: check_visible(c, ctx, doc_id))
     except ActionError as err:
         raise await refuse_action(request, draft, err) from None
+    except asyncio.CancelledError:
+        # Cut off while the check waits for the spool's reader: nothing was
+        # sent, the attempt is recorded, as one cut off waiting for a slot.
+        await _cut_off_unsent(request, draft)
+        raise
     slots = request.app[CHAT_SLOTS]  # taken before the document is read into memory
     async with contextlib.AsyncExitStack() as turn:
         try:
@@ -139,6 +144,9 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         row = await engine.spool.read(lambda c: _visible(c, ctx, doc_id))
     except ActionError as err:
         raise await refuse_action(request, draft, err) from None
+    except asyncio.CancelledError:
+        await _cut_off_unsent(request, draft)  # (nothing sent: as above)
+        raise
     if not engine.spool.accepting:
         # Asking the provider is the action: not without a place for its record.
         raise SpoolFull("the audit spool cannot take the interaction's event")

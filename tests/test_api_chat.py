@@ -964,3 +964,60 @@ async def test_a_chat_cut_off_while_its_record_commits_after_a_logout_keeps_it(
     notes = await spool.read(lambda c: c.execute(
         "SELECT key FROM meta WHERE key LIKE 'begun:%'").fetchall())
     assert notes == []
+
+
+@pytest.mark.parametrize("where", ["before its slot", "after its slot"])
+async def test_a_chat_cut_off_by_the_shutdown_while_its_document_is_read_is_recorded(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The same, cut off while the spool's one reader thread is busy (held
+    here by a read of the test's) with the chat's check of the document,
+    before its wait for a slot or after it: nothing is sent, and the
+    attempt was recorded nowhere, where one cut off in the wait between is."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    monkeypatch.setattr(server, "CHAT_CONCURRENCY", 1)
+    api = await make_api(ai=_openai(stub))
+    alice, bob = await api.user("alice"), await api.user("bob")
+    adoc = await api.create_doc(alice, title="A", content=DOC)
+    bdoc = await api.create_doc(bob, title="B", content="Bob secret plans.")
+    spool, in_flight = api.engine.spool, api.app[IN_FLIGHT]
+    first = queued = None
+    if where == "after its slot":
+        first = await _held_chat(api, stub, alice, adoc["id"], "a?")
+        queued = await _queued_chat(api, bob, bdoc["id"])
+    held, release = threading.Event(), threading.Event()
+
+    def hold(conn: Any) -> None:
+        held.set()
+        release.wait(10)
+
+    holding = asyncio.ensure_future(spool.read(hold))
+    try:
+        await asyncio.to_thread(held.wait, 10)
+        if first is None:
+            chat = asyncio.ensure_future(api.client.post(
+                f"/documents/{bdoc['id']}/chat", json={"message": "b?"}, headers=bob.headers))
+        else:
+            assert queued is not None
+            chat = queued
+            stub.gate.set()  # alice's chat ends: bob's takes the slot, and reads
+            with contextlib.suppress(aiohttp.ClientError):
+                await first
+        queue = spool._rexec._work_queue  # type: ignore[union-attr]
+        await wait_for(lambda: queue.qsize() == 1,
+                       message="the chat's read queued behind the held one")
+        finishing = asyncio.ensure_future(in_flight.finish(0.0))
+        await wait_for(lambda: all(t.cancelling() for t in in_flight._tasks),
+                       timeout=10, message="the chat cancelled")
+    finally:
+        release.set()
+    await holding
+    await finishing
+    with contextlib.suppress(aiohttp.ClientError):
+        await chat
+    await wait_for(lambda: not api.engine._inflight, timeout=10,
+                   message="the records of the cut-off chat")
+    (ev,) = await _ai_events(api, bob.session_id)
+    assert (ev["outcome"], ev["details"]) == ("failure", {"reason": "cancelled"})
+    assert ev["target"] == {"type": "document", "id": bdoc["id"]}
+    assert all("Bob secret" not in json.dumps(r["body"]) for r in stub.requests)
