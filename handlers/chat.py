@@ -162,7 +162,8 @@ async def _chat(request: web.Request, draft: Draft, message: str) -> web.Respons
         begun = await engine.begin(ctx.session_id, draft)
     except asyncio.CancelledError:
         # Cut off while the note commits: nothing is sent. The record deletes
-        # the note in its own commit (begin's deletion comes later), so that
+        # the note in its own commit (begin's deletion comes later, or in the
+        # same commit when the note had committed as the cut came), so that
         # a kill between the two does not record the chat again at the next
         # start, as interrupted.
         await _cut_off_unsent(request, draft, BEGUN + draft.event_id)
