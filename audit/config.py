@@ -513,4 +513,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         # integers), not a TOMLDecodeError: its words advise a Python call.
         raise ConfigError(f"{p}: not valid TOML: an integer past TOML's 64-bit range"
                           " (-2**63 to 2**63 - 1)") from None
+    except RecursionError:
+        # tomllib reads nested arrays and inline tables by recursion: a few
+        # hundred levels were a traceback.
+        raise ConfigError(f"{p}: not valid TOML: arrays or tables nested too deeply") from None
     return parse_config(data, base_dir=os.getcwd())

@@ -353,6 +353,19 @@ def test_an_integer_of_more_digits_than_python_reads_is_not_valid_toml(tmp_path:
                                " (-2**63 to 2**63 - 1)")
 
 
+def test_arrays_or_tables_nested_past_pythons_recursion_limit_are_not_valid_toml(
+        tmp_path: Path):
+    """tomllib reads nested arrays and inline tables by recursion: nested a
+    few hundred deep, a RecursionError traceback at every command, as the
+    4300-digit integer was."""
+    bad = tmp_path / "bad.toml"
+    for value in ("[" * 2000 + "]" * 2000, "{a = " * 2000 + "1" + "}" * 2000):
+        bad.write_text("[audit]\npart_max_events = " + value + "\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(bad)
+        assert str(info.value) == f"{bad}: not valid TOML: arrays or tables nested too deeply"
+
+
 def test_config_is_frozen():
     c = parse_config({})
     with pytest.raises(dataclasses.FrozenInstanceError):
