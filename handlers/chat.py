@@ -92,6 +92,37 @@ async def chat(request: web.Request) -> web.Response:
     draft = Draft("ai.interaction", target={"type": "document", "id": doc_id[:DOC_ID_MAX * 2]},
                   source=ctx.source())
     message = await document_input(request, draft, doc_id, _message, limit=CHAT_BODY_MAX)
+    async with _kept_active(request.app[ENGINE], ctx.session_id,
+                            request.app[CONFIG].audit.idle_timeout_seconds):
+        return await _chat_accepted(request, draft, message)
+
+
+@contextlib.asynccontextmanager
+async def _kept_active(engine: AuditEngine, session_id: str, idle: float) -> AsyncIterator[None]:
+    """A session whose user waits for a chat (for a slot, for the provider's
+    answer) is not idle: touched every quarter of the idle timeout (at most
+    every second) while the chat runs. (Its last request was the chat's
+    start, so with ``ai.openai.timeout_seconds`` or the wait for a slot
+    longer than ``audit.idle_timeout_seconds`` the reaper sealed the session
+    as idle under a chat still waiting, and its user got 401 for the answer.)
+    Token expiry and ``max_session_seconds`` still end it."""
+    interval = max(0.05, min(1.0, idle / 4))
+
+    async def touching() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            engine.touch(session_id)
+
+    task = asyncio.ensure_future(touching())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def _chat_accepted(request: web.Request, draft: Draft, message: str) -> web.Response:
+    ctx = request[CTX]
+    doc_id = request.match_info["doc_id"]
     # Who may chat about the document is settled before the wait for a slot:
     # with every slot busy (a slow provider, or somebody's many chats),
     # another user's attempt is still 404 and access.denied, not ai_busy.

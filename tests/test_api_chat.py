@@ -514,6 +514,35 @@ async def test_session_ended_while_the_provider_answers_keeps_the_record(
     assert "reply" in d["action_details"]
 
 
+async def test_a_chat_longer_than_the_idle_timeout_keeps_its_session_open(
+    make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user waiting for the provider's answer is not idle: with the
+    provider slower than ``audit.idle_timeout_seconds``, the reaper sealed the
+    session under the chat (idle since the chat's request), and the user got
+    401 session_ended instead of the answer."""
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
+    idle = 1.0
+    api = await make_api(audit={"idle_timeout_seconds": idle}, ai=_openai(stub))
+    alice = await api.user("alice")
+    doc = await api.create_doc(alice, title="Reactor", content=DOC)
+    chat = await _held_chat(api, stub, alice, doc["id"], "What water is used?")
+    s = api.engine.spool.open_session(alice.session_id)
+    assert s is not None
+    asked = s.last_activity
+    # The provider holds the answer for longer than the idle timeout (the
+    # reaper runs once a second meanwhile; once more here, to be sure).
+    await wait_for(lambda: time.time() > asked + 1.5 * idle, message="the idle timeout")
+    await api.engine.reap_once()
+    assert api.engine.session(alice.session_id) is not None
+    stub.gate.set()
+    resp = await chat
+    assert resp.status == 200, await resp.text()
+    (ev,) = await _ai_events(api, alice.session_id)
+    assert ev["outcome"] == "success"
+    assert (await api.client.get("/me", headers=alice.headers)).status == 200
+
+
 async def test_spool_full_while_the_provider_answers_keeps_the_record(
     make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
