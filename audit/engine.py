@@ -84,6 +84,10 @@ def _reason(draft: Draft) -> str | None:
     return reason[:64] if isinstance(reason, str) else None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 class AuditEngine:
     def __init__(
         self,
@@ -483,7 +487,9 @@ class AuditEngine:
             # Draft(**...) quoted the note's value or an unknown field's name.
             wrong = "not JSON"
             try:
-                note = json.loads(text)
+                # NaN and Infinity, which json reads and the records' JSON
+                # refuses: its record raised out of the start, at every start.
+                note = json.loads(text, parse_constant=_no_constant)
                 wrong = "its draft is not one this release can read"
                 raw = note["draft"]
                 draft = Draft(**{**raw, "source": Source(**raw["source"])})
