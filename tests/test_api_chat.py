@@ -46,6 +46,21 @@ async def _ai_events(api: Api, sid: str) -> list[dict[str, Any]]:
     return [e for e in await api.events(sid) if e["action"] == "ai.interaction"]
 
 
+def _quiet(api: Api) -> None:
+    """Stop the server's passes that use the spool on a timer, for a test
+    that holds the spool's writer or reader and waits for the chat's job to
+    queue behind it (counting the jobs queued): the reaper (each second:
+    the revocations read, the sink's status written), the revocation check
+    (each second: read) and the flusher (a look for work every 5 s: read).
+    A pass that came while the spool was held was taken for the chat's job
+    (the chat cut off before it: recorded as a success, or not at all), or
+    made the count pass the one waited for (waited for in vain, 60 s)."""
+    api.engine._tasks["reaper"].cancel()
+    api.engine.flusher.stop()
+    (revocations,) = [t for t in asyncio.all_tasks() if t.get_name() == "revocations"]
+    revocations.cancel()
+
+
 async def _failed_chat(api: Api, status: int, code: str) -> tuple[Any, dict[str, Any]]:
     """alice asks about her document and gets ``status`` ``code``: the error
     body and the one ``ai.interaction`` (a failure) recorded for it."""
@@ -910,6 +925,7 @@ async def test_a_chat_cut_off_by_the_shutdown_while_its_note_commits_is_recorded
     nothing is sent, and the attempt was recorded nowhere."""
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
     api = await make_api(ai=_openai(stub))
+    _quiet(api)
     alice = await api.user("alice")
     doc = await api.create_doc(alice, title="A", content=DOC)
     spool = api.engine.spool
@@ -958,6 +974,7 @@ async def test_a_chat_cut_off_while_its_record_commits_after_a_logout_keeps_it(
     counts). Now it goes on in a task of its own: the success, at once."""
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
     api = await make_api(ai=_openai(stub))
+    _quiet(api)
     alice = await api.user("alice")
     doc = await api.create_doc(alice, title="A", content=DOC)
     chat = await _held_chat(api, stub, alice, doc["id"], "a?")
@@ -1006,6 +1023,7 @@ async def test_a_chat_cut_off_by_the_shutdown_while_its_document_is_read_is_reco
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
     monkeypatch.setattr(server, "CHAT_CONCURRENCY", 1)
     api = await make_api(ai=_openai(stub))
+    _quiet(api)
     alice, bob = await api.user("alice"), await api.user("bob")
     adoc = await api.create_doc(alice, title="A", content=DOC)
     bdoc = await api.create_doc(bob, title="B", content="Bob secret plans.")
