@@ -9,7 +9,7 @@ import io
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -494,6 +494,19 @@ async def _queued_chat(api: Api, who: Any, doc_id: str) -> asyncio.Future[Any]:
     return chat
 
 
+async def _bob_queued_behind_alice(
+    api: Api, stub: OpenAIStub
+) -> tuple[Any, Any, dict[str, Any], asyncio.Future[Any], asyncio.Future[Any]]:
+    """With one chat slot: alice's chat held by the provider, and bob's about
+    his document ("Bob secret plans.") waiting for the slot. Returns alice,
+    bob, his document and the two chats."""
+    alice, bob = await api.user("alice"), await api.user("bob")
+    adoc = await api.create_doc(alice, title="A", content=DOC)
+    bdoc = await api.create_doc(bob, title="B", content="Bob secret plans.")
+    first = await _held_chat(api, stub, alice, adoc["id"], "a?")
+    return alice, bob, bdoc, first, await _queued_chat(api, bob, bdoc["id"])
+
+
 def _openai(stub: OpenAIStub) -> dict[str, Any]:
     return {"provider": "openai", "openai": {
         "base_url": stub.base_url, "model": "stub-model-1",
@@ -633,11 +646,7 @@ async def test_a_chat_queued_past_its_session_sends_nothing(
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
     monkeypatch.setattr(server, "CHAT_CONCURRENCY", 1)
     api = await make_api(ai=_openai(stub))
-    alice, bob = await api.user("alice"), await api.user("bob")
-    adoc = await api.create_doc(alice, title="A", content=DOC)
-    bdoc = await api.create_doc(bob, title="B", content="Bob secret plans.")
-    first = await _held_chat(api, stub, alice, adoc["id"], "a?")
-    queued = await _queued_chat(api, bob, bdoc["id"])
+    _, bob, bdoc, first, queued = await _bob_queued_behind_alice(api, stub)
     assert (await api.client.post("/logout", headers=bob.headers)).status == 200
     stub.gate.set()
     assert (await first).status == 200
@@ -891,11 +900,7 @@ async def test_a_chat_cut_off_by_the_shutdown_while_it_waits_is_recorded(
     monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test-stub-key")
     monkeypatch.setattr(server, "CHAT_CONCURRENCY", 1)
     api = await make_api(ai=_openai(stub))
-    alice, bob = await api.user("alice"), await api.user("bob")
-    adoc = await api.create_doc(alice, title="A", content=DOC)
-    bdoc = await api.create_doc(bob, title="B", content="Bob secret plans.")
-    first = await _held_chat(api, stub, alice, adoc["id"], "a?")
-    queued = await _queued_chat(api, bob, bdoc["id"])
+    alice, bob, bdoc, first, queued = await _bob_queued_behind_alice(api, stub)
     if logged_out:
         assert (await api.client.post("/logout", headers=bob.headers)).status == 200
     await api.app[IN_FLIGHT].finish(0.0)  # the grace is over: what still runs is cancelled
@@ -917,6 +922,34 @@ async def test_a_chat_cut_off_by_the_shutdown_while_it_waits_is_recorded(
     assert all("Bob secret" not in json.dumps(r["body"]) for r in stub.requests)
 
 
+@contextlib.asynccontextmanager
+async def _held(start: Callable[[Callable[[Any], None]], Awaitable[Any]]) -> AsyncIterator[None]:
+    """The spool's writer or its one reader busy with a job of the test's
+    (``start`` hands it over) until the block ends; the job awaited after."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> None:
+        held.set()
+        release.wait(10)
+
+    holding = start(hold)
+    try:
+        await asyncio.to_thread(held.wait, 10)
+        yield
+    finally:
+        release.set()
+    await holding
+
+
+async def _cut_off_all(in_flight: Any, timeout: float = 60.0) -> asyncio.Future[Any]:  # noqa: ASYNC109
+    """The shutdown's cancel of the requests in flight (its grace over),
+    returned once every one is cancelling."""
+    finishing = asyncio.ensure_future(in_flight.finish(0.0))
+    await wait_for(lambda: all(t.cancelling() for t in in_flight._tasks),
+                   timeout=timeout, message="the chat cancelled")
+    return finishing
+
+
 async def test_a_chat_cut_off_by_the_shutdown_while_its_note_commits_is_recorded(
     make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -929,26 +962,13 @@ async def test_a_chat_cut_off_by_the_shutdown_while_its_note_commits_is_recorded
     alice = await api.user("alice")
     doc = await api.create_doc(alice, title="A", content=DOC)
     spool = api.engine.spool
-    held, release = threading.Event(), threading.Event()
-
-    def hold(w: Any) -> None:
-        held.set()
-        release.wait(10)
-
-    holding = spool.submit_nowait(hold, needs_space=False)
-    try:
-        await asyncio.to_thread(held.wait, 10)
+    async with _held(lambda hold: spool.submit_nowait(hold, needs_space=False)):
         chat = asyncio.ensure_future(api.client.post(
             f"/documents/{doc['id']}/chat", json={"message": "a?"}, headers=alice.headers))
         await wait_for(lambda: len(spool._pending) == 1,
                        message="the chat's note queued behind the held job")
         in_flight = api.app[IN_FLIGHT]
-        finishing = asyncio.ensure_future(in_flight.finish(0.0))
-        await wait_for(lambda: all(t.cancelling() for t in in_flight._tasks),
-                       message="the chat cancelled")
-    finally:
-        release.set()
-    await holding
+        finishing = await _cut_off_all(in_flight)
     await finishing
     with contextlib.suppress(aiohttp.ClientError):
         await chat
@@ -979,25 +999,12 @@ async def test_a_chat_cut_off_while_its_record_commits_after_a_logout_keeps_it(
     doc = await api.create_doc(alice, title="A", content=DOC)
     chat = await _held_chat(api, stub, alice, doc["id"], "a?")
     spool, in_flight = api.engine.spool, api.app[IN_FLIGHT]
-    held, release = threading.Event(), threading.Event()
-
-    def hold(w: Any) -> None:
-        held.set()
-        release.wait(10)
-
-    holding = spool.submit_nowait(hold, needs_space=False)
-    try:
-        await asyncio.to_thread(held.wait, 10)
+    async with _held(lambda hold: spool.submit_nowait(hold, needs_space=False)):
         logout = asyncio.ensure_future(api.client.post("/logout", headers=alice.headers))
         await wait_for(lambda: len(spool._pending) == 1, message="the logout's seal queued")
         stub.gate.set()
         await wait_for(lambda: len(spool._pending) == 2, message="the chat's record queued")
-        finishing = asyncio.ensure_future(in_flight.finish(0.0))
-        await wait_for(lambda: all(t.cancelling() for t in in_flight._tasks),
-                       message="the chat cancelled")
-    finally:
-        release.set()
-    await holding
+        finishing = await _cut_off_all(in_flight)
     await finishing
     for request in (chat, logout):
         with contextlib.suppress(aiohttp.ClientError):
@@ -1032,15 +1039,7 @@ async def test_a_chat_cut_off_by_the_shutdown_while_its_document_is_read_is_reco
     if where == "after its slot":
         first = await _held_chat(api, stub, alice, adoc["id"], "a?")
         queued = await _queued_chat(api, bob, bdoc["id"])
-    held, release = threading.Event(), threading.Event()
-
-    def hold(conn: Any) -> None:
-        held.set()
-        release.wait(10)
-
-    holding = asyncio.ensure_future(spool.read(hold))
-    try:
-        await asyncio.to_thread(held.wait, 10)
+    async with _held(lambda hold: asyncio.ensure_future(spool.read(hold))):
         if first is None:
             chat = asyncio.ensure_future(api.client.post(
                 f"/documents/{bdoc['id']}/chat", json={"message": "b?"}, headers=bob.headers))
@@ -1053,12 +1052,7 @@ async def test_a_chat_cut_off_by_the_shutdown_while_its_document_is_read_is_reco
         queue = spool._rexec._work_queue  # type: ignore[union-attr]
         await wait_for(lambda: queue.qsize() == 1,
                        message="the chat's read queued behind the held one")
-        finishing = asyncio.ensure_future(in_flight.finish(0.0))
-        await wait_for(lambda: all(t.cancelling() for t in in_flight._tasks),
-                       timeout=10, message="the chat cancelled")
-    finally:
-        release.set()
-    await holding
+        finishing = await _cut_off_all(in_flight, timeout=10)
     await finishing
     with contextlib.suppress(aiohttp.ClientError):
         await chat
