@@ -161,7 +161,10 @@ async def test_a_damaged_note_is_said_without_quoting_its_text(
 ) -> None:
     """A note whose start time or draft field is damaged: the log line
     quoted float()'s or Draft()'s words, the stored value or an unknown
-    field's name with them. It names what is wrong instead."""
+    field's name with them. It names what is wrong instead. A note holding
+    NaN or Infinity (Python's json reads them, the records' canonical JSON
+    refuses them) raised ValueError out of the start, at every start: it is
+    a note that cannot be read."""
     config = make_config()
     e = await engines.open(config)
     s = await e.start_session("alice", "user", SRC, 3600)
@@ -171,6 +174,10 @@ async def test_a_damaged_note_is_said_without_quoting_its_text(
                                 "draft": draft})),
         ("begun:b", json.dumps({"session_id": s.session_id, "started": 1.0,
                                 "draft": {**draft, "salaries 2027": 1}})),
+        ("begun:n", json.dumps({"session_id": s.session_id, "started": 1.0,
+                                "draft": {**draft, "details": {"latency_ms": float("nan")}}})),
+        ("begun:i", json.dumps({"session_id": s.session_id, "started": float("inf"),
+                                "draft": draft})),
     ]
     await e.spool.submit(lambda w: w.conn.executemany(
         "INSERT INTO meta (key, value) VALUES (?, ?)", notes))
@@ -183,37 +190,13 @@ async def test_a_damaged_note_is_said_without_quoting_its_text(
         " missing or not a time, ValueError): its event is not recorded",
         "the spool's note 'begun:b' of an action under way cannot be read (its draft is not"
         " one this release can read, TypeError): its event is not recorded",
+        "the spool's note 'begun:i' of an action under way cannot be read (not JSON,"
+        " ValueError): its event is not recorded",
+        "the spool's note 'begun:n' of an action under way cannot be read (not JSON,"
+        " ValueError): its event is not recorded",
     ]
     assert "payroll" not in caplog.text and "salaries" not in caplog.text
     assert sorted(await _begun_notes(e)) == sorted(notes)
-
-
-async def test_a_note_with_a_number_json_cannot_hold_is_left_and_said(
-    make_config, engines, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A damaged note holding NaN or Infinity (Python's json reads them; the
-    records' canonical JSON refuses them): its record raised ValueError out
-    of the start, at every start. It is a note that cannot be read."""
-    config = make_config()
-    e = await engines.open(config)
-    s = await e.start_session("alice", "user", SRC, 3600)
-    draft = asdict(_chat())
-    notes = [
-        ("begun:n", json.dumps({"session_id": s.session_id, "started": 1.0,
-                                "draft": {**draft, "details": {"latency_ms": float("nan")}}})),
-        ("begun:i", json.dumps({"session_id": s.session_id, "started": float("inf"),
-                                "draft": draft})),
-    ]
-    await e.spool.submit(lambda w: w.conn.executemany(
-        "INSERT INTO meta (key, value) VALUES (?, ?)", notes))
-    await engines.close(e)
-    with caplog.at_level(logging.ERROR, logger="session_audit.engine"):
-        e = await engines.open(config)
-    lines = sorted(r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage())
-    assert len(lines) == 2 and all("(not JSON, ValueError)" in x for x in lines), lines
-    assert sorted(await _begun_notes(e)) == sorted(notes)
-    assert [ev["action"] for ev in await _events(e, s.session_id)] == [
-        "session.start", "token.issue"]
 
 
 async def test_an_action_cut_off_while_its_note_commits_leaves_no_note(
