@@ -10,29 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from typing import Any
 
 import pytest
+from test_config_effects import _hold_writer
 from waiting import wait_for
 
 from audit.events import Draft, Source, format_ts
 from audit.spool import SpoolFull
 
 SRC = Source(user="alice", role="user", ip="192.0.2.1", request_id="req-1")
-
-
-async def _hold_writer(spool: Any) -> tuple[threading.Event, Any]:
-    """The spool's writer held in a commit until the gate is set."""
-    gate, holding = threading.Event(), threading.Event()
-
-    def hold(_: Any) -> None:
-        holding.set()
-        gate.wait(30)
-
-    held = spool.submit_nowait(hold, needs_space=False)
-    await wait_for(holding.is_set, message="the writer held in a commit")
-    return gate, held
 
 
 async def _security(e: Any) -> list[dict[str, Any]]:

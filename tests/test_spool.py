@@ -640,6 +640,21 @@ except sqlite3.Error as exc:
 """
 
 
+async def migrate_with_no_room(path: Path) -> str:
+    """Open the spool at ``path`` in a subprocess whose disk is full
+    (:data:`_MIGRATE_WITH_NO_ROOM`): it says the disk's error, not a failed
+    ROLLBACK. Returns what it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MIGRATE_WITH_NO_ROOM, str(path), cwd=_ROOT,
+        stdout=asyncio.subprocess.PIPE)
+    raw, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    out = raw.decode()
+    assert "cannot rollback" not in out
+    assert "disk I/O error" in out or "full" in out, out
+    return out
+
+
 async def test_a_migration_that_cannot_write_says_why(tmp_path, audit_key):
     """A layout upgrade runs in one transaction. When its writes fail (a full
     disk) SQLite rolls it back itself, and the migration's own ROLLBACK then
@@ -655,14 +670,7 @@ async def test_a_migration_that_cannot_write_says_why(tmp_path, audit_key):
                                for _ in range(50)))
     await sp.close()
     _downgrade(path, "sk_index")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _MIGRATE_WITH_NO_ROOM, str(path), cwd=_ROOT,
-        stdout=asyncio.subprocess.PIPE)
-    raw, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0
-    out = raw.decode()
-    assert "cannot rollback" not in out
-    assert "disk I/O error" in out or "full" in out, out
+    await migrate_with_no_room(path)
     sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
     await sp.open()  # upgraded now
     try:
