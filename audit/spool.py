@@ -378,9 +378,12 @@ def _note_earlier_late(conn: sqlite3.Connection, writer: Writer) -> None:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError, TypeError, KeyError) as exc:
+        # (Also a damaged meta note, security_stretch not JSON: the start goes
+        # on, as after a cut to the part limits that cannot read a text.)
         log.warning("security events dead-lettered by an earlier release could not be"
-                    " noted: %s", without_text(exc))
+                    " noted: %s", without_text(exc) if isinstance(exc, sqlite3.Error)
+                    else type(exc).__name__)
         return
     if n:
         log.info("noted the place in the security chain of %d security events an earlier"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import sqlite3
 import sys
@@ -197,6 +198,37 @@ async def test_a_start_notes_the_dead_letters_an_earlier_release_left(tmp_path, 
         assert sorted(c.execute("SELECT sink, took_from, took_to FROM sink_resumes")) == [
             ("jsonl /a", evs[1]["hash"], ""), ("jsonl /b", evs[0]["hash"], evs[1]["hash"])]
         assert c.execute("SELECT COUNT(*) FROM security_late").fetchone() == (0,)
+
+
+async def test_a_damaged_stretch_note_leaves_the_earlier_dead_letters_unnoted_and_opens(
+        tmp_path, audit_key, caplog):
+    """A damaged ``security_stretch`` (not JSON) while an earlier release's
+    dead letters wait to be noted: ValueError out of Spool.open, a start
+    refused with a traceback. The start goes on, as after a cut to the part
+    limits that cannot read a damaged text; the note waits."""
+    path = tmp_path / "spool.db"
+    sp = Spool(path, audit_key, limits=LIMITS)
+    await sp.open()
+    try:
+        for _ in range(3):
+            await sp.submit(lambda w: w.append_security(
+                Draft("auth.login_failed", outcome="denied"), None))
+        await sp.submit(lambda w: w.mark_security_stored([1, 3], 60, sink="jsonl /a"))
+        await sp.submit(lambda w: w.mark_security_dead([2], "refused"))
+    finally:
+        await sp.close()
+    with contextlib.closing(sqlite3.connect(path)) as c, c:
+        c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('security_stretch', '[')")
+    sp = Spool(path, audit_key, limits=LIMITS)
+    with caplog.at_level(logging.WARNING, logger="session_audit.spool"):
+        await sp.open()
+    await sp.close()
+    assert "could not be noted: JSONDecodeError" in caplog.text
+    with contextlib.closing(sqlite3.connect(path)) as c:  # left as it was
+        assert c.execute("SELECT id, state FROM security_events ORDER BY id").fetchall() == [
+            (1, "stored"), (2, "dead"), (3, "stored")]
+        assert c.execute("SELECT 1 FROM sqlite_master WHERE name = 'security_late'"
+                         ).fetchone() is None
 
 
 @pytest.mark.parametrize("left", ["no security event", "no sink_status"])
