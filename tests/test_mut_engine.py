@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -26,6 +27,23 @@ async def _security(e: Any) -> list[dict[str, Any]]:
     rows = await e.spool.read(lambda c: c.execute(
         "SELECT json FROM security_events ORDER BY id").fetchall())
     return [json.loads(j) for (j,) in rows]
+
+
+async def _shut_down_held(engines: Any, e: Any, gate: threading.Event, held: Any,
+                          *queued: Any) -> None:
+    """The shutdown (``engines.close``) at once, the writer held: it goes as
+    far as it can in a few turns of the loop (no time waited), then the
+    writer is freed; waits for the held job, ``queued`` and the close."""
+    closing = asyncio.ensure_future(engines.close(e))
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)  # a turn of the loop, not a wait
+    finally:
+        gate.set()
+    await held
+    for fut in queued:
+        await fut
+    await closing
 
 
 async def test_close_keeps_a_fast_record_whose_session_ended_before_its_commit(
@@ -45,14 +63,9 @@ async def test_close_keeps_a_fast_record_whose_session_ended_before_its_commit(
         await wait_for(lambda: bool(e.spool._pending), message="the logout queued")
         draft = Draft("document.list", source=SRC)
         assert await e.record(s.session_id, draft) is None  # answered before the commit
-        closing = asyncio.ensure_future(engines.close(e))  # the shutdown, at once
-        for _ in range(20):  # (as far as it goes before the writer is free)
-            await asyncio.sleep(0)
+        await _shut_down_held(engines, e, gate, held, logout)
     finally:
         gate.set()
-    await held
-    await logout
-    await closing
     e = await engines.open(config)
     (ev,) = await _security(e)
     assert (ev["action"], ev["session_id"]) == ("auth.session_ended", s.session_id)
@@ -197,14 +210,9 @@ async def test_close_waits_for_a_detached_record_to_reach_the_security_stream(
         await wait_for(lambda: bool(e.spool._pending), message="the logout queued")
         recording = e.detach(e.record_done(s.session_id, chat, key))
         await wait_for(lambda: len(e.spool._pending) == 2, message="the record queued")
-        closing = asyncio.ensure_future(engines.close(e))  # the shutdown, at once
-        for _ in range(20):  # (as far as it goes before the writer is free)
-            await asyncio.sleep(0)
+        await _shut_down_held(engines, e, gate, held, logout)
     finally:
         gate.set()
-    await held
-    await logout
-    await closing
     assert recording.done()
     e = await engines.open(config)
     (ev,) = await _security(e)
