@@ -15,12 +15,12 @@ import io
 import json
 import logging
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from api_fixtures import USER_PASSWORD, Api, Login, MakeApi, api, expect_error, make_api, wait_for
+from test_config_effects import _hold_writer
 
 import server
 from audit.spool import connect
@@ -374,15 +374,17 @@ async def test_passes_at_once_record_each_change_of_an_account_once(api: Api) ->
     for disabled in (True, False, True):
         assert cli_change(api, "alice", disabled=disabled)
     spool = api.engine.spool
-    gate = threading.Event()  # the writer held until both passes read the rows
-    held = asyncio.ensure_future(spool.submit(lambda w: gate.wait(10), needs_space=False))
+    # The writer held until both passes read the rows: held in a commit
+    # before they start (a job only queued was taken in one batch with
+    # theirs, and the queue never showed their six: the CI failure of 29 Nov).
+    gate, held = await _hold_writer(spool)
     passes = asyncio.gather(accounts(api).record_account_changes(),
                             accounts(api).record_account_changes())
     try:
         # (counted by kind: a loaded machine's flusher or reaper may queue
         # its own job behind the held one meanwhile)
         await wait_for(lambda: sum(getattr(job, "__qualname__", "").startswith(
-            "_change_recorder.") for job, _ in spool._pending) == 6, timeout=10,
+            "_change_recorder.") for job, _ in spool._pending) == 6, timeout=20,
             interval=0.01, message="both passes' jobs queued")
     finally:
         gate.set()
