@@ -28,6 +28,7 @@ from .metrics import Stats
 from .ratelimit import FloodGuard
 from .spool import JOB_BYTES, Spool, SpoolClosed, SpoolFull, SpoolUnavailable
 from .store import (
+    INTERRUPTED,
     ActionError,
     Append,
     Change,
@@ -36,6 +37,7 @@ from .store import (
     Read,
     SessionNotOpen,
     Writer,
+    activity_time,
 )
 
 log = logging.getLogger("session_audit.engine")
@@ -438,21 +440,24 @@ class AuditEngine:
                 lambda w: w.conn.execute("DELETE FROM meta WHERE key = ?", (key,)),
                 needs_space=False)
 
-    async def record_done(self, session_id: str, draft: Draft, begun: str | None = None) -> None:
+    async def record_done(self, session_id: str, draft: Draft, begun: str | None = None,
+                          *, activity: float | None = None) -> None:
         """Record the event of an action that has happened (a chat the
         provider was asked), deleting its :meth:`begin` note ``begun`` in the
         same transaction: taken even by a full spool, and durable whatever
         ``audit.ack`` says. A session that ended meanwhile (logout, expiry,
         idle timeout) does not lose it: it goes to the security stream as
         ``auth.session_ended`` with the action's details, and
-        :class:`SessionNotOpen` is raised (marked recorded)."""
+        :class:`SessionNotOpen` is raised (marked recorded). ``activity``
+        (with ``begun``): when the event counts as the session's activity,
+        if not at its time (:meth:`Writer.append`)."""
 
         def done(w: Writer) -> None:
             if begun is not None:
                 w.conn.execute("DELETE FROM meta WHERE key = ?", (begun,))
 
         def event(w: Writer) -> str:
-            text = w.append(session_id, draft)
+            text = w.append(session_id, draft, activity=activity)
             done(w)
             return text
 
@@ -482,6 +487,7 @@ class AuditEngine:
         rows = await self.spool.read(lambda c: c.execute(
             "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
             (BEGUN, BEGUN[:-1] + chr(ord(BEGUN[-1]) + 1))).fetchall())
+        noted: list[tuple[str, str, Draft, float | None]] = []
         for key, text in rows:
             # What is wrong is named, not quoted: the words of float() or
             # Draft(**...) quoted the note's value or an unknown field's name.
@@ -505,7 +511,20 @@ class AuditEngine:
                           " its event is not recorded", key, wrong, type(exc).__name__)
                 continue
             draft.outcome = "failure"
-            draft.details = {**draft.details, "reason": "interrupted", "started_at": started}
+            draft.details = {**draft.details, "reason": INTERRUPTED, "started_at": started}
+            # The record, made now, is not the user's activity: the action's
+            # request was, when it began (as a restart reads the record back).
+            noted.append((key, session_id, draft, activity_time(
+                {"action": draft.action, "outcome": draft.outcome, "details": draft.details})))
+        # Each session's activity as it stood before the crash, all its actions
+        # begun counted, before any deadline is judged: the downtime is not
+        # activity, and one action judged alone could end a session that a
+        # later one had kept open.
+        for _, session_id, _, activity in noted:
+            s = self.spool.open_session(session_id)
+            if s is not None and activity is not None:
+                s.last_activity = max(s.last_activity, activity)
+        for key, session_id, draft, activity in noted:
             log.warning("%s (event %s, session %s) was under way when the server stopped:"
                         " recorded as interrupted", draft.action, draft.event_id, session_id)
             try:
@@ -517,7 +536,7 @@ class AuditEngine:
                     # that took an idle session, and its token, back to life).
                     with contextlib.suppress(SessionNotOpen):
                         await self.spool.submit(_ender(s, *ended), needs_space=False)
-                await self.record_done(session_id, draft, key)
+                await self.record_done(session_id, draft, key, activity=activity)
             except SessionNotOpen:
                 pass  # (recorded as a security event)
             except (SpoolUnavailable, sqlite3.Error, OSError) as exc:

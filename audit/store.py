@@ -24,6 +24,7 @@ from .events import (
     format_ts,
     genesis,
     new_id,
+    parse_ts,
     seal_event,
     seal_text,
 )
@@ -432,6 +433,54 @@ def _note_earlier_stretch(conn: sqlite3.Connection) -> bool:
     return True
 
 
+# details.reason of the record of an action a crash interrupted, which the
+# server makes at its next start (AuditEngine.record_interrupted).
+INTERRUPTED = "interrupted"
+
+
+def activity_time(event: Any) -> float | None:
+    """When a record the server made on its own counts as its session's
+    activity, or None for any other event (activity at its own time).
+
+    The record of an action a crash interrupted (``ai.interaction``,
+    failure, reason ``interrupted``: only the server's start makes it) is
+    made at the next start; the user's activity was when the action began
+    (``details.started_at``). Counted at the record's time, the downtime
+    was added to the session's idle deadline. The spool keeps no more than
+    the event, so this rule is what a restart reads back (Writer.load)."""
+    if (not isinstance(event, dict) or event.get("action") != "ai.interaction"
+            or event.get("outcome") != "failure"):
+        return None
+    details = event.get("details")
+    if not isinstance(details, dict) or details.get("reason") != INTERRUPTED:
+        return None
+    started = details.get("started_at")
+    try:
+        return parse_ts(started) if isinstance(started, str) else None
+    except (ValueError, OverflowError):
+        return None
+
+
+def _last_activity(conn: sqlite3.Connection, sk: int, cut_seq: int) -> float:
+    """The last activity told by a session's uncut events, the newest of
+    which is a record the server made (:func:`activity_time`): going back
+    from it, each such record's activity time, and the first other event's
+    time (times only go forward along the chain)."""
+    last = float("-inf")
+    for ts, text in conn.execute(
+        "SELECT ts, CAST(json AS BLOB) FROM session_events WHERE sk = ? AND seq > ?"
+        " ORDER BY seq DESC", (sk, cut_seq),
+    ):
+        try:
+            at = activity_time(json.loads(text))
+        except ValueError:  # a damaged text: counted at its time, as before
+            at = None
+        if at is None:
+            return max(last, float(ts))
+        last = max(last, at)
+    return last
+
+
 def _keys_mark(conn: sqlite3.Connection) -> int:
     """The highest events rowid in event_keys' reach (the tail is above it)."""
     row = conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'keys_mark'").fetchone()
@@ -473,7 +522,14 @@ class OpenSession:
     role: str
     start_ts: float
     expires_at: float
+    # The user's last activity, from which the idle deadline runs: the time
+    # of the newest event, or of a request that recorded none (memory only),
+    # but not of a record the server made on its own (see activity_time).
     last_activity: float
+    # The time of the newest event: later events and the session's end are
+    # never before it (a wall clock stepped back must not send the times of
+    # its chain backwards).
+    head_ts: float
     next_seq: int
     head: str
     cut_seq: int
@@ -492,7 +548,7 @@ class OpenSession:
         """A snapshot (cheaper than ``dataclasses.replace``; taken per append)."""
         return OpenSession(
             self.session_id, self.sk, self.user, self.role, self.start_ts, self.expires_at,
-            self.last_activity, self.next_seq, self.head, self.cut_seq, self.cut_hash,
+            self.last_activity, self.head_ts, self.next_seq, self.head, self.cut_seq, self.cut_hash,
             self.cut_events, self.next_part, self.uncut_count, self.uncut_bytes,
             self.uncut_first_ts,
         )
@@ -711,6 +767,7 @@ class Writer:
                 start_ts=start,
                 expires_at=exp,
                 last_activity=last_ts,
+                head_ts=last_ts,
                 next_seq=cut_seq + 1,
                 head=cut_hash,
                 cut_seq=cut_seq,
@@ -744,15 +801,21 @@ class Writer:
                 else:
                     last = c.execute(
                         "SELECT json FROM events WHERE rowid = ?", (head_rid,)).fetchone()
-                s.head = json.loads(last[0])["hash"]
+                newest = json.loads(last[0])
+                s.head = newest["hash"]
                 s.next_seq = max_seq + 1
                 s.uncut_count = count
                 s.uncut_bytes = nbytes
                 s.uncut_first_ts = first_ts
-                s.last_activity = max(s.last_activity, last_ts2)
+                s.head_ts = max(s.head_ts, last_ts2)
+                if activity_time(newest) is None:  # (the usual case: the newest is activity)
+                    s.last_activity = max(s.last_activity, last_ts2)
+                else:
+                    s.last_activity = max(s.last_activity, _last_activity(c, sk, cut_seq))
             old = self.sessions.get(sid)
             if old is not None:  # activity seen since (memory only) is not lost
                 s.last_activity = max(s.last_activity, old.last_activity)
+                s.head_ts = max(s.head_ts, old.head_ts)
             sessions[sid] = s
         self.sessions = sessions
 
@@ -1016,6 +1079,7 @@ class Writer:
             start_ts=now,
             expires_at=expires_at,
             last_activity=now,
+            head_ts=now,
             next_seq=1,
             head=head,
             cut_seq=0,
@@ -1034,9 +1098,15 @@ class Writer:
             raise SessionNotOpen(session_id)
         return s
 
-    def append(self, session_id: str, draft: Draft, now: float | None = None) -> str:
+    def append(self, session_id: str, draft: Draft, now: float | None = None,
+               *, activity: float | None = None) -> str:
         """Give the draft its ``seq``, time (``now``, else the clock's) and hash
         and store it; returns the event as stored (its canonical JSON).
+
+        The event is the session's activity at its time, unless ``activity``
+        says when instead: a record the server makes on its own (a chat a
+        crash interrupted, recorded at the next start: when it began), which
+        must match :func:`activity_time` of the event, as a restart reads it.
 
         The hot path of the spool (once per event): nothing in the cache
         changes before the sealing succeeded, so a failing append leaves
@@ -1048,9 +1118,9 @@ class Writer:
         if self._undo is not None:
             self._touch(s)
         if now is None:
-            # Never before the session's last activity: a wall clock stepped
+            # Never before the session's newest event: a wall clock stepped
             # back (NTP) must not send the times of its chain backwards.
-            now = max(self.clock(), s.last_activity)
+            now = max(self.clock(), s.head_ts)
         seq = s.next_seq
         digest, text = seal_text(self.key, s.head, draft, session_id, seq, now)
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
@@ -1070,7 +1140,10 @@ class Writer:
             s.uncut_bytes += size
         else:  # the first event after a cut (or of the session)
             s.uncut_count, s.uncut_bytes, s.uncut_first_ts = 1, size, now
-        s.last_activity = now
+        s.head_ts = now
+        active = now if activity is None else activity
+        if active > s.last_activity:
+            s.last_activity = active
         self.appended += 1
         return text
 
@@ -1166,12 +1239,12 @@ class Writer:
         """Record ``session.end`` and cut the final part; the session closes.
 
         It ends now, or ``at`` (the deadline that ended it, which the reaper
-        may see late: after downtime, a paused VM) but never before its last
-        activity (even now, after a wall clock stepped back), so that times
-        in its chain do not go backwards.
+        may see late: after downtime, a paused VM) but never before its newest
+        event (even now, after a wall clock stepped back), so that times in
+        its chain do not go backwards.
         """
         s = self.session(session_id)
-        now = max(self.clock() if at is None else at, s.last_activity)
+        now = max(self.clock() if at is None else at, s.head_ts)
         self.append(session_id, end, now)  # at the session's end time: verify compares the two
         self._touch(s)
         self._cut(s, final=True, reason=reason, end_ts=now)
@@ -1536,6 +1609,7 @@ def part_document(meta: dict[str, Any], events: list[Any]) -> dict[str, Any]:
 
 
 __all__ = [
+    "INTERRUPTED",
     "SCHEMA",
     "ActionError",
     "Append",
@@ -1544,6 +1618,7 @@ __all__ = [
     "OpenSession",
     "SessionNotOpen",
     "Writer",
+    "activity_time",
     "canonical_json",
     "migrate",
     "note_earlier_stretch",

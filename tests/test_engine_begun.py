@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from audit.events import Draft, Source
+from audit.events import Draft, Source, format_ts
 from audit.spool import SpoolUnavailable
 from audit.store import SessionNotOpen
 
@@ -286,3 +286,87 @@ async def test_an_interrupted_action_the_spool_cannot_take_waits_for_the_next_st
     ev = (await _events(e, s.session_id))[-1]
     assert (ev["event_id"], ev["outcome"], ev["details"]["reason"]) == (
         draft.event_id, "failure", "interrupted")
+
+
+async def _reopen(engines: Any, e: Any, config: Any, clock: Any, *, crash: bool = False) -> Any:
+    if crash:
+        await engines.abandon(e)
+    else:
+        await engines.close(e)
+    return await engines.open(config, clock=clock)
+
+
+async def test_an_interrupted_action_recorded_at_a_start_is_not_activity(
+    make_config, engines, fake_clock
+) -> None:
+    """The record of a chat a crash interrupted, made by the next start, is
+    the server's, not the user's: the session idle since the chat began
+    (at t) ends idle_timeout at t + idle_timeout_seconds, as it would have
+    without the crash, not that long after the start (the downtime added).
+    Not after a second start either, the record then read back from the
+    spool (uncut, then cut into a checkpoint part)."""
+    config = make_config(audit={"idle_timeout_seconds": 60})
+    e = await engines.open(config, clock=fake_clock)
+    s, draft, _ = await _chat_begun(e)
+    sid, t = s.session_id, fake_clock()
+    fake_clock.advance(40)
+    e = await _reopen(engines, e, config, fake_clock, crash=True)  # killed; started at t + 40
+    ev = (await _events(e, sid))[-1]
+    assert (ev["event_id"], ev["details"]["reason"]) == (draft.event_id, "interrupted")
+    assert e.spool.open_session(sid).last_activity == t
+    fake_clock.advance(5)
+    e = await _reopen(engines, e, config, fake_clock)  # the record uncut in the spool
+    assert e.spool.open_session(sid).last_activity == t
+    assert await e.spool.submit(lambda w: w.checkpoint(sid))
+    fake_clock.advance(5)
+    e = await _reopen(engines, e, config, fake_clock)  # and cut into a part
+    assert e.spool.open_session(sid).last_activity == t
+    fake_clock.advance(9)  # t + 59
+    await e.reap_once()
+    assert e.session(sid) is not None
+    fake_clock.advance(2)  # t + 61: past t + 60, long before t + 40 + 60
+    await e.reap_once()
+    assert e.spool.open_session(sid) is None
+    events = await _events(e, sid)
+    end = events[-1]
+    assert (end["action"], end["details"]) == ("session.end", {"reason": "idle_timeout"})
+    assert end["ts"] == format_ts(t + 60)
+    times = [ev["ts"] for ev in events]
+    assert times == sorted(times)  # (the record, at t + 40, before the end)
+
+
+async def test_an_interrupted_action_counts_as_activity_when_it_began(
+    make_config, engines, fake_clock
+) -> None:
+    """The chat's request was the user's activity, though nothing was
+    recorded then: a session whose last event is older than the idle
+    timeout at the next start, and whose chat began within it, stays open
+    until idle_timeout_seconds after the chat began, through a second start;
+    a user's action after the start moves the deadline on, as ever."""
+    config = make_config(audit={"idle_timeout_seconds": 60})
+    e = await engines.open(config, clock=fake_clock)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    sid = s.session_id
+    fake_clock.advance(50)
+    began = fake_clock()
+    draft = _chat()
+    await e.begin(sid, draft)
+    fake_clock.advance(30)  # 80 s after the login, 30 s after the chat began
+    e = await _reopen(engines, e, config, fake_clock, crash=True)
+    assert e.session(sid) is not None
+    assert (await _events(e, sid))[-1]["event_id"] == draft.event_id
+    assert e.spool.open_session(sid).last_activity == began
+    fake_clock.advance(10)
+    e = await _reopen(engines, e, config, fake_clock)
+    assert e.spool.open_session(sid).last_activity == began
+    fake_clock.advance(10)  # began + 50: the user acts
+    await e.record(sid, Draft("document.list", source=SRC))
+    e = await _reopen(engines, e, config, fake_clock)
+    fake_clock.advance(59)
+    await e.reap_once()
+    assert e.session(sid) is not None
+    fake_clock.advance(2)
+    await e.reap_once()
+    end = (await _events(e, sid))[-1]
+    assert (end["action"], end["details"]) == ("session.end", {"reason": "idle_timeout"})
+    assert end["ts"] == format_ts(began + 50 + 60)
