@@ -24,6 +24,7 @@ from typing import Any
 
 import bcrypt
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from audit.engine import AuditEngine
 from audit.events import USER_ACTIONS, Draft, Source, format_ts, new_id
@@ -861,10 +862,13 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
             await send_continue(request)
             async with body_deadline(request):
                 form = await request.post()
-        except (ValueError, LookupError, RuntimeError):
+        except (ValueError, LookupError, RuntimeError, HttpProcessingError):
             # A multipart body without or with a wrong boundary, bytes that are not
             # in the (possibly unknown) charset, a part with an unknown
-            # Content-Transfer-Encoding (RuntimeError): aiohttp raises these, not 400.
+            # Content-Transfer-Encoding (RuntimeError), a part's header line
+            # that is none (HttpProcessingError; so is every body with a
+            # ``_charset_`` field, RFC 7578 4.6, which aiohttp 3.14 reads
+            # into the next part's headers): aiohttp raises these, not 400.
             raise bad_request("the form body is malformed") from None
         data = _once([(k, v) for k, v in form.items() if isinstance(v, str)])
     else:

@@ -1156,6 +1156,26 @@ async def test_a_future_iat_is_taken_only_within_the_skew_of_its_session_start(
     assert len(await api.security("auth.invalid_token")) == 1
 
 
+async def test_a_multipart_login_whose_part_headers_cannot_be_read_is_400(api: Api) -> None:
+    """A part's header line that is no header, or a ``_charset_`` field
+    (RFC 7578 4.6: aiohttp 3.14 takes its value, then reads the rest of the
+    part as the next part's headers, and fails on every such body): aiohttp
+    raises HttpProcessingError, which was a 500 with a traceback logged. It
+    is 400 ``invalid_request``, as another malformed body is."""
+    await api.add_user("alice")
+    ctype = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    rest = (f'--XyZ\r\nContent-Disposition: form-data; name="username"\r\n\r\nalice\r\n'
+            f'--XyZ\r\nContent-Disposition: form-data; name="password"\r\n\r\n'
+            f"{USER_PASSWORD}\r\n--XyZ--\r\n").encode()
+    for head in (b'--XyZ\r\nContent-Disposition: form-data; name="_charset_"\r\n\r\n'
+                 b"utf-8\r\n",
+                 b'--XyZ\r\nContent-Disposition: form-data; name="x"\r\nno header\r\n\r\n'
+                 b"y\r\n"):
+        resp = await api.client.post("/token", data=head + rest, headers=ctype)
+        await expect_error(resp, 400, "invalid_request")
+    assert await api.security("auth.login_failed") == []
+
+
 async def test_a_multipart_login(api: Api) -> None:
     """multipart/form-data logs in as the other encodings do; without a
     Content-Length, or with a Content-Encoding (aiohttp reads such a body
