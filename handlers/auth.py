@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import enum
 import hashlib
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bcrypt
-from aiohttp import web
+from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from audit.engine import AuditEngine
@@ -842,7 +843,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
     data: dict[str, Any]
     if ctype == "application/x-www-form-urlencoded":
         raw = await read_body(request, LOGIN_BODY_MAX)  # chunked or gzip: the limit holds
-        charset = request.charset or "utf-8"
+        charset = _charset(request.charset or "utf-8")
         try:
             # %XX escapes are bytes of the same charset as the rest (they were
             # read as UTF-8, with U+FFFD for any other byte: a Latin-1 form's
@@ -861,7 +862,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
         try:
             await send_continue(request)
             async with body_deadline(request):
-                form = await request.post()
+                fields = await _multipart_fields(request)
         except (ValueError, LookupError, RuntimeError, HttpProcessingError):
             # A multipart body without or with a wrong boundary, bytes that are not
             # in the (possibly unknown) charset, a part with an unknown
@@ -870,7 +871,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
             # ``_charset_`` field, RFC 7578 4.6, which aiohttp 3.14 reads
             # into the next part's headers): aiohttp raises these, not 400.
             raise bad_request("the form body is malformed") from None
-        data = _once([(k, v) for k, v in form.items() if isinstance(v, str)])
+        data = _once(fields)
     else:
         data = await read_json(request, limit=LOGIN_BODY_MAX)
         if not isinstance(data, dict):
@@ -891,6 +892,63 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
         # which bcrypt's prehash cannot encode (a 500); JSON refuses them already.
         raise bad_request("username and password must be valid Unicode")
     return username, password
+
+
+# Python's text codecs that are no character sets: the escape codecs read
+# ``\\x61`` or ``\\u0061`` in ASCII text as another character, punycode and
+# idna decode labels, charmap and undefined are machinery. (Bytes-to-bytes
+# codecs such as base64 are no text encodings: decoding raises LookupError.)
+_NOT_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "punycode", "idna",
+                           "charmap", "undefined"})
+
+
+def _charset(name: str) -> str:
+    """``name``, a form's or a part's charset, if it is a character set
+    Python knows; else 400 ``invalid_request`` (as an unknown one is). A
+    codec that is no character set decoded ``username=\\x61lice`` as
+    ``alice``: a filter in front of the server, and the client, saw another
+    name than the one checked and recorded."""
+    try:
+        known = codecs.lookup(name).name not in _NOT_CHARSETS
+    except (LookupError, ValueError):  # (ValueError: a NUL in the name)
+        known = False
+    if not known:
+        raise bad_request("the form body is malformed (its charset is unknown)")
+    return name
+
+
+async def _multipart_fields(request: web.Request) -> list[tuple[str, str]]:
+    """The text fields of a multipart login body, as ``request.post()`` reads
+    them (at most ``client_max_fields`` parts, files and parts that are no
+    text ignored, each part's Content-Transfer-Encoding undone), each decoded
+    in its charset (its Content-Type's, else the body's ``_charset_`` field's,
+    else UTF-8), which must be one (:func:`_charset`): ``post()`` took any
+    Python codec. (The body's size is bounded by its Content-Length, which
+    the caller checked; a form-data part's Content-Encoding is not undone.)"""
+    reader = await request.multipart()
+    fields: list[tuple[str, str]] = []
+    parts = 0
+    while (part := await reader.next()) is not None:
+        parts += 1
+        if 0 < request.client_max_fields < parts:
+            raise too_large()
+        if not isinstance(part, BodyPartReader):
+            raise ValueError("a nested multipart body")
+        if part.name is None:
+            raise ValueError("a part without a name")
+        if part.filename:
+            await part.release()  # a file: not a login's
+            continue
+        raw = bytearray()
+        while chunk := await part.read_chunk():
+            raw += chunk
+        value = bytearray()
+        async for piece in part.decode_iter(raw):
+            value += piece
+        ctype = part.headers.get(hdrs.CONTENT_TYPE)
+        if ctype is None or ctype.startswith("text/"):
+            fields.append((part.name, value.decode(_charset(part.get_charset("utf-8")))))
+    return fields
 
 
 def _once(pairs: list[tuple[str, str]]) -> dict[str, str]:

@@ -667,6 +667,54 @@ async def test_a_forms_percent_escapes_are_read_in_its_charset(api: Api) -> None
     assert await api.security("auth.login_failed") == []
 
 
+async def test_a_login_form_in_a_codec_that_is_no_charset_is_400(api: Api) -> None:
+    """A form's charset (or a multipart part's) that names a Python codec
+    which is no character set but a transform (``unicode_escape``:
+    ``\\x61lice`` is ``alice``; ``raw_unicode_escape``, ``punycode``,
+    ``idna``, ``charmap``) is refused as malformed, not decoded: such a body
+    logged in as ``alice`` while a filter in front, and the client, read the
+    name ``\\x61lice``. Real charsets still log in."""
+    await api.add_user("alice")
+    pw = USER_PASSWORD
+    escaped = f"username=\\x61lice&password={pw}".encode()
+    form = "application/x-www-form-urlencoded; charset="
+    for charset, body in (("unicode_escape", escaped), ("Unicode-Escape", escaped),
+                          ("raw_unicode_escape", escaped.replace(b"\\x61", b"\\u0061")),
+                          ("punycode", f"username=alice&password={pw}".encode()),
+                          ("idna", f"username=alice&password={pw}".encode()),
+                          ("charmap", f"username=alice&password={pw}".encode())):
+        resp = await api.client.post("/token", data=body, headers={"Content-Type": form + charset})
+        await expect_error(resp, 400, "invalid_request")
+
+    def part(name: str, value: str, ctype: str | None = None) -> bytes:
+        head = f'--XyZ\r\nContent-Disposition: form-data; name="{name}"\r\n'
+        return (head + (f"Content-Type: {ctype}\r\n" if ctype else "")
+                + f"\r\n{value}\r\n").encode()
+
+    multipart = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    body = (part("username", "\\x61lice", "text/plain; charset=unicode_escape")
+            + part("password", pw) + b"--XyZ--\r\n")
+    resp = await api.client.post("/token", data=body, headers=multipart)
+    await expect_error(resp, 400, "invalid_request")
+    assert await api.security("auth.login_failed") == []
+    # Real charsets log in, a form's and a part's.
+    for charset in ("windows-1252", "shift_jis", "utf-16", "utf-7", "iso-8859-1"):
+        body = f"username=alice&password={pw}".encode(charset)
+        resp = await api.client.post("/token", data=body, headers={"Content-Type": form + charset})
+        assert resp.status == 200, (charset, await resp.json())
+    body = (part("username", "alice", "text/plain; charset=windows-1252")
+            + part("password", pw, "text/plain; charset=shift_jis") + b"--XyZ--\r\n")
+    resp = await api.client.post("/token", data=body, headers=multipart)
+    assert resp.status == 200, await resp.json()
+    # As request.post() read them: a file is ignored, more than 1000 parts are 413.
+    file = b'--XyZ\r\nContent-Disposition: form-data; name="username"; filename="u"\r\n\r\nbob\r\n'
+    resp = await api.client.post("/token", data=file + body, headers=multipart)
+    assert resp.status == 200, await resp.json()
+    many = b"".join(part(f"f{i}", "") for i in range(1000))
+    resp = await api.client.post("/token", data=many + body, headers=multipart)
+    await expect_error(resp, 413, "too_large")
+
+
 async def test_a_blank_login_form_field_counts_as_given(api: Api) -> None:
     """``password=`` is a password given (empty), not none: given besides
     another it is a field given twice, refused (RFC 6749 3.1), as a filter in
