@@ -524,6 +524,15 @@ class AuditEngine:
             s = self.spool.open_session(session_id)
             if s is not None and activity is not None:
                 s.last_activity = max(s.last_activity, activity)
+        if noted:
+            # Then the sessions the command line revoked while the server was
+            # down end as they did then (the reaper's hooks: ``passwd``,
+            # ``disable``), with their cause and at their time: a record
+            # appended first put the seal at this start (no earlier than the
+            # session's newest event), or the idle deadline the downtime
+            # passed sealed it before, its cause lost. Their chats' records
+            # go to the security stream, as for any session ended meanwhile.
+            await self._before_reap()
         for key, session_id, draft, activity in noted:
             log.warning("%s (event %s, session %s) was under way when the server stopped:"
                         " recorded as interrupted", draft.action, draft.event_id, session_id)
@@ -676,12 +685,9 @@ class AuditEngine:
         )
         return s.event_count
 
-    async def reap_once(self) -> int:
-        """Seal idle, expired and over-long sessions; cut time checkpoints.
-
-        The :attr:`before_reap` hooks run first: sessions the command line
-        revoked (``passwd``, ``disable``) end as they did then, with their
-        cause, before a deadline that came later could claim them."""
+    async def _before_reap(self) -> None:
+        """Run the :attr:`before_reap` hooks; one that fails is said (not in
+        full each time) and the others go on."""
         for hook in self.before_reap:
             name = str(getattr(hook, "__name__", hook))
             said = self._hook_logs.get(name)
@@ -694,6 +700,14 @@ class AuditEngine:
                 said.failed(exc)  # (each second while a damaged spool lasts: not in full)
             else:
                 said.succeeded()
+
+    async def reap_once(self) -> int:
+        """Seal idle, expired and over-long sessions; cut time checkpoints.
+
+        The :attr:`before_reap` hooks run first: sessions the command line
+        revoked (``passwd``, ``disable``) end as they did then, with their
+        cause, before a deadline that came later could claim them."""
+        await self._before_reap()
         now = self.clock()
         mono = self.monotonic()
         a = self.config.audit

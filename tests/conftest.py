@@ -95,14 +95,19 @@ class Engines:
         self._abandoned: list[Any] = []
 
     async def open(
-        self, config: Config, sink: Any = None, *, background: bool = False, **kwargs: Any
+        self, config: Config, sink: Any = None, *, background: bool = False,
+        prepare: Callable[[Any], None] | None = None, **kwargs: Any
     ) -> Any:
+        """``prepare(engine)``, if given, runs before the engine opens (the
+        server registers its before_reap hooks so)."""
         from audit.engine import AuditEngine
         from sinks.sqlite import SqliteSink
 
         if sink is None:
             sink = SqliteSink(config.sqlite_sink_path)
         engine = AuditEngine(config, sink, self.key, **kwargs)
+        if prepare is not None:
+            prepare(engine)
         await engine.open(background=background)
         self._open.append(engine)
         return engine

@@ -370,3 +370,60 @@ async def test_an_interrupted_action_counts_as_activity_when_it_began(
     end = (await _events(e, sid))[-1]
     assert (end["action"], end["details"]) == ("session.end", {"reason": "idle_timeout"})
     assert end["ts"] == format_ts(began + 50 + 60)
+
+
+@pytest.mark.parametrize(("chat_at", "revoked_at", "down_for"),
+                         [(0, 600, 900), (0, 600, 3 * 86400), (1500, 2000, 3 * 86400)])
+async def test_a_session_revoked_while_down_ends_as_revoked_and_its_interrupted_chat_is_kept(
+    make_config, engines, fake_clock, chat_at, revoked_at, down_for
+) -> None:
+    """A crash while alice's chat was under way; ``disable alice`` 600 s
+    into her session while the server was down (idle_timeout 1800 s). At
+    the next start the session ends as the revocation's pass says: a logout
+    with the cause, at the revocation's time. The interrupted chat's record
+    was appended first: back at 900 s the seal came at the restart's time
+    (the record's), not the revocation's; three days later the session was
+    sealed idle_timeout at 1800 s before the pass came, the cause lost. The
+    record is kept once, in the security stream (the session ended before
+    it was made), and the chain's times do not go back. A chat begun 1500 s
+    in kept the session open past 1800 s (its request was activity): a
+    revocation at 2000 s is the logout, not the idle deadline at 1800 s."""
+    import contextlib
+
+    from audit.spool import connect
+    from handlers.auth import Accounts, add_user_sync, change_user_sync
+
+    config = make_config(audit={"idle_timeout_seconds": 1800})
+    e = await engines.open(config, clock=fake_clock)
+    t = fake_clock()
+    s = await e.start_session("alice", "user", SRC, 3600)
+    fake_clock.advance(chat_at)
+    draft = _chat()
+    await e.begin(s.session_id, draft)
+    await engines.abandon(e)  # killed while the provider had the document
+    with contextlib.closing(connect(config.spool_path, "normal")) as conn:
+        add_user_sync(conn, "alice", "a-password-1", "user", 4)
+        assert change_user_sync(conn, "alice", disabled=True)
+        with conn:  # the command ran 600 s into the session
+            conn.execute("UPDATE revocations SET created_ts = ?", (t + revoked_at,))
+    fake_clock.advance(down_for)
+    e = await engines.open(config, clock=fake_clock, prepare=lambda e: e.before_reap.append(
+        Accounts(e, 4).end_revoked_sessions))
+    await Accounts(e, 4).end_revoked_sessions()  # (the server's pass at its start)
+    assert e.spool.open_session(s.session_id) is None
+    assert await _begun_notes(e) == []
+    events = await _events(e, s.session_id)
+    end = events[-1]
+    assert (end["action"], end["details"]) == (
+        "session.end", {"reason": "logout", "cause": "user_disabled"})
+    assert end["ts"] == format_ts(t + revoked_at)
+    assert draft.event_id not in [ev["event_id"] for ev in events]
+    times = [ev["ts"] for ev in events]
+    assert times == sorted(times)
+    rows = await e.spool.read(lambda c: c.execute(
+        "SELECT json FROM security_events ORDER BY id").fetchall())
+    kept = [ev for j, in rows if (ev := json.loads(j))["action"] == "auth.session_ended"]
+    assert [(ev["session_id"], ev["details"]["action"]) for ev in kept] == [
+        (s.session_id, "ai.interaction")]
+    assert kept[0]["details"]["action_details"]["reason"] == "interrupted"
+    assert kept[0]["details"]["action_details"]["started_at"] == format_ts(t + chat_at)
