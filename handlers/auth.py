@@ -921,8 +921,8 @@ async def _multipart_fields(request: web.Request) -> list[tuple[str, str]]:
     """The text fields of a multipart login body, as ``request.post()`` reads
     them (at most ``client_max_fields`` parts, files and parts that are no
     text ignored, each part's Content-Transfer-Encoding undone), each decoded
-    in its charset (its Content-Type's, else the body's ``_charset_`` field's,
-    else UTF-8), which must be one (:func:`_charset`): ``post()`` took any
+    in its charset (its Content-Type's, else UTF-8: aiohttp misreads a body
+    with a ``_charset_`` field, refused above), which must be one (:func:`_charset`): ``post()`` took any
     Python codec. (The body's size is bounded by its Content-Length, which
     the caller checked; a form-data part's Content-Encoding is not undone.)"""
     reader = await request.multipart()
@@ -942,9 +942,7 @@ async def _multipart_fields(request: web.Request) -> list[tuple[str, str]]:
         raw = bytearray()
         while chunk := await part.read_chunk():
             raw += chunk
-        value = bytearray()
-        async for piece in part.decode_iter(raw):
-            value += piece
+        value = bytes(part.decode(raw))  # (a form-data part: nothing to decompress)
         ctype = part.headers.get(hdrs.CONTENT_TYPE)
         if ctype is None or ctype.startswith("text/"):
             fields.append((part.name, value.decode(_charset(part.get_charset("utf-8")))))
