@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     start_ms INTEGER,                -- start_ts in whole ms, as shown (format_ts)
     expires_at REAL NOT NULL,
     last_ts REAL NOT NULL,           -- last activity known at the last cut
+    head_ts REAL,                    -- newest event's time at the last cut (NULL: last_ts)
     end_ts REAL,
     seal_reason TEXT,
     next_part INTEGER NOT NULL DEFAULT 0,
@@ -255,6 +256,7 @@ def migrate(conn: sqlite3.Connection) -> None:
     ``event_keys`` is stale) gets ``event_keys`` rebuilt the same way.
     """
     _migrate_users(conn)
+    _migrate_head_ts(conn)
     _migrate_shown_ms(conn)
     row = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
     if row is None:
@@ -322,6 +324,14 @@ def _migrate_users(conn: sqlite3.Connection) -> None:
     have = _columns(conn, "users")
     if have and "disabled" not in have:  # (no columns: a new file, SCHEMA creates it)
         conn.execute("ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
+
+
+def _migrate_head_ts(conn: sqlite3.Connection) -> None:
+    """Give a sessions table of an earlier release its ``head_ts`` column
+    (NULL: its ``last_ts``, which was the newest event's time then)."""
+    have = _columns(conn, "sessions")
+    if have and "head_ts" not in have:  # (no columns: a new file, SCHEMA creates it)
+        conn.execute("ALTER TABLE sessions ADD COLUMN head_ts REAL")
 
 
 def shown_ms(epoch: float) -> int:
@@ -755,10 +765,10 @@ class Writer:
         self.next_sk = max(self.next_sk, top + 1, max(tail, default=0) + 1)
         rows = c.execute(
             "SELECT session_id, sk, user, role, start_ts, expires_at, last_ts, next_part,"
-            " cut_seq, cut_hash, cut_events FROM sessions WHERE state = 'open'"
+            " cut_seq, cut_hash, cut_events, head_ts FROM sessions WHERE state = 'open'"
         ).fetchall()
         for (sid, sk, user, role, start, exp, last_ts, next_part, cut_seq, cut_hash,
-             cut_events) in rows:
+             cut_events, cut_head_ts) in rows:
             s = OpenSession(
                 session_id=sid,
                 sk=sk,
@@ -767,7 +777,9 @@ class Writer:
                 start_ts=start,
                 expires_at=exp,
                 last_activity=last_ts,
-                head_ts=last_ts,
+                # The newest cut event's time: later than the activity when
+                # that event was a record the server made (activity_time).
+                head_ts=last_ts if cut_head_ts is None else max(last_ts, cut_head_ts),
                 next_seq=cut_seq + 1,
                 head=cut_hash,
                 cut_seq=cut_seq,
@@ -1177,8 +1189,8 @@ class Writer:
             )
             c.execute(
                 "UPDATE sessions SET next_part = ?, cut_seq = ?, cut_hash = ?, cut_events = ?,"
-                " last_ts = ? WHERE session_id = ?",
-                (part + 1, last, head, cut_events, s.last_activity, s.session_id),
+                " last_ts = ?, head_ts = ? WHERE session_id = ?",
+                (part + 1, last, head, cut_events, s.last_activity, s.head_ts, s.session_id),
             )
         except BaseException:
             if c.in_transaction:  # else SQLite rolled back the whole batch (see TransactionLost)

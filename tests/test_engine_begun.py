@@ -427,3 +427,30 @@ async def test_a_session_revoked_while_down_ends_as_revoked_and_its_interrupted_
         (s.session_id, "ai.interaction")]
     assert kept[0]["details"]["action_details"]["reason"] == "interrupted"
     assert kept[0]["details"]["action_details"]["started_at"] == format_ts(t + chat_at)
+
+
+async def test_a_cut_interrupted_record_keeps_later_times_after_it_through_a_restart(
+    make_config, engines, fake_clock
+) -> None:
+    """The record of an interrupted chat, made at a start (t + 40), then cut
+    into a checkpoint part: at the next start the session's newest event is
+    still at t + 40, though its activity (sessions.last_ts, from the cut) is
+    t. With the wall clock stepped back at that start (to t + 10), the next
+    events and the session's end came at t + 10, before the record in the
+    chain: its newest time was read back as the activity's."""
+    config = make_config(audit={"idle_timeout_seconds": 600})
+    e = await engines.open(config, clock=fake_clock)
+    s, draft, _ = await _chat_begun(e)
+    sid, t = s.session_id, fake_clock()
+    fake_clock.advance(40)
+    e = await _reopen(engines, e, config, fake_clock, crash=True)  # the record at t + 40
+    assert await e.spool.submit(lambda w: w.checkpoint(sid))
+    fake_clock.now = t + 10  # NTP steps the wall clock back 30 s before the next start
+    e = await _reopen(engines, e, config, fake_clock)
+    assert e.spool.open_session(sid).last_activity == t
+    await e.record(sid, Draft("document.list", source=SRC))
+    await e.end_session(sid, SRC)
+    events = await _events(e, sid)
+    assert [ev["event_id"] for ev in events].count(draft.event_id) == 1
+    times = [ev["ts"] for ev in events]
+    assert times == sorted(times), times
