@@ -922,9 +922,10 @@ async def _multipart_fields(request: web.Request) -> list[tuple[str, str]]:
     them (at most ``client_max_fields`` parts, files and parts that are no
     text ignored, each part's Content-Transfer-Encoding undone), each decoded
     in its charset (its Content-Type's, else UTF-8: aiohttp misreads a body
-    with a ``_charset_`` field, refused above), which must be one (:func:`_charset`): ``post()`` took any
-    Python codec. (The body's size is bounded by its Content-Length, which
-    the caller checked; a form-data part's Content-Encoding is not undone.)"""
+    with a ``_charset_`` field, refused above), which must be one
+    (:func:`_charset`): ``post()`` took any Python codec. (The body's size
+    is bounded by its Content-Length, which the caller checked; a form-data
+    part's Content-Encoding is not undone.)"""
     reader = await request.multipart()
     fields: list[tuple[str, str]] = []
     parts = 0
