@@ -164,11 +164,17 @@ class AuditEngine:
         """Open the spool; with ``background``, start the flusher and reaper.
         With ``interrupted``, record what an earlier process left under way
         (:meth:`record_interrupted`); the server does so itself, once the
-        security chain caught up with the sink's."""
+        security chain caught up with the sink's (meanwhile the sessions of
+        those actions count them as activity: the reaper runs)."""
         await self.spool.open()
         self.spool.on_commit = self.flusher.wake
         if interrupted:
             await self.record_interrupted()
+        elif not self.beside_server:
+            # The caller records them later (the server, once the sink was
+            # tried): the reaper, started below, meanwhile judges the idle
+            # deadlines with the chats begun counted, as that record will.
+            self._count_begun(await self._begun(say=False))
         if background:
             self._start("flusher", self.flusher.run)
             self._start("reaper", self._reaper)
@@ -475,15 +481,11 @@ class AuditEngine:
             exc.recorded = True
             raise
 
-    async def record_interrupted(self) -> None:
-        """Record the actions an earlier process began and never recorded
-        (:data:`BEGUN`): outcome failure, reason ``interrupted``, with when
-        each began; a note that cannot be read is left, and said. Not beside
-        a server (its actions are still under way). After the catch-up of the
-        security chain (:func:`~audit.rollback.catch_up_security_chain`): a
-        record there moved the spool's head past the one the sink continues."""
-        if self.beside_server:
-            return
+    async def _begun(self, *, say: bool) -> list[tuple[str, str, Draft, float | None]]:
+        """The actions an earlier process began and never recorded (the
+        :data:`BEGUN` notes), as (note's key, session id, the draft of their
+        record, when they count as activity); with ``say``, a note that
+        cannot be read is said."""
         rows = await self.spool.read(lambda c: c.execute(
             "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
             (BEGUN, BEGUN[:-1] + chr(ord(BEGUN[-1]) + 1))).fetchall())
@@ -507,8 +509,10 @@ class AuditEngine:
                     wrong = "not a session id and details"
                     raise TypeError(wrong)
             except (ValueError, TypeError, KeyError, OverflowError) as exc:
-                log.error("the spool's note %r of an action under way cannot be read (%s, %s):"
-                          " its event is not recorded", key, wrong, type(exc).__name__)
+                if say:
+                    log.error("the spool's note %r of an action under way cannot be read"
+                              " (%s, %s): its event is not recorded", key, wrong,
+                              type(exc).__name__)
                 continue
             draft.outcome = "failure"
             draft.details = {**draft.details, "reason": INTERRUPTED, "started_at": started}
@@ -516,14 +520,31 @@ class AuditEngine:
             # request was, when it began (as a restart reads the record back).
             noted.append((key, session_id, draft, activity_time(
                 {"action": draft.action, "outcome": draft.outcome, "details": draft.details})))
-        # Each session's activity as it stood before the crash, all its actions
-        # begun counted, before any deadline is judged: the downtime is not
-        # activity, and one action judged alone could end a session that a
-        # later one had kept open.
+        return noted
+
+    def _count_begun(self, noted: list[tuple[str, str, Draft, float | None]]) -> None:
+        """Each noted action's session active when the action began (memory
+        only, as a request that records nothing)."""
         for _, session_id, _, activity in noted:
             s = self.spool.open_session(session_id)
             if s is not None and activity is not None:
                 s.last_activity = max(s.last_activity, activity)
+
+    async def record_interrupted(self) -> None:
+        """Record the actions an earlier process began and never recorded
+        (:data:`BEGUN`): outcome failure, reason ``interrupted``, with when
+        each began; a note that cannot be read is left, and said. Not beside
+        a server (its actions are still under way). After the catch-up of the
+        security chain (:func:`~audit.rollback.catch_up_security_chain`): a
+        record there moved the spool's head past the one the sink continues."""
+        if self.beside_server:
+            return
+        noted = await self._begun(say=True)
+        # Each session's activity as it stood before the crash, all its actions
+        # begun counted, before any deadline is judged: the downtime is not
+        # activity, and one action judged alone could end a session that a
+        # later one had kept open.
+        self._count_begun(noted)
         if noted:
             # Then the sessions the command line revoked while the server was
             # down end as they did then (the reaper's hooks: ``passwd``,

@@ -96,10 +96,12 @@ class Engines:
 
     async def open(
         self, config: Config, sink: Any = None, *, background: bool = False,
-        prepare: Callable[[Any], None] | None = None, **kwargs: Any
+        prepare: Callable[[Any], None] | None = None, interrupted: bool = True,
+        **kwargs: Any
     ) -> Any:
         """``prepare(engine)``, if given, runs before the engine opens (the
-        server registers its before_reap hooks so)."""
+        server registers its before_reap hooks so); ``interrupted=False``
+        leaves record_interrupted to the test (as the server's start does)."""
         from audit.engine import AuditEngine
         from sinks.sqlite import SqliteSink
 
@@ -108,7 +110,7 @@ class Engines:
         engine = AuditEngine(config, sink, self.key, **kwargs)
         if prepare is not None:
             prepare(engine)
-        await engine.open(background=background)
+        await engine.open(background=background, interrupted=interrupted)
         self._open.append(engine)
         return engine
 

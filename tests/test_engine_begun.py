@@ -454,3 +454,42 @@ async def test_a_cut_interrupted_record_keeps_later_times_after_it_through_a_res
     assert [ev["event_id"] for ev in events].count(draft.event_id) == 1
     times = [ev["ts"] for ev in events]
     assert times == sorted(times), times
+
+
+async def test_the_reaper_before_the_servers_record_of_interrupted_chats_counts_them(
+    make_config, engines, fake_clock
+) -> None:
+    """The server opens the engine (its reaper running) and records the
+    interrupted chats only once the sink was tried (up to a second or
+    more): a reaper pass in between judged the idle deadline from the last
+    recorded event, not the chat begun since, and sealed a session the
+    chat kept open (idle_timeout 60 s; the login at t, the chat at t + 50,
+    the start at t + 80: it ended at t + 60, before the chat began)."""
+    config = make_config(audit={"idle_timeout_seconds": 60})
+    e = await engines.open(config, clock=fake_clock)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    sid, t = s.session_id, fake_clock()
+    fake_clock.advance(50)
+    draft = _chat()
+    await e.begin(sid, draft)
+    await engines.abandon(e)
+    fake_clock.advance(30)
+    passes = 0
+
+    async def counted() -> None:
+        nonlocal passes
+        passes += 1
+
+    e = await engines.open(config, clock=fake_clock, background=True, interrupted=False,
+                           reaper_interval=0.001,
+                           prepare=lambda e: e.before_reap.append(counted))
+    for _ in range(2000):  # a whole reaper pass (the second begun)
+        if passes >= 2:
+            break
+        await asyncio.sleep(0.005)
+    assert passes >= 2
+    assert e.spool.open_session(sid) is not None, (await _events(e, sid))[-1]
+    await e.record_interrupted()
+    ev = (await _events(e, sid))[-1]
+    assert (ev["event_id"], ev["details"]["reason"]) == (draft.event_id, "interrupted")
+    assert e.spool.open_session(sid).last_activity == t + 50
