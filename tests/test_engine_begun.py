@@ -493,3 +493,108 @@ async def test_the_reaper_before_the_servers_record_of_interrupted_chats_counts_
     ev = (await _events(e, sid))[-1]
     assert (ev["event_id"], ev["details"]["reason"]) == (draft.event_id, "interrupted")
     assert e.spool.open_session(sid).last_activity == t + 50
+
+
+async def test_a_users_action_while_a_chat_was_under_way_stays_the_activity(
+    make_config, engines, fake_clock
+) -> None:
+    """A chat begun at t + 50, a document listed at t + 60 while it ran, a
+    crash: the interrupted chat's record (activity t + 50) does not take the
+    session's activity back from t + 60, neither when the start makes it
+    nor when a later start reads it back from the spool, where the walk
+    back from the record meets the listing (mutation review: either step
+    undone ended the session idle at t + 110, 10 s early)."""
+    config = make_config(audit={"idle_timeout_seconds": 60})
+    e = await engines.open(config, clock=fake_clock)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    sid, t = s.session_id, fake_clock()
+    fake_clock.advance(50)
+    draft = _chat()
+    await e.begin(sid, draft)
+    fake_clock.advance(10)
+    await e.record(sid, Draft("document.list", source=SRC))
+    fake_clock.advance(20)
+    e = await _reopen(engines, e, config, fake_clock, crash=True)  # the record at t + 80
+    assert (await _events(e, sid))[-1]["event_id"] == draft.event_id
+    assert e.spool.open_session(sid).last_activity == t + 60
+    e = await _reopen(engines, e, config, fake_clock)
+    assert e.spool.open_session(sid).last_activity == t + 60
+    fake_clock.advance(39)  # t + 119
+    await e.reap_once()
+    assert e.session(sid) is not None
+    fake_clock.advance(2)
+    await e.reap_once()
+    end = (await _events(e, sid))[-1]
+    assert (end["action"], end["details"]) == ("session.end", {"reason": "idle_timeout"})
+    assert end["ts"] == format_ts(t + 120)
+
+
+async def test_an_interrupted_chat_after_a_cut_is_the_activity_read_back(
+    make_config, engines, fake_clock
+) -> None:
+    """The session's events cut into a checkpoint part (activity t), a chat
+    begun at t + 50, a crash: after the start that records the chat, the
+    spool's uncut events are that record alone; a later start reads the
+    activity back as t + 50, when the chat began, not the cut's t
+    (mutation review: the walk back that found no event of the user's
+    answered nothing, and the session ended idle 50 s early)."""
+    config = make_config(audit={"idle_timeout_seconds": 60})
+    e = await engines.open(config, clock=fake_clock)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    sid, t = s.session_id, fake_clock()
+    assert await e.spool.submit(lambda w: w.checkpoint(sid))
+    fake_clock.advance(50)
+    await e.begin(sid, _chat())
+    fake_clock.advance(30)
+    e = await _reopen(engines, e, config, fake_clock, crash=True)
+    assert e.spool.open_session(sid).last_activity == t + 50
+    e = await _reopen(engines, e, config, fake_clock)
+    assert e.spool.open_session(sid).last_activity == t + 50
+
+
+@pytest.mark.parametrize("first_begun_first", [True, False])
+async def test_two_interrupted_chats_count_the_later_begun_read_back(
+    make_config, engines, fake_clock, first_begun_first
+) -> None:
+    """Two chats of a session interrupted by one crash, begun at t + 40 and
+    t + 50, recorded at the next start in either order: a later start reads
+    the activity back as t + 50, the later of the two (mutation review:
+    the walk back kept the older record's time, t + 40 when it was
+    recorded first)."""
+    config = make_config(audit={"idle_timeout_seconds": 60})
+    e = await engines.open(config, clock=fake_clock)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    sid, t = s.session_id, fake_clock()
+    ids = ["0" * 32, "f" * 32] if first_begun_first else ["f" * 32, "0" * 32]
+    for event_id in ids:  # the notes, and so the records, in the order of their keys
+        fake_clock.advance(10 if event_id == ids[1] else 40)
+        draft = _chat()
+        draft.event_id = event_id
+        await e.begin(sid, draft)
+    fake_clock.advance(20)
+    e = await _reopen(engines, e, config, fake_clock, crash=True)
+    assert {ev["event_id"] for ev in (await _events(e, sid))[-2:]} == set(ids)
+    e = await _reopen(engines, e, config, fake_clock)
+    assert e.spool.open_session(sid).last_activity == t + 50
+
+
+async def test_a_logout_after_an_interrupted_record_and_a_clock_step_back_ends_after_it(
+    make_config, engines, fake_clock
+) -> None:
+    """The interrupted chat's record made at the start (t + 40; the
+    session's activity t), then NTP steps the wall clock back to t + 10 and
+    the user logs out: session.end is not before the record in the chain
+    (mutation review: the end was bounded by the activity, not the newest
+    event, and came at t + 10)."""
+    config = make_config(audit={"idle_timeout_seconds": 600})
+    e = await engines.open(config, clock=fake_clock)
+    s, _, _ = await _chat_begun(e)
+    sid, t = s.session_id, fake_clock()
+    fake_clock.advance(40)
+    e = await _reopen(engines, e, config, fake_clock, crash=True)
+    fake_clock.now = t + 10
+    await e.end_session(sid, SRC)
+    events = await _events(e, sid)
+    assert [ev["action"] for ev in events][-2:] == ["ai.interaction", "session.end"]
+    times = [ev["ts"] for ev in events]
+    assert times == sorted(times), times

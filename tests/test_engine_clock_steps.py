@@ -61,3 +61,27 @@ def test_a_throttled_login_may_try_again_when_its_retry_after_says() -> None:
     assert wait is not None
     clock.advance(wait)
     assert throttle.retry_after("alice", "10.0.0.1") is None
+
+
+async def test_a_restart_with_the_clock_stepped_back_keeps_event_times_after_the_uncut_ones(
+    make_config, engines, fake_clock
+):
+    """An event at t + 40 not yet cut into a part, the server restarted with
+    the wall clock stepped back to t + 10: the next event and the logout's
+    session.end come no earlier than t + 40 (mutation review: the start
+    read the newest time from the sessions row, the login's, and they came
+    at t + 10, before the event in the chain)."""
+    config = make_config(flush=FAST)
+    engine = await engines.open(config, clock=fake_clock)
+    s = await engine.start_session("alice", "user", SRC, 3 * 3600)
+    t = fake_clock()
+    fake_clock.advance(40)
+    await engine.record(s.session_id, Draft("document.list"))
+    await engines.close(engine)
+    fake_clock.now = t + 10
+    engine = await engines.open(config, clock=fake_clock)
+    await engine.record(s.session_id, Draft("document.list"))
+    await engine.end_session(s.session_id, SRC)
+    (part,) = await parts_of(engines, engine, s.session_id)
+    times = [parse_ts(e["ts"]) for e in part["events"]]
+    assert times == sorted(times), [e["ts"] for e in part["events"]]

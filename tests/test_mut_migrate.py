@@ -422,3 +422,19 @@ async def test_a_shown_ms_upgrade_that_cannot_write_says_why(tmp_path, audit_key
         # ms near a half, as it did for one of 200 in a CI run.)
         rows = c.execute("SELECT start_ts, start_ms FROM sessions").fetchall()
     assert len(rows) == 200 and all(ms == shown_ms(ts) for ts, ms in rows)
+
+
+async def test_a_sessions_table_without_head_ts_is_upgraded(tmp_path, audit_key):
+    """A spool of the release before sessions.head_ts: the start adds the
+    column, and the open session's chain goes on from where it stood, its
+    newest event's time taken from its events (mutation review: without the
+    migration such a spool was refused at the start, no such column)."""
+    path = tmp_path / "spool.db"
+    sealed, opened = await _old_spool(path, audit_key)
+    before = _events(path)
+    _downgrade(path, "sk_index")  # (a release before event_keys, and so before head_ts)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        c.execute("ALTER TABLE sessions DROP COLUMN head_ts")
+    await _check_upgraded(path, audit_key, before, sealed, opened)
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        assert "head_ts" in [r[1] for r in c.execute("PRAGMA table_info(sessions)")]
