@@ -296,6 +296,33 @@ async def _reopen(engines: Any, e: Any, config: Any, clock: Any, *, crash: bool 
     return await engines.open(config, clock=clock)
 
 
+async def _sealed_idle_at(e: Any, sid: str, clock: Any, deadline: float) -> None:
+    """The session is open a second before ``deadline`` and sealed
+    idle_timeout at it (the reaper's passes a second before and after)."""
+    clock.advance(deadline - 1 - clock())
+    await e.reap_once()
+    assert e.session(sid) is not None
+    clock.advance(2)
+    await e.reap_once()
+    end = (await _events(e, sid))[-1]
+    assert (end["action"], end["details"]) == ("session.end", {"reason": "idle_timeout"})
+    assert end["ts"] == format_ts(deadline)
+
+
+async def _chat_after_50s(make_config: Any, engines: Any,
+                          clock: Any) -> tuple[Any, Any, str, float, Draft]:
+    """idle_timeout_seconds 60; alice logs in at t and a chat begins at
+    t + 50: (config, engine, session id, t, the chat's draft)."""
+    config = make_config(audit={"idle_timeout_seconds": 60})
+    e = await engines.open(config, clock=clock)
+    s = await e.start_session("alice", "user", SRC, 3600)
+    t = clock()
+    clock.advance(50)
+    draft = _chat()
+    await e.begin(s.session_id, draft)
+    return config, e, s.session_id, t, draft
+
+
 async def test_an_interrupted_action_recorded_at_a_start_is_not_activity(
     make_config, engines, fake_clock
 ) -> None:
@@ -343,14 +370,8 @@ async def test_an_interrupted_action_counts_as_activity_when_it_began(
     timeout at the next start, and whose chat began within it, stays open
     until idle_timeout_seconds after the chat began, through a second start;
     a user's action after the start moves the deadline on, as ever."""
-    config = make_config(audit={"idle_timeout_seconds": 60})
-    e = await engines.open(config, clock=fake_clock)
-    s = await e.start_session("alice", "user", SRC, 3600)
-    sid = s.session_id
-    fake_clock.advance(50)
-    began = fake_clock()
-    draft = _chat()
-    await e.begin(sid, draft)
+    config, e, sid, t, draft = await _chat_after_50s(make_config, engines, fake_clock)
+    began = t + 50
     fake_clock.advance(30)  # 80 s after the login, 30 s after the chat began
     e = await _reopen(engines, e, config, fake_clock, crash=True)
     assert e.session(sid) is not None
@@ -362,14 +383,7 @@ async def test_an_interrupted_action_counts_as_activity_when_it_began(
     fake_clock.advance(10)  # began + 50: the user acts
     await e.record(sid, Draft("document.list", source=SRC))
     e = await _reopen(engines, e, config, fake_clock)
-    fake_clock.advance(59)
-    await e.reap_once()
-    assert e.session(sid) is not None
-    fake_clock.advance(2)
-    await e.reap_once()
-    end = (await _events(e, sid))[-1]
-    assert (end["action"], end["details"]) == ("session.end", {"reason": "idle_timeout"})
-    assert end["ts"] == format_ts(began + 50 + 60)
+    await _sealed_idle_at(e, sid, fake_clock, began + 50 + 60)
 
 
 @pytest.mark.parametrize(("chat_at", "revoked_at", "down_for"),
@@ -465,13 +479,7 @@ async def test_the_reaper_before_the_servers_record_of_interrupted_chats_counts_
     recorded event, not the chat begun since, and sealed a session the
     chat kept open (idle_timeout 60 s; the login at t, the chat at t + 50,
     the start at t + 80: it ended at t + 60, before the chat began)."""
-    config = make_config(audit={"idle_timeout_seconds": 60})
-    e = await engines.open(config, clock=fake_clock)
-    s = await e.start_session("alice", "user", SRC, 3600)
-    sid, t = s.session_id, fake_clock()
-    fake_clock.advance(50)
-    draft = _chat()
-    await e.begin(sid, draft)
+    config, e, sid, t, draft = await _chat_after_50s(make_config, engines, fake_clock)
     await engines.abandon(e)
     fake_clock.advance(30)
     passes = 0
@@ -504,13 +512,7 @@ async def test_a_users_action_while_a_chat_was_under_way_stays_the_activity(
     nor when a later start reads it back from the spool, where the walk
     back from the record meets the listing (mutation review: either step
     undone ended the session idle at t + 110, 10 s early)."""
-    config = make_config(audit={"idle_timeout_seconds": 60})
-    e = await engines.open(config, clock=fake_clock)
-    s = await e.start_session("alice", "user", SRC, 3600)
-    sid, t = s.session_id, fake_clock()
-    fake_clock.advance(50)
-    draft = _chat()
-    await e.begin(sid, draft)
+    config, e, sid, t, draft = await _chat_after_50s(make_config, engines, fake_clock)
     fake_clock.advance(10)
     await e.record(sid, Draft("document.list", source=SRC))
     fake_clock.advance(20)
@@ -519,14 +521,7 @@ async def test_a_users_action_while_a_chat_was_under_way_stays_the_activity(
     assert e.spool.open_session(sid).last_activity == t + 60
     e = await _reopen(engines, e, config, fake_clock)
     assert e.spool.open_session(sid).last_activity == t + 60
-    fake_clock.advance(39)  # t + 119
-    await e.reap_once()
-    assert e.session(sid) is not None
-    fake_clock.advance(2)
-    await e.reap_once()
-    end = (await _events(e, sid))[-1]
-    assert (end["action"], end["details"]) == ("session.end", {"reason": "idle_timeout"})
-    assert end["ts"] == format_ts(t + 120)
+    await _sealed_idle_at(e, sid, fake_clock, t + 120)
 
 
 async def test_an_interrupted_chat_after_a_cut_is_the_activity_read_back(
