@@ -48,11 +48,37 @@ def _mx_frame(conn: sqlite3.Connection) -> int | None:
     return int(row[1])
 
 
+def _checksum(data: bytes, big_endian: bool) -> tuple[int, int]:
+    """SQLite's WAL checksum of ``data`` (a multiple of 8 bytes)."""
+    s1 = s2 = 0
+    for x0, x1 in struct.iter_unpack(">2I" if big_endian else "<2I", data):
+        s1 = (s1 + x0 + s2) & 0xFFFFFFFF
+        s2 = (s2 + x1 + s1) & 0xFFFFFFFF
+    return s1, s2
+
+
+def _header_intact(head: bytes) -> bool:
+    """The -wal header as SQLite reads it: a known magic, a page size, and
+    its checksum right. SQLite reads no frame of a -wal whose header is not."""
+    magic, _, page_size = struct.unpack(">3I", head[:12])
+    return (magic in _WAL_MAGIC and _page_size_ok(page_size)
+            and _checksum(head[:24], bool(magic & 1)) == struct.unpack(">2I", head[24:32]))
+
+
+def _page_size_ok(size: int) -> bool:
+    return 512 <= size <= 65536 and size & (size - 1) == 0
+
+
 def dropped_commits(conn: sqlite3.Connection, wal: Path) -> tuple[int, int] | None:
     """``(mxFrame, commits)``: the transactions of the current log that SQLite
     could not read past a damaged frame, once ``conn`` has opened the spool
     (and written nothing); None when there is no -wal to look at, or it
-    changed while it was read (another process writing)."""
+    changed while it was read (another process writing).
+
+    A damaged header (its magic, page size, salts or checksum) makes SQLite
+    drop the whole log: its salts cannot be trusted then, and the current
+    log is the one its first frame belongs to, in pages of the database's
+    size."""
     before = _mx_frame(conn)
     if before is None:
         return None
@@ -61,9 +87,15 @@ def dropped_commits(conn: sqlite3.Connection, wal: Path) -> tuple[int, int] | No
             head = f.read(_WAL_HEADER)
             if len(head) < _WAL_HEADER:
                 return None
-            magic, _, page_size, _, salt1, salt2 = struct.unpack(">6I", head[:24])
-            if magic not in _WAL_MAGIC or not 512 <= page_size <= 65536:
-                return None
+            _, _, page_size, _, salt1, salt2 = struct.unpack(">6I", head[:24])
+            if not _header_intact(head):
+                if before:  # (SQLite read frames: the header is not what is damaged)
+                    return None
+                page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+                first = f.read(_FRAME_HEADER)
+                if len(first) < _FRAME_HEADER or not _page_size_ok(page_size):
+                    return None
+                salt1, salt2 = struct.unpack(">2I", first[8:16])
             size = os.fstat(f.fileno()).st_size
             frame = _FRAME_HEADER + page_size
             commits = 0
@@ -75,7 +107,7 @@ def dropped_commits(conn: sqlite3.Connection, wal: Path) -> tuple[int, int] | No
                 _, after_commit, s1, s2 = struct.unpack(">4I", fh[:16])
                 if (s1, s2) == (salt1, salt2) and after_commit:
                     commits += 1
-    except OSError:
+    except (OSError, sqlite3.Error):
         return None
     if _mx_frame(conn) != before:
         return None
