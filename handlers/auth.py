@@ -854,6 +854,11 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
         except (ValueError, LookupError):  # bytes not in the charset, too many fields
             raise bad_request("the form body is malformed") from None
         data = _once(pairs)
+        if not data.keys() & {"username", "password"} and raw.lstrip()[:1] in (b"{", b"["):
+            # curl -d '{"username": ...}' without -H 'Content-Type: ...': a
+            # form to the server, read as the login fields it is not.
+            raise bad_request("the body is JSON but its Content-Type says a form:"
+                              " send it as application/json")
     elif ctype == "multipart/form-data":
         if request.content_length is None or "Content-Encoding" in request.headers:
             # aiohttp reads a multipart body itself: its size must be known first.

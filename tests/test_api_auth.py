@@ -1287,3 +1287,24 @@ async def test_a_multipart_login(api: Api) -> None:
     resp = await api.client.post("/token", data=body.replace(b"XyZ", b"AbC"), headers=ctype)
     await expect_error(resp, 400, "invalid_request")
     assert await api.security("auth.login_failed") == []
+
+
+async def test_a_json_login_sent_as_a_form_says_what_is_wrong(api: Api) -> None:
+    """``curl -d '{"username": ...}'`` without a Content-Type header sends
+    JSON labelled as a form: still 400 (a form it is read as, and so not
+    logged in, as a filter in front reads it too), but the message says
+    what to change instead of that the fields are missing."""
+    await api.add_user("alice")
+    body = json.dumps({"username": "alice", "password": USER_PASSWORD})
+    resp = await api.client.post("/token", data=body.encode(), headers={
+        "Content-Type": "application/x-www-form-urlencoded"})
+    error = await expect_error(resp, 400, "invalid_request")
+    assert "send it as application/json" in error["error"]["message"]
+    resp = await api.client.post("/token", data=body.encode(), headers={
+        "Content-Type": "application/json"})
+    assert resp.status == 200
+    # A form of other fields is told the fields are missing, as before.
+    resp = await api.client.post("/token", data=b"user=alice", headers={
+        "Content-Type": "application/x-www-form-urlencoded"})
+    error = await expect_error(resp, 400, "invalid_request")
+    assert "required" in error["error"]["message"]
