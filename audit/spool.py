@@ -346,7 +346,7 @@ def unsafe_dir(path: Path) -> str | None:
     mount): :func:`loose_dir` warns about that, and about group write."""
     st = path.stat()
     if st.st_mode & 0o002:
-        return (f"{path} is writable by every user (mode {st.st_mode & 0o777:o}):"
+        return (f"{path} is writable by every user (mode {stat.S_IMODE(st.st_mode):o}):"
                 " chmod o-w it")
     uid = os.geteuid()
     if st.st_uid != uid and uid != 0:

@@ -75,6 +75,11 @@ async def test_a_sink_directory_others_may_write_is_refused(tmp_path):
         await SqliteSink(tmp_path / "sqlite" / "audit.db").open()
     assert list((tmp_path / "jsonl").iterdir()) == []
     assert list((tmp_path / "sqlite").iterdir()) == []
+    # The mode as ls would show it: a sticky /tmp-like directory's too.
+    (tmp_path / "sticky").mkdir()
+    os.chmod(tmp_path / "sticky", 0o1777)
+    with pytest.raises(SinkUnavailable, match=r"\(mode 1777\)"):
+        await JsonlSink(tmp_path / "sticky").open()
     # Group write (a umask of 002 made it so) is a warning, not a refusal.
     (tmp_path / "group").mkdir()
     os.chmod(tmp_path / "group", 0o770)
