@@ -35,7 +35,11 @@ from waiting import wait_for
 
 PASSWORD = "user-password-for-tests"
 IDLE = 1.5
-MAX_SESSION = 3.0
+# Long enough for ``disable`` and ``passwd`` (two commands started at once,
+# their imports half a second of CPU each) to commit their revocations
+# before the sessions they end reach it: at 3 s, a slow machine sealed
+# them max_duration (rightly: the deadline came first), failing the matrix.
+MAX_SESSION = 8.0
 SECRET_CONTENT = "Alice's secret plans: the cat is blue."
 
 # Callers that get in, and those who must not.
