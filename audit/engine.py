@@ -395,7 +395,10 @@ class AuditEngine:
             if not read_only:  # documents may have changed: measure them again soon
                 self.spool.app_changed = True
         if isinstance(result, ActionError):
-            raise result
+            try:
+                raise result
+            finally:
+                result = None  # its traceback holds this frame: no cycle through it
         return result
 
     async def record_events(self, session_id: str, drafts: list[Draft], *, size: int) -> int:

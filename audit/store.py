@@ -648,7 +648,10 @@ class Read:
             else:
                 result = self.read(w.document(self.document), self.draft)
         except ActionError as err:
-            result = err
+            # Kept as the result, without its traceback: its frames (this
+            # one, which holds it) would make a cycle keeping the request
+            # alive until the next full collection, rare (audit.runtime).
+            result = err.with_traceback(None)
         finally:
             if w.conn.total_changes != changes:
                 raise ReadOnlyViolation(self.draft.action)

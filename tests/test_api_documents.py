@@ -492,3 +492,35 @@ async def test_new_documents_do_not_keep_the_spool_full_for_everyone(
                    message="the documents to be measured and the spool to accept")
     resp = await api.client.get(f"/documents/{doc['id']}", headers=alice.headers)
     assert resp.status == 200
+
+
+async def test_a_refused_document_read_leaves_no_cycle_holding_the_request(api: Api) -> None:
+    """A read of another user's document (or of none) is refused in the
+    spool's writer, which kept the ActionError with its traceback as the
+    job's result: a reference cycle through its frames, holding the whole
+    request until a full collection, which the server's GC thresholds make
+    rare (the soak's slow RSS growth, in part). Reference counting frees it
+    now."""
+    import gc
+
+    alice, bob = await api.user("alice"), await api.user("bob")
+    doc = await api.create_doc(alice)
+    for path in (f"/documents/{doc['id']}", "/documents/" + "0" * 32):
+        await (await api.client.get(path, headers=bob.headers)).read()  # warmed up
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for path in (f"/documents/{doc['id']}", "/documents/" + "0" * 32):
+            resp = await api.client.get(path, headers=bob.headers)
+            assert resp.status == 404
+            await resp.read()
+        gc.collect()
+        from audit.store import ActionError
+
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, ActionError)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
