@@ -337,27 +337,6 @@ async def test_a_wal_restarted_after_a_checkpoint_is_not_taken_for_damage(
     assert not list(crashed.data_dir.glob("spool.db-wal.damaged-*"))
 
 
-async def test_a_wal_whose_first_frame_is_damaged_is_said(
-    make_config: Any, engines: Any, tmp_path: Path,
-) -> None:
-    """A damaged first frame: SQLite reads no frame of the -wal at all, and
-    drops every transaction in it. That is said, as a later frame's is."""
-    config = make_config()
-    engine = await engines.open(config)
-    await _sessions(engine, 4)
-    crashed = _crash_copy(make_config, config, tmp_path, "crashed")
-    await engines.close(engine)
-    wal = Path(f"{crashed.spool_path}-wal")
-    commits = _commit_frames(wal)
-    _garble_frame(wal, 0)
-
-    engine = await engines.open(crashed)
-    assert engine.spool.damaged is not None
-    assert f"its -wal holds {len(commits)} committed transactions past a frame SQLite" \
-        " cannot read (after frame 0)" in engine.spool.damaged
-    assert len(list(crashed.data_dir.glob("spool.db-wal.damaged-*"))) == 1
-
-
 async def test_a_wal_held_by_a_reader_across_a_restart_is_not_taken_for_damage(
     make_config: Any, engines: Any,
 ) -> None:
@@ -540,15 +519,16 @@ def _rewrite_header(wal: Path, change: Any) -> None:
         f.write(head)
 
 
-@pytest.mark.parametrize("at", [0, 3, 10, 17, 22, 29], ids=[
-    "magic", "magic-endianness", "page-size", "salt-1", "salt-2", "checksum"])
-async def test_a_wal_whose_header_is_damaged_is_said(
-    make_config: Any, engines: Any, tmp_path: Path, at: int,
+@pytest.mark.parametrize("at", [None, 0, 3, 10, 17, 22, 29], ids=[
+    "first-frame", "magic", "magic-endianness", "page-size", "salt-1", "salt-2", "checksum"])
+async def test_a_wal_whose_first_frame_or_header_is_damaged_is_said(
+    make_config: Any, engines: Any, tmp_path: Path, at: int | None,
 ) -> None:
-    """A byte of the -wal's 32-byte header garbled (its magic, its page
-    size, a salt or its checksum): SQLite reads no frame of it and drops
-    every transaction it holds, without a word. That is said, as a damaged
-    frame is, though the header's salts and page size cannot be trusted."""
+    """A damaged first frame, or a byte of the -wal's 32-byte header garbled
+    (its magic, its page size, a salt or its checksum): SQLite reads no
+    frame of the -wal at all and drops every transaction in it, without a
+    word. That is said, as a later frame's damage is, though a damaged
+    header's salts and page size cannot be trusted."""
     config = make_config()
     engine = await engines.open(config)
     await _sessions(engine, 4)
@@ -556,7 +536,10 @@ async def test_a_wal_whose_header_is_damaged_is_said(
     await engines.close(engine)
     wal = Path(f"{crashed.spool_path}-wal")
     commits = _commit_frames(wal)
-    _rewrite_header(wal, lambda head: head.__setitem__(at, head[at] ^ (1 if at == 3 else 0x40)))
+    if at is None:
+        _garble_frame(wal, 0)
+    else:
+        _rewrite_header(wal, lambda head: head.__setitem__(at, head[at] ^ (1 if at == 3 else 0x40)))
 
     engine = await engines.open(crashed)
     assert engine.spool.damaged is not None
