@@ -579,6 +579,12 @@ async def send_middleware(
             route = request.match_info.route
             request.app[CUT].labels((route.name if route is not None else None)
                                     or "unmatched").inc()
+    finally:
+        if isinstance(resp, StreamedJson):
+            # Its callback holds the deadline, which holds this task, whose
+            # result is the answer: a cycle, kept until a full collection
+            # (rare: audit.runtime), with the answer's generator in it.
+            resp.on_sent = None
     return resp
 
 

@@ -1604,3 +1604,34 @@ async def test_status_counts_what_waits_for_the_sink(make_api: MakeApi) -> None:
     assert body["pending_security_events"] == 1
     assert 99 < body["oldest_pending_age_seconds"] < 200
     assert body["dead_letter"] == 0
+
+
+async def test_a_streamed_session_answer_leaves_no_cycle_behind(api: Api) -> None:
+    """The session detail, streamed (StreamedJson), got a callback holding
+    its send deadline, which holds the request's task, whose result is the
+    answer: a reference cycle kept (with the answer's generator) until a
+    full collection, which the server's GC thresholds make rare. Reference
+    counting frees it now."""
+    import gc
+
+    from handlers.streaming import StreamedJson
+
+    admin = await api.admin()
+    alice = await api.user("alice")
+    await (await api.client.post("/logout", headers=alice.headers)).read()
+    path = f"/audit/sessions/{alice.session_id}"
+    await (await api.client.get(path, headers=admin.headers)).read()  # warmed up
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        resp = await api.client.get(path, headers=admin.headers)
+        assert resp.status == 200
+        await resp.read()
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, StreamedJson)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
