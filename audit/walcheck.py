@@ -48,9 +48,10 @@ def _mx_frame(conn: sqlite3.Connection) -> int | None:
     return int(row[1])
 
 
-def _checksum(data: bytes, big_endian: bool) -> tuple[int, int]:
-    """SQLite's WAL checksum of ``data`` (a multiple of 8 bytes)."""
-    s1 = s2 = 0
+def _checksum(data: bytes, big_endian: bool, seed: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """SQLite's WAL checksum of ``data`` (a multiple of 8 bytes), continuing
+    from ``seed`` (a frame's: the checksum before it in the log)."""
+    s1, s2 = seed
     for x0, x1 in struct.iter_unpack(">2I" if big_endian else "<2I", data):
         s1 = (s1 + x0 + s2) & 0xFFFFFFFF
         s2 = (s2 + x1 + s1) & 0xFFFFFFFF
@@ -63,6 +64,29 @@ def _header_intact(head: bytes) -> bool:
     magic, _, page_size = struct.unpack(">3I", head[:12])
     return (magic in _WAL_MAGIC and _page_size_ok(page_size)
             and _checksum(head[:24], bool(magic & 1)) == struct.unpack(">2I", head[24:32]))
+
+
+def _of_an_earlier_log(head: bytes, frame: bytes) -> bool:
+    """Whether ``frame`` (the -wal's first, header and page) is of an earlier
+    log than the damaged header ``head``: SQLite wrote the header of a log
+    started over (its first salt one more, the second new) and was stopped
+    before the new log's first frame. Not when the frame's salts are the
+    header's, or its checksum continues the header's (as stored, or as the
+    header's first 24 bytes give it: one of the two is not what is damaged;
+    either byte order): the damage is the header's then. Nor when the
+    header's first salt is not the frame's plus one: with the damage there,
+    the frame is taken for the current log's (a damaged log said, rather
+    than one that lost its transactions left unsaid)."""
+    if frame[8:16] == head[16:24]:
+        return False
+    stored = struct.unpack(">2I", frame[16:24])
+    for big_endian in (False, True):
+        for seed in (struct.unpack(">2I", head[24:32]), _checksum(head[:24], big_endian)):
+            if _checksum(frame[:8] + frame[_FRAME_HEADER:], big_endian, seed) == stored:
+                return False
+    salt1: int = struct.unpack(">I", head[16:20])[0]
+    frame_salt1: int = struct.unpack(">I", frame[8:12])[0]
+    return salt1 == (frame_salt1 + 1) & 0xFFFFFFFF
 
 
 def _page_size_ok(size: int) -> bool:
@@ -78,7 +102,8 @@ def dropped_commits(conn: sqlite3.Connection, wal: Path) -> tuple[int, int] | No
     A damaged header (its magic, page size, salts or checksum) makes SQLite
     drop the whole log: its salts cannot be trusted then, and the current
     log is the one its first frame belongs to, in pages of the database's
-    size."""
+    size, unless that frame is of an earlier log (see
+    :func:`_of_an_earlier_log`): then no transaction of it was written."""
     before = _mx_frame(conn)
     if before is None:
         return None
@@ -92,9 +117,13 @@ def dropped_commits(conn: sqlite3.Connection, wal: Path) -> tuple[int, int] | No
                 if before:  # (SQLite read frames: the header is not what is damaged)
                     return None
                 page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-                first = f.read(_FRAME_HEADER)
-                if len(first) < _FRAME_HEADER or not _page_size_ok(page_size):
+                if not _page_size_ok(page_size):
                     return None
+                first = f.read(_FRAME_HEADER + page_size)
+                if len(first) < _FRAME_HEADER:
+                    return None
+                if len(first) == _FRAME_HEADER + page_size and _of_an_earlier_log(head, first):
+                    return before, 0  # (no frame of the current log was written)
                 salt1, salt2 = struct.unpack(">2I", first[8:16])
             size = os.fstat(f.fileno()).st_size
             frame = _FRAME_HEADER + page_size

@@ -519,10 +519,11 @@ def _rewrite_header(wal: Path, change: Any) -> None:
         f.write(head)
 
 
-@pytest.mark.parametrize("at", [None, 0, 3, 10, 17, 22, 29], ids=[
-    "first-frame", "magic", "magic-endianness", "page-size", "salt-1", "salt-2", "checksum"])
+@pytest.mark.parametrize("at", [None, 0, 3, 10, 17, 22, 29, (17, 29)], ids=[
+    "first-frame", "magic", "magic-endianness", "page-size", "salt-1", "salt-2", "checksum",
+    "salt-1-and-checksum"])
 async def test_a_wal_whose_first_frame_or_header_is_damaged_is_said(
-    make_config: Any, engines: Any, tmp_path: Path, at: int | None,
+    make_config: Any, engines: Any, tmp_path: Path, at: int | tuple[int, int] | None,
 ) -> None:
     """A damaged first frame, or a byte of the -wal's 32-byte header garbled
     (its magic, its page size, a salt or its checksum): SQLite reads no
@@ -539,7 +540,11 @@ async def test_a_wal_whose_first_frame_or_header_is_damaged_is_said(
     if at is None:
         _garble_frame(wal, 0)
     else:
-        _rewrite_header(wal, lambda head: head.__setitem__(at, head[at] ^ (1 if at == 3 else 0x40)))
+        def garble(head: bytearray) -> None:
+            for byte in (at,) if isinstance(at, int) else at:
+                head[byte] ^= 1 if byte == 3 else 0x40
+
+        _rewrite_header(wal, garble)
 
     engine = await engines.open(crashed)
     assert engine.spool.damaged is not None
@@ -548,13 +553,19 @@ async def test_a_wal_whose_first_frame_or_header_is_damaged_is_said(
     assert len(list(crashed.data_dir.glob("spool.db-wal.damaged-*"))) == 1
 
 
+@pytest.mark.parametrize("at", [None, 0, 10, 22, 29], ids=[
+    "intact", "magic", "page-size", "salt-2", "checksum"])
 async def test_a_wal_header_restarted_before_its_first_frame_is_not_taken_for_damage(
-    make_config: Any, engines: Any, tmp_path: Path,
+    make_config: Any, engines: Any, tmp_path: Path, at: int | None,
 ) -> None:
     """A kill -9 between SQLite's rewrite of the -wal header (new salts, its
     checksum right) when the log starts over, and the write of the new
     log's first frame: every frame left is of the earlier log, checkpointed
-    already. The header is intact; nothing was dropped, nothing is said."""
+    already. Nothing was dropped, nothing is said; nor when a byte of that
+    header is garbled besides (SQLite then reads no frame, and loses
+    nothing): the first frame is not the new log's, its salts and checksum
+    say so (it was taken for the current log's, and all the earlier log's
+    transactions for dropped ones)."""
     import struct
 
     from audit.walcheck import _checksum
@@ -579,6 +590,8 @@ async def test_a_wal_header_restarted_before_its_first_frame_is_not_taken_for_da
         head[24:32] = struct.pack(">2I", *_checksum(bytes(head[:24]), bool(magic & 1)))
 
     _rewrite_header(wal, new_salts)
+    if at is not None:
+        _rewrite_header(wal, lambda head: head.__setitem__(at, head[at] ^ 0x40))
 
     engine = await engines.open(crashed)
     assert engine.spool.damaged is None, engine.spool.damaged
