@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,8 @@ from audit.spool import SpoolUnavailable
 from .errors import json_response, not_found, without_paths
 from .keys import CONFIG, ENGINE, REGISTRY
 
+log = logging.getLogger("session_audit")
+
 REQUESTS = web.AppKey("requests_total", Counter)
 DURATIONS = web.AppKey("request_seconds", PromHistogram)
 CUT = web.AppKey("answers_cut_total", Counter)
@@ -42,6 +45,21 @@ CUT = web.AppKey("answers_cut_total", Counter)
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+# The document's bytes, read once when the routes are set up (None: no file).
+# Read at each request, it needed a descriptor: with every one taken by
+# connections, GET /openapi.yaml was a 500 with a traceback in the log.
+OPENAPI: web.AppKey[bytes | None] = web.AppKey("openapi")
+
+
+def read_openapi() -> bytes | None:
+    """The OpenAPI document, or None when there is none to read."""
+    try:
+        return OPENAPI_PATH.read_bytes()
+    except OSError as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("cannot read %s: %s; GET /openapi.yaml answers 404",
+                        OPENAPI_PATH.name, exc.strerror or exc)
+        return None
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -77,9 +95,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.StreamResponse:
-    if not OPENAPI_PATH.exists():
+    body = request.app[OPENAPI]
+    if body is None:
         raise not_found("no OpenAPI document")
-    return web.Response(body=OPENAPI_PATH.read_bytes(),
+    return web.Response(body=body,
                         headers={"Content-Type": "application/yaml; charset=utf-8"})
 
 

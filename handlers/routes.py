@@ -90,4 +90,5 @@ def setup(app: web.Application) -> None:
     r.add_get("/healthz", ops.healthz, name="healthz")
     r.add_get("/readyz", ops.readyz, name="readyz")
     r.add_get("/metrics", ops.metrics, name="metrics", allow_head=False)
+    app[ops.OPENAPI] = ops.read_openapi()
     r.add_get("/openapi.yaml", ops.openapi, name="openapi", allow_head=False)

@@ -12,7 +12,9 @@
   listing (its connection is opened on first use) failed alone, as 500
   ``internal_error`` with a traceback in the log. Now they are the 503
   ``audit_unavailable`` of a spool that cannot write: nothing done, nothing
-  recorded; once descriptors are free again, they work.
+  recorded; once descriptors are free again, they work. ``GET /openapi.yaml``
+  read its file at each request: a 500 with a traceback; it is read once, at
+  start.
 - A client that never reads its answers: aiohttp waits for ever to send
   them, holding the connection and the answers' bytes in memory (200
   connections asking for a 1 MiB document 4 times each: 49 MB of RSS to
@@ -168,6 +170,10 @@ async def test_out_of_descriptors_document_changes_are_503_not_500(tmp_path: Pat
                     answer = await r.json()
                     assert r.status == 503, (method, answer)
                     assert answer["error"]["code"] == "audit_unavailable"
+            # What needs no descriptor is served: the OpenAPI document (read
+            # at each request, it was a 500 with a traceback).
+            async with http.get("/openapi.yaml") as r:
+                assert r.status == 200 and (await r.read()).startswith(b"openapi:")
             for s in held:
                 s.close()
             held.clear()
