@@ -140,15 +140,20 @@ def server_env() -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def live_with_nofile(workdir: Path, soft: int, hard: int
+async def live_with_nofile(workdir: Path, soft: int, hard: int,
+                           settings: dict[str, Any] | None = None, receiver_port: int = 0,
                            ) -> AsyncIterator[tuple[Live, list[socket.socket]]]:
     """A started server whose descriptor limit is (soft, hard), and a list
     for the connections the test holds open: closed, with the server, at
-    the end (a test may close and clear them earlier)."""
-    live = Live(workdir)
+    the end (a test may close and clear them earlier). With
+    ``receiver_port``, tests/receiver.py is started on it first (its store
+    ``receiver.db`` in ``workdir``) and stopped at the end."""
+    live = Live(workdir, settings)
     live.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     held: list[socket.socket] = []
     try:
+        if receiver_port:
+            await live.start_receiver(receiver_port, workdir / "receiver.db")
         await live.start()
         yield live, held
     finally:

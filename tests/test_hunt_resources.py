@@ -31,13 +31,14 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from api_fixtures import Api, Login, api, assert_clean, make_api
-from live_server import ADMIN_PASSWORD, live_with_nofile
+from live_server import ADMIN_PASSWORD, free_port, live_with_nofile
 from waiting import wait_for
 
 import server
@@ -185,6 +186,80 @@ async def test_out_of_descriptors_document_changes_are_503_not_500(tmp_path: Pat
                                 headers=headers) as r:
                 assert r.status == 200 and (await r.json())["version"] == 2
         assert "Traceback" not in live.log_tail(100_000)
+
+
+async def test_events_acknowledged_in_a_descriptor_flood_reach_the_http_sink_once(
+    tmp_path: Path,
+) -> None:
+    """While connections hold every descriptor, the flusher cannot connect
+    to the http sink (nothing was sent before, so no kept-alive connection
+    to reuse): the session's part waits in the spool. Once they are gone, the
+    sink's connection is made anew and the part, with every event answered
+    during the flood, is stored once; /readyz answers a new connection."""
+    rport = free_port()
+    settings = {"flush": {"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.5},
+                "sink": {"type": "http", "http": {"url": f"http://127.0.0.1:{rport}"}}}
+    async with live_with_nofile(tmp_path, NOFILE, NOFILE, settings, rport) as (live, held):
+        assert live.proc is not None
+        fds = f"/proc/{live.proc.pid}/fd"
+        conn = aiohttp.TCPConnector(limit=1)  # one connection, kept alive through the flood
+        async with aiohttp.ClientSession(live.base, connector=conn) as http:
+            session_id, headers = await live.admin_login(http)
+            async with http.post("/documents", json={"title": "t", "content": "c"},
+                                 headers=headers) as r:
+                assert r.status == 201
+                doc = (await r.json())["id"]
+
+            def exhausted() -> bool:
+                if len(os.listdir(fds)) >= NOFILE:
+                    return True
+                held.append(socket.create_connection(("127.0.0.1", live.port)))
+                return False
+
+            await wait_for(exhausted, message="the server's descriptors used up")
+            answered = [f"in-flood-{i}" for i in range(3)]
+            for rid in answered:
+                async with http.get(f"/documents/{doc}",
+                                    headers={**headers, "X-Request-ID": rid}) as r:
+                    assert r.status == 200
+            async with http.post("/logout", headers={**headers, "X-Request-ID": "in-flood-end"}
+                                 ) as r:
+                assert r.status == 200
+            answered.append("in-flood-end")
+            _, headers = await live.admin_login(http)
+
+            async def status() -> dict[str, Any]:
+                async with http.get("/audit/status", headers=headers) as r:
+                    assert r.status == 200
+                    body: dict[str, Any] = await r.json()
+                    return body
+
+            async def sink_failed() -> bool:
+                st = await status()
+                return st["sink"]["writes_failed"] > 0 and st["pending_parts"] == 1
+
+            await wait_for(sink_failed, message="a sink write failing in the flood")
+            for s in held:
+                s.close()
+            held.clear()
+
+            async def all_sent() -> bool:
+                st = await status()
+                return st["pending_parts"] == 0 and st["sink"]["healthy"]
+
+            await wait_for(all_sent, message="the part sent once the flood is gone")
+        async with aiohttp.ClientSession(live.base) as fresh, fresh.get("/readyz") as r:
+            assert r.status == 200
+        await live.stop_receiver()
+        with contextlib.closing(sqlite3.connect(tmp_path / "receiver.db")) as db:
+            rows = db.execute("SELECT doc FROM parts WHERE id = ?",
+                              (f"{session_id}:0",)).fetchall()
+        assert len(rows) == 1
+        events = json.loads(rows[0][0])["events"]
+        rids = [e["request_id"] for e in events]
+        assert all(rids.count(rid) == 1 for rid in answered), rids
+        assert rids[-1] == "in-flood-end" and len(set(e["seq"] for e in events)) == len(events)
+    assert "Traceback" not in live.log_tail(100_000)
 
 
 async def _big_document(api: Api, user: Login) -> dict[str, Any]:
