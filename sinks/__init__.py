@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import urllib.parse
 
 from audit.config import Config
@@ -28,6 +29,7 @@ __all__ = [
     "SinkUnavailable",
     "cleartext_to_remote",
     "create_sink",
+    "mongodb_tls_weakness",
 ]
 
 log = logging.getLogger("session_audit.sinks")
@@ -45,6 +47,53 @@ def cleartext_to_remote(url: str) -> bool:
         return not ipaddress.ip_address(host).is_loopback
     except ValueError:
         return True  # a name: it may resolve anywhere
+
+
+def _local(host: str) -> bool:
+    """A host of this machine: loopback, ``localhost``, or a Unix socket's
+    path (a MongoDB URI's ``%2Ftmp%2Fmongodb-27017.sock``)."""
+    host = urllib.parse.unquote(host).lower()
+    if host in ("localhost", "") or host.endswith(".localhost") or host.startswith("/"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
+# A MongoDB URI's options that turn the certificate or host name check off.
+_MONGODB_UNCHECKED = ("tlsInsecure", "tlsAllowInvalidCertificates", "tlsAllowInvalidHostnames")
+
+
+def mongodb_tls_weakness(uri: str) -> str | None:
+    """What a MongoDB URI leaves open on the network: no TLS towards a host
+    that is not this machine, or TLS with its check turned off; None when
+    neither. Names the hosts or the options, never the URI (it holds the
+    password). Read by hand: PyMongo's parser looks a ``mongodb+srv://``
+    name up in DNS, and the sink reports a URI it cannot use when it opens."""
+    scheme, _, rest = uri.partition("://")
+    where, _, query = rest.partition("?")
+    hosts = where.split("/", 1)[0].rpartition("@")[2]
+    options: dict[str, str] = {}
+    for pair in query.replace(";", "&").split("&"):  # (last one wins, as in PyMongo)
+        key, _, value = pair.partition("=")
+        options[urllib.parse.unquote(key).strip().lower()] = (
+            urllib.parse.unquote(value).strip().lower())
+    tls = options.get("tls", options.get("ssl", "true" if scheme == "mongodb+srv" else "false"))
+    if tls != "true":
+        remote = []
+        for host in filter(None, hosts.split(",")):
+            name = (host[1:host.index("]")] if host.startswith("[") and "]" in host
+                    else host.rsplit(":", 1)[0])
+            if not _local(name):
+                remote.append(name)
+        if remote:
+            return f"asks for no TLS towards {', '.join(remote)}"
+        return None
+    unchecked = [k for k in _MONGODB_UNCHECKED if options.get(k.lower()) == "true"]
+    if unchecked:
+        return f"turns TLS's check off ({', '.join(unchecked)})"
+    return None
 
 
 def create_sink(config: Config, *, readonly: bool = False) -> Sink:
@@ -73,5 +122,11 @@ def create_sink(config: Config, *, readonly: bool = False) -> Sink:
     if kind == "mongodb":
         from .mongodb import MongoSink
 
+        weakness = mongodb_tls_weakness(os.environ.get(config.sink.mongodb.uri_env, ""))
+        if weakness is not None:
+            log.warning("the MongoDB URI in %s %s: anyone on the path can read the audit"
+                        " trail, and pose as the server to drop it; use tls=true (the"
+                        " default with mongodb+srv://) and a tlsCAFile for a private CA",
+                        config.sink.mongodb.uri_env, weakness)
         return MongoSink(config.sink.mongodb, readonly=readonly)
     raise ValueError(f"unknown sink type {kind!r}")  # config validation prevents this
