@@ -56,6 +56,7 @@ and raised ``from None``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -357,6 +358,9 @@ class MongoSink(Sink):
             **(client_options or {}),
         }
         self._client: AsyncMongoClient[Doc] | None = None
+        # The client of the last failed open, its URI and its event loop: the
+        # next open goes on with it (see _kept_client).
+        self._kept: tuple[AsyncMongoClient[Doc], str, asyncio.AbstractEventLoop] | None = None
         self._sessions: AsyncCollection[Doc] | None = None
         self._security: AsyncCollection[Doc] | None = None
         # The same collections for writes and the duplicate check: majority
@@ -412,6 +416,34 @@ class MongoSink(Sink):
                 f"mongodb sink: environment variable {self.cfg.uri_env} is not set"
             )
         self._secrets = _uri_secrets(uri)
+        client = await self._kept_client(uri)
+        if client is None:
+            client = self._new_client(uri)
+        try:
+            db = client[self.cfg.database]
+            sessions = db[self.cfg.sessions_collection]
+            security = db[self.cfg.security_collection]
+            # Acknowledged index builds too (a w=0 URI would hide a failure).
+            sessions_w, security_w = _durable(sessions), _durable(security)
+            if self.readonly:
+                await db.command("ping")
+            else:
+                await self._build_indexes(sessions_w, security_w)
+        except PyMongoError as exc:
+            # Kept, not closed: the next open goes on with it (_kept_client).
+            self._kept = (client, uri, asyncio.get_running_loop())
+            err = self._classify("open", exc)
+            # Opening never fails for good: the engine calls open() again.
+            if not isinstance(err, SinkUnavailable):
+                err = SinkUnavailable(str(err))
+            raise err from None
+        except BaseException:
+            await client.close()
+            raise
+        self._client, self._sessions, self._security = client, sessions, security
+        self._sessions_w, self._security_w = sessions_w, security_w
+
+    def _new_client(self, uri: str) -> AsyncMongoClient[Doc]:
         try:
             # PyMongo warns about unknown URI options; log them, redacted.
             with warnings.catch_warnings(record=True) as caught:
@@ -426,28 +458,33 @@ class MongoSink(Sink):
                     f"{type(exc).__name__}: {exc}"
                 )
             ) from None
-        try:
-            db = client[self.cfg.database]
-            sessions = db[self.cfg.sessions_collection]
-            security = db[self.cfg.security_collection]
-            # Acknowledged index builds too (a w=0 URI would hide a failure).
-            sessions_w, security_w = _durable(sessions), _durable(security)
-            if self.readonly:
-                await db.command("ping")
-            else:
-                await self._build_indexes(sessions_w, security_w)
-        except PyMongoError as exc:
-            await client.close()
-            err = self._classify("open", exc)
-            # Opening never fails for good: the engine calls open() again.
-            if not isinstance(err, SinkUnavailable):
-                err = SinkUnavailable(str(err))
-            raise err from None
-        except BaseException:
-            await client.close()
-            raise
-        self._client, self._sessions, self._security = client, sessions, security
-        self._sessions_w, self._security_w = sessions_w, security_w
+        return client
+
+    async def _kept_client(self, uri: str | None) -> AsyncMongoClient[Doc] | None:
+        """The client of the last failed open, if it was made from ``uri`` on
+        this event loop; any other is closed (or, made on another loop, let go).
+
+        A failed open used to close its client, and the flusher made a new one
+        at the next attempt. Closing a client cancels its monitors' pending
+        connects, and PyMongo (4.20) leaves a socket cancelled while connecting
+        open, in a reference cycle only the garbage collector frees, which
+        runs rarely here (audit.runtime.tune_gc): with the deployment
+        unreachable (connects refused; or unanswered, when the connect timeout
+        outlasts server selection) the server gained up to a descriptor per
+        failed open, towards its descriptor limit. A
+        kept client's monitors go on checking the deployment, and each of
+        their connects ends in its own timeout or refusal, which closes its
+        socket."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        client, kept_uri, loop = kept
+        if loop is not asyncio.get_running_loop():
+            return None  # bound to another (likely closed) loop: unusable here
+        if kept_uri == uri:
+            return client
+        await client.close()
+        return None
 
     async def _build_indexes(
         self, sessions: AsyncCollection[Doc], security: AsyncCollection[Doc]
@@ -481,6 +518,7 @@ class MongoSink(Sink):
                             " slower)", err)
 
     async def close(self) -> None:
+        await self._kept_client(None)
         client, self._client = self._client, None
         self._sessions = self._security = None
         self._sessions_w = self._security_w = None
