@@ -60,10 +60,11 @@ import asyncio
 import logging
 import os
 import re
+import ssl
 import warnings
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from bson.dbref import DBRef
 from bson.errors import BSONError
@@ -227,6 +228,36 @@ def _uri_secrets(uri: str) -> list[str]:
     return sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True)
 
 
+# The options whose files a client reads once, when it is made (its TLS context).
+_TLS_FILE_OPTIONS = frozenset({"tlscafile", "tlscertificatekeyfile", "tlscrlfile"})
+_FileState = tuple[str, tuple[int, int, int, int, int] | None]
+
+
+def _tls_files(uri: str, options: dict[str, Any]) -> tuple[_FileState, ...]:
+    """The files a client made now would read for its TLS context (those the
+    URI's or ``options``' TLS file options name, and the default CA file), each
+    with its device, inode, size, change and modification times (None: no
+    such file). A client is made with what they held then and keeps it."""
+    paths = [str(v) for k, v in options.items() if k.lower() in _TLS_FILE_OPTIONS]
+    for pair in uri.partition("?")[2].replace(";", "&").split("&"):
+        key, _, value = pair.partition("=")
+        if unquote_plus(key).strip().lower() in _TLS_FILE_OPTIONS:
+            paths.append(unquote_plus(value))  # (as PyMongo reads an option's value)
+    default = ssl.get_default_verify_paths().cafile
+    if default:
+        paths.append(default)
+    out: list[_FileState] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            out.append((path, None))
+        else:
+            out.append((path, (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns,
+                               st.st_mtime_ns)))
+    return tuple(out)
+
+
 def _errmsg(exc: PyMongoError) -> str:
     details = getattr(exc, "details", None)
     if isinstance(details, dict) and isinstance(details.get("errmsg"), str):
@@ -358,9 +389,11 @@ class MongoSink(Sink):
             **(client_options or {}),
         }
         self._client: AsyncMongoClient[Doc] | None = None
-        # The client of the last failed open, its URI and its event loop: the
-        # next open goes on with it (see _kept_client).
-        self._kept: tuple[AsyncMongoClient[Doc], str, asyncio.AbstractEventLoop] | None = None
+        # The client of the last failed open, its URI, its TLS files as they
+        # were when it was made, and its event loop: the next open goes on
+        # with it (see _kept_client).
+        self._kept: tuple[AsyncMongoClient[Doc], str, tuple[_FileState, ...],
+                          asyncio.AbstractEventLoop] | None = None
         self._sessions: AsyncCollection[Doc] | None = None
         self._security: AsyncCollection[Doc] | None = None
         # The same collections for writes and the duplicate check: majority
@@ -416,7 +449,8 @@ class MongoSink(Sink):
                 f"mongodb sink: environment variable {self.cfg.uri_env} is not set"
             )
         self._secrets = _uri_secrets(uri)
-        client = await self._kept_client(uri)
+        files = _tls_files(uri, self._options)
+        client = await self._kept_client(uri, files)
         if client is None:
             client = self._new_client(uri)
         try:
@@ -431,7 +465,7 @@ class MongoSink(Sink):
                 await self._build_indexes(sessions_w, security_w)
         except PyMongoError as exc:
             # Kept, not closed: the next open goes on with it (_kept_client).
-            self._kept = (client, uri, asyncio.get_running_loop())
+            self._kept = (client, uri, files, asyncio.get_running_loop())
             err = self._classify("open", exc)
             # Opening never fails for good: the engine calls open() again.
             if not isinstance(err, SinkUnavailable):
@@ -460,9 +494,14 @@ class MongoSink(Sink):
             ) from None
         return client
 
-    async def _kept_client(self, uri: str | None) -> AsyncMongoClient[Doc] | None:
+    async def _kept_client(
+        self, uri: str | None, files: tuple[_FileState, ...] = ()
+    ) -> AsyncMongoClient[Doc] | None:
         """The client of the last failed open, if it was made from ``uri`` on
-        this event loop; any other is closed (or, made on another loop, let go).
+        this event loop, its TLS ``files`` as they are now (:func:`_tls_files`:
+        a CA file put right after a failed certificate check is read by a new
+        client; the kept one holds the old file's context, and failed for
+        ever); any other is closed (or, made on another loop, let go).
 
         A failed open used to close its client, and the flusher made a new one
         at the next attempt. Closing a client cancels its monitors' pending
@@ -478,10 +517,10 @@ class MongoSink(Sink):
         kept, self._kept = self._kept, None
         if kept is None:
             return None
-        client, kept_uri, loop = kept
+        client, kept_uri, kept_files, loop = kept
         if loop is not asyncio.get_running_loop():
             return None  # bound to another (likely closed) loop: unusable here
-        if kept_uri == uri:
+        if kept_uri == uri and kept_files == files:
             return client
         await client.close()
         return None

@@ -20,10 +20,13 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import pymongo.common
 import pytest
 import trustme
 from aiohttp import web
+from mockupdb import MockupDB
 from receiver import Fault, Receiver, sample_part, serve
+from test_sink_mongodb import HELLO, answer_create_indexes
 
 from audit.config import HttpSinkConfig, MongoSinkConfig
 from sinks.base import SinkUnavailable
@@ -232,3 +235,56 @@ async def test_mongodb_sink_tls_failures_are_unavailable_and_name_no_credentials
         for server in (plain, other_host):
             server.close()
             await server.wait_closed()
+
+
+async def test_mongodb_sink_opens_once_its_ca_file_is_put_right(
+    ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An open refused for a CA file that does not hold the deployment's CA
+    (the certificate check fails) opens once the operator has put the right
+    CA into that file: the next open reads it, as a new client does, not a
+    client kept from the failed open with the old file's context."""
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))  # another CA's
+    server = MockupDB(auto_ismaster=HELLO, request_timeout=10)
+    server.run()
+    answer_create_indexes(server)
+
+    async def forward(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """TLS ends here; the bytes go on in the clear to the MockupDB."""
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(forward(reader, up_writer), forward(up_reader, writer))
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0,
+                                       ssl=server_context(ca, "127.0.0.1"))
+    port = proxy.sockets[0].getsockname()[1]
+    monkeypatch.setenv(MONGO_ENV, f"mongodb://127.0.0.1:{port}/?tls=true&tlsCAFile={ca_file}")
+    monkeypatch.setattr(pymongo.common, "MIN_HEARTBEAT_INTERVAL", 0.02)
+    sink = MongoSink(MongoSinkConfig(uri_env=MONGO_ENV),
+                     server_selection_timeout_ms=200, connect_timeout_ms=2000)
+    try:
+        with pytest.raises(SinkUnavailable, match="certificate verify failed"):
+            await sink.open()
+        ca.cert_pem.write_to_path(str(ca_file))
+        for _ in range(20):  # (a bound: 0.2 s each)
+            with contextlib.suppress(SinkUnavailable):
+                await sink.open()
+                break
+        else:
+            await sink.open()
+    finally:
+        await sink.close()
+        proxy.close()
+        await proxy.wait_closed()
+        server.stop()
