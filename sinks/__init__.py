@@ -53,12 +53,17 @@ def _local(host: str) -> bool:
     """A host of this machine: loopback, ``localhost``, or a Unix socket's
     path (a MongoDB URI's ``%2Ftmp%2Fmongodb-27017.sock``)."""
     host = urllib.parse.unquote(host).lower()
-    if host in ("localhost", "") or host.endswith(".localhost") or host.startswith("/"):
+    if host.startswith("/"):
+        return True
+    host = host.rstrip(".")  # (a fully qualified name: "localhost.")
+    if host in ("localhost", "") or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False  # a name: it may resolve anywhere
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 # A MongoDB URI's options that turn the certificate or host name check off.

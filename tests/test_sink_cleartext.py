@@ -75,6 +75,7 @@ URI_ENV = "TEST_CLEARTEXT_MONGODB_URI"
     ("mongodb://auditor:pw@localhost:27017/", None),
     ("mongodb://127.0.0.1:27017,[::1]:27018/?replicaSet=rs0", None),
     ("mongodb://%2Ftmp%2Fmongodb-27017.sock/", None),
+    ("mongodb://localhost.:27017,[::ffff:127.0.0.1]:27018/", None),
 ])
 def test_a_mongodb_uri_without_tls_or_with_its_check_off_is_warned_about(
     uri: str, said: str | None, caplog: pytest.LogCaptureFixture,
