@@ -38,21 +38,13 @@ log = logging.getLogger("session_audit.sinks")
 def cleartext_to_remote(url: str) -> bool:
     """An ``http://`` URL whose host is not a loopback address or ``localhost``."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http":
-        return False
-    host = parts.hostname or ""
-    if host == "localhost" or host.endswith(".localhost"):
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return True  # a name: it may resolve anywhere
+    return parts.scheme == "http" and not _local(parts.hostname or "")
 
 
 def _local(host: str) -> bool:
     """A host of this machine: loopback, ``localhost``, or a Unix socket's
     path (a MongoDB URI's ``%2Ftmp%2Fmongodb-27017.sock``)."""
-    host = urllib.parse.unquote(host).lower()
+    host = host.lower()
     if host.startswith("/"):
         return True
     host = host.rstrip(".")  # (a fully qualified name: "localhost.")
@@ -90,7 +82,7 @@ def mongodb_tls_weakness(uri: str) -> str | None:
         for host in filter(None, hosts.split(",")):
             name = (host[1:host.index("]")] if host.startswith("[") and "]" in host
                     else host.rsplit(":", 1)[0])
-            if not _local(name):
+            if not _local(urllib.parse.unquote(name)):
                 remote.append(name)
         if remote:
             return f"asks for no TLS towards {', '.join(remote)}"

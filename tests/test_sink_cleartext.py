@@ -19,6 +19,9 @@ from sinks import cleartext_to_remote, create_sink
     ("http://audit.example.com/v1", True),
     ("http://10.0.0.7/v1", True),
     ("http://user:pw@192.0.2.1/v1", True),
+    ("http://localhost./v1", False),  # (fully qualified)
+    ("http://[::ffff:127.0.0.1]:8099/v1", False),  # (IPv4-mapped loopback)
+    ("http://[::ffff:10.0.0.7]/v1", True),
 ])
 def test_cleartext_to_remote(url: str, warned: bool, caplog: pytest.LogCaptureFixture) -> None:
     assert cleartext_to_remote(url) is warned
