@@ -128,7 +128,7 @@ async def test_the_deployment_back_the_sink_opens(monkeypatch: pytest.MonkeyPatc
     server.run()
     try:
         answer_create_indexes(server)
-        await open_within(sink, 100)  # (a bound: 50 ms each)
+        await open_within(sink, 400)  # (a bound: 50 ms each, 20 s)
         await sink.close()
         # Failed on another URI (nothing there): the open with this one goes
         # to this one's deployment.
@@ -136,7 +136,7 @@ async def test_the_deployment_back_the_sink_opens(monkeypatch: pytest.MonkeyPatc
         with pytest.raises(SinkUnavailable, match="ServerSelectionTimeoutError"):
             await sink.open()
         monkeypatch.setenv(URI_ENV, f"mongodb://127.0.0.1:{port}/")
-        await open_within(sink, 100)
+        await open_within(sink, 400)
         await sink.close()
     finally:
         server.stop()

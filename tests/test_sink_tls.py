@@ -184,7 +184,7 @@ async def _open_fails(uri: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The message of the SinkUnavailable that opening the sink on ``uri`` raises."""
     monkeypatch.setenv(MONGO_ENV, uri)
     sink = MongoSink(MongoSinkConfig(uri_env=MONGO_ENV),
-                     server_selection_timeout_ms=500, connect_timeout_ms=500)
+                     server_selection_timeout_ms=1000, connect_timeout_ms=5000)
     try:
         with pytest.raises(SinkUnavailable) as info:
             await sink.open()
