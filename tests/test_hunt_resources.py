@@ -136,10 +136,23 @@ async def test_a_body_trickled_a_byte_at_a_time_is_refused_while_it_trickles(
 NOFILE = 64  # the server's descriptor limit: about 30 are in use once it serves
 
 
+async def use_up_descriptors(live: Any, held: list[socket.socket]) -> None:
+    """Connections the server accepts (kept in ``held``) until it has no
+    descriptor left."""
+    fds = f"/proc/{live.proc.pid}/fd"
+
+    def exhausted() -> bool:
+        if len(os.listdir(fds)) >= NOFILE:
+            return True
+        held.append(socket.create_connection(("127.0.0.1", live.port)))
+        return False
+
+    await wait_for(exhausted, message="the server's descriptors used up")
+
+
 async def test_out_of_descriptors_document_changes_are_503_not_500(tmp_path: Path) -> None:
     async with live_with_nofile(tmp_path, NOFILE, NOFILE) as (live, held):
         assert live.proc is not None
-        fds = f"/proc/{live.proc.pid}/fd"
         # One connection, opened before the descriptors run out, kept alive.
         conn = aiohttp.TCPConnector(limit=1)
         async with aiohttp.ClientSession(live.base, connector=conn) as http:
@@ -156,14 +169,7 @@ async def test_out_of_descriptors_document_changes_are_503_not_500(tmp_path: Pat
                 assert r.status == 201
                 doc = (await r.json())["id"]
 
-            def exhausted() -> bool:
-                # Connections the server accepts until it has no descriptor left.
-                if len(os.listdir(fds)) >= NOFILE:
-                    return True
-                held.append(socket.create_connection(("127.0.0.1", live.port)))
-                return False
-
-            await wait_for(exhausted, message="the server's descriptors used up")
+            await use_up_descriptors(live, held)
             for method, body in (("PUT", big({"content": "y" * 2**20})), ("DELETE", None),
                                  ("GET", None)):
                 path = f"/documents/{doc}" if method != "GET" else "/documents"
@@ -201,7 +207,6 @@ async def test_events_acknowledged_in_a_descriptor_flood_reach_the_http_sink_onc
                 "sink": {"type": "http", "http": {"url": f"http://127.0.0.1:{rport}"}}}
     async with live_with_nofile(tmp_path, NOFILE, NOFILE, settings, rport) as (live, held):
         assert live.proc is not None
-        fds = f"/proc/{live.proc.pid}/fd"
         conn = aiohttp.TCPConnector(limit=1)  # one connection, kept alive through the flood
         async with aiohttp.ClientSession(live.base, connector=conn) as http:
             session_id, headers = await live.admin_login(http)
@@ -210,13 +215,7 @@ async def test_events_acknowledged_in_a_descriptor_flood_reach_the_http_sink_onc
                 assert r.status == 201
                 doc = (await r.json())["id"]
 
-            def exhausted() -> bool:
-                if len(os.listdir(fds)) >= NOFILE:
-                    return True
-                held.append(socket.create_connection(("127.0.0.1", live.port)))
-                return False
-
-            await wait_for(exhausted, message="the server's descriptors used up")
+            await use_up_descriptors(live, held)
             answered = [f"in-flood-{i}" for i in range(3)]
             for rid in answered:
                 async with http.get(f"/documents/{doc}",
