@@ -596,3 +596,54 @@ async def test_a_wal_header_restarted_before_its_first_frame_is_not_taken_for_da
     engine = await engines.open(crashed)
     assert engine.spool.damaged is None, engine.spool.damaged
     assert not list(crashed.data_dir.glob("spool.db-wal.damaged-*"))
+
+
+@pytest.mark.parametrize("damage", ["salt-1", "salts"], ids=[
+    "salt-1-plus-one", "salt-1-plus-one-and-salt-2"])
+async def test_a_wal_header_whose_salt_1_is_garbled_to_one_more_is_said(
+    make_config: Any, engines: Any, tmp_path: Path, damage: str,
+) -> None:
+    """The current log's header, its first salt garbled to exactly the first
+    frame's plus one (one bit flipped does it, when salt-1 is even), as when
+    SQLite starts the log over: SQLite reads no frame and drops every
+    transaction. The frame is the current log's all the same, and that is
+    said: its checksum continues the header's (the checksum field intact,
+    even with salt-2 garbled too)."""
+    import shutil
+    import struct
+
+    config = make_config()
+    engine = await engines.open(config)
+    await _sessions(engine, 4)
+    crashed = _crash_copy(make_config, config, tmp_path, "crashed")
+    await engines.close(engine)
+    wal = Path(f"{crashed.spool_path}-wal")
+    commits = _commit_frames(wal)
+
+    def garble(head: bytearray) -> None:
+        salt1 = struct.unpack(">I", head[16:20])[0]
+        head[16:20] = struct.pack(">I", (salt1 + 1) & 0xFFFFFFFF)
+        if damage == "salts":
+            head[22] ^= 0x40
+
+    def sessions_sqlite_reads(name: str) -> int:  # in a copy: SQLite's close ends the -wal
+        (tmp_path / name).mkdir()
+        for suffix in ("", "-wal"):
+            shutil.copyfile(f"{crashed.spool_path}{suffix}", tmp_path / name / f"db{suffix}")
+        conn = sqlite3.connect(tmp_path / name / "db", isolation_level=None)
+        try:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sessions'").fetchone():
+                return 0
+            return int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
+        finally:
+            conn.close()
+
+    assert sessions_sqlite_reads("before") == 4
+    _rewrite_header(wal, garble)
+    assert sessions_sqlite_reads("after") == 0  # SQLite dropped every transaction
+
+    engine = await engines.open(crashed)
+    assert engine.spool.damaged is not None
+    assert f"its -wal holds {len(commits)} committed transactions past a frame SQLite" \
+        " cannot read (after frame 0)" in engine.spool.damaged
+    assert len(list(crashed.data_dir.glob("spool.db-wal.damaged-*"))) == 1
