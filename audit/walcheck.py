@@ -70,14 +70,16 @@ def _of_an_earlier_log(head: bytes, frame: bytes) -> bool:
     """Whether ``frame`` (the -wal's first, header and page) is of an earlier
     log than the damaged header ``head``: SQLite wrote the header of a log
     started over (its first salt one more, the second new) and was stopped
-    before the new log's first frame. Not when the frame's salts are the
-    header's, or its checksum continues the header's (as stored, or as the
-    header's first 24 bytes give it: one of the two is not what is damaged;
-    either byte order): the damage is the header's then. Nor when the
-    header's first salt is not the frame's plus one: with the damage there,
-    the frame is taken for the current log's (a damaged log said, rather
-    than one that lost its transactions left unsaid)."""
-    if frame[8:16] == head[16:24]:
+    before the new log's first frame. Not when the frame's second salt is
+    the header's (SQLite draws a new one for a log started over; a first
+    salt that is the frame's plus one is damage then), or its checksum
+    continues the header's (as stored, or as the header's first 24 bytes
+    give it: one of the two is not what is damaged; either byte order): the
+    damage is the header's then. Nor when the header's first salt is not
+    the frame's plus one: with the damage there, the frame is taken for the
+    current log's (a damaged log said, rather than one that lost its
+    transactions left unsaid)."""
+    if frame[12:16] == head[20:24]:
         return False
     stored = struct.unpack(">2I", frame[16:24])
     for big_endian in (False, True):

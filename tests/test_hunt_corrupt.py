@@ -598,8 +598,8 @@ async def test_a_wal_header_restarted_before_its_first_frame_is_not_taken_for_da
     assert not list(crashed.data_dir.glob("spool.db-wal.damaged-*"))
 
 
-@pytest.mark.parametrize("damage", ["salt-1", "salts"], ids=[
-    "salt-1-plus-one", "salt-1-plus-one-and-salt-2"])
+@pytest.mark.parametrize("damage", ["salt-1", "salts", "salt-1-and-checksum"], ids=[
+    "salt-1-plus-one", "salt-1-plus-one-and-salt-2", "salt-1-plus-one-and-checksum"])
 async def test_a_wal_header_whose_salt_1_is_garbled_to_one_more_is_said(
     make_config: Any, engines: Any, tmp_path: Path, damage: str,
 ) -> None:
@@ -608,7 +608,8 @@ async def test_a_wal_header_whose_salt_1_is_garbled_to_one_more_is_said(
     SQLite starts the log over: SQLite reads no frame and drops every
     transaction. The frame is the current log's all the same, and that is
     said: its checksum continues the header's (the checksum field intact,
-    even with salt-2 garbled too)."""
+    even with salt-2 garbled too), or the header's salt-2 is still the
+    frame's (a log started over has a new one)."""
     import shutil
     import struct
 
@@ -625,6 +626,8 @@ async def test_a_wal_header_whose_salt_1_is_garbled_to_one_more_is_said(
         head[16:20] = struct.pack(">I", (salt1 + 1) & 0xFFFFFFFF)
         if damage == "salts":
             head[22] ^= 0x40
+        if damage == "salt-1-and-checksum":
+            head[29] ^= 0x40
 
     def sessions_sqlite_reads(name: str) -> int:  # in a copy: SQLite's close ends the -wal
         (tmp_path / name).mkdir()
