@@ -298,6 +298,20 @@ async def _sessions(engine: Any, n: int) -> None:
         await engine.record(s.session_id, Draft("document.list"))
 
 
+async def _four_sessions_crashed(make_config: Any, engines: Any,
+                                 tmp_path: Path) -> tuple[Any, Path, list[int]]:
+    """Four sessions recorded, the spool's files copied as a kill -9 leaves
+    them (their transactions still in the -wal): the copy's config, its
+    -wal and the -wal's commit frames."""
+    config = make_config()
+    engine = await engines.open(config)
+    await _sessions(engine, 4)
+    crashed = _crash_copy(make_config, config, tmp_path, "crashed")
+    await engines.close(engine)
+    wal = Path(f"{crashed.spool_path}-wal")
+    return crashed, wal, _commit_frames(wal)
+
+
 def _crash_copy(make_config: Any, config: Any, tmp_path: Path, name: str) -> Any:
     """The spool's files as a kill -9 of the process would leave them."""
     import shutil
@@ -530,13 +544,7 @@ async def test_a_wal_whose_first_frame_or_header_is_damaged_is_said(
     frame of the -wal at all and drops every transaction in it, without a
     word. That is said, as a later frame's damage is, though a damaged
     header's salts and page size cannot be trusted."""
-    config = make_config()
-    engine = await engines.open(config)
-    await _sessions(engine, 4)
-    crashed = _crash_copy(make_config, config, tmp_path, "crashed")
-    await engines.close(engine)
-    wal = Path(f"{crashed.spool_path}-wal")
-    commits = _commit_frames(wal)
+    crashed, wal, commits = await _four_sessions_crashed(make_config, engines, tmp_path)
     if at is None:
         _garble_frame(wal, 0)
     else:
@@ -613,13 +621,7 @@ async def test_a_wal_header_whose_salt_1_is_garbled_to_one_more_is_said(
     import shutil
     import struct
 
-    config = make_config()
-    engine = await engines.open(config)
-    await _sessions(engine, 4)
-    crashed = _crash_copy(make_config, config, tmp_path, "crashed")
-    await engines.close(engine)
-    wal = Path(f"{crashed.spool_path}-wal")
-    commits = _commit_frames(wal)
+    crashed, wal, commits = await _four_sessions_crashed(make_config, engines, tmp_path)
 
     def garble(head: bytearray) -> None:
         salt1 = struct.unpack(">I", head[16:20])[0]
