@@ -30,6 +30,7 @@ __all__ = [
     "cleartext_to_remote",
     "create_sink",
     "mongodb_tls_weakness",
+    "mongodb_uri_options",
 ]
 
 log = logging.getLogger("session_audit.sinks")
@@ -62,6 +63,17 @@ def _local(host: str) -> bool:
 _MONGODB_UNCHECKED = ("tlsInsecure", "tlsAllowInvalidCertificates", "tlsAllowInvalidHostnames")
 
 
+def mongodb_uri_options(uri: str) -> list[tuple[str, str]]:
+    """A MongoDB URI's options as PyMongo reads them: each key lower-cased,
+    each value %-decoded (``+`` a space), in the URI's order."""
+    options = []
+    for pair in uri.partition("?")[2].replace(";", "&").split("&"):
+        key, _, value = pair.partition("=")
+        options.append((urllib.parse.unquote_plus(key).strip().lower(),
+                        urllib.parse.unquote_plus(value)))
+    return options
+
+
 def mongodb_tls_weakness(uri: str) -> str | None:
     """What a MongoDB URI leaves open on the network: no TLS towards a host
     that is not this machine, or TLS with its check turned off; None when
@@ -69,13 +81,9 @@ def mongodb_tls_weakness(uri: str) -> str | None:
     password). Read by hand: PyMongo's parser looks a ``mongodb+srv://``
     name up in DNS, and the sink reports a URI it cannot use when it opens."""
     scheme, _, rest = uri.partition("://")
-    where, _, query = rest.partition("?")
-    hosts = where.split("/", 1)[0].rpartition("@")[2]
-    options: dict[str, str] = {}
-    for pair in query.replace(";", "&").split("&"):  # (last one wins, as in PyMongo)
-        key, _, value = pair.partition("=")
-        options[urllib.parse.unquote(key).strip().lower()] = (
-            urllib.parse.unquote(value).strip().lower())
+    hosts = rest.partition("?")[0].split("/", 1)[0].rpartition("@")[2]
+    # (the last of an option given twice wins, as in PyMongo)
+    options = {key: value.strip().lower() for key, value in mongodb_uri_options(uri)}
     tls = options.get("tls", options.get("ssl", "true" if scheme == "mongodb+srv" else "false"))
     if tls != "true":
         remote = []

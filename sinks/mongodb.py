@@ -64,7 +64,7 @@ import ssl
 import warnings
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote
 
 from bson.dbref import DBRef
 from bson.errors import BSONError
@@ -87,6 +87,7 @@ from pymongo.write_concern import WriteConcern
 
 from audit.config import MongoSinkConfig
 
+from . import mongodb_uri_options
 from .base import (
     Doc,
     Sink,
@@ -239,10 +240,7 @@ def _tls_files(uri: str, options: dict[str, Any]) -> tuple[_FileState, ...]:
     with its device, inode, size, change and modification times (None: no
     such file). A client is made with what they held then and keeps it."""
     paths = [str(v) for k, v in options.items() if k.lower() in _TLS_FILE_OPTIONS]
-    for pair in uri.partition("?")[2].replace(";", "&").split("&"):
-        key, _, value = pair.partition("=")
-        if unquote_plus(key).strip().lower() in _TLS_FILE_OPTIONS:
-            paths.append(unquote_plus(value))  # (as PyMongo reads an option's value)
+    paths += [value for key, value in mongodb_uri_options(uri) if key in _TLS_FILE_OPTIONS]
     default = ssl.get_default_verify_paths().cafile
     if default:
         paths.append(default)
