@@ -329,7 +329,8 @@ def spool_anchor(conn: sqlite3.Connection, key: bytes, sink: str | None = None) 
     stored: frozenset[str] = frozenset()
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'stored_sessions'").fetchone():
         stored = frozenset(r[0] for r in conn.execute(
-            "SELECT session_id FROM stored_sessions WHERE ?1 IS NULL OR sink = ?1", (sink,)))
+            "SELECT session_id FROM stored_sessions WHERE :sink IS NULL OR sink = :sink",
+            {"sink": sink}))
     starts, end, ends, took_none = _stretches(conn, sink, genesis(key, SECURITY_STREAM))
     return SpoolAnchor(row[0] if row else genesis(key, SECURITY_STREAM),
                        unsent, unfinished, stored - unfinished,
