@@ -103,6 +103,10 @@ class TokenService:
             raise TokenNotYetValid(_claims(data)) from None
         except jwt.PyJWTError as exc:
             raise TokenInvalid(_reason(exc)) from None
+        except RecursionError:
+            # A header of JSON nested too deep: PyJWT before 2.14 lets the
+            # parser's error out, before any signature check (a 500).
+            raise TokenInvalid("malformed") from None
         return _claims(data)
 
 

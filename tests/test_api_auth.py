@@ -1180,6 +1180,18 @@ async def test_a_token_that_is_not_ascii_is_malformed(api: Api, token: str | byt
     assert (ev["outcome"], ev["session_id"], ev["request_id"]) == ("denied", None, "raw-token-1")
 
 
+async def test_a_token_whose_header_nests_too_deep_is_malformed(api: Api) -> None:
+    """A bearer token whose header is JSON nested 2,000 arrays deep (5 kB, a
+    header field aiohttp takes): PyJWT before 2.14 let the parser's
+    RecursionError out of ``jwt.decode`` before any signature check, a 500
+    for anyone. It is 401 invalid_token, recorded as ``malformed``."""
+    token = ".".join((_b64(b"[" * 2000 + b"]" * 2000), _b64(b"{}"), _b64(b"sig")))
+    resp = await api.client.get("/documents", headers={"Authorization": f"Bearer {token}"})
+    await expect_error(resp, 401, "invalid_token")
+    (ev,) = await api.wait_security("auth.invalid_token")
+    assert ev["details"] == {"reason": "malformed", "method": "GET", "path": "/documents"}
+
+
 async def test_a_future_iat_is_taken_only_within_the_skew_of_its_session_start(
     api: Api,
 ) -> None:
