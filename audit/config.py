@@ -8,6 +8,7 @@ operator can fix the file without reading code.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import math
 import os
@@ -380,10 +381,19 @@ def _validate(config: Config) -> None:
         if key.startswith("sink.") and key.split(".")[1] != config.sink.type:
             continue  # (not used: its file system is not looked at)
         try:
-            getattr(config, path)
+            resolved = getattr(config, path)
         except RuntimeError:  # Path.resolve on a loop of symbolic links (Python < 3.13)
             raise ConfigError(f"{key}: {value!r} leads into a loop of symbolic links"
                               ) from None
+        # Python 3.13's Path.resolve no longer stats the path it made, nor
+        # raises for a loop: the check it did (ELOOP) is made here. Without
+        # it, serve with a sink path into a loop ran on, every flush failing.
+        try:
+            os.stat(resolved)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigError(f"{key}: {value!r} leads into a loop of symbolic links"
+                                  ) from None
     try:
         config.server.proxy_networks()
     except ValueError as exc:
