@@ -18,6 +18,7 @@ import re
 import sqlite3
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,7 +322,7 @@ def plant_part(config: Config, kind: str, part: dict[str, Any], doc: str | None 
     a row of audit.db (its document ``doc`` if given, else the part's JSON)
     or a line of a jsonl day file."""
     if kind == "sqlite":
-        with sqlite3.connect(config.sqlite_sink_path) as db:
+        with closing(sqlite3.connect(config.sqlite_sink_path)) as db, db:
             db.execute("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (f"{part['session_id']}:0", part["session_id"], 0, "alice",
                         part["session_start_time"], 1, part["hash"],

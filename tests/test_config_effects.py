@@ -4,6 +4,7 @@ tests show only that they parse."""
 
 from __future__ import annotations
 
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ def _bobs_rounds(data: Path) -> int:
 
     from handlers.auth import hash_rounds
 
-    with sqlite3.connect(data / "spool.db") as db:
+    with closing(sqlite3.connect(data / "spool.db")) as db, db:
         (stored,) = db.execute("SELECT password_hash FROM users WHERE username = 'bob'"
                                ).fetchone()
     return hash_rounds(stored)

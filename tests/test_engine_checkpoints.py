@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import closing
 
 import pytest
 
@@ -197,7 +198,7 @@ async def test_a_damaged_event_where_lowered_limits_cut_does_not_stop_the_start(
     held = await engine.spool.read(lambda c: c.execute(
         "SELECT COUNT(*) FROM events WHERE session_id = ?", (s.session_id,)).fetchone()[0])
     await engine.close()
-    with sqlite3.connect(spool) as conn:  # seq 5 ends the first part of 5 events
+    with closing(sqlite3.connect(spool)) as conn, conn:  # seq 5 ends the first part of 5 events
         # (bytes: a text that is not UTF-8, stored as TEXT as a flipped bit leaves it)
         assert conn.execute("UPDATE events SET json = CAST(? AS TEXT)"
                             " WHERE session_id = ? AND seq = 5",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ async def test_a_text_that_is_not_utf8_is_damage_and_not_quoted(
     api: Api = await make_api()
     admin = await api.admin()
     doc = await api.create_doc(admin, content="a secret plan: \u00e9t\u00e9")
-    with sqlite3.connect(api.config.spool_path) as conn:
+    with closing(sqlite3.connect(api.config.spool_path)) as conn, conn:
         conn.execute("UPDATE documents SET content = CAST(? AS TEXT) WHERE id = ?",
                      ("a secret plan: \u00e9t\u00e9".encode()[:-1] + b"\xff", doc["id"]))
     conn.close()
@@ -97,7 +98,7 @@ async def test_a_text_that_is_not_utf8_is_damage_and_not_quoted(
 def _damage_text(path: Path, table: str, rowid: int, text: bytes) -> None:
     """Write ``text`` as a row's stored JSON behind the server's back, as a
     flipped byte does (SQLite checks no text)."""
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(f"UPDATE {table} SET json = CAST(? AS TEXT) WHERE rowid = ?",
                      (text, rowid))
     conn.close()
@@ -388,7 +389,7 @@ async def test_a_damaged_text_is_not_quoted_by_a_logged_traceback(
     caplog.set_level(logging.INFO)
     api: Api = await make_api()
     admin = await api.admin()
-    with sqlite3.connect(api.config.spool_path) as conn:
+    with closing(sqlite3.connect(api.config.spool_path)) as conn, conn:
         conn.execute("INSERT INTO revocations (session_id, cause, created_ts)"
                      " VALUES ('x', CAST(? AS TEXT), 0)", (b"secret payroll \xff",))
     conn.close()
@@ -425,7 +426,7 @@ async def test_a_loop_in_the_path_of_a_sink_not_in_use_is_no_500(
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
     api: Api = await make_api(sink={"type": "sqlite", "jsonl": {"dir": str(tmp_path / "a/j")}})
-    with sqlite3.connect(api.config.spool_path) as conn:
+    with closing(sqlite3.connect(api.config.spool_path)) as conn, conn:
         conn.execute("INSERT INTO revocations (session_id, cause, created_ts)"
                      " VALUES ('x', CAST(X'FF' AS TEXT), 0)")
     conn.close()
@@ -469,7 +470,7 @@ async def test_a_revocation_pass_failing_every_second_is_logged_once_and_its_rec
 
     caplog.set_level(logging.INFO)
     api: Api = await make_api(setup=setup)
-    with sqlite3.connect(api.config.spool_path) as conn:
+    with closing(sqlite3.connect(api.config.spool_path)) as conn, conn:
         conn.execute("INSERT INTO revocations (session_id, cause, created_ts)"
                      " VALUES ('x', CAST(? AS TEXT), 0)", (b"secret payroll \xff",))
     conn.close()
@@ -486,7 +487,7 @@ async def test_a_revocation_pass_failing_every_second_is_logged_once_and_its_rec
     assert len(check) == 1 and check[0].exc_info is not None, [r.getMessage() for r in check]
     assert "payroll" not in caplog.text
 
-    with sqlite3.connect(api.config.spool_path) as conn:
+    with closing(sqlite3.connect(api.config.spool_path)) as conn, conn:
         conn.execute("DELETE FROM revocations WHERE session_id = 'x'")
     conn.close()
     await wait_for(lambda: lines("succeeds again") if len(lines("succeeds again")) == 2

@@ -16,6 +16,7 @@ import sqlite3
 import stat
 import subprocess
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ async def test_a_sink_table_that_is_not_the_sinks_own_is_unavailable_not_a_dead_
     trouble: unavailable, retried, nothing dead-lettered; a table that
     cannot take the sink's rows at all is named at open."""
     path = tmp_path / "audit.db"
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.executescript(schema)
     sink = SqliteSink(path)
     try:
@@ -84,7 +85,7 @@ async def test_a_sink_table_that_is_not_the_sinks_own_is_unavailable_not_a_dead_
             await sink.write_part(sample_part("s2"))
     finally:
         await sink.close()
-    with sqlite3.connect(path) as db:  # mended: the same file takes the parts
+    with closing(sqlite3.connect(path)) as db, db:  # mended: the same file takes the parts
         db.executescript("DROP TABLE parts")
     sink = SqliteSink(path)
     await sink.open()
@@ -97,7 +98,7 @@ async def test_a_sink_table_that_is_not_the_sinks_own_is_unavailable_not_a_dead_
 
 async def test_a_security_events_table_of_another_shape_is_unavailable(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.execute("CREATE TABLE security_events (id TEXT PRIMARY KEY, ts TEXT, action TEXT,"
                    " hash TEXT, doc TEXT, source TEXT NOT NULL)")
     sink = SqliteSink(path)
@@ -114,7 +115,7 @@ async def test_a_table_with_a_column_of_its_own_that_may_be_left_empty_takes_the
     """An operator's own column (nullable, or with a default, or the rowid as
     an INTEGER PRIMARY KEY, which SQLite fills) is no reason to stop."""
     path = tmp_path / "audit.db"
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.execute(f"CREATE TABLE parts ({_COLUMNS}, note TEXT,"
                    " checked INTEGER NOT NULL DEFAULT 0)")
         db.execute("CREATE TABLE security_events (n INTEGER PRIMARY KEY NOT NULL,"
@@ -193,7 +194,7 @@ async def test_a_security_event_another_writer_put_in_audit_db_is_no_500(
     no object is 503 sink_unavailable."""
     api = await make_api()
     admin = await api.admin()
-    with sqlite3.connect(api.config.sqlite_sink_path) as db:
+    with closing(sqlite3.connect(api.config.sqlite_sink_path)) as db, db:
         for i, doc in enumerate([sample_security_event("ev0", ts="2026-11-26T14:00:00.000Z"),
                                  forged,
                                  sample_security_event("ev2", ts="2026-11-26T14:00:02.000Z")]):

@@ -26,6 +26,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,7 @@ def test_verify_exits_1_for_a_changed_event_and_names_its_session(
     assert out.endswith(": OK\n") and "verified 1 sessions, 1 parts" in out, out
 
     sink = tmp_path / "data" / "audit.db"
-    with sqlite3.connect(sink) as conn:
+    with closing(sqlite3.connect(sink)) as conn, conn:
         (doc,) = conn.execute("SELECT doc FROM parts").fetchone()
         part = json.loads(doc)
         part["events"][-2]["outcome"] = "failure"
@@ -296,7 +297,7 @@ async def test_a_damaged_saved_sink_state_stops_neither_serve_nor_status(
     api = await make_api()
     config = api.config
     await api.client.close()
-    with sqlite3.connect(config.spool_path) as conn:
+    with closing(sqlite3.connect(config.spool_path)) as conn, conn:
         conn.execute("INSERT INTO meta (key, value) VALUES ('sink_status', CAST(? AS TEXT))"
                      " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (damaged,))
     conn.close()
@@ -320,7 +321,7 @@ async def test_a_command_stopped_by_a_text_that_is_not_utf8_does_not_quote_it(
     config = api.config
     await api.user("alice")
     await api.client.close()
-    with sqlite3.connect(config.spool_path) as conn:
+    with closing(sqlite3.connect(config.spool_path)) as conn, conn:
         conn.execute("UPDATE users SET username = CAST(? AS TEXT) WHERE username = 'alice'",
                      (b"alice Q3 layoffs \xff",))
     conn.close()

@@ -10,6 +10,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -262,7 +263,7 @@ async def test_metrics_are_served_while_the_spool_is_damaged(make_api: MakeApi) 
     api = await make_api(flush_at_close=False)  # (the parts cannot be read)
     admin = await api.admin()
     assert (await api.client.post("/logout", headers=admin.headers)).status == 200
-    with sqlite3.connect(api.config.spool_path) as conn:
+    with closing(sqlite3.connect(api.config.spool_path)) as conn, conn:
         names = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE tbl_name = 'parts' AND rootpage > 0")]
     conn.close()

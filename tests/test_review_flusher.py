@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import sqlite3
+from contextlib import closing
 from typing import Any
 
 from audit import queries
@@ -291,7 +292,7 @@ async def test_a_part_the_sink_holds_with_another_hash_is_dead_lettered(make_con
     assert (counts["dead_letter_parts"], counts["pending_parts"]) == (1, 0)
     assert engine.flusher.stats.dead_lettered == 1
     assert engine.flusher.stats.parts_written == 0
-    with sqlite3.connect(config.spool_path) as conn:
+    with closing(sqlite3.connect(config.spool_path)) as conn, conn:
         state, error = conn.execute(
             "SELECT state, last_error FROM parts WHERE session_id = ?", (s.session_id,)
         ).fetchone()

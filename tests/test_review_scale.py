@@ -14,6 +14,7 @@ import json
 import sqlite3
 import tracemalloc
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,7 +83,7 @@ async def _history_sink(path: Path) -> SqliteSink:
         ev = {"_id": f"e{i:031x}", "event_id": f"e{i:031x}", "ts": start, "hash": f"{i:064x}",
               "action": "admin.denied" if i < 3 else "auth.login_failed"}
         security.append((ev["_id"], start, ev["action"], ev["hash"], json.dumps(ev)))
-    with sqlite3.connect(path, isolation_level=None) as c:
+    with closing(sqlite3.connect(path, isolation_level=None)) as c, c:
         c.execute("BEGIN")
         c.executemany("INSERT INTO parts (id, session_id, part, user, session_start_time,"
                       " final, hash, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", parts)
@@ -298,7 +299,7 @@ async def _held_by_verify(path: Path, sessions: int) -> int:
                              "first_seq": 1, "last_seq": 2, "prev_hash": genesis(KEY, sid),
                              "hash": head}, evs)
         rows.append((doc["_id"], sid, 0, None, doc["session_start_time"], 1, head, dumps(doc)))
-    with sqlite3.connect(path, isolation_level=None) as c:
+    with closing(sqlite3.connect(path, isolation_level=None)) as c, c:
         c.execute("BEGIN")
         c.executemany("INSERT INTO parts (id, session_id, part, user, session_start_time,"
                       " final, hash, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ async def test_a_corrupt_sink_file_is_unavailable_not_a_dead_letter_per_write(
     for i in range(300):  # pages enough that one in the middle is a table's
         await sink.write_part(sample_part(f"s{i}"))
     await sink.close()
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     page = 4096
     with path.open("r+b") as f:
@@ -61,7 +62,7 @@ async def test_what_is_wrong_with_the_document_is_still_rejected(tmp_path: Path)
 
 
 def _stored(path: Path) -> set[str]:
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         return {row[0] for row in db.execute("SELECT id FROM parts")}
 
 
@@ -91,7 +92,7 @@ async def test_a_sink_file_deleted_while_open_is_started_anew_and_written(
     finally:
         await sink.close()
     assert _stored(path) == {sample_part("after")["_id"]}
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         assert [r[0] for r in db.execute("SELECT id FROM security_events")] == ["sec-1"]
 
 
@@ -248,7 +249,7 @@ async def test_a_full_sink_file_says_so_for_a_security_batch(tmp_path: Path) -> 
         await sink.write_security_events(events)
     finally:
         await sink.close()
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("SELECT count(*) FROM security_events").fetchone()[0] == 20
 
 
@@ -289,7 +290,7 @@ async def test_a_security_batch_cancelled_during_its_commit_stays_cancelled(
     finally:
         release.set()
         await sink.close()
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("SELECT count(*) FROM security_events").fetchone()[0] == 3
 
 

@@ -9,6 +9,7 @@ import logging
 import sqlite3
 import sys
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -852,7 +853,7 @@ async def test_a_text_that_is_not_utf8_stops_the_open_without_being_quoted(tmp_p
     await sp.open()
     await sp.submit(lambda w: w.start_session("u", "user", 1e12, []))
     await sp.close()
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE sessions SET user = CAST(? AS TEXT)", (b"Q3 layoffs \xff",))
     conn.close()
     sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
