@@ -17,6 +17,7 @@ import errno
 import fcntl
 import getpass
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -1581,9 +1583,18 @@ def hold_standard_descriptors() -> None:
                 os.close(null)
 
 
+def _description(doc: str | None) -> str:
+    """The module's docstring as --help shows it: its title, then its usage
+    lines indented under it. Python 3.13 strips a docstring's common
+    indentation when it compiles it and 3.11 keeps it: as it was, the usage
+    lines lost their indent on 3.13."""
+    title, _, rest = inspect.cleandoc(doc or "").partition("\n")
+    return title + "\n" + textwrap.indent(rest, "    ")
+
+
 def main(argv: list[str] | None = None) -> int:
     hold_standard_descriptors()
-    parser = argparse.ArgumentParser(prog="server.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="server.py", description=_description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     common = argparse.ArgumentParser(add_help=False)

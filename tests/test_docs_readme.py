@@ -208,6 +208,20 @@ def test_every_command_and_option_the_readme_shows_exists(
     assert all(command in commands for command, _ in shown)
 
 
+def test_the_help_shows_the_usage_lines_indented_under_the_title(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Python 3.13 strips a docstring's common indentation, 3.11 keeps it:
+    # the usage lines --help shows from server.py's docstring lost their
+    # indent on 3.13. The same text on both.
+    text = _help(capsys)
+    assert ("\n\nsession-audit: the entry point, the CLI and the app factory.\n\n"
+            "    python server.py [serve] [--config PATH]\n"
+            "    python server.py adduser NAME [--admin] [--password-stdin]\n"
+            "    python server.py passwd NAME [--password-stdin]\n"
+            "    python server.py disable NAME | enable NAME | users\n"
+            "    python server.py status | verify | drain | retry-dead\n\n") in text, text
+
+
 def test_every_config_key_the_readme_names_exists() -> None:
     # Each `section.key` README names is a key the configuration takes, and
     # config.toml, which README says holds every setting, has them all.
