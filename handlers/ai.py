@@ -150,9 +150,13 @@ class OpenAIProvider:
         try:
             reply = data["choices"][0]["message"]["content"]
             usage = data.get("usage") or {}
-            model = str(data.get("model") or self.model)
+            model = data.get("model")
+            if model is None or model == "":  # (not said: the one asked for)
+                model = self.model
             if not isinstance(reply, str):
                 raise TypeError("content is not a string")
+            if not isinstance(model, str):  # (was recorded as its Python repr)
+                raise TypeError("model is not a string")
             # A provider echoing our request must not hand the key, or the
             # base_url's credentials (sent as Basic auth), on.
             for secret in sorted({key, *self._url_secrets}, key=len, reverse=True):

@@ -221,8 +221,11 @@ def completion(reply: str = '"fine"', model: str = '"m"', prompt_tokens: str = "
     completion(reply='"\\ud800 lone"'),  # a lone surrogate: neither answered nor recorded
     completion(model='"\\udfff"'),
     completion(reply="null"),
+    completion(model='{"name": "m"}'),  # was recorded as "{'name': 'm'}"
+    completion(model="42"),
+    completion(model="false"),
 ], ids=["inf", "nan", "2**70", "negative", "fraction", "string", "bool", "surrogate_reply",
-        "surrogate_model", "null_reply"])
+        "surrogate_model", "null_reply", "object_model", "number_model", "bool_model"])
 async def test_an_odd_completion_is_a_failing_provider(
     make_api: MakeApi, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch, body: bytes
 ) -> None:
