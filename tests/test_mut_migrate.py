@@ -294,8 +294,26 @@ async def test_security_events_an_earlier_release_wrote_since_get_their_shown_ms
     assert [ms for _, ms in rows] == [shown_ms(ts) for ts, _ in rows]
 
 
-def _writer(path: Path, key: bytes) -> tuple[sqlite3.Connection, Writer]:
+# Closed after each test: Python 3.13 warns (ResourceWarning) of a
+# connection left to the garbage collector, in whichever test collects it.
+_OPENED: list[sqlite3.Connection] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_connections():
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+def _connect(path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
+    _OPENED.append(conn)
+    return conn
+
+
+def _writer(path: Path, key: bytes) -> tuple[sqlite3.Connection, Writer]:
+    conn = _connect(path)
     conn.executescript(SCHEMA)
     w = Writer(conn, key, Limits(500, 1 << 20), clock=lambda: 1_800_000_000.0)
     w.load()

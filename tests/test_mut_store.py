@@ -14,6 +14,23 @@ from audit.store import SCHEMA, Append, Limits, Writer
 
 T0 = 1_800_000_000.0
 
+# Closed after each test: Python 3.13 warns (ResourceWarning) of a
+# connection left to the garbage collector, in whichever test collects it.
+_OPENED: list[sqlite3.Connection] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_connections():
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+def _connect(path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    _OPENED.append(conn)
+    return conn
+
 
 class Ticking:
     """A clock that moves on by ``step`` at every reading."""
@@ -33,7 +50,7 @@ def _writer(conn: sqlite3.Connection, key: bytes, limits: Limits, clock=None) ->
 
 
 def _conn(tmp_path) -> sqlite3.Connection:
-    conn = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    conn = _connect(tmp_path / "spool.db")
     conn.executescript(SCHEMA)
     return conn
 
@@ -403,7 +420,7 @@ def test_users_of_an_earlier_release_stay_enabled_after_the_upgrade(tmp_path):
     existing user enabled (0): an upgrade locks no one out."""
     from audit.store import migrate
 
-    conn = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    conn = _connect(tmp_path / "spool.db")
     conn.executescript(
         "CREATE TABLE users (username TEXT PRIMARY KEY, password_hash TEXT NOT NULL,"
         " role TEXT NOT NULL, created_at TEXT NOT NULL);"

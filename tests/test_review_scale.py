@@ -18,6 +18,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from api_fixtures import MakeApi, make_api
 
 import audit.verify as verify_module
@@ -139,8 +140,26 @@ async def test_a_rare_kind_of_security_event_is_found_without_reading_the_others
         await sink.close()
 
 
+# Closed after each test: Python 3.13 warns (ResourceWarning) of a
+# connection left to the garbage collector, in whichever test collects it.
+_OPENED: list[sqlite3.Connection] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_connections():
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+def _connect(path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    _OPENED.append(conn)
+    return conn
+
+
 def _writer(tmp_path: Path, audit_key: bytes, clock: Callable[[], float]) -> Writer:
-    conn = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    conn = _connect(tmp_path / "spool.db")
     conn.executescript(SCHEMA)
     return Writer(conn, audit_key, Limits(500, 1 << 20), clock=clock)
 
