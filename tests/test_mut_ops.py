@@ -14,7 +14,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from api_fixtures import Api, MakeApi, api, make_api, wait_for
+from api_fixtures import USER_PASSWORD, Api, MakeApi, api, make_api, wait_for
 from receiver import Fault, Receiver, ReceiverOptions, serve
 from test_hunt_corrupt import zero_pages
 
@@ -266,10 +266,20 @@ async def test_metrics_are_served_while_the_spool_is_damaged(make_api: MakeApi) 
     with closing(sqlite3.connect(api.config.spool_path)) as conn, conn:
         names = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE tbl_name = 'parts' AND rootpage > 0")]
-    conn.close()
     for name in names:
         zero_pages(api.config.spool_path, name)
-    await api.user("bob")  # a commit: the reader sees the file as it is now
+    await api.add_user("bob")
+
+    async def logged_in() -> bool:  # a commit: the reader sees the file as it is now
+        resp = await api.client.post("/token", json={"username": "bob",
+                                                     "password": USER_PASSWORD})
+        # A commit can fail on the damaged pages (the flusher's next step on
+        # them may share the login's batch): 503, nothing done. Seen once on
+        # Python 3.13, not reproduced alone; the next login commits.
+        assert resp.status in (200, 503), await resp.text()
+        return resp.status == 200
+
+    await wait_for(logged_in, timeout=10, message="a login committed")
     for _ in range(2):
         m = await _metrics(api)
         assert m["session_audit_ready"] == 0
