@@ -9,7 +9,8 @@ and bounded examples. Hooks and auth are in ``tests/schemathesis_hooks.py``.
 Two runs, because failed logins throttle the client IP (API.md): the first
 covers every operation but ``POST /token`` (its logins must not be throttled);
 the second fuzzes ``POST /token`` alone, where the throttle's 429 with
-``Retry-After`` is checked against the document too.
+``Retry-After`` is checked against the document too. Each has a server of its
+own, so their order does not matter.
 
 Bounded to about a minute in all; ``SA_SCHEMATHESIS_EXAMPLES`` and
 ``SA_SCHEMATHESIS_SEED`` change the size and the seed (e.g. for a longer local
@@ -64,10 +65,14 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0
     raise AssertionError("server did not become healthy")
 
 
-@pytest.fixture(scope="module")
+# A server for each test, not one for the module: the login run throttles
+# the client IP (429 at /token), and the other run, after it, could not log
+# in (run in another order: pytest-randomly, pytest-reverse, or the two
+# named in that order on the command line).
+@pytest.fixture
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     tmp = tmp_path_factory.mktemp("schemathesis")
-    port = free_port()  # (held until the first test ends: served by then)
+    port = free_port()  # (held until the test ends: served by then)
     config = tmp / "config.toml"
     config.write_text(
         f"""
