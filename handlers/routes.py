@@ -9,6 +9,7 @@ from aiohttp import HttpVersion11, hdrs, web, web_urldispatcher
 
 from . import admin, auth, chat, documents, events, ops
 from .errors import CONTINUE_OWED
+from .keys import ENGINE
 
 # Routes that need no bearer token.
 PUBLIC_ROUTES = frozenset({"token", "healthz", "readyz", "metrics", "openapi"})
@@ -44,14 +45,32 @@ async def expect_handler(request: web.Request) -> None:
         request[CONTINUE_OWED] = True
 
 
+# aiohttp's own, for the routes of any other application in the process.
+_AIOHTTP_EXPECT_HANDLER = web_urldispatcher._default_expect_handler
+
+
+async def _default_expect_handler(request: web.Request) -> None:
+    """:func:`expect_handler` for this server's applications, aiohttp's own
+    for any other: the default is the process's, and a route of another
+    application in it (an embedder's, made after ``create_app``) got ours,
+    which leaves the ``100 Continue`` to this server's routes: none went
+    out, and a client waiting for it before sending its body waited until
+    its own timeout."""
+    if ENGINE in request.app:
+        await expect_handler(request)
+    else:
+        await _AIOHTTP_EXPECT_HANDLER(request)
+
+
 def install_expect_handler() -> None:
     """:func:`expect_handler` also for requests no route matches (404, 405):
     aiohttp makes a route for each of those with its default handler, which
     sent a ``100 Continue`` before the 404 and answered another expectation
     with its plain-text 417 (the header quoted back, no ``X-Request-ID``).
-    For the process, like ``errors.install_parser_error_answer``; idempotent."""
+    For the process, like ``errors.install_parser_error_answer``, but only
+    for this server's applications; idempotent."""
     assert callable(getattr(web_urldispatcher, "_default_expect_handler", None))
-    web_urldispatcher._default_expect_handler = expect_handler
+    web_urldispatcher._default_expect_handler = _default_expect_handler
 
 
 class _Router:
