@@ -194,7 +194,6 @@ def test_verify_exits_1_for_a_changed_event_and_names_its_session(
         part = json.loads(doc)
         part["events"][-2]["outcome"] = "failure"
         conn.execute("UPDATE parts SET doc = ?", (json.dumps(part),))
-    conn.close()
     code, out, err = _run(capsys, "verify", "--config", str(config))
     assert code == 1, out + err  # problems found; 2 is "the sink could not be read"
     assert out.startswith(f"{sid}: ") and out.rstrip().endswith("problem"), out
@@ -300,7 +299,6 @@ async def test_a_damaged_saved_sink_state_stops_neither_serve_nor_status(
     with closing(sqlite3.connect(config.spool_path)) as conn, conn:
         conn.execute("INSERT INTO meta (key, value) VALUES ('sink_status', CAST(? AS TEXT))"
                      " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (damaged,))
-    conn.close()
 
     path = config.data_dir.parent / "config.toml"
     path.write_text(f'[server]\ndata_dir = "{config.data_dir}"\n', encoding="utf-8")
@@ -324,7 +322,6 @@ async def test_a_command_stopped_by_a_text_that_is_not_utf8_does_not_quote_it(
     with closing(sqlite3.connect(config.spool_path)) as conn, conn:
         conn.execute("UPDATE users SET username = CAST(? AS TEXT) WHERE username = 'alice'",
                      (b"alice Q3 layoffs \xff",))
-    conn.close()
     path = config.data_dir.parent / "config.toml"
     path.write_text(f'[server]\ndata_dir = "{config.data_dir}"\n', encoding="utf-8")
     code, out, err = _run(capsys, "users", "--config", str(path))

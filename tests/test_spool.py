@@ -855,7 +855,6 @@ async def test_a_text_that_is_not_utf8_stops_the_open_without_being_quoted(tmp_p
     await sp.close()
     with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE sessions SET user = CAST(? AS TEXT)", (b"Q3 layoffs \xff",))
-    conn.close()
     sp = Spool(path, audit_key, limits=Limits(500, 1 << 20))
     with pytest.raises(SpoolUnavailable) as err:
         await sp.open()
