@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from live_server import Live, release_ports
+from sqlite_conns import close_all
 from waiting import wait_for
 
 import handlers.admin
@@ -49,6 +50,13 @@ def _release_ports() -> Iterator[None]:
     """The ports live_server.free_port() held for the test, let go at its end."""
     yield
     release_ports()
+
+
+@pytest.fixture(autouse=True)
+def _close_sqlite_connections() -> Iterator[None]:
+    """The connections the test opened with ``sqlite_conns.connect``, closed."""
+    yield
+    close_all()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlite_conns import connect as _connect
 from test_spool import _downgrade
 
 from audit import queries
@@ -292,24 +293,6 @@ async def test_security_events_an_earlier_release_wrote_since_get_their_shown_ms
     with contextlib.closing(sqlite3.connect(path)) as c:
         rows = c.execute("SELECT ts, ts_ms FROM security_events").fetchall()
     assert [ms for _, ms in rows] == [shown_ms(ts) for ts, _ in rows]
-
-
-# Closed after each test: Python 3.13 warns (ResourceWarning) of a
-# connection left to the garbage collector, in whichever test collects it.
-_OPENED: list[sqlite3.Connection] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_connections():
-    yield
-    while _OPENED:
-        _OPENED.pop().close()
-
-
-def _connect(path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None)
-    _OPENED.append(conn)
-    return conn
 
 
 def _writer(path: Path, key: bytes) -> tuple[sqlite3.Connection, Writer]:

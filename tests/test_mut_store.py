@@ -8,28 +8,12 @@ import json
 import sqlite3
 
 import pytest
+from sqlite_conns import connect as _connect
 
 from audit.events import Draft
 from audit.store import SCHEMA, Append, Limits, Writer
 
 T0 = 1_800_000_000.0
-
-# Closed after each test: Python 3.13 warns (ResourceWarning) of a
-# connection left to the garbage collector, in whichever test collects it.
-_OPENED: list[sqlite3.Connection] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_connections():
-    yield
-    while _OPENED:
-        _OPENED.pop().close()
-
-
-def _connect(path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None)
-    _OPENED.append(conn)
-    return conn
 
 
 class Ticking:

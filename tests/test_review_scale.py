@@ -18,8 +18,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 from api_fixtures import MakeApi, make_api
+from sqlite_conns import connect as _connect
 
 import audit.verify as verify_module
 from audit import queries
@@ -138,24 +138,6 @@ async def test_a_rare_kind_of_security_event_is_found_without_reading_the_others
         assert rare < 3 * first + 20, (first, rare)
     finally:
         await sink.close()
-
-
-# Closed after each test: Python 3.13 warns (ResourceWarning) of a
-# connection left to the garbage collector, in whichever test collects it.
-_OPENED: list[sqlite3.Connection] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_connections():
-    yield
-    while _OPENED:
-        _OPENED.pop().close()
-
-
-def _connect(path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None)
-    _OPENED.append(conn)
-    return conn
 
 
 def _writer(tmp_path: Path, audit_key: bytes, clock: Callable[[], float]) -> Writer:
